@@ -1,0 +1,1 @@
+"""Graph detection, rewrite and lowering passes (installed as sphkv_compile.inductor_passes)."""

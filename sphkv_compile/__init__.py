@@ -1,0 +1,1 @@
+"""sphkv: spherical KV-cache compression as a torch.compile backend."""

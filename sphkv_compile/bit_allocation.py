@@ -1,0 +1,54 @@
+"""Rate-distortion bit allocation over the angle groups of a polar tree.
+
+To first order, an error delta in a node's angle moves the unit key by (r_node / r)·delta,
+and the errors of different nodes are orthogonal, so the relative direction MSE is
+    sum over nodes of E[(r_node/r)^2] · MSE_node(bits) = sum_g count_g·(size_g/dim)·MSE_g(bits_g).
+With isotropic inputs every full level weighs 1, as SPEC §2 says. Each bit of group g costs
+count_g bits per key. The greedy below adds one bit at a time to the group with the largest
+distortion drop per stored bit; for convex MSE(bits) curves that is the Lagrangian optimum.
+"""
+from __future__ import annotations
+
+from .codebooks import MAX_BITS, angle_codebook, circle_codebook
+from .polar_tree import PolarTree
+
+
+def group_weights(tree: PolarTree) -> list[tuple[int, float]]:
+    """(count, norm-share weight) for level 1 and then every group, in slot order."""
+    slots = [(tree.pairs, tree.pairs * 2 / tree.dim)]
+    for g in tree.groups:
+        slots.append((g.count, g.count * (g.left_size + g.right_size) / tree.dim))
+    return slots
+
+
+def slot_mse(tree: PolarTree, slot: int, bits: int) -> float:
+    if slot == 0:
+        return circle_codebook(bits).mse
+    g = tree.groups[slot - 1]
+    return angle_codebook(g.left_size, g.right_size, bits).mse
+
+
+def predicted_direction_mse(tree: PolarTree, bits: tuple[int, ...]) -> float:
+    return sum(w * slot_mse(tree, s, b) for s, ((_, w), b) in enumerate(zip(group_weights(tree), bits)))
+
+
+def allocate_bits(tree: PolarTree, angle_bit_budget: int, max_bits: int = 12) -> tuple[int, ...]:
+    """Per-slot bits (level 1 first, then tree.groups) using at most angle_bit_budget bits per key."""
+    if angle_bit_budget < 0:
+        raise ValueError("the bit budget cannot pay for the radius; raise bits per coordinate")
+    max_bits = min(max_bits, MAX_BITS)
+    slots = group_weights(tree)
+    bits = [0] * len(slots)
+    left = angle_bit_budget
+    while True:
+        best, best_gain = None, 0.0
+        for s, (count, weight) in enumerate(slots):
+            if bits[s] >= max_bits or count > left:
+                continue
+            gain = weight * (slot_mse(tree, s, bits[s]) - slot_mse(tree, s, bits[s] + 1)) / count
+            if gain > best_gain:
+                best, best_gain = s, gain
+        if best is None:
+            return tuple(bits)
+        bits[best] += 1
+        left -= slots[best][0]

@@ -1,0 +1,87 @@
+"""Dense split-width bit packing of one token's codes into 32-bit words.
+
+A b-bit code is split into its power-of-two components (3 = 2 + 1, 5 = 4 + 1, ...). All
+components of one width sit in one run of the record, widest first, so every element starts
+at a multiple of its own width and never straddles a 32-bit word: a kernel extracts any code
+with a constant word index, shift and mask. A b-bit code costs exactly b bits; only the
+record's tail is padded to a whole word.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+WIDTHS = (32, 16, 8, 4, 2, 1)
+
+
+@dataclass(frozen=True)
+class Component:
+    field: int  # which field (radius, level 1, group ...)
+    count: int  # elements in the field
+    width: int  # bits of this component
+    shift: int  # where these bits sit inside the field's code value
+    offset: int  # bit offset of element 0 in the record
+
+    def positions(self) -> torch.Tensor:
+        return self.offset + self.width * torch.arange(self.count, dtype=torch.int64)
+
+
+def split_widths(bits: int) -> list[tuple[int, int]]:
+    """(width, shift) pairs, widest first: 3 -> [(2, 1), (1, 0)]."""
+    out, shift = [], bits
+    for w in WIDTHS:
+        if bits & w:
+            shift -= w
+            out.append((w, shift))
+    return out
+
+
+@dataclass(frozen=True)
+class RecordLayout:
+    """Bit layout of one token's record for fields of (count, bits)."""
+
+    fields: tuple[tuple[int, int], ...]
+
+    @cached_property
+    def components(self) -> tuple[Component, ...]:
+        pieces = [(w, s, f, n) for f, (n, b) in enumerate(self.fields) if n and b for w, s in split_widths(b)]
+        pieces.sort(key=lambda t: -t[0])  # stable: field order kept inside a width
+        comps, offset = [], 0
+        for w, s, f, n in pieces:
+            comps.append(Component(f, n, w, s, offset))
+            offset += n * w
+        return tuple(comps)
+
+    @property
+    def payload_bits(self) -> int:
+        return sum(n * b for n, b in self.fields)
+
+    @property
+    def words(self) -> int:
+        return max(1, -(-self.payload_bits // 32))
+
+    def pack(self, codes: list[torch.Tensor]) -> torch.Tensor:
+        """codes[f]: int64 [..., count_f] -> int32 words [..., words]."""
+        lead = codes[0].shape[:-1]
+        acc = torch.zeros(*lead, self.words, dtype=torch.int64, device=codes[0].device)
+        for c in self.components:
+            pos = c.positions().to(acc.device)
+            part = (codes[c.field] >> c.shift) & ((1 << c.width) - 1)
+            acc.scatter_add_(-1, (pos // 32).expand(*lead, c.count), part << (pos % 32))
+        # two's-complement view of the unsigned 32-bit words
+        return torch.where(acc >= 1 << 31, acc - (1 << 32), acc).to(torch.int32)
+
+    def unpack(self, words: torch.Tensor) -> list[torch.Tensor]:
+        """int32 words [..., words] -> int64 codes per field."""
+        if words.shape[-1] != self.words:
+            raise ValueError(f"record has {words.shape[-1]} words, layout expects {self.words}")
+        w64 = words.to(torch.int64) & 0xFFFFFFFF
+        lead = words.shape[:-1]
+        out = [torch.zeros(*lead, n, dtype=torch.int64, device=words.device) for n, _ in self.fields]
+        for c in self.components:
+            pos = c.positions().to(words.device)
+            part = (torch.gather(w64, -1, (pos // 32).expand(*lead, c.count)) >> (pos % 32)) & ((1 << c.width) - 1)
+            out[c.field] |= part << c.shift
+        return out
