@@ -127,7 +127,7 @@ def append_records(state: TierState, records: torch.Tensor, utility: torch.Tenso
         flat_pages[bh, dst] = ids[src]
     rank = torch.cumsum(valid.to(torch.int64), -1) - 1
     slot = old[..., None] + rank
-    page_index = torch.gather(state.pages.to(torch.int64), -1, (slot // ps).clamp(max=state.pages.shape[-1] - 1))
+    page_index = torch.gather(state.pages.to(torch.int64), -1, (slot // ps).clamp(0, state.pages.shape[-1] - 1))
     page = page_index[valid]
     offset = (slot % ps)[valid]
     state.pool[page, offset] = records[valid].to(torch.int32)
@@ -163,81 +163,104 @@ def rebuild(state: TierState, records: torch.Tensor, utility: torch.Tensor, vali
 
 
 # ---- attention from the store -------------------------------------------------------------
-def _exact_causal_hide(valid_new: torch.Tensor | None, B: int, tq: int, new_tokens: int, device) -> torch.Tensor:
-    """For each (b, query i), how many of the newest exact-tier tokens it must not see."""
-    if new_tokens == 0:
-        return torch.zeros(B, tq, dtype=torch.int64, device=device)
-    if valid_new is None:
-        valid_new = torch.ones(B, new_tokens, dtype=torch.bool, device=device)
-    # tokens appended after query i: valid ones at j > i (the query block is the new block's tail)
-    after = valid_new.flip(-1).to(torch.int64).cumsum(-1).flip(-1) - valid_new.to(torch.int64)
-    return after[:, new_tokens - tq:]
-
-
 def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, seed: int,
-           kv_dtype: torch.dtype, new_tokens: int = 0, valid_new: torch.Tensor | None = None,
-           scale: float | None = None, query_chunk: int = 256) -> torch.Tensor:
-    """Softmax attention of q [B, Hq, Tq, d] over every token in the store (reference, any device).
+           kv_dtype: torch.dtype, k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None,
+           valid_new: torch.Tensor | None = None, scale: float | None = None, obs_window: int = 0,
+           accumulate: bool = False, query_chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of q [B, Hq, Tq, d] over every stored token plus the current chunk.
 
-    Keys are read as codes (logits from the level-1 tables and the angular recurrence);
-    values are decoded in the rotated domain, accumulated, and rotated back once per output.
-    `new_tokens` > 0 marks the last appended block (the newest exact-tier tokens) as the
-    current chunk, so the queries (the chunk's tail) attend causally within it.
+    Stored tokens are all in the past. Their keys are read as codes (logits from the level-1
+    tables and the angular recurrence); their values are decoded in the rotated domain,
+    accumulated, and rotated back once per output. The chunk k_new/v_new [B, Hkv, N, d]
+    (N >= Tq; the queries are its last Tq positions) is dense and attended causally;
+    valid_new [B, N] marks its real tokens (False = left padding).
+
+    Returns (out [B, Hq, Tq, d], new_mass [B, Hkv, N]): new_mass is the attention mass the
+    last `obs_window` queries put on each chunk token, summed over the group's query heads
+    (the RDR observation window). With accumulate=True the same mass on stored tokens is
+    added to their utility.
     """
     B, Hq, Tq, d = q.shape
-    Hkv = states[0].count.shape[1]
+    Hkv = states[0].count.shape[1] if states else k_new.shape[1]
     if Hq % Hkv:
         raise ValueError(f"{Hq} query heads cannot be grouped over {Hkv} KV heads")
     G = Hq // Hkv
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = d ** -0.5 if scale is None else scale
-    hide = _exact_causal_hide(valid_new, B, Tq, new_tokens, q.device)
+    N = 0 if k_new is None else k_new.shape[2]
+    if N and N < Tq:
+        raise ValueError(f"the chunk has {N} tokens but there are {Tq} queries; queries must be the chunk's tail")
+    if N and valid_new is None:
+        valid_new = torch.ones(B, N, dtype=torch.bool, device=q.device)
     gathered = [gather_tokens(s) for s in states]
+    decoded = []  # per tier: (key reader, values, kind)
+    value_codec = None
+    for spec, (rec, _, valid) in zip(specs, gathered):
+        if spec.exact:
+            k, v = split_exact(rec, d, kv_dtype)
+            decoded.append(("exact", k.to(work), v.to(work), valid))
+        else:
+            kc, vc = tier_codecs(spec, d, seed)
+            decoded.append(("codes", (kc, rec[..., :kc.words]), vc.decode_rotated(rec[..., kc.words:], work), valid))
+            value_codec = vc
+    obs_from = Tq - min(obs_window, Tq)
+    new_mass = torch.zeros(B, Hkv, N, dtype=work, device=q.device)
+    stored_mass = [torch.zeros(v.shape[:3], dtype=work, device=q.device) for _, _, v, _ in decoded]
     outs = []
     for s in range(0, Tq, query_chunk):
         e = min(Tq, s + query_chunk)
-        qc = q[:, :, s:e].reshape(B, Hkv, G * (e - s), d).to(work)
-        logits, values = [], []
-        value_codec = None
-        for spec, state, (rec, _, valid) in zip(specs, states, gathered):
-            n = rec.shape[2]
-            mask = valid[:, :, None, :].expand(B, Hkv, G * (e - s), n)
-            if spec.exact:
-                k, v = split_exact(rec, d, kv_dtype)
-                lg = qc @ k.to(work).transpose(-1, -2)
-                if new_tokens:
-                    count = state.count.to(torch.int64)[:, :, None, None]
-                    h = hide[:, None, s:e].repeat(1, 1, G)[..., None]  # [B,1,G*tq,1]
-                    mask = mask & (torch.arange(n, device=q.device) < count - h)
-                values.append(("exact", v.to(work)))
-            else:
-                kc, vc = tier_codecs(spec, d, seed)
-                wk = kc.words
-                lg = kc.logits(qc, rec[..., :wk]).to(work)
-                values.append(("rot", vc.decode_rotated(rec[..., wk:], work)))
-                value_codec = vc
-            logits.append(torch.where(mask, lg * scale, torch.full_like(lg, float("-inf"))))
+        rows = G * (e - s)
+        qc = q[:, :, s:e].reshape(B, Hkv, rows, d).to(work)
+        logits = []
+        for kind, key, _, valid in decoded:
+            lg = qc @ key.transpose(-1, -2) if kind == "exact" else key[0].logits(qc, key[1]).to(work)
+            logits.append(torch.where(valid[:, :, None, :], lg * scale, torch.full_like(lg, float("-inf"))))
+        if N:
+            lg = qc @ k_new.to(work).transpose(-1, -2) * scale
+            qpos = (N - Tq + torch.arange(s, e, device=q.device)).repeat(G)  # row -> chunk position
+            vis = (torch.arange(N, device=q.device)[None, :] <= qpos[:, None])[None, None] & valid_new[:, None, None, :]
+            logits.append(torch.where(vis, lg, torch.full_like(lg, float("-inf"))))
         if not logits:
-            raise ValueError("the store has no tiers")
-        p = torch.softmax(torch.cat(logits, -1), dim=-1)
+            raise ValueError("nothing to attend to: the store is empty and no chunk was given")
+        allg = torch.cat(logits, -1)
+        p = torch.softmax(allg, dim=-1)
         # a query that sees no token (padding) gets 0, not NaN; poisoned keys still give NaN
-        none_visible = torch.cat(logits, -1).isneginf().all(-1, keepdim=True)
-        p = torch.where(none_visible, torch.zeros_like(p), p)
-        out = torch.zeros(B, Hkv, G * (e - s), d, dtype=work, device=q.device)
+        p = torch.where(allg.isneginf().all(-1, keepdim=True), torch.zeros_like(p), p)
+        sel = (torch.arange(s, e, device=q.device) >= obs_from).repeat(G).to(work)[None, None, :, None]
+        out = torch.zeros(B, Hkv, rows, d, dtype=work, device=q.device)
         out_rot = None
         start = 0
-        for kind, v in values:
-            n = v.shape[2]
-            pv = p[..., start:start + n] @ v
-            start += n
+        for i, (kind, _, v, _) in enumerate(decoded):
+            pi = p[..., start:start + v.shape[2]]
+            start += v.shape[2]
+            stored_mass[i] += (pi * sel).sum(2)
             if kind == "exact":
-                out = out + pv
+                out = out + pi @ v
             else:
-                out_rot = pv if out_rot is None else out_rot + pv
+                out_rot = pi @ v if out_rot is None else out_rot + pi @ v
         if out_rot is not None:
             out = out + value_codec.hadamard.inverse(out_rot)
+        if N:
+            pn = p[..., start:]
+            new_mass += (pn * sel).sum(2)
+            out = out + pn @ v_new.to(work)
         outs.append(out.reshape(B, Hq, e - s, d))
-    return torch.cat(outs, dim=2).to(q.dtype)
+    if accumulate:
+        for st, (rec, _, valid), mass in zip(states, gathered, stored_mass):
+            add_utility(st, mass, valid)
+    return torch.cat(outs, dim=2).to(q.dtype), new_mass
+
+
+def add_utility(state: TierState, mass: torch.Tensor, valid: torch.Tensor) -> None:
+    """utility[token] += mass for the tier's tokens in slot order (mass [B, H, Nmax])."""
+    ps = state.page_size
+    nmax = mass.shape[-1]
+    slot = torch.arange(nmax, device=mass.device)
+    pidx = torch.gather(state.pages.to(torch.int64), -1,
+                        (slot // ps).clamp(max=state.pages.shape[-1] - 1).expand(*mass.shape))
+    off = (slot % ps).expand(*mass.shape)
+    cur = state.utility[pidx[valid], off[valid]].to(mass.dtype)
+    state.utility[pidx[valid], off[valid]] = (cur + mass[valid]).to(UTILITY_DTYPE)
 
 
 # ---- the eager store ----------------------------------------------------------------------
@@ -297,10 +320,27 @@ class LayerStore:
         if self.tiers[t].exact:
             self.tokens_seen += N
 
-    def attend(self, q: torch.Tensor, new_tokens: int = 0, valid_new: torch.Tensor | None = None,
-               scale: float | None = None) -> torch.Tensor:
-        return attend(q, self.states, list(self.tiers), seed=self.seed, kv_dtype=self.kv_dtype,
-                      new_tokens=new_tokens, valid_new=valid_new, scale=scale)
+    def update(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None,
+               utility: torch.Tensor | None = None, *, sink: int, recent: int, target: str) -> None:
+        """Append a chunk [B, Hkv, N, d]: sinks and the recent window stay exact, the rest is
+        encoded into tier `target` (placement.graduate)."""
+        from .placement import graduate
+
+        B, H, N, _ = k.shape
+        n = torch.full((B, H), N, device=k.device) if valid is None else valid.sum(-1)[:, None].expand(B, H)
+        e, t = self.tier_index("exact"), self.tier_index(target)
+        self._reserve(e, n)
+        self._reserve(t, n + self.states[e].count.to(torch.int64))
+        graduate(self.states, list(self.tiers), k, v, valid, utility, seed=self.seed, kv_dtype=self.kv_dtype,
+                 sink=sink, recent=recent, target=t)
+        self.tokens_seen += N
+
+    def attend(self, q: torch.Tensor, k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None,
+               valid_new: torch.Tensor | None = None, scale: float | None = None, obs_window: int = 0,
+               accumulate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """See store.attend: stored tokens (past) plus an optional dense chunk."""
+        return attend(q, self.states, list(self.tiers), seed=self.seed, kv_dtype=self.kv_dtype, k_new=k_new,
+                      v_new=v_new, valid_new=valid_new, scale=scale, obs_window=obs_window, accumulate=accumulate)
 
     def retier(self, assign: list[torch.Tensor]) -> None:
         """Move tokens between tiers. assign[t] [B, H, count_max_t] gives, for every token now in
