@@ -1,0 +1,67 @@
+"""What the latest compiled forward did: sphkv_compile.report().
+
+Detection and rewrite passes (and the HF integration) record one Site per attention site
+they see. KV accounting comes from the live stores (callables registered by whoever owns
+them), so the numbers are measured, never estimated.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+log = logging.getLogger("sphkv")
+
+
+@dataclass
+class Site:
+    kind: str  # e.g. "sdpa", "matmul_softmax", "hf_attention"
+    rewritten: bool
+    reason: str | None = None  # why it stayed dense
+    details: dict = field(default_factory=dict)
+
+
+_lock = threading.Lock()
+_sites: list[Site] = []
+_kv_sources: list[Callable[[], tuple[int, int]]] = []  # each returns (kv_bytes, dense_kv_bytes)
+
+
+def begin_compile() -> None:
+    """A new compiled forward starts: forget the previous one's sites."""
+    with _lock:
+        _sites.clear()
+
+
+def record_site(kind: str, rewritten: bool, reason: str | None = None, **details) -> Site:
+    site = Site(kind, rewritten, reason, details)
+    with _lock:
+        _sites.append(site)
+    if rewritten:
+        log.info("sphkv: rewrote %s site %s", kind, details or "")
+    else:
+        log.info("sphkv: left %s site dense: %s", kind, reason)
+    return site
+
+
+def register_kv_source(fn: Callable[[], tuple[int, int]]) -> None:
+    """fn() -> (resident compressed bytes, dense bf16 bytes for the same tokens)."""
+    with _lock:
+        _kv_sources.append(fn)
+
+
+def clear_kv_sources() -> None:
+    with _lock:
+        _kv_sources.clear()
+
+
+def report() -> dict:
+    with _lock:
+        sites = [asdict(s) for s in _sites]
+        sources = list(_kv_sources)
+    kv = [fn() for fn in sources]
+    return {
+        "sites": sites,
+        "kv_bytes": sum(k for k, _ in kv),
+        "dense_kv_bytes": sum(d for _, d in kv),
+    }
