@@ -1,0 +1,37 @@
+"""Moving a token's record from one tier to another (demotion re-encodes; no promotion)."""
+from __future__ import annotations
+
+import torch
+
+from ..store import encode_records, split_exact
+from ..tiers import TierSpec, tier_codecs
+
+
+def decode_kv(spec: TierSpec, records: torch.Tensor, head_dim: int, seed: int, kv_dtype: torch.dtype,
+              rotated: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """records [..., W] -> (k, v) float32; in the codecs' rotated domain if `rotated` (compressed
+    tiers only; the rotation is orthonormal, so norms are the same either way)."""
+    if spec.exact:
+        k, v = split_exact(records, head_dim, kv_dtype)
+        return k.float(), v.float()
+    kc, vc = tier_codecs(spec, head_dim, seed)
+    k = kc.decode_rotated(records[..., :kc.words])
+    v = vc.decode_rotated(records[..., kc.words:])
+    if not rotated:
+        k, v = kc.hadamard.inverse(k), vc.hadamard.inverse(v)
+    return k, v
+
+
+def convert_records(src: TierSpec, dst: TierSpec, records: torch.Tensor, head_dim: int, seed: int,
+                    kv_dtype: torch.dtype) -> torch.Tensor:
+    if src == dst:
+        return records
+    if dst.exact:
+        raise ValueError(f"cannot promote tokens from tier {src.name!r} to the exact tier: their exact values are gone")
+    if src.exact:
+        k, v = split_exact(records, head_dim, kv_dtype)
+        return encode_records(dst, k, v, seed, kv_dtype)
+    # every compressed tier shares the seed, hence the rotation: re-encode in the rotated domain
+    k, v = decode_kv(src, records, head_dim, seed, kv_dtype, rotated=True)
+    kc, vc = tier_codecs(dst, head_dim, seed)
+    return torch.cat((kc.encode_rotated(k), vc.encode_rotated(v)), -1)

@@ -1,0 +1,83 @@
+"""RDR for eager LayerStore users: the same in-place update, with pools grown on demand.
+
+    apply(store, k, v, ..., budget_bytes=...)           one layer, its own budget
+    apply_layers(stores, ks, vs, ..., budget_bytes=...)  one budget shared by all layers
+"""
+from __future__ import annotations
+
+import torch
+
+from ..store import LayerStore, TierState, gather_tokens, rebuild
+from ..tiers import record_words
+from .allocate import allocate
+from .budget import pool_pages
+from .costs import choice_table
+from .update import apply_choice, collect, headroom_bytes, rdr_update, token_bytes
+
+
+def _grow(store: LayerStore, t: int, num_pages: int, max_pages: int) -> None:
+    st = store.states[t]
+    if st.pool.shape[0] >= num_pages and st.pages.shape[-1] >= max_pages:
+        return
+    spec = store.tiers[t]
+    kw, vw = record_words(spec, store.head_dim, store.seed, store.kv_dtype)
+    grown = TierState.allocate(store.batch, store.kv_heads, max(num_pages, st.pool.shape[0]), store.page_size, kw + vw,
+                               max(max_pages, st.pages.shape[-1]), st.pool.device)
+    rec, util, valid = gather_tokens(st)
+    rebuild(grown, rec, util, valid, spec.name)
+    store.states[t] = grown
+
+
+def ensure_capacity(store: LayerStore, budget_bytes: int, incoming: int) -> None:
+    """Pools big enough for any allocation within the budget, and for `incoming` more exact tokens."""
+    sizes = pool_pages(store.tiers, budget_bytes, store.batch, store.kv_heads, store.head_dim, store.page_size,
+                       seed=store.seed, kv_dtype=store.kv_dtype)
+    e = next(i for i, s in enumerate(store.tiers) if s.exact)
+    ps = store.page_size
+    for t, (num_pages, max_pages) in enumerate(sizes):
+        if t == e:  # the fast path appends the chunk before any re-budget
+            per_head = -(-(int(store.states[t].count.max()) + incoming) // ps)
+            num_pages = max(num_pages, store.batch * store.kv_heads * per_head)
+            max_pages = max(max_pages, per_head)
+        _grow(store, t, num_pages, max_pages)
+
+
+def apply(store: LayerStore, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None,
+          utility: torch.Tensor | None = None, *, budget_bytes: int, sink: int, recent: int,
+          rebudget_every: int) -> bool:
+    """rdr_update on an eager store (k, v [B, Hkv, N, d]); True if it re-budgeted."""
+    ensure_capacity(store, budget_bytes, k.shape[2])
+    did = rdr_update(store.states, list(store.tiers), k, v, valid, utility, seed=store.seed, kv_dtype=store.kv_dtype,
+                     sink=sink, recent=recent, budget_bytes=budget_bytes, rebudget_every=rebudget_every)
+    store.tokens_seen += k.shape[2]
+    return did
+
+
+def apply_layers(stores: list[LayerStore], ks, vs, valid=None, utilities=None, *, budget_bytes: int, sink: int,
+                 recent: int, rebudget_every: int) -> bool:
+    """One budget (bytes per batch row) shared by every layer: heads and layers compete for it."""
+    s0 = stores[0]
+    table = choice_table(tuple(s0.tiers), s0.head_dim, s0.seed, s0.kv_dtype)
+    B, H, N, d = ks[0].shape
+    for st in stores:
+        ensure_capacity(st, budget_bytes, N)
+    arriving = torch.full((B,), N, dtype=torch.int64) if valid is None else valid.to(torch.int64).sum(-1)
+    after = sum(token_bytes(st.states, table) for st in stores) + len(stores) * arriving * H * table.exact_bytes
+    utilities = utilities if utilities is not None else [None] * len(stores)
+    if bool((after <= budget_bytes).all()):
+        for st, k, v, u in zip(stores, ks, vs, utilities):
+            rdr_update(st.states, list(st.tiers), k, v, valid, u, seed=st.seed, kv_dtype=st.kv_dtype, sink=sink,
+                       recent=recent, budget_bytes=1 << 62, rebudget_every=rebudget_every)
+            st.tokens_seen += N
+        return False
+    tokens = [collect(st.states, list(st.tiers), table, k, v, valid, u, head_dim=d, seed=st.seed,
+                      kv_dtype=st.kv_dtype, sink=sink, recent=recent) for st, k, v, u in zip(stores, ks, vs, utilities)]
+    C = len(table.bytes)
+    flat = [t.distortion.reshape(B, -1, C) for t in tokens]
+    target = budget_bytes - len(stores) * headroom_bytes(H, rebudget_every, table)
+    choice = allocate(torch.cat(flat, 1), torch.tensor(table.bytes), torch.full((B,), float(max(target, 0))))
+    for st, tok, ch in zip(stores, tokens, torch.split(choice, [f.shape[1] for f in flat], 1)):
+        apply_choice(st.states, list(st.tiers), tok, ch.reshape(tok.distortion.shape[:3]), head_dim=d, seed=st.seed,
+                     kv_dtype=st.kv_dtype)
+        st.tokens_seen += N
+    return True

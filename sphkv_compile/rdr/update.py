@@ -1,0 +1,166 @@
+"""RDR on one layer's fixed tier states, in place (like placement.graduate).
+
+rdr_update appends a chunk as the newest tokens. While the layer's token bytes stay within
+the budget the chunk simply joins the exact tier (the recent window). When the chunk would
+push a batch row over its budget, every token of the layer is re-budgeted: sinks and the
+recent window stay exact, every other token takes the tier (or drop) the Lagrangian
+allocation gives it, and each tier's pages are rebuilt densely (compaction), so pages stay
+tier-homogeneous. The re-budget aims `rebudget_every` exact tokens per KV head below the
+budget, so after it that many decode steps append without another re-budget: RDR runs once
+at the end of prefill and then every `rebudget_every` decode steps, and the token bytes of a
+batch row never exceed `budget_bytes` after any call.
+
+"Token bytes" count every resident token's record and its per-token utility (costs.py). The
+rest is documented metadata outside the budget: page tables, counts and free lists (fixed
+size), and the unused tail slots of each (row, head, tier)'s last page — at most
+page_size - 1 records per (row, head, tier); see `page_slack_bytes`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..placement import graduate
+from ..store import TierState, append_records, encode_records, gather_tokens, rebuild
+from ..tiers import TierSpec
+from .allocate import allocate
+from .convert import convert_records, decode_kv
+from .costs import ChoiceTable, choice_table
+
+
+@dataclass
+class LayerTokens:
+    """Every token of one layer before a re-budget, per source tier (ladder order)."""
+
+    records: list[torch.Tensor]  # [B, H, n_s, W_s]
+    utility: list[torch.Tensor]  # [B, H, n_s] float32
+    valid: list[torch.Tensor]  # [B, H, n_s] bool
+    distortion: torch.Tensor  # [B, H, n_total, choices]; +inf where a choice is not allowed
+
+    def split(self, choice: torch.Tensor) -> list[torch.Tensor]:
+        """choice [B, H, n_total] -> per source tier [B, H, n_s]."""
+        return list(torch.split(choice, [r.shape[2] for r in self.records], dim=2))
+
+
+def token_bytes(states: list[TierState], table: ChoiceTable) -> torch.Tensor:
+    """Resident token bytes per batch row [B] (records + per-token utility, all heads)."""
+    return sum(s.count.to(torch.int64).sum(-1) * table.bytes[t] for t, s in enumerate(states))
+
+
+def page_slack_bytes(states: list[TierState], table: ChoiceTable) -> int:
+    """The most bytes the unused tail slots of partly filled pages can hold (all rows)."""
+    B, H = states[0].count.shape
+    return sum(B * H * (s.page_size - 1) * table.bytes[t] for t, s in enumerate(states))
+
+
+def protected_mask(valid: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
+    """Sinks (first `sink` real tokens) and the recent window (last `recent`), arrival order."""
+    rank = torch.cumsum(valid.to(torch.int64), -1) - 1
+    total = valid.sum(-1, keepdim=True)
+    return valid & ((rank < sink) | (rank >= total - recent))
+
+
+def collect(states: list[TierState], specs: list[TierSpec], table: ChoiceTable, k, v, valid, utility, *,
+            head_dim: int, seed: int, kv_dtype: torch.dtype, sink: int, recent: int) -> LayerTokens:
+    """Gather every stored token plus the chunk k, v [B, H, N, d] (it joins the exact tier's end)
+    and price each choice for each token: D = u·(ε_K r² + ε_V ‖v‖²); drop has ε = 1."""
+    e, C = table.exact_index, len(table.bytes)
+    cost = torch.tensor(table.bytes)
+    compressed = torch.tensor([not sp.exact for sp in specs] + [True])  # drop counts as "compressed"
+    only = lambda i: torch.nn.functional.one_hot(torch.tensor(i), C).bool()
+    recs, utils, valids, allowed, r2, v2 = [], [], [], [], [], []
+    for s, (spec, st) in enumerate(zip(specs, states)):
+        rec, util, ok = gather_tokens(st)
+        util = util.float()
+        if s == e and k is not None:
+            B, H, N, _ = k.shape
+            vmask = torch.ones(B, H, N, dtype=torch.bool, device=k.device) if valid is None \
+                else valid.to(torch.bool)[:, None, :].expand(B, H, N)
+            rec = torch.cat((rec, encode_records(spec, k, v, seed, kv_dtype)), 2)
+            new_u = torch.zeros(B, H, N, device=k.device) if utility is None else utility.float()
+            util = torch.cat((util, new_u), 2)
+            ok = torch.cat((ok, vmask), 2)
+        if s == e:
+            allow = torch.ones(*ok.shape, C, dtype=torch.bool)
+            allow[protected_mask(ok, sink, recent)] = only(e)
+        else:  # keep or demote, never promote: the finer values are gone
+            allow = ((cost <= cost[s]) & compressed).expand(*ok.shape, C).clone()
+        allow[~ok] = only(table.drop_index)
+        kk, vv = decode_kv(spec, rec, head_dim, seed, kv_dtype, rotated=True)
+        recs.append(rec); utils.append(util); valids.append(ok); allowed.append(allow)
+        r2.append(kk.pow(2).sum(-1)); v2.append(vv.pow(2).sum(-1))
+    u = torch.cat(utils, 2).clamp(min=0)
+    eps_k, eps_v = torch.tensor(table.eps_k), torch.tensor(table.eps_v)
+    D = u[..., None] * (eps_k * torch.cat(r2, 2)[..., None] + eps_v * torch.cat(v2, 2)[..., None])
+    D = torch.where(torch.cat(allowed, 2), D, torch.full_like(D, float("inf")))
+    return LayerTokens(recs, utils, valids, D)
+
+
+def apply_choice(states: list[TierState], specs: list[TierSpec], tokens: LayerTokens, choice: torch.Tensor, *,
+                 head_dim: int, seed: int, kv_dtype: torch.dtype) -> None:
+    """Rebuild every tier with the tokens that chose it (dropped ones vanish); arrival order is
+    kept within each source, and the exact tier only ever receives exact tokens."""
+    per_source = tokens.split(choice)
+    for t, (spec, st) in enumerate(zip(specs, states)):
+        recs, utils, masks = [], [], []
+        for s, src in enumerate(specs):
+            sel = tokens.valid[s] & (per_source[s] == t)
+            if not bool(sel.any()):
+                continue
+            recs.append(convert_records(src, spec, tokens.records[s], head_dim, seed, kv_dtype))
+            utils.append(tokens.utility[s]); masks.append(sel)
+        B, H = st.count.shape
+        if not recs:
+            st.pages.fill_(-1); st.count.zero_()
+            st.free.copy_(torch.arange(st.pool.shape[0] - 1, -1, -1, dtype=torch.int32, device=st.free.device))
+            st.free_top.fill_(st.pool.shape[0])
+            continue
+        rebuild(st, torch.cat(recs, 2), torch.cat(utils, 2), torch.cat(masks, 2), spec.name)
+
+
+def headroom_bytes(kv_heads: int, rebudget_every: int, table: ChoiceTable) -> int:
+    """What a re-budget leaves free per batch row: `rebudget_every` exact tokens per KV head."""
+    return kv_heads * rebudget_every * table.exact_bytes
+
+
+def rebudget(states: list[TierState], specs: list[TierSpec], budget: torch.Tensor, k=None, v=None, valid=None,
+             utility=None, *, head_dim: int, seed: int, kv_dtype: torch.dtype, sink: int, recent: int) -> torch.Tensor:
+    """Allocate every token of the layer (plus an optional new chunk) within budget [B] bytes;
+    returns the choice [B, H, n_total] (indices into the choice table; the last is drop)."""
+    table = choice_table(tuple(specs), head_dim, seed, kv_dtype)
+    tokens = collect(states, specs, table, k, v, valid, utility, head_dim=head_dim, seed=seed, kv_dtype=kv_dtype,
+                     sink=sink, recent=recent)
+    B, H, n, C = tokens.distortion.shape
+    choice = allocate(tokens.distortion.reshape(B, H * n, C), torch.tensor(table.bytes), budget).reshape(B, H, n)
+    apply_choice(states, specs, tokens, choice, head_dim=head_dim, seed=seed, kv_dtype=kv_dtype)
+    return choice
+
+
+def rdr_update(states: list[TierState], specs: list[TierSpec], k: torch.Tensor, v: torch.Tensor,
+               valid: torch.Tensor | None, utility: torch.Tensor | None, *, seed: int, kv_dtype: torch.dtype,
+               sink: int, recent: int, budget_bytes: int, rebudget_every: int, target: int | None = None) -> bool:
+    """Append the chunk k, v [B, Hkv, N, d] (valid [B, N], utility [B, Hkv, N]) under a budget of
+    `budget_bytes` token bytes per batch row for this layer. Returns True if it re-budgeted.
+
+    budget_bytes <= 0 means no budget: the uniform policy (graduate to tier `target`)."""
+    if budget_bytes <= 0:
+        if target is None:
+            raise ValueError("rdr_update without a budget needs a target tier for the uniform policy")
+        graduate(states, specs, k, v, valid, utility, seed=seed, kv_dtype=kv_dtype, sink=sink, recent=recent,
+                 target=target)
+        return False
+    B, H, N, d = k.shape
+    table = choice_table(tuple(specs), d, seed, kv_dtype)
+    arriving = torch.full((B,), N, dtype=torch.int64) if valid is None else valid.to(torch.int64).sum(-1)
+    after = token_bytes(states, table) + arriving * H * table.exact_bytes
+    e = table.exact_index
+    if bool((after <= budget_bytes).all()):
+        vmask = None if valid is None else valid.to(torch.bool)[:, None, :].expand(B, H, N)
+        append_records(states[e], encode_records(specs[e], k, v, seed, kv_dtype), utility, vmask, specs[e].name)
+        return False
+    target_bytes = budget_bytes - headroom_bytes(H, rebudget_every, table)
+    budget = torch.full((B,), max(target_bytes, 0), dtype=torch.float64)
+    rebudget(states, specs, budget, k, v, valid, utility, head_dim=d, seed=seed, kv_dtype=kv_dtype, sink=sink,
+             recent=recent)
+    return True
