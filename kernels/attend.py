@@ -1,0 +1,222 @@
+"""Host side of ADA attention: the same contract as sphkv_compile.store.attend, run as Triton
+kernels (paged split-KV partials per tier, the dense chunk, one combine).
+
+Raises layout.Unsupported for configurations the kernels do not handle; the op
+registration (cuda_ops.py) then runs the reference and logs why.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+from sphkv_compile.radius import LOG2_MIN
+from sphkv_compile.store import TierState
+from sphkv_compile.tiers import TierSpec, tier_codecs
+
+from .attention_kernels import chunk_partials_kernel, combine_kernel, paged_mass_kernel, paged_partials_kernel
+from .layout import DEVICE_TABLES, ScalarTables, Unsupported, rotation_matrices, tier_info
+
+LOG2E = 1.0 / math.log(2.0)
+# Partials of one launch group are kept under this many bytes (long prefills run in query chunks).
+PARTIAL_BYTES = 1 << 28
+DEFAULT_BLOCK_T = 64
+
+
+def _programs_wanted(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _block_m(rows: int) -> int:
+    return min(64, max(16, triton.next_power_of_2(rows)))
+
+
+def _splits(programs_per_split: int, capacity: int, block_t: int, wanted: int) -> int:
+    tiles = max(1, triton.cdiv(capacity, block_t))
+    return max(1, min(tiles, triton.cdiv(wanted, max(1, programs_per_split))))
+
+
+def check_supported(q: torch.Tensor, specs, head_dim: int, seed: int, kv_dtype: torch.dtype):
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise Unsupported(f"query dtype {q.dtype}")
+    if head_dim & (head_dim - 1) or not 16 <= head_dim <= 256:
+        raise Unsupported(f"head_dim={head_dim}: the kernels need a power of two in [16, 256]")
+    return [tier_info(s, head_dim, seed, kv_dtype) for s in specs]
+
+
+def _tab(t, device):
+    return DEVICE_TABLES.get(t, device)
+
+
+def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_offset, S, S_total, M, block_m,
+                  block_t, precision):
+    BH = st.count.numel()
+    exact = info.key is None
+    if exact:
+        pool = st.pool.view(-1).view(kv_dtype)
+        per_word = 4 // pool.element_size()
+        wt, voff = st.pool.shape[-1] * per_word, info.key_words * per_word
+        kc = kt = vc = vt = pool  # unused pointers
+        kcon = vcon = (0, 0, 1, 1)
+        scalar = False
+    else:
+        pool = st.pool
+        wt, voff = st.pool.shape[-1], info.key_words
+        kc, kt = _tab(info.key.fields.comps, device), _tab(info.key.trig, device)
+        kcon = (info.key.levels, info.key.fields.counts, info.key.fields.max_comps, info.key.table_size)
+        scalar = isinstance(info.value, ScalarTables)
+        vc = _tab(info.value.fields.comps, device)
+        if scalar:
+            vt = _tab(info.value.centroids, device)
+            vcon = (0, info.value.fields.counts, info.value.fields.max_comps, 1)
+        else:
+            vt = _tab(info.value.trig, device)
+            vcon = (info.value.levels, info.value.fields.counts, info.value.fields.max_comps, info.value.table_size)
+    step = info.key.radius_step if info.key is not None else 1.0
+    grid = (BH, S, triton.cdiv(M, block_m))
+    paged_partials_kernel[grid](
+        q_in, pool, st.pages, st.count, acc, m, l, kc, kt, vc, vt,
+        M, st.pages.shape[-1], S, split_offset, S_total,
+        PS=st.page_size, WT=wt, VOFF=voff, D=q_in.shape[-1], BLOCK_M=block_m, BLOCK_T=block_t, EXACT=exact,
+        VALUE_SCALAR=scalar, K_LEVELS=kcon[0], K_COUNTS=kcon[1], K_MAXC=kcon[2], K_TSIZE=kcon[3],
+        V_LEVELS=vcon[0], V_COUNTS=vcon[1], V_MAXC=vcon[2], V_TSIZE=vcon[3], STEP=step, LOG2_MIN=LOG2_MIN,
+        DOT_PRECISION=precision)
+
+
+def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, seed: int, kv_dtype: torch.dtype,
+           k_new=None, v_new=None, valid_new=None, scale: float | None = None, obs_window: int = 0,
+           accumulate: bool = False, block_t: int = DEFAULT_BLOCK_T, precision: str = "tf32"):
+    """See sphkv_compile.store.attend (same arguments, same results)."""
+    B, Hq, Tq, d = q.shape
+    Hkv = states[0].count.shape[1] if states else k_new.shape[1]
+    if Hq % Hkv:
+        raise ValueError(f"{Hq} query heads cannot be grouped over {Hkv} KV heads")
+    infos = check_supported(q, specs, d, seed, kv_dtype)
+    G = Hq // Hkv
+    BH = B * Hkv
+    device = q.device
+    scale = d ** -0.5 if scale is None else scale
+    N = 0 if k_new is None else k_new.shape[2]
+    if N and N < Tq:
+        raise ValueError(f"the chunk has {N} tokens but there are {Tq} queries; queries must be the chunk's tail")
+    if not N and not states:
+        raise ValueError("nothing to attend to: the store is empty and no chunk was given")
+    compressed = [(i, info) for i, info in enumerate(infos) if info.key is not None]
+    plain = [(i, info) for i, info in enumerate(infos) if info.key is None]
+    kc0 = vc0 = None
+    if compressed:
+        kc0, vc0 = tier_codecs(specs[compressed[0][0]], d, seed)
+    q_all = (q.to(torch.float32) * (scale * LOG2E)).reshape(B, Hkv, G * Tq, d)
+    out = torch.empty_like(q)
+    stat_m = torch.empty(BH, G, Tq, dtype=torch.float32, device=device)
+    stat_l = torch.empty_like(stat_m)
+    wanted = _programs_wanted(device)
+    valid_i8 = None if valid_new is None or not N else valid_new.to(torch.int8).contiguous()
+    hinv = _tab(rotation_matrices(vc0.hadamard)[1].float(), device) if compressed else q_all
+    kfwd = _tab(rotation_matrices(kc0.hadamard)[0].float(), device) if compressed else None
+    # query chunks so the split partials stay bounded
+    per_row = max(1, len(states) + 1) * 4 * d * 4 * BH
+    tq_chunk = max(1, min(Tq, PARTIAL_BYTES // (per_row * G)))
+    for s0 in range(0, Tq, tq_chunk):
+        s1 = min(Tq, s0 + tq_chunk)
+        tc = s1 - s0
+        M = G * tc
+        qc = q_all.view(B, Hkv, G, Tq, d)[:, :, :, s0:s1].reshape(BH, M, d).contiguous()
+        q_rot = (qc @ kfwd).contiguous() if compressed else None
+        block_m = _block_m(M)
+        mblocks = triton.cdiv(M, block_m)
+        launches, S_total = [], 0
+        for group in (compressed, plain):
+            for i, info in group:
+                st = states[i]
+                S = _splits(BH * mblocks, st.pages.shape[-1] * st.page_size, block_t, wanted)
+                launches.append((i, info, S_total, S))
+                S_total += S
+        S_rot = sum(S for i, info, _, S in launches if info.key is not None)
+        S_chunk = _splits(BH * mblocks, N, block_t, wanted) if N else 0
+        S_total += S_chunk
+        acc = torch.empty(BH, S_total, M, d, dtype=torch.float32, device=device)
+        m = torch.empty(BH, S_total, M, dtype=torch.float32, device=device)
+        l = torch.empty_like(m)
+        for i, info, off, S in launches:
+            qin = q_rot if info.key is not None else qc
+            _launch_paged(info, kv_dtype, device, qin, states[i], acc, m, l, off, S, S_total, M, block_m, block_t, precision)
+        if N:
+            kn, vn = k_new, v_new
+            if kn.stride(-1) != 1:
+                kn = kn.contiguous()
+            if vn.stride(-1) != 1:
+                vn = vn.contiguous()
+            chunk_partials_kernel[(BH, S_chunk, mblocks)](
+                qc, kn, vn, valid_i8 if valid_i8 is not None else qc, acc, m, l,
+                M, N, tc, N - Tq + s0, Hkv, S_chunk, S_total - S_chunk, S_total,
+                kn.stride(0), kn.stride(1), kn.stride(2), vn.stride(0), vn.stride(1), vn.stride(2),
+                D=d, BLOCK_M=block_m, BLOCK_T=block_t, HAS_VALID=valid_i8 is not None,
+                DOT_PRECISION=precision)
+        cm = torch.empty(BH, M, dtype=torch.float32, device=device)
+        cl = torch.empty_like(cm)
+        oc = out[:, :, s0:s1]
+        combine_kernel[(BH, mblocks)](
+            acc, m, l, hinv, oc, cm, cl, M, tc, G, Hkv, S_total, S_rot,
+            oc.stride(0), oc.stride(1), oc.stride(2), D=d, BLOCK_M=block_m, HAS_ROT=S_rot > 0)
+        stat_m[:, :, s0:s1] = cm.view(BH, G, tc)
+        stat_l[:, :, s0:s1] = cl.view(BH, G, tc)
+    window = min(obs_window, Tq)
+    new_mass = torch.zeros(B, Hkv, N, dtype=torch.float32, device=device)
+    if window and N:
+        new_mass = _chunk_mass(q_all, k_new, valid_new, stat_m, stat_l, window, N, Tq).view(B, Hkv, N)
+    if accumulate and window:
+        q_flat = q_all.reshape(BH, G * Tq, d).contiguous()
+        q_rot_flat = (q_flat @ kfwd).contiguous() if compressed else None
+        for i, info in enumerate(infos):
+            _launch_mass(info, kv_dtype, q_rot_flat if info.key is not None else q_flat, states[i], stat_m, stat_l, G * Tq,
+                         Tq, window, block_t, precision, device)
+    return out, new_mass
+
+
+def _chunk_mass(q_all, k_new, valid_new, stat_m, stat_l, window, N, Tq):
+    """Mass of the last `window` queries on each chunk token, summed over the group (torch; the
+    chunk is small and this runs at prefill or every few decode steps)."""
+    B, Hkv, _, d = q_all.shape
+    G = stat_m.shape[1]
+    qo = q_all.view(B, Hkv, G, Tq, d)[:, :, :, Tq - window:]
+    s = qo @ k_new.to(torch.float32)[:, :, None].transpose(-1, -2)  # [B, Hkv, G, W, N]
+    qpos = N - Tq + torch.arange(Tq - window, Tq, device=q_all.device)
+    vis = torch.arange(N, device=q_all.device)[None, :] <= qpos[:, None]
+    if valid_new is not None:
+        vis = vis[None] & valid_new.to(torch.bool)[:, None, :]
+        vis = vis[:, None, None]
+    mm = stat_m.view(B, Hkv, G, Tq)[..., Tq - window:, None]
+    ll = stat_l.view(B, Hkv, G, Tq)[..., Tq - window:, None]
+    ok = ll > 0
+    p = torch.exp2(s - torch.where(ok, mm, torch.zeros_like(mm))) / torch.where(ok, ll, torch.ones_like(ll))
+    p = torch.where(vis & ok, p, torch.zeros_like(p))
+    return p.sum((2, 3))
+
+
+def _launch_mass(info, kv_dtype, q_in, st: TierState, stat_m, stat_l, M, Tq, window, block_t, precision, device):
+    BH = st.count.numel()
+    exact = info.key is None
+    if exact:
+        pool = st.pool.view(-1).view(kv_dtype)
+        per_word = 4 // pool.element_size()
+        wt = st.pool.shape[-1] * per_word
+        kc = kt = pool
+        kcon = (0, 0, 1, 1)
+        step = 1.0
+    else:
+        pool = st.pool
+        wt = st.pool.shape[-1]
+        kc, kt = _tab(info.key.fields.comps, device), _tab(info.key.trig, device)
+        kcon = (info.key.levels, info.key.fields.counts, info.key.fields.max_comps, info.key.table_size)
+        step = info.key.radius_step
+    tiles = triton.cdiv(st.pages.shape[-1] * st.page_size, block_t)
+    G = M // Tq
+    paged_mass_kernel[(BH, tiles)](
+        q_in, pool, st.pages, st.count, st.utility, stat_m, stat_l, kc, kt, M, Tq, window, st.pages.shape[-1],
+        PS=st.page_size, WT=wt, D=q_in.shape[-1], BLOCK_R=_block_m(G * window), BLOCK_T=block_t, EXACT=exact,
+        K_LEVELS=kcon[0], K_COUNTS=kcon[1], K_MAXC=kcon[2], K_TSIZE=kcon[3], STEP=step, LOG2_MIN=LOG2_MIN,
+        DOT_PRECISION=precision)

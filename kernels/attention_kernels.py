@@ -1,0 +1,230 @@
+"""Split-KV attention over tier-homogeneous pages (ADA decode and chunked prefill).
+
+Rows: the G·Tq queries of one KV head's group (row = g·Tq + t), pre-scaled by
+scale·log2(e) so softmax runs in base 2. Compressed tiers see the queries rotated by the key
+codec's Hadamard transform; the exact tier and the dense chunk see them as they are.
+
+Each program owns (batch·KV head, split, row block): it walks its share of the tier's tokens
+through the page table, decodes a key tile in registers (angular recurrence shared by all rows
+of the group), takes logits with tl.dot, and accumulates p·v with values decoded in the rotated
+domain. Splits write (acc, max, sum) partials; combine_kernel merges every tier's splits and
+the chunk's, undoes the value rotation once per output row, and normalises.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .codes import decode_polar_tile, decode_scalar_tile
+
+
+@triton.jit
+def _split_range(count, pid_s, S, BLOCK_T: tl.constexpr):
+    """This split's [start, end) of a row's `count` tokens, in whole tiles."""
+    tiles = tl.cdiv(count, BLOCK_T)
+    per = tl.cdiv(tiles, S) * BLOCK_T
+    start = pid_s * per
+    return start, tl.minimum(count, start + per)
+
+
+@triton.jit
+def _tile_kv(pool_ptr, base, valid, kcomps_ptr, ktab_ptr, vcomps_ptr, vtab_ptr, VOFF: tl.constexpr,
+             D: tl.constexpr, EXACT: tl.constexpr, VALUE_SCALAR: tl.constexpr, WANT_V: tl.constexpr,
+             K_LEVELS: tl.constexpr, K_COUNTS: tl.constexpr, K_MAXC: tl.constexpr, K_TSIZE: tl.constexpr,
+             V_LEVELS: tl.constexpr, V_COUNTS: tl.constexpr, V_MAXC: tl.constexpr, V_TSIZE: tl.constexpr,
+             STEP: tl.constexpr, LOG2_MIN: tl.constexpr):
+    """Keys and values [BLOCK_T, D] float32 for a tile (values only if WANT_V)."""
+    d = tl.arange(0, D)
+    if EXACT:
+        k = tl.load(pool_ptr + base[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+        v = k
+        if WANT_V:
+            v = tl.load(pool_ptr + base[:, None] + VOFF + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    else:
+        k = decode_polar_tile(pool_ptr, base, valid, kcomps_ptr, ktab_ptr, D, K_LEVELS, K_COUNTS, K_MAXC, K_TSIZE,
+                              STEP, LOG2_MIN)
+        v = k
+        if WANT_V:
+            if VALUE_SCALAR:
+                v = decode_scalar_tile(pool_ptr, base + VOFF, valid, vcomps_ptr, vtab_ptr, D, V_COUNTS, V_MAXC,
+                                       STEP, LOG2_MIN)
+            else:
+                v = decode_polar_tile(pool_ptr, base + VOFF, valid, vcomps_ptr, vtab_ptr, D, V_LEVELS, V_COUNTS,
+                                      V_MAXC, V_TSIZE, STEP, LOG2_MIN)
+    return k, v
+
+
+@triton.jit
+def paged_partials_kernel(
+        q_ptr, pool_ptr, pages_ptr, count_ptr, acc_ptr, m_ptr, l_ptr,
+        kcomps_ptr, ktab_ptr, vcomps_ptr, vtab_ptr,
+        M, max_pages, S, split_offset, S_total,
+        PS: tl.constexpr, WT: tl.constexpr, VOFF: tl.constexpr, D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, EXACT: tl.constexpr, VALUE_SCALAR: tl.constexpr,
+        K_LEVELS: tl.constexpr, K_COUNTS: tl.constexpr, K_MAXC: tl.constexpr, K_TSIZE: tl.constexpr,
+        V_LEVELS: tl.constexpr, V_COUNTS: tl.constexpr, V_MAXC: tl.constexpr, V_TSIZE: tl.constexpr,
+        STEP: tl.constexpr, LOG2_MIN: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    count = tl.load(count_ptr + pid_bh)
+    start, end = _split_range(count, pid_s, S, BLOCK_T)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + (pid_bh * M + rows)[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, D), tl.float32)
+    for t0 in range(start, end, BLOCK_T):
+        slots = t0 + tl.arange(0, BLOCK_T)
+        valid = slots < end
+        page = tl.load(pages_ptr + pid_bh * max_pages + slots // PS, mask=valid, other=0)
+        base = (page.to(tl.int64) * PS + slots % PS) * WT
+        k, v = _tile_kv(pool_ptr, base, valid, kcomps_ptr, ktab_ptr, vcomps_ptr, vtab_ptr, VOFF, D, EXACT,
+                        VALUE_SCALAR, True, K_LEVELS, K_COUNTS, K_MAXC, K_TSIZE, V_LEVELS, V_COUNTS, V_MAXC,
+                        V_TSIZE, STEP, LOG2_MIN)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    out = (pid_bh * S_total + split_offset + pid_s) * M + rows
+    tl.store(acc_ptr + out[:, None] * D + d[None, :], acc, mask=rmask[:, None])
+    tl.store(m_ptr + out, m_i, mask=rmask)
+    tl.store(l_ptr + out, l_i, mask=rmask)
+
+
+@triton.jit
+def chunk_partials_kernel(
+        q_ptr, k_ptr, v_ptr, valid_ptr, acc_ptr, m_ptr, l_ptr,
+        M, N, Tq, q_pos0, Hkv, S, split_offset, S_total,
+        skb, skh, skn, svb, svh, svn,
+        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, HAS_VALID: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
+    """The dense current chunk [B, Hkv, N, D], causal: row g·Tq + t sees chunk tokens <= q_pos0 + t."""
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    b = pid_bh // Hkv
+    h = pid_bh % Hkv
+    start, end = _split_range(N, pid_s, S, BLOCK_T)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    qpos = q_pos0 + rows % Tq
+    end = tl.minimum(end, tl.max(tl.where(rmask, qpos, 0)) + 1)  # nothing later is visible
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + (pid_bh * M + rows)[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, D), tl.float32)
+    for t0 in range(start, end, BLOCK_T):
+        tok = t0 + tl.arange(0, BLOCK_T)
+        tmask = tok < end
+        if HAS_VALID:
+            tmask = tmask & (tl.load(valid_ptr + b * N + tok, mask=tmask, other=0) != 0)
+        k = tl.load(k_ptr + b * skb + h * skh + tok[:, None] * skn + d[None, :], mask=tmask[:, None],
+                    other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + b * svb + h * svh + tok[:, None] * svn + d[None, :], mask=tmask[:, None],
+                    other=0.0).to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        vis = tmask[None, :] & (tok[None, :] <= qpos[:, None])
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # rows that have seen nothing yet keep m = -inf; exp2(-inf - -inf) would be NaN
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    out = (pid_bh * S_total + split_offset + pid_s) * M + rows
+    tl.store(acc_ptr + out[:, None] * D + d[None, :], acc, mask=rmask[:, None])
+    tl.store(m_ptr + out, m_i, mask=rmask)
+    tl.store(l_ptr + out, l_i, mask=rmask)
+
+
+@triton.jit
+def combine_kernel(
+        acc_ptr, m_ptr, l_ptr, hinv_ptr, out_ptr, stat_m_ptr, stat_l_ptr,
+        M, Tq, G, Hkv, S_total, S_rot,
+        sob, soh, sot,
+        D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_ROT: tl.constexpr):
+    """Merge splits 0..S_rot-1 (values in the rotated domain) and S_rot..S_total-1 (plain),
+    rotate back once, normalise, write out[b, h·G + g, t] for row g·Tq + t."""
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    d = tl.arange(0, D)
+    mmax = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    for s in range(0, S_total):
+        mmax = tl.maximum(mmax, tl.load(m_ptr + (pid_bh * S_total + s) * M + rows, mask=rmask, other=float("-inf")))
+    msafe = tl.where(mmax == float("-inf"), 0.0, mmax)
+    total = tl.zeros((BLOCK_M,), tl.float32)
+    acc_rot = tl.zeros((BLOCK_M, D), tl.float32)
+    acc = tl.zeros((BLOCK_M, D), tl.float32)
+    for s in range(0, S_total):
+        idx = (pid_bh * S_total + s) * M + rows
+        w = tl.exp2(tl.load(m_ptr + idx, mask=rmask, other=float("-inf")) - msafe)
+        total += w * tl.load(l_ptr + idx, mask=rmask, other=0.0)
+        part = w[:, None] * tl.load(acc_ptr + idx[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)
+        if s < S_rot:
+            acc_rot += part
+        else:
+            acc += part
+    if HAS_ROT:
+        hinv = tl.load(hinv_ptr + d[:, None] * D + d[None, :])
+        acc += tl.dot(acc_rot, hinv, input_precision="ieee")
+    out = tl.where(total[:, None] > 0, acc / tl.where(total > 0, total, 1.0)[:, None], 0.0)
+    b = pid_bh // Hkv
+    head = (pid_bh % Hkv) * G + rows // Tq
+    t = rows % Tq
+    tl.store(out_ptr + b * sob + head[:, None] * soh + t[:, None] * sot + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+    tl.store(stat_m_ptr + pid_bh * M + rows, mmax, mask=rmask)
+    tl.store(stat_l_ptr + pid_bh * M + rows, total, mask=rmask)
+
+
+@triton.jit
+def paged_mass_kernel(
+        q_ptr, pool_ptr, pages_ptr, count_ptr, util_ptr, stat_m_ptr, stat_l_ptr,
+        kcomps_ptr, ktab_ptr,
+        M, Tq, W, max_pages,
+        PS: tl.constexpr, WT: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
+        EXACT: tl.constexpr, K_LEVELS: tl.constexpr, K_COUNTS: tl.constexpr, K_MAXC: tl.constexpr,
+        K_TSIZE: tl.constexpr, STEP: tl.constexpr, LOG2_MIN: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """utility[token] += attention mass from the last W queries of every head in the group
+    (final softmax from the combined row statistics). One program owns one tile of tokens."""
+    pid_bh = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    count = tl.load(count_ptr + pid_bh)
+    if pid_t * BLOCK_T < count:
+        slots = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        valid = slots < count
+        page = tl.load(pages_ptr + pid_bh * max_pages + slots // PS, mask=valid, other=0)
+        row_of_slot = page.to(tl.int64) * PS + slots % PS
+        base = row_of_slot * WT
+        k, _ = _tile_kv(pool_ptr, base, valid, kcomps_ptr, ktab_ptr, kcomps_ptr, ktab_ptr, 0, D, EXACT, False,
+                        False, K_LEVELS, K_COUNTS, K_MAXC, K_TSIZE, K_LEVELS, K_COUNTS, K_MAXC, K_TSIZE, STEP,
+                        LOG2_MIN)
+        d = tl.arange(0, D)
+        mass = tl.zeros((BLOCK_T,), tl.float32)
+        G = M // Tq
+        for r0 in range(0, G * W, BLOCK_R):
+            j = r0 + tl.arange(0, BLOCK_R)
+            jmask = j < G * W
+            rows = (j // W) * Tq + Tq - W + j % W
+            q = tl.load(q_ptr + (pid_bh * M + rows)[:, None] * D + d[None, :], mask=jmask[:, None], other=0.0)
+            mrow = tl.load(stat_m_ptr + pid_bh * M + rows, mask=jmask, other=0.0)
+            lrow = tl.load(stat_l_ptr + pid_bh * M + rows, mask=jmask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            ok = jmask & (lrow > 0)
+            p = tl.exp2(s - tl.where(ok, mrow, 0.0)[:, None]) / tl.where(ok, lrow, 1.0)[:, None]
+            p = tl.where(ok[:, None] & valid[None, :], p, 0.0)
+            mass += tl.sum(p, 0)
+        old = tl.load(util_ptr + row_of_slot, mask=valid, other=0.0).to(tl.float32)
+        tl.store(util_ptr + row_of_slot, (old + mass).to(util_ptr.dtype.element_ty), mask=valid)

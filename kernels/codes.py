@@ -1,0 +1,115 @@
+"""Triton helpers that read and write spherical / scalar code records in tiles.
+
+A tile is BLOCK_T tokens; `base` [BLOCK_T] is each token's first word in the pool. Fields are
+read with one gathered 32-bit load per element and split-width component (every element sits
+at a static bit offset, so a word index and a shift); the loads hit L1 since a record is a few
+dozen contiguous bytes.
+
+Decoding keys/values (the angular recurrence) runs top-down as tiles: level l's node radii
+[T, n] become level l-1's [T, 2n] by interleaving parent·cos(psi) and parent·sin(psi), which
+is the tree's child order (2j, 2j+1; checked on the host in layout.py).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# constexpr flags for the value codec of a tier
+VALUE_POLAR = 0
+VALUE_SCALAR = 1
+
+
+@triton.jit
+def extract_field(pool_ptr, base, valid, comps_ptr, F: tl.constexpr, N: tl.constexpr, COUNTS: tl.constexpr,
+                  MAXC: tl.constexpr):
+    """Codes of field F (N elements) for a tile of records -> int32 [BLOCK_T, N]."""
+    NCOMP: tl.constexpr = (COUNTS >> (4 * F)) & 15
+    e = tl.arange(0, N)
+    code = tl.zeros((base.shape[0], N), tl.int32)
+    for c in tl.static_range(NCOMP):
+        off = tl.load(comps_ptr + (F * MAXC + c) * 3)
+        width = tl.load(comps_ptr + (F * MAXC + c) * 3 + 1)
+        vshift = tl.load(comps_ptr + (F * MAXC + c) * 3 + 2)
+        pos = off + width * e
+        w = tl.load(pool_ptr + base[:, None] + (pos >> 5)[None, :], mask=valid[:, None], other=0)
+        part = (w >> (pos & 31)[None, :]) & ((1 << width) - 1)
+        code = code | (part << vshift)
+    return code
+
+
+@triton.jit
+def decode_radius(code, STEP: tl.constexpr, LOG2_MIN: tl.constexpr):
+    """16-bit log-radius code -> float32 (0 -> 0, all ones -> NaN)."""
+    r = tl.exp2(LOG2_MIN + (code - 1).to(tl.float32) * STEP)
+    r = tl.where(code == 0, 0.0, r)
+    return tl.where(code == 65535, float("nan"), r)
+
+
+@triton.jit
+def decode_polar_tile(pool_ptr, base, valid, comps_ptr, trig_ptr, D: tl.constexpr, LEVELS: tl.constexpr,
+                      COUNTS: tl.constexpr, MAXC: tl.constexpr, TSIZE: tl.constexpr, STEP: tl.constexpr,
+                      LOG2_MIN: tl.constexpr):
+    """Records -> rotated-domain vectors [BLOCK_T, D] (float32), kept in registers."""
+    rcode = extract_field(pool_ptr, base, valid, comps_ptr, 0, 1, COUNTS, MAXC)
+    node = decode_radius(rcode, STEP, LOG2_MIN)  # [T, 1]
+    for f in tl.static_range(LEVELS, 0, -1):
+        n: tl.constexpr = D >> f
+        code = extract_field(pool_ptr, base, valid, comps_ptr, f, n, COUNTS, MAXC)
+        cos = tl.load(trig_ptr + ((f - 1) * 2) * TSIZE + code)
+        sin = tl.load(trig_ptr + ((f - 1) * 2 + 1) * TSIZE + code)
+        node = tl.interleave(node * cos, node * sin)
+    return node
+
+
+@triton.jit
+def decode_scalar_tile(pool_ptr, base, valid, comps_ptr, cent_ptr, D: tl.constexpr, COUNTS: tl.constexpr,
+                       MAXC: tl.constexpr, STEP: tl.constexpr, LOG2_MIN: tl.constexpr):
+    """Rotated-scalar records -> rotated-domain vectors [BLOCK_T, D]."""
+    rcode = extract_field(pool_ptr, base, valid, comps_ptr, 0, 1, COUNTS, MAXC)
+    r = decode_radius(rcode, STEP, LOG2_MIN) * (1.0 / tl.sqrt(D * 1.0))
+    code = extract_field(pool_ptr, base, valid, comps_ptr, 1, D, COUNTS, MAXC)
+    return tl.load(cent_ptr + code) * r
+
+
+# ---- encode ------------------------------------------------------------------------------
+@triton.jit
+def search_thresholds(a, b, thr_ptr, LEVEL: tl.constexpr, STEPS: tl.constexpr, TSIZE: tl.constexpr):
+    """For angles atan2(b, a) with a, b >= 0 (or theta reduced to [0, pi)): the number of the
+    level's sorted thresholds t with angle > t, by binary search. angle > t is tested as
+    b·cos t - a·sin t > 0, which needs no atan2."""
+    code = tl.zeros(a.shape, tl.int32)
+    for s in tl.static_range(STEPS - 1, -1, -1):
+        cand = code + (1 << s)
+        ct = tl.load(thr_ptr + (LEVEL * 2) * TSIZE + cand - 1)
+        st = tl.load(thr_ptr + (LEVEL * 2 + 1) * TSIZE + cand - 1)
+        code = tl.where(b * ct - a * st > 0, cand, code)
+    return code
+
+
+@triton.jit
+def encode_radius(log2_r, zero, finite, STEP: tl.constexpr, LOG2_MIN: tl.constexpr):
+    """log2 of the norm -> 16-bit log-radius code (int32): zero -> 0, non-finite -> all ones."""
+    pos = (log2_r - LOG2_MIN) / STEP
+    pos = tl.minimum(tl.maximum(pos, 0.0), 65533.0)
+    code = tl.floor(pos + 0.5).to(tl.int32) + 1
+    code = tl.where(zero, 0, code)
+    return tl.where(finite, code, 65535)
+
+
+@triton.jit
+def pack_field(words, code, comps_ptr, F: tl.constexpr, N: tl.constexpr, COUNTS: tl.constexpr,
+               MAXC: tl.constexpr, WPAD: tl.constexpr):
+    """OR field F's codes [T, N] into the record words [T, WPAD] (int32)."""
+    NCOMP: tl.constexpr = (COUNTS >> (4 * F)) & 15
+    e = tl.arange(0, N)
+    widx = tl.arange(0, WPAD)
+    for c in tl.static_range(NCOMP):
+        off = tl.load(comps_ptr + (F * MAXC + c) * 3)
+        width = tl.load(comps_ptr + (F * MAXC + c) * 3 + 1)
+        vshift = tl.load(comps_ptr + (F * MAXC + c) * 3 + 2)
+        pos = off + width * e
+        part = ((code >> vshift) & ((1 << width) - 1)) << (pos & 31)[None, :]
+        # bits of different elements never overlap, so a sum over elements is their OR
+        hit = (pos >> 5)[:, None] == widx[None, :]  # [N, WPAD]
+        words = words + tl.sum(tl.where(hit[None, :, :], part[:, :, None], 0), axis=1)
+    return words

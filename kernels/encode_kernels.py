@@ -1,0 +1,108 @@
+"""Fused encode: block-Hadamard preconditioning (a [D, D] matmul in registers), the recursive
+polar transform, Lloyd-Max quantization and split-width packing of K and V records.
+
+Angles are never formed: a code is the number of decision thresholds t the angle exceeds,
+and atan2(b, a) > t is tested as b·cos t - a·sin t > 0 (a, b >= 0, or theta reduced to
+[0, pi) by a half turn for level 1), by binary search over the sorted thresholds.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .codes import encode_radius, pack_field, search_thresholds
+
+
+@triton.jit
+def _unit_and_radius_code(y, STEP: tl.constexpr, LOG2_MIN: tl.constexpr):
+    """y [T, D] -> (y scaled by its peak, zero where not finite or zero; radius codes [T])."""
+    peak = tl.max(tl.abs(y), 1)
+    finite = tl.sum(tl.where(tl.abs(y) < float("inf"), 0, 1), 1) == 0  # NaN fails the test too
+    ok = finite & (peak > 0)
+    ys = tl.where(ok[:, None], y / tl.where(ok, peak, 1.0)[:, None], 0.0)
+    norm = tl.sqrt(tl.sum(ys * ys, 1))
+    log2_r = tl.log2(tl.where(ok, peak, 1.0)) + tl.log2(tl.where(ok, norm, 1.0))
+    return ys, encode_radius(log2_r, finite & (peak == 0), finite, STEP, LOG2_MIN)
+
+
+@triton.jit
+def encode_polar_tile(y, comps_ptr, thr_ptr, D: tl.constexpr, LEVELS: tl.constexpr, BITS: tl.constexpr,
+                      COUNTS: tl.constexpr, MAXC: tl.constexpr, TSIZE: tl.constexpr, WPAD: tl.constexpr,
+                      STEP: tl.constexpr, LOG2_MIN: tl.constexpr):
+    """Rotated vectors [T, D] -> record words [T, WPAD] (int32)."""
+    T: tl.constexpr = y.shape[0]
+    P: tl.constexpr = D // 2
+    ys, rcode = _unit_and_radius_code(y, STEP, LOG2_MIN)
+    words = tl.zeros((T, WPAD), tl.int32)
+    words = pack_field(words, rcode[:, None], comps_ptr, 0, 1, COUNTS, MAXC, WPAD)
+    a, b = tl.split(tl.reshape(ys, (T, P, 2)))
+    # level 1: theta in [pi, 2pi) (lower half-plane, and the negative x axis) adds L/2
+    B1: tl.constexpr = BITS & 15
+    half = (b < 0) | ((b == 0) & (a < 0))
+    ah = tl.where(half, -a, a)
+    bh = tl.where(half, -b, b)
+    code = search_thresholds(ah, bh, thr_ptr, 0, B1 - 1, TSIZE) + tl.where(half, 1 << (B1 - 1), 0)
+    words = pack_field(words, code, comps_ptr, 1, P, COUNTS, MAXC, WPAD)
+    node = tl.sqrt(a * a + b * b)
+    for f in tl.static_range(2, LEVELS + 1):
+        n: tl.constexpr = D >> f
+        BF: tl.constexpr = (BITS >> (4 * (f - 1))) & 15
+        left, right = tl.split(tl.reshape(node, (T, n, 2)))
+        code = search_thresholds(left, right, thr_ptr, f - 1, BF, TSIZE)
+        words = pack_field(words, code, comps_ptr, f, n, COUNTS, MAXC, WPAD)
+        node = tl.sqrt(left * left + right * right)
+    return words
+
+
+@triton.jit
+def encode_scalar_tile(y, comps_ptr, thr_ptr, D: tl.constexpr, BITS: tl.constexpr, COUNTS: tl.constexpr,
+                       MAXC: tl.constexpr, WPAD: tl.constexpr, STEP: tl.constexpr, LOG2_MIN: tl.constexpr):
+    """Rotated vectors [T, D] -> rotated-scalar record words [T, WPAD]."""
+    T: tl.constexpr = y.shape[0]
+    ys, rcode = _unit_and_radius_code(y, STEP, LOG2_MIN)
+    norm = tl.sqrt(tl.sum(ys * ys, 1))
+    u = ys / tl.where(norm > 0, norm, 1.0)[:, None] * tl.sqrt(D * 1.0)
+    code = tl.zeros((T, D), tl.int32)
+    for s in tl.static_range(BITS - 1, -1, -1):
+        cand = code + (1 << s)
+        code = tl.where(u > tl.load(thr_ptr + cand - 1), cand, code)
+    words = tl.zeros((T, WPAD), tl.int32)
+    words = pack_field(words, rcode[:, None], comps_ptr, 0, 1, COUNTS, MAXC, WPAD)
+    return pack_field(words, code, comps_ptr, 1, D, COUNTS, MAXC, WPAD)
+
+
+@triton.jit
+def encode_kv_kernel(
+        k_ptr, v_ptr, out_ptr, kfwd_ptr, vfwd_ptr, kcomps_ptr, kthr_ptr, vcomps_ptr, vthr_ptr,
+        N, Hkv, skb, skh, skn, svb, svh, svn,
+        D: tl.constexpr, BLOCK_T: tl.constexpr, KW: tl.constexpr, VW: tl.constexpr, KWPAD: tl.constexpr,
+        VWPAD: tl.constexpr, VALUE_SCALAR: tl.constexpr,
+        K_LEVELS: tl.constexpr, K_BITS: tl.constexpr, K_COUNTS: tl.constexpr, K_MAXC: tl.constexpr,
+        K_TSIZE: tl.constexpr, V_LEVELS: tl.constexpr, V_BITS: tl.constexpr, V_COUNTS: tl.constexpr,
+        V_MAXC: tl.constexpr, V_TSIZE: tl.constexpr, STEP: tl.constexpr, LOG2_MIN: tl.constexpr):
+    """k, v [B, Hkv, N, D] -> records out [B, Hkv, N, KW + VW] (int32)."""
+    pid_bh = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    b = pid_bh // Hkv
+    h = pid_bh % Hkv
+    tok = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = tok < N
+    d = tl.arange(0, D)
+    x = tl.load(k_ptr + b * skb + h * skh + tok[:, None] * skn + d[None, :], mask=tmask[:, None], other=0.0)
+    fwd = tl.load(kfwd_ptr + d[:, None] * D + d[None, :])
+    y = tl.dot(x.to(tl.float32), fwd, input_precision="ieee")
+    words = encode_polar_tile(y, kcomps_ptr, kthr_ptr, D, K_LEVELS, K_BITS, K_COUNTS, K_MAXC, K_TSIZE, KWPAD,
+                              STEP, LOG2_MIN)
+    row = (pid_bh * N + tok).to(tl.int64) * (KW + VW)
+    wk = tl.arange(0, KWPAD)
+    tl.store(out_ptr + row[:, None] + wk[None, :], words, mask=tmask[:, None] & (wk < KW)[None, :])
+    x = tl.load(v_ptr + b * svb + h * svh + tok[:, None] * svn + d[None, :], mask=tmask[:, None], other=0.0)
+    fwd = tl.load(vfwd_ptr + d[:, None] * D + d[None, :])
+    y = tl.dot(x.to(tl.float32), fwd, input_precision="ieee")
+    if VALUE_SCALAR:
+        words = encode_scalar_tile(y, vcomps_ptr, vthr_ptr, D, V_BITS, V_COUNTS, V_MAXC, VWPAD, STEP, LOG2_MIN)
+    else:
+        words = encode_polar_tile(y, vcomps_ptr, vthr_ptr, D, V_LEVELS, V_BITS, V_COUNTS, V_MAXC, V_TSIZE, VWPAD,
+                                  STEP, LOG2_MIN)
+    wv = tl.arange(0, VWPAD)
+    tl.store(out_ptr + row[:, None] + KW + wv[None, :], words, mask=tmask[:, None] & (wv < VW)[None, :])
