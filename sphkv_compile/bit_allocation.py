@@ -9,7 +9,9 @@ distortion drop per stored bit; for convex MSE(bits) curves that is the Lagrangi
 """
 from __future__ import annotations
 
-from .codebooks import MAX_BITS, angle_codebook, circle_codebook
+from .codebooks import MAX_BITS, angle_codebook, angle_mse_high_rate, circle_codebook
+
+EXACT_MSE_BITS = 8  # above this the allocator uses the high-rate formula
 from .polar_tree import PolarTree
 
 
@@ -25,6 +27,8 @@ def slot_mse(tree: PolarTree, slot: int, bits: int) -> float:
     if slot == 0:
         return circle_codebook(bits).mse
     g = tree.groups[slot - 1]
+    if bits > EXACT_MSE_BITS:
+        return angle_mse_high_rate(g.left_size, g.right_size, bits)
     return angle_codebook(g.left_size, g.right_size, bits).mse
 
 
@@ -32,7 +36,7 @@ def predicted_direction_mse(tree: PolarTree, bits: tuple[int, ...]) -> float:
     return sum(w * slot_mse(tree, s, b) for s, ((_, w), b) in enumerate(zip(group_weights(tree), bits)))
 
 
-def allocate_bits(tree: PolarTree, angle_bit_budget: int, max_bits: int = 12) -> tuple[int, ...]:
+def allocate_bits(tree: PolarTree, angle_bit_budget: int, max_bits: int = MAX_BITS) -> tuple[int, ...]:
     """Per-slot bits (level 1 first, then tree.groups) using at most angle_bit_budget bits per key."""
     if angle_bit_budget < 0:
         raise ValueError("the bit budget cannot pay for the radius; raise bits per coordinate")

@@ -70,8 +70,9 @@ class SphericalCodec:
 
     def _resolve_bits(self, bits) -> tuple[int, ...]:
         slots = 1 + len(self.tree.groups)
-        if isinstance(bits, bool):
-            raise TypeError("bits must be a number or a tuple of ints")
+        if isinstance(bits, (bool, str)) or not isinstance(bits, (int, float, tuple, list)):
+            raise TypeError(f"bits must be a float (bits per coordinate), an int (bits per angle) or a tuple "
+                            f"of ints per level, got {bits!r}")
         if isinstance(bits, int):
             if not 0 <= bits <= 16:
                 raise ValueError(f"bits per angle must be in [0, 16], got {bits}")
@@ -88,7 +89,7 @@ class SphericalCodec:
         bits = tuple(int(b) for b in bits)
         if len(bits) != slots:
             raise ValueError(f"head_dim={self.head_dim} has {slots} angle slots "
-                             f"(level 1 + {[g.key for g in self.tree.groups]}), got {len(bits)} bit widths")
+                             f"(level 1 + {[g.key for g in self.tree.groups]}), got {len(bits)} bits entries")
         if any(not 0 <= b <= 16 for b in bits):
             raise ValueError(f"bits per angle must be in [0, 16], got {bits}")
         return bits

@@ -3,8 +3,11 @@
 The same transform is applied to queries and keys, so q·k = q'·y exactly (before any
 quantization). Head dims that are not powers of two are split into power-of-two blocks
 (the binary expansion of d, largest first); an odd d is padded with one zero coordinate.
-Rotation then only mixes channels inside a block, which is what non-power-of-two dims cost:
-energy is not spread across blocks (see docs/CODEC.md).
+One block-Hadamard pass only mixes channels inside a block, so an outlier channel would
+leave the blocks' energies far from the split the cross-block angle codebooks assume; with
+more than one block a second pass runs after a seeded permutation and fresh random signs, which spreads every
+block's energy over all blocks in proportion to their sizes. That second pass is what
+non-power-of-two dims cost (docs/CODEC.md).
 """
 from __future__ import annotations
 
@@ -62,6 +65,13 @@ class BlockHadamard:
         self.blocks = block_sizes(head_dim)
         self.seed = int(seed)
         self._signs = random_signs(self.dim, self.seed)
+        self._perm = None
+        if len(self.blocks) > 1:
+            gen = torch.Generator(device="cpu").manual_seed(self.seed + 0x5EED)
+            self._perm = torch.randperm(self.dim, generator=gen)
+            self._inv_perm = torch.argsort(self._perm)
+            # fresh signs too: a permuted constant vector (a Hadamard column) stays constant
+            self._signs2 = random_signs(self.dim, self.seed + 0x5EED)
 
     def signs(self, like: torch.Tensor) -> torch.Tensor:
         return self._signs.to(device=like.device, dtype=like.dtype)
@@ -72,9 +82,19 @@ class BlockHadamard:
             raise ValueError(f"expected last dim {self.head_dim}, got {tuple(x.shape)}")
         if self.dim != self.head_dim:
             x = torch.nn.functional.pad(x, (0, self.dim - self.head_dim))
-        return _blockwise_fwht(x * self.signs(x), self.blocks)
+        y = _blockwise_fwht(x * self.signs(x), self.blocks)
+        if self._perm is not None:
+            y = _blockwise_fwht(y[..., self._perm.to(y.device)] * self._signs2.to(y), self.blocks)
+        return y
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         """[..., dim] -> [..., head_dim]; exact inverse of forward (H is symmetric)."""
+        if self._perm is not None:
+            y = (_blockwise_fwht(y, self.blocks) * self._signs2.to(y))[..., self._inv_perm.to(y.device)]
         x = _blockwise_fwht(y, self.blocks) * self.signs(y)
         return x[..., : self.head_dim]
+
+    @property
+    def permutation(self) -> torch.Tensor | None:
+        """The seeded permutation between the two passes (None for power-of-two dims)."""
+        return self._perm

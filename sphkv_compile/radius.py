@@ -29,7 +29,8 @@ def unit_and_log2_norm(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scaled = torch.where(ok, y / torch.where(ok, peak, torch.ones_like(peak)), torch.zeros_like(y))
     norm = (scaled * scaled).sum(dim=-1, keepdim=True).sqrt()
     unit = scaled / torch.where(ok, norm, torch.ones_like(norm))
-    log2_r = torch.log2(peak) + torch.log2(norm)
+    # float64 here: a 32-bit radius code resolves 5e-8, finer than float32 log2 values
+    log2_r = torch.log2(peak.double()) + torch.log2(norm.double())
     log2_r = torch.where(finite, log2_r, torch.full_like(log2_r, float("nan")))
     return unit, log2_r.squeeze(-1)
 

@@ -1,0 +1,168 @@
+"""`sphkv_compile.optimize(model, **options)`: one call that puts a transformers model's KV
+cache on the compressed store.
+
+    model = sphkv_compile.optimize(model, bits=3.5)
+    model.generate(ids, max_new_tokens=64)                          # dynamic cache, eager
+    model.generate(ids, max_new_tokens=64, cache_implementation="static")   # fixed pools
+    model.forward = torch.compile(model.forward, backend="sphkv")   # compiled, same results
+
+What it does (in place; returns the model):
+- switches the attention implementation to "sphkv" (hf.py), remembering the original one
+  for the layers that must stay dense (hf_plan.py says which, and why);
+- wraps `generate` so that, unless a cache is passed, it builds an SphkvCache: static (sized
+  prompt + max_new_tokens) when cache_implementation="static" is asked for, else dynamic;
+- wraps `forward` so a call with use_cache and no cache also gets an SphkvCache, and so the
+  cache reaches the attention function (the `sphkv_cache` keyword).
+`sphkv_compile.report()` then lists every attention layer, whether it was rewritten, why
+not, and the measured resident KV bytes against a dense 16-bit cache.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+
+from . import report as _report
+from .hf import CACHE_KWARG, DENSE_IMPL_ATTR, IMPL_NAME, register
+from .hf_cache import SphkvCache
+from .hf_plan import kv_geometry, plan_layers
+from .options import SphkvOptions
+
+report = _report.report
+
+STATIC_IMPLEMENTATIONS = ("static", "hybrid", "sliding_window", "hybrid_chunked")
+_STATE_ATTR = "_sphkv_state"
+
+
+class _ModelState:
+    """What optimize() attached to a model."""
+
+    def __init__(self, options: SphkvOptions, original_forward, original_generate, original_impl):
+        self.options = options
+        self.original_forward = original_forward
+        self.original_generate = original_generate
+        self.original_impl = original_impl
+
+
+def _cache_keyword(fn) -> str:
+    """transformers >= 5.2x calls the cache `cache`; earlier 5.x `past_key_values`."""
+    params = inspect.signature(fn).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def new_cache(model, max_cache_len: int | None = None) -> SphkvCache:
+    """An SphkvCache for an optimized model: static when max_cache_len is given, else dynamic."""
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        raise ValueError("call sphkv_compile.optimize(model) first")
+    plans = plan_layers(model, max_cache_len)
+    cache = SphkvCache(state.options, plans, max_cache_len, kv_geometry(model))
+    _record_sites(plans, state.original_impl)
+    return cache
+
+
+def _record_sites(plans, original_impl) -> None:
+    """The eager path's report: one site per decoder layer. (A compiled forward replaces these
+    with what the backend found in the graph.)"""
+    _report.begin_compile()
+    for p in plans:
+        _report.record_site("hf_attention", p.compressed, p.reason, layer=p.layer_idx,
+                            dense_implementation=None if p.compressed else original_impl)
+
+
+def optimize(model, **options):
+    """Put `model`'s KV cache on the compressed store (see the module docstring). Options are
+    those of torch.compile(..., backend="sphkv", options=...), validated the same way."""
+    opts = SphkvOptions.from_dict(options)
+    if not hasattr(model, "config") or not hasattr(model, "generate"):
+        raise TypeError(f"optimize() takes a transformers generative model, got {type(model).__name__}")
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise TypeError("optimize() supports decoder-only models; encoder-decoder models keep their dense cache")
+    register()
+    state = getattr(model, _STATE_ATTR, None)
+    if state is not None:  # re-optimizing: new options, same wrappers
+        state.options = opts
+        return model
+    original_impl = model.config._attn_implementation
+    for config in {id(c): c for c in (model.config, _text_config(model))}.values():
+        setattr(config, DENSE_IMPL_ATTR, original_impl)
+    _set_attn_implementation(model, IMPL_NAME)
+    state = _ModelState(opts, model.forward, model.generate, original_impl)
+    setattr(model, _STATE_ATTR, state)
+    model.forward = _wrap_forward(model, state.original_forward)
+    model.generate = _wrap_generate(model, state.original_generate)
+    return model
+
+
+def _text_config(model):
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+
+def _set_attn_implementation(model, name: str) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    else:  # older transformers: the config field is what the modules read
+        model.config._attn_implementation = name
+
+
+def _wrap_forward(model, forward):
+    key = _cache_keyword(forward)
+
+    @functools.wraps(forward)
+    def sphkv_forward(*args, **kwargs):
+        cache = kwargs.get(key)
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(_text_config(model), "use_cache", True)
+        if cache is None and use_cache and not torch.compiler.is_compiling():
+            cache = kwargs[key] = new_cache(model)
+        if isinstance(cache, SphkvCache):
+            kwargs[CACHE_KWARG] = cache
+        return forward(*args, **kwargs)
+
+    return sphkv_forward
+
+
+def _wrap_generate(model, generate):
+    key = _cache_keyword(generate)
+
+    @functools.wraps(generate)
+    def sphkv_generate(*args, **kwargs):
+        if kwargs.get(key) is None and kwargs.get("past_key_values") is None:
+            config = kwargs.get("generation_config") or model.generation_config
+            impl = kwargs.pop("cache_implementation", None) or getattr(config, "cache_implementation", None)
+            max_len = None
+            if impl in STATIC_IMPLEMENTATIONS:
+                max_len = _max_cache_len(args, kwargs, config)
+            elif impl not in (None, "dynamic"):
+                raise ValueError(f"cache_implementation={impl!r} is not available with sphkv; use 'dynamic' or 'static'")
+            if impl is not None and getattr(config, "cache_implementation", None) is not None:
+                config = _copy_without_cache_implementation(config)
+                kwargs["generation_config"] = config
+            kwargs[key] = new_cache(model, max_len)
+        return generate(*args, **kwargs)
+
+    return sphkv_generate
+
+
+def _copy_without_cache_implementation(config):
+    import copy
+
+    config = copy.deepcopy(config)
+    config.cache_implementation = None
+    return config
+
+
+def _max_cache_len(args, kwargs, config) -> int:
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is None:
+        raise ValueError("a static sphkv cache needs input_ids to size its pools")
+    prompt = ids.shape[-1]
+    new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
+    if new is not None:
+        return prompt + int(new)
+    total = kwargs.get("max_length", getattr(config, "max_length", None))
+    if total is None:
+        raise ValueError("a static sphkv cache needs max_new_tokens or max_length to size its pools")
+    return int(total)

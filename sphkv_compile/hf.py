@@ -1,0 +1,169 @@
+"""transformers integration: attention computed from the compressed store (SphkvCache).
+
+Registered with transformers under the name "sphkv":
+- an attention function (AttentionInterface) that, for a compressed layer, runs
+  sphkv::attend (past tokens read from codes + the dense current chunk, causal, GQA/MQA) and
+  then sphkv::update_cache (the chunk enters the store: sinks and recent window exact, the
+  rest encoded). Layers the plan keeps dense call the model's original implementation.
+- sdpa's mask function (AttentionMaskInterface). It must be registered too: without it
+  transformers hands the attention function no mask at all, which is silently wrong with
+  padding. Compressed layers read the validity of the chunk's tokens (left padding) from it;
+  dense layers use it as is (sdpa) or as an additive mask (eager).
+
+The attention function finds the cache through the `sphkv_cache` keyword, which the model
+forward installed by sphkv_compile.optimize passes down (transformers forwards extra
+keywords from the model's forward to the attention function).
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+import torch
+
+from .hf_cache import SphkvCache, SphkvLayer
+from .ops import tiers_string
+
+IMPL_NAME = "sphkv"
+CACHE_KWARG = "sphkv_cache"
+DENSE_IMPL_ATTR = "_sphkv_dense_impl"  # on the config: the implementation dense layers keep using
+
+
+class SphkvUnsupportedError(RuntimeError):
+    """A compressed layer was asked for attention it cannot compute exactly."""
+
+
+def chunk_validity(mask: torch.Tensor | None, layer: SphkvLayer, n: int) -> torch.Tensor | None:
+    """bool [B, n]: which tokens of the current chunk are real (False = left padding).
+
+    mask is transformers' 4D boolean mask [B, 1, q, kv] (True = may attend) or None (plain
+    causal, no padding). The last query row sees every chunk token that is not padding; the
+    chunk sits at the tail of the mask (dynamic) or at the cache positions (static)."""
+    if mask is None:
+        return None
+    if mask.dim() != 4 or mask.dtype != torch.bool:
+        raise SphkvUnsupportedError(
+            f"layer {layer.layer_idx}: expected transformers' 4D boolean attention mask, got "
+            f"{tuple(mask.shape)} {mask.dtype}; pass a 2D [batch, tokens] padding mask to the model")
+    last_row = mask[:, 0, -1, :]
+    if layer.max_cache_len is None:
+        return last_row[:, last_row.shape[-1] - n:]
+    cols = layer.cumulative_length + torch.arange(n, device=mask.device)
+    return last_row.index_select(1, cols)
+
+
+def _original_attention(module, impl: str | None) -> Callable:
+    """The function the model would have used: its own eager code, or a registered implementation."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if impl in (None, "eager"):
+        eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if eager is None:
+            raise SphkvUnsupportedError(f"{type(module).__name__} has no eager_attention_forward to fall back to")
+        return eager
+    return ALL_ATTENTION_FUNCTIONS[impl]
+
+
+def _dense_attention(module, query, key, value, attention_mask, **kwargs):
+    """The layer stays dense: the model's eager code (with the additive mask eager expects), or
+    sdpa for any other original implementation (the "sphkv" mask is sdpa's boolean mask)."""
+    config = getattr(module, "config", None)
+    impl = getattr(config, DENSE_IMPL_ATTR, "sdpa") if config is not None else "sdpa"
+    if impl == "eager":
+        return _original_attention(module, "eager")(module, query, key, value,
+                                                     _additive_mask(attention_mask, query, key), **kwargs)
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _additive_mask(mask, query, key):
+    """sdpa's boolean mask (None = plain causal) as the float mask eager attention adds."""
+    if mask is None:
+        tq, tk = query.shape[-2], key.shape[-2]
+        qpos = torch.arange(tq, device=query.device)[:, None] + (tk - tq)
+        mask = (torch.arange(tk, device=query.device)[None, :] <= qpos)[None, None]
+    if mask.dtype != torch.bool:
+        return mask
+    zero = torch.zeros((), dtype=query.dtype, device=query.device)
+    return torch.where(mask, zero, torch.finfo(query.dtype).min)
+
+
+def _refuse_unrepresentable(module, layer: SphkvLayer, dropout: float, kwargs: dict) -> None:
+    """The plan keeps these layers dense; reaching here means the model asked for something at
+    run time that the plan could not see. Refuse rather than answer wrongly."""
+    if module.training and dropout:
+        raise SphkvUnsupportedError("attention dropout in training cannot run on the compressed store; "
+                                    "call model.eval() or use the dense model for training")
+    for name in ("softcap", "s_aux", "sinks"):
+        if kwargs.get(name) is not None:
+            raise SphkvUnsupportedError(f"layer {layer.layer_idx}: attention with {name!r} is not representable "
+                                        "by the compressed store")
+    window = kwargs.get("sliding_window")
+    if window is not None and (layer.max_cache_len is None or layer.max_cache_len > window):
+        raise SphkvUnsupportedError(f"layer {layer.layer_idx}: sliding window {window} is only exact on the "
+                                    "store when the whole sequence fits in it")
+
+
+def sphkv_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0, **kwargs):
+    """transformers attention interface: (attn_output [B, T, Hq, d], None)."""
+    cache = kwargs.pop(CACHE_KWARG, None)
+    layer_idx = getattr(module, "layer_idx", None)
+    layer = None
+    if isinstance(cache, SphkvCache) and layer_idx is not None and not getattr(module, "is_cross_attention", False):
+        layer = cache.layers[layer_idx]
+    if not isinstance(layer, SphkvLayer):
+        return _dense_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    _refuse_unrepresentable(module, layer, dropout, kwargs)
+    if layer.store is None:
+        layer.lazy_initialization(key, value)
+    valid = chunk_validity(attention_mask, layer, key.shape[2])
+    return attend_and_update(layer, query, key, value, valid,
+                             scaling if scaling is not None else getattr(module, "scaling", None))
+
+
+def attend_and_update(layer: SphkvLayer, query, key, value, valid, scaling):
+    """Attention over the store plus the chunk, then the chunk enters the store."""
+    o = layer.options
+    N = key.shape[2]
+    if layer.max_cache_len is None:
+        layer.reserve(N)
+    store = layer.store
+    tiers = tiers_string(store.tiers)
+    kv_dtype = str(store.kv_dtype).removeprefix("torch.")
+    scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+    out, mass = torch.ops.sphkv.attend(query, layer.state, key, value, valid, tiers, o.seed, kv_dtype, scale,
+                                       o.obs_window, False)
+    target = _target_tier(o, store)
+    torch.ops.sphkv.update_cache(layer.state, key, value, valid, mass, tiers, o.seed, kv_dtype, o.sink, o.recent,
+                                 target)
+    if layer.max_cache_len is None:
+        layer.advance_dynamic(N)
+    else:
+        layer.cumulative_length.add_(N)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _target_tier(options, store) -> int:
+    if options.policy != "uniform":
+        raise NotImplementedError(f"policy {options.policy!r} is not wired into the transformers integration yet; "
+                                  "use policy='uniform'")
+    return next(i for i, t in enumerate(store.tiers) if not t.exact)
+
+
+_registered = False
+
+
+def register() -> None:
+    """Register the "sphkv" attention and mask implementations with transformers (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(IMPL_NAME, sphkv_attention)
+    # Without a mask function transformers passes attention_mask=None, silently wrong with padding.
+    AttentionMaskInterface.register(IMPL_NAME, sdpa_mask)
+    _registered = True

@@ -1,0 +1,286 @@
+"""A transformers Cache whose layers are compressed stores (SphkvLayer), not dense tensors.
+
+`update()` of a compressed layer returns only the chunk it was given: the dense chunk is all
+the attention function needs besides the store (sphkv::attend reads the past from codes),
+and the chunk enters the store after attention (sphkv::update_cache). So no dense K/V of
+past tokens is ever held. `get_seq_length()` and `get_mask_sizes()` still report the full
+length, so positions and masks come out as with HF's own caches.
+
+Two flavours, as in transformers:
+- static (max_cache_len given): fixed-size page pools allocated once, is_compileable, the
+  state tensors keep their addresses (one compiled graph for every decode step);
+- dynamic: pools grow between steps in Python (outside any compiled graph), geometrically.
+
+Layers the plan (hf_plan) keeps dense are HF's own Dynamic/Static(SlidingWindow)Layer.
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, StaticLayer
+
+from . import report
+from .options import SphkvOptions
+from .store import LayerStore, TierState
+from .hf_plan import LayerPlan
+
+
+class SphkvBudgetError(ValueError):
+    """The configured budget cannot hold even the tokens the policy must keep."""
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+class SphkvLayer(CacheLayerMixin):
+    """One decoder layer's KV as a compressed paged store (see module docstring)."""
+
+    is_sliding = False
+    is_croppable = False
+
+    def __init__(self, options: SphkvOptions, layer_idx: int, max_cache_len: int | None = None,
+                 sliding_window: int | None = None):
+        super().__init__()
+        self.options = options
+        self.layer_idx = layer_idx
+        self.max_cache_len = max_cache_len
+        self.sliding_window = sliding_window  # only ever set when max_cache_len <= window (exact)
+        self.is_compileable = max_cache_len is not None
+        self.store: LayerStore | None = None
+        self.seen = 0  # dynamic: positions seen (incl. padding), a Python int
+        self.cumulative_length = torch.tensor(0, dtype=torch.int64)  # static: the same, on device
+
+    # ---- allocation ---------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        B, H, _, d = key_states.shape
+        if value_states.shape[-1] != d:
+            raise ValueError(f"layer {self.layer_idx}: keys and values have different head dims "
+                             f"({d} vs {value_states.shape[-1]}); the store needs one head dim")
+        self.init_store(B, H, d, key_states.dtype, key_states.device)
+
+    def init_store(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device) -> None:
+        o = self.options
+        self.device = torch.device(device)
+        self.store = LayerStore(batch, kv_heads, head_dim, o.tier_ladder, kv_dtype=dtype, page_size=o.page_size,
+                                seed=o.seed, device=device)
+        if self.max_cache_len is not None:
+            self._allocate_fixed(self.max_cache_len)
+            self.cumulative_length = self.cumulative_length.to(device)
+            if not _compiling():  # stable addresses: one graph, and CUDA graphs can replay it
+                for t in self.state:
+                    torch._dynamo.mark_static_address(t)
+                torch._dynamo.mark_static_address(self.cumulative_length)
+        self.is_initialized = True
+
+    def _allocate_fixed(self, max_tokens: int) -> None:
+        """Pools that hold max_tokens per (row, KV head): the exact tier holds at most the sinks
+        plus the recent window after every update; each compressed tier may have to hold all."""
+        st, o = self.store, self.options
+        ps = o.page_size
+        per_head = {}
+        for spec in st.tiers:
+            cap = min(max_tokens, o.sink + o.recent) if spec.exact else max_tokens
+            per_head[spec.name] = max(1, -(-cap // ps))
+        st.states = [st._new_state(spec, st.batch * st.kv_heads * per_head[spec.name], per_head[spec.name])
+                     for spec in st.tiers]
+
+    @torch._dynamo.disable
+    def reserve(self, new_tokens: int) -> None:
+        """Dynamic layers: grow the pools (in Python, outside compiled graphs) so that a chunk of
+        new_tokens fits. Mirrors the worst case of placement.graduate."""
+        st = self.store
+        n = torch.full((st.batch, st.kv_heads), new_tokens, dtype=torch.int64, device=st.states[0].count.device)
+        e = st.tier_index("exact")
+        st._reserve(e, n)
+        exact_count = st.states[e].count.to(torch.int64)
+        for t, spec in enumerate(st.tiers):
+            if not spec.exact:
+                st._reserve(t, n + exact_count)
+
+    @property
+    def state(self) -> list[torch.Tensor]:
+        """The flat state list the custom ops take (TierState.tensors() per tier)."""
+        return [t for s in self.store.states for t in s.tensors()]
+
+    @torch._dynamo.disable
+    def advance_dynamic(self, n: int) -> None:
+        self.seen += n
+        self.store.tokens_seen = self.seen
+
+    # ---- the CacheLayerMixin protocol ---------------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Return the chunk itself: the attention function reads the past from the store and
+        appends the chunk after attending (sphkv::update_cache)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        return key_states, value_states
+
+    def get_seq_length(self):
+        if self.max_cache_len is not None:
+            return self.cumulative_length if self.is_initialized else 0
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
+        if self.max_cache_len is not None:
+            return self.max_cache_len, 0  # like StaticLayer: a constant, so no per-step recompiles
+        return self.seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1 if self.max_cache_len is None else self.max_cache_len
+
+    def reset(self) -> None:
+        """Empty the store in place (static caches are reused across generate calls)."""
+        if self.store is not None:
+            for st in self.store.states:
+                _empty_tier(st)
+            self.store.tokens_seen = 0
+        self.seen = 0
+        self.cumulative_length.zero_()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("beam search is not supported on the sphkv cache (reordering page tables "
+                                  "per row is not implemented); use greedy or sampling")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("the sphkv cache cannot be cropped (assisted/speculative decoding): "
+                                  "compressed tokens cannot be removed by position")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("the sphkv cache cannot be expanded along the batch (num_return_sequences > 1 "
+                                  "or beam search); repeat the prompt in the batch instead")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("the sphkv cache cannot select batch rows")
+
+    def offload(self):
+        pass
+
+    def prefetch(self):
+        pass
+
+    # ---- accounting ---------------------------------------------------------------------------
+    def tokens(self) -> int:
+        return int(self.cumulative_length) if self.max_cache_len is not None else self.seen
+
+    def resident_bytes(self) -> int:
+        return 0 if self.store is None else self.store.resident_bytes()
+
+    def dense_bytes(self) -> int:
+        if self.store is None:
+            return 0
+        return 2 * self.store.batch * self.store.kv_heads * self.tokens() * self.store.head_dim * 2
+
+
+def _empty_tier(st: TierState) -> None:
+    num_pages = st.pool.shape[0]
+    st.pages.fill_(-1)
+    st.count.zero_()
+    st.free.copy_(torch.arange(num_pages - 1, -1, -1, dtype=torch.int32, device=st.free.device))
+    st.free_top.fill_(num_pages)
+    st.utility.zero_()
+
+
+def _dense_layer(plan: LayerPlan, max_cache_len: int | None) -> CacheLayerMixin:
+    """HF's own layer for a layer that stays dense."""
+    from transformers import cache_utils as cu
+
+    if plan.sliding_window is not None:
+        if max_cache_len is None:
+            return cu.DynamicSlidingWindowLayer(sliding_window=plan.sliding_window)
+        return cu.StaticSlidingWindowLayer(max_cache_len=max_cache_len, sliding_window=plan.sliding_window)
+    return DynamicLayer() if max_cache_len is None else StaticLayer(max_cache_len=max_cache_len)
+
+
+def _dense_layer_bytes(layer: CacheLayerMixin) -> tuple[int, int]:
+    keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+    if keys is None or not isinstance(keys, torch.Tensor):
+        return 0, 0
+    held = keys.numel() * keys.element_size() + values.numel() * values.element_size()
+    return held, (keys.numel() + values.numel()) * 2
+
+
+class SphkvCache(Cache):
+    """The cache for a model prepared by sphkv_compile.optimize (pass it as the model's cache).
+
+    plans: one hf_plan.LayerPlan per decoder layer. max_cache_len: None for a dynamic cache,
+    else the static capacity (prompt + new tokens)."""
+
+    def __init__(self, options: SphkvOptions, plans: list[LayerPlan], max_cache_len: int | None = None,
+                 kv_geometry: tuple[int, int] | None = None):
+        self.options = options
+        self.plans = plans
+        self.max_cache_len = max_cache_len
+        layers = [SphkvLayer(options, p.layer_idx, max_cache_len, p.sliding_window) if p.compressed
+                  else _dense_layer(p, max_cache_len) for p in plans]
+        super().__init__(layers=layers)
+        if kv_geometry is not None:
+            check_budget(options, kv_geometry, max_cache_len)
+        _track(self)
+
+    @property
+    def is_compileable(self) -> bool:
+        return self.max_cache_len is not None
+
+    def compressed_layers(self) -> list[SphkvLayer]:
+        return [layer for layer in self.layers if isinstance(layer, SphkvLayer)]
+
+    def kv_bytes(self) -> tuple[int, int]:
+        """(resident bytes of every layer's KV: compressed stores and dense fallbacks,
+        what a dense 16-bit cache would hold for the same tokens)."""
+        held = dense = 0
+        for layer in self.layers:
+            if isinstance(layer, SphkvLayer):
+                held += layer.resident_bytes()
+                dense += layer.dense_bytes()
+            else:
+                h, d = _dense_layer_bytes(layer)
+                held, dense = held + h, dense + d
+        return held, dense
+
+
+def check_budget(options: SphkvOptions, kv_geometry: tuple[int, int], max_cache_len: int | None) -> None:
+    """Fail at setup, not at step 5,000: under the uniform policy every token but the sinks and
+    the recent window is stored at the compressed tier, so that tier alone must fit the
+    budget, and at max_cache_len the protected exact tokens must fit too."""
+    if options.budget is None or options.policy != "uniform":
+        return
+    from .tiers import record_words
+
+    kv_heads, head_dim = kv_geometry
+    ladder = options.tier_ladder
+    target = next(t for t in ladder if not t.exact)
+    kw, vw = record_words(target, head_dim, options.seed, torch.bfloat16)
+    dense_per_token = 2 * head_dim * 2
+    per_token = 4 * (kw + vw)
+    if per_token > options.budget * dense_per_token:
+        raise SphkvBudgetError(
+            f"budget {options.budget} of dense KV is {options.budget * dense_per_token:.0f} bytes per token and head, "
+            f"but tier {target.name!r} ({target.key_bits} bits) takes {per_token}; raise the budget or lower bits")
+    if max_cache_len is not None:
+        protected = min(max_cache_len, options.sink + options.recent)
+        need = protected * dense_per_token + (max_cache_len - protected) * per_token
+        if need > options.budget * dense_per_token * max_cache_len:
+            raise SphkvBudgetError(
+                f"budget {options.budget} cannot hold {protected} exact sink/recent tokens plus "
+                f"{max_cache_len - protected} compressed ones ({need} bytes per head vs "
+                f"{options.budget * dense_per_token * max_cache_len:.0f}); raise the budget or max length, "
+                "or lower sink/recent")
+
+
+# ---- report: the live cache's measured bytes ------------------------------------------------
+_latest: "weakref.ref[SphkvCache] | None" = None
+
+
+def _latest_kv_bytes() -> tuple[int, int]:
+    cache = _latest() if _latest is not None else None
+    return (0, 0) if cache is None else cache.kv_bytes()
+
+
+def _track(cache: SphkvCache) -> None:
+    """report() measures the most recently created cache (the one generate is using)."""
+    global _latest
+    _latest = weakref.ref(cache)
+    if _latest_kv_bytes not in report._kv_sources:  # registered once; again after clear_kv_sources()
+        report.register_kv_source(_latest_kv_bytes)

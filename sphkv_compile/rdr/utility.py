@@ -1,0 +1,47 @@
+"""Utility estimators: u[b, h, i] estimates the future attention mass of token i in KV head h.
+
+  - observation window at prefill: the attention the last W prompt queries put on each token,
+    summed over the query heads of the group. store.attend / sphkv::attend return it as
+    `new_mass` for the chunk; pass it as rdr_update's `utility`.
+  - decode accumulation: attend(..., accumulate=True) adds each step's mass on stored tokens
+    to their stored utility (store.add_utility), so re-budgets see what decoding attended.
+  - expected attention (optional): the softmax of the mean recent query against each key,
+    for tokens no observed query has looked at yet; mixed in with `combine`.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def observation_window_utility(queries: torch.Tensor, keys: torch.Tensor, window: int,
+                               scale: float | None = None) -> torch.Tensor:
+    """Causal attention mass of the last `window` queries q [B, Hq, T, d] on keys [B, Hkv, T, d],
+    summed over each KV head's query group: [B, Hkv, T]. Equal to attend()'s new_mass; for
+    callers that hold dense q and k (the eval harness, tests)."""
+    B, Hq, T, d = queries.shape
+    Hkv = keys.shape[1]
+    G = Hq // Hkv
+    scale = d ** -0.5 if scale is None else scale
+    W = min(window, T)
+    q = queries[:, :, T - W:].float().reshape(B, Hkv, G * W, d)
+    logits = q @ keys.float().transpose(-1, -2) * scale
+    qpos = (T - W + torch.arange(W)).repeat(G)
+    logits = logits.masked_fill(torch.arange(T)[None, :] > qpos[:, None], float("-inf"))
+    return torch.softmax(logits, -1).sum(2)
+
+
+def expected_attention(query_mean: torch.Tensor, keys: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Softmax over tokens of the mean query of each query head [B, Hq, d] against keys
+    [B, Hkv, T, d], summed over the group: [B, Hkv, T]."""
+    B, Hq, d = query_mean.shape
+    Hkv = keys.shape[1]
+    scale = d ** -0.5 if scale is None else scale
+    q = query_mean.float().reshape(B, Hkv, Hq // Hkv, d)
+    return torch.softmax(q @ keys.float().transpose(-1, -2) * scale, -1).sum(2)
+
+
+def combine(observed: torch.Tensor, expected: torch.Tensor | None = None, weight: float = 0.0) -> torch.Tensor:
+    """observed + weight · expected (both [B, Hkv, T]); weight 0 keeps the observation only."""
+    if expected is None or weight == 0.0:
+        return observed
+    return observed + weight * expected
