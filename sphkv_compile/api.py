@@ -25,7 +25,7 @@ import torch
 
 from . import report as _report
 from .hf import CACHE_KWARG, DENSE_IMPL_ATTR, IMPL_NAME, register
-from .hf_cache import SphkvCache
+from .hf_cache import SphkvCache, snapshot_kv_bytes
 from .hf_plan import kv_geometry, plan_layers
 from .options import SphkvOptions
 
@@ -91,7 +91,7 @@ def optimize(model, **options):
     state = _ModelState(opts, model.forward, model.generate, original_impl)
     setattr(model, _STATE_ATTR, state)
     model.forward = _wrap_forward(model, state.original_forward)
-    model.generate = _wrap_generate(model, state.original_generate)
+    model.generate = _wrap_generate(model, state.original_generate, _cache_keyword(state.original_forward))
     return model
 
 
@@ -124,8 +124,8 @@ def _wrap_forward(model, forward):
     return sphkv_forward
 
 
-def _wrap_generate(model, generate):
-    key = _cache_keyword(generate)
+def _wrap_generate(model, generate, key: str):
+    """key: the cache keyword of the model's forward, which generate accepts too."""
 
     @functools.wraps(generate)
     def sphkv_generate(*args, **kwargs):
@@ -141,7 +141,12 @@ def _wrap_generate(model, generate):
                 config = _copy_without_cache_implementation(config)
                 kwargs["generation_config"] = config
             kwargs[key] = new_cache(model, max_len)
-        return generate(*args, **kwargs)
+        cache = kwargs.get(key, kwargs.get("past_key_values"))
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            if isinstance(cache, SphkvCache):
+                snapshot_kv_bytes(cache)  # report() keeps the numbers after the cache is freed
 
     return sphkv_generate
 

@@ -271,16 +271,25 @@ def check_budget(options: SphkvOptions, kv_geometry: tuple[int, int], max_cache_
 
 # ---- report: the live cache's measured bytes ------------------------------------------------
 _latest: "weakref.ref[SphkvCache] | None" = None
+_snapshot: tuple[int, int] = (0, 0)
+
+
+def snapshot_kv_bytes(cache: SphkvCache) -> None:
+    """Remember the cache's bytes (at the end of a generate call, before it is freed)."""
+    global _snapshot
+    if _latest is not None and _latest() is cache:
+        _snapshot = cache.kv_bytes()
 
 
 def _latest_kv_bytes() -> tuple[int, int]:
     cache = _latest() if _latest is not None else None
-    return (0, 0) if cache is None else cache.kv_bytes()
+    return _snapshot if cache is None else cache.kv_bytes()
 
 
 def _track(cache: SphkvCache) -> None:
     """report() measures the most recently created cache (the one generate is using)."""
-    global _latest
+    global _latest, _snapshot
     _latest = weakref.ref(cache)
+    _snapshot = (0, 0)
     if _latest_kv_bytes not in report._kv_sources:  # registered once; again after clear_kv_sources()
         report.register_kv_source(_latest_kv_bytes)
