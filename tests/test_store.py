@@ -1,0 +1,162 @@
+"""The paged store against float64 dense attention: GQA, T from 1 to 4096, dtypes, causal
+chunks with padding, compaction, tier homogeneity and exact byte accounting."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from helpers import DTYPES, HEAD_DIMS, dense_attention, rel_err
+from sphkv_compile.store import LayerStore, StoreCapacityError, TierState, gather_tokens
+from sphkv_compile.tiers import DEFAULT_TIERS, TierSpec
+
+EXACT = TierSpec("exact")
+HIGH = TierSpec("hi", 14.0, "polar", 14.0, 32)
+
+
+def randn(*shape, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+
+lengths = st.one_of(st.integers(1, 64), st.integers(65, 600), st.sampled_from([1024, 4096]))
+
+
+@given(d=st.sampled_from(HEAD_DIMS), group=st.sampled_from([1, 2, 4, 8]), T=lengths,
+       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 2))
+@settings(max_examples=20)
+def test_decode_from_codes_matches_dense(d, group, T, dtype, seed, batch):
+    """High-precision tier: decode attention over codes equals dense within 1e-3 (float32 math)."""
+    if T * d > 1024 * 128:  # keep CI time bounded: long T with the largest dims is sampled less
+        T = 1024
+    hkv = 2
+    k, v = randn(batch, hkv, T, d, seed=seed, dtype=dtype), randn(batch, hkv, T, d, seed=seed + 1, dtype=dtype)
+    q = randn(batch, hkv * group, 1, d, seed=seed + 2, dtype=dtype)
+    store = LayerStore(batch, hkv, d, (EXACT, HIGH), kv_dtype=dtype)
+    store.append(k, v, tier="hi")
+    out, _ = store.attend(q)
+    assert out.dtype == dtype
+    ref = dense_attention(q, k, v)
+    # bf16/fp16 outputs carry their own rounding (2^-8 / 2^-11 relative)
+    tol = {torch.float32: 1e-3, torch.float16: 2e-3, torch.bfloat16: 8e-3}[dtype]
+    assert rel_err(out, ref) < tol
+
+
+@given(d=st.sampled_from([32, 64, 80]), group=st.sampled_from([1, 3, 4]), past=st.integers(0, 40),
+       chunk=st.integers(1, 40), seed=st.integers(0, 2**31 - 1), pad=st.integers(0, 5))
+@settings(max_examples=20)
+def test_prefill_chunk_is_causal_with_padding(d, group, past, chunk, seed, pad):
+    """Stored past tokens (exact tier) + a dense chunk attended causally; left padding of row 1
+    is masked out. Equals float64 dense attention exactly (float32 math)."""
+    B, hkv = 2, 2
+    T = past + chunk
+    k, v = randn(B, hkv, T, d, seed=seed), randn(B, hkv, T, d, seed=seed + 1)
+    q = randn(B, hkv * group, chunk, d, seed=seed + 2)
+    pad = min(pad, chunk)
+    valid = torch.ones(B, chunk, dtype=torch.bool)
+    valid[1, :pad] = False
+    store = LayerStore(B, hkv, d, (EXACT,), kv_dtype=torch.float32)
+    if past:
+        store.append(k[:, :, :past], v[:, :, :past])
+    out, mass = store.attend(q, k[:, :, past:], v[:, :, past:], valid_new=valid, obs_window=chunk)
+    key_valid = torch.cat((torch.ones(B, past, dtype=torch.bool), valid), 1)
+    ref = dense_attention(q, k, v, causal_offset=past, key_valid=key_valid)
+    rows = valid[:, None, :, None].expand_as(ref)  # padded query rows are not compared
+    assert rel_err(out.double()[rows], ref[rows]) < 1e-5
+    # observation-window mass: each real query spreads exactly one unit over visible tokens
+    real_queries = valid.sum(-1).double() * group
+    assert torch.all(mass.double().sum(-1) <= real_queries[:, None] + 1e-4)
+    if past == 0:  # nothing stored: all of the mass lands on the chunk
+        assert torch.allclose(mass.double().sum(-1), real_queries[:, None].expand(B, hkv), rtol=1e-5)
+
+
+def test_exact_tier_round_trips_bits():
+    k, v = randn(1, 2, 10, 64, seed=1, dtype=torch.bfloat16), randn(1, 2, 10, 64, seed=2, dtype=torch.bfloat16)
+    store = LayerStore(1, 2, 64, (EXACT,), kv_dtype=torch.bfloat16)
+    store.append(k, v)
+    rec, _, valid = gather_tokens(store.states[0])
+    assert valid.all()
+    assert torch.equal(rec[..., :32].contiguous().view(torch.bfloat16), k)
+    assert torch.equal(rec[..., 32:].contiguous().view(torch.bfloat16), v)
+
+
+def _state_bytes(st: TierState) -> int:
+    return sum(t.numel() * t.element_size() for t in st.tensors())
+
+
+@given(appends=st.lists(st.tuples(st.integers(1, 70), st.sampled_from(["exact", "high", "mid", "low"])),
+                        min_size=1, max_size=6), seed=st.integers(0, 1000))
+@settings(max_examples=15)
+def test_pages_stay_tier_homogeneous_and_bytes_are_exact(appends, seed):
+    store = LayerStore(2, 3, 64, DEFAULT_TIERS, kv_dtype=torch.bfloat16, page_size=16)
+    for i, (n, tier) in enumerate(appends):
+        store.append(randn(2, 3, n, 64, seed=seed + i), randn(2, 3, n, 64, seed=seed + 100 + i), tier=tier)
+    assert store.resident_bytes() == sum(_state_bytes(s) for s in store.states)
+    used_pages = []
+    for st in store.states:
+        pages = st.pages[st.pages >= 0]
+        used_pages.append(set(pages.tolist()))
+        # every listed page is out of the free stack, and every token fits its tier's pages
+        free = set(st.free[: int(st.free_top[0])].tolist())
+        assert not (free & used_pages[-1])
+        assert int(((st.count + 15) // 16).sum()) == pages.numel()
+    expected = {}
+    for n, tier in appends:
+        expected[tier] = expected.get(tier, 0) + n * 6
+    assert store.token_counts() == {t.name: expected.get(t.name, 0) for t in DEFAULT_TIERS}
+
+
+@given(seed=st.integers(0, 1000), n=st.integers(5, 120))
+@settings(max_examples=10)
+def test_retier_compacts_and_drops(seed, n):
+    d = 64
+    store = LayerStore(1, 2, d, DEFAULT_TIERS, kv_dtype=torch.float32, page_size=8)
+    k, v = randn(1, 2, n, d, seed=seed), randn(1, 2, n, d, seed=seed + 1)
+    store.append(k, v)
+    g = torch.Generator().manual_seed(seed)
+    dest = torch.randint(-1, 4, (1, 2, n), generator=g)
+    store.retier([dest, None, None, None])
+    counts = store.token_counts()
+    for t, spec in enumerate(DEFAULT_TIERS):
+        assert counts[spec.name] == int((dest == t).sum())
+    # the kept exact tokens are the same vectors, in arrival order
+    rec, _, valid = gather_tokens(store.states[0])
+    for h in range(2):
+        kept = k[0, h][dest[0, h] == 0]
+        got = rec[0, h][valid[0, h]][:, :d].contiguous().view(torch.float32)
+        assert torch.equal(got, kept)
+    # attention over the survivors equals attention over the same tokens decoded
+    if (dest >= 0).any(-1).all():
+        out, _ = store.attend(randn(1, 4, 1, d, seed=seed + 2))
+        assert torch.isfinite(out).all()
+
+
+def test_update_keeps_sinks_and_recent_exact():
+    store = LayerStore(1, 1, 32, (EXACT, TierSpec("mid", 3.0, "polar", 3.0)), kv_dtype=torch.float32)
+    ks, vs = [], []
+    for step in range(30):
+        n = 20 if step == 0 else 1
+        k, v = randn(1, 1, n, 32, seed=step), randn(1, 1, n, 32, seed=100 + step)
+        store.update(k, v, sink=2, recent=5, target="mid")
+        ks.append(k)
+        vs.append(v)
+    allk = torch.cat(ks, 2)
+    rec, _, _ = gather_tokens(store.states[0])
+    exact_k = rec[0, 0, :, :32].contiguous().view(torch.float32)
+    assert torch.equal(exact_k, torch.cat((allk[0, 0, :2], allk[0, 0, -5:])))
+    assert store.token_counts() == {"exact": 7, "mid": allk.shape[2] - 7}
+
+
+def test_capacity_errors_name_the_fix():
+    from sphkv_compile.store import append_records
+
+    st = TierState.allocate(1, 1, num_pages=1, page_size=4, words=2, max_pages=1, device="cpu")
+    with pytest.raises(StoreCapacityError, match="raise max_tokens"):
+        append_records(st, torch.zeros(1, 1, 5, 2, dtype=torch.int32), None, None, "t")
+
+
+def test_gqa_mismatch_is_a_clear_error():
+    store = LayerStore(1, 3, 32, (EXACT,), kv_dtype=torch.float32)
+    store.append(randn(1, 3, 4, 32, seed=0), randn(1, 3, 4, 32, seed=1))
+    with pytest.raises(ValueError, match="cannot be grouped"):
+        store.attend(randn(1, 4, 1, 32, seed=2))
