@@ -7,6 +7,7 @@ registration (cuda_ops.py) then runs the reference and logs why.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 import triton
@@ -24,7 +25,9 @@ PARTIAL_BYTES = 1 << 28
 DEFAULT_BLOCK_T = 64
 
 
+@lru_cache(maxsize=None)
 def _programs_wanted(device: torch.device) -> int:
+    """Enough programs to fill the GPU twice over (a few under the interpreter)."""
     if device.type == "cuda":
         return 2 * torch.cuda.get_device_properties(device).multi_processor_count
     return 4
@@ -115,8 +118,8 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
     stat_l = torch.empty_like(stat_m)
     wanted = _programs_wanted(device)
     valid_i8 = None if valid_new is None or not N else valid_new.to(torch.int8).contiguous()
-    hinv = _tab(rotation_matrices(vc0.hadamard)[1].float(), device) if compressed else q_all
-    kfwd = _tab(rotation_matrices(kc0.hadamard)[0].float(), device) if compressed else None
+    hinv = _tab(rotation_matrices(vc0.hadamard)[1], device) if compressed else q_all
+    kfwd = _tab(rotation_matrices(kc0.hadamard)[0], device) if compressed else None
     # query chunks so the split partials stay bounded
     per_row = max(1, len(states) + 1) * 4 * d * 4 * BH
     tq_chunk = max(1, min(Tq, PARTIAL_BYTES // (per_row * G)))

@@ -1,11 +1,11 @@
-"""Host side of the fused encoder: K/V chunks -> tier records, then the page write."""
+"""Host side of the fused encoder: K/V chunks -> tier records (the page write is store.append_records)."""
 from __future__ import annotations
 
 import torch
 import triton
 
 from sphkv_compile.radius import LOG2_MIN
-from sphkv_compile.store import TierState, append_records, encode_records as reference_encode_records
+from sphkv_compile.store import encode_records as reference_encode_records
 from sphkv_compile.tiers import TierSpec, tier_codecs
 
 from .encode_kernels import encode_kv_kernel
@@ -36,7 +36,7 @@ def encode_records(spec: TierSpec, k: torch.Tensor, v: torch.Tensor, seed: int, 
     scalar = isinstance(val, ScalarTables)
     vthr = tab(val.thresholds)
     encode_kv_kernel[(B * H, triton.cdiv(N, BLOCK_T))](
-        k, v, out, tab(rotation_matrices(kc.hadamard)[0].float()), tab(rotation_matrices(vc.hadamard)[0].float()),
+        k, v, out, tab(rotation_matrices(kc.hadamard)[0]), tab(rotation_matrices(vc.hadamard)[0]),
         tab(key.fields.comps), tab(key.thresholds), tab(val.fields.comps), vthr,
         N, H, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         D=d, BLOCK_T=BLOCK_T, KW=info.key_words, VW=info.value_words,
@@ -47,11 +47,3 @@ def encode_records(spec: TierSpec, k: torch.Tensor, v: torch.Tensor, seed: int, 
         V_MAXC=val.fields.max_comps, V_TSIZE=1 if scalar else val.table_size,
         STEP=key.radius_step, LOG2_MIN=LOG2_MIN)
     return out
-
-
-def encode_append(state: TierState, spec: TierSpec, k, v, valid, utility, seed: int, kv_dtype: torch.dtype) -> None:
-    """sphkv::encode_append for one tier: encode with the kernel, then write the pages."""
-    records = encode_records(spec, k, v, seed, kv_dtype)
-    B, H, N, _ = k.shape
-    vmask = None if valid is None else valid.to(torch.bool)[:, None, :].expand(B, H, N)
-    append_records(state, records, utility, vmask, spec.name)

@@ -172,11 +172,11 @@ def scalar_tables(codec: RotatedScalarCodec) -> ScalarTables:
 
 @lru_cache(maxsize=None)
 def rotation_matrices(hadamard) -> tuple[torch.Tensor, torch.Tensor]:
-    """(forward, inverse) float64 [d, d] with y = x @ forward and x = y @ inverse."""
-    eye = torch.eye(hadamard.head_dim, dtype=torch.float64)
-    fwd = hadamard.forward(eye)
+    """(forward, inverse) float32 [d, d] with y = x @ forward and x = y @ inverse (built in
+    float64 from the transform itself)."""
+    fwd = hadamard.forward(torch.eye(hadamard.head_dim, dtype=torch.float64))
     inv = hadamard.inverse(torch.eye(hadamard.dim, dtype=torch.float64))
-    return fwd, inv
+    return fwd.float(), inv.float()
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,70 @@
+"""CUDA implementations of the sphkv custom ops, backed by the Triton kernels.
+
+Registered with torch.library.register_kernel, so eager calls, Dynamo graphs and Inductor
+(which calls a custom op as an extern kernel) all reach them on CUDA tensors; CPU keeps the
+reference in ops.py. A configuration the kernels do not handle runs the reference instead and
+logs the reason once.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from sphkv_compile import ops as sphkv_ops  # noqa: F401  (defines the ops)
+from sphkv_compile.ops import dtype_from_name, parse_tiers, unflatten_state
+from sphkv_compile.store import append_records, attend as reference_attend, encode_records as reference_encode
+
+from . import attend as kernel_attend
+from . import encode as kernel_encode
+from .layout import Unsupported
+
+log = logging.getLogger("sphkv.kernels")
+_reported: set[str] = set()
+_registered = False
+
+
+def _fallback(op: str, err: Exception) -> None:
+    msg = f"sphkv::{op} runs the reference implementation on CUDA: {err}"
+    if msg not in _reported:
+        _reported.add(msg)
+        log.warning(msg)
+
+
+def attend_cuda(q, state, k_new, v_new, valid_new, tiers, seed, kv_dtype, scale, obs_window, accumulate):
+    specs = list(parse_tiers(tiers))
+    states = unflatten_state(state, len(specs))
+    vn = None if valid_new is None else valid_new.to(torch.bool)
+    dt = dtype_from_name(kv_dtype)
+    try:
+        out, mass = kernel_attend.attend(q, states, specs, seed=seed, kv_dtype=dt, k_new=k_new, v_new=v_new,
+                                         valid_new=vn, scale=scale, obs_window=obs_window, accumulate=accumulate)
+    except Unsupported as err:
+        _fallback("attend", err)
+        out, mass = reference_attend(q, states, specs, seed=seed, kv_dtype=dt, k_new=k_new, v_new=v_new,
+                                     valid_new=vn, scale=scale, obs_window=obs_window, accumulate=accumulate)
+    return out.contiguous(), mass.to(torch.float32).contiguous()
+
+
+def encode_append_cuda(state, k, v, valid, utility, tier_index, tiers, seed, kv_dtype):
+    specs = parse_tiers(tiers)
+    states = unflatten_state(state, len(specs))
+    dt = dtype_from_name(kv_dtype)
+    try:
+        records = kernel_encode.encode_records(specs[tier_index], k, v, seed, dt)
+    except Unsupported as err:
+        _fallback("encode_append", err)
+        records = reference_encode(specs[tier_index], k, v, seed, dt)
+    B, H, N, _ = k.shape
+    vmask = None if valid is None else valid.to(torch.bool)[:, None, :].expand(B, H, N)
+    append_records(states[tier_index], records, utility, vmask, specs[tier_index].name)
+
+
+def register() -> None:
+    """Install the CUDA implementations (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    torch.library.register_kernel("sphkv::attend", "cuda", attend_cuda)
+    torch.library.register_kernel("sphkv::encode_append", "cuda", encode_append_cuda)
+    _registered = True

@@ -1,0 +1,216 @@
+"""The Triton kernels under the interpreter (CPU), against the float64 reference.
+
+triton.jit (and Triton's own standard library) decide at import time whether kernels are
+interpreted, so these run in a child process that has TRITON_INTERPRET=1 from the start:
+tests/test_kernels.py launches it. Collected anywhere else, this module skips itself.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+
+if os.environ.get("SPHKV_KERNEL_TESTS_CHILD") != "1" or os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("run through tests/test_kernels.py (needs TRITON_INTERPRET=1 before triton is imported)",
+                allow_module_level=True)
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sphkv_compile.kernels import attend as kernel_attend
+from sphkv_compile.kernels import compaction, encode as kernel_encode
+from sphkv_compile.kernels.layout import Unsupported, tier_info
+from sphkv_compile.store import TierState, append_records, attend as reference_attend, encode_records, gather_tokens
+from sphkv_compile.tiers import DEFAULT_TIERS, TierSpec, record_words, tier_codecs
+
+SCALAR_TIER = TierSpec("scalar3", 3.5, "scalar", 3)
+ALL_TIERS = DEFAULT_TIERS + (SCALAR_TIER,)
+KV_DTYPE = torch.bfloat16
+FP32_TOL = 1e-4  # float32 arithmetic against float64 (the interpreter runs tl.dot in float32)
+SETTINGS = dict(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def fill_store(gen, B, H, d, specs, counts, page_size, seed=0):
+    """Tier states with counts[t] [B, H] tokens (ragged), plus random utility."""
+    states = []
+    for spec, cnt in zip(specs, counts):
+        kw, vw = record_words(spec, d, seed, KV_DTYPE)
+        n = int(cnt.max()) if cnt.numel() else 0
+        max_pages = max(1, math.ceil(n / page_size))
+        st = TierState.allocate(B, H, B * H * max_pages + 1, page_size, kw + vw, max_pages, "cpu")
+        if n:
+            k = torch.randn(B, H, n, d, generator=gen) * (0.5 + torch.rand(B, H, n, 1, generator=gen))
+            v = torch.randn(B, H, n, d, generator=gen)
+            valid = torch.arange(n)[None, None, :] < cnt[..., None]
+            util = torch.rand(B, H, n, generator=gen)
+            append_records(st, encode_records(spec, k, v, seed, KV_DTYPE), util, valid, spec.name)
+        states.append(st)
+    return states
+
+
+def clone_states(states):
+    return [TierState(*[t.clone() for t in s.tensors()]) for s in states]
+
+
+@st.composite
+def attention_case(draw, prefill: bool):
+    d = draw(st.sampled_from([16, 32, 64]))
+    hkv = draw(st.integers(1, 3))
+    g = draw(st.sampled_from([1, 2, 3, 4, 8]))
+    b = draw(st.integers(1, 2))
+    names = draw(st.lists(st.sampled_from([t.name for t in ALL_TIERS]), min_size=1, max_size=3, unique=True))
+    if "exact" not in names:
+        names = ["exact"] + names
+    specs = [t for t in ALL_TIERS if t.name in names]
+    tq = draw(st.integers(2, 5)) if prefill else 1
+    n_new = draw(st.integers(tq, tq + 3)) if prefill else draw(st.integers(0, 2))
+    return dict(d=d, hkv=hkv, g=g, b=b, specs=specs, tq=tq, n_new=n_new,
+                page_size=draw(st.sampled_from([8, 16])), seed=draw(st.integers(0, 2**31 - 1)),
+                max_count=draw(st.sampled_from([0, 5, 40])), obs=draw(st.integers(0, 3)),
+                pad=draw(st.booleans()), accumulate=draw(st.booleans()))
+
+
+def run_case(c):
+    gen = torch.Generator().manual_seed(c["seed"])
+    B, H, d, G, Tq, N = c["b"], c["hkv"], c["d"], c["g"], c["tq"], c["n_new"]
+    counts = [torch.randint(0, c["max_count"] + 1, (B, H), generator=gen) for _ in c["specs"]]
+    if N == 0 and all(int(x.sum()) == 0 for x in counts):
+        counts[0][0, 0] = 1  # something to attend to
+    states = fill_store(gen, B, H, d, c["specs"], counts, c["page_size"])
+    q = torch.randn(B, H * G, Tq, d, generator=gen)
+    kn = torch.randn(B, H, N, d, generator=gen) if N else None
+    vn = torch.randn(B, H, N, d, generator=gen) if N else None
+    valid = None
+    if N and c["pad"]:
+        valid = torch.ones(B, N, dtype=torch.bool)
+        valid[0, : int(torch.randint(0, N, (1,), generator=gen))] = False  # left padding in row 0
+    ref_states, ker_states = clone_states(states), clone_states(states)
+    kw = dict(seed=0, kv_dtype=KV_DTYPE, valid_new=valid, obs_window=c["obs"], accumulate=c["accumulate"])
+    ref, ref_mass = reference_attend(q.double(), ref_states, c["specs"], k_new=None if kn is None else kn.double(),
+                                     v_new=None if vn is None else vn.double(), **kw)
+    out, mass = kernel_attend.attend(q, ker_states, c["specs"], k_new=kn, v_new=vn, **kw)
+    assert out.shape == ref.shape and mass.shape == ref_mass.shape
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < FP32_TOL
+    if N and c["obs"]:
+        assert rel_err(mass, ref_mass) < FP32_TOL
+    else:
+        assert mass.numel() == 0 or float(mass.abs().max()) == 0.0
+    for rs, ks in zip(ref_states, ker_states):  # accumulate: utility updated alike (fp16 storage)
+        assert torch.allclose(ks.utility.float(), rs.utility.float(), rtol=2e-3, atol=1e-3)
+
+
+@settings(**SETTINGS)
+@given(attention_case(prefill=False))
+def test_decode_matches_reference(case):
+    run_case(case)
+
+
+@settings(**SETTINGS)
+@given(attention_case(prefill=True))
+def test_prefill_matches_reference(case):
+    run_case(case)
+
+
+def test_decode_head_dim_128_all_tiers():
+    run_case(dict(d=128, hkv=2, g=4, b=2, specs=list(ALL_TIERS), tq=1, n_new=1, page_size=16, seed=7,
+                  max_count=70, obs=1, pad=False, accumulate=True))
+
+
+def test_queries_without_visible_tokens_give_zero():
+    """Left-padded rows whose query sees nothing: output 0, like the reference."""
+    gen = torch.Generator().manual_seed(3)
+    B, H, d, N = 2, 1, 32, 3
+    states = fill_store(gen, B, H, d, [DEFAULT_TIERS[0]], [torch.zeros(B, H, dtype=torch.int64)], 8)
+    q = torch.randn(B, H, 1, d, generator=gen)
+    kn, vn = torch.randn(B, H, N, d, generator=gen), torch.randn(B, H, N, d, generator=gen)
+    valid = torch.ones(B, N, dtype=torch.bool)
+    valid[0] = False
+    out, _ = kernel_attend.attend(q, states, [DEFAULT_TIERS[0]], seed=0, kv_dtype=KV_DTYPE, k_new=kn, v_new=vn,
+                             valid_new=valid)
+    ref, _ = reference_attend(q.double(), states, [DEFAULT_TIERS[0]], seed=0, kv_dtype=KV_DTYPE,
+                              k_new=kn.double(), v_new=vn.double(), valid_new=valid)
+    assert float(out[0].abs().max()) == 0.0
+    assert rel_err(out, ref) < FP32_TOL
+
+
+def _check_codes_close(spec, d, got, want):
+    """Same records except where float32 and float64 land on different sides of a decision
+    threshold: those codes differ by one step, and they are rare."""
+    kc, vc = tier_codecs(spec, d, 0)
+    for codec, g, w in ((kc, got[..., :kc.words], want[..., :kc.words]),
+                        (vc, got[..., kc.words:], want[..., kc.words:])):
+        for f, (a, b) in enumerate(zip(codec.layout.unpack(g), codec.layout.unpack(w))):
+            diff = (a - b).abs()
+            if f == 1 and hasattr(codec, "tree"):  # level-1 angles wrap around the circle
+                diff = torch.minimum(diff, (1 << codec.level_bits[0]) - diff)
+            assert diff.numel() == 0 or int(diff.max()) <= 1, (codec, f)
+            assert float((diff > 0).float().mean()) < 0.02, (codec, f)
+
+
+@settings(**SETTINGS)
+@given(st.sampled_from(ALL_TIERS[1:]), st.sampled_from([16, 64, 128]), st.integers(1, 2), st.integers(1, 3),
+       st.integers(1, 40), st.integers(0, 2**31 - 1))
+def test_encode_matches_reference(spec, d, B, H, N, seed):
+    gen = torch.Generator().manual_seed(seed)
+    scale = torch.exp(4 * torch.randn(B, H, N, 1, generator=gen))  # radii over many octaves
+    k = torch.randn(B, H, N, d, generator=gen) * scale
+    v = torch.randn(B, H, N, d, generator=gen)
+    k[0, 0, 0] = 0.0  # zero key: radius code 0, every angle code 0
+    got = kernel_encode.encode_records(spec, k.to(KV_DTYPE), v.to(KV_DTYPE), 0, KV_DTYPE)
+    want = encode_records(spec, k.to(KV_DTYPE).double(), v.to(KV_DTYPE).double(), 0, KV_DTYPE)
+    assert got.shape == want.shape
+    assert torch.equal(got[0, 0, 0, : tier_codecs(spec, d, 0)[0].words], want[0, 0, 0, : tier_codecs(spec, d, 0)[0].words])
+    _check_codes_close(spec, d, got, want)
+
+
+def test_encode_non_finite_key_is_marked():
+    spec = DEFAULT_TIERS[2]
+    k = torch.randn(1, 1, 3, 64)
+    k[0, 0, 1, 5] = float("nan")
+    k[0, 0, 2, 0] = float("inf")
+    v = torch.randn(1, 1, 3, 64)
+    got = kernel_encode.encode_records(spec, k, v, 0, KV_DTYPE)
+    want = encode_records(spec, k.double(), v.double(), 0, KV_DTYPE)
+    kw = tier_codecs(spec, 64, 0)[0].words
+    assert torch.equal(got[0, 0, 1:, :kw], want[0, 0, 1:, :kw])
+
+
+@settings(**SETTINGS)
+@given(st.sampled_from(ALL_TIERS), st.integers(1, 2), st.integers(1, 3), st.integers(0, 50),
+       st.sampled_from([4, 16]), st.floats(0.0, 1.0), st.integers(0, 2**31 - 1))
+def test_compaction_keeps_selected_tokens(spec, B, H, max_count, page_size, p_keep, seed):
+    gen = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, max_count + 1, (B, H), generator=gen)
+    (state,) = fill_store(gen, B, H, 32, [spec], [counts], page_size)
+    rec, util, valid = gather_tokens(state)
+    keep = (torch.rand(valid.shape, generator=gen) < p_keep) & valid
+    pages_before = int(state.free_top[0]) + int((state.pages >= 0).sum())
+    compaction.compact(state, keep)
+    rec2, util2, valid2 = gather_tokens(state)
+    assert torch.equal(state.count, keep.sum(-1).to(torch.int32))
+    for b in range(B):
+        for h in range(H):
+            assert torch.equal(rec2[b, h][valid2[b, h]], rec[b, h][keep[b, h]])
+            assert torch.equal(util2[b, h][valid2[b, h]], util[b, h][keep[b, h]])
+    # every page is either in use or free, once
+    in_use = state.pages[state.pages >= 0]
+    free = state.free[: int(state.free_top[0])]
+    assert int(state.free_top[0]) + in_use.numel() == pages_before
+    assert torch.unique(torch.cat([in_use, free])).numel() == pages_before
+
+
+@pytest.mark.parametrize("spec,d,why", [
+    (TierSpec("r32", 3.5, "polar", 3.5, radius_bits=32), 64, "radius_bits=32"),
+    (TierSpec("mid", 3.5, "polar", 3.5), 96, "head_dim=96"),
+])
+def test_unsupported_configurations_say_why(spec, d, why):
+    with pytest.raises(Unsupported, match=why):
+        tier_info(spec, d, 0, KV_DTYPE)
