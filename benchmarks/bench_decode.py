@@ -100,6 +100,32 @@ def dense_decode(q, k, v, backend):
     return median_ms(run)
 
 
+def sweep_configs(name, B, T, opts, seed, device, gen, configs):
+    """sphkv decode time (CUDA graph replay) per (BLOCK_T, warps, stages, precision)."""
+    Hq, Hkv, d = SHAPES[name]
+    specs = [TierSpec("exact"), TierSpec("uniform", float(opts.bits), "polar", float(opts.bits))]
+    states, _, _ = build_store(B, Hkv, d, T - 1, specs, opts, seed, device, gen)
+    q = torch.randn(B, Hq, 1, d, device=device, dtype=torch.bfloat16, generator=gen)
+    kn = torch.randn(B, Hkv, 1, d, device=device, dtype=torch.bfloat16, generator=gen)
+    vn = torch.randn_like(kn)
+    out = []
+    for bt, warps, stages, prec in configs:
+        def run():
+            return kattend.attend(q, states, specs, seed=seed, kv_dtype=torch.bfloat16, k_new=kn, v_new=vn,
+                                  block_t=bt, num_warps=warps, num_stages=stages, precision=prec)
+        try:
+            run()
+            torch.cuda.synchronize()
+            g = graph_of(run)
+            out.append({"shape": name, "B": B, "T": T, "block_t": bt, "warps": warps, "stages": stages,
+                        "precision": prec, "ms": median_ms(g.replay)})
+        except Exception as err:  # a config that does not compile (shared memory) is reported, not fatal
+            out.append({"block_t": bt, "warps": warps, "stages": stages, "precision": prec, "error": repr(err)[:200]})
+    del states
+    torch.cuda.empty_cache()
+    return out
+
+
 def bench_decode_row(name, B, T, opts, value_codec, seed, device, gen, log):
     Hq, Hkv, d = SHAPES[name]
     row = {"shape": name, "B": B, "T": T, "value_codec": value_codec}
@@ -181,6 +207,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer sizes (smoke run)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--sweep", action="store_true", help="time kernel configurations first")
     ap.add_argument("--scalar-points", default="llama3-8b:8:32768,llama3-8b:32:131072",
                     help="shape:B:T points also timed with scalar values")
     args = ap.parse_args()
@@ -194,6 +221,13 @@ def main():
               "options": {"bits": opts.bits, "value_codec": opts.value_codec, "sink": opts.sink,
                           "recent": opts.recent, "page_size": opts.page_size}}
     result["copy_GBs"] = copy_bandwidth(device) / 1e9
+    if args.sweep:
+        configs = [(bt, w, s, p) for bt in (32, 64) for w in (4, 8) for s in (1, 2) for p in ("tf32",)]
+        configs += [(64, 4, 1, "ieee"), (64, 4, 1, "tf32x3")]
+        result["sweep"] = sweep_configs("llama3-8b", 8, 32768, opts, seed, device, gen, configs)
+        result["sweep"] += sweep_configs("smollm2", 8, 32768, opts, seed, device, gen, configs[:8])
+        for r in result["sweep"]:
+            print("sweep", json.dumps(r))
     Ts = [4096, 32768] if args.quick else [4096, 16384, 32768, 65536, 131072]
     Bs = [1, 8] if args.quick else [1, 8, 32]
     rows = []

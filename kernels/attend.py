@@ -22,7 +22,11 @@ from .layout import DEVICE_TABLES, ScalarTables, Unsupported, rotation_matrices,
 LOG2E = 1.0 / math.log(2.0)
 # Partials of one launch group are kept under this many bytes (long prefills run in query chunks).
 PARTIAL_BYTES = 1 << 28
+# Tile and launch shape of the paged kernel (chosen by the sweep in benchmarks/bench_decode.py;
+# one stage keeps shared memory at ~72 KB for d=128, three programs per SM).
 DEFAULT_BLOCK_T = 64
+DEFAULT_WARPS = 4
+DEFAULT_STAGES = 1
 
 
 @lru_cache(maxsize=None)
@@ -55,7 +59,7 @@ def _tab(t, device):
 
 
 def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_offset, S, S_total, M, block_m,
-                  block_t, precision):
+                  block_t, precision, num_warps, num_stages):
     BH = st.count.numel()
     exact = info.key is None
     if exact:
@@ -86,12 +90,13 @@ def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_
         PS=st.page_size, WT=wt, VOFF=voff, D=q_in.shape[-1], BLOCK_M=block_m, BLOCK_T=block_t, EXACT=exact,
         VALUE_SCALAR=scalar, K_LEVELS=kcon[0], K_COUNTS=kcon[1], K_MAXC=kcon[2], K_TSIZE=kcon[3],
         V_LEVELS=vcon[0], V_COUNTS=vcon[1], V_MAXC=vcon[2], V_TSIZE=vcon[3], STEP=step, LOG2_MIN=LOG2_MIN,
-        DOT_PRECISION=precision)
+        DOT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages)
 
 
 def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, seed: int, kv_dtype: torch.dtype,
            k_new=None, v_new=None, valid_new=None, scale: float | None = None, obs_window: int = 0,
-           accumulate: bool = False, block_t: int = DEFAULT_BLOCK_T, precision: str = "tf32"):
+           accumulate: bool = False, block_t: int = DEFAULT_BLOCK_T, precision: str = "tf32",
+           num_warps: int = DEFAULT_WARPS, num_stages: int = DEFAULT_STAGES):
     """See sphkv_compile.store.attend (same arguments, same results)."""
     B, Hq, Tq, d = q.shape
     Hkv = states[0].count.shape[1] if states else k_new.shape[1]
@@ -146,7 +151,8 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
         l = torch.empty_like(m)
         for i, info, off, S in launches:
             qin = q_rot if info.key is not None else qc
-            _launch_paged(info, kv_dtype, device, qin, states[i], acc, m, l, off, S, S_total, M, block_m, block_t, precision)
+            _launch_paged(info, kv_dtype, device, qin, states[i], acc, m, l, off, S, S_total, M, block_m, block_t,
+                          precision, num_warps, num_stages)
         if N:
             kn, vn = k_new, v_new
             if kn.stride(-1) != 1:

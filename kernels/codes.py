@@ -53,8 +53,7 @@ def decode_polar_tile(pool_ptr, base, valid, comps_ptr, trig_ptr, D: tl.constexp
     rcode = extract_field(pool_ptr, base, valid, comps_ptr, 0, 1, COUNTS, MAXC)
     node = decode_radius(rcode, STEP, LOG2_MIN)  # [T, 1]
     for f in tl.static_range(LEVELS, 0, -1):
-        n: tl.constexpr = D >> f
-        code = extract_field(pool_ptr, base, valid, comps_ptr, f, n, COUNTS, MAXC)
+        code = extract_field(pool_ptr, base, valid, comps_ptr, f, D >> f, COUNTS, MAXC)
         cos = tl.load(trig_ptr + ((f - 1) * 2) * TSIZE + code)
         sin = tl.load(trig_ptr + ((f - 1) * 2 + 1) * TSIZE + code)
         node = tl.interleave(node * cos, node * sin)
@@ -87,11 +86,15 @@ def search_thresholds(a, b, thr_ptr, LEVEL: tl.constexpr, STEPS: tl.constexpr, T
 
 
 @triton.jit
-def encode_radius(log2_r, zero, finite, STEP: tl.constexpr, LOG2_MIN: tl.constexpr):
-    """log2 of the norm -> 16-bit log-radius code (int32): zero -> 0, non-finite -> all ones."""
-    pos = (log2_r - LOG2_MIN) / STEP
-    pos = tl.minimum(tl.maximum(pos, 0.0), 65533.0)
-    code = tl.floor(pos + 0.5).to(tl.int32) + 1
+def encode_radius(log2_r, zero, finite, STEP: tl.constexpr, ROUND_OFFSET: tl.constexpr):
+    """log2 of the norm -> 16-bit log-radius code (int32): zero -> 0, non-finite -> all ones.
+
+    round((log2 r - LOG2_MIN) / STEP) is computed as floor(log2 r / STEP) + ROUND_OFFSET with
+    the integer ROUND_OFFSET = -LOG2_MIN / STEP + 1/2: float32 then only carries log2 r / STEP
+    (a few hundred) instead of a position near 32k, whose ulp would be 1/256 of a step."""
+    x = tl.minimum(tl.maximum(log2_r / STEP, -65536.0), 65536.0)
+    pos = tl.floor(x).to(tl.int32) + ROUND_OFFSET
+    code = tl.minimum(tl.maximum(pos, 0), 65533) + 1
     code = tl.where(zero, 0, code)
     return tl.where(finite, code, 65535)
 

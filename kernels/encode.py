@@ -4,12 +4,11 @@ from __future__ import annotations
 import torch
 import triton
 
-from sphkv_compile.radius import LOG2_MIN
 from sphkv_compile.store import encode_records as reference_encode_records
 from sphkv_compile.tiers import TierSpec, tier_codecs
 
 from .encode_kernels import encode_kv_kernel
-from .layout import DEVICE_TABLES, ScalarTables, Unsupported, rotation_matrices, tier_info
+from .layout import DEVICE_TABLES, ScalarTables, Unsupported, radius_round_offset, rotation_matrices, tier_info
 
 BLOCK_T = 32
 
@@ -45,5 +44,5 @@ def encode_records(spec: TierSpec, k: torch.Tensor, v: torch.Tensor, seed: int, 
         K_MAXC=key.fields.max_comps, K_TSIZE=key.table_size,
         V_LEVELS=0 if scalar else val.levels, V_BITS=val.bits, V_COUNTS=val.fields.counts,
         V_MAXC=val.fields.max_comps, V_TSIZE=1 if scalar else val.table_size,
-        STEP=key.radius_step, LOG2_MIN=LOG2_MIN)
+        STEP=key.radius_step, ROUND_OFFSET=radius_round_offset(16))
     return out

@@ -14,7 +14,7 @@ from .codes import encode_radius, pack_field, search_thresholds
 
 
 @triton.jit
-def _unit_and_radius_code(y, STEP: tl.constexpr, LOG2_MIN: tl.constexpr):
+def _unit_and_radius_code(y, STEP: tl.constexpr, ROUND_OFFSET: tl.constexpr):
     """y [T, D] -> (y scaled by its peak, zero where not finite or zero; radius codes [T])."""
     peak = tl.max(tl.abs(y), 1)
     finite = tl.sum(tl.where(tl.abs(y) < float("inf"), 0, 1), 1) == 0  # NaN fails the test too
@@ -22,17 +22,17 @@ def _unit_and_radius_code(y, STEP: tl.constexpr, LOG2_MIN: tl.constexpr):
     ys = tl.where(ok[:, None], y / tl.where(ok, peak, 1.0)[:, None], 0.0)
     norm = tl.sqrt(tl.sum(ys * ys, 1))
     log2_r = tl.log2(tl.where(ok, peak, 1.0)) + tl.log2(tl.where(ok, norm, 1.0))
-    return ys, encode_radius(log2_r, finite & (peak == 0), finite, STEP, LOG2_MIN)
+    return ys, encode_radius(log2_r, finite & (peak == 0), finite, STEP, ROUND_OFFSET)
 
 
 @triton.jit
 def encode_polar_tile(y, comps_ptr, thr_ptr, D: tl.constexpr, LEVELS: tl.constexpr, BITS: tl.constexpr,
                       COUNTS: tl.constexpr, MAXC: tl.constexpr, TSIZE: tl.constexpr, WPAD: tl.constexpr,
-                      STEP: tl.constexpr, LOG2_MIN: tl.constexpr):
+                      STEP: tl.constexpr, ROUND_OFFSET: tl.constexpr):
     """Rotated vectors [T, D] -> record words [T, WPAD] (int32)."""
     T: tl.constexpr = y.shape[0]
     P: tl.constexpr = D // 2
-    ys, rcode = _unit_and_radius_code(y, STEP, LOG2_MIN)
+    ys, rcode = _unit_and_radius_code(y, STEP, ROUND_OFFSET)
     words = tl.zeros((T, WPAD), tl.int32)
     words = pack_field(words, rcode[:, None], comps_ptr, 0, 1, COUNTS, MAXC, WPAD)
     a, b = tl.split(tl.reshape(ys, (T, P, 2)))
@@ -45,21 +45,19 @@ def encode_polar_tile(y, comps_ptr, thr_ptr, D: tl.constexpr, LEVELS: tl.constex
     words = pack_field(words, code, comps_ptr, 1, P, COUNTS, MAXC, WPAD)
     node = tl.sqrt(a * a + b * b)
     for f in tl.static_range(2, LEVELS + 1):
-        n: tl.constexpr = D >> f
-        BF: tl.constexpr = (BITS >> (4 * (f - 1))) & 15
-        left, right = tl.split(tl.reshape(node, (T, n, 2)))
-        code = search_thresholds(left, right, thr_ptr, f - 1, BF, TSIZE)
-        words = pack_field(words, code, comps_ptr, f, n, COUNTS, MAXC, WPAD)
+        left, right = tl.split(tl.reshape(node, (T, D >> f, 2)))
+        code = search_thresholds(left, right, thr_ptr, f - 1, (BITS >> (4 * (f - 1))) & 15, TSIZE)
+        words = pack_field(words, code, comps_ptr, f, D >> f, COUNTS, MAXC, WPAD)
         node = tl.sqrt(left * left + right * right)
     return words
 
 
 @triton.jit
 def encode_scalar_tile(y, comps_ptr, thr_ptr, D: tl.constexpr, BITS: tl.constexpr, COUNTS: tl.constexpr,
-                       MAXC: tl.constexpr, WPAD: tl.constexpr, STEP: tl.constexpr, LOG2_MIN: tl.constexpr):
+                       MAXC: tl.constexpr, WPAD: tl.constexpr, STEP: tl.constexpr, ROUND_OFFSET: tl.constexpr):
     """Rotated vectors [T, D] -> rotated-scalar record words [T, WPAD]."""
     T: tl.constexpr = y.shape[0]
-    ys, rcode = _unit_and_radius_code(y, STEP, LOG2_MIN)
+    ys, rcode = _unit_and_radius_code(y, STEP, ROUND_OFFSET)
     norm = tl.sqrt(tl.sum(ys * ys, 1))
     u = ys / tl.where(norm > 0, norm, 1.0)[:, None] * tl.sqrt(D * 1.0)
     code = tl.zeros((T, D), tl.int32)
@@ -79,7 +77,7 @@ def encode_kv_kernel(
         VWPAD: tl.constexpr, VALUE_SCALAR: tl.constexpr,
         K_LEVELS: tl.constexpr, K_BITS: tl.constexpr, K_COUNTS: tl.constexpr, K_MAXC: tl.constexpr,
         K_TSIZE: tl.constexpr, V_LEVELS: tl.constexpr, V_BITS: tl.constexpr, V_COUNTS: tl.constexpr,
-        V_MAXC: tl.constexpr, V_TSIZE: tl.constexpr, STEP: tl.constexpr, LOG2_MIN: tl.constexpr):
+        V_MAXC: tl.constexpr, V_TSIZE: tl.constexpr, STEP: tl.constexpr, ROUND_OFFSET: tl.constexpr):
     """k, v [B, Hkv, N, D] -> records out [B, Hkv, N, KW + VW] (int32)."""
     pid_bh = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -92,7 +90,7 @@ def encode_kv_kernel(
     fwd = tl.load(kfwd_ptr + d[:, None] * D + d[None, :])
     y = tl.dot(x.to(tl.float32), fwd, input_precision="ieee")
     words = encode_polar_tile(y, kcomps_ptr, kthr_ptr, D, K_LEVELS, K_BITS, K_COUNTS, K_MAXC, K_TSIZE, KWPAD,
-                              STEP, LOG2_MIN)
+                              STEP, ROUND_OFFSET)
     row = (pid_bh * N + tok).to(tl.int64) * (KW + VW)
     wk = tl.arange(0, KWPAD)
     tl.store(out_ptr + row[:, None] + wk[None, :], words, mask=tmask[:, None] & (wk < KW)[None, :])
@@ -100,9 +98,9 @@ def encode_kv_kernel(
     fwd = tl.load(vfwd_ptr + d[:, None] * D + d[None, :])
     y = tl.dot(x.to(tl.float32), fwd, input_precision="ieee")
     if VALUE_SCALAR:
-        words = encode_scalar_tile(y, vcomps_ptr, vthr_ptr, D, V_BITS, V_COUNTS, V_MAXC, VWPAD, STEP, LOG2_MIN)
+        words = encode_scalar_tile(y, vcomps_ptr, vthr_ptr, D, V_BITS, V_COUNTS, V_MAXC, VWPAD, STEP, ROUND_OFFSET)
     else:
         words = encode_polar_tile(y, vcomps_ptr, vthr_ptr, D, V_LEVELS, V_BITS, V_COUNTS, V_MAXC, V_TSIZE, VWPAD,
-                                  STEP, LOG2_MIN)
+                                  STEP, ROUND_OFFSET)
     wv = tl.arange(0, VWPAD)
     tl.store(out_ptr + row[:, None] + KW + wv[None, :], words, mask=tmask[:, None] & (wv < VW)[None, :])

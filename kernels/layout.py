@@ -67,6 +67,14 @@ def radius_step(bits: int) -> float:
     return (LOG2_MAX - LOG2_MIN) / (levels - 1)
 
 
+def radius_round_offset(bits: int) -> int:
+    """-LOG2_MIN / step + 1/2 as an int (the encoder rounds as floor(log2 r / step) + this)."""
+    off = -LOG2_MIN / radius_step(bits) + 0.5
+    if abs(off - round(off)) > 1e-6:
+        raise Unsupported("the log-radius grid is not symmetric around 0; the encoder's rounding needs it")
+    return int(round(off))
+
+
 def _check_radius(codec) -> None:
     if codec.radius_bits != 16:
         raise Unsupported(f"radius_bits={codec.radius_bits}: the kernels read 16-bit log radii only")

@@ -1,0 +1,10 @@
+#!/bin/bash
+# One device call: install, GPU kernel tests, benchmark. Logs under $OUT.
+set -o pipefail
+export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
+pip install -e . --no-deps --no-build-isolation -q > $OUT/pip.log 2>&1 || { cat $OUT/pip.log; exit 1; }
+nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv > $OUT/gpu.txt 2>&1
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  timeout ${TEST_TIMEOUT:-240} python -m pytest -q -x -p no:cacheprovider tests/test_kernels_gpu.py ${TEST_ARGS} 2>&1 | tee $OUT/gpu_tests.log | tail -25
+fi
+timeout ${BENCH_TIMEOUT:-300} python benchmarks/bench_decode.py --out $OUT ${BENCH_ARGS} 2>&1 | tee $OUT/bench.log | tail -60

@@ -1,0 +1,163 @@
+"""The Triton kernels on a CUDA GPU against the float64 reference (run on the device machine).
+
+Fresh random inputs per case; ragged counts per (batch row, KV head) and tier; every tier of
+the default ladder plus a scalar-value tier. The kernels' tl.dot runs with tf32 operands
+(logits and p·v), so outputs are compared at TF32_TOL.
+"""
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+
+from sphkv_compile.kernels import attend as kernel_attend  # noqa: E402
+from sphkv_compile.kernels import compaction, encode as kernel_encode  # noqa: E402
+from sphkv_compile.store import TierState, append_records, attend as reference_attend, encode_records, gather_tokens  # noqa: E402
+from sphkv_compile.tiers import DEFAULT_TIERS, TierSpec, record_words, tier_codecs  # noqa: E402
+
+DEV = torch.device("cuda")
+KV_DTYPE = torch.bfloat16
+SCALAR_TIER = TierSpec("scalar3", 3.5, "scalar", 3)
+ALL_TIERS = DEFAULT_TIERS + (SCALAR_TIER,)
+TF32_TOL = 2e-3
+
+
+def rel_err(a, b) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def fill_store(gen, B, H, d, specs, counts, page_size=64, seed=0):
+    states = []
+    for spec, cnt in zip(specs, counts):
+        kw, vw = record_words(spec, d, seed, KV_DTYPE)
+        n = int(cnt.max())
+        max_pages = max(1, math.ceil(n / page_size))
+        st = TierState.allocate(B, H, B * H * max_pages + 1, page_size, kw + vw, max_pages, DEV)
+        if n:
+            k = torch.randn(B, H, n, d, generator=gen, device=DEV, dtype=KV_DTYPE)
+            v = torch.randn(B, H, n, d, generator=gen, device=DEV, dtype=KV_DTYPE)
+            valid = torch.arange(n, device=DEV)[None, None, :] < cnt[..., None]
+            util = torch.rand(B, H, n, generator=gen, device=DEV)
+            append_records(st, kernel_encode.encode_records(spec, k, v, seed, KV_DTYPE), util, valid, spec.name)
+        states.append(st)
+    return states
+
+
+def ragged_counts(gen, B, H, T, specs):
+    """Per tier [B, H] counts; row (0, 0) holds T tokens in total, the others fewer."""
+    out = []
+    for i, _ in enumerate(specs):
+        share = T // len(specs) + (T % len(specs) if i == 0 else 0)
+        c = torch.randint(0, share + 1, (B, H), generator=gen, device=DEV)
+        c[0, 0] = share
+        out.append(c)
+    return out
+
+
+CASES = [  # (d, Hkv, G, B, T, Tq, tiers)
+    (64, 3, 3, 1, 1, 1, "all"),
+    (64, 3, 3, 64, 777, 1, "all"),
+    (128, 8, 4, 8, 4096, 1, "all"),
+    (128, 8, 4, 1, 131072, 1, "default"),
+    (64, 3, 3, 1, 131072, 1, "default"),
+    (128, 2, 1, 5, 2000, 1, "all"),
+    (128, 1, 8, 3, 3000, 1, "all"),
+    (64, 4, 2, 2, 1500, 1, "all"),
+    (128, 2, 4, 2, 3000, 33, "all"),  # chunked prefill over codes + chunk
+    (64, 3, 3, 1, 500, 200, "all"),
+]
+
+
+@pytest.mark.parametrize("d,H,G,B,T,Tq,tiers", CASES)
+def test_attend_matches_float64_reference(d, H, G, B, T, Tq, tiers):
+    seed = random.randrange(2**31)
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    if tiers == "default":  # the uniform policy: exact sinks/recent + one compressed tier
+        specs = [DEFAULT_TIERS[0], TierSpec("uniform", 3.5, "polar", 3.5)]
+    else:
+        specs = list(ALL_TIERS)
+    states = fill_store(gen, B, H, d, specs, ragged_counts(gen, B, H, T, specs))
+    N = Tq + 2
+    q = torch.randn(B, H * G, Tq, d, generator=gen, device=DEV, dtype=torch.bfloat16)
+    kn = torch.randn(B, H, N, d, generator=gen, device=DEV, dtype=torch.bfloat16)
+    vn = torch.randn(B, H, N, d, generator=gen, device=DEV, dtype=torch.bfloat16)
+    valid = torch.ones(B, N, dtype=torch.bool, device=DEV)
+    valid[-1, :1] = False
+    ref_states = [TierState(*[t.clone() for t in s.tensors()]) for s in states]
+    kw = dict(seed=0, kv_dtype=KV_DTYPE, valid_new=valid, obs_window=min(4, Tq), accumulate=True)
+    out, mass = kernel_attend.attend(q, states, specs, k_new=kn, v_new=vn, **kw)
+    ref, ref_mass = reference_attend(q.double(), ref_states, specs, k_new=kn.double(), v_new=vn.double(), **kw)
+    assert torch.isfinite(out).all()
+    err = rel_err(out, ref)
+    # the output is bf16 like q: its own rounding (2^-9) adds to the tf32 error
+    assert err < TF32_TOL + 2.0**-8, (seed, err)
+    assert rel_err(mass, ref_mass) < TF32_TOL, seed
+    for s, r in zip(states, ref_states):
+        assert torch.allclose(s.utility.float(), r.utility.float(), rtol=5e-3, atol=2e-3), seed
+
+
+@pytest.mark.parametrize("spec", ALL_TIERS[1:], ids=lambda s: s.name)
+@pytest.mark.parametrize("d", [64, 128])
+def test_encode_matches_float64_reference(spec, d):
+    gen = torch.Generator(device=DEV).manual_seed(random.randrange(2**31))
+    k = (torch.randn(4, 8, 1000, d, generator=gen, device=DEV)
+         * torch.exp(3 * torch.randn(4, 8, 1000, 1, generator=gen, device=DEV))).to(KV_DTYPE)
+    v = torch.randn(4, 8, 1000, d, generator=gen, device=DEV, dtype=KV_DTYPE)
+    got = kernel_encode.encode_records(spec, k, v, 0, KV_DTYPE)
+    want = encode_records(spec, k.double(), v.double(), 0, KV_DTYPE)
+    kc, vc = tier_codecs(spec, d, 0)
+    for codec, g, w in ((kc, got[..., :kc.words], want[..., :kc.words]),
+                        (vc, got[..., kc.words:], want[..., kc.words:])):
+        for f, (a, b) in enumerate(zip(codec.layout.unpack(g), codec.layout.unpack(w))):
+            diff = (a - b).abs()
+            if f == 1 and hasattr(codec, "tree"):
+                diff = torch.minimum(diff, (1 << codec.level_bits[0]) - diff)
+            assert int(diff.max()) <= 1 and int((diff > 0).sum()) <= max(1, 0.02 * diff.numel()), (codec, f)
+
+
+def test_compaction_on_gpu():
+    gen = torch.Generator(device=DEV).manual_seed(random.randrange(2**31))
+    spec = DEFAULT_TIERS[2]
+    counts = torch.randint(0, 3000, (3, 4), generator=gen, device=DEV)
+    (state,) = fill_store(gen, 3, 4, 128, [spec], [counts])
+    rec, util, valid = gather_tokens(state)
+    keep = (torch.rand(valid.shape, generator=gen, device=DEV) < 0.6) & valid
+    compaction.compact(state, keep)
+    rec2, util2, valid2 = gather_tokens(state)
+    for b in range(3):
+        for h in range(4):
+            assert torch.equal(rec2[b, h][valid2[b, h]], rec[b, h][keep[b, h]])
+            assert torch.equal(util2[b, h][valid2[b, h]], util[b, h][keep[b, h]])
+
+
+def test_op_and_compiled_op_run_the_kernels():
+    """torch.ops.sphkv.attend on CUDA reaches the kernels, eagerly and inside torch.compile."""
+    from sphkv_compile.inductor_passes import lowering
+    from sphkv_compile.ops import tiers_string
+
+    assert lowering.install()
+    gen = torch.Generator(device=DEV).manual_seed(random.randrange(2**31))
+    specs = [DEFAULT_TIERS[0], TierSpec("uniform", 3.5, "polar", 3.5)]
+    states = fill_store(gen, 2, 2, 64, specs, [torch.full((2, 2), 5, device=DEV), torch.full((2, 2), 300, device=DEV)])
+    flat = [t for s in states for t in s.tensors()]
+    q = torch.randn(2, 4, 1, 64, generator=gen, device=DEV, dtype=torch.bfloat16)
+    kn = torch.randn(2, 2, 1, 64, generator=gen, device=DEV, dtype=torch.bfloat16)
+    vn = torch.randn_like(kn)
+    tiers = tiers_string(specs)
+
+    def step(q, kn, vn):
+        return torch.ops.sphkv.attend(q, flat, kn, vn, None, tiers, 0, "bfloat16", 0.125, 0, False)
+
+    eager, _ = step(q, kn, vn)
+    compiled, _ = torch.compile(step, fullgraph=True)(q, kn, vn)
+    ref, _ = reference_attend(q.double(), states, specs, seed=0, kv_dtype=KV_DTYPE, k_new=kn.double(),
+                              v_new=vn.double(), scale=0.125)
+    assert rel_err(eager, ref) < TF32_TOL + 2.0**-8
+    assert rel_err(compiled, ref) < TF32_TOL + 2.0**-8
