@@ -196,6 +196,9 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
     decoded = []  # per tier: (key reader, values, kind)
     value_codec = None
     for spec, (rec, _, valid) in zip(specs, gathered):
+        if rec.shape[2] == 0:  # an empty tier: skip its query tables and value rotation (all of prefill)
+            decoded.append(("empty", None, torch.zeros(valid.shape + (d,), dtype=work, device=q.device), valid))
+            continue
         if spec.exact:
             k, v = split_exact(rec, d, kv_dtype)
             decoded.append(("exact", k.to(work), v.to(work), valid))
@@ -213,6 +216,8 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
         qc = q[:, :, s:e].reshape(B, Hkv, rows, d).to(work)
         logits = []
         for kind, key, _, valid in decoded:
+            if kind == "empty":
+                continue
             lg = qc @ key.transpose(-1, -2) if kind == "exact" else key[0].logits(qc, key[1]).to(work)
             logits.append(torch.where(valid[:, :, None, :], lg * scale, torch.full_like(lg, float("-inf"))))
         if N:
@@ -231,6 +236,8 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
         out_rot = None
         start = 0
         for i, (kind, _, v, _) in enumerate(decoded):
+            if kind == "empty":
+                continue
             pi = p[..., start:start + v.shape[2]]
             start += v.shape[2]
             stored_mass[i] += (pi * sel).sum(2)
