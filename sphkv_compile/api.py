@@ -23,13 +23,11 @@ import inspect
 
 import torch
 
-from . import report as _report
+from .report import begin_compile, record_site, report
 from .hf import CACHE_KWARG, DENSE_IMPL_ATTR, IMPL_NAME, register
 from .hf_cache import SphkvCache, snapshot_kv_bytes
 from .hf_plan import kv_geometry, plan_layers
 from .options import SphkvOptions
-
-report = _report.report
 
 STATIC_IMPLEMENTATIONS = ("static", "hybrid", "sliding_window", "hybrid_chunked")
 _STATE_ATTR = "_sphkv_state"
@@ -38,8 +36,9 @@ _STATE_ATTR = "_sphkv_state"
 class _ModelState:
     """What optimize() attached to a model."""
 
-    def __init__(self, options: SphkvOptions, original_forward, original_generate, original_impl):
+    def __init__(self, options: SphkvOptions, original_forward, original_generate, original_impl, kv_dtype):
         self.options = options
+        self.kv_dtype = kv_dtype
         self.original_forward = original_forward
         self.original_generate = original_generate
         self.original_impl = original_impl
@@ -57,7 +56,7 @@ def new_cache(model, max_cache_len: int | None = None) -> SphkvCache:
     if state is None:
         raise ValueError("call sphkv_compile.optimize(model) first")
     plans = plan_layers(model, max_cache_len)
-    cache = SphkvCache(state.options, plans, max_cache_len, kv_geometry(model))
+    cache = SphkvCache(state.options, plans, max_cache_len, kv_geometry(model), state.kv_dtype)
     _record_sites(plans, state.original_impl)
     return cache
 
@@ -65,16 +64,21 @@ def new_cache(model, max_cache_len: int | None = None) -> SphkvCache:
 def _record_sites(plans, original_impl) -> None:
     """The eager path's report: one site per decoder layer. (A compiled forward replaces these
     with what the backend found in the graph.)"""
-    _report.begin_compile()
+    begin_compile()
     for p in plans:
-        _report.record_site("hf_attention", p.compressed, p.reason, layer=p.layer_idx,
+        record_site("hf_attention", p.compressed, p.reason, layer=p.layer_idx,
                             dense_implementation=None if p.compressed else original_impl)
 
 
-def optimize(model, **options):
+def optimize(model, kv_dtype: torch.dtype | None = None, **options):
     """Put `model`'s KV cache on the compressed store (see the module docstring). Options are
-    those of torch.compile(..., backend="sphkv", options=...), validated the same way."""
+    those of torch.compile(..., backend="sphkv", options=...), validated the same way.
+
+    kv_dtype: dtype of the exact tier (sinks, recent window). Default: the model's dtype if it
+    is 16-bit, else bfloat16; pass torch.float32 to keep a float32 model's exact tokens exact."""
     opts = SphkvOptions.from_dict(options)
+    if kv_dtype is not None and not (isinstance(kv_dtype, torch.dtype) and kv_dtype.is_floating_point):
+        raise ValueError(f"kv_dtype must be a floating torch.dtype, got {kv_dtype!r}")
     if not hasattr(model, "config") or not hasattr(model, "generate"):
         raise TypeError(f"optimize() takes a transformers generative model, got {type(model).__name__}")
     if getattr(model.config, "is_encoder_decoder", False):
@@ -82,13 +86,13 @@ def optimize(model, **options):
     register()
     state = getattr(model, _STATE_ATTR, None)
     if state is not None:  # re-optimizing: new options, same wrappers
-        state.options = opts
+        state.options, state.kv_dtype = opts, kv_dtype
         return model
     original_impl = model.config._attn_implementation
     for config in {id(c): c for c in (model.config, _text_config(model))}.values():
         setattr(config, DENSE_IMPL_ATTR, original_impl)
     _set_attn_implementation(model, IMPL_NAME)
-    state = _ModelState(opts, model.forward, model.generate, original_impl)
+    state = _ModelState(opts, model.forward, model.generate, original_impl, kv_dtype)
     setattr(model, _STATE_ATTR, state)
     model.forward = _wrap_forward(model, state.original_forward)
     model.generate = _wrap_generate(model, state.original_generate, _cache_keyword(state.original_forward))

@@ -20,7 +20,7 @@ import weakref
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, StaticLayer
 
-from . import report
+from .report import _kv_sources, register_kv_source
 from .options import SphkvOptions
 from .store import LayerStore, TierState
 from .hf_plan import LayerPlan
@@ -41,8 +41,9 @@ class SphkvLayer(CacheLayerMixin):
     is_croppable = False
 
     def __init__(self, options: SphkvOptions, layer_idx: int, max_cache_len: int | None = None,
-                 sliding_window: int | None = None):
+                 sliding_window: int | None = None, kv_dtype: torch.dtype | None = None):
         super().__init__()
+        self.kv_dtype = kv_dtype  # of the exact tier; None: see storage_dtype
         self.options = options
         self.layer_idx = layer_idx
         self.max_cache_len = max_cache_len
@@ -58,7 +59,7 @@ class SphkvLayer(CacheLayerMixin):
         if value_states.shape[-1] != d:
             raise ValueError(f"layer {self.layer_idx}: keys and values have different head dims "
                              f"({d} vs {value_states.shape[-1]}); the store needs one head dim")
-        self.init_store(B, H, d, key_states.dtype, key_states.device)
+        self.init_store(B, H, d, storage_dtype(self.kv_dtype, key_states.dtype), key_states.device)
 
     def init_store(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device) -> None:
         o = self.options
@@ -173,6 +174,15 @@ class SphkvLayer(CacheLayerMixin):
         return 2 * self.store.batch * self.store.kv_heads * self.tokens() * self.store.head_dim * 2
 
 
+def storage_dtype(requested: torch.dtype | None, model_dtype: torch.dtype) -> torch.dtype:
+    """The exact tier's dtype: as requested, else the model's if it is 16-bit, else bfloat16
+    (a float32 model would otherwise keep its sinks and recent window at twice the bytes of the
+    dense 16-bit cache the budget is measured against)."""
+    if requested is not None:
+        return requested
+    return model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
 def _empty_tier(st: TierState) -> None:
     num_pages = st.pool.shape[0]
     st.pages.fill_(-1)
@@ -208,11 +218,11 @@ class SphkvCache(Cache):
     else the static capacity (prompt + new tokens)."""
 
     def __init__(self, options: SphkvOptions, plans: list[LayerPlan], max_cache_len: int | None = None,
-                 kv_geometry: tuple[int, int] | None = None):
+                 kv_geometry: tuple[int, int] | None = None, kv_dtype: torch.dtype | None = None):
         self.options = options
         self.plans = plans
         self.max_cache_len = max_cache_len
-        layers = [SphkvLayer(options, p.layer_idx, max_cache_len, p.sliding_window) if p.compressed
+        layers = [SphkvLayer(options, p.layer_idx, max_cache_len, p.sliding_window, kv_dtype) if p.compressed
                   else _dense_layer(p, max_cache_len) for p in plans]
         super().__init__(layers=layers)
         if kv_geometry is not None:
@@ -291,5 +301,5 @@ def _track(cache: SphkvCache) -> None:
     global _latest, _snapshot
     _latest = weakref.ref(cache)
     _snapshot = (0, 0)
-    if _latest_kv_bytes not in report._kv_sources:  # registered once; again after clear_kv_sources()
-        report.register_kv_source(_latest_kv_bytes)
+    if _latest_kv_bytes not in _kv_sources:  # registered once; again after clear_kv_sources()
+        register_kv_source(_latest_kv_bytes)
