@@ -1,13 +1,187 @@
 """The `sphkv` torch.compile backend (entry point `torch_dynamo_backends: sphkv`).
 
-Foundations stage: the graph goes to Inductor unchanged. The compiler (inductor_passes)
-replaces this with detection and rewrite of attention and KV-cache updates.
+    torch.compile(model, backend="sphkv", options={"bits": 3.5, "sink": 4, "recent": 64})
+
+On the Dynamo graph it finds every attention site and the KV-cache update feeding it
+(inductor_passes.detect), rewrites each cache into a compressed store the backend owns
+(inductor_passes.rewrite, inductor_passes.stores), leaves everything it cannot prove
+equivalent dense with a reason (inductor_passes.fallback), and compiles the result with
+Inductor. report() lists every site.
 """
 from __future__ import annotations
 
+import copy
+import logging
 
-def sphkv_backend(gm, example_inputs, **kwargs):
-    from torch._inductor.compile_fx import compile_fx
+import torch
 
-    kwargs.pop("options", None)
-    return compile_fx(gm, example_inputs)
+from .report import begin_compile, record_site
+from .options import SphkvOptions
+
+log = logging.getLogger("sphkv")
+_MIN_CAT_CAPACITY = 256  # tokens per KV head a fresh cat-cache store starts with
+
+
+def _install_lowering() -> None:
+    try:
+        from .inductor_passes import lowering
+    except ImportError:
+        return
+    if not getattr(_install_lowering, "done", False):
+        lowering.install()
+        _install_lowering.done = True
+
+
+def sphkv_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
+    from .inductor_passes import runtime_ops  # noqa: F401  (registers sphkv_graph ops)
+    from .inductor_passes.detect import find_sites
+    from .inductor_passes.fallback import StayDense
+    from .inductor_passes.rewrite import Rewriter, check_cache_is_private, group_sites
+    from .inductor_passes.stores import store_of, target_tier
+
+    options = SphkvOptions.from_dict(kwargs.pop("options", None))
+    mode = kwargs.pop("mode", None)
+    if mode not in (None, "default"):
+        log.info("sphkv: mode=%r ignored (the store ops sync on the host; no CUDA graphs)", mode)
+    if kwargs:
+        raise TypeError(f"sphkv backend: unexpected arguments {sorted(kwargs)}; use options={{...}}")
+    _install_lowering()
+    begin_compile()
+
+    for n in gm.graph.nodes:  # attention already routed through the op (the HF integration)
+        if n.op == "call_function" and n.target in (torch.ops.sphkv.attend.default, torch.ops.sphkv.attend):
+            record_site("sphkv_attend", True, None, node=n.name)
+
+    # Dynamo reads its own graph after we return: rewrite a copy (node meta is shared, not copied)
+    gm = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    sites = find_sites(gm, example_inputs)
+    groups = group_sites(sites)
+    rewriter = Rewriter(gm, options, _tiers(options), target_tier(options))
+    done = []
+    for g in groups:
+        try:
+            check_cache_is_private(gm.graph, g)
+        except StayDense as why:
+            for s in g.sites:
+                s.reason = why.reason
+            continue
+        rewriter.rewrite(g, len(done))
+        done.append(g)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for s in sites:
+        _record(s)
+        if not s.rewritable and s.key is not None and (store_of(example_inputs[placeholders.index(s.key.past)])
+                                                        if s.key.past in placeholders else None) is not None:
+            raise RuntimeError(f"sphkv: site {s.output} reads a cache already compressed by sphkv, but this graph "
+                               f"cannot rewrite it ({s.reason}); its dense data is gone")
+    gm.graph.lint()
+    gm.recompile()
+    if not done:
+        from torch._inductor.compile_fx import compile_fx
+        return compile_fx(gm, example_inputs)
+    return CompiledWithStores(gm, list(example_inputs), done, options)
+
+
+def _tiers(options) -> str:
+    from .ops import tiers_string
+    return tiers_string(options.tier_ladder)
+
+
+def _record(site) -> None:
+    details = {"node": site.output.name}
+    if site.key is not None:
+        details.update(cache=site.key.kind, layout="BTHd" if site.key.seq_dim == 1 else "BHTd",
+                       groups=site.groups, mode=site.mode, masks=[m.form for m in site.masks])
+    record_site(site.kind, site.rewritable, site.reason, **details)
+
+
+class CompiledWithStores:
+    """Calls the Inductor-compiled rewritten graph with each cache's store appended to the
+    inputs; creates, grows and binds stores, and releases dense buffers."""
+
+    def __init__(self, gm, example_inputs, groups, options):
+        from .inductor_passes.stores import store_of
+
+        self.gm, self.groups, self.options = gm, groups, options
+        self.pristine = copy.deepcopy(gm)  # compile_fx may alter the graph it is given
+        self.compiled = {}
+        self.max_chunk = {id(g): g.shape[g.key.seq_dim] for g in groups}
+        n_user = len(example_inputs)
+        self.n_user = n_user
+        stores = [self._store_for(g, example_inputs, for_compile=True) for g in groups]
+        self._compile(example_inputs, stores)
+        self.stores_seen = [store_of(example_inputs[g.key_input]) for g in groups]
+
+    def _compile(self, user_inputs, stores):
+        from torch._inductor.compile_fx import compile_fx
+
+        from .inductor_passes.graph_pass import SphkvGraphPass
+
+        key = tuple(s.shapes() for s in stores)
+        if key not in self.compiled:
+            attends = sum(len(g.sites) for g in self.groups)
+            gm = copy.deepcopy(self.pristine)
+            inputs = self._assemble(list(user_inputs), stores)
+            patches = {"post_grad_custom_post_pass": SphkvGraphPass(self.options, attends, len(self.groups))}
+            self.compiled[key] = compile_fx(gm, inputs, config_patches=patches)
+        return self.compiled[key]
+
+    def _assemble(self, user_inputs, stores):
+        """User inputs with each group's store tensors at the placeholder slots the rewrite made."""
+        total = self.n_user + sum(len(g.state_inputs) for g in self.groups)
+        args = [None] * total
+        extra = {}
+        for g, s in zip(self.groups, stores):
+            for slot, t in zip(g.state_inputs, s.tensors()):
+                extra[slot] = t
+        it = iter(user_inputs)
+        for i in range(total):
+            args[i] = extra[i] if i in extra else next(it)
+        return args
+
+    def _store_for(self, g, inputs, for_compile=False):
+        from .inductor_passes.stores import CompressedCache, bind, store_of
+
+        k_buf, v_buf = inputs[g.key_input], inputs[g.value_input]
+        store = store_of(k_buf)
+        if store is not None and store_of(v_buf) is not store:
+            raise RuntimeError("sphkv: keys and values passed in belong to different compressed caches")
+        seq = g.key.seq_dim
+        if store is None:
+            B, d = g.shape[0], g.shape[3]
+            hkv = g.shape[3 - seq]
+            if g.static:
+                capacity = g.shape[seq]
+            else:
+                capacity = max(_MIN_CAT_CAPACITY, 2 * g.shape[seq], 2 * k_buf.shape[seq])
+            store = CompressedCache(B, hkv, d, capacity, self.options, g.dtype, g.device)
+            if not g.static and k_buf.shape[seq] > 0 and not for_compile:
+                canon = (lambda t: t.transpose(1, 2) if seq == 1 else t)
+                store.ingest(canon(k_buf).contiguous(), canon(v_buf).contiguous())
+            if g.static:
+                bind(k_buf, store)
+                bind(v_buf, store)
+        elif not g.static:
+            need = k_buf.shape[seq] + self.max_chunk[id(g)]
+            if need > store.capacity:
+                store.grow(max(2 * store.capacity, need))
+        return store
+
+    def __call__(self, *args):
+        from .inductor_passes.stores import bind, release_buffer
+
+        args = list(args)
+        stores = [self._store_for(g, args) for g in self.groups]
+        fn = self._compile(args, stores)
+        full = self._assemble(args, stores)
+        out = fn(*full)  # aot_module_simplified returns the unboxed convention here
+        for g, s in zip(self.groups, stores):
+            if g.static:
+                release_buffer(args[g.key_input])
+                release_buffer(args[g.value_input])
+            else:
+                for i in g.key_outputs + g.value_outputs:
+                    bind(out[i], s)
+                    self.max_chunk[id(g)] = max(self.max_chunk[id(g)], out[i].shape[g.key.seq_dim]
+                                                - args[g.key_input].shape[g.key.seq_dim])
+        return out

@@ -1,0 +1,219 @@
+"""Rewrite the attention sites of one KV cache into the sphkv ops.
+
+Per cache (keys and values updated together) the graph gets:
+  new inputs        the store's state tensors and a position cursor (the backend owns them)
+  advance           keep the store in step with the written positions (runtime_ops)
+  per site:         chunk_validity (mask -> chunk padding, checked) and sphkv::attend over
+                    the store plus the dense chunk, in place of the site's output
+  update_cache      append the chunk (sinks + recent exact, the rest encoded)
+and loses the dense cache: the write into a static buffer is removed, a cat result is
+replaced by a zero-memory placeholder of the same shape (a 1-element tensor expanded),
+which is what the graph returns for it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from sphkv_compile.ops import STATE_TENSORS_PER_TIER
+
+from . import fallback as R
+from .caches import CacheUpdate
+from .detect import Site
+from .fallback import StayDense
+from .graph_ops import concrete, concrete_shape, dtype_of, example, kind, shape_of
+from .masks import MASKED_AT
+
+
+@dataclass
+class CacheGroup:
+    key: CacheUpdate
+    value: CacheUpdate
+    sites: list[Site] = field(default_factory=list)
+    key_input: int = -1  # placeholder index of the key past/buffer
+    value_input: int = -1
+    key_outputs: list[int] = field(default_factory=list)  # flat output indices holding the cat result
+    value_outputs: list[int] = field(default_factory=list)
+    state_inputs: list[int] = field(default_factory=list)  # placeholder indices of the store tensors
+    shape: tuple = ()  # concrete cache shape at compile time
+    dtype: torch.dtype = torch.float32
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def static(self) -> bool:
+        return self.key.kind != "cat"
+
+
+def group_sites(sites: list[Site]) -> list[CacheGroup]:
+    groups: dict[fx.Node, CacheGroup] = {}
+    for s in sites:
+        if s.rewritable:
+            g = groups.setdefault(s.key.value, CacheGroup(s.key, s.value))
+            if g.value.value is not s.value.value:
+                s.reason = f"{R.UNSUPPORTED_CACHE}: one key cache read with two value caches"
+                continue
+            g.sites.append(s)
+    return list(groups.values())
+
+
+def _is_size_query(node: fx.Node) -> bool:
+    return kind(node) == "size" or node.target is torch.ops.aten.sym_size.int
+
+
+def check_cache_is_private(graph: fx.Graph, group: CacheGroup) -> None:
+    """Every reader of the dense cache must be one of the group's sites (or a shape query,
+    or, for a cat cache, the graph output that hands it back); else dense stays needed."""
+    internal = set().union(*(s.internal | {s.output} for s in group.sites))
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for cache in (group.key, group.value):
+        holders = {cache.value} | ({cache.past, cache.mutation} if cache.mutation is not None else set())
+        for h in holders:
+            for u in h.users:
+                if u in internal or u in holders or _is_size_query(u) or (u.op == "output" and not group.static):
+                    continue
+                raise StayDense(R.CACHE_ESCAPES, f"{u.format_node()}")
+        if cache.mutation is not None:
+            for u in cache.past.users:
+                if u in internal and order[u] < order[cache.mutation]:
+                    raise StayDense(R.UNSUPPORTED_CACHE, "the cache is read before it is updated")
+
+
+class Rewriter:
+    def __init__(self, gm: fx.GraphModule, options, tiers: str, target_tier: int):
+        self.gm, self.graph, self.opts, self.tiers, self.target = gm, gm.graph, options, tiers, target_tier
+        self.num_state = STATE_TENSORS_PER_TIER * len(options.tier_ladder)
+
+    # small graph-building helpers --------------------------------------------------------
+    def _call(self, target, *args, **kwargs) -> fx.Node:
+        return self.graph.call_function(target, args, kwargs)
+
+    def _method(self, name, *args) -> fx.Node:
+        return self.graph.call_method(name, args)
+
+    def _size(self, node: fx.Node, dim: int):
+        s = shape_of(node)[dim]
+        return s if isinstance(s, int) else self._method("size", node, dim)
+
+    def _canonical(self, cache: CacheUpdate, dtype) -> fx.Node:
+        x = self._method("to", cache.chunk, dtype)
+        if cache.seq_dim == 1:
+            x = self._method("transpose", x, 1, 2)
+        return self._method("contiguous", x)
+
+    def _positions(self, cache: CacheUpdate, device) -> fx.Node:
+        pos = cache.positions
+        if pos[0] == "index":
+            return self._method("to", self._method("reshape", pos[1], -1), torch.int64)
+        if pos[0] == "slice":
+            return self._call(torch.arange, pos[1], pos[2], dtype=torch.int64, device=device)
+        past = self._size(cache.past, cache.seq_dim)
+        n = self._size(cache.chunk, cache.seq_dim)
+        return self._call(torch.arange, past, past + n if isinstance(past, int) and isinstance(n, int)
+                          else self._call(__import__("operator").add, past, n), dtype=torch.int64, device=device)
+
+    def _visibility(self, site: Site) -> tuple[fx.Node, fx.Node | None]:
+        import operator
+        vis, ok = None, None
+        for term in site.masks:
+            if term.form == "additive":
+                t = self._call(operator.gt, term.node, MASKED_AT)
+                good = self._method("all", self._call(operator.or_, self._call(operator.eq, term.node, 0),
+                                                      self._call(operator.le, term.node, MASKED_AT)))
+                ok = good if ok is None else self._call(operator.and_, ok, good)
+            elif term.form == "show":
+                t = self._method("to", term.node, torch.bool)
+            else:
+                t = self._call(operator.invert, self._method("to", term.node, torch.bool))
+            vis = t if vis is None else self._call(operator.and_, vis, t)
+        return vis, ok
+
+    # the rewrite ---------------------------------------------------------------------------
+    def rewrite(self, group: CacheGroup, index: int) -> None:
+        g, opts = self.graph, self.opts
+        placeholders = [n for n in g.nodes if n.op == "placeholder"]
+        group.key_input = placeholders.index(group.key.past)
+        group.value_input = placeholders.index(group.value.past)
+        out_node = next(n for n in g.nodes if n.op == "output")
+        flat_out = list(out_node.args[0]) if isinstance(out_node.args[0], (tuple, list)) else [out_node.args[0]]
+        group.key_outputs = [i for i, o in enumerate(flat_out) if o is group.key.value]
+        group.value_outputs = [i for i, o in enumerate(flat_out) if o is group.value.value]
+        group.shape = concrete_shape(group.key.value)
+        group.dtype = dtype_of(group.key.value)
+        group.device = example(group.key.value).device
+        kv_dtype = str(group.dtype).replace("torch.", "")
+
+        first_op = next(n for n in g.nodes if n.op != "placeholder")
+        with g.inserting_before(first_op):  # new inputs go after the existing ones, in order
+            state = [g.placeholder(f"sphkv_store{index}_{i}") for i in range(self.num_state)]
+            cursor = g.placeholder(f"sphkv_store{index}_cursor")
+        all_ph = [n for n in g.nodes if n.op == "placeholder"]
+        group.state_inputs = [all_ph.index(n) for n in state + [cursor]]
+
+        sites = sorted(group.sites, key=lambda s: list(g.nodes).index(s.output))
+        counts = [state[i + 3] for i in range(0, self.num_state, STATE_TENSORS_PER_TIER)]
+        with g.inserting_before(sites[0].output):
+            k_new = self._canonical(group.key, group.dtype)
+            v_new = self._canonical(group.value, group.dtype)
+            positions = self._positions(group.key, group.device)
+            self._call(torch.ops.sphkv_graph.advance.default, cursor, state, positions)
+        valid = mass = last = None
+        for site in sites:
+            with g.inserting_before(site.output):
+                q = site.query
+                if len(shape_of(q)) == 3:
+                    q = self._method("reshape", q, self._size(k_new, 0), -1, self._size(q, 1), self._size(q, 2))
+                if site.masks:
+                    vis, ok = self._visibility(site)
+                    v = self._call(torch.ops.sphkv_graph.chunk_validity.default, vis, ok, positions, counts,
+                                   self._size(q, 0), self._size(q, 1), self._size(q, 2))
+                    valid = v if valid is None else valid
+                    site_valid = v
+                else:
+                    site_valid = None
+                res = self._call(torch.ops.sphkv.attend.default, q, state, k_new, v_new, site_valid, self.tiers,
+                                 opts.seed, kv_dtype, float(site.scale), int(opts.obs_window), False)
+                out = self._call(__import__("operator").getitem, res, 0)
+                mass = self._call(__import__("operator").getitem, res, 1) if mass is None else mass
+                out = self._method("to", out, dtype_of(site.output))
+                if len(shape_of(site.output)) == 3:
+                    out = self._method("flatten", out, 0, 1)
+            site.output.replace_all_uses_with(out)
+            last = out
+        with g.inserting_after(last):
+            self._call(torch.ops.sphkv.update_cache.default, state, k_new, v_new, valid, mass, self.tiers,
+                       opts.seed, kv_dtype, int(opts.sink), int(opts.recent), self.target)
+        self._drop_dense(group, sites)
+
+    def _drop_dense(self, group: CacheGroup, sites: list[Site]) -> None:
+        g = self.graph
+        work = [s.output for s in sites]
+        keep = {group.key.value, group.value.value, group.key.past, group.value.past}
+        while work:
+            n = work.pop()
+            if n.users or n.op in ("placeholder", "output") or n in keep or n.graph is not g:
+                continue
+            if kind(n) in ("index_copy_", "index_put_", "setitem", "copy_", "mutating_op"):
+                continue
+            inputs = n.all_input_nodes
+            g.erase_node(n)
+            work.extend(inputs)
+        for cache in (group.key, group.value):
+            if cache.mutation is not None:
+                if cache.mutation.users:
+                    raise StayDense(R.CACHE_ESCAPES, f"{list(cache.mutation.users)}")
+                g.erase_node(cache.mutation)
+            elif cache.value.users:
+                with g.inserting_before(cache.value):
+                    sizes = [self._size(cache.chunk, d) if d != cache.seq_dim else None for d in range(4)]
+                    sp = shape_of(cache.value)[cache.seq_dim]
+                    sizes[cache.seq_dim] = sp if isinstance(sp, int) else self._call(
+                        __import__("operator").add, self._size(cache.past, cache.seq_dim),
+                        self._size(cache.chunk, cache.seq_dim))
+                    zero = self._call(torch.zeros, (), dtype=dtype_of(cache.value), device=example(cache.value).device)
+                    placeholder = self._method("expand", zero, *sizes)
+                cache.value.replace_all_uses_with(placeholder)
+                g.erase_node(cache.value)
+            else:
+                g.erase_node(cache.value)

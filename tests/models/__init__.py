@@ -1,0 +1,1 @@
+"""Small plain-PyTorch models that keep their own KV cache (no transformers)."""
