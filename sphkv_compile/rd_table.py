@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from .baselines import kivi_dequantize, kivi_keys, kivi_values
+from .bit_allocation import group_weights, slot_mse
 from .codebooks import circle_codebook
 from .codec import SphericalCodec
 from .scalar_codec import RotatedScalarCodec
@@ -108,6 +109,29 @@ class SphericalMethod:
         return self.value_codec.decode(self.value_codec.encode(v)), self.value_codec.bits_per_element
 
 
+class CenteredSphericalMethod(SphericalMethod):
+    """A candidate, not what the store does today: encode k - mean(k) and v - mean(v) over
+    the sequence (per head). Softmax ignores the per-query constant q·mean(k), and the
+    attention weights sum to 1, so both means could be added back exactly at no per-token
+    cost. The two fp16 mean vectors are counted, amortised over the sequence."""
+
+    family = "spherical centered"
+
+    def __init__(self, head_dim: int, bits: float, seed: int = 0):
+        super().__init__(head_dim, bits, seed)
+        self.label = f"spherical centered {bits:g}"
+
+    def key_logits(self, q, k):
+        mean = k.mean(dim=-2, keepdim=True)
+        logits, bits = super().key_logits(q, k - mean)
+        return logits + q @ mean.transpose(-1, -2), bits + 16 / k.shape[-2]
+
+    def reconstruct_values(self, v):
+        mean = v.mean(dim=-2, keepdim=True)
+        v_hat, bits = super().reconstruct_values(v - mean)
+        return v_hat + mean, bits + 16 / v.shape[-2]
+
+
 class ScalarMethod:
     family = "rotated scalar"
 
@@ -142,10 +166,40 @@ class KiviMethod:
 
 
 def default_methods(head_dim: int) -> list:
+    """The key+value table: spherical at float targets, KIVI (two key group sizes), scalar."""
     methods = [SphericalMethod(head_dim, b) for b in SPHERICAL_TARGETS]
     methods += [KiviMethod(head_dim, b, g) for g in KIVI_KEY_GROUPS for b in BASELINE_BITS]
     methods += [ScalarMethod(head_dim, b) for b in BASELINE_BITS]
+    methods += [CenteredSphericalMethod(head_dim, b) for b in (2.0, 3.0, 4.0)]
     return methods
+
+
+def value_methods(head_dim: int) -> list:
+    """The value-codec comparison. One extra point below and above 2/3/4 bits per family so
+    that every family can be compared at exactly 2, 3 and 4 bits per coordinate."""
+    methods = [SphericalMethod(head_dim, b) for b in (1.5,) + SPHERICAL_TARGETS]
+    methods += [KiviMethod(head_dim, b) for b in (1,) + BASELINE_BITS + (5,)]
+    methods += [ScalarMethod(head_dim, b) for b in (1,) + BASELINE_BITS + (5,)]
+    return methods
+
+
+@dataclass
+class ValueRow:
+    data: str
+    method: str
+    family: str
+    value_bits: float
+    value_rel_mse: float
+
+
+def value_rows(sample: "KVSample", methods, progress: bool = True) -> list[ValueRow]:
+    rows = []
+    for m in tqdm(methods, desc=f"{sample.name} values", disable=not progress, leave=False):
+        v_hat, bits = m.reconstruct_values(sample.values)
+        family = "KIVI per-token" if m.family.startswith("KIVI") else m.family
+        label = m.label.split(" g")[0] if family == "KIVI per-token" else m.label
+        rows.append(ValueRow(sample.name, label, family, float(bits), rel_mse(v_hat, sample.values)))
+    return rows
 
 
 # ---------------------------------------------------------------------------------------
@@ -200,31 +254,46 @@ def rd_rows(sample: KVSample, methods, progress: bool = True) -> list[RDRow]:
     return [measure(m, sample) for m in tqdm(methods, desc=sample.name, disable=not progress, leave=False)]
 
 
-def interpolated_log_mse(points: list[tuple[float, float]], bits: float) -> float | None:
-    """log10 MSE at `bits`, linear in bits between the two measured points around it;
-    None if bits lies outside the measured range."""
-    pts = sorted(points)
-    for (b0, e0), (b1, e1) in zip(pts, pts[1:]):
+def lower_hull(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Lower convex hull of (bits, mse) points, by increasing bits."""
+    hull: list[tuple[float, float]] = []
+    for p in sorted(points):
+        while hull and hull[-1][0] == p[0]:
+            if hull[-1][1] <= p[1]:
+                break
+            hull.pop()
+        else:
+            while len(hull) >= 2 and ((hull[-1][0] - hull[-2][0]) * (p[1] - hull[-2][1])
+                                      - (hull[-1][1] - hull[-2][1]) * (p[0] - hull[-2][0])) <= 0:
+                hull.pop()
+            hull.append(p)
+    return hull
+
+
+def time_shared_mse(points: list[tuple[float, float]], bits: float) -> float | None:
+    """The MSE reachable at exactly `bits` by storing a fraction of tokens at one measured
+    rate and the rest at another (linear on the lower convex hull); None outside the
+    measured range. This is what a per-token tier mix can really achieve."""
+    hull = lower_hull(points)
+    if not hull or not hull[0][0] - 1e-9 <= bits <= hull[-1][0] + 1e-9:
+        return None
+    for (b0, e0), (b1, e1) in zip(hull, hull[1:]):
         if b0 <= bits <= b1:
-            if b1 == b0:
-                return math.log10(min(e0, e1))
             w = (bits - b0) / (b1 - b0)
-            return (1 - w) * math.log10(e0) + w * math.log10(e1)
-    if pts and math.isclose(pts[0][0], bits):
-        return math.log10(pts[0][1])
-    return None
+            return (1 - w) * e0 + w * e1
+    return min(e for b, e in hull if math.isclose(b, bits, abs_tol=1e-9))
 
 
-def value_codec_winners(rows: list[RDRow], targets=VALUE_TARGETS) -> list[dict]:
-    """Per target bits: each family's interpolated value MSE and the family with the lowest."""
+def value_codec_winners(rows, targets=VALUE_TARGETS) -> list[dict]:
+    """Per target bits: each family's time-shared value MSE and the family with the lowest."""
     families = sorted({r.family for r in rows})
     out = []
     for t in targets:
         per = {}
         for f in families:
-            lg = interpolated_log_mse([(r.value_bits, r.value_rel_mse) for r in rows if r.family == f], t)
-            if lg is not None:
-                per[f] = 10**lg
+            mse = time_shared_mse([(r.value_bits, r.value_rel_mse) for r in rows if r.family == f], t)
+            if mse is not None:
+                per[f] = mse
         winner = min(per, key=per.get) if per else None
         out.append({"bits": t, "mse": per, "winner": winner})
     return out
@@ -237,7 +306,7 @@ def direction_rel_mse(codec, x: torch.Tensor) -> float:
     return rel_mse(codec.decode(codec.encode(x), dtype=torch.float64), x)
 
 
-def head_dim_rows(n_tokens: int = 4096, dims=(64, 80, 96, 128), bits=(2.0, 4.0, 6.0), seed: int = 0) -> list[dict]:
+def head_dim_rows(n_tokens: int = 2048, dims=(64, 80, 96, 128), bits=(2.0, 4.0, 6.0), seed: int = 0) -> list[dict]:
     """Relative key MSE at equal stored bits (2, 4 and 6 are whole 32-bit words for all of
     64, 80, 96 and 128), on Gaussian keys and with one channel x50 in the first or last block."""
     rows = []
@@ -281,7 +350,45 @@ def spec_reference_rows(n_tokens: int = 8192, seed: int = 0) -> list[dict]:
     return rows
 
 
-def high_bit_rows(dims=(64, 80, 96, 128), bits=(10, 12, 14), n_tokens: int = 1024, n_queries: int = 64,
+def knapsack_allocation(tree, angle_bit_budget: int, max_bits: int = 12) -> tuple[float, tuple[int, ...]]:
+    """Exact minimum of the allocator's own distortion model (sum of weight · slot MSE) over
+    integer bits per slot within the budget: a multiple-choice knapsack solved by dynamic
+    programming over bits used. A check on the greedy allocator, not part of the codec."""
+    best = {0: (0.0, ())}  # bits used -> (predicted MSE, bits per slot so far)
+    for slot, (count, weight) in enumerate(group_weights(tree)):
+        nxt: dict[int, tuple[float, tuple[int, ...]]] = {}
+        for used, (mse, bits) in best.items():
+            for b in range(max_bits + 1):
+                total = used + count * b
+                if total > angle_bit_budget:
+                    break
+                cand = (mse + weight * slot_mse(tree, slot, b), bits + (b,))
+                if total not in nxt or cand[0] < nxt[total][0]:
+                    nxt[total] = cand
+        best = nxt
+    return min(best.values())
+
+
+def allocation_rows(dims=(64, 128), targets=(2.0, 3.0, 4.0), n_tokens: int = 8192, seed: int = 0) -> list[dict]:
+    """The codec's rate-distortion allocation against the exact optimum of the same model,
+    both measured on Gaussian keys at the same stored size."""
+    rows = []
+    for d in dims:
+        x = torch.randn(n_tokens, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        for t in targets:
+            codec = SphericalCodec(d, bits=t, seed=seed)
+            budget = 32 * codec.words - codec.radius_bits
+            _, optimum = knapsack_allocation(codec.tree, budget)
+            exact = SphericalCodec(d, bits=optimum, seed=seed)
+            rows.append({"head_dim": d, "bits": codec.bits_per_element,
+                         "codec_bits": codec.level_bits, "codec_predicted": codec.predicted_direction_mse,
+                         "codec_measured": direction_rel_mse(codec, x),
+                         "optimal_bits": optimum, "optimal_predicted": exact.predicted_direction_mse,
+                         "optimal_measured": direction_rel_mse(exact, x)})
+    return rows
+
+
+def high_bit_rows(dims=(64, 80, 96, 128), bits=(10, 12, 14), n_tokens: int = 512, n_queries: int = 8,
                   seed: int = 0) -> list[dict]:
     """Relative RMS logit and attention-output errors in float32 with every angle at b bits
     and a 32-bit radius, next to two floors: the level-1 angle's RMS error (2π/2^b)/√12 and
@@ -318,11 +425,11 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
 
 def rd_markdown(rows: list[RDRow]) -> str:
     return markdown_table(
-        ["method", "K bits/coord", "V bits/coord", "logit rel MSE", "attn-out rel MSE"],
-        [[r.method, r.key_bits, r.value_bits, r.logit_rel_mse, r.attn_rel_mse] for r in rows])
+        ["method", "K bits/coord", "V bits/coord", "logit rel MSE", "attn-out rel MSE", "value rel MSE"],
+        [[r.method, r.key_bits, r.value_bits, r.logit_rel_mse, r.attn_rel_mse, r.value_rel_mse] for r in rows])
 
 
-def value_markdown(rows: list[RDRow]) -> str:
+def value_markdown(rows: list[ValueRow]) -> str:
     ordered = sorted(rows, key=lambda r: (r.family, r.value_bits))
     return markdown_table(["value codec", "V bits/coord", "value rel MSE"],
                           [[r.method, r.value_bits, r.value_rel_mse] for r in ordered])
@@ -330,47 +437,51 @@ def value_markdown(rows: list[RDRow]) -> str:
 
 def winners_markdown(winners: list[dict]) -> str:
     families = sorted({f for w in winners for f in w["mse"]})
-    return markdown_table(["bits/coord"] + [f"{f} (interp.)" for f in families] + ["lowest value MSE"],
+    return markdown_table(["bits/coord"] + [f"{f}" for f in families] + ["lowest value MSE"],
                           [[w["bits"]] + [w["mse"].get(f) for f in families] + [w["winner"]] for w in winners])
 
 
-def plot_rd(results: dict[str, list[RDRow]], path: str) -> None:
+def plot_rd(report: "Report", path: str) -> None:
+    """One column per data set: logit error vs K bits, attention-output error vs mean K/V
+    bits, value error vs V bits; one line per method family."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(results)
-    panels = [("key_bits", "logit_rel_mse", "logit rel MSE"),
-              ("value_bits", "attn_rel_mse", "attn-out rel MSE (x: V bits)"),
-              ("value_bits", "value_rel_mse", "value rel MSE")]
-    fig, axes = plt.subplots(len(panels), len(names), figsize=(4.6 * len(names), 3.6 * len(panels)), squeeze=False)
+    names = list(report.results)
+    panels = [("results", lambda r: r.key_bits, "logit_rel_mse", "logit rel MSE", "K bits/coord"),
+              ("results", lambda r: (r.key_bits + r.value_bits) / 2, "attn_rel_mse", "attn-out rel MSE",
+               "mean K/V bits/coord"),
+              ("values", lambda r: r.value_bits, "value_rel_mse", "value rel MSE", "V bits/coord")]
+    fig, axes = plt.subplots(len(panels), len(names), figsize=(4.8 * len(names), 3.6 * len(panels)), squeeze=False)
     for col, name in enumerate(names):
-        rows = results[name]
-        for row_i, (xb, yk, title) in enumerate(panels):
+        for row_i, (source, xbits, yk, title, xlabel) in enumerate(panels):
+            rows = getattr(report, source)[name]
             ax = axes[row_i][col]
             for fam in sorted({r.family for r in rows}):
-                pts = sorted((getattr(r, xb), getattr(r, yk)) for r in rows if r.family == fam)
+                pts = sorted((xbits(r), getattr(r, yk)) for r in rows if r.family == fam)
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=fam)
             ax.set_yscale("log")
-            ax.set_xlabel("bits per coordinate (all stored)")
+            ax.set_xlabel(f"{xlabel} (everything stored)")
             ax.set_title(f"{name}: {title}", fontsize=9)
             ax.grid(True, which="both", alpha=0.3)
-            if row_i == 0 and col == 0:
-                ax.legend(fontsize=8)
+            ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 @dataclass
 class Report:
     results: dict = field(default_factory=dict)  # data name -> list[RDRow]
+    values: dict = field(default_factory=dict)  # data name -> list[ValueRow]
     notes: dict = field(default_factory=dict)
     winners: dict = field(default_factory=dict)
     head_dims: list = field(default_factory=list)
     spec_reference: list = field(default_factory=list)
     high_bits: list = field(default_factory=list)
+    allocation: list = field(default_factory=list)
 
 
 def run(tokens: int = 1024, use_model: bool = True, extras: bool = True, progress: bool = True) -> Report:
@@ -381,12 +492,15 @@ def run(tokens: int = 1024, use_model: bool = True, extras: bool = True, progres
     for s in samples:
         report.results[s.name] = rd_rows(s, default_methods(s.head_dim), progress)
         report.notes[s.name] = s.note
-        report.winners[s.name] = value_codec_winners(report.results[s.name])
+        report.values[s.name] = value_rows(s, value_methods(s.head_dim), progress)
+        report.winners[s.name] = value_codec_winners(report.values[s.name])
     if extras:
-        steps = tqdm(total=3, desc="head dims, SPEC points, high bits", disable=not progress, leave=False)
+        steps = tqdm(total=4, desc="head dims, SPEC points, allocation, high bits", disable=not progress, leave=False)
         report.head_dims = head_dim_rows()
         steps.update()
         report.spec_reference = spec_reference_rows()
+        steps.update()
+        report.allocation = allocation_rows()
         steps.update()
         report.high_bits = high_bit_rows()
         steps.update()
@@ -398,9 +512,10 @@ def render(report: Report) -> str:
     out = []
     for name, rows in report.results.items():
         out += [f"### Keys and values: {name}", f"Queries: {report.notes[name]}.", "", rd_markdown(rows), ""]
-    for name, rows in report.results.items():
+    for name, rows in report.values.items():
         out += [f"### Value codecs: {name}", "", value_markdown(rows), "",
-                "Interpolated (log-linear in bits) value MSE at equal bits:", "",
+                "Value rel MSE at exactly equal bits (time-sharing between measured rates, i.e. the "
+                "lower convex hull):", "",
                 winners_markdown(report.winners[name]), ""]
     if report.head_dims:
         keys = [k for k in report.head_dims[0] if k not in ("head_dim", "bits", "level_bits", "predicted")]
@@ -414,6 +529,14 @@ def render(report: Report) -> str:
                                 "measured", "predicted"],
                                [[r["config"], r["level_bits"], r["payload_bits"], r["stored_bits"], r["measured"],
                                  r["predicted"]] for r in report.spec_reference]), ""]
+    if report.allocation:
+        out += ["### Bit allocation: the codec's greedy allocation vs the exact optimum of the same model "
+                "(Gaussian, relative direction MSE)", "",
+                markdown_table(["head_dim", "bits/coord", "codec level bits", "predicted", "measured",
+                                "optimal level bits", "predicted", "measured"],
+                               [[r["head_dim"], r["bits"], r["codec_bits"], r["codec_predicted"], r["codec_measured"],
+                                 r["optimal_bits"], r["optimal_predicted"], r["optimal_measured"]]
+                                for r in report.allocation]), ""]
     if report.high_bits:
         out += ["### High bits (every angle at b bits, 32-bit radius, float32, Gaussian)", "",
                 markdown_table(["head_dim", "bits/angle", "bits/coord", "logit rel RMS", "attn-out rel RMS",
@@ -425,8 +548,10 @@ def render(report: Report) -> str:
 
 def to_json(report: Report) -> dict:
     return {"results": {k: [asdict(r) for r in v] for k, v in report.results.items()},
+            "values": {k: [asdict(r) for r in v] for k, v in report.values.items()},
             "notes": report.notes, "value_winners": report.winners, "head_dims": report.head_dims,
-            "spec_reference": report.spec_reference, "high_bits": report.high_bits}
+            "spec_reference": report.spec_reference, "allocation": report.allocation,
+            "high_bits": report.high_bits}
 
 
 def main(argv=None) -> int:
@@ -446,7 +571,7 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump(to_json(report), f, indent=1, default=str)
     if args.plot:
-        plot_rd(report.results, args.plot)
+        plot_rd(report, args.plot)
         print(f"plot written to {args.plot}", file=sys.stderr)
     return 0
 
