@@ -108,7 +108,10 @@ def apply_choice(states: list[TierState], specs: list[TierSpec], tokens: LayerTo
             sel = tokens.valid[s] & (per_source[s] == t)
             if not bool(sel.any()):
                 continue
-            recs.append(convert_records(src, spec, tokens.records[s], head_dim, seed, kv_dtype))
+            # convert only the selected tokens: encoding is the costly part of a re-budget
+            out = torch.zeros(*sel.shape, st.pool.shape[-1], dtype=torch.int32, device=sel.device)
+            out[sel] = convert_records(src, spec, tokens.records[s][sel], head_dim, seed, kv_dtype)
+            recs.append(out)
             utils.append(tokens.utility[s]); masks.append(sel)
         B, H = st.count.shape
         if not recs:

@@ -1,0 +1,1 @@
+"""Quality harness: python -m sphkv_compile.eval --help"""
