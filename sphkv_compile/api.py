@@ -50,6 +50,12 @@ def _cache_keyword(fn) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def cache_keyword(model) -> str:
+    """The keyword under which this model's forward (and generate) take the cache."""
+    state = getattr(model, _STATE_ATTR, None)
+    return _cache_keyword(state.original_forward if state is not None else model.forward)
+
+
 def new_cache(model, max_cache_len: int | None = None) -> SphkvCache:
     """An SphkvCache for an optimized model: static when max_cache_len is given, else dynamic."""
     state = getattr(model, _STATE_ATTR, None)
