@@ -25,6 +25,25 @@ def compile_kernel(fn, sig, consts, num_warps=4, num_stages=2):
     return k, getattr(md, "shared", None), k.n_regs if hasattr(k, "n_regs") else None
 
 
+def sass_summary(k):
+    """Registers, stack and the most frequent SASS opcodes (Triton's bundled cuobjdump)."""
+    import collections
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([tool, "--dump-sass", f.name], capture_output=True, text=True).stdout
+    ops = collections.Counter(m.group(1).split(".")[0] for m in
+                              re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass))
+    print(" ", [l.strip() for l in usage.splitlines() if "REG" in l], sum(ops.values()), ops.most_common(12))
+
+
 def paged_signature(fn, consts):
     sig = {}
     for name in fn.arg_names:
@@ -44,11 +63,12 @@ def main(d=128, block_t=64, block_m=16, warps=4, stages=2):
                   BLOCK_T=block_t, EXACT=False, VALUE_SCALAR=False, K_LEVELS=info.key.levels,
                   K_COUNTS=info.key.fields.counts, K_MAXC=info.key.fields.max_comps, K_TSIZE=info.key.table_size,
                   V_LEVELS=info.value.levels, V_COUNTS=info.value.fields.counts, V_MAXC=info.value.fields.max_comps,
-                  V_TSIZE=info.value.table_size, STEP=info.key.radius_step, LOG2_MIN=LOG2_MIN, DOT_PRECISION="tf32")
+                  V_TSIZE=info.value.table_size, K_WIDTHS=info.key.fields.widths, V_WIDTHS=info.value.fields.widths, STEP=info.key.radius_step, LOG2_MIN=LOG2_MIN, DOT_PRECISION="tf32")
     k = triton.compile(ASTSource(paged_partials_kernel, paged_signature(paged_partials_kernel, consts), consts),
                        target=TARGET, options={"num_warps": warps, "num_stages": stages})
     asm = k.asm
     print("paged_partials", d, block_t, warps, "shared", k.metadata.shared)
+    sass_summary(k)
     ptx = asm["ptx"]
     print(" ptx lines", ptx.count("\n"), "ld.global", ptx.count("ld.global"), "mma", ptx.count("mma."),
           "shfl", ptx.count("shfl"), "bar.sync", ptx.count("bar.sync"), "st.shared", ptx.count("st.shared"),
@@ -56,6 +76,58 @@ def main(d=128, block_t=64, block_m=16, warps=4, stages=2):
     return k
 
 
+def compile_all(d=128):
+    """Every kernel once, for sm_90 (compile errors and shared memory, no GPU needed)."""
+    from sphkv_compile.kernels.attention_kernels import chunk_partials_kernel, paged_mass_kernel
+    from sphkv_compile.kernels.compaction import compact_rows_kernel
+    from sphkv_compile.kernels.layout import radius_round_offset
+
+    spec = TierSpec("uniform", 3.5, "polar", 3.5)
+    info = tier_info(spec, d, 0, torch.bfloat16)
+    sc = tier_info(TierSpec("s", 3.5, "scalar", 3), d, 0, torch.bfloat16)
+    key, val = info.key, info.value
+    jobs = {
+        "encode_polar": (encode_kv_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*i32"},
+                         dict(D=d, BLOCK_T=32, KW=info.key_words, VW=info.value_words, KWPAD=16, VWPAD=16,
+                              VALUE_SCALAR=False, K_LEVELS=key.levels, K_BITS=key.bits, K_COUNTS=key.fields.counts,
+                              K_MAXC=key.fields.max_comps, K_TSIZE=key.table_size, V_LEVELS=val.levels,
+                              V_BITS=val.bits, V_COUNTS=val.fields.counts, V_MAXC=val.fields.max_comps,
+                              V_TSIZE=val.table_size, STEP=key.radius_step, ROUND_OFFSET=radius_round_offset(16))),
+        "encode_scalar": (encode_kv_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*i32"},
+                          dict(D=d, BLOCK_T=32, KW=sc.key_words, VW=sc.value_words, KWPAD=16, VWPAD=16,
+                               VALUE_SCALAR=True, K_LEVELS=key.levels, K_BITS=key.bits, K_COUNTS=key.fields.counts,
+                               K_MAXC=key.fields.max_comps, K_TSIZE=key.table_size, V_LEVELS=0,
+                               V_BITS=sc.value.bits, V_COUNTS=sc.value.fields.counts,
+                               V_MAXC=sc.value.fields.max_comps, V_TSIZE=1, STEP=key.radius_step,
+                               ROUND_OFFSET=radius_round_offset(16))),
+        "chunk": (chunk_partials_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16", "valid_ptr": "*i8"},
+                  dict(D=d, BLOCK_M=16, BLOCK_T=64, HAS_VALID=True, DOT_PRECISION="tf32")),
+        "combine": (combine_kernel, {"out_ptr": "*bf16"}, dict(D=d, BLOCK_M=16, HAS_ROT=True)),
+        "mass": (paged_mass_kernel, {"pool_ptr": "*i32", "pages_ptr": "*i32", "count_ptr": "*i32",
+                                     "util_ptr": "*fp16", "kcomps_ptr": "*i32"},
+                 dict(PS=64, WT=28, D=d, BLOCK_R=16, BLOCK_T=64, EXACT=False, K_LEVELS=key.levels,
+                      K_WIDTHS=key.fields.widths,
+                      K_COUNTS=key.fields.counts, K_MAXC=key.fields.max_comps, K_TSIZE=key.table_size,
+                      STEP=key.radius_step, LOG2_MIN=LOG2_MIN, DOT_PRECISION="tf32")),
+        "compact": (compact_rows_kernel, {"pool_ptr": "*i32", "util_ptr": "*fp16", "pages_ptr": "*i32",
+                                          "count_ptr": "*i32", "keep_ptr": "*i8", "rank_ptr": "*i32"},
+                    dict(W=28, WPAD=32, PS=64, BLOCK_T=64)),
+    }
+    for name, (fn, ptrs, consts) in jobs.items():
+        sig = {a: ("constexpr" if a in consts else ptrs.get(a, "*i32" if "comps" in a else "*fp32") if a.endswith("_ptr") else "i32")
+               for a in fn.arg_names}
+        try:
+            k = triton.compile(ASTSource(fn, sig, consts), target=TARGET, options={"num_warps": 4, "num_stages": 1})
+            print(name, "ok, shared", k.metadata.shared)
+        except Exception as err:
+            print(name, "FAILED", str(err)[-1500:])
+
+
 if __name__ == "__main__":
     import sys
-    k = main(*[int(a) for a in sys.argv[1:]])
+    if sys.argv[1:] == ["all"]:
+        compile_all(64)
+        compile_all(128)
+    else:
+        main(*[int(a) for a in sys.argv[1:]])
+

@@ -22,10 +22,11 @@ from .layout import DEVICE_TABLES, ScalarTables, Unsupported, rotation_matrices,
 LOG2E = 1.0 / math.log(2.0)
 # Partials of one launch group are kept under this many bytes (long prefills run in query chunks).
 PARTIAL_BYTES = 1 << 28
-# Tile and launch shape of the paged kernel (chosen by the sweep in benchmarks/bench_decode.py;
-# one stage keeps shared memory at ~72 KB for d=128, three programs per SM).
+# Tile and launch shape of the paged kernel, from the sweep in benchmarks/bench_decode.py on an
+# H100 (docs/PERFORMANCE.md): 64-token tiles, one stage (two stages was 2-4x slower: shared
+# memory), 8 warps for d=128 and 4 for d=64.
 DEFAULT_BLOCK_T = 64
-DEFAULT_WARPS = 4
+DEFAULT_WARPS = None  # by head dim
 DEFAULT_STAGES = 1
 
 
@@ -58,6 +59,13 @@ def _tab(t, device):
     return DEVICE_TABLES.get(t, device)
 
 
+def _codec_constants(tables) -> tuple:
+    """(levels, component counts, max components, component widths, table size) as constexprs."""
+    if isinstance(tables, ScalarTables):
+        return 0, tables.fields.counts, tables.fields.max_comps, tables.fields.widths, 1
+    return tables.levels, tables.fields.counts, tables.fields.max_comps, tables.fields.widths, tables.table_size
+
+
 def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_offset, S, S_total, M, block_m,
                   block_t, precision, num_warps, num_stages):
     BH = st.count.numel()
@@ -67,29 +75,26 @@ def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_
         per_word = 4 // pool.element_size()
         wt, voff = st.pool.shape[-1] * per_word, info.key_words * per_word
         kc = kt = vc = vt = pool  # unused pointers
-        kcon = vcon = (0, 0, 1, 1)
+        kcon = vcon = (0, 0, 1, 0, 1)
         scalar = False
     else:
         pool = st.pool
         wt, voff = st.pool.shape[-1], info.key_words
         kc, kt = _tab(info.key.fields.comps, device), _tab(info.key.trig, device)
-        kcon = (info.key.levels, info.key.fields.counts, info.key.fields.max_comps, info.key.table_size)
+        kcon = _codec_constants(info.key)
         scalar = isinstance(info.value, ScalarTables)
         vc = _tab(info.value.fields.comps, device)
-        if scalar:
-            vt = _tab(info.value.centroids, device)
-            vcon = (0, info.value.fields.counts, info.value.fields.max_comps, 1)
-        else:
-            vt = _tab(info.value.trig, device)
-            vcon = (info.value.levels, info.value.fields.counts, info.value.fields.max_comps, info.value.table_size)
+        vt = _tab(info.value.centroids if scalar else info.value.trig, device)
+        vcon = _codec_constants(info.value)
     step = info.key.radius_step if info.key is not None else 1.0
     grid = (BH, S, triton.cdiv(M, block_m))
     paged_partials_kernel[grid](
         q_in, pool, st.pages, st.count, acc, m, l, kc, kt, vc, vt,
         M, st.pages.shape[-1], S, split_offset, S_total,
         PS=st.page_size, WT=wt, VOFF=voff, D=q_in.shape[-1], BLOCK_M=block_m, BLOCK_T=block_t, EXACT=exact,
-        VALUE_SCALAR=scalar, K_LEVELS=kcon[0], K_COUNTS=kcon[1], K_MAXC=kcon[2], K_TSIZE=kcon[3],
-        V_LEVELS=vcon[0], V_COUNTS=vcon[1], V_MAXC=vcon[2], V_TSIZE=vcon[3], STEP=step, LOG2_MIN=LOG2_MIN,
+        VALUE_SCALAR=scalar, K_LEVELS=kcon[0], K_COUNTS=kcon[1], K_MAXC=kcon[2], K_WIDTHS=kcon[3],
+        K_TSIZE=kcon[4], V_LEVELS=vcon[0], V_COUNTS=vcon[1], V_MAXC=vcon[2], V_WIDTHS=vcon[3], V_TSIZE=vcon[4],
+        STEP=step, LOG2_MIN=LOG2_MIN,
         DOT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages)
 
 
@@ -103,6 +108,8 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
     if Hq % Hkv:
         raise ValueError(f"{Hq} query heads cannot be grouped over {Hkv} KV heads")
     infos = check_supported(q, specs, d, seed, kv_dtype)
+    if num_warps is None:
+        num_warps = 8 if d >= 128 else 4
     G = Hq // Hkv
     BH = B * Hkv
     device = q.device
@@ -214,18 +221,19 @@ def _launch_mass(info, kv_dtype, q_in, st: TierState, stat_m, stat_l, M, Tq, win
         per_word = 4 // pool.element_size()
         wt = st.pool.shape[-1] * per_word
         kc = kt = pool
-        kcon = (0, 0, 1, 1)
+        kcon = (0, 0, 1, 0, 1)
         step = 1.0
     else:
         pool = st.pool
         wt = st.pool.shape[-1]
         kc, kt = _tab(info.key.fields.comps, device), _tab(info.key.trig, device)
-        kcon = (info.key.levels, info.key.fields.counts, info.key.fields.max_comps, info.key.table_size)
+        kcon = _codec_constants(info.key)
         step = info.key.radius_step
     tiles = triton.cdiv(st.pages.shape[-1] * st.page_size, block_t)
     G = M // Tq
     paged_mass_kernel[(BH, tiles)](
         q_in, pool, st.pages, st.count, st.utility, stat_m, stat_l, kc, kt, M, Tq, window, st.pages.shape[-1],
         PS=st.page_size, WT=wt, D=q_in.shape[-1], BLOCK_R=_block_m(G * window), BLOCK_T=block_t, EXACT=exact,
-        K_LEVELS=kcon[0], K_COUNTS=kcon[1], K_MAXC=kcon[2], K_TSIZE=kcon[3], STEP=step, LOG2_MIN=LOG2_MIN,
+        K_LEVELS=kcon[0], K_COUNTS=kcon[1], K_MAXC=kcon[2], K_WIDTHS=kcon[3], K_TSIZE=kcon[4], STEP=step,
+        LOG2_MIN=LOG2_MIN,
         DOT_PRECISION=precision)

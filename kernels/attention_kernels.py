@@ -28,11 +28,11 @@ def _split_range(count, pid_s, S, BLOCK_T: tl.constexpr):
 
 
 @triton.jit
-def _tile_kv(pool_ptr, base, valid, kcomps_ptr, ktab_ptr, vcomps_ptr, vtab_ptr, VOFF: tl.constexpr,
+def _tile_kv(pool_ptr, base, valid, kcomps_ptr, ktab_ptr, vcomps_ptr, vtab_ptr, WT: tl.constexpr, VOFF: tl.constexpr,
              D: tl.constexpr, EXACT: tl.constexpr, VALUE_SCALAR: tl.constexpr, WANT_V: tl.constexpr,
-             K_LEVELS: tl.constexpr, K_COUNTS: tl.constexpr, K_MAXC: tl.constexpr, K_TSIZE: tl.constexpr,
-             V_LEVELS: tl.constexpr, V_COUNTS: tl.constexpr, V_MAXC: tl.constexpr, V_TSIZE: tl.constexpr,
-             STEP: tl.constexpr, LOG2_MIN: tl.constexpr):
+             K_LEVELS: tl.constexpr, K_COUNTS: tl.constexpr, K_MAXC: tl.constexpr, K_WIDTHS: tl.constexpr,
+             K_TSIZE: tl.constexpr, V_LEVELS: tl.constexpr, V_COUNTS: tl.constexpr, V_MAXC: tl.constexpr,
+             V_WIDTHS: tl.constexpr, V_TSIZE: tl.constexpr, STEP: tl.constexpr, LOG2_MIN: tl.constexpr):
     """Keys and values [BLOCK_T, D] float32 for a tile (values only if WANT_V)."""
     d = tl.arange(0, D)
     if EXACT:
@@ -41,16 +41,16 @@ def _tile_kv(pool_ptr, base, valid, kcomps_ptr, ktab_ptr, vcomps_ptr, vtab_ptr, 
         if WANT_V:
             v = tl.load(pool_ptr + base[:, None] + VOFF + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
     else:
-        k = decode_polar_tile(pool_ptr, base, valid, kcomps_ptr, ktab_ptr, D, K_LEVELS, K_COUNTS, K_MAXC, K_TSIZE,
-                              STEP, LOG2_MIN)
+        k = decode_polar_tile(pool_ptr, base, valid, kcomps_ptr, ktab_ptr, D, K_LEVELS, K_COUNTS, K_MAXC, K_WIDTHS,
+                              WT, K_TSIZE, STEP, LOG2_MIN)
         v = k
         if WANT_V:
             if VALUE_SCALAR:
                 v = decode_scalar_tile(pool_ptr, base + VOFF, valid, vcomps_ptr, vtab_ptr, D, V_COUNTS, V_MAXC,
-                                       STEP, LOG2_MIN)
+                                       V_WIDTHS, WT - VOFF, STEP, LOG2_MIN)
             else:
                 v = decode_polar_tile(pool_ptr, base + VOFF, valid, vcomps_ptr, vtab_ptr, D, V_LEVELS, V_COUNTS,
-                                      V_MAXC, V_TSIZE, STEP, LOG2_MIN)
+                                      V_MAXC, V_WIDTHS, WT - VOFF, V_TSIZE, STEP, LOG2_MIN)
     return k, v
 
 
@@ -61,9 +61,10 @@ def paged_partials_kernel(
         M, max_pages, S, split_offset, S_total,
         PS: tl.constexpr, WT: tl.constexpr, VOFF: tl.constexpr, D: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, EXACT: tl.constexpr, VALUE_SCALAR: tl.constexpr,
-        K_LEVELS: tl.constexpr, K_COUNTS: tl.constexpr, K_MAXC: tl.constexpr, K_TSIZE: tl.constexpr,
-        V_LEVELS: tl.constexpr, V_COUNTS: tl.constexpr, V_MAXC: tl.constexpr, V_TSIZE: tl.constexpr,
-        STEP: tl.constexpr, LOG2_MIN: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        K_LEVELS: tl.constexpr, K_COUNTS: tl.constexpr, K_MAXC: tl.constexpr, K_WIDTHS: tl.constexpr,
+        K_TSIZE: tl.constexpr, V_LEVELS: tl.constexpr, V_COUNTS: tl.constexpr, V_MAXC: tl.constexpr,
+        V_WIDTHS: tl.constexpr, V_TSIZE: tl.constexpr, STEP: tl.constexpr, LOG2_MIN: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -81,9 +82,9 @@ def paged_partials_kernel(
         valid = slots < end
         page = tl.load(pages_ptr + pid_bh * max_pages + slots // PS, mask=valid, other=0)
         base = (page.to(tl.int64) * PS + slots % PS) * WT
-        k, v = _tile_kv(pool_ptr, base, valid, kcomps_ptr, ktab_ptr, vcomps_ptr, vtab_ptr, VOFF, D, EXACT,
-                        VALUE_SCALAR, True, K_LEVELS, K_COUNTS, K_MAXC, K_TSIZE, V_LEVELS, V_COUNTS, V_MAXC,
-                        V_TSIZE, STEP, LOG2_MIN)
+        k, v = _tile_kv(pool_ptr, base, valid, kcomps_ptr, ktab_ptr, vcomps_ptr, vtab_ptr, WT, VOFF, D, EXACT,
+                        VALUE_SCALAR, True, K_LEVELS, K_COUNTS, K_MAXC, K_WIDTHS, K_TSIZE, V_LEVELS, V_COUNTS,
+                        V_MAXC, V_WIDTHS, V_TSIZE, STEP, LOG2_MIN)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -196,7 +197,8 @@ def paged_mass_kernel(
         M, Tq, W, max_pages,
         PS: tl.constexpr, WT: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr,
         EXACT: tl.constexpr, K_LEVELS: tl.constexpr, K_COUNTS: tl.constexpr, K_MAXC: tl.constexpr,
-        K_TSIZE: tl.constexpr, STEP: tl.constexpr, LOG2_MIN: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        K_WIDTHS: tl.constexpr, K_TSIZE: tl.constexpr, STEP: tl.constexpr, LOG2_MIN: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
     """utility[token] += attention mass from the last W queries of every head in the group
     (final softmax from the combined row statistics). One program owns one tile of tokens."""
     pid_bh = tl.program_id(0)
@@ -208,9 +210,9 @@ def paged_mass_kernel(
         page = tl.load(pages_ptr + pid_bh * max_pages + slots // PS, mask=valid, other=0)
         row_of_slot = page.to(tl.int64) * PS + slots % PS
         base = row_of_slot * WT
-        k, _ = _tile_kv(pool_ptr, base, valid, kcomps_ptr, ktab_ptr, kcomps_ptr, ktab_ptr, 0, D, EXACT, False,
-                        False, K_LEVELS, K_COUNTS, K_MAXC, K_TSIZE, K_LEVELS, K_COUNTS, K_MAXC, K_TSIZE, STEP,
-                        LOG2_MIN)
+        k, _ = _tile_kv(pool_ptr, base, valid, kcomps_ptr, ktab_ptr, kcomps_ptr, ktab_ptr, WT, 0, D, EXACT, False,
+                        False, K_LEVELS, K_COUNTS, K_MAXC, K_WIDTHS, K_TSIZE, K_LEVELS, K_COUNTS, K_MAXC, K_WIDTHS,
+                        K_TSIZE, STEP, LOG2_MIN)
         d = tl.arange(0, D)
         mass = tl.zeros((BLOCK_T,), tl.float32)
         G = M // Tq

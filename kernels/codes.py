@@ -1,9 +1,11 @@
 """Triton helpers that read and write spherical / scalar code records in tiles.
 
-A tile is BLOCK_T tokens; `base` [BLOCK_T] is each token's first word in the pool. Fields are
-read with one gathered 32-bit load per element and split-width component (every element sits
-at a static bit offset, so a word index and a shift); the loads hit L1 since a record is a few
-dozen contiguous bytes.
+A tile is BLOCK_T tokens; `base` [BLOCK_T] is each token's first word in the pool. A
+split-width component of n elements of w bits (both powers of two, so n·w is a power of two)
+occupies n·w contiguous bits starting at a multiple of w. It is read as whole words: the
+words it spans are loaded as a [T, NW] tile (and the next word), shifted into alignment (a
+funnel shift by the component's bit offset), and every word is split into its 32/w elements
+with broadcast shifts; a reshape gives [T, n]. No per-element addresses or loads.
 
 Decoding keys/values (the angular recurrence) runs top-down as tiles: level l's node radii
 [T, n] become level l-1's [T, 2n] by interleaving parent·cos(psi) and parent·sin(psi), which
@@ -20,20 +22,33 @@ VALUE_SCALAR = 1
 
 
 @triton.jit
+def _component(pool_ptr, base, valid, comp_ptr, N: tl.constexpr, W: tl.constexpr, LIMIT: tl.constexpr):
+    """One split-width component (N elements of W bits) -> its bits, int32 [BLOCK_T, N]."""
+    PER_WORD: tl.constexpr = 32 // W if N * W >= 32 else N
+    NW: tl.constexpr = N * W // 32 if N * W >= 32 else 1
+    off = tl.load(comp_ptr)
+    first = off >> 5
+    r = off & 31
+    j = first + tl.arange(0, NW)
+    lo = tl.load(pool_ptr + base[:, None] + j[None, :], mask=valid[:, None], other=0).to(tl.uint32, bitcast=True)
+    hi = tl.load(pool_ptr + base[:, None] + j[None, :] + 1, mask=valid[:, None] & ((j + 1) < LIMIT)[None, :],
+                 other=0).to(tl.uint32, bitcast=True)
+    word = tl.where(r == 0, lo, (lo >> r) | (hi << ((32 - r) & 31)))
+    s = (tl.arange(0, PER_WORD) * W).to(tl.uint32)
+    parts = (word[:, :, None] >> s[None, None, :]) & ((1 << W) - 1)
+    return tl.reshape(parts, (base.shape[0], N)).to(tl.int32)
+
+
+@triton.jit
 def extract_field(pool_ptr, base, valid, comps_ptr, F: tl.constexpr, N: tl.constexpr, COUNTS: tl.constexpr,
-                  MAXC: tl.constexpr):
-    """Codes of field F (N elements) for a tile of records -> int32 [BLOCK_T, N]."""
-    NCOMP: tl.constexpr = (COUNTS >> (4 * F)) & 15
-    e = tl.arange(0, N)
+                  MAXC: tl.constexpr, WIDTHS: tl.constexpr, LIMIT: tl.constexpr):
+    """Codes of field F (N elements) for a tile of records -> int32 [BLOCK_T, N]. LIMIT: words
+    readable from `base` (the funnel shift's extra word never crosses it)."""
     code = tl.zeros((base.shape[0], N), tl.int32)
-    for c in tl.static_range(NCOMP):
-        off = tl.load(comps_ptr + (F * MAXC + c) * 3)
-        width = tl.load(comps_ptr + (F * MAXC + c) * 3 + 1)
-        vshift = tl.load(comps_ptr + (F * MAXC + c) * 3 + 2)
-        pos = off + width * e
-        w = tl.load(pool_ptr + base[:, None] + (pos >> 5)[None, :], mask=valid[:, None], other=0)
-        part = (w >> (pos & 31)[None, :]) & ((1 << width) - 1)
-        code = code | (part << vshift)
+    for c in tl.static_range((COUNTS >> (4 * F)) & 15):
+        part = _component(pool_ptr, base, valid, comps_ptr + (F * MAXC + c) * 3, N,
+                          1 << ((WIDTHS >> (3 * (F * MAXC + c))) & 7), LIMIT)
+        code = code | (part << tl.load(comps_ptr + (F * MAXC + c) * 3 + 2))
     return code
 
 
@@ -47,13 +62,13 @@ def decode_radius(code, STEP: tl.constexpr, LOG2_MIN: tl.constexpr):
 
 @triton.jit
 def decode_polar_tile(pool_ptr, base, valid, comps_ptr, trig_ptr, D: tl.constexpr, LEVELS: tl.constexpr,
-                      COUNTS: tl.constexpr, MAXC: tl.constexpr, TSIZE: tl.constexpr, STEP: tl.constexpr,
-                      LOG2_MIN: tl.constexpr):
+                      COUNTS: tl.constexpr, MAXC: tl.constexpr, WIDTHS: tl.constexpr, LIMIT: tl.constexpr,
+                      TSIZE: tl.constexpr, STEP: tl.constexpr, LOG2_MIN: tl.constexpr):
     """Records -> rotated-domain vectors [BLOCK_T, D] (float32), kept in registers."""
-    rcode = extract_field(pool_ptr, base, valid, comps_ptr, 0, 1, COUNTS, MAXC)
+    rcode = extract_field(pool_ptr, base, valid, comps_ptr, 0, 1, COUNTS, MAXC, WIDTHS, LIMIT)
     node = decode_radius(rcode, STEP, LOG2_MIN)  # [T, 1]
     for f in tl.static_range(LEVELS, 0, -1):
-        code = extract_field(pool_ptr, base, valid, comps_ptr, f, D >> f, COUNTS, MAXC)
+        code = extract_field(pool_ptr, base, valid, comps_ptr, f, D >> f, COUNTS, MAXC, WIDTHS, LIMIT)
         cos = tl.load(trig_ptr + ((f - 1) * 2) * TSIZE + code)
         sin = tl.load(trig_ptr + ((f - 1) * 2 + 1) * TSIZE + code)
         node = tl.interleave(node * cos, node * sin)
@@ -62,11 +77,12 @@ def decode_polar_tile(pool_ptr, base, valid, comps_ptr, trig_ptr, D: tl.constexp
 
 @triton.jit
 def decode_scalar_tile(pool_ptr, base, valid, comps_ptr, cent_ptr, D: tl.constexpr, COUNTS: tl.constexpr,
-                       MAXC: tl.constexpr, STEP: tl.constexpr, LOG2_MIN: tl.constexpr):
+                       MAXC: tl.constexpr, WIDTHS: tl.constexpr, LIMIT: tl.constexpr, STEP: tl.constexpr,
+                       LOG2_MIN: tl.constexpr):
     """Rotated-scalar records -> rotated-domain vectors [BLOCK_T, D]."""
-    rcode = extract_field(pool_ptr, base, valid, comps_ptr, 0, 1, COUNTS, MAXC)
+    rcode = extract_field(pool_ptr, base, valid, comps_ptr, 0, 1, COUNTS, MAXC, WIDTHS, LIMIT)
     r = decode_radius(rcode, STEP, LOG2_MIN) * (1.0 / tl.sqrt(D * 1.0))
-    code = extract_field(pool_ptr, base, valid, comps_ptr, 1, D, COUNTS, MAXC)
+    code = extract_field(pool_ptr, base, valid, comps_ptr, 1, D, COUNTS, MAXC, WIDTHS, LIMIT)
     return tl.load(cent_ptr + code) * r
 
 

@@ -42,6 +42,7 @@ class FieldTables:
     comps: torch.Tensor
     counts: int
     max_comps: int
+    widths: int  # log2 of each component's width, 3 bits at position 3·(field·max_comps + component)
 
 
 def field_tables(layout) -> FieldTables:
@@ -54,12 +55,13 @@ def field_tables(layout) -> FieldTables:
     if max_comps > 15 or len(per_field) > 15:
         raise Unsupported(f"record layout with {len(per_field)} fields / {max_comps} components per field")
     comps = torch.zeros(len(per_field), max_comps, COMP_FIELDS, dtype=torch.int32)
-    counts = 0
+    counts = widths = 0
     for f, parts in enumerate(per_field):
         counts |= len(parts) << (4 * f)
         for i, p in enumerate(parts):
             comps[f, i] = torch.tensor(p, dtype=torch.int32)
-    return FieldTables(comps, counts, max_comps)
+            widths |= (p[1].bit_length() - 1) << (3 * (f * max_comps + i))
+    return FieldTables(comps, counts, max_comps, widths)
 
 
 def radius_step(bits: int) -> float:

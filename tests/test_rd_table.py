@@ -19,7 +19,7 @@ def _fresh_sample(head_dim=64):
 @pytest.fixture(scope="module")
 def rows():
     sample = _fresh_sample()
-    return sample, rd.rd_rows(sample, rd.default_methods(sample.head_dim), progress=False)
+    return sample, rd.rd_rows(sample, rd.default_methods(sample.head_dim, centered=True), progress=False)
 
 
 def test_every_error_falls_as_bits_rise(rows):

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 @dataclass
 class Config:
     vocab: int = 97
-    dim: int = 64
+    dim: int = 128
     layers: int = 2
     heads: int = 4
     kv_heads: int = 2
@@ -114,16 +114,17 @@ class GPTFast(nn.Module):
 
 
 @torch.no_grad()
-def generate(model, prompt, steps: int, step_fn=None):
+def generate(model, prompt, steps: int, step_fn=None, forced=None):
     """Greedy decoding: prefill the prompt, then `steps` one-token steps. Returns (tokens
-    [B, steps], logits of every step [steps, B, vocab])."""
+    [B, steps], logits of every step [steps, B, vocab]). `forced` [B, steps] feeds
+    those tokens instead of the argmax (teacher forcing), so two runs see the same inputs."""
     step_fn = model if step_fn is None else step_fn
     B, T = prompt.shape
     logits = step_fn(prompt, torch.arange(T))[:, -1]
     toks, all_logits = [], []
     for i in range(steps):
         all_logits.append(logits)
-        nxt = logits.argmax(-1, keepdim=True)
+        nxt = logits.argmax(-1, keepdim=True) if forced is None else forced[:, i:i + 1]
         toks.append(nxt)
         logits = step_fn(nxt, torch.tensor([T + i]))[:, -1]
     return torch.cat(toks, 1), torch.stack(all_logits)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 @dataclass
 class Config:
     vocab: int = 89
-    dim: int = 64
+    dim: int = 128
     layers: int = 2
     heads: int = 4
     block: int = 256
@@ -88,15 +88,16 @@ class NanoGPT(nn.Module):
 
 
 @torch.no_grad()
-def generate(model, prompt, steps: int, step_fn=None):
-    """Greedy decoding with the cat cache; returns (tokens [B, steps], logits [steps, B, V])."""
+def generate(model, prompt, steps: int, step_fn=None, forced=None):
+    """Greedy decoding with the cat cache; returns (tokens [B, steps], logits [steps, B, V]);
+    `forced` [B, steps] feeds those tokens instead of the argmax (teacher forcing)."""
     step_fn = model if step_fn is None else step_fn
     logits, past = step_fn(prompt, model.empty_past(prompt.shape[0]))
     logits = logits[:, -1]
     toks, all_logits = [], []
-    for _ in range(steps):
+    for i in range(steps):
         all_logits.append(logits)
-        nxt = logits.argmax(-1, keepdim=True)
+        nxt = logits.argmax(-1, keepdim=True) if forced is None else forced[:, i:i + 1]
         toks.append(nxt)
         logits, past = step_fn(nxt, past)
         logits = logits[:, -1]

@@ -1,0 +1,139 @@
+"""Two plain PyTorch models with their own KV cache, compiled with backend="sphkv":
+a gpt-fast-style static buffer written at input_pos, and a nanoGPT-style cat cache."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import sphkv_compile
+from tests.models import gpt_fast, nanogpt
+from tests.models.bounds import relative_rms, relative_rms_bound
+
+HIGH_BITS = {"bits": 12}
+
+
+@pytest.fixture(autouse=True)
+def quick_inner_compiler(request, monkeypatch):
+    """AOT without Inductor codegen keeps CI fast; tests marked `inductor` use the full path."""
+    if "inductor" not in request.keywords:
+        monkeypatch.setenv("SPHKV_INNER_COMPILER", "aot_eager")
+    yield
+
+# small sink/recent windows so most tokens really are encoded at the default bits
+DEFAULT_BITS = {"sink": 2, "recent": 4}
+
+
+def _gpt_fast(seed, write="index_put"):
+    torch.manual_seed(seed)
+    m = gpt_fast.GPTFast().eval()
+    m.setup_caches(1, write=write)
+    prompt = torch.randint(0, m.cfg.vocab, (1, 16))
+    return m, prompt, lambda: m.setup_caches(1, write=write)
+
+
+def _nanogpt(seed):
+    torch.manual_seed(seed)
+    m = nanogpt.NanoGPT().eval()
+    return m, torch.randint(0, m.cfg.vocab, (1, 16)), lambda: None
+
+
+MODELS = {
+    "gpt_fast_index_put": (lambda s: _gpt_fast(s, "index_put"), gpt_fast.generate),
+    "gpt_fast_index_copy": (lambda s: _gpt_fast(s, "index_copy"), gpt_fast.generate),
+    "nanogpt_cat": (_nanogpt, nanogpt.generate),
+}
+
+
+def _run(name, seed, options, steps, forced=None):
+    build, generate = MODELS[name]
+    model, prompt, reset_cache = build(seed)
+    ref_tokens, ref_logits = generate(model, prompt, steps, forced=forced)
+    reset_cache()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="sphkv", options=options)
+    tokens, logits = generate(model, prompt, steps, compiled, forced=ref_tokens if forced is None else forced)
+    return model, ref_tokens, ref_logits, tokens, logits
+
+
+@pytest.mark.inductor
+@pytest.mark.parametrize("name", list(MODELS))
+def test_high_bits_greedy_matches_dense_and_every_site_is_rewritten(name):
+    build, generate = MODELS[name]
+    model, prompt, reset_cache = build(1)
+    ref_tokens, _ = generate(model, prompt, 32)
+    reset_cache()
+    torch._dynamo.reset()
+    tokens, _ = generate(model, prompt, 32, torch.compile(model, backend="sphkv", options=HIGH_BITS))
+    assert torch.equal(tokens, ref_tokens)
+    sites = sphkv_compile.report()["sites"]
+    assert len(sites) == model.cfg.layers
+    assert all(s["rewritten"] for s in sites), sites
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_default_bits_logits_within_codec_bound(name):
+    model, ref_tokens, ref_logits, _, logits = _run(name, 2, DEFAULT_BITS, 24)
+    head_dim = model.cfg.dim // model.cfg.heads
+    err = relative_rms(logits, ref_logits)
+    assert 0 < err <= relative_rms_bound(DEFAULT_BITS, head_dim), err
+    rep = sphkv_compile.report()
+    assert all(s["rewritten"] for s in rep["sites"])
+    assert 0 < rep["kv_bytes"] and rep["dense_kv_bytes"] > 0
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_no_recompiles_after_warmup_in_64_step_decode(name):
+    build, generate = MODELS[name]
+    model, prompt, _ = build(3)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="sphkv", options=DEFAULT_BITS)
+    graphs = []
+
+    def counting_step(*args):
+        out = compiled(*args)
+        graphs.append(counters["stats"]["unique_graphs"])
+        return out
+
+    generate(model, prompt, 64, counting_step)
+    warmup = 3  # prefill, first decode (cache placeholders appear), second decode (sizes go dynamic)
+    assert graphs[-1] == graphs[warmup - 1], graphs
+    assert graphs[-1] <= warmup
+
+
+def test_static_buffers_hold_no_dense_memory_after_compiled_call():
+    model, prompt, _ = _gpt_fast(4)
+    compiled = torch.compile(model, backend="sphkv", options=DEFAULT_BITS)
+    gpt_fast.generate(model, prompt, 4, compiled)
+    for block in model.blocks:
+        for buf in (block.attn.kv_cache.k_cache, block.attn.kv_cache.v_cache):
+            assert buf.shape == (1, model.cfg.kv_heads, model.cfg.max_seq, model.cfg.dim // model.cfg.heads)
+            assert buf.untyped_storage().nbytes() <= buf.element_size()
+    rep = sphkv_compile.report()
+    dense_buffers = 2 * model.cfg.layers * model.cfg.kv_heads * model.cfg.max_seq * (model.cfg.dim // model.cfg.heads) * 4
+    assert rep["kv_bytes"] < dense_buffers
+
+
+def test_cat_cache_outputs_are_zero_memory_placeholders():
+    torch.manual_seed(5)
+    model = nanogpt.NanoGPT().eval()
+    compiled = torch.compile(model, backend="sphkv", options=DEFAULT_BITS)
+    prompt = torch.randint(0, model.cfg.vocab, (1, 10))
+    _, past = compiled(prompt, model.empty_past(1))
+    _, past = compiled(prompt[:, :1], past)
+    for k, v in past:
+        assert k.shape[2] == 11 and k.untyped_storage().nbytes() <= k.element_size()
+        assert v.untyped_storage().nbytes() <= v.element_size()
+
+
+def test_forking_a_compressed_cat_cache_raises():
+    torch.manual_seed(6)
+    model = nanogpt.NanoGPT().eval()
+    compiled = torch.compile(model, backend="sphkv", options=DEFAULT_BITS)
+    prompt = torch.randint(0, model.cfg.vocab, (1, 10))
+    _, past = compiled(prompt, model.empty_past(1))
+    compiled(prompt[:, :1], past)
+    with pytest.raises(Exception, match="rewound or forked"):
+        compiled(prompt[:, 1:2], past)
