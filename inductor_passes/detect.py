@@ -20,7 +20,15 @@ from .graph_ops import arg, concrete, concrete_shape, dropout_is_active, example
 from .layout_probe import NotALayoutChain, canonical, grouped_heads, probe, run_chain
 from .masks import MASKED_AT, MaskNotEquivalent, additive_ok, check_visibility, to_batch_rows
 
-SCORE_KINDS = {"mul", "div", "add", "masked_fill", "where", "cast", "tanh"}
+SCORE_KINDS = {"mul", "div", "add", "masked_fill", "where", "cast", "tanh", "reshape"}
+
+
+def _keeps_rows_and_columns(node: fx.Node) -> bool:
+    """A view/reshape of the scores that only splits or merges batch and head dims
+    ([B*H, Tq, Tk] <-> [B, H, Tq, Tk]); the bmm spelling of attention needs it."""
+    a, b = shape_of(node), shape_of(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+    return a is not None and b is not None and len(a) >= 2 and len(b) >= 2 and \
+        _same_size(a[-1], b[-1]) and _same_size(a[-2], b[-2])
 
 
 @dataclass
@@ -75,7 +83,7 @@ def _downstream_matmul(node: fx.Node) -> tuple[fx.Node | None, list[fx.Node]]:
         u = users[0]
         if kind(u) == "matmul" and u.args[0] is n:
             return u, path
-        if kind(u) in ("cast", "dropout", "contiguous") or (kind(u) == "mul" and False):
+        if kind(u) in ("cast", "dropout", "contiguous") or (kind(u) == "reshape" and _keeps_rows_and_columns(u)):
             path.append(u)
             n = u
             continue
@@ -135,6 +143,10 @@ def _walk_scores(gm, example_inputs, softmax_in: fx.Node, site: Site) -> fx.Node
         k = kind(node)
         tensors = [a for a in node.args if is_tensor_node(a)]
         if k == "cast":
+            node = node.args[0]
+        elif k == "reshape":
+            if not _keeps_rows_and_columns(node):
+                raise StayDense(R.CUSTOM_SCORE, f"reshape of the scores {node.format_node()}")
             node = node.args[0]
         elif k in ("mul", "div"):
             path = [a for a in tensors if _leads_to_scores(a)]

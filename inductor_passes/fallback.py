@@ -20,6 +20,7 @@ CACHE_ESCAPES = "the dense cache is read outside attention"
 UNSUPPORTED_CACHE = "unsupported cache update"
 NON_CONSTANT_SCALE = "the score scale is not a positive constant"
 UNRECOGNIZED = "unrecognized attention pattern"
+GRAD_ENABLED = "autograd is recording (grad enabled with inputs that require grad): the sphkv ops have no backward"
 
 
 class StayDense(Exception):

@@ -162,12 +162,17 @@ class Rewriter:
         for site in sites:
             with g.inserting_before(site.output):
                 q = site.query
-                if len(shape_of(q)) == 3:
-                    q = self._method("reshape", q, self._size(k_new, 0), -1, self._size(q, 1), self._size(q, 2))
+                batch = self._size(group.key.chunk, 0)
+                q_len = self._size(q, -2)
+                if len(shape_of(q)) == 3:  # [B*Hq, Tq, d] (bmm form) -> [B, Hq, Tq, d]
+                    q_heads = concrete(shape_of(q)[0]) // group.shape[0]
+                    q = self._method("reshape", q, batch, q_heads, q_len, self._size(q, 2))
+                else:
+                    q_heads = self._size(q, 1)
                 if site.masks:
                     vis, ok = self._visibility(site)
                     v = self._call(torch.ops.sphkv_graph.chunk_validity.default, vis, ok, positions, counts,
-                                   self._size(q, 0), self._size(q, 1), self._size(q, 2))
+                                   batch, q_heads, q_len)
                     valid = v if valid is None else valid
                     site_valid = v
                 else:

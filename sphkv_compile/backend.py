@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 
 import torch
 
@@ -55,6 +56,10 @@ def sphkv_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
     # Dynamo reads its own graph after we return: rewrite a copy (node meta is shared, not copied)
     gm = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
     sites = find_sites(gm, example_inputs)
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs):
+        from .inductor_passes.fallback import GRAD_ENABLED
+        for s in sites:
+            s.reason = s.reason or GRAD_ENABLED
     groups = group_sites(sites)
     rewriter = Rewriter(gm, options, _tiers(options), target_tier(options))
     done = []
@@ -77,9 +82,21 @@ def sphkv_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
     gm.graph.lint()
     gm.recompile()
     if not done:
-        from torch._inductor.compile_fx import compile_fx
-        return compile_fx(gm, example_inputs)
+        return _inner_compile(gm, example_inputs)
     return CompiledWithStores(gm, list(example_inputs), done, options)
+
+
+def _inner_compile(gm, inputs, config_patches=None):
+    """Inductor; SPHKV_INNER_COMPILER=aot_eager runs the same rewritten graph through AOT
+    autograd without Inductor codegen (for quick CPU test runs)."""
+    if os.environ.get("SPHKV_INNER_COMPILER") == "aot_eager":
+        from torch._dynamo.backends.debugging import aot_eager
+        compiled = aot_eager(gm, inputs)
+        if config_patches:  # still run our post-grad check? it is an Inductor hook; run it on the graph
+            config_patches["post_grad_custom_post_pass"](gm.graph)
+        return compiled
+    from torch._inductor.compile_fx import compile_fx
+    return compile_fx(gm, inputs, config_patches=config_patches)
 
 
 def _tiers(options) -> str:
@@ -113,8 +130,6 @@ class CompiledWithStores:
         self.stores_seen = [store_of(example_inputs[g.key_input]) for g in groups]
 
     def _compile(self, user_inputs, stores):
-        from torch._inductor.compile_fx import compile_fx
-
         from .inductor_passes.graph_pass import SphkvGraphPass
 
         key = tuple(s.shapes() for s in stores)
@@ -123,7 +138,7 @@ class CompiledWithStores:
             gm = copy.deepcopy(self.pristine)
             inputs = self._assemble(list(user_inputs), stores)
             patches = {"post_grad_custom_post_pass": SphkvGraphPass(self.options, attends, len(self.groups))}
-            self.compiled[key] = compile_fx(gm, inputs, config_patches=patches)
+            self.compiled[key] = _inner_compile(gm, inputs, patches)
         return self.compiled[key]
 
     def _assemble(self, user_inputs, stores):

@@ -90,6 +90,7 @@ def test_no_recompiles_after_warmup_in_64_step_decode(name):
     model, prompt, _ = build(3)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="sphkv", options=DEFAULT_BITS)
+    counters.clear()
     graphs = []
 
     def counting_step(*args):
