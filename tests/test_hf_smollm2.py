@@ -1,0 +1,96 @@
+"""A 4k-token SmolLM2 generation on the compressed store: resident KV bytes within the budget
+(plus the documented metadata) and no dense KV tensor held by the cache or left alive.
+
+The model's first two decoder layers only (real weights, real KV geometry: 3 KV heads of
+dim 64), so the test stays within the suite's time on two CPU cores."""
+from __future__ import annotations
+
+import copy
+import gc
+
+import pytest
+import torch
+
+from sphkv_compile import api
+from sphkv_compile.hf_cache import SphkvCache, SphkvLayer
+
+smollm2 = pytest.importorskip("sphkv_compile.smollm2")
+
+PROMPT, NEW, BUDGET = 4096, 8, 0.25
+# Documented metadata (store.TierState.metadata_bytes): a float16 utility per token slot plus
+# int32 page tables, counts and free lists; about 1% of a dense 16-bit cache at head dim 64.
+METADATA_FRACTION = 0.01
+
+
+@pytest.fixture(scope="module")
+def model_and_ids():
+    try:
+        tokenizer, full = smollm2.load_smollm2()
+    except smollm2.SmolLM2Unavailable as err:
+        pytest.skip(str(err))
+    model = copy.deepcopy(full)
+    model.model.layers = model.model.layers[:2]
+    model.config.num_hidden_layers = 2
+    return model, smollm2.text_token_ids(PROMPT, tokenizer)
+
+
+def _reachable_tensors(root, limit=100000):
+    """Every tensor reachable from root through attributes, lists, tuples and dicts."""
+    seen, found, stack = set(), [], [root]
+    while stack and len(seen) < limit:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            found.append(obj)
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set)):
+            stack.extend(obj)
+        elif hasattr(obj, "__dict__") and not isinstance(obj, (type, torch.nn.Module)):
+            stack.extend(vars(obj).values())
+    return found
+
+
+def _dense_kv_like(t: torch.Tensor, tokens: int, head_dim: int) -> bool:
+    return t.is_floating_point() and t.dim() >= 2 and t.shape[-1] == head_dim and t.shape[-2] >= tokens
+
+
+def test_4k_generation_within_budget_and_no_dense_kv(model_and_ids):
+    model, ids = model_and_ids
+    fast = api.optimize(copy.deepcopy(model), budget=BUDGET, bits=3.5, sink=4, recent=60)
+    key = api.cache_keyword(fast)
+    cache = api.new_cache(fast, max_cache_len=PROMPT + NEW)
+    with torch.no_grad():
+        out = fast.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, min_new_tokens=NEW,
+                            do_sample=False, **{key: cache})
+    assert out.shape[1] == PROMPT + NEW
+    assert isinstance(cache, SphkvCache)
+    layers = cache.compressed_layers()
+    assert len(layers) == len(cache.layers) == 2  # every layer is on the store
+    head_dim = layers[0].store.head_dim
+    for layer in layers:
+        store = layer.store
+        dense = layer.dense_bytes()
+        assert layer.tokens() == PROMPT + NEW - 1  # the last generated token is never fed back
+        assert store.record_bytes() <= BUDGET * dense, (store.record_bytes(), dense)
+        assert store.metadata_bytes() <= METADATA_FRACTION * dense, (store.metadata_bytes(), dense)
+        assert store.resident_bytes() == store.record_bytes() + store.metadata_bytes()
+        counts = store.token_counts()
+        assert counts["exact"] == 64 * store.batch * store.kv_heads  # sinks + recent window
+    held, dense_total = cache.kv_bytes()
+    assert held <= (BUDGET + METADATA_FRACTION) * dense_total
+    assert api.report()["kv_bytes"] == held
+
+    # No dense KV: nothing reachable from the cache looks like [.., tokens, head_dim] floats,
+    # and every tensor it holds is a page pool, a table or a small counter.
+    for t in _reachable_tensors(cache):
+        assert not _dense_kv_like(t, 256, head_dim), tuple(t.shape)
+        assert t.dtype in (torch.int32, torch.int64, torch.float16), (t.dtype, tuple(t.shape))
+    # ... and no such tensor is left alive anywhere once generate returned.
+    gc.collect()
+    params = {p.data_ptr() for p in fast.parameters()} | {b.data_ptr() for b in fast.buffers()}
+    leftovers = [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.data_ptr() not in params
+                 and _dense_kv_like(o, PROMPT, head_dim)]
+    assert not leftovers, [tuple(t.shape) for t in leftovers]
