@@ -86,8 +86,17 @@ def smollm2_sample(n_tokens: int = 1024, layers=(0, 4, 8, 12, 16, 20, 24, 29), n
         ks.append(k)
         vs.append(cap.values[i])
     pos = torch.arange(n_tokens - n_queries, n_tokens).repeat(group)
-    note = f"the model's own post-RoPE queries (last {n_queries} positions, layers {list(cap.layers)})"
-    return KVSample(f"SmolLM2 d={ks[0].shape[-1]}", torch.cat(ks), torch.cat(vs), torch.cat(qs), pos, note)
+    keys, values = torch.cat(ks), torch.cat(vs)
+    note = (f"the model's own post-RoPE queries (last {n_queries} positions, layers {list(cap.layers)}). "
+            f"The per-head mean over the sequence holds {mean_energy_share(keys):.0%} of the key energy "
+            f"and {mean_energy_share(values):.0%} of the value energy")
+    return KVSample(f"SmolLM2 d={ks[0].shape[-1]}", keys, values, torch.cat(qs), pos, note)
+
+
+def mean_energy_share(x: torch.Tensor) -> float:
+    """Fraction of sum ‖x_t‖² carried by the per-head mean over tokens: T·‖mean‖² / Σ‖x_t‖²."""
+    mean = x.double().mean(dim=-2, keepdim=True)
+    return float(mean.pow(2).sum() * x.shape[-2] / x.double().pow(2).sum())
 
 
 # ---------------------------------------------------------------------------------------
@@ -165,12 +174,14 @@ class KiviMethod:
         return kivi_dequantize(codes), codes.bits_per_element
 
 
-def default_methods(head_dim: int) -> list:
-    """The key+value table: spherical at float targets, KIVI (two key group sizes), scalar."""
+def default_methods(head_dim: int, centered: bool = False) -> list:
+    """The key+value table: spherical at float targets, KIVI (two key group sizes), scalar,
+    and optionally the centered spherical candidate (pointless on zero-mean Gaussian data)."""
     methods = [SphericalMethod(head_dim, b) for b in SPHERICAL_TARGETS]
     methods += [KiviMethod(head_dim, b, g) for g in KIVI_KEY_GROUPS for b in BASELINE_BITS]
     methods += [ScalarMethod(head_dim, b) for b in BASELINE_BITS]
-    methods += [CenteredSphericalMethod(head_dim, b) for b in (2.0, 3.0, 4.0)]
+    if centered:
+        methods += [CenteredSphericalMethod(head_dim, b) for b in (2.0, 3.0, 4.0)]
     return methods
 
 
@@ -192,13 +203,22 @@ class ValueRow:
     value_rel_mse: float
 
 
-def value_rows(sample: "KVSample", methods, progress: bool = True) -> list[ValueRow]:
+def value_rows(sample: "KVSample", methods, progress: bool = True, measured=()) -> list[ValueRow]:
+    """Value error per method; values already measured in `measured` (RDRows of the same
+    sample) are reused instead of encoded again. KIVI's value side ignores the key group."""
+    known = {}
+    for r in measured:
+        family = "KIVI per-token" if r.family.startswith("KIVI") else r.family
+        label = r.method.split(" g")[0] if family == "KIVI per-token" else r.method
+        known[label] = ValueRow(sample.name, label, family, r.value_bits, r.value_rel_mse)
     rows = []
     for m in tqdm(methods, desc=f"{sample.name} values", disable=not progress, leave=False):
-        v_hat, bits = m.reconstruct_values(sample.values)
         family = "KIVI per-token" if m.family.startswith("KIVI") else m.family
         label = m.label.split(" g")[0] if family == "KIVI per-token" else m.label
-        rows.append(ValueRow(sample.name, label, family, float(bits), rel_mse(v_hat, sample.values)))
+        if label not in known:
+            v_hat, bits = m.reconstruct_values(sample.values)
+            known[label] = ValueRow(sample.name, label, family, float(bits), rel_mse(v_hat, sample.values))
+        rows.append(known[label])
     return rows
 
 
@@ -450,6 +470,8 @@ def plot_rd(report: "Report", path: str) -> None:
     import matplotlib.pyplot as plt
 
     names = list(report.results)
+    families = sorted({r.family for rows in list(report.results.values()) + list(report.values.values()) for r in rows})
+    color = {f: plt.get_cmap("tab10")(i % 10) for i, f in enumerate(families)}  # one colour per family
     panels = [("results", lambda r: r.key_bits, "logit_rel_mse", "logit rel MSE", "K bits/coord"),
               ("results", lambda r: (r.key_bits + r.value_bits) / 2, "attn_rel_mse", "attn-out rel MSE",
                "mean K/V bits/coord"),
@@ -461,7 +483,7 @@ def plot_rd(report: "Report", path: str) -> None:
             ax = axes[row_i][col]
             for fam in sorted({r.family for r in rows}):
                 pts = sorted((xbits(r), getattr(r, yk)) for r in rows if r.family == fam)
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=fam)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=fam, color=color[fam])
             ax.set_yscale("log")
             ax.set_xlabel(f"{xlabel} (everything stored)")
             ax.set_title(f"{name}: {title}", fontsize=9)
@@ -486,13 +508,14 @@ class Report:
 
 def run(tokens: int = 1024, use_model: bool = True, extras: bool = True, progress: bool = True) -> Report:
     report = Report()
-    samples = [gaussian_sample(128), gaussian_sample(64)]
+    samples = [gaussian_sample(128, heads=2), gaussian_sample(64, heads=2)]
     if use_model:
         samples.append(smollm2_sample(tokens))
     for s in samples:
-        report.results[s.name] = rd_rows(s, default_methods(s.head_dim), progress)
+        real = not s.name.startswith("gaussian")
+        report.results[s.name] = rd_rows(s, default_methods(s.head_dim, centered=real), progress)
         report.notes[s.name] = s.note
-        report.values[s.name] = value_rows(s, value_methods(s.head_dim), progress)
+        report.values[s.name] = value_rows(s, value_methods(s.head_dim), progress, report.results[s.name])
         report.winners[s.name] = value_codec_winners(report.values[s.name])
     if extras:
         steps = tqdm(total=4, desc="head dims, SPEC points, allocation, high bits", disable=not progress, leave=False)

@@ -125,3 +125,11 @@ def test_render_and_plot(tmp_path):
     path = tmp_path / "rd.png"
     rd.plot_rd(report, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mean_energy_share_bounds():
+    x = torch.randn(2, 1, 16).expand(2, 50, 16)
+    assert rd.mean_energy_share(x) == pytest.approx(1.0)
+    y = torch.randn(2, 25, 16)
+    assert rd.mean_energy_share(torch.cat([y, -y], dim=1)) == pytest.approx(0.0, abs=1e-12)
+    assert 0.0 <= rd.mean_energy_share(torch.randn(3, 40, 8)) <= 1.0
