@@ -125,7 +125,7 @@ def _wrap_forward(model, forward):
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             use_cache = getattr(_text_config(model), "use_cache", True)
-        if cache is None and use_cache and not torch.compiler.is_compiling():
+        if cache is None and use_cache and not model.training and not torch.compiler.is_compiling():
             cache = kwargs[key] = new_cache(model)
         if isinstance(cache, SphkvCache):
             kwargs[CACHE_KWARG] = cache

@@ -1,0 +1,83 @@
+"""optimize(): option validation, errors raised up front, refusals instead of wrong answers,
+the report, and the plain forward path (no generate)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers as tf
+
+from sphkv_compile import api
+from sphkv_compile.hf import SphkvUnsupportedError
+from sphkv_compile.hf_cache import SphkvBudgetError, SphkvCache
+from sphkv_compile.options import SphkvOptionsError
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                            pad_token_id=0, bos_token_id=1, eos_token_id=2, **kw)
+    return tf.LlamaForCausalLM(config).eval()
+
+
+def test_bad_options_are_rejected_by_name():
+    with pytest.raises(SphkvOptionsError, match="bits"):
+        api.optimize(_model(), bits=0.5)
+    with pytest.raises(SphkvOptionsError, match="unknown"):
+        api.optimize(_model(), bitz=3)
+    with pytest.raises(ValueError, match="kv_dtype"):
+        api.optimize(_model(), kv_dtype="float32")
+
+
+def test_budget_too_small_fails_before_the_first_token():
+    model = api.optimize(_model(), budget=0.1, bits=3.5)  # 3.5 bits need about 0.22 of dense bytes
+    ids = torch.randint(3, 128, (1, 8))
+    with pytest.raises(SphkvBudgetError, match="budget"):
+        model.generate(ids, max_new_tokens=4, do_sample=False)
+    model = api.optimize(_model(), budget=0.3, bits=3.5, sink=4, recent=60)
+    with pytest.raises(SphkvBudgetError, match="exact"):  # 64 exact tokens in a 70-token cache
+        model.generate(ids, max_new_tokens=62, do_sample=False, cache_implementation="static")
+
+
+def test_forward_without_cache_gets_a_store_and_matches_dense_logits():
+    model = _model()
+    ids = torch.randint(3, 128, (2, 10))
+    with torch.no_grad():
+        dense = model(ids).logits
+        fast = api.optimize(copy.deepcopy(model), tiers=("exact:exact", "hi:k12:polar12:r32"), sink=2, recent=4,
+                            kv_dtype=torch.float32)
+        out = fast(ids, use_cache=True)
+    cache = out[api.cache_keyword(fast)] if api.cache_keyword(fast) in out else out["past_key_values"]
+    assert isinstance(cache, SphkvCache)
+    assert cache.get_seq_length() == 10
+    # prefill attends the dense chunk itself, so it is exact up to float rounding
+    torch.testing.assert_close(out.logits, dense, rtol=1e-5, atol=1e-5)
+
+
+def test_report_lists_every_layer_and_measured_bytes():
+    model = api.optimize(_model(), bits=3.5)
+    model.generate(torch.randint(3, 128, (1, 16)), max_new_tokens=4, do_sample=False)
+    rep = api.report()
+    assert [s["details"]["layer"] for s in rep["sites"]] == [0, 1]
+    assert all(s["rewritten"] and s["reason"] is None for s in rep["sites"])
+    assert 0 < rep["kv_bytes"] and 0 < rep["dense_kv_bytes"]
+
+
+def test_unsupported_decoding_modes_refuse():
+    model = api.optimize(_model(), bits=3.5)
+    ids = torch.randint(3, 128, (1, 8))
+    with pytest.raises(NotImplementedError, match="beam"):
+        model.generate(ids, max_new_tokens=3, num_beams=2, do_sample=False)
+
+
+def test_training_dropout_on_the_store_refuses():
+    model = api.optimize(_model(attention_dropout=0.1), bits=3.5)
+    model.train()
+    ids = torch.randint(3, 128, (1, 8))
+    key = api.cache_keyword(model)
+    with pytest.raises(SphkvUnsupportedError, match="dropout"):
+        model(ids, use_cache=True, **{key: api.new_cache(model)})
+    # without a cache (ordinary training) attention stays dense and runs
+    model(ids, use_cache=False).logits.sum().backward()
