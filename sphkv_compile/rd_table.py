@@ -588,7 +588,12 @@ def main(argv=None) -> int:
     if args.tokens < 64:
         ap.error("--tokens must be at least 64 (the decode-style queries are the last 32 positions)")
     torch.manual_seed(0)
-    report = run(args.tokens, use_model=not args.no_model, extras=not args.no_extras)
+    from .smollm2 import SmolLM2Unavailable
+
+    try:
+        report = run(args.tokens, use_model=not args.no_model, extras=not args.no_extras)
+    except SmolLM2Unavailable as err:
+        ap.exit(2, f"error: {err}\n(or run with --no-model for the Gaussian tables only)\n")
     print(render(report))
     if args.json:
         with open(args.json, "w") as f:

@@ -136,6 +136,8 @@ def capture_qkv(n_tokens: int, layers=None) -> CapturedQKV:
     tokenizer, model = load_smollm2()
     num_layers = model.config.num_hidden_layers
     wanted = tuple(range(num_layers)) if layers is None else tuple(int(i) % num_layers for i in layers)
+    if not wanted:
+        raise ValueError("layers is empty; pass layer indices or None for all layers")
     bad = [i for i in (layers or ()) if not -num_layers <= int(i) < num_layers]
     if bad:
         raise ValueError(f"layer indices {bad} are out of range for a {num_layers}-layer model")
