@@ -20,6 +20,7 @@ import sys
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from .hf_cache import SphkvCache, SphkvLayer
 from .ops import tiers_string
@@ -133,16 +134,52 @@ def attend_and_update(layer: SphkvLayer, query, key, value, valid, scaling):
     tiers = tiers_string(store.tiers)
     kv_dtype = str(store.kv_dtype).removeprefix("torch.")
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
-    out, mass = torch.ops.sphkv.attend(query, layer.state, key, value, valid, tiers, o.seed, kv_dtype, scale,
-                                       o.obs_window, False)
+    if not layer.stored_any and query.shape[2] == N:
+        # Prefill into an empty store: nothing to read from codes, so this is plain causal
+        # attention over the chunk; SDPA does it far faster than the store's reference loop.
+        out, mass = chunk_attention(query, key, value, valid, scale, o.obs_window)
+    else:
+        out, mass = torch.ops.sphkv.attend(query, layer.state, key, value, valid, tiers, o.seed, kv_dtype, scale,
+                                           o.obs_window, False)
     target = _target_tier(o, store)
     torch.ops.sphkv.update_cache(layer.state, key, value, valid, mass, tiers, o.seed, kv_dtype, o.sink, o.recent,
                                  target)
+    layer.stored_any = True
     if layer.max_cache_len is None:
         layer.advance_dynamic(N)
     else:
         layer.cumulative_length.add_(N)
     return out.transpose(1, 2).contiguous(), None
+
+
+def chunk_attention(query, key, value, valid, scale: float, obs_window: int):
+    """Causal attention of a chunk over itself (queries = all chunk tokens), GQA, with left
+    padding valid [B, N] (None: none), plus what sphkv::attend also returns: the attention
+    mass the last obs_window queries put on each token, summed over each KV head's group."""
+    B, Hq, N, d = query.shape
+    Hkv = key.shape[1]
+    G = Hq // Hkv
+    if valid is None:
+        out = F.scaled_dot_product_attention(query, key.repeat_interleave(G, 1), value.repeat_interleave(G, 1),
+                                             is_causal=True, scale=scale)
+    else:
+        causal = torch.ones(N, N, dtype=torch.bool, device=query.device).tril()
+        # a padding query sees only itself (its output is never used), so no row is all -inf
+        mask = (causal & valid[:, None, None, :]) | torch.eye(N, dtype=torch.bool, device=query.device)
+        out = F.scaled_dot_product_attention(query, key.repeat_interleave(G, 1), value.repeat_interleave(G, 1),
+                                             attn_mask=mask, scale=scale)
+        out = out * valid[:, None, :, None].to(out.dtype)  # as the store: padding queries output 0
+    mass = torch.zeros(B, Hkv, N, dtype=torch.float32, device=query.device)
+    w = min(obs_window, N)
+    if w:
+        qw = query[:, :, N - w:].reshape(B, Hkv, G * w, d).float()
+        logits = qw @ key.float().transpose(-1, -2) * scale
+        qpos = (N - w + torch.arange(w, device=query.device)).repeat(G)
+        vis = torch.arange(N, device=query.device)[None, :] <= qpos[:, None]
+        vis = vis[None, None] if valid is None else vis[None, None] & valid[:, None, None, :]
+        p = torch.softmax(logits.masked_fill(~vis, float("-inf")), -1)
+        mass = torch.nan_to_num(p, nan=0.0).sum(2)
+    return out, mass
 
 
 def _target_tier(options, store) -> int:

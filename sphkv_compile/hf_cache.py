@@ -52,6 +52,7 @@ class SphkvLayer(CacheLayerMixin):
         self.store: LayerStore | None = None
         self.seen = 0  # dynamic: positions seen (incl. padding), a Python int
         self.cumulative_length = torch.tensor(0, dtype=torch.int64)  # static: the same, on device
+        self.stored_any = False  # until the first update the store is empty (prefill needs no codes)
 
     # ---- allocation ---------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -139,6 +140,7 @@ class SphkvLayer(CacheLayerMixin):
             self.store.tokens_seen = 0
         self.seen = 0
         self.cumulative_length.zero_()
+        self.stored_any = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("beam search is not supported on the sphkv cache (reordering page tables "
