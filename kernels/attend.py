@@ -39,7 +39,10 @@ def _programs_wanted(device: torch.device) -> int:
 
 
 def _block_m(rows: int) -> int:
-    return min(64, max(16, triton.next_power_of_2(rows)))
+    """Query rows per program. 16 (tl.dot's minimum): on Triton 3.6 a 64-row block over the
+    decoded key tile fails to compile ("Illegal shared layout" in TritonGPUOptimizeDotOperands),
+    so long prefills re-decode each key tile once per 16 rows."""
+    return 16
 
 
 def _splits(programs_per_split: int, capacity: int, block_t: int, wanted: int) -> int:
