@@ -150,6 +150,8 @@ def _walk_scores(gm, example_inputs, softmax_in: fx.Node, site: Site) -> fx.Node
             node = node.args[0]
         elif k in ("mul", "div"):
             path = [a for a in tensors if _leads_to_scores(a)]
+            if len(path) > 1:
+                raise StayDense(R.CUSTOM_SCORE, f"scores combined with themselves: {node.format_node()}")
             other = [a for a in node.args if a is not (path[0] if path else None)]
             c = _number(other[0]) if len(path) == 1 and len(other) == 1 else None
             if c is None:
@@ -339,6 +341,7 @@ def _check_mask_at_compile_time(gm, example_inputs, site: Site) -> None:
     tq = cq[-2]
     tk = concrete_shape(site.key.value)[site.key.seq_dim]
     positions = example_positions(gm, example_inputs, site.key)
+    stored = _stored_at_compile_time(gm, example_inputs, site.key, positions, B)
     vis = None
     for term in site.masks:
         val = evaluate(gm, example_inputs, term.node)
@@ -352,6 +355,25 @@ def _check_mask_at_compile_time(gm, example_inputs, site: Site) -> None:
             t = val.to(torch.bool) if term.form == "show" else ~val.to(torch.bool)
         vis = t if vis is None else (vis & t)
     try:
-        check_visibility(to_batch_rows(vis, B, hq, tq, tk), positions, None)
+        check_visibility(to_batch_rows(vis, B, hq, tq, tk), positions, stored)
     except MaskNotEquivalent as err:
         raise StayDense(R.SLIDING_WINDOW, str(err)) from None
+
+
+def _stored_at_compile_time(gm, example_inputs, cache: CacheUpdate, positions, batch) -> torch.Tensor | None:
+    """Tokens per batch row the store will hold when this graph runs, where known: a cache
+    already compressed by sphkv tells; a dense cat past is ingested whole; a static buffer
+    starting a sequence holds none. A static buffer that dense code already wrote stays dense."""
+    from .stores import store_of
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    store = store_of(example_inputs[placeholders.index(cache.past)])
+    if store is not None:
+        return sum(s.count[:, 0].to(torch.int64) for s in store.states)
+    if positions is None:
+        return None
+    if cache.kind == "cat":
+        return torch.full((batch,), int(positions[0]) if positions.numel() else 0, dtype=torch.int64)
+    if positions.numel() and int(positions[0]) > 0:
+        raise StayDense(R.UNSUPPORTED_CACHE, "the static buffer already holds tokens written by dense code")
+    return torch.zeros(batch, dtype=torch.int64)

@@ -163,7 +163,7 @@ def empty_past(spec: Spec):
 
 def run(module, step, spec: Spec, lengths, pad: int, seed: int):
     """Prefill lengths[0] tokens then each later length; batch row 0 is left-padded by `pad`.
-    Returns [(output, real-query mask [B, N])] per call. `step` is module or its compiled form."""
+    Returns [(output, real-query mask [B, N], q, k, v)] per call. `step` is module or its compiled form."""
     gen = torch.Generator().manual_seed(seed)
     past = empty_past(spec) if spec.cache == "cat" else None
     outs, start = [], 0
@@ -175,6 +175,6 @@ def run(module, step, spec: Spec, lengths, pad: int, seed: int):
         key_valid[0, :pad] = False
         out, past = step(q, k, v, pos, key_valid, past)
         real = key_valid[:, start:start + n]
-        outs.append((out, real))
+        outs.append((out, real, q, k, v))
         start += n
     return outs
