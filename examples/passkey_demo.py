@@ -19,8 +19,11 @@ import time
 
 import torch
 
+INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. Find it and "
+         "memorize it. I will quiz you about it.")
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
-QUESTION = "What is the pass key hidden in the text above? Answer with the 5-digit number only."
+QUESTION = "What is the pass key? The pass key is a 5-digit number."
+ANSWER_PREFIX = "The pass key is"  # the answer's start, as RULER does: the model only has to add the digits
 
 
 def load_model(device: torch.device):
@@ -64,12 +67,11 @@ def build_prompt(tokenizer, n_tokens: int, rng: random.Random) -> tuple[torch.Te
     overhead = 80  # chat template, needle and question
     ids = filler_ids(tokenizer, max(256, n_tokens - overhead))
     cut = int(len(ids) * depth)
-    text = (tokenizer.decode(ids[:cut]) + "\n" + NEEDLE.format(key=key) + "\n" + tokenizer.decode(ids[cut:])
+    text = (INTRO + "\n\n" + tokenizer.decode(ids[:cut]) + "\n" + NEEDLE.format(key=key) + "\n" + tokenizer.decode(ids[cut:])
             + "\n\n" + QUESTION)
     messages = [{"role": "user", "content": text}]
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                           return_dict=True)
-    return prompt["input_ids"], key, depth
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + ANSWER_PREFIX
+    return tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids, key, depth
 
 
 class Progress:
@@ -142,7 +144,7 @@ def run(model, tokenizer, ids, max_new_tokens: int, label: str, cache_kwargs: di
             torch.cuda.synchronize()
         t1 = time.perf_counter()
     new = out[0, ids.shape[1]:]
-    answer = tokenizer.decode(new, skip_special_tokens=True).strip()
+    answer = ANSWER_PREFIX + tokenizer.decode(new, skip_special_tokens=True).rstrip()
     first = progress.t_first or t1
     decode_tps = (len(new) - 1) / (t1 - first) if len(new) > 1 and t1 > first else float("nan")
     return {"answer": answer, "wall_s": t1 - t0, "prefill_s": first - t0, "decode_tok_s": decode_tps,
@@ -156,7 +158,7 @@ def main(argv=None):
     parser.add_argument("--bits", type=float, default=3.5, help="bits per coordinate of the compressed tier")
     parser.add_argument("--sink", type=int, default=4)
     parser.add_argument("--recent", type=int, default=60, help="sink + recent = 64 fills exactly one page")
-    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=6, help="5 digits and a period")
     parser.add_argument("--device", default="auto", help="auto (the GPU when present), cpu or cuda")
     args = parser.parse_args(argv)
 
