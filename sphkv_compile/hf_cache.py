@@ -124,7 +124,9 @@ class SphkvLayer(CacheLayerMixin):
             return self.cumulative_length if self.is_initialized else 0
         return self.seen
 
-    def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length, *args) -> tuple[int, int]:
+        if isinstance(query_length, torch.Tensor):  # older transformers 5.x pass cache_position
+            query_length = query_length.shape[0]
         if self.max_cache_len is not None:
             return self.max_cache_len, 0  # like StaticLayer: a constant, so no per-step recompiles
         return self.seen + query_length, 0
