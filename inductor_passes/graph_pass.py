@@ -17,20 +17,21 @@ from pathlib import Path
 
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-_PACKAGE_DIRS = ("inductor_passes", "kernels", "sphkv_compile")
-
-
-@lru_cache(maxsize=1)
-def source_fingerprint() -> str:
+def hashed_sources() -> list[Path]:
+    """The pass, lowering and kernel sources plus every sphkv_compile module the ops run."""
     import sphkv_compile
     import sphkv_compile.inductor_passes as passes
     import sphkv_compile.kernels as kernels
 
+    return [p for pkg in (passes, kernels, sphkv_compile) for p in sorted(Path(pkg.__file__).parent.glob("*.py"))]
+
+
+@lru_cache(maxsize=1)
+def source_fingerprint() -> str:
     h = hashlib.sha256()
-    for pkg in (passes, kernels, sphkv_compile):
-        for path in sorted(Path(pkg.__file__).parent.glob("*.py")):
-            h.update(path.name.encode())
-            h.update(path.read_bytes())
+    for path in hashed_sources():
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
     return h.hexdigest()
 
 

@@ -1,0 +1,79 @@
+"""The backend entry point: options, mode, the custom pass's cache identity, and sites the
+HF integration already routed through sphkv::attend."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sphkv_compile
+from sphkv_compile.backend import sphkv_backend
+from sphkv_compile.inductor_passes.graph_pass import SphkvGraphPass, hashed_sources
+from sphkv_compile.options import SphkvOptions
+
+
+@pytest.fixture(autouse=True)
+def quick_inner_compiler(monkeypatch):
+    monkeypatch.setenv("SPHKV_INNER_COMPILER", "aot_eager")
+
+
+def _decode_module():
+    def f(q, pk, pv, k, v):
+        kk, vv = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
+        return F.scaled_dot_product_attention(q, kk, vv), kk, vv
+    return f
+
+
+def _inputs():
+    return (torch.randn(1, 2, 1, 32), torch.randn(1, 2, 5, 32), torch.randn(1, 2, 5, 32),
+            torch.randn(1, 2, 1, 32), torch.randn(1, 2, 1, 32))
+
+
+@pytest.mark.parametrize("bad, name", [({"bits": 0.5}, "bits"), ({"policy": "lru"}, "policy"),
+                                       ({"budget": 2.0}, "budget"), ({"sink": -1}, "sink"),
+                                       ({"bitz": 3}, "bitz")])
+def test_bad_options_raise_a_clear_error(bad, name):
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=name):
+        torch.compile(_decode_module(), backend="sphkv", options=bad)(*_inputs())
+
+
+def test_mode_from_hf_compile_config_is_tolerated():
+    torch._dynamo.reset()
+    backend = lambda gm, ex: sphkv_backend(gm, ex, mode="reduce-overhead", options={"bits": 12})  # noqa: E731
+    args = _inputs()
+    out, kk, _ = torch.compile(_decode_module(), backend=backend)(*args)
+    ref, *_ = _decode_module()(*args)
+    assert sphkv_compile.report()["sites"][0]["rewritten"]
+    assert (out - ref).abs().max() < 1e-2
+    assert kk.shape == (1, 2, 6, 32) and kk.untyped_storage().nbytes() <= kk.element_size()
+
+
+def test_pass_uuid_hashes_sources_and_options():
+    names = {p.name for p in hashed_sources()}
+    assert {"detect.py", "rewrite.py", "lowering.py", "ops.py", "store.py", "codec.py"} <= names
+    assert any(p.parent.name == "kernels" for p in hashed_sources())
+    a = SphkvGraphPass(SphkvOptions.from_dict({"bits": 3.5}), 1, 1).uuid()
+    b = SphkvGraphPass(SphkvOptions.from_dict({"bits": 4.0}), 1, 1).uuid()
+    assert a != b and a == SphkvGraphPass(SphkvOptions.from_dict({"bits": 3.5}), 1, 1).uuid()
+
+
+def test_sites_already_using_sphkv_attend_are_recorded_as_rewritten():
+    from sphkv_compile.ops import tiers_string
+    from sphkv_compile.store import LayerStore
+    opts = SphkvOptions.from_dict({})
+    store = LayerStore(1, 2, 32, opts.tier_ladder, kv_dtype=torch.float32)
+    store.append(torch.randn(1, 2, 4, 32), torch.randn(1, 2, 4, 32))
+    state = [t for s in store.states for t in s.tensors()]
+    tiers = tiers_string(opts.tier_ladder)
+
+    def f(q, k, v, state):
+        out, _ = torch.ops.sphkv.attend(q, state, k, v, None, tiers, 0, "float32", 32 ** -0.5, 0, False)
+        return out
+
+    torch._dynamo.reset()
+    q, k, v = torch.randn(1, 2, 1, 32), torch.randn(1, 2, 1, 32), torch.randn(1, 2, 1, 32)
+    out = torch.compile(f, backend="sphkv")(q, k, v, state)
+    assert torch.allclose(out, f(q, k, v, state))
+    sites = sphkv_compile.report()["sites"]
+    assert [s["kind"] for s in sites] == ["sphkv_attend"] and sites[0]["rewritten"]
