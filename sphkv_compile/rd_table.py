@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from .baselines import kivi_dequantize, kivi_keys, kivi_values
-from .bit_allocation import group_weights, slot_mse
+from .bit_allocation import allocate_bits, group_weights, predicted_direction_mse, slot_mse
 from .codebooks import circle_codebook
 from .codec import SphericalCodec
 from .scalar_codec import RotatedScalarCodec
@@ -371,22 +371,10 @@ def spec_reference_rows(n_tokens: int = 8192, seed: int = 0) -> list[dict]:
 
 
 def knapsack_allocation(tree, angle_bit_budget: int, max_bits: int = 12) -> tuple[float, tuple[int, ...]]:
-    """Exact minimum of the allocator's own distortion model (sum of weight · slot MSE) over
-    integer bits per slot within the budget: a multiple-choice knapsack solved by dynamic
-    programming over bits used. A check on the greedy allocator, not part of the codec."""
-    best = {0: (0.0, ())}  # bits used -> (predicted MSE, bits per slot so far)
-    for slot, (count, weight) in enumerate(group_weights(tree)):
-        nxt: dict[int, tuple[float, tuple[int, ...]]] = {}
-        for used, (mse, bits) in best.items():
-            for b in range(max_bits + 1):
-                total = used + count * b
-                if total > angle_bit_budget:
-                    break
-                cand = (mse + weight * slot_mse(tree, slot, b), bits + (b,))
-                if total not in nxt or cand[0] < nxt[total][0]:
-                    nxt[total] = cand
-        best = nxt
-    return min(best.values())
+    """(predicted MSE, bits) of the exact optimum of the allocator's distortion model; the
+    codec's allocate_bits solves the same knapsack, so allocation_rows now checks equality."""
+    bits = allocate_bits(tree, angle_bit_budget, max_bits)
+    return predicted_direction_mse(tree, bits), bits
 
 
 def allocation_rows(dims=(64, 128), targets=(2.0, 3.0, 4.0), n_tokens: int = 8192, seed: int = 0) -> list[dict]:
