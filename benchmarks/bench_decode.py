@@ -207,6 +207,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer sizes (smoke run)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--encode-only", action="store_true", help="only the encode measurement")
     ap.add_argument("--sweep", action="store_true", help="time kernel configurations first")
     ap.add_argument("--scalar-points", default="llama3-8b:8:32768,llama3-8b:32:131072",
                     help="shape:B:T points also timed with scalar values")
@@ -227,6 +228,12 @@ def main():
         result["sweep"] += sweep_configs("smollm2", 8, 32768, opts, seed, device, gen, configs)
         for r in result["sweep"]:
             print("sweep", json.dumps(r))
+    if args.encode_only:
+        result["encode"] = bench_encode(opts, seed, device, gen)
+        print(json.dumps(result, indent=1))
+        with open(os.path.join(args.out, "bench_encode.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        return
     Ts = [4096, 32768] if args.quick else [4096, 16384, 32768, 65536, 131072]
     Bs = [1, 8] if args.quick else [1, 8, 32]
     rows = []

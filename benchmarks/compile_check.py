@@ -90,13 +90,15 @@ def compile_all(d=128):
         "encode_polar": (encode_kv_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*i32"},
                          dict(D=d, BLOCK_T=32, KW=info.key_words, VW=info.value_words, KWPAD=16, VWPAD=16,
                               VALUE_SCALAR=False, K_LEVELS=key.levels, K_BITS=key.bits, K_COUNTS=key.fields.counts,
-                              K_MAXC=key.fields.max_comps, K_TSIZE=key.table_size, V_LEVELS=val.levels,
+                              K_MAXC=key.fields.max_comps, K_TSIZE=key.table_size, V_LEVELS=val.levels, K_WIDTHS=key.fields.widths,
+                              V_WIDTHS=val.fields.widths,
                               V_BITS=val.bits, V_COUNTS=val.fields.counts, V_MAXC=val.fields.max_comps,
                               V_TSIZE=val.table_size, STEP=key.radius_step, ROUND_OFFSET=radius_round_offset(16))),
         "encode_scalar": (encode_kv_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*i32"},
                           dict(D=d, BLOCK_T=32, KW=sc.key_words, VW=sc.value_words, KWPAD=16, VWPAD=16,
                                VALUE_SCALAR=True, K_LEVELS=key.levels, K_BITS=key.bits, K_COUNTS=key.fields.counts,
-                               K_MAXC=key.fields.max_comps, K_TSIZE=key.table_size, V_LEVELS=0,
+                               K_MAXC=key.fields.max_comps, K_TSIZE=key.table_size, V_LEVELS=0, K_WIDTHS=key.fields.widths,
+                               V_WIDTHS=sc.value.fields.widths,
                                V_BITS=sc.value.bits, V_COUNTS=sc.value.fields.counts,
                                V_MAXC=sc.value.fields.max_comps, V_TSIZE=1, STEP=key.radius_step,
                                ROUND_OFFSET=radius_round_offset(16))),
@@ -119,6 +121,7 @@ def compile_all(d=128):
         try:
             k = triton.compile(ASTSource(fn, sig, consts), target=TARGET, options={"num_warps": 4, "num_stages": 1})
             print(name, "ok, shared", k.metadata.shared)
+            sass_summary(k)
         except Exception as err:
             print(name, "FAILED", str(err)[-1500:])
 

@@ -116,19 +116,35 @@ def encode_radius(log2_r, zero, finite, STEP: tl.constexpr, ROUND_OFFSET: tl.con
 
 
 @triton.jit
-def pack_field(words, code, comps_ptr, F: tl.constexpr, N: tl.constexpr, COUNTS: tl.constexpr,
-               MAXC: tl.constexpr, WPAD: tl.constexpr):
-    """OR field F's codes [T, N] into the record words [T, WPAD] (int32)."""
-    NCOMP: tl.constexpr = (COUNTS >> (4 * F)) & 15
-    e = tl.arange(0, N)
+def _pack_component(words, code, comp_ptr, N: tl.constexpr, W: tl.constexpr, WPAD: tl.constexpr):
+    """OR one split-width component of codes [T, N] into the record words [T, WPAD]: the
+    inverse of _component. Elements are packed into aligned words [T, NW] with broadcast
+    shifts, then funnel-shifted to the component's bit offset; only the NW (and NW + 1) words
+    it touches are matched against the record's word index."""
+    PER_WORD: tl.constexpr = 32 // W if N * W >= 32 else N
+    NW: tl.constexpr = N * W // 32 if N * W >= 32 else 1
+    T: tl.constexpr = code.shape[0]
+    off = tl.load(comp_ptr)
+    vshift = tl.load(comp_ptr + 2)
+    first = off >> 5
+    r = (off & 31).to(tl.uint32)
+    bits = ((code >> vshift) & ((1 << W) - 1)).to(tl.uint32)
+    s = (tl.arange(0, PER_WORD) * W).to(tl.uint32)
+    aligned = tl.sum(tl.reshape(bits, (T, NW, PER_WORD)) << s[None, None, :], 2)  # disjoint bits: sum = OR
+    lo = aligned << r
+    hi = tl.where(r == 0, 0, aligned >> ((32 - r) & 31))
+    j = first + tl.arange(0, NW)
     widx = tl.arange(0, WPAD)
-    for c in tl.static_range(NCOMP):
-        off = tl.load(comps_ptr + (F * MAXC + c) * 3)
-        width = tl.load(comps_ptr + (F * MAXC + c) * 3 + 1)
-        vshift = tl.load(comps_ptr + (F * MAXC + c) * 3 + 2)
-        pos = off + width * e
-        part = ((code >> vshift) & ((1 << width) - 1)) << (pos & 31)[None, :]
-        # bits of different elements never overlap, so a sum over elements is their OR
-        hit = (pos >> 5)[:, None] == widx[None, :]  # [N, WPAD]
-        words = words + tl.sum(tl.where(hit[None, :, :], part[:, :, None], 0), axis=1)
+    add = tl.sum(tl.where((j[:, None] == widx[None, :])[None, :, :], lo[:, :, None], 0), 1)
+    add += tl.sum(tl.where(((j + 1)[:, None] == widx[None, :])[None, :, :], hi[:, :, None], 0), 1)
+    return words | add.to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def pack_field(words, code, comps_ptr, F: tl.constexpr, N: tl.constexpr, COUNTS: tl.constexpr,
+               MAXC: tl.constexpr, WIDTHS: tl.constexpr, WPAD: tl.constexpr):
+    """OR field F's codes [T, N] into the record words [T, WPAD] (int32)."""
+    for c in tl.static_range((COUNTS >> (4 * F)) & 15):
+        words = _pack_component(words, code, comps_ptr + (F * MAXC + c) * 3, N,
+                                1 << ((WIDTHS >> (3 * (F * MAXC + c))) & 7), WPAD)
     return words

@@ -27,14 +27,15 @@ def _unit_and_radius_code(y, STEP: tl.constexpr, ROUND_OFFSET: tl.constexpr):
 
 @triton.jit
 def encode_polar_tile(y, comps_ptr, thr_ptr, D: tl.constexpr, LEVELS: tl.constexpr, BITS: tl.constexpr,
-                      COUNTS: tl.constexpr, MAXC: tl.constexpr, TSIZE: tl.constexpr, WPAD: tl.constexpr,
+                      COUNTS: tl.constexpr, MAXC: tl.constexpr, WIDTHS: tl.constexpr, TSIZE: tl.constexpr,
+                      WPAD: tl.constexpr,
                       STEP: tl.constexpr, ROUND_OFFSET: tl.constexpr):
     """Rotated vectors [T, D] -> record words [T, WPAD] (int32)."""
     T: tl.constexpr = y.shape[0]
     P: tl.constexpr = D // 2
     ys, rcode = _unit_and_radius_code(y, STEP, ROUND_OFFSET)
     words = tl.zeros((T, WPAD), tl.int32)
-    words = pack_field(words, rcode[:, None], comps_ptr, 0, 1, COUNTS, MAXC, WPAD)
+    words = pack_field(words, rcode[:, None], comps_ptr, 0, 1, COUNTS, MAXC, WIDTHS, WPAD)
     a, b = tl.split(tl.reshape(ys, (T, P, 2)))
     # level 1: theta in [pi, 2pi) (lower half-plane, and the negative x axis) adds L/2
     B1: tl.constexpr = BITS & 15
@@ -42,19 +43,19 @@ def encode_polar_tile(y, comps_ptr, thr_ptr, D: tl.constexpr, LEVELS: tl.constex
     ah = tl.where(half, -a, a)
     bh = tl.where(half, -b, b)
     code = search_thresholds(ah, bh, thr_ptr, 0, B1 - 1, TSIZE) + tl.where(half, 1 << (B1 - 1), 0)
-    words = pack_field(words, code, comps_ptr, 1, P, COUNTS, MAXC, WPAD)
+    words = pack_field(words, code, comps_ptr, 1, P, COUNTS, MAXC, WIDTHS, WPAD)
     node = tl.sqrt(a * a + b * b)
     for f in tl.static_range(2, LEVELS + 1):
         left, right = tl.split(tl.reshape(node, (T, D >> f, 2)))
         code = search_thresholds(left, right, thr_ptr, f - 1, (BITS >> (4 * (f - 1))) & 15, TSIZE)
-        words = pack_field(words, code, comps_ptr, f, D >> f, COUNTS, MAXC, WPAD)
+        words = pack_field(words, code, comps_ptr, f, D >> f, COUNTS, MAXC, WIDTHS, WPAD)
         node = tl.sqrt(left * left + right * right)
     return words
 
 
 @triton.jit
 def encode_scalar_tile(y, comps_ptr, thr_ptr, D: tl.constexpr, BITS: tl.constexpr, COUNTS: tl.constexpr,
-                       MAXC: tl.constexpr, WPAD: tl.constexpr, STEP: tl.constexpr, ROUND_OFFSET: tl.constexpr):
+                       MAXC: tl.constexpr, WIDTHS: tl.constexpr, WPAD: tl.constexpr, STEP: tl.constexpr, ROUND_OFFSET: tl.constexpr):
     """Rotated vectors [T, D] -> rotated-scalar record words [T, WPAD]."""
     T: tl.constexpr = y.shape[0]
     ys, rcode = _unit_and_radius_code(y, STEP, ROUND_OFFSET)
@@ -65,8 +66,8 @@ def encode_scalar_tile(y, comps_ptr, thr_ptr, D: tl.constexpr, BITS: tl.constexp
         cand = code + (1 << s)
         code = tl.where(u > tl.load(thr_ptr + cand - 1), cand, code)
     words = tl.zeros((T, WPAD), tl.int32)
-    words = pack_field(words, rcode[:, None], comps_ptr, 0, 1, COUNTS, MAXC, WPAD)
-    return pack_field(words, code, comps_ptr, 1, D, COUNTS, MAXC, WPAD)
+    words = pack_field(words, rcode[:, None], comps_ptr, 0, 1, COUNTS, MAXC, WIDTHS, WPAD)
+    return pack_field(words, code, comps_ptr, 1, D, COUNTS, MAXC, WIDTHS, WPAD)
 
 
 @triton.jit
@@ -76,8 +77,8 @@ def encode_kv_kernel(
         D: tl.constexpr, BLOCK_T: tl.constexpr, KW: tl.constexpr, VW: tl.constexpr, KWPAD: tl.constexpr,
         VWPAD: tl.constexpr, VALUE_SCALAR: tl.constexpr,
         K_LEVELS: tl.constexpr, K_BITS: tl.constexpr, K_COUNTS: tl.constexpr, K_MAXC: tl.constexpr,
-        K_TSIZE: tl.constexpr, V_LEVELS: tl.constexpr, V_BITS: tl.constexpr, V_COUNTS: tl.constexpr,
-        V_MAXC: tl.constexpr, V_TSIZE: tl.constexpr, STEP: tl.constexpr, ROUND_OFFSET: tl.constexpr):
+        K_WIDTHS: tl.constexpr, K_TSIZE: tl.constexpr, V_LEVELS: tl.constexpr, V_BITS: tl.constexpr,
+        V_COUNTS: tl.constexpr, V_MAXC: tl.constexpr, V_WIDTHS: tl.constexpr, V_TSIZE: tl.constexpr, STEP: tl.constexpr, ROUND_OFFSET: tl.constexpr):
     """k, v [B, Hkv, N, D] -> records out [B, Hkv, N, KW + VW] (int32)."""
     pid_bh = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -88,19 +89,21 @@ def encode_kv_kernel(
     d = tl.arange(0, D)
     x = tl.load(k_ptr + b * skb + h * skh + tok[:, None] * skn + d[None, :], mask=tmask[:, None], other=0.0)
     fwd = tl.load(kfwd_ptr + d[:, None] * D + d[None, :])
-    y = tl.dot(x.to(tl.float32), fwd, input_precision="ieee")
-    words = encode_polar_tile(y, kcomps_ptr, kthr_ptr, D, K_LEVELS, K_BITS, K_COUNTS, K_MAXC, K_TSIZE, KWPAD,
+    y = tl.dot(x.to(tl.float32), fwd, input_precision="tf32x3")
+    words = encode_polar_tile(y, kcomps_ptr, kthr_ptr, D, K_LEVELS, K_BITS, K_COUNTS, K_MAXC, K_WIDTHS, K_TSIZE, KWPAD,
                               STEP, ROUND_OFFSET)
     row = (pid_bh * N + tok).to(tl.int64) * (KW + VW)
     wk = tl.arange(0, KWPAD)
     tl.store(out_ptr + row[:, None] + wk[None, :], words, mask=tmask[:, None] & (wk < KW)[None, :])
     x = tl.load(v_ptr + b * svb + h * svh + tok[:, None] * svn + d[None, :], mask=tmask[:, None], other=0.0)
     fwd = tl.load(vfwd_ptr + d[:, None] * D + d[None, :])
-    y = tl.dot(x.to(tl.float32), fwd, input_precision="ieee")
+    y = tl.dot(x.to(tl.float32), fwd, input_precision="tf32x3")
     if VALUE_SCALAR:
-        words = encode_scalar_tile(y, vcomps_ptr, vthr_ptr, D, V_BITS, V_COUNTS, V_MAXC, VWPAD, STEP, ROUND_OFFSET)
+        words = encode_scalar_tile(y, vcomps_ptr, vthr_ptr, D, V_BITS, V_COUNTS, V_MAXC, V_WIDTHS, VWPAD, STEP,
+                                   ROUND_OFFSET)
     else:
-        words = encode_polar_tile(y, vcomps_ptr, vthr_ptr, D, V_LEVELS, V_BITS, V_COUNTS, V_MAXC, V_TSIZE, VWPAD,
+        words = encode_polar_tile(y, vcomps_ptr, vthr_ptr, D, V_LEVELS, V_BITS, V_COUNTS, V_MAXC, V_WIDTHS, V_TSIZE,
+                                  VWPAD,
                                   STEP, ROUND_OFFSET)
     wv = tl.arange(0, VWPAD)
     tl.store(out_ptr + row[:, None] + KW + wv[None, :], words, mask=tmask[:, None] & (wv < VW)[None, :])
