@@ -225,7 +225,7 @@ class SphkvCache(Cache):
                  kv_geometry: tuple[int, int] | None = None, kv_dtype: torch.dtype | None = None):
         self.options = options
         self.plans = plans
-        self.max_cache_len = max_cache_len
+        self.capacity = max_cache_len  # not `max_cache_len`: a read-only property on older Cache classes
         layers = [SphkvLayer(options, p.layer_idx, max_cache_len, p.sliding_window, kv_dtype) if p.compressed
                   else _dense_layer(p, max_cache_len) for p in plans]
         super().__init__(layers=layers)
@@ -235,7 +235,7 @@ class SphkvCache(Cache):
 
     @property
     def is_compileable(self) -> bool:
-        return self.max_cache_len is not None
+        return self.capacity is not None
 
     def compressed_layers(self) -> list[SphkvLayer]:
         return [layer for layer in self.layers if isinstance(layer, SphkvLayer)]
