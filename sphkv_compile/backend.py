@@ -117,8 +117,6 @@ class CompiledWithStores:
     inputs; creates, grows and binds stores, and releases dense buffers."""
 
     def __init__(self, gm, example_inputs, groups, options):
-        from .inductor_passes.stores import store_of
-
         self.gm, self.groups, self.options = gm, groups, options
         self.pristine = copy.deepcopy(gm)  # compile_fx may alter the graph it is given
         self.compiled = {}
@@ -127,7 +125,6 @@ class CompiledWithStores:
         self.n_user = n_user
         stores = [self._store_for(g, example_inputs, for_compile=True) for g in groups]
         self._compile(example_inputs, stores)
-        self.stores_seen = [store_of(example_inputs[g.key_input]) for g in groups]
 
     def _compile(self, user_inputs, stores):
         from .inductor_passes.graph_pass import SphkvGraphPass
