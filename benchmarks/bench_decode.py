@@ -100,6 +100,36 @@ def dense_decode(q, k, v, backend):
     return median_ms(run)
 
 
+def check_against_reference(name, seed, device, gen) -> float:
+    """Relative error of the kernels vs the float64 reference on a small ragged store with every
+    default tier (the timed configuration must compute the right thing)."""
+    from sphkv_compile.store import attend as reference_attend
+    from sphkv_compile.tiers import DEFAULT_TIERS
+
+    Hq, Hkv, d = SHAPES[name]
+    B, T = 2, 3000
+    specs = list(DEFAULT_TIERS)
+    states = []
+    for spec in specs:
+        kw, vw = record_words(spec, d, seed, torch.bfloat16)
+        n = T // len(specs)
+        pages = math.ceil(n / 64)
+        st = TierState.allocate(B, Hkv, B * Hkv * pages, 64, kw + vw, pages, device)
+        k = torch.randn(B, Hkv, n, d, device=device, generator=gen, dtype=torch.bfloat16)
+        v = torch.randn(B, Hkv, n, d, device=device, generator=gen, dtype=torch.bfloat16)
+        valid = torch.rand(B, Hkv, n, device=device, generator=gen) < 0.9
+        from sphkv_compile.store import append_records
+        append_records(st, kencode.encode_records(spec, k, v, seed, torch.bfloat16), None, valid, spec.name)
+        states.append(st)
+    q = torch.randn(B, Hq, 1, d, device=device, generator=gen, dtype=torch.bfloat16)
+    kn = torch.randn(B, Hkv, 1, d, device=device, generator=gen, dtype=torch.bfloat16)
+    vn = torch.randn_like(kn)
+    out, _ = kattend.attend(q, states, specs, seed=seed, kv_dtype=torch.bfloat16, k_new=kn, v_new=vn)
+    ref, _ = reference_attend(q.double(), states, specs, seed=seed, kv_dtype=torch.bfloat16, k_new=kn.double(),
+                              v_new=vn.double())
+    return float((out.double() - ref).norm() / ref.norm())
+
+
 def sweep_configs(name, B, T, opts, seed, device, gen, configs):
     """sphkv decode time (CUDA graph replay) per (BLOCK_T, warps, stages, precision)."""
     Hq, Hkv, d = SHAPES[name]
@@ -222,6 +252,8 @@ def main():
               "options": {"bits": opts.bits, "value_codec": opts.value_codec, "sink": opts.sink,
                           "recent": opts.recent, "page_size": opts.page_size}}
     result["copy_GBs"] = copy_bandwidth(device) / 1e9
+    result["rel_err_vs_float64"] = {s: check_against_reference(s, seed, device, gen) for s in SHAPES}
+    print("relative error vs float64 reference:", result["rel_err_vs_float64"])
     if args.sweep:
         configs = [(bt, w, 1, "tf32") for bt in (32, 64) for w in (4, 8)]
         result["sweep"] = sweep_configs("llama3-8b", 8, 32768, opts, seed, device, gen, configs)

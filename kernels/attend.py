@@ -23,10 +23,10 @@ LOG2E = 1.0 / math.log(2.0)
 # Partials of one launch group are kept under this many bytes (long prefills run in query chunks).
 PARTIAL_BYTES = 1 << 28
 # Tile and launch shape of the paged kernel, from the sweep in benchmarks/bench_decode.py on an
-# H100 (docs/PERFORMANCE.md): 64-token tiles, one stage (two stages was 2-4x slower: shared
-# memory), 8 warps for d=128 and 4 for d=64.
+# H100 (docs/PERFORMANCE.md): 64-token tiles, 4 warps, one stage (two stages ran 2-4x slower:
+# the software pipeline's shared-memory buffers cut occupancy).
 DEFAULT_BLOCK_T = 64
-DEFAULT_WARPS = None  # by head dim
+DEFAULT_WARPS = 4
 DEFAULT_STAGES = 1
 
 
@@ -111,8 +111,6 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
     if Hq % Hkv:
         raise ValueError(f"{Hq} query heads cannot be grouped over {Hkv} KV heads")
     infos = check_supported(q, specs, d, seed, kv_dtype)
-    if num_warps is None:
-        num_warps = 8 if d >= 128 else 4
     G = Hq // Hkv
     BH = B * Hkv
     device = q.device
