@@ -38,6 +38,7 @@ class CacheGroup:
     value_outputs: list[int] = field(default_factory=list)
     state_inputs: list[int] = field(default_factory=list)  # placeholder indices of the store tensors
     shape: tuple = ()  # concrete cache shape at compile time
+    chunk_len: int = 0  # tokens appended per call at compile time
     dtype: torch.dtype = torch.float32
     device: torch.device = torch.device("cpu")
 
@@ -140,6 +141,7 @@ class Rewriter:
         group.key_outputs = [i for i, o in enumerate(flat_out) if o is group.key.value]
         group.value_outputs = [i for i, o in enumerate(flat_out) if o is group.value.value]
         group.shape = concrete_shape(group.key.value)
+        group.chunk_len = concrete_shape(group.key.chunk)[group.key.seq_dim]
         group.dtype = dtype_of(group.key.value)
         group.device = example(group.key.value).device
         kv_dtype = str(group.dtype).replace("torch.", "")

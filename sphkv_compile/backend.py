@@ -120,7 +120,7 @@ class CompiledWithStores:
         self.gm, self.groups, self.options = gm, groups, options
         self.pristine = copy.deepcopy(gm)  # compile_fx may alter the graph it is given
         self.compiled = {}
-        self.max_chunk = {id(g): g.shape[g.key.seq_dim] for g in groups}
+        self.max_chunk = {id(g): g.chunk_len for g in groups}
         n_user = len(example_inputs)
         self.n_user = n_user
         stores = [self._store_for(g, example_inputs, for_compile=True) for g in groups]

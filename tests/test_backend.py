@@ -77,3 +77,27 @@ def test_sites_already_using_sphkv_attend_are_recorded_as_rewritten():
     assert torch.allclose(out, f(q, k, v, state))
     sites = sphkv_compile.report()["sites"]
     assert [s["kind"] for s in sites] == ["sphkv_attend"] and sites[0]["rewritten"]
+
+
+def test_cat_store_grows_past_its_first_capacity(monkeypatch):
+    """A cat cache has no maximum length: the store doubles (and the rewritten graph is
+    recompiled for the new store shapes, not re-traced by Dynamo) and stays correct."""
+    import sphkv_compile.backend as backend
+    from tests.models.attention_zoo import Spec
+    from tests.test_fuzz_pass import check_case
+
+    from sphkv_compile.inductor_passes.stores import CompressedCache
+
+    grown = []
+    original_grow = CompressedCache.grow
+
+    def counting_grow(self, capacity):
+        if self.capacity:
+            grown.append((self.capacity, capacity))
+        original_grow(self, capacity)
+
+    monkeypatch.setattr(backend, "_MIN_CAT_CAPACITY", 4)
+    monkeypatch.setattr(CompressedCache, "grow", counting_grow)
+    check_case(Spec(cache="cat"), [3] + [1] * 7, 0, 12)
+    assert sphkv_compile.report()["sites"][0]["rewritten"]
+    assert grown, "the store never had to grow"
