@@ -19,8 +19,9 @@ from .runner import aggregate, run_sample
 
 SIZES = {  # per task family: what --quick and a full run evaluate
     "quick": dict(ppl=(1, 384, 64), agreement=(1, 384, 16), passkey=([512], [0.5]), ruler=([512], 1)),
-    # what the documented run used: the shared 2-core machine was heavily contended that day
-    "medium": dict(ppl=(2, 1024, 128), agreement=(1, 1024, 24), passkey=([1024, 2048], [0.5]), ruler=([1024], 1)),
+    "medium": dict(ppl=(2, 768, 128), agreement=(1, 768, 24), passkey=([768, 1536], [0.5]), ruler=([768], 1)),
+    "large": dict(ppl=(2, 2048, 256), agreement=(2, 2048, 32), passkey=([8000, 2048, 4096], [0.2, 0.8]),
+                  ruler=([2048, 4096], 1)),
     "full": dict(ppl=(3, 2048, 256), agreement=(2, 2048, 32), passkey=([1024, 2048, 4096, 8000], [0.1, 0.5, 0.9]),
                  ruler=([2048, 4096], 2)),
 }
@@ -42,7 +43,31 @@ def build_samples(model, tokenizer, size: dict, wanted) -> list:
         out += tasks.multivalue_samples(tokenizer, lengths, count)
     if "vartrack" in wanted:
         out += tasks.vartrack_samples(tokenizer, lengths, count)
+    return interleave(out)
+
+
+def interleave(samples: list) -> list:
+    """Round-robin over task families, so a run stopped early has covered every family."""
+    families: dict[str, list] = {}
+    for s in samples:
+        families.setdefault(s.task, []).append(s)
+    out = []
+    while any(families.values()):
+        for queue in families.values():
+            if queue:
+                out.append(queue.pop(0))
     return out
+
+
+def write_outputs(out_dir: str, config: dict, rows: list, methods, budgets) -> str:
+    """Everything from the rows so far: written after every sample, so a stopped run keeps its results."""
+    summary = aggregate(rows)
+    report.write_json(os.path.join(out_dir, "quality.json"), config, rows, summary)
+    table = report.markdown(summary, methods, budgets)
+    with open(os.path.join(out_dir, "quality.md"), "w") as f:
+        f.write(table)
+    report.plot(os.path.join(out_dir, "quality.png"), summary, methods, budgets)
+    return table
 
 
 def main(argv=None) -> None:
@@ -54,7 +79,8 @@ def main(argv=None) -> None:
     ap.add_argument("--budgets", nargs="+", type=float, default=[1 / 4, 1 / 8, 1 / 16])
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     ap.add_argument("--out", default="eval_out")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: on a busy 2-core machine more threads ran up to 10x slower)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -70,18 +96,14 @@ def main(argv=None) -> None:
     cfg = Settings()
     per_sample = sum(1 if m == "dense" else len(args.budgets) for m in args.methods)
     rows = []
-    with tqdm(total=per_sample * len(samples), desc="configs", unit="cfg") as bar:
-        for sample in tqdm(samples, desc="samples", unit="sample", position=1, leave=False):
-            bar.set_postfix(task=sample.task, tokens=sample.prompt.shape[1])
-            rows += run_sample(model, sample, args.methods, args.budgets, cfg, bar)
-    summary = aggregate(rows)
     config = {"size": size_name, "methods": args.methods, "budgets": args.budgets, "tasks": args.tasks,
-              "sizes": size, "settings": cfg.__dict__, "seconds": time.time() - t0, "threads": torch.get_num_threads()}
-    report.write_json(os.path.join(args.out, "quality.json"), config, rows, summary)
-    table = report.markdown(summary, args.methods, args.budgets)
-    with open(os.path.join(args.out, "quality.md"), "w") as f:
-        f.write(table)
-    report.plot(os.path.join(args.out, "quality.png"), summary, args.methods, args.budgets)
+              "sizes": size, "settings": cfg.__dict__, "threads": torch.get_num_threads(), "samples_done": 0}
+    with tqdm(total=per_sample * len(samples), desc="configs", unit="cfg") as bar:
+        for i, sample in enumerate(samples):
+            bar.set_postfix(sample=f"{i + 1}/{len(samples)}", task=sample.task, tokens=sample.prompt.shape[1])
+            rows += run_sample(model, sample, args.methods, args.budgets, cfg, bar)
+            config.update(samples_done=i + 1, seconds=time.time() - t0)
+            table = write_outputs(args.out, config, rows, args.methods, args.budgets)
     print(table)
     print(f"wrote {args.out}/quality.json, quality.md, quality.png in {time.time() - t0:.0f} s")
 

@@ -26,7 +26,12 @@ from .hook import LayerCapture
 KV_DTYPE = torch.float16  # the exact tier and the 16-bit reference
 DENSE_TOKEN_BYTES_PER_DIM = 4  # K + V, 2 bytes each
 KIVI_GROUP = 32  # tokens per key group (KIVI's G)
-UNIFORM_BITS = tuple(b / 2 for b in range(16, 1, -1))  # 8.0 .. 1.0: every whole-word size at d = 64
+# 8.0 .. 2.0: every whole-word size at d = 64 down to the ladder's lowest tier. Below 2 bits
+# the codec's error wrecked quality (1-1.5 bits gave perplexity ~400 in a first run), so
+# uniform evicts the oldest tokens instead of going coarser.
+UNIFORM_BITS = tuple(b / 2 for b in range(16, 3, -1))
+# A finer ladder for RDR: every word size from 2 to 6 bits per coordinate (keys and values).
+FINE_TIERS = (TierSpec("exact"),) + tuple(TierSpec(f"b{b}", b, "polar", b) for b in (6.0, 5.0, 4.5, 4.0, 3.5, 3.0, 2.5, 2.0))
 
 
 @dataclass(frozen=True)
@@ -167,4 +172,5 @@ METHODS = {
     "kivi4": kivi(4),
     "uniform": uniform_spherical,
     "rdr": rdr_method(),
+    "rdr_fine": rdr_method(FINE_TIERS),
 }
