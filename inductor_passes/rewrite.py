@@ -75,6 +75,10 @@ def check_cache_is_private(graph: fx.Graph, group: CacheGroup) -> None:
                 if u in internal or u in holders or _is_size_query(u) or (u.op == "output" and not group.static):
                     continue
                 raise StayDense(R.CACHE_ESCAPES, f"{u.format_node()}")
+        if cache.mutation is None:  # a cat past may be a zero-memory placeholder: only the cat may read it
+            for u in cache.past.users:
+                if u is not cache.value and not _is_size_query(u):
+                    raise StayDense(R.CACHE_ESCAPES, f"the past is also read by {u.format_node()}")
         if cache.mutation is not None:
             for u in cache.past.users:
                 if u in internal and order[u] < order[cache.mutation]:

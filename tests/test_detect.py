@@ -44,3 +44,17 @@ def test_a_mask_input_that_later_becomes_a_bias_raises_instead_of_a_wrong_answer
     bias = torch.linspace(-1, 0, 7).view(1, 1, 1, 7)
     with pytest.raises(Exception, match="position bias"):
         compiled(q, pk, pv, k, v, bias)
+
+
+def test_a_past_read_outside_the_cache_update_stays_dense():
+    def f(q, pk, pv, k, v):
+        kk, vv = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
+        return F.scaled_dot_product_attention(q, kk, vv) + pk.mean(), kk, vv
+
+    torch._dynamo.reset()
+    args = (torch.randn(1, 2, 1, 16), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16),
+            torch.randn(1, 2, 1, 16), torch.randn(1, 2, 1, 16))
+    out = torch.compile(f, backend="sphkv")(*args)[0]
+    assert torch.equal(out, f(*args)[0])
+    (site,) = sphkv_compile.report()["sites"]
+    assert not site["rewritten"] and "outside attention" in site["reason"]
