@@ -97,7 +97,9 @@ def optimize(model, kv_dtype: torch.dtype | None = None, **options):
     original_impl = model.config._attn_implementation
     for config in {id(c): c for c in (model.config, _text_config(model))}.values():
         setattr(config, DENSE_IMPL_ATTR, original_impl)
-    _set_attn_implementation(model, IMPL_NAME)
+    if getattr(type(model), "_supports_attention_backend", False):
+        _set_attn_implementation(model, IMPL_NAME)
+    # else: attention is hard-coded in the model (e.g. Falcon); every layer stays dense (hf_plan)
     state = _ModelState(opts, model.forward, model.generate, original_impl, kv_dtype)
     setattr(model, _STATE_ATTR, state)
     model.forward = _wrap_forward(model, state.original_forward)
