@@ -311,7 +311,7 @@ def _decide_causality(gm, example_inputs, site: Site, is_causal: bool) -> None:
         return
     if not site.masks:
         if static:
-            raise StayDense(R.SLIDING_WINDOW, "a static buffer read without a mask attends its unfilled slots")
+            raise StayDense(R.UNMASKED_STATIC)
         if q_len != 1 or isinstance(shape_of(site.query)[-2], torch.SymInt):
             raise StayDense(R.NON_CAUSAL)
         site.mode = "decode"
