@@ -6,13 +6,11 @@ as an extern call to that implementation, on torch 2.11 and 2.13 alike; CPU keep
 reference. A TritonTemplate lowering (as flex decoding does) would let Inductor autotune the
 block sizes and fuse producers of q into the kernel; the attention kernels have no epilogue to
 fuse and their launches are few, so the extern call is what is measured in
-docs/PERFORMANCE.md. See that file for what a template would still buy.
+docs/PERFORMANCE.md (no template was built, so none was compared).
 """
 from __future__ import annotations
 
 import logging
-
-import torch
 
 log = logging.getLogger("sphkv.lowering")
 
@@ -28,16 +26,3 @@ def install() -> bool:
     cuda_ops.register()
     return True
 
-
-def lowering_fingerprint() -> str:
-    """A hash of the kernel and lowering sources, for the compiler's FX-cache uuid."""
-    import hashlib
-    from pathlib import Path
-
-    import sphkv_compile.kernels as kpkg
-
-    h = hashlib.sha256(Path(__file__).read_bytes())
-    for path in sorted(Path(kpkg.__file__).parent.glob("*.py")):
-        h.update(path.read_bytes())
-    h.update(torch.__version__.encode())
-    return h.hexdigest()

@@ -16,11 +16,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# constexpr flags for the value codec of a tier
-VALUE_POLAR = 0
-VALUE_SCALAR = 1
-
-
 @triton.jit
 def _component(pool_ptr, base, valid, comp_ptr, N: tl.constexpr, W: tl.constexpr, LIMIT: tl.constexpr):
     """One split-width component (N elements of W bits) -> its bits, int32 [BLOCK_T, N]."""
