@@ -1,7 +1,8 @@
 """Passkey retrieval on the embedded SmolLM2-135M: dense KV cache versus the sphkv store.
 
     python examples/passkey_demo.py            # ~4.5k-token prompt; CPU or the GPU when present
-    python examples/passkey_demo.py --tokens 6000 --bits 3.5 --seed 1
+    python examples/passkey_demo.py --tokens 1500             # short: SmolLM2-135M retrieves reliably only
+                                                              # up to ~1.5-2k tokens, dense or compressed
 
 A random 5-digit key is hidden at a random depth in pydoc text (the standard library's
 pydoc_data.topics), and the question comes at the end, in the model's chat template. The
