@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from .. import rdr
 from ..baselines import kivi_bits_per_element, kivi_dequantize, kivi_keys, kivi_values
 from ..rdr.costs import choice_table
+from ..rdr.utility import combine
 from ..store import LayerStore
 from ..tiers import DEFAULT_TIERS, TierSpec
 from .caches import DenseCache, StoreCache
@@ -150,14 +151,15 @@ def uniform_spherical(cap, budget, cfg):
     return StoreCache(store), int(rdr.token_bytes(store.states, table)[0])
 
 
-def rdr_method(tiers=DEFAULT_TIERS):
+def rdr_method(tiers=DEFAULT_TIERS, floor: float = 0.0, recent: int | None = None):
     def method(cap, budget, cfg):
         """RDR: each token and head gets a tier or drop by the Lagrangian allocation."""
         d = cap.keys.shape[-1]
         store = _store(tiers, cap, cfg)
         utility = pooled(cap.observed, cfg.pool_kernel) if cfg.rdr_pooled else cap.observed
-        rdr.apply(store, cap.keys, cap.values, None, utility, budget_bytes=budget, sink=cfg.sink, recent=cfg.recent,
-                  rebudget_every=1)
+        utility = combine(utility, floor=floor)
+        rdr.apply(store, cap.keys, cap.values, None, utility, budget_bytes=budget, sink=cfg.sink,
+                  recent=cfg.recent if recent is None else recent, rebudget_every=1)
         table = choice_table(tuple(tiers), d, cfg.seed, KV_DTYPE)
         return StoreCache(store), int(rdr.token_bytes(store.states, table)[0])
     return method
@@ -173,4 +175,6 @@ METHODS = {
     "uniform": uniform_spherical,
     "rdr": rdr_method(),
     "rdr_fine": rdr_method(FINE_TIERS),
+    "rdr_floor": rdr_method(FINE_TIERS, floor=1.0),
+    "rdr_recent4": rdr_method(FINE_TIERS, recent=4),  # fewer protected exact tokens
 }

@@ -40,8 +40,14 @@ def expected_attention(query_mean: torch.Tensor, keys: torch.Tensor, scale: floa
     return torch.softmax(q @ keys.float().transpose(-1, -2) * scale, -1).sum(2)
 
 
-def combine(observed: torch.Tensor, expected: torch.Tensor | None = None, weight: float = 0.0) -> torch.Tensor:
-    """observed + weight · expected (both [B, Hkv, T]); weight 0 keeps the observation only."""
-    if expected is None or weight == 0.0:
-        return observed
-    return observed + weight * expected
+def combine(observed: torch.Tensor, expected: torch.Tensor | None = None, weight: float = 0.0,
+            floor: float = 0.0) -> torch.Tensor:
+    """observed + weight · expected + floor · mean(observed) per head (all [B, Hkv, T]).
+
+    The floor is a prior for queries not yet seen: a token the observation window ignored
+    still has some chance of being attended later, so its distortion is not free and it is
+    not dropped as readily."""
+    u = observed if expected is None or weight == 0.0 else observed + weight * expected
+    if floor:
+        u = u + floor * observed.mean(-1, keepdim=True)
+    return u
