@@ -541,7 +541,7 @@ def render(report: Report) -> str:
                                [[r["config"], r["level_bits"], r["payload_bits"], r["stored_bits"], r["measured"],
                                  r["predicted"]] for r in report.spec_reference]), ""]
     if report.allocation:
-        out += ["### Bit allocation: the codec's greedy allocation vs the exact optimum of the same model "
+        out += ["### Bit allocation: the codec's allocation vs the exact optimum of the same model "
                 "(Gaussian, relative direction MSE)", "",
                 markdown_table(["head_dim", "bits/coord", "codec level bits", "predicted", "measured",
                                 "optimal level bits", "predicted", "measured"],
