@@ -162,6 +162,15 @@ class SphericalCodec:
         radius = decode_radius(fields[0].squeeze(-1), self.radius_bits, dtype)
         return radius, fields[1:]
 
+    def _group_index(self, device):
+        """Per group: (left, right, out) node-index tensors, cached per device."""
+        cache = self.__dict__.setdefault("_group_index_cache", {})
+        key = torch.device(device)
+        if key not in cache:
+            cache[key] = [tuple(torch.tensor(ix, dtype=torch.int64, device=device) for ix in (g.left, g.right, g.out))
+                          for g in self.tree.groups]
+        return cache[key]
+
     def pair_radii(self, words: torch.Tensor, dtype=torch.float32):
         """The angular recurrence: r·w_p for every level-1 pair, top-down over the upper-level
         codes, plus the level-1 codes. Returns ([..., P] radii, [..., P] int64 codes)."""
@@ -169,11 +178,17 @@ class SphericalCodec:
         tabs = self.tables(words.device, dtype)
         node_r = torch.zeros(*radius.shape, self.tree.num_nodes, dtype=dtype, device=words.device)
         node_r[..., self.tree.root] = radius
-        for g, code, (cent, _) in reversed(list(zip(self.tree.groups, codes[1:], tabs[1:]))):
-            psi = cent[code]
-            parent = node_r[..., list(g.out)]
-            node_r[..., list(g.left)] = parent * torch.cos(psi)
-            node_r[..., list(g.right)] = parent * torch.sin(psi)
+        cos_sin = self.__dict__.setdefault("_cos_sin_cache", {})
+        for i, (idx, code) in reversed(list(enumerate(zip(self._group_index(words.device), codes[1:])))):
+            key = (torch.device(words.device), dtype, i)
+            if key not in cos_sin:  # cos/sin of each centroid: a table lookup per code, no trig per token
+                cent = tabs[i + 1][0]
+                cos_sin[key] = (torch.cos(cent), torch.sin(cent))
+            cos_t, sin_t = cos_sin[key]
+            left, right, out = idx
+            parent = node_r.index_select(-1, out)
+            node_r.index_copy_(-1, left, parent * cos_t[code])
+            node_r.index_copy_(-1, right, parent * sin_t[code])
         return node_r[..., : self.tree.pairs], codes[0]
 
     def decode_rotated(self, words: torch.Tensor, dtype=torch.float32) -> torch.Tensor:

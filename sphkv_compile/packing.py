@@ -73,6 +73,14 @@ class RecordLayout:
         # two's-complement view of the unsigned 32-bit words
         return torch.where(acc >= 1 << 31, acc - (1 << 32), acc).to(torch.int32)
 
+    def _word_and_shift(self, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per component: (word index, bit shift) tensors, cached per device (hot in decode)."""
+        cache = self.__dict__.setdefault("_index_cache", {})
+        key = torch.device(device)
+        if key not in cache:
+            cache[key] = [((c.positions() // 32).to(device), (c.positions() % 32).to(device)) for c in self.components]
+        return cache[key]
+
     def unpack(self, words: torch.Tensor) -> list[torch.Tensor]:
         """int32 words [..., words] -> int64 codes per field."""
         if words.shape[-1] != self.words:
@@ -80,8 +88,7 @@ class RecordLayout:
         w64 = words.to(torch.int64) & 0xFFFFFFFF
         lead = words.shape[:-1]
         out = [torch.zeros(*lead, n, dtype=torch.int64, device=words.device) for n, _ in self.fields]
-        for c in self.components:
-            pos = c.positions().to(words.device)
-            part = (torch.gather(w64, -1, (pos // 32).expand(*lead, c.count)) >> (pos % 32)) & ((1 << c.width) - 1)
+        for c, (word, shift) in zip(self.components, self._word_and_shift(words.device)):
+            part = (w64.index_select(-1, word) >> shift) & ((1 << c.width) - 1)
             out[c.field] |= part << c.shift
         return out
