@@ -58,7 +58,7 @@ class CompressedCache:
         self.cursor = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.grow(capacity)
         ref = weakref.ref(self)
-        register_kv_source(lambda: ref().kv_bytes() if ref() is not None else (0, 0))
+        register_kv_source(lambda: ref().kv_bytes() if ref() is not None else (0, 0), group="graph")
 
     def _pages_per_head(self, spec, capacity: int) -> int:
         ps = self.options.page_size

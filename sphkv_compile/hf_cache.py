@@ -20,7 +20,7 @@ import weakref
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, StaticLayer
 
-from .report import _kv_sources, register_kv_source
+from .report import register_kv_source
 from .options import SphkvOptions
 from .store import LayerStore, TierState
 from .hf_plan import LayerPlan
@@ -305,5 +305,4 @@ def _track(cache: SphkvCache) -> None:
     global _latest, _snapshot
     _latest = weakref.ref(cache)
     _snapshot = (0, 0)
-    if _latest_kv_bytes not in _kv_sources:  # registered once; again after clear_kv_sources()
-        register_kv_source(_latest_kv_bytes)
+    register_kv_source(_latest_kv_bytes, group="hf")  # kept once; makes the HF cache what report() measures

@@ -24,7 +24,10 @@ class Site:
 
 _lock = threading.Lock()
 _sites: list[Site] = []
-_kv_sources: list[Callable[[], tuple[int, int]]] = []  # each returns (kv_bytes, dense_kv_bytes)
+# (group, fn): fn() returns (kv_bytes, dense_kv_bytes). Only the group that registered last
+# counts: the HF cache and the graph-rewritten stores never describe the same forward.
+_kv_sources: list[tuple[str, Callable[[], tuple[int, int]]]] = []
+_active_group: str | None = None
 
 
 def begin_compile() -> None:
@@ -44,21 +47,27 @@ def record_site(kind: str, rewritten: bool, reason: str | None = None, **details
     return site
 
 
-def register_kv_source(fn: Callable[[], tuple[int, int]]) -> None:
-    """fn() -> (resident compressed bytes, dense bf16 bytes for the same tokens)."""
+def register_kv_source(fn: Callable[[], tuple[int, int]], group: str = "default") -> None:
+    """fn() -> (resident compressed bytes, dense bf16 bytes for the same tokens). Registering
+    (again) makes `group` the one report() measures; a function is kept once."""
+    global _active_group
     with _lock:
-        _kv_sources.append(fn)
+        if not any(f is fn for _, f in _kv_sources):
+            _kv_sources.append((group, fn))
+        _active_group = group
 
 
 def clear_kv_sources() -> None:
+    global _active_group
     with _lock:
         _kv_sources.clear()
+        _active_group = None
 
 
 def report() -> dict:
     with _lock:
         sites = [asdict(s) for s in _sites]
-        sources = list(_kv_sources)
+        sources = [fn for group, fn in _kv_sources if group == _active_group]
     kv = [fn() for fn in sources]
     return {
         "sites": sites,
