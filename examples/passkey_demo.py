@@ -3,9 +3,12 @@
     python examples/passkey_demo.py            # ~4.5k-token prompt; CPU or the GPU when present
     python examples/passkey_demo.py --tokens 1500             # shorter prompt
 
-SmolLM2-135M is small: with its dense cache it found the key at 1.5k tokens for 2 of 3 seeds
-tried (0, 1; not 2), and at 4.5k tokens for none of seeds 0-4. The demo compares the two
-caches on the same prompt; it does not make the model better at the task.
+SmolLM2-135M is small: with a single needle sentence and its dense cache it found the key at
+4.5k tokens for none of 8 prompts tried (4 seeds x 2 question wordings). With the needle
+sentence written three times in a row at one depth, and the question asking for the number
+only, its dense cache found it for 3 of seeds 0-3 at 4.5k tokens, so that is the demo's
+prompt. The demo compares the two caches on the same prompt; it does not make the model
+better at the task.
 
 A random 5-digit key is hidden at a random depth in pydoc text (the standard library's
 pydoc_data.topics), and the question comes at the end, in the model's chat template. The
@@ -25,8 +28,8 @@ import torch
 
 INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. Find it and "
          "memorize it. I will quiz you about it.")
-NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
-QUESTION = "What is the pass key? The pass key is a 5-digit number."
+NEEDLE = " ".join(["The pass key is {key}. Remember it. {key} is the pass key."] * 3)  # see the docstring
+QUESTION = "What is the pass key? Answer with the number only."
 ANSWER_PREFIX = "The pass key is"  # the answer's start, as RULER does: the model only has to add the digits
 
 
