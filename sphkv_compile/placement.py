@@ -36,7 +36,11 @@ def graduate(states: list[TierState], specs: list[TierSpec], k: torch.Tensor, v:
     keep = ok & ((rank < sink) | (rank >= total - recent))
     leave = ok & ~keep
     if bool(leave.any()):
-        kk, vv = split_exact(rec, d, kv_dtype)
-        grads = encode_records(specs[target], kk, vv, seed, kv_dtype)
+        # encode only the graduating tokens: sinks and the recent window stay exact, and in
+        # decode they are almost all of the exact tier
+        kk, vv = split_exact(rec[leave], d, kv_dtype)
+        enc = encode_records(specs[target], kk, vv, seed, kv_dtype)
+        grads = enc.new_zeros(*leave.shape, enc.shape[-1])
+        grads[leave] = enc
         append_records(states[target], grads, utl, leave, specs[target].name)
     rebuild(states[exact], rec, utl, keep, specs[exact].name)
