@@ -308,9 +308,15 @@ class LayerStore:
         max_pages = _max_int((new + ps - 1) // ps)
         if pages_needed <= int(st.free_top[0]) and max_pages <= st.pages.shape[-1]:
             return
+        self.grow_tier(t, int((st.pool.shape[0] + pages_needed) * 1.25) + 1, max(max_pages, st.pages.shape[-1]) * 2)
+
+    def grow_tier(self, t: int, num_pages: int, max_pages: int) -> None:
+        """Reallocate tier t with at least num_pages pages and max_pages per head, tokens kept."""
+        st = self.states[t]
+        if st.pool.shape[0] >= num_pages and st.pages.shape[-1] >= max_pages:
+            return
         rec, util, valid = gather_tokens(st)
-        grown = self._new_state(self.tiers[t], int((st.pool.shape[0] + pages_needed) * 1.25) + 1,
-                                max(max_pages, st.pages.shape[-1]) * 2)
+        grown = self._new_state(self.tiers[t], max(num_pages, st.pool.shape[0]), max(max_pages, st.pages.shape[-1]))
         rebuild(grown, rec, util, valid, self.tiers[t].name)
         self.states[t] = grown
 

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..store import LayerStore, TierState, gather_tokens, rebuild
-from ..tiers import record_words
+from ..store import LayerStore
 from .allocate import allocate
 from .budget import pool_pages
 from .costs import choice_table
@@ -16,16 +15,7 @@ from .update import apply_choice, collect, headroom_bytes, rdr_update, token_byt
 
 
 def _grow(store: LayerStore, t: int, num_pages: int, max_pages: int) -> None:
-    st = store.states[t]
-    if st.pool.shape[0] >= num_pages and st.pages.shape[-1] >= max_pages:
-        return
-    spec = store.tiers[t]
-    kw, vw = record_words(spec, store.head_dim, store.seed, store.kv_dtype)
-    grown = TierState.allocate(store.batch, store.kv_heads, max(num_pages, st.pool.shape[0]), store.page_size, kw + vw,
-                               max(max_pages, st.pages.shape[-1]), st.pool.device)
-    rec, util, valid = gather_tokens(st)
-    rebuild(grown, rec, util, valid, spec.name)
-    store.states[t] = grown
+    store.grow_tier(t, num_pages, max_pages)
 
 
 def ensure_capacity(store: LayerStore, budget_bytes: int, incoming: int) -> None:
