@@ -50,7 +50,7 @@ def paged_signature(fn, consts):
         if name in consts:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
-            sig[name] = "*fp32" if name in ("q_ptr", "acc_ptr", "m_ptr", "l_ptr", "ktab_ptr", "vtab_ptr") else "*i32"
+            sig[name] = "*fp32" if name in ("q_ptr", "acc_ptr", "m_ptr", "l_ptr") else "*i64" if name in ("ktab_ptr", "vtab_ptr") and "DECODE_K" in consts else "*fp32" if name in ("ktab_ptr", "vtab_ptr") else "*i32"
         else:
             sig[name] = "i32"
     return sig
@@ -73,6 +73,23 @@ def main(d=128, block_t=64, block_m=16, warps=4, stages=2):
     print(" ptx lines", ptx.count("\n"), "ld.global", ptx.count("ld.global"), "mma", ptx.count("mma."),
           "shfl", ptx.count("shfl"), "bar.sync", ptx.count("bar.sync"), "st.shared", ptx.count("st.shared"),
           "ld.shared", ptx.count("ld.shared"))
+    return k
+
+
+def coded(d=128, block_t=128, block_m=16, warps=4, stages=1):
+    """The generated-decoder paged kernel (paged_coded_kernel) for the default tier."""
+    from sphkv_compile.kernels.attention_kernels import paged_coded_kernel
+    from sphkv_compile.kernels.decode_codegen import decoder
+
+    spec = TierSpec("uniform", 3.5, "polar", 3.5)
+    info = tier_info(spec, d, 0, torch.bfloat16)
+    consts = dict(PS=64, WT=info.key_words + info.value_words, D=d, BLOCK_M=block_m, BLOCK_T=block_t,
+                  DECODE_K=decoder(info.key, 0), DECODE_V=decoder(info.value, info.key_words),
+                  STEP=info.key.radius_step, LOG2_MIN=LOG2_MIN, DOT_PRECISION="tf32")
+    k = triton.compile(ASTSource(paged_coded_kernel, paged_signature(paged_coded_kernel, consts), consts),
+                       target=TARGET, options={"num_warps": warps, "num_stages": stages})
+    print("paged_coded", d, block_t, warps, "shared", k.metadata.shared)
+    sass_summary(k)
     return k
 
 
@@ -128,7 +145,9 @@ def compile_all(d=128):
 
 if __name__ == "__main__":
     import sys
-    if sys.argv[1:] == ["all"]:
+    if sys.argv[1:2] == ["coded"]:
+        coded(*[int(a) for a in sys.argv[2:]])
+    elif sys.argv[1:] == ["all"]:
         compile_all(64)
         compile_all(128)
     else:

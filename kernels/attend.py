@@ -16,7 +16,9 @@ from sphkv_compile.radius import LOG2_MIN
 from sphkv_compile.store import TierState
 from sphkv_compile.tiers import TierSpec, tier_codecs
 
-from .attention_kernels import chunk_partials_kernel, combine_kernel, paged_mass_kernel, paged_partials_kernel
+from .attention_kernels import (chunk_partials_kernel, combine_kernel, paged_coded_kernel, paged_mass_kernel,
+                                paged_partials_kernel)
+from .decode_codegen import decoder
 from .layout import DEVICE_TABLES, ScalarTables, Unsupported, rotation_matrices, tier_info
 
 LOG2E = 1.0 / math.log(2.0)
@@ -28,6 +30,10 @@ PARTIAL_BYTES = 1 << 28
 DEFAULT_BLOCK_T = 64
 DEFAULT_WARPS = 4
 DEFAULT_STAGES = 1
+# Compressed tiers: the generated decoders run one token per thread, so a tile is one token
+# per thread of the program (docs/PERFORMANCE.md has the sweep).
+CODED_WARPS = 4
+CODED_BLOCK_T = 32 * CODED_WARPS
 
 
 @lru_cache(maxsize=None)
@@ -91,6 +97,15 @@ def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_
         vcon = _codec_constants(info.value)
     step = info.key.radius_step if info.key is not None else 1.0
     grid = (BH, S, triton.cdiv(M, block_m))
+    if not exact:
+        kt = _tab(info.key.trig_pairs, device)
+        vt = _tab(info.value.centroids if scalar else info.value.trig_pairs, device)
+        paged_coded_kernel[grid](
+            q_in, pool, st.pages, st.count, acc, m, l, kt, vt, M, st.pages.shape[-1], S, split_offset, S_total,
+            PS=st.page_size, WT=wt, D=q_in.shape[-1], BLOCK_M=block_m, BLOCK_T=CODED_BLOCK_T,
+            DECODE_K=decoder(info.key, 0), DECODE_V=decoder(info.value, info.key_words), STEP=step,
+            LOG2_MIN=LOG2_MIN, DOT_PRECISION=precision, num_warps=CODED_WARPS, num_stages=1)
+        return
     paged_partials_kernel[grid](
         q_in, pool, st.pages, st.count, acc, m, l, kc, kt, vc, vt,
         M, st.pages.shape[-1], S, split_offset, S_total,
@@ -148,7 +163,8 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
         for group in (compressed, plain):
             for i, info in group:
                 st = states[i]
-                S = _splits(BH * mblocks, st.pages.shape[-1] * st.page_size, block_t, wanted)
+                tile = block_t if info.key is None else CODED_BLOCK_T
+                S = _splits(BH * mblocks, st.pages.shape[-1] * st.page_size, tile, wanted)
                 launches.append((i, info, S_total, S))
                 S_total += S
         S_rot = sum(S for i, info, _, S in launches if info.key is not None)

@@ -43,6 +43,7 @@ class FieldTables:
     counts: int
     max_comps: int
     widths: int  # log2 of each component's width, 3 bits at position 3·(field·max_comps + component)
+    layout: object = None  # the codec's RecordLayout (the generated decoders read it directly)
 
 
 def field_tables(layout) -> FieldTables:
@@ -61,7 +62,7 @@ def field_tables(layout) -> FieldTables:
         for i, p in enumerate(parts):
             comps[f, i] = torch.tensor(p, dtype=torch.int32)
             widths |= (p[1].bit_length() - 1) << (3 * (f * max_comps + i))
-    return FieldTables(comps, counts, max_comps, widths)
+    return FieldTables(comps, counts, max_comps, widths, layout)
 
 
 def radius_step(bits: int) -> float:
@@ -112,6 +113,12 @@ class PolarTables:
     bits: int  # level bits packed 4 per level (level 1 in the low nibble)
     table_size: int
     radius_step: float
+
+    @property
+    def trig_pairs(self) -> torch.Tensor:
+        """int64 [levels, 2^max_bits]: each centroid's float32 (cos, sin) side by side, cos in the
+        low half (one 8-byte load per code)."""
+        return self.__dict__.setdefault("_pairs", self.trig.transpose(1, 2).contiguous().view(torch.int64)[..., 0])
 
 
 @lru_cache(maxsize=None)

@@ -1,0 +1,191 @@
+"""Generated Triton decoders: one token per thread, every code read by a fixed shift.
+
+A record's layout is known on the host (the codec's RecordLayout), so each code of each node
+of the polar tree sits at a known word and bit. This module writes a Triton function per
+codec that works on [BLOCK_T] vectors, one token per thread: it loads the record's words,
+pulls every code out with a constant shift and mask, runs the angular recurrence top-down as
+scalar multiplies (no cross-thread data movement), and only at the end joins the D values
+into a [BLOCK_T, D] tile (tl.join keeps the new axis inside the thread) for tl.dot.
+
+Written out rather than looped because a Triton function cannot hold a list of per-node
+tensors; the generated source is cached on disk (Triton's JIT needs a real file) under a
+name that hashes the source, so a different codec or an edit here never reuses a stale file.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+from .layout import PolarTables, ScalarTables
+
+# Levels with at most this many bits pick cos/sin with selects among constants instead of a
+# table load (a load costs an address computation and an L1 round trip).
+SELECT_MAX_BITS = 1
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("SPHKV_CODEGEN_DIR") or os.path.join(tempfile.gettempdir(), f"sphkv_codegen_{os.getuid()}")
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class _Writer:
+    """Lines of one generated function, with the record's word loads emitted on first use."""
+
+    def __init__(self, word_offset: int):
+        self.lines: list[str] = []
+        self.words: set[int] = set()
+        self.word_offset = word_offset
+
+    def word(self, j: int) -> str:
+        if j not in self.words:
+            self.words.add(j)
+            self.lines.append(f"    w{j} = tl.load(pool_ptr + base + {self.word_offset + j}, mask=valid, other=0)"
+                              f".to(tl.uint32, bitcast=True)")
+        return f"w{j}"
+
+    def emit(self, line: str) -> None:
+        self.lines.append("    " + line)
+
+
+def _code_parts(layout) -> dict[tuple[int, int], list[tuple[int, int, int, int]]]:
+    """(field, element) -> [(word, bit, width, value shift)] from the split-width components."""
+    parts: dict[tuple[int, int], list] = {}
+    for c in layout.components:
+        for i in range(c.count):
+            bit = c.offset + i * c.width
+            parts.setdefault((c.field, i), []).append((bit // 32, bit % 32, c.width, c.shift))
+    return parts
+
+
+def _extract(w: _Writer, parts, name: str) -> str:
+    terms = []
+    for word, bit, width, shift in parts:
+        src = w.word(word)
+        val = f"({src} >> {bit})" if bit else src
+        if bit + width < 32:
+            val = f"({val} & {(1 << width) - 1})"
+        if shift:
+            val = f"({val} << {shift})"
+        terms.append(val)
+    w.emit(f"{name} = {' | '.join(terms)}")  # uint32: unsigned offsets address in one IMAD.WIDE.U32
+    return name
+
+
+def _radius(w: _Writer, parts, inv_norm: float = 1.0) -> str:
+    """16-bit log-radius code -> float32 (0 -> 0, all ones -> NaN), times inv_norm."""
+    code = _extract(w, parts, "rc")
+    scale = "" if inv_norm == 1.0 else f" * {inv_norm!r}"
+    w.emit(f"r = tl.exp2(LOG2_MIN + (rc.to(tl.int32) - 1).to(tl.float32) * STEP){scale}")
+    w.emit("r = tl.where(rc == 0, 0.0, r)")
+    w.emit("r = tl.where(rc == 65535, float('nan'), r)")
+    return "r"
+
+
+def _join_tile(w: _Writer, leaves: list[str]) -> str:
+    """[BLOCK_T] leaves in order -> [BLOCK_T, D]. join(even half, odd half) puts the leaf's
+    lowest index bit on the last (in-thread) axis, so the row-major reshape restores order."""
+    counter = [0]
+
+    def build(items: list[str]) -> str:
+        if len(items) == 1:
+            return items[0]
+        a, b = build(items[0::2]), build(items[1::2])
+        counter[0] += 1
+        name = f"j{counter[0]}"
+        w.emit(f"{name} = tl.join({a}, {b})")
+        return name
+
+    top = build(leaves)
+    w.emit(f"return tl.reshape({top}, (base.shape[0], {len(leaves)}))")
+    return top
+
+
+def _polar_body(w: _Writer, t: PolarTables, trig) -> None:
+    parts = _code_parts_cached(t)
+    nodes = [_radius(w, parts[(0, 0)])]
+    size = t.table_size
+    for f in range(t.levels, 0, -1):
+        lev = f - 1
+        bits = (t.bits >> (4 * lev)) & 15
+        children = []
+        for j, parent in enumerate(nodes):
+            cos_name, sin_name = f"c{f}_{j}", f"s{f}_{j}"
+            if bits == 0:
+                cos_v, sin_v = repr(float(trig[lev, 0, 0])), repr(float(trig[lev, 1, 0]))
+            else:
+                code = _extract(w, parts[(f, j)], f"k{f}_{j}")
+                if bits <= SELECT_MAX_BITS:
+                    w.emit(f"{cos_name} = tl.where({code} == 0, {float(trig[lev, 0, 0])!r}, {float(trig[lev, 0, 1])!r})")
+                    w.emit(f"{sin_name} = tl.where({code} == 0, {float(trig[lev, 1, 0])!r}, {float(trig[lev, 1, 1])!r})")
+                else:  # one 8-byte load of the (cos, sin) pair, read as an int64 and split in the thread
+                    w.emit(f"cs = tl.load(tab_ptr + ({lev * size} + {code}))")
+                    w.emit(f"{cos_name} = cs.to(tl.uint32).to(tl.float32, bitcast=True)")
+                    w.emit(f"{sin_name} = (cs >> 32).to(tl.uint32).to(tl.float32, bitcast=True)")
+                cos_v, sin_v = cos_name, sin_name
+            a, b = f"n{f}_{2 * j}", f"n{f}_{2 * j + 1}"
+            w.emit(f"{a} = {parent} * {cos_v}")
+            w.emit(f"{b} = {parent} * {sin_v}")
+            children += [a, b]
+        nodes = children
+    _join_tile(w, nodes)
+
+
+def _scalar_body(w: _Writer, t: ScalarTables) -> None:
+    parts = _code_parts_cached(t)
+    r = _radius(w, parts[(0, 0)], inv_norm=t.dim ** -0.5)
+    leaves = []
+    for i in range(t.dim):
+        code = _extract(w, parts[(1, i)], f"k{i}")
+        w.emit(f"x{i} = tl.load(tab_ptr + {code}) * {r}")
+        leaves.append(f"x{i}")
+    _join_tile(w, leaves)
+
+
+def _code_parts_cached(t):
+    return _code_parts(t.fields.layout)
+
+
+_HEADER = '''"""Generated by sphkv_compile.kernels.decode_codegen; do not edit."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def decode(pool_ptr, base, valid, tab_ptr, STEP: tl.constexpr, LOG2_MIN: tl.constexpr):
+'''
+
+
+def _source(tables, word_offset: int) -> str:
+    w = _Writer(word_offset)
+    if isinstance(tables, ScalarTables):
+        _scalar_body(w, tables)
+    else:
+        _polar_body(w, tables, tables.trig.double())
+    return _HEADER + "\n".join(w.lines) + "\n"
+
+
+def _load(source: str):
+    digest = hashlib.sha256(source.encode()).hexdigest()[:20]
+    path = _cache_dir() / f"sphkv_decode_{digest}.py"
+    if not path.exists() or path.read_text() != source:
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(source)
+        os.replace(tmp, path)
+    spec = importlib.util.spec_from_file_location(f"sphkv_decode_{digest}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.decode
+
+
+@lru_cache(maxsize=None)
+def decoder(tables, word_offset: int = 0):
+    """The generated Triton decode function of one codec's records (keys at word 0, values at
+    the key record's length): decode(pool_ptr, base, valid, tab_ptr, STEP, LOG2_MIN) ->
+    float32 [BLOCK_T, D] in the rotated domain. `base` is each token's first record word."""
+    return _load(_source(tables, word_offset))
