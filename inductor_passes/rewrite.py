@@ -1,11 +1,20 @@
 """Rewrite the attention sites of one KV cache into the sphkv ops.
 
 Per cache (keys and values updated together) the graph gets:
-  new inputs        the store's state tensors and a position cursor (the backend owns them)
+  new inputs        the store's state tensors, a position cursor and the budget meter (the
+                    backend owns them)
   advance           keep the store in step with the written positions (runtime_ops)
   per site:         chunk_validity (mask -> chunk padding, checked) and sphkv::attend over
-                    the store plus the dense chunk, in place of the site's output
-  update_cache      append the chunk (sinks + recent exact, the rest encoded)
+                    the store plus the dense chunk, in place of the site's output; under
+                    policy 'rdr' the first site also accumulates decode attention into the
+                    stored tokens' utility
+  the update        policy 'uniform': sphkv::update_cache (sinks + recent exact, the rest
+                    encoded); policy 'rdr': sphkv::update_cache_rdr (the chunk enters within the
+                    budget; a chunk that does not fit, e.g. the prefill, is allocated with the
+                    rest, so nothing is staged beyond the budget)
+  kv_budget         the budgeting node (sphkv_compile.rdr.node): re-budgets every
+                    rebudget_every updates under 'rdr', measures token bytes against the budget
+                    under both policies, counts in the meter tensor; mutating, so never dead code
 and loses the dense cache: the write into a static buffer is removed, a cat result is
 replaced by a zero-memory placeholder of the same shape (a 1-element tensor expanded),
 which is what the graph returns for it.
@@ -17,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from sphkv_compile import rdr
 from sphkv_compile.ops import STATE_TENSORS_PER_TIER
 
 from . import fallback as R
@@ -154,8 +164,15 @@ class Rewriter:
         with g.inserting_before(first_op):  # new inputs go after the existing ones, in order
             state = [g.placeholder(f"sphkv_store{index}_{i}") for i in range(self.num_state)]
             cursor = g.placeholder(f"sphkv_store{index}_cursor")
+            meter = g.placeholder(f"sphkv_store{index}_meter")
         all_ph = [n for n in g.nodes if n.op == "placeholder"]
-        group.state_inputs = [all_ph.index(n) for n in state + [cursor]]
+        group.state_inputs = [all_ph.index(n) for n in state + [cursor, meter]]  # CompressedCache.tensors() order
+        seq = group.key.seq_dim
+        kv_heads, head_dim = group.shape[3 - seq], group.shape[3]
+        # a static buffer has a maximum length: the budget is fixed, and checked here, at compile time
+        max_tokens = group.shape[seq] if group.static else 0
+        rdr.check_budget(opts, kv_heads, head_dim, group.dtype, max_tokens or None)
+        accumulate = opts.policy == "rdr"
 
         sites = sorted(group.sites, key=lambda s: list(g.nodes).index(s.output))
         counts = [state[i + 3] for i in range(0, self.num_state, STATE_TENSORS_PER_TIER)]
@@ -163,7 +180,7 @@ class Rewriter:
             k_new = self._canonical(group.key, group.dtype)
             v_new = self._canonical(group.value, group.dtype)
             positions = self._positions(group.key, group.device)
-            self._call(torch.ops.sphkv_graph.advance.default, cursor, state, positions)
+            self._call(torch.ops.sphkv_graph.advance.default, cursor, state, positions, meter)
         valid = mass = last = None
         for site in sites:
             with g.inserting_before(site.output):
@@ -178,13 +195,14 @@ class Rewriter:
                 if site.masks:
                     vis, ok = self._visibility(site)
                     v = self._call(torch.ops.sphkv_graph.chunk_validity.default, vis, ok, positions, counts,
-                                   batch, q_heads, q_len)
+                                   batch, q_heads, q_len, meter if opts.policy == "rdr" else None)
                     valid = v if valid is None else valid
                     site_valid = v
                 else:
                     site_valid = None
                 res = self._call(torch.ops.sphkv.attend.default, q, state, k_new, v_new, site_valid, self.tiers,
-                                 opts.seed, kv_dtype, float(site.scale), int(opts.obs_window), False)
+                                 opts.seed, kv_dtype, float(site.scale), int(opts.obs_window), accumulate)
+                accumulate = False  # once per cache: two sites reading it must not count twice
                 out = self._call(__import__("operator").getitem, res, 0)
                 mass = self._call(__import__("operator").getitem, res, 1) if mass is None else mass
                 out = self._method("to", out, dtype_of(site.output))
@@ -192,9 +210,19 @@ class Rewriter:
                     out = self._method("flatten", out, 0, 1)
             site.output.replace_all_uses_with(out)
             last = out
+        budget = float(opts.budget or 0.0)
         with g.inserting_after(last):
-            self._call(torch.ops.sphkv.update_cache.default, state, k_new, v_new, valid, mass, self.tiers,
-                       opts.seed, kv_dtype, int(opts.sink), int(opts.recent), self.target)
+            if opts.policy == "rdr":
+                update = self._call(torch.ops.sphkv.update_cache_rdr.default, state, meter, cursor, k_new, v_new, valid,
+                                    mass, self.tiers, opts.seed, kv_dtype, int(opts.sink), int(opts.recent), budget,
+                                    max_tokens, int(opts.rebudget_every))
+            else:
+                update = self._call(torch.ops.sphkv.update_cache.default, state, k_new, v_new, valid, mass, self.tiers,
+                                    opts.seed, kv_dtype, int(opts.sink), int(opts.recent), self.target)
+        with g.inserting_after(update):
+            self._call(torch.ops.sphkv.kv_budget.default, state, meter, cursor, self.tiers, opts.seed, kv_dtype,
+                       head_dim, int(opts.sink), int(opts.recent), opts.policy, budget, max_tokens,
+                       int(opts.rebudget_every))
         self._drop_dense(group, sites)
 
     def _drop_dense(self, group: CacheGroup, sites: list[Site]) -> None:

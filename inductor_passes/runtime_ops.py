@@ -1,9 +1,10 @@
 """The graph-side runtime checks of the rewrite, as custom ops (sphkv_graph::*).
 
 advance: keeps a store in step with the positions the model writes (a write at position 0
-starts a new sequence; anything but a contiguous append raises).
+starts a new sequence: pages, cursor and budget meter are reset; anything but a contiguous
+append raises).
 chunk_validity: checks at every call that the model's mask is still causal over the cache
-plus padding, and turns it into the chunk's validity vector for sphkv::attend.
+plus padding (the tokens that entered it, dropped ones included), and turns it into the chunk's validity vector for sphkv::attend.
 Both raise rather than let the rewrite give a silently wrong answer.
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from sphkv_compile.ops import STATE_TENSORS_PER_TIER
+from sphkv_compile.rdr import meter as budget_meter
 
 from .masks import MaskNotEquivalent, additive_ok, check_visibility, to_batch_rows
 
@@ -30,8 +32,8 @@ def _reset(state: list[torch.Tensor]) -> None:
         free_top.fill_(n)
 
 
-@torch.library.custom_op("sphkv_graph::advance", mutates_args=("cursor", "state"))
-def advance(cursor: torch.Tensor, state: list[torch.Tensor], positions: torch.Tensor) -> None:
+@torch.library.custom_op("sphkv_graph::advance", mutates_args=("cursor", "state", "meter"))
+def advance(cursor: torch.Tensor, state: list[torch.Tensor], positions: torch.Tensor, meter: torch.Tensor) -> None:
     n = positions.numel()
     if n == 0:
         return
@@ -42,6 +44,7 @@ def advance(cursor: torch.Tensor, state: list[torch.Tensor], positions: torch.Te
     if p0 == 0:
         _reset(state)
         cursor.zero_()
+        budget_meter.reset(meter)
     elif p0 != int(cursor[0]):
         raise SphkvCacheError(f"sphkv: the cache is written at position {p0} but the compressed store holds positions "
                               f"0..{int(cursor[0]) - 1}; a compressed cache cannot be rewound or forked "
@@ -50,18 +53,21 @@ def advance(cursor: torch.Tensor, state: list[torch.Tensor], positions: torch.Te
 
 
 @advance.register_fake
-def _(cursor, state, positions) -> None:
+def _(cursor, state, positions, meter) -> None:
     return None
 
 
 @torch.library.custom_op("sphkv_graph::chunk_validity", mutates_args=())
 def chunk_validity(vis: torch.Tensor, values_ok: torch.Tensor | None, positions: torch.Tensor,
-                   counts: list[torch.Tensor], batch: int, q_heads: int, q_len: int) -> torch.Tensor:
+                   counts: list[torch.Tensor], batch: int, q_heads: int, q_len: int,
+                   meter: torch.Tensor | None = None) -> torch.Tensor:
     if values_ok is not None and not bool(values_ok):
         raise MaskNotEquivalent("sphkv: an additive attention mask holds values other than 0 and -inf "
                                 "(a position bias); compile this model without sphkv for this site", bias=True)
     rows = to_batch_rows(vis, batch, q_heads, q_len, vis.shape[-1])
-    stored = sum(c[:, 0].to(torch.int64) for c in counts)
+    # the past the mask shows: the page counts, or under RDR (which drops tokens) the meter's
+    # count of tokens that entered the store
+    stored = sum(c[:, 0].to(torch.int64) for c in counts) if meter is None else budget_meter.entered(meter)
     try:
         valid = check_visibility(rows, positions, stored)
     except MaskNotEquivalent as err:
@@ -70,5 +76,5 @@ def chunk_validity(vis: torch.Tensor, values_ok: torch.Tensor | None, positions:
 
 
 @chunk_validity.register_fake
-def _(vis, values_ok, positions, counts, batch, q_heads, q_len):
+def _(vis, values_ok, positions, counts, batch, q_heads, q_len, meter=None):
     return vis.new_empty((batch, positions.shape[0]), dtype=torch.bool)

@@ -5,6 +5,10 @@ buffers (static caches) or the placeholders a cat cache hands back. Those tensor
 swapped for zero-memory placeholders (a 1-element storage expanded to the cache's shape),
 so the dense cache is never resident; the store's pages are. report() reads kv_bytes and
 dense_kv_bytes from live stores.
+
+Each store also carries the budget meter (sphkv_compile.rdr.meter) the graph's budgeting
+node counts in. Under policy 'rdr' every tier's pool is sized so that any allocation within
+the budget fits (rdr.pool_pages); the budget is that of the store's capacity in tokens.
 """
 from __future__ import annotations
 
@@ -14,6 +18,9 @@ import weakref
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from sphkv_compile import rdr
+from sphkv_compile.rdr import meter as budget_meter
+from sphkv_compile.rdr.node import measure
 from sphkv_compile.report import register_kv_source
 from sphkv_compile.ops import tiers_string
 from sphkv_compile.store import TierState, gather_tokens, rebuild
@@ -41,10 +48,11 @@ def release_buffer(t: torch.Tensor) -> None:
 
 
 def target_tier(options) -> int:
-    ladder = options.tier_ladder
-    compressed = [i for i, t in enumerate(ladder) if not t.exact]
-    exact_bits = [i for i in compressed if ladder[i].key_bits == float(options.bits)]
-    return (exact_bits or compressed)[0]
+    return rdr.uniform_target_tier(options)
+
+
+def kv_dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 class CompressedCache:
@@ -54,8 +62,10 @@ class CompressedCache:
         self.specs = tuple(options.tier_ladder)
         self.tiers = tiers_string(self.specs)
         self.capacity = 0
-        self.states = [self._allocate(spec, 0) for spec in self.specs]
+        self.rdr = options.policy == "rdr"
+        self.states = [self._allocate(spec, i, 0) for i, spec in enumerate(self.specs)]
         self.cursor = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self.meter = budget_meter.new_meter(batch, self.device)
         self.grow(capacity)
         ref = weakref.ref(self)
         register_kv_source(lambda: ref().kv_bytes() if ref() is not None else (0, 0), group="graph")
@@ -65,27 +75,41 @@ class CompressedCache:
         tokens = self.options.sink + self.options.recent if spec.exact else capacity
         return max(1, math.ceil(tokens / ps))
 
-    def _allocate(self, spec, capacity: int) -> TierState:
+    def _rdr_pools(self, capacity: int) -> list[tuple[int, int]]:
+        """RDR: pools that any allocation within the budget of `capacity` tokens fits (taking
+        the larger, growing form of the budget, so it holds for static and cat caches)."""
+        nbytes = rdr.budget_bytes(self.options, capacity, self.kv_heads, self.head_dim, self.kv_dtype, None)
+        return rdr.pool_pages(self.specs, nbytes, self.batch, self.kv_heads, self.head_dim, self.options.page_size,
+                              seed=self.options.seed, kv_dtype=self.kv_dtype)
+
+    def _allocate(self, spec, index: int, capacity: int) -> TierState:
         kw, vw = record_words(spec, self.head_dim, self.options.seed, self.kv_dtype)
-        per_head = self._pages_per_head(spec, capacity)
-        return TierState.allocate(self.batch, self.kv_heads, per_head * self.batch * self.kv_heads,
-                                  self.options.page_size, kw + vw, per_head, self.device)
+        if self.rdr and capacity:
+            num_pages, per_head = self._rdr_pools(capacity)[index]
+        else:
+            per_head = self._pages_per_head(spec, capacity)
+            num_pages = per_head * self.batch * self.kv_heads
+        return TierState.allocate(self.batch, self.kv_heads, num_pages, self.options.page_size, kw + vw, per_head,
+                                  self.device)
 
     def grow(self, capacity: int) -> None:
-        """Room for `capacity` tokens per KV head in the compressed tiers (contents kept)."""
+        """Room for `capacity` tokens per KV head (contents kept). The uniform policy's exact
+        tier never holds more than the sinks and recent window; under RDR every pool follows
+        the budget, which grows with the capacity."""
         if capacity <= self.capacity:
             return
         for i, spec in enumerate(self.specs):
-            if spec.exact and self.capacity:
+            if spec.exact and self.capacity and not self.rdr:
                 continue
-            new = self._allocate(spec, capacity)
+            new = self._allocate(spec, i, capacity)
             if self.capacity:
                 rebuild(new, *gather_tokens(self.states[i]), spec.name)
             self.states[i] = new
         self.capacity = capacity
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for s in self.states for t in s.tensors()] + [self.cursor]
+        """The order the rewrite's placeholders expect: tier states, cursor, meter."""
+        return [t for s in self.states for t in s.tensors()] + [self.cursor, self.meter]
 
     def shapes(self) -> tuple:
         return tuple(tuple(t.shape) for t in self.tensors())
@@ -95,15 +119,39 @@ class CompressedCache:
         return int(self.cursor[0])
 
     def ingest(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Start from a dense past [B, Hkv, T, d] handed in by the caller."""
-        from sphkv_compile.ops import update_cache
+        """Start from a dense past [B, Hkv, T, d] handed in by the caller: the same update and
+        budgeting ops as the graph runs."""
         o = self.options
         self.grow(2 * k.shape[2])
-        update_cache([t for s in self.states for t in s.tensors()], k, v, None, None, self.tiers, o.seed,
-                     str(self.kv_dtype).replace("torch.", ""), o.sink, o.recent, target_tier(o))
+        state = [t for s in self.states for t in s.tensors()]
+        budget_meter.reset(self.meter)
         self.cursor.fill_(k.shape[2])
+        dt = kv_dtype_name(self.kv_dtype)
+        budget = float(o.budget or 0.0)
+        if self.rdr:
+            torch.ops.sphkv.update_cache_rdr(state, self.meter, self.cursor, k, v, None, None, self.tiers, o.seed, dt,
+                                             o.sink, o.recent, budget, 0, o.rebudget_every)
+        else:
+            torch.ops.sphkv.update_cache(state, k, v, None, None, self.tiers, o.seed, dt, o.sink, o.recent,
+                                         target_tier(o))
+        torch.ops.sphkv.kv_budget(state, self.meter, self.cursor, self.tiers, o.seed, dt, self.head_dim, o.sink,
+                                  o.recent, o.policy, budget, 0, o.rebudget_every)
+
+    def tokens_per_row(self) -> torch.Tensor:
+        """[B] real tokens written into the store per batch row, dropped ones included (what a
+        causal mask shows as the past). Without drops (uniform) the pages hold all of them."""
+        if self.rdr:
+            return budget_meter.entered(self.meter).clone()
+        return sum(s.count[:, 0].to(torch.int64) for s in self.states)
 
     def kv_bytes(self) -> tuple[int, int]:
-        resident = sum(s.record_bytes() + s.metadata_bytes() for s in self.states) + self.cursor.numel() * 8
+        """(every byte the store holds: pools, metadata, cursor and meter; dense bf16 K+V bytes)."""
+        resident = (sum(s.record_bytes() + s.metadata_bytes() for s in self.states)
+                    + (self.cursor.numel() + self.meter.numel()) * 8)
         dense = 2 * self.batch * self.kv_heads * self.tokens * self.head_dim * 2  # K+V in bf16
         return resident, dense
+
+    def budget_report(self) -> dict:
+        """What the budgeting node measured, plus the bytes of pages in use (rdr.node.measure)."""
+        return measure(self.states, self.specs, self.meter, head_dim=self.head_dim, seed=self.options.seed,
+                       kv_dtype=self.kv_dtype)

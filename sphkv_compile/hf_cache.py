@@ -12,6 +12,12 @@ Two flavours, as in transformers:
 - dynamic: pools grow between steps in Python (outside any compiled graph), geometrically.
 
 Layers the plan (hf_plan) keeps dense are HF's own Dynamic/Static(SlidingWindow)Layer.
+
+The chunk enters through `SphkvLayer.store_chunk`, the same ops as the compiled graph's
+rewrite: the cache update (sphkv::update_cache, or sphkv::update_cache_rdr under policy
+'rdr') and then the budgeting node sphkv::kv_budget (sphkv_compile/rdr/node.py), which counts
+in the layer's meter tensor. Under 'rdr' a static cache's pools are sized for its fixed
+budget; a dynamic cache grows them as its budget grows with the tokens seen (rdr/budget.py).
 """
 from __future__ import annotations
 
@@ -20,14 +26,16 @@ import weakref
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, StaticLayer
 
+from . import rdr
+from .ops import tiers_string
+from .rdr import meter as budget_meter
+from .rdr.budget import SphkvBudgetError  # noqa: F401  (raised by check_budget; importable from here)
+from .rdr.eager import ensure_capacity
+from .rdr.node import measure
 from .report import register_kv_source
 from .options import SphkvOptions
 from .store import LayerStore, TierState
 from .hf_plan import LayerPlan
-
-
-class SphkvBudgetError(ValueError):
-    """The configured budget cannot hold even the tokens the policy must keep."""
 
 
 def _compiling() -> bool:
@@ -53,6 +61,7 @@ class SphkvLayer(CacheLayerMixin):
         self.seen = 0  # dynamic: positions seen (incl. padding), a Python int
         self.cumulative_length = torch.tensor(0, dtype=torch.int64)  # static: the same, on device
         self.stored_any = False  # until the first update the store is empty (prefill needs no codes)
+        self.meter: torch.Tensor | None = None  # the budgeting node's counters (rdr/meter.py)
 
     # ---- allocation ---------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -67,20 +76,27 @@ class SphkvLayer(CacheLayerMixin):
         self.device = torch.device(device)
         self.store = LayerStore(batch, kv_heads, head_dim, o.tier_ladder, kv_dtype=dtype, page_size=o.page_size,
                                 seed=o.seed, device=device)
+        self.meter = budget_meter.new_meter(batch, device)
+        self.cumulative_length = self.cumulative_length.to(device)
         if self.max_cache_len is not None:
             self._allocate_fixed(self.max_cache_len)
-            self.cumulative_length = self.cumulative_length.to(device)
             if not _compiling():  # stable addresses: one graph, and CUDA graphs can replay it
-                for t in self.state:
+                for t in self.state + [self.meter]:
                     torch._dynamo.mark_static_address(t)
                 torch._dynamo.mark_static_address(self.cumulative_length)
         self.is_initialized = True
 
     def _allocate_fixed(self, max_tokens: int) -> None:
-        """Pools that hold max_tokens per (row, KV head): the exact tier holds at most the sinks
-        plus the recent window after every update; each compressed tier may have to hold all."""
+        """Uniform: pools that hold max_tokens per (row, KV head): the exact tier holds at most
+        the sinks plus the recent window after every update; each compressed tier may have to
+        hold all. RDR: pools that any allocation within the fixed budget fits (rdr.pool_pages)."""
         st, o = self.store, self.options
         ps = o.page_size
+        if o.policy == "rdr":
+            sizes = rdr.pool_pages(st.tiers, self.budget_bytes(max_tokens), st.batch, st.kv_heads, st.head_dim, ps,
+                                   seed=o.seed, kv_dtype=st.kv_dtype)
+            st.states = [st._new_state(spec, n, per_head) for spec, (n, per_head) in zip(st.tiers, sizes)]
+            return
         per_head = {}
         for spec in st.tiers:
             cap = min(max_tokens, o.sink + o.recent) if spec.exact else max_tokens
@@ -88,11 +104,20 @@ class SphkvLayer(CacheLayerMixin):
         st.states = [st._new_state(spec, st.batch * st.kv_heads * per_head[spec.name], per_head[spec.name])
                      for spec in st.tiers]
 
+    def budget_bytes(self, tokens: int) -> int:
+        """The layer's token-byte budget per batch row with `tokens` seen (rdr/budget.py)."""
+        st = self.store
+        return rdr.budget_bytes(self.options, tokens, st.kv_heads, st.head_dim, st.kv_dtype, self.max_cache_len)
+
     @torch._dynamo.disable
     def reserve(self, new_tokens: int) -> None:
         """Dynamic layers: grow the pools (in Python, outside compiled graphs) so that a chunk of
-        new_tokens fits. Mirrors the worst case of placement.graduate."""
+        new_tokens fits. Uniform: the worst case of placement.graduate; RDR: any allocation
+        within the budget the layer will have after the chunk (it grows with the tokens)."""
         st = self.store
+        if self.options.policy == "rdr":
+            ensure_capacity(st, self.budget_bytes(self.seen + new_tokens), new_tokens)
+            return
         n = torch.full((st.batch, st.kv_heads), new_tokens, dtype=torch.int64, device=st.states[0].count.device)
         e = st.tier_index("exact")
         st._reserve(e, n)
@@ -110,6 +135,26 @@ class SphkvLayer(CacheLayerMixin):
     def advance_dynamic(self, n: int) -> None:
         self.seen += n
         self.store.tokens_seen = self.seen
+        self.cumulative_length.fill_(self.seen)  # the budgeting ops read the tokens seen from a tensor
+
+    def store_chunk(self, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor | None,
+                    mass: torch.Tensor) -> None:
+        """The chunk [B, Hkv, N, d] enters the store after attention (mass: the observation-window
+        attention on it, its utility), then the budgeting node runs: both as custom ops, so a
+        compiled forward runs exactly this."""
+        o, st = self.options, self.store
+        tiers = tiers_string(st.tiers)
+        kv_dtype = str(st.kv_dtype).removeprefix("torch.")
+        tokens = self.cumulative_length + key.shape[2]  # seen, this chunk included
+        budget, max_tokens = float(o.budget or 0.0), self.max_cache_len or 0
+        if o.policy == "rdr":
+            torch.ops.sphkv.update_cache_rdr(self.state, self.meter, tokens, key, value, valid, mass, tiers, o.seed,
+                                             kv_dtype, o.sink, o.recent, budget, max_tokens, o.rebudget_every)
+        else:
+            torch.ops.sphkv.update_cache(self.state, key, value, valid, mass, tiers, o.seed, kv_dtype, o.sink,
+                                         o.recent, rdr.uniform_target_tier(o))
+        torch.ops.sphkv.kv_budget(self.state, self.meter, tokens, tiers, o.seed, kv_dtype, st.head_dim, o.sink,
+                                  o.recent, o.policy, budget, max_tokens, o.rebudget_every)
 
     # ---- the CacheLayerMixin protocol ---------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -140,6 +185,8 @@ class SphkvLayer(CacheLayerMixin):
             for st in self.store.states:
                 _empty_tier(st)
             self.store.tokens_seen = 0
+        if self.meter is not None:
+            budget_meter.reset(self.meter)
         self.seen = 0
         self.cumulative_length.zero_()
         self.stored_any = False
@@ -170,7 +217,13 @@ class SphkvLayer(CacheLayerMixin):
         return int(self.cumulative_length) if self.max_cache_len is not None else self.seen
 
     def resident_bytes(self) -> int:
-        return 0 if self.store is None else self.store.resident_bytes()
+        """Every byte of the store: pools (records), their metadata, and the meter."""
+        return 0 if self.store is None else self.store.resident_bytes() + self.meter.numel() * 8
+
+    def budget_report(self) -> dict:
+        """What the budgeting node measured, plus the bytes of pages in use (rdr.node.measure)."""
+        st = self.store
+        return measure(st.states, st.tiers, self.meter, head_dim=st.head_dim, seed=st.seed, kv_dtype=st.kv_dtype)
 
     def dense_bytes(self) -> int:
         if self.store is None:
@@ -230,7 +283,9 @@ class SphkvCache(Cache):
                   else _dense_layer(p, max_cache_len) for p in plans]
         super().__init__(layers=layers)
         if kv_geometry is not None:
-            check_budget(options, kv_geometry, max_cache_len)
+            kv_heads, head_dim = kv_geometry
+            # the exact tier is 16-bit unless asked otherwise (storage_dtype)
+            rdr.check_budget(options, kv_heads, head_dim, kv_dtype or torch.bfloat16, max_cache_len)
         _track(self)
 
     @property
@@ -252,35 +307,6 @@ class SphkvCache(Cache):
                 h, d = _dense_layer_bytes(layer)
                 held, dense = held + h, dense + d
         return held, dense
-
-
-def check_budget(options: SphkvOptions, kv_geometry: tuple[int, int], max_cache_len: int | None) -> None:
-    """Fail at setup, not at step 5,000: under the uniform policy every token but the sinks and
-    the recent window is stored at the compressed tier, so that tier alone must fit the
-    budget, and at max_cache_len the protected exact tokens must fit too."""
-    if options.budget is None or options.policy != "uniform":
-        return
-    from .tiers import record_words
-
-    kv_heads, head_dim = kv_geometry
-    ladder = options.tier_ladder
-    target = next(t for t in ladder if not t.exact)
-    kw, vw = record_words(target, head_dim, options.seed, torch.bfloat16)
-    dense_per_token = 2 * head_dim * 2
-    per_token = 4 * (kw + vw)
-    if per_token > options.budget * dense_per_token:
-        raise SphkvBudgetError(
-            f"budget {options.budget} of dense KV is {options.budget * dense_per_token:.0f} bytes per token and head, "
-            f"but tier {target.name!r} ({target.key_bits} bits) takes {per_token}; raise the budget or lower bits")
-    if max_cache_len is not None:
-        protected = min(max_cache_len, options.sink + options.recent)
-        need = protected * dense_per_token + (max_cache_len - protected) * per_token
-        if need > options.budget * dense_per_token * max_cache_len:
-            raise SphkvBudgetError(
-                f"budget {options.budget} cannot hold {protected} exact sink/recent tokens plus "
-                f"{max_cache_len - protected} compressed ones ({need} bytes per head vs "
-                f"{options.budget * dense_per_token * max_cache_len:.0f}); raise the budget or max length, "
-                "or lower sink/recent")
 
 
 # ---- report: the live cache's measured bytes ------------------------------------------------

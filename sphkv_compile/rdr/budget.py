@@ -1,8 +1,18 @@
-"""Budgets in bytes, and the up-front check that a budget can hold the protected tokens.
+"""Byte budgets: what the option `budget` means in bytes, and the one up-front check.
 
-The option `budget` is a fraction of the dense 16-bit K+V bytes. For a bounded generation it
-is taken of the cache's maximum length (max_cache_len): that fixes the bytes once, so the
-check below can run when the model is compiled, not when the context fills up.
+The option `budget` is a fraction of the dense 16-bit K+V bytes of one layer and batch row.
+
+- A cache with a maximum length (a static cache, a preallocated buffer) gets a fixed budget:
+  the fraction of a dense cache at that length. So memory is bounded for the whole
+  generation, and `check_budget` can refuse an infeasible budget when the cache is built,
+  not when the context fills up.
+- A cache without one (DynamicCache, a cat cache) has no length to take the fraction of. Its
+  budget grows with the tokens seen: fraction × dense(tokens) plus the bytes of the tokens the
+  policy keeps exact whatever the length (`protected_bytes`), so it is never infeasible.
+
+Budgets count token bytes (records + per-token utility, costs.tier_bytes). Page tables,
+counts, free lists and the unused tail of each (row, head, tier)'s last page are the
+documented metadata outside the budget (docs/FORMAT.md).
 """
 from __future__ import annotations
 
@@ -14,8 +24,11 @@ from .costs import choice_table
 DENSE_BYTES_PER_ELEMENT = 2  # the reference: a 16-bit K+V cache
 
 
-class RdrBudgetError(ValueError):
-    """The byte budget cannot hold the tokens RDR must keep exact."""
+class SphkvBudgetError(ValueError):
+    """The byte budget cannot hold the tokens the policy must keep (or was exceeded)."""
+
+
+RdrBudgetError = SphkvBudgetError  # the name the RDR tests and callers used first
 
 
 def dense_bytes(tokens: int, kv_heads: int, head_dim: int) -> int:
@@ -28,6 +41,24 @@ def layer_budget_bytes(fraction: float, max_tokens: int, kv_heads: int, head_dim
     return int(fraction * dense_bytes(max_tokens, kv_heads, head_dim))
 
 
+def uniform_target_tier(options) -> int:
+    """The tier the uniform policy encodes into: the compressed tier at `bits`, else the first."""
+    ladder = options.tier_ladder
+    compressed = [i for i, t in enumerate(ladder) if not t.exact]
+    at_bits = [i for i in compressed if ladder[i].key_bits == float(options.bits)]
+    return (at_bits or compressed)[0]
+
+
+def protected_count(policy: str, sink: int, recent: int, rebudget_every: int) -> int:
+    """Tokens per KV head the policy keeps exact whatever the budget: sinks and the recent
+    window, and under RDR the re-budget headroom (rebudget_every new tokens arrive exact)."""
+    return sink + recent + (rebudget_every if policy == "rdr" else 0)
+
+
+def protected_tokens(options) -> int:
+    return protected_count(options.policy, options.sink, options.recent, options.rebudget_every)
+
+
 def protected_bytes(specs: tuple[TierSpec, ...], kv_heads: int, head_dim: int, *, seed: int, kv_dtype: torch.dtype,
                     sink: int, recent: int, rebudget_every: int) -> int:
     """Bytes RDR needs per layer and row whatever the utilities: sinks, the recent window and the
@@ -36,29 +67,74 @@ def protected_bytes(specs: tuple[TierSpec, ...], kv_heads: int, head_dim: int, *
     return kv_heads * (sink + recent + rebudget_every) * table.exact_bytes
 
 
-def check_budget(budget_bytes: int, specs, kv_heads: int, head_dim: int, *, seed: int, kv_dtype: torch.dtype,
-                 sink: int, recent: int, rebudget_every: int, what: str = "the layer budget") -> None:
-    need = protected_bytes(tuple(specs), kv_heads, head_dim, seed=seed, kv_dtype=kv_dtype, sink=sink, recent=recent,
-                           rebudget_every=rebudget_every)
-    if budget_bytes < need:
-        table = choice_table(tuple(specs), head_dim, seed, kv_dtype)
-        raise RdrBudgetError(
-            f"{what} is {budget_bytes} bytes per batch row, but RDR keeps sink={sink} + recent={recent} + "
-            f"rebudget_every={rebudget_every} tokens exact in each of {kv_heads} KV heads at {table.exact_bytes} "
-            f"bytes each = {need} bytes. Fix: raise the budget (or max_cache_len it is a fraction of), or lower "
-            f"sink, recent or rebudget_every.")
+def floor_bytes(options, kv_heads: int, head_dim: int, kv_dtype: torch.dtype) -> int:
+    table = choice_table(tuple(options.tier_ladder), head_dim, options.seed, kv_dtype)
+    return kv_heads * protected_tokens(options) * table.exact_bytes
+
+
+def budget_for(fraction: float | None, tokens: int, max_tokens: int, kv_heads: int, head_dim: int,
+               floor: int) -> int:
+    """The layer's token-byte budget per batch row now (module docstring); 0 when there is none.
+    tokens: seen so far, this chunk included (used only without max_tokens); floor: the
+    protected tokens' bytes (floor_bytes)."""
+    if not fraction or fraction <= 0:
+        return 0
+    if max_tokens:
+        return layer_budget_bytes(fraction, max_tokens, kv_heads, head_dim)
+    return layer_budget_bytes(fraction, tokens, kv_heads, head_dim) + floor
+
+
+def budget_bytes(options, tokens: int, kv_heads: int, head_dim: int, kv_dtype: torch.dtype,
+                 max_tokens: int | None) -> int:
+    """budget_for with an SphkvOptions."""
+    return budget_for(options.budget, tokens, max_tokens or 0, kv_heads, head_dim,
+                      floor_bytes(options, kv_heads, head_dim, kv_dtype))
+
+
+def check_budget(options, kv_heads: int, head_dim: int, kv_dtype: torch.dtype, max_tokens: int | None) -> int:
+    """Refuse, when the cache is built, a budget the policy cannot keep; returns the fixed
+    per-layer, per-row budget in bytes (0: none, or it grows with the tokens seen)."""
+    o = options
+    if o.budget is None:
+        if o.policy == "rdr":
+            raise SphkvBudgetError("policy 'rdr' needs a byte budget to allocate against. Fix: pass budget=<fraction "
+                                   "of dense 16-bit KV bytes>, e.g. budget=0.125, or use policy='uniform'.")
+        return 0
+    table = choice_table(tuple(o.tier_ladder), head_dim, o.seed, kv_dtype)
+    dense_token = dense_bytes(1, 1, head_dim)
+    if o.policy == "uniform":
+        t = uniform_target_tier(o)
+        name, per_token = o.tier_ladder[t].name, table.bytes[t]
+        if per_token > o.budget * dense_token:
+            raise SphkvBudgetError(
+                f"budget={o.budget} of dense KV is {o.budget * dense_token:.0f} bytes per token and KV head, but the "
+                f"uniform policy stores every token beyond the sinks and recent window in tier {name!r} at "
+                f"{per_token} bytes (record + utility). Fix: raise the budget, lower bits, or use policy='rdr' "
+                f"(which drops or demotes tokens to fit).")
+    if not max_tokens:
+        return 0
+    budget = layer_budget_bytes(o.budget, max_tokens, kv_heads, head_dim)
+    protected = min(max_tokens, protected_tokens(o))
+    if o.policy == "uniform":
+        need = kv_heads * (protected * table.exact_bytes + (max_tokens - protected) * per_token)
+        what = (f"{protected} exact sink/recent tokens ({table.exact_bytes} bytes each) plus "
+                f"{max_tokens - protected} tokens in tier {name!r} ({per_token} bytes each)")
+        fix = "raise the budget or max_cache_len, lower bits, or lower sink/recent"
+    else:
+        need = kv_heads * protected * table.exact_bytes
+        what = (f"sink={o.sink} + recent={o.recent} + rebudget_every={o.rebudget_every} tokens exact "
+                f"({table.exact_bytes} bytes each)")
+        fix = "raise the budget (or the max_cache_len it is a fraction of), or lower sink, recent or rebudget_every"
+    if need > budget:
+        raise SphkvBudgetError(
+            f"budget={o.budget} of a {max_tokens}-token dense cache is {budget} bytes per layer and batch row, but "
+            f"policy {o.policy!r} must hold {what} in each of {kv_heads} KV heads = {need} bytes. Fix: {fix}.")
+    return budget
 
 
 def check_options(options, max_tokens: int, kv_heads: int, head_dim: int, kv_dtype: torch.dtype) -> int:
-    """Validate an SphkvOptions with policy 'rdr' for a cache of max_tokens; returns the per-layer,
-    per-row budget in bytes. Call it when compiling (the shapes are known then)."""
-    if options.budget is None:
-        raise RdrBudgetError("policy 'rdr' needs a budget: set options budget=<fraction of dense KV>, e.g. 0.125")
-    budget = layer_budget_bytes(options.budget, max_tokens, kv_heads, head_dim)
-    check_budget(budget, options.tier_ladder, kv_heads, head_dim, seed=options.seed, kv_dtype=kv_dtype,
-                 sink=options.sink, recent=options.recent, rebudget_every=options.rebudget_every,
-                 what=f"budget={options.budget} of a {max_tokens}-token dense cache")
-    return budget
+    """check_budget for a cache of max_tokens (kept for callers of the first RDR API)."""
+    return check_budget(options, kv_heads, head_dim, kv_dtype, max_tokens)
 
 
 def pool_pages(specs, budget_bytes: int, batch: int, kv_heads: int, head_dim: int, page_size: int, *, seed: int,
@@ -70,6 +146,6 @@ def pool_pages(specs, budget_bytes: int, batch: int, kv_heads: int, head_dim: in
     sizes = []
     for t in range(len(specs)):
         tokens = budget_bytes // table.bytes[t]
-        per_head = -(-tokens // page_size)
+        per_head = max(1, -(-tokens // page_size))
         sizes.append((batch * (-(-tokens // page_size) + kv_heads), per_head))
     return sizes

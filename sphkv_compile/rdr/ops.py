@@ -1,4 +1,6 @@
-"""The RDR cache update as a custom op, for the compiled graph (policy 'rdr').
+"""The RDR custom ops: sphkv::rdr_update (budget in bytes, for direct callers), and the
+budgeting ops the compiled graph and the transformers cache insert (update_cache_rdr,
+kv_budget; see the block comment above them).
 
   sphkv::rdr_update(state!, k, v, valid?, utility?, tiers, seed, kv_dtype, sink, recent, target_tier,
                     budget_bytes, rebudget_every)
@@ -13,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..ops import dtype_from_name, parse_tiers, unflatten_state
+from .node import budget_step, current_budget, enter_chunk
 from .update import rdr_update as _rdr_update
 
 
@@ -28,5 +31,59 @@ def rdr_update(state: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, vali
 
 @rdr_update.register_fake
 def _(state, k, v, valid, utility, tiers, seed, kv_dtype, sink, recent, target_tier, budget_bytes,
+      rebudget_every) -> None:
+    return None
+
+
+# ---- the budgeting ops of the compiled graph and the transformers cache (node.py) ------------
+#   sphkv::update_cache_rdr(state!, meter!, tokens, k, v, valid?, utility?, tiers, seed, kv_dtype, sink, recent,
+#                           budget, max_tokens, rebudget_every)
+#       the cache update under policy 'rdr' (node.enter_chunk)
+#   sphkv::kv_budget(state!, meter!, tokens, tiers, seed, kv_dtype, head_dim, sink, recent, policy, budget,
+#                    max_tokens, rebudget_every)
+#       the budgeting node after every cache update (node.budget_step)
+# budget: the option (a fraction of dense 16-bit KV; <= 0: none); max_tokens: the cache's
+# maximum length (0: none, the budget grows with `tokens`, the tokens seen including this
+# chunk, an int64 tensor so that no Python int changes from step to step).
+def _budget(states, specs, tokens, head_dim, seed, dtype, policy, budget, max_tokens, sink, recent, every) -> int:
+    return current_budget(states, specs, tokens, head_dim=head_dim, seed=seed, kv_dtype=dtype, policy=policy,
+                          fraction=budget, max_tokens=max_tokens, sink=sink, recent=recent, rebudget_every=every)
+
+
+@torch.library.custom_op("sphkv::update_cache_rdr", mutates_args=("state", "meter"))
+def update_cache_rdr(state: list[torch.Tensor], meter: torch.Tensor, tokens: torch.Tensor, k: torch.Tensor,
+                     v: torch.Tensor, valid: torch.Tensor | None, utility: torch.Tensor | None, tiers: str, seed: int,
+                     kv_dtype: str, sink: int, recent: int, budget: float, max_tokens: int,
+                     rebudget_every: int) -> None:
+    specs = list(parse_tiers(tiers))
+    states = unflatten_state(state, len(specs))
+    dt = dtype_from_name(kv_dtype)
+    nbytes = _budget(states, specs, tokens, k.shape[-1], seed, dt, "rdr", budget, max_tokens, sink, recent,
+                     rebudget_every)
+    enter_chunk(states, specs, meter, k, v, valid, utility, seed=seed, kv_dtype=dt, sink=sink, recent=recent,
+                budget_bytes=nbytes, rebudget_every=rebudget_every)
+
+
+@update_cache_rdr.register_fake
+def _(state, meter, tokens, k, v, valid, utility, tiers, seed, kv_dtype, sink, recent, budget, max_tokens,
+      rebudget_every) -> None:
+    return None
+
+
+@torch.library.custom_op("sphkv::kv_budget", mutates_args=("state", "meter"))
+def kv_budget(state: list[torch.Tensor], meter: torch.Tensor, tokens: torch.Tensor, tiers: str, seed: int,
+              kv_dtype: str, head_dim: int, sink: int, recent: int, policy: str, budget: float, max_tokens: int,
+              rebudget_every: int) -> None:
+    specs = list(parse_tiers(tiers))
+    states = unflatten_state(state, len(specs))
+    dt = dtype_from_name(kv_dtype)
+    nbytes = _budget(states, specs, tokens, head_dim, seed, dt, policy, budget, max_tokens, sink, recent,
+                     rebudget_every)
+    budget_step(states, specs, meter, head_dim=head_dim, seed=seed, kv_dtype=dt, sink=sink, recent=recent,
+                policy=policy, budget_bytes=nbytes, rebudget_every=rebudget_every)
+
+
+@kv_budget.register_fake
+def _(state, meter, tokens, tiers, seed, kv_dtype, head_dim, sink, recent, policy, budget, max_tokens,
       rebudget_every) -> None:
     return None

@@ -1,0 +1,90 @@
+"""What the budgeting ops do, on one layer's fixed tier states (ops.py registers them).
+
+    enter_chunk   policy 'rdr': the cache update. The chunk joins the exact tier when the layer
+                  stays within budget; otherwise the whole layer is re-budgeted with the chunk
+                  in it, so a prefill never has to be staged in pages the budget cannot hold.
+    budget_step   the budgeting node after every cache update, both policies. It re-budgets
+                  (rdr) once `rebudget_every` updates have passed since the last re-budget and
+                  the layer has used its headroom, on the utility sphkv::attend accumulated; then
+                  it measures the token bytes of every batch row against the budget, records
+                  them in the meter, and raises if the budget was exceeded.
+
+Both count in the meter tensor (meter.py), never in Python state, so compiled graphs do not
+recompile per step.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..store import TierState
+from ..tiers import TierSpec
+from . import meter as M
+from .budget import SphkvBudgetError, budget_for, protected_count
+from .costs import choice_table
+from .update import headroom_bytes, page_slack_bytes, rdr_update, rebudget, token_bytes
+
+
+def current_budget(states: list[TierState], specs: list[TierSpec], tokens: torch.Tensor, *, head_dim: int,
+                   seed: int, kv_dtype: torch.dtype, policy: str, fraction: float, max_tokens: int, sink: int,
+                   recent: int, rebudget_every: int) -> int:
+    """budget.budget_for from the ops' arguments; `tokens`: seen so far, this chunk included."""
+    if fraction <= 0:
+        return 0
+    H = states[0].count.shape[1]
+    table = choice_table(tuple(specs), head_dim, seed, kv_dtype)
+    floor = H * protected_count(policy, sink, recent, rebudget_every) * table.exact_bytes
+    return budget_for(fraction, int(tokens.reshape(-1)[0]), max_tokens, H, head_dim, floor)
+
+
+def _record_rebudget(meter: torch.Tensor) -> None:
+    meter[M.LAST_REBUDGET] = meter[M.CALLS]
+    meter[M.REBUDGETS] += 1
+
+
+def enter_chunk(states: list[TierState], specs: list[TierSpec], meter: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                valid: torch.Tensor | None, utility: torch.Tensor | None, *, seed: int, kv_dtype: torch.dtype,
+                sink: int, recent: int, budget_bytes: int, rebudget_every: int) -> None:
+    if budget_bytes <= 0:
+        raise SphkvBudgetError("policy 'rdr' needs a byte budget. Fix: pass budget=<fraction of dense KV>.")
+    M.count_entered(meter, k.shape[2], valid)
+    if rdr_update(states, specs, k, v, valid, utility, seed=seed, kv_dtype=kv_dtype, sink=sink, recent=recent,
+                  budget_bytes=budget_bytes, rebudget_every=rebudget_every):
+        _record_rebudget(meter)
+
+
+def budget_step(states: list[TierState], specs: list[TierSpec], meter: torch.Tensor, *, head_dim: int, seed: int,
+                kv_dtype: torch.dtype, sink: int, recent: int, policy: str, budget_bytes: int,
+                rebudget_every: int) -> None:
+    table = choice_table(tuple(specs), head_dim, seed, kv_dtype)
+    H = states[0].count.shape[1]
+    if policy == "rdr" and budget_bytes > 0:
+        target = max(budget_bytes - headroom_bytes(H, rebudget_every, table), 0)
+        due = int(meter[M.CALLS]) - int(meter[M.LAST_REBUDGET]) >= rebudget_every
+        if due and int(token_bytes(states, table).max()) > target:
+            rebudget(states, specs, torch.full((states[0].count.shape[0],), float(target), dtype=torch.float64),
+                     head_dim=head_dim, seed=seed, kv_dtype=kv_dtype, sink=sink, recent=recent)
+            _record_rebudget(meter)
+    held = int(token_bytes(states, table).max()) if states[0].count.numel() else 0
+    meter[M.BUDGET] = budget_bytes
+    meter[M.TOKEN_BYTES] = held
+    meter[M.CALLS] += 1
+    if budget_bytes > 0:
+        meter[M.MAX_EXCESS] = max(int(meter[M.MAX_EXCESS]), held - budget_bytes)
+        if held > budget_bytes:
+            raise SphkvBudgetError(
+                f"sphkv: a batch row of this layer holds {held} token bytes, over its budget of {budget_bytes} "
+                f"(policy {policy!r}, update {int(meter[M.CALLS])}). The up-front check should have refused this "
+                f"configuration; please report it. Fix for now: raise the budget or use policy='rdr'.")
+
+
+def measure(states: list[TierState], specs, meter: torch.Tensor, *, head_dim: int, seed: int,
+            kv_dtype: torch.dtype) -> dict:
+    """What the budgeting node measured (meter.read) plus, recounted from the page tables: the
+    bytes of pages in use (token bytes + the unused tail of each last page), the most that tail
+    can be (page_slack_bytes), the bytes reserved for records, and the tokens per tier."""
+    table = choice_table(tuple(specs), head_dim, seed, kv_dtype)
+    in_pages = sum(-(-int(c) // s.page_size) * s.page_size * table.bytes[t]
+                   for t, s in enumerate(states) for c in s.count.flatten())
+    return {**M.read(meter), "page_bytes_in_use": in_pages, "page_slack_bytes": page_slack_bytes(states, table),
+            "reserved_record_bytes": sum(s.record_bytes() for s in states),
+            "tokens": {spec.name: int(s.count.sum()) for spec, s in zip(specs, states)}}

@@ -1,0 +1,190 @@
+"""The budget in both integration paths: the budgeting node of the graph rewrite (a compiled
+gpt-fast-style model) and the transformers cache (generate() on a tiny Llama), under
+policy 'uniform' (byte accounting) and 'rdr' (re-budgeting every rebudget_every steps)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+from torch._dynamo.utils import counters
+
+from sphkv_compile import api, rdr
+from sphkv_compile.backend import sphkv_backend
+from sphkv_compile.inductor_passes.stores import store_of
+from sphkv_compile.ops import tiers_string
+from sphkv_compile.rdr import meter as budget_meter
+from sphkv_compile.store import TierState
+from sphkv_compile.tiers import DEFAULT_TIERS, record_words
+from tests.models import gpt_fast
+from tests.models.bounds import relative_rms
+
+RDR = {"policy": "rdr", "budget": 0.125, "sink": 2, "recent": 4, "rebudget_every": 8, "page_size": 8}
+
+
+@pytest.fixture(autouse=True)
+def quick_inner_compiler(monkeypatch):
+    monkeypatch.setenv("SPHKV_INNER_COMPILER", "aot_eager")
+
+
+def _gpt_fast(max_seq=256, seed=0):
+    torch.manual_seed(seed)
+    m = gpt_fast.GPTFast(gpt_fast.Config(max_seq=max_seq)).eval()
+    m.setup_caches(1)
+    return m, torch.randint(0, m.cfg.vocab, (1, 48))
+
+
+def _stores(model):
+    return [store_of(b.attn.kv_cache.k_cache) for b in model.blocks]
+
+
+@pytest.mark.parametrize("policy, update", [("uniform", "update_cache"), ("rdr", "update_cache_rdr")])
+@torch.no_grad()
+def test_budgeting_node_follows_each_cache_update(policy, update):
+    model, prompt = _gpt_fast()
+    compiled = []
+
+    def backend(gm, example_inputs):
+        compiled.append(sphkv_backend(gm, example_inputs, options={**RDR, "policy": policy, "budget": 0.5}))
+        return compiled[-1]
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=backend)(prompt, torch.arange(prompt.shape[1]))
+    nodes = list(compiled[0].gm.graph.nodes)
+    names = [str(n.target) for n in nodes]
+    budget_nodes = [i for i, n in enumerate(names) if n == "sphkv.kv_budget.default"]
+    updates = [i for i, n in enumerate(names) if n == f"sphkv.{update}.default"]
+    assert len(budget_nodes) == len(updates) == model.cfg.layers
+    for u, b in zip(updates, budget_nodes):
+        assert u < b and nodes[b].args[0] == nodes[u].args[0]  # after the update, on the same store
+        assert nodes[b].args[9] == policy and nodes[b].args[10] == 0.5  # policy, budget travel as constants
+    attends = [n for n in nodes if str(n.target) == "sphkv.attend.default"]
+    assert [n.args[-1] for n in attends] == [policy == "rdr"] * model.cfg.layers  # accumulate decode utility
+
+
+@torch.no_grad()
+def test_compiled_rdr_stays_within_budget_every_step_and_close_to_eager():
+    """A 150-step decode at budget 1/8 of a 256-token cache: the budget holds about 32 exact
+    tokens per KV head, so RDR re-budgets throughout. Checked after every step, from the page
+    tables (not only the meter): token bytes <= budget, pages in use <= budget + page slack."""
+    steps = 150
+    model, prompt = _gpt_fast()
+    ref_tokens, ref_logits = gpt_fast.generate(model, prompt, steps)
+    model.setup_caches(1)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="sphkv", options=RDR)
+    counters.clear()
+    graphs, reports = [], []
+
+    def step(*args):
+        out = compiled(*args)
+        graphs.append(counters["stats"]["unique_graphs"])
+        reports.append([s.budget_report() for s in _stores(model)])
+        return out
+
+    tokens, logits = gpt_fast.generate(model, prompt, steps, step, forced=ref_tokens)
+    budget = rdr.layer_budget_bytes(0.125, model.cfg.max_seq, model.cfg.kv_heads, model.cfg.head_dim)
+    for i, per_layer in enumerate(reports):
+        for r in per_layer:
+            assert r["budget_bytes"] == budget
+            assert r["token_bytes"] <= budget, (i, r)
+            assert r["page_bytes_in_use"] <= budget + r["page_slack_bytes"], (i, r)
+            assert r["entered"] == [prompt.shape[1] + i]
+    last = reports[-1][0]
+    assert last["max_excess"] <= 0 and last["calls"] == steps + 1
+    assert last["rebudgets"] >= steps // RDR["rebudget_every"] - 1  # once per rebudget_every steps
+    assert sum(last["tokens"].values()) < model.cfg.kv_heads * (prompt.shape[1] + steps)  # some were dropped
+    assert graphs[-1] == graphs[2], graphs  # no recompiles after warm-up
+    assert relative_rms(logits, ref_logits) < 0.15
+
+
+@torch.no_grad()
+def test_compiled_rdr_with_room_for_everything_is_dense_attention():
+    model, prompt = _gpt_fast(max_seq=128)
+    ref_tokens, ref_logits = gpt_fast.generate(model, prompt, 8)
+    model.setup_caches(1)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="sphkv", options={**RDR, "budget": 1.0})
+    _, logits = gpt_fast.generate(model, prompt, 8, compiled, forced=ref_tokens)
+    assert (logits - ref_logits).abs().max() < 1e-4
+    assert all(r.budget_report()["tokens"]["exact"] == 2 * (48 + 7) for r in _stores(model))
+
+
+@torch.no_grad()
+def test_compiled_uniform_policy_accounts_bytes_and_refuses_a_budget_it_cannot_keep():
+    model, prompt = _gpt_fast(max_seq=128)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="sphkv", options={"budget": 0.5, "sink": 2, "recent": 4})
+    gpt_fast.generate(model, prompt, 4, compiled)
+    for s in _stores(model):
+        r = s.budget_report()
+        assert r["calls"] == 5 and r["rebudgets"] == 0
+        assert 0 < r["token_bytes"] <= r["budget_bytes"] == rdr.layer_budget_bytes(0.5, 128, 2, 32)
+    model.setup_caches(1)
+    torch._dynamo.reset()
+    too_small = torch.compile(model, backend="sphkv", options={"budget": 0.05, "sink": 2, "recent": 4})
+    with pytest.raises(Exception, match="Fix: raise the budget"):
+        too_small(prompt, torch.arange(prompt.shape[1]))
+
+
+# ---- the transformers cache ------------------------------------------------------------------
+def _llama():
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                            pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return tf.LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("static", [True, False])
+@torch.no_grad()
+def test_generate_with_rdr_stays_within_budget(static):
+    prompt, new = 96, 100
+    model = api.optimize(_llama(), **{**RDR, "recent": 8})
+    ids = torch.randint(3, 128, (1, prompt))
+    cache = api.new_cache(model, max_cache_len=prompt + new if static else None)
+    out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                         **{api.cache_keyword(model): cache})
+    assert out.shape[1] == prompt + new
+    for layer in cache.compressed_layers():
+        r = layer.budget_report()
+        tokens = prompt + new - 1
+        expect = rdr.budget_bytes(layer.options, tokens, 2, 32, torch.bfloat16, prompt + new if static else None)
+        assert r["budget_bytes"] == expect
+        assert r["max_excess"] <= 0 and r["token_bytes"] <= expect  # at every update (meter) and at the end
+        assert r["page_bytes_in_use"] <= expect + r["page_slack_bytes"]
+        assert r["rebudgets"] >= new // RDR["rebudget_every"] - 1
+        assert r["entered"] == [tokens] and sum(r["tokens"].values()) < 2 * tokens  # 2 KV heads; some dropped
+    # the same cache reused: reset() starts the meter again
+    cache.reset()
+    assert all(budget_meter.read(layer.meter)["calls"] == 0 for layer in cache.compressed_layers())
+
+
+def test_rdr_without_budget_is_refused_up_front():
+    with pytest.raises(rdr.SphkvBudgetError, match="needs a byte budget"):
+        api.new_cache(api.optimize(_llama(), policy="rdr"))
+
+
+# ---- the ops themselves --------------------------------------------------------------------
+def test_budget_ops_pass_opcheck():
+    D, KV = 32, torch.bfloat16
+    specs = DEFAULT_TIERS
+    budget = rdr.check_budget(_opts(), 2, D, KV, 256)  # a 256-token static cache
+    sizes = rdr.pool_pages(specs, budget, 1, 2, D, 8, seed=0, kv_dtype=KV)
+    states = [TierState.allocate(1, 2, n, 8, sum(record_words(s, D, 0, KV)), mp, "cpu")
+              for s, (n, mp) in zip(specs, sizes)]
+    flat = [t for s in states for t in s.tensors()]
+    meter = budget_meter.new_meter(1)
+    tokens = torch.tensor([40])
+    k, v = torch.randn(1, 2, 40, D), torch.randn(1, 2, 40, D)
+    tiers = tiers_string(specs)
+    torch.library.opcheck(torch.ops.sphkv.update_cache_rdr.default,
+                          (flat, meter, tokens, k, v, None, torch.rand(1, 2, 40), tiers, 0, "bfloat16", 2, 4, 0.125,
+                           256, 8), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.sphkv.kv_budget.default,
+                          (flat, meter, tokens, tiers, 0, "bfloat16", D, 2, 4, "rdr", 0.125, 256, 8),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def _opts():
+    from sphkv_compile.options import SphkvOptions
+    return SphkvOptions(policy="rdr", budget=0.125, sink=2, recent=4, rebudget_every=8)
