@@ -90,7 +90,7 @@ def _additive_mask(mask, query, key):
     return torch.where(mask, zero, torch.finfo(query.dtype).min)
 
 
-def _refuse_unrepresentable(module, layer: SphkvLayer, dropout: float, kwargs: dict) -> None:
+def _refuse_unrepresentable(module, layer: SphkvLayer, dropout: float, chunk: int, kwargs: dict) -> None:
     """The plan keeps these layers dense; reaching here means the model asked for something at
     run time that the plan could not see. Refuse rather than answer wrongly."""
     if module.training and dropout:
@@ -101,9 +101,16 @@ def _refuse_unrepresentable(module, layer: SphkvLayer, dropout: float, kwargs: d
             raise SphkvUnsupportedError(f"layer {layer.layer_idx}: attention with {name!r} is not representable "
                                         "by the compressed store")
     window = kwargs.get("sliding_window")
-    if window is not None and (layer.max_cache_len is None or layer.max_cache_len > window):
+    if window is not None and _sequence_bound(layer, chunk) > window:
         raise SphkvUnsupportedError(f"layer {layer.layer_idx}: sliding window {window} is only exact on the "
-                                    "store when the whole sequence fits in it")
+                                    f"store when the whole sequence fits in it (here up to {_sequence_bound(layer, chunk)} "
+                                    "tokens); the plan compressed it for a shorter sequence")
+
+
+def _sequence_bound(layer: SphkvLayer, chunk: int) -> int:
+    """How long the layer's sequence can be after this chunk: a static cache's capacity (a
+    constant, so nothing is read from the device), a dynamic cache's actual length."""
+    return layer.max_cache_len if layer.max_cache_len is not None else layer.seen + chunk
 
 
 def sphkv_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -116,16 +123,18 @@ def sphkv_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch
         layer = cache.layers[layer_idx]
     if not isinstance(layer, SphkvLayer):
         return _dense_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    _refuse_unrepresentable(module, layer, dropout, kwargs)
+    _refuse_unrepresentable(module, layer, dropout, key.shape[2], kwargs)
     if layer.store is None:
         layer.lazy_initialization(key, value)
     valid = chunk_validity(attention_mask, layer, key.shape[2])
-    return attend_and_update(layer, query, key, value, valid,
-                             scaling if scaling is not None else getattr(module, "scaling", None))
+    out = attend_and_update(layer, query, key, value, valid,
+                            scaling if scaling is not None else getattr(module, "scaling", None))
+    return out.transpose(1, 2).contiguous(), None
 
 
-def attend_and_update(layer: SphkvLayer, query, key, value, valid, scaling):
-    """Attention over the store plus the chunk, then the chunk enters the store."""
+def attend_and_update(layer: SphkvLayer, query, key, value, valid, scaling) -> torch.Tensor:
+    """Attention over the store plus the chunk, then the chunk enters the store.
+    Returns the attention output as [B, Hq, T, d], like SDPA."""
     o = layer.options
     N = key.shape[2]
     if layer.max_cache_len is None:
@@ -140,16 +149,14 @@ def attend_and_update(layer: SphkvLayer, query, key, value, valid, scaling):
         out, mass = chunk_attention(query, key, value, valid, scale, o.obs_window)
     else:
         out, mass = torch.ops.sphkv.attend(query, layer.state, key, value, valid, tiers, o.seed, kv_dtype, scale,
-                                           o.obs_window, False)
-    target = _target_tier(o, store)
-    torch.ops.sphkv.update_cache(layer.state, key, value, valid, mass, tiers, o.seed, kv_dtype, o.sink, o.recent,
-                                 target)
+                                           o.obs_window, o.policy == "rdr")  # rdr: decode attention is utility
+    layer.store_chunk(key, value, valid, mass)  # the cache update and the budgeting node (hf_cache)
     layer.stored_any = True
     if layer.max_cache_len is None:
         layer.advance_dynamic(N)
     else:
         layer.cumulative_length.add_(N)
-    return out.transpose(1, 2).contiguous(), None
+    return out
 
 
 def chunk_attention(query, key, value, valid, scale: float, obs_window: int):
@@ -182,11 +189,105 @@ def chunk_attention(query, key, value, valid, scale: float, obs_window: int):
     return out, mass
 
 
-def _target_tier(options, store) -> int:
-    if options.policy != "uniform":
-        raise NotImplementedError(f"policy {options.policy!r} is not wired into the transformers integration yet; "
-                                  "use policy='uniform'")
-    return next(i for i, t in enumerate(store.tiers) if not t.exact)
+# ---- models that call SDPA in their own code (no AttentionInterface dispatch, e.g. Falcon) --
+class RoutedSphkvCache(SphkvCache):
+    """The SphkvCache of a model whose attention calls F.scaled_dot_product_attention itself on
+    what cache.update() returned. A compressed layer's update returns only the chunk (see
+    SphkvLayer.update); that chunk stays `pending` until SdpaRouting answers the SDPA call that
+    reads it, from the store. Any other use of a pending chunk is refused (SdpaRouting)."""
+
+    pending: "PendingChunk | None" = None
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if isinstance(self.layers[layer_idx], SphkvLayer):
+            if self.pending is not None:
+                raise SphkvUnsupportedError(
+                    f"layer {layer_idx} updated the cache before layer {self.pending.layer_idx}'s attention read "
+                    "its chunk; only attention computed by F.scaled_dot_product_attention right after the "
+                    "cache update can run on the compressed store")
+            self.pending = PendingChunk(layer_idx, keys, values)
+        return keys, values
+
+
+class PendingChunk:
+    def __init__(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor):
+        self.layer_idx, self.key, self.value = layer_idx, key, value
+
+
+# What may be read from a pending chunk besides SDPA: metadata only, never its values.
+_METADATA_FUNCTIONS = {torch.Tensor.size, torch.Tensor.dim, torch.Tensor.shape.__get__,
+                       torch.Tensor.ndim.__get__, torch.Tensor.dtype.__get__, torch.Tensor.device.__get__}
+
+
+class SdpaRouting(torch.overrides.TorchFunctionMode):
+    """Active around the forward of a model whose attention is hard-coded SDPA: the SDPA call
+    whose key is a compressed layer's pending chunk becomes attention over that layer's store
+    plus the chunk (then the chunk enters the store). Every other SDPA call (dense layers)
+    runs as is. Any other op on a pending chunk, e.g. a manual q @ k^T, would silently see only
+    the chunk instead of the whole history, so it raises."""
+
+    def __init__(self, cache: RoutedSphkvCache):
+        super().__init__()
+        self.cache = cache
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        pending = self.cache.pending
+        if pending is not None:
+            if func is F.scaled_dot_product_attention and _sdpa_arg(args, kwargs, 1, "key") is pending.key:
+                self.cache.pending = None
+                return sdpa_on_store(self.cache.layers[pending.layer_idx], *args, **kwargs)
+            if func not in _METADATA_FUNCTIONS and _reads_chunk(args, kwargs, pending):
+                raise SphkvUnsupportedError(
+                    f"layer {pending.layer_idx}: {getattr(func, '__name__', func)} reads the cache update's "
+                    "output; on the compressed store only F.scaled_dot_product_attention may (load the model "
+                    "with attn_implementation='sdpa' and output_attentions=False)")
+        return func(*args, **kwargs)
+
+
+
+def run_routed(cache: RoutedSphkvCache, forward, /, *args, **kwargs):
+    """forward(*args, **kwargs) with its SDPA calls routed to the cache's compressed layers."""
+    cache.pending = None  # a forward that raised may have left one behind
+    with SdpaRouting(cache):
+        out = forward(*args, **kwargs)
+    if cache.pending is not None:
+        layer_idx, cache.pending = cache.pending.layer_idx, None
+        raise SphkvUnsupportedError(f"layer {layer_idx} updated the cache but never attended with "
+                                    "F.scaled_dot_product_attention; its chunk was not stored")
+    return out
+
+
+def _sdpa_arg(args, kwargs, index: int, name: str):
+    return args[index] if len(args) > index else kwargs.get(name)
+
+
+def _reads_chunk(args, kwargs, pending: PendingChunk) -> bool:
+    chunk = (pending.key, pending.value)
+    for a in (*args, *kwargs.values()):
+        items = a if isinstance(a, (list, tuple)) else (a,)
+        if any(x is chunk[0] or x is chunk[1] for x in items):
+            return True
+    return False
+
+
+def sdpa_on_store(layer: SphkvLayer, query, key, value, attn_mask=None, dropout_p: float = 0.0,
+                  is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+    """F.scaled_dot_product_attention(query, key, value, ...) where key/value are the layer's new
+    chunk and the past lives in the store: the same [B, Hq, T, d] output, computed from codes."""
+    if dropout_p:
+        raise SphkvUnsupportedError(f"layer {layer.layer_idx}: attention dropout ({dropout_p}) cannot run on the "
+                                    "compressed store; call model.eval()")
+    if attn_mask is None and query.shape[2] > 1:
+        if not is_causal:
+            raise SphkvUnsupportedError(f"layer {layer.layer_idx}: non-causal attention over several queries "
+                                        "cannot run on the compressed store")
+        if layer.stored_any:  # SDPA's is_causal aligns top-left: not causal over the stored past
+            raise SphkvUnsupportedError(f"layer {layer.layer_idx}: is_causal=True over a non-empty cache "
+                                        "(SDPA aligns it top-left); pass the model's attention mask")
+    valid = chunk_validity(attn_mask, layer, key.shape[2])
+    return attend_and_update(layer, query, key, value, valid, scale)
 
 
 _registered = False
