@@ -369,7 +369,7 @@ def _stored_at_compile_time(gm, example_inputs, cache: CacheUpdate, positions, b
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     store = store_of(example_inputs[placeholders.index(cache.past)])
     if store is not None:
-        return sum(s.count[:, 0].to(torch.int64) for s in store.states)
+        return store.tokens_per_row()
     if positions is None:
         return None
     if cache.kind == "cat":
