@@ -11,7 +11,7 @@ import gc
 import pytest
 import torch
 
-from sphkv_compile import api
+from sphkv_compile import api, rdr
 from sphkv_compile.hf_cache import SphkvCache, SphkvLayer
 
 smollm2 = pytest.importorskip("sphkv_compile.smollm2")
@@ -95,3 +95,34 @@ def test_4k_generation_within_budget_and_no_dense_kv(model_and_ids):
     leftovers = [o for o in gc.get_objects() if type(o) in (torch.Tensor, torch.nn.Parameter)
                  and _dense_kv_like(o, PROMPT, head_dim) and o.data_ptr() not in params]
     assert not leftovers, [tuple(t.shape) for t in leftovers]
+
+
+def test_4k_generation_under_rdr_within_budget_after_every_update(model_and_ids):
+    """policy='rdr' at budget 1/8 of the static cache: the prefill is allocated into the budget
+    (tokens dropped and demoted), decode re-budgets every rebudget_every steps. The meter
+    records the token bytes after every update; the page tables are recounted at the end.
+
+    Not asserted: the pools' reserved bytes. Each tier's pool is sized so that any allocation
+    within the budget fits (rdr.pool_pages), so the pools reserve about one budget per tier."""
+    model, ids = model_and_ids
+    new, every = 24, 8
+    fast = api.optimize(copy.deepcopy(model), policy="rdr", budget=1 / 8, sink=4, recent=28, rebudget_every=every)
+    cache = api.new_cache(fast, max_cache_len=PROMPT + new)
+    with torch.no_grad():
+        fast.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                      do_sample=False, **{api.cache_keyword(fast): cache})
+    for layer in cache.compressed_layers():
+        r = layer.budget_report()
+        budget = rdr.layer_budget_bytes(1 / 8, PROMPT + new, layer.store.kv_heads, layer.store.head_dim)
+        assert r["budget_bytes"] == budget
+        assert r["max_excess"] <= 0 and r["token_bytes"] <= budget
+        assert r["page_bytes_in_use"] <= budget + r["page_slack_bytes"]
+        assert r["rebudgets"] >= 1 + (new - 1) // every - 1  # the prefill, then every `every` steps
+        assert r["entered"] == [PROMPT + new - 1]
+        assert sum(r["tokens"].values()) < layer.store.kv_heads * (PROMPT + new - 1)
+    for t in _reachable_tensors(cache):
+        assert not _dense_kv_like(t, 256, layers_head_dim(cache)), tuple(t.shape)
+
+
+def layers_head_dim(cache) -> int:
+    return cache.compressed_layers()[0].store.head_dim
