@@ -8,7 +8,9 @@ cache on the compressed store.
 
 What it does (in place; returns the model):
 - switches the attention implementation to "sphkv" (hf.py), remembering the original one
-  for the layers that must stay dense (hf_plan.py says which, and why);
+  for the layers that must stay dense (hf_plan.py says which, and why); a model that calls
+  SDPA in its own code instead (Falcon) keeps "sdpa", and its forward runs under
+  hf.SdpaRouting, which answers the SDPA call after each compressed cache update from the store;
 - wraps `generate` so that, unless a cache is passed, it builds an SphkvCache: static (sized
   prompt + max_new_tokens) when cache_implementation="static" is asked for, else dynamic;
 - wraps `forward` so a call with use_cache and no cache also gets an SphkvCache, and so the
@@ -24,9 +26,9 @@ import inspect
 import torch
 
 from .report import begin_compile, record_site, report
-from .hf import CACHE_KWARG, DENSE_IMPL_ATTR, IMPL_NAME, register
+from .hf import CACHE_KWARG, DENSE_IMPL_ATTR, IMPL_NAME, RoutedSphkvCache, register, run_routed
 from .hf_cache import SphkvCache, snapshot_kv_bytes
-from .hf_plan import kv_geometry, plan_layers
+from .hf_plan import calls_sdpa_itself, kv_geometry, plan_layers
 from .options import SphkvOptions
 
 STATIC_IMPLEMENTATIONS = ("static", "hybrid", "sliding_window", "hybrid_chunked")
@@ -56,13 +58,16 @@ def cache_keyword(model) -> str:
     return _cache_keyword(state.original_forward if state is not None else model.forward)
 
 
-def new_cache(model, max_cache_len: int | None = None) -> SphkvCache:
-    """An SphkvCache for an optimized model: static when max_cache_len is given, else dynamic."""
+def new_cache(model, max_cache_len: int | None = None, max_tokens: int | None = None) -> SphkvCache:
+    """An SphkvCache for an optimized model: static when max_cache_len is given, else dynamic.
+    max_tokens: for a dynamic cache, the longest sequence it will see, if known (generate
+    knows it); a sliding window at least that long cannot mask anything (hf_plan)."""
     state = getattr(model, _STATE_ATTR, None)
     if state is None:
         raise ValueError("call sphkv_compile.optimize(model) first")
-    plans = plan_layers(model, max_cache_len)
-    cache = SphkvCache(state.options, plans, max_cache_len, kv_geometry(model), state.kv_dtype)
+    plans = plan_layers(model, max_cache_len, max_tokens)
+    cache_class = RoutedSphkvCache if calls_sdpa_itself(model) else SphkvCache
+    cache = cache_class(state.options, plans, max_cache_len, kv_geometry(model), state.kv_dtype)
     _record_sites(plans, state.original_impl)
     return cache
 
@@ -97,9 +102,10 @@ def optimize(model, kv_dtype: torch.dtype | None = None, **options):
     original_impl = model.config._attn_implementation
     for config in {id(c): c for c in (model.config, _text_config(model))}.values():
         setattr(config, DENSE_IMPL_ATTR, original_impl)
-    if getattr(type(model), "_supports_attention_backend", False):
+    if not calls_sdpa_itself(model):
         _set_attn_implementation(model, IMPL_NAME)
-    # else: attention is hard-coded in the model (e.g. Falcon); every layer stays dense (hf_plan)
+    # else: attention is hard-coded in the model (e.g. Falcon); its forward runs under
+    # hf.SdpaRouting, which answers its SDPA calls from the store (_wrap_forward)
     state = _ModelState(opts, model.forward, model.generate, original_impl, kv_dtype)
     setattr(model, _STATE_ATTR, state)
     model.forward = _wrap_forward(model, state.original_forward)
@@ -129,6 +135,8 @@ def _wrap_forward(model, forward):
             use_cache = getattr(_text_config(model), "use_cache", True)
         if cache is None and use_cache and not model.training and not torch.compiler.is_compiling():
             cache = kwargs[key] = new_cache(model)
+        if isinstance(cache, RoutedSphkvCache):
+            return run_routed(cache, forward, *args, **kwargs)
         if isinstance(cache, SphkvCache):
             kwargs[CACHE_KWARG] = cache
         return forward(*args, **kwargs)
@@ -144,15 +152,18 @@ def _wrap_generate(model, generate, key: str):
         if kwargs.get(key) is None and kwargs.get("past_key_values") is None:
             config = kwargs.get("generation_config") or model.generation_config
             impl = kwargs.pop("cache_implementation", None) or getattr(config, "cache_implementation", None)
-            max_len = None
-            if impl in STATIC_IMPLEMENTATIONS:
-                max_len = _max_cache_len(args, kwargs, config)
-            elif impl not in (None, "dynamic"):
+            if impl not in (None, "dynamic", *STATIC_IMPLEMENTATIONS):
                 raise ValueError(f"cache_implementation={impl!r} is not available with sphkv; use 'dynamic' or 'static'")
+            total = _generation_length(args, kwargs, config)
+            if impl in STATIC_IMPLEMENTATIONS and total is None:
+                raise ValueError("a static sphkv cache needs input_ids and max_new_tokens or max_length to size its pools")
             if impl is not None and getattr(config, "cache_implementation", None) is not None:
                 config = _copy_without_cache_implementation(config)
                 kwargs["generation_config"] = config
-            kwargs[key] = new_cache(model, max_len)
+            if impl in STATIC_IMPLEMENTATIONS:
+                kwargs[key] = new_cache(model, total)
+            else:
+                kwargs[key] = new_cache(model, max_tokens=total)
         cache = kwargs.get(key, kwargs.get("past_key_values"))
         try:
             return generate(*args, **kwargs)
@@ -171,15 +182,14 @@ def _copy_without_cache_implementation(config):
     return config
 
 
-def _max_cache_len(args, kwargs, config) -> int:
+def _generation_length(args, kwargs, config) -> int | None:
+    """Prompt + new tokens of this generate call (None when it cannot be told up front)."""
     ids = kwargs.get("input_ids", args[0] if args else None)
     if ids is None:
-        raise ValueError("a static sphkv cache needs input_ids to size its pools")
+        return None
     prompt = ids.shape[-1]
     new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
     if new is not None:
         return prompt + int(new)
     total = kwargs.get("max_length", getattr(config, "max_length", None))
-    if total is None:
-        raise ValueError("a static sphkv cache needs max_new_tokens or max_length to size its pools")
-    return int(total)
+    return None if total is None else int(total)

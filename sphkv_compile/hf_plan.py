@@ -39,12 +39,20 @@ def _sliding_window(config, layer_type: str) -> int | None:
     return int(window)
 
 
+def calls_sdpa_itself(model) -> bool:
+    """True for models that do not dispatch attention through transformers' AttentionInterface
+    (e.g. Falcon): their attention is hard-coded, and only an F.scaled_dot_product_attention
+    call on the cache update's output can be routed to the store (hf.SdpaRouting)."""
+    return not getattr(type(model), "_supports_attention_backend", False)
+
+
 def model_wide_reason(model) -> str | None:
     """A reason that applies to every layer, or None."""
     config = model.config
-    if not getattr(type(model), "_supports_attention_backend", False):
-        return (f"{type(model).__name__} computes attention in its own code instead of dispatching through "
-                "transformers' AttentionInterface, so its attention cannot be replaced")
+    if calls_sdpa_itself(model) and config._attn_implementation != "sdpa":
+        return (f"{type(model).__name__} computes attention in its own code ({config._attn_implementation!r}) "
+                "instead of dispatching through transformers' AttentionInterface; only its SDPA calls can be "
+                "routed to the store: load it with attn_implementation='sdpa'")
     if getattr(config, "alibi", False):
         return "ALiBi position bias is added to the logits"
     if getattr(config, "attn_logit_softcapping", None):
@@ -56,11 +64,14 @@ def model_wide_reason(model) -> str | None:
     return None
 
 
-def plan_layers(model, max_cache_len: int | None) -> list[LayerPlan]:
-    """One LayerPlan per decoder layer (cache layer index)."""
+def plan_layers(model, max_cache_len: int | None, max_tokens: int | None = None) -> list[LayerPlan]:
+    """One LayerPlan per decoder layer (cache layer index). max_cache_len: a static cache's
+    capacity (None: dynamic). max_tokens: a bound on a dynamic cache's sequence known up front
+    (generate's prompt + max_new_tokens), if any."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     num_layers = int(config.num_hidden_layers)
     wide = model_wide_reason(model)
+    bound = length_bound(config, max_cache_len, max_tokens)
     plans = []
     for i, layer_type in enumerate(_layer_types(config, num_layers)):
         if wide:
@@ -70,12 +81,27 @@ def plan_layers(model, max_cache_len: int | None) -> list[LayerPlan]:
             plans.append(LayerPlan(i, False, f"layer type {layer_type!r} is not softmax attention over a KV cache"))
             continue
         window = _sliding_window(config, layer_type)
-        if window is not None and (max_cache_len is None or max_cache_len > window):
-            plans.append(LayerPlan(i, False, f"sliding window of {window} tokens (the store keeps every token; "
-                                              "exact only while the sequence fits in the window)", window))
+        if window is not None and (bound is None or bound > window):
+            plans.append(LayerPlan(i, False, f"sliding window of {window} tokens can hide tokens of a sequence up "
+                                              f"to {bound or 'unbounded'} long (the store keeps every token: it is "
+                                              "exact only when the window cannot mask anything)", window))
             continue
         plans.append(LayerPlan(i, True, None, window))
     return plans
+
+
+def length_bound(config, max_cache_len: int | None, max_tokens: int | None) -> int | None:
+    """The longest sequence the cache can see: a static cache's capacity, else the bound the
+    caller knows (generate), else the model's max_position_embeddings. A sliding window at
+    least this long masks nothing, so its layer is plain causal attention and is compressed;
+    the attention function still refuses a dynamic sequence that outgrows the window
+    (hf._refuse_unrepresentable), rather than answer differently from the model."""
+    if max_cache_len is not None:
+        return int(max_cache_len)
+    if max_tokens is not None:
+        return int(max_tokens)
+    positions = getattr(config, "max_position_embeddings", None)
+    return int(positions) if positions else None
 
 
 def kv_geometry(model) -> tuple[int, int]:

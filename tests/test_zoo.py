@@ -19,10 +19,12 @@ PROMPT, NEW = 12, 32
 HIGH_BITS = dict(tiers=("exact:exact", "hi:k12:polar12:r32"), sink=2, recent=4, kv_dtype=torch.float32)
 # Default bits (3.5) with the same small exact window, so nearly every token is compressed.
 DEFAULT_BITS = dict(sink=2, recent=4)
-# Stated bound at 3.5 bits/coordinate (head dim 32 here): the relative L2 error of a decode
-# step's logits. The codec's relative direction MSE at this rate is about 0.03 for keys and
-# values, i.e. about 0.17 relative error per vector; attention averages those errors, so
-# the logits must stay within 0.2 of their norm.
+# Stated bound at 3.5 bits/coordinate: the relative L2 error of a decode step's logits. The
+# codec's relative direction MSE at this rate is about 0.03 for keys and values (head dim 64
+# and up), i.e. about 0.17 relative error per vector; attention averages those errors, so
+# the logits must stay within 0.2 of their norm. Note: at head dim 32 (this zoo) the codec
+# spends whole 32-bit words per record, so bits=3.5 actually stores 3.0 bits per coordinate
+# (direction MSE 0.07, 0.26 relative error per vector): the zoo runs below the nominal rate.
 DEFAULT_BITS_LOGIT_REL_ERROR = 0.20
 # Error must fall as bits rise: 4.5 more bits per coordinate must cut it at least fourfold.
 HIGHER_BITS, HIGHER_BITS_MIN_GAIN = 8.0, 4.0
@@ -54,21 +56,39 @@ ZOO = {
                                           max_position_embeddings=256)),
     "gpt_bigcode": lambda: tf.GPTBigCodeConfig(**_common(n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS,
                                                          n_positions=256, multi_query=True)),
+    # Falcon computes attention in its own code (no AttentionInterface): its SDPA calls are
+    # routed to the store (hf.SdpaRouting). Default Falcon config: multi-query, rotary, no ALiBi.
+    "falcon": lambda: _falcon(),
+    # Gemma2 without attention soft-capping; its sliding layers (window 4096, alternating with
+    # full ones) cannot mask anything within max_position_embeddings=256, so they are compressed.
+    "gemma2": lambda: _llama_like(tf.Gemma2Config, head_dim=32, attn_logit_softcapping=None),
 }
-# Layers these keep dense, and the words the reason must contain.
+
+
+def _falcon(**kw):
+    return tf.FalconConfig(**_common(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                     max_position_embeddings=256, **kw))
+
+
+# Layers these keep dense, the words the reason must contain, and the attention
+# implementation to load (None: build's default).
 FALLBACK_ZOO = {
-    "gemma2": (lambda: _llama_like(tf.Gemma2Config, head_dim=32), "soft-capping"),
-    "falcon": (lambda: tf.FalconConfig(**_common(hidden_size=HIDDEN, num_hidden_layers=LAYERS,
-                                                 num_attention_heads=HEADS)), "AttentionInterface"),
-    "mistral_sliding": (lambda: _llama_like(tf.MistralConfig, sliding_window=8), "sliding window"),
+    "gemma2_softcap": (lambda: _llama_like(tf.Gemma2Config, head_dim=32), "soft-capping", None),
+    "falcon_alibi": (lambda: _falcon(alibi=True), "ALiBi", None),
+    # Falcon's eager branch is a hard-coded matmul-softmax: only its SDPA calls can be routed.
+    "falcon_eager": (_falcon, "attn_implementation='sdpa'", "eager"),
+    "mistral_sliding": (lambda: _llama_like(tf.MistralConfig, sliding_window=8), "sliding window", None),
 }
 
 
-def build(config_fn, seed: int):
+def build(config_fn, seed: int, attn_implementation: str | None = None):
+    """The model in eval mode, with SDPA attention where transformers offers it (Gemma2 has
+    no SDPA: it would ignore soft-capping), else eager."""
     torch.manual_seed(seed)
     config = config_fn()
-    config._attn_implementation = "sdpa" if getattr(config, "attn_logit_softcapping", None) is None else "eager"
-    model = tf.AutoModelForCausalLM.from_config(config, attn_implementation=config._attn_implementation)
+    model_class = tf.AutoModelForCausalLM._model_mapping[type(config)]
+    impl = attn_implementation or ("sdpa" if model_class._supports_sdpa else "eager")
+    model = tf.AutoModelForCausalLM.from_config(config, attn_implementation=impl)
     return model.eval()
 
 
@@ -100,14 +120,20 @@ def check_sites(model, expect_rewritten: bool, reason_words: str | None = None):
             assert reason_words in site["reason"], site
 
 
-# Llama runs on both cache kinds; the other models alternate (keeps the suite in budget).
-CACHE_CASES = [("llama", "dynamic"), ("llama", "static")] + [
-    (name, ("dynamic", "static")[i % 2]) for i, name in enumerate(n for n in sorted(ZOO) if n != "llama")]
+# Each model's seed (its random weights and prompts) stays put when a model is added.
+SEED_ORDER = ("gemma", "gpt2", "gpt_bigcode", "gpt_neox", "llama", "mistral", "mixtral", "opt", "phi3", "qwen2",
+              "qwen3", "falcon", "gemma2")
+assert sorted(SEED_ORDER) == sorted(ZOO)
+# Both cache kinds for Llama, Falcon (SDPA routing) and Gemma2 (sliding layers are planned
+# per cache kind); the other models alternate (keeps the suite in budget).
+BOTH_CACHES = ("llama", "falcon", "gemma2")
+CACHE_CASES = [(name, cache) for name in BOTH_CACHES for cache in ("dynamic", "static")] + [
+    (name, ("dynamic", "static")[i % 2]) for i, name in enumerate(n for n in SEED_ORDER if n not in BOTH_CACHES)]
 
 
 @pytest.mark.parametrize("name,cache", CACHE_CASES)
 def test_high_bits_greedy_matches_dense(name, cache):
-    seed = sorted(ZOO).index(name)
+    seed = SEED_ORDER.index(name)
     model = build(ZOO[name], seed)
     ids, mask = prompts(seed)
     dense = greedy(model, ids, mask)
@@ -132,15 +158,23 @@ def teacher_forced_logits(model, ids, mask, cache=None) -> torch.Tensor:
     return torch.stack(logits, 1)
 
 
-# Qwen3 normalises q and k (qk-norm), which sharpens attention; measured 0.23 here, above the
-# stated bound. Kept visible as a strict xfail rather than a looser bound.
-DEFAULT_BITS_CASES = [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="qk-norm: measured ~0.23 > 0.20"))
-                      if n == "qwen3" else n for n in sorted(ZOO)]
+# Above the stated bound at head dim 32, where bits=3.5 stores 3.0 bits per coordinate (see
+# above); kept visible as strict xfails rather than a looser bound. Measured at these seeds:
+# - qwen3 0.213: qk-norm gives logits of std ~1 (0.02-0.06 in the other random models), so key
+#   errors move the attention weights too (keys alone 0.14, values alone 0.18). bits=4.0 (4.0
+#   stored): 0.099; head dim 64 at 3.5: 0.149.
+# - gemma2 0.248: post-attention RMSNorm adds the attention output (and its value-codec error)
+#   to the residual at full scale (values alone 0.248, keys alone 0.006). bits=4.0: 0.131;
+#   head dim 64 at 3.5: 0.142.
+ABOVE_BOUND_AT_HEAD_DIM_32 = {"qwen3": "qk-norm, keys and values: measured 0.213 > 0.20",
+                              "gemma2": "post-attention norm, values: measured 0.248 > 0.20"}
+DEFAULT_BITS_CASES = [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=ABOVE_BOUND_AT_HEAD_DIM_32[n]))
+                      if n in ABOVE_BOUND_AT_HEAD_DIM_32 else n for n in sorted(ZOO)]
 
 
 @pytest.mark.parametrize("name", DEFAULT_BITS_CASES)
 def test_default_bits_logits_within_bound(name):
-    seed = 100 + sorted(ZOO).index(name)
+    seed = 100 + SEED_ORDER.index(name)
     model = build(ZOO[name], seed)
     ids, mask = prompts(seed)
     g = torch.Generator().manual_seed(seed)
@@ -159,18 +193,62 @@ def test_default_bits_logits_within_bound(name):
 
 @pytest.mark.parametrize("name", sorted(FALLBACK_ZOO))
 def test_fallback_reason_and_dense_output(name):
-    config_fn, words = FALLBACK_ZOO[name]
-    model = build(config_fn, 7)
+    config_fn, words, impl = FALLBACK_ZOO[name]
+    model = build(config_fn, 7, impl)
     ids, mask = prompts(7)
     dense = greedy(model, ids, mask)
     fast = optimized(model, **HIGH_BITS)
     out = greedy(fast, ids, mask)
-    if name == "gemma2":
-        check_sites(model, False, words)
-    else:
-        sites = api.report()["sites"]
-        assert len(sites) == model.config.num_hidden_layers
-        assert all(not s["rewritten"] and words in s["reason"] for s in sites), sites
+    check_sites(model, False, words)
     assert torch.equal(out, dense)
     # nothing was compressed: every layer kept HF's dense cache
     assert api.report()["kv_bytes"] > 0
+
+
+def test_hybrid_sliding_layers_are_planned_per_layer():
+    """Gemma2 alternates sliding and full layers: with a window that can hide tokens of this
+    generation (8 < 12 + 32), the sliding layers stay dense with the reason and the full ones
+    are compressed; greedy output still equals dense at high bits."""
+    model = build(lambda: _llama_like(tf.Gemma2Config, head_dim=32, attn_logit_softcapping=None,
+                                      sliding_window=8), 9)
+    ids, mask = prompts(9)
+    dense = greedy(model, ids, mask)
+    fast = optimized(model, **HIGH_BITS)
+    for cache in ("dynamic", "static"):
+        out = greedy(fast, ids, mask, cache_implementation=cache)
+        sites = api.report()["sites"]
+        kinds = model.config.layer_types
+        assert [s["rewritten"] for s in sites] == [k == "full_attention" for k in kinds], sites
+        assert all("sliding window of 8" in s["reason"] for s in sites if not s["rewritten"]), sites
+        assert torch.equal(out, dense), cache
+
+
+def test_inert_window_refuses_a_sequence_that_outgrows_it():
+    """A window as long as max_position_embeddings masks nothing, so a fresh dynamic cache
+    compresses the layer; a sequence longer than the window then raises instead of
+    answering differently from the model (which would start hiding tokens)."""
+    from sphkv_compile.hf import SphkvUnsupportedError
+
+    model = build(lambda: tf.MistralConfig(**_common(hidden_size=HIDDEN, intermediate_size=2 * HIDDEN,
+                                                     num_hidden_layers=1, num_attention_heads=HEADS,
+                                                     num_key_value_heads=2, max_position_embeddings=16,
+                                                     sliding_window=16)), 11)
+    fast = optimized(model, **HIGH_BITS)
+    ids = torch.randint(3, VOCAB, (1, 20), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        ok = fast(ids[:, :16], use_cache=True, **{api.cache_keyword(fast): api.new_cache(fast)})
+        assert api.report()["sites"][0]["rewritten"]
+        assert torch.allclose(ok.logits, model(ids[:, :16]).logits, atol=1e-5)
+        with pytest.raises(SphkvUnsupportedError, match="sliding window 16"):
+            fast(ids, use_cache=True, **{api.cache_keyword(fast): api.new_cache(fast)})
+
+
+def test_falcon_sdpa_routing_refuses_other_reads_of_the_chunk():
+    """With output_attentions Falcon computes q @ k^T itself on the cache update's output,
+    which on the store is only the new chunk: that must raise, never answer silently."""
+    from sphkv_compile.hf import SphkvUnsupportedError
+
+    fast = optimized(build(ZOO["falcon"], 13), **HIGH_BITS)
+    ids, mask = prompts(13)
+    with torch.no_grad(), pytest.raises(SphkvUnsupportedError, match="reads the cache update's output"):
+        fast(ids, attention_mask=mask, use_cache=True, output_attentions=True)
