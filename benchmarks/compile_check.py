@@ -76,7 +76,7 @@ def main(d=128, block_t=64, block_m=16, warps=4, stages=2):
     return k
 
 
-def coded(d=128, block_t=128, block_m=16, warps=4, stages=1):
+def coded(d=128, block_t=128, block_m=16, warps=4, stages=1, bf16=0, prefetch=0):
     """The generated-decoder paged kernel (paged_coded_kernel) for the default tier."""
     from sphkv_compile.kernels.attention_kernels import paged_coded_kernel
     from sphkv_compile.kernels.decode_codegen import decoder
@@ -85,8 +85,16 @@ def coded(d=128, block_t=128, block_m=16, warps=4, stages=1):
     info = tier_info(spec, d, 0, torch.bfloat16)
     consts = dict(PS=64, WT=info.key_words + info.value_words, D=d, BLOCK_M=block_m, BLOCK_T=block_t,
                   DECODE_K=decoder(info.key, 0), DECODE_V=decoder(info.value, info.key_words),
-                  STEP=info.key.radius_step, LOG2_MIN=LOG2_MIN, DOT_PRECISION="tf32")
-    k = triton.compile(ASTSource(paged_coded_kernel, paged_signature(paged_coded_kernel, consts), consts),
+                  STEP=info.key.radius_step, LOG2_MIN=LOG2_MIN, DOT_PRECISION="tf32", BF16_TILES=bool(bf16))
+    fn = paged_coded_kernel
+    if prefetch:
+        from sphkv_compile.kernels.decode_codegen import prefetch_kernel
+        fn = prefetch_kernel(info.key, info.value, info.key_words)
+        del consts["DECODE_K"], consts["DECODE_V"]
+        consts_sig = paged_signature(fn, dict(consts, DECODE_K=1))
+    else:
+        consts_sig = paged_signature(fn, consts)
+    k = triton.compile(ASTSource(fn, consts_sig, consts),
                        target=TARGET, options={"num_warps": warps, "num_stages": stages})
     print("paged_coded", d, block_t, warps, "shared", k.metadata.shared)
     sass_summary(k)

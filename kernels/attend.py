@@ -18,7 +18,7 @@ from sphkv_compile.tiers import TierSpec, tier_codecs
 
 from .attention_kernels import (chunk_partials_kernel, combine_kernel, paged_coded_kernel, paged_mass_kernel,
                                 paged_partials_kernel)
-from .decode_codegen import decoder
+from .decode_codegen import decoder, prefetch_kernel
 from .layout import DEVICE_TABLES, ScalarTables, Unsupported, rotation_matrices, tier_info
 
 LOG2E = 1.0 / math.log(2.0)
@@ -33,7 +33,12 @@ DEFAULT_STAGES = 1
 # Compressed tiers: the generated decoders run one token per thread, so a tile is one token
 # per thread of the program (docs/PERFORMANCE.md has the sweep).
 CODED_WARPS = 4
-CODED_BLOCK_T = 32 * CODED_WARPS
+# Tunables of the compressed-tier kernel, read at launch (benchmarks/sweep_coded.py sets them).
+CODED = {"warps": CODED_WARPS, "bf16_tiles": False, "prefetch": False}
+
+
+def _coded_block_t() -> int:
+    return 32 * CODED["warps"]
 
 
 @lru_cache(maxsize=None)
@@ -100,11 +105,15 @@ def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_
     if not exact:
         kt = _tab(info.key.trig_pairs, device)
         vt = _tab(info.value.centroids if scalar else info.value.trig_pairs, device)
-        paged_coded_kernel[grid](
-            q_in, pool, st.pages, st.count, acc, m, l, kt, vt, M, st.pages.shape[-1], S, split_offset, S_total,
-            PS=st.page_size, WT=wt, D=q_in.shape[-1], BLOCK_M=block_m, BLOCK_T=CODED_BLOCK_T,
-            DECODE_K=decoder(info.key, 0), DECODE_V=decoder(info.value, info.key_words), STEP=step,
-            LOG2_MIN=LOG2_MIN, DOT_PRECISION=precision, num_warps=CODED_WARPS, num_stages=1)
+        args = (q_in, pool, st.pages, st.count, acc, m, l, kt, vt, M, st.pages.shape[-1], S, split_offset, S_total)
+        common = dict(PS=st.page_size, WT=wt, D=q_in.shape[-1], BLOCK_M=block_m, BLOCK_T=_coded_block_t(), STEP=step,
+                      LOG2_MIN=LOG2_MIN, DOT_PRECISION=precision, BF16_TILES=CODED["bf16_tiles"],
+                      num_warps=CODED["warps"], num_stages=1)
+        if CODED["prefetch"]:
+            prefetch_kernel(info.key, info.value, info.key_words)[grid](*args, **common)
+        else:
+            paged_coded_kernel[grid](*args, DECODE_K=decoder(info.key, 0), DECODE_V=decoder(info.value, info.key_words),
+                                     **common)
         return
     paged_partials_kernel[grid](
         q_in, pool, st.pages, st.count, acc, m, l, kc, kt, vc, vt,
@@ -163,7 +172,7 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
         for group in (compressed, plain):
             for i, info in group:
                 st = states[i]
-                tile = block_t if info.key is None else CODED_BLOCK_T
+                tile = block_t if info.key is None else _coded_block_t()
                 S = _splits(BH * mblocks, st.pages.shape[-1] * st.page_size, tile, wanted)
                 launches.append((i, info, S_total, S))
                 S_total += S

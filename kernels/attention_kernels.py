@@ -105,9 +105,10 @@ def paged_coded_kernel(
         M, max_pages, S, split_offset, S_total,
         PS: tl.constexpr, WT: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
         DECODE_K: tl.constexpr, DECODE_V: tl.constexpr, STEP: tl.constexpr, LOG2_MIN: tl.constexpr,
-        DOT_PRECISION: tl.constexpr):
+        DOT_PRECISION: tl.constexpr, BF16_TILES: tl.constexpr):
     """paged_partials_kernel for a compressed tier, with keys and values decoded by the
-    generated one-token-per-thread decoders (decode_codegen.py)."""
+    generated one-token-per-thread decoders (decode_codegen.py). BF16_TILES: the dots take
+    bfloat16 operands (as dense bf16 attention does), halving the tiles' shared memory."""
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -125,15 +126,21 @@ def paged_coded_kernel(
         valid = slots < end
         page = tl.load(pages_ptr + pid_bh * max_pages + slots // PS, mask=valid, other=0)
         base = (page.to(tl.int64) * PS + slots % PS) * WT
-        k = DECODE_K(pool_ptr, base, valid, ktab_ptr, STEP, LOG2_MIN)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        k = DECODE_K(pool_ptr, base, valid, ktab_ptr, BLOCK_T, STEP, LOG2_MIN)
+        if BF16_TILES:
+            s = tl.dot(q.to(tl.bfloat16), tl.trans(k.to(tl.bfloat16)))
+        else:
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = DECODE_V(pool_ptr, base, valid, vtab_ptr, STEP, LOG2_MIN)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+        v = DECODE_V(pool_ptr, base, valid, vtab_ptr, BLOCK_T, STEP, LOG2_MIN)
+        if BF16_TILES:
+            acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), v.to(tl.bfloat16))
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
         m_i = m_new
     out = (pid_bh * S_total + split_offset + pid_s) * M + rows
     tl.store(acc_ptr + out[:, None] * D + d[None, :], acc, mask=rmask[:, None])

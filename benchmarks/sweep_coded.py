@@ -1,0 +1,97 @@
+"""Launch settings of the compressed-tier decode kernel (generated decoders), timed on the GPU.
+
+    python benchmarks/sweep_coded.py [--out DIR]
+
+For each (warps, bf16 tiles, prefetch) setting: the decode time of the default configuration
+(CUDA-graph replay, do_bench median) at Llama-3-8B B=8 T=32k and SmolLM2 B=8 T=32k, next to
+cuDNN SDPA bf16 in the same run. The settings compile in parallel processes first.
+Correctness of the chosen setting is checked by bench_decode.py and tests/test_kernels_gpu.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from bench_decode import SHAPES, build_store, dense_decode, graph_of, median_ms
+from sphkv_compile.kernels import attend as kattend
+from sphkv_compile.options import SphkvOptions
+from sphkv_compile.tiers import TierSpec
+
+# (warps, bf16 tiles, prefetch next tile's words)
+SETTINGS = [(4, False, False), (4, True, False), (4, False, True), (4, True, True), (2, True, True), (8, True, True)]
+POINTS = [("llama3-8b", 8, 32768), ("smollm2", 8, 32768)]
+
+
+def _store(name, B, T, opts, device, gen):
+    Hq, Hkv, d = SHAPES[name]
+    specs = [TierSpec("exact"), TierSpec("uniform", float(opts.bits), "polar", float(opts.bits))]
+    states, _, _ = build_store(B, Hkv, d, T - 1, specs, opts, opts.seed, device, gen)
+    q = torch.randn(B, Hq, 1, d, device=device, dtype=torch.bfloat16, generator=gen)
+    kn = torch.randn(B, Hkv, 1, d, device=device, dtype=torch.bfloat16, generator=gen)
+    return q, states, specs, kn
+
+
+def warm(index: int) -> None:
+    """Compile one setting's kernels (Triton's disk cache keeps them for the timing process)."""
+    device = torch.device("cuda")
+    gen = torch.Generator(device=device).manual_seed(0)
+    opts = SphkvOptions()
+    warps, bf16, prefetch = SETTINGS[index]
+    kattend.CODED.update(warps=warps, bf16_tiles=bf16, prefetch=prefetch)
+    for name in SHAPES:
+        q, states, specs, kn = _store(name, 1, 300, opts, device, gen)
+        kattend.attend(q, states, specs, seed=opts.seed, kv_dtype=torch.bfloat16, k_new=kn, v_new=kn)
+    torch.cuda.synchronize()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--warm", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.warm is not None:
+        return warm(args.warm)
+    procs = [subprocess.Popen([sys.executable, __file__, "--warm", str(i)]) for i in range(len(SETTINGS))]
+    print("compile:", [p.wait() for p in procs], flush=True)
+    device = torch.device("cuda")
+    gen = torch.Generator(device=device).manual_seed(0)
+    opts = SphkvOptions()
+    rows = []
+    stores = {}
+    for name, B, T in POINTS:
+        Hq, Hkv, d = SHAPES[name]
+        q = torch.randn(B, Hq, 1, d, device=device, dtype=torch.bfloat16, generator=gen)
+        k = torch.randn(B, Hkv, T, d, device=device, dtype=torch.bfloat16, generator=gen)
+        dense = dense_decode(q, k, torch.randn_like(k), "cudnn")
+        del k
+        _, states, specs, kn = _store(name, B, T, opts, device, gen)
+        stores[name] = (q, states, specs, kn, dense)
+    for warps, bf16, prefetch in SETTINGS:
+        kattend.CODED.update(warps=warps, bf16_tiles=bf16, prefetch=prefetch)
+        row = {"warps": warps, "bf16_tiles": bf16, "prefetch": prefetch}
+        try:
+            for name, B, T in POINTS:
+                q, states, specs, kn, dense = stores[name]
+
+                def run():
+                    return kattend.attend(q, states, specs, seed=opts.seed, kv_dtype=torch.bfloat16, k_new=kn,
+                                          v_new=kn)
+                run()
+                torch.cuda.synchronize()
+                ms = median_ms(graph_of(run).replay)
+                row[f"{name}_B{B}_T{T}"] = {"ms": ms, "cudnn_ms": dense, "speedup": dense / ms}
+        except Exception as err:  # a setting that does not compile is reported, not fatal
+            row["error"] = repr(err)[:300]
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    with open(os.path.join(args.out, "sweep_coded.json"), "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(device), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
