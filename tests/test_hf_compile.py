@@ -1,13 +1,16 @@
 """Compiled generate on the compressed store: the same tokens as the eager path (and as dense
-at high bits), and no recompilation across decode steps or generate calls."""
+at high bits), and no recompilation across decode steps or generate calls, for Llama with
+Inductor and for every model of the zoo (tests/test_zoo.py)."""
 from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import transformers as tf
 
 from sphkv_compile import api
+from tests import test_zoo as zoo
 
 HIGH_BITS = dict(tiers=("exact:exact", "hi:k12:polar12:r32"), sink=2, recent=4, kv_dtype=torch.float32)
 STEPS = 64
@@ -37,8 +40,7 @@ def test_compiled_static_generate_one_graph_same_tokens():
     eager = _generate(fast, ids, mask)
     assert torch.equal(eager, dense)
 
-    config = tf.CompileConfig(backend="sphkv", fullgraph=False)
-    config._compile_all_devices = True  # transformers only auto-compiles on accelerators otherwise
+    config = _compile_config()
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
@@ -53,3 +55,35 @@ def test_compiled_static_generate_one_graph_same_tokens():
     assert counters["stats"]["unique_graphs"] == graphs_after_first
     assert not counters["recompiles"], dict(counters["recompiles"])
     assert torch.equal(again, eager)
+
+
+def _compile_config():
+    config = tf.CompileConfig(backend="sphkv", fullgraph=False)
+    config._compile_all_devices = True  # transformers only auto-compiles on accelerators otherwise
+    return config
+
+
+@pytest.mark.parametrize("name", zoo.SEED_ORDER)
+def test_zoo_compiled_generate_no_recompiles_after_warmup(name, monkeypatch):
+    """Every zoo model, compiled generate on a static cache, 64 steps: one graph serves every
+    decode step (the first one compiles it: the warm-up), a second generate with a fresh cache
+    compiles nothing, and the tokens are dense's. Recompiles are Dynamo's guards, which do not
+    depend on the compiler behind the backend, so the graph runs through AOT autograd without
+    Inductor codegen here (seconds instead of minutes for the zoo); the Llama test above runs
+    Inductor."""
+    monkeypatch.setenv("SPHKV_INNER_COMPILER", "aot_eager")
+    model = zoo.build(zoo.ZOO[name], zoo.SEED_ORDER.index(name))
+    ids, mask = zoo.prompts(zoo.SEED_ORDER.index(name))
+    dense = _generate(model, ids, mask)
+    fast = api.optimize(copy.deepcopy(model), **HIGH_BITS)
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    compiled = _generate(fast, ids, mask, compile_config=_compile_config())
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert not counters["recompiles"] and not counters["graph_break"], (dict(counters["recompiles"]),
+                                                                        dict(counters["graph_break"]))
+    assert all(s["rewritten"] for s in api.report()["sites"]), api.report()["sites"]
+    assert torch.equal(compiled, dense)
+    _generate(fast, ids, mask, compile_config=_compile_config())  # fresh cache, same graph
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"], dict(counters["recompiles"])
