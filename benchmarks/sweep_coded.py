@@ -2,7 +2,7 @@
 
     python benchmarks/sweep_coded.py [--out DIR]
 
-For each (warps, bf16 tiles, prefetch) setting: the decode time of the default configuration
+For each launch setting (kernels.attend.CODED): the decode time of the default configuration
 (CUDA-graph replay, do_bench median) at Llama-3-8B B=8 T=32k and SmolLM2 B=8 T=32k, next to
 cuDNN SDPA bf16 in the same run. The settings compile in parallel processes first.
 Correctness of the chosen setting is checked by bench_decode.py and tests/test_kernels_gpu.py.
@@ -22,8 +22,12 @@ from sphkv_compile.kernels import attend as kattend
 from sphkv_compile.options import SphkvOptions
 from sphkv_compile.tiers import TierSpec
 
-# (warps, bf16 tiles, prefetch next tile's words)
-SETTINGS = [(4, False, False), (4, True, False), (4, False, True), (4, True, True), (2, True, True), (8, True, True)]
+# kernels.attend.CODED settings
+SETTINGS = [dict(warps=4, bf16_tiles=True, prefetch=False, word_tile=False),
+            dict(warps=4, bf16_tiles=True, prefetch=False, word_tile=True),
+            dict(warps=4, bf16_tiles=False, prefetch=False, word_tile=True),
+            dict(warps=2, bf16_tiles=True, prefetch=False, word_tile=True),
+            dict(warps=8, bf16_tiles=True, prefetch=False, word_tile=True)]
 POINTS = [("llama3-8b", 8, 32768), ("smollm2", 8, 32768)]
 
 
@@ -41,8 +45,7 @@ def warm(index: int) -> None:
     device = torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(0)
     opts = SphkvOptions()
-    warps, bf16, prefetch = SETTINGS[index]
-    kattend.CODED.update(warps=warps, bf16_tiles=bf16, prefetch=prefetch)
+    kattend.CODED.update(SETTINGS[index])
     for name in SHAPES:
         q, states, specs, kn = _store(name, 1, 300, opts, device, gen)
         kattend.attend(q, states, specs, seed=opts.seed, kv_dtype=torch.bfloat16, k_new=kn, v_new=kn)
@@ -71,9 +74,9 @@ def main():
         del k
         _, states, specs, kn = _store(name, B, T, opts, device, gen)
         stores[name] = (q, states, specs, kn, dense)
-    for warps, bf16, prefetch in SETTINGS:
-        kattend.CODED.update(warps=warps, bf16_tiles=bf16, prefetch=prefetch)
-        row = {"warps": warps, "bf16_tiles": bf16, "prefetch": prefetch}
+    for setting in SETTINGS:
+        kattend.CODED.update(setting)
+        row = dict(setting)
         try:
             for name, B, T in POINTS:
                 q, states, specs, kn, dense = stores[name]

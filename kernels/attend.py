@@ -34,7 +34,7 @@ DEFAULT_STAGES = 1
 # per thread of the program (docs/PERFORMANCE.md has the sweep).
 CODED_WARPS = 4
 # Tunables of the compressed-tier kernel, read at launch (benchmarks/sweep_coded.py sets them).
-CODED = {"warps": CODED_WARPS, "bf16_tiles": False, "prefetch": False}
+CODED = {"warps": CODED_WARPS, "bf16_tiles": False, "prefetch": False, "word_tile": False}
 
 
 def _coded_block_t() -> int:
@@ -112,7 +112,8 @@ def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_
         if CODED["prefetch"]:
             prefetch_kernel(info.key, info.value, info.key_words)[grid](*args, **common)
         else:
-            paged_coded_kernel[grid](*args, DECODE_K=decoder(info.key, 0), DECODE_V=decoder(info.value, info.key_words),
+            paged_coded_kernel[grid](*args, DECODE_K=decoder(info.key, 0, CODED["word_tile"]),
+                                     DECODE_V=decoder(info.value, info.key_words, CODED["word_tile"]),
                                      **common)
         return
     paged_partials_kernel[grid](
