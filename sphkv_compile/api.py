@@ -68,17 +68,18 @@ def new_cache(model, max_cache_len: int | None = None, max_tokens: int | None = 
     plans = plan_layers(model, max_cache_len, max_tokens)
     cache_class = RoutedSphkvCache if calls_sdpa_itself(model) else SphkvCache
     cache = cache_class(state.options, plans, max_cache_len, kv_geometry(model), state.kv_dtype)
-    _record_sites(plans, state.original_impl)
+    _record_sites(plans, state.original_impl, "sdpa_routing" if calls_sdpa_itself(model) else "attention_interface")
     return cache
 
 
-def _record_sites(plans, original_impl) -> None:
+def _record_sites(plans, original_impl, dispatch: str) -> None:
     """The eager path's report: one site per decoder layer. (A compiled forward replaces these
-    with what the backend found in the graph.)"""
+    with what the backend found in the graph.) dispatch: how compressed layers are reached,
+    through transformers' AttentionInterface or by routing the model's own SDPA calls."""
     begin_compile()
     for p in plans:
-        record_site("hf_attention", p.compressed, p.reason, layer=p.layer_idx,
-                            dense_implementation=None if p.compressed else original_impl)
+        record_site("hf_attention", p.compressed, p.reason, layer=p.layer_idx, dispatch=dispatch,
+                    dense_implementation=None if p.compressed else original_impl)
 
 
 def optimize(model, kv_dtype: torch.dtype | None = None, **options):

@@ -236,6 +236,9 @@ class SdpaRouting(torch.overrides.TorchFunctionMode):
         pending = self.cache.pending
         if pending is not None:
             if func is F.scaled_dot_product_attention and _sdpa_arg(args, kwargs, 1, "key") is pending.key:
+                if _sdpa_arg(args, kwargs, 2, "value") is not pending.value:
+                    raise SphkvUnsupportedError(f"layer {pending.layer_idx}: SDPA reads the cache update's keys "
+                                                "with other values; the store keeps the pair")
                 self.cache.pending = None
                 return sdpa_on_store(self.cache.layers[pending.layer_idx], *args, **kwargs)
             if func not in _METADATA_FUNCTIONS and _reads_chunk(args, kwargs, pending):
@@ -244,7 +247,6 @@ class SdpaRouting(torch.overrides.TorchFunctionMode):
                     "output; on the compressed store only F.scaled_dot_product_attention may (load the model "
                     "with attn_implementation='sdpa' and output_attentions=False)")
         return func(*args, **kwargs)
-
 
 
 def run_routed(cache: RoutedSphkvCache, forward, /, *args, **kwargs):
@@ -275,7 +277,8 @@ def _reads_chunk(args, kwargs, pending: PendingChunk) -> bool:
 def sdpa_on_store(layer: SphkvLayer, query, key, value, attn_mask=None, dropout_p: float = 0.0,
                   is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
     """F.scaled_dot_product_attention(query, key, value, ...) where key/value are the layer's new
-    chunk and the past lives in the store: the same [B, Hq, T, d] output, computed from codes."""
+    chunk and the past lives in the store: the same [B, Hq, T, d] output, computed from codes.
+    (enable_gqa needs no handling: the store always groups query heads over KV heads.)"""
     if dropout_p:
         raise SphkvUnsupportedError(f"layer {layer.layer_idx}: attention dropout ({dropout_p}) cannot run on the "
                                     "compressed store; call model.eval()")

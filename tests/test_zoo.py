@@ -141,6 +141,8 @@ def test_high_bits_greedy_matches_dense(name, cache):
     out = greedy(fast, ids, mask, cache_implementation=cache)
     check_sites(model, True)
     rep = api.report()
+    dispatch = "sdpa_routing" if name == "falcon" else "attention_interface"  # Falcon: hard-coded SDPA
+    assert all(s["details"]["dispatch"] == dispatch for s in rep["sites"]), rep["sites"]
     assert rep["kv_bytes"] > 0 and rep["dense_kv_bytes"] > 0
     assert torch.equal(out, dense), f"{name}/{cache}: first mismatch at step {(out != dense).any(0).nonzero()[0]}"
 
