@@ -154,10 +154,12 @@ def _wrap_generate(model, generate, key: str):
             config = kwargs.get("generation_config") or model.generation_config
             impl = kwargs.pop("cache_implementation", None) or getattr(config, "cache_implementation", None)
             if impl not in (None, "dynamic", *STATIC_IMPLEMENTATIONS):
-                raise ValueError(f"cache_implementation={impl!r} is not available with sphkv; use 'dynamic' or 'static'")
+                raise ValueError(f"cache_implementation={impl!r} is not available with sphkv; "
+                                 "use 'dynamic' or 'static'")
             total = _generation_length(args, kwargs, config)
             if impl in STATIC_IMPLEMENTATIONS and total is None:
-                raise ValueError("a static sphkv cache needs input_ids and max_new_tokens or max_length to size its pools")
+                raise ValueError("a static sphkv cache needs input_ids and max_new_tokens or max_length "
+                                 "to size its pools")
             if impl is not None and getattr(config, "cache_implementation", None) is not None:
                 config = _copy_without_cache_implementation(config)
                 kwargs["generation_config"] = config

@@ -10,6 +10,10 @@ Registered with transformers under the name "sphkv":
   padding. Compressed layers read the validity of the chunk's tokens (left padding) from it;
   dense layers use it as is (sdpa) or as an additive mask (eager).
 
+Models that compute attention in their own code with F.scaled_dot_product_attention (Falcon)
+run their forward under SdpaRouting instead: the SDPA call that reads a compressed layer's
+cache-update output is answered from the store, and any other read of it raises.
+
 The attention function finds the cache through the `sphkv_cache` keyword, which the model
 forward installed by sphkv_compile.optimize passes down (transformers forwards extra
 keywords from the model's forward to the attention function).
@@ -101,10 +105,11 @@ def _refuse_unrepresentable(module, layer: SphkvLayer, dropout: float, chunk: in
             raise SphkvUnsupportedError(f"layer {layer.layer_idx}: attention with {name!r} is not representable "
                                         "by the compressed store")
     window = kwargs.get("sliding_window")
-    if window is not None and _sequence_bound(layer, chunk) > window:
+    bound = _sequence_bound(layer, chunk) if window is not None else None
+    if bound is not None and bound > window:
         raise SphkvUnsupportedError(f"layer {layer.layer_idx}: sliding window {window} is only exact on the "
-                                    f"store when the whole sequence fits in it (here up to {_sequence_bound(layer, chunk)} "
-                                    "tokens); the plan compressed it for a shorter sequence")
+                                    f"store when the whole sequence fits in it (here up to {bound} tokens); "
+                                    "the plan compressed it for a shorter sequence")
 
 
 def _sequence_bound(layer: SphkvLayer, chunk: int) -> int:

@@ -5,6 +5,11 @@ attention (causal softmax over all past tokens, one scale, GQA/MQA). Everything 
 dense cache and the model's own attention, with the reason recorded in the report. The plan
 is decided from the config and the modules once, before any token is seen, so a layer never
 has to switch representation mid-generation (its dense history would be gone).
+
+Sliding windows: the store keeps every token, so a sliding layer is compressed only when its
+window cannot mask anything, i.e. is at least the longest sequence the cache can see (a
+static cache's capacity, generate's prompt + max_new_tokens, else max_position_embeddings;
+see length_bound). A window that can bite keeps the layer dense, with the reason.
 """
 from __future__ import annotations
 
