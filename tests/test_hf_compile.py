@@ -80,10 +80,11 @@ def test_zoo_compiled_generate_no_recompiles_after_warmup(name, monkeypatch):
     counters = torch._dynamo.utils.counters
     counters.clear()
     compiled = _generate(fast, ids, mask, compile_config=_compile_config())
+    # unique_graphs counts every graph Dynamo compiled, a recompile's included (on torch 2.13 the
+    # "recompiles" counter stays empty even when a guard fails, so it is not what is checked)
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
-    assert not counters["recompiles"] and not counters["graph_break"], (dict(counters["recompiles"]),
-                                                                        dict(counters["graph_break"]))
+    assert not counters["graph_break"], dict(counters["graph_break"])
     assert all(s["rewritten"] for s in api.report()["sites"]), api.report()["sites"]
     assert torch.equal(compiled, dense)
     _generate(fast, ids, mask, compile_config=_compile_config())  # fresh cache, same graph
-    assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"], dict(counters["recompiles"])
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
