@@ -46,6 +46,7 @@ class _Writer:
         self.prefix = prefix
         self.pad = " " * indent
         self.preloaded = preloaded
+        self.leaf_dtype = None
 
     def word(self, j: int) -> str:
         name = f"w{self.word_offset + j}"
@@ -105,8 +106,15 @@ def _radius(w: _Writer, parts, inv_norm: float = 1.0) -> str:
 def _join_tile(w: _Writer, leaves: list[str], target: str | None) -> None:
     """[BLOCK_T] leaves in order -> [BLOCK_T, D] (returned, or assigned to target).
     join(even half, odd half) puts the leaf's lowest index bit on the last (in-thread) axis,
-    so the row-major reshape restores the order."""
+    so the row-major reshape restores the order. With w.leaf_dtype the leaves are cast as
+    they are made (bf16 pairs share a register, which halves the tile's registers)."""
     counter = [0]
+    if w.leaf_dtype:
+        cast = []
+        for x in leaves:
+            w.emit(f"{x}h = {x}.to({w.leaf_dtype})")
+            cast.append(f"{x}h")
+        leaves = cast
 
     def build(items: list[str]) -> str:
         if len(items) == 1:
@@ -209,8 +217,9 @@ def _split_words(first: int, count: int, pad: int) -> list[str]:
     return lines
 
 
-def _decoder_source(tables, word_offset: int, word_tile: bool = False) -> str:
+def _decoder_source(tables, word_offset: int, word_tile: bool = False, leaf_dtype: str | None = None) -> str:
     w = _Writer(word_offset, preloaded=word_tile)
+    w.leaf_dtype = leaf_dtype
     _body(w, tables, "tab_ptr", None)
     head = []
     if word_tile:
@@ -318,8 +327,8 @@ def _load(source: str, attr: str = "decode"):
 
 
 @lru_cache(maxsize=None)
-def decoder(tables, word_offset: int = 0, word_tile: bool = False):
+def decoder(tables, word_offset: int = 0, word_tile: bool = False, leaf_dtype: str | None = None):
     """The generated Triton decode function of one codec's records (keys at word 0, values at
     the key record's length): decode(pool_ptr, base, valid, tab_ptr, BLOCK_T, STEP, LOG2_MIN) ->
     float32 [BLOCK_T, D] in the rotated domain. `base` is each token's first record word."""
-    return _load(_decoder_source(tables, word_offset, word_tile))
+    return _load(_decoder_source(tables, word_offset, word_tile, leaf_dtype))
