@@ -76,7 +76,7 @@ def main(d=128, block_t=64, block_m=16, warps=4, stages=2):
     return k
 
 
-def coded(d=128, block_t=128, block_m=16, warps=4, stages=1, bf16=0, prefetch=0, word_tile=0):
+def coded(d=128, block_t=128, block_m=16, warps=4, stages=1, bf16=0, prefetch=0, word_tile=0, maxnreg=0):
     """The generated-decoder paged kernel (paged_coded_kernel) for the default tier."""
     from sphkv_compile.kernels.attention_kernels import paged_coded_kernel
     from sphkv_compile.kernels.decode_codegen import decoder
@@ -84,7 +84,8 @@ def coded(d=128, block_t=128, block_m=16, warps=4, stages=1, bf16=0, prefetch=0,
     spec = TierSpec("uniform", 3.5, "polar", 3.5)
     info = tier_info(spec, d, 0, torch.bfloat16)
     consts = dict(PS=64, WT=info.key_words + info.value_words, D=d, BLOCK_M=block_m, BLOCK_T=block_t,
-                  DECODE_K=decoder(info.key, 0, bool(word_tile)), DECODE_V=decoder(info.value, info.key_words, bool(word_tile)),
+                  DECODE_K=decoder(info.key, 0, bool(word_tile), 'tl.bfloat16' if bf16 else None),
+                  DECODE_V=decoder(info.value, info.key_words, bool(word_tile), 'tl.bfloat16' if bf16 else None),
                   STEP=info.key.radius_step, LOG2_MIN=LOG2_MIN, DOT_PRECISION="tf32", BF16_TILES=bool(bf16))
     fn = paged_coded_kernel
     if prefetch:
@@ -95,7 +96,8 @@ def coded(d=128, block_t=128, block_m=16, warps=4, stages=1, bf16=0, prefetch=0,
     else:
         consts_sig = paged_signature(fn, consts)
     k = triton.compile(ASTSource(fn, consts_sig, consts),
-                       target=TARGET, options={"num_warps": warps, "num_stages": stages})
+                       target=TARGET, options=dict({"num_warps": warps, "num_stages": stages},
+                                                   **({"maxnreg": maxnreg} if maxnreg else {})))
     print("paged_coded", d, block_t, warps, "shared", k.metadata.shared)
     sass_summary(k)
     return k

@@ -23,12 +23,9 @@ from sphkv_compile.options import SphkvOptions
 from sphkv_compile.tiers import TierSpec
 
 # kernels.attend.CODED settings
-SETTINGS = [dict(warps=4, bf16_tiles=True, prefetch=False, word_tile=False),
-            dict(warps=4, bf16_tiles=True, prefetch=False, word_tile=True),
-            dict(warps=4, bf16_tiles=False, prefetch=False, word_tile=True),
-            dict(warps=2, bf16_tiles=True, prefetch=False, word_tile=True),
-            dict(warps=8, bf16_tiles=True, prefetch=False, word_tile=True)]
-POINTS = [("llama3-8b", 8, 32768), ("smollm2", 8, 32768)]
+SETTINGS = [dict(programs_per_sm=2), dict(programs_per_sm=6), dict(programs_per_sm=12),
+            dict(programs_per_sm=6, maxnreg=168), dict(programs_per_sm=8, maxnreg=128)]
+POINTS = [("llama3-8b", 8, 32768), ("smollm2", 8, 32768), ("llama3-8b", 1, 131072)]
 
 
 def _store(name, B, T, opts, device, gen):
@@ -73,13 +70,13 @@ def main():
         dense = dense_decode(q, k, torch.randn_like(k), "cudnn")
         del k
         _, states, specs, kn = _store(name, B, T, opts, device, gen)
-        stores[name] = (q, states, specs, kn, dense)
+        stores[(name, B, T)] = (q, states, specs, kn, dense)
     for setting in SETTINGS:
         kattend.CODED.update(setting)
         row = dict(setting)
         try:
             for name, B, T in POINTS:
-                q, states, specs, kn, dense = stores[name]
+                q, states, specs, kn, dense = stores[(name, B, T)]
 
                 def run():
                     return kattend.attend(q, states, specs, seed=opts.seed, kv_dtype=torch.bfloat16, k_new=kn,

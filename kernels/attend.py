@@ -36,7 +36,10 @@ CODED_WARPS = 4
 # Tunables of the compressed-tier kernel, read at launch (benchmarks/sweep_coded.py sets them).
 # bf16_tiles: the decoded key/value tiles enter tl.dot as bfloat16, like dense bf16 attention
 # (0.86 vs 1.18 ms in fp32/tf32 at Llama B=8 T=32k: half the shared memory and registers).
-CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "prefetch": False, "word_tile": False}
+# programs_per_sm: split-KV programs launched per SM (3 fit at once: registers and shared memory).
+# maxnreg: register cap per thread (None: the compiler's choice).
+CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "prefetch": False, "word_tile": False, "programs_per_sm": 2,
+         "maxnreg": None}
 
 
 def _coded_block_t() -> int:
@@ -111,6 +114,8 @@ def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_
         common = dict(PS=st.page_size, WT=wt, D=q_in.shape[-1], BLOCK_M=block_m, BLOCK_T=_coded_block_t(), STEP=step,
                       LOG2_MIN=LOG2_MIN, DOT_PRECISION=precision, BF16_TILES=CODED["bf16_tiles"],
                       num_warps=CODED["warps"], num_stages=1)
+        if CODED["maxnreg"]:
+            common["maxnreg"] = CODED["maxnreg"]
         if CODED["prefetch"]:
             prefetch_kernel(info.key, info.value, info.key_words)[grid](*args, **common)
         else:
@@ -177,7 +182,8 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
             for i, info in group:
                 st = states[i]
                 tile = block_t if info.key is None else _coded_block_t()
-                S = _splits(BH * mblocks, st.pages.shape[-1] * st.page_size, tile, wanted)
+                want = wanted if info.key is None else wanted // 2 * CODED["programs_per_sm"]
+                S = _splits(BH * mblocks, st.pages.shape[-1] * st.page_size, tile, want)
                 launches.append((i, info, S_total, S))
                 S_total += S
         S_rot = sum(S for i, info, _, S in launches if info.key is not None)
