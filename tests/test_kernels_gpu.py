@@ -1,8 +1,10 @@
 """The Triton kernels on a CUDA GPU against the float64 reference (run on the device machine).
 
 Fresh random inputs per case; ragged counts per (batch row, KV head) and tier; every tier of
-the default ladder plus a scalar-value tier. The kernels' tl.dot runs with tf32 operands
-(logits and p·v), so outputs are compared at TF32_TOL.
+the default ladder plus a scalar-value tier. The kernels' tl.dot runs with tf32 operands on
+the exact tier and the chunk, and with bf16 operands on the decoded tiles of compressed tiers
+(like dense bf16 attention: q·k and p·v with bf16 inputs, float32 accumulation). Outputs are
+compared at TF32_TOL plus the bf16 output's own rounding.
 """
 from __future__ import annotations
 
