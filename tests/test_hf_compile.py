@@ -52,8 +52,9 @@ def test_compiled_static_generate_one_graph_same_tokens():
     assert sites and all(s["rewritten"] for s in sites), sites
 
     again = _generate(fast, ids, mask, compile_config=config)  # a new cache: still no recompile
-    assert counters["stats"]["unique_graphs"] == graphs_after_first
-    assert not counters["recompiles"], dict(counters["recompiles"])
+    # unique_graphs counts a recompile too (torch 2.13 leaves counters["recompiles"] empty even
+    # when a guard fails, so that counter would check nothing)
+    assert counters["stats"]["unique_graphs"] == graphs_after_first, dict(counters["stats"])
     assert torch.equal(again, eager)
 
 
