@@ -23,7 +23,9 @@ def hashed_sources() -> list[Path]:
     import sphkv_compile.inductor_passes as passes
     import sphkv_compile.kernels as kernels
 
-    return [p for pkg in (passes, kernels, sphkv_compile) for p in sorted(Path(pkg.__file__).parent.glob("*.py"))]
+    # rglob: subpackages (rdr/, whose budgeting ops the graph calls) count too
+    files = {p for pkg in (passes, kernels, sphkv_compile) for p in Path(pkg.__file__).parent.rglob("*.py")}
+    return sorted(files)
 
 
 @lru_cache(maxsize=1)
@@ -52,7 +54,9 @@ class SphkvGraphPass(CustomGraphPass):
 
     def __call__(self, graph) -> None:
         names = _op_names(graph)
-        found = (sum("sphkv.attend" in n for n in names), sum("sphkv.update_cache" in n for n in names))
+        updates = ("sphkv.update_cache", "sphkv.update_cache_rdr")
+        found = (sum(n.endswith("sphkv.attend") or "sphkv.attend." in n for n in names),
+                 sum(any(n.endswith(u) or u + "." in n for u in updates) for n in names))
         if found[0] < self.expected[0] or found[1] < self.expected[1]:
             raise RuntimeError(f"sphkv: the rewrite lost ops before Inductor lowering: expected "
                                f"{self.expected} attend/update_cache calls, found {found}")
