@@ -16,8 +16,9 @@ Layers the plan (hf_plan) keeps dense are HF's own Dynamic/Static(SlidingWindow)
 The chunk enters through `SphkvLayer.store_chunk`, the same ops as the compiled graph's
 rewrite: the cache update (sphkv::update_cache, or sphkv::update_cache_rdr under policy
 'rdr') and then the budgeting node sphkv::kv_budget (sphkv_compile/rdr/node.py), which counts
-in the layer's meter tensor. Under 'rdr' a static cache's pools are sized for its fixed
-budget; a dynamic cache grows them as its budget grows with the tokens seen (rdr/budget.py).
+in the layer's meter tensor. Under 'rdr' a static cache's pools hold its fixed budget (per-tier
+capacities, rdr/capacity.py); a dynamic cache grows them as its budget grows with the tokens
+seen (rdr/budget.py), so what a layer holds stays within the budget plus documented metadata.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from . import rdr
 from .ops import tiers_string
 from .rdr import meter as budget_meter
 from .rdr.budget import SphkvBudgetError  # noqa: F401  (raised by check_budget; importable from here)
+from .rdr.budget import protected_tokens
 from .rdr.eager import ensure_capacity
 from .rdr.node import measure
 from .report import register_kv_source
@@ -89,12 +91,13 @@ class SphkvLayer(CacheLayerMixin):
     def _allocate_fixed(self, max_tokens: int) -> None:
         """Uniform: pools that hold max_tokens per (row, KV head): the exact tier holds at most
         the sinks plus the recent window after every update; each compressed tier may have to
-        hold all. RDR: pools that any allocation within the fixed budget fits (rdr.pool_pages)."""
+        hold all. RDR: per-tier capacities that together hold the fixed budget (rdr.pool_pages,
+        rdr/capacity.py); the allocation respects them."""
         st, o = self.store, self.options
         ps = o.page_size
         if o.policy == "rdr":
             sizes = rdr.pool_pages(st.tiers, self.budget_bytes(max_tokens), st.batch, st.kv_heads, st.head_dim, ps,
-                                   seed=o.seed, kv_dtype=st.kv_dtype)
+                                   seed=o.seed, kv_dtype=st.kv_dtype, protected=protected_tokens(o), tokens=max_tokens)
             st.states = [st._new_state(spec, n, per_head) for spec, (n, per_head) in zip(st.tiers, sizes)]
             return
         per_head = {}
@@ -112,11 +115,12 @@ class SphkvLayer(CacheLayerMixin):
     @torch._dynamo.disable
     def reserve(self, new_tokens: int) -> None:
         """Dynamic layers: grow the pools (in Python, outside compiled graphs) so that a chunk of
-        new_tokens fits. Uniform: the worst case of placement.graduate; RDR: any allocation
-        within the budget the layer will have after the chunk (it grows with the tokens)."""
+        new_tokens fits. Uniform: the worst case of placement.graduate; RDR: the capacities of the
+        budget the layer will have after the chunk (it grows with the tokens; pools never shrink)."""
         st = self.store
         if self.options.policy == "rdr":
-            ensure_capacity(st, self.budget_bytes(self.seen + new_tokens), new_tokens)
+            tokens = self.seen + new_tokens
+            ensure_capacity(st, self.budget_bytes(tokens), protected=protected_tokens(self.options), tokens=tokens)
             return
         n = torch.full((st.batch, st.kv_heads), new_tokens, dtype=torch.int64, device=st.states[0].count.device)
         e = st.tier_index("exact")

@@ -87,6 +87,14 @@ def split_exact(records: torch.Tensor, head_dim: int, kv_dtype: torch.dtype):
     return k, v
 
 
+def fits(state: TierState, extra_tokens: torch.Tensor) -> bool:
+    """Whether `extra_tokens` [B, Hkv] more tokens fit the tier's free pages and page tables."""
+    ps = state.page_size
+    old = state.count.to(torch.int64)
+    old_pages, new_pages = (old + ps - 1) // ps, (old + extra_tokens.to(old) + ps - 1) // ps
+    return int((new_pages - old_pages).sum()) <= int(state.free_top[0]) and _max_int(new_pages) <= state.pages.shape[-1]
+
+
 # ---- appending ----------------------------------------------------------------------------
 def append_records(state: TierState, records: torch.Tensor, utility: torch.Tensor | None,
                    valid: torch.Tensor | None, tier_name: str = "") -> None:

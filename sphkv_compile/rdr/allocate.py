@@ -82,3 +82,150 @@ def _fill(D, cost, budget, feasible, richer) -> torch.Tensor:
     take_sorted = torch.gather(want, -1, order) & (torch.cumsum(extra_sorted, -1) <= room[:, None])
     take = torch.zeros_like(want).scatter(-1, order, take_sorted)
     return torch.where(take, richer, feasible)
+
+
+# ---- per-choice capacities (fixed page pools per tier) -------------------------------------
+# A tier's pool holds a fixed number of tokens (its capacity), chosen when the pools are
+# allocated so that the capacities together fit the byte budget (rdr/capacity.py). The
+# allocation must then also respect, per group, count[t] <= capacity[t]. When the
+# unconstrained Lagrangian allocation already does, it is returned unchanged (optimal). Else
+# the budget is implied by the capacities and the problem is a transportation problem (items
+# to choices with count limits), solved exactly: dual prices per choice by coordinate ascent
+# give a near-optimal start, then negative cycles of moves between choices are cancelled
+# until none is left (the optimality condition of a min-cost flow).
+PRICE_ROUNDS = 24
+
+
+def counts(choice: torch.Tensor, num_choices: int) -> torch.Tensor:
+    """[G, M] -> [G, C] items per choice."""
+    out = torch.zeros(choice.shape[0], num_choices, dtype=torch.int64, device=choice.device)
+    return out.scatter_add_(1, choice, torch.ones_like(choice))
+
+
+def within_capacity(choice: torch.Tensor, capacity: torch.Tensor) -> bool:
+    return bool((counts(choice, capacity.shape[-1]) <= capacity).all())
+
+
+def allocate_capped(D: torch.Tensor, cost: torch.Tensor, budget: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
+    """allocate() with at most capacity[g, t] items of choice t in group g (inf: no limit).
+    The capacities of the choices that cost bytes must fit the budget (so it is implied)."""
+    D = D.to(torch.float64)
+    capacity = capacity.to(torch.float64).expand(D.shape[0], D.shape[-1])
+    priced = cost.to(torch.float64) > 0
+    implied = torch.where(priced, capacity * cost.to(torch.float64), torch.zeros_like(capacity)).sum(-1)
+    if bool((implied > budget.to(torch.float64) + 1e-6).any()):
+        raise ValueError("the capacities of the choices that cost bytes must fit within the budget "
+                         f"(they hold {implied.tolist()} bytes, budget {budget.tolist()})")
+    if D.shape[1] == 0:
+        return torch.zeros(D.shape[0], 0, dtype=torch.int64, device=D.device)
+    return torch.stack([_transport(D[g], capacity[g]) for g in range(D.shape[0])])
+
+
+def _transport(D: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
+    """argmin Σ D[i, c_i] subject to count(c == t) <= cap[t]; D [M, C] (+inf: not allowed)."""
+    prices = _dual_prices(D, cap)
+    choice = torch.argmin(D + prices, dim=-1)
+    choice = _repair(D, cap, choice)
+    return _cancel_negative_cycles(D, cap, choice)
+
+
+def _dual_prices(D: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
+    """Coordinate ascent on the dual: the price of a limited choice is set so that exactly as
+    many items as it can hold prefer it strictly (the (cap+1)-th largest preference margin)."""
+    M, C = D.shape
+    prices = torch.zeros(C, dtype=D.dtype, device=D.device)
+    limited = [t for t in range(C) if bool(torch.isfinite(cap[t])) and cap[t] < M]
+    for _ in range(PRICE_ROUNDS):
+        before = prices.clone()
+        for t in limited:
+            others = torch.cat((D[:, :t] + prices[:t], D[:, t + 1:] + prices[t + 1:]), 1).min(-1).values
+            margin = others - D[:, t]  # how much item i prefers t over its best alternative
+            k = int(cap[t])
+            if int((margin > 0).sum()) <= k:
+                prices[t] = 0.0
+            else:
+                kth = torch.topk(margin, k + 1).values[-1]
+                prices[t] = kth if bool(torch.isfinite(kth)) else prices[t]
+        if torch.equal(before, prices):
+            break
+    return torch.where(torch.isfinite(prices), prices, torch.zeros_like(prices))
+
+
+def _repair(D: torch.Tensor, cap: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
+    """Move items out of over-full choices (ties at the dual prices), least loss first."""
+    C = D.shape[-1]
+    choice = choice.clone()
+    while True:
+        n = torch.bincount(choice, minlength=C).to(D.dtype)
+        over = torch.nonzero(n > cap).flatten()
+        if not over.numel():
+            return choice
+        t = int(over[0])
+        room = n < cap
+        loss = D - D[:, t:t + 1]  # what moving an item of t to each other choice costs
+        loss[choice != t] = float("inf")
+        loss[:, ~room] = float("inf")
+        item, dest = divmod(int(torch.argmin(loss)), C)
+        if not bool(torch.isfinite(loss[item, dest])):
+            raise BudgetInfeasibleError(
+                f"choice {t} must hold {int(n[t])} items (they allow nothing else) but its capacity is "
+                f"{int(cap[t])}: protected (exact) tokens alone exceed the exact tier's pool")
+        choice[item] = dest
+
+
+def _cancel_negative_cycles(D: torch.Tensor, cap: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
+    """Improve a feasible assignment until no cycle of single-item moves between choices (through
+    a spare slot when a choice has room) lowers Σ D: then it is optimal."""
+    M, C = D.shape
+    choice = choice.clone()
+    scale = float(torch.where(torch.isfinite(D), D.abs(), torch.zeros_like(D)).max()) if M else 0.0
+    tol = 1e-12 * (scale + 1e-300)
+    for _ in range(4 * M * C + 16):
+        here = D.gather(1, choice[:, None])[:, 0]
+        delta = D - here[:, None]  # cost of moving item i to choice b
+        best = torch.full((C, C), float("inf"), dtype=D.dtype, device=D.device)
+        best.scatter_reduce_(0, choice[:, None].expand(M, C), delta, reduce="amin")
+        n = torch.bincount(choice, minlength=C).to(D.dtype)
+        cycle = _negative_cycle(best, n < cap, n > 0, tol)
+        if cycle is None:
+            return choice
+        movers = [_best_mover(choice, delta, a, b) for a, b in cycle]  # picked before any move
+        for item, (_, b) in zip(movers, cycle):  # each source appears once: distinct items
+            choice[item] = b
+    raise RuntimeError("capacity allocation did not converge (please report)")
+
+
+def _best_mover(choice: torch.Tensor, delta: torch.Tensor, a: int, b: int) -> int:
+    items = torch.nonzero(choice == a).flatten()
+    return int(items[torch.argmin(delta[items, b])])
+
+
+def _negative_cycle(weight: torch.Tensor, has_room: torch.Tensor, nonempty: torch.Tensor, tol: float):
+    """Bellman-Ford on the choices plus a spare-slot node S (b -> S if b has room, S -> a if a has
+    items, both free). Returns the cycle's item moves [(a, b), ...] or None."""
+    C = weight.shape[0]
+    w = weight.tolist()
+    S = C
+    edges = [(a, b, w[a][b]) for a in range(C) for b in range(C) if a != b and w[a][b] != float("inf")]
+    edges += [(b, S, 0.0) for b in range(C) if bool(has_room[b])]
+    edges += [(S, a, 0.0) for a in range(C) if bool(nonempty[a])]
+    dist, pred = [0.0] * (C + 1), [-1] * (C + 1)
+    last = -1
+    for _ in range(C + 1):
+        last = -1
+        for a, b, x in edges:
+            if dist[a] + x < dist[b] - tol:
+                dist[b], pred[b], last = dist[a] + x, a, b
+        if last < 0:
+            return None
+    node = last
+    for _ in range(C + 1):  # step back into the cycle
+        node = pred[node]
+    cycle, cur = [], node
+    while True:
+        prev = pred[cur]
+        cycle.append((prev, cur))
+        cur = prev
+        if cur == node:
+            break
+    return [(a, b) for a, b in reversed(cycle) if a != S and b != S]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..tiers import TierSpec
+from .capacity import guaranteed_tokens, tier_pages
 from .costs import choice_table
 
 DENSE_BYTES_PER_ELEMENT = 2  # the reference: a 16-bit K+V cache
@@ -138,14 +139,12 @@ def check_options(options, max_tokens: int, kv_heads: int, head_dim: int, kv_dty
 
 
 def pool_pages(specs, budget_bytes: int, batch: int, kv_heads: int, head_dim: int, page_size: int, *, seed: int,
-               kv_dtype: torch.dtype) -> list[tuple[int, int]]:
-    """(num_pages, max_pages per head) for each tier's fixed pool so that no allocation within
-    the budget can run out of pages: a tier could hold the whole budget, plus one partial page
-    per (row, head)."""
-    table = choice_table(tuple(specs), head_dim, seed, kv_dtype)
-    sizes = []
-    for t in range(len(specs)):
-        tokens = budget_bytes // table.bytes[t]
-        per_head = max(1, -(-tokens // page_size))
-        sizes.append((batch * (-(-tokens // page_size) + kv_heads), per_head))
-    return sizes
+               kv_dtype: torch.dtype, protected: int | None = None, tokens: int | None = None) -> list[tuple[int, int]]:
+    """(num_pages, max_pages per head) of each tier's fixed pool: capacities that together hold
+    the budget (rdr/capacity.py), plus one partly filled page per (row, head). protected: exact
+    tokens per KV head (sink + recent + rebudget_every); without it the exact tier may take the
+    whole budget and the pools hold up to about twice it (docs/FORMAT.md). tokens: per KV head,
+    those the budget is a fraction of (they set the prior's bytes per token)."""
+    pages = tier_pages(specs, budget_bytes, kv_heads, head_dim, page_size, seed=seed, kv_dtype=kv_dtype,
+                       protected=protected, tokens=tokens)
+    return [(batch * p, max(1, -(-guaranteed_tokens(p, kv_heads, page_size) // page_size))) for p in pages]

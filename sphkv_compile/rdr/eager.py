@@ -14,29 +14,36 @@ from .costs import choice_table
 from .update import apply_choice, collect, headroom_bytes, rdr_update, token_bytes
 
 
-def _grow(store: LayerStore, t: int, num_pages: int, max_pages: int) -> None:
-    store.grow_tier(t, num_pages, max_pages)
-
-
-def ensure_capacity(store: LayerStore, budget_bytes: int, incoming: int) -> None:
-    """Pools big enough for any allocation within the budget, and for `incoming` more exact tokens."""
+def ensure_capacity(store: LayerStore, budget_bytes: int, *, protected: int, tokens: int) -> None:
+    """Grow the pools (never shrink them) to the capacities of the budget (budget.pool_pages):
+    what they hold stays within the budget plus the page slack. protected: exact tokens per KV
+    head (sink + recent + rebudget_every); tokens: per KV head, what the budget is a fraction of."""
     sizes = pool_pages(store.tiers, budget_bytes, store.batch, store.kv_heads, store.head_dim, store.page_size,
-                       seed=store.seed, kv_dtype=store.kv_dtype)
-    e = next(i for i, s in enumerate(store.tiers) if s.exact)
-    ps = store.page_size
+                       seed=store.seed, kv_dtype=store.kv_dtype, protected=protected, tokens=tokens)
     for t, (num_pages, max_pages) in enumerate(sizes):
-        if t == e:  # the fast path appends the chunk before any re-budget
-            per_head = -(-(int(store.states[t].count.max()) + incoming) // ps)
-            num_pages = max(num_pages, store.batch * store.kv_heads * per_head)
-            max_pages = max(max_pages, per_head)
-        _grow(store, t, num_pages, max_pages)
+        store.grow_tier(t, num_pages, max_pages)
+
+
+def _fit_any_allocation(store: LayerStore, budget_bytes: int, incoming: int) -> None:
+    """apply_layers: pools in which any allocation of the shared budget fits (one budget's worth
+    of records per tier and layer: not bounded by the budget, docs/FORMAT.md), and room for
+    `incoming` more exact tokens per head."""
+    table = choice_table(tuple(store.tiers), store.head_dim, store.seed, store.kv_dtype)
+    ps, B, H = store.page_size, store.batch, store.kv_heads
+    for t, nbytes in enumerate(table.bytes[:-1]):
+        tokens = budget_bytes // nbytes
+        if t == table.exact_index:
+            tokens = max(tokens, int(store.states[t].count.max()) + incoming)
+        store.grow_tier(t, B * (-(-tokens // ps) + H), max(1, -(-tokens // ps)))
 
 
 def apply(store: LayerStore, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None,
           utility: torch.Tensor | None = None, *, budget_bytes: int, sink: int, recent: int,
           rebudget_every: int) -> bool:
-    """rdr_update on an eager store (k, v [B, Hkv, N, d]); True if it re-budgeted."""
-    ensure_capacity(store, budget_bytes, k.shape[2])
+    """rdr_update on an eager store (k, v [B, Hkv, N, d]); True if it re-budgeted. The pools
+    are sized for the budget of the tokens seen after this chunk."""
+    ensure_capacity(store, budget_bytes, protected=sink + recent + rebudget_every,
+                    tokens=store.tokens_seen + k.shape[2])
     did = rdr_update(store.states, list(store.tiers), k, v, valid, utility, seed=store.seed, kv_dtype=store.kv_dtype,
                      sink=sink, recent=recent, budget_bytes=budget_bytes, rebudget_every=rebudget_every)
     store.tokens_seen += k.shape[2]
@@ -50,7 +57,7 @@ def apply_layers(stores: list[LayerStore], ks, vs, valid=None, utilities=None, *
     table = choice_table(tuple(s0.tiers), s0.head_dim, s0.seed, s0.kv_dtype)
     B, H, N, d = ks[0].shape
     for st in stores:
-        ensure_capacity(st, budget_bytes, N)
+        _fit_any_allocation(st, budget_bytes, N)
     arriving = torch.full((B,), N, dtype=torch.int64) if valid is None else valid.to(torch.int64).sum(-1)
     after = sum(token_bytes(st.states, table) for st in stores) + len(stores) * arriving * H * table.exact_bytes
     utilities = utilities if utilities is not None else [None] * len(stores)

@@ -62,7 +62,8 @@ def budget_step(states: list[TierState], specs: list[TierSpec], meter: torch.Ten
         due = int(meter[M.CALLS]) - int(meter[M.LAST_REBUDGET]) >= rebudget_every
         if due and int(token_bytes(states, table).max()) > target:
             rebudget(states, specs, torch.full((states[0].count.shape[0],), float(target), dtype=torch.float64),
-                     head_dim=head_dim, seed=seed, kv_dtype=kv_dtype, sink=sink, recent=recent)
+                     head_dim=head_dim, seed=seed, kv_dtype=kv_dtype, sink=sink, recent=recent,
+                     headroom_tokens=rebudget_every)
             _record_rebudget(meter)
     held = int(token_bytes(states, table).max()) if states[0].count.numel() else 0
     meter[M.BUDGET] = budget_bytes

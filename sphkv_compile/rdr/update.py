@@ -22,9 +22,10 @@ from dataclasses import dataclass
 import torch
 
 from ..placement import graduate
-from ..store import TierState, append_records, encode_records, gather_tokens, rebuild
+from ..store import TierState, append_records, encode_records, fits, gather_tokens, rebuild
 from ..tiers import TierSpec
-from .allocate import allocate
+from .allocate import allocate, allocate_capped, within_capacity
+from .capacity import row_capacities
 from .convert import convert_records, decode_kv
 from .costs import ChoiceTable, choice_table
 
@@ -127,15 +128,45 @@ def headroom_bytes(kv_heads: int, rebudget_every: int, table: ChoiceTable) -> in
     return kv_heads * rebudget_every * table.exact_bytes
 
 
+def capped_choice(D: torch.Tensor, cost: torch.Tensor, budget: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
+    """The allocation within the budget and the pools' capacities [C] (tokens per row). Pools
+    sized by pool_pages hold at most the budget, which the capacities then imply; larger pools
+    (sized elsewhere) keep the budget as the binding constraint, capacities shrunk to fit it
+    only if the budget's own allocation overflows one."""
+    implied = float((capacity[:-1] * cost[:-1]).sum())
+    if implied <= float(budget.min()):
+        return allocate_capped(D, cost, budget, capacity)
+    choice = allocate(D, cost, budget)
+    if within_capacity(choice, capacity):
+        return choice
+    return allocate_capped(D, cost, budget, shrink_to_budget(capacity, cost, float(budget.min())))
+
+
+def shrink_to_budget(capacity: torch.Tensor, cost: torch.Tensor, budget: float) -> torch.Tensor:
+    """Scale the priced capacities down, all by one factor, until they hold at most `budget`."""
+    priced = cost > 0
+    held = float((capacity[priced] * cost[priced]).sum())
+    out = capacity.clone()
+    out[priced] = torch.floor(capacity[priced] * min(1.0, budget / held))
+    return out
+
+
 def rebudget(states: list[TierState], specs: list[TierSpec], budget: torch.Tensor, k=None, v=None, valid=None,
-             utility=None, *, head_dim: int, seed: int, kv_dtype: torch.dtype, sink: int, recent: int) -> torch.Tensor:
-    """Allocate every token of the layer (plus an optional new chunk) within budget [B] bytes;
-    returns the choice [B, H, n_total] (indices into the choice table; the last is drop)."""
+             utility=None, *, head_dim: int, seed: int, kv_dtype: torch.dtype, sink: int, recent: int,
+             headroom_tokens: int = 0) -> torch.Tensor:
+    """Allocate every token of the layer (plus an optional new chunk) within budget [B] bytes and
+    each tier's pool (its capacity; the exact tier keeps room for `headroom_tokens` more per KV
+    head); returns the choice [B, H, n_total] (indices into the choice table; the last is drop)."""
     table = choice_table(tuple(specs), head_dim, seed, kv_dtype)
     tokens = collect(states, specs, table, k, v, valid, utility, head_dim=head_dim, seed=seed, kv_dtype=kv_dtype,
                      sink=sink, recent=recent)
     B, H, n, C = tokens.distortion.shape
-    choice = allocate(tokens.distortion.reshape(B, H * n, C), torch.tensor(table.bytes), budget).reshape(B, H, n)
+    capacity = row_capacities(states)
+    e = table.exact_index
+    capacity[e] = max(float(capacity[e]) - H * headroom_tokens, 0.0)
+    cost = torch.tensor(table.bytes, dtype=torch.float64)
+    choice = capped_choice(tokens.distortion.reshape(B, H * n, C), cost, budget.to(torch.float64),
+                           capacity).reshape(B, H, n)
     apply_choice(states, specs, tokens, choice, head_dim=head_dim, seed=seed, kv_dtype=kv_dtype)
     return choice
 
@@ -158,12 +189,13 @@ def rdr_update(states: list[TierState], specs: list[TierSpec], k: torch.Tensor, 
     arriving = torch.full((B,), N, dtype=torch.int64) if valid is None else valid.to(torch.int64).sum(-1)
     after = token_bytes(states, table) + arriving * H * table.exact_bytes
     e = table.exact_index
-    if bool((after <= budget_bytes).all()):
-        vmask = None if valid is None else valid.to(torch.bool)[:, None, :].expand(B, H, N)
+    vmask = None if valid is None else valid.to(torch.bool)[:, None, :].expand(B, H, N)
+    arriving_per_head = arriving[:, None].expand(B, H)
+    if bool((after <= budget_bytes).all()) and fits(states[e], arriving_per_head):
         append_records(states[e], encode_records(specs[e], k, v, seed, kv_dtype), utility, vmask, specs[e].name)
         return False
     target_bytes = budget_bytes - headroom_bytes(H, rebudget_every, table)
     budget = torch.full((B,), max(target_bytes, 0), dtype=torch.float64)
     rebudget(states, specs, budget, k, v, valid, utility, head_dim=d, seed=seed, kv_dtype=kv_dtype, sink=sink,
-             recent=recent)
+             recent=recent, headroom_tokens=rebudget_every)
     return True
