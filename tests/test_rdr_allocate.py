@@ -5,7 +5,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from sphkv_compile.rdr.allocate import BudgetInfeasibleError, allocate, choose, spent, total_distortion
+from sphkv_compile.rdr.allocate import (BudgetInfeasibleError, allocate, allocate_capped, choose, counts, spent,
+                                        total_distortion)
 
 
 def random_instance(seed: int, groups: int, items: int, protected_frac: float = 0.2):
@@ -91,3 +92,52 @@ def test_infeasible_budget_names_the_cause():
     D = torch.tensor([[[0.0, float("inf")], [0.0, float("inf")]]], dtype=torch.float64)
     with pytest.raises(BudgetInfeasibleError, match="protected"):
         allocate(D, torch.tensor([10.0, 0.0]), torch.tensor([15.0]))
+
+
+# ---- capacities per choice (fixed page pools per tier) --------------------------------------
+def brute_force_capped(D: torch.Tensor, cap: torch.Tensor) -> float:
+    best = float("inf")
+    for combo in itertools.product(range(D.shape[-1]), repeat=D.shape[0]):
+        c = torch.tensor(combo)
+        if (torch.bincount(c, minlength=D.shape[-1]).to(cap) <= cap).all():
+            best = min(best, float(D[torch.arange(D.shape[0]), c].sum()))
+    return best
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), items=st.integers(1, 5), caps=st.lists(st.integers(0, 5), min_size=4, max_size=4))
+def test_capped_allocation_equals_brute_force(seed, items, caps):
+    """With capacities that fit the budget, allocate_capped is the exact optimum over all C^M
+    assignments within them (a transportation problem), or refuses when the protected items
+    cannot fit."""
+    D, cost = random_instance(seed, 1, items, protected_frac=0.2)
+    cap = torch.tensor([[*caps, float("inf")]], dtype=torch.float64)
+    budget = (cap[:, :4] * cost[:4]).sum(-1)
+    best = brute_force_capped(D[0], cap[0])
+    if best == float("inf"):
+        with pytest.raises(BudgetInfeasibleError):
+            allocate_capped(D, cost, budget, cap)
+        return
+    choice = allocate_capped(D, cost, budget, cap)
+    assert (counts(choice, 5) <= cap).all() and (spent(choice, cost) <= budget).all()
+    assert float(total_distortion(D, choice)[0]) == pytest.approx(best, rel=1e-9, abs=1e-15)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), groups=st.integers(1, 2), items=st.integers(1, 400))
+def test_capped_allocation_respects_capacities_and_is_deterministic(seed, groups, items):
+    D, cost = random_instance(seed, groups, items, protected_frac=0.05)
+    gen = torch.Generator().manual_seed(seed)
+    cap = torch.cat((torch.full((groups, 1), float(items)),
+                     torch.randint(0, items + 1, (groups, 3), generator=gen).to(torch.float64),
+                     torch.full((groups, 1), float("inf"))), 1).to(torch.float64)
+    budget = (cap[:, :4] * cost[:4]).sum(-1)
+    a = allocate_capped(D, cost, budget, cap)
+    assert (counts(a, 5) <= cap).all() and torch.isfinite(total_distortion(D, a)).all()
+    assert torch.equal(a, allocate_capped(*random_instance(seed, groups, items, protected_frac=0.05), budget, cap))
+
+
+def test_capacities_must_fit_the_budget():
+    D, cost = random_instance(0, 1, 3)
+    with pytest.raises(ValueError, match="fit within the budget"):
+        allocate_capped(D, cost, torch.tensor([10.0]), torch.tensor([[3.0, 3.0, 3.0, 3.0, float("inf")]]))

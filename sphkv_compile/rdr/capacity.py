@@ -61,11 +61,13 @@ def pages_for(tokens: int, kv_heads: int, page_size: int, round_up: bool) -> int
 
 
 def tier_pages(specs, budget_bytes: int, kv_heads: int, head_dim: int, page_size: int, *, seed: int,
-               kv_dtype: torch.dtype, protected: int | None, tokens: int | None) -> list[int]:
+               kv_dtype: torch.dtype, protected: int | None, tokens: int | None,
+               at_least: list[int] | None = None) -> list[int]:
     """Pages per batch row of each tier's pool (module docstring). protected: exact tokens per
     KV head the policy needs (sink + recent + rebudget_every; None: unknown, then the exact
     tier may hold the whole budget). tokens: per KV head, those the budget is a fraction of
-    (None: the prior takes DEFAULT_FRACTION of dense)."""
+    (None: the prior takes DEFAULT_FRACTION of dense). at_least: pages per row already held
+    (a growing pool never shrinks; the other tiers make room)."""
     specs = tuple(specs)
     table = choice_table(specs, head_dim, seed, kv_dtype)
     e, H = table.exact_index, kv_heads
@@ -76,7 +78,9 @@ def tier_pages(specs, budget_bytes: int, kv_heads: int, head_dim: int, page_size
     else:
         exact_tokens = H * protected
         rest = budget_bytes - exact_tokens * table.exact_bytes
-    unprotected = None if tokens is None or protected is None else H * max(1, tokens - protected)
+    # per token seen, not per unprotected one: then a budget that grows with the tokens (dynamic
+    # caches) keeps the same prior shares, and every tier's capacity only grows
+    unprotected = None if tokens is None or protected is None else H * max(1, tokens)
     per_token = rest / unprotected if unprotected else DEFAULT_FRACTION * dense_token
     shares = prior_shares(specs, head_dim, seed, kv_dtype, float(max(per_token, 0.0)))
     wanted = [max(0, int(rest * s // table.bytes[t])) for t, s in enumerate(shares)]
@@ -84,10 +88,12 @@ def tier_pages(specs, budget_bytes: int, kv_heads: int, head_dim: int, page_size
     pages[e] = pages_for(exact_tokens + (0 if protected is None else wanted[e]), H, page_size, True)
     if protected is None:  # the exact tier alone may take the budget: not bounded by it (docs)
         return pages
-    return _spend_rounding(pages, budget_bytes, table.bytes, [rest * x for x in shares], e, H, page_size)
+    floor = at_least or [0] * len(pages)
+    pages = [max(p, f) for p, f in zip(pages, floor)]
+    return _spend_rounding(pages, budget_bytes, table.bytes, [rest * x for x in shares], e, H, page_size, floor)
 
 
-def _spend_rounding(pages, budget_bytes, nbytes, wanted_bytes, exact, kv_heads, page_size) -> list[int]:
+def _spend_rounding(pages, budget_bytes, nbytes, wanted_bytes, exact, kv_heads, page_size, floor) -> list[int]:
     """Capacities in whole pages (rounded down first): trim compressed tiers if the exact tier's
     rounding up overspent, then give the rest of the budget a page at a time to the tier
     furthest below the bytes the prior wants, while a page still fits."""
@@ -95,7 +101,7 @@ def _spend_rounding(pages, budget_bytes, nbytes, wanted_bytes, exact, kv_heads, 
     tier_held = lambda p, t: guaranteed_tokens(p[t], kv_heads, page_size) * nbytes[t]
     compressed = [t for t in range(len(pages)) if t != exact]
     for t in sorted(compressed, key=lambda t: wanted_bytes[t]):
-        while held(pages) > budget_bytes and pages[t] > 0:
+        while held(pages) > budget_bytes and pages[t] > floor[t]:
             pages[t] -= 1
     while True:
         open_tiers = [t for t in compressed if held(pages[:t] + [pages[t] + 1] + pages[t + 1:]) <= budget_bytes]
@@ -114,3 +120,20 @@ def row_capacities(states) -> torch.Tensor:
 def table_metadata_bytes(states) -> int:
     """The fixed metadata of the pools: page tables, counts, free stacks (no records, no utility)."""
     return sum(t.numel() * t.element_size() for s in states for t in (s.pages, s.count, s.free, s.free_top))
+
+
+def metadata_allowance_bytes(specs, batch: int, kv_heads: int, head_dim: int, page_size: int, budget_bytes: int, *,
+                             seed: int, kv_dtype: torch.dtype) -> int:
+    """What a layer may hold beyond `batch` budgets (docs/FORMAT.md, bounded memory): the page
+    slack (one partly filled page per row, head and tier) and, bounded from the budget, the
+    free stacks (4 bytes per page), page tables (4 bytes per page and head), counts, stack
+    tops, the budget meter and the cursor."""
+    table = choice_table(tuple(specs), head_dim, seed, kv_dtype)
+    slack = batch * kv_heads * (page_size - 1) * sum(table.bytes[:-1])
+    tables = 0
+    for nbytes in table.bytes[:-1]:
+        per_head_pages = budget_bytes // (nbytes * page_size) + 1
+        row_pages = (budget_bytes // nbytes + kv_heads * (page_size - 1)) // page_size + 1
+        tables += 4 * (batch * row_pages + batch * kv_heads * per_head_pages + batch * kv_heads + 1)
+    meter_and_cursor = 8 * (6 + batch) + 8
+    return slack + tables + meter_and_cursor

@@ -18,8 +18,9 @@ def ensure_capacity(store: LayerStore, budget_bytes: int, *, protected: int, tok
     """Grow the pools (never shrink them) to the capacities of the budget (budget.pool_pages):
     what they hold stays within the budget plus the page slack. protected: exact tokens per KV
     head (sink + recent + rebudget_every); tokens: per KV head, what the budget is a fraction of."""
+    held = [s.pool.shape[0] // store.batch for s in store.states]
     sizes = pool_pages(store.tiers, budget_bytes, store.batch, store.kv_heads, store.head_dim, store.page_size,
-                       seed=store.seed, kv_dtype=store.kv_dtype, protected=protected, tokens=tokens)
+                       seed=store.seed, kv_dtype=store.kv_dtype, protected=protected, tokens=tokens, at_least=held)
     for t, (num_pages, max_pages) in enumerate(sizes):
         store.grow_tier(t, num_pages, max_pages)
 
