@@ -13,6 +13,7 @@ import torch
 
 from sphkv_compile import api, rdr
 from sphkv_compile.hf_cache import SphkvCache, SphkvLayer
+from sphkv_compile.rdr.capacity import metadata_allowance_bytes
 
 smollm2 = pytest.importorskip("sphkv_compile.smollm2")
 
@@ -101,9 +102,8 @@ def test_4k_generation_under_rdr_within_budget_after_every_update(model_and_ids)
     """policy='rdr' at budget 1/8 of the static cache: the prefill is allocated into the budget
     (tokens dropped and demoted), decode re-budgets every rebudget_every steps. The meter
     records the token bytes after every update; the page tables are recounted at the end.
-
-    Not asserted: the pools' reserved bytes. Each tier's pool is sized so that any allocation
-    within the budget fits (rdr.pool_pages), so the pools reserve about one budget per tier."""
+    The memory held (every tensor of the layer: pools, tables, meter) is the budget plus the
+    documented metadata (rdr/capacity.py; tests/test_rdr_memory.py checks it at every step)."""
     model, ids = model_and_ids
     new, every = 24, 8
     fast = api.optimize(copy.deepcopy(model), policy="rdr", budget=1 / 8, sink=4, recent=28, rebudget_every=every)
@@ -120,6 +120,13 @@ def test_4k_generation_under_rdr_within_budget_after_every_update(model_and_ids)
         assert r["rebudgets"] >= 1 + (new - 1) // every - 1  # the prefill, then every `every` steps
         assert r["entered"] == [PROMPT + new - 1]
         assert sum(r["tokens"].values()) < layer.store.kv_heads * (PROMPT + new - 1)
+        st = layer.store
+        held = layer.resident_bytes() + layer.cumulative_length.numel() * 8
+        allowance = metadata_allowance_bytes(st.tiers, st.batch, st.kv_heads, st.head_dim, st.page_size, budget,
+                                             seed=st.seed, kv_dtype=st.kv_dtype)
+        assert held <= budget + allowance, (held, budget, allowance)
+        print(f"layer {layer.layer_idx}: held {held}, budget {budget}, allowance {allowance}, dense "
+              f"{layer.dense_bytes()}, records+utility {st.record_bytes() + sum(s.utility.numel() * 2 for s in st.states)}")
     for t in _reachable_tensors(cache):
         assert not _dense_kv_like(t, 256, layers_head_dim(cache)), tuple(t.shape)
 
