@@ -67,7 +67,7 @@ def load_word(j: int, base: str, valid: str) -> str:
     return f"tl.load(pool_ptr + {base} + {j}, mask={valid}, other=0).to(tl.uint32, bitcast=True)"
 
 
-def _code_parts(layout) -> dict[tuple[int, int], list[tuple[int, int, int, int]]]:
+def code_parts(layout) -> dict[tuple[int, int], list[tuple[int, int, int, int]]]:
     """(field, element) -> [(word, bit, width, value shift)] from the split-width components."""
     parts: dict[tuple[int, int], list] = {}
     for c in layout.components:
@@ -131,7 +131,7 @@ def _join_tile(w: _Writer, leaves: list[str], target: str | None) -> None:
 
 def _polar_body(w: _Writer, t: PolarTables, tab: str, target: str | None) -> None:
     trig = t.trig.double()
-    parts = _code_parts(t.fields.layout)
+    parts = code_parts(t.fields.layout)
     nodes = [_radius(w, parts[(0, 0)])]
     size = t.table_size
     for f in range(t.levels, 0, -1):
@@ -162,7 +162,7 @@ def _polar_body(w: _Writer, t: PolarTables, tab: str, target: str | None) -> Non
 
 
 def _scalar_body(w: _Writer, t: ScalarTables, tab: str, target: str | None) -> None:
-    parts = _code_parts(t.fields.layout)
+    parts = code_parts(t.fields.layout)
     r = _radius(w, parts[(0, 0)], inv_norm=t.dim ** -0.5)
     leaves = []
     for i in range(t.dim):
@@ -212,8 +212,8 @@ def _split_words(first: int, count: int, pad: int) -> list[str]:
     bits = level
     for i, n in enumerate(names):
         j = int(format(i, f"0{bits}b")[::-1], 2) if bits else 0
-        if j < count:
-            lines.append(f"    w{first + j} = {n}")
+        if j < count:  # the last split leaves [BLOCK_T, 1]
+            lines.append(f"    w{first + j} = tl.reshape({n}, (BLOCK_T,))")
     return lines
 
 
@@ -310,10 +310,10 @@ def _kernel_source(key_tables, value_tables, key_words: int) -> str:
 def prefetch_kernel(key_tables, value_tables, key_words: int):
     """The generated paged decode kernel of one tier (same arguments and results as
     attention_kernels.paged_coded_kernel, without DECODE_K/DECODE_V)."""
-    return _load(_kernel_source(key_tables, value_tables, key_words), "kernel")
+    return load_generated(_kernel_source(key_tables, value_tables, key_words), "kernel")
 
 
-def _load(source: str, attr: str = "decode"):
+def load_generated(source: str, attr: str = "decode"):
     digest = hashlib.sha256(source.encode()).hexdigest()[:20]
     path = _cache_dir() / f"sphkv_decode_{digest}.py"
     if not path.exists() or path.read_text() != source:
@@ -331,4 +331,4 @@ def decoder(tables, word_offset: int = 0, word_tile: bool = False, leaf_dtype: s
     """The generated Triton decode function of one codec's records (keys at word 0, values at
     the key record's length): decode(pool_ptr, base, valid, tab_ptr, BLOCK_T, STEP, LOG2_MIN) ->
     float32 [BLOCK_T, D] in the rotated domain. `base` is each token's first record word."""
-    return _load(_decoder_source(tables, word_offset, word_tile, leaf_dtype))
+    return load_generated(_decoder_source(tables, word_offset, word_tile, leaf_dtype))
