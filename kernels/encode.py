@@ -7,13 +7,8 @@ import triton
 from sphkv_compile.store import encode_records as reference_encode_records
 from sphkv_compile.tiers import TierSpec, tier_codecs
 
-from .encode_codegen import encode_kernel, hadamard_signs
 from .encode_kernels import encode_kv_kernel
 from .layout import DEVICE_TABLES, ScalarTables, Unsupported, radius_round_offset, rotation_matrices, tier_info
-
-# generated: the one-token-per-thread encoder (encode_codegen.py); False: the tile encoder.
-ENCODE = {"generated": True, "warps": 4}
-
 
 def _launch_shape(head_dim: int) -> tuple[int, int]:
     """(tokens per program, warps): small tiles keep the polar transform's intermediates in
@@ -42,15 +37,6 @@ def encode_records(spec: TierSpec, k: torch.Tensor, v: torch.Tensor, seed: int, 
     key, val = info.key, info.value
     scalar = isinstance(val, ScalarTables)
     vthr = tab(val.thresholds)
-    if ENCODE["generated"]:
-        block_t = 32 * ENCODE["warps"]
-        vtab = vthr if scalar else tab(val.threshold_pairs)
-        kernel = encode_kernel(key, val, info.key_words, hadamard_signs(kc.hadamard), hadamard_signs(vc.hadamard))
-        kernel[(B * H, triton.cdiv(N, block_t))](
-            k, v, out, tab(key.threshold_pairs), vtab, N, H, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
-            v.stride(2), D=d, BLOCK_T=block_t, KW=info.key_words, VW=info.value_words, STEP=key.radius_step,
-            ROUND_OFFSET=radius_round_offset(16), num_warps=ENCODE["warps"], num_stages=1)
-        return out
     block_t, warps = _launch_shape(d)
     encode_kv_kernel[(B * H, triton.cdiv(N, block_t))](
         k, v, out, tab(rotation_matrices(kc.hadamard)[0]), tab(rotation_matrices(vc.hadamard)[0]),

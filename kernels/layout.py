@@ -120,12 +120,6 @@ class PolarTables:
         low half (one 8-byte load per code)."""
         return self.__dict__.setdefault("_pairs", self.trig.transpose(1, 2).contiguous().view(torch.int64)[..., 0])
 
-    @property
-    def threshold_pairs(self) -> torch.Tensor:
-        """int64 [levels, 2^max_bits]: each decision threshold's float32 (cos, sin), cos low."""
-        return self.__dict__.setdefault("_tpairs",
-                                        self.thresholds.transpose(1, 2).contiguous().view(torch.int64)[..., 0])
-
 
 @lru_cache(maxsize=None)
 def polar_tables(codec: SphericalCodec) -> PolarTables:
