@@ -86,12 +86,12 @@ def coded(d=128, block_t=128, block_m=16, warps=4, stages=1, bf16=0, prefetch=0,
     consts = dict(PS=64, WT=info.key_words + info.value_words, D=d, BLOCK_M=block_m, BLOCK_T=block_t,
                   DECODE_K=decoder(info.key, 0, bool(word_tile), 'tl.bfloat16' if bf16 else None),
                   DECODE_V=decoder(info.value, info.key_words, bool(word_tile), 'tl.bfloat16' if bf16 else None),
-                  STEP=info.key.radius_step, LOG2_MIN=LOG2_MIN, DOT_PRECISION="tf32", BF16_TILES=bool(bf16))
+                  STEP=info.key.radius_step, LOG2_MIN=LOG2_MIN, DOT_PRECISION="tf32", BF16_TILES=bool(bf16), EMULATE_BF16=False)
     fn = paged_coded_kernel
     if prefetch:
         from sphkv_compile.kernels.decode_codegen import prefetch_kernel
         fn = prefetch_kernel(info.key, info.value, info.key_words)
-        del consts["DECODE_K"], consts["DECODE_V"]
+        del consts["DECODE_K"], consts["DECODE_V"], consts["EMULATE_BF16"]
         consts_sig = paged_signature(fn, dict(consts, DECODE_K=1))
     else:
         consts_sig = paged_signature(fn, consts)

@@ -7,6 +7,7 @@ registration (cuda_ops.py) then runs the reference and logs why.
 from __future__ import annotations
 
 import math
+import os
 from functools import lru_cache
 
 import torch
@@ -40,6 +41,10 @@ CODED_WARPS = 4
 # maxnreg: register cap per thread (None: the compiler's choice).
 CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "prefetch": False, "word_tile": False, "programs_per_sm": 2,
          "maxnreg": None}
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _coded_block_t() -> int:
@@ -120,7 +125,8 @@ def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_
             prefetch_kernel(info.key, info.value, info.key_words)[grid](*args, **common)
         else:
             leaf = "tl.bfloat16" if CODED["bf16_tiles"] else None
-            paged_coded_kernel[grid](*args, DECODE_K=decoder(info.key, 0, CODED["word_tile"], leaf),
+            paged_coded_kernel[grid](*args, EMULATE_BF16=CODED["bf16_tiles"] and _interpreted(),
+                                     DECODE_K=decoder(info.key, 0, CODED["word_tile"], leaf),
                                      DECODE_V=decoder(info.value, info.key_words, CODED["word_tile"], leaf),
                                      **common)
         return
