@@ -79,8 +79,9 @@ class CompressedCache:
         """RDR: pools that any allocation within the budget of `capacity` tokens fits (taking
         the larger, growing form of the budget, so it holds for static and cat caches)."""
         nbytes = rdr.budget_bytes(self.options, capacity, self.kv_heads, self.head_dim, self.kv_dtype, None)
+        protected = self.options.sink + self.options.recent + self.options.rebudget_every
         return rdr.pool_pages(self.specs, nbytes, self.batch, self.kv_heads, self.head_dim, self.options.page_size,
-                              seed=self.options.seed, kv_dtype=self.kv_dtype)
+                              seed=self.options.seed, kv_dtype=self.kv_dtype, protected=protected, tokens=capacity)
 
     def _allocate(self, spec, index: int, capacity: int) -> TierState:
         kw, vw = record_words(spec, self.head_dim, self.options.seed, self.kv_dtype)

@@ -17,6 +17,8 @@ page_size - 1 records per (row, head, tier); see `page_slack_bytes`.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -128,7 +130,8 @@ def headroom_bytes(kv_heads: int, rebudget_every: int, table: ChoiceTable) -> in
     return kv_heads * rebudget_every * table.exact_bytes
 
 
-def capped_choice(D: torch.Tensor, cost: torch.Tensor, budget: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
+def capped_choice(D: torch.Tensor, cost: torch.Tensor, budget: torch.Tensor, capacity: torch.Tensor,
+                  exact: int) -> torch.Tensor:
     """The allocation within the budget and the pools' capacities [C] (tokens per row). Pools
     sized by pool_pages hold at most the budget, which the capacities then imply; larger pools
     (sized elsewhere) keep the budget as the binding constraint, capacities shrunk to fit it
@@ -139,15 +142,24 @@ def capped_choice(D: torch.Tensor, cost: torch.Tensor, budget: torch.Tensor, cap
     choice = allocate(D, cost, budget)
     if within_capacity(choice, capacity):
         return choice
-    return allocate_capped(D, cost, budget, shrink_to_budget(capacity, cost, float(budget.min())))
+    return allocate_capped(D, cost, budget, shrink_to_budget(capacity, cost, float(budget.min()), exact))
 
 
-def shrink_to_budget(capacity: torch.Tensor, cost: torch.Tensor, budget: float) -> torch.Tensor:
-    """Scale the priced capacities down, all by one factor, until they hold at most `budget`."""
+def shrink_to_budget(capacity: torch.Tensor, cost: torch.Tensor, budget: float, exact: int) -> torch.Tensor:
+    """Scale the compressed tiers' capacities down, all by one factor, until together with the
+    exact tier they hold at most `budget`. The exact tier keeps its capacity: it was sized for
+    the protected tokens (sinks, recent window, re-budget headroom), which must stay exact."""
     priced = cost > 0
-    held = float((capacity[priced] * cost[priced]).sum())
+    others = priced.clone()
+    others[exact] = False
     out = capacity.clone()
-    out[priced] = torch.floor(capacity[priced] * min(1.0, budget / held))
+    # an exact pool larger than the whole budget (a budget that grows with the tokens seen is
+    # still small) is cut to what the budget holds; the protected tokens fit if the budget is feasible
+    out[exact] = min(float(capacity[exact]), math.floor(budget / float(cost[exact])))
+    room = max(budget - float(out[exact] * cost[exact]), 0.0)
+    held = float((capacity[others] * cost[others]).sum())
+    if held > 0:
+        out[others] = torch.floor(capacity[others] * min(1.0, room / held))
     return out
 
 
@@ -166,7 +178,7 @@ def rebudget(states: list[TierState], specs: list[TierSpec], budget: torch.Tenso
     capacity[e] = max(float(capacity[e]) - H * headroom_tokens, 0.0)
     cost = torch.tensor(table.bytes, dtype=torch.float64)
     choice = capped_choice(tokens.distortion.reshape(B, H * n, C), cost, budget.to(torch.float64),
-                           capacity).reshape(B, H, n)
+                           capacity, e).reshape(B, H, n)
     apply_choice(states, specs, tokens, choice, head_dim=head_dim, seed=seed, kv_dtype=kv_dtype)
     return choice
 
