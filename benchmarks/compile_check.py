@@ -50,7 +50,9 @@ def paged_signature(fn, consts):
         if name in consts:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
-            sig[name] = "*fp32" if name in ("q_ptr", "acc_ptr", "m_ptr", "l_ptr") else "*i64" if name in ("ktab_ptr", "vtab_ptr") and "DECODE_K" in consts else "*fp32" if name in ("ktab_ptr", "vtab_ptr") else "*i32"
+            tables = "*i64" if "DECODE_K" in consts else "*fp32"  # (cos, sin) pairs for the generated decoders
+            sig[name] = ("*fp32" if name in ("q_ptr", "acc_ptr", "m_ptr", "l_ptr")
+                         else tables if name in ("ktab_ptr", "vtab_ptr") else "*i32")
         else:
             sig[name] = "i32"
     return sig
@@ -76,28 +78,20 @@ def main(d=128, block_t=64, block_m=16, warps=4, stages=2):
     return k
 
 
-def coded(d=128, block_t=128, block_m=16, warps=4, stages=1, bf16=0, prefetch=0, word_tile=0, maxnreg=0):
-    """The generated-decoder paged kernel (paged_coded_kernel) for the default tier."""
+def coded(d=128, block_t=128, block_m=16, warps=4, stages=1, bf16=1, maxnreg=0):
+    """The compressed-tier paged kernel with the generated decoders, default tier."""
     from sphkv_compile.kernels.attention_kernels import paged_coded_kernel
     from sphkv_compile.kernels.decode_codegen import decoder
 
     spec = TierSpec("uniform", 3.5, "polar", 3.5)
     info = tier_info(spec, d, 0, torch.bfloat16)
+    leaf = "tl.bfloat16" if bf16 else None
     consts = dict(PS=64, WT=info.key_words + info.value_words, D=d, BLOCK_M=block_m, BLOCK_T=block_t,
-                  DECODE_K=decoder(info.key, 0, bool(word_tile), 'tl.bfloat16' if bf16 else None),
-                  DECODE_V=decoder(info.value, info.key_words, bool(word_tile), 'tl.bfloat16' if bf16 else None),
-                  STEP=info.key.radius_step, LOG2_MIN=LOG2_MIN, DOT_PRECISION="tf32", BF16_TILES=bool(bf16), EMULATE_BF16=False)
-    fn = paged_coded_kernel
-    if prefetch:
-        from sphkv_compile.kernels.decode_codegen import prefetch_kernel
-        fn = prefetch_kernel(info.key, info.value, info.key_words)
-        del consts["DECODE_K"], consts["DECODE_V"], consts["EMULATE_BF16"]
-        consts_sig = paged_signature(fn, dict(consts, DECODE_K=1))
-    else:
-        consts_sig = paged_signature(fn, consts)
-    k = triton.compile(ASTSource(fn, consts_sig, consts),
-                       target=TARGET, options=dict({"num_warps": warps, "num_stages": stages},
-                                                   **({"maxnreg": maxnreg} if maxnreg else {})))
+                  DECODE_K=decoder(info.key, 0, leaf), DECODE_V=decoder(info.value, info.key_words, leaf),
+                  STEP=info.key.radius_step, LOG2_MIN=LOG2_MIN, DOT_PRECISION="tf32", BF16_TILES=bool(bf16))
+    options = {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
+    k = triton.compile(ASTSource(paged_coded_kernel, paged_signature(paged_coded_kernel, consts), consts),
+                       target=TARGET, options=options)
     print("paged_coded", d, block_t, warps, "shared", k.metadata.shared)
     sass_summary(k)
     return k

@@ -19,7 +19,7 @@ from sphkv_compile.tiers import TierSpec, tier_codecs
 
 from .attention_kernels import (chunk_partials_kernel, combine_kernel, paged_coded_kernel, paged_mass_kernel,
                                 paged_partials_kernel)
-from .decode_codegen import decoder, prefetch_kernel
+from .decode_codegen import decoder
 from .layout import DEVICE_TABLES, ScalarTables, Unsupported, rotation_matrices, tier_info
 
 LOG2E = 1.0 / math.log(2.0)
@@ -39,12 +39,13 @@ CODED_WARPS = 4
 # (0.86 vs 1.18 ms in fp32/tf32 at Llama B=8 T=32k: half the shared memory and registers).
 # programs_per_sm: split-KV programs launched per SM (3 fit at once: registers and shared memory).
 # maxnreg: register cap per thread (None: the compiler's choice).
-CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "prefetch": False, "word_tile": False, "programs_per_sm": 2,
-         "maxnreg": None}
+CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": 2, "maxnreg": None}
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+def _bf16_tiles() -> bool:
+    """The interpreter's tl.dot mishandles bfloat16 operands, so under it (CPU tests of the
+    decode logic) the tiles stay float32; the bf16 path runs on the GPU only."""
+    return CODED["bf16_tiles"] and os.environ.get("TRITON_INTERPRET") != "1"
 
 
 def _coded_block_t() -> int:
@@ -93,50 +94,30 @@ def _codec_constants(tables) -> tuple:
 def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_offset, S, S_total, M, block_m,
                   block_t, precision, num_warps, num_stages):
     BH = st.count.numel()
-    exact = info.key is None
-    if exact:
-        pool = st.pool.view(-1).view(kv_dtype)
-        per_word = 4 // pool.element_size()
-        wt, voff = st.pool.shape[-1] * per_word, info.key_words * per_word
-        kc = kt = vc = vt = pool  # unused pointers
-        kcon = vcon = (0, 0, 1, 0, 1)
-        scalar = False
-    else:
-        pool = st.pool
-        wt, voff = st.pool.shape[-1], info.key_words
-        kc, kt = _tab(info.key.fields.comps, device), _tab(info.key.trig, device)
-        kcon = _codec_constants(info.key)
-        scalar = isinstance(info.value, ScalarTables)
-        vc = _tab(info.value.fields.comps, device)
-        vt = _tab(info.value.centroids if scalar else info.value.trig, device)
-        vcon = _codec_constants(info.value)
-    step = info.key.radius_step if info.key is not None else 1.0
     grid = (BH, S, triton.cdiv(M, block_m))
-    if not exact:
+    if info.key is not None:  # compressed tier: the generated one-token-per-thread decoders
+        scalar = isinstance(info.value, ScalarTables)
         kt = _tab(info.key.trig_pairs, device)
         vt = _tab(info.value.centroids if scalar else info.value.trig_pairs, device)
-        args = (q_in, pool, st.pages, st.count, acc, m, l, kt, vt, M, st.pages.shape[-1], S, split_offset, S_total)
-        common = dict(PS=st.page_size, WT=wt, D=q_in.shape[-1], BLOCK_M=block_m, BLOCK_T=_coded_block_t(), STEP=step,
-                      LOG2_MIN=LOG2_MIN, DOT_PRECISION=precision, BF16_TILES=CODED["bf16_tiles"],
-                      num_warps=CODED["warps"], num_stages=1)
-        if CODED["maxnreg"]:
-            common["maxnreg"] = CODED["maxnreg"]
-        if CODED["prefetch"]:
-            prefetch_kernel(info.key, info.value, info.key_words)[grid](*args, **common)
-        else:
-            leaf = "tl.bfloat16" if CODED["bf16_tiles"] else None
-            paged_coded_kernel[grid](*args, EMULATE_BF16=CODED["bf16_tiles"] and _interpreted(),
-                                     DECODE_K=decoder(info.key, 0, CODED["word_tile"], leaf),
-                                     DECODE_V=decoder(info.value, info.key_words, CODED["word_tile"], leaf),
-                                     **common)
+        leaf = "tl.bfloat16" if _bf16_tiles() else None
+        paged_coded_kernel[grid](
+            q_in, st.pool, st.pages, st.count, acc, m, l, kt, vt, M, st.pages.shape[-1], S, split_offset, S_total,
+            PS=st.page_size, WT=st.pool.shape[-1], D=q_in.shape[-1], BLOCK_M=block_m, BLOCK_T=_coded_block_t(),
+            DECODE_K=decoder(info.key, 0, leaf), DECODE_V=decoder(info.value, info.key_words, leaf),
+            STEP=info.key.radius_step, LOG2_MIN=LOG2_MIN, DOT_PRECISION=precision, BF16_TILES=leaf is not None,
+            num_warps=CODED["warps"], num_stages=1, **({"maxnreg": CODED["maxnreg"]} if CODED["maxnreg"] else {}))
         return
+    # exact tier: plain K/V in the KV dtype (the codec pointers are unused)
+    pool = st.pool.view(-1).view(kv_dtype)
+    per_word = 4 // pool.element_size()
+    none = (0, 0, 1, 0, 1)
     paged_partials_kernel[grid](
-        q_in, pool, st.pages, st.count, acc, m, l, kc, kt, vc, vt,
+        q_in, pool, st.pages, st.count, acc, m, l, pool, pool, pool, pool,
         M, st.pages.shape[-1], S, split_offset, S_total,
-        PS=st.page_size, WT=wt, VOFF=voff, D=q_in.shape[-1], BLOCK_M=block_m, BLOCK_T=block_t, EXACT=exact,
-        VALUE_SCALAR=scalar, K_LEVELS=kcon[0], K_COUNTS=kcon[1], K_MAXC=kcon[2], K_WIDTHS=kcon[3],
-        K_TSIZE=kcon[4], V_LEVELS=vcon[0], V_COUNTS=vcon[1], V_MAXC=vcon[2], V_WIDTHS=vcon[3], V_TSIZE=vcon[4],
-        STEP=step, LOG2_MIN=LOG2_MIN,
+        PS=st.page_size, WT=st.pool.shape[-1] * per_word, VOFF=info.key_words * per_word, D=q_in.shape[-1],
+        BLOCK_M=block_m, BLOCK_T=block_t, EXACT=True, VALUE_SCALAR=False, K_LEVELS=none[0], K_COUNTS=none[1],
+        K_MAXC=none[2], K_WIDTHS=none[3], K_TSIZE=none[4], V_LEVELS=none[0], V_COUNTS=none[1], V_MAXC=none[2],
+        V_WIDTHS=none[3], V_TSIZE=none[4], STEP=1.0, LOG2_MIN=LOG2_MIN,
         DOT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages)
 
 

@@ -105,12 +105,10 @@ def paged_coded_kernel(
         M, max_pages, S, split_offset, S_total,
         PS: tl.constexpr, WT: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
         DECODE_K: tl.constexpr, DECODE_V: tl.constexpr, STEP: tl.constexpr, LOG2_MIN: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, BF16_TILES: tl.constexpr, EMULATE_BF16: tl.constexpr):
+        DOT_PRECISION: tl.constexpr, BF16_TILES: tl.constexpr):
     """paged_partials_kernel for a compressed tier, with keys and values decoded by the
     generated one-token-per-thread decoders (decode_codegen.py). BF16_TILES: the dots take
-    bfloat16 operands (as dense bf16 attention does), halving the tiles' shared memory.
-    EMULATE_BF16 (the CPU interpreter, whose tl.dot mishandles bfloat16 operands): the same
-    operands rounded to bfloat16 and multiplied in float32, which is exact for bf16 products."""
+    bfloat16 operands (as dense bf16 attention does), halving the tiles' shared memory."""
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -129,10 +127,7 @@ def paged_coded_kernel(
         page = tl.load(pages_ptr + pid_bh * max_pages + slots // PS, mask=valid, other=0)
         base = (page.to(tl.int64) * PS + slots % PS) * WT
         k = DECODE_K(pool_ptr, base, valid, ktab_ptr, BLOCK_T, STEP, LOG2_MIN)
-        if EMULATE_BF16:
-            s = tl.dot(q.to(tl.bfloat16).to(tl.float32), tl.trans(k.to(tl.bfloat16).to(tl.float32)),
-                       input_precision="ieee")
-        elif BF16_TILES:
+        if BF16_TILES:
             s = tl.dot(q.to(tl.bfloat16), tl.trans(k.to(tl.bfloat16)))
         else:
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
@@ -142,10 +137,7 @@ def paged_coded_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = DECODE_V(pool_ptr, base, valid, vtab_ptr, BLOCK_T, STEP, LOG2_MIN)
-        if EMULATE_BF16:
-            acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16).to(tl.float32), v.to(tl.bfloat16).to(tl.float32),
-                                                input_precision="ieee")
-        elif BF16_TILES:
+        if BF16_TILES:
             acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), v.to(tl.bfloat16))
         else:
             acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)

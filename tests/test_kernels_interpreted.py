@@ -30,10 +30,9 @@ ALL_TIERS = DEFAULT_TIERS + (SCALAR_TIER,)
 KV_DTYPE = torch.bfloat16
 FP32_TOL = 1e-4  # float32 arithmetic against float64 (the interpreter runs tl.dot in float32)
 SETTINGS = dict(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-# The decoding logic is checked in float32 here (FP32_TOL), so compressed tiles enter tl.dot in
-# float32. The GPU default rounds them to bfloat16 (kernels.attend.CODED); that path runs in
-# tests/test_kernels_gpu.py (the interpreter's tl.dot mishandles bfloat16 operands).
-kernel_attend.CODED["bf16_tiles"] = False
+# The decoding logic is checked in float32 here (FP32_TOL): under the interpreter compressed
+# tiles enter tl.dot in float32 (kernels.attend._bf16_tiles). The GPU default rounds them to
+# bfloat16; that path runs in tests/test_kernels_gpu.py.
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
