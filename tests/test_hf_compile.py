@@ -11,17 +11,14 @@ import transformers as tf
 
 from sphkv_compile import api
 from tests import test_zoo as zoo
+from tests.models.tiny_llama import tiny_llama
 
 HIGH_BITS = dict(tiers=("exact:exact", "hi:k12:polar12:r32"), sink=2, recent=4, kv_dtype=torch.float32)
 STEPS = 64
 
 
 def _model():
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                            pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    return tf.LlamaForCausalLM(config).eval()
+    return tiny_llama(max_positions=256)
 
 
 def _generate(model, ids, mask, **kw):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers as tf
 from torch._dynamo.utils import counters
 
 from sphkv_compile import api, rdr
@@ -17,6 +16,7 @@ from sphkv_compile.store import TierState
 from sphkv_compile.tiers import DEFAULT_TIERS, record_words
 from tests.models import gpt_fast
 from tests.models.bounds import relative_rms
+from tests.models.tiny_llama import tiny_llama
 
 RDR = {"policy": "rdr", "budget": 0.125, "sink": 2, "recent": 4, "rebudget_every": 8, "page_size": 8}
 
@@ -128,11 +128,7 @@ def test_compiled_uniform_policy_accounts_bytes_and_refuses_a_budget_it_cannot_k
 
 # ---- the transformers cache ------------------------------------------------------------------
 def _llama():
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                            pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    return tf.LlamaForCausalLM(config).eval()
+    return tiny_llama(max_positions=512)
 
 
 @pytest.mark.parametrize("static", [True, False])

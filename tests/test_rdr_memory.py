@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers as tf
 
 from sphkv_compile import api, rdr
 from sphkv_compile.rdr.capacity import metadata_allowance_bytes
 from sphkv_compile.rdr.costs import choice_table
+from tests.models.tiny_llama import tiny_llama
 
 OPTIONS = {"policy": "rdr", "budget": 0.125, "sink": 2, "recent": 8, "rebudget_every": 8, "page_size": 8}
 PROMPT = 64
@@ -17,11 +17,7 @@ NEW = {True: 384, False: 160}  # the dynamic cache regrows its pools as its budg
 
 
 def _llama():
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                            pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    return tf.LlamaForCausalLM(config).eval()
+    return tiny_llama(max_positions=1024)
 
 
 def held_bytes(layer) -> int:
