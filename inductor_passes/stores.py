@@ -56,8 +56,12 @@ def kv_dtype_name(dtype: torch.dtype) -> str:
 
 
 class CompressedCache:
-    def __init__(self, batch: int, kv_heads: int, head_dim: int, capacity: int, options, kv_dtype, device):
+    def __init__(self, batch: int, kv_heads: int, head_dim: int, capacity: int, options, kv_dtype, device,
+                 max_tokens: int | None = None):
+        """max_tokens: the fixed length of a static cache (its budget is the fraction of dense
+        at that length, as the graph's budgeting node computes it); None for a cat cache."""
         self.batch, self.kv_heads, self.head_dim = batch, kv_heads, head_dim
+        self.max_tokens = max_tokens
         self.options, self.kv_dtype, self.device = options, kv_dtype, torch.device(device)
         self.specs = tuple(options.tier_ladder)
         self.tiers = tiers_string(self.specs)
@@ -76,9 +80,11 @@ class CompressedCache:
         return max(1, math.ceil(tokens / ps))
 
     def _rdr_pools(self, capacity: int) -> list[tuple[int, int]]:
-        """RDR: pools that any allocation within the budget of `capacity` tokens fits (taking
-        the larger, growing form of the budget, so it holds for static and cat caches)."""
-        nbytes = rdr.budget_bytes(self.options, capacity, self.kv_heads, self.head_dim, self.kv_dtype, None)
+        """RDR: pools that any allocation within the budget fits. A static cache has the budget
+        the budgeting node re-budgets to (fixed by its length); a cat cache the growing form at
+        `capacity` tokens."""
+        nbytes = rdr.budget_bytes(self.options, capacity, self.kv_heads, self.head_dim, self.kv_dtype,
+                                  self.max_tokens)
         protected = self.options.sink + self.options.recent + self.options.rebudget_every
         return rdr.pool_pages(self.specs, nbytes, self.batch, self.kv_heads, self.head_dim, self.options.page_size,
                               seed=self.options.seed, kv_dtype=self.kv_dtype, protected=protected, tokens=capacity)

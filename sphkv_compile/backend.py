@@ -166,7 +166,8 @@ class CompiledWithStores:
                 capacity = g.shape[seq]
             else:
                 capacity = max(_MIN_CAT_CAPACITY, 2 * g.shape[seq], 2 * k_buf.shape[seq])
-            store = CompressedCache(B, hkv, d, capacity, self.options, g.dtype, g.device)
+            store = CompressedCache(B, hkv, d, capacity, self.options, g.dtype, g.device,
+                                    max_tokens=capacity if g.static else None)
             if not g.static and k_buf.shape[seq] > 0 and not for_compile:
                 canon = (lambda t: t.transpose(1, 2) if seq == 1 else t)
                 store.ingest(canon(k_buf).contiguous(), canon(v_buf).contiguous())

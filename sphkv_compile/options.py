@@ -18,7 +18,7 @@ class SphkvOptionsError(ValueError):
 
 @dataclass(frozen=True)
 class SphkvOptions:
-    budget: float | None = None  # resident KV bytes as a fraction of dense 16-bit KV; None: no budget
+    budget: float | None = None  # resident KV bytes as a fraction of dense 16-bit KV (<= 2); None: no budget
     bits: float = 3.5  # bits per coordinate of the compressed tier used by the uniform policy
     value_codec: str = "polar"
     tiers: tuple[TierSpec, ...] | None = None  # the RDR ladder; None: DEFAULT_TIERS
@@ -57,8 +57,9 @@ class SphkvOptions:
             raise SphkvOptionsError(f"sphkv option {name}={getattr(self, name)!r} is invalid: expected {accepted}")
 
         if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, (int, float))
-                                        or not 0 < self.budget <= 1):
-            bad("budget", "a fraction of dense 16-bit KV bytes in (0, 1], e.g. 0.125, or None")
+                                        or not 0 < self.budget <= 2):
+            bad("budget", "a fraction of dense 16-bit KV bytes in (0, 2] (2: the bytes of a dense 32-bit cache), "
+                          "e.g. 0.125, or None")
         if isinstance(self.bits, bool) or not isinstance(self.bits, (int, float)) or not 1.0 <= self.bits <= 16:
             bad("bits", "bits per coordinate in [1, 16], e.g. 3.5")
         if self.value_codec not in VALUE_CODECS:

@@ -30,7 +30,7 @@ def _inputs():
 
 
 @pytest.mark.parametrize("bad, name", [({"bits": 0.5}, "bits"), ({"policy": "lru"}, "policy"),
-                                       ({"budget": 2.0}, "budget"), ({"sink": -1}, "sink"),
+                                       ({"budget": 3.0}, "budget"), ({"sink": -1}, "sink"),
                                        ({"bitz": 3}, "bitz")])
 def test_bad_options_raise_a_clear_error(bad, name):
     torch._dynamo.reset()
