@@ -181,7 +181,7 @@ class Rewriter:
             v_new = self._canonical(group.value, group.dtype)
             positions = self._positions(group.key, group.device)
             self._call(torch.ops.sphkv_graph.advance.default, cursor, state, positions, meter)
-        valid = mass = last = None
+        valid = mass = last = first_query = first_scale = None
         for site in sites:
             with g.inserting_before(site.output):
                 q = site.query
@@ -192,6 +192,8 @@ class Rewriter:
                     q = self._method("reshape", q, batch, q_heads, q_len, self._size(q, 2))
                 else:
                     q_heads = self._size(q, 1)
+                if first_query is None:  # RDR's key gain: the queries of the first site reading the cache
+                    first_query, first_scale = q, float(site.scale)
                 if site.masks:
                     vis, ok = self._visibility(site)
                     v = self._call(torch.ops.sphkv_graph.chunk_validity.default, vis, ok, positions, counts,
@@ -215,7 +217,9 @@ class Rewriter:
             if opts.policy == "rdr":
                 update = self._call(torch.ops.sphkv.update_cache_rdr.default, state, meter, cursor, k_new, v_new, valid,
                                     mass, self.tiers, opts.seed, kv_dtype, int(opts.sink), int(opts.recent), budget,
-                                    max_tokens, int(opts.rebudget_every))
+                                    max_tokens, int(opts.rebudget_every),
+                                    first_query if opts.distortion == "logit" else None, first_scale,
+                                    int(opts.obs_window))
             else:
                 update = self._call(torch.ops.sphkv.update_cache.default, state, k_new, v_new, valid, mass, self.tiers,
                                     opts.seed, kv_dtype, int(opts.sink), int(opts.recent), self.target)

@@ -69,7 +69,7 @@ class CompressedCache:
         self.rdr = options.policy == "rdr"
         self.states = [self._allocate(spec, i, 0) for i, spec in enumerate(self.specs)]
         self.cursor = torch.zeros(1, dtype=torch.int64, device=self.device)
-        self.meter = budget_meter.new_meter(batch, self.device)
+        self.meter = budget_meter.new_meter(batch, kv_heads, self.device)
         self.grow(capacity)
         ref = weakref.ref(self)
         register_kv_source(lambda: ref().kv_bytes() if ref() is not None else (0, 0), group="graph")

@@ -155,7 +155,7 @@ def attend_and_update(layer: SphkvLayer, query, key, value, valid, scaling) -> t
     else:
         out, mass = torch.ops.sphkv.attend(query, layer.state, key, value, valid, tiers, o.seed, kv_dtype, scale,
                                            o.obs_window, o.policy == "rdr")  # rdr: decode attention is utility
-    layer.store_chunk(key, value, valid, mass)  # the cache update and the budgeting node (hf_cache)
+    layer.store_chunk(key, value, valid, mass, query, scale)  # the cache update and the budgeting node (hf_cache)
     layer.stored_any = True
     if layer.max_cache_len is None:
         layer.advance_dynamic(N)

@@ -78,7 +78,7 @@ class SphkvLayer(CacheLayerMixin):
         self.device = torch.device(device)
         self.store = LayerStore(batch, kv_heads, head_dim, o.tier_ladder, kv_dtype=dtype, page_size=o.page_size,
                                 seed=o.seed, device=device)
-        self.meter = budget_meter.new_meter(batch, device)
+        self.meter = budget_meter.new_meter(batch, kv_heads, device)
         self.cumulative_length = self.cumulative_length.to(device)
         if self.max_cache_len is not None:
             self._allocate_fixed(self.max_cache_len)
@@ -142,10 +142,10 @@ class SphkvLayer(CacheLayerMixin):
         self.cumulative_length.fill_(self.seen)  # the budgeting ops read the tokens seen from a tensor
 
     def store_chunk(self, key: torch.Tensor, value: torch.Tensor, valid: torch.Tensor | None,
-                    mass: torch.Tensor) -> None:
+                    mass: torch.Tensor, query: torch.Tensor | None = None, scale: float = 1.0) -> None:
         """The chunk [B, Hkv, N, d] enters the store after attention (mass: the observation-window
-        attention on it, its utility), then the budgeting node runs: both as custom ops, so a
-        compiled forward runs exactly this."""
+        attention on it, its utility; query: the queries that attended, for RDR's key gain), then
+        the budgeting node runs: both as custom ops, so a compiled forward runs exactly this."""
         o, st = self.options, self.store
         tiers = tiers_string(st.tiers)
         kv_dtype = str(st.kv_dtype).removeprefix("torch.")
@@ -153,7 +153,9 @@ class SphkvLayer(CacheLayerMixin):
         budget, max_tokens = float(o.budget or 0.0), self.max_cache_len or 0
         if o.policy == "rdr":
             torch.ops.sphkv.update_cache_rdr(self.state, self.meter, tokens, key, value, valid, mass, tiers, o.seed,
-                                             kv_dtype, o.sink, o.recent, budget, max_tokens, o.rebudget_every)
+                                             kv_dtype, o.sink, o.recent, budget, max_tokens, o.rebudget_every,
+                                             query if o.distortion == "logit" else None, float(scale),
+                                             o.obs_window)
         else:
             torch.ops.sphkv.update_cache(self.state, key, value, valid, mass, tiers, o.seed, kv_dtype, o.sink,
                                          o.recent, rdr.uniform_target_tier(o))

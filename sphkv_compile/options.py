@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from .tiers import DEFAULT_TIERS, VALUE_CODECS, TierSpec
 
 POLICIES = ("uniform", "rdr")
+DISTORTIONS = ("unit", "logit")
 
 
 class SphkvOptionsError(ValueError):
@@ -29,6 +30,7 @@ class SphkvOptions:
     seed: int = 0
     obs_window: int = 32  # prompt queries whose attention estimates utility at prefill
     rebudget_every: int = 64  # decode steps between RDR re-budgets
+    distortion: str = "unit"  # RDR's error price: 'unit' (per unit norm) or 'logit' (rdr/costs.py, docs/QUALITY.md)
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -66,6 +68,8 @@ class SphkvOptions:
             bad("value_codec", f"one of {VALUE_CODECS}")
         if self.policy not in POLICIES:
             bad("policy", f"one of {POLICIES}")
+        if self.distortion not in DISTORTIONS:
+            bad("distortion", f"one of {DISTORTIONS}")
         for name in ("sink", "recent", "obs_window"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:

@@ -17,7 +17,8 @@ def capture(seed, H, T, d=64):
     k = torch.randn(1, H, T, d, generator=gen) * 3
     v = torch.randn(1, H, T, d, generator=gen)
     q = torch.randn(1, 3 * H, T, d, generator=gen)
-    return LayerCapture(k, v, _grouped_mass(q, k, T - 8, d ** -0.5), _grouped_mass(q, k, 0, d ** -0.5)), q
+    return LayerCapture(k, v, _grouped_mass(q, k, T - 8, d ** -0.5), _grouped_mass(q, k, 0, d ** -0.5),
+                        q[:, :, T - 8:] * d ** -0.5), q
 
 
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "dense"])

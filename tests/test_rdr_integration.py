@@ -110,6 +110,25 @@ def test_compiled_rdr_stays_within_budget_every_step_and_close_to_eager():
     assert relative_rms(logits, ref_logits) < 0.15
 
 
+@pytest.mark.parametrize("distortion", ["unit", "logit"])
+@torch.no_grad()
+def test_compiled_rdr_distortion_option_feeds_the_key_gain_of_the_queries(distortion):
+    """distortion='logit': the update op receives the queries and the meter keeps a running key
+    gain per KV head (s²·E‖q‖²/d, positive and finite); 'unit' passes none. Both stay in budget."""
+    model, prompt = _gpt_fast()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="sphkv", options={**RDR, "distortion": distortion})
+    gpt_fast.generate(model, prompt, 24, compiled)
+    for s in _stores(model):
+        r = s.budget_report()
+        assert r["max_excess"] <= 0 and r["rebudgets"] >= 2
+        if distortion == "unit":
+            assert r["key_gain"] is None
+        else:
+            gain = torch.tensor(r["key_gain"])
+            assert gain.shape == (1, model.cfg.kv_heads) and torch.isfinite(gain).all() and (gain > 0).all()
+
+
 @torch.no_grad()
 def test_compiled_rdr_with_room_for_everything_is_dense_attention():
     model, prompt = _gpt_fast(max_seq=128)

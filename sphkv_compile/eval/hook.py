@@ -25,6 +25,7 @@ class LayerCapture:
     values: torch.Tensor
     observed: torch.Tensor  # [1, Hkv, T]
     accumulated: torch.Tensor | None  # [1, Hkv, T] or None
+    window_queries: torch.Tensor | None = None  # [1, Hq, W, d]: the observation window's queries, scaled
 
 
 @dataclass
@@ -65,7 +66,8 @@ def _attention(module, query, key, value, attention_mask, scaling=None, **kwargs
         T = q.shape[2]
         session.captures[layer] = LayerCapture(
             k, v, _grouped_mass(q, k, T - min(session.obs_window, T), scale),
-            _grouped_mass(q, k, 0, scale) if session.want_accumulated else None)
+            _grouped_mass(q, k, 0, scale) if session.want_accumulated else None,
+            q[:, :, T - min(session.obs_window, T):] * scale)
     else:
         out = session.caches[layer].attend(q, k, v, scale)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None

@@ -13,12 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .. import rdr
 from ..baselines import kivi_bits_per_element, kivi_dequantize, kivi_keys, kivi_values
 from ..rdr.costs import choice_table
-from ..rdr.utility import combine
+from ..rdr.utility import POOL_KERNEL, combine, pooled, query_key_gain
 from ..store import LayerStore
 from ..tiers import DEFAULT_TIERS, TierSpec
 from .caches import DenseCache, StoreCache
@@ -40,17 +39,9 @@ class Settings:
     sink: int = 4
     recent: int = 16
     obs_window: int = 32
-    pool_kernel: int = 7  # SnapKV's pooling of the observation scores
+    pool_kernel: int = POOL_KERNEL  # SnapKV's pooling of the observation scores (also RDR's utility)
     seed: int = 0
     page_size: int = 16
-    rdr_pooled: bool = True  # RDR utility: the same pooled observation scores SnapKV ranks by
-
-
-def pooled(scores: torch.Tensor, kernel: int) -> torch.Tensor:
-    """Max-pool [1, H, T] along T (odd kernel, same length): a needle's neighbours rank with it."""
-    if kernel <= 1:
-        return scores
-    return F.max_pool1d(scores, kernel, stride=1, padding=kernel // 2)
 
 
 def keep_indices(scores: torch.Tensor, n: int, always_last: int, always_first: int = 0) -> torch.Tensor:
@@ -151,15 +142,17 @@ def uniform_spherical(cap, budget, cfg):
     return StoreCache(store), int(rdr.token_bytes(store.states, table)[0])
 
 
-def rdr_method(tiers=DEFAULT_TIERS, floor: float = 0.0, recent: int | None = None):
+def rdr_method(tiers=DEFAULT_TIERS, floor: float = 0.0, recent: int | None = None, distortion: str = "unit"):
     def method(cap, budget, cfg):
-        """RDR: each token and head gets a tier or drop by the Lagrangian allocation."""
+        """RDR: each token and head gets a tier or drop by the Lagrangian allocation; the utility is
+        the pooled observation-window attention (as update_cache_rdr pools it); distortion
+        'logit' prices key errors by the key gain of the window's queries (option distortion)."""
         d = cap.keys.shape[-1]
         store = _store(tiers, cap, cfg)
-        utility = pooled(cap.observed, cfg.pool_kernel) if cfg.rdr_pooled else cap.observed
-        utility = combine(utility, floor=floor)
+        utility = combine(pooled(cap.observed, cfg.pool_kernel), floor=floor)
+        gain = query_key_gain(cap.window_queries, cap.keys.shape[1], 1.0, 0) if distortion == "logit" else None
         rdr.apply(store, cap.keys, cap.values, None, utility, budget_bytes=budget, sink=cfg.sink,
-                  recent=cfg.recent if recent is None else recent, rebudget_every=1)
+                  recent=cfg.recent if recent is None else recent, rebudget_every=1, key_gain=gain)
         table = choice_table(tuple(tiers), d, cfg.seed, KV_DTYPE)
         return StoreCache(store), int(rdr.token_bytes(store.states, table)[0])
     return method
@@ -174,7 +167,6 @@ METHODS = {
     "kivi4": kivi(4),
     "uniform": uniform_spherical,
     "rdr": rdr_method(),
+    "rdr_logit": rdr_method(distortion="logit"),
     "rdr_fine": rdr_method(FINE_TIERS),
-    "rdr_floor": rdr_method(FINE_TIERS, floor=1.0),
-    "rdr_recent4": rdr_method(FINE_TIERS, recent=4),  # fewer protected exact tokens
 }

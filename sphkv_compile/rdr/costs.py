@@ -79,3 +79,40 @@ def choice_table(specs: tuple[TierSpec, ...], head_dim: int, seed: int, kv_dtype
         eps_v=tuple(e[1] for e in eps) + (DROP_EPSILON,),
         exact_index=exact[0],
     )
+
+
+SIGMA2_CAP = 20.0  # logit noise variance beyond which a tier is useless anyway; keeps exp() finite
+
+
+def distortion(table: ChoiceTable, utility: torch.Tensor, key_norm2: torch.Tensor, values: torch.Tensor,
+               valid: torch.Tensor, key_gain: torch.Tensor | None = None) -> torch.Tensor:
+    """D [B, H, n, C]: the expected squared attention-output error of each choice for each token,
+    weighted by its utility u (its expected attention).
+
+    Without key_gain (the error per unit norm): D = u·(ε_K r² + ε_V ‖v‖²), drop ε = 1.
+
+    With key_gain [B, H] = s²·E‖q‖²/d (s the softmax scale; from the queries seen), a key error
+    of power ε_K r² moves the token's logit by δ ~ N(0, σ²), σ² = ε_K r²·key_gain, and its
+    weight by e^δ: the output moves by a·(e^δ - 1)·(v - o), E(e^δ - 1)² = e^{2σ²} - 2e^{σ²/2} + 1.
+    A value error adds a·δv. Dropping the token moves the output by a·(o - v). With o
+    estimated as the utility-weighted mean value of the head:
+        tier: u·(g(σ²)·‖v - o‖² + ε_V‖v‖²)      drop: u·‖v - o‖²
+    The key error then costs what it does to the softmax, which grows exponentially with the
+    logit scale, instead of its share of the key's norm."""
+    eps_k = torch.tensor(table.eps_k, dtype=torch.float32, device=utility.device)
+    eps_v = torch.tensor(table.eps_v, dtype=torch.float32, device=utility.device)
+    v2 = values.pow(2).sum(-1)
+    u = utility[..., None]
+    if key_gain is None:
+        return u * (eps_k * key_norm2[..., None] + eps_v * v2[..., None])
+    weight = (utility * valid).clamp(min=0)
+    total = weight.sum(-1, keepdim=True)
+    count = valid.sum(-1, keepdim=True).clamp(min=1)
+    weight = torch.where(total > 0, weight / total.clamp(min=1e-30), valid / count)  # no utility yet: plain mean
+    mean_value = (weight[..., None] * values).sum(2, keepdim=True)
+    dev2 = (values - mean_value).pow(2).sum(-1)[..., None]
+    sigma2 = (eps_k * key_norm2[..., None] * key_gain.float()[:, :, None, None]).clamp(max=SIGMA2_CAP)
+    g = torch.expm1(2 * sigma2) - 2 * torch.expm1(sigma2 / 2)
+    D = u * (g * dev2 + eps_v * v2[..., None])
+    D[..., table.drop_index] = (u * dev2)[..., 0]
+    return D

@@ -40,20 +40,22 @@ def _fit_any_allocation(store: LayerStore, budget_bytes: int, incoming: int) -> 
 
 def apply(store: LayerStore, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None,
           utility: torch.Tensor | None = None, *, budget_bytes: int, sink: int, recent: int,
-          rebudget_every: int) -> bool:
+          rebudget_every: int, key_gain: torch.Tensor | None = None) -> bool:
     """rdr_update on an eager store (k, v [B, Hkv, N, d]); True if it re-budgeted. The pools
     are sized for the budget of the tokens seen after this chunk."""
     ensure_capacity(store, budget_bytes, protected=sink + recent + rebudget_every,
                     tokens=store.tokens_seen + k.shape[2])
     did = rdr_update(store.states, list(store.tiers), k, v, valid, utility, seed=store.seed, kv_dtype=store.kv_dtype,
-                     sink=sink, recent=recent, budget_bytes=budget_bytes, rebudget_every=rebudget_every)
+                     sink=sink, recent=recent, budget_bytes=budget_bytes, rebudget_every=rebudget_every,
+                     key_gain=key_gain)
     store.tokens_seen += k.shape[2]
     return did
 
 
 def apply_layers(stores: list[LayerStore], ks, vs, valid=None, utilities=None, *, budget_bytes: int, sink: int,
-                 recent: int, rebudget_every: int) -> bool:
-    """One budget (bytes per batch row) shared by every layer: heads and layers compete for it."""
+                 recent: int, rebudget_every: int, key_gains=None) -> bool:
+    """One budget (bytes per batch row) shared by every layer: heads and layers compete for it.
+    key_gains: per layer [B, Hkv] or None (costs.distortion)."""
     s0 = stores[0]
     table = choice_table(tuple(s0.tiers), s0.head_dim, s0.seed, s0.kv_dtype)
     B, H, N, d = ks[0].shape
@@ -68,8 +70,10 @@ def apply_layers(stores: list[LayerStore], ks, vs, valid=None, utilities=None, *
                        recent=recent, budget_bytes=1 << 62, rebudget_every=rebudget_every)
             st.tokens_seen += N
         return False
+    gains = key_gains if key_gains is not None else [None] * len(stores)
     tokens = [collect(st.states, list(st.tiers), table, k, v, valid, u, head_dim=d, seed=st.seed,
-                      kv_dtype=st.kv_dtype, sink=sink, recent=recent) for st, k, v, u in zip(stores, ks, vs, utilities)]
+                      kv_dtype=st.kv_dtype, sink=sink, recent=recent, key_gain=g)
+              for st, k, v, u, g in zip(stores, ks, vs, utilities, gains)]
     C = len(table.bytes)
     flat = [t.distortion.reshape(B, -1, C) for t in tokens]
     target = budget_bytes - len(stores) * headroom_bytes(H, rebudget_every, table)

@@ -14,28 +14,55 @@ REBUDGETS = 2  # re-budgets so far
 BUDGET = 3  # the token-byte budget per batch row at the last call (0: no budget)
 TOKEN_BYTES = 4  # token bytes of the fullest batch row after the last call
 MAX_EXCESS = 5  # max over calls of (token bytes - budget); <= 0 means always within budget
-SIZE = 6  # then one entry per batch row: real (non-padding) tokens that entered the store, dropped
-# ones included. Under RDR the pages hold fewer tokens than the model wrote; mask checks compare
-# the mask's visible past with this count, not with the page counts.
+BATCH = 6  # batch rows B
+SIZE = 7  # then B entries: real (non-padding) tokens that entered the store per batch row, dropped
+# ones included (under RDR the pages hold fewer tokens than the model wrote; mask checks compare
+# the mask's visible past with this count, not with the page counts); then B·Hkv entries: the
+# key gain s²·E‖q‖²/d of each row and KV head (rdr.costs.distortion), in GAIN_UNITS, 0 = unknown.
+GAIN_UNITS = 1e-6  # the key gain is a float kept in this int64 tensor as a multiple of this
+GAIN_MEMORY = 0.9  # running estimate: new = memory·old + (1 - memory)·queries just seen
 
 _NAMES = ("calls", "last_rebudget", "rebudgets", "budget_bytes", "token_bytes", "max_excess")
 
 
-def new_meter(batch: int, device="cpu") -> torch.Tensor:
-    m = torch.zeros(SIZE + batch, dtype=torch.int64, device=device)
+def new_meter(batch: int, kv_heads: int = 1, device="cpu") -> torch.Tensor:
+    m = torch.zeros(SIZE + batch + batch * kv_heads, dtype=torch.int64, device=device)
+    m[BATCH] = batch
     reset(m)
     return m
 
 
 def reset(meter: torch.Tensor) -> None:
+    """A new sequence: every count and the key gain back to their start (the layout stays)."""
+    batch = int(meter[BATCH])
     meter.zero_()
     meter[LAST_REBUDGET] = -1
     meter[MAX_EXCESS] = torch.iinfo(torch.int64).min
+    meter[BATCH] = batch
 
 
 def entered(meter: torch.Tensor) -> torch.Tensor:
     """[B]: tokens that entered the store per batch row (a view)."""
-    return meter[SIZE:]
+    return meter[SIZE:SIZE + int(meter[BATCH])]
+
+
+def key_gain(meter: torch.Tensor) -> torch.Tensor | None:
+    """[B, Hkv] float32: the running key gain, or None before any query was seen."""
+    B = int(meter[BATCH])
+    raw = meter[SIZE + B:]
+    if not bool((raw > 0).any()):
+        return None
+    return raw.reshape(B, -1).to(torch.float32) * GAIN_UNITS
+
+
+def observe_queries(meter: torch.Tensor, gain: torch.Tensor) -> None:
+    """Fold the key gain of the queries just seen [B, Hkv] into the running estimate."""
+    B = int(meter[BATCH])
+    raw = meter[SIZE + B:].view(B, -1)
+    new = gain.to(device=raw.device, dtype=torch.float64) / GAIN_UNITS
+    old = raw.to(torch.float64)
+    mixed = torch.where(old > 0, GAIN_MEMORY * old + (1 - GAIN_MEMORY) * new, new)
+    raw.copy_(mixed.round().clamp(min=1).to(torch.int64))
 
 
 def count_entered(meter: torch.Tensor, n: int, valid: torch.Tensor | None) -> None:
@@ -44,4 +71,6 @@ def count_entered(meter: torch.Tensor, n: int, valid: torch.Tensor | None) -> No
 
 def read(meter: torch.Tensor) -> dict:
     values = meter.tolist()
-    return {**dict(zip(_NAMES, (int(x) for x in values[:SIZE]))), "entered": [int(x) for x in values[SIZE:]]}
+    gain = key_gain(meter)
+    return {**dict(zip(_NAMES, (int(x) for x in values[:BATCH]))), "entered": entered(meter).tolist(),
+            "key_gain": None if gain is None else gain.tolist()}

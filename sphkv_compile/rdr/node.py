@@ -21,6 +21,7 @@ from ..tiers import TierSpec
 from . import meter as M
 from .budget import SphkvBudgetError, budget_for, protected_count
 from .costs import choice_table
+from .utility import pooled
 from .update import headroom_bytes, page_slack_bytes, rdr_update, rebudget, token_bytes
 
 
@@ -43,12 +44,21 @@ def _record_rebudget(meter: torch.Tensor) -> None:
 
 def enter_chunk(states: list[TierState], specs: list[TierSpec], meter: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 valid: torch.Tensor | None, utility: torch.Tensor | None, *, seed: int, kv_dtype: torch.dtype,
-                sink: int, recent: int, budget_bytes: int, rebudget_every: int) -> None:
+                sink: int, recent: int, budget_bytes: int, rebudget_every: int,
+                key_gain: torch.Tensor | None = None) -> None:
+    """utility [B, Hkv, N]: the observation-window attention on the chunk, max-pooled along the
+    chunk (utility.pooled) before it is stored. key_gain [B, Hkv]: of the queries that just
+    attended (utility.query_key_gain), folded into the meter's running estimate, which every
+    re-budget of this layer then prices key errors with (option distortion='logit')."""
     if budget_bytes <= 0:
         raise SphkvBudgetError("policy 'rdr' needs a byte budget. Fix: pass budget=<fraction of dense KV>.")
     M.count_entered(meter, k.shape[2], valid)
+    if utility is not None:
+        utility = pooled(utility)
+    if key_gain is not None:
+        M.observe_queries(meter, key_gain)
     if rdr_update(states, specs, k, v, valid, utility, seed=seed, kv_dtype=kv_dtype, sink=sink, recent=recent,
-                  budget_bytes=budget_bytes, rebudget_every=rebudget_every):
+                  budget_bytes=budget_bytes, rebudget_every=rebudget_every, key_gain=M.key_gain(meter)):
         _record_rebudget(meter)
 
 
@@ -63,7 +73,7 @@ def budget_step(states: list[TierState], specs: list[TierSpec], meter: torch.Ten
         if due and int(token_bytes(states, table).max()) > target:
             rebudget(states, specs, torch.full((states[0].count.shape[0],), float(target), dtype=torch.float64),
                      head_dim=head_dim, seed=seed, kv_dtype=kv_dtype, sink=sink, recent=recent,
-                     headroom_tokens=rebudget_every)
+                     headroom_tokens=rebudget_every, key_gain=M.key_gain(meter))
             _record_rebudget(meter)
     held = int(token_bytes(states, table).max()) if states[0].count.numel() else 0
     meter[M.BUDGET] = budget_bytes

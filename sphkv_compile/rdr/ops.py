@@ -17,6 +17,7 @@ import torch
 from ..ops import dtype_from_name, parse_tiers, unflatten_state
 from .node import budget_step, current_budget, enter_chunk
 from .update import rdr_update as _rdr_update
+from .utility import query_key_gain
 
 
 @torch.library.custom_op("sphkv::rdr_update", mutates_args=("state",))
@@ -37,8 +38,10 @@ def _(state, k, v, valid, utility, tiers, seed, kv_dtype, sink, recent, target_t
 
 # ---- the budgeting ops of the compiled graph and the transformers cache (node.py) ------------
 #   sphkv::update_cache_rdr(state!, meter!, tokens, k, v, valid?, utility?, tiers, seed, kv_dtype, sink, recent,
-#                           budget, max_tokens, rebudget_every)
-#       the cache update under policy 'rdr' (node.enter_chunk)
+#                           budget, max_tokens, rebudget_every, queries?, scale, obs_window)
+#       the cache update under policy 'rdr' (node.enter_chunk); queries [B, Hq, Tq, d]: those
+#       that attended this step, whose key gain (utility.query_key_gain over the last obs_window,
+#       softmax scale `scale`) re-budgets price key errors with
 #   sphkv::kv_budget(state!, meter!, tokens, tiers, seed, kv_dtype, head_dim, sink, recent, policy, budget,
 #                    max_tokens, rebudget_every)
 #       the budgeting node after every cache update (node.budget_step)
@@ -54,19 +57,21 @@ def _budget(states, specs, tokens, head_dim, seed, dtype, policy, budget, max_to
 def update_cache_rdr(state: list[torch.Tensor], meter: torch.Tensor, tokens: torch.Tensor, k: torch.Tensor,
                      v: torch.Tensor, valid: torch.Tensor | None, utility: torch.Tensor | None, tiers: str, seed: int,
                      kv_dtype: str, sink: int, recent: int, budget: float, max_tokens: int,
-                     rebudget_every: int) -> None:
+                     rebudget_every: int, queries: torch.Tensor | None = None, scale: float = 1.0,
+                     obs_window: int = 0) -> None:
     specs = list(parse_tiers(tiers))
     states = unflatten_state(state, len(specs))
     dt = dtype_from_name(kv_dtype)
     nbytes = _budget(states, specs, tokens, k.shape[-1], seed, dt, "rdr", budget, max_tokens, sink, recent,
                      rebudget_every)
+    gain = None if queries is None else query_key_gain(queries, k.shape[1], scale, obs_window)
     enter_chunk(states, specs, meter, k, v, valid, utility, seed=seed, kv_dtype=dt, sink=sink, recent=recent,
-                budget_bytes=nbytes, rebudget_every=rebudget_every)
+                budget_bytes=nbytes, rebudget_every=rebudget_every, key_gain=gain)
 
 
 @update_cache_rdr.register_fake
 def _(state, meter, tokens, k, v, valid, utility, tiers, seed, kv_dtype, sink, recent, budget, max_tokens,
-      rebudget_every) -> None:
+      rebudget_every, queries=None, scale=1.0, obs_window=0) -> None:
     return None
 
 

@@ -29,7 +29,7 @@ from ..tiers import TierSpec
 from .allocate import allocate, allocate_capped, within_capacity
 from .capacity import row_capacities
 from .convert import convert_records, decode_kv
-from .costs import ChoiceTable, choice_table
+from .costs import ChoiceTable, choice_table, distortion
 
 
 @dataclass
@@ -65,14 +65,15 @@ def protected_mask(valid: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
 
 
 def collect(states: list[TierState], specs: list[TierSpec], table: ChoiceTable, k, v, valid, utility, *,
-            head_dim: int, seed: int, kv_dtype: torch.dtype, sink: int, recent: int) -> LayerTokens:
+            head_dim: int, seed: int, kv_dtype: torch.dtype, sink: int, recent: int,
+            key_gain: torch.Tensor | None = None) -> LayerTokens:
     """Gather every stored token plus the chunk k, v [B, H, N, d] (it joins the exact tier's end)
-    and price each choice for each token: D = u·(ε_K r² + ε_V ‖v‖²); drop has ε = 1."""
+    and price each choice for each token (costs.distortion; key_gain [B, H] as there)."""
     e, C = table.exact_index, len(table.bytes)
     cost = torch.tensor(table.bytes)
     compressed = torch.tensor([not sp.exact for sp in specs] + [True])  # drop counts as "compressed"
     only = lambda i: torch.nn.functional.one_hot(torch.tensor(i), C).bool()
-    recs, utils, valids, allowed, r2, v2 = [], [], [], [], [], []
+    recs, utils, valids, allowed, r2, values = [], [], [], [], [], []
     for s, (spec, st) in enumerate(zip(specs, states)):
         rec, util, ok = gather_tokens(st)
         util = util.float()
@@ -92,10 +93,9 @@ def collect(states: list[TierState], specs: list[TierSpec], table: ChoiceTable, 
         allow[~ok] = only(table.drop_index)
         kk, vv = decode_kv(spec, rec, head_dim, seed, kv_dtype, rotated=True)
         recs.append(rec); utils.append(util); valids.append(ok); allowed.append(allow)
-        r2.append(kk.pow(2).sum(-1)); v2.append(vv.pow(2).sum(-1))
+        r2.append(kk.pow(2).sum(-1)); values.append(vv.float())
     u = torch.cat(utils, 2).clamp(min=0)
-    eps_k, eps_v = torch.tensor(table.eps_k), torch.tensor(table.eps_v)
-    D = u[..., None] * (eps_k * torch.cat(r2, 2)[..., None] + eps_v * torch.cat(v2, 2)[..., None])
+    D = distortion(table, u, torch.cat(r2, 2), torch.cat(values, 2), torch.cat(valids, 2), key_gain)
     D = torch.where(torch.cat(allowed, 2), D, torch.full_like(D, float("inf")))
     return LayerTokens(recs, utils, valids, D)
 
@@ -165,13 +165,13 @@ def shrink_to_budget(capacity: torch.Tensor, cost: torch.Tensor, budget: float, 
 
 def rebudget(states: list[TierState], specs: list[TierSpec], budget: torch.Tensor, k=None, v=None, valid=None,
              utility=None, *, head_dim: int, seed: int, kv_dtype: torch.dtype, sink: int, recent: int,
-             headroom_tokens: int = 0) -> torch.Tensor:
+             headroom_tokens: int = 0, key_gain: torch.Tensor | None = None) -> torch.Tensor:
     """Allocate every token of the layer (plus an optional new chunk) within budget [B] bytes and
     each tier's pool (its capacity; the exact tier keeps room for `headroom_tokens` more per KV
     head); returns the choice [B, H, n_total] (indices into the choice table; the last is drop)."""
     table = choice_table(tuple(specs), head_dim, seed, kv_dtype)
     tokens = collect(states, specs, table, k, v, valid, utility, head_dim=head_dim, seed=seed, kv_dtype=kv_dtype,
-                     sink=sink, recent=recent)
+                     sink=sink, recent=recent, key_gain=key_gain)
     B, H, n, C = tokens.distortion.shape
     capacity = row_capacities(states)
     e = table.exact_index
@@ -185,9 +185,12 @@ def rebudget(states: list[TierState], specs: list[TierSpec], budget: torch.Tenso
 
 def rdr_update(states: list[TierState], specs: list[TierSpec], k: torch.Tensor, v: torch.Tensor,
                valid: torch.Tensor | None, utility: torch.Tensor | None, *, seed: int, kv_dtype: torch.dtype,
-               sink: int, recent: int, budget_bytes: int, rebudget_every: int, target: int | None = None) -> bool:
+               sink: int, recent: int, budget_bytes: int, rebudget_every: int, target: int | None = None,
+               key_gain: torch.Tensor | None = None) -> bool:
     """Append the chunk k, v [B, Hkv, N, d] (valid [B, N], utility [B, Hkv, N]) under a budget of
     `budget_bytes` token bytes per batch row for this layer. Returns True if it re-budgeted.
+    key_gain [B, Hkv]: s²·E‖q‖²/d of the queries seen, for the logit-aware distortion
+    (costs.distortion); None prices errors per unit norm.
 
     budget_bytes <= 0 means no budget: the uniform policy (graduate to tier `target`)."""
     if budget_bytes <= 0:
@@ -209,5 +212,5 @@ def rdr_update(states: list[TierState], specs: list[TierSpec], k: torch.Tensor, 
     target_bytes = budget_bytes - headroom_bytes(H, rebudget_every, table)
     budget = torch.full((B,), max(target_bytes, 0), dtype=torch.float64)
     rebudget(states, specs, budget, k, v, valid, utility, head_dim=d, seed=seed, kv_dtype=kv_dtype, sink=sink,
-             recent=recent, headroom_tokens=rebudget_every)
+             recent=recent, headroom_tokens=rebudget_every, key_gain=key_gain)
     return True

@@ -11,6 +11,9 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+POOL_KERNEL = 7  # SnapKV's max-pooling of the observation scores: a needle's neighbours rank with it
 
 
 def observation_window_utility(queries: torch.Tensor, keys: torch.Tensor, window: int,
@@ -51,3 +54,23 @@ def combine(observed: torch.Tensor, expected: torch.Tensor | None = None, weight
     if floor:
         u = u + floor * observed.mean(-1, keepdim=True)
     return u
+
+
+def query_key_gain(queries: torch.Tensor, kv_heads: int, scale: float, window: int) -> torch.Tensor:
+    """The key gain s²·E‖q‖²/d [B, Hkv] of the last `window` queries of q [B, Hq, T, d] (0: all),
+    averaged over each KV head's query group: the logit variance a unit of key error causes
+    (rdr.costs.distortion)."""
+    B, Hq, T, d = queries.shape
+    W = T if window <= 0 else min(window, T)
+    power = (queries[:, :, T - W:].float() * scale).pow(2).sum(-1)
+    return power.reshape(B, kv_heads, -1).mean(-1) / d
+
+
+def pooled(scores: torch.Tensor, kernel: int = POOL_KERNEL) -> torch.Tensor:
+    """Max-pool [B, H, T] along T (odd kernel, same length): a token the observation window
+    attends lifts its neighbours, so a multi-token answer (a passkey's digits) is kept whole."""
+    if kernel <= 1 or scores.shape[-1] == 0:
+        return scores
+    B, H, T = scores.shape
+    out = F.max_pool1d(scores.reshape(B * H, 1, T).float(), kernel, stride=1, padding=kernel // 2)
+    return out.reshape(B, H, T).to(scores.dtype)
