@@ -2,6 +2,7 @@
 
     python examples/passkey_demo.py            # ~4.5k-token prompt; CPU or the GPU when present
     python examples/passkey_demo.py --tokens 1500             # shorter prompt
+    python examples/passkey_demo.py --policy rdr --budget 0.125  # RDR: 1/8 of dense KV bytes
 
 SmolLM2-135M is small: with a single needle sentence and its dense cache it found the key at
 4.5k tokens for none of 8 prompts tried (4 seeds x 2 question wordings). With the needle
@@ -167,7 +168,13 @@ def main(argv=None):
     parser.add_argument("--recent", type=int, default=60, help="sink + recent = 64 fills exactly one page")
     parser.add_argument("--max-new-tokens", type=int, default=6, help="5 digits and a period")
     parser.add_argument("--device", default="auto", help="auto (the GPU when present), cpu or cuda")
+    parser.add_argument("--policy", default="uniform", choices=("uniform", "rdr"),
+                        help="rdr: keep/drop and precision per token and head under --budget")
+    parser.add_argument("--budget", type=float, default=None, help="fraction of dense 16-bit KV bytes, e.g. 0.125")
+    parser.add_argument("--distortion", default="unit", choices=("unit", "logit"), help="RDR's error price")
     args = parser.parse_args(argv)
+    if args.policy == "rdr" and args.budget is None:
+        parser.error("--policy rdr needs --budget (a fraction of dense 16-bit KV bytes, e.g. 0.125)")
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if args.device == "auto" else args.device))
@@ -190,7 +197,8 @@ def main(argv=None):
 
     import sphkv_compile.api as sphkv
 
-    sphkv.optimize(model, bits=args.bits, sink=args.sink, recent=args.recent)
+    extra = {} if args.policy == "uniform" else {"policy": "rdr", "distortion": args.distortion}
+    sphkv.optimize(model, bits=args.bits, sink=args.sink, recent=args.recent, budget=args.budget, **extra)
     compressed = run(model, tokenizer, ids, args.max_new_tokens, "sphkv", {"cache_implementation": "static"})
     rep = sphkv.report()
     compressed["kv_bytes"] = rep["kv_bytes"]
@@ -199,7 +207,9 @@ def main(argv=None):
     dtype = next(model.parameters()).dtype
     print()
     print(f"pass key: {key}   (prompt {ids.shape[1]} tokens, model {str(dtype).removeprefix('torch.')}, "
-          f"{device}; sphkv: {args.bits} bits/coord, sinks {args.sink} + recent {args.recent} exact, "
+          f"{device}; sphkv: " + (f"{args.bits} bits/coord" if args.policy == "uniform" else
+                                  f"RDR at budget {args.budget}, distortion {args.distortion}")
+          + f", sinks {args.sink} + recent {args.recent} exact, "
           f"{rewritten}/{len(rep['sites'])} attention layers on the store)")
     rows = [("answer", dense["answer"], compressed["answer"]),
             ("correct", str(key in dense["answer"]), str(key in compressed["answer"])),

@@ -168,6 +168,8 @@ def _wrap_generate(model, generate, key: str):
             else:
                 kwargs[key] = new_cache(model, max_tokens=total)
         cache = kwargs.get(key, kwargs.get("past_key_values"))
+        if isinstance(cache, SphkvCache):
+            _no_cuda_graphs(kwargs, model)
         try:
             return generate(*args, **kwargs)
         finally:
@@ -175,6 +177,28 @@ def _wrap_generate(model, generate, key: str):
                 snapshot_kv_bytes(cache)  # report() keeps the numbers after the cache is freed
 
     return sphkv_generate
+
+
+def _no_cuda_graphs(kwargs: dict, model) -> None:
+    """generate() compiles the decode step of a compileable (static) cache, by default with
+    mode 'reduce-overhead': CUDA graphs. The store's ops decide re-budgets and page moves on the
+    host from counts they read, which a CUDA graph replay would skip, and they allocate as
+    they go (checked on an H100: the cudagraph pool check refuses it). So the default becomes
+    mode 'default'; a compile config that asks for CUDA graphs is refused with the fix."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    config = kwargs.get("generation_config") or model.generation_config
+    asked = kwargs.get("compile_config", getattr(config, "compile_config", None))
+    if asked is None:
+        kwargs["compile_config"] = CompileConfig(mode="default")
+        return
+    if asked.backend == "sphkv":  # the sphkv backend makes no CUDA graphs whatever the mode
+        return
+    if asked.mode == "reduce-overhead" or (asked.options or {}).get("triton.cudagraphs"):
+        raise ValueError(
+            "sphkv: compile_config asks for CUDA graphs (mode 'reduce-overhead' or triton.cudagraphs), which "
+            "cannot replay the compressed cache's host-side re-budgets and page moves. Fix: pass "
+            "compile_config=CompileConfig(mode='default') or mode='max-autotune-no-cudagraphs'.")
 
 
 def _copy_without_cache_implementation(config):

@@ -86,3 +86,21 @@ def test_zoo_compiled_generate_no_recompiles_after_warmup(name, monkeypatch):
     assert torch.equal(compiled, dense)
     _generate(fast, ids, mask, compile_config=_compile_config())  # fresh cache, same graph
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+def test_generate_never_asks_for_cuda_graphs_and_refuses_a_config_that_does():
+    """generate() would compile a static cache's decode step with mode 'reduce-overhead' (CUDA
+    graphs, which cannot replay the store's host-side re-budgets): sphkv sets mode 'default',
+    and a compile config asking for CUDA graphs with another backend is refused with the fix."""
+    from sphkv_compile.api import _no_cuda_graphs
+
+    fast = api.optimize(_model(), **HIGH_BITS)
+    plain = {}
+    _no_cuda_graphs(plain, fast)
+    assert plain["compile_config"].mode == "default"
+    ids = torch.randint(3, 128, (1, 6))
+    with pytest.raises(ValueError, match="CUDA graphs.*Fix: pass compile_config"):
+        _generate(fast, ids, torch.ones_like(ids), compile_config=tf.CompileConfig(mode="reduce-overhead"))
+    sphkv_backend = {"compile_config": tf.CompileConfig(backend="sphkv")}  # it makes no graphs in any mode
+    _no_cuda_graphs(sphkv_backend, fast)
+    assert sphkv_backend["compile_config"].mode == "reduce-overhead"

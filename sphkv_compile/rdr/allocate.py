@@ -56,7 +56,7 @@ def allocate(D: torch.Tensor, cost: torch.Tensor, budget: torch.Tensor) -> torch
     # λ large enough that every item takes its cheapest allowed choice
     finite_D = torch.where(allowed, D, torch.zeros_like(D))
     positive = cost[cost > 0]
-    step = positive.min() if positive.numel() else torch.ones((), dtype=D.dtype)
+    step = positive.min() if positive.numel() else torch.ones((), dtype=D.dtype, device=D.device)
     hi = torch.full((G,), float(finite_D.max() / step * 4 + 1), dtype=D.dtype, device=D.device)
     fits0 = spent(first, cost) <= budget
     hi = torch.where(fits0, lo, hi)  # groups that fit at λ = 0 are done

@@ -61,7 +61,8 @@ def apply_layers(stores: list[LayerStore], ks, vs, valid=None, utilities=None, *
     B, H, N, d = ks[0].shape
     for st in stores:
         _fit_any_allocation(st, budget_bytes, N)
-    arriving = torch.full((B,), N, dtype=torch.int64) if valid is None else valid.to(torch.int64).sum(-1)
+    arriving = torch.full((B,), N, dtype=torch.int64, device=ks[0].device) if valid is None \
+        else valid.to(torch.int64).sum(-1)
     after = sum(token_bytes(st.states, table) for st in stores) + len(stores) * arriving * H * table.exact_bytes
     utilities = utilities if utilities is not None else [None] * len(stores)
     if bool((after <= budget_bytes).all()):
@@ -77,7 +78,9 @@ def apply_layers(stores: list[LayerStore], ks, vs, valid=None, utilities=None, *
     C = len(table.bytes)
     flat = [t.distortion.reshape(B, -1, C) for t in tokens]
     target = budget_bytes - len(stores) * headroom_bytes(H, rebudget_every, table)
-    choice = allocate(torch.cat(flat, 1), torch.tensor(table.bytes), torch.full((B,), float(max(target, 0))))
+    D = torch.cat(flat, 1)
+    choice = allocate(D, torch.tensor(table.bytes, device=D.device),
+                      torch.full((B,), float(max(target, 0)), device=D.device))
     for st, tok, ch in zip(stores, tokens, torch.split(choice, [f.shape[1] for f in flat], 1)):
         apply_choice(st.states, list(st.tiers), tok, ch.reshape(tok.distortion.shape[:3]), head_dim=d, seed=st.seed,
                      kv_dtype=st.kv_dtype)

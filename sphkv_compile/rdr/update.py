@@ -70,9 +70,10 @@ def collect(states: list[TierState], specs: list[TierSpec], table: ChoiceTable, 
     """Gather every stored token plus the chunk k, v [B, H, N, d] (it joins the exact tier's end)
     and price each choice for each token (costs.distortion; key_gain [B, H] as there)."""
     e, C = table.exact_index, len(table.bytes)
-    cost = torch.tensor(table.bytes)
-    compressed = torch.tensor([not sp.exact for sp in specs] + [True])  # drop counts as "compressed"
-    only = lambda i: torch.nn.functional.one_hot(torch.tensor(i), C).bool()
+    device = states[0].count.device
+    cost = torch.tensor(table.bytes, device=device)
+    compressed = torch.tensor([not sp.exact for sp in specs] + [True], device=device)  # drop counts as "compressed"
+    only = lambda i: torch.nn.functional.one_hot(torch.tensor(i, device=device), C).bool()
     recs, utils, valids, allowed, r2, values = [], [], [], [], [], []
     for s, (spec, st) in enumerate(zip(specs, states)):
         rec, util, ok = gather_tokens(st)
@@ -86,7 +87,7 @@ def collect(states: list[TierState], specs: list[TierSpec], table: ChoiceTable, 
             util = torch.cat((util, new_u), 2)
             ok = torch.cat((ok, vmask), 2)
         if s == e:
-            allow = torch.ones(*ok.shape, C, dtype=torch.bool)
+            allow = torch.ones(*ok.shape, C, dtype=torch.bool, device=device)
             allow[protected_mask(ok, sink, recent)] = only(e)
         else:  # keep or demote, never promote: the finer values are gone
             allow = ((cost <= cost[s]) & compressed).expand(*ok.shape, C).clone()
@@ -177,8 +178,10 @@ def rebudget(states: list[TierState], specs: list[TierSpec], budget: torch.Tenso
     e = table.exact_index
     capacity[e] = max(float(capacity[e]) - H * headroom_tokens, 0.0)
     cost = torch.tensor(table.bytes, dtype=torch.float64)
-    choice = capped_choice(tokens.distortion.reshape(B, H * n, C), cost, budget.to(torch.float64),
-                           capacity, e).reshape(B, H, n)
+    # the allocation is many small steps with host-side decisions: on the CPU, one copy each way
+    D = tokens.distortion.reshape(B, H * n, C).cpu()
+    choice = capped_choice(D, cost, budget.cpu().to(torch.float64), capacity, e)
+    choice = choice.reshape(B, H, n).to(tokens.distortion.device)
     apply_choice(states, specs, tokens, choice, head_dim=head_dim, seed=seed, kv_dtype=kv_dtype)
     return choice
 
@@ -201,7 +204,8 @@ def rdr_update(states: list[TierState], specs: list[TierSpec], k: torch.Tensor, 
         return False
     B, H, N, d = k.shape
     table = choice_table(tuple(specs), d, seed, kv_dtype)
-    arriving = torch.full((B,), N, dtype=torch.int64) if valid is None else valid.to(torch.int64).sum(-1)
+    arriving = torch.full((B,), N, dtype=torch.int64, device=k.device) if valid is None \
+        else valid.to(torch.int64).sum(-1)
     after = token_bytes(states, table) + arriving * H * table.exact_bytes
     e = table.exact_index
     vmask = None if valid is None else valid.to(torch.bool)[:, None, :].expand(B, H, N)

@@ -28,8 +28,8 @@ def observation_window_utility(queries: torch.Tensor, keys: torch.Tensor, window
     W = min(window, T)
     q = queries[:, :, T - W:].float().reshape(B, Hkv, G * W, d)
     logits = q @ keys.float().transpose(-1, -2) * scale
-    qpos = (T - W + torch.arange(W)).repeat(G)
-    logits = logits.masked_fill(torch.arange(T)[None, :] > qpos[:, None], float("-inf"))
+    qpos = (T - W + torch.arange(W, device=keys.device)).repeat(G)
+    logits = logits.masked_fill(torch.arange(T, device=keys.device)[None, :] > qpos[:, None], float("-inf"))
     return torch.softmax(logits, -1).sum(2)
 
 

@@ -1,0 +1,77 @@
+"""Where a decode step of generate() spends its time on the GPU: the SmolLM2-shaped random
+Llama of rdr_gpu_check.py, dense static cache against the sphkv store (uniform or RDR), with
+torch.profiler over a few decode steps after a warm-up.
+
+    python benchmarks/profile_hf_decode.py [--policy uniform|rdr] [--prompt 2048] [--steps 16] [--out DIR]
+
+Prints ms per decoded token for both caches and the ops that take the most host and device
+time (the profiler's table), and writes the tables under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import sphkv_compile.api as sphkv
+from rdr_gpu_check import model_on
+
+
+def generate(model, ids, steps, **kw):
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, **kw)
+
+
+def per_token_ms(model, ids, steps, make_kw) -> float:
+    """Wall time of (prefill + steps) minus (prefill + 1 step), per extra step: decode only."""
+    times = []
+    for n in (1, steps + 1):
+        kw = make_kw()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        generate(model, ids, n, **kw)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return 1000 * (times[1] - times[0]) / steps
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--policy", default="uniform", choices=("uniform", "rdr"))
+    ap.add_argument("--prompt", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--out", default=".")
+    args = ap.parse_args(argv)
+    device = torch.device("cuda", torch.cuda.current_device())
+    ids = torch.randint(3, 49152, (1, args.prompt), device=device)
+    max_len = args.prompt + args.steps + 1
+
+    dense = model_on(device)
+    generate(dense, ids, 4, cache_implementation="static")
+    dense_ms = per_token_ms(dense, ids, args.steps, lambda: {"cache_implementation": "static"})
+    print(f"dense static cache: {dense_ms:.2f} ms per decoded token", flush=True)
+    del dense
+
+    options = dict(bits=3.5) if args.policy == "uniform" else dict(policy="rdr", budget=0.125, rebudget_every=32)
+    model = sphkv.optimize(model_on(device), **options)
+    make_kw = lambda: {sphkv.cache_keyword(model): sphkv.new_cache(model, max_cache_len=max_len)}  # noqa: E731
+    generate(model, ids, 4, **make_kw())  # warm-up: the decode step compiles
+    ms = per_token_ms(model, ids, args.steps, make_kw)
+    print(f"sphkv {args.policy}: {ms:.2f} ms per decoded token ({ms / dense_ms:.1f}x dense)", flush=True)
+
+    kw = make_kw()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        generate(model, ids, args.steps, **kw)
+    os.makedirs(args.out, exist_ok=True)
+    for key in ("self_cpu_time_total", "self_cuda_time_total"):
+        table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70)
+        with open(os.path.join(args.out, f"profile_{args.policy}_{key}.txt"), "w") as f:
+            f.write(table)
+        print(f"\n== by {key}\n" + "\n".join(table.splitlines()[:22]), flush=True)
+
+
+if __name__ == "__main__":
+    main()
