@@ -14,6 +14,7 @@ import os
 import time
 
 import torch
+import transformers as tf
 from torch.profiler import ProfilerActivity, profile
 
 import sphkv_compile.api as sphkv
@@ -25,15 +26,23 @@ def generate(model, ids, steps, **kw):
         return model.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, **kw)
 
 
-def per_token_ms(model, ids, steps, make_kw) -> float:
-    """Wall time of (prefill + steps) minus (prefill + 1 step), per extra step: decode only."""
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def per_token_ms(model, ids, steps, kw) -> float:
+    """Wall time of (prefill + steps) minus (prefill + 1 step), per extra step: decode only.
+    One cache object, reset between calls: a new cache per generate would make transformers
+    recompile its decode step each time (the first run of this script timed that)."""
     times = []
     for n in (1, steps + 1):
-        kw = make_kw()
-        torch.cuda.synchronize()
+        for cache in kw.values():
+            cache.reset()
+        sync(ids.device)
         t = time.perf_counter()
         generate(model, ids, n, **kw)
-        torch.cuda.synchronize()
+        sync(ids.device)
         times.append(time.perf_counter() - t)
     return 1000 * (times[1] - times[0]) / steps
 
@@ -44,29 +53,35 @@ def main(argv=None):
     ap.add_argument("--prompt", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--out", default=".")
+    ap.add_argument("--device", default="cuda", help="cuda; cpu only for a smoke run of the script")
     args = ap.parse_args(argv)
-    device = torch.device("cuda", torch.cuda.current_device())
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
     ids = torch.randint(3, 49152, (1, args.prompt), device=device)
     max_len = args.prompt + args.steps + 1
 
     dense = model_on(device)
-    generate(dense, ids, 4, cache_implementation="static")
-    dense_ms = per_token_ms(dense, ids, args.steps, lambda: {"cache_implementation": "static"})
+    dense_kw = {"past_key_values": tf.StaticCache(config=dense.config, max_cache_len=max_len)}
+    generate(dense, ids, 4, **dense_kw)  # warm-up: the decode step compiles
+    dense_ms = per_token_ms(dense, ids, args.steps, dense_kw)
     print(f"dense static cache: {dense_ms:.2f} ms per decoded token", flush=True)
-    del dense
+    del dense, dense_kw
 
     options = dict(bits=3.5) if args.policy == "uniform" else dict(policy="rdr", budget=0.125, rebudget_every=32)
     model = sphkv.optimize(model_on(device), **options)
-    make_kw = lambda: {sphkv.cache_keyword(model): sphkv.new_cache(model, max_cache_len=max_len)}  # noqa: E731
-    generate(model, ids, 4, **make_kw())  # warm-up: the decode step compiles
-    ms = per_token_ms(model, ids, args.steps, make_kw)
+    kw = {sphkv.cache_keyword(model): sphkv.new_cache(model, max_cache_len=max_len)}
+    generate(model, ids, 4, **kw)  # warm-up: the decode step compiles
+    ms = per_token_ms(model, ids, args.steps, kw)
     print(f"sphkv {args.policy}: {ms:.2f} ms per decoded token ({ms / dense_ms:.1f}x dense)", flush=True)
 
-    kw = make_kw()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    next(iter(kw.values())).reset()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
         generate(model, ids, args.steps, **kw)
     os.makedirs(args.out, exist_ok=True)
-    for key in ("self_cpu_time_total", "self_cuda_time_total"):
+    keys = ("self_cpu_time_total",) + (("self_cuda_time_total",) if device.type == "cuda" else ())
+    for key in keys:
         table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70)
         with open(os.path.join(args.out, f"profile_{args.policy}_{key}.txt"), "w") as f:
             f.write(table)
