@@ -190,7 +190,8 @@ def _no_cuda_graphs(kwargs: dict, model) -> None:
     config = kwargs.get("generation_config") or model.generation_config
     asked = kwargs.get("compile_config", getattr(config, "compile_config", None))
     if asked is None:
-        kwargs["compile_config"] = CompileConfig(mode="default")
+        if model.device.type != "cpu":  # generate() auto-compiles on accelerators only (no notice on CPU)
+            kwargs["compile_config"] = CompileConfig(mode="default")
         return
     if asked.backend == "sphkv":  # the sphkv backend makes no CUDA graphs whatever the mode
         return

@@ -97,6 +97,9 @@ def test_generate_never_asks_for_cuda_graphs_and_refuses_a_config_that_does():
     fast = api.optimize(_model(), **HIGH_BITS)
     plain = {}
     _no_cuda_graphs(plain, fast)
+    assert "compile_config" not in plain  # on the CPU generate() does not auto-compile: nothing to set
+    meta = api.optimize(_model().to("meta"), **HIGH_BITS)  # stands for an accelerator: not the CPU
+    _no_cuda_graphs(plain, meta)
     assert plain["compile_config"].mode == "default"
     ids = torch.randint(3, 128, (1, 6))
     with pytest.raises(ValueError, match="CUDA graphs.*Fix: pass compile_config"):
