@@ -87,7 +87,8 @@ class CompressedCache:
                                   self.max_tokens)
         protected = self.options.sink + self.options.recent + self.options.rebudget_every
         return rdr.pool_pages(self.specs, nbytes, self.batch, self.kv_heads, self.head_dim, self.options.page_size,
-                              seed=self.options.seed, kv_dtype=self.kv_dtype, protected=protected, tokens=capacity)
+                              seed=self.options.seed, kv_dtype=self.kv_dtype, protected=protected, tokens=capacity,
+                              distortion=self.options.distortion)
 
     def _allocate(self, spec, index: int, capacity: int) -> TierState:
         kw, vw = record_words(spec, self.head_dim, self.options.seed, self.kv_dtype)

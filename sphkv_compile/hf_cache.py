@@ -97,7 +97,8 @@ class SphkvLayer(CacheLayerMixin):
         ps = o.page_size
         if o.policy == "rdr":
             sizes = rdr.pool_pages(st.tiers, self.budget_bytes(max_tokens), st.batch, st.kv_heads, st.head_dim, ps,
-                                   seed=o.seed, kv_dtype=st.kv_dtype, protected=protected_tokens(o), tokens=max_tokens)
+                                   seed=o.seed, kv_dtype=st.kv_dtype, protected=protected_tokens(o), tokens=max_tokens,
+                                   distortion=o.distortion)
             st.states = [st._new_state(spec, n, per_head) for spec, (n, per_head) in zip(st.tiers, sizes)]
             return
         per_head = {}
@@ -120,7 +121,8 @@ class SphkvLayer(CacheLayerMixin):
         st = self.store
         if self.options.policy == "rdr":
             tokens = self.seen + new_tokens
-            ensure_capacity(st, self.budget_bytes(tokens), protected=protected_tokens(self.options), tokens=tokens)
+            ensure_capacity(st, self.budget_bytes(tokens), protected=protected_tokens(self.options), tokens=tokens,
+                            distortion=self.options.distortion)
             return
         n = torch.full((st.batch, st.kv_heads), new_tokens, dtype=torch.int64, device=st.states[0].count.device)
         e = st.tier_index("exact")

@@ -5,7 +5,9 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from sphkv_compile import rdr
 from sphkv_compile.rdr import meter as M
+from sphkv_compile.rdr.capacity import guaranteed_tokens, tier_pages
 from sphkv_compile.rdr.costs import choice_table, distortion
 from sphkv_compile.rdr.utility import query_key_gain
 from sphkv_compile.tiers import DEFAULT_TIERS
@@ -111,3 +113,19 @@ def test_meter_keeps_a_running_key_gain_per_row_and_head():
     assert M.entered(m).tolist() == [5, 5]
     M.reset(m)
     assert M.key_gain(m) is None and M.entered(m).tolist() == [0, 0] and M.read(m)["calls"] == 0
+
+
+@pytest.mark.parametrize("fraction", [1 / 4, 1 / 8, 1 / 16])
+def test_pool_prior_follows_the_distortion_option(fraction):
+    """The fixed pools are sized from a prior allocation; under 'logit' it prices key errors by
+    their softmax error, so the 6-bit tier gets more room and the 2- and 3.5-bit tiers less,
+    and both layouts still hold at most the budget."""
+    tokens, H, d, ps = 2048, 3, 64, 16
+    budget = rdr.layer_budget_bytes(fraction, tokens, H, d)
+    pages = {name: tier_pages(DEFAULT_TIERS, budget, H, d, ps, seed=0, kv_dtype=torch.float16, protected=100,
+                              tokens=tokens, distortion=name) for name in ("unit", "logit")}
+    for p in pages.values():
+        assert sum(guaranteed_tokens(n, H, ps) * b for n, b in zip(p, TABLE.bytes)) <= budget
+    high, mid, low = (TABLE.names.index(n) for n in ("high", "mid", "low"))
+    assert pages["logit"][high] > pages["unit"][high]
+    assert pages["logit"][mid] + pages["logit"][low] < pages["unit"][mid] + pages["unit"][low]

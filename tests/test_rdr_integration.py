@@ -119,9 +119,14 @@ def test_compiled_rdr_distortion_option_feeds_the_key_gain_of_the_queries(distor
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="sphkv", options={**RDR, "distortion": distortion})
     gpt_fast.generate(model, prompt, 24, compiled)
+    cfg = model.cfg
+    budget = rdr.layer_budget_bytes(RDR["budget"], cfg.max_seq, cfg.kv_heads, cfg.head_dim)
+    allowance = metadata_allowance_bytes(tuple(DEFAULT_TIERS), 1, cfg.kv_heads, cfg.head_dim, RDR["page_size"], budget,
+                                         seed=0, kv_dtype=torch.float32)
     for s in _stores(model):
         r = s.budget_report()
         assert r["max_excess"] <= 0 and r["rebudgets"] >= 2
+        assert _held_bytes(s) <= budget + allowance  # the 'logit' prior sizes the pools differently
         if distortion == "unit":
             assert r["key_gain"] is None
         else:

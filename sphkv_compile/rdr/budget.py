@@ -140,13 +140,14 @@ def check_options(options, max_tokens: int, kv_heads: int, head_dim: int, kv_dty
 
 def pool_pages(specs, budget_bytes: int, batch: int, kv_heads: int, head_dim: int, page_size: int, *, seed: int,
                kv_dtype: torch.dtype, protected: int | None = None, tokens: int | None = None,
-               at_least: list[int] | None = None) -> list[tuple[int, int]]:
+               at_least: list[int] | None = None, distortion: str = "unit") -> list[tuple[int, int]]:
     """(num_pages, max_pages per head) of each tier's fixed pool: capacities that together hold
     the budget (rdr/capacity.py), plus one partly filled page per (row, head). protected: exact
     tokens per KV head (sink + recent + rebudget_every); without it the exact tier may take the
     whole budget and the pools hold up to about twice it (docs/FORMAT.md). tokens: per KV head,
     those the budget is a fraction of (they set the prior's bytes per token). at_least: pages per
-    batch row each pool already has (growing pools never shrink)."""
+    batch row each pool already has (growing pools never shrink). distortion: the option; the
+    prior's tier shares follow it."""
     pages = tier_pages(specs, budget_bytes, kv_heads, head_dim, page_size, seed=seed, kv_dtype=kv_dtype,
-                       protected=protected, tokens=tokens, at_least=at_least)
+                       protected=protected, tokens=tokens, at_least=at_least, distortion=distortion)
     return [(batch * p, max(1, -(-guaranteed_tokens(p, kv_heads, page_size) // page_size))) for p in pages]

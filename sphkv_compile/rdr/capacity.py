@@ -25,25 +25,40 @@ import torch
 
 from .allocate import allocate
 from . import meter as M
-from .costs import choice_table
+from .costs import choice_table, softmax_error_gain
 
 PRIOR_SIGMA = 2.0  # log-normal spread of utility·norm²; fitted to SmolLM2 (docs/FORMAT.md)
+# distortion='logit': key gain × r² (a token's logit variance per unit of relative key error),
+# log-normal; median and spread measured on SmolLM2's prefill (docs/QUALITY.md)
+PRIOR_LOGIT_MEDIAN = 15.0
+PRIOR_LOGIT_SIGMA = 0.62
 PRIOR_ITEMS = 2048
 DEFAULT_FRACTION = 1 / 8  # the prior's bytes per token when the caller cannot say (dense·fraction)
 
 
 @lru_cache(maxsize=256)
 def prior_shares(specs: tuple, head_dim: int, seed: int, kv_dtype: torch.dtype,
-                 bytes_per_token: float) -> tuple[float, ...]:
+                 bytes_per_token: float, distortion: str = "unit") -> tuple[float, ...]:
     """Per tier (ladder order): the share of the unprotected budget the allocator gives it
-    on the prior, at `bytes_per_token` bytes per unprotected token and KV head."""
+    on the prior, at `bytes_per_token` bytes per unprotected token and KV head, pricing errors
+    as the option `distortion` does (costs.distortion, with unit norms and value deviations)."""
     table = choice_table(specs, head_dim, seed, kv_dtype)
+    normal = torch.distributions.Normal(0.0, 1.0)
     q = (torch.arange(PRIOR_ITEMS, dtype=torch.float64) + 0.5) / PRIOR_ITEMS
-    weight = torch.exp(PRIOR_SIGMA * torch.distributions.Normal(0.0, 1.0).icdf(q))
-    eps = torch.tensor([(k + v) / 2 for k, v in zip(table.eps_k, table.eps_v)], dtype=torch.float64)
+    weight = torch.exp(PRIOR_SIGMA * normal.icdf(q))
+    eps_k = torch.tensor(table.eps_k, dtype=torch.float64)
+    eps_v = torch.tensor(table.eps_v, dtype=torch.float64)
+    if distortion == "logit":
+        # an independent log-normal logit scale per item (a fixed permutation decorrelates it)
+        perm = torch.randperm(PRIOR_ITEMS, generator=torch.Generator().manual_seed(0))
+        scale = PRIOR_LOGIT_MEDIAN * torch.exp(PRIOR_LOGIT_SIGMA * normal.icdf(q[perm]))
+        per_unit = softmax_error_gain(eps_k * scale[:, None]) + eps_v
+        per_unit[:, table.drop_index] = 1.0
+    else:
+        per_unit = ((eps_k + eps_v) / 2).expand(PRIOR_ITEMS, -1)
     cost = torch.tensor(table.bytes, dtype=torch.float64)
     budget = min(bytes_per_token, float(cost.max())) * PRIOR_ITEMS
-    choice = allocate((weight[:, None] * eps)[None], cost, torch.tensor([budget]))[0]
+    choice = allocate((weight[:, None] * per_unit)[None], cost, torch.tensor([budget]))[0]
     held = torch.bincount(choice, minlength=len(cost)).to(torch.float64) * cost
     return tuple(float(x) for x in (held / budget)[:-1])  # the last choice is drop
 
@@ -63,7 +78,7 @@ def pages_for(tokens: int, kv_heads: int, page_size: int, round_up: bool) -> int
 
 def tier_pages(specs, budget_bytes: int, kv_heads: int, head_dim: int, page_size: int, *, seed: int,
                kv_dtype: torch.dtype, protected: int | None, tokens: int | None,
-               at_least: list[int] | None = None) -> list[int]:
+               at_least: list[int] | None = None, distortion: str = "unit") -> list[int]:
     """Pages per batch row of each tier's pool (module docstring). protected: exact tokens per
     KV head the policy needs (sink + recent + rebudget_every; None: unknown, then the exact
     tier may hold the whole budget). tokens: per KV head, those the budget is a fraction of
@@ -83,7 +98,7 @@ def tier_pages(specs, budget_bytes: int, kv_heads: int, head_dim: int, page_size
     # caches) keeps the same prior shares, and every tier's capacity only grows
     unprotected = None if tokens is None or protected is None else H * max(1, tokens)
     per_token = rest / unprotected if unprotected else DEFAULT_FRACTION * dense_token
-    shares = prior_shares(specs, head_dim, seed, kv_dtype, float(max(per_token, 0.0)))
+    shares = prior_shares(specs, head_dim, seed, kv_dtype, float(max(per_token, 0.0)), distortion)
     wanted = [max(0, int(rest * s // table.bytes[t])) for t, s in enumerate(shares)]
     pages = [pages_for(w, H, page_size, False) for w in wanted]
     pages[e] = pages_for(exact_tokens + (0 if protected is None else wanted[e]), H, page_size, True)

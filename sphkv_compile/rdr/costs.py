@@ -84,6 +84,13 @@ def choice_table(specs: tuple[TierSpec, ...], head_dim: int, seed: int, kv_dtype
 SIGMA2_CAP = 20.0  # logit noise variance beyond which a tier is useless anyway; keeps exp() finite
 
 
+def softmax_error_gain(sigma2: torch.Tensor) -> torch.Tensor:
+    """E(e^δ - 1)² for δ ~ N(0, σ²): the mean square change of a token's softmax weight, per unit
+    of weight, when its logit is off by δ."""
+    sigma2 = sigma2.clamp(max=SIGMA2_CAP)
+    return torch.expm1(2 * sigma2) - 2 * torch.expm1(sigma2 / 2)
+
+
 def distortion(table: ChoiceTable, utility: torch.Tensor, key_norm2: torch.Tensor, values: torch.Tensor,
                valid: torch.Tensor, key_gain: torch.Tensor | None = None) -> torch.Tensor:
     """D [B, H, n, C]: the expected squared attention-output error of each choice for each token,
@@ -111,8 +118,7 @@ def distortion(table: ChoiceTable, utility: torch.Tensor, key_norm2: torch.Tenso
     weight = torch.where(total > 0, weight / total.clamp(min=1e-30), valid / count)  # no utility yet: plain mean
     mean_value = (weight[..., None] * values).sum(2, keepdim=True)
     dev2 = (values - mean_value).pow(2).sum(-1)[..., None]
-    sigma2 = (eps_k * key_norm2[..., None] * key_gain.float()[:, :, None, None]).clamp(max=SIGMA2_CAP)
-    g = torch.expm1(2 * sigma2) - 2 * torch.expm1(sigma2 / 2)
+    g = softmax_error_gain(eps_k * key_norm2[..., None] * key_gain.float()[:, :, None, None])
     D = u * (g * dev2 + eps_v * v2[..., None])
     D[..., table.drop_index] = (u * dev2)[..., 0]
     return D

@@ -14,13 +14,16 @@ from .costs import choice_table
 from .update import apply_choice, collect, headroom_bytes, rdr_update, token_bytes
 
 
-def ensure_capacity(store: LayerStore, budget_bytes: int, *, protected: int, tokens: int) -> None:
+def ensure_capacity(store: LayerStore, budget_bytes: int, *, protected: int, tokens: int,
+                    distortion: str = "unit") -> None:
     """Grow the pools (never shrink them) to the capacities of the budget (budget.pool_pages):
     what they hold stays within the budget plus the page slack. protected: exact tokens per KV
-    head (sink + recent + rebudget_every); tokens: per KV head, what the budget is a fraction of."""
+    head (sink + recent + rebudget_every); tokens: per KV head, what the budget is a fraction of;
+    distortion: the option the pools' prior follows."""
     held = [s.pool.shape[0] // store.batch for s in store.states]
     sizes = pool_pages(store.tiers, budget_bytes, store.batch, store.kv_heads, store.head_dim, store.page_size,
-                       seed=store.seed, kv_dtype=store.kv_dtype, protected=protected, tokens=tokens, at_least=held)
+                       seed=store.seed, kv_dtype=store.kv_dtype, protected=protected, tokens=tokens, at_least=held,
+                       distortion=distortion)
     for t, (num_pages, max_pages) in enumerate(sizes):
         store.grow_tier(t, num_pages, max_pages)
 
@@ -44,7 +47,7 @@ def apply(store: LayerStore, k: torch.Tensor, v: torch.Tensor, valid: torch.Tens
     """rdr_update on an eager store (k, v [B, Hkv, N, d]); True if it re-budgeted. The pools
     are sized for the budget of the tokens seen after this chunk."""
     ensure_capacity(store, budget_bytes, protected=sink + recent + rebudget_every,
-                    tokens=store.tokens_seen + k.shape[2])
+                    tokens=store.tokens_seen + k.shape[2], distortion="unit" if key_gain is None else "logit")
     did = rdr_update(store.states, list(store.tiers), k, v, valid, utility, seed=store.seed, kv_dtype=store.kv_dtype,
                      sink=sink, recent=recent, budget_bytes=budget_bytes, rebudget_every=rebudget_every,
                      key_gain=key_gain)
