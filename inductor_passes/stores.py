@@ -20,6 +20,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from sphkv_compile import rdr
 from sphkv_compile.rdr import meter as budget_meter
+from sphkv_compile.rdr.budget import protected_tokens
 from sphkv_compile.rdr.node import measure
 from sphkv_compile.report import register_kv_source
 from sphkv_compile.ops import tiers_string
@@ -85,9 +86,9 @@ class CompressedCache:
         `capacity` tokens."""
         nbytes = rdr.budget_bytes(self.options, capacity, self.kv_heads, self.head_dim, self.kv_dtype,
                                   self.max_tokens)
-        protected = self.options.sink + self.options.recent + self.options.rebudget_every
         return rdr.pool_pages(self.specs, nbytes, self.batch, self.kv_heads, self.head_dim, self.options.page_size,
-                              seed=self.options.seed, kv_dtype=self.kv_dtype, protected=protected, tokens=capacity,
+                              seed=self.options.seed, kv_dtype=self.kv_dtype,
+                              protected=protected_tokens(self.options), tokens=capacity,
                               distortion=self.options.distortion)
 
     def _allocate(self, spec, index: int, capacity: int) -> TierState:

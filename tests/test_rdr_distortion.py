@@ -105,10 +105,11 @@ def test_meter_keeps_a_running_key_gain_per_row_and_head():
     m = M.new_meter(2, 3)
     assert M.key_gain(m) is None and M.entered(m).tolist() == [0, 0]
     first = torch.tensor([[0.5, 1.0, 2.0], [0.25, 0.125, 4.0]])
-    M.observe_queries(m, first)
+    torch.testing.assert_close(M.observe_queries(m, first), first)
     torch.testing.assert_close(M.key_gain(m), first)
-    M.observe_queries(m, torch.zeros(2, 3))
+    returned = M.observe_queries(m, torch.zeros(2, 3))
     torch.testing.assert_close(M.key_gain(m), first * M.GAIN_MEMORY, atol=2 * M.GAIN_UNITS, rtol=0)
+    assert torch.equal(returned, M.key_gain(m))  # what the update prices with is what the meter keeps
     M.count_entered(m, 5, None)
     assert M.entered(m).tolist() == [5, 5]
     M.reset(m)

@@ -55,14 +55,16 @@ def key_gain(meter: torch.Tensor) -> torch.Tensor | None:
     return raw.reshape(B, -1).to(torch.float32) * GAIN_UNITS
 
 
-def observe_queries(meter: torch.Tensor, gain: torch.Tensor) -> None:
-    """Fold the key gain of the queries just seen [B, Hkv] into the running estimate."""
+def observe_queries(meter: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+    """Fold the key gain of the queries just seen [B, Hkv] into the running estimate; returns
+    the estimate (what key_gain reads back, without a host-side check)."""
     B = int(meter[BATCH])
     raw = meter[SIZE + B:].view(B, -1)
     new = gain.to(device=raw.device, dtype=torch.float64) / GAIN_UNITS
     old = raw.to(torch.float64)
-    mixed = torch.where(old > 0, GAIN_MEMORY * old + (1 - GAIN_MEMORY) * new, new)
-    raw.copy_(mixed.round().clamp(min=1).to(torch.int64))
+    mixed = torch.where(old > 0, GAIN_MEMORY * old + (1 - GAIN_MEMORY) * new, new).round().clamp(min=1)
+    raw.copy_(mixed.to(torch.int64))
+    return mixed.to(torch.float32) * GAIN_UNITS
 
 
 def count_entered(meter: torch.Tensor, n: int, valid: torch.Tensor | None) -> None:

@@ -55,10 +55,10 @@ def enter_chunk(states: list[TierState], specs: list[TierSpec], meter: torch.Ten
     M.count_entered(meter, k.shape[2], valid)
     if utility is not None:
         utility = pooled(utility)
-    if key_gain is not None:
-        M.observe_queries(meter, key_gain)
+    # only distortion='logit' passes queries; 'unit' then never reads the meter's gain back
+    gain = None if key_gain is None else M.observe_queries(meter, key_gain)
     if rdr_update(states, specs, k, v, valid, utility, seed=seed, kv_dtype=kv_dtype, sink=sink, recent=recent,
-                  budget_bytes=budget_bytes, rebudget_every=rebudget_every, key_gain=M.key_gain(meter)):
+                  budget_bytes=budget_bytes, rebudget_every=rebudget_every, key_gain=gain):
         _record_rebudget(meter)
 
 
