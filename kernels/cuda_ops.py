@@ -13,10 +13,12 @@ import torch
 
 from sphkv_compile import ops as sphkv_ops  # noqa: F401  (defines the ops)
 from sphkv_compile.ops import dtype_from_name, parse_tiers, unflatten_state
+from sphkv_compile.placement import graduate
 from sphkv_compile.store import append_records, attend as reference_attend, encode_records as reference_encode
 
 from . import attend as kernel_attend
 from . import encode as kernel_encode
+from .decode_update import decode_update
 from .layout import Unsupported
 
 log = logging.getLogger("sphkv.kernels")
@@ -46,18 +48,38 @@ def attend_cuda(q, state, k_new, v_new, valid_new, tiers, seed, kv_dtype, scale,
     return out.contiguous(), mass.to(torch.float32).contiguous()
 
 
+def encode_records(spec, k, v, seed, kv_dtype):
+    """The Triton encoder, or the reference where the kernels do not handle the codec."""
+    try:
+        return kernel_encode.encode_records(spec, k, v, seed, kv_dtype)
+    except Unsupported as err:
+        _fallback("encode", err)
+        return reference_encode(spec, k, v, seed, kv_dtype)
+
+
 def encode_append_cuda(state, k, v, valid, utility, tier_index, tiers, seed, kv_dtype):
     specs = parse_tiers(tiers)
     states = unflatten_state(state, len(specs))
-    dt = dtype_from_name(kv_dtype)
-    try:
-        records = kernel_encode.encode_records(specs[tier_index], k, v, seed, dt)
-    except Unsupported as err:
-        _fallback("encode_append", err)
-        records = reference_encode(specs[tier_index], k, v, seed, dt)
+    records = encode_records(specs[tier_index], k, v, seed, dtype_from_name(kv_dtype))
     B, H, N, _ = k.shape
     vmask = None if valid is None else valid.to(torch.bool)[:, None, :].expand(B, H, N)
     append_records(states[tier_index], records, utility, vmask, specs[tier_index].name)
+
+
+def update_cache_cuda(state, k, v, valid, utility, tiers, seed, kv_dtype, sink, recent, target_tier):
+    """A decode step (one token) takes the device-side update (decode_update.py: no host
+    reads); a longer chunk (prefill) runs placement.graduate with the Triton encoder."""
+    specs = list(parse_tiers(tiers))
+    states = unflatten_state(state, len(specs))
+    kw = dict(seed=seed, kv_dtype=dtype_from_name(kv_dtype), sink=sink, recent=recent, target=target_tier,
+              encode=encode_records)
+    if k.shape[2] == 1:
+        try:
+            decode_update(states, specs, k, v, valid, utility, **kw)
+            return
+        except Unsupported as err:
+            _fallback("update_cache (device-side decode step)", err)
+    graduate(states, specs, k, v, valid, utility, **kw)
 
 
 def register() -> None:
@@ -67,4 +89,5 @@ def register() -> None:
         return
     torch.library.register_kernel("sphkv::attend", "cuda", attend_cuda)
     torch.library.register_kernel("sphkv::encode_append", "cuda", encode_append_cuda)
+    torch.library.register_kernel("sphkv::update_cache", "cuda", update_cache_cuda)
     _registered = True

@@ -15,9 +15,11 @@ from .tiers import TierSpec
 
 def graduate(states: list[TierState], specs: list[TierSpec], k: torch.Tensor, v: torch.Tensor,
              valid: torch.Tensor | None, utility: torch.Tensor | None, *, seed: int, kv_dtype: torch.dtype,
-             sink: int, recent: int, target: int) -> None:
+             sink: int, recent: int, target: int, encode=encode_records) -> None:
     """Append the chunk k, v [B, Hkv, N, d] (valid [B, N]) as the newest tokens, keeping only
-    sinks + the recent window in the exact tier; the rest goes to tier `target`."""
+    sinks + the recent window in the exact tier; the rest goes to tier `target`.
+    encode(spec, k, v, seed, kv_dtype) -> records of the graduating tokens (the reference codec
+    here; the Triton encoder on the GPU)."""
     exact = next(i for i, s in enumerate(specs) if s.exact)
     if specs[target].exact:
         raise ValueError("the graduation target must be a compressed tier")
@@ -39,7 +41,7 @@ def graduate(states: list[TierState], specs: list[TierSpec], k: torch.Tensor, v:
         # encode only the graduating tokens: sinks and the recent window stay exact, and in
         # decode they are almost all of the exact tier
         kk, vv = split_exact(rec[leave], d, kv_dtype)
-        enc = encode_records(specs[target], kk, vv, seed, kv_dtype)
+        enc = encode(specs[target], kk, vv, seed, kv_dtype)
         grads = enc.new_zeros(*leave.shape, enc.shape[-1])
         grads[leave] = enc
         append_records(states[target], grads, utl, leave, specs[target].name)

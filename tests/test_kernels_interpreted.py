@@ -217,3 +217,45 @@ def test_compaction_keeps_selected_tokens(spec, B, H, max_count, page_size, p_ke
 def test_unsupported_configurations_say_why(spec, d, why):
     with pytest.raises(Unsupported, match=why):
         tier_info(spec, d, 0, KV_DTYPE)
+
+
+@settings(**SETTINGS)
+@given(st.sampled_from(ALL_TIERS[1:]), st.sampled_from([16, 64]), st.integers(1, 2), st.integers(1, 3),
+       st.integers(0, 4), st.integers(0, 6), st.sampled_from([2, 4, 8]), st.integers(0, 12), st.integers(1, 14),
+       st.booleans(), st.integers(0, 2**31 - 1))
+def test_device_decode_update_equals_graduate(spec, d, B, H, sink, recent, page_size, prompt, steps, pad, seed):
+    """Decode steps through the device-side update (kernels/decode_update.py) leave every tier
+    holding the same tokens, in the same order, with the same utility as placement.graduate,
+    from any exact-tier fill (empty, part-full, full), with padded rows and every window size."""
+    from sphkv_compile.kernels.decode_update import decode_update
+    from sphkv_compile.placement import graduate
+
+    gen = torch.Generator().manual_seed(seed)
+    specs = [ALL_TIERS[0], spec]
+    max_tokens = prompt + steps
+    states = []
+    for s, cap in zip(specs, (min(max_tokens, sink + recent), max_tokens)):
+        kw, vw = record_words(s, d, 0, KV_DTYPE)
+        per_head = max(1, math.ceil(cap / page_size))
+        states.append(TierState.allocate(B, H, B * H * per_head, page_size, kw + vw, per_head, "cpu"))
+    kw = dict(seed=0, kv_dtype=KV_DTYPE, sink=sink, recent=recent, target=1)
+    if prompt:
+        graduate(states, specs, torch.randn(B, H, prompt, d, generator=gen), torch.randn(B, H, prompt, d, generator=gen),
+                 None, torch.rand(B, H, prompt, generator=gen), **kw)
+    ref, ker = clone_states(states), clone_states(states)
+    for _ in range(steps):
+        k = torch.randn(B, H, 1, d, generator=gen) * 3
+        v = torch.randn(B, H, 1, d, generator=gen)
+        util = torch.rand(B, H, 1, generator=gen)
+        valid = (torch.rand(B, 1, generator=gen) < 0.7) if pad else None
+        graduate(ref, specs, k, v, valid, util, **kw)
+        decode_update(ker, specs, k, v, valid, util, **kw)
+    for r, g in zip(ref, ker):
+        assert torch.equal(r.count, g.count)
+        (rr, ru, rv), (gr, gu, gv) = gather_tokens(r), gather_tokens(g)
+        assert torch.equal(rv, gv)
+        assert torch.equal(rr[rv], gr[gv]) and torch.equal(ru[rv], gu[gv])
+        # pages: each either held by one row or on the free stack, once
+        in_use = g.pages[g.pages >= 0]
+        free = g.free[: int(g.free_top[0])]
+        assert torch.unique(torch.cat([in_use, free])).numel() == g.pool.shape[0] == in_use.numel() + free.numel()
