@@ -163,3 +163,38 @@ def test_op_and_compiled_op_run_the_kernels():
                               v_new=vn.double(), scale=0.125)
     assert rel_err(eager, ref) < TF32_TOL + 2.0**-8
     assert rel_err(compiled, ref) < TF32_TOL + 2.0**-8
+
+
+@pytest.mark.parametrize("d,B,H,sink,recent,ps", [(128, 4, 8, 4, 64, 64), (64, 3, 3, 0, 5, 8), (64, 2, 2, 2, 0, 16)])
+def test_device_decode_update_equals_graduate_on_gpu(d, B, H, sink, recent, ps):
+    """sphkv::update_cache on CUDA (one token: kernels/decode_update.py) against
+    placement.graduate with the same (Triton) encoder: identical tiers after every step."""
+    from sphkv_compile.kernels import cuda_ops
+    from sphkv_compile.ops import tiers_string
+    from sphkv_compile.placement import graduate
+
+    cuda_ops.register()
+    gen = torch.Generator(device=DEV).manual_seed(random.randrange(2**31))
+    specs = [DEFAULT_TIERS[0], DEFAULT_TIERS[2]]
+    prompt, steps = 100, 80
+    states = []
+    for s, cap in zip(specs, (min(prompt + steps, sink + recent), prompt + steps)):
+        kw, vw = record_words(s, d, 0, KV_DTYPE)
+        per_head = max(1, math.ceil(cap / ps))
+        states.append(TierState.allocate(B, H, B * H * per_head, ps, kw + vw, per_head, DEV))
+    kw = dict(seed=0, kv_dtype=KV_DTYPE, sink=sink, recent=recent, target=1, encode=cuda_ops.encode_records)
+    graduate(states, specs, torch.randn(B, H, prompt, d, generator=gen, device=DEV),
+             torch.randn(B, H, prompt, d, generator=gen, device=DEV), None, None, **kw)
+    ref = [TierState(*[t.clone() for t in s.tensors()]) for s in states]
+    flat = [t for s in states for t in s.tensors()]
+    for i in range(steps):
+        k = torch.randn(B, H, 1, d, generator=gen, device=DEV, dtype=KV_DTYPE)
+        v = torch.randn(B, H, 1, d, generator=gen, device=DEV, dtype=KV_DTYPE)
+        util = torch.rand(B, H, 1, generator=gen, device=DEV)
+        valid = torch.rand(B, 1, generator=gen, device=DEV) < 0.8
+        graduate(ref, specs, k, v, valid, util, **kw)
+        torch.ops.sphkv.update_cache(flat, k, v, valid, util, tiers_string(specs), 0, "bfloat16", sink, recent, 1)
+    for r, g in zip(ref, states):
+        assert torch.equal(r.count, g.count)
+        (rr, ru, rv), (gr, gu, gv) = gather_tokens(r), gather_tokens(g)
+        assert torch.equal(rv, gv) and torch.equal(rr[rv], gr[gv]) and torch.equal(ru[rv], gu[gv])

@@ -75,11 +75,14 @@ def budget_step(states: list[TierState], specs: list[TierSpec], meter: torch.Ten
                      head_dim=head_dim, seed=seed, kv_dtype=kv_dtype, sink=sink, recent=recent,
                      headroom_tokens=rebudget_every, key_gain=M.key_gain(meter))
             _record_rebudget(meter)
-    held = int(token_bytes(states, table).max()) if states[0].count.numel() else 0
+    # device-side bookkeeping: without a budget nothing is read back to the host (a decode step
+    # on the GPU then never waits for the device here)
+    held_t = token_bytes(states, table).max() if states[0].count.numel() else 0
     meter[M.BUDGET] = budget_bytes
-    meter[M.TOKEN_BYTES] = held
+    meter[M.TOKEN_BYTES] = held_t
     meter[M.CALLS] += 1
     if budget_bytes > 0:
+        held = int(held_t)
         meter[M.MAX_EXCESS] = max(int(meter[M.MAX_EXCESS]), held - budget_bytes)
         if held > budget_bytes:
             raise SphkvBudgetError(
