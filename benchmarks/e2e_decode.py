@@ -107,7 +107,10 @@ def decode(model, cache_kw: dict, batch: int, context: int, steps: int, warmup: 
 def per_sequence_bytes(kind: str, model, config, context: int, new: int, device) -> int:
     d = config.hidden_size // config.num_attention_heads
     if kind == "dense":
-        return config.num_hidden_layers * 2 * config.num_key_value_heads * (context + 1 + new) * d * 2
+        # the cache, plus one layer's keys and values repeated over the query heads (transformers'
+        # sdpa path expands GQA before SDPA: seen as a 6.25 GiB buffer at B=25 on the H200)
+        per_layer = 2 * (context + 1 + new) * d * 2
+        return per_layer * (config.num_hidden_layers * config.num_key_value_heads + config.num_attention_heads)
     cache = sphkv.new_cache(model, max_cache_len=context + 1 + new)
     layer = cache.compressed_layers()[0]
     layer.init_store(1, config.num_key_value_heads, d, torch.bfloat16, device)

@@ -49,9 +49,13 @@ def attend_cuda(q, state, k_new, v_new, valid_new, tiers, seed, kv_dtype, scale,
 
 
 def encode_records(spec, k, v, seed, kv_dtype):
-    """The Triton encoder, or the reference where the kernels do not handle the codec."""
+    """The Triton encoder, or the reference where the kernels do not handle the codec.
+    k, v [..., d] (placement.graduate passes the graduating tokens as [M, d])."""
     try:
-        return kernel_encode.encode_records(spec, k, v, seed, kv_dtype)
+        lead, d = k.shape[:-1], k.shape[-1]
+        if k.dim() != 4:
+            k, v = k.reshape(1, 1, -1, d), v.reshape(1, 1, -1, d)
+        return kernel_encode.encode_records(spec, k, v, seed, kv_dtype).reshape(*lead, -1)
     except Unsupported as err:
         _fallback("encode", err)
         return reference_encode(spec, k, v, seed, kv_dtype)

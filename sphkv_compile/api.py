@@ -25,6 +25,7 @@ import inspect
 
 import torch
 
+from .backend import install_kernels
 from .report import begin_compile, record_site, report
 from .hf import CACHE_KWARG, DENSE_IMPL_ATTR, IMPL_NAME, RoutedSphkvCache, register, run_routed
 from .hf_cache import SphkvCache, snapshot_kv_bytes
@@ -96,6 +97,7 @@ def optimize(model, kv_dtype: torch.dtype | None = None, **options):
     if getattr(model.config, "is_encoder_decoder", False):
         raise TypeError("optimize() supports decoder-only models; encoder-decoder models keep their dense cache")
     register()
+    install_kernels()  # on CUDA the ops run the Triton kernels (generate() compiles with Inductor, not sphkv)
     state = getattr(model, _STATE_ATTR, None)
     if state is not None:  # re-optimizing: new options, same wrappers
         state.options, state.kv_dtype = opts, kv_dtype

@@ -23,14 +23,16 @@ log = logging.getLogger("sphkv")
 _MIN_CAT_CAPACITY = 256  # tokens per KV head a fresh cat-cache store starts with
 
 
-def _install_lowering() -> None:
+def install_kernels() -> None:
+    """Give the sphkv ops their CUDA (Triton) implementations, once. Both entry points need
+    it: this backend, and optimize(), whose generate() compiles with Inductor's own backend."""
     try:
         from .inductor_passes import lowering
     except ImportError:
         return
-    if not getattr(_install_lowering, "done", False):
+    if not getattr(install_kernels, "done", False):
         lowering.install()
-        _install_lowering.done = True
+        install_kernels.done = True
 
 
 def sphkv_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
@@ -46,7 +48,7 @@ def sphkv_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
         log.info("sphkv: mode=%r ignored (the store ops sync on the host; no CUDA graphs)", mode)
     if kwargs:
         raise TypeError(f"sphkv backend: unexpected arguments {sorted(kwargs)}; use options={{...}}")
-    _install_lowering()
+    install_kernels()
     begin_compile()
 
     for n in gm.graph.nodes:  # attention already routed through the op (the HF integration)
