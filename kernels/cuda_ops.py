@@ -22,6 +22,7 @@ from .decode_update import decode_update
 from .layout import Unsupported
 
 log = logging.getLogger("sphkv.kernels")
+_ENCODE_TOKENS_PER_LAUNCH = 1 << 19
 _reported: set[str] = set()
 _registered = False
 
@@ -52,10 +53,14 @@ def encode_records(spec, k, v, seed, kv_dtype):
     """The Triton encoder, or the reference where the kernels do not handle the codec.
     k, v [..., d] (placement.graduate passes the graduating tokens as [M, d])."""
     try:
+        if k.dim() == 4:
+            return kernel_encode.encode_records(spec, k, v, seed, kv_dtype)
         lead, d = k.shape[:-1], k.shape[-1]
-        if k.dim() != 4:
-            k, v = k.reshape(1, 1, -1, d), v.reshape(1, 1, -1, d)
-        return kernel_encode.encode_records(spec, k, v, seed, kv_dtype).reshape(*lead, -1)
+        k, v = k.reshape(1, 1, -1, d), v.reshape(1, 1, -1, d)
+        step = _ENCODE_TOKENS_PER_LAUNCH  # the token tiles of one launch sit on grid axis 1 (< 65536)
+        parts = [kernel_encode.encode_records(spec, k[:, :, s:s + step], v[:, :, s:s + step], seed, kv_dtype)
+                 for s in range(0, k.shape[2], step)]
+        return torch.cat(parts, 2).reshape(*lead, -1) if parts else reference_encode(spec, k, v, seed, kv_dtype)
     except Unsupported as err:
         _fallback("encode", err)
         return reference_encode(spec, k, v, seed, kv_dtype)

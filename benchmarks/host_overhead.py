@@ -1,0 +1,97 @@
+"""Host cost of one decode step's sphkv ops, apart from the model: where generate() waits.
+
+One layer's static store (uniform policy, SmolLM2 or Llama-3-8B shape) filled with
+`--context` tokens on the GPU, then `--iters` decode steps of the three ops a compressed layer
+runs per step (sphkv::attend, sphkv::update_cache, sphkv::kv_budget) launched back to back
+with no sync inside the loop. Prints, per op and for the whole step: host microseconds per
+call (wall clock of the launching loop) and device microseconds per call (CUDA events), then
+the Python functions that take the host time (cProfile).
+
+    python benchmarks/host_overhead.py [--shape smollm2] [--context 2048] [--iters 200]
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import time
+
+import torch
+
+from sphkv_compile.backend import install_kernels
+from sphkv_compile.hf_cache import SphkvLayer
+from sphkv_compile.ops import tiers_string
+from sphkv_compile.options import SphkvOptions
+
+SHAPES = {"smollm2": (3, 3, 64), "llama3-8b": (8, 4, 128)}  # KV heads, query heads per KV head, head dim
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="smollm2", choices=sorted(SHAPES))
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--context", type=int, default=2048)
+    ap.add_argument("--iters", type=int, default=200)
+    args = ap.parse_args(argv)
+    install_kernels()
+    dev = torch.device("cuda")
+    H, G, d = SHAPES[args.shape]
+    B = args.batch
+    opts = SphkvOptions.from_dict({"bits": 3.5})
+    layer = SphkvLayer(opts, 0, max_cache_len=args.context + 3 * args.iters + 100)
+    k = torch.randn(B, H, args.context, d, device=dev, dtype=torch.bfloat16)
+    layer.lazy_initialization(k, k)
+    layer.store_chunk(k, torch.randn_like(k), None, torch.zeros(B, H, args.context, device=dev))
+    layer.cumulative_length.add_(args.context)
+    tiers, o = tiers_string(layer.store.tiers), layer.options
+    q = torch.randn(B, H * G, 1, d, device=dev, dtype=torch.bfloat16)
+    kn, vn = torch.randn(B, H, 1, d, device=dev, dtype=torch.bfloat16), torch.randn(B, H, 1, d, device=dev, dtype=torch.bfloat16)
+    valid = torch.ones(B, 1, dtype=torch.bool, device=dev)
+    state = layer.state
+
+    def attend():
+        return torch.ops.sphkv.attend(q, state, kn, vn, valid, tiers, o.seed, "bfloat16", d ** -0.5, o.obs_window, False)
+
+    def update():
+        torch.ops.sphkv.update_cache(state, kn, vn, valid, torch.zeros(B, H, 1, device=dev), tiers, o.seed, "bfloat16",
+                                     o.sink, o.recent, 1)
+
+    def budget():
+        torch.ops.sphkv.kv_budget(state, layer.meter, layer.cumulative_length, tiers, o.seed, "bfloat16", d, o.sink,
+                                  o.recent, o.policy, 0.0, layer.max_cache_len, o.rebudget_every)
+
+    def step():
+        attend()
+        update()
+        budget()
+
+    print(f"{torch.cuda.get_device_name()}  {args.shape} B={B} context={args.context}: per call")
+    for name, fn in (("attend", attend), ("update_cache", update), ("kv_budget", budget), ("whole step", step)):
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t = time.perf_counter()
+        start.record()
+        for _ in range(args.iters):
+            fn()
+        end.record()
+        host = (time.perf_counter() - t) / args.iters * 1e6
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t) / args.iters * 1e6
+        print(f"  {name:13s} host {host:8.1f} us   device span {start.elapsed_time(end) * 1e3 / args.iters:8.1f} us"
+              f"   wall {wall:8.1f} us")
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(50):
+        step()
+    torch.cuda.synchronize()
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
+    print("\n".join(out.getvalue().splitlines()[:45]))
+
+
+if __name__ == "__main__":
+    main()
