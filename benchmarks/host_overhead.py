@@ -39,7 +39,7 @@ def main(argv=None):
     H, G, d = SHAPES[args.shape]
     B = args.batch
     opts = SphkvOptions.from_dict({"bits": 3.5})
-    layer = SphkvLayer(opts, 0, max_cache_len=args.context + 3 * args.iters + 100)
+    layer = SphkvLayer(opts, 0, max_cache_len=args.context + 5 * args.iters + 100)
     k = torch.randn(B, H, args.context, d, device=dev, dtype=torch.bfloat16)
     layer.lazy_initialization(k, k)
     layer.store_chunk(k, torch.randn_like(k), None, torch.zeros(B, H, args.context, device=dev))
@@ -66,8 +66,19 @@ def main(argv=None):
         update()
         budget()
 
+    # the same work without the op dispatcher (the registered CUDA implementations called directly)
+    from sphkv_compile.kernels import cuda_ops
+
+    def attend_direct():
+        return cuda_ops.attend_cuda(q, state, kn, vn, valid, tiers, o.seed, "bfloat16", d ** -0.5, o.obs_window, False)
+
+    def update_direct():
+        cuda_ops.update_cache_cuda(state, kn, vn, valid, torch.zeros(B, H, 1, device=dev), tiers, o.seed, "bfloat16",
+                                   o.sink, o.recent, 1)
+
     print(f"{torch.cuda.get_device_name()}  {args.shape} B={B} context={args.context}: per call")
-    for name, fn in (("attend", attend), ("update_cache", update), ("kv_budget", budget), ("whole step", step)):
+    for name, fn in (("attend", attend), ("update_cache", update), ("kv_budget", budget), ("whole step", step),
+                     ("attend, no dispatcher", attend_direct), ("update, no dispatcher", update_direct)):
         for _ in range(5):
             fn()
         torch.cuda.synchronize()
@@ -80,7 +91,7 @@ def main(argv=None):
         host = (time.perf_counter() - t) / args.iters * 1e6
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t) / args.iters * 1e6
-        print(f"  {name:13s} host {host:8.1f} us   device span {start.elapsed_time(end) * 1e3 / args.iters:8.1f} us"
+        print(f"  {name:22s} host {host:8.1f} us   device span {start.elapsed_time(end) * 1e3 / args.iters:8.1f} us"
               f"   wall {wall:8.1f} us")
     prof = cProfile.Profile()
     prof.enable()
