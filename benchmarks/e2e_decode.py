@@ -31,12 +31,13 @@ import torch
 import transformers as tf
 
 import sphkv_compile.api as sphkv
+from rdr_gpu_check import SMOLLM2_SHAPE
 
 SHAPES = {
     "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                       num_key_value_heads=8, rope_theta=5e5, max_position_embeddings=131072),
-    "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_attention_heads=9,
-                    num_key_value_heads=3, rope_theta=1e5, max_position_embeddings=131072),
+    "smollm2": {k: v for k, v in SMOLLM2_SHAPE.items() if k != "num_hidden_layers"}
+    | {"max_position_embeddings": 131072},
 }
 FILL_CHUNK = 4096
 

@@ -203,7 +203,7 @@ class Rewriter:
                 else:
                     site_valid = None
                 res = self._call(torch.ops.sphkv.attend.default, q, state, k_new, v_new, site_valid, self.tiers,
-                                 opts.seed, kv_dtype, float(site.scale), int(opts.obs_window), accumulate)
+                                 opts.seed, kv_dtype, float(site.scale), int(opts.utility_window), accumulate)
                 accumulate = False  # once per cache: two sites reading it must not count twice
                 out = self._call(__import__("operator").getitem, res, 0)
                 mass = self._call(__import__("operator").getitem, res, 1) if mass is None else mass

@@ -60,7 +60,8 @@ def encode_records(spec, k, v, seed, kv_dtype):
         step = _ENCODE_TOKENS_PER_LAUNCH  # the token tiles of one launch sit on grid axis 1 (< 65536)
         parts = [kernel_encode.encode_records(spec, k[:, :, s:s + step], v[:, :, s:s + step], seed, kv_dtype)
                  for s in range(0, k.shape[2], step)]
-        return torch.cat(parts, 2).reshape(*lead, -1) if parts else reference_encode(spec, k, v, seed, kv_dtype)
+        out = torch.cat(parts, 2) if parts else reference_encode(spec, k, v, seed, kv_dtype)  # (no tokens)
+        return out.reshape(*lead, out.shape[-1])
     except Unsupported as err:
         _fallback("encode", err)
         return reference_encode(spec, k, v, seed, kv_dtype)

@@ -151,10 +151,10 @@ def attend_and_update(layer: SphkvLayer, query, key, value, valid, scaling) -> t
     if not layer.stored_any and query.shape[2] == N:
         # Prefill into an empty store: nothing to read from codes, so this is plain causal
         # attention over the chunk; SDPA does it far faster than the store's reference loop.
-        out, mass = chunk_attention(query, key, value, valid, scale, o.obs_window)
+        out, mass = chunk_attention(query, key, value, valid, scale, o.utility_window)
     else:
         out, mass = torch.ops.sphkv.attend(query, layer.state, key, value, valid, tiers, o.seed, kv_dtype, scale,
-                                           o.obs_window, o.policy == "rdr")  # rdr: decode attention is utility
+                                           o.utility_window, o.policy == "rdr")  # rdr: decode attention is utility
     layer.store_chunk(key, value, valid, mass, query, scale)  # the cache update and the budgeting node (hf_cache)
     layer.stored_any = True
     if layer.max_cache_len is None:

@@ -34,6 +34,12 @@ class SphkvOptions:
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
+    def utility_window(self) -> int:
+        """The queries whose attention mass attend computes as utility: only RDR reads it, so the
+        uniform policy skips that work (19 of the 35 torch ops of a decode-step attend call)."""
+        return self.obs_window if self.policy == "rdr" else 0
+
+    @property
     def tier_ladder(self) -> tuple[TierSpec, ...]:
         if self.tiers is not None:
             return self.tiers

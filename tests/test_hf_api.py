@@ -81,3 +81,12 @@ def test_training_dropout_on_the_store_refuses():
         model(ids, use_cache=True, **{key: api.new_cache(model)})
     # without a cache (ordinary training) attention stays dense and runs
     model(ids, use_cache=False).logits.sum().backward()
+
+
+def test_only_rdr_spends_work_on_the_observation_window():
+    """The attention mass of the last obs_window queries is RDR's utility; the uniform policy
+    never reads it, so attend is asked for none (utility_window 0)."""
+    from sphkv_compile.options import SphkvOptions
+
+    assert SphkvOptions.from_dict({"obs_window": 16}).utility_window == 0
+    assert SphkvOptions.from_dict({"policy": "rdr", "budget": 0.25, "obs_window": 16}).utility_window == 16

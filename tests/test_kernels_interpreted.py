@@ -259,3 +259,21 @@ def test_device_decode_update_equals_graduate(spec, d, B, H, sink, recent, page_
         in_use = g.pages[g.pages >= 0]
         free = g.free[: int(g.free_top[0])]
         assert torch.unique(torch.cat([in_use, free])).numel() == g.pool.shape[0] == in_use.numel() + free.numel()
+
+
+def test_encode_wrapper_takes_flat_tokens_in_chunks(monkeypatch):
+    """cuda_ops.encode_records: placement.graduate hands over the graduating tokens as [M, d];
+    they are encoded in launches of at most _ENCODE_TOKENS_PER_LAUNCH tokens (grid axis 1 has a
+    65,535 limit) and come back exactly as one 4-D launch encodes them."""
+    from sphkv_compile.kernels import cuda_ops
+
+    monkeypatch.setattr(cuda_ops, "_ENCODE_TOKENS_PER_LAUNCH", 7)
+    gen = torch.Generator().manual_seed(5)
+    spec = DEFAULT_TIERS[2]
+    k = torch.randn(23, 64, generator=gen).to(KV_DTYPE)
+    v = torch.randn(23, 64, generator=gen).to(KV_DTYPE)
+    flat = cuda_ops.encode_records(spec, k, v, 0, KV_DTYPE)
+    whole = kernel_encode.encode_records(spec, k[None, None], v[None, None], 0, KV_DTYPE)[0, 0]
+    assert flat.shape == whole.shape and torch.equal(flat, whole)
+    empty = cuda_ops.encode_records(spec, k[:0], v[:0], 0, KV_DTYPE)
+    assert empty.shape == (0, whole.shape[-1])
