@@ -238,8 +238,9 @@ def warm_compile(shapes) -> None:
     scalar-value tier): Triton compiles serially in a process, and its disk cache serves the
     timing process afterwards."""
     import subprocess
+    t0 = time.time()
     procs = [subprocess.Popen([sys.executable, __file__, "--warm-shape", s]) for s in shapes]
-    print("warm compile:", [p.wait() for p in procs], flush=True)
+    print(f"warm compile: exit codes {[p.wait() for p in procs]} in {time.time() - t0:.0f} s", flush=True)
 
 
 def _warm_shape(name: str) -> None:
@@ -304,6 +305,7 @@ def main():
                 r = bench_decode_row(shape, B, T, opts, "polar", seed, device, gen, log)
                 r["wall_s"] = time.time() - t0
                 rows.append(r)
+                print(json.dumps(r), flush=True)  # as it comes: a run cut short still says what it measured
                 log.write(json.dumps(r) + "\n")
                 log.flush()
     for point in args.scalar_points.split(","):

@@ -1,5 +1,7 @@
 #!/bin/bash
-# One device call: install, GPU kernel tests, benchmark. Logs under $OUT.
+# One device call: install, GPU kernel tests, kernel benchmark, optionally (E2E=1) the
+# end-to-end decode. Logs under $OUT. One call holds 10 minutes: split the steps over calls
+# (SKIP_TESTS=1, SKIP_BENCH=1, BENCH_ARGS=--quick, E2E=1) rather than let a timeout cut them.
 set -o pipefail
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
 python -m pip install -e . --no-deps --no-build-isolation -q > $OUT/pip.log 2>&1 || { cat $OUT/pip.log; exit 1; }
@@ -9,4 +11,10 @@ nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv > $O
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   timeout ${TEST_TIMEOUT:-240} python -m pytest -q -x -p no:cacheprovider tests/test_kernels_gpu.py ${TEST_ARGS} 2>&1 | tee $OUT/gpu_tests.log | tail -25
 fi
-timeout ${BENCH_TIMEOUT:-300} python benchmarks/bench_decode.py --out $OUT ${BENCH_ARGS} 2>&1 | tee $OUT/bench.log | tail -60
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
+  timeout ${BENCH_TIMEOUT:-300} python benchmarks/bench_decode.py --out $OUT ${BENCH_ARGS} 2>&1 | tee $OUT/bench.log | tail -60
+fi
+if [ "${E2E:-0}" = 1 ]; then  # end-to-end generate() at 32k (benchmarks/e2e_decode.py), about 5 minutes
+  (cd benchmarks && timeout ${E2E_TIMEOUT:-330} python e2e_decode.py --steps 8 --warmup 3 --out $OUT ${E2E_ARGS} 2>&1 \
+    | grep -v Warn | tee $OUT/e2e.log | tail -12)
+fi
