@@ -33,13 +33,15 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="also capture one decode step in a CUDA graph, replay it, and check it against eager steps")
     args = ap.parse_args(argv)
     install_kernels()
     dev = torch.device("cuda")
     H, G, d = SHAPES[args.shape]
     B = args.batch
     opts = SphkvOptions.from_dict({"bits": 3.5})
-    layer = SphkvLayer(opts, 0, max_cache_len=args.context + 5 * args.iters + 100)
+    layer = SphkvLayer(opts, 0, max_cache_len=args.context + 9 * args.iters + 100)
     k = torch.randn(B, H, args.context, d, device=dev, dtype=torch.bfloat16)
     layer.lazy_initialization(k, k)
     layer.store_chunk(k, torch.randn_like(k), None, torch.zeros(B, H, args.context, device=dev))
@@ -50,27 +52,30 @@ def main(argv=None):
     valid = torch.ones(B, 1, dtype=torch.bool, device=dev)
     state = layer.state
 
-    def attend():
-        return torch.ops.sphkv.attend(q, state, kn, vn, valid, tiers, o.seed, "bfloat16", d ** -0.5, o.obs_window, False)
+    def attend(st=state):
+        return torch.ops.sphkv.attend(q, st, kn, vn, valid, tiers, o.seed, "bfloat16", d ** -0.5, o.utility_window,
+                                      False)
 
-    def update():
-        torch.ops.sphkv.update_cache(state, kn, vn, valid, torch.zeros(B, H, 1, device=dev), tiers, o.seed, "bfloat16",
+    def update(st=state):
+        torch.ops.sphkv.update_cache(st, kn, vn, valid, torch.zeros(B, H, 1, device=dev), tiers, o.seed, "bfloat16",
                                      o.sink, o.recent, 1)
 
-    def budget():
-        torch.ops.sphkv.kv_budget(state, layer.meter, layer.cumulative_length, tiers, o.seed, "bfloat16", d, o.sink,
+    def budget(st=state, meter=layer.meter):
+        torch.ops.sphkv.kv_budget(st, meter, layer.cumulative_length, tiers, o.seed, "bfloat16", d, o.sink,
                                   o.recent, o.policy, 0.0, layer.max_cache_len, o.rebudget_every)
 
-    def step():
-        attend()
-        update()
-        budget()
+    def step(st=state, meter=layer.meter):
+        out = attend(st)
+        update(st)
+        budget(st, meter)
+        return out
 
     # the same work without the op dispatcher (the registered CUDA implementations called directly)
     from sphkv_compile.kernels import cuda_ops
 
     def attend_direct():
-        return cuda_ops.attend_cuda(q, state, kn, vn, valid, tiers, o.seed, "bfloat16", d ** -0.5, o.obs_window, False)
+        return cuda_ops.attend_cuda(q, state, kn, vn, valid, tiers, o.seed, "bfloat16", d ** -0.5, o.utility_window,
+                                    False)
 
     def update_direct():
         cuda_ops.update_cache_cuda(state, kn, vn, valid, torch.zeros(B, H, 1, device=dev), tiers, o.seed, "bfloat16",
@@ -93,6 +98,8 @@ def main(argv=None):
         wall = (time.perf_counter() - t) / args.iters * 1e6
         print(f"  {name:22s} host {host:8.1f} us   device span {start.elapsed_time(end) * 1e3 / args.iters:8.1f} us"
               f"   wall {wall:8.1f} us")
+    if args.cuda_graph:
+        cuda_graph_check(step, state, layer.meter, args.iters)
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(50):
@@ -102,6 +109,45 @@ def main(argv=None):
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
     print("\n".join(out.getvalue().splitlines()[:45]))
+
+
+def cuda_graph_check(step, state, meter, iters: int) -> None:
+    """Can the uniform decode step (which reads nothing back to the host) be replayed from a CUDA
+    graph? Captures one step, replays it `iters` times next to as many eager steps on a copy of
+    the store, and compares the outputs and the tokens every tier holds."""
+    from sphkv_compile.ops import unflatten_state
+    from sphkv_compile.store import gather_tokens
+
+    twin, twin_meter = [t.clone() for t in state], meter.clone()
+    for _ in range(3):  # warm-up on a side stream, as torch.cuda.graphs asks
+        step(), step(twin, twin_meter)
+    graph = torch.cuda.CUDAGraph()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(), step(twin, twin_meter)
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(graph):
+        out = step()
+    worst = 0.0
+    for _ in range(iters):  # the capture itself ran nothing: each replay is one step
+        graph.replay()
+        ref = step(twin, twin_meter)
+        worst = max(worst, float((out[0].float() - ref[0].float()).abs().max()))
+    torch.cuda.synchronize()
+    same = all(torch.equal(a[2], b[2]) and torch.equal(a[0][a[2]], b[0][b[2]])
+               for a, b in zip(map(gather_tokens, unflatten_state(state, len(state) // 6)),
+                               map(gather_tokens, unflatten_state(twin, len(twin) // 6))))
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t = time.perf_counter()
+    start.record()
+    for _ in range(iters):
+        graph.replay()
+    end.record()
+    host = (time.perf_counter() - t) / iters * 1e6
+    torch.cuda.synchronize()
+    print(f"  CUDA graph: replay host {host:.1f} us, device {start.elapsed_time(end) * 1e3 / iters:.1f} us per step;"
+          f" outputs max |diff| vs eager {worst:.3g}; tiers equal: {same}")
 
 
 if __name__ == "__main__":
