@@ -55,16 +55,22 @@ def encode_records(spec, k, v, seed, kv_dtype):
     try:
         if k.dim() == 4:
             return kernel_encode.encode_records(spec, k, v, seed, kv_dtype)
-        lead, d = k.shape[:-1], k.shape[-1]
-        k, v = k.reshape(1, 1, -1, d), v.reshape(1, 1, -1, d)
-        step = _ENCODE_TOKENS_PER_LAUNCH  # the token tiles of one launch sit on grid axis 1 (< 65536)
-        parts = [kernel_encode.encode_records(spec, k[:, :, s:s + step], v[:, :, s:s + step], seed, kv_dtype)
-                 for s in range(0, k.shape[2], step)]
-        out = torch.cat(parts, 2) if parts else reference_encode(spec, k, v, seed, kv_dtype)  # (no tokens)
-        return out.reshape(*lead, out.shape[-1])
+        return _encode_flat(spec, k, v, seed, kv_dtype)
     except Unsupported as err:
         _fallback("encode", err)
         return reference_encode(spec, k, v, seed, kv_dtype)
+
+
+def _encode_flat(spec, k, v, seed, kv_dtype):
+    """Tokens of any leading shape, in launches of at most _ENCODE_TOKENS_PER_LAUNCH (the token
+    tiles of one launch sit on grid axis 1, which holds fewer than 65,536)."""
+    lead, d = k.shape[:-1], k.shape[-1]
+    k4, v4 = k.reshape(1, 1, -1, d), v.reshape(1, 1, -1, d)
+    step = _ENCODE_TOKENS_PER_LAUNCH
+    parts = [kernel_encode.encode_records(spec, k4[:, :, s:s + step], v4[:, :, s:s + step], seed, kv_dtype)
+             for s in range(0, k4.shape[2], step)]
+    out = torch.cat(parts, 2) if parts else reference_encode(spec, k4, v4, seed, kv_dtype)  # (no tokens)
+    return out.reshape(*lead, out.shape[-1])
 
 
 def encode_append_cuda(state, k, v, valid, utility, tier_index, tiers, seed, kv_dtype):

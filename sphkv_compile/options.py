@@ -36,7 +36,7 @@ class SphkvOptions:
     @property
     def utility_window(self) -> int:
         """The queries whose attention mass attend computes as utility: only RDR reads it, so the
-        uniform policy skips that work (19 of the 35 torch ops of a decode-step attend call)."""
+        uniform policy skips that work (docs/PERFORMANCE.md counts what it costs)."""
         return self.obs_window if self.policy == "rdr" else 0
 
     @property

@@ -277,3 +277,17 @@ def test_encode_wrapper_takes_flat_tokens_in_chunks(monkeypatch):
     assert flat.shape == whole.shape and torch.equal(flat, whole)
     empty = cuda_ops.encode_records(spec, k[:0], v[:0], 0, KV_DTYPE)
     assert empty.shape == (0, whole.shape[-1])
+
+
+def test_encode_wrapper_falls_back_to_the_reference_with_the_callers_shape(monkeypatch):
+    """A codec the kernels refuse is encoded by the reference, in the shape the caller passed."""
+    from sphkv_compile.kernels import cuda_ops
+
+    def refuse(*args, **kwargs):
+        raise Unsupported("a configuration the kernels refuse")
+
+    monkeypatch.setattr(cuda_ops.kernel_encode, "encode_records", refuse)
+    spec = DEFAULT_TIERS[2]
+    k = torch.randn(5, 64).to(KV_DTYPE)
+    got = cuda_ops.encode_records(spec, k, k, 0, KV_DTYPE)
+    assert torch.equal(got, encode_records(spec, k, k, 0, KV_DTYPE))
