@@ -90,3 +90,24 @@ def test_only_rdr_spends_work_on_the_observation_window():
 
     assert SphkvOptions.from_dict({"obs_window": 16}).utility_window == 0
     assert SphkvOptions.from_dict({"policy": "rdr", "budget": 0.25, "obs_window": 16}).utility_window == 16
+
+
+def test_optimize_gives_the_ops_their_cuda_kernels():
+    """generate() compiles an optimized model with Inductor's own backend, so optimize() must
+    register the Triton implementations itself (session 3 ran the torch references on the GPU).
+    In a fresh process, so no other test's backend call registers them first."""
+    import subprocess
+    import sys
+
+    code = ("import torch, transformers as tf\n"
+            "from sphkv_compile import api\n"
+            "has = lambda: [torch._C._dispatch_has_kernel_for_dispatch_key(f'sphkv::{op}', 'CUDA')\n"
+            "               for op in ('attend', 'update_cache', 'encode_append')]\n"
+            "before = has()\n"
+            "cfg = tf.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,\n"
+            "                     num_attention_heads=2, num_key_value_heads=1)\n"
+            "api.optimize(tf.LlamaForCausalLM(cfg).eval())\n"
+            "print(before, has())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[False, False, False] [True, True, True]"
