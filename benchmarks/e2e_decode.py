@@ -158,6 +158,9 @@ def main(argv=None):
     ap.add_argument("--headroom", type=float, default=8.0, help="GB left free when sizing the largest batch")
     ap.add_argument("--max-batch", type=int, default=256)
     ap.add_argument("--kinds", nargs="+", default=["dense", "sphkv"])
+    ap.add_argument("--policy", default="uniform", choices=("uniform", "rdr"), help="sphkv's retention policy")
+    ap.add_argument("--budget", type=float, default=0.125, help="RDR's budget (fraction of dense 16-bit KV)")
+    ap.add_argument("--bits", type=float, default=3.5)
     ap.add_argument("--out", default=".")
     ap.add_argument("--device", default="cuda", help="cuda; cpu only for a smoke run of the script")
     args = ap.parse_args(argv)
@@ -171,8 +174,10 @@ def main(argv=None):
     free = (torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 16e9) - args.headroom * 1e9
     for kind in args.kinds:
         if kind == "sphkv":
+            options = {"bits": args.bits} if args.policy == "uniform" else \
+                {"policy": "rdr", "budget": args.budget, "bits": args.bits}
             model = sphkv.optimize(build_model(args.shape, args.layers, device) if "dense" in args.kinds else model,
-                                   bits=3.5)
+                                   **options)
             if "dense" in args.kinds:
                 del dense_model
                 if device.type == "cuda":
@@ -194,7 +199,7 @@ def main(argv=None):
         print(f"greedy tokens equal to dense at B={args.batch}: {agree:.3f} (random weights and cache)")
         rows.append(dict(kind="agreement", batch=args.batch, value=agree))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    result = dict(device=name, torch=torch.__version__, shape=args.shape,
+    result = dict(device=name, torch=torch.__version__, shape=args.shape, policy=args.policy,
                   layers=args.layers, context=args.context, rows=rows)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"e2e_decode_{args.shape}_{args.context}.json"), "w") as f:
