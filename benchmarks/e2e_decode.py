@@ -31,7 +31,7 @@ import torch
 import transformers as tf
 
 import sphkv_compile.api as sphkv
-from rdr_gpu_check import SMOLLM2_SHAPE
+from rdr_gpu_check import SMOLLM2_SHAPE, add_device_arg, device_from
 
 SHAPES = {
     "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
@@ -162,11 +162,9 @@ def main(argv=None):
     ap.add_argument("--budget", type=float, default=0.125, help="RDR's budget (fraction of dense 16-bit KV)")
     ap.add_argument("--bits", type=float, default=3.5)
     ap.add_argument("--out", default=".")
-    ap.add_argument("--device", default="cuda", help="cuda; cpu only for a smoke run of the script")
+    add_device_arg(ap)
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = device_from(args.device)
     model = build_model(args.shape, args.layers, device)
     dense_model = model
     config = model.config

@@ -18,7 +18,7 @@ import transformers as tf
 from torch.profiler import ProfilerActivity, profile
 
 import sphkv_compile.api as sphkv
-from rdr_gpu_check import model_on
+from rdr_gpu_check import add_device_arg, device_from, model_on
 
 
 def generate(model, ids, steps, **kw):
@@ -53,11 +53,9 @@ def main(argv=None):
     ap.add_argument("--prompt", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--out", default=".")
-    ap.add_argument("--device", default="cuda", help="cuda; cpu only for a smoke run of the script")
+    add_device_arg(ap)
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = device_from(args.device)
     ids = torch.randint(3, 49152, (1, args.prompt), device=device)
     max_len = args.prompt + args.steps + 1
 

@@ -33,6 +33,16 @@ def model_on(device) -> tf.LlamaForCausalLM:
     return tf.LlamaForCausalLM(tf.LlamaConfig(**SMOLLM2_SHAPE)).eval().to(device=device, dtype=torch.bfloat16)
 
 
+def add_device_arg(ap) -> None:
+    ap.add_argument("--device", default="cuda", help="cuda; cpu only for a smoke run of the script")
+
+
+def device_from(name: str) -> torch.device:
+    """--device as a torch.device, with the current CUDA index made explicit."""
+    device = torch.device(name)
+    return torch.device("cuda", torch.cuda.current_device()) if device.type == "cuda" else device
+
+
 def sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -72,13 +82,11 @@ def main(argv=None):
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--budget", type=float, default=0.125)
     ap.add_argument("--out", default=".")
-    ap.add_argument("--device", default="cuda", help="cuda; cpu only for a smoke run of the script")
+    add_device_arg(ap)
     ap.add_argument("--runs", nargs="+", default=["uniform", "rdr_unit", "rdr_logit"],
                     choices=["uniform", "rdr_unit", "rdr_logit"], help="besides dense, which always runs")
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = device_from(args.device)
     ids = torch.randint(3, SMOLLM2_SHAPE["vocab_size"], (1, args.prompt), device=device)
     max_len = args.prompt + args.new
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"

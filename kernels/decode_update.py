@@ -3,7 +3,7 @@
 placement.graduate (the reference) gathers the exact tier, re-encodes and rebuilds it on every
 call: correct for any chunk, but some hundred small launches and several host reads per layer
 and step, which made generate() host-bound (docs/PERFORMANCE.md). For the common case, one new
-token per (batch row, KV head), the same result takes four small launches:
+token per (batch row, KV head), the same result takes a few small launches and no host read:
 
 1. the token at exact slot `sink` (the oldest one past the sinks, the one that graduates when
    the exact tier is full) is gathered and encoded into the target tier's records (the fused
