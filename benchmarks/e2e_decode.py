@@ -4,8 +4,9 @@ A Llama with Llama-3-8B's shape (or SmolLM2's) and random bf16 weights on the GP
 holds `--context` tokens before generate() starts, so what is timed is decoding at that context:
 
 - dense: transformers' StaticCache, compiled by generate() with its default (CUDA graphs);
-- sphkv: sphkv_compile.optimize(model) with its static cache, compiled by generate() (mode
-  'default': the store's ops are not captured in CUDA graphs).
+- sphkv: sphkv_compile.optimize(model) with its static cache, compiled by generate(): with CUDA
+  graphs for the uniform policy (its decode step runs on the device alone), mode 'default' for
+  RDR (api.graph_safe).
 
 Both caches are filled with the same random keys and values (per layer and chunk, seeded), the
 dense one by StaticCache.update, the sphkv one by the layer's own cache update (the codes are

@@ -31,7 +31,7 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def per_token_ms(model, ids, steps, kw) -> float:
+def per_token_ms(model, ids, steps, kw, **extra) -> float:
     """Wall time of (prefill + steps) minus (prefill + 1 step), per extra step: decode only.
     One cache object, reset between calls: a new cache per generate would make transformers
     recompile its decode step each time (the first run of this script timed that)."""
@@ -41,7 +41,7 @@ def per_token_ms(model, ids, steps, kw) -> float:
             cache.reset()
         sync(ids.device)
         t = time.perf_counter()
-        generate(model, ids, n, **kw)
+        generate(model, ids, n, **kw, **extra)
         sync(ids.device)
         times.append(time.perf_counter() - t)
     return 1000 * (times[1] - times[0]) / steps
@@ -71,9 +71,21 @@ def main(argv=None):
     kw = {sphkv.cache_keyword(model): sphkv.new_cache(model, max_cache_len=max_len)}
     generate(model, ids, 4, **kw)  # warm-up: the decode step compiles
     ms = per_token_ms(model, ids, args.steps, kw)
-    print(f"sphkv {args.policy}: {ms:.2f} ms per decoded token ({ms / dense_ms:.1f}x dense)", flush=True)
+    print(f"sphkv {args.policy}: {ms:.2f} ms per decoded token ({ms / dense_ms:.2f}x dense)", flush=True)
+    cache = next(iter(kw.values()))
+    if args.policy == "uniform" and device.type == "cuda":
+        # optimize() keeps generate()'s CUDA graphs for this policy: the same tokens without them?
+        no_graphs = {"compile_config": tf.CompileConfig(mode="default")}
+        generate(model, ids, 4, **kw, **no_graphs)  # warm-up: this mode compiles its own decode step
+        ms_plain = per_token_ms(model, ids, args.steps, kw, **no_graphs)
+        cache.reset()
+        with_graphs = generate(model, ids, args.steps, **kw)
+        cache.reset()
+        without = generate(model, ids, args.steps, **kw, **no_graphs)
+        print(f"sphkv {args.policy} without CUDA graphs (mode 'default'): {ms_plain:.2f} ms per decoded token; "
+              f"same tokens as with graphs: {torch.equal(with_graphs, without)}", flush=True)
 
-    next(iter(kw.values())).reset()
+    cache.reset()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         generate(model, ids, args.steps, **kw)

@@ -12,14 +12,14 @@ import logging
 import torch
 
 from sphkv_compile import ops as sphkv_ops  # noqa: F401  (defines the ops)
-from sphkv_compile.ops import dtype_from_name, parse_tiers, unflatten_state
+from sphkv_compile.ops import dtype_from_name, on_new_store, parse_tiers, unflatten_state
 from sphkv_compile.placement import graduate
 from sphkv_compile.store import append_records, attend as reference_attend, encode_records as reference_encode
 
 from . import attend as kernel_attend
 from . import encode as kernel_encode
 from .decode_update import decode_update
-from .layout import Unsupported
+from .layout import Unsupported, prepare_device_tables
 
 log = logging.getLogger("sphkv.kernels")
 _ENCODE_TOKENS_PER_LAUNCH = 1 << 19
@@ -106,4 +106,5 @@ def register() -> None:
     torch.library.register_kernel("sphkv::attend", "cuda", attend_cuda)
     torch.library.register_kernel("sphkv::encode_append", "cuda", encode_append_cuda)
     torch.library.register_kernel("sphkv::update_cache", "cuda", update_cache_cuda)
+    on_new_store(prepare_device_tables)
     _registered = True

@@ -238,3 +238,27 @@ class DeviceCache:
 
 
 DEVICE_TABLES = DeviceCache()
+
+
+def prepare_device_tables(specs, head_dim: int, seed: int, kv_dtype: torch.dtype, device: torch.device) -> None:
+    """Move every table the kernels read for these tiers to `device` now, when a store is made.
+    Made lazily instead, the first decode step would allocate them inside the memory pool of
+    generate()'s CUDA graphs and keep them, which the pool refuses ("tensors in the cudagraph
+    pool not tracked as outputs", seen on the H200)."""
+    if device.type != "cuda":
+        return
+    for spec in specs:
+        try:
+            info = tier_info(spec, head_dim, seed, kv_dtype)
+        except Unsupported:  # the ops fall back to the reference for this tier
+            continue
+        if info.key is None:
+            continue
+        tables = []
+        for codec in tier_codecs(spec, head_dim, seed):
+            tables += rotation_matrices(codec.hadamard)
+        for t in (info.key, info.value):
+            tables += [t.fields.comps, t.thresholds]
+            tables += [t.centroids] if isinstance(t, ScalarTables) else [t.trig, t.trig_pairs]
+        for t in tables:
+            DEVICE_TABLES.get(t, device)

@@ -181,14 +181,23 @@ def _wrap_generate(model, generate, key: str):
     return sphkv_generate
 
 
+def graph_safe(options) -> bool:
+    """Can a CUDA graph replay this cache's decode step? Only if the step decides nothing on the
+    host: the uniform policy without a byte budget updates the store on the device alone
+    (kernels/decode_update.py); a budget or RDR reads counts back to choose re-budgets."""
+    return options.policy == "uniform" and options.budget is None
+
+
 def _no_cuda_graphs(kwargs: dict, model) -> None:
     """generate() compiles the decode step of a compileable (static) cache, by default with
-    mode 'reduce-overhead': CUDA graphs. The store's ops decide re-budgets and page moves on the
-    host from counts they read, which a CUDA graph replay would skip, and they allocate as
-    they go (checked on an H100: the cudagraph pool check refuses it). So the default becomes
-    mode 'default'; a compile config that asks for CUDA graphs is refused with the fix."""
+    mode 'reduce-overhead': CUDA graphs. Kept when the step is graph_safe. Otherwise the store's
+    ops decide re-budgets and page moves on the host from counts they read, which a replay would
+    skip: the default becomes mode 'default', and a compile config that asks for CUDA graphs is
+    refused with the fix."""
     from transformers.generation.configuration_utils import CompileConfig
 
+    if graph_safe(getattr(model, _STATE_ATTR).options):
+        return
     config = kwargs.get("generation_config") or model.generation_config
     asked = kwargs.get("compile_config", getattr(config, "compile_config", None))
     if asked is None:
@@ -200,7 +209,7 @@ def _no_cuda_graphs(kwargs: dict, model) -> None:
     if asked.mode == "reduce-overhead" or (asked.options or {}).get("triton.cudagraphs"):
         raise ValueError(
             "sphkv: compile_config asks for CUDA graphs (mode 'reduce-overhead' or triton.cudagraphs), which "
-            "cannot replay the compressed cache's host-side re-budgets and page moves. Fix: pass "
+            "cannot replay the host-side re-budgets of a byte budget or of policy 'rdr'. Fix: pass "
             "compile_config=CompileConfig(mode='default') or mode='max-autotune-no-cudagraphs'.")
 
 

@@ -28,7 +28,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, StaticLayer
 
 from . import rdr
-from .ops import tiers_string
+from .ops import prepare_store, tiers_string
 from .rdr import meter as budget_meter
 from .rdr.budget import SphkvBudgetError  # noqa: F401  (raised by check_budget; importable from here)
 from .rdr.budget import protected_tokens
@@ -80,6 +80,7 @@ class SphkvLayer(CacheLayerMixin):
                                 seed=o.seed, device=device)
         self.meter = budget_meter.new_meter(batch, kv_heads, device)
         self.cumulative_length = self.cumulative_length.to(device)
+        prepare_store(self.store.tiers, head_dim, o.seed, dtype, self.device)
         if self.max_cache_len is not None:
             self._allocate_fixed(self.max_cache_len)
             if not _compiling():  # stable addresses: one graph, and CUDA graphs can replay it

@@ -33,6 +33,21 @@ from .tiers import TierSpec
 STATE_TENSORS_PER_TIER = 6
 
 
+# Called with (tier specs, head dim, seed, KV dtype, device) whenever a store is created: the
+# CUDA kernels register one that moves their constant tables to the device up front.
+_store_preparers: list = []
+
+
+def on_new_store(preparer) -> None:
+    if preparer not in _store_preparers:
+        _store_preparers.append(preparer)
+
+
+def prepare_store(specs, head_dim: int, seed: int, kv_dtype: torch.dtype, device) -> None:
+    for preparer in _store_preparers:
+        preparer(specs, head_dim, seed, kv_dtype, torch.device(device))
+
+
 @lru_cache(maxsize=None)
 def parse_tiers(tiers: str) -> tuple[TierSpec, ...]:
     return tuple(TierSpec.from_string(t) for t in tiers.split(";"))

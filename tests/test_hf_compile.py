@@ -88,17 +88,26 @@ def test_zoo_compiled_generate_no_recompiles_after_warmup(name, monkeypatch):
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
-def test_generate_never_asks_for_cuda_graphs_and_refuses_a_config_that_does():
-    """generate() would compile a static cache's decode step with mode 'reduce-overhead' (CUDA
-    graphs, which cannot replay the store's host-side re-budgets): sphkv sets mode 'default',
-    and a compile config asking for CUDA graphs with another backend is refused with the fix."""
-    from sphkv_compile.api import _no_cuda_graphs
+def test_generate_keeps_cuda_graphs_only_where_the_decode_step_decides_nothing_on_the_host():
+    """generate() compiles a static cache's decode step with mode 'reduce-overhead' (CUDA graphs)
+    by default. The uniform policy without a budget updates the store on the device alone, so
+    that default stays. With a byte budget (or RDR) the step re-budgets from counts read on the
+    host, which a replay would skip: sphkv sets mode 'default', and a compile config asking for
+    CUDA graphs with another backend is refused with the fix."""
+    from sphkv_compile.api import _no_cuda_graphs, graph_safe
 
-    fast = api.optimize(_model(), **HIGH_BITS)
+    device_only = api.optimize(_model().to("meta"), **HIGH_BITS)  # meta stands for an accelerator
+    assert graph_safe(device_only._sphkv_state.options)
+    kept = {}
+    _no_cuda_graphs(kept, device_only)
+    assert "compile_config" not in kept  # transformers' default (CUDA graphs) applies
+    budgeted = dict(HIGH_BITS, tiers=("exact:exact", "hi:k12:polar12:r32", "lo:k3:polar3:r16"), budget=0.9)
+    fast = api.optimize(_model(), **budgeted)
+    assert not graph_safe(fast._sphkv_state.options)
     plain = {}
     _no_cuda_graphs(plain, fast)
     assert "compile_config" not in plain  # on the CPU generate() does not auto-compile: nothing to set
-    meta = api.optimize(_model().to("meta"), **HIGH_BITS)  # stands for an accelerator: not the CPU
+    meta = api.optimize(_model().to("meta"), **budgeted)
     _no_cuda_graphs(plain, meta)
     assert plain["compile_config"].mode == "default"
     ids = torch.randint(3, 128, (1, 6))

@@ -198,3 +198,34 @@ def test_device_decode_update_equals_graduate_on_gpu(d, B, H, sink, recent, ps):
         assert torch.equal(r.count, g.count)
         (rr, ru, rv), (gr, gu, gv) = gather_tokens(r), gather_tokens(g)
         assert torch.equal(rv, gv) and torch.equal(rr[rv], gr[gv]) and torch.equal(ru[rv], gu[gv])
+
+
+def test_generate_with_cuda_graphs_equals_generate_without():
+    """optimize() keeps generate()'s CUDA graphs (mode 'reduce-overhead') for the uniform policy:
+    the decode step, replayed from graphs, produces the same greedy tokens as without them, and
+    over more steps than the recent window (so tokens graduate to the compressed tier inside
+    the graphs)."""
+    import transformers as tf
+
+    import sphkv_compile.api as sphkv
+
+    torch.manual_seed(random.randrange(2**31))
+    config = tf.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    model = sphkv.optimize(tf.LlamaForCausalLM(config).eval().to(DEV, torch.bfloat16), bits=3.5, recent=8)
+    ids = torch.randint(3, 512, (3, 40), device=DEV)
+    cache = sphkv.new_cache(model, max_cache_len=40 + 24)
+    key = sphkv.cache_keyword(model)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    runs = {}
+    for mode in ("reduce-overhead", "default"):
+        cache.reset()
+        with torch.no_grad():
+            runs[mode] = model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False,
+                                        compile_config=tf.CompileConfig(mode=mode), **{key: cache})
+        if mode == "reduce-overhead":  # graphs were made, and nothing was left out of them
+            assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    assert runs["reduce-overhead"].shape == (3, 64)
+    assert torch.equal(runs["reduce-overhead"], runs["default"])
