@@ -9,6 +9,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from sphkv_compile.kernels.attend import COMBINE
 from sphkv_compile.kernels.attention_kernels import combine_kernel, paged_partials_kernel
 from sphkv_compile.kernels.encode_kernels import encode_kv_kernel
 from sphkv_compile.kernels.layout import tier_info
@@ -125,7 +126,8 @@ def compile_all(d=128):
                                ROUND_OFFSET=radius_round_offset(16))),
         "chunk": (chunk_partials_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16", "valid_ptr": "*i8"},
                   dict(D=d, BLOCK_M=16, BLOCK_T=64, HAS_VALID=True, DOT_PRECISION="tf32")),
-        "combine": (combine_kernel, {"out_ptr": "*bf16"}, dict(D=d, BLOCK_M=16, HAS_ROT=True)),
+        "combine": (combine_kernel, {"out_ptr": "*bf16"},
+                    dict(D=d, BLOCK_M=16, HAS_ROT=True, BLOCK_S=COMBINE["splits"], BLOCK_C=COMBINE["columns"])),
         "mass": (paged_mass_kernel, {"pool_ptr": "*i32", "pages_ptr": "*i32", "count_ptr": "*i32",
                                      "util_ptr": "*fp16", "kcomps_ptr": "*i32"},
                  dict(PS=64, WT=28, D=d, BLOCK_R=16, BLOCK_T=64, EXACT=False, K_LEVELS=key.levels,
@@ -140,7 +142,8 @@ def compile_all(d=128):
         sig = {a: ("constexpr" if a in consts else ptrs.get(a, "*i32" if "comps" in a else "*fp32") if a.endswith("_ptr") else "i32")
                for a in fn.arg_names}
         try:
-            k = triton.compile(ASTSource(fn, sig, consts), target=TARGET, options={"num_warps": 4, "num_stages": 1})
+            warps = COMBINE["warps"] if name == "combine" else 4
+            k = triton.compile(ASTSource(fn, sig, consts), target=TARGET, options={"num_warps": warps, "num_stages": 1})
             print(name, "ok, shared", k.metadata.shared)
             sass_summary(k)
         except Exception as err:

@@ -35,6 +35,8 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--cuda-graph", action="store_true",
                     help="also capture one decode step in a CUDA graph, replay it, and check it against eager steps")
+    ap.add_argument("--kernels", action="store_true",
+                    help="also list the GPU kernels each op launches per call, with their device time (torch.profiler)")
     args = ap.parse_args(argv)
     install_kernels()
     dev = torch.device("cuda")
@@ -100,6 +102,8 @@ def main(argv=None):
               f"   wall {wall:8.1f} us")
     if args.cuda_graph:
         cuda_graph_check(step, state, layer.meter, args.iters)
+    if args.kernels:
+        kernel_table({"attend": attend, "update_cache": update, "kv_budget": budget})
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(50):
@@ -109,6 +113,24 @@ def main(argv=None):
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
     print("\n".join(out.getvalue().splitlines()[:45]))
+
+
+def kernel_table(ops: dict, calls: int = 20) -> None:
+    """Per op: every GPU kernel it launches per call and its device time (what a CUDA graph
+    replay still pays: the launches are gone, the kernels are not)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for name, fn in ops.items():
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+        rows = [(e.device_time_total / calls, e.count / calls, e.key) for e in prof.key_averages()
+                if e.device_time_total > 0 and e.count >= calls]
+        total = sum(r[0] for r in rows)
+        print(f"  {name}: {sum(r[1] for r in rows):.0f} kernels, {total:.1f} us of device time per call")
+        for us, n, key in sorted(rows, reverse=True):
+            print(f"    {us:7.1f} us  x{n:.0f}  {key[:100]}")
 
 
 def cuda_graph_check(step, state, meter, iters: int) -> None:

@@ -198,43 +198,71 @@ def chunk_partials_kernel(
 
 
 @triton.jit
+def _weighted_partials(acc_ptr, m_ptr, base, s_lo, s_hi, rows, rmask, cols, msafe, M,
+                       D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """sum over splits s in [s_lo, s_hi) of 2^(m_s - msafe) * acc_s[rows, cols], and of
+    2^(m_s - msafe) * l_s is left to the caller. BLOCK_S splits per step as one [S, M, C] tile:
+    their loads are in flight together (one split per step waits out the memory latency S times)."""
+    part = tl.zeros((rows.shape[0], cols.shape[0]), tl.float32)
+    for s0 in range(s_lo, s_hi, BLOCK_S):
+        sp = s0 + tl.arange(0, BLOCK_S)
+        idx = (base + sp)[:, None] * M + rows[None, :]  # [S, M]
+        ok = (sp < s_hi)[:, None] & rmask[None, :]
+        w = tl.exp2(tl.load(m_ptr + idx, mask=ok, other=float("-inf")) - msafe[None, :])
+        a = tl.load(acc_ptr + idx[:, :, None] * D + cols[None, None, :], mask=ok[:, :, None], other=0.0)
+        part += tl.sum(w[:, :, None] * a, 0)
+    return part
+
+
+@triton.jit
 def combine_kernel(
         acc_ptr, m_ptr, l_ptr, hinv_ptr, out_ptr, stat_m_ptr, stat_l_ptr,
         M, Tq, G, Hkv, S_total, S_rot,
         sob, soh, sot,
-        D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_ROT: tl.constexpr):
+        D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_ROT: tl.constexpr, BLOCK_S: tl.constexpr,
+        BLOCK_C: tl.constexpr):
     """Merge splits 0..S_rot-1 (values in the rotated domain) and S_rot..S_total-1 (plain),
-    rotate back once, normalise, write out[b, h·G + g, t] for row g·Tq + t."""
+    rotate back once, normalise, write out[b, h·G + g, t] for row g·Tq + t.
+
+    The rotation is a [BLOCK_M, D] x [D, BLOCK_C] tf32x3 dot per block of BLOCK_C output
+    columns (about float32 accuracy on tensor cores): one float32 FMA dot against the whole
+    [D, D] matrix spilled ~7 KB per thread at D=128 and took 200-260 us per call on the H200."""
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     d = tl.arange(0, D)
+    base = pid_bh * S_total
     mmax = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    for s in range(0, S_total):
-        mmax = tl.maximum(mmax, tl.load(m_ptr + (pid_bh * S_total + s) * M + rows, mask=rmask, other=float("-inf")))
+    for s0 in range(0, S_total, BLOCK_S):
+        sp = s0 + tl.arange(0, BLOCK_S)
+        ok = (sp < S_total)[:, None] & rmask[None, :]
+        mt = tl.load(m_ptr + (base + sp)[:, None] * M + rows[None, :], mask=ok, other=float("-inf"))
+        mmax = tl.maximum(mmax, tl.max(mt, 0))
     msafe = tl.where(mmax == float("-inf"), 0.0, mmax)
     total = tl.zeros((BLOCK_M,), tl.float32)
+    for s0 in range(0, S_total, BLOCK_S):
+        sp = s0 + tl.arange(0, BLOCK_S)
+        idx = (base + sp)[:, None] * M + rows[None, :]
+        ok = (sp < S_total)[:, None] & rmask[None, :]
+        w = tl.exp2(tl.load(m_ptr + idx, mask=ok, other=float("-inf")) - msafe[None, :])
+        total += tl.sum(w * tl.load(l_ptr + idx, mask=ok, other=0.0), 0)
+    inv = tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)
     acc_rot = tl.zeros((BLOCK_M, D), tl.float32)
-    acc = tl.zeros((BLOCK_M, D), tl.float32)
-    for s in range(0, S_total):
-        idx = (pid_bh * S_total + s) * M + rows
-        w = tl.exp2(tl.load(m_ptr + idx, mask=rmask, other=float("-inf")) - msafe)
-        total += w * tl.load(l_ptr + idx, mask=rmask, other=0.0)
-        part = w[:, None] * tl.load(acc_ptr + idx[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)
-        if s < S_rot:
-            acc_rot += part
-        else:
-            acc += part
     if HAS_ROT:
-        hinv = tl.load(hinv_ptr + d[:, None] * D + d[None, :])
-        acc += tl.dot(acc_rot, hinv, input_precision="ieee")
-    out = tl.where(total[:, None] > 0, acc / tl.where(total > 0, total, 1.0)[:, None], 0.0)
+        acc_rot = _weighted_partials(acc_ptr, m_ptr, base, 0, S_rot, rows, rmask, d, msafe, M, D, BLOCK_S)
     b = pid_bh // Hkv
     head = (pid_bh % Hkv) * G + rows // Tq
     t = rows % Tq
-    tl.store(out_ptr + b * sob + head[:, None] * soh + t[:, None] * sot + d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+    for c0 in tl.static_range(0, D, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        part = _weighted_partials(acc_ptr, m_ptr, base, S_rot, S_total, rows, rmask, cols, msafe, M, D, BLOCK_S)
+        if HAS_ROT:
+            hinv = tl.load(hinv_ptr + d[:, None] * D + cols[None, :])
+            part += tl.dot(acc_rot, hinv, input_precision="tf32x3")
+        out = part * inv[:, None]
+        tl.store(out_ptr + b * sob + head[:, None] * soh + t[:, None] * sot + cols[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
     tl.store(stat_m_ptr + pid_bh * M + rows, mmax, mask=rmask)
     tl.store(stat_l_ptr + pid_bh * M + rows, total, mask=rmask)
 
