@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 
 import torch
 
@@ -30,7 +31,7 @@ from .report import begin_compile, record_site, report
 from .hf import CACHE_KWARG, DENSE_IMPL_ATTR, IMPL_NAME, RoutedSphkvCache, register, run_routed
 from .hf_cache import SphkvCache, snapshot_kv_bytes
 from .hf_plan import calls_sdpa_itself, kv_geometry, plan_layers
-from .options import SphkvOptions
+from .options import SphkvOptions, SphkvPerformanceWarning
 
 STATIC_IMPLEMENTATIONS = ("static", "hybrid", "sliding_window", "hybrid_chunked")
 _STATE_ATTR = "_sphkv_state"
@@ -168,6 +169,7 @@ def _wrap_generate(model, generate, key: str):
             if impl in STATIC_IMPLEMENTATIONS:
                 kwargs[key] = new_cache(model, total)
             else:
+                _advise_static(model)
                 kwargs[key] = new_cache(model, max_tokens=total)
         cache = kwargs.get(key, kwargs.get("past_key_values"))
         if isinstance(cache, SphkvCache):
@@ -179,6 +181,18 @@ def _wrap_generate(model, generate, key: str):
                 snapshot_kv_bytes(cache)  # report() keeps the numbers after the cache is freed
 
     return sphkv_generate
+
+
+def _advise_static(model) -> None:
+    """On an accelerator a dynamic cache leaves the decode step uncompiled: every sphkv op is
+    launched from Python, which on a small model is many times slower than dense. Say so once,
+    with the fix."""
+    if model.device.type != "cpu":
+        warnings.warn(
+            "sphkv: generate() with a dynamic cache runs each decode step's ops from Python (host-bound: many "
+            "times slower than dense on small models, docs/PERFORMANCE.md). Fix: pass "
+            "cache_implementation='static' to compile the decode step (with CUDA graphs under the uniform policy).",
+            SphkvPerformanceWarning, stacklevel=3)
 
 
 def graph_safe(options) -> bool:

@@ -91,3 +91,7 @@ class SphkvOptions:
             raise SphkvOptionsError(f"sphkv option tiers must contain exactly one exact tier, got {[t.name for t in ladder]}")
         if len({t.name for t in ladder}) != len(ladder):
             raise SphkvOptionsError(f"sphkv option tiers has duplicate names: {[t.name for t in ladder]}")
+
+
+class SphkvPerformanceWarning(UserWarning):
+    """A configuration that works but is known to be slow; the message names the fix."""

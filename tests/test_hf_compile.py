@@ -4,6 +4,7 @@ Inductor and for every model of the zoo (tests/test_zoo.py)."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -116,3 +117,15 @@ def test_generate_keeps_cuda_graphs_only_where_the_decode_step_decides_nothing_o
     sphkv_backend = {"compile_config": tf.CompileConfig(backend="sphkv")}  # it makes no graphs in any mode
     _no_cuda_graphs(sphkv_backend, fast)
     assert sphkv_backend["compile_config"].mode == "reduce-overhead"
+
+
+def test_a_dynamic_cache_on_an_accelerator_warns_with_the_fix():
+    """generate() with the default dynamic cache is not compiled: on an accelerator that is
+    host-bound, so sphkv says so and names the fix; on the CPU it stays quiet."""
+    from sphkv_compile.api import SphkvPerformanceWarning, _advise_static
+
+    with pytest.warns(SphkvPerformanceWarning, match="cache_implementation='static'"):
+        _advise_static(api.optimize(_model().to("meta"), **HIGH_BITS))  # meta stands for an accelerator
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SphkvPerformanceWarning)
+        _advise_static(api.optimize(_model(), **HIGH_BITS))
