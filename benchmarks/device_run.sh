@@ -2,14 +2,25 @@
 # One device call: install, GPU kernel tests, kernel benchmark, optionally (E2E=1) the
 # end-to-end decode. Logs under $OUT. One call holds 10 minutes: split the steps over calls
 # (SKIP_TESTS=1, SKIP_BENCH=1, BENCH_ARGS=--quick, E2E=1) rather than let a timeout cut them.
+#
+# Compile caches: each call starts on a bare machine, and the kernel compiles take minutes
+# (the GPU test suite compiles ~20 kernel variants). SAVE_CACHE=1 returns Triton's and
+# Inductor's caches as $OUT/compile-cache.tgz.part* (15 MiB each: the device tool returns
+# files of at most 16 MiB); copy them to .devcache/ here and pass carry=[".devcache"] to the
+# next call, which unpacks them first.
 set -o pipefail
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
+if ls .devcache/compile-cache.tgz.part* >/dev/null 2>&1; then
+  cat .devcache/compile-cache.tgz.part* | tar xz -C / 2>/dev/null && echo "compile caches unpacked"
+fi
 python -m pip install -e . --no-deps --no-build-isolation -q > $OUT/pip.log 2>&1 || { cat $OUT/pip.log; exit 1; }
 check() { (cd /tmp && python -c "import sphkv_compile.kernels, sys; print(sys.executable, sphkv_compile.kernels.__file__)") >> $OUT/pip.log 2>&1; }
 check || { python -m pip install . --no-deps --no-build-isolation -q >> $OUT/pip.log 2>&1; check; } || { cat $OUT/pip.log; exit 1; }
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv > $OUT/gpu.txt 2>&1
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  timeout ${TEST_TIMEOUT:-240} python -m pytest -q -x -p no:cacheprovider tests/test_kernels_gpu.py ${TEST_ARGS} 2>&1 | tee $OUT/gpu_tests.log | tail -25
+  # -v and --durations: a run cut short by the timeout still says which tests passed and how long each took
+  timeout ${TEST_TIMEOUT:-480} python -m pytest -v -x -p no:cacheprovider --durations=0 tests/test_kernels_gpu.py \
+    ${TEST_ARGS} 2>&1 | grep -v "Warning\|warnings.warn" | tee $OUT/gpu_tests.log | tail -40
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   timeout ${BENCH_TIMEOUT:-300} python benchmarks/bench_decode.py --out $OUT ${BENCH_ARGS} 2>&1 | tee $OUT/bench.log | tail -60
@@ -17,4 +28,8 @@ fi
 if [ "${E2E:-0}" = 1 ]; then  # end-to-end generate() at 32k (benchmarks/e2e_decode.py), about 5 minutes
   (cd benchmarks && timeout ${E2E_TIMEOUT:-330} python e2e_decode.py --steps 8 --warmup 3 --out $OUT ${E2E_ARGS} 2>&1 \
     | grep -v Warn | tee $OUT/e2e.log | tail -12)
+fi
+if [ "${SAVE_CACHE:-0}" = 1 ]; then
+  tar cz -C / root/.triton/cache tmp/torchinductor_root 2>/dev/null | split -b 15M - $OUT/compile-cache.tgz.part
+  ls -la $OUT/compile-cache.tgz.part*
 fi
