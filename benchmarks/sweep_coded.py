@@ -23,9 +23,18 @@ from sphkv_compile.options import SphkvOptions
 from sphkv_compile.tiers import TierSpec
 
 # kernels.attend.CODED settings
-SETTINGS = [dict(programs_per_sm=2), dict(programs_per_sm=6), dict(programs_per_sm=12),
-            dict(programs_per_sm=6, maxnreg=168), dict(programs_per_sm=8, maxnreg=128)]
-POINTS = [("llama3-8b", 8, 32768), ("smollm2", 8, 32768), ("llama3-8b", 1, 131072)]
+# (each applied on top of the defaults; sessions 2 and 3 timed programs_per_sm and maxnreg:
+# docs/PERFORMANCE.md)
+SETTINGS = [dict(), dict(min_tiles_per_split=2), dict(min_tiles_per_split=4), dict(min_tiles_per_split=8),
+            dict(programs_per_sm=4, min_tiles_per_split=4)]
+POINTS = [("llama3-8b", 1, 4096), ("smollm2", 1, 4096), ("llama3-8b", 1, 32768), ("llama3-8b", 8, 32768),
+          ("smollm2", 8, 32768), ("llama3-8b", 1, 131072)]
+DEFAULTS = dict(kattend.CODED)
+
+
+def apply(setting: dict) -> None:
+    kattend.CODED.clear()
+    kattend.CODED.update(DEFAULTS, **setting)
 
 
 def _store(name, B, T, opts, device, gen):
@@ -42,7 +51,7 @@ def warm(index: int) -> None:
     device = torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(0)
     opts = SphkvOptions()
-    kattend.CODED.update(SETTINGS[index])
+    apply(SETTINGS[index])
     for name in SHAPES:
         q, states, specs, kn = _store(name, 1, 300, opts, device, gen)
         kattend.attend(q, states, specs, seed=opts.seed, kv_dtype=torch.bfloat16, k_new=kn, v_new=kn)
@@ -72,7 +81,7 @@ def main():
         _, states, specs, kn = _store(name, B, T, opts, device, gen)
         stores[(name, B, T)] = (q, states, specs, kn, dense)
     for setting in SETTINGS:
-        kattend.CODED.update(setting)
+        apply(setting)
         row = dict(setting)
         try:
             for name, B, T in POINTS:

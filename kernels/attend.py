@@ -39,10 +39,13 @@ CODED_WARPS = 4
 # (0.86 vs 1.18 ms in fp32/tf32 at Llama B=8 T=32k: half the shared memory and registers).
 # programs_per_sm: split-KV programs launched per SM (3 fit at once: registers and shared memory).
 # maxnreg: register cap per thread (None: the compiler's choice).
+# min_tiles_per_split: fewer, longer splits when there are few rows (B=1: 8 KV heads x 33 splits
+# of one tile each leave the combine ~70 splits to merge; 1 is the behaviour timed so far).
+CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": 2, "maxnreg": None,
+         "min_tiles_per_split": 1}
 # combine_kernel: splits merged per step, output columns per rotation block, warps (sm_90
 # compile, D=128: 238 registers and no spills; 64 columns spill).
 COMBINE = {"splits": 4, "columns": 32, "warps": 8}
-CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": 2, "maxnreg": None}
 
 
 def _bf16_tiles() -> bool:
@@ -70,9 +73,9 @@ def _block_m(rows: int) -> int:
     return 16
 
 
-def _splits(programs_per_split: int, capacity: int, block_t: int, wanted: int) -> int:
+def _splits(programs_per_split: int, capacity: int, block_t: int, wanted: int, min_tiles: int = 1) -> int:
     tiles = max(1, triton.cdiv(capacity, block_t))
-    return max(1, min(tiles, triton.cdiv(wanted, max(1, programs_per_split))))
+    return max(1, min(triton.cdiv(tiles, min_tiles), triton.cdiv(wanted, max(1, programs_per_split))))
 
 
 def check_supported(q: torch.Tensor, specs, head_dim: int, seed: int, kv_dtype: torch.dtype):
@@ -173,7 +176,8 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
                 st = states[i]
                 tile = block_t if info.key is None else _coded_block_t()
                 want = wanted if info.key is None else wanted // 2 * CODED["programs_per_sm"]
-                S = _splits(BH * mblocks, st.pages.shape[-1] * st.page_size, tile, want)
+                S = _splits(BH * mblocks, st.pages.shape[-1] * st.page_size, tile, want,
+                            1 if info.key is None else CODED["min_tiles_per_split"])
                 launches.append((i, info, S_total, S))
                 S_total += S
         S_rot = sum(S for i, info, _, S in launches if info.key is not None)

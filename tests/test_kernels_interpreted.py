@@ -127,6 +127,17 @@ def test_decode_head_dim_128_all_tiers():
                   max_count=70, obs=1, pad=False, accumulate=True))
 
 
+@pytest.mark.parametrize("min_tiles", [1, 2])
+def test_several_splits_per_tier_match_reference(min_tiles, monkeypatch):
+    """Up to 600 tokens per compressed tier: several 128-token tiles, so each tier runs in
+    several splits (4 programs wanted under the interpreter) that combine_kernel merges, in
+    groups of COMBINE['splits'] with the rotated ones apart; min_tiles_per_split=2 makes the
+    splits longer and fewer."""
+    monkeypatch.setitem(kernel_attend.CODED, "min_tiles_per_split", min_tiles)
+    run_case(dict(d=16, hkv=1, g=2, b=1, specs=list(ALL_TIERS[:3]), tq=1, n_new=2, page_size=16, seed=11,
+                  max_count=600, obs=1, pad=False, accumulate=False))
+
+
 def test_queries_without_visible_tokens_give_zero():
     """Left-padded rows whose query sees nothing: output 0, like the reference."""
     gen = torch.Generator().manual_seed(3)
