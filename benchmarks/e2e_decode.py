@@ -6,7 +6,7 @@ holds `--context` tokens before generate() starts, so what is timed is decoding 
 - dense: transformers' StaticCache, compiled by generate() with its default (CUDA graphs);
 - sphkv: sphkv_compile.optimize(model) with its static cache, compiled by generate(): with CUDA
   graphs for the uniform policy (its decode step runs on the device alone), mode 'default' for
-  RDR (api.graph_safe).
+  RDR (api.graph_blocker).
 
 Both caches are filled with the same random keys and values (per layer and chunk, seeded), the
 dense one by StaticCache.update, the sphkv one by the layer's own cache update (the codes are

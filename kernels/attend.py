@@ -78,12 +78,22 @@ def _splits(programs_per_split: int, capacity: int, block_t: int, wanted: int, m
     return max(1, min(triton.cdiv(tiles, min_tiles), triton.cdiv(wanted, max(1, programs_per_split))))
 
 
-def check_supported(q: torch.Tensor, specs, head_dim: int, seed: int, kv_dtype: torch.dtype):
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise Unsupported(f"query dtype {q.dtype}")
+def check_supported(q_dtype: torch.dtype, specs, head_dim: int, seed: int, kv_dtype: torch.dtype):
+    if q_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise Unsupported(f"query dtype {q_dtype}")
     if head_dim & (head_dim - 1) or not 16 <= head_dim <= 256:
         raise Unsupported(f"head_dim={head_dim}: the kernels need a power of two in [16, 256]")
     return [tier_info(s, head_dim, seed, kv_dtype) for s in specs]
+
+
+def unsupported_reason(q_dtype: torch.dtype, specs, head_dim: int, seed: int, kv_dtype: torch.dtype) -> str | None:
+    """Why these kernels cannot serve the tiers at this head dim and dtypes (None: they can);
+    the ops then run their torch references."""
+    try:
+        check_supported(q_dtype, specs, head_dim, seed, kv_dtype)
+    except Unsupported as err:
+        return str(err)
+    return None
 
 
 def _tab(t, device):
@@ -136,7 +146,7 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
     Hkv = states[0].count.shape[1] if states else k_new.shape[1]
     if Hq % Hkv:
         raise ValueError(f"{Hq} query heads cannot be grouped over {Hkv} KV heads")
-    infos = check_supported(q, specs, d, seed, kv_dtype)
+    infos = check_supported(q.dtype, specs, d, seed, kv_dtype)
     G = Hq // Hkv
     BH = B * Hkv
     device = q.device

@@ -29,8 +29,8 @@ import torch
 from .backend import install_kernels
 from .report import begin_compile, record_site, report
 from .hf import CACHE_KWARG, DENSE_IMPL_ATTR, IMPL_NAME, RoutedSphkvCache, register, run_routed
-from .hf_cache import SphkvCache, snapshot_kv_bytes
-from .hf_plan import calls_sdpa_itself, kv_geometry, plan_layers
+from .hf_cache import SphkvCache, snapshot_kv_bytes, storage_dtype
+from .hf_plan import calls_sdpa_itself, kv_geometry, model_dtype, plan_layers
 from .options import SphkvOptions, SphkvPerformanceWarning
 
 STATIC_IMPLEMENTATIONS = ("static", "hybrid", "sliding_window", "hybrid_chunked")
@@ -195,22 +195,36 @@ def _advise_static(model) -> None:
             SphkvPerformanceWarning, stacklevel=3)
 
 
-def graph_safe(options) -> bool:
-    """Can a CUDA graph replay this cache's decode step? Only if the step decides nothing on the
-    host: the uniform policy without a byte budget updates the store on the device alone
-    (kernels/decode_update.py); a budget or RDR reads counts back to choose re-budgets."""
-    return options.policy == "uniform" and options.budget is None
+def graph_blocker(model) -> str | None:
+    """Why a CUDA graph cannot replay this model's decode step on the sphkv cache (None: it
+    can). A replay runs only what was captured, so the step must decide nothing on the host:
+    the uniform policy without a byte budget, with every op on the Triton kernels (the torch
+    references read counts back to the host)."""
+    state = getattr(model, _STATE_ATTR)
+    o = state.options
+    if o.policy != "uniform":
+        return f"policy {o.policy!r} re-budgets from counts read on the host"
+    if o.budget is not None:
+        return "a byte budget is checked on the host after every update"
+    try:
+        from .kernels.attend import unsupported_reason
+    except ImportError as err:
+        return f"the Triton kernels are unavailable ({err}); the ops run their torch references"
+    q_dtype = model_dtype(model)
+    kv_heads, head_dim = kv_geometry(model)
+    why = unsupported_reason(q_dtype, o.tier_ladder, head_dim, o.seed, storage_dtype(state.kv_dtype, q_dtype))
+    return None if why is None else f"the kernels do not cover this model ({why}); the ops run their torch references"
 
 
 def _no_cuda_graphs(kwargs: dict, model) -> None:
     """generate() compiles the decode step of a compileable (static) cache, by default with
-    mode 'reduce-overhead': CUDA graphs. Kept when the step is graph_safe. Otherwise the store's
-    ops decide re-budgets and page moves on the host from counts they read, which a replay would
-    skip: the default becomes mode 'default', and a compile config that asks for CUDA graphs is
-    refused with the fix."""
+    mode 'reduce-overhead': CUDA graphs. Kept when nothing blocks them (graph_blocker).
+    Otherwise the default becomes mode 'default', and a compile config that asks for CUDA
+    graphs is refused, naming the cause and the fix."""
     from transformers.generation.configuration_utils import CompileConfig
 
-    if graph_safe(getattr(model, _STATE_ATTR).options):
+    why = graph_blocker(model)
+    if why is None:
         return
     config = kwargs.get("generation_config") or model.generation_config
     asked = kwargs.get("compile_config", getattr(config, "compile_config", None))
@@ -222,8 +236,8 @@ def _no_cuda_graphs(kwargs: dict, model) -> None:
         return
     if asked.mode == "reduce-overhead" or (asked.options or {}).get("triton.cudagraphs"):
         raise ValueError(
-            "sphkv: compile_config asks for CUDA graphs (mode 'reduce-overhead' or triton.cudagraphs), which "
-            "cannot replay the host-side re-budgets of a byte budget or of policy 'rdr'. Fix: pass "
+            f"sphkv: compile_config asks for CUDA graphs (mode 'reduce-overhead' or triton.cudagraphs), which "
+            f"cannot replay this cache's decode step: {why}. Fix: pass "
             "compile_config=CompileConfig(mode='default') or mode='max-autotune-no-cudagraphs'.")
 
 

@@ -91,28 +91,38 @@ def test_zoo_compiled_generate_no_recompiles_after_warmup(name, monkeypatch):
 
 def test_generate_keeps_cuda_graphs_only_where_the_decode_step_decides_nothing_on_the_host():
     """generate() compiles a static cache's decode step with mode 'reduce-overhead' (CUDA graphs)
-    by default. The uniform policy without a budget updates the store on the device alone, so
-    that default stays. With a byte budget (or RDR) the step re-budgets from counts read on the
-    host, which a replay would skip: sphkv sets mode 'default', and a compile config asking for
-    CUDA graphs with another backend is refused with the fix."""
-    from sphkv_compile.api import _no_cuda_graphs, graph_safe
+    by default. The uniform policy without a budget, on the Triton kernels, updates the store on
+    the device alone, so that default stays. A byte budget, RDR, or a configuration the kernels
+    do not cover (their torch references read back to the host) would be skipped by a replay:
+    sphkv sets mode 'default', and a compile config asking for CUDA graphs with another backend
+    is refused, naming the cause and the fix."""
+    from sphkv_compile.api import _no_cuda_graphs, graph_blocker
 
-    device_only = api.optimize(_model().to("meta"), **HIGH_BITS)  # meta stands for an accelerator
-    assert graph_safe(device_only._sphkv_state.options)
+    defaults = dict(bits=3.5, sink=2, recent=4)
+    device_only = api.optimize(_model().to("meta"), **defaults)  # meta stands for an accelerator
+    assert graph_blocker(device_only) is None
     kept = {}
     _no_cuda_graphs(kept, device_only)
     assert "compile_config" not in kept  # transformers' default (CUDA graphs) applies
-    budgeted = dict(HIGH_BITS, tiers=("exact:exact", "hi:k12:polar12:r32", "lo:k3:polar3:r16"), budget=0.9)
-    fast = api.optimize(_model(), **budgeted)
-    assert not graph_safe(fast._sphkv_state.options)
+    odd = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=128, hidden_size=96, intermediate_size=128, num_hidden_layers=1,
+                                             num_attention_heads=4, num_key_value_heads=2))
+    blockers = {
+        "a byte budget": api.optimize(_model(), **defaults, budget=0.9),
+        "policy 'rdr'": api.optimize(_model(), **defaults, policy="rdr", budget=0.5),
+        "radius_bits=32": api.optimize(_model(), **HIGH_BITS),  # the kernels read 16-bit radii only
+        "head_dim=24": api.optimize(odd, **defaults),
+    }
+    for words, model in blockers.items():
+        assert words in graph_blocker(model), (words, graph_blocker(model))
+    fast = blockers["a byte budget"]
     plain = {}
     _no_cuda_graphs(plain, fast)
     assert "compile_config" not in plain  # on the CPU generate() does not auto-compile: nothing to set
-    meta = api.optimize(_model().to("meta"), **budgeted)
+    meta = api.optimize(_model().to("meta"), **defaults, budget=0.9)
     _no_cuda_graphs(plain, meta)
     assert plain["compile_config"].mode == "default"
     ids = torch.randint(3, 128, (1, 6))
-    with pytest.raises(ValueError, match="CUDA graphs.*Fix: pass compile_config"):
+    with pytest.raises(ValueError, match="CUDA graphs.*byte budget.*Fix: pass compile_config"):
         _generate(fast, ids, torch.ones_like(ids), compile_config=tf.CompileConfig(mode="reduce-overhead"))
     sphkv_backend = {"compile_config": tf.CompileConfig(backend="sphkv")}  # it makes no graphs in any mode
     _no_cuda_graphs(sphkv_backend, fast)

@@ -229,3 +229,26 @@ def test_generate_with_cuda_graphs_equals_generate_without():
             assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
     assert runs["reduce-overhead"].shape == (3, 64)
     assert torch.equal(runs["reduce-overhead"], runs["default"])
+
+
+@pytest.mark.parametrize("name", ["falcon", "gemma2", "gpt_bigcode", "qwen3"])
+def test_zoo_generate_with_cuda_graphs_equals_generate_without(name):
+    """Architectures other than Llama through generate()'s CUDA graphs: Falcon (its own SDPA calls
+    routed to the store), Gemma2 (sliding-window layers kept dense beside compressed ones),
+    GPTBigCode (multi-query) and Qwen3 (q/k norms); bf16, default bits, left-padded prompts."""
+    import transformers as tf
+
+    import sphkv_compile.api as sphkv
+    from tests import test_zoo as zoo
+
+    seed = zoo.SEED_ORDER.index(name)
+    model = sphkv.optimize(zoo.build(zoo.ZOO[name], seed).to(DEV, torch.bfloat16), **zoo.DEFAULT_BITS)
+    ids, mask = (t.to(DEV) for t in zoo.prompts(seed))
+    assert sphkv.graph_blocker(model) is None, sphkv.graph_blocker(model)
+    cache = sphkv.new_cache(model, max_cache_len=zoo.PROMPT + zoo.NEW)
+    runs = {}
+    for mode in ("reduce-overhead", "default"):
+        cache.reset()
+        runs[mode] = zoo.greedy(model, ids, mask, compile_config=tf.CompileConfig(mode=mode),
+                                **{sphkv.cache_keyword(model): cache})
+    assert torch.equal(runs["reduce-overhead"], runs["default"]), name
