@@ -175,10 +175,13 @@ def _wrap_generate(model, generate, key: str):
         if isinstance(cache, SphkvCache):
             _no_cuda_graphs(kwargs, model)
         try:
-            return generate(*args, **kwargs)
+            out = generate(*args, **kwargs)
         finally:
             if isinstance(cache, SphkvCache):
                 snapshot_kv_bytes(cache)  # report() keeps the numbers after the cache is freed
+        if isinstance(cache, SphkvCache):
+            cache.raise_if_over_budget()  # what decode steps replayed from CUDA graphs recorded
+        return out
 
     return sphkv_generate
 
@@ -198,14 +201,12 @@ def _advise_static(model) -> None:
 def graph_blocker(model) -> str | None:
     """Why a CUDA graph cannot replay this model's decode step on the sphkv cache (None: it
     can). A replay runs only what was captured, so the step must decide nothing on the host:
-    the uniform policy without a byte budget, with every op on the Triton kernels (the torch
-    references read counts back to the host)."""
+    the uniform policy (a byte budget is then only checked, on the device while captured), with
+    every op on the Triton kernels (the torch references read counts back to the host)."""
     state = getattr(model, _STATE_ATTR)
     o = state.options
     if o.policy != "uniform":
         return f"policy {o.policy!r} re-budgets from counts read on the host"
-    if o.budget is not None:
-        return "a byte budget is checked on the host after every update"
     try:
         from .kernels.attend import unsupported_reason
     except ImportError as err:

@@ -33,7 +33,7 @@ from .rdr import meter as budget_meter
 from .rdr.budget import SphkvBudgetError  # noqa: F401  (raised by check_budget; importable from here)
 from .rdr.budget import protected_tokens
 from .rdr.eager import ensure_capacity
-from .rdr.node import measure
+from .rdr.node import measure, over_budget_error
 from .report import register_kv_source
 from .options import SphkvOptions
 from .store import LayerStore, TierState
@@ -303,6 +303,17 @@ class SphkvCache(Cache):
 
     def compressed_layers(self) -> list[SphkvLayer]:
         return [layer for layer in self.layers if isinstance(layer, SphkvLayer)]
+
+    def raise_if_over_budget(self) -> None:
+        """A decode step replayed from a CUDA graph cannot stop at an excess; its budgeting node
+        records the worst one on the device (rdr.node.budget_step) and this raises it."""
+        for layer in self.compressed_layers():
+            if layer.meter is None:
+                continue
+            excess, budget = int(layer.meter[budget_meter.MAX_EXCESS]), int(layer.meter[budget_meter.BUDGET])
+            if budget > 0 and excess > 0:
+                raise over_budget_error(budget + excess, budget, self.options.policy,
+                                        int(layer.meter[budget_meter.CALLS]))
 
     def kv_bytes(self) -> tuple[int, int]:
         """(resident bytes of every layer's KV: compressed stores and dense fallbacks,

@@ -91,9 +91,9 @@ def test_zoo_compiled_generate_no_recompiles_after_warmup(name, monkeypatch):
 
 def test_generate_keeps_cuda_graphs_only_where_the_decode_step_decides_nothing_on_the_host():
     """generate() compiles a static cache's decode step with mode 'reduce-overhead' (CUDA graphs)
-    by default. The uniform policy without a budget, on the Triton kernels, updates the store on
-    the device alone, so that default stays. A byte budget, RDR, or a configuration the kernels
-    do not cover (their torch references read back to the host) would be skipped by a replay:
+    by default. The uniform policy on the Triton kernels updates the store on the device alone
+    (a byte budget is only checked), so that default stays. RDR's re-budgets, or a configuration
+    the kernels do not cover (their torch references read back to the host), would be skipped by a replay:
     sphkv sets mode 'default', and a compile config asking for CUDA graphs with another backend
     is refused, naming the cause and the fix."""
     from sphkv_compile.api import _no_cuda_graphs, graph_blocker
@@ -106,23 +106,23 @@ def test_generate_keeps_cuda_graphs_only_where_the_decode_step_decides_nothing_o
     assert "compile_config" not in kept  # transformers' default (CUDA graphs) applies
     odd = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=128, hidden_size=96, intermediate_size=128, num_hidden_layers=1,
                                              num_attention_heads=4, num_key_value_heads=2))
+    assert graph_blocker(api.optimize(_model().to("meta"), **defaults, budget=0.9)) is None  # only checked
     blockers = {
-        "a byte budget": api.optimize(_model(), **defaults, budget=0.9),
-        "policy 'rdr'": api.optimize(_model(), **defaults, policy="rdr", budget=0.5),
+        "policy 'rdr'": api.optimize(_model(), **defaults, policy="rdr", budget=0.5, rebudget_every=4),
         "radius_bits=32": api.optimize(_model(), **HIGH_BITS),  # the kernels read 16-bit radii only
         "head_dim=24": api.optimize(odd, **defaults),
     }
     for words, model in blockers.items():
         assert words in graph_blocker(model), (words, graph_blocker(model))
-    fast = blockers["a byte budget"]
+    fast = blockers["policy 'rdr'"]
     plain = {}
     _no_cuda_graphs(plain, fast)
     assert "compile_config" not in plain  # on the CPU generate() does not auto-compile: nothing to set
-    meta = api.optimize(_model().to("meta"), **defaults, budget=0.9)
+    meta = api.optimize(_model().to("meta"), **defaults, policy="rdr", budget=0.5, rebudget_every=4)
     _no_cuda_graphs(plain, meta)
     assert plain["compile_config"].mode == "default"
     ids = torch.randint(3, 128, (1, 6))
-    with pytest.raises(ValueError, match="CUDA graphs.*byte budget.*Fix: pass compile_config"):
+    with pytest.raises(ValueError, match="CUDA graphs.*policy 'rdr'.*Fix: pass compile_config"):
         _generate(fast, ids, torch.ones_like(ids), compile_config=tf.CompileConfig(mode="reduce-overhead"))
     sphkv_backend = {"compile_config": tf.CompileConfig(backend="sphkv")}  # it makes no graphs in any mode
     _no_cuda_graphs(sphkv_backend, fast)
@@ -139,3 +139,27 @@ def test_a_dynamic_cache_on_an_accelerator_warns_with_the_fix():
     with warnings.catch_warnings():
         warnings.simplefilter("error", SphkvPerformanceWarning)
         _advise_static(api.optimize(_model(), **HIGH_BITS))
+
+
+def test_a_budget_excess_recorded_inside_a_cuda_graph_is_raised_after_generate(monkeypatch):
+    """While a decode step is captured into a CUDA graph the budgeting node cannot stop at an
+    excess (its replays never reach the host): it records the worst one on the device, and the
+    cache raises it when generate() returns. Outside a capture it raises at once."""
+    from sphkv_compile.rdr import node
+    from sphkv_compile.rdr.budget import SphkvBudgetError
+
+    model = api.optimize(_model(), bits=3.5, sink=2, recent=4, budget=0.9)
+    cache = api.new_cache(model, max_cache_len=40)
+    with torch.no_grad():
+        model(torch.randint(3, 128, (1, 20)), **{api.cache_keyword(model): cache})
+    cache.raise_if_over_budget()  # within the budget: nothing to raise
+    layer = cache.compressed_layers()[0]
+    st = layer.store
+    step = dict(head_dim=st.head_dim, seed=0, kv_dtype=st.kv_dtype, sink=2, recent=4, policy="uniform",
+                budget_bytes=1, rebudget_every=64)
+    with pytest.raises(SphkvBudgetError, match="over its budget of 1"):
+        node.budget_step(st.states, list(st.tiers), layer.meter.clone(), **step)
+    monkeypatch.setattr(node, "capturing", lambda: True)
+    node.budget_step(st.states, list(st.tiers), layer.meter, **step)  # recorded, not raised
+    with pytest.raises(SphkvBudgetError, match="over its budget of 1"):
+        cache.raise_if_over_budget()

@@ -200,11 +200,13 @@ def test_device_decode_update_equals_graduate_on_gpu(d, B, H, sink, recent, ps):
         assert torch.equal(rv, gv) and torch.equal(rr[rv], gr[gv]) and torch.equal(ru[rv], gu[gv])
 
 
-def test_generate_with_cuda_graphs_equals_generate_without():
+@pytest.mark.parametrize("budget", [None, 0.5])
+def test_generate_with_cuda_graphs_equals_generate_without(budget):
     """optimize() keeps generate()'s CUDA graphs (mode 'reduce-overhead') for the uniform policy:
     the decode step, replayed from graphs, produces the same greedy tokens as without them, and
     over more steps than the recent window (so tokens graduate to the compressed tier inside
-    the graphs)."""
+    the graphs). With a byte budget, the budgeting node checks it on the device inside the
+    graphs (raised after generate() if exceeded)."""
     import transformers as tf
 
     import sphkv_compile.api as sphkv
@@ -212,7 +214,8 @@ def test_generate_with_cuda_graphs_equals_generate_without():
     torch.manual_seed(random.randrange(2**31))
     config = tf.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
-    model = sphkv.optimize(tf.LlamaForCausalLM(config).eval().to(DEV, torch.bfloat16), bits=3.5, recent=8)
+    options = dict(bits=3.5, recent=8) | ({} if budget is None else {"budget": budget})
+    model = sphkv.optimize(tf.LlamaForCausalLM(config).eval().to(DEV, torch.bfloat16), **options)
     ids = torch.randint(3, 512, (3, 40), device=DEV)
     cache = sphkv.new_cache(model, max_cache_len=40 + 24)
     key = sphkv.cache_keyword(model)

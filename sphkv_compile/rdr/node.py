@@ -34,7 +34,21 @@ def current_budget(states: list[TierState], specs: list[TierSpec], tokens: torch
     H = states[0].count.shape[1]
     table = choice_table(tuple(specs), head_dim, seed, kv_dtype)
     floor = H * protected_count(policy, sink, recent, rebudget_every) * table.exact_bytes
-    return budget_for(fraction, int(tokens.reshape(-1)[0]), max_tokens, H, head_dim, floor)
+    # a fixed budget (max_tokens) does not depend on the tokens seen: no read back to the host
+    seen = 0 if max_tokens else int(tokens.reshape(-1)[0])
+    return budget_for(fraction, seen, max_tokens, H, head_dim, floor)
+
+
+def capturing() -> bool:
+    """Is this call being captured into a CUDA graph (so that it must not read the device)?"""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def over_budget_error(held: int, budget_bytes: int, policy: str, calls: int) -> SphkvBudgetError:
+    return SphkvBudgetError(
+        f"sphkv: a batch row of this layer holds {held} token bytes, over its budget of {budget_bytes} "
+        f"(policy {policy!r}, update {calls}). The up-front check should have refused this "
+        f"configuration; please report it. Fix for now: raise the budget or use policy='rdr'.")
 
 
 def _record_rebudget(meter: torch.Tensor) -> None:
@@ -86,14 +100,19 @@ def budget_step(states: list[TierState], specs: list[TierSpec], meter: torch.Ten
     else:
         meter[M.TOKEN_BYTES].fill_(held_t)
     meter[M.CALLS].add_(1)
-    if budget_bytes > 0:
+    if budget_bytes > 0 and capturing():
+        # inside a CUDA graph the replays never reach the host: keep the worst excess on the
+        # device; the cache checks it after generate() (SphkvCache.raise_if_over_budget)
+        excess = held_t - budget_bytes
+        if torch.is_tensor(excess):
+            meter[M.MAX_EXCESS].copy_(torch.maximum(meter[M.MAX_EXCESS], excess))
+        else:
+            meter[M.MAX_EXCESS].clamp_(min=excess)
+    elif budget_bytes > 0:
         held = int(held_t)
         meter[M.MAX_EXCESS] = max(int(meter[M.MAX_EXCESS]), held - budget_bytes)
         if held > budget_bytes:
-            raise SphkvBudgetError(
-                f"sphkv: a batch row of this layer holds {held} token bytes, over its budget of {budget_bytes} "
-                f"(policy {policy!r}, update {int(meter[M.CALLS])}). The up-front check should have refused this "
-                f"configuration; please report it. Fix for now: raise the budget or use policy='rdr'.")
+            raise over_budget_error(held, budget_bytes, policy, int(meter[M.CALLS]))
 
 
 def measure(states: list[TierState], specs, meter: torch.Tensor, *, head_dim: int, seed: int,
