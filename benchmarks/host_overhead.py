@@ -5,9 +5,12 @@ One layer's static store (uniform policy, SmolLM2 or Llama-3-8B shape) filled wi
 runs per step (sphkv::attend, sphkv::update_cache, sphkv::kv_budget) launched back to back
 with no sync inside the loop. Prints, per op and for the whole step: host microseconds per
 call (wall clock of the launching loop) and device microseconds per call (CUDA events), then
-the Python functions that take the host time (cProfile).
+the Python functions that take the host time (cProfile). --cuda-graph: one captured step
+replayed next to eager steps (same outputs and tiers?); --kernels: each op's GPU kernels and
+their device time (what a replay still pays).
 
-    python benchmarks/host_overhead.py [--shape smollm2] [--context 2048] [--iters 200]
+    python benchmarks/host_overhead.py [--shape smollm2] [--batch 1] [--context 2048] [--iters 200]
+                                       [--cuda-graph] [--kernels]
 """
 from __future__ import annotations
 
