@@ -27,7 +27,7 @@ import warnings
 import torch
 
 from .backend import install_kernels
-from .report import begin_compile, record_site, report
+from .report import begin_compile, record_decode_step, record_site, report
 from .hf import CACHE_KWARG, DENSE_IMPL_ATTR, IMPL_NAME, RoutedSphkvCache, register, run_routed
 from .hf_cache import SphkvCache, snapshot_kv_bytes, storage_dtype
 from .hf_plan import calls_sdpa_itself, kv_geometry, model_dtype, plan_layers
@@ -174,6 +174,7 @@ def _wrap_generate(model, generate, key: str):
         cache = kwargs.get(key, kwargs.get("past_key_values"))
         if isinstance(cache, SphkvCache):
             _no_cuda_graphs(kwargs, model)
+            record_decode_step(*_decode_step_mode(model, kwargs, cache))
         try:
             out = generate(*args, **kwargs)
         finally:
@@ -215,6 +216,25 @@ def graph_blocker(model) -> str | None:
     kv_heads, head_dim = kv_geometry(model)
     why = unsupported_reason(q_dtype, o.tier_ladder, head_dim, o.seed, storage_dtype(state.kv_dtype, q_dtype))
     return None if why is None else f"the kernels do not cover this model ({why}); the ops run their torch references"
+
+
+def _decode_step_mode(model, kwargs: dict, cache: SphkvCache) -> tuple[bool, str]:
+    """(CUDA graphs?, why) for the decode step of this generate() call, for report()."""
+    if not cache.is_compileable:
+        return False, ("dynamic cache: generate() does not compile the decode step "
+                       "(pass cache_implementation='static')")
+    config = kwargs.get("generation_config") or model.generation_config
+    asked = kwargs.get("compile_config", getattr(config, "compile_config", None))
+    if model.device.type == "cpu" and not getattr(asked, "_compile_all_devices", False):
+        return False, "generate() compiles the decode step on accelerators only"
+    why = graph_blocker(model)
+    if why is not None:
+        return False, why
+    if asked is not None and asked.backend == "sphkv":
+        return False, "the sphkv backend makes no CUDA graphs"
+    if asked is not None and asked.mode != "reduce-overhead" and not (asked.options or {}).get("triton.cudagraphs"):
+        return False, f"compile_config asks for mode {asked.mode!r}"
+    return True, "static cache, uniform policy, every op on the Triton kernels"
 
 
 def _no_cuda_graphs(kwargs: dict, model) -> None:

@@ -28,6 +28,7 @@ _sites: list[Site] = []
 # counts: the HF cache and the graph-rewritten stores never describe the same forward.
 _kv_sources: list[tuple[str, Callable[[], tuple[int, int]]]] = []
 _active_group: str | None = None
+_decode_step: dict | None = None  # how the latest generate() ran its decode step (record_decode_step)
 
 
 def begin_compile() -> None:
@@ -45,6 +46,15 @@ def record_site(kind: str, rewritten: bool, reason: str | None = None, **details
     else:
         log.info("sphkv: left %s site dense: %s", kind, reason)
     return site
+
+
+def record_decode_step(cuda_graphs: bool, reason: str) -> None:
+    """How generate() runs the decode step on the sphkv cache: replayed from CUDA graphs or
+    not, and why."""
+    global _decode_step
+    with _lock:
+        _decode_step = {"cuda_graphs": cuda_graphs, "reason": reason}
+    log.info("sphkv: decode step %s CUDA graphs: %s", "with" if cuda_graphs else "without", reason)
 
 
 def register_kv_source(fn: Callable[[], tuple[int, int]], group: str = "default") -> None:
@@ -73,4 +83,5 @@ def report() -> dict:
         "sites": sites,
         "kv_bytes": sum(k for k, _ in kv),
         "dense_kv_bytes": sum(d for _, d in kv),
+        "decode_step": _decode_step,
     }

@@ -163,3 +163,27 @@ def test_a_budget_excess_recorded_inside_a_cuda_graph_is_raised_after_generate(m
     node.budget_step(st.states, list(st.tiers), layer.meter, **step)  # recorded, not raised
     with pytest.raises(SphkvBudgetError, match="over its budget of 1"):
         cache.raise_if_over_budget()
+
+
+def test_report_says_how_generate_ran_the_decode_step():
+    """report()['decode_step']: whether generate() replays the decode step from CUDA graphs, and
+    why not when it does not."""
+    from sphkv_compile.api import _decode_step_mode
+
+    defaults = dict(bits=3.5, sink=2, recent=4)
+    model = api.optimize(_model(), **defaults)
+    ids = torch.randint(3, 128, (1, 6))
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False, pad_token_id=0)
+    step = api.report()["decode_step"]
+    assert step["cuda_graphs"] is False and "dynamic cache" in step["reason"], step
+    _generate(model, ids, torch.ones_like(ids))
+    step = api.report()["decode_step"]
+    assert step["cuda_graphs"] is False and "accelerators only" in step["reason"], step
+    meta = api.optimize(_model().to("meta"), **defaults)  # stands for an accelerator
+    static = api.new_cache(meta, max_cache_len=20)
+    assert _decode_step_mode(meta, {}, static) == (True, "static cache, uniform policy, every op on the Triton kernels")
+    no_graphs = {"compile_config": tf.CompileConfig(mode="default")}
+    assert _decode_step_mode(meta, no_graphs, static) == (False, "compile_config asks for mode 'default'")
+    rdr = api.optimize(_model().to("meta"), **defaults, policy="rdr", budget=0.5, rebudget_every=4)
+    graphs, why = _decode_step_mode(rdr, {}, api.new_cache(rdr, max_cache_len=70))
+    assert not graphs and "policy 'rdr'" in why
