@@ -31,6 +31,7 @@ import time
 import torch
 import transformers as tf
 
+import sphkv_compile
 import sphkv_compile.api as sphkv
 from rdr_gpu_check import SMOLLM2_SHAPE, add_device_arg, device_from
 
@@ -142,8 +143,10 @@ def run(kind: str, model, config, batch: int, args, device) -> dict:
         l.keys.numel() * l.keys.element_size() * 2 for l in cache.layers)
     row = dict(kind=kind, batch=batch, context=args.context, ms_per_step=ms, tokens_per_s=batch * 1000 / ms,
                kv_bytes=held, peak_gb=torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else 0.0)
+    if kind == "sphkv":  # CUDA graphs or not, and why (what this row measured)
+        row["decode_step"] = sphkv_compile.report()["decode_step"]
     print(f"{kind:6s} B={batch:4d}  {ms:8.2f} ms/step  {row['tokens_per_s']:9.1f} tok/s  "
-          f"KV {held / 1e9:7.2f} GB  peak {row['peak_gb']:6.1f} GB", flush=True)
+          f"KV {held / 1e9:7.2f} GB  peak {row['peak_gb']:6.1f} GB  {row.get('decode_step') or ''}", flush=True)
     del cache, kw
     return row, tokens
 

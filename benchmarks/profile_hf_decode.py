@@ -17,6 +17,7 @@ import torch
 import transformers as tf
 from torch.profiler import ProfilerActivity, profile
 
+import sphkv_compile
 import sphkv_compile.api as sphkv
 from rdr_gpu_check import add_device_arg, device_from, model_on
 
@@ -71,7 +72,8 @@ def main(argv=None):
     kw = {sphkv.cache_keyword(model): sphkv.new_cache(model, max_cache_len=max_len)}
     generate(model, ids, 4, **kw)  # warm-up: the decode step compiles
     ms = per_token_ms(model, ids, args.steps, kw)
-    print(f"sphkv {args.policy}: {ms:.2f} ms per decoded token ({ms / dense_ms:.2f}x dense)", flush=True)
+    print(f"sphkv {args.policy}: {ms:.2f} ms per decoded token ({ms / dense_ms:.2f}x dense); decode step: "
+          f"{sphkv_compile.report()['decode_step']}", flush=True)
     cache = next(iter(kw.values()))
     if args.policy == "uniform" and device.type == "cuda":
         # optimize() keeps generate()'s CUDA graphs for this policy: the same tokens without them?
