@@ -43,6 +43,7 @@ def on_new_store(preparer) -> None:
         _store_preparers.append(preparer)
 
 
+@torch._dynamo.disable  # a store made inside a compiled forward: the tables are made eagerly all the same
 def prepare_store(specs, head_dim: int, seed: int, kv_dtype: torch.dtype, device) -> None:
     for preparer in _store_preparers:
         preparer(specs, head_dim, seed, kv_dtype, torch.device(device))
