@@ -104,20 +104,23 @@ def compile_all(d=128):
     from sphkv_compile.kernels.compaction import compact_rows_kernel
     from sphkv_compile.kernels.layout import radius_round_offset
 
+    from sphkv_compile.kernels.encode import _launch_shape
+
+    ENCODE_BLOCK_T, encode_warps = _launch_shape(d)  # as the wrapper launches it
     spec = TierSpec("uniform", 3.5, "polar", 3.5)
     info = tier_info(spec, d, 0, torch.bfloat16)
     sc = tier_info(TierSpec("s", 3.5, "scalar", 3), d, 0, torch.bfloat16)
     key, val = info.key, info.value
     jobs = {
         "encode_polar": (encode_kv_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*i32"},
-                         dict(D=d, BLOCK_T=32, KW=info.key_words, VW=info.value_words, KWPAD=16, VWPAD=16,
+                         dict(D=d, BLOCK_T=ENCODE_BLOCK_T, KW=info.key_words, VW=info.value_words, KWPAD=16, VWPAD=16,
                               VALUE_SCALAR=False, K_LEVELS=key.levels, K_BITS=key.bits, K_COUNTS=key.fields.counts,
                               K_MAXC=key.fields.max_comps, K_TSIZE=key.table_size, V_LEVELS=val.levels, K_WIDTHS=key.fields.widths,
                               V_WIDTHS=val.fields.widths,
                               V_BITS=val.bits, V_COUNTS=val.fields.counts, V_MAXC=val.fields.max_comps,
                               V_TSIZE=val.table_size, STEP=key.radius_step, ROUND_OFFSET=radius_round_offset(16))),
         "encode_scalar": (encode_kv_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*i32"},
-                          dict(D=d, BLOCK_T=32, KW=sc.key_words, VW=sc.value_words, KWPAD=16, VWPAD=16,
+                          dict(D=d, BLOCK_T=ENCODE_BLOCK_T, KW=sc.key_words, VW=sc.value_words, KWPAD=16, VWPAD=16,
                                VALUE_SCALAR=True, K_LEVELS=key.levels, K_BITS=key.bits, K_COUNTS=key.fields.counts,
                                K_MAXC=key.fields.max_comps, K_TSIZE=key.table_size, V_LEVELS=0, K_WIDTHS=key.fields.widths,
                                V_WIDTHS=sc.value.fields.widths,
@@ -142,7 +145,8 @@ def compile_all(d=128):
         sig = {a: ("constexpr" if a in consts else ptrs.get(a, "*i32" if "comps" in a else "*fp32") if a.endswith("_ptr") else "i32")
                for a in fn.arg_names}
         try:
-            warps = COMBINE["warps"] if name == "combine" else 4
+            warps = {"combine": COMBINE["warps"], "encode_polar": encode_warps,
+                     "encode_scalar": encode_warps}.get(name, 4)
             k = triton.compile(ASTSource(fn, sig, consts), target=TARGET, options={"num_warps": warps, "num_stages": 1})
             print(name, "ok, shared", k.metadata.shared)
             sass_summary(k)
