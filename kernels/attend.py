@@ -39,8 +39,9 @@ CODED_WARPS = 4
 # (0.86 vs 1.18 ms in fp32/tf32 at Llama B=8 T=32k: half the shared memory and registers).
 # programs_per_sm: split-KV programs launched per SM (3 fit at once: registers and shared memory).
 # maxnreg: register cap per thread (None: the compiler's choice).
-# min_tiles_per_split: fewer, longer splits when there are few rows (B=1: 8 KV heads x 33 splits
-# of one tile each leave the combine ~70 splits to merge; 1 is the behaviour timed so far).
+# min_tiles_per_split: fewer, longer splits when there are few rows (Llama B=1, 4k tokens: 8 KV
+# heads x 33 splits of one tile each leave the combine ~35 splits per row to merge; 1 is the
+# behaviour timed so far). It bounds the splits by the pool's capacity, not the tokens held.
 CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": 2, "maxnreg": None,
          "min_tiles_per_split": 1}
 # combine_kernel: splits merged per step, output columns per rotation block, warps (sm_90

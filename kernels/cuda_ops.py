@@ -98,6 +98,11 @@ def update_cache_cuda(state, k, v, valid, utility, tiers, seed, kv_dtype, sink, 
     graduate(states, specs, k, v, valid, utility, **kw)
 
 
+def registered() -> bool:
+    """Have the sphkv ops been given these CUDA implementations (register)?"""
+    return _registered
+
+
 def register() -> None:
     """Install the CUDA implementations (idempotent)."""
     global _registered

@@ -209,9 +209,12 @@ def graph_blocker(model) -> str | None:
     if o.policy != "uniform":
         return f"policy {o.policy!r} re-budgets from counts read on the host"
     try:
+        from .kernels import cuda_ops
         from .kernels.attend import unsupported_reason
     except ImportError as err:
         return f"the Triton kernels are unavailable ({err}); the ops run their torch references"
+    if not cuda_ops.registered():
+        return "the Triton kernels are not registered for the sphkv ops; the ops run their torch references"
     q_dtype = model_dtype(model)
     kv_heads, head_dim = kv_geometry(model)
     why = unsupported_reason(q_dtype, o.tier_ladder, head_dim, o.seed, storage_dtype(state.kv_dtype, q_dtype))
@@ -225,6 +228,8 @@ def _decode_step_mode(model, kwargs: dict, cache: SphkvCache) -> tuple[bool, str
                        "(pass cache_implementation='static')")
     config = kwargs.get("generation_config") or model.generation_config
     asked = kwargs.get("compile_config", getattr(config, "compile_config", None))
+    if getattr(config, "disable_compile", False):
+        return False, "generation_config.disable_compile is set"
     if model.device.type == "cpu" and not getattr(asked, "_compile_all_devices", False):
         return False, "generate() compiles the decode step on accelerators only"
     why = graph_blocker(model)
@@ -232,9 +237,15 @@ def _decode_step_mode(model, kwargs: dict, cache: SphkvCache) -> tuple[bool, str
         return False, why
     if asked is not None and asked.backend == "sphkv":
         return False, "the sphkv backend makes no CUDA graphs"
-    if asked is not None and asked.mode != "reduce-overhead" and not (asked.options or {}).get("triton.cudagraphs"):
+    if asked is not None and not _asks_for_graphs(asked):
         return False, f"compile_config asks for mode {asked.mode!r}"
     return True, "static cache, uniform policy, every op on the Triton kernels"
+
+
+def _asks_for_graphs(config) -> bool:
+    """Does this CompileConfig make CUDA graphs? Modes 'reduce-overhead' and 'max-autotune' do
+    (Inductor's mode table), as does the option triton.cudagraphs."""
+    return config.mode in ("reduce-overhead", "max-autotune") or bool((config.options or {}).get("triton.cudagraphs"))
 
 
 def _no_cuda_graphs(kwargs: dict, model) -> None:
@@ -255,9 +266,9 @@ def _no_cuda_graphs(kwargs: dict, model) -> None:
         return
     if asked.backend == "sphkv":  # the sphkv backend makes no CUDA graphs whatever the mode
         return
-    if asked.mode == "reduce-overhead" or (asked.options or {}).get("triton.cudagraphs"):
+    if _asks_for_graphs(asked):
         raise ValueError(
-            f"sphkv: compile_config asks for CUDA graphs (mode 'reduce-overhead' or triton.cudagraphs), which "
+            f"sphkv: compile_config asks for CUDA graphs (mode {asked.mode!r} or triton.cudagraphs), which "
             f"cannot replay this cache's decode step: {why}. Fix: pass "
             "compile_config=CompileConfig(mode='default') or mode='max-autotune-no-cudagraphs'.")
 

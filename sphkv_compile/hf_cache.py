@@ -307,13 +307,16 @@ class SphkvCache(Cache):
     def raise_if_over_budget(self) -> None:
         """A decode step replayed from a CUDA graph cannot stop at an excess; its budgeting node
         records the worst one on the device (rdr.node.budget_step) and this raises it."""
+        if not self.options.budget:
+            return
         for layer in self.compressed_layers():
             if layer.meter is None:
                 continue
-            excess, budget = int(layer.meter[budget_meter.MAX_EXCESS]), int(layer.meter[budget_meter.BUDGET])
+            counters = layer.meter[:budget_meter.BATCH].tolist()  # one read back per layer
+            calls, budget, excess = (counters[i] for i in (budget_meter.CALLS, budget_meter.BUDGET,
+                                                           budget_meter.MAX_EXCESS))
             if budget > 0 and excess > 0:
-                raise over_budget_error(budget + excess, budget, self.options.policy,
-                                        int(layer.meter[budget_meter.CALLS]))
+                raise over_budget_error(budget + excess, budget, self.options.policy, calls)
 
     def kv_bytes(self) -> tuple[int, int]:
         """(resident bytes of every layer's KV: compressed stores and dense fallbacks,

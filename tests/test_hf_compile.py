@@ -11,6 +11,7 @@ import torch
 import transformers as tf
 
 from sphkv_compile import api
+from sphkv_compile.hf_cache import SphkvCache
 from tests import test_zoo as zoo
 from tests.models.tiny_llama import tiny_llama
 
@@ -122,8 +123,9 @@ def test_generate_keeps_cuda_graphs_only_where_the_decode_step_decides_nothing_o
     _no_cuda_graphs(plain, meta)
     assert plain["compile_config"].mode == "default"
     ids = torch.randint(3, 128, (1, 6))
-    with pytest.raises(ValueError, match="CUDA graphs.*policy 'rdr'.*Fix: pass compile_config"):
-        _generate(fast, ids, torch.ones_like(ids), compile_config=tf.CompileConfig(mode="reduce-overhead"))
+    for mode in ("reduce-overhead", "max-autotune"):  # both make CUDA graphs
+        with pytest.raises(ValueError, match="CUDA graphs.*policy 'rdr'.*Fix: pass compile_config"):
+            _generate(fast, ids, torch.ones_like(ids), compile_config=tf.CompileConfig(mode=mode))
     sphkv_backend = {"compile_config": tf.CompileConfig(backend="sphkv")}  # it makes no graphs in any mode
     _no_cuda_graphs(sphkv_backend, fast)
     assert sphkv_backend["compile_config"].mode == "reduce-overhead"
@@ -143,26 +145,26 @@ def test_a_dynamic_cache_on_an_accelerator_warns_with_the_fix():
 
 def test_a_budget_excess_recorded_inside_a_cuda_graph_is_raised_after_generate(monkeypatch):
     """While a decode step is captured into a CUDA graph the budgeting node cannot stop at an
-    excess (its replays never reach the host): it records the worst one on the device, and the
-    cache raises it when generate() returns. Outside a capture it raises at once."""
+    excess (its replays never reach the host): it records the worst one on the device, and
+    generate() raises it when it returns. Outside a capture it raises at once. (Every update is
+    taken as captured here, with a budget of one byte per layer and row.)"""
     from sphkv_compile.rdr import node
+    from sphkv_compile.rdr import ops as rdr_ops
     from sphkv_compile.rdr.budget import SphkvBudgetError
 
     model = api.optimize(_model(), bits=3.5, sink=2, recent=4, budget=0.9)
-    cache = api.new_cache(model, max_cache_len=40)
-    with torch.no_grad():
-        model(torch.randint(3, 128, (1, 20)), **{api.cache_keyword(model): cache})
-    cache.raise_if_over_budget()  # within the budget: nothing to raise
-    layer = cache.compressed_layers()[0]
-    st = layer.store
-    step = dict(head_dim=st.head_dim, seed=0, kv_dtype=st.kv_dtype, sink=2, recent=4, policy="uniform",
-                budget_bytes=1, rebudget_every=64)
+    ids = torch.randint(3, 128, (1, 10))
+    _generate(model, ids, torch.ones_like(ids))  # within the budget: nothing raised
+    monkeypatch.setattr(rdr_ops, "_budget", lambda *args: 1)
     with pytest.raises(SphkvBudgetError, match="over its budget of 1"):
-        node.budget_step(st.states, list(st.tiers), layer.meter.clone(), **step)
+        _generate(model, ids, torch.ones_like(ids))  # raised at the first update
     monkeypatch.setattr(node, "capturing", lambda: True)
-    node.budget_step(st.states, list(st.tiers), layer.meter, **step)  # recorded, not raised
+    calls = []
+    monkeypatch.setattr(SphkvCache, "raise_if_over_budget",
+                        lambda self, original=SphkvCache.raise_if_over_budget: calls.append(1) or original(self))
     with pytest.raises(SphkvBudgetError, match="over its budget of 1"):
-        cache.raise_if_over_budget()
+        _generate(model, ids, torch.ones_like(ids))  # recorded at every update, raised at the end
+    assert calls == [1]
 
 
 def test_report_says_how_generate_ran_the_decode_step():
@@ -184,6 +186,8 @@ def test_report_says_how_generate_ran_the_decode_step():
     assert _decode_step_mode(meta, {}, static) == (True, "static cache, uniform policy, every op on the Triton kernels")
     no_graphs = {"compile_config": tf.CompileConfig(mode="default")}
     assert _decode_step_mode(meta, no_graphs, static) == (False, "compile_config asks for mode 'default'")
+    autotune = {"compile_config": tf.CompileConfig(mode="max-autotune")}
+    assert _decode_step_mode(meta, autotune, static)[0] is True
     rdr = api.optimize(_model().to("meta"), **defaults, policy="rdr", budget=0.5, rebudget_every=4)
     graphs, why = _decode_step_mode(rdr, {}, api.new_cache(rdr, max_cache_len=70))
     assert not graphs and "policy 'rdr'" in why

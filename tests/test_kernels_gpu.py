@@ -200,15 +200,31 @@ def test_device_decode_update_equals_graduate_on_gpu(d, B, H, sink, recent, ps):
         assert torch.equal(rv, gv) and torch.equal(rr[rv], gr[gv]) and torch.equal(ru[rv], gu[gv])
 
 
+def count_graph_captures(monkeypatch) -> list:
+    """A list that grows by one at every CUDA graph capture from now on (cudagraph trees record
+    through torch.cuda.CUDAGraph.capture_begin)."""
+    captures = []
+    original = torch.cuda.CUDAGraph.capture_begin
+
+    def counting(self, *args, **kwargs):
+        captures.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "capture_begin", counting)
+    return captures
+
+
 @pytest.mark.parametrize("budget", [None, 0.5])
-def test_generate_with_cuda_graphs_equals_generate_without(budget):
+def test_generate_with_cuda_graphs_equals_generate_without(budget, monkeypatch):
     """optimize() keeps generate()'s CUDA graphs (mode 'reduce-overhead') for the uniform policy:
     the decode step, replayed from graphs, produces the same greedy tokens as without them, and
     over more steps than the recent window (so tokens graduate to the compressed tier inside
     the graphs). With a byte budget, the budgeting node checks it on the device inside the
     graphs (raised after generate() if exceeded)."""
     import transformers as tf
+    from torch._dynamo.utils import counters
 
+    import sphkv_compile
     import sphkv_compile.api as sphkv
 
     torch.manual_seed(random.randrange(2**31))
@@ -219,27 +235,30 @@ def test_generate_with_cuda_graphs_equals_generate_without(budget):
     ids = torch.randint(3, 512, (3, 40), device=DEV)
     cache = sphkv.new_cache(model, max_cache_len=40 + 24)
     key = sphkv.cache_keyword(model)
-    from torch._dynamo.utils import counters
-
     counters.clear()
+    captures = count_graph_captures(monkeypatch)
     runs = {}
     for mode in ("reduce-overhead", "default"):
         cache.reset()
         with torch.no_grad():
             runs[mode] = model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False,
                                         compile_config=tf.CompileConfig(mode=mode), **{key: cache})
-        if mode == "reduce-overhead":  # graphs were made, and nothing was left out of them
-            assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+        if mode == "reduce-overhead":  # graphs were recorded, and nothing was left out of them
+            assert captures and counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+            assert sphkv_compile.report()["decode_step"]["cuda_graphs"] is True
+            recorded = len(captures)
+    assert len(captures) == recorded  # mode 'default' records none
     assert runs["reduce-overhead"].shape == (3, 64)
     assert torch.equal(runs["reduce-overhead"], runs["default"])
 
 
 @pytest.mark.parametrize("name", ["falcon", "gemma2", "gpt_bigcode", "qwen3"])
-def test_zoo_generate_with_cuda_graphs_equals_generate_without(name):
+def test_zoo_generate_with_cuda_graphs_equals_generate_without(name, monkeypatch):
     """Architectures other than Llama through generate()'s CUDA graphs: Falcon (its own SDPA calls
     routed to the store), Gemma2 (sliding-window layers kept dense beside compressed ones),
     GPTBigCode (multi-query) and Qwen3 (q/k norms); bf16, default bits, left-padded prompts."""
     import transformers as tf
+    from torch._dynamo.utils import counters
 
     import sphkv_compile.api as sphkv
     from tests import test_zoo as zoo
@@ -249,9 +268,13 @@ def test_zoo_generate_with_cuda_graphs_equals_generate_without(name):
     ids, mask = (t.to(DEV) for t in zoo.prompts(seed))
     assert sphkv.graph_blocker(model) is None, sphkv.graph_blocker(model)
     cache = sphkv.new_cache(model, max_cache_len=zoo.PROMPT + zoo.NEW)
+    counters.clear()
+    captures = count_graph_captures(monkeypatch)
     runs = {}
     for mode in ("reduce-overhead", "default"):
         cache.reset()
         runs[mode] = zoo.greedy(model, ids, mask, compile_config=tf.CompileConfig(mode=mode),
                                 **{sphkv.cache_keyword(model): cache})
+        if mode == "reduce-overhead":
+            assert captures and counters["inductor"]["cudagraph_skips"] == 0, (name, dict(counters["inductor"]))
     assert torch.equal(runs["reduce-overhead"], runs["default"]), name

@@ -134,8 +134,22 @@ def test_several_splits_per_tier_match_reference(min_tiles, monkeypatch):
     groups of COMBINE['splits'] with the rotated ones apart; min_tiles_per_split=2 makes the
     splits longer and fewer."""
     monkeypatch.setitem(kernel_attend.CODED, "min_tiles_per_split", min_tiles)
-    run_case(dict(d=16, hkv=1, g=2, b=1, specs=list(ALL_TIERS[:3]), tq=1, n_new=2, page_size=16, seed=11,
+    launched = []
+    combine = kernel_attend.combine_kernel
+
+    class Spy:  # records (S_total, S_rot) of each combine launch
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append((args[11], args[12]))
+                return combine[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(kernel_attend, "combine_kernel", Spy())
+    # d=64: two 32-column rotation blocks
+    run_case(dict(d=64, hkv=1, g=2, b=1, specs=list(ALL_TIERS[:3]), tq=1, n_new=2, page_size=16, seed=11,
                   max_count=600, obs=1, pad=False, accumulate=False))
+    (s_total, s_rot), = launched
+    assert s_rot > 2 and s_total - s_rot > 2, launched  # several splits per compressed tier, and plain ones
 
 
 def test_queries_without_visible_tokens_give_zero():
