@@ -173,8 +173,7 @@ def _wrap_generate(model, generate, key: str):
                 kwargs[key] = new_cache(model, max_tokens=total)
         cache = kwargs.get(key, kwargs.get("past_key_values"))
         if isinstance(cache, SphkvCache):
-            _no_cuda_graphs(kwargs, model)
-            record_decode_step(*_decode_step_mode(model, kwargs, cache))
+            record_decode_step(*_decode_step_mode(kwargs, model, cache))
         try:
             out = generate(*args, **kwargs)
         finally:
@@ -221,18 +220,31 @@ def graph_blocker(model) -> str | None:
     return None if why is None else f"the kernels do not cover this model ({why}); the ops run their torch references"
 
 
-def _decode_step_mode(model, kwargs: dict, cache: SphkvCache) -> tuple[bool, str]:
-    """(CUDA graphs?, why) for the decode step of this generate() call, for report()."""
+def _decode_step_mode(kwargs: dict, model, cache: SphkvCache) -> tuple[bool, str]:
+    """Settle how this generate() call compiles its decode step, and say how, for report():
+    (CUDA graphs?, why). generate() compiles a static cache's decode step with mode
+    'reduce-overhead' (CUDA graphs) by default; that stays unless graph_blocker names a cause.
+    Then the default becomes mode 'default', and a compile config asking for CUDA graphs is
+    refused, naming the cause and the fix."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    config = kwargs.get("generation_config") or model.generation_config
+    asked = kwargs.get("compile_config", getattr(config, "compile_config", None))
+    why = graph_blocker(model)
+    if why is not None and asked is None and model.device.type != "cpu":  # generate() auto-compiles off the CPU
+        kwargs["compile_config"] = asked = CompileConfig(mode="default")
+    elif why is not None and asked is not None and asked.backend != "sphkv" and _asks_for_graphs(asked):
+        raise ValueError(
+            f"sphkv: compile_config asks for CUDA graphs (mode {asked.mode!r} or triton.cudagraphs), which "
+            f"cannot replay this cache's decode step: {why}. Fix: pass "
+            "compile_config=CompileConfig(mode='default') or mode='max-autotune-no-cudagraphs'.")
     if not cache.is_compileable:
         return False, ("dynamic cache: generate() does not compile the decode step "
                        "(pass cache_implementation='static')")
-    config = kwargs.get("generation_config") or model.generation_config
-    asked = kwargs.get("compile_config", getattr(config, "compile_config", None))
     if getattr(config, "disable_compile", False):
         return False, "generation_config.disable_compile is set"
     if model.device.type == "cpu" and not getattr(asked, "_compile_all_devices", False):
         return False, "generate() compiles the decode step on accelerators only"
-    why = graph_blocker(model)
     if why is not None:
         return False, why
     if asked is not None and asked.backend == "sphkv":
@@ -246,31 +258,6 @@ def _asks_for_graphs(config) -> bool:
     """Does this CompileConfig make CUDA graphs? Modes 'reduce-overhead' and 'max-autotune' do
     (Inductor's mode table), as does the option triton.cudagraphs."""
     return config.mode in ("reduce-overhead", "max-autotune") or bool((config.options or {}).get("triton.cudagraphs"))
-
-
-def _no_cuda_graphs(kwargs: dict, model) -> None:
-    """generate() compiles the decode step of a compileable (static) cache, by default with
-    mode 'reduce-overhead': CUDA graphs. Kept when nothing blocks them (graph_blocker).
-    Otherwise the default becomes mode 'default', and a compile config that asks for CUDA
-    graphs is refused, naming the cause and the fix."""
-    from transformers.generation.configuration_utils import CompileConfig
-
-    why = graph_blocker(model)
-    if why is None:
-        return
-    config = kwargs.get("generation_config") or model.generation_config
-    asked = kwargs.get("compile_config", getattr(config, "compile_config", None))
-    if asked is None:
-        if model.device.type != "cpu":  # generate() auto-compiles on accelerators only (no notice on CPU)
-            kwargs["compile_config"] = CompileConfig(mode="default")
-        return
-    if asked.backend == "sphkv":  # the sphkv backend makes no CUDA graphs whatever the mode
-        return
-    if _asks_for_graphs(asked):
-        raise ValueError(
-            f"sphkv: compile_config asks for CUDA graphs (mode {asked.mode!r} or triton.cudagraphs), which "
-            f"cannot replay this cache's decode step: {why}. Fix: pass "
-            "compile_config=CompileConfig(mode='default') or mode='max-autotune-no-cudagraphs'.")
 
 
 def _copy_without_cache_implementation(config):

@@ -97,13 +97,16 @@ def test_generate_keeps_cuda_graphs_only_where_the_decode_step_decides_nothing_o
     the kernels do not cover (their torch references read back to the host), would be skipped by a replay:
     sphkv sets mode 'default', and a compile config asking for CUDA graphs with another backend
     is refused, naming the cause and the fix."""
-    from sphkv_compile.api import _no_cuda_graphs, graph_blocker
+    from sphkv_compile.api import _decode_step_mode, graph_blocker
+
+    def settle(kwargs, model):  # what generate() does with its kwargs before it starts
+        return _decode_step_mode(kwargs, model, api.new_cache(model, max_cache_len=70))
 
     defaults = dict(bits=3.5, sink=2, recent=4)
     device_only = api.optimize(_model().to("meta"), **defaults)  # meta stands for an accelerator
     assert graph_blocker(device_only) is None
     kept = {}
-    _no_cuda_graphs(kept, device_only)
+    settle(kept, device_only)
     assert "compile_config" not in kept  # transformers' default (CUDA graphs) applies
     odd = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=128, hidden_size=96, intermediate_size=128, num_hidden_layers=1,
                                              num_attention_heads=4, num_key_value_heads=2))
@@ -117,17 +120,17 @@ def test_generate_keeps_cuda_graphs_only_where_the_decode_step_decides_nothing_o
         assert words in graph_blocker(model), (words, graph_blocker(model))
     fast = blockers["policy 'rdr'"]
     plain = {}
-    _no_cuda_graphs(plain, fast)
+    settle(plain, fast)
     assert "compile_config" not in plain  # on the CPU generate() does not auto-compile: nothing to set
     meta = api.optimize(_model().to("meta"), **defaults, policy="rdr", budget=0.5, rebudget_every=4)
-    _no_cuda_graphs(plain, meta)
+    settle(plain, meta)
     assert plain["compile_config"].mode == "default"
     ids = torch.randint(3, 128, (1, 6))
     for mode in ("reduce-overhead", "max-autotune"):  # both make CUDA graphs
         with pytest.raises(ValueError, match="CUDA graphs.*policy 'rdr'.*Fix: pass compile_config"):
             _generate(fast, ids, torch.ones_like(ids), compile_config=tf.CompileConfig(mode=mode))
     sphkv_backend = {"compile_config": tf.CompileConfig(backend="sphkv")}  # it makes no graphs in any mode
-    _no_cuda_graphs(sphkv_backend, fast)
+    settle(sphkv_backend, fast)
     assert sphkv_backend["compile_config"].mode == "reduce-overhead"
 
 
@@ -183,11 +186,11 @@ def test_report_says_how_generate_ran_the_decode_step():
     assert step["cuda_graphs"] is False and "accelerators only" in step["reason"], step
     meta = api.optimize(_model().to("meta"), **defaults)  # stands for an accelerator
     static = api.new_cache(meta, max_cache_len=20)
-    assert _decode_step_mode(meta, {}, static) == (True, "static cache, uniform policy, every op on the Triton kernels")
+    assert _decode_step_mode({}, meta, static) == (True, "static cache, uniform policy, every op on the Triton kernels")
     no_graphs = {"compile_config": tf.CompileConfig(mode="default")}
-    assert _decode_step_mode(meta, no_graphs, static) == (False, "compile_config asks for mode 'default'")
+    assert _decode_step_mode(no_graphs, meta, static) == (False, "compile_config asks for mode 'default'")
     autotune = {"compile_config": tf.CompileConfig(mode="max-autotune")}
-    assert _decode_step_mode(meta, autotune, static)[0] is True
+    assert _decode_step_mode(autotune, meta, static)[0] is True
     rdr = api.optimize(_model().to("meta"), **defaults, policy="rdr", budget=0.5, rebudget_every=4)
-    graphs, why = _decode_step_mode(rdr, {}, api.new_cache(rdr, max_cache_len=70))
+    graphs, why = _decode_step_mode({}, rdr, api.new_cache(rdr, max_cache_len=70))
     assert not graphs and "policy 'rdr'" in why

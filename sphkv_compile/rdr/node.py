@@ -91,23 +91,16 @@ def budget_step(states: list[TierState], specs: list[TierSpec], meter: torch.Ten
             _record_rebudget(meter)
     # device-side bookkeeping: without a budget nothing is read back to the host (a decode step
     # on the GPU then never waits for the device here)
-    held_t = token_bytes(states, table).max() if states[0].count.numel() else 0
+    held_t = token_bytes(states, table).max() if states[0].count.numel() else meter.new_zeros(())
     # in place (fill_/copy_/add_): a Python number assigned by index is copied from the host,
     # which a CUDA graph capture refuses
     meter[M.BUDGET].fill_(budget_bytes)
-    if torch.is_tensor(held_t):
-        meter[M.TOKEN_BYTES].copy_(held_t)
-    else:
-        meter[M.TOKEN_BYTES].fill_(held_t)
+    meter[M.TOKEN_BYTES].copy_(held_t)
     meter[M.CALLS].add_(1)
     if budget_bytes > 0 and capturing():
         # inside a CUDA graph the replays never reach the host: keep the worst excess on the
         # device; the cache checks it after generate() (SphkvCache.raise_if_over_budget)
-        excess = held_t - budget_bytes
-        if torch.is_tensor(excess):
-            meter[M.MAX_EXCESS].copy_(torch.maximum(meter[M.MAX_EXCESS], excess))
-        else:
-            meter[M.MAX_EXCESS].clamp_(min=excess)
+        meter[M.MAX_EXCESS].copy_(torch.maximum(meter[M.MAX_EXCESS], held_t - budget_bytes))
     elif budget_bytes > 0:
         held = int(held_t)
         meter[M.MAX_EXCESS] = max(int(meter[M.MAX_EXCESS]), held - budget_bytes)
