@@ -260,7 +260,7 @@ def combine_kernel(
         if HAS_ROT:
             hinv = tl.load(hinv_ptr + d[:, None] * D + cols[None, :])
             part += tl.dot(acc_rot, hinv, input_precision="tf32x3")
-        out = tl.where(total[:, None] > 0, part * inv[:, None], 0.0)  # a row that saw nothing: 0, never NaN
+        out = part * inv[:, None]
         tl.store(out_ptr + b * sob + head[:, None] * soh + t[:, None] * sot + cols[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
     tl.store(stat_m_ptr + pid_bh * M + rows, mmax, mask=rmask)
