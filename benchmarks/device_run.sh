@@ -1,7 +1,7 @@
 #!/bin/bash
 # One device call: install, GPU kernel tests, kernel benchmark, optionally (E2E=1) the
 # end-to-end decode. Logs under $OUT. One call holds 10 minutes: split the steps over calls
-# (SKIP_TESTS=1, SKIP_BENCH=1, BENCH_ARGS=--quick, E2E=1) rather than let a timeout cut them.
+# (SKIP_TESTS=1, SKIP_BENCH=1, BENCH_ARGS=--quick, SWEEP=1, E2E=1) rather than let a timeout cut them.
 #
 # Compile caches: each call starts on a bare machine, and the kernel compiles take minutes
 # (the GPU test suite compiles ~20 kernel variants). SAVE_CACHE=1 returns Triton's and
@@ -19,11 +19,17 @@ check || { python -m pip install . --no-deps --no-build-isolation -q >> $OUT/pip
 nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv > $OUT/gpu.txt 2>&1
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   # -v and --durations: a run cut short by the timeout still says which tests passed and how long each took
-  timeout ${TEST_TIMEOUT:-480} python -m pytest -v -x -p no:cacheprovider --durations=0 tests/test_kernels_gpu.py \
-    ${TEST_ARGS} 2>&1 | grep -v "Warning\|warnings.warn" | tee $OUT/gpu_tests.log | tail -40
+  # a test over PER_TEST seconds prints every thread's stack (and fails, where pytest-timeout is installed)
+  per_test="-o faulthandler_timeout=${PER_TEST:-150}"
+  python -c "import pytest_timeout" 2>/dev/null && per_test="--timeout=${PER_TEST:-150}"
+  timeout ${TEST_TIMEOUT:-480} python -m pytest -v ${TEST_X--x} -p no:cacheprovider --durations=0 $per_test \
+    tests/test_kernels_gpu.py ${TEST_ARGS} 2>&1 | grep -v "Warning\|warnings.warn" | tee $OUT/gpu_tests.log | tail -40
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   timeout ${BENCH_TIMEOUT:-300} python benchmarks/bench_decode.py --out $OUT ${BENCH_ARGS} 2>&1 | tee $OUT/bench.log | tail -60
+fi
+if [ "${SWEEP:-0}" = 1 ]; then  # launch settings of the decode kernels (benchmarks/sweep_coded.py)
+  (cd benchmarks && timeout ${SWEEP_TIMEOUT:-300} python sweep_coded.py --out $OUT 2>&1 | grep -v Warn | tee $OUT/sweep.log | tail -15)
 fi
 if [ "${E2E:-0}" = 1 ]; then  # end-to-end generate() at 32k (benchmarks/e2e_decode.py), about 5 minutes
   (cd benchmarks && timeout ${E2E_TIMEOUT:-330} python e2e_decode.py --steps 8 --warmup 3 --out $OUT ${E2E_ARGS} 2>&1 \

@@ -46,7 +46,7 @@ CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": 2, "maxnre
          "min_tiles_per_split": 1}
 # combine_kernel: splits merged per step, output columns per rotation block, warps (sm_90
 # compile, D=128: 238 registers and no spills; 64 columns spill).
-COMBINE = {"splits": 4, "columns": 32, "warps": 8}
+COMBINE = {"splits": 4, "columns": 32, "warps": 8, "one_pass": False}
 
 
 def _bf16_tiles() -> bool:
@@ -220,7 +220,8 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
         combine_kernel[(BH, mblocks)](
             acc, m, l, hinv, oc, cm, cl, M, tc, G, Hkv, S_total, S_rot,
             oc.stride(0), oc.stride(1), oc.stride(2), D=d, BLOCK_M=block_m, HAS_ROT=S_rot > 0,
-            BLOCK_S=COMBINE["splits"], BLOCK_C=min(d, COMBINE["columns"]), num_warps=COMBINE["warps"])
+            BLOCK_S=COMBINE["splits"], BLOCK_C=min(d, COMBINE["columns"]), ONE_PASS=COMBINE["one_pass"],
+            num_warps=COMBINE["warps"])
         if not whole:
             stat_m[:, :, s0:s1] = cm.view(BH, G, tc)
             stat_l[:, :, s0:s1] = cl.view(BH, G, tc)
