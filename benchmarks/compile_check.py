@@ -130,11 +130,7 @@ def compile_all(d=128):
         "chunk": (chunk_partials_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16", "valid_ptr": "*i8"},
                   dict(D=d, BLOCK_M=16, BLOCK_T=64, HAS_VALID=True, DOT_PRECISION="tf32")),
         "combine": (combine_kernel, {"out_ptr": "*bf16"},
-                    dict(D=d, BLOCK_M=16, HAS_ROT=True, BLOCK_S=COMBINE["splits"], BLOCK_C=COMBINE["columns"],
-                         ONE_PASS=False)),
-        "combine_one_pass": (combine_kernel, {"out_ptr": "*bf16"},
-                             dict(D=d, BLOCK_M=16, HAS_ROT=True, BLOCK_S=COMBINE["splits"],
-                                  BLOCK_C=COMBINE["columns"], ONE_PASS=True)),
+                    dict(D=d, BLOCK_M=16, HAS_ROT=True, BLOCK_S=COMBINE["splits"], BLOCK_C=COMBINE["columns"])),
         "mass": (paged_mass_kernel, {"pool_ptr": "*i32", "pages_ptr": "*i32", "count_ptr": "*i32",
                                      "util_ptr": "*fp16", "kcomps_ptr": "*i32"},
                  dict(PS=64, WT=28, D=d, BLOCK_R=16, BLOCK_T=64, EXACT=False, K_LEVELS=key.levels,
@@ -149,7 +145,7 @@ def compile_all(d=128):
         sig = {a: ("constexpr" if a in consts else ptrs.get(a, "*i32" if "comps" in a else "*fp32") if a.endswith("_ptr") else "i32")
                for a in fn.arg_names}
         try:
-            warps = {"combine": COMBINE["warps"], "combine_one_pass": COMBINE["warps"], "encode_polar": encode_warps,
+            warps = {"combine": COMBINE["warps"], "encode_polar": encode_warps,
                      "encode_scalar": encode_warps}.get(name, 4)
             k = triton.compile(ASTSource(fn, sig, consts), target=TARGET, options={"num_warps": warps, "num_stages": 1})
             print(name, "ok, shared", k.metadata.shared)

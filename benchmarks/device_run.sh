@@ -22,8 +22,8 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   # a test over PER_TEST seconds prints every thread's stack (and fails, where pytest-timeout is installed)
   per_test="-o faulthandler_timeout=${PER_TEST:-150}"
   python -c "import pytest_timeout" 2>/dev/null && per_test="--timeout=${PER_TEST:-150}"
-  timeout ${TEST_TIMEOUT:-480} python -m pytest -v ${TEST_X--x} -p no:cacheprovider --durations=0 $per_test \
-    tests/test_kernels_gpu.py ${TEST_ARGS} 2>&1 | grep -v "Warning\|warnings.warn" | tee $OUT/gpu_tests.log | tail -40
+  SPHKV_REPORT_AT_ONCE=1 timeout ${TEST_TIMEOUT:-480} python -m pytest -v ${TEST_X--x} -p no:cacheprovider --durations=0 $per_test \
+    tests/test_kernels_gpu.py ${TEST_ARGS} 2>&1 | grep -v "Warning\|warnings.warn" | tee $OUT/gpu_tests.log | tail -${TEST_TAIL:-40}
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   timeout ${BENCH_TIMEOUT:-300} python benchmarks/bench_decode.py --out $OUT ${BENCH_ARGS} 2>&1 | tee $OUT/bench.log | tail -60

@@ -2,9 +2,9 @@
 
     python benchmarks/sweep_coded.py [--out DIR]
 
-For each launch setting (kernels.attend.CODED, and COMBINE through combine_<key>): the decode time of the default configuration
-(CUDA-graph replay, do_bench median) at Llama-3-8B B=8 T=32k and SmolLM2 B=8 T=32k, next to
-cuDNN SDPA bf16 in the same run. The settings compile in parallel processes first.
+For each launch setting (kernels.attend.CODED, and COMBINE through combine_<key>): the decode
+time of the default configuration (CUDA-graph replay, do_bench median) at the POINTS below,
+next to cuDNN SDPA bf16 in the same run. The settings compile in parallel processes first.
 Correctness of the chosen setting is checked by bench_decode.py and tests/test_kernels_gpu.py.
 """
 from __future__ import annotations
@@ -25,9 +25,8 @@ from sphkv_compile.tiers import TierSpec
 # kernels.attend.CODED settings
 # (each applied on top of the defaults; sessions 2 and 3 timed programs_per_sm and maxnreg:
 # docs/PERFORMANCE.md)
-SETTINGS = [dict(), dict(min_tiles_per_split=2), dict(min_tiles_per_split=4), dict(min_tiles_per_split=8),
-            dict(programs_per_sm=4, min_tiles_per_split=4), dict(combine_one_pass=True),
-            dict(combine_one_pass=True, min_tiles_per_split=4), dict(combine_splits=8)]
+SETTINGS = [dict(), dict(min_tiles_per_split=1), dict(min_tiles_per_split=4), dict(min_tiles_per_split=8),
+            dict(programs_per_sm=4, min_tiles_per_split=4), dict(combine_splits=8)]
 POINTS = [("llama3-8b", 1, 4096), ("smollm2", 1, 4096), ("llama3-8b", 1, 32768), ("llama3-8b", 8, 32768),
           ("smollm2", 8, 32768), ("llama3-8b", 1, 131072)]
 DEFAULTS = dict(kattend.CODED)

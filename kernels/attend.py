@@ -40,13 +40,15 @@ CODED_WARPS = 4
 # programs_per_sm: split-KV programs launched per SM (3 fit at once: registers and shared memory).
 # maxnreg: register cap per thread (None: the compiler's choice).
 # min_tiles_per_split: fewer, longer splits when there are few rows (Llama B=1, 4k tokens: 8 KV
-# heads x 33 splits of one tile each leave the combine ~35 splits per row to merge; 1 is the
-# behaviour timed so far). It bounds the splits by the pool's capacity, not the tokens held.
+# heads x 33 splits of one tile each leave the combine ~35 splits per row to merge). It bounds
+# the splits by the pool's capacity, not the tokens held. H200 sweep (session 6,
+# benchmarks/results/h200_sweep_coded_session6.json): 2 takes Llama B=1 4k from 91 to 74 us and
+# SmolLM2 B=1 4k from 44 to 41 us; 32k/128k and B=8 unchanged (within 1%); 8 is slower at 4k.
 CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": 2, "maxnreg": None,
-         "min_tiles_per_split": 1}
+         "min_tiles_per_split": 2}
 # combine_kernel: splits merged per step, output columns per rotation block, warps (sm_90
 # compile, D=128: 238 registers and no spills; 64 columns spill).
-COMBINE = {"splits": 4, "columns": 32, "warps": 8, "one_pass": False}
+COMBINE = {"splits": 4, "columns": 32, "warps": 8}
 
 
 def _bf16_tiles() -> bool:
@@ -220,8 +222,7 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
         combine_kernel[(BH, mblocks)](
             acc, m, l, hinv, oc, cm, cl, M, tc, G, Hkv, S_total, S_rot,
             oc.stride(0), oc.stride(1), oc.stride(2), D=d, BLOCK_M=block_m, HAS_ROT=S_rot > 0,
-            BLOCK_S=COMBINE["splits"], BLOCK_C=min(d, COMBINE["columns"]), ONE_PASS=COMBINE["one_pass"],
-            num_warps=COMBINE["warps"])
+            BLOCK_S=COMBINE["splits"], BLOCK_C=min(d, COMBINE["columns"]), num_warps=COMBINE["warps"])
         if not whole:
             stat_m[:, :, s0:s1] = cm.view(BH, G, tc)
             stat_l[:, :, s0:s1] = cl.view(BH, G, tc)

@@ -215,56 +215,12 @@ def _weighted_partials(acc_ptr, m_ptr, base, s_lo, s_hi, rows, rmask, cols, msaf
 
 
 @triton.jit
-def _online_stats(m_ptr, l_ptr, base, s_lo, s_hi, rows, rmask, M, BLOCK_S: tl.constexpr):
-    """Running (max, sum of 2^(m_s - max) * l_s) over splits [s_lo, s_hi), in one pass."""
-    m_run = tl.full((rows.shape[0],), float("-inf"), tl.float32)
-    l_run = tl.zeros((rows.shape[0],), tl.float32)
-    for s0 in range(s_lo, s_hi, BLOCK_S):
-        sp = s0 + tl.arange(0, BLOCK_S)
-        idx = (base + sp)[:, None] * M + rows[None, :]
-        ok = (sp < s_hi)[:, None] & rmask[None, :]
-        mt = tl.load(m_ptr + idx, mask=ok, other=float("-inf"))
-        m_new = tl.maximum(m_run, tl.max(mt, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        lt = tl.load(l_ptr + idx, mask=ok, other=0.0)
-        l_run = l_run * tl.exp2(m_run - m_safe) + tl.sum(tl.exp2(mt - m_safe[None, :]) * lt, 0)
-        m_run = m_new
-    return m_run, l_run
-
-
-@triton.jit
-def _online_rotated(acc_ptr, m_ptr, l_ptr, base, s_hi, rows, rmask, d, M, D: tl.constexpr, BLOCK_S: tl.constexpr,
-                    HAS_ROT: tl.constexpr):
-    """Running (max, sum, accumulator) over the rotated splits [0, s_hi) in one pass: each step is
-    one round of loads, rescaled as the max grows (the two-pass merge waits out twice as many)."""
-    m_run = tl.full((rows.shape[0],), float("-inf"), tl.float32)
-    l_run = tl.zeros((rows.shape[0],), tl.float32)
-    acc = tl.zeros((rows.shape[0], D), tl.float32)
-    if HAS_ROT:
-        for s0 in range(0, s_hi, BLOCK_S):
-            sp = s0 + tl.arange(0, BLOCK_S)
-            idx = (base + sp)[:, None] * M + rows[None, :]
-            ok = (sp < s_hi)[:, None] & rmask[None, :]
-            mt = tl.load(m_ptr + idx, mask=ok, other=float("-inf"))
-            lt = tl.load(l_ptr + idx, mask=ok, other=0.0)
-            at = tl.load(acc_ptr + idx[:, :, None] * D + d[None, None, :], mask=ok[:, :, None], other=0.0)
-            m_new = tl.maximum(m_run, tl.max(mt, 0))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_run - m_safe)
-            w = tl.exp2(mt - m_safe[None, :])
-            l_run = l_run * alpha + tl.sum(w * lt, 0)
-            acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * at, 0)
-            m_run = m_new
-    return m_run, l_run, acc
-
-
-@triton.jit
 def combine_kernel(
         acc_ptr, m_ptr, l_ptr, hinv_ptr, out_ptr, stat_m_ptr, stat_l_ptr,
         M, Tq, G, Hkv, S_total, S_rot,
         sob, soh, sot,
         D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_ROT: tl.constexpr, BLOCK_S: tl.constexpr,
-        BLOCK_C: tl.constexpr, ONE_PASS: tl.constexpr):
+        BLOCK_C: tl.constexpr):
     """Merge splits 0..S_rot-1 (values in the rotated domain) and S_rot..S_total-1 (plain),
     rotate back once, normalise, write out[b, h·G + g, t] for row g·Tq + t.
 
@@ -277,34 +233,24 @@ def combine_kernel(
     rmask = rows < M
     d = tl.arange(0, D)
     base = pid_bh * S_total
-    if ONE_PASS:
-        m_rot, l_rot, acc_rot = _online_rotated(acc_ptr, m_ptr, l_ptr, base, S_rot, rows, rmask, d, M, D, BLOCK_S,
-                                                HAS_ROT)
-        m_pl, l_pl = _online_stats(m_ptr, l_ptr, base, S_rot, S_total, rows, rmask, M, BLOCK_S)
-        mmax = tl.maximum(m_rot, m_pl)
-        msafe = tl.where(mmax == float("-inf"), 0.0, mmax)
-        rot_scale = tl.exp2(m_rot - msafe)  # 0 where the group saw nothing (m = -inf)
-        total = l_rot * rot_scale + l_pl * tl.exp2(m_pl - msafe)
-        acc_rot = acc_rot * rot_scale[:, None]
-    else:
-        mmax = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-        for s0 in range(0, S_total, BLOCK_S):
-            sp = s0 + tl.arange(0, BLOCK_S)
-            ok = (sp < S_total)[:, None] & rmask[None, :]
-            mt = tl.load(m_ptr + (base + sp)[:, None] * M + rows[None, :], mask=ok, other=float("-inf"))
-            mmax = tl.maximum(mmax, tl.max(mt, 0))
-        msafe = tl.where(mmax == float("-inf"), 0.0, mmax)
-        total = tl.zeros((BLOCK_M,), tl.float32)
-        for s0 in range(0, S_total, BLOCK_S):
-            sp = s0 + tl.arange(0, BLOCK_S)
-            idx = (base + sp)[:, None] * M + rows[None, :]
-            ok = (sp < S_total)[:, None] & rmask[None, :]
-            w = tl.exp2(tl.load(m_ptr + idx, mask=ok, other=float("-inf")) - msafe[None, :])
-            total += tl.sum(w * tl.load(l_ptr + idx, mask=ok, other=0.0), 0)
-        acc_rot = tl.zeros((BLOCK_M, D), tl.float32)
-        if HAS_ROT:
-            acc_rot = _weighted_partials(acc_ptr, m_ptr, base, 0, S_rot, rows, rmask, d, msafe, M, D, BLOCK_S)
+    mmax = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    for s0 in range(0, S_total, BLOCK_S):
+        sp = s0 + tl.arange(0, BLOCK_S)
+        ok = (sp < S_total)[:, None] & rmask[None, :]
+        mt = tl.load(m_ptr + (base + sp)[:, None] * M + rows[None, :], mask=ok, other=float("-inf"))
+        mmax = tl.maximum(mmax, tl.max(mt, 0))
+    msafe = tl.where(mmax == float("-inf"), 0.0, mmax)
+    total = tl.zeros((BLOCK_M,), tl.float32)
+    for s0 in range(0, S_total, BLOCK_S):
+        sp = s0 + tl.arange(0, BLOCK_S)
+        idx = (base + sp)[:, None] * M + rows[None, :]
+        ok = (sp < S_total)[:, None] & rmask[None, :]
+        w = tl.exp2(tl.load(m_ptr + idx, mask=ok, other=float("-inf")) - msafe[None, :])
+        total += tl.sum(w * tl.load(l_ptr + idx, mask=ok, other=0.0), 0)
     inv = tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)
+    acc_rot = tl.zeros((BLOCK_M, D), tl.float32)
+    if HAS_ROT:
+        acc_rot = _weighted_partials(acc_ptr, m_ptr, base, 0, S_rot, rows, rmask, d, msafe, M, D, BLOCK_S)
     b = pid_bh // Hkv
     head = (pid_bh % Hkv) * G + rows // Tq
     t = rows % Tq

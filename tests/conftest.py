@@ -21,3 +21,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def pytest_runtest_logreport(report):
+    """SPHKV_REPORT_AT_ONCE=1 (device runs): each phase's duration, and a failure's traceback, as
+    soon as they happen; a run cut short by its time limit still shows them."""
+    if not os.environ.get("SPHKV_REPORT_AT_ONCE"):
+        return
+    print(f"\n[{report.when} {report.outcome} {report.duration:.1f}s] {report.nodeid}", flush=True)
+    if report.failed:
+        print(report.longreprtext[-6000:], flush=True)

@@ -79,17 +79,6 @@ CASES = [  # (d, Hkv, G, B, T, Tq, tiers); "all": every tier (each compiles its 
 
 @pytest.mark.parametrize("d,H,G,B,T,Tq,tiers", CASES)
 def test_attend_matches_float64_reference(d, H, G, B, T, Tq, tiers):
-    check_attend(d, H, G, B, T, Tq, tiers)
-
-
-@pytest.mark.parametrize("d,H,G,B,T,Tq,tiers", [CASES[0], (128, 8, 4, 1, 32768, 1, "default"), CASES[-2]])
-def test_one_pass_combine_matches_float64_reference(d, H, G, B, T, Tq, tiers, monkeypatch):
-    """The same check with the splits merged in one online pass (launch setting COMBINE['one_pass'])."""
-    monkeypatch.setitem(kernel_attend.COMBINE, "one_pass", True)
-    check_attend(d, H, G, B, T, Tq, tiers)
-
-
-def check_attend(d, H, G, B, T, Tq, tiers):
     seed = random.randrange(2**31)
     gen = torch.Generator(device=DEV).manual_seed(seed)
     if tiers == "default":  # the uniform policy: exact sinks/recent + one compressed tier

@@ -127,15 +127,13 @@ def test_decode_head_dim_128_all_tiers():
                   max_count=70, obs=1, pad=False, accumulate=True))
 
 
-@pytest.mark.parametrize("one_pass", [False, True])
 @pytest.mark.parametrize("min_tiles", [1, 2])
-def test_several_splits_per_tier_match_reference(min_tiles, one_pass, monkeypatch):
+def test_several_splits_per_tier_match_reference(min_tiles, monkeypatch):
     """Up to 600 tokens per compressed tier: several 128-token tiles, so each tier runs in
     several splits (4 programs wanted under the interpreter) that combine_kernel merges, in
     groups of COMBINE['splits'] with the rotated ones apart; min_tiles_per_split=2 makes the
-    splits longer and fewer. Both merges: two passes, and one online pass."""
+    splits longer and fewer."""
     monkeypatch.setitem(kernel_attend.CODED, "min_tiles_per_split", min_tiles)
-    monkeypatch.setitem(kernel_attend.COMBINE, "one_pass", one_pass)
     launched = []
     combine = kernel_attend.combine_kernel
 
@@ -154,10 +152,8 @@ def test_several_splits_per_tier_match_reference(min_tiles, one_pass, monkeypatc
     assert s_rot > 2 and s_total - s_rot > 2, launched  # several splits per compressed tier, and plain ones
 
 
-@pytest.mark.parametrize("one_pass", [False, True])
-def test_queries_without_visible_tokens_give_zero(one_pass, monkeypatch):
+def test_queries_without_visible_tokens_give_zero():
     """Left-padded rows whose query sees nothing: output 0, like the reference."""
-    monkeypatch.setitem(kernel_attend.COMBINE, "one_pass", one_pass)
     gen = torch.Generator().manual_seed(3)
     B, H, d, N = 2, 1, 32, 3
     states = fill_store(gen, B, H, d, [DEFAULT_TIERS[0]], [torch.zeros(B, H, dtype=torch.int64)], 8)
