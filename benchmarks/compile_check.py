@@ -106,27 +106,31 @@ def compile_all(d=128):
 
     from sphkv_compile.kernels.encode import _launch_shape
 
-    ENCODE_BLOCK_T, encode_warps = _launch_shape(d)  # as the wrapper launches it
+    ENCODE_BLOCK_T, encode_warps, _ = _launch_shape(d)  # as the wrapper launches it
     spec = TierSpec("uniform", 3.5, "polar", 3.5)
     info = tier_info(spec, d, 0, torch.bfloat16)
     sc = tier_info(TierSpec("s", 3.5, "scalar", 3), d, 0, torch.bfloat16)
     key, val = info.key, info.value
     jobs = {
-        "encode_polar": (encode_kv_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*i32"},
+        "encode_polar": (encode_kv_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*i32", "kfwd_ptr": "*bf16",
+                                            "vfwd_ptr": "*bf16", "kscale": "fp32", "vscale": "fp32"},
                          dict(D=d, BLOCK_T=ENCODE_BLOCK_T, KW=info.key_words, VW=info.value_words, KWPAD=16, VWPAD=16,
                               VALUE_SCALAR=False, K_LEVELS=key.levels, K_BITS=key.bits, K_COUNTS=key.fields.counts,
                               K_MAXC=key.fields.max_comps, K_TSIZE=key.table_size, V_LEVELS=val.levels, K_WIDTHS=key.fields.widths,
                               V_WIDTHS=val.fields.widths,
                               V_BITS=val.bits, V_COUNTS=val.fields.counts, V_MAXC=val.fields.max_comps,
-                              V_TSIZE=val.table_size, STEP=key.radius_step, ROUND_OFFSET=radius_round_offset(16))),
-        "encode_scalar": (encode_kv_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*i32"},
+                              V_TSIZE=val.table_size, STEP=key.radius_step, ROUND_OFFSET=radius_round_offset(16), SIGNS=True,
+                              INTERPRETED=False)),
+        "encode_scalar": (encode_kv_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*i32", "kfwd_ptr": "*bf16",
+                                             "vfwd_ptr": "*bf16", "kscale": "fp32", "vscale": "fp32"},
                           dict(D=d, BLOCK_T=ENCODE_BLOCK_T, KW=sc.key_words, VW=sc.value_words, KWPAD=16, VWPAD=16,
                                VALUE_SCALAR=True, K_LEVELS=key.levels, K_BITS=key.bits, K_COUNTS=key.fields.counts,
                                K_MAXC=key.fields.max_comps, K_TSIZE=key.table_size, V_LEVELS=0, K_WIDTHS=key.fields.widths,
                                V_WIDTHS=sc.value.fields.widths,
                                V_BITS=sc.value.bits, V_COUNTS=sc.value.fields.counts,
                                V_MAXC=sc.value.fields.max_comps, V_TSIZE=1, STEP=key.radius_step,
-                               ROUND_OFFSET=radius_round_offset(16))),
+                               ROUND_OFFSET=radius_round_offset(16), SIGNS=True,
+                              INTERPRETED=False)),
         "chunk": (chunk_partials_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16", "valid_ptr": "*i8"},
                   dict(D=d, BLOCK_M=16, BLOCK_T=64, HAS_VALID=True, DOT_PRECISION="tf32")),
         "combine": (combine_kernel, {"out_ptr": "*bf16"},
@@ -142,8 +146,8 @@ def compile_all(d=128):
                     dict(W=28, WPAD=32, PS=64, BLOCK_T=64)),
     }
     for name, (fn, ptrs, consts) in jobs.items():
-        sig = {a: ("constexpr" if a in consts else ptrs.get(a, "*i32" if "comps" in a else "*fp32") if a.endswith("_ptr") else "i32")
-               for a in fn.arg_names}
+        sig = {a: ("constexpr" if a in consts else ptrs.get(a, "*i32" if "comps" in a else "*fp32") if a.endswith("_ptr")
+                   else ptrs.get(a, "i32")) for a in fn.arg_names}
         try:
             warps = {"combine": COMBINE["warps"], "encode_polar": encode_warps,
                      "encode_scalar": encode_warps}.get(name, 4)

@@ -1,6 +1,8 @@
 """Host side of the fused encoder: K/V chunks -> tier records (the page write is store.append_records)."""
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 
@@ -8,12 +10,17 @@ from sphkv_compile.store import encode_records as reference_encode_records
 from sphkv_compile.tiers import TierSpec, tier_codecs
 
 from .encode_kernels import encode_kv_kernel
-from .layout import DEVICE_TABLES, ScalarTables, Unsupported, radius_round_offset, rotation_matrices, tier_info
+from .layout import (DEVICE_TABLES, ScalarTables, Unsupported, radius_round_offset, rotation_matrices, rotation_signs,
+                     tier_info)
 
-def _launch_shape(head_dim: int) -> tuple[int, int]:
-    """(tokens per program, warps): small tiles keep the polar transform's intermediates in
-    registers (sm_90 compile: 32 tokens x d=128 spilled ~2 KB a thread; 16 x 8 warps ~80 B)."""
-    return (16, 8) if head_dim >= 128 else (32, 4)
+# Launch settings per head-dim class: (tokens per program, warps, register cap or 0).
+# Small tiles keep the polar transform's intermediates in registers (sm_90 compile with the
+# tf32x3 rotation: 32 tokens x d=128 spilled ~2 KB a thread; 16 x 8 warps ~80 B).
+ENCODE_LAUNCH = {"large": (16, 8, 0), "small": (32, 4, 0)}
+
+
+def _launch_shape(head_dim: int) -> tuple[int, int, int]:
+    return ENCODE_LAUNCH["large" if head_dim >= 128 else "small"]
 
 
 def encode_records(spec: TierSpec, k: torch.Tensor, v: torch.Tensor, seed: int, kv_dtype: torch.dtype) -> torch.Tensor:
@@ -37,9 +44,10 @@ def encode_records(spec: TierSpec, k: torch.Tensor, v: torch.Tensor, seed: int, 
     key, val = info.key, info.value
     scalar = isinstance(val, ScalarTables)
     vthr = tab(val.thresholds)
-    block_t, warps = _launch_shape(d)
+    block_t, warps, maxnreg = _launch_shape(d)
+    kfwd, vfwd, kscale, vscale = _rotations(kc, vc, k.dtype, v.dtype)
     encode_kv_kernel[(B * H, triton.cdiv(N, block_t))](
-        k, v, out, tab(rotation_matrices(kc.hadamard)[0]), tab(rotation_matrices(vc.hadamard)[0]),
+        k, v, out, tab(kfwd), tab(vfwd), kscale, vscale,
         tab(key.fields.comps), tab(key.thresholds), tab(val.fields.comps), vthr,
         N, H, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         D=d, BLOCK_T=block_t, KW=info.key_words, VW=info.value_words,
@@ -48,5 +56,18 @@ def encode_records(spec: TierSpec, k: torch.Tensor, v: torch.Tensor, seed: int, 
         K_MAXC=key.fields.max_comps, K_WIDTHS=key.fields.widths, K_TSIZE=key.table_size,
         V_LEVELS=0 if scalar else val.levels, V_BITS=val.bits, V_COUNTS=val.fields.counts,
         V_MAXC=val.fields.max_comps, V_WIDTHS=val.fields.widths, V_TSIZE=1 if scalar else val.table_size,
-        STEP=key.radius_step, ROUND_OFFSET=radius_round_offset(16), num_warps=warps, num_stages=1)
+        STEP=key.radius_step, ROUND_OFFSET=radius_round_offset(16), SIGNS=kscale != 1.0,
+        INTERPRETED=os.environ.get("TRITON_INTERPRET") == "1", num_warps=warps, num_stages=1,
+        **({"maxnreg": maxnreg} if maxnreg else {}))
     return out
+
+
+def _rotations(kc, vc, k_dtype: torch.dtype, v_dtype: torch.dtype):
+    """(key matrix, value matrix, key scale, value scale) for the kernel's rotation: 16-bit sign
+    matrices and their scale when both inputs are 16-bit of one dtype and the transforms are
+    scaled sign matrices (power-of-two head dims), else the float32 matrices and scale 1."""
+    if k_dtype == v_dtype and k_dtype in (torch.bfloat16, torch.float16):
+        ks, vs = rotation_signs(kc.hadamard, k_dtype), rotation_signs(vc.hadamard, v_dtype)
+        if ks and vs and ks[1] != 1.0 and vs[1] != 1.0:
+            return ks[0], vs[0], ks[1], vs[1]
+    return rotation_matrices(kc.hadamard)[0], rotation_matrices(vc.hadamard)[0], 1.0, 1.0

@@ -71,15 +71,32 @@ def encode_scalar_tile(y, comps_ptr, thr_ptr, D: tl.constexpr, BITS: tl.constexp
 
 
 @triton.jit
+def _rotate(x, fwd_ptr, scale, d, D: tl.constexpr, SIGNS: tl.constexpr, INTERPRETED: tl.constexpr):
+    """x [T, D] @ forward rotation -> float32 [T, D]."""
+    fwd = tl.load(fwd_ptr + d[:, None] * D + d[None, :])
+    if SIGNS:  # exact 16-bit products, float32 sums: float32 accuracy from one MMA
+        if INTERPRETED:  # the interpreter's dot mishandles 16-bit operands; same exact products in float32
+            y = tl.dot(x.to(tl.float32), fwd.to(tl.float32), input_precision="ieee") * scale
+        else:
+            y = tl.dot(x, fwd, out_dtype=tl.float32) * scale
+    else:
+        y = tl.dot(x.to(tl.float32), fwd, input_precision="tf32x3")
+    return y
+
+
+@triton.jit
 def encode_kv_kernel(
-        k_ptr, v_ptr, out_ptr, kfwd_ptr, vfwd_ptr, kcomps_ptr, kthr_ptr, vcomps_ptr, vthr_ptr,
+        k_ptr, v_ptr, out_ptr, kfwd_ptr, vfwd_ptr, kscale, vscale, kcomps_ptr, kthr_ptr, vcomps_ptr, vthr_ptr,
         N, Hkv, skb, skh, skn, svb, svh, svn,
         D: tl.constexpr, BLOCK_T: tl.constexpr, KW: tl.constexpr, VW: tl.constexpr, KWPAD: tl.constexpr,
         VWPAD: tl.constexpr, VALUE_SCALAR: tl.constexpr,
         K_LEVELS: tl.constexpr, K_BITS: tl.constexpr, K_COUNTS: tl.constexpr, K_MAXC: tl.constexpr,
         K_WIDTHS: tl.constexpr, K_TSIZE: tl.constexpr, V_LEVELS: tl.constexpr, V_BITS: tl.constexpr,
-        V_COUNTS: tl.constexpr, V_MAXC: tl.constexpr, V_WIDTHS: tl.constexpr, V_TSIZE: tl.constexpr, STEP: tl.constexpr, ROUND_OFFSET: tl.constexpr):
-    """k, v [B, Hkv, N, D] -> records out [B, Hkv, N, KW + VW] (int32)."""
+        V_COUNTS: tl.constexpr, V_MAXC: tl.constexpr, V_WIDTHS: tl.constexpr, V_TSIZE: tl.constexpr, STEP: tl.constexpr, ROUND_OFFSET: tl.constexpr,
+        SIGNS: tl.constexpr, INTERPRETED: tl.constexpr):
+    """k, v [B, Hkv, N, D] -> records out [B, Hkv, N, KW + VW] (int32). SIGNS: the rotations
+    are 16-bit sign matrices (scale kscale / vscale) applied to 16-bit inputs with one MMA;
+    else float32 matrices applied as tf32x3."""
     pid_bh = tl.program_id(0)
     pid_t = tl.program_id(1)
     b = pid_bh // Hkv
@@ -88,16 +105,14 @@ def encode_kv_kernel(
     tmask = tok < N
     d = tl.arange(0, D)
     x = tl.load(k_ptr + b * skb + h * skh + tok[:, None] * skn + d[None, :], mask=tmask[:, None], other=0.0)
-    fwd = tl.load(kfwd_ptr + d[:, None] * D + d[None, :])
-    y = tl.dot(x.to(tl.float32), fwd, input_precision="tf32x3")
+    y = _rotate(x, kfwd_ptr, kscale, d, D, SIGNS, INTERPRETED)
     words = encode_polar_tile(y, kcomps_ptr, kthr_ptr, D, K_LEVELS, K_BITS, K_COUNTS, K_MAXC, K_WIDTHS, K_TSIZE, KWPAD,
                               STEP, ROUND_OFFSET)
     row = (pid_bh * N + tok).to(tl.int64) * (KW + VW)
     wk = tl.arange(0, KWPAD)
     tl.store(out_ptr + row[:, None] + wk[None, :], words, mask=tmask[:, None] & (wk < KW)[None, :])
     x = tl.load(v_ptr + b * svb + h * svh + tok[:, None] * svn + d[None, :], mask=tmask[:, None], other=0.0)
-    fwd = tl.load(vfwd_ptr + d[:, None] * D + d[None, :])
-    y = tl.dot(x.to(tl.float32), fwd, input_precision="tf32x3")
+    y = _rotate(x, vfwd_ptr, vscale, d, D, SIGNS, INTERPRETED)
     if VALUE_SCALAR:
         words = encode_scalar_tile(y, vcomps_ptr, vthr_ptr, D, V_BITS, V_COUNTS, V_MAXC, V_WIDTHS, VWPAD, STEP,
                                    ROUND_OFFSET)

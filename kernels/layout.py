@@ -196,6 +196,20 @@ def rotation_matrices(hadamard) -> tuple[torch.Tensor, torch.Tensor]:
     return fwd.float(), inv.float()
 
 
+@lru_cache(maxsize=None)
+def rotation_signs(hadamard, dtype: torch.dtype) -> tuple[torch.Tensor, float] | None:
+    """The forward rotation as (S, c) with forward = c·S and S's entries in {-1, 0, +1}, stored
+    in `dtype` (bf16 or fp16), or None when the entries do not share one magnitude. With 16-bit
+    inputs x, x @ S is exact products summed in float32 on the tensor cores: one 16-bit MMA
+    instead of three tf32 ones (and their operand splitting) for float32 accuracy."""
+    fwd = hadamard.forward(torch.eye(hadamard.head_dim, dtype=torch.float64))
+    mags = fwd.abs()[fwd != 0]
+    c = float(mags.max())
+    if not torch.allclose(mags, torch.full_like(mags, c), rtol=1e-12, atol=0):
+        return None
+    return torch.round(fwd / c).to(dtype), c
+
+
 @dataclass(frozen=True)
 class TierKernelInfo:
     """What a kernel launch needs to know about one tier."""
@@ -257,6 +271,9 @@ def prepare_device_tables(specs, head_dim: int, seed: int, kv_dtype: torch.dtype
         tables = []
         for codec in tier_codecs(spec, head_dim, seed):
             tables += rotation_matrices(codec.hadamard)
+            for dtype in (torch.bfloat16, torch.float16):
+                signs = rotation_signs(codec.hadamard, dtype)
+                tables += [signs[0]] if signs else []
         for t in (info.key, info.value):
             tables += [t.fields.comps, t.thresholds]
             tables += [t.centroids] if isinstance(t, ScalarTables) else [t.trig, t.trig_pairs]

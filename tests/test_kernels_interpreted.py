@@ -199,12 +199,13 @@ def test_encode_matches_reference(spec, d, B, H, N, seed):
     _check_codes_close(spec, d, got, want)
 
 
-def test_encode_non_finite_key_is_marked():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # tf32x3 rotation, and 16-bit sign matrix
+def test_encode_non_finite_key_is_marked(dtype):
     spec = DEFAULT_TIERS[2]
-    k = torch.randn(1, 1, 3, 64)
+    k = torch.randn(1, 1, 3, 64).to(dtype)
     k[0, 0, 1, 5] = float("nan")
     k[0, 0, 2, 0] = float("inf")
-    v = torch.randn(1, 1, 3, 64)
+    v = torch.randn(1, 1, 3, 64).to(dtype)
     got = kernel_encode.encode_records(spec, k, v, 0, KV_DTYPE)
     want = encode_records(spec, k.double(), v.double(), 0, KV_DTYPE)
     kw = tier_codecs(spec, 64, 0)[0].words
@@ -316,3 +317,23 @@ def test_encode_wrapper_falls_back_to_the_reference_with_the_callers_shape(monke
     k = torch.randn(5, 64).to(KV_DTYPE)
     got = cuda_ops.encode_records(spec, k, k, 0, KV_DTYPE)
     assert torch.equal(got, encode_records(spec, k, k, 0, KV_DTYPE))
+
+
+@pytest.mark.parametrize("d", [16, 64, 128, 256, 96])
+def test_rotation_signs_reproduce_the_forward_rotation(d):
+    """The encoder's 16-bit rotation: forward = c·S with S in {-1, +1} for power-of-two head
+    dims, exactly (S in bf16 and fp16); other head dims get None (the float32 path)."""
+    from sphkv_compile.kernels.layout import rotation_matrices, rotation_signs
+
+    kc, _ = tier_codecs(DEFAULT_TIERS[2], d, 0)
+    fwd = kc.hadamard.forward(torch.eye(d, dtype=torch.float64))
+    for dtype in (torch.bfloat16, torch.float16):
+        signs = rotation_signs(kc.hadamard, dtype)
+        if d & (d - 1):
+            assert signs is None or torch.equal(signs[0].double() * signs[1], fwd)
+            continue
+        S, c = signs
+        assert S.dtype == dtype and set(S.unique().tolist()) == {-1.0, 1.0}
+        assert c == pytest.approx(d ** -0.5, rel=1e-12)
+        assert torch.equal(S.double() * c, fwd)
+        assert torch.allclose(rotation_matrices(kc.hadamard)[0].double(), fwd, atol=1e-7)
