@@ -14,9 +14,11 @@ from .layout import (DEVICE_TABLES, ScalarTables, Unsupported, radius_round_offs
                      tier_info)
 
 # Launch settings per head-dim class: (tokens per program, warps, register cap or 0).
-# Small tiles keep the polar transform's intermediates in registers (sm_90 compile with the
-# tf32x3 rotation: 32 tokens x d=128 spilled ~2 KB a thread; 16 x 8 warps ~80 B).
-ENCODE_LAUNCH = {"large": (16, 8, 0), "small": (32, 4, 0)}
+# H200 sweep, session 6 (benchmarks/sweep_encode.py; results/h200_sweep_encode_session6.*), one
+# Llama-3-8B layer's K and V at 32k tokens with the sign-matrix rotation: 16 x 4 warps
+# 0.972 ms, 8 x 4 1.104, 32 x 8 1.250, 16 x 8 with 128 registers 1.392, 16 x 8 1.737 (with the
+# tf32x3 rotation 2.669). SmolLM2's layer (d=64): 32 x 4 0.101 ms, 16 x 4 0.122.
+ENCODE_LAUNCH = {"large": (16, 4, 0), "small": (32, 4, 0)}
 
 
 def _launch_shape(head_dim: int) -> tuple[int, int, int]:
