@@ -1,7 +1,7 @@
 #!/bin/bash
 # One device call: install, GPU kernel tests, kernel benchmark, optionally (E2E=1) the
 # end-to-end decode. Logs under $OUT. One call holds 10 minutes: split the steps over calls
-# (SKIP_TESTS=1, SKIP_BENCH=1, BENCH_ARGS=--quick, SWEEP=1, SWEEP_ENCODE=1, E2E=1) rather than let a timeout cut them.
+# (SKIP_TESTS=1, SKIP_BENCH=1, BENCH_ARGS=--quick, SWEEP=1, SWEEP_ENCODE=1, LOWERING=1, E2E=1) rather than let a timeout cut them.
 #
 # Compile caches: each call starts on a bare machine, and the kernel compiles take minutes
 # (the GPU test suite compiles ~20 kernel variants). SAVE_CACHE=1 returns Triton's and
@@ -33,6 +33,9 @@ if [ "${SWEEP:-0}" = 1 ]; then  # launch settings of the decode kernels (benchma
 fi
 if [ "${SWEEP_ENCODE:-0}" = 1 ]; then  # encoder launch settings and rotation paths (benchmarks/sweep_encode.py)
   (cd benchmarks && timeout ${SWEEP_ENCODE_TIMEOUT:-200} python sweep_encode.py --out $OUT 2>&1 | grep -v Warn | tee $OUT/sweep_encode.log | tail -15)
+fi
+if [ "${LOWERING:-0}" = 1 ]; then  # the compiled op against the bare kernels (benchmarks/lowering_overhead.py)
+  (cd benchmarks && timeout ${LOWERING_TIMEOUT:-200} python lowering_overhead.py --out $OUT 2>&1 | grep -v Warn | tee $OUT/lowering.log | tail -8)
 fi
 if [ "${E2E:-0}" = 1 ]; then  # end-to-end generate() at 32k (benchmarks/e2e_decode.py), about 5 minutes
   (cd benchmarks && timeout ${E2E_TIMEOUT:-330} python e2e_decode.py --steps 8 --warmup 3 --out $OUT ${E2E_ARGS} 2>&1 \
