@@ -106,7 +106,7 @@ def compile_all(d=128):
 
     from sphkv_compile.kernels.encode import _launch_shape
 
-    ENCODE_BLOCK_T, encode_warps, _ = _launch_shape(d)  # as the wrapper launches it
+    ENCODE_BLOCK_T, encode_warps, _ = _launch_shape(d, True)  # as the wrapper launches 16-bit K/V
     spec = TierSpec("uniform", 3.5, "polar", 3.5)
     info = tier_info(spec, d, 0, torch.bfloat16)
     sc = tier_info(TierSpec("s", 3.5, "scalar", 3), d, 0, torch.bfloat16)
@@ -120,7 +120,7 @@ def compile_all(d=128):
                               V_WIDTHS=val.fields.widths,
                               V_BITS=val.bits, V_COUNTS=val.fields.counts, V_MAXC=val.fields.max_comps,
                               V_TSIZE=val.table_size, STEP=key.radius_step, ROUND_OFFSET=radius_round_offset(16), SIGNS=True,
-                              INTERPRETED=False)),
+                              EMULATE_BF16_DOT=False)),
         "encode_scalar": (encode_kv_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*i32", "kfwd_ptr": "*bf16",
                                              "vfwd_ptr": "*bf16", "kscale": "fp32", "vscale": "fp32"},
                           dict(D=d, BLOCK_T=ENCODE_BLOCK_T, KW=sc.key_words, VW=sc.value_words, KWPAD=16, VWPAD=16,
@@ -130,7 +130,7 @@ def compile_all(d=128):
                                V_BITS=sc.value.bits, V_COUNTS=sc.value.fields.counts,
                                V_MAXC=sc.value.fields.max_comps, V_TSIZE=1, STEP=key.radius_step,
                                ROUND_OFFSET=radius_round_offset(16), SIGNS=True,
-                              INTERPRETED=False)),
+                              EMULATE_BF16_DOT=False)),
         "chunk": (chunk_partials_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16", "valid_ptr": "*i8"},
                   dict(D=d, BLOCK_M=16, BLOCK_T=64, HAS_VALID=True, DOT_PRECISION="tf32")),
         "combine": (combine_kernel, {"out_ptr": "*bf16"},

@@ -214,7 +214,7 @@ def main(argv=None):
         rows.append(dict(kind="agreement", batch=args.batch, value=agree))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     result = dict(device=name, torch=torch.__version__, shape=args.shape, policy=args.policy,
-                  layers=args.layers, context=args.context, rows=rows)
+                  layers=args.layers, context=args.context, args=vars(args), rows=rows)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"e2e_decode_{args.shape}_{args.context}.json"), "w") as f:
         json.dump(result, f, indent=1)

@@ -37,7 +37,7 @@ ORIGINAL_ROTATIONS = kencode._rotations
 
 
 def apply(d: int, rotation: str, launch: tuple) -> None:
-    kencode.ENCODE_LAUNCH["large" if d >= 128 else "small"] = launch
+    kencode.ENCODE_LAUNCH[(kencode.head_dim_class(d), rotation == "signs")] = launch
     kencode._rotations = ORIGINAL_ROTATIONS if rotation == "signs" else (
         lambda kc, vc, kd, vd: ORIGINAL_ROTATIONS(kc, vc, torch.float32, torch.float32))
 

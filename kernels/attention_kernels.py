@@ -247,7 +247,7 @@ def combine_kernel(
         ok = (sp < S_total)[:, None] & rmask[None, :]
         w = tl.exp2(tl.load(m_ptr + idx, mask=ok, other=float("-inf")) - msafe[None, :])
         total += tl.sum(w * tl.load(l_ptr + idx, mask=ok, other=0.0), 0)
-    inv = tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)
+    inv = tl.where(total == 0, 0.0, 1.0 / tl.where(total == 0, 1.0, total))
     acc_rot = tl.zeros((BLOCK_M, D), tl.float32)
     if HAS_ROT:
         acc_rot = _weighted_partials(acc_ptr, m_ptr, base, 0, S_rot, rows, rmask, d, msafe, M, D, BLOCK_S)
@@ -260,7 +260,8 @@ def combine_kernel(
         if HAS_ROT:
             hinv = tl.load(hinv_ptr + d[:, None] * D + cols[None, :])
             part += tl.dot(acc_rot, hinv, input_precision="tf32x3")
-        out = tl.where(total[:, None] > 0, part * inv[:, None], 0.0)  # a row that saw nothing: 0, never NaN
+        # a row that saw nothing gives 0 (not 0/0); a NaN anywhere in the row stays NaN
+        out = tl.where(total[:, None] == 0, 0.0, part * inv[:, None])
         tl.store(out_ptr + b * sob + head[:, None] * soh + t[:, None] * sot + cols[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
     tl.store(stat_m_ptr + pid_bh * M + rows, mmax, mask=rmask)

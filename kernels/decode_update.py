@@ -137,3 +137,46 @@ def decode_update(states: list[TierState], specs: list[TierSpec], k: torch.Tenso
         SINK=sink, RECENT=recent, E_PS=se.page_size, C_PS=sc.page_size, WE=we, WE_PAD=triton.next_power_of_2(we),
         WC=wc, WC_PAD=triton.next_power_of_2(wc), WIN_PAD=triton.next_power_of_2(max(1, window)),
         HAS_VALID=has_valid, num_warps=4)
+
+
+@triton.jit
+def append_kernel(pool, util, pages, count, free, top, rec, new_util, valid_ptr, lost_ptr, H, max_pages,
+                  PS: tl.constexpr, W: tl.constexpr, W_PAD: tl.constexpr, HAS_VALID: tl.constexpr):
+    """One token per (row, KV head) appended at the end of one tier; a row whose page table or
+    pool is full keeps its tier as it was and adds one to *lost_ptr."""
+    row = tl.program_id(0)
+    ok = True
+    if HAS_VALID:
+        ok = tl.load(valid_ptr + row // H) != 0
+    if ok:
+        n = tl.load(count + row)
+        dst = _slot_base(pages, free, top, row, n, max_pages, PS)
+        w = tl.arange(0, W_PAD)
+        if dst >= 0:
+            tl.store(pool + dst * W + w, tl.load(rec + row * W + w, mask=w < W), mask=w < W)
+            tl.store(util + dst, tl.load(new_util + row).to(util.dtype.element_ty))
+            tl.store(count + row, n + 1)
+        else:
+            tl.atomic_add(lost_ptr, 1)
+
+
+def append_token(state: TierState, spec: TierSpec, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
+                 utility: torch.Tensor | None, lost: torch.Tensor, *, seed: int, kv_dtype: torch.dtype) -> None:
+    """store.append_records for a one-token chunk k, v [B, Hkv, 1, d] (valid [B, 1]) on the
+    device, with no host read: RDR's decode step between re-budgets. `lost` (an int64 tensor of
+    one element) counts the tokens that found no room."""
+    B, H, N, d = k.shape
+    if N != 1:
+        raise Unsupported(f"the device-side append takes one token per step, got {N}")
+    rec = reference_encode_records(spec, k, v, seed, kv_dtype).reshape(B * H, -1).contiguous()
+    if rec.shape[-1] != state.pool.shape[-1]:
+        raise ValueError(f"records of {rec.shape[-1]} words for a pool of {state.pool.shape[-1]}")
+    util = (torch.zeros(B * H, dtype=torch.float32, device=k.device) if utility is None
+            else utility.reshape(B * H).to(torch.float32).contiguous())
+    has_valid = valid is not None
+    valid_i8 = valid.reshape(B).to(torch.int8).contiguous() if has_valid else util
+    W = rec.shape[-1]
+    append_kernel[(B * H,)](
+        state.pool, state.utility, state.pages, state.count, state.free, state.free_top, rec, util, valid_i8, lost,
+        H, state.pages.shape[-1], PS=state.page_size, W=W, W_PAD=triton.next_power_of_2(W), HAS_VALID=has_valid,
+        num_warps=1)

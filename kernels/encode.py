@@ -1,8 +1,6 @@
 """Host side of the fused encoder: K/V chunks -> tier records (the page write is store.append_records)."""
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 
@@ -13,16 +11,25 @@ from .encode_kernels import encode_kv_kernel
 from .layout import (DEVICE_TABLES, ScalarTables, Unsupported, radius_round_offset, rotation_matrices, rotation_signs,
                      tier_info)
 
-# Launch settings per head-dim class: (tokens per program, warps, register cap or 0).
+# Launch settings: (tokens per program, warps, register cap or 0) per head-dim class and
+# rotation path (True: 16-bit sign matrix, False: float32 matrix as tf32x3).
 # H200 sweep, session 6 (benchmarks/sweep_encode.py; results/h200_sweep_encode_session6.*), one
 # Llama-3-8B layer's K and V at 32k tokens with the sign-matrix rotation: 16 x 4 warps
-# 0.972 ms, 8 x 4 1.104, 32 x 8 1.250, 16 x 8 with 128 registers 1.392, 16 x 8 1.737 (with the
-# tf32x3 rotation 2.669). SmolLM2's layer (d=64): 32 x 4 0.101 ms, 16 x 4 0.122.
-ENCODE_LAUNCH = {"large": (16, 4, 0), "small": (32, 4, 0)}
+# 0.972 ms, 8 x 4 1.104, 32 x 8 1.250, 16 x 8 with 128 registers 1.392, 16 x 8 1.737 (the
+# tf32x3 rotation at 16 x 8: 2.669; at 16 x 4 it spills 448 bytes a thread, sm_90 compile).
+# SmolLM2's layer (d=64): 32 x 4 0.101 ms, 16 x 4 0.122. Head dim 256 (not timed): the sm_90
+# compile spills least at 16 x 8 (208 bytes; 16 x 4 and 8 x 4 spill over 1 KB).
+ENCODE_LAUNCH = {("small", True): (32, 4, 0), ("small", False): (32, 4, 0),
+                 ("large", True): (16, 4, 0), ("large", False): (16, 8, 0),
+                 ("xlarge", True): (16, 8, 0), ("xlarge", False): (16, 8, 0)}
 
 
-def _launch_shape(head_dim: int) -> tuple[int, int, int]:
-    return ENCODE_LAUNCH["large" if head_dim >= 128 else "small"]
+def head_dim_class(head_dim: int) -> str:
+    return "small" if head_dim < 128 else "large" if head_dim < 256 else "xlarge"
+
+
+def _launch_shape(head_dim: int, signs: bool = True) -> tuple[int, int, int]:
+    return ENCODE_LAUNCH[(head_dim_class(head_dim), signs)]
 
 
 def encode_records(spec: TierSpec, k: torch.Tensor, v: torch.Tensor, seed: int, kv_dtype: torch.dtype) -> torch.Tensor:
@@ -46,8 +53,8 @@ def encode_records(spec: TierSpec, k: torch.Tensor, v: torch.Tensor, seed: int, 
     key, val = info.key, info.value
     scalar = isinstance(val, ScalarTables)
     vthr = tab(val.thresholds)
-    block_t, warps, maxnreg = _launch_shape(d)
-    kfwd, vfwd, kscale, vscale = _rotations(kc, vc, k.dtype, v.dtype)
+    signs, kfwd, vfwd, kscale, vscale = _rotations(kc, vc, k.dtype, v.dtype)
+    block_t, warps, maxnreg = _launch_shape(d, signs)
     encode_kv_kernel[(B * H, triton.cdiv(N, block_t))](
         k, v, out, tab(kfwd), tab(vfwd), kscale, vscale,
         tab(key.fields.comps), tab(key.thresholds), tab(val.fields.comps), vthr,
@@ -58,18 +65,25 @@ def encode_records(spec: TierSpec, k: torch.Tensor, v: torch.Tensor, seed: int, 
         K_MAXC=key.fields.max_comps, K_WIDTHS=key.fields.widths, K_TSIZE=key.table_size,
         V_LEVELS=0 if scalar else val.levels, V_BITS=val.bits, V_COUNTS=val.fields.counts,
         V_MAXC=val.fields.max_comps, V_WIDTHS=val.fields.widths, V_TSIZE=1 if scalar else val.table_size,
-        STEP=key.radius_step, ROUND_OFFSET=radius_round_offset(16), SIGNS=kscale != 1.0,
-        INTERPRETED=os.environ.get("TRITON_INTERPRET") == "1", num_warps=warps, num_stages=1,
+        STEP=key.radius_step, ROUND_OFFSET=radius_round_offset(16), SIGNS=signs,
+        EMULATE_BF16_DOT=signs and k.dtype == torch.bfloat16 and _interpreted(), num_warps=warps, num_stages=1,
         **({"maxnreg": maxnreg} if maxnreg else {}))
     return out
 
 
 def _rotations(kc, vc, k_dtype: torch.dtype, v_dtype: torch.dtype):
-    """(key matrix, value matrix, key scale, value scale) for the kernel's rotation: 16-bit sign
-    matrices and their scale when both inputs are 16-bit of one dtype and the transforms are
-    scaled sign matrices (power-of-two head dims), else the float32 matrices and scale 1."""
+    """(sign path?, key matrix, value matrix, key scale, value scale) for the kernel's rotation:
+    16-bit sign matrices and their scales when both inputs are 16-bit of one dtype and both
+    transforms are scaled sign matrices (power-of-two head dims), else the float32 matrices."""
     if k_dtype == v_dtype and k_dtype in (torch.bfloat16, torch.float16):
         ks, vs = rotation_signs(kc.hadamard, k_dtype), rotation_signs(vc.hadamard, v_dtype)
-        if ks and vs and ks[1] != 1.0 and vs[1] != 1.0:
-            return ks[0], vs[0], ks[1], vs[1]
-    return rotation_matrices(kc.hadamard)[0], rotation_matrices(vc.hadamard)[0], 1.0, 1.0
+        if ks and vs:
+            return True, ks[0], vs[0], ks[1], vs[1]
+    return False, rotation_matrices(kc.hadamard)[0], rotation_matrices(vc.hadamard)[0], 1.0, 1.0
+
+
+def _interpreted() -> bool:
+    """Does the encoder run under the Triton interpreter (whose dot mishandles bf16 operands)?"""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(encode_kv_kernel, InterpretedFunction)

@@ -71,11 +71,11 @@ def encode_scalar_tile(y, comps_ptr, thr_ptr, D: tl.constexpr, BITS: tl.constexp
 
 
 @triton.jit
-def _rotate(x, fwd_ptr, scale, d, D: tl.constexpr, SIGNS: tl.constexpr, INTERPRETED: tl.constexpr):
+def _rotate(x, fwd_ptr, scale, d, D: tl.constexpr, SIGNS: tl.constexpr, EMULATE_BF16_DOT: tl.constexpr):
     """x [T, D] @ forward rotation -> float32 [T, D]."""
     fwd = tl.load(fwd_ptr + d[:, None] * D + d[None, :])
     if SIGNS:  # exact 16-bit products, float32 sums: float32 accuracy from one MMA
-        if INTERPRETED:  # the interpreter's dot mishandles 16-bit operands; same exact products in float32
+        if EMULATE_BF16_DOT:  # the interpreter's dot mishandles bf16 operands; the same exact products in float32
             y = tl.dot(x.to(tl.float32), fwd.to(tl.float32), input_precision="ieee") * scale
         else:
             y = tl.dot(x, fwd, out_dtype=tl.float32) * scale
@@ -93,7 +93,7 @@ def encode_kv_kernel(
         K_LEVELS: tl.constexpr, K_BITS: tl.constexpr, K_COUNTS: tl.constexpr, K_MAXC: tl.constexpr,
         K_WIDTHS: tl.constexpr, K_TSIZE: tl.constexpr, V_LEVELS: tl.constexpr, V_BITS: tl.constexpr,
         V_COUNTS: tl.constexpr, V_MAXC: tl.constexpr, V_WIDTHS: tl.constexpr, V_TSIZE: tl.constexpr, STEP: tl.constexpr, ROUND_OFFSET: tl.constexpr,
-        SIGNS: tl.constexpr, INTERPRETED: tl.constexpr):
+        SIGNS: tl.constexpr, EMULATE_BF16_DOT: tl.constexpr):
     """k, v [B, Hkv, N, D] -> records out [B, Hkv, N, KW + VW] (int32). SIGNS: the rotations
     are 16-bit sign matrices (scale kscale / vscale) applied to 16-bit inputs with one MMA;
     else float32 matrices applied as tf32x3."""
@@ -105,14 +105,14 @@ def encode_kv_kernel(
     tmask = tok < N
     d = tl.arange(0, D)
     x = tl.load(k_ptr + b * skb + h * skh + tok[:, None] * skn + d[None, :], mask=tmask[:, None], other=0.0)
-    y = _rotate(x, kfwd_ptr, kscale, d, D, SIGNS, INTERPRETED)
+    y = _rotate(x, kfwd_ptr, kscale, d, D, SIGNS, EMULATE_BF16_DOT)
     words = encode_polar_tile(y, kcomps_ptr, kthr_ptr, D, K_LEVELS, K_BITS, K_COUNTS, K_MAXC, K_WIDTHS, K_TSIZE, KWPAD,
                               STEP, ROUND_OFFSET)
     row = (pid_bh * N + tok).to(tl.int64) * (KW + VW)
     wk = tl.arange(0, KWPAD)
     tl.store(out_ptr + row[:, None] + wk[None, :], words, mask=tmask[:, None] & (wk < KW)[None, :])
     x = tl.load(v_ptr + b * svb + h * svh + tok[:, None] * svn + d[None, :], mask=tmask[:, None], other=0.0)
-    y = _rotate(x, vfwd_ptr, vscale, d, D, SIGNS, INTERPRETED)
+    y = _rotate(x, vfwd_ptr, vscale, d, D, SIGNS, EMULATE_BF16_DOT)
     if VALUE_SCALAR:
         words = encode_scalar_tile(y, vcomps_ptr, vthr_ptr, D, V_BITS, V_COUNTS, V_MAXC, V_WIDTHS, VWPAD, STEP,
                                    ROUND_OFFSET)

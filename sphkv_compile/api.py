@@ -173,7 +173,10 @@ def _wrap_generate(model, generate, key: str):
                 kwargs[key] = new_cache(model, max_tokens=total)
         cache = kwargs.get(key, kwargs.get("past_key_values"))
         if isinstance(cache, SphkvCache):
-            record_decode_step(*_decode_step_mode(kwargs, model, cache))
+            graphs, why = _decode_step_mode(kwargs, model, cache)
+            record_decode_step(graphs, why)
+            if graphs and cache.options.policy == "rdr":
+                kwargs["logits_processor"] = _with_rebudget(kwargs.get("logits_processor"), cache)
         try:
             out = generate(*args, **kwargs)
         finally:
@@ -184,6 +187,19 @@ def _wrap_generate(model, generate, key: str):
         return out
 
     return sphkv_generate
+
+
+def _with_rebudget(processors, cache: SphkvCache):
+    """The caller's logits processors plus one that runs RDR's re-budget check after every
+    forward, outside the CUDA graphs the decode step replays from (SphkvCache.rebudget_due)."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class RebudgetBetweenSteps(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            cache.rebudget_due()
+            return scores
+
+    return LogitsProcessorList([*(processors or []), RebudgetBetweenSteps()])
 
 
 def _advise_static(model) -> None:
@@ -201,12 +217,11 @@ def _advise_static(model) -> None:
 def graph_blocker(model) -> str | None:
     """Why a CUDA graph cannot replay this model's decode step on the sphkv cache (None: it
     can). A replay runs only what was captured, so the step must decide nothing on the host:
-    the uniform policy (a byte budget is then only checked, on the device while captured), with
-    every op on the Triton kernels (the torch references read counts back to the host)."""
+    every op on the Triton kernels (the torch references read counts back to the host). A byte
+    budget is then checked on the device while captured; under policy 'rdr' the decode token
+    joins the exact tier on the device and re-budgets run between steps (rdr/node.py)."""
     state = getattr(model, _STATE_ATTR)
     o = state.options
-    if o.policy != "uniform":
-        return f"policy {o.policy!r} re-budgets from counts read on the host"
     try:
         from .kernels import cuda_ops
         from .kernels.attend import unsupported_reason
@@ -251,6 +266,8 @@ def _decode_step_mode(kwargs: dict, model, cache: SphkvCache) -> tuple[bool, str
         return False, "the sphkv backend makes no CUDA graphs"
     if asked is not None and not _asks_for_graphs(asked):
         return False, f"compile_config asks for mode {asked.mode!r}"
+    if cache.options.policy == "rdr":
+        return True, "static cache, every op on the Triton kernels, RDR re-budgets between steps"
     return True, "static cache, uniform policy, every op on the Triton kernels"
 
 

@@ -30,10 +30,10 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, Stati
 from . import rdr
 from .ops import prepare_store, tiers_string
 from .rdr import meter as budget_meter
-from .rdr.budget import SphkvBudgetError  # noqa: F401  (raised by check_budget; importable from here)
+from .rdr.budget import SphkvBudgetError
 from .rdr.budget import protected_tokens
 from .rdr.eager import ensure_capacity
-from .rdr.node import measure, over_budget_error
+from .rdr.node import current_budget, measure, over_budget_error, rebudget_if_due
 from .report import register_kv_source
 from .options import SphkvOptions
 from .store import LayerStore, TierState
@@ -164,6 +164,21 @@ class SphkvLayer(CacheLayerMixin):
                                          o.recent, rdr.uniform_target_tier(o))
         torch.ops.sphkv.kv_budget(self.state, self.meter, tokens, tiers, o.seed, kv_dtype, st.head_dim, o.sink,
                                   o.recent, o.policy, budget, max_tokens, o.rebudget_every)
+
+    def rebudget_if_due(self) -> bool:
+        """Policy 'rdr', between decode steps replayed from CUDA graphs: the re-budget check the
+        budgeting node makes inside an uncaptured step (rdr.node.rebudget_if_due). Reads the
+        meter back to the host; returns whether it re-budgeted."""
+        o, st = self.options, self.store
+        if o.policy != "rdr" or not o.budget or st is None or not self.stored_any:
+            return False
+        nbytes = current_budget(st.states, st.tiers, self.cumulative_length, head_dim=st.head_dim, seed=st.seed,
+                                kv_dtype=st.kv_dtype, policy="rdr", fraction=float(o.budget),
+                                max_tokens=self.max_cache_len or 0, sink=o.sink, recent=o.recent,
+                                rebudget_every=o.rebudget_every)
+        return rebudget_if_due(st.states, st.tiers, self.meter, head_dim=st.head_dim, seed=st.seed,
+                               kv_dtype=st.kv_dtype, sink=o.sink, recent=o.recent, budget_bytes=nbytes,
+                               rebudget_every=o.rebudget_every, counted=True)
 
     # ---- the CacheLayerMixin protocol ---------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -304,19 +319,32 @@ class SphkvCache(Cache):
     def compressed_layers(self) -> list[SphkvLayer]:
         return [layer for layer in self.layers if isinstance(layer, SphkvLayer)]
 
+    def rebudget_due(self) -> int:
+        """Between decode steps replayed from CUDA graphs (policy 'rdr'): every layer's re-budget
+        check (SphkvLayer.rebudget_if_due). Returns how many layers re-budgeted."""
+        return sum(layer.rebudget_if_due() for layer in self.compressed_layers())
+
     def raise_if_over_budget(self) -> None:
         """A decode step replayed from a CUDA graph cannot stop at an excess; its budgeting node
-        records the worst one on the device (rdr.node.budget_step) and this raises it."""
+        records the worst one on the device (rdr.node.budget_step) and this raises it, as it
+        raises tokens such a step could not store (rdr.update.append_decode_token)."""
         if not self.options.budget:
             return
         for layer in self.compressed_layers():
             if layer.meter is None:
                 continue
-            counters = layer.meter[:budget_meter.BATCH].tolist()  # one read back per layer
-            calls, budget, excess = (counters[i] for i in (budget_meter.CALLS, budget_meter.BUDGET,
-                                                           budget_meter.MAX_EXCESS))
+            counters = layer.meter[:budget_meter.SIZE].tolist()  # one read back per layer
+            calls, budget, excess, lost = (counters[i] for i in (budget_meter.CALLS, budget_meter.BUDGET,
+                                                                 budget_meter.MAX_EXCESS, budget_meter.LOST))
             if budget > 0 and excess > 0:
                 raise over_budget_error(budget + excess, budget, self.options.policy, calls)
+            if lost > 0:
+                raise SphkvBudgetError(
+                    f"sphkv: layer {layer.layer_idx} could not store {lost} decode tokens: its exact tier was "
+                    f"full between re-budgets (policy 'rdr', update {calls}). The re-budget check runs between "
+                    "decode steps replayed from CUDA graphs (SphkvCache.rebudget_due, called by optimize()'s "
+                    "generate()); a decode loop of your own must call it after every step. Fix: call "
+                    "cache.rebudget_due() after each step, or pass compile_config=CompileConfig(mode='default').")
 
     def kv_bytes(self) -> tuple[int, int]:
         """(resident bytes of every layer's KV: compressed stores and dense fallbacks,

@@ -92,11 +92,12 @@ def test_zoo_compiled_generate_no_recompiles_after_warmup(name, monkeypatch):
 
 def test_generate_keeps_cuda_graphs_only_where_the_decode_step_decides_nothing_on_the_host():
     """generate() compiles a static cache's decode step with mode 'reduce-overhead' (CUDA graphs)
-    by default. The uniform policy on the Triton kernels updates the store on the device alone
-    (a byte budget is only checked), so that default stays. RDR's re-budgets, or a configuration
-    the kernels do not cover (their torch references read back to the host), would be skipped by a replay:
-    sphkv sets mode 'default', and a compile config asking for CUDA graphs with another backend
-    is refused, naming the cause and the fix."""
+    by default. On the Triton kernels the store is updated on the device alone (a byte budget
+    is only checked; RDR's decode token joins the exact tier, and its re-budgets run between
+    steps), so that default stays. A configuration the kernels do not cover (their torch
+    references read back to the host) would be skipped by a replay: sphkv sets mode 'default',
+    and a compile config asking for CUDA graphs with another backend is refused, naming the
+    cause and the fix."""
     from sphkv_compile.api import _decode_step_mode, graph_blocker
 
     def settle(kwargs, model):  # what generate() does with its kwargs before it starts
@@ -108,29 +109,33 @@ def test_generate_keeps_cuda_graphs_only_where_the_decode_step_decides_nothing_o
     kept = {}
     settle(kept, device_only)
     assert "compile_config" not in kept  # transformers' default (CUDA graphs) applies
-    odd = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=128, hidden_size=96, intermediate_size=128, num_hidden_layers=1,
-                                             num_attention_heads=4, num_key_value_heads=2))
+    odd_config = lambda: tf.LlamaConfig(vocab_size=128, hidden_size=96, intermediate_size=128, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2)  # head dim 24
+    odd = tf.LlamaForCausalLM(odd_config())
     assert graph_blocker(api.optimize(_model().to("meta"), **defaults, budget=0.9)) is None  # only checked
+    # RDR: the decode token joins the exact tier on the device, re-budgets run between steps
+    rdr_meta = api.optimize(_model().to("meta"), **defaults, policy="rdr", budget=0.5, rebudget_every=4)
+    assert graph_blocker(rdr_meta) is None
+    assert settle({}, rdr_meta) == (True, "static cache, every op on the Triton kernels, RDR re-budgets between steps")
     blockers = {
-        "policy 'rdr'": api.optimize(_model(), **defaults, policy="rdr", budget=0.5, rebudget_every=4),
         "radius_bits=32": api.optimize(_model(), **HIGH_BITS),  # the kernels read 16-bit radii only
         "head_dim=24": api.optimize(odd, **defaults),
     }
     for words, model in blockers.items():
         assert words in graph_blocker(model), (words, graph_blocker(model))
-    fast = blockers["policy 'rdr'"]
+    blocked = blockers["head_dim=24"]
     plain = {}
-    settle(plain, fast)
+    settle(plain, blocked)
     assert "compile_config" not in plain  # on the CPU generate() does not auto-compile: nothing to set
-    meta = api.optimize(_model().to("meta"), **defaults, policy="rdr", budget=0.5, rebudget_every=4)
-    settle(plain, meta)
+    odd_meta = api.optimize(tf.LlamaForCausalLM(odd_config()).to("meta"), **defaults)
+    settle(plain, odd_meta)
     assert plain["compile_config"].mode == "default"
     ids = torch.randint(3, 128, (1, 6))
     for mode in ("reduce-overhead", "max-autotune"):  # both make CUDA graphs
-        with pytest.raises(ValueError, match="CUDA graphs.*policy 'rdr'.*Fix: pass compile_config"):
-            _generate(fast, ids, torch.ones_like(ids), compile_config=tf.CompileConfig(mode=mode))
+        with pytest.raises(ValueError, match="CUDA graphs.*head_dim=24.*Fix: pass compile_config"):
+            _generate(blocked, ids, torch.ones_like(ids), compile_config=tf.CompileConfig(mode=mode))
     sphkv_backend = {"compile_config": tf.CompileConfig(backend="sphkv")}  # it makes no graphs in any mode
-    settle(sphkv_backend, fast)
+    settle(sphkv_backend, blocked)
     assert sphkv_backend["compile_config"].mode == "reduce-overhead"
 
 
@@ -193,4 +198,4 @@ def test_report_says_how_generate_ran_the_decode_step():
     assert _decode_step_mode(autotune, meta, static)[0] is True
     rdr = api.optimize(_model().to("meta"), **defaults, policy="rdr", budget=0.5, rebudget_every=4)
     graphs, why = _decode_step_mode({}, rdr, api.new_cache(rdr, max_cache_len=70))
-    assert not graphs and "policy 'rdr'" in why
+    assert graphs and "RDR re-budgets between steps" in why

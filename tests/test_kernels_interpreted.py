@@ -183,17 +183,23 @@ def _check_codes_close(spec, d, got, want):
             assert int((diff > 0).sum()) <= max(1, 0.02 * diff.numel()), (codec, f)
 
 
+# (key dtype, value dtype): 16-bit pairs of one dtype take the sign-matrix rotation, others
+# the float32 one
+DTYPE_PAIRS = [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.float32, torch.float32),
+               (torch.float16, torch.bfloat16), (torch.bfloat16, torch.float32)]
+
+
 @settings(**SETTINGS)
 @given(st.sampled_from(ALL_TIERS[1:]), st.sampled_from([16, 64, 128]), st.integers(1, 2), st.integers(1, 3),
-       st.integers(1, 40), st.integers(0, 2**31 - 1))
-def test_encode_matches_reference(spec, d, B, H, N, seed):
+       st.integers(1, 40), st.sampled_from(DTYPE_PAIRS), st.integers(0, 2**31 - 1))
+def test_encode_matches_reference(spec, d, B, H, N, dtypes, seed):
     gen = torch.Generator().manual_seed(seed)
     scale = torch.exp(4 * torch.randn(B, H, N, 1, generator=gen))  # radii over many octaves
-    k = torch.randn(B, H, N, d, generator=gen) * scale
-    v = torch.randn(B, H, N, d, generator=gen)
+    k = (torch.randn(B, H, N, d, generator=gen) * scale).to(dtypes[0])
+    v = torch.randn(B, H, N, d, generator=gen).to(dtypes[1])
     k[0, 0, 0] = 0.0  # zero key: radius code 0, every angle code 0
-    got = kernel_encode.encode_records(spec, k.to(KV_DTYPE), v.to(KV_DTYPE), 0, KV_DTYPE)
-    want = encode_records(spec, k.to(KV_DTYPE).double(), v.to(KV_DTYPE).double(), 0, KV_DTYPE)
+    got = kernel_encode.encode_records(spec, k, v, 0, KV_DTYPE)
+    want = encode_records(spec, k.double(), v.double(), 0, KV_DTYPE)
     assert got.shape == want.shape
     assert torch.equal(got[0, 0, 0, : tier_codecs(spec, d, 0)[0].words], want[0, 0, 0, : tier_codecs(spec, d, 0)[0].words])
     _check_codes_close(spec, d, got, want)
@@ -287,6 +293,55 @@ def test_device_decode_update_equals_graduate(spec, d, B, H, sink, recent, page_
         assert torch.unique(torch.cat([in_use, free])).numel() == g.pool.shape[0] == in_use.numel() + free.numel()
 
 
+@settings(**SETTINGS)
+@given(st.sampled_from([16, 64]), st.integers(1, 3), st.integers(1, 3), st.sampled_from([2, 4, 8]),
+       st.integers(0, 20), st.integers(1, 12), st.integers(1, 5), st.booleans(), st.integers(0, 2**31 - 1))
+def test_device_append_equals_append_records_and_counts_what_finds_no_room(d, B, H, page_size, prompt, steps,
+                                                                           pages_per_head, pad, seed):
+    """RDR's decode step inside a CUDA graph (kernels/decode_update.append_token) appends one token
+    per (row, KV head) to the exact tier as store.append_records does; where the page table or
+    the pool is full the row keeps its tier and the token is counted as lost, never written."""
+    from sphkv_compile.kernels.decode_update import append_token
+    from sphkv_compile.store import StoreCapacityError, append_records, encode_records as reference_records
+
+    gen = torch.Generator().manual_seed(seed)
+    spec = ALL_TIERS[0]
+    kw, vw = record_words(spec, d, 0, KV_DTYPE)
+    # a pool a little smaller than the page tables allow: both limits are reached
+    state = TierState.allocate(B, H, max(1, B * H * pages_per_head - 1), page_size, kw + vw, pages_per_head, "cpu")
+    cap = pages_per_head * page_size
+    start = torch.randint(0, min(prompt, cap) + 1, (B, H), generator=gen)
+    k0 = torch.randn(B, H, max(1, int(start.max())), d, generator=gen)
+    ok0 = torch.arange(k0.shape[2])[None, None, :] < start[..., None]
+    try:
+        append_records(state, reference_records(spec, k0, k0, 0, KV_DTYPE), None, ok0)
+    except StoreCapacityError:
+        return  # the starting fill itself does not fit this pool
+    ker, lost = clone_states([state])[0], torch.zeros(1, dtype=torch.int64)
+    ref, ref_lost = clone_states([state])[0], 0
+    for _ in range(steps):
+        k = torch.randn(B, H, 1, d, generator=gen)
+        v = torch.randn(B, H, 1, d, generator=gen)
+        util = torch.rand(B, H, 1, generator=gen)
+        valid = (torch.rand(B, 1, generator=gen) < 0.7) if pad else None
+        append_token(ker, spec, k, v, valid, util, lost, seed=0, kv_dtype=KV_DTYPE)
+        rec = reference_records(spec, k, v, 0, KV_DTYPE)
+        for b in range(B):  # the reference, row by row, in the kernel's program order
+            for h in range(H):
+                if valid is not None and not bool(valid[b, 0]):
+                    continue
+                one = torch.zeros(B, H, 1, dtype=torch.bool)
+                one[b, h] = True
+                try:
+                    append_records(ref, rec, util, one)
+                except StoreCapacityError:
+                    ref_lost += 1
+    assert int(lost) == ref_lost
+    assert torch.equal(ref.count, ker.count)
+    (rr, ru, rv), (gr, gu, gv) = gather_tokens(ref), gather_tokens(ker)
+    assert torch.equal(rv, gv) and torch.equal(rr[rv], gr[gv]) and torch.equal(ru[rv], gu[gv])
+
+
 def test_encode_wrapper_takes_flat_tokens_in_chunks(monkeypatch):
     """cuda_ops.encode_records: placement.graduate hands over the graduating tokens as [M, d];
     they are encoded in launches of at most _ENCODE_TOKENS_PER_LAUNCH tokens (grid axis 1 has a
@@ -321,8 +376,10 @@ def test_encode_wrapper_falls_back_to_the_reference_with_the_callers_shape(monke
 
 @pytest.mark.parametrize("d", [16, 64, 128, 256, 96])
 def test_rotation_signs_reproduce_the_forward_rotation(d):
-    """The encoder's 16-bit rotation: forward = c·S with S in {-1, +1} for power-of-two head
-    dims, exactly (S in bf16 and fp16); other head dims get None (the float32 path)."""
+    """The encoder's 16-bit rotation: forward = c·S with S in {-1, +1} and c = d^-1/2 for
+    power-of-two head dims, exactly (S in bf16 and fp16). Another head dim gets either None
+    (the float32 path) or a sign matrix that reproduces its transform exactly (the kernels
+    refuse such head dims before the encoder anyway). And which path each dtype pair takes."""
     from sphkv_compile.kernels.layout import rotation_matrices, rotation_signs
 
     kc, _ = tier_codecs(DEFAULT_TIERS[2], d, 0)
@@ -337,3 +394,10 @@ def test_rotation_signs_reproduce_the_forward_rotation(d):
         assert c == pytest.approx(d ** -0.5, rel=1e-12)
         assert torch.equal(S.double() * c, fwd)
         assert torch.allclose(rotation_matrices(kc.hadamard)[0].double(), fwd, atol=1e-7)
+    vc = tier_codecs(DEFAULT_TIERS[2], d, 0)[1]
+    for (kd, vd) in DTYPE_PAIRS:
+        signs, kf, vf, ks, vs = kernel_encode._rotations(kc, vc, kd, vd)
+        assert signs == (kd == vd and kd != torch.float32 and not d & (d - 1))
+        assert kf.dtype == vf.dtype == (kd if signs else torch.float32)
+        want_scale = d ** -0.5 if signs else 1.0
+        assert ks == pytest.approx(want_scale, rel=1e-12) and vs == pytest.approx(want_scale, rel=1e-12)

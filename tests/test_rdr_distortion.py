@@ -110,7 +110,7 @@ def test_meter_keeps_a_running_key_gain_per_row_and_head():
     returned = M.observe_queries(m, torch.zeros(2, 3))
     torch.testing.assert_close(M.key_gain(m), first * M.GAIN_MEMORY, atol=2 * M.GAIN_UNITS, rtol=0)
     assert torch.equal(returned, M.key_gain(m))  # what the update prices with is what the meter keeps
-    M.count_entered(m, 5, None)
+    M.count_entered(m, 5, None, 2)
     assert M.entered(m).tolist() == [5, 5]
     M.reset(m)
     assert M.key_gain(m) is None and M.entered(m).tolist() == [0, 0] and M.read(m)["calls"] == 0

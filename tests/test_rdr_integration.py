@@ -225,3 +225,88 @@ def test_budget_ops_pass_opcheck():
 def _opts():
     from sphkv_compile.options import SphkvOptions
     return SphkvOptions(policy="rdr", budget=0.125, sink=2, recent=4, rebudget_every=8)
+
+
+def _rdr_generate(model, ids, new, cache, processors=None):
+    return model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                          logits_processor=processors, **{api.cache_keyword(model): cache})
+
+
+def _layer_snapshot(cache):
+    from sphkv_compile.store import gather_tokens
+
+    out = []
+    for layer in cache.compressed_layers():
+        tiers = []
+        for st in layer.store.states:
+            rec, util, ok = gather_tokens(st)
+            tiers.append((st.count.clone(), rec[ok].clone(), util[ok].clone()))
+        out.append((budget_meter.read(layer.meter), tiers))
+    return out
+
+
+@torch.no_grad()
+def test_rdr_decode_steps_as_captured_with_rebudgets_between_steps_equal_eager(monkeypatch):
+    """generate() replaying RDR's decode step from CUDA graphs, simulated on the CPU: every decode
+    update taken as captured (the token joins the exact tier on the device, nothing decided on
+    the host) and the re-budget check run between steps by the logits processor optimize()'s
+    generate() adds. Same greedy tokens, the same tiers (records, utility, order) and the same
+    meter as the eager path, which re-budgets inside each step; re-budgets did happen. (The worst
+    excess differs: see below.)"""
+    from sphkv_compile.rdr import node
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    prompt, new = 96, 64
+    model = api.optimize(_llama(), **RDR)
+    ids = torch.randint(3, 128, (2, prompt))
+    cache = api.new_cache(model, max_cache_len=prompt + new)
+    eager = _rdr_generate(model, ids, new, cache)
+    want = _layer_snapshot(cache)
+    assert all(m["rebudgets"] >= 3 for m, _ in want)
+
+    decoding = [False]
+
+    class AfterPrefill(LogitsProcessor):  # runs after every forward: the next updates are decode steps
+        def __call__(self, input_ids, scores):
+            decoding[0] = True
+            return scores
+
+    rebudgets_between = []
+    original_due = type(cache).rebudget_due
+    monkeypatch.setattr(type(cache), "rebudget_due", lambda self: rebudgets_between.append(original_due(self)) or 0)
+    monkeypatch.setattr(node, "capturing", lambda: decoding[0])
+    monkeypatch.setattr(api, "_decode_step_mode", lambda kwargs, model, cache: (True, "simulated CUDA graphs"))
+    cache.reset()
+    replayed = _rdr_generate(model, ids, new, cache, LogitsProcessorList([AfterPrefill()]))
+    assert torch.equal(replayed, eager)
+    assert len(rebudgets_between) == new and sum(rebudgets_between) > 0  # after every forward; some re-budgeted
+    got = _layer_snapshot(cache)
+    for (m_got, tiers_got), (m_want, tiers_want) in zip(got, want):
+        # the replayed step measures before the re-budget that follows it, the eager one after:
+        # both within the budget, the replay's worst closer to it
+        assert m_got.pop("max_excess") <= 0 and m_want.pop("max_excess") <= 0
+        assert m_got == m_want and m_got["lost_tokens"] == 0
+        for a, b in zip(tiers_got, tiers_want):
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@torch.no_grad()
+def test_rdr_decode_steps_as_captured_without_rebudgets_are_refused_after_generate(monkeypatch):
+    """Decode steps replayed from graphs with no re-budget between them (a decode loop that does
+    not call SphkvCache.rebudget_due) overrun the budget or the exact tier: generate() raises,
+    naming the cause, rather than return what a full tier silently dropped."""
+    from sphkv_compile.rdr import node
+
+    prompt, new = 96, 64
+    model = api.optimize(_llama(), **RDR)
+    ids = torch.randint(3, 128, (1, prompt))
+    cache = api.new_cache(model, max_cache_len=prompt + new)
+    calls = [0]
+
+    def capturing():  # every update after the prefill's
+        calls[0] += 1
+        return calls[0] > 2 * len(cache.compressed_layers())
+
+    monkeypatch.setattr(node, "capturing", capturing)
+    with pytest.raises(rdr.SphkvBudgetError, match="over its budget|could not store"):
+        _rdr_generate(model, ids, new, cache)

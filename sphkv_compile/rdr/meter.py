@@ -15,7 +15,8 @@ BUDGET = 3  # the token-byte budget per batch row at the last call (0: no budget
 TOKEN_BYTES = 4  # token bytes of the fullest batch row after the last call
 MAX_EXCESS = 5  # max over calls of (token bytes - budget); <= 0 means always within budget
 BATCH = 6  # batch rows B
-SIZE = 7  # then B entries: real (non-padding) tokens that entered the store per batch row, dropped
+LOST = 7  # tokens a decode step replayed from a CUDA graph could not store (the exact tier was full)
+SIZE = 8  # then B entries: real (non-padding) tokens that entered the store per batch row, dropped
 # ones included (under RDR the pages hold fewer tokens than the model wrote; mask checks compare
 # the mask's visible past with this count, not with the page counts); then B·Hkv entries: the
 # key gain s²·E‖q‖²/d of each row and KV head (rdr.costs.distortion), in GAIN_UNITS, 0 = unknown.
@@ -41,9 +42,10 @@ def reset(meter: torch.Tensor) -> None:
     meter[BATCH] = batch
 
 
-def entered(meter: torch.Tensor) -> torch.Tensor:
-    """[B]: tokens that entered the store per batch row (a view)."""
-    return meter[SIZE:SIZE + int(meter[BATCH])]
+def entered(meter: torch.Tensor, batch: int | None = None) -> torch.Tensor:
+    """[B]: tokens that entered the store per batch row (a view). Pass `batch` where the meter
+    must not be read back to the host (inside a CUDA graph capture)."""
+    return meter[SIZE:SIZE + (int(meter[BATCH]) if batch is None else batch)]
 
 
 def key_gain(meter: torch.Tensor) -> torch.Tensor | None:
@@ -58,7 +60,7 @@ def key_gain(meter: torch.Tensor) -> torch.Tensor | None:
 def observe_queries(meter: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
     """Fold the key gain of the queries just seen [B, Hkv] into the running estimate; returns
     the estimate (what key_gain reads back, without a host-side check)."""
-    B = int(meter[BATCH])
+    B = gain.shape[0]
     raw = meter[SIZE + B:].view(B, -1)
     new = gain.to(device=raw.device, dtype=torch.float64) / GAIN_UNITS
     old = raw.to(torch.float64)
@@ -67,12 +69,13 @@ def observe_queries(meter: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
     return mixed.to(torch.float32) * GAIN_UNITS
 
 
-def count_entered(meter: torch.Tensor, n: int, valid: torch.Tensor | None) -> None:
-    entered(meter).add_(n if valid is None else valid.to(torch.int64).sum(-1))
+def count_entered(meter: torch.Tensor, n: int, valid: torch.Tensor | None, batch: int) -> None:
+    entered(meter, batch).add_(n if valid is None else valid.to(torch.int64).sum(-1))
 
 
 def read(meter: torch.Tensor) -> dict:
     values = meter.tolist()
     gain = key_gain(meter)
-    return {**dict(zip(_NAMES, (int(x) for x in values[:BATCH]))), "entered": entered(meter).tolist(),
+    return {**dict(zip(_NAMES, (int(x) for x in values[:BATCH]))), "lost_tokens": int(values[LOST]),
+            "entered": entered(meter).tolist(),
             "key_gain": None if gain is None else gain.tolist()}

@@ -9,6 +9,13 @@
                   it measures the token bytes of every batch row against the budget, records
                   them in the meter, and raises if the budget was exceeded.
 
+Inside a CUDA graph capture (generate()'s decode step replayed from graphs) nothing may be
+decided on the host: enter_chunk appends the decode token to the exact tier on the device,
+budget_step only records, and the re-budget check (rebudget_if_due) runs between steps,
+outside the graph (SphkvCache.rebudget_due, from a logits processor that optimize()'s
+generate() adds). After a re-budget the exact tier has room for `rebudget_every` tokens, and
+the check runs after every step, so the layer ends each step as the eager path leaves it.
+
 Both count in the meter tensor (meter.py), never in Python state, so compiled graphs do not
 recompile per step.
 """
@@ -22,7 +29,7 @@ from . import meter as M
 from .budget import SphkvBudgetError, budget_for, protected_count
 from .costs import choice_table
 from .utility import pooled
-from .update import headroom_bytes, page_slack_bytes, rdr_update, rebudget, token_bytes
+from .update import append_decode_token, headroom_bytes, page_slack_bytes, rdr_update, rebudget, token_bytes
 
 
 def current_budget(states: list[TierState], specs: list[TierSpec], tokens: torch.Tensor, *, head_dim: int,
@@ -51,8 +58,9 @@ def over_budget_error(held: int, budget_bytes: int, policy: str, calls: int) -> 
         f"configuration; please report it. Fix for now: raise the budget or use policy='rdr'.")
 
 
-def _record_rebudget(meter: torch.Tensor) -> None:
-    meter[M.LAST_REBUDGET] = meter[M.CALLS]
+def _record_rebudget(meter: torch.Tensor, counted: bool = False) -> None:
+    """counted: the meter already counts the update this re-budget follows (between steps)."""
+    meter[M.LAST_REBUDGET] = meter[M.CALLS] - (1 if counted else 0)
     meter[M.REBUDGETS] += 1
 
 
@@ -66,11 +74,15 @@ def enter_chunk(states: list[TierState], specs: list[TierSpec], meter: torch.Ten
     re-budget of this layer then prices key errors with (option distortion='logit')."""
     if budget_bytes <= 0:
         raise SphkvBudgetError("policy 'rdr' needs a byte budget. Fix: pass budget=<fraction of dense KV>.")
-    M.count_entered(meter, k.shape[2], valid)
+    M.count_entered(meter, k.shape[2], valid, k.shape[0])
     if utility is not None:
         utility = pooled(utility)
     # only distortion='logit' passes queries; 'unit' then never reads the meter's gain back
     gain = None if key_gain is None else M.observe_queries(meter, key_gain)
+    if k.shape[2] == 1 and capturing():  # a decode step inside a CUDA graph: no host decision
+        append_decode_token(states, specs, meter[M.LOST:M.LOST + 1], k, v, valid, utility, seed=seed,
+                            kv_dtype=kv_dtype)
+        return
     if rdr_update(states, specs, k, v, valid, utility, seed=seed, kv_dtype=kv_dtype, sink=sink, recent=recent,
                   budget_bytes=budget_bytes, rebudget_every=rebudget_every, key_gain=gain):
         _record_rebudget(meter)
@@ -80,15 +92,9 @@ def budget_step(states: list[TierState], specs: list[TierSpec], meter: torch.Ten
                 kv_dtype: torch.dtype, sink: int, recent: int, policy: str, budget_bytes: int,
                 rebudget_every: int) -> None:
     table = choice_table(tuple(specs), head_dim, seed, kv_dtype)
-    H = states[0].count.shape[1]
-    if policy == "rdr" and budget_bytes > 0:
-        target = max(budget_bytes - headroom_bytes(H, rebudget_every, table), 0)
-        due = int(meter[M.CALLS]) - int(meter[M.LAST_REBUDGET]) >= rebudget_every
-        if due and int(token_bytes(states, table).max()) > target:
-            rebudget(states, specs, torch.full((states[0].count.shape[0],), float(target), dtype=torch.float64),
-                     head_dim=head_dim, seed=seed, kv_dtype=kv_dtype, sink=sink, recent=recent,
-                     headroom_tokens=rebudget_every, key_gain=M.key_gain(meter))
-            _record_rebudget(meter)
+    if policy == "rdr" and budget_bytes > 0 and not capturing():
+        rebudget_if_due(states, specs, meter, head_dim=head_dim, seed=seed, kv_dtype=kv_dtype, sink=sink,
+                        recent=recent, budget_bytes=budget_bytes, rebudget_every=rebudget_every)
     # device-side bookkeeping: without a budget nothing is read back to the host (a decode step
     # on the GPU then never waits for the device here)
     held_t = token_bytes(states, table).max() if states[0].count.numel() else meter.new_zeros(())
@@ -106,6 +112,28 @@ def budget_step(states: list[TierState], specs: list[TierSpec], meter: torch.Ten
         meter[M.MAX_EXCESS] = max(int(meter[M.MAX_EXCESS]), held - budget_bytes)
         if held > budget_bytes:
             raise over_budget_error(held, budget_bytes, policy, int(meter[M.CALLS]))
+
+
+def rebudget_if_due(states: list[TierState], specs: list[TierSpec], meter: torch.Tensor, *, head_dim: int,
+                    seed: int, kv_dtype: torch.dtype, sink: int, recent: int, budget_bytes: int,
+                    rebudget_every: int, counted: bool = False) -> bool:
+    """Re-budget (rdr) if `rebudget_every` updates have passed since the last re-budget and the
+    layer holds more than the budget less its headroom. counted: the meter already counts the
+    latest update (the check runs between steps, after the step's budgeting node), so the
+    cadence is the one budget_step keeps inside the step. Reads the meter back to the host."""
+    table = choice_table(tuple(specs), head_dim, seed, kv_dtype)
+    H = states[0].count.shape[1]
+    target = max(budget_bytes - headroom_bytes(H, rebudget_every, table), 0)
+    calls = int(meter[M.CALLS]) - (1 if counted else 0)
+    if calls - int(meter[M.LAST_REBUDGET]) < rebudget_every or int(token_bytes(states, table).max()) <= target:
+        return False
+    rebudget(states, specs, torch.full((states[0].count.shape[0],), float(target), dtype=torch.float64),
+             head_dim=head_dim, seed=seed, kv_dtype=kv_dtype, sink=sink, recent=recent,
+             headroom_tokens=rebudget_every, key_gain=M.key_gain(meter))
+    _record_rebudget(meter, counted)
+    if counted:  # what the budgeting node would have measured after it
+        meter[M.TOKEN_BYTES].copy_(token_bytes(states, table).max())
+    return True
 
 
 def measure(states: list[TierState], specs, meter: torch.Tensor, *, head_dim: int, seed: int,

@@ -186,6 +186,31 @@ def rebudget(states: list[TierState], specs: list[TierSpec], budget: torch.Tenso
     return choice
 
 
+def append_decode_token(states: list[TierState], specs: list[TierSpec], lost: torch.Tensor, k: torch.Tensor,
+                        v: torch.Tensor, valid: torch.Tensor | None, utility: torch.Tensor | None, *, seed: int,
+                        kv_dtype: torch.dtype) -> None:
+    """RDR's decode step inside a CUDA graph: the token k, v [B, Hkv, 1, d] joins the exact tier
+    on the device (kernels.decode_update.append_token), with no re-budget and no host read; a
+    token that finds no room is counted in `lost` (one int64 element) instead. The re-budgets
+    that keep room for it run between steps (node.rebudget_if_due)."""
+    e = next(i for i, s in enumerate(specs) if s.exact)
+    if k.is_cuda:
+        from sphkv_compile.kernels.decode_update import append_token
+
+        append_token(states[e], specs[e], k, v, valid, utility, lost, seed=seed, kv_dtype=kv_dtype)
+        return
+    # graphs are captured on CUDA only; tests simulate a capture on the CPU, where the same
+    # append runs with its host-side checks
+    B, H, N, _ = k.shape
+    arriving = torch.full((B, H), N, dtype=torch.int64) if valid is None \
+        else valid.to(torch.int64).sum(-1)[:, None].expand(B, H)
+    if not fits(states[e], arriving):
+        lost.add_(arriving.sum())
+        return
+    vmask = None if valid is None else valid.to(torch.bool)[:, None, :].expand(B, H, N)
+    append_records(states[e], encode_records(specs[e], k, v, seed, kv_dtype), utility, vmask, specs[e].name)
+
+
 def rdr_update(states: list[TierState], specs: list[TierSpec], k: torch.Tensor, v: torch.Tensor,
                valid: torch.Tensor | None, utility: torch.Tensor | None, *, seed: int, kv_dtype: torch.dtype,
                sink: int, recent: int, budget_bytes: int, rebudget_every: int, target: int | None = None,
