@@ -304,7 +304,8 @@ def test_rdr_generate_with_cuda_graphs_equals_generate_without(monkeypatch):
     for mode in ("reduce-overhead", "default"):
         cache.reset()
         with torch.no_grad():
-            runs[mode] = model.generate(ids, max_new_tokens=48, min_new_tokens=48, do_sample=False,
+            runs[mode] = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=48,
+                                        min_new_tokens=48, do_sample=False, pad_token_id=0,
                                         compile_config=tf.CompileConfig(mode=mode), **{key: cache})
         meters = [budget_meter.read(layer.meter) for layer in cache.compressed_layers()]
         assert all(m["lost_tokens"] == 0 and m["max_excess"] <= 0 for m in meters), meters
