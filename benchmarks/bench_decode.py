@@ -233,14 +233,18 @@ def bench_encode(opts, seed, device, gen, T=32768):
             "encode_over_prefill": None if best is None else enc_ms / best}
 
 
-def warm_compile(shapes) -> None:
-    """Compile every kernel the run needs in parallel processes first (one per shape, plus the
-    scalar-value tier): Triton compiles serially in a process, and its disk cache serves the
-    timing process afterwards."""
+def compile_in_parallel(script: str, flag: str, values) -> None:
+    """Run `script flag value` for every value in parallel processes and wait: Triton compiles
+    serially in a process, and its disk cache then serves the timing process."""
     import subprocess
     t0 = time.time()
-    procs = [subprocess.Popen([sys.executable, __file__, "--warm-shape", s]) for s in shapes]
+    procs = [subprocess.Popen([sys.executable, script, flag, str(v)]) for v in values]
     print(f"warm compile: exit codes {[p.wait() for p in procs]} in {time.time() - t0:.0f} s", flush=True)
+
+
+def warm_compile(shapes) -> None:
+    """Compile every kernel the run needs first, one process per shape (plus the scalar-value tier)."""
+    compile_in_parallel(__file__, "--warm-shape", shapes)
 
 
 def _warm_shape(name: str) -> None:

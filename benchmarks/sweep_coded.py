@@ -12,12 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 
 import torch
 
-from bench_decode import SHAPES, build_store, dense_decode, graph_of, median_ms
+from bench_decode import compile_in_parallel, SHAPES, build_store, dense_decode, graph_of, median_ms
 from sphkv_compile.kernels import attend as kattend
 from sphkv_compile.options import SphkvOptions
 from sphkv_compile.tiers import TierSpec
@@ -69,8 +67,7 @@ def main():
     args = ap.parse_args()
     if args.warm is not None:
         return warm(args.warm)
-    procs = [subprocess.Popen([sys.executable, __file__, "--warm", str(i)]) for i in range(len(SETTINGS))]
-    print("compile:", [p.wait() for p in procs], flush=True)
+    compile_in_parallel(__file__, "--warm", range(len(SETTINGS)))
     device = torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(0)
     opts = SphkvOptions()

@@ -14,13 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench_decode import SHAPES, median_ms
+from bench_decode import compile_in_parallel, SHAPES, median_ms
 from sphkv_compile.kernels import encode as kencode
 from sphkv_compile.options import SphkvOptions
 from sphkv_compile.store import encode_records as reference_encode_records
@@ -93,8 +91,7 @@ def main():
     args = ap.parse_args()
     if args.warm is not None:
         return warm(args.warm)
-    procs = [subprocess.Popen([sys.executable, __file__, "--warm", str(i)]) for i in range(len(SETTINGS))]
-    print("compile:", [p.wait() for p in procs], flush=True)
+    compile_in_parallel(__file__, "--warm", range(len(SETTINGS)))
     device = torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(0)
     opts = SphkvOptions()

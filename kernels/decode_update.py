@@ -50,6 +50,15 @@ def _slot_base(pages_ptr, free_ptr, top_ptr, row, slot, max_pages, PS: tl.conste
 
 
 @triton.jit
+def _row_takes_a_token(valid_ptr, row, H, HAS_VALID: tl.constexpr):
+    """Is program `row` (batch row · H + KV head) given a real token this step?"""
+    ok = True
+    if HAS_VALID:
+        ok = tl.load(valid_ptr + row // H) != 0
+    return ok
+
+
+@triton.jit
 def place_kernel(e_pool, e_util, e_pages, e_count, e_free, e_top,
                  c_pool, c_util, c_pages, c_count, c_free, c_top,
                  new_rec, new_util, grad_rec, valid_ptr, H, e_max_pages, c_max_pages,
@@ -57,10 +66,7 @@ def place_kernel(e_pool, e_util, e_pages, e_count, e_free, e_top,
                  WE: tl.constexpr, WE_PAD: tl.constexpr, WC: tl.constexpr, WC_PAD: tl.constexpr,
                  WIN_PAD: tl.constexpr, HAS_VALID: tl.constexpr):
     row = tl.program_id(0)
-    ok = True
-    if HAS_VALID:
-        ok = tl.load(valid_ptr + row // H) != 0
-    if ok:
+    if _row_takes_a_token(valid_ptr, row, H, HAS_VALID):
         ne = tl.load(e_count + row)
         we = tl.arange(0, WE_PAD)
         wc = tl.arange(0, WC_PAD)
@@ -145,10 +151,7 @@ def append_kernel(pool, util, pages, count, free, top, rec, new_util, valid_ptr,
     """One token per (row, KV head) appended at the end of one tier; a row whose page table or
     pool is full keeps its tier as it was and adds one to *lost_ptr."""
     row = tl.program_id(0)
-    ok = True
-    if HAS_VALID:
-        ok = tl.load(valid_ptr + row // H) != 0
-    if ok:
+    if _row_takes_a_token(valid_ptr, row, H, HAS_VALID):
         n = tl.load(count + row)
         dst = _slot_base(pages, free, top, row, n, max_pages, PS)
         w = tl.arange(0, W_PAD)
