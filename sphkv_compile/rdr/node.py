@@ -95,19 +95,22 @@ def budget_step(states: list[TierState], specs: list[TierSpec], meter: torch.Ten
     if policy == "rdr" and budget_bytes > 0 and not capturing():
         rebudget_if_due(states, specs, meter, head_dim=head_dim, seed=seed, kv_dtype=kv_dtype, sink=sink,
                         recent=recent, budget_bytes=budget_bytes, rebudget_every=rebudget_every)
-    # device-side bookkeeping: without a budget nothing is read back to the host (a decode step
-    # on the GPU then never waits for the device here)
-    held_t = token_bytes(states, table).max() if states[0].count.numel() else meter.new_zeros(())
     # in place (fill_/copy_/add_): a Python number assigned by index is copied from the host,
     # which a CUDA graph capture refuses
     meter[M.BUDGET].fill_(budget_bytes)
-    meter[M.TOKEN_BYTES].copy_(held_t)
     meter[M.CALLS].add_(1)
-    if budget_bytes > 0 and capturing():
+    if budget_bytes <= 0:
+        # nothing to check: no per-step byte count either (a dozen small kernels per layer and
+        # decode step); measure() counts the bytes from the page tables when asked
+        return
+    # device-side bookkeeping: nothing is read back to the host inside a capture
+    held_t = token_bytes(states, table).max() if states[0].count.numel() else meter.new_zeros(())
+    meter[M.TOKEN_BYTES].copy_(held_t)
+    if capturing():
         # inside a CUDA graph the replays never reach the host: keep the worst excess on the
         # device; the cache checks it after generate() (SphkvCache.raise_if_over_budget)
         meter[M.MAX_EXCESS].copy_(torch.maximum(meter[M.MAX_EXCESS], held_t - budget_bytes))
-    elif budget_bytes > 0:
+    else:
         held = int(held_t)
         meter[M.MAX_EXCESS] = max(int(meter[M.MAX_EXCESS]), held - budget_bytes)
         if held > budget_bytes:
@@ -139,11 +142,14 @@ def rebudget_if_due(states: list[TierState], specs: list[TierSpec], meter: torch
 def measure(states: list[TierState], specs, meter: torch.Tensor, *, head_dim: int, seed: int,
             kv_dtype: torch.dtype) -> dict:
     """What the budgeting node measured (meter.read) plus, recounted from the page tables: the
-    bytes of pages in use (token bytes + the unused tail of each last page), the most that tail
+    token bytes of the fullest batch row now (the meter counts them per step only under a
+    budget), the bytes of pages in use (token bytes + the unused tail of each last page), the most that tail
     can be (page_slack_bytes), the bytes reserved for records, and the tokens per tier."""
     table = choice_table(tuple(specs), head_dim, seed, kv_dtype)
     in_pages = sum(-(-int(c) // s.page_size) * s.page_size * table.bytes[t]
                    for t, s in enumerate(states) for c in s.count.flatten())
-    return {**M.read(meter), "page_bytes_in_use": in_pages, "page_slack_bytes": page_slack_bytes(states, table),
+    held = int(token_bytes(states, table).max()) if states[0].count.numel() else 0
+    return {**M.read(meter), "token_bytes": held, "page_bytes_in_use": in_pages,
+            "page_slack_bytes": page_slack_bytes(states, table),
             "reserved_record_bytes": sum(s.record_bytes() for s in states),
             "tokens": {spec.name: int(s.count.sum()) for spec, s in zip(specs, states)}}
