@@ -242,6 +242,22 @@ def compile_in_parallel(script: str, flag: str, values) -> None:
     print(f"warm compile: exit codes {[p.wait() for p in procs]} in {time.time() - t0:.0f} s", flush=True)
 
 
+def sweep_setup(script: str, settings: int, warm, parser: argparse.ArgumentParser | None = None):
+    """The command line of a settings sweep (sweep_coded.py, sweep_encode.py): --out, and a hidden
+    --warm I with which a child process compiles setting I (warm(I)) and the run ends (None is
+    returned). Otherwise every setting is compiled in parallel children first, and the parsed
+    arguments are returned for the timing."""
+    parser = parser or argparse.ArgumentParser()
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--warm", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.warm is not None:
+        warm(args.warm)
+        return None
+    compile_in_parallel(script, "--warm", range(settings))
+    return args
+
+
 def warm_compile(shapes) -> None:
     """Compile every kernel the run needs first, one process per shape (plus the scalar-value tier)."""
     compile_in_parallel(__file__, "--warm-shape", shapes)

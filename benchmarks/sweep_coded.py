@@ -9,13 +9,12 @@ Correctness of the chosen setting is checked by bench_decode.py and tests/test_k
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
 import torch
 
-from bench_decode import compile_in_parallel, SHAPES, build_store, dense_decode, graph_of, median_ms
+from bench_decode import sweep_setup, SHAPES, build_store, dense_decode, graph_of, median_ms
 from sphkv_compile.kernels import attend as kattend
 from sphkv_compile.options import SphkvOptions
 from sphkv_compile.tiers import TierSpec
@@ -61,13 +60,9 @@ def warm(index: int) -> None:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--warm", type=int, default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.warm is not None:
-        return warm(args.warm)
-    compile_in_parallel(__file__, "--warm", range(len(SETTINGS)))
+    args = sweep_setup(__file__, len(SETTINGS), warm)
+    if args is None:
+        return
     device = torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(0)
     opts = SphkvOptions()

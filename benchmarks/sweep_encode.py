@@ -18,7 +18,7 @@ import os
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bench_decode import compile_in_parallel, SHAPES, median_ms
+from bench_decode import sweep_setup, SHAPES, median_ms
 from sphkv_compile.kernels import encode as kencode
 from sphkv_compile.options import SphkvOptions
 from sphkv_compile.store import encode_records as reference_encode_records
@@ -85,13 +85,10 @@ def codes_off(spec, d, got, want) -> tuple[int, float]:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--tokens", type=int, default=32768)
-    ap.add_argument("--warm", type=int, default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.warm is not None:
-        return warm(args.warm)
-    compile_in_parallel(__file__, "--warm", range(len(SETTINGS)))
+    args = sweep_setup(__file__, len(SETTINGS), warm, ap)
+    if args is None:
+        return
     device = torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(0)
     opts = SphkvOptions()

@@ -7,7 +7,6 @@ registration (cuda_ops.py) then runs the reference and logs why.
 from __future__ import annotations
 
 import math
-import os
 from functools import lru_cache
 
 import torch
@@ -20,7 +19,7 @@ from sphkv_compile.tiers import TierSpec, tier_codecs
 from .attention_kernels import (chunk_partials_kernel, combine_kernel, paged_coded_kernel, paged_mass_kernel,
                                 paged_partials_kernel)
 from .decode_codegen import decoder
-from .layout import DEVICE_TABLES, ScalarTables, Unsupported, rotation_matrices, tier_info
+from .layout import DEVICE_TABLES, ScalarTables, Unsupported, rotation_matrices, tier_info, under_interpreter
 
 LOG2E = 1.0 / math.log(2.0)
 # Partials of one launch group are kept under this many bytes (long prefills run in query chunks).
@@ -54,7 +53,7 @@ COMBINE = {"splits": 4, "columns": 32, "warps": 8}
 def _bf16_tiles() -> bool:
     """The interpreter's tl.dot mishandles bfloat16 operands, so under it (CPU tests of the
     decode logic) the tiles stay float32; the bf16 path runs on the GPU only."""
-    return CODED["bf16_tiles"] and os.environ.get("TRITON_INTERPRET") != "1"
+    return CODED["bf16_tiles"] and not under_interpreter()
 
 
 def _coded_block_t() -> int:

@@ -9,7 +9,7 @@ from sphkv_compile.tiers import TierSpec, tier_codecs
 
 from .encode_kernels import encode_kv_kernel
 from .layout import (DEVICE_TABLES, ScalarTables, Unsupported, radius_round_offset, rotation_matrices, rotation_signs,
-                     tier_info)
+                     tier_info, under_interpreter)
 
 # Launch settings: (tokens per program, warps, register cap or 0) per head-dim class and
 # rotation path (True: 16-bit sign matrix, False: float32 matrix as tf32x3).
@@ -66,7 +66,7 @@ def encode_records(spec: TierSpec, k: torch.Tensor, v: torch.Tensor, seed: int, 
         V_LEVELS=0 if scalar else val.levels, V_BITS=val.bits, V_COUNTS=val.fields.counts,
         V_MAXC=val.fields.max_comps, V_WIDTHS=val.fields.widths, V_TSIZE=1 if scalar else val.table_size,
         STEP=key.radius_step, ROUND_OFFSET=radius_round_offset(16), SIGNS=signs,
-        EMULATE_BF16_DOT=signs and k.dtype == torch.bfloat16 and _interpreted(), num_warps=warps, num_stages=1,
+        EMULATE_BF16_DOT=signs and k.dtype == torch.bfloat16 and under_interpreter(), num_warps=warps, num_stages=1,
         **({"maxnreg": maxnreg} if maxnreg else {}))
     return out
 
@@ -80,10 +80,3 @@ def _rotations(kc, vc, k_dtype: torch.dtype, v_dtype: torch.dtype):
         if ks and vs:
             return True, ks[0], vs[0], ks[1], vs[1]
     return False, rotation_matrices(kc.hadamard)[0], rotation_matrices(vc.hadamard)[0], 1.0, 1.0
-
-
-def _interpreted() -> bool:
-    """Does the encoder run under the Triton interpreter (whose dot mishandles bf16 operands)?"""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(encode_kv_kernel, InterpretedFunction)

@@ -187,13 +187,28 @@ def scalar_tables(codec: RotatedScalarCodec) -> ScalarTables:
     return ScalarTables(d, codec.bits, field_tables(codec.layout), cent.float(), pad.float(), radius_step(codec.radius_bits))
 
 
+def under_interpreter() -> bool:
+    """Do the kernels run under the Triton interpreter (CPU tests)? Asked of a kernel itself, so
+    the answer is what triton.jit decided at import."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from .encode_kernels import encode_kv_kernel
+
+    return isinstance(encode_kv_kernel, InterpretedFunction)
+
+
+@lru_cache(maxsize=None)
+def _forward_float64(hadamard) -> torch.Tensor:
+    """The forward rotation as a float64 [d, d] matrix, built from the transform itself."""
+    return hadamard.forward(torch.eye(hadamard.head_dim, dtype=torch.float64))
+
+
 @lru_cache(maxsize=None)
 def rotation_matrices(hadamard) -> tuple[torch.Tensor, torch.Tensor]:
     """(forward, inverse) float32 [d, d] with y = x @ forward and x = y @ inverse (built in
     float64 from the transform itself)."""
-    fwd = hadamard.forward(torch.eye(hadamard.head_dim, dtype=torch.float64))
     inv = hadamard.inverse(torch.eye(hadamard.dim, dtype=torch.float64))
-    return fwd.float(), inv.float()
+    return _forward_float64(hadamard).float(), inv.float()
 
 
 @lru_cache(maxsize=None)
@@ -202,7 +217,7 @@ def rotation_signs(hadamard, dtype: torch.dtype) -> tuple[torch.Tensor, float] |
     in `dtype` (bf16 or fp16), or None when the entries do not share one magnitude. With 16-bit
     inputs x, x @ S is exact products summed in float32 on the tensor cores: one 16-bit MMA
     instead of three tf32 ones (and their operand splitting) for float32 accuracy."""
-    fwd = hadamard.forward(torch.eye(hadamard.head_dim, dtype=torch.float64))
+    fwd = _forward_float64(hadamard)
     mags = fwd.abs()[fwd != 0]
     c = float(mags.max())
     if not torch.allclose(mags, torch.full_like(mags, c), rtol=1e-12, atol=0):

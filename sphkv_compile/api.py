@@ -210,7 +210,8 @@ def _advise_static(model) -> None:
         warnings.warn(
             "sphkv: generate() with a dynamic cache runs each decode step's ops from Python (host-bound: many "
             "times slower than dense on small models, docs/PERFORMANCE.md). Fix: pass "
-            "cache_implementation='static' to compile the decode step (with CUDA graphs under the uniform policy).",
+            "cache_implementation='static' to compile the decode step (replayed from CUDA graphs where the "
+            "kernels cover the model).",
             SphkvPerformanceWarning, stacklevel=3)
 
 

@@ -124,11 +124,13 @@ def rebudget_if_due(states: list[TierState], specs: list[TierSpec], meter: torch
     layer holds more than the budget less its headroom. counted: the meter already counts the
     latest update (the check runs between steps, after the step's budgeting node), so the
     cadence is the one budget_step keeps inside the step. Reads the meter back to the host."""
+    calls, last = meter[M.CALLS:M.LAST_REBUDGET + 1].tolist()  # one read back; the bytes only when due
+    if calls - (1 if counted else 0) - last < rebudget_every:
+        return False
     table = choice_table(tuple(specs), head_dim, seed, kv_dtype)
     H = states[0].count.shape[1]
     target = max(budget_bytes - headroom_bytes(H, rebudget_every, table), 0)
-    calls = int(meter[M.CALLS]) - (1 if counted else 0)
-    if calls - int(meter[M.LAST_REBUDGET]) < rebudget_every or int(token_bytes(states, table).max()) <= target:
+    if int(token_bytes(states, table).max()) <= target:
         return False
     rebudget(states, specs, torch.full((states[0].count.shape[0],), float(target), dtype=torch.float64),
              head_dim=head_dim, seed=seed, kv_dtype=kv_dtype, sink=sink, recent=recent,
