@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from bench_decode import sweep_setup, SHAPES, build_store, dense_decode, graph_of, median_ms
+from bench_decode import sweep_setup, SHAPES, build_store, check_against_reference, dense_decode, graph_of, median_ms
 from sphkv_compile.kernels import attend as kattend
 from sphkv_compile.options import SphkvOptions
 from sphkv_compile.tiers import TierSpec
@@ -22,8 +22,9 @@ from sphkv_compile.tiers import TierSpec
 # kernels.attend.CODED settings
 # (each applied on top of the defaults; sessions 2 and 3 timed programs_per_sm and maxnreg:
 # docs/PERFORMANCE.md)
-SETTINGS = [dict(), dict(min_tiles_per_split=1), dict(min_tiles_per_split=4), dict(min_tiles_per_split=8),
-            dict(programs_per_sm=4, min_tiles_per_split=4), dict(combine_splits=8)]
+# Session 6 swept min_tiles_per_split (1, 4, 8), programs_per_sm=4 and combine_splits=8
+# (docs/PERFORMANCE.md); session 7 the packed decoders (packed_math.py).
+SETTINGS = [dict(), dict(packed=True), dict(packed=True, programs_per_sm=3)]
 POINTS = [("llama3-8b", 1, 4096), ("smollm2", 1, 4096), ("llama3-8b", 1, 32768), ("llama3-8b", 8, 32768),
           ("smollm2", 8, 32768), ("llama3-8b", 1, 131072)]
 DEFAULTS = dict(kattend.CODED)
@@ -54,6 +55,7 @@ def warm(index: int) -> None:
     opts = SphkvOptions()
     apply(SETTINGS[index])
     for name in SHAPES:
+        check_against_reference(name, opts.seed, device, gen)
         q, states, specs, kn = _store(name, 1, 300, opts, device, gen)
         kattend.attend(q, states, specs, seed=opts.seed, kv_dtype=torch.bfloat16, k_new=kn, v_new=kn)
     torch.cuda.synchronize()
@@ -80,6 +82,8 @@ def main():
         apply(setting)
         row = dict(setting)
         try:
+            for name in SHAPES:  # every default tier against the float64 reference
+                row[f"ref_err_{name}"] = check_against_reference(name, opts.seed, device, gen)
             for name, B, T in POINTS:
                 q, states, specs, kn, dense = stores[(name, B, T)]
 
