@@ -45,6 +45,12 @@ def sass_summary(k):
     print(" ", [l.strip() for l in usage.splitlines() if "REG" in l], sum(ops.values()), ops.most_common(12))
 
 
+def pointer_alignment(fn, sig) -> dict:
+    """The 16-byte alignment the JIT assumes of every tensor argument at launch (torch
+    allocations are aligned), so vector loads compile as they would on the GPU."""
+    return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if sig.get(name, "").startswith("*")}
+
+
 def paged_signature(fn, consts):
     sig = {}
     for name in fn.arg_names:
@@ -91,7 +97,8 @@ def coded(d=128, block_t=128, block_m=16, warps=4, stages=1, bf16=1, maxnreg=0):
                   DECODE_K=decoder(info.key, 0, leaf), DECODE_V=decoder(info.value, info.key_words, leaf),
                   STEP=info.key.radius_step, LOG2_MIN=LOG2_MIN, DOT_PRECISION="tf32", BF16_TILES=bool(bf16))
     options = {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
-    k = triton.compile(ASTSource(paged_coded_kernel, paged_signature(paged_coded_kernel, consts), consts),
+    sig = paged_signature(paged_coded_kernel, consts)
+    k = triton.compile(ASTSource(paged_coded_kernel, sig, consts, pointer_alignment(paged_coded_kernel, sig)),
                        target=TARGET, options=options)
     print("paged_coded", d, block_t, warps, "shared", k.metadata.shared)
     sass_summary(k)
@@ -113,7 +120,8 @@ def packed(d=128, block_t=128, block_m=16, warps=4, maxnreg=0, value="polar"):
     if value != "polar":
         sig["vtab_ptr"] = "*fp32"
     options = {"num_warps": warps, "num_stages": 1, **({"maxnreg": maxnreg} if maxnreg else {})}
-    k = triton.compile(ASTSource(paged_packed_kernel, sig, consts), target=TARGET, options=options)
+    k = triton.compile(ASTSource(paged_packed_kernel, sig, consts, pointer_alignment(paged_packed_kernel, sig)),
+                       target=TARGET, options=options)
     print("paged_packed", d, block_t, warps, value, "shared", k.metadata.shared)
     sass_summary(k)
     return k

@@ -36,23 +36,51 @@ def _cache_dir() -> Path:
 
 class _Writer:
     """Lines of one generated body; record word j is the variable w<word_offset + j>, loaded on
-    first use. leaf_dtype: the leaves are cast as they are made (see _join_tile)."""
+    first use together with its aligned group of 4 (or 2) words inside the record's `words`
+    (one 16-byte load instead of four 4-byte ones: each load of a tile touches one L1 line per
+    token, and the per-word loads kept the L1 tag stage 74% busy on the H200).
+    leaf_dtype: the leaves are cast as they are made (see _join_tile)."""
 
-    def __init__(self, word_offset: int, leaf_dtype: str | None = None):
+    def __init__(self, word_offset: int, words: int, leaf_dtype: str | None = None):
         self.lines: list[str] = []
-        self.words: set[int] = set()
+        self.loaded: set[int] = set()
         self.word_offset = word_offset
+        self.limit = word_offset + words
         self.leaf_dtype = leaf_dtype
 
     def word(self, j: int) -> str:
-        name = f"w{self.word_offset + j}"
-        if j not in self.words:
-            self.words.add(j)
-            self.emit(f"{name} = {load_word(self.word_offset + j, 'base', 'valid')}")
-        return name
+        a = self.word_offset + j
+        if a not in self.loaded:
+            self._load_group(a)
+        return f"w{a}"
+
+    def _load_group(self, a: int) -> None:
+        for n in (4, 2, 1):
+            start = a // n * n
+            if start >= self.word_offset and start + n <= self.limit:
+                break
+        if n == 1:
+            self.emit(f"w{a} = {load_word(a, 'base', 'valid')}")
+            self.loaded.add(a)
+            return
+        g = f"g{start}"
+        self.emit(f"{g} = tl.load(pool_ptr + base[:, None] + ({start} + tl.arange(0, {n}))[None, :], "
+                  f"mask=valid[:, None], other=0).to(tl.uint32, bitcast=True)")
+        if n == 2:
+            self.emit(f"w{start}, w{start + 1} = tl.split({g})")
+        else:  # [T, 2, 2]: [t, i, k] is word start + 2i + k; split k, then i
+            self.emit(f"{g}e, {g}o = tl.split(tl.reshape({g}, (BLOCK_T, 2, 2)))")
+            self.emit(f"w{start}, w{start + 2} = tl.split({g}e)")
+            self.emit(f"w{start + 1}, w{start + 3} = tl.split({g}o)")
+        self.loaded.update(range(start, start + n))
 
     def emit(self, line: str) -> None:
         self.lines.append("    " + line)
+
+
+def record_words(tables) -> int:
+    """32-bit words of one codec's record payload."""
+    return (tables.fields.layout.payload_bits + 31) // 32
 
 
 def load_word(j: int, base: str, valid: str) -> str:
@@ -286,7 +314,7 @@ def decode(pool_ptr, base, valid, tab_ptr, BLOCK_T: tl.constexpr, STEP: tl.const
 
 
 def _packed_source(tables, word_offset: int, bf16: bool) -> str:
-    w = _Writer(word_offset)
+    w = _Writer(word_offset, record_words(tables))
     if isinstance(tables, ScalarTables):
         _scalar_body_unit(w, tables, "tab_ptr")
     else:
@@ -305,7 +333,7 @@ def packed_decoder(tables, word_offset: int, bf16: bool):
 
 
 def _decoder_source(tables, word_offset: int, leaf_dtype: str | None = None) -> str:
-    w = _Writer(word_offset, leaf_dtype)
+    w = _Writer(word_offset, record_words(tables), leaf_dtype)
     _body(w, tables, "tab_ptr")
     return _DECODER + "\n".join(w.lines) + "\n"
 
