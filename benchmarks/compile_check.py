@@ -94,7 +94,8 @@ def coded(d=128, block_t=128, block_m=16, warps=4, stages=1, bf16=1, maxnreg=0):
     info = tier_info(spec, d, 0, torch.bfloat16)
     leaf = "tl.bfloat16" if bf16 else None
     consts = dict(PS=64, WT=info.key_words + info.value_words, D=d, BLOCK_M=block_m, BLOCK_T=block_t,
-                  DECODE_K=decoder(info.key, 0, leaf), DECODE_V=decoder(info.value, info.key_words, leaf),
+                  DECODE_K=decoder(info.key, 0, info.key_words + info.value_words, leaf),
+                  DECODE_V=decoder(info.value, info.key_words, info.key_words + info.value_words, leaf),
                   STEP=info.key.radius_step, LOG2_MIN=LOG2_MIN, DOT_PRECISION="tf32", BF16_TILES=bool(bf16))
     options = {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
     sig = paged_signature(paged_coded_kernel, consts)
@@ -113,7 +114,8 @@ def packed(d=128, block_t=128, block_m=16, warps=4, maxnreg=0, value="polar"):
     spec = TierSpec("uniform", 3.5, value, 3.5)
     info = tier_info(spec, d, 0, torch.bfloat16)
     consts = dict(PS=64, WT=info.key_words + info.value_words, D=d, BLOCK_M=block_m, BLOCK_T=block_t,
-                  DECODE_K=packed_decoder(info.key, 0, False), DECODE_V=packed_decoder(info.value, info.key_words, True),
+                  DECODE_K=packed_decoder(info.key, 0, False, info.key_words + info.value_words),
+                  DECODE_V=packed_decoder(info.value, info.key_words, True, info.key_words + info.value_words),
                   STEP=info.key.radius_step, LOG2_MIN=LOG2_MIN, EMULATE=False)
     sig = paged_signature(paged_packed_kernel, consts)
     sig["ktab_ptr"] = sig["vtab_ptr"] = "*i32"

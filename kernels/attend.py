@@ -121,7 +121,8 @@ def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_
         paged_packed_kernel[grid](
             q_in, st.pool, st.pages, st.count, acc, m, l, kt, vt, M, st.pages.shape[-1], S, split_offset, S_total,
             PS=st.page_size, WT=st.pool.shape[-1], D=q_in.shape[-1], BLOCK_M=block_m, BLOCK_T=_coded_block_t(),
-            DECODE_K=packed_decoder(info.key, 0, False), DECODE_V=packed_decoder(info.value, info.key_words, True),
+            DECODE_K=packed_decoder(info.key, 0, False, st.pool.shape[-1]),
+            DECODE_V=packed_decoder(info.value, info.key_words, True, st.pool.shape[-1]),
             STEP=info.key.radius_step, LOG2_MIN=LOG2_MIN, EMULATE=under_interpreter(),
             num_warps=CODED["warps"], num_stages=1, **({"maxnreg": CODED["maxnreg"]} if CODED["maxnreg"] else {}))
         return
@@ -133,7 +134,8 @@ def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_
         paged_coded_kernel[grid](
             q_in, st.pool, st.pages, st.count, acc, m, l, kt, vt, M, st.pages.shape[-1], S, split_offset, S_total,
             PS=st.page_size, WT=st.pool.shape[-1], D=q_in.shape[-1], BLOCK_M=block_m, BLOCK_T=_coded_block_t(),
-            DECODE_K=decoder(info.key, 0, leaf), DECODE_V=decoder(info.value, info.key_words, leaf),
+            DECODE_K=decoder(info.key, 0, st.pool.shape[-1], leaf),
+            DECODE_V=decoder(info.value, info.key_words, st.pool.shape[-1], leaf),
             STEP=info.key.radius_step, LOG2_MIN=LOG2_MIN, DOT_PRECISION=precision, BF16_TILES=leaf is not None,
             num_warps=CODED["warps"], num_stages=1, **({"maxnreg": CODED["maxnreg"]} if CODED["maxnreg"] else {}))
         return

@@ -37,15 +37,18 @@ def _cache_dir() -> Path:
 class _Writer:
     """Lines of one generated body; record word j is the variable w<word_offset + j>, loaded on
     first use together with its aligned group of 4 (or 2) words inside the record's `words`
+    (groups only as wide as the record stride keeps aligned: a 14-word record allows pairs)
     (one 16-byte load instead of four 4-byte ones: each load of a tile touches one L1 line per
     token, and the per-word loads kept the L1 tag stage 74% busy on the H200).
     leaf_dtype: the leaves are cast as they are made (see _join_tile)."""
 
-    def __init__(self, word_offset: int, words: int, leaf_dtype: str | None = None):
+    def __init__(self, word_offset: int, words: int, stride: int, leaf_dtype: str | None = None):
         self.lines: list[str] = []
         self.loaded: set[int] = set()
         self.word_offset = word_offset
         self.limit = word_offset + words
+        # a group of n words is n-word aligned in every record only if the record stride is a multiple of n
+        self.widest = 4 if stride % 4 == 0 else 2 if stride % 2 == 0 else 1
         self.leaf_dtype = leaf_dtype
 
     def word(self, j: int) -> str:
@@ -57,7 +60,7 @@ class _Writer:
     def _load_group(self, a: int) -> None:
         for n in (4, 2, 1):
             start = a // n * n
-            if start >= self.word_offset and start + n <= self.limit:
+            if n <= self.widest and start >= self.word_offset and start + n <= self.limit:
                 break
         if n == 1:
             self.emit(f"w{a} = {load_word(a, 'base', 'valid')}")
@@ -313,8 +316,8 @@ def decode(pool_ptr, base, valid, tab_ptr, BLOCK_T: tl.constexpr, STEP: tl.const
 '''
 
 
-def _packed_source(tables, word_offset: int, bf16: bool) -> str:
-    w = _Writer(word_offset, record_words(tables))
+def _packed_source(tables, word_offset: int, bf16: bool, stride: int) -> str:
+    w = _Writer(word_offset, record_words(tables), stride)
     if isinstance(tables, ScalarTables):
         _scalar_body_unit(w, tables, "tab_ptr")
     else:
@@ -323,17 +326,17 @@ def _packed_source(tables, word_offset: int, bf16: bool) -> str:
 
 
 @lru_cache(maxsize=None)
-def packed_decoder(tables, word_offset: int, bf16: bool):
+def packed_decoder(tables, word_offset: int, bf16: bool, stride: int):
     """The generated unit-radius decoder: decode(pool_ptr, base, valid, tab_ptr, BLOCK_T, STEP,
     LOG2_MIN, EMULATE) -> (tile [BLOCK_T, D] of 16-bit floats in the rotated domain, radius
     [BLOCK_T] float32). Polar codecs read packed (cos, sin) tables (PolarTables.packed_trig);
     fp16 for keys (finer, and the unit tile cannot overflow), bf16 for values (their weights
     p·r take any float32 range)."""
-    return load_generated(_packed_source(tables, word_offset, bf16))
+    return load_generated(_packed_source(tables, word_offset, bf16, stride))
 
 
-def _decoder_source(tables, word_offset: int, leaf_dtype: str | None = None) -> str:
-    w = _Writer(word_offset, record_words(tables), leaf_dtype)
+def _decoder_source(tables, word_offset: int, stride: int, leaf_dtype: str | None = None) -> str:
+    w = _Writer(word_offset, record_words(tables), stride, leaf_dtype)
     _body(w, tables, "tab_ptr")
     return _DECODER + "\n".join(w.lines) + "\n"
 
@@ -352,8 +355,8 @@ def load_generated(source: str):
 
 
 @lru_cache(maxsize=None)
-def decoder(tables, word_offset: int = 0, leaf_dtype: str | None = None):
+def decoder(tables, word_offset: int, stride: int, leaf_dtype: str | None = None):
     """The generated Triton decode function of one codec's records (keys at word 0, values at
     the key record's length): decode(pool_ptr, base, valid, tab_ptr, BLOCK_T, STEP, LOG2_MIN) ->
     float32 [BLOCK_T, D] in the rotated domain. `base` is each token's first record word."""
-    return load_generated(_decoder_source(tables, word_offset, leaf_dtype))
+    return load_generated(_decoder_source(tables, word_offset, stride, leaf_dtype))
