@@ -106,29 +106,6 @@ def coded(d=128, block_t=128, block_m=16, warps=4, stages=1, bf16=1, maxnreg=0):
     return k
 
 
-def packed(d=128, block_t=128, block_m=16, warps=4, maxnreg=0, value="polar"):
-    """The compressed-tier kernel with the packed unit-radius decoders (packed_math.py)."""
-    from sphkv_compile.kernels.attention_kernels import paged_packed_kernel
-    from sphkv_compile.kernels.decode_codegen import packed_decoder
-
-    spec = TierSpec("uniform", 3.5, value, 3.5)
-    info = tier_info(spec, d, 0, torch.bfloat16)
-    consts = dict(PS=64, WT=info.key_words + info.value_words, D=d, BLOCK_M=block_m, BLOCK_T=block_t,
-                  DECODE_K=packed_decoder(info.key, 0, False, info.key_words + info.value_words),
-                  DECODE_V=packed_decoder(info.value, info.key_words, True, info.key_words + info.value_words),
-                  STEP=info.key.radius_step, LOG2_MIN=LOG2_MIN, EMULATE=False)
-    sig = paged_signature(paged_packed_kernel, consts)
-    sig["ktab_ptr"] = sig["vtab_ptr"] = "*i32"
-    if value != "polar":
-        sig["vtab_ptr"] = "*fp32"
-    options = {"num_warps": warps, "num_stages": 1, **({"maxnreg": maxnreg} if maxnreg else {})}
-    k = triton.compile(ASTSource(paged_packed_kernel, sig, consts, pointer_alignment(paged_packed_kernel, sig)),
-                       target=TARGET, options=options)
-    print("paged_packed", d, block_t, warps, value, "shared", k.metadata.shared)
-    sass_summary(k)
-    return k
-
-
 def compile_all(d=128):
     """Every kernel once, for sm_90 (compile errors and shared memory, no GPU needed)."""
     from sphkv_compile.kernels.attention_kernels import chunk_partials_kernel, paged_mass_kernel
@@ -182,7 +159,8 @@ def compile_all(d=128):
         try:
             warps = {"combine": COMBINE["warps"], "encode_polar": encode_warps,
                      "encode_scalar": encode_warps}.get(name, 4)
-            k = triton.compile(ASTSource(fn, sig, consts), target=TARGET, options={"num_warps": warps, "num_stages": 1})
+            k = triton.compile(ASTSource(fn, sig, consts, pointer_alignment(fn, sig)), target=TARGET,
+                               options={"num_warps": warps, "num_stages": 1})
             print(name, "ok, shared", k.metadata.shared)
             sass_summary(k)
         except Exception as err:
@@ -191,9 +169,7 @@ def compile_all(d=128):
 
 if __name__ == "__main__":
     import sys
-    if sys.argv[1:2] == ["packed"]:
-        packed(*[int(a) for a in sys.argv[2:6]], *sys.argv[6:])
-    elif sys.argv[1:2] == ["coded"]:
+    if sys.argv[1:2] == ["coded"]:
         coded(*[int(a) for a in sys.argv[2:]])
     elif sys.argv[1:] == ["all"]:
         compile_all(64)

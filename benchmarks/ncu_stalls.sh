@@ -1,6 +1,6 @@
 #!/bin/bash
 # Stall reasons and pipe use of the compressed-tier decode kernel (Llama-3-8B shape, B=8,
-# T=32k), one ncu pass per CODED setting given: bash benchmarks/ncu_stalls.sh "" "packed=1"
+# T=32k), one ncu pass per CODED setting given: bash benchmarks/ncu_stalls.sh "" "programs_per_sm=3"
 NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
 [ -n "$NCU" ] || { echo "ncu not found"; exit 1; }
 reasons="long_scoreboard short_scoreboard mio_throttle lg_throttle wait math_pipe_throttle not_selected selected barrier dispatch_stall no_instruction drain branch_resolving tex_throttle misc"

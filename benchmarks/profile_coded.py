@@ -32,7 +32,7 @@ def main(name="llama3-8b", B=8, T=32768):
 if __name__ == "__main__":
     import sys
 
-    for flag in sys.argv[1:]:  # key=value settings of kernels.attend.CODED, e.g. packed=1
+    for flag in sys.argv[1:]:  # key=value settings of kernels.attend.CODED, e.g. programs_per_sm=3
         key, value = flag.split("=")
         kattend.CODED[key] = type(kattend.CODED[key])(int(value)) if kattend.CODED[key] is not None else int(value)
     main()

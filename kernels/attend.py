@@ -17,8 +17,8 @@ from sphkv_compile.store import TierState
 from sphkv_compile.tiers import TierSpec, tier_codecs
 
 from .attention_kernels import (chunk_partials_kernel, combine_kernel, paged_coded_kernel, paged_mass_kernel,
-                                paged_packed_kernel, paged_partials_kernel)
-from .decode_codegen import decoder, packed_decoder
+                                paged_partials_kernel)
+from .decode_codegen import decoder
 from .layout import DEVICE_TABLES, ScalarTables, Unsupported, rotation_matrices, tier_info, under_interpreter
 
 LOG2E = 1.0 / math.log(2.0)
@@ -43,9 +43,8 @@ CODED_WARPS = 4
 # the splits by the pool's capacity, not the tokens held. H200 sweep (session 6,
 # benchmarks/results/h200_sweep_coded_session6.json): 2 takes Llama B=1 4k from 91 to 74 us and
 # SmolLM2 B=1 4k from 44 to 41 us; 32k/128k and B=8 unchanged (within 1%); 8 is slower at 4k.
-# packed: the packed unit-radius decoders (packed_math.py, paged_packed_kernel).
 CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": 2, "maxnreg": None,
-         "min_tiles_per_split": 2, "packed": False}
+         "min_tiles_per_split": 2}
 # combine_kernel: splits merged per step, output columns per rotation block, warps (sm_90
 # compile, D=128: 238 registers and no spills; 64 columns spill).
 COMBINE = {"splits": 4, "columns": 32, "warps": 8}
@@ -114,18 +113,6 @@ def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_
                   block_t, precision, num_warps, num_stages):
     BH = st.count.numel()
     grid = (BH, S, triton.cdiv(M, block_m))
-    if info.key is not None and CODED["packed"]:
-        scalar = isinstance(info.value, ScalarTables)
-        kt = _tab(info.key.packed_trig(False), device)
-        vt = _tab(info.value.centroids if scalar else info.value.packed_trig(True), device)
-        paged_packed_kernel[grid](
-            q_in, st.pool, st.pages, st.count, acc, m, l, kt, vt, M, st.pages.shape[-1], S, split_offset, S_total,
-            PS=st.page_size, WT=st.pool.shape[-1], D=q_in.shape[-1], BLOCK_M=block_m, BLOCK_T=_coded_block_t(),
-            DECODE_K=packed_decoder(info.key, 0, False, st.pool.shape[-1]),
-            DECODE_V=packed_decoder(info.value, info.key_words, True, st.pool.shape[-1]),
-            STEP=info.key.radius_step, LOG2_MIN=LOG2_MIN, EMULATE=under_interpreter(),
-            num_warps=CODED["warps"], num_stages=1, **({"maxnreg": CODED["maxnreg"]} if CODED["maxnreg"] else {}))
-        return
     if info.key is not None:  # compressed tier: the generated one-token-per-thread decoders
         scalar = isinstance(info.value, ScalarTables)
         kt = _tab(info.key.trig_pairs, device)

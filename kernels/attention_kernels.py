@@ -149,68 +149,6 @@ def paged_coded_kernel(
 
 
 @triton.jit
-def paged_packed_kernel(
-        q_ptr, pool_ptr, pages_ptr, count_ptr, acc_ptr, m_ptr, l_ptr, ktab_ptr, vtab_ptr,
-        M, max_pages, S, split_offset, S_total,
-        PS: tl.constexpr, WT: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
-        DECODE_K: tl.constexpr, DECODE_V: tl.constexpr, STEP: tl.constexpr, LOG2_MIN: tl.constexpr,
-        EMULATE: tl.constexpr):
-    """paged_partials_kernel for a compressed tier with the packed unit-radius decoders
-    (decode_codegen.packed_decoder): keys as fp16 unit directions, values as bf16. The query
-    enters the key dot scaled to max |q| = 1 (fp16 cannot overflow), and the radii come back
-    in float32: logits = dot(q/|q|max, k̂) · |q|max · r_k, and the value dot takes p · r_v
-    in bf16 (float32's range). Under the interpreter (EMULATE) the tiles are float32 holding
-    the same 16-bit values, and the dots run in float32."""
-    pid_bh = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    count = tl.load(count_ptr + pid_bh)
-    start, end = _split_range(count, pid_s, S, BLOCK_T)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M
-    d = tl.arange(0, D)
-    q = tl.load(q_ptr + (pid_bh * M + rows)[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)
-    qmax = tl.max(tl.abs(q), 1)
-    qscale = tl.where(qmax > 0, qmax, 1.0)
-    if EMULATE:
-        q16 = (q / qscale[:, None]).to(tl.float16).to(tl.float32)
-    else:
-        q16 = (q / qscale[:, None]).to(tl.float16)
-    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK_M,), tl.float32)
-    acc = tl.zeros((BLOCK_M, D), tl.float32)
-    for t0 in range(start, end, BLOCK_T):
-        slots = t0 + tl.arange(0, BLOCK_T)
-        valid = slots < end
-        page = tl.load(pages_ptr + pid_bh * max_pages + slots // PS, mask=valid, other=0)
-        base = (page.to(tl.int64) * PS + slots % PS) * WT
-        k, rk = DECODE_K(pool_ptr, base, valid, ktab_ptr, BLOCK_T, STEP, LOG2_MIN, EMULATE)
-        if EMULATE:
-            s = tl.trans(tl.dot(k, tl.trans(q16), input_precision="ieee"))
-        else:
-            s = tl.trans(tl.dot(k, tl.trans(q16)))
-        s = s * qscale[:, None] * rk[None, :]
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v, rv = DECODE_V(pool_ptr, base, valid, vtab_ptr, BLOCK_T, STEP, LOG2_MIN, EMULATE)
-        pv = p * rv[None, :]
-        if EMULATE:
-            pv = (pv.to(tl.uint32, bitcast=True) + 0x7FFF + ((pv.to(tl.uint32, bitcast=True) >> 16) & 1)) >> 16
-            pv = (pv << 16).to(tl.float32, bitcast=True)
-            acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(pv.to(tl.bfloat16), v)
-        m_i = m_new
-    out = (pid_bh * S_total + split_offset + pid_s) * M + rows
-    tl.store(acc_ptr + out[:, None] * D + d[None, :], acc, mask=rmask[:, None])
-    tl.store(m_ptr + out, m_i, mask=rmask)
-    tl.store(l_ptr + out, l_i, mask=rmask)
-
-
-@triton.jit
 def chunk_partials_kernel(
         q_ptr, k_ptr, v_ptr, valid_ptr, acc_ptr, m_ptr, l_ptr,
         M, N, Tq, q_pos0, Hkv, S, split_offset, S_total,

@@ -120,16 +120,6 @@ class PolarTables:
         low half (one 8-byte load per code)."""
         return self.__dict__.setdefault("_pairs", self.trig.transpose(1, 2).contiguous().view(torch.int64)[..., 0])
 
-    def packed_trig(self, bf16: bool) -> torch.Tensor:
-        """int32 [levels, 2^max_bits]: each centroid's (cos, sin) as two 16-bit floats in one
-        word, cos in the low half (the packed decoders, packed_math.py); fp16 or bf16."""
-        key = f"_packed_{int(bf16)}"
-        if key not in self.__dict__:
-            dtype = torch.bfloat16 if bf16 else torch.float16
-            halves = self.trig.double().to(dtype).transpose(1, 2).contiguous()  # [levels, size, 2]
-            self.__dict__[key] = halves.view(torch.int32)[..., 0].contiguous()
-        return self.__dict__[key]
-
 
 @lru_cache(maxsize=None)
 def polar_tables(codec: SphericalCodec) -> PolarTables:
@@ -301,7 +291,6 @@ def prepare_device_tables(specs, head_dim: int, seed: int, kv_dtype: torch.dtype
                 tables += [signs[0]] if signs else []
         for t in (info.key, info.value):
             tables += [t.fields.comps, t.thresholds]
-            tables += ([t.centroids] if isinstance(t, ScalarTables)
-                       else [t.trig, t.trig_pairs, t.packed_trig(False), t.packed_trig(True)])
+            tables += [t.centroids] if isinstance(t, ScalarTables) else [t.trig, t.trig_pairs]
         for t in tables:
             DEVICE_TABLES.get(t, device)
