@@ -47,7 +47,8 @@ def sass_summary(k):
 
 def pointer_alignment(fn, sig) -> dict:
     """The 16-byte alignment the JIT assumes of every tensor argument at launch (torch
-    allocations are aligned), so vector loads compile as they would on the GPU."""
+    allocations are aligned), so vector loads compile as they would on the GPU. (The JIT also
+    marks integer arguments divisible by 16; those are left unmarked here.)"""
     return {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if sig.get(name, "").startswith("*")}
 
 
@@ -73,7 +74,8 @@ def main(d=128, block_t=64, block_m=16, warps=4, stages=2):
                   K_COUNTS=info.key.fields.counts, K_MAXC=info.key.fields.max_comps, K_TSIZE=info.key.table_size,
                   V_LEVELS=info.value.levels, V_COUNTS=info.value.fields.counts, V_MAXC=info.value.fields.max_comps,
                   V_TSIZE=info.value.table_size, K_WIDTHS=info.key.fields.widths, V_WIDTHS=info.value.fields.widths, STEP=info.key.radius_step, LOG2_MIN=LOG2_MIN, DOT_PRECISION="tf32")
-    k = triton.compile(ASTSource(paged_partials_kernel, paged_signature(paged_partials_kernel, consts), consts),
+    sig = paged_signature(paged_partials_kernel, consts)
+    k = triton.compile(ASTSource(paged_partials_kernel, sig, consts, pointer_alignment(paged_partials_kernel, sig)),
                        target=TARGET, options={"num_warps": warps, "num_stages": stages})
     asm = k.asm
     print("paged_partials", d, block_t, warps, "shared", k.metadata.shared)

@@ -8,6 +8,6 @@ metrics="sm__warps_active.avg.pct_of_peak_sustained_active,smsp__issue_active.av
 for r in $reasons; do metrics="$metrics,smsp__average_warps_issue_stalled_${r}_per_issue_active.ratio"; done
 for setting in "$@"; do
   echo "=== setting: ${setting:-defaults}"
-  (cd benchmarks && "$NCU" --kernel-name "regex:paged_(coded|packed)" --launch-skip 1 --launch-count 1 --metrics "$metrics" \
+  (cd benchmarks && "$NCU" --kernel-name regex:paged_coded --launch-skip 1 --launch-count 1 --metrics "$metrics" \
      python profile_coded.py $setting 2>&1 | grep -v "Warning\|warn" | tail -40)
 done
