@@ -33,7 +33,7 @@ from .rdr import meter as budget_meter
 from .rdr.budget import SphkvBudgetError
 from .rdr.budget import protected_tokens
 from .rdr.eager import ensure_capacity
-from .rdr.node import current_budget, measure, over_budget_error, rebudget_if_due
+from .rdr.node import cadence_counters, cadence_due, current_budget, measure, over_budget_error, rebudget_if_due
 from .report import register_kv_source
 from .options import SphkvOptions
 from .store import LayerStore, TierState
@@ -165,12 +165,18 @@ class SphkvLayer(CacheLayerMixin):
         torch.ops.sphkv.kv_budget(self.state, self.meter, tokens, tiers, o.seed, kv_dtype, st.head_dim, o.sink,
                                   o.recent, o.policy, budget, max_tokens, o.rebudget_every)
 
-    def rebudget_if_due(self) -> bool:
+    def rebudgets(self) -> bool:
+        """Does this layer re-budget between steps (policy 'rdr' with a budget, store filled)?"""
+        o = self.options
+        return o.policy == "rdr" and bool(o.budget) and self.store is not None and self.stored_any
+
+    def rebudget_if_due(self, cadence: tuple[int, int]) -> bool:
         """Policy 'rdr', between decode steps replayed from CUDA graphs: the re-budget check the
-        budgeting node makes inside an uncaptured step (rdr.node.rebudget_if_due). Reads the
-        meter back to the host; returns whether it re-budgeted."""
+        budgeting node makes inside an uncaptured step (rdr.node.rebudget_if_due), given the
+        meter's (calls, last re-budget) read back (SphkvCache.rebudget_due reads every layer's at
+        once). Returns whether it re-budgeted."""
         o, st = self.options, self.store
-        if o.policy != "rdr" or not o.budget or st is None or not self.stored_any:
+        if not cadence_due(*cadence, o.rebudget_every, counted=True):
             return False
         nbytes = current_budget(st.states, st.tiers, self.cumulative_length, head_dim=st.head_dim, seed=st.seed,
                                 kv_dtype=st.kv_dtype, policy="rdr", fraction=float(o.budget),
@@ -178,7 +184,7 @@ class SphkvLayer(CacheLayerMixin):
                                 rebudget_every=o.rebudget_every)
         return rebudget_if_due(st.states, st.tiers, self.meter, head_dim=st.head_dim, seed=st.seed,
                                kv_dtype=st.kv_dtype, sink=o.sink, recent=o.recent, budget_bytes=nbytes,
-                               rebudget_every=o.rebudget_every, counted=True)
+                               rebudget_every=o.rebudget_every, counted=True, cadence=cadence)
 
     # ---- the CacheLayerMixin protocol ---------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -321,8 +327,15 @@ class SphkvCache(Cache):
 
     def rebudget_due(self) -> int:
         """Between decode steps replayed from CUDA graphs (policy 'rdr'): every layer's re-budget
-        check (SphkvLayer.rebudget_if_due). Returns how many layers re-budgeted."""
-        return sum(layer.rebudget_if_due() for layer in self.compressed_layers())
+        check (SphkvLayer.rebudget_if_due), with one read back to the host for all layers' cadence
+        counters (it runs after every step). Returns how many layers re-budgeted."""
+        layers = [layer for layer in self.compressed_layers() if layer.rebudgets()]
+        cadence = {}
+        for device in {layer.meter.device for layer in layers}:  # one read per device (a model may span several)
+            on = [layer for layer in layers if layer.meter.device == device]
+            counters = torch.stack([cadence_counters(layer.meter) for layer in on]).tolist()
+            cadence.update({id(layer): tuple(c) for layer, c in zip(on, counters)})
+        return sum(layer.rebudget_if_due(cadence[id(layer)]) for layer in layers)
 
     def raise_if_over_budget(self) -> None:
         """A decode step replayed from a CUDA graph cannot stop at an excess; its budgeting node

@@ -117,15 +117,27 @@ def budget_step(states: list[TierState], specs: list[TierSpec], meter: torch.Ten
             raise over_budget_error(held, budget_bytes, policy, int(meter[M.CALLS]))
 
 
+def cadence_due(calls: int, last_rebudget: int, rebudget_every: int, counted: bool) -> bool:
+    """Have `rebudget_every` updates passed since the last re-budget? counted: `calls` already
+    counts the latest update (the check runs between steps, after the step's budgeting node)."""
+    return calls - (1 if counted else 0) - last_rebudget >= rebudget_every
+
+
+def cadence_counters(meter: torch.Tensor) -> torch.Tensor:
+    """The meter's (calls, last re-budget) as a device view: read them back for cadence_due."""
+    return meter[M.CALLS:M.LAST_REBUDGET + 1]
+
+
 def rebudget_if_due(states: list[TierState], specs: list[TierSpec], meter: torch.Tensor, *, head_dim: int,
                     seed: int, kv_dtype: torch.dtype, sink: int, recent: int, budget_bytes: int,
-                    rebudget_every: int, counted: bool = False) -> bool:
+                    rebudget_every: int, counted: bool = False, cadence: tuple[int, int] | None = None) -> bool:
     """Re-budget (rdr) if `rebudget_every` updates have passed since the last re-budget and the
     layer holds more than the budget less its headroom. counted: the meter already counts the
-    latest update (the check runs between steps, after the step's budgeting node), so the
-    cadence is the one budget_step keeps inside the step. Reads the meter back to the host."""
-    calls, last = meter[M.CALLS:M.LAST_REBUDGET + 1].tolist()  # one read back; the bytes only when due
-    if calls - (1 if counted else 0) - last < rebudget_every:
+    latest update, so the cadence is the one budget_step keeps inside the step. cadence: the
+    meter's (calls, last re-budget) already read back (else one read here); the bytes are read
+    only when due."""
+    calls, last = cadence if cadence is not None else cadence_counters(meter).tolist()
+    if not cadence_due(calls, last, rebudget_every, counted):
         return False
     table = choice_table(tuple(specs), head_dim, seed, kv_dtype)
     H = states[0].count.shape[1]
