@@ -87,23 +87,30 @@ def main(d=128, block_t=64, block_m=16, warps=4, stages=2):
     return k
 
 
-def coded(d=128, block_t=128, block_m=16, warps=4, stages=1, bf16=1, maxnreg=0):
-    """The compressed-tier paged kernel with the generated decoders, default tier."""
-    from sphkv_compile.kernels.attention_kernels import paged_coded_kernel
+def coded(d=128, block_t=128, block_m=16, warps=4, stages=1, bf16=1, maxnreg=0, halves=0):
+    """The compressed-tier paged kernel with the generated decoders, default tier (halves=1:
+    paged_coded_halves_kernel, keys and values decoded in two halves of D)."""
+    from sphkv_compile.kernels.attention_kernels import paged_coded_halves_kernel, paged_coded_kernel
     from sphkv_compile.kernels.decode_codegen import decoder
 
     spec = TierSpec("uniform", 3.5, "polar", 3.5)
     info = tier_info(spec, d, 0, torch.bfloat16)
     leaf = "tl.bfloat16" if bf16 else None
-    consts = dict(PS=64, WT=info.key_words + info.value_words, D=d, BLOCK_M=block_m, BLOCK_T=block_t,
-                  DECODE_K=decoder(info.key, 0, info.key_words + info.value_words, leaf),
-                  DECODE_V=decoder(info.value, info.key_words, info.key_words + info.value_words, leaf),
-                  STEP=info.key.radius_step, LOG2_MIN=LOG2_MIN, DOT_PRECISION="tf32", BF16_TILES=bool(bf16))
+    wt = info.key_words + info.value_words
+    consts = dict(PS=64, WT=wt, D=d, BLOCK_M=block_m, BLOCK_T=block_t, STEP=info.key.radius_step,
+                  LOG2_MIN=LOG2_MIN, DOT_PRECISION="tf32", BF16_TILES=bool(bf16))
+    if halves:
+        fn = paged_coded_halves_kernel
+        consts.update(DECODE_K=decoder(info.key, 0, wt, leaf, 0), DECODE_K2=decoder(info.key, 0, wt, leaf, 1),
+                      DECODE_V=decoder(info.value, info.key_words, wt, leaf, 0),
+                      DECODE_V2=decoder(info.value, info.key_words, wt, leaf, 1))
+    else:
+        fn = paged_coded_kernel
+        consts.update(DECODE_K=decoder(info.key, 0, wt, leaf), DECODE_V=decoder(info.value, info.key_words, wt, leaf))
     options = {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
-    sig = paged_signature(paged_coded_kernel, consts)
-    k = triton.compile(ASTSource(paged_coded_kernel, sig, consts, pointer_alignment(paged_coded_kernel, sig)),
-                       target=TARGET, options=options)
-    print("paged_coded", d, block_t, warps, "shared", k.metadata.shared)
+    sig = paged_signature(fn, consts)
+    k = triton.compile(ASTSource(fn, sig, consts, pointer_alignment(fn, sig)), target=TARGET, options=options)
+    print(fn.__name__, d, block_t, warps, "shared", k.metadata.shared)
     sass_summary(k)
     return k
 

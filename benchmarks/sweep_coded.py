@@ -24,7 +24,8 @@ from sphkv_compile.tiers import TierSpec
 # docs/PERFORMANCE.md)
 # Session 6 swept min_tiles_per_split (1, 4, 8), programs_per_sm=4 and combine_splits=8; session 7
 # the packed 16-bit decoders (then a setting, removed after this sweep: docs/PERFORMANCE.md).
-SETTINGS = [dict(), dict(min_tiles_per_split=1), dict(programs_per_sm=3)]
+# Next: decoding in halves of D (fewer registers), alone and with four blocks per SM.
+SETTINGS = [dict(), dict(halves=True), dict(halves=True, maxnreg=128), dict(halves=True, maxnreg=128, programs_per_sm=4)]
 POINTS = [("llama3-8b", 1, 4096), ("smollm2", 1, 4096), ("llama3-8b", 1, 32768), ("llama3-8b", 8, 32768),
           ("smollm2", 8, 32768), ("llama3-8b", 1, 131072)]
 DEFAULTS = dict(kattend.CODED)

@@ -16,8 +16,8 @@ from sphkv_compile.radius import LOG2_MIN
 from sphkv_compile.store import TierState
 from sphkv_compile.tiers import TierSpec, tier_codecs
 
-from .attention_kernels import (chunk_partials_kernel, combine_kernel, paged_coded_kernel, paged_mass_kernel,
-                                paged_partials_kernel)
+from .attention_kernels import (chunk_partials_kernel, combine_kernel, paged_coded_halves_kernel, paged_coded_kernel,
+                                paged_mass_kernel, paged_partials_kernel)
 from .decode_codegen import decoder
 from .layout import DEVICE_TABLES, ScalarTables, Unsupported, rotation_matrices, tier_info, under_interpreter
 
@@ -43,8 +43,11 @@ CODED_WARPS = 4
 # the splits by the pool's capacity, not the tokens held. H200 sweep (session 6,
 # benchmarks/results/h200_sweep_coded_session6.json): 2 takes Llama B=1 4k from 91 to 74 us and
 # SmolLM2 B=1 4k from 44 to 41 us; 32k/128k and B=8 unchanged (within 1%); 8 is slower at 4k.
+# halves: keys and values decoded in two halves of D (paged_coded_halves_kernel): 138 instead of
+# 182 registers per thread in the sm_90 compile at d=128, and with maxnreg=128 four blocks per SM
+# with a 32-byte spill (the whole-tile kernel spills 120 bytes there). Not yet timed on a GPU.
 CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": 2, "maxnreg": None,
-         "min_tiles_per_split": 2}
+         "min_tiles_per_split": 2, "halves": False}
 # combine_kernel: splits merged per step, output columns per rotation block, warps (sm_90
 # compile, D=128: 238 registers and no spills; 64 columns spill).
 COMBINE = {"splits": 4, "columns": 32, "warps": 8}
@@ -118,13 +121,20 @@ def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_
         kt = _tab(info.key.trig_pairs, device)
         vt = _tab(info.value.centroids if scalar else info.value.trig_pairs, device)
         leaf = "tl.bfloat16" if _bf16_tiles() else None
-        paged_coded_kernel[grid](
-            q_in, st.pool, st.pages, st.count, acc, m, l, kt, vt, M, st.pages.shape[-1], S, split_offset, S_total,
-            PS=st.page_size, WT=st.pool.shape[-1], D=q_in.shape[-1], BLOCK_M=block_m, BLOCK_T=_coded_block_t(),
-            DECODE_K=decoder(info.key, 0, st.pool.shape[-1], leaf),
-            DECODE_V=decoder(info.value, info.key_words, st.pool.shape[-1], leaf),
-            STEP=info.key.radius_step, LOG2_MIN=LOG2_MIN, DOT_PRECISION=precision, BF16_TILES=leaf is not None,
-            num_warps=CODED["warps"], num_stages=1, **({"maxnreg": CODED["maxnreg"]} if CODED["maxnreg"] else {}))
+        WT = st.pool.shape[-1]
+        launch = dict(PS=st.page_size, WT=WT, D=q_in.shape[-1], BLOCK_M=block_m, BLOCK_T=_coded_block_t(),
+                      STEP=info.key.radius_step, LOG2_MIN=LOG2_MIN, DOT_PRECISION=precision,
+                      BF16_TILES=leaf is not None, num_warps=CODED["warps"], num_stages=1,
+                      **({"maxnreg": CODED["maxnreg"]} if CODED["maxnreg"] else {}))
+        args = (q_in, st.pool, st.pages, st.count, acc, m, l, kt, vt, M, st.pages.shape[-1], S, split_offset, S_total)
+        if CODED["halves"]:
+            paged_coded_halves_kernel[grid](
+                *args, DECODE_K=decoder(info.key, 0, WT, leaf, 0), DECODE_K2=decoder(info.key, 0, WT, leaf, 1),
+                DECODE_V=decoder(info.value, info.key_words, WT, leaf, 0),
+                DECODE_V2=decoder(info.value, info.key_words, WT, leaf, 1), **launch)
+        else:
+            paged_coded_kernel[grid](*args, DECODE_K=decoder(info.key, 0, WT, leaf),
+                                     DECODE_V=decoder(info.value, info.key_words, WT, leaf), **launch)
         return
     # exact tier: plain K/V in the KV dtype (the codec pointers are unused)
     pool = st.pool.view(-1).view(kv_dtype)

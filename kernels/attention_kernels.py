@@ -149,6 +149,75 @@ def paged_coded_kernel(
 
 
 @triton.jit
+def paged_coded_halves_kernel(
+        q_ptr, pool_ptr, pages_ptr, count_ptr, acc_ptr, m_ptr, l_ptr, ktab_ptr, vtab_ptr,
+        M, max_pages, S, split_offset, S_total,
+        PS: tl.constexpr, WT: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
+        DECODE_K: tl.constexpr, DECODE_K2: tl.constexpr, DECODE_V: tl.constexpr, DECODE_V2: tl.constexpr,
+        STEP: tl.constexpr, LOG2_MIN: tl.constexpr, DOT_PRECISION: tl.constexpr, BF16_TILES: tl.constexpr):
+    """paged_coded_kernel with keys and values decoded in two halves of D (the root's left and
+    right subtrees): q·k is two dots of D/2 and the accumulator two [BLOCK_M, D/2] blocks, so a
+    decoded half-tile is dead before the next is made (fewer live registers per thread)."""
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    count = tl.load(count_ptr + pid_bh)
+    start, end = _split_range(count, pid_s, S, BLOCK_T)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    H: tl.constexpr = D // 2
+    d = tl.arange(0, H)
+    q_rows = q_ptr + (pid_bh * M + rows)[:, None] * D
+    qa = tl.load(q_rows + d[None, :], mask=rmask[:, None], other=0.0)
+    qb = tl.load(q_rows + H + d[None, :], mask=rmask[:, None], other=0.0)
+    if BF16_TILES:
+        qa = qa.to(tl.bfloat16)
+        qb = qb.to(tl.bfloat16)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc_a = tl.zeros((BLOCK_M, H), tl.float32)
+    acc_b = tl.zeros((BLOCK_M, H), tl.float32)
+    for t0 in range(start, end, BLOCK_T):
+        slots = t0 + tl.arange(0, BLOCK_T)
+        valid = slots < end
+        page = tl.load(pages_ptr + pid_bh * max_pages + slots // PS, mask=valid, other=0)
+        base = (page.to(tl.int64) * PS + slots % PS) * WT
+        ka = DECODE_K(pool_ptr, base, valid, ktab_ptr, BLOCK_T, STEP, LOG2_MIN)
+        if BF16_TILES:
+            s = tl.dot(qa, tl.trans(ka.to(tl.bfloat16)))
+        else:
+            s = tl.dot(qa, tl.trans(ka), input_precision=DOT_PRECISION)
+        kb = DECODE_K2(pool_ptr, base, valid, ktab_ptr, BLOCK_T, STEP, LOG2_MIN)
+        if BF16_TILES:
+            s = tl.dot(qb, tl.trans(kb.to(tl.bfloat16)), s)
+        else:
+            s = tl.dot(qb, tl.trans(kb), s, input_precision=DOT_PRECISION)
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if BF16_TILES:
+            p = p.to(tl.bfloat16)
+        va = DECODE_V(pool_ptr, base, valid, vtab_ptr, BLOCK_T, STEP, LOG2_MIN)
+        if BF16_TILES:
+            acc_a = acc_a * alpha[:, None] + tl.dot(p, va.to(tl.bfloat16))
+        else:
+            acc_a = acc_a * alpha[:, None] + tl.dot(p, va, input_precision=DOT_PRECISION)
+        vb = DECODE_V2(pool_ptr, base, valid, vtab_ptr, BLOCK_T, STEP, LOG2_MIN)
+        if BF16_TILES:
+            acc_b = acc_b * alpha[:, None] + tl.dot(p, vb.to(tl.bfloat16))
+        else:
+            acc_b = acc_b * alpha[:, None] + tl.dot(p, vb, input_precision=DOT_PRECISION)
+        m_i = m_new
+    out = (pid_bh * S_total + split_offset + pid_s) * M + rows
+    tl.store(acc_ptr + out[:, None] * D + d[None, :], acc_a, mask=rmask[:, None])
+    tl.store(acc_ptr + out[:, None] * D + H + d[None, :], acc_b, mask=rmask[:, None])
+    tl.store(m_ptr + out, m_i, mask=rmask)
+    tl.store(l_ptr + out, l_i, mask=rmask)
+
+
+@triton.jit
 def chunk_partials_kernel(
         q_ptr, k_ptr, v_ptr, valid_ptr, acc_ptr, m_ptr, l_ptr,
         M, N, Tq, q_pos0, Hkv, S, split_offset, S_total,

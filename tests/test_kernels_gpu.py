@@ -79,6 +79,19 @@ CASES = [  # (d, Hkv, G, B, T, Tq, tiers); "all": every tier (each compiles its 
 
 @pytest.mark.parametrize("d,H,G,B,T,Tq,tiers", CASES)
 def test_attend_matches_float64_reference(d, H, G, B, T, Tq, tiers):
+    check_attend(d, H, G, B, T, Tq, tiers)
+
+
+@pytest.mark.parametrize("d,maxnreg", [(128, None), (64, None), (128, 128)])
+def test_attend_in_halves_of_the_head_dim_matches_float64_reference(d, maxnreg, monkeypatch):
+    """CODED['halves'] (keys and values decoded as two halves of D), also under a 128-register
+    cap (its spill path): the setting sweep_coded.py times."""
+    monkeypatch.setitem(kernel_attend.CODED, "halves", True)
+    monkeypatch.setitem(kernel_attend.CODED, "maxnreg", maxnreg)
+    check_attend(d, 4, 4, 8, 5000, 1, "default")
+
+
+def check_attend(d, H, G, B, T, Tq, tiers):
     seed = random.randrange(2**31)
     gen = torch.Generator(device=DEV).manual_seed(seed)
     if tiers == "default":  # the uniform policy: exact sinks/recent + one compressed tier

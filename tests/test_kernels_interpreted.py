@@ -152,6 +152,24 @@ def test_several_splits_per_tier_match_reference(min_tiles, monkeypatch):
     assert s_rot > 2 and s_total - s_rot > 2, launched  # several splits per compressed tier, and plain ones
 
 
+@settings(**{**SETTINGS, "max_examples": 6})
+@given(attention_case(prefill=False))
+def test_decode_in_halves_of_the_head_dim_matches_reference(case):
+    """CODED['halves']: keys and values decoded as the polar tree's two root subtrees (or the
+    scalar codec's two halves of coordinates), two D/2 dots for q·k, two accumulator blocks."""
+    kernel_attend.CODED["halves"] = True
+    try:
+        run_case(case)
+    finally:
+        kernel_attend.CODED["halves"] = False
+
+
+def test_decode_in_halves_head_dim_128_all_tiers(monkeypatch):
+    monkeypatch.setitem(kernel_attend.CODED, "halves", True)
+    run_case(dict(d=128, hkv=2, g=4, b=2, specs=list(ALL_TIERS), tq=1, n_new=1, page_size=16, seed=5,
+                  max_count=200, obs=1, pad=True, accumulate=True))
+
+
 def test_queries_without_visible_tokens_give_zero():
     """Left-padded rows whose query sees nothing: output 0, like the reference."""
     gen = torch.Generator().manual_seed(3)
