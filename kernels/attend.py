@@ -36,7 +36,9 @@ CODED_WARPS = 4
 # Tunables of the compressed-tier kernel, read at launch (benchmarks/sweep_coded.py sets them).
 # bf16_tiles: the decoded key/value tiles enter tl.dot as bfloat16, like dense bf16 attention
 # (0.86 vs 1.18 ms in fp32/tf32 at Llama B=8 T=32k: half the shared memory and registers).
-# programs_per_sm: split-KV programs launched per SM (3 fit at once: registers and shared memory).
+# programs_per_sm: split-KV programs launched per SM when there are many rows (batch x KV heads
+# x query blocks); few_rows_programs_per_sm when four per SM would give a row more than
+# max_splits_per_row splits (each split re-reads the tables and q, and the combine merges them).
 # maxnreg: register cap per thread (None: the compiler's choice).
 # min_tiles_per_split: fewer, longer splits when there are few rows (Llama B=1, 4k tokens: 8 KV
 # heads x 33 splits of one tile each leave the combine ~35 splits per row to merge). It bounds
@@ -44,10 +46,13 @@ CODED_WARPS = 4
 # benchmarks/results/h200_sweep_coded_session6.json): 2 takes Llama B=1 4k from 91 to 74 us and
 # SmolLM2 B=1 4k from 44 to 41 us; 32k/128k and B=8 unchanged (within 1%); 8 is slower at 4k.
 # halves: keys and values decoded in two halves of D (paged_coded_halves_kernel): 138 instead of
-# 182 registers per thread in the sm_90 compile at d=128, and with maxnreg=128 four blocks per SM
-# with a 32-byte spill (the whole-tile kernel spills 120 bytes there). Not yet timed on a GPU.
-CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": 2, "maxnreg": None,
-         "min_tiles_per_split": 2, "halves": False}
+# 182 registers per thread in the sm_90 compile at d=128, and under maxnreg=128 four blocks fit
+# per SM (a 32-byte spill). H200 sweep (session 8, benchmarks/results/h200_sweep_coded_session8.json),
+# against the whole-tile kernel at 2 per SM: four per SM takes Llama B=8 32k from 0.567 to
+# 0.515 ms and SmolLM2 B=8 32k from 0.134 to 0.120; at B=1 (8 rows) it is slower (Llama 32k
+# 0.149 -> 0.189 ms), where two per SM in halves gives 0.149 (from 0.154) and 128k 0.332 (0.348).
+CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": 4, "few_rows_programs_per_sm": 2,
+         "max_splits_per_row": 32, "maxnreg": 128, "min_tiles_per_split": 2, "halves": True}
 # combine_kernel: splits merged per step, output columns per rotation block, warps (sm_90
 # compile, D=128: 238 registers and no spills; 64 columns spill).
 COMBINE = {"splits": 4, "columns": 32, "warps": 8}
@@ -76,6 +81,15 @@ def _block_m(rows: int) -> int:
     decoded key tile fails to compile ("Illegal shared layout" in TritonGPUOptimizeDotOperands),
     so long prefills re-decode each key tile once per 16 rows."""
     return 16
+
+
+def _coded_programs(wanted: int, rows: int) -> int:
+    """Split-KV programs for a compressed tier: four per SM, unless that splits a row more than
+    max_splits_per_row ways (then two per SM)."""
+    per_sm = CODED["programs_per_sm"]
+    if wanted // 2 * per_sm > CODED["max_splits_per_row"] * rows:
+        per_sm = min(per_sm, CODED["few_rows_programs_per_sm"])
+    return max(1, wanted // 2 * per_sm)
 
 
 def _splits(programs_per_split: int, capacity: int, block_t: int, wanted: int, min_tiles: int = 1) -> int:
@@ -198,7 +212,7 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
             for i, info in group:
                 st = states[i]
                 tile = block_t if info.key is None else _coded_block_t()
-                want = wanted if info.key is None else wanted // 2 * CODED["programs_per_sm"]
+                want = wanted if info.key is None else _coded_programs(wanted, BH * mblocks)
                 S = _splits(BH * mblocks, st.pages.shape[-1] * st.page_size, tile, want,
                             1 if info.key is None else CODED["min_tiles_per_split"])
                 launches.append((i, info, S_total, S))

@@ -82,12 +82,13 @@ def test_attend_matches_float64_reference(d, H, G, B, T, Tq, tiers):
     check_attend(d, H, G, B, T, Tq, tiers)
 
 
-@pytest.mark.parametrize("d,maxnreg", [(128, None), (64, None), (128, 128)])
-def test_attend_in_halves_of_the_head_dim_matches_float64_reference(d, maxnreg, monkeypatch):
-    """CODED['halves'] (keys and values decoded as two halves of D), also under a 128-register
-    cap (its spill path): the setting sweep_coded.py times."""
-    monkeypatch.setitem(kernel_attend.CODED, "halves", True)
-    monkeypatch.setitem(kernel_attend.CODED, "maxnreg", maxnreg)
+@pytest.mark.parametrize("d,programs_per_sm", [(128, 2), (64, 2), (128, 4)])
+def test_attend_in_whole_tiles_matches_float64_reference(d, programs_per_sm, monkeypatch):
+    """CODED['halves'] off (keys and values decoded as whole D-wide tiles, uncapped registers):
+    the setting sweep_coded.py times against the default halves kernel."""
+    monkeypatch.setitem(kernel_attend.CODED, "halves", False)
+    monkeypatch.setitem(kernel_attend.CODED, "maxnreg", None)
+    monkeypatch.setitem(kernel_attend.CODED, "programs_per_sm", programs_per_sm)
     check_attend(d, 4, 4, 8, 5000, 1, "default")
 
 

@@ -154,18 +154,19 @@ def test_several_splits_per_tier_match_reference(min_tiles, monkeypatch):
 
 @settings(**{**SETTINGS, "max_examples": 6})
 @given(attention_case(prefill=False))
-def test_decode_in_halves_of_the_head_dim_matches_reference(case):
-    """CODED['halves']: keys and values decoded as the polar tree's two root subtrees (or the
-    scalar codec's two halves of coordinates), two D/2 dots for q·k, two accumulator blocks."""
-    kernel_attend.CODED["halves"] = True
+def test_decode_of_whole_tiles_matches_reference(case):
+    """CODED['halves'] off: keys and values decoded as whole D-wide tiles (paged_coded_kernel,
+    the default before session 8 and still a setting); the other tests run the halves kernel."""
+    before = kernel_attend.CODED["halves"]
+    kernel_attend.CODED["halves"] = False
     try:
         run_case(case)
     finally:
-        kernel_attend.CODED["halves"] = False
+        kernel_attend.CODED["halves"] = before
 
 
-def test_decode_in_halves_head_dim_128_all_tiers(monkeypatch):
-    monkeypatch.setitem(kernel_attend.CODED, "halves", True)
+def test_decode_of_whole_tiles_head_dim_128_all_tiers(monkeypatch):
+    monkeypatch.setitem(kernel_attend.CODED, "halves", False)
     run_case(dict(d=128, hkv=2, g=4, b=2, specs=list(ALL_TIERS), tq=1, n_new=1, page_size=16, seed=5,
                   max_count=200, obs=1, pad=True, accumulate=True))
 
