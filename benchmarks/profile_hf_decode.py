@@ -70,8 +70,8 @@ def main(argv=None):
     options = dict(bits=3.5) if args.policy == "uniform" else dict(policy="rdr", budget=0.125, rebudget_every=32)
     model = sphkv.optimize(model_on(device), **options)
     kw = {sphkv.cache_keyword(model): sphkv.new_cache(model, max_cache_len=max_len)}
-    # warm-up: the decode step compiles; under RDR past a re-budget too, whose kernels compile on
-    # first use (session 8's first timing, 460 ms per token, had that compile inside it)
+    # warm-up: the decode step compiles; under RDR past a re-budget too (session 8's timing, 460 ms
+    # per token, had the first re-budget during decoding, and whatever it compiles, in its window)
     warm_steps = 4 + (options.get("rebudget_every", 0) if args.policy == "rdr" else 0)
     generate(model, ids, warm_steps, **kw)
     for run in ("first", "second"):  # a second run shows whether anything still compiles
