@@ -47,12 +47,16 @@ CODED_WARPS = 4
 # SmolLM2 B=1 4k from 44 to 41 us; 32k/128k and B=8 unchanged (within 1%); 8 is slower at 4k.
 # halves: keys and values decoded in two halves of D (paged_coded_halves_kernel): 138 instead of
 # 182 registers per thread in the sm_90 compile at d=128, and under maxnreg=128 four blocks fit
-# per SM (a 32-byte spill). H200 sweep (session 8, benchmarks/results/h200_sweep_coded_session8.json),
+# per SM (a 32-byte spill). H200 sweep (session 8, benchmarks/results/h200_sweep_coded_session8_halves.json),
 # against the whole-tile kernel at 2 per SM: four per SM takes Llama B=8 32k from 0.567 to
 # 0.515 ms and SmolLM2 B=8 32k from 0.134 to 0.120; at B=1 (8 rows) it is slower (Llama 32k
 # 0.149 -> 0.189 ms), where two per SM in halves gives 0.149 (from 0.154) and 128k 0.332 (0.348).
+# halves_min_d, maxnreg_max_d: where those two apply (sm_90 compiles, compile_check.py): at d=16 a
+# half is no tl.dot operand (under 16 columns); at d=32 the halves kernel needs 149 registers and
+# whole tiles 96; at d=256 the 128-register cap spills 376 bytes (uncapped halves: 32, whole: 208).
 CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": 4, "few_rows_programs_per_sm": 2,
-         "max_splits_per_row": 32, "maxnreg": 128, "min_tiles_per_split": 2, "halves": True}
+         "max_splits_per_row": 32, "maxnreg": 128, "maxnreg_max_d": 128, "min_tiles_per_split": 2,
+         "halves": True, "halves_min_d": 64}
 # combine_kernel: splits merged per step, output columns per rotation block, warps (sm_90
 # compile, D=128: 238 registers and no spills; 64 columns spill).
 COMBINE = {"splits": 4, "columns": 32, "warps": 8}
@@ -136,12 +140,13 @@ def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_
         vt = _tab(info.value.centroids if scalar else info.value.trig_pairs, device)
         leaf = "tl.bfloat16" if _bf16_tiles() else None
         WT = st.pool.shape[-1]
-        launch = dict(PS=st.page_size, WT=WT, D=q_in.shape[-1], BLOCK_M=block_m, BLOCK_T=_coded_block_t(),
+        D = q_in.shape[-1]
+        launch = dict(PS=st.page_size, WT=WT, D=D, BLOCK_M=block_m, BLOCK_T=_coded_block_t(),
                       STEP=info.key.radius_step, LOG2_MIN=LOG2_MIN, DOT_PRECISION=precision,
                       BF16_TILES=leaf is not None, num_warps=CODED["warps"], num_stages=1,
-                      **({"maxnreg": CODED["maxnreg"]} if CODED["maxnreg"] else {}))
+                      **({"maxnreg": CODED["maxnreg"]} if CODED["maxnreg"] and D <= CODED["maxnreg_max_d"] else {}))
         args = (q_in, st.pool, st.pages, st.count, acc, m, l, kt, vt, M, st.pages.shape[-1], S, split_offset, S_total)
-        if CODED["halves"]:
+        if CODED["halves"] and D >= CODED["halves_min_d"]:
             paged_coded_halves_kernel[grid](
                 *args, DECODE_K=decoder(info.key, 0, WT, leaf, 0), DECODE_K2=decoder(info.key, 0, WT, leaf, 1),
                 DECODE_V=decoder(info.value, info.key_words, WT, leaf, 0),

@@ -171,6 +171,28 @@ def test_decode_of_whole_tiles_head_dim_128_all_tiers(monkeypatch):
                   max_count=200, obs=1, pad=True, accumulate=True))
 
 
+@pytest.mark.parametrize("d,halves", [(16, False), (32, False), (64, True), (128, True)])
+def test_halves_kernel_runs_from_head_dim_64(d, halves, monkeypatch):
+    """The halves kernel only where it pays and compiles (CODED['halves_min_d']): at d=16 a half
+    is no tl.dot operand on the GPU (under 16 columns), at d=32 it needs more registers than
+    whole tiles. The interpreter runs either, so which one ran is checked here."""
+    launched = []
+
+    class Spy:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            launched.append(self.name)
+            return self.kernel[grid]
+
+    monkeypatch.setattr(kernel_attend, "paged_coded_halves_kernel", Spy("halves", kernel_attend.paged_coded_halves_kernel))
+    monkeypatch.setattr(kernel_attend, "paged_coded_kernel", Spy("whole", kernel_attend.paged_coded_kernel))
+    run_case(dict(d=d, hkv=1, g=2, b=1, specs=[ALL_TIERS[1]], tq=1, n_new=1, page_size=16, seed=3,
+                  max_count=20, obs=1, pad=False, accumulate=False))
+    assert launched and set(launched) == {"halves" if halves else "whole"}, launched
+
+
 def test_queries_without_visible_tokens_give_zero():
     """Left-padded rows whose query sees nothing: output 0, like the reference."""
     gen = torch.Generator().manual_seed(3)
