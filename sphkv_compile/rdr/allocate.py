@@ -12,6 +12,8 @@ only a zero-byte choice with D = 0.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 BISECTION_STEPS = 64
@@ -152,30 +154,50 @@ def _dual_prices(D: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
 
 
 def _repair(D: torch.Tensor, cap: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
-    """Move items out of over-full choices (ties at the dual prices), least loss first."""
+    """Move items out of over-full choices (ties at the dual prices), least loss first: for each
+    over-full choice in order, its items' moves to the choices with room, taken in increasing
+    loss (ties in item, then choice order) while the destination has room. One sort per choice
+    instead of one [M, C] pass per moved item (thousands of items tie at long contexts)."""
     C = D.shape[-1]
     choice = choice.clone()
-    while True:
-        n = torch.bincount(choice, minlength=C).to(D.dtype)
-        over = torch.nonzero(n > cap).flatten()
-        if not over.numel():
-            return choice
-        t = int(over[0])
-        room = n < cap
-        loss = D - D[:, t:t + 1]  # what moving an item of t to each other choice costs
-        loss[choice != t] = float("inf")
-        loss[:, ~room] = float("inf")
-        item, dest = divmod(int(torch.argmin(loss)), C)
-        if not bool(torch.isfinite(loss[item, dest])):
+    n = torch.bincount(choice, minlength=C).to(D.dtype)
+    for t in range(C):
+        if not float(n[t]) > float(cap[t]):
+            continue
+        need = math.ceil(float(n[t] - cap[t]))
+        items = torch.nonzero(choice == t).flatten()
+        loss = D[items] - D[items, t:t + 1]  # what moving an item of t to each other choice costs
+        room = (cap - n).clamp(min=0)
+        loss[:, room <= 0] = float("inf")
+        order = torch.sort(loss.flatten(), stable=True).indices.tolist()
+        finite = torch.isfinite(loss.flatten()).tolist()
+        left = [math.ceil(float(r)) if math.isfinite(float(r)) else len(items) for r in room]
+        moved: dict[int, int] = {}  # item (position in items) -> destination
+        for flat in order:
+            if need == 0 or not finite[flat]:
+                break
+            i, dest = divmod(flat, C)
+            if i in moved or left[dest] <= 0:
+                continue
+            moved[i] = dest
+            left[dest] -= 1
+            need -= 1
+        if moved:
+            where = items[torch.tensor(list(moved), dtype=torch.int64, device=items.device)]
+            choice[where] = torch.tensor(list(moved.values()), dtype=choice.dtype, device=choice.device)
+            n = torch.bincount(choice, minlength=C).to(D.dtype)
+        if need > 0:
             raise BudgetInfeasibleError(
                 f"choice {t} must hold {int(n[t])} items (they allow nothing else) but its capacity is "
                 f"{int(cap[t])}: protected (exact) tokens alone exceed the exact tier's pool")
-        choice[item] = dest
+    return choice
 
 
 def _cancel_negative_cycles(D: torch.Tensor, cap: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
     """Improve a feasible assignment until no cycle of single-item moves between choices (through
-    a spare slot when a choice has room) lowers Σ D: then it is optimal."""
+    a spare slot when a choice has room) lowers Σ D: then it is optimal. A cycle found is applied
+    again with each edge's next-best item while that still lowers Σ D (one Bellman-Ford per
+    cycle, not per item moved)."""
     M, C = D.shape
     choice = choice.clone()
     scale = float(torch.where(torch.isfinite(D), D.abs(), torch.zeros_like(D)).max()) if M else 0.0
@@ -187,17 +209,25 @@ def _cancel_negative_cycles(D: torch.Tensor, cap: torch.Tensor, choice: torch.Te
         best.scatter_reduce_(0, choice[:, None].expand(M, C), delta, reduce="amin")
         n = torch.bincount(choice, minlength=C).to(D.dtype)
         cycle = _negative_cycle(best, n < cap, n > 0, tol)
-        if cycle is None:
+        if not cycle:
             return choice
-        movers = [_best_mover(choice, delta, a, b) for a, b in cycle]  # picked before any move
-        for item, (_, b) in zip(movers, cycle):  # each source appears once: distinct items
-            choice[item] = b
+        movers = [_movers_in_order(choice, delta, a, b) for a, b in cycle]  # picked before any move
+        repeats = min(len(items) for items, _ in movers)
+        for gainer in {b for _, b in cycle} - {a for a, _ in cycle}:  # through the spare slot: one more per repeat
+            if math.isfinite(float(cap[gainer])):
+                repeats = min(repeats, math.ceil(float(cap[gainer] - n[gainer])))
+        gains = torch.stack([d[:repeats] for _, d in movers]).sum(0)
+        repeats = max(1, int((gains < -tol).sum()))  # gains rise with the repeat: a prefix is negative
+        for (items, _), (_, b) in zip(movers, cycle):  # each source appears once: distinct items
+            choice[items[:repeats]] = b
     raise RuntimeError("capacity allocation did not converge (please report)")
 
 
-def _best_mover(choice: torch.Tensor, delta: torch.Tensor, a: int, b: int) -> int:
+def _movers_in_order(choice: torch.Tensor, delta: torch.Tensor, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The items of choice a, cheapest move to b first (ties: item order), and their costs."""
     items = torch.nonzero(choice == a).flatten()
-    return int(items[torch.argmin(delta[items, b])])
+    costs, order = torch.sort(delta[items, b], stable=True)
+    return items[order], costs
 
 
 def _negative_cycle(weight: torch.Tensor, has_room: torch.Tensor, nonempty: torch.Tensor, tol: float):
