@@ -46,6 +46,7 @@ class _ModelState:
         self.original_forward = original_forward
         self.original_generate = original_generate
         self.original_impl = original_impl
+        self.coverage_warned = False  # _warn_if_kernels_do_not_cover: once per model
 
 
 def _cache_keyword(fn) -> str:
@@ -173,6 +174,7 @@ def _wrap_generate(model, generate, key: str):
                 kwargs[key] = new_cache(model, max_tokens=total)
         cache = kwargs.get(key, kwargs.get("past_key_values"))
         if isinstance(cache, SphkvCache):
+            _warn_if_kernels_do_not_cover(model)
             graphs, why = _decode_step_mode(kwargs, model, cache)
             record_decode_step(graphs, why)
             if graphs and cache.options.policy == "rdr":
@@ -200,6 +202,23 @@ def _with_rebudget(processors, cache: SphkvCache):
             return scores
 
     return LogitsProcessorList([*(processors or []), RebudgetBetweenSteps()])
+
+
+def _warn_if_kernels_do_not_cover(model) -> None:
+    """On an accelerator, a model the Triton kernels do not cover (an odd head dim, 32-bit radii)
+    runs every sphkv op as its torch reference: the memory saving holds, the speed does not.
+    report() records it; this says it once per model, where a user looking at generate() sees it."""
+    state = getattr(model, _STATE_ATTR)
+    if model.device.type == "cpu" or state.coverage_warned:
+        return
+    why = graph_blocker(model)
+    if why is not None:
+        state.coverage_warned = True
+        warnings.warn(
+            f"sphkv: {why}. Decode will be many times slower than dense (the KV memory saving still holds), "
+            "and the decode step cannot replay from CUDA graphs. Fix: the kernels need a power-of-two head "
+            "dim in [16, 256] and the default radius bits; otherwise run this model without sphkv if speed "
+            "matters.", SphkvPerformanceWarning, stacklevel=3)
 
 
 def _advise_static(model) -> None:
