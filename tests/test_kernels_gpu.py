@@ -74,6 +74,7 @@ CASES = [  # (d, Hkv, G, B, T, Tq, tiers); "all": every tier (each compiles its 
     (64, 2, 2, 1, 1, 1, "default"),
     (128, 2, 4, 2, 3000, 33, "default"),  # chunked prefill over codes + chunk
     (64, 3, 3, 1, 500, 200, "default"),
+    (256, 2, 4, 2, 3000, 1, "default"),  # Gemma's head dim: halves without the register cap (added session 8, not yet run)
 ]
 
 

@@ -127,6 +127,12 @@ def test_decode_head_dim_128_all_tiers():
                   max_count=70, obs=1, pad=False, accumulate=True))
 
 
+def test_decode_head_dim_256_all_tiers():
+    """The widest head dim the kernels take (Gemma's 256): halves of 128, without the register cap."""
+    run_case(dict(d=256, hkv=1, g=2, b=1, specs=list(ALL_TIERS), tq=1, n_new=1, page_size=16, seed=9,
+                  max_count=40, obs=1, pad=False, accumulate=True))
+
+
 @pytest.mark.parametrize("min_tiles", [1, 2])
 def test_several_splits_per_tier_match_reference(min_tiles, monkeypatch):
     """Up to 600 tokens per compressed tier: several 128-token tiles, so each tier runs in
