@@ -1,8 +1,11 @@
 """Host time of RDR's re-budgets: the capacity allocation (rdr.update.capped_choice) runs on the
 CPU whatever the model's device, once per layer and re-budget. Times every call during a greedy
-generate() of the SmolLM2-shaped random model (rdr_gpu_check.py), prefill and decode apart.
+generate() of the SmolLM2-shaped random model (rdr_gpu_check.py), prefill and decode apart;
+with --tile, also the first prefill instance repeated k times (items and capacities x k, rows
+perturbed by 1e-9 so they do not tie exactly): how the allocation scales with tokens x KV heads
+per batch row (Llama-3-8B at 32k: 8 x 32768 = 262,144 items per row).
 
-    python benchmarks/rebudget_host_time.py [--device cpu|cuda] [--prompt 2048] [--steps 40]
+    python benchmarks/rebudget_host_time.py [--device cpu|cuda] [--prompt 2048] [--steps 40] [--tile 1 4 16 43]
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--budget", type=float, default=0.125)
     ap.add_argument("--rebudget-every", type=int, default=32)
+    ap.add_argument("--tile", type=int, nargs="*", default=[])
     add_device_arg(ap)
     args = ap.parse_args(argv)
     device = device_from(args.device)
@@ -30,7 +34,11 @@ def main(argv=None):
     timed, phase = {"prefill": [], "decode": []}, ["prefill"]
     inner = update.capped_choice
 
+    first = []
+
     def capped_choice(D, *rest):
+        if not first:
+            first.append((D, *rest))
         t = time.perf_counter()
         out = inner(D, *rest)
         timed[phase[0]].append((time.perf_counter() - t, tuple(D.shape)))
@@ -53,6 +61,16 @@ def main(argv=None):
             ms = [1000 * t for t, _ in calls]
             print(f"{name}: {len(calls)} allocations of {calls[0][1]} (groups, items, choices): median "
                   f"{statistics.median(ms):.1f} ms, max {max(ms):.1f} ms, total {sum(ms) / 1000:.2f} s")
+    if args.tile:
+        D, cost, budget, capacity, exact = first[0]
+        gen = torch.Generator().manual_seed(0)
+        for k in args.tile:
+            Dk = D.repeat(1, k, 1) * (1 + 1e-9 * torch.rand(1, D.shape[1] * k, 1, dtype=D.dtype, generator=gen))
+            cap = capacity.clone()
+            cap[:-1] *= k
+            t = time.perf_counter()
+            inner(Dk, cost, budget * k, cap, exact)
+            print(f"tiled x{k}: {Dk.shape[1]} items per row, {1000 * (time.perf_counter() - t):.0f} ms")
 
 
 class FirstTokenFlip:
