@@ -348,6 +348,16 @@ def test_device_append_equals_append_records_and_counts_what_finds_no_room(d, B,
     """RDR's decode step inside a CUDA graph (kernels/decode_update.append_token) appends one token
     per (row, KV head) to the exact tier as store.append_records does; where the page table or
     the pool is full the row keeps its tier and the token is counted as lost, never written."""
+    check_device_append(d, B, H, page_size, prompt, steps, pages_per_head, pad, seed)
+
+
+def test_device_append_counts_the_tokens_that_find_no_room():
+    """One row, one head, a one-page pool of 2 tokens, 5 decode steps: 3 tokens are lost."""
+    assert check_device_append(16, 1, 1, 2, 0, 5, 1, False, 0) == 3
+
+
+def check_device_append(d, B, H, page_size, prompt, steps, pages_per_head, pad, seed) -> int:
+    """The kernel against the reference over `steps` decode steps; returns the tokens lost."""
     from sphkv_compile.kernels.decode_update import append_token
     from sphkv_compile.store import StoreCapacityError, append_records, encode_records as reference_records
 
@@ -355,15 +365,18 @@ def test_device_append_equals_append_records_and_counts_what_finds_no_room(d, B,
     spec = ALL_TIERS[0]
     kw, vw = record_words(spec, d, 0, KV_DTYPE)
     # a pool a little smaller than the page tables allow: both limits are reached
-    state = TierState.allocate(B, H, max(1, B * H * pages_per_head - 1), page_size, kw + vw, pages_per_head, "cpu")
+    def empty_state():
+        return TierState.allocate(B, H, max(1, B * H * pages_per_head - 1), page_size, kw + vw, pages_per_head, "cpu")
+
+    state = empty_state()
     cap = pages_per_head * page_size
     start = torch.randint(0, min(prompt, cap) + 1, (B, H), generator=gen)
     k0 = torch.randn(B, H, max(1, int(start.max())), d, generator=gen)
     ok0 = torch.arange(k0.shape[2])[None, None, :] < start[..., None]
     try:
         append_records(state, reference_records(spec, k0, k0, 0, KV_DTYPE), None, ok0)
-    except StoreCapacityError:
-        return  # the starting fill itself does not fit this pool
+    except StoreCapacityError:  # the starting fill itself does not fit this pool: start empty
+        state = empty_state()
     ker, lost = clone_states([state])[0], torch.zeros(1, dtype=torch.int64)
     ref, ref_lost = clone_states([state])[0], 0
     for _ in range(steps):
@@ -387,6 +400,7 @@ def test_device_append_equals_append_records_and_counts_what_finds_no_room(d, B,
     assert torch.equal(ref.count, ker.count)
     (rr, ru, rv), (gr, gu, gv) = gather_tokens(ref), gather_tokens(ker)
     assert torch.equal(rv, gv) and torch.equal(rr[rv], gr[gv]) and torch.equal(ru[rv], gu[gv])
+    return ref_lost
 
 
 def test_encode_wrapper_takes_flat_tokens_in_chunks(monkeypatch):

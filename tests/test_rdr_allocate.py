@@ -1,5 +1,6 @@
 """Properties of the Lagrangian allocation (sphkv_compile.rdr.allocate)."""
 import itertools
+import re
 
 import pytest
 import torch
@@ -80,11 +81,13 @@ def test_never_better_than_brute_force_and_feasible(seed, items, fraction):
 def test_deterministic(seed, items):
     D, cost = random_instance(seed, 2, items)
     budget = torch.full((2,), float(cost[1]) * items * 0.7, dtype=torch.float64)
+    D2, _ = random_instance(seed, 2, items)
     try:
         a = allocate(D, cost, budget)
-    except BudgetInfeasibleError:
+    except BudgetInfeasibleError as err:  # infeasible: the same refusal again
+        with pytest.raises(BudgetInfeasibleError, match=re.escape(str(err))):
+            allocate(D2, cost, budget)
         return
-    D2, _ = random_instance(seed, 2, items)
     assert torch.equal(a, allocate(D2, cost, budget))
 
 
