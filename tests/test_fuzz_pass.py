@@ -83,6 +83,7 @@ def check_case(spec: Spec, lengths, pad: int, bits: float = 3.5, seed: int = 0) 
         else:
             assert site["reason"], (spec, site)
             assert torch.equal(out, expected), (spec, lengths, pad, i, site["reason"])
+    return [sites[0]["rewritten"] for sites in outcomes]
 
 
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
@@ -93,3 +94,14 @@ def check_case(spec: Spec, lengths, pad: int, bits: float = 3.5, seed: int = 0) 
 @example((Spec(attn="manual", mask="none", cache="cat"), [4, 1, 1], 0, 3.5))  # non-causal prefill (dense), then decode
 def test_pass_rewrites_or_stays_dense_exactly(case):
     check_case(*case)
+
+
+REWRITTEN = [(Spec(attn="sdpa", mask="is_causal", cache="cat"), [5], 0, 12),  # prefill only: is_causal with a past is not causal over the cache
+             (Spec(attn="bmm", layout="BTHd", cache="slice_assign", heads=4, kv_heads=1, batch=2), [6, 1, 1], 2, 12)]
+
+
+@pytest.mark.parametrize("case", REWRITTEN, ids=["sdpa_causal_cat", "bmm_slice_assign"])
+def test_supported_patterns_are_rewritten(case):
+    """The fuzz test accepts a site that stays dense with a reason; these two patterns must not:
+    a pass that stopped rewriting would otherwise still pass it."""
+    assert all(check_case(*case)), case

@@ -58,11 +58,16 @@ def test_forward_without_cache_gets_a_store_and_matches_dense_logits():
 
 def test_report_lists_every_layer_and_measured_bytes():
     model = api.optimize(_model(), bits=3.5)
-    model.generate(torch.randint(3, 128, (1, 16)), max_new_tokens=4, do_sample=False)
+    cache = api.new_cache(model)
+    model.generate(torch.randint(3, 128, (1, 16)), max_new_tokens=4, do_sample=False,
+                   **{api.cache_keyword(model): cache})
     rep = api.report()
     assert [s["details"]["layer"] for s in rep["sites"]] == [0, 1]
     assert all(s["rewritten"] and s["reason"] is None for s in rep["sites"])
-    assert 0 < rep["kv_bytes"] and 0 < rep["dense_kv_bytes"]
+    held, dense = cache.kv_bytes()  # measured from the cache's own pools and page tables
+    assert (rep["kv_bytes"], rep["dense_kv_bytes"]) == (held, dense)
+    assert dense == 2 * 2 * 32 * 2 * 2 * cache.get_seq_length()  # layers x KV heads x head dim x (K, V) x 16 bits
+    assert held > 0  # (at 19 tokens the pages held can exceed the dense bytes)
 
 
 def test_unsupported_decoding_modes_refuse():
@@ -83,13 +88,35 @@ def test_training_dropout_on_the_store_refuses():
     model(ids, use_cache=False).logits.sum().backward()
 
 
-def test_only_rdr_spends_work_on_the_observation_window():
+def test_only_rdr_spends_work_on_the_observation_window(monkeypatch):
     """The attention mass of the last obs_window queries is RDR's utility; the uniform policy
-    never reads it, so attend is asked for none (utility_window 0)."""
+    never reads it, so attention (prefill and decode) is asked for none (window 0)."""
+    from sphkv_compile import hf
     from sphkv_compile.options import SphkvOptions
 
     assert SphkvOptions.from_dict({"obs_window": 16}).utility_window == 0
     assert SphkvOptions.from_dict({"policy": "rdr", "budget": 0.25, "obs_window": 16}).utility_window == 16
+    windows = []
+    chunk, attend = hf.chunk_attention, torch.ops.sphkv.attend
+
+    def chunk_spy(query, key, value, valid, scale, window):
+        windows.append(("prefill", window))
+        return chunk(query, key, value, valid, scale, window)
+
+    def attend_spy(*args):
+        windows.append(("decode", args[9]))
+        return attend(*args)
+
+    monkeypatch.setattr(hf, "chunk_attention", chunk_spy)
+    monkeypatch.setattr(torch.ops.sphkv, "attend", attend_spy)
+    ids = torch.randint(3, 128, (1, 40))
+    for options, want in (({"bits": 3.5, "obs_window": 16}, 0),
+                          ({"policy": "rdr", "budget": 0.5, "obs_window": 16, "rebudget_every": 8}, 16)):
+        windows.clear()
+        model = api.optimize(_model(), **options)
+        model.generate(ids, max_new_tokens=3, do_sample=False)
+        assert {"prefill", "decode"} <= {phase for phase, _ in windows}, windows
+        assert all(w == want for _, w in windows), (options, windows)
 
 
 def test_optimize_gives_the_ops_their_cuda_kernels():
