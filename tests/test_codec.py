@@ -87,9 +87,14 @@ def test_scale_equivariance_any_factor(d, seed, factor):
     k = randn(32, d, seed=seed)
     direct = codec.decode(codec.encode(k * factor)).double()
     scaled = codec.decode(codec.encode(k)).double() * factor
-    # radius codes differ by at most one 16-bit log step (0.34%); directions agree except at
-    # rare angle-threshold ties
-    assert rel_err(direct, scaled) < 0.05
+    # radius codes differ by at most one 16-bit log step (0.34%)
+    nd, ns = direct.norm(dim=-1), scaled.norm(dim=-1)
+    assert ((nd / ns - 1).abs() <= 0.0035).all(), (nd / ns - 1).abs().max()
+    # directions agree to the float32 decode's rounding, except where the float32 scaling moved an
+    # angle across a code threshold (a tie: ~1e-7 of an angle's range; at most one of the 32
+    # vectors here), which moves the direction by an angle step times that subtree's norm share
+    same = torch.isclose(direct / nd[:, None], scaled / ns[:, None], rtol=0, atol=1e-5).all(-1)
+    assert int((~same).sum()) <= 1, int((~same).sum())
 
 
 @given(d=head_dims, seed=seeds, bits=st.sampled_from([2.0, 3.0, 4.0, 8]))
