@@ -82,14 +82,15 @@ def test_time_sharing_is_the_lower_convex_hull(points, at):
         assert got is None
         return
     assert got is not None
-    # Never above any mix of two measured points that spends at most `at` bits on average.
+    # The lower convex hull at `at` is the best mix of two measured points (or one point) that
+    # spends exactly `at` bits on average: in one dimension two points suffice.
+    mixes = [e for b, e in points if math.isclose(b, at, abs_tol=1e-9)]
     for b0, e0 in points:
         for b1, e1 in points:
             if b0 <= at <= b1 and b1 > b0:
                 w = (at - b0) / (b1 - b0)
-                assert got <= (1 - w) * e0 + w * e1 + 1e-12
-    # and achieved by such a mix (it is a point of the hull's segments)
-    assert got >= min(e for _, e in points) - 1e-12
+                mixes.append((1 - w) * e0 + w * e1)
+    assert got == pytest.approx(min(mixes), rel=1e-9, abs=1e-12)
 
 
 def test_value_winner_has_the_lowest_mse():
