@@ -45,7 +45,8 @@ def test_mode_from_hf_compile_config_is_tolerated():
     out, kk, _ = torch.compile(_decode_module(), backend=backend)(*args)
     ref, *_ = _decode_module()(*args)
     assert sphkv_compile.report()["sites"][0]["rewritten"]
-    assert (out - ref).abs().max() < 1e-2
+    # 6 tokens sit inside the default sink + recent window, all exact: float32 rounding only
+    torch.testing.assert_close(out, ref)
     assert kk.shape == (1, 2, 6, 32) and kk.untyped_storage().nbytes() <= kk.element_size()
 
 

@@ -40,7 +40,8 @@ def test_a_mask_input_that_later_becomes_a_bias_raises_instead_of_a_wrong_answer
     causal = torch.zeros(1, 1, 1, 6)
     out, pk, pv = compiled(q, *past, k, v, causal)
     assert sphkv_compile.report()["sites"][0]["rewritten"]
-    assert (out - f(q, *past, k, v, causal)[0]).abs().max() < 1e-2
+    # 6 tokens sit inside the default sink + recent window, all exact: float32 rounding only
+    torch.testing.assert_close(out, f(q, *past, k, v, causal)[0])
     bias = torch.linspace(-1, 0, 7).view(1, 1, 1, 7)
     with pytest.raises(Exception, match="position bias"):
         compiled(q, pk, pv, k, v, bias)
