@@ -69,7 +69,7 @@ def test_budgeting_node_follows_each_cache_update(policy, update):
 
 
 @torch.no_grad()
-def test_compiled_rdr_stays_within_budget_every_step_and_close_to_eager():
+def test_compiled_rdr_stays_within_budget_every_step_and_near_dense():
     """A 150-step decode at budget 1/8 of a 256-token cache: the budget holds about 32 exact
     tokens per KV head, so RDR re-budgets throughout. Checked after every step, from the page
     tables (not only the meter): token bytes <= budget, pages in use <= budget + page slack."""
@@ -107,6 +107,9 @@ def test_compiled_rdr_stays_within_budget_every_step_and_close_to_eager():
     assert last["rebudgets"] >= steps // RDR["rebudget_every"] - 1  # once per rebudget_every steps
     assert sum(last["tokens"].values()) < model.cfg.kv_heads * (prompt.shape[1] + steps)  # some were dropped
     assert graphs[-1] == graphs[2], graphs  # no recompiles after warm-up
+    # against dense logits (all tokens, full precision) while RDR holds 1/8 of the bytes: 0.15 is a
+    # regression guard, not a derived bound (measured 0.097 here in session 8)
+    print(f"compiled rdr: logits relative rms vs dense {relative_rms(logits, ref_logits):.4f}")
     assert relative_rms(logits, ref_logits) < 0.15
 
 
