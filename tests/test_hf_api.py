@@ -3,6 +3,7 @@ the report, and the plain forward path (no generate)."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -138,3 +139,18 @@ def test_optimize_gives_the_ops_their_cuda_kernels():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "[False, False, False] [True, True, True]"
+
+
+def test_rdr_at_long_contexts_warns_about_its_host_allocation():
+    """Policy 'rdr' allocates every token of a layer on the host at each re-budget (about a second
+    per layer and row at 262k tokens x heads): building a cache that long says so with the fix;
+    a short one and the uniform policy stay quiet."""
+    from sphkv_compile import SphkvPerformanceWarning
+
+    rdr_model = api.optimize(_model(), policy="rdr", budget=0.25)
+    with pytest.warns(SphkvPerformanceWarning, match="max_cache_len=40000 x 2 KV heads.*policy='uniform'"):
+        api.new_cache(rdr_model, max_cache_len=40000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SphkvPerformanceWarning)
+        api.new_cache(rdr_model, max_cache_len=4000)
+        api.new_cache(api.optimize(_model(), bits=3.5), max_cache_len=40000)

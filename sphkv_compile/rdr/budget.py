@@ -16,8 +16,11 @@ documented metadata outside the budget (docs/FORMAT.md).
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
+from ..options import SphkvPerformanceWarning
 from ..tiers import TierSpec
 from .capacity import guaranteed_tokens, tier_pages
 from .costs import choice_table
@@ -151,3 +154,22 @@ def pool_pages(specs, budget_bytes: int, batch: int, kv_heads: int, head_dim: in
     pages = tier_pages(specs, budget_bytes, kv_heads, head_dim, page_size, seed=seed, kv_dtype=kv_dtype,
                        protected=protected, tokens=tokens, at_least=at_least, distortion=distortion)
     return [(batch * p, max(1, -(-guaranteed_tokens(p, kv_heads, page_size) // page_size))) for p in pages]
+
+
+# Tokens x KV heads per layer and batch row above which policy 'rdr' warns about its host-side
+# allocation: about 0.3 s per layer and row there on one CPU core (docs/PERFORMANCE.md, "It does
+# not scale yet": 442 ms at 98,304, 1.15 s at 262,144).
+HOST_ALLOCATION_WARN_ITEMS = 65_536
+
+
+def warn_if_host_allocation_is_long(options, kv_heads: int, max_tokens: int | None) -> None:
+    """Policy 'rdr' re-allocates every token of a layer on the host at each re-budget; at long
+    contexts that dominates decoding. Say so when the cache is built, with the fix."""
+    if options.policy != "rdr" or not max_tokens or max_tokens * kv_heads <= HOST_ALLOCATION_WARN_ITEMS:
+        return
+    warnings.warn(
+        f"sphkv: policy 'rdr' re-allocates every token of a layer on the host at each re-budget; at "
+        f"max_cache_len={max_tokens} x {kv_heads} KV heads = {max_tokens * kv_heads} tokens per layer and batch "
+        f"row that takes about a second per layer and row (1.15 s at 262,144 on one CPU core, docs/PERFORMANCE.md), "
+        f"every rebudget_every={options.rebudget_every} tokens. Fix: policy='uniform' for long contexts, or a "
+        f"larger rebudget_every.", SphkvPerformanceWarning, stacklevel=4)
