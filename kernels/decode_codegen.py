@@ -81,11 +81,6 @@ class _Writer:
         self.lines.append("    " + line)
 
 
-def record_words(tables) -> int:
-    """32-bit words of one codec's record payload."""
-    return (tables.fields.layout.payload_bits + 31) // 32
-
-
 def load_word(j: int, base: str, valid: str) -> str:
     return f"tl.load(pool_ptr + {base} + {j}, mask={valid}, other=0).to(tl.uint32, bitcast=True)"
 
@@ -219,7 +214,7 @@ def decode(pool_ptr, base, valid, tab_ptr, BLOCK_T: tl.constexpr, STEP: tl.const
 
 def _decoder_source(tables, word_offset: int, stride: int, leaf_dtype: str | None = None,
                     half: int | None = None) -> str:
-    w = _Writer(word_offset, record_words(tables), stride, leaf_dtype)
+    w = _Writer(word_offset, tables.fields.layout.words, stride, leaf_dtype)
     _body(w, tables, "tab_ptr", half)
     return _DECODER + "\n".join(w.lines) + "\n"
 

@@ -174,7 +174,6 @@ def _wrap_generate(model, generate, key: str):
                 kwargs[key] = new_cache(model, max_tokens=total)
         cache = kwargs.get(key, kwargs.get("past_key_values"))
         if isinstance(cache, SphkvCache):
-            _warn_if_kernels_do_not_cover(model)
             graphs, why = _decode_step_mode(kwargs, model, cache)
             record_decode_step(graphs, why)
             if graphs and cache.options.policy == "rdr":
@@ -204,14 +203,14 @@ def _with_rebudget(processors, cache: SphkvCache):
     return LogitsProcessorList([*(processors or []), RebudgetBetweenSteps()])
 
 
-def _warn_if_kernels_do_not_cover(model) -> None:
-    """On an accelerator, a model the Triton kernels do not cover (an odd head dim, 32-bit radii)
-    runs every sphkv op as its torch reference: the memory saving holds, the speed does not.
-    report() records it; this says it once per model, where a user looking at generate() sees it."""
+def _warn_if_kernels_do_not_cover(model, why: str | None) -> None:
+    """On an accelerator, a model the Triton kernels do not cover (why: graph_blocker's cause, an
+    odd head dim or 32-bit radii) runs every sphkv op as its torch reference: the memory saving
+    holds, the speed does not. report() records it; this says it once per model, where a user
+    looking at generate() sees it."""
     state = getattr(model, _STATE_ATTR)
     if model.device.type == "cpu" or state.coverage_warned:
         return
-    why = graph_blocker(model)
     if why is not None:
         state.coverage_warned = True
         warnings.warn(
@@ -266,6 +265,7 @@ def _decode_step_mode(kwargs: dict, model, cache: SphkvCache) -> tuple[bool, str
     config = kwargs.get("generation_config") or model.generation_config
     asked = kwargs.get("compile_config", getattr(config, "compile_config", None))
     why = graph_blocker(model)
+    _warn_if_kernels_do_not_cover(model, why)
     if why is not None and asked is None and model.device.type != "cpu":  # generate() auto-compiles off the CPU
         kwargs["compile_config"] = asked = CompileConfig(mode="default")
     elif why is not None and asked is not None and asked.backend != "sphkv" and _asks_for_graphs(asked):

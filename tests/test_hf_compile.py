@@ -155,18 +155,20 @@ def test_a_model_the_kernels_do_not_cover_warns_once_on_an_accelerator():
     """An odd head dim on an accelerator: every sphkv op runs its torch reference. generate()
     says so once per model, naming the cause (head_dim=24) and what the kernels need; a covered
     model and the CPU stay quiet."""
-    from sphkv_compile.api import SphkvPerformanceWarning, _warn_if_kernels_do_not_cover
+    from sphkv_compile.api import SphkvPerformanceWarning, _warn_if_kernels_do_not_cover, graph_blocker
 
     odd = tf.LlamaConfig(vocab_size=128, hidden_size=96, intermediate_size=128, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2)  # head dim 24
     odd_meta = api.optimize(tf.LlamaForCausalLM(odd).to("meta"), bits=3.5)  # meta stands for an accelerator
     with pytest.warns(SphkvPerformanceWarning, match="head_dim=24.*power-of-two head dim"):
-        _warn_if_kernels_do_not_cover(odd_meta)
+        _warn_if_kernels_do_not_cover(odd_meta, graph_blocker(odd_meta))
     with warnings.catch_warnings():
         warnings.simplefilter("error", SphkvPerformanceWarning)
-        _warn_if_kernels_do_not_cover(odd_meta)  # once per model
-        _warn_if_kernels_do_not_cover(api.optimize(tf.LlamaForCausalLM(odd), bits=3.5))  # CPU
-        _warn_if_kernels_do_not_cover(api.optimize(_model().to("meta"), bits=3.5))  # covered
+        _warn_if_kernels_do_not_cover(odd_meta, graph_blocker(odd_meta))  # once per model
+        odd_cpu = api.optimize(tf.LlamaForCausalLM(odd), bits=3.5)
+        _warn_if_kernels_do_not_cover(odd_cpu, graph_blocker(odd_cpu))  # CPU
+        covered = api.optimize(_model().to("meta"), bits=3.5)
+        _warn_if_kernels_do_not_cover(covered, graph_blocker(covered))
 
 
 def test_a_budget_excess_recorded_inside_a_cuda_graph_is_raised_after_generate(monkeypatch):
