@@ -1,7 +1,7 @@
 #!/bin/bash
 # One device call: install, GPU kernel tests, kernel benchmark, optionally (E2E=1) the
 # end-to-end decode. Logs under $OUT. One call holds 10 minutes: split the steps over calls
-# (SKIP_TESTS=1, SKIP_BENCH=1, BENCH_ARGS=--quick, SWEEP=1, SWEEP_ENCODE=1, LOWERING=1, E2E=1, RDR=1) rather than let a timeout cut them.
+# (SKIP_TESTS=1, SKIP_BENCH=1, BENCH_ARGS=--quick, SWEEP=1, SWEEP_ENCODE=1, LOWERING=1, E2E=1, RDR=1, REBUDGET=1) rather than let a timeout cut them.
 #
 # Compile caches: each call starts on a bare machine, and the kernel compiles take minutes
 # (the GPU test suite compiles ~20 kernel variants). SAVE_CACHE=1 returns Triton's and
@@ -44,6 +44,10 @@ fi
 if [ "${RDR:-0}" = 1 ]; then  # RDR's decode step through generate() against dense (benchmarks/profile_hf_decode.py)
   (cd benchmarks && timeout ${RDR_TIMEOUT:-400} python profile_hf_decode.py --policy rdr --steps 32 --out $OUT 2>&1 \
     | grep -v Warn | tee $OUT/profile_rdr.log | tail -40)
+fi
+if [ "${REBUDGET:-0}" = 1 ]; then  # RDR's allocation per layer on the CPU and the GPU (benchmarks/rebudget_host_time.py)
+  (cd benchmarks && timeout ${REBUDGET_TIMEOUT:-200} python rebudget_host_time.py --tile 1 4 16 43 2>&1 \
+    | grep -v Warn | tee $OUT/rebudget.log | tail -8)
 fi
 if [ "${SAVE_CACHE:-0}" = 1 ]; then
   tar cz -C / root/.triton/cache tmp/torchinductor_root 2>/dev/null | split -b 15M - $OUT/compile-cache.tgz.part

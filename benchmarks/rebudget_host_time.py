@@ -1,5 +1,6 @@
 """Host time of RDR's re-budgets: the capacity allocation (rdr.update.capped_choice) runs on the
-CPU whatever the model's device, once per layer and re-budget. Times every call during a greedy
+CPU for small layers and on the model's device for large ones (update.ALLOCATE_ON_DEVICE_MIN_ITEMS),
+once per layer and re-budget. Times every call during a greedy
 generate() of the SmolLM2-shaped random model (rdr_gpu_check.py), prefill and decode apart;
 with --tile, also the first prefill instance repeated k times (items and capacities x k, rows
 perturbed by 1e-9 so they do not tie exactly): how the allocation scales with tokens x KV heads
@@ -64,13 +65,27 @@ def main(argv=None):
     if args.tile:
         D, cost, budget, capacity, exact = first[0]
         gen = torch.Generator().manual_seed(0)
+        places = [torch.device("cpu")] + ([device] if device.type != "cpu" else [])
         for k in args.tile:
             Dk = D.repeat(1, k, 1) * (1 + 1e-9 * torch.rand(1, D.shape[1] * k, 1, dtype=D.dtype, generator=gen))
             cap = capacity.clone()
             cap[:-1] *= k
-            t = time.perf_counter()
-            inner(Dk, cost, budget * k, cap, exact)
-            print(f"tiled x{k}: {Dk.shape[1]} items per row, {1000 * (time.perf_counter() - t):.0f} ms")
+            times, choices = [], []
+            for where in places:
+                inputs = [x.to(where) for x in (Dk, cost, budget * k, cap)]
+                for _ in range(2):  # the second call is timed: the first pays one-time CUDA setup
+                    sync(where)
+                    t = time.perf_counter()
+                    choice = inner(*inputs, exact)
+                    sync(where)
+                times.append(f"{where.type} {1000 * (time.perf_counter() - t):.0f} ms")
+                choices.append(float(torch.gather(Dk, -1, choice.cpu()[..., None]).sum()))
+            print(f"tiled x{k}: {Dk.shape[1]} items per row, {', '.join(times)}; total distortion {choices}")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class FirstTokenFlip:

@@ -174,6 +174,7 @@ def _wrap_generate(model, generate, key: str):
                 kwargs[key] = new_cache(model, max_tokens=total)
         cache = kwargs.get(key, kwargs.get("past_key_values"))
         if isinstance(cache, SphkvCache):
+            _raise_if_longer_than_cache(args, kwargs, model, cache)
             graphs, why = _decode_step_mode(kwargs, model, cache)
             record_decode_step(graphs, why)
             if graphs and cache.options.policy == "rdr":
@@ -303,6 +304,19 @@ def _copy_without_cache_implementation(config):
     config = copy.deepcopy(config)
     config.cache_implementation = None
     return config
+
+
+def _raise_if_longer_than_cache(args, kwargs, model, cache: SphkvCache) -> None:
+    """A static cache holds max_cache_len positions (the attention mask and the position pools are
+    sized by it): a longer generation would index past them, which on a GPU is a device-side
+    assert in a generated kernel, far from the cause."""
+    if cache.capacity is None:
+        return
+    total = _generation_length(args, kwargs, kwargs.get("generation_config") or model.generation_config)
+    if total is not None and total > cache.capacity:
+        raise ValueError(f"this generate() call needs {total} positions (prompt + max_new_tokens) but the static "
+                         f"sphkv cache was built with max_cache_len={cache.capacity}: build it with "
+                         f"new_cache(model, max_cache_len={total}) or more, or generate fewer tokens")
 
 
 def _generation_length(args, kwargs, config) -> int | None:

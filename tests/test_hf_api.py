@@ -154,3 +154,15 @@ def test_rdr_at_long_contexts_warns_about_its_host_allocation():
         warnings.simplefilter("error", SphkvPerformanceWarning)
         api.new_cache(rdr_model, max_cache_len=4000)
         api.new_cache(api.optimize(_model(), bits=3.5), max_cache_len=40000)
+
+
+def test_generation_longer_than_a_static_cache_is_refused_up_front():
+    """prompt + max_new_tokens past max_cache_len would index past the cache's positions (a
+    device-side assert on a GPU): refused before the first forward, naming the length needed."""
+    model = api.optimize(_model(), bits=3.5)
+    ids = torch.randint(3, 128, (1, 20))
+    cache = api.new_cache(model, max_cache_len=30)
+    with pytest.raises(ValueError, match=r"needs 31 positions.*max_cache_len=30.*max_cache_len=31"):
+        model.generate(ids, max_new_tokens=11, do_sample=False, **{api.cache_keyword(model): cache})
+    out = model.generate(ids, max_new_tokens=10, do_sample=False, min_new_tokens=10, **{api.cache_keyword(model): cache})
+    assert out.shape == (1, 30)

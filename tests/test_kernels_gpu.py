@@ -139,6 +139,26 @@ def test_encode_matches_float64_reference(spec, d):
             assert int(diff.max()) <= 1 and int((diff > 0).sum()) <= max(1, 0.02 * diff.numel()), (codec, f)
 
 
+def test_capped_allocation_on_the_gpu_matches_the_cpu():
+    """RDR allocates large layers on the model's device (rdr.update.allocation_device): there it
+    must reach the CPU's optimum (the same Σ D up to float64 summation order) within the
+    capacities. 50,000 items per row, the size where the GPU path is taken."""
+    from sphkv_compile.rdr.allocate import allocate_capped, counts, total_distortion
+    from sphkv_compile.rdr.update import ALLOCATE_ON_DEVICE_MIN_ITEMS
+    from test_rdr_allocate import random_instance
+
+    items = 50_000
+    assert items >= ALLOCATE_ON_DEVICE_MIN_ITEMS
+    D, cost = random_instance(7, 2, items, protected_frac=0.05)
+    cap = torch.tensor([[5000.0, 3000.0, 10000.0, 20000.0, float("inf")]] * 2, dtype=torch.float64)
+    budget = (cap[:, :4] * cost[:4]).sum(-1)
+    on_cpu = allocate_capped(D, cost, budget, cap)
+    on_gpu = allocate_capped(D.to(DEV), cost.to(DEV), budget.to(DEV), cap.to(DEV))
+    assert on_gpu.device.type == "cuda"
+    assert (counts(on_gpu.cpu(), 5) <= cap).all()
+    torch.testing.assert_close(total_distortion(D, on_gpu.cpu()), total_distortion(D, on_cpu), rtol=1e-12, atol=0)
+
+
 def test_compaction_on_gpu():
     gen = torch.Generator(device=DEV).manual_seed(random.randrange(2**31))
     spec = DEFAULT_TIERS[2]

@@ -95,7 +95,10 @@ def _fill(D, cost, budget, feasible, richer) -> torch.Tensor:
 # to choices with count limits), solved exactly: dual prices per choice by coordinate ascent
 # give a near-optimal start, then negative cycles of moves between choices are cancelled
 # until none is left (the optimality condition of a min-cost flow).
-PRICE_ROUNDS = 24
+# The prices are only a start (_repair and _cancel_negative_cycles make the result optimal): on a
+# real SmolLM2 prefill instance tiled to 262,144 items, 24 rounds took 1.26 s and 4 took 0.28 s
+# on the CPU, to the same optimum (most of the 24 were oscillation).
+PRICE_ROUNDS = 4
 
 
 def counts(choice: torch.Tensor, num_choices: int) -> torch.Tensor:
@@ -137,16 +140,17 @@ def _dual_prices(D: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
     M, C = D.shape
     prices = torch.zeros(C, dtype=D.dtype, device=D.device)
     limited = [t for t in range(C) if bool(torch.isfinite(cap[t])) and cap[t] < M]
+    column = torch.arange(C, device=D.device)
     for _ in range(PRICE_ROUNDS):
         before = prices.clone()
         for t in limited:
-            others = torch.cat((D[:, :t] + prices[:t], D[:, t + 1:] + prices[t + 1:]), 1).min(-1).values
+            others = torch.where(column == t, float("inf"), D + prices).min(-1).values
             margin = others - D[:, t]  # how much item i prefers t over its best alternative
             k = int(cap[t])
             if int((margin > 0).sum()) <= k:
                 prices[t] = 0.0
-            else:
-                kth = torch.topk(margin, k + 1).values[-1]
+            else:  # the (k+1)-th largest margin is the (M-k)-th smallest (O(M), where topk sorts k+1)
+                kth = torch.kthvalue(margin, M - k).values
                 prices[t] = kth if bool(torch.isfinite(kth)) else prices[t]
         if torch.equal(before, prices):
             break
@@ -154,39 +158,42 @@ def _dual_prices(D: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
 
 
 def _repair(D: torch.Tensor, cap: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
-    """Move items out of over-full choices (ties at the dual prices), least loss first: for each
-    over-full choice in order, its items' moves to the choices with room, taken in increasing
-    loss (ties in item, then choice order) while the destination has room. One sort per choice
-    instead of one [M, C] pass per moved item (thousands of items tie at long contexts)."""
+    """Move items out of over-full choices (ties at the dual prices) to choices with room, least
+    loss first, in whole-tensor rounds: each item of an over-full choice bids for its cheapest
+    destination with room; bids are granted in increasing loss while the destination has room
+    and moves are still needed. A round that leaves bids ungranted has filled a destination, so
+    there are at most C rounds per over-full choice. The result is feasible, not yet optimal:
+    _cancel_negative_cycles finishes the job."""
     C = D.shape[-1]
     choice = choice.clone()
-    n = torch.bincount(choice, minlength=C).to(D.dtype)
+    column = torch.arange(C, device=D.device)
     for t in range(C):
+        n = torch.bincount(choice, minlength=C).to(D.dtype)
         if not float(n[t]) > float(cap[t]):
             continue
         need = math.ceil(float(n[t] - cap[t]))
         items = torch.nonzero(choice == t).flatten()
         loss = D[items] - D[items, t:t + 1]  # what moving an item of t to each other choice costs
-        room = (cap - n).clamp(min=0)
-        loss[:, room <= 0] = float("inf")
-        order = torch.sort(loss.flatten(), stable=True).indices.tolist()
-        finite = torch.isfinite(loss.flatten()).tolist()
-        left = [math.ceil(float(r)) if math.isfinite(float(r)) else len(items) for r in room]
-        moved: dict[int, int] = {}  # item (position in items) -> destination
-        for flat in order:
-            if need == 0 or not finite[flat]:
+        left = (cap - n).clamp(min=0)
+        left[t] = 0
+        while need > 0 and items.numel():
+            best, dest = torch.where(left[None, :] > 0, loss, float("inf")).min(-1)
+            order = torch.sort(best, stable=True).indices  # ties: item order
+            dest_sorted = dest[order]
+            rank = torch.cumsum(dest_sorted[:, None] == column, 0).gather(1, dest_sorted[:, None])[:, 0]
+            granted = torch.isfinite(best[order]) & (rank <= left[dest_sorted])
+            granted &= torch.cumsum(granted, 0) <= need
+            if not bool(granted.any()):
                 break
-            i, dest = divmod(flat, C)
-            if i in moved or left[dest] <= 0:
-                continue
-            moved[i] = dest
-            left[dest] -= 1
-            need -= 1
-        if moved:
-            where = items[torch.tensor(list(moved), dtype=torch.int64, device=items.device)]
-            choice[where] = torch.tensor(list(moved.values()), dtype=choice.dtype, device=choice.device)
-            n = torch.bincount(choice, minlength=C).to(D.dtype)
+            moved = order[granted]
+            choice[items[moved]] = dest[moved]
+            left -= torch.bincount(dest[moved], minlength=C).to(left.dtype)
+            need -= int(granted.sum())
+            keep = torch.ones(items.numel(), dtype=torch.bool, device=D.device)
+            keep[moved] = False
+            items, loss = items[keep], loss[keep]
         if need > 0:
+            n = torch.bincount(choice, minlength=C)
             raise BudgetInfeasibleError(
                 f"choice {t} must hold {int(n[t])} items (they allow nothing else) but its capacity is "
                 f"{int(cap[t])}: protected (exact) tokens alone exceed the exact tier's pool")

@@ -131,6 +131,16 @@ def headroom_bytes(kv_heads: int, rebudget_every: int, table: ChoiceTable) -> in
     return kv_heads * rebudget_every * table.exact_bytes
 
 
+# The allocation is a few dozen whole-tensor passes over [items, choices] with host-side
+# decisions (a device sync each) between them: small layers allocate faster on the CPU (one copy
+# each way), large ones on the model's device. Items per batch row (tokens x KV heads).
+ALLOCATE_ON_DEVICE_MIN_ITEMS = 32768
+
+
+def allocation_device(device: torch.device, items_per_row: int) -> torch.device:
+    return device if items_per_row >= ALLOCATE_ON_DEVICE_MIN_ITEMS else torch.device("cpu")
+
+
 def capped_choice(D: torch.Tensor, cost: torch.Tensor, budget: torch.Tensor, capacity: torch.Tensor,
                   exact: int) -> torch.Tensor:
     """The allocation within the budget and the pools' capacities [C] (tokens per row). Pools
@@ -178,9 +188,9 @@ def rebudget(states: list[TierState], specs: list[TierSpec], budget: torch.Tenso
     e = table.exact_index
     capacity[e] = max(float(capacity[e]) - H * headroom_tokens, 0.0)
     cost = torch.tensor(table.bytes, dtype=torch.float64)
-    # the allocation is many small steps with host-side decisions: on the CPU, one copy each way
-    D = tokens.distortion.reshape(B, H * n, C).cpu()
-    choice = capped_choice(D, cost, budget.cpu().to(torch.float64), capacity, e)
+    where = allocation_device(tokens.distortion.device, H * n)
+    D = tokens.distortion.reshape(B, H * n, C).to(where)
+    choice = capped_choice(D, cost.to(where), budget.to(where, torch.float64), capacity.to(where), e)
     choice = choice.reshape(B, H, n).to(tokens.distortion.device)
     apply_choice(states, specs, tokens, choice, head_dim=head_dim, seed=seed, kv_dtype=kv_dtype)
     return choice
