@@ -14,7 +14,8 @@ import torch
 from sphkv_compile import ops as sphkv_ops  # noqa: F401  (defines the ops)
 from sphkv_compile.ops import dtype_from_name, on_new_store, parse_tiers, unflatten_state
 from sphkv_compile.placement import graduate
-from sphkv_compile.store import append_records, attend as reference_attend, encode_records as reference_encode
+from sphkv_compile.store import (append_records, attend as reference_attend, encode_records as reference_encode,
+                                  register_device_encoder)
 
 from . import attend as kernel_attend
 from . import encode as kernel_encode
@@ -112,4 +113,5 @@ def register() -> None:
     torch.library.register_kernel("sphkv::encode_append", "cuda", encode_append_cuda)
     torch.library.register_kernel("sphkv::update_cache", "cuda", update_cache_cuda)
     on_new_store(prepare_device_tables)
+    register_device_encoder("cuda", encode_records)  # RDR's re-budget encodes graduating tokens with it
     _registered = True

@@ -191,6 +191,11 @@ class SphericalCodec:
             node_r.index_copy_(-1, right, parent * sin_t[code])
         return node_r[..., : self.tree.pairs], codes[0]
 
+    def norm2(self, words: torch.Tensor) -> torch.Tensor:
+        """‖decoded key‖² float32 [...] from the radius field alone: the polar decode scales a
+        unit direction (a product of cos/sin down every path), so its norm is the radius."""
+        return decode_radius(self.layout.unpack_field(words, 0).squeeze(-1), self.radius_bits).pow(2)
+
     def decode_rotated(self, words: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
         rho, c1 = self.pair_radii(words, dtype)
         theta = self.tables(words.device, dtype)[0][0][c1]

@@ -92,3 +92,14 @@ class RecordLayout:
             part = (w64.index_select(-1, word) >> shift) & ((1 << c.width) - 1)
             out[c.field] |= part << c.shift
         return out
+
+    def unpack_field(self, words: torch.Tensor, field: int) -> torch.Tensor:
+        """Only field `field`'s codes (int64 [..., count]): the radius alone, without the angles."""
+        if words.shape[-1] != self.words:
+            raise ValueError(f"record has {words.shape[-1]} words, layout expects {self.words}")
+        w64 = words.to(torch.int64) & 0xFFFFFFFF
+        out = torch.zeros(*words.shape[:-1], self.fields[field][0], dtype=torch.int64, device=words.device)
+        for c, (word, shift) in zip(self.components, self._word_and_shift(words.device)):
+            if c.field == field:
+                out |= ((w64.index_select(-1, word) >> shift) & ((1 << c.width) - 1)) << c.shift
+        return out

@@ -69,6 +69,10 @@ class RotatedScalarCodec:
         codes = torch.searchsorted(thr, u.contiguous())
         return self.layout.pack([encode_radius(log2_r, self.radius_bits).unsqueeze(-1), codes])
 
+    def norm2(self, words: torch.Tensor) -> torch.Tensor:
+        """‖decoded vector‖² float32 [...]: the centroids do not keep the norm, so this decodes."""
+        return self.decode_rotated(words).pow(2).sum(-1)
+
     def decode_rotated(self, words: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
         fields = self.layout.unpack(words)
         radius = decode_radius(fields[0].squeeze(-1), self.radius_bits, dtype)

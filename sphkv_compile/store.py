@@ -79,6 +79,21 @@ def encode_records(spec: TierSpec, k: torch.Tensor, v: torch.Tensor, seed: int, 
     return torch.cat((kc.encode(k).words, vc.encode(v).words), dim=-1)
 
 
+# Faster encoders per device type (kernels/cuda_ops.py registers the Triton encoder for "cuda"):
+# code that encodes outside the custom ops (RDR's re-budget) asks for one by the data's device.
+_DEVICE_ENCODERS: dict[str, object] = {}
+
+
+def register_device_encoder(device_type: str, encode) -> None:
+    """encode(spec, k, v, seed, kv_dtype) -> records, for k, v [..., d] on that device type."""
+    _DEVICE_ENCODERS[device_type] = encode
+
+
+def device_encoder(device: torch.device):
+    """The registered encoder for `device`'s type, else the reference encode_records."""
+    return _DEVICE_ENCODERS.get(torch.device(device).type, encode_records)
+
+
 def split_exact(records: torch.Tensor, head_dim: int, kv_dtype: torch.dtype):
     """Exact-tier records -> (k, v) in kv_dtype."""
     half = records.shape[-1] // 2

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..store import encode_records, split_exact
+from ..store import device_encoder, split_exact
 from ..tiers import TierSpec, tier_codecs
 
 
@@ -22,6 +22,17 @@ def decode_kv(spec: TierSpec, records: torch.Tensor, head_dim: int, seed: int, k
     return k, v
 
 
+def norms2(spec: TierSpec, records: torch.Tensor, head_dim: int, seed: int,
+           kv_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(‖k‖², ‖v‖²) float32 [...] of records [..., W] as decode_kv would decode them, without
+    decoding polar records (their norm is the stored radius)."""
+    if spec.exact:
+        k, v = split_exact(records, head_dim, kv_dtype)
+        return k.float().pow(2).sum(-1), v.float().pow(2).sum(-1)
+    kc, vc = tier_codecs(spec, head_dim, seed)
+    return kc.norm2(records[..., :kc.words]), vc.norm2(records[..., kc.words:])
+
+
 def convert_records(src: TierSpec, dst: TierSpec, records: torch.Tensor, head_dim: int, seed: int,
                     kv_dtype: torch.dtype) -> torch.Tensor:
     if src == dst:
@@ -30,7 +41,7 @@ def convert_records(src: TierSpec, dst: TierSpec, records: torch.Tensor, head_di
         raise ValueError(f"cannot promote tokens from tier {src.name!r} to the exact tier: their exact values are gone")
     if src.exact:
         k, v = split_exact(records, head_dim, kv_dtype)
-        return encode_records(dst, k, v, seed, kv_dtype)
+        return device_encoder(records.device)(dst, k, v, seed, kv_dtype)  # the Triton encoder on CUDA
     # every compressed tier shares the seed, hence the rotation: re-encode in the rotated domain
     k, v = decode_kv(src, records, head_dim, seed, kv_dtype, rotated=True)
     kc, vc = tier_codecs(dst, head_dim, seed)

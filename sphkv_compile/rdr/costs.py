@@ -91,8 +91,9 @@ def softmax_error_gain(sigma2: torch.Tensor) -> torch.Tensor:
     return torch.expm1(2 * sigma2) - 2 * torch.expm1(sigma2 / 2)
 
 
-def distortion(table: ChoiceTable, utility: torch.Tensor, key_norm2: torch.Tensor, values: torch.Tensor,
-               valid: torch.Tensor, key_gain: torch.Tensor | None = None) -> torch.Tensor:
+def distortion(table: ChoiceTable, utility: torch.Tensor, key_norm2: torch.Tensor, values: torch.Tensor | None,
+               valid: torch.Tensor, key_gain: torch.Tensor | None = None,
+               value_norm2: torch.Tensor | None = None) -> torch.Tensor:
     """D [B, H, n, C]: the expected squared attention-output error of each choice for each token,
     weighted by its utility u (its expected attention).
 
@@ -108,7 +109,8 @@ def distortion(table: ChoiceTable, utility: torch.Tensor, key_norm2: torch.Tenso
     logit scale, instead of its share of the key's norm."""
     eps_k = torch.tensor(table.eps_k, dtype=torch.float32, device=utility.device)
     eps_v = torch.tensor(table.eps_v, dtype=torch.float32, device=utility.device)
-    v2 = values.pow(2).sum(-1)
+    # values [B, H, n, d] are needed only with key_gain; without it ‖v‖² (value_norm2) will do
+    v2 = value_norm2 if value_norm2 is not None else values.pow(2).sum(-1)
     u = utility[..., None]
     if key_gain is None:
         return u * (eps_k * key_norm2[..., None] + eps_v * v2[..., None])

@@ -28,7 +28,7 @@ from ..store import TierState, append_records, encode_records, fits, gather_toke
 from ..tiers import TierSpec
 from .allocate import allocate, allocate_capped, within_capacity
 from .capacity import row_capacities
-from .convert import convert_records, decode_kv
+from .convert import convert_records, decode_kv, norms2
 from .costs import ChoiceTable, choice_table, distortion
 
 
@@ -74,7 +74,7 @@ def collect(states: list[TierState], specs: list[TierSpec], table: ChoiceTable, 
     cost = torch.tensor(table.bytes, device=device)
     compressed = torch.tensor([not sp.exact for sp in specs] + [True], device=device)  # drop counts as "compressed"
     only = lambda i: torch.nn.functional.one_hot(torch.tensor(i, device=device), C).bool()
-    recs, utils, valids, allowed, r2, values = [], [], [], [], [], []
+    recs, utils, valids, allowed, r2, v2s, values = [], [], [], [], [], [], []
     for s, (spec, st) in enumerate(zip(specs, states)):
         rec, util, ok = gather_tokens(st)
         util = util.float()
@@ -92,11 +92,14 @@ def collect(states: list[TierState], specs: list[TierSpec], table: ChoiceTable, 
         else:  # keep or demote, never promote: the finer values are gone
             allow = ((cost <= cost[s]) & compressed).expand(*ok.shape, C).clone()
         allow[~ok] = only(table.drop_index)
-        kk, vv = decode_kv(spec, rec, head_dim, seed, kv_dtype, rotated=True)
         recs.append(rec); utils.append(util); valids.append(ok); allowed.append(allow)
-        r2.append(kk.pow(2).sum(-1)); values.append(vv.float())
+        k2, v2 = norms2(spec, rec, head_dim, seed, kv_dtype)
+        r2.append(k2); v2s.append(v2)
+        if key_gain is not None:  # the logit-aware price needs the values themselves (their mean)
+            values.append(decode_kv(spec, rec, head_dim, seed, kv_dtype, rotated=True)[1].float())
     u = torch.cat(utils, 2).clamp(min=0)
-    D = distortion(table, u, torch.cat(r2, 2), torch.cat(values, 2), torch.cat(valids, 2), key_gain)
+    D = distortion(table, u, torch.cat(r2, 2), torch.cat(values, 2) if values else None, torch.cat(valids, 2),
+                   key_gain, value_norm2=torch.cat(v2s, 2))
     D = torch.where(torch.cat(allowed, 2), D, torch.full_like(D, float("inf")))
     return LayerTokens(recs, utils, valids, D)
 
