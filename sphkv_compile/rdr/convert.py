@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..store import device_encoder, split_exact
+from ..store import device_encoder, encode_records, split_exact
 from ..tiers import TierSpec, tier_codecs
 
 
@@ -39,9 +39,15 @@ def convert_records(src: TierSpec, dst: TierSpec, records: torch.Tensor, head_di
         return records
     if dst.exact:
         raise ValueError(f"cannot promote tokens from tier {src.name!r} to the exact tier: their exact values are gone")
+    encode = device_encoder(records.device)  # the Triton encoder on CUDA: one launch, not ~250 small ops
     if src.exact:
         k, v = split_exact(records, head_dim, kv_dtype)
-        return device_encoder(records.device)(dst, k, v, seed, kv_dtype)  # the Triton encoder on CUDA
+        return encode(dst, k, v, seed, kv_dtype)
+    if encode is not encode_records:
+        # a device encoder rotates its input itself: give it the decoded vectors un-rotated, in
+        # the cache's dtype like every other token it encodes (its rounding is far below a code step)
+        k, v = decode_kv(src, records, head_dim, seed, kv_dtype, rotated=False)
+        return encode(dst, k.to(kv_dtype), v.to(kv_dtype), seed, kv_dtype)
     # every compressed tier shares the seed, hence the rotation: re-encode in the rotated domain
     k, v = decode_kv(src, records, head_dim, seed, kv_dtype, rotated=True)
     kc, vc = tier_codecs(dst, head_dim, seed)
