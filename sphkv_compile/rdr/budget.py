@@ -156,20 +156,21 @@ def pool_pages(specs, budget_bytes: int, batch: int, kv_heads: int, head_dim: in
     return [(batch * p, max(1, -(-guaranteed_tokens(p, kv_heads, page_size) // page_size))) for p in pages]
 
 
-# Tokens x KV heads per layer and batch row above which policy 'rdr' warns about its host-side
-# allocation: about 0.3 s per layer and row there on one CPU core (docs/PERFORMANCE.md, "It does
-# not scale yet": 442 ms at 98,304, 1.15 s at 262,144).
+# Tokens x KV heads per layer and batch row above which policy 'rdr' warns about its allocation:
+# session 9 (benchmarks/results/h200_session9_rebudget.log) took 60 ms at 98,304 and 145 ms at
+# 262,144 on the H200 (94 and 234 ms on its CPU), per layer and row, every rebudget_every tokens.
 HOST_ALLOCATION_WARN_ITEMS = 65_536
 
 
 def warn_if_host_allocation_is_long(options, kv_heads: int, max_tokens: int | None) -> None:
-    """Policy 'rdr' re-allocates every token of a layer on the host at each re-budget; at long
-    contexts that dominates decoding. Say so when the cache is built, with the fix."""
+    """Policy 'rdr' re-allocates every token of a layer at each re-budget; at long contexts that
+    dominates decoding. Say so when the cache is built, with the fix."""
     if options.policy != "rdr" or not max_tokens or max_tokens * kv_heads <= HOST_ALLOCATION_WARN_ITEMS:
         return
     warnings.warn(
-        f"sphkv: policy 'rdr' re-allocates every token of a layer on the host at each re-budget; at "
+        f"sphkv: policy 'rdr' re-allocates every token of a layer at each re-budget; at "
         f"max_cache_len={max_tokens} x {kv_heads} KV heads = {max_tokens * kv_heads} tokens per layer and batch "
-        f"row that takes about a second per layer and row (1.15 s at 262,144 on one CPU core, docs/PERFORMANCE.md), "
-        f"every rebudget_every={options.rebudget_every} tokens. Fix: policy='uniform' for long contexts, or a "
-        f"larger rebudget_every.", SphkvPerformanceWarning, stacklevel=4)
+        f"row its allocation alone takes a tenth of a second or more per layer and row (0.15 s on an H200 at "
+        f"262,144, 0.23 s on the CPU; docs/PERFORMANCE.md), every rebudget_every={options.rebudget_every} "
+        f"tokens. Fix: policy='uniform' for long contexts, or a larger rebudget_every.",
+        SphkvPerformanceWarning, stacklevel=4)
