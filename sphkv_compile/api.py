@@ -27,7 +27,7 @@ import warnings
 import torch
 
 from .backend import install_kernels
-from .report import begin_compile, record_decode_step, record_site, report
+from .report import begin_compile, record_decode_step, record_site, report, reset_rebudgets
 from .hf import CACHE_KWARG, DENSE_IMPL_ATTR, IMPL_NAME, RoutedSphkvCache, register, run_routed
 from .hf_cache import SphkvCache, snapshot_kv_bytes, storage_dtype
 from .hf_plan import calls_sdpa_itself, kv_geometry, model_dtype, plan_layers
@@ -154,6 +154,7 @@ def _wrap_generate(model, generate, key: str):
 
     @functools.wraps(generate)
     def sphkv_generate(*args, **kwargs):
+        reset_rebudgets()  # report()["rebudgets"] then describes this call
         if kwargs.get(key) is None and kwargs.get("past_key_values") is None:
             config = kwargs.get("generation_config") or model.generation_config
             impl = kwargs.pop("cache_implementation", None) or getattr(config, "cache_implementation", None)

@@ -29,6 +29,9 @@ _sites: list[Site] = []
 _kv_sources: list[tuple[str, Callable[[], tuple[int, int]]]] = []
 _active_group: str | None = None
 _decode_step: dict | None = None  # how the latest generate() ran its decode step (record_decode_step)
+# RDR's re-budgets since reset_rebudgets() (each generate() call resets): per kind ("prefill": a
+# chunk entered over budget; "decode": the cadence between steps), count and host seconds.
+_rebudgets: dict[str, dict] = {}
 
 
 def begin_compile() -> None:
@@ -57,6 +60,20 @@ def record_decode_step(cuda_graphs: bool, reason: str) -> None:
     log.info("sphkv: decode step %s CUDA graphs: %s", "with" if cuda_graphs else "without", reason)
 
 
+def record_rebudget(kind: str, seconds: float) -> None:
+    """One RDR re-budget of one layer took `seconds` on the host (it decides there, so on a GPU
+    this is most of its cost)."""
+    with _lock:
+        entry = _rebudgets.setdefault(kind, {"count": 0, "host_seconds": 0.0})
+        entry["count"] += 1
+        entry["host_seconds"] += seconds
+
+
+def reset_rebudgets() -> None:
+    with _lock:
+        _rebudgets.clear()
+
+
 def register_kv_source(fn: Callable[[], tuple[int, int]], group: str = "default") -> None:
     """fn() -> (resident compressed bytes, dense bf16 bytes for the same tokens). Registering
     (again) makes `group` the one report() measures; a function is kept once."""
@@ -78,10 +95,12 @@ def report() -> dict:
     with _lock:
         sites = [asdict(s) for s in _sites]
         sources = [fn for group, fn in _kv_sources if group == _active_group]
+        rebudgets = {kind: dict(entry) for kind, entry in _rebudgets.items()}
     kv = [fn() for fn in sources]
     return {
         "sites": sites,
         "kv_bytes": sum(k for k, _ in kv),
         "dense_kv_bytes": sum(d for _, d in kv),
         "decode_step": _decode_step,
+        "rebudgets": rebudgets,
     }

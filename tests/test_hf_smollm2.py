@@ -11,6 +11,7 @@ import gc
 import pytest
 import torch
 
+import sphkv_compile
 from sphkv_compile import api, rdr
 from sphkv_compile.hf_cache import SphkvCache, SphkvLayer
 from sphkv_compile.rdr.capacity import metadata_allowance_bytes
@@ -111,7 +112,12 @@ def test_4k_generation_under_rdr_within_budget_after_every_update(model_and_ids)
     with torch.no_grad():
         fast.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
                       do_sample=False, **{api.cache_keyword(fast): cache})
-    for layer in cache.compressed_layers():
+    timed = sphkv_compile.report()["rebudgets"]  # this generate()'s re-budgets, every layer's, timed
+    layers = cache.compressed_layers()
+    assert timed["prefill"]["count"] == len(layers)  # the prompt exceeds the budget in every layer
+    assert timed["prefill"]["count"] + timed["decode"]["count"] == sum(l.budget_report()["rebudgets"] for l in layers)
+    assert timed["prefill"]["host_seconds"] > 0 and timed["decode"]["host_seconds"] > 0
+    for layer in layers:
         r = layer.budget_report()
         budget = rdr.layer_budget_bytes(1 / 8, PROMPT + new, layer.store.kv_heads, layer.store.head_dim)
         assert r["budget_bytes"] == budget

@@ -18,12 +18,13 @@ page_size - 1 records per (row, head, tier); see `page_slack_bytes`.
 from __future__ import annotations
 
 import math
-
+import time
 from dataclasses import dataclass
 
 import torch
 
 from ..placement import graduate
+from ..report import record_rebudget
 from ..store import TierState, append_records, encode_records, fits, gather_tokens, rebuild
 from ..tiers import TierSpec
 from .allocate import allocate, allocate_capped, within_capacity
@@ -183,6 +184,7 @@ def rebudget(states: list[TierState], specs: list[TierSpec], budget: torch.Tenso
     """Allocate every token of the layer (plus an optional new chunk) within budget [B] bytes and
     each tier's pool (its capacity; the exact tier keeps room for `headroom_tokens` more per KV
     head); returns the choice [B, H, n_total] (indices into the choice table; the last is drop)."""
+    started = time.perf_counter()
     table = choice_table(tuple(specs), head_dim, seed, kv_dtype)
     tokens = collect(states, specs, table, k, v, valid, utility, head_dim=head_dim, seed=seed, kv_dtype=kv_dtype,
                      sink=sink, recent=recent, key_gain=key_gain)
@@ -196,6 +198,8 @@ def rebudget(states: list[TierState], specs: list[TierSpec], budget: torch.Tenso
     choice = capped_choice(D, cost.to(where), budget.to(where, torch.float64), capacity.to(where), e)
     choice = choice.reshape(B, H, n).to(tokens.distortion.device)
     apply_choice(states, specs, tokens, choice, head_dim=head_dim, seed=seed, kv_dtype=kv_dtype)
+    # a chunk of more than one token is a prefill; a decode step re-budgets with its token or between steps
+    record_rebudget("prefill" if k is not None and k.shape[2] > 1 else "decode", time.perf_counter() - started)
     return choice
 
 
