@@ -78,7 +78,8 @@ def main(argv=None):
     for run in ("first", "second"):  # a second run shows whether anything still compiles
         ms = per_token_ms(model, ids, args.steps, kw)
         print(f"sphkv {args.policy} ({run} timing): {ms:.2f} ms per decoded token ({ms / dense_ms:.2f}x dense); "
-              f"decode step: {sphkv_compile.report()['decode_step']}", flush=True)
+              f"decode step: {sphkv_compile.report()['decode_step']}; re-budgets of the last generate() "
+              f"(prefill + {args.steps + 1} tokens): {sphkv_compile.report()['rebudgets']}", flush=True)
     cache = next(iter(kw.values()))
     if args.policy == "uniform" and device.type == "cuda":
         # optimize() keeps generate()'s CUDA graphs for this policy: the same tokens without them?
