@@ -7,6 +7,7 @@ perturbed by 1e-9 so they do not tie exactly): how the allocation scales with to
 per batch row (Llama-3-8B at 32k: 8 x 32768 = 262,144 items per row).
 
     python benchmarks/rebudget_host_time.py [--device cpu|cuda] [--prompt 2048] [--steps 40] [--tile 1 4 16 43]
+                                            [--rounds 24 4]
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ def main(argv=None):
     ap.add_argument("--budget", type=float, default=0.125)
     ap.add_argument("--rebudget-every", type=int, default=32)
     ap.add_argument("--tile", type=int, nargs="*", default=[])
+    ap.add_argument("--rounds", type=int, nargs="*", default=[],
+                    help="also time these allocate.PRICE_ROUNDS on the largest tile (CPU)")
     add_device_arg(ap)
     args = ap.parse_args(argv)
     device = device_from(args.device)
@@ -81,6 +84,16 @@ def main(argv=None):
                 times.append(f"{where.type} {1000 * (time.perf_counter() - t):.0f} ms")
                 choices.append(float(torch.gather(Dk, -1, choice.cpu()[..., None]).sum()))
             print(f"tiled x{k}: {Dk.shape[1]} items per row, {', '.join(times)}; total distortion {choices}")
+        allocate = importlib.import_module("sphkv_compile.rdr.allocate")
+        default_rounds = allocate.PRICE_ROUNDS
+        for rounds in args.rounds:
+            allocate.PRICE_ROUNDS = rounds
+            t = time.perf_counter()
+            choice = inner(Dk, cost, budget * k, cap, exact)
+            total = float(torch.gather(Dk, -1, choice[..., None]).sum())
+            print(f"tiled x{k} on the CPU, {rounds} price rounds: {1000 * (time.perf_counter() - t):.0f} ms; "
+                  f"total distortion {total}")
+        allocate.PRICE_ROUNDS = default_rounds
 
 
 def sync(device: torch.device) -> None:

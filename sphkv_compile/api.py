@@ -307,17 +307,46 @@ def _copy_without_cache_implementation(config):
     return config
 
 
+# transformers generates this many new tokens when neither max_new_tokens nor max_length is set
+# (GenerationMixin._prepare_generated_length, transformers 5; 4.x had max_length=20 in the config,
+# which _cached_positions reads as max_length)
+HF_DEFAULT_NEW_TOKENS = 20
+
+
 def _raise_if_longer_than_cache(args, kwargs, model, cache: SphkvCache) -> None:
     """A static cache holds max_cache_len positions (the attention mask and the position pools are
     sized by it): a longer generation would index past them, which on a GPU is a device-side
-    assert in a generated kernel, far from the cause."""
+    assert in a generated kernel, far from the cause. Refused up front, even if an EOS might
+    have stopped the generation in time."""
     if cache.capacity is None:
         return
-    total = _generation_length(args, kwargs, kwargs.get("generation_config") or model.generation_config)
-    if total is not None and total > cache.capacity:
-        raise ValueError(f"this generate() call needs {total} positions (prompt + max_new_tokens) but the static "
-                         f"sphkv cache was built with max_cache_len={cache.capacity}: build it with "
-                         f"new_cache(model, max_cache_len={total}) or more, or generate fewer tokens")
+    needed = _cached_positions(args, kwargs, model)
+    if needed is not None and needed[0] > cache.capacity:
+        positions, how = needed
+        raise ValueError(f"this generate() call needs {positions} cache positions ({how}; the last token is "
+                         f"never fed back) but the static sphkv cache was built with max_cache_len="
+                         f"{cache.capacity}: build it with new_cache(model, max_cache_len={positions}) or more, "
+                         f"or generate fewer tokens")
+
+
+def _cached_positions(args, kwargs, model) -> tuple[int, str] | None:
+    """(positions the cache must hold, how that was worked out), as transformers sizes a static
+    cache: max_length - 1. None when the prompt is not known up front (inputs_embeds)."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is None:
+        return None
+    prompt = ids.shape[-1]
+    config = kwargs.get("generation_config") or model.generation_config
+    new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
+    if new is not None:
+        return prompt + int(new) - 1, f"prompt {prompt} + max_new_tokens {int(new)} - 1"
+    total = kwargs.get("max_length", getattr(config, "max_length", None))
+    if total is not None:
+        return int(total) - 1, f"max_length {int(total)} - 1"
+    total = prompt + HF_DEFAULT_NEW_TOKENS
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    total = min(total, limit) if limit else total
+    return total - 1, f"prompt {prompt} + transformers' default of {HF_DEFAULT_NEW_TOKENS} new tokens - 1"
 
 
 def _generation_length(args, kwargs, config) -> int | None:

@@ -192,8 +192,9 @@ class SphericalCodec:
         return node_r[..., : self.tree.pairs], codes[0]
 
     def norm2(self, words: torch.Tensor) -> torch.Tensor:
-        """‖decoded key‖² float32 [...] from the radius field alone: the polar decode scales a
-        unit direction (a product of cos/sin down every path), so its norm is the radius."""
+        """‖decoded vector‖² (a key's or a value's) float32 [...] from the radius field alone: the
+        polar decode scales a unit direction (a product of cos/sin down every path), so its norm
+        is the radius."""
         return decode_radius(self.layout.unpack_field(words, 0).squeeze(-1), self.radius_bits).pow(2)
 
     def decode_rotated(self, words: torch.Tensor, dtype=torch.float32) -> torch.Tensor:

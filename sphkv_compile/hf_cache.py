@@ -31,7 +31,7 @@ from . import rdr
 from .ops import prepare_store, tiers_string
 from .rdr import meter as budget_meter
 from .rdr.budget import SphkvBudgetError
-from .rdr.budget import protected_tokens, warn_if_host_allocation_is_long
+from .rdr.budget import protected_tokens, warn_if_allocation_is_long
 from .rdr.eager import ensure_capacity
 from .rdr.node import cadence_counters, cadence_due, current_budget, measure, over_budget_error, rebudget_if_due
 from .report import register_kv_source
@@ -316,7 +316,7 @@ class SphkvCache(Cache):
             kv_heads, head_dim = kv_geometry
             # the exact tier is 16-bit unless asked otherwise (storage_dtype)
             rdr.check_budget(options, kv_heads, head_dim, kv_dtype or torch.bfloat16, max_cache_len)
-            warn_if_host_allocation_is_long(options, kv_heads, max_cache_len)
+            warn_if_allocation_is_long(options, kv_heads, max_cache_len)
         _track(self)
 
     @property

@@ -83,23 +83,19 @@ class RecordLayout:
 
     def unpack(self, words: torch.Tensor) -> list[torch.Tensor]:
         """int32 words [..., words] -> int64 codes per field."""
-        if words.shape[-1] != self.words:
-            raise ValueError(f"record has {words.shape[-1]} words, layout expects {self.words}")
-        w64 = words.to(torch.int64) & 0xFFFFFFFF
-        lead = words.shape[:-1]
-        out = [torch.zeros(*lead, n, dtype=torch.int64, device=words.device) for n, _ in self.fields]
-        for c, (word, shift) in zip(self.components, self._word_and_shift(words.device)):
-            part = (w64.index_select(-1, word) >> shift) & ((1 << c.width) - 1)
-            out[c.field] |= part << c.shift
-        return out
+        return self._unpack_fields(words, range(len(self.fields)))
 
     def unpack_field(self, words: torch.Tensor, field: int) -> torch.Tensor:
         """Only field `field`'s codes (int64 [..., count]): the radius alone, without the angles."""
+        return self._unpack_fields(words, (field,))[0]
+
+    def _unpack_fields(self, words: torch.Tensor, fields) -> list[torch.Tensor]:
         if words.shape[-1] != self.words:
             raise ValueError(f"record has {words.shape[-1]} words, layout expects {self.words}")
         w64 = words.to(torch.int64) & 0xFFFFFFFF
-        out = torch.zeros(*words.shape[:-1], self.fields[field][0], dtype=torch.int64, device=words.device)
+        out = {f: torch.zeros(*words.shape[:-1], self.fields[f][0], dtype=torch.int64, device=words.device)
+               for f in fields}
         for c, (word, shift) in zip(self.components, self._word_and_shift(words.device)):
-            if c.field == field:
-                out |= ((w64.index_select(-1, word) >> shift) & ((1 << c.width) - 1)) << c.shift
-        return out
+            if c.field in out:
+                out[c.field] |= ((w64.index_select(-1, word) >> shift) & ((1 << c.width) - 1)) << c.shift
+        return [out[f] for f in fields]

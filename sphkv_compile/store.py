@@ -12,6 +12,7 @@ The functions here work on plain tensors so the custom ops (ops.py) and the eage
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -81,7 +82,7 @@ def encode_records(spec: TierSpec, k: torch.Tensor, v: torch.Tensor, seed: int, 
 
 # Faster encoders per device type (kernels/cuda_ops.py registers the Triton encoder for "cuda"):
 # code that encodes outside the custom ops (RDR's re-budget) asks for one by the data's device.
-_DEVICE_ENCODERS: dict[str, object] = {}
+_DEVICE_ENCODERS: dict[str, Callable] = {}
 
 
 def register_device_encoder(device_type: str, encode) -> None:

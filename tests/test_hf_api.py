@@ -157,12 +157,20 @@ def test_rdr_at_long_contexts_warns_about_its_host_allocation():
 
 
 def test_generation_longer_than_a_static_cache_is_refused_up_front():
-    """prompt + max_new_tokens past max_cache_len would index past the cache's positions (a
-    device-side assert on a GPU): refused before the first forward, naming the length needed."""
+    """A generation that would write past max_cache_len (a device-side assert on a GPU) is refused
+    before the first forward, naming the length needed; as transformers sizes its own static
+    cache, the last token is never fed back, so prompt + max_new_tokens - 1 positions suffice.
+    Also when the length comes from max_length, or from transformers' default of 20 new tokens."""
     model = api.optimize(_model(), bits=3.5)
     ids = torch.randint(3, 128, (1, 20))
     cache = api.new_cache(model, max_cache_len=30)
-    with pytest.raises(ValueError, match=r"needs 31 positions.*max_cache_len=30.*max_cache_len=31"):
-        model.generate(ids, max_new_tokens=11, do_sample=False, **{api.cache_keyword(model): cache})
-    out = model.generate(ids, max_new_tokens=10, do_sample=False, min_new_tokens=10, **{api.cache_keyword(model): cache})
-    assert out.shape == (1, 30)
+    kw = {api.cache_keyword(model): cache}
+    with pytest.raises(ValueError, match=r"needs 31 cache positions \(prompt 20 \+ max_new_tokens 12 - 1.*"
+                                         r"max_cache_len=30.*max_cache_len=31"):
+        model.generate(ids, max_new_tokens=12, do_sample=False, **kw)
+    with pytest.raises(ValueError, match=r"needs 33 cache positions \(max_length 34 - 1"):
+        model.generate(ids, max_length=34, do_sample=False, **kw)
+    with pytest.raises(ValueError, match=r"needs 39 cache positions \(prompt 20 \+ transformers' default of 20"):
+        model.generate(ids, do_sample=False, **kw)
+    out = model.generate(ids, max_new_tokens=11, min_new_tokens=11, do_sample=False, **kw)
+    assert out.shape == (1, 31)  # 30 positions held: the 31st token was sampled, not fed back

@@ -108,13 +108,14 @@ def brute_force_capped(D: torch.Tensor, cap: torch.Tensor) -> float:
 
 
 @settings(max_examples=60, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), items=st.integers(1, 5), caps=st.lists(st.integers(0, 5), min_size=4, max_size=4))
-def test_capped_allocation_equals_brute_force(seed, items, caps):
+@given(seed=st.integers(0, 2**31 - 1), items=st.integers(1, 5), caps=st.lists(st.integers(0, 5), min_size=4, max_size=4),
+       fraction=st.sampled_from([0.0, 0.5]))
+def test_capped_allocation_equals_brute_force(seed, items, caps, fraction):
     """With capacities that fit the budget, allocate_capped is the exact optimum over all C^M
     assignments within them (a transportation problem), or refuses when the protected items
-    cannot fit."""
+    cannot fit. A fractional capacity holds its floor (counts are whole)."""
     D, cost = random_instance(seed, 1, items, protected_frac=0.2)
-    cap = torch.tensor([[*caps, float("inf")]], dtype=torch.float64)
+    cap = torch.tensor([[*(c + fraction for c in caps), float("inf")]], dtype=torch.float64)
     budget = (cap[:, :4] * cost[:4]).sum(-1)
     best = brute_force_capped(D[0], cap[0])
     if best == float("inf"):

@@ -184,15 +184,15 @@ def test_op_traces_with_its_fake_impl():
                           test_utils=("test_schema", "test_faketensor"))
 
 
-
-
 @pytest.mark.parametrize("d", [64, 128])
 def test_demotion_through_a_device_encoder_matches_the_rotated_reencode(monkeypatch, d):
     """Where a device registers a faster encoder (the Triton one on CUDA), a re-budget's demotion
     hands it the decoded tokens un-rotated and in the cache's dtype instead of re-encoding in the
-    rotated domain. That only re-rounds: every code is the reference's or its neighbour (level-1
-    angles are circular), radii are identical, and few codes move (a regression guard at 2%;
-    measured at most 0.66% per field, at d=64 from high to mid)."""
+    rotated domain. That only re-rounds (the rotation's float32 round trip and the cast to the
+    cache dtype): every code, radius included, is the reference's or its neighbour (level-1
+    angles are circular), and few codes move: a regression guard at 2%, not a derived bound
+    (measured at most 0.66% per field, at d=64 from high to mid). The Triton encoder itself is
+    checked against float64 in tests/test_kernels_gpu.py; this path runs it only on a GPU."""
     from sphkv_compile import store
     from sphkv_compile.rdr.convert import convert_records
     from sphkv_compile.tiers import tier_codecs
@@ -212,9 +212,6 @@ def test_demotion_through_a_device_encoder_matches_the_rotated_reencode(monkeypa
             fields = zip(codec.layout.unpack(reference[:, part]), codec.layout.unpack(via_device[:, part]))
             for f, (a, b) in enumerate(fields):
                 diff = (a - b).abs()
-                if f == 0:
-                    assert torch.equal(a, b), "radius codes differ"
-                    continue
                 if f == 1:  # level-1 angles live on a circle of 2^bits codes
                     diff = torch.minimum(diff, (1 << codec.level_bits[0]) - diff)
                 assert int(diff.max()) <= 1, (dst.name, f)

@@ -115,7 +115,8 @@ def allocate_capped(D: torch.Tensor, cost: torch.Tensor, budget: torch.Tensor, c
     """allocate() with at most capacity[g, t] items of choice t in group g (inf: no limit).
     The capacities of the choices that cost bytes must fit the budget (so it is implied)."""
     D = D.to(torch.float64)
-    capacity = capacity.to(torch.float64).expand(D.shape[0], D.shape[-1])
+    # item counts are whole: a fractional capacity holds its floor (inf stays inf)
+    capacity = torch.floor(capacity.to(torch.float64)).expand(D.shape[0], D.shape[-1])
     priced = cost.to(torch.float64) > 0
     implied = torch.where(priced, capacity * cost.to(torch.float64), torch.zeros_like(capacity)).sum(-1)
     if bool((implied > budget.to(torch.float64) + 1e-6).any()):

@@ -157,20 +157,21 @@ def pool_pages(specs, budget_bytes: int, batch: int, kv_heads: int, head_dim: in
 
 
 # Tokens x KV heads per layer and batch row above which policy 'rdr' warns about its allocation:
-# session 9 (benchmarks/results/h200_session9_rebudget.log) took 60 ms at 98,304 and 145 ms at
-# 262,144 on the H200 (94 and 234 ms on its CPU), per layer and row, every rebudget_every tokens.
-HOST_ALLOCATION_WARN_ITEMS = 65_536
+# session 9 on the H200 (benchmarks/results/h200_session9_rebudget.log) took 60 ms at 98,304 and
+# 145 ms at 264,192 (94 and 234 ms on that machine's CPU), per layer and row, every
+# rebudget_every tokens; at this threshold roughly 30 ms (between the 24,576 and 98,304 points).
+RDR_ALLOCATION_WARN_ITEMS = 65_536
 
 
-def warn_if_host_allocation_is_long(options, kv_heads: int, max_tokens: int | None) -> None:
+def warn_if_allocation_is_long(options, kv_heads: int, max_tokens: int | None) -> None:
     """Policy 'rdr' re-allocates every token of a layer at each re-budget; at long contexts that
     dominates decoding. Say so when the cache is built, with the fix."""
-    if options.policy != "rdr" or not max_tokens or max_tokens * kv_heads <= HOST_ALLOCATION_WARN_ITEMS:
+    if options.policy != "rdr" or not max_tokens or max_tokens * kv_heads <= RDR_ALLOCATION_WARN_ITEMS:
         return
     warnings.warn(
         f"sphkv: policy 'rdr' re-allocates every token of a layer at each re-budget; at "
         f"max_cache_len={max_tokens} x {kv_heads} KV heads = {max_tokens * kv_heads} tokens per layer and batch "
-        f"row its allocation alone takes a tenth of a second or more per layer and row (0.15 s on an H200 at "
-        f"262,144, 0.23 s on the CPU; docs/PERFORMANCE.md), every rebudget_every={options.rebudget_every} "
+        f"row its allocation alone takes tens of milliseconds or more per layer and row (60 ms at 98,304 and "
+        f"145 ms at 264,192 on an H200; docs/PERFORMANCE.md), every rebudget_every={options.rebudget_every} "
         f"tokens. Fix: policy='uniform' for long contexts, or a larger rebudget_every.",
         SphkvPerformanceWarning, stacklevel=4)

@@ -22,6 +22,16 @@ def decode_kv(spec: TierSpec, records: torch.Tensor, head_dim: int, seed: int, k
     return k, v
 
 
+def decode_values(spec: TierSpec, records: torch.Tensor, head_dim: int, seed: int,
+                  kv_dtype: torch.dtype) -> torch.Tensor:
+    """The values of records [..., W] as float32, rotated like decode_kv(rotated=True); the keys
+    are not decoded."""
+    if spec.exact:
+        return split_exact(records, head_dim, kv_dtype)[1].float()
+    kc, vc = tier_codecs(spec, head_dim, seed)
+    return vc.decode_rotated(records[..., kc.words:])
+
+
 def norms2(spec: TierSpec, records: torch.Tensor, head_dim: int, seed: int,
            kv_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(‖k‖², ‖v‖²) float32 [...] of records [..., W] as decode_kv would decode them, without

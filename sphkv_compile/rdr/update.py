@@ -29,7 +29,7 @@ from ..store import TierState, append_records, encode_records, fits, gather_toke
 from ..tiers import TierSpec
 from .allocate import allocate, allocate_capped, within_capacity
 from .capacity import row_capacities
-from .convert import convert_records, decode_kv, norms2
+from .convert import convert_records, decode_values, norms2
 from .costs import ChoiceTable, choice_table, distortion
 
 
@@ -97,7 +97,7 @@ def collect(states: list[TierState], specs: list[TierSpec], table: ChoiceTable, 
         k2, v2 = norms2(spec, rec, head_dim, seed, kv_dtype)
         r2.append(k2); v2s.append(v2)
         if key_gain is not None:  # the logit-aware price needs the values themselves (their mean)
-            values.append(decode_kv(spec, rec, head_dim, seed, kv_dtype, rotated=True)[1].float())
+            values.append(decode_values(spec, rec, head_dim, seed, kv_dtype))
     u = torch.cat(utils, 2).clamp(min=0)
     D = distortion(table, u, torch.cat(r2, 2), torch.cat(values, 2) if values else None, torch.cat(valids, 2),
                    key_gain, value_norm2=torch.cat(v2s, 2))
@@ -136,9 +136,11 @@ def headroom_bytes(kv_heads: int, rebudget_every: int, table: ChoiceTable) -> in
 
 
 # The allocation is a few dozen whole-tensor passes over [items, choices] with host-side
-# decisions (a device sync each) between them: small layers allocate faster on the CPU (one copy
-# each way), large ones on the model's device. Items per batch row (tokens x KV heads).
-ALLOCATE_ON_DEVICE_MIN_ITEMS = 32768
+# decisions (a device sync each) between them, so small layers need not go to the device.
+# Items per batch row (tokens x KV heads). H200, session 9 (benchmarks/results/
+# h200_session9_rebudget.log): CPU and GPU took 13 ms each at 6,144 items, and 31 against 22 ms
+# at 24,576; the threshold sits between the two measured sizes.
+ALLOCATE_ON_DEVICE_MIN_ITEMS = 16384
 
 
 def allocation_device(device: torch.device, items_per_row: int) -> torch.device:
@@ -193,9 +195,9 @@ def rebudget(states: list[TierState], specs: list[TierSpec], budget: torch.Tenso
     e = table.exact_index
     capacity[e] = max(float(capacity[e]) - H * headroom_tokens, 0.0)
     cost = torch.tensor(table.bytes, dtype=torch.float64)
-    where = allocation_device(tokens.distortion.device, H * n)
-    D = tokens.distortion.reshape(B, H * n, C).to(where)
-    choice = capped_choice(D, cost.to(where), budget.to(where, torch.float64), capacity.to(where), e)
+    on = allocation_device(tokens.distortion.device, H * n)
+    D = tokens.distortion.reshape(B, H * n, C).to(on)
+    choice = capped_choice(D, cost.to(on), budget.to(on, torch.float64), capacity.to(on), e)
     choice = choice.reshape(B, H, n).to(tokens.distortion.device)
     apply_choice(states, specs, tokens, choice, head_dim=head_dim, seed=seed, kv_dtype=kv_dtype)
     # a chunk of more than one token is a prefill; a decode step re-budgets with its token or between steps

@@ -1,0 +1,85 @@
+"""Host time of one RDR decode re-budget of one layer (rdr.update.rebudget), on the CPU: the
+SmolLM2-shaped random model of rdr_gpu_check.py, a 2,048-token prompt, budget 1/8, a re-budget
+every 32 tokens; the first decode re-budget of layer 0 is captured and replayed `--repeat`
+times on copies of its state (median printed), and the torch ops it runs are counted by kind.
+
+    python benchmarks/rebudget_layer_time.py [--repeat 5]
+
+Session 9 compared commits with it (PYTHONPATH pointing at a checkout of the older commit).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import sphkv_compile.api as sphkv  # noqa: E402
+from rdr_gpu_check import model_on  # noqa: E402
+
+# ops that only describe a tensor (no kernel on a GPU), left out of the count
+VIEWS = {"view", "_unsafe_view", "as_strided", "reshape", "select", "slice", "expand", "unsqueeze", "squeeze", "t",
+         "transpose", "permute", "detach", "alias", "split", "split_with_sizes", "unbind", "lift_fresh", "empty",
+         "empty_strided"}
+
+
+class CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if name not in VIEWS:
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args(argv)
+    update = importlib.import_module("sphkv_compile.rdr.update")
+    node = importlib.import_module("sphkv_compile.rdr.node")
+    model = sphkv.optimize(model_on(torch.device("cpu")), policy="rdr", budget=0.125, rebudget_every=32)
+    ids = torch.randint(3, 49152, (1, 2048), generator=torch.Generator().manual_seed(0))
+    cache = sphkv.new_cache(model, max_cache_len=2048 + 40)
+    inner, captured = update.rebudget, []
+
+    def capture(*a, **kw):
+        if not captured and len(a) < 4:  # between decode steps: (states, specs, budget) and keywords
+            captured.append(copy.deepcopy((a, kw)))
+        return inner(*a, **kw)
+
+    node.rebudget = capture
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=36, min_new_tokens=36, do_sample=False,
+                       **{sphkv.cache_keyword(model): cache})
+    node.rebudget = inner
+    a, kw = captured[0]
+    times = []
+    for _ in range(args.repeat):
+        a2, kw2 = copy.deepcopy((a, kw))
+        t = time.perf_counter()
+        inner(*a2, **kw2)
+        times.append(1000 * (time.perf_counter() - t))
+    counter = CountOps()
+    a2, kw2 = copy.deepcopy((a, kw))
+    with counter:
+        inner(*a2, **kw2)
+    print(f"decode re-budget of one layer ({a[0][0].count.shape[1]} KV heads): median {statistics.median(times):.1f} ms "
+          f"of {args.repeat}; {sum(counter.ops.values())} torch ops (views left out), "
+          f"{counter.ops['_local_scalar_dense']} host reads")
+    print("most frequent:", counter.ops.most_common(8))
+
+
+if __name__ == "__main__":
+    main()
