@@ -96,8 +96,8 @@ def _fill(D, cost, budget, feasible, richer) -> torch.Tensor:
 # give a near-optimal start, then negative cycles of moves between choices are cancelled
 # until none is left (the optimality condition of a min-cost flow).
 # The prices are only a start (_repair and _cancel_negative_cycles make the result optimal): on a
-# real SmolLM2 prefill instance tiled to 262,144 items, 24 rounds took 1.26 s and 4 took 0.28 s
-# on the CPU, to the same optimum (most of the 24 were oscillation).
+# real SmolLM2 prefill instance tiled to 264,192 items, 24 rounds took 1.07 s and 4 took 0.30 s on
+# the sandbox CPU, to the same optimum (benchmarks/results/sandbox_session9_price_rounds.log).
 PRICE_ROUNDS = 4
 
 
