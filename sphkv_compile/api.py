@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import functools
 import inspect
+import time
 import warnings
 
 import torch
 
 from .backend import install_kernels
-from .report import begin_compile, record_decode_step, record_site, report, reset_rebudgets
+from .report import begin_compile, rebudgets, record_decode_step, record_site, report, reset_rebudgets
 from .hf import CACHE_KWARG, DENSE_IMPL_ATTR, IMPL_NAME, RoutedSphkvCache, register, run_routed
 from .hf_cache import SphkvCache, snapshot_kv_bytes, storage_dtype
 from .hf_plan import calls_sdpa_itself, kv_geometry, model_dtype, plan_layers
@@ -180,6 +181,7 @@ def _wrap_generate(model, generate, key: str):
             record_decode_step(graphs, why)
             if graphs and cache.options.policy == "rdr":
                 kwargs["logits_processor"] = _with_rebudget(kwargs.get("logits_processor"), cache)
+        started = time.perf_counter()
         try:
             out = generate(*args, **kwargs)
         finally:
@@ -187,9 +189,29 @@ def _wrap_generate(model, generate, key: str):
                 snapshot_kv_bytes(cache)  # report() keeps the numbers after the cache is freed
         if isinstance(cache, SphkvCache):
             cache.raise_if_over_budget()  # what decode steps replayed from CUDA graphs recorded
+            warn_if_rebudgets_dominate(time.perf_counter() - started, rebudgets(), cache.options.rebudget_every)
         return out
 
     return sphkv_generate
+
+
+# RDR's re-budgets run on the host (a few hundred small ops per layer); when they take more than
+# this share of a generate() call that lasted at least REBUDGET_WARN_MIN_SECONDS, say so.
+REBUDGET_WARN_SHARE = 0.5
+REBUDGET_WARN_MIN_SECONDS = 1.0
+
+
+def warn_if_rebudgets_dominate(seconds: float, rebudgets: dict, rebudget_every: int) -> None:
+    """seconds: the generate() call's wall time; rebudgets: report()["rebudgets"] of that call."""
+    spent = sum(entry["host_seconds"] for entry in rebudgets.values())
+    count = sum(entry["count"] for entry in rebudgets.values())
+    if seconds < REBUDGET_WARN_MIN_SECONDS or spent <= REBUDGET_WARN_SHARE * seconds:
+        return
+    warnings.warn(
+        f"sphkv: RDR's re-budgets took {spent:.2f} s of this generate()'s {seconds:.2f} s ({count} layer "
+        f"re-budgets, {1000 * spent / count:.1f} ms each, on the host; report()['rebudgets'] has them by kind). "
+        f"Fix: a larger rebudget_every (now {rebudget_every}) spreads them over more tokens; "
+        f"policy='uniform' has none.", SphkvPerformanceWarning, stacklevel=3)
 
 
 def _with_rebudget(processors, cache: SphkvCache):

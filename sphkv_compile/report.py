@@ -69,6 +69,12 @@ def record_rebudget(kind: str, seconds: float) -> None:
         entry["host_seconds"] += seconds
 
 
+def rebudgets() -> dict:
+    """{kind: {"count", "host_seconds"}} of RDR's re-budgets since reset_rebudgets()."""
+    with _lock:
+        return {kind: dict(entry) for kind, entry in _rebudgets.items()}
+
+
 def reset_rebudgets() -> None:
     with _lock:
         _rebudgets.clear()
@@ -95,12 +101,11 @@ def report() -> dict:
     with _lock:
         sites = [asdict(s) for s in _sites]
         sources = [fn for group, fn in _kv_sources if group == _active_group]
-        rebudgets = {kind: dict(entry) for kind, entry in _rebudgets.items()}
     kv = [fn() for fn in sources]
     return {
         "sites": sites,
         "kv_bytes": sum(k for k, _ in kv),
         "dense_kv_bytes": sum(d for _, d in kv),
         "decode_step": _decode_step,
-        "rebudgets": rebudgets,
+        "rebudgets": rebudgets(),
     }

@@ -174,3 +174,33 @@ def test_generation_longer_than_a_static_cache_is_refused_up_front():
         model.generate(ids, do_sample=False, **kw)
     out = model.generate(ids, max_new_tokens=11, min_new_tokens=11, do_sample=False, **kw)
     assert out.shape == (1, 31)  # 30 positions held: the 31st token was sampled, not fed back
+
+
+def test_rdr_rebudgets_that_dominate_a_generate_are_reported():
+    """When RDR's host-side re-budgets take most of a generate() call, it warns with their share
+    and the fix; short calls and a minority share stay quiet. generate() passes this call's
+    timed re-budgets (report()['rebudgets'])."""
+    from sphkv_compile import SphkvPerformanceWarning
+    from sphkv_compile.api import warn_if_rebudgets_dominate
+
+    timed = {"prefill": {"count": 2, "host_seconds": 0.5}, "decode": {"count": 8, "host_seconds": 1.5}}
+    with pytest.warns(SphkvPerformanceWarning, match=r"took 2.00 s of this generate\(\)'s 3.00 s \(10 layer "
+                                                     r"re-budgets, 200.0 ms each.*rebudget_every \(now 32\)"):
+        warn_if_rebudgets_dominate(3.0, timed, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SphkvPerformanceWarning)
+        warn_if_rebudgets_dominate(5.0, timed, 32)  # 40%
+        warn_if_rebudgets_dominate(0.5, {"decode": {"count": 1, "host_seconds": 0.4}}, 32)  # a short call
+        warn_if_rebudgets_dominate(10.0, {}, 32)  # the uniform policy: none
+
+    seen = []
+    model = api.optimize(_model(), policy="rdr", budget=0.3, sink=2, recent=4, rebudget_every=4)
+    import sphkv_compile.api as api_module
+    original = api_module.warn_if_rebudgets_dominate
+    api_module.warn_if_rebudgets_dominate = lambda seconds, timed, every: seen.append((seconds, timed, every))
+    try:
+        model.generate(torch.randint(3, 128, (1, 40)), max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    finally:
+        api_module.warn_if_rebudgets_dominate = original
+    (seconds, timed, every), = seen
+    assert every == 4 and seconds > timed["decode"]["host_seconds"] > 0 and timed["decode"]["count"] >= 2
