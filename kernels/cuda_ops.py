@@ -14,11 +14,13 @@ import torch
 from sphkv_compile import ops as sphkv_ops  # noqa: F401  (defines the ops)
 from sphkv_compile.ops import dtype_from_name, on_new_store, parse_tiers, unflatten_state
 from sphkv_compile.placement import graduate
+from sphkv_compile.rdr.convert import decode_kv
 from sphkv_compile.store import (append_records, attend as reference_attend, encode_records as reference_encode,
-                                  register_device_encoder)
+                                  register_device_decoder, register_device_encoder)
 
 from . import attend as kernel_attend
 from . import encode as kernel_encode
+from . import record_decode
 from .decode_update import decode_update
 from .layout import Unsupported, prepare_device_tables
 
@@ -60,6 +62,16 @@ def encode_records(spec, k, v, seed, kv_dtype):
     except Unsupported as err:
         _fallback("encode", err)
         return reference_encode(spec, k, v, seed, kv_dtype)
+
+
+def decode_records(spec, records, head_dim, seed, kv_dtype):
+    """Records of a compressed tier -> (k, v) float32, un-rotated: the Triton decoders, or the
+    codecs where the kernels do not handle them (RDR's re-budget decodes the tokens it demotes)."""
+    try:
+        return record_decode.decode_records(spec, records, head_dim, seed, kv_dtype)
+    except Unsupported as err:
+        _fallback("decode records", err)
+        return decode_kv(spec, records, head_dim, seed, kv_dtype, rotated=False)
 
 
 def _encode_flat(spec, k, v, seed, kv_dtype):
@@ -114,4 +126,5 @@ def register() -> None:
     torch.library.register_kernel("sphkv::update_cache", "cuda", update_cache_cuda)
     on_new_store(prepare_device_tables)
     register_device_encoder("cuda", encode_records)  # RDR's re-budget encodes graduating tokens with it
+    register_device_decoder("cuda", decode_records)  # and decodes the tokens it demotes
     _registered = True

@@ -80,9 +80,11 @@ def encode_records(spec: TierSpec, k: torch.Tensor, v: torch.Tensor, seed: int, 
     return torch.cat((kc.encode(k).words, vc.encode(v).words), dim=-1)
 
 
-# Faster encoders per device type (kernels/cuda_ops.py registers the Triton encoder for "cuda"):
-# code that encodes outside the custom ops (RDR's re-budget) asks for one by the data's device.
+# Faster encoders and decoders per device type (kernels/cuda_ops.py registers the Triton ones for
+# "cuda"): code that converts records outside the custom ops (RDR's re-budget) asks for them by
+# the data's device.
 _DEVICE_ENCODERS: dict[str, Callable] = {}
+_DEVICE_DECODERS: dict[str, Callable] = {}
 
 
 def register_device_encoder(device_type: str, encode) -> None:
@@ -93,6 +95,17 @@ def register_device_encoder(device_type: str, encode) -> None:
 def device_encoder(device: torch.device):
     """The registered encoder for `device`'s type, else the reference encode_records."""
     return _DEVICE_ENCODERS.get(torch.device(device).type, encode_records)
+
+
+def register_device_decoder(device_type: str, decode) -> None:
+    """decode(spec, records, head_dim, seed, kv_dtype) -> (k, v) float32, un-rotated, for the
+    records of a compressed tier on that device type."""
+    _DEVICE_DECODERS[device_type] = decode
+
+
+def device_decoder(device: torch.device):
+    """The registered decoder for `device`'s type, or None (then decode with the codecs)."""
+    return _DEVICE_DECODERS.get(torch.device(device).type)
 
 
 def split_exact(records: torch.Tensor, head_dim: int, kv_dtype: torch.dtype):

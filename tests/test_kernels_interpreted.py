@@ -252,6 +252,32 @@ def test_encode_matches_reference(spec, d, B, H, N, dtypes, seed):
     _check_codes_close(spec, d, got, want)
 
 
+@settings(**SETTINGS)
+@given(st.sampled_from(ALL_TIERS[1:]), st.sampled_from([16, 64, 128]), st.integers(0, 300), st.integers(0, 2**31 - 1))
+def test_record_decoder_matches_the_codecs(spec, d, n, seed):
+    """kernels.record_decode (RDR's demotions on a GPU) gives K and V as the codecs decode them,
+    un-rotated (rdr.convert.decode_kv), at float32 accuracy: zero keys, radii over many octaves,
+    no tokens, and more tokens than one program holds."""
+    from sphkv_compile.kernels.record_decode import decode_records
+    from sphkv_compile.rdr.convert import decode_kv
+
+    gen = torch.Generator().manual_seed(seed)
+    k = torch.randn(n, d, generator=gen) * torch.exp(4 * torch.randn(n, 1, generator=gen))
+    v = torch.randn(n, d, generator=gen)
+    if n:
+        k[0] = 0.0
+    records = encode_records(spec, k[None], v[None], 0, KV_DTYPE)  # [1, n, W]
+    got_k, got_v = decode_records(spec, records, d, 0, KV_DTYPE)
+    want_k, want_v = decode_kv(spec, records, d, 0, KV_DTYPE, rotated=False)
+    assert got_k.shape == want_k.shape == (1, n, d) and got_v.shape == want_v.shape
+    if n:
+        assert torch.equal(got_k[0, 0], torch.zeros(d))
+        # per token: float32 decoding and rotation against the codecs' own float32 decode
+        for got, want in ((got_k, want_k), (got_v, want_v)):
+            err = (got - want).norm(dim=-1) / want.norm(dim=-1).clamp_min(1e-30)
+            assert float(err.max()) < FP32_TOL, float(err.max())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # tf32x3 rotation, and 16-bit sign matrix
 def test_encode_non_finite_key_is_marked(dtype):
     spec = DEFAULT_TIERS[2]

@@ -194,7 +194,7 @@ def test_demotion_through_a_device_encoder_matches_the_rotated_reencode(monkeypa
     (measured at most 0.66% per field, at d=64 from high to mid). The Triton encoder itself is
     checked against float64 in tests/test_kernels_gpu.py; this path runs it only on a GPU."""
     from sphkv_compile import store
-    from sphkv_compile.rdr.convert import convert_records
+    from sphkv_compile.rdr.convert import convert_records, decode_kv
     from sphkv_compile.tiers import tier_codecs
 
     high = DEFAULT_TIERS[1]
@@ -204,9 +204,14 @@ def test_demotion_through_a_device_encoder_matches_the_rotated_reencode(monkeypa
     rec = store.encode_records(high, k, v, 0, torch.bfloat16)
     for dst in DEFAULT_TIERS[2:]:
         reference = convert_records(high, dst, rec, d, 0, torch.bfloat16)
+        decoded = []  # the device's decoder is used when one is registered (kernels.record_decode on CUDA)
         monkeypatch.setitem(store._DEVICE_ENCODERS, "cpu", lambda *a: store.encode_records(*a))
+        monkeypatch.setitem(store._DEVICE_DECODERS, "cpu",
+                            lambda *a: decoded.append(a[0]) or decode_kv(*a, rotated=False))
         via_device = convert_records(high, dst, rec, d, 0, torch.bfloat16)
         monkeypatch.delitem(store._DEVICE_ENCODERS, "cpu")
+        monkeypatch.delitem(store._DEVICE_DECODERS, "cpu")
+        assert decoded == [high]
         kc, vc = tier_codecs(dst, d, 0)
         for codec, part in ((kc, slice(0, kc.words)), (vc, slice(kc.words, None))):
             fields = zip(codec.layout.unpack(reference[:, part]), codec.layout.unpack(via_device[:, part]))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..store import device_encoder, encode_records, split_exact
+from ..store import device_decoder, device_encoder, encode_records, split_exact
 from ..tiers import TierSpec, tier_codecs
 
 
@@ -56,7 +56,8 @@ def convert_records(src: TierSpec, dst: TierSpec, records: torch.Tensor, head_di
     if encode is not encode_records:
         # a device encoder rotates its input itself: give it the decoded vectors un-rotated, in
         # the cache's dtype like every other token it encodes (its rounding is far below a code step)
-        k, v = decode_kv(src, records, head_dim, seed, kv_dtype, rotated=False)
+        decode = device_decoder(records.device) or (lambda *a: decode_kv(*a, rotated=False))
+        k, v = decode(src, records, head_dim, seed, kv_dtype)
         return encode(dst, k.to(kv_dtype), v.to(kv_dtype), seed, kv_dtype)
     # every compressed tier shares the seed, hence the rotation: re-encode in the rotated domain
     k, v = decode_kv(src, records, head_dim, seed, kv_dtype, rotated=True)
