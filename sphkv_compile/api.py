@@ -354,31 +354,34 @@ def _raise_if_longer_than_cache(args, kwargs, model, cache: SphkvCache) -> None:
 def _cached_positions(args, kwargs, model) -> tuple[int, str] | None:
     """(positions the cache must hold, how that was worked out), as transformers sizes a static
     cache: max_length - 1. None when the prompt is not known up front (inputs_embeds)."""
+    config = kwargs.get("generation_config") or model.generation_config
+    asked = _requested_length(args, kwargs, config)
+    if asked is not None:
+        return asked[0] - 1, f"{asked[1]} - 1"
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is None:
+        return None
+    total = ids.shape[-1] + HF_DEFAULT_NEW_TOKENS
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    total = min(total, limit) if limit else total
+    return total - 1, f"prompt {ids.shape[-1]} + transformers' default of {HF_DEFAULT_NEW_TOKENS} new tokens - 1"
+
+
+def _requested_length(args, kwargs, config) -> tuple[int, str] | None:
+    """(prompt + new tokens, how) from this call's max_new_tokens or max_length; None when neither
+    is set, or the prompt is not known up front."""
     ids = kwargs.get("input_ids", args[0] if args else None)
     if ids is None:
         return None
     prompt = ids.shape[-1]
-    config = kwargs.get("generation_config") or model.generation_config
     new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
     if new is not None:
-        return prompt + int(new) - 1, f"prompt {prompt} + max_new_tokens {int(new)} - 1"
+        return prompt + int(new), f"prompt {prompt} + max_new_tokens {int(new)}"
     total = kwargs.get("max_length", getattr(config, "max_length", None))
-    if total is not None:
-        return int(total) - 1, f"max_length {int(total)} - 1"
-    total = prompt + HF_DEFAULT_NEW_TOKENS
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    total = min(total, limit) if limit else total
-    return total - 1, f"prompt {prompt} + transformers' default of {HF_DEFAULT_NEW_TOKENS} new tokens - 1"
+    return None if total is None else (int(total), f"max_length {int(total)}")
 
 
 def _generation_length(args, kwargs, config) -> int | None:
     """Prompt + new tokens of this generate call (None when it cannot be told up front)."""
-    ids = kwargs.get("input_ids", args[0] if args else None)
-    if ids is None:
-        return None
-    prompt = ids.shape[-1]
-    new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
-    if new is not None:
-        return prompt + int(new)
-    total = kwargs.get("max_length", getattr(config, "max_length", None))
-    return None if total is None else int(total)
+    asked = _requested_length(args, kwargs, config)
+    return None if asked is None else asked[0]
