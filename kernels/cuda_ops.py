@@ -16,7 +16,7 @@ from sphkv_compile.ops import dtype_from_name, on_new_store, parse_tiers, unflat
 from sphkv_compile.placement import graduate
 from sphkv_compile.rdr.convert import decode_kv
 from sphkv_compile.store import (append_records, attend as reference_attend, encode_records as reference_encode,
-                                  register_device_encoder)
+                                  register_device_decoder, register_device_encoder)
 
 from . import attend as kernel_attend
 from . import encode as kernel_encode
@@ -126,7 +126,5 @@ def register() -> None:
     torch.library.register_kernel("sphkv::update_cache", "cuda", update_cache_cuda)
     on_new_store(prepare_device_tables)
     register_device_encoder("cuda", encode_records)  # RDR's re-budget encodes graduating tokens with it
-    # decode_records (kernels/record_decode.py) is to decode the tokens RDR demotes; it joins here
-    # once test_record_decoder_matches_the_codecs_on_gpu has passed on a GPU (written in session 9
-    # after the device time was spent: checked under the interpreter and in the sm_90 compile only)
+    register_device_decoder("cuda", decode_records)  # ... and decodes the tokens it demotes (record_decode.py)
     _registered = True
