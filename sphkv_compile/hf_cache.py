@@ -221,17 +221,24 @@ class SphkvLayer(CacheLayerMixin):
         self.cumulative_length.zero_()
         self.stored_any = False
 
+    @torch._dynamo.disable
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("beam search is not supported on the sphkv cache (reordering page tables "
-                                  "per row is not implemented); use greedy or sampling")
+        """Beam search: batch row i continues beam beam_idx[i]. The store's pages are rebuilt
+        (store.LayerStore.select_rows: a copy of the layer's records, as HF's dense layers copy
+        their K/V with index_select), and the meter's per-row counts follow their rows."""
+        if self.store is None or not self.stored_any:
+            return
+        self.store.select_rows(beam_idx, can_grow=self.max_cache_len is None)
+        budget_meter.select_rows(self.meter, beam_idx)
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("the sphkv cache cannot be cropped (assisted/speculative decoding): "
                                   "compressed tokens cannot be removed by position")
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        raise NotImplementedError("the sphkv cache cannot be expanded along the batch (num_return_sequences > 1 "
-                                  "or beam search); repeat the prompt in the batch instead")
+        raise NotImplementedError("a filled sphkv cache cannot be expanded along the batch; repeat the prompt in "
+                                  "the batch before the prefill (generate() does so for num_beams and "
+                                  "num_return_sequences)")
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         raise NotImplementedError("the sphkv cache cannot select batch rows")

@@ -419,6 +419,28 @@ class LayerStore:
                 self.states[dst] = self._new_state(self.tiers[dst], pages, max(1, _max_int((need + self.page_size - 1) // self.page_size)))
             rebuild(self.states[dst], rec, util, valid, self.tiers[dst].name)
 
+    def select_rows(self, rows: torch.Tensor, can_grow: bool = True) -> None:
+        """Batch row i takes the tokens of row rows[i] (beam search's reorder: rows may repeat
+        and skip). Each tier is gathered, indexed and rebuilt densely in place, so a static
+        cache's tensors keep their addresses. A pool too small for the result grows where
+        can_grow, else StoreCapacityError is raised before anything is changed."""
+        rows = torch.as_tensor(rows).to(device=self.states[0].count.device, dtype=torch.int64)
+        if rows.shape != (self.batch,) or (rows.numel() and not (0 <= int(rows.min()) and int(rows.max()) < self.batch)):
+            raise ValueError(f"select_rows needs {self.batch} row indices in [0, {self.batch}), got {rows.tolist()}")
+        for t, spec in enumerate(self.tiers):
+            rec, util, valid = (x[rows] for x in gather_tokens(self.states[t]))
+            pages = (valid.sum(-1) + self.page_size - 1) // self.page_size
+            need, widest = int(pages.sum()), _max_int(pages)
+            st = self.states[t]
+            if need > st.pool.shape[0] or widest > st.pages.shape[-1]:
+                if not can_grow:
+                    raise StoreCapacityError(
+                        f"tier {spec.name!r}: the reordered rows need {need} pages ({widest} per KV head) but the "
+                        f"fixed pool has {st.pool.shape[0]} ({st.pages.shape[-1]} per KV head). Fix: a dynamic "
+                        "cache (no max_cache_len), or a larger max_cache_len")
+                self.states[t] = self._new_state(spec, max(need, st.pool.shape[0]), max(widest, st.pages.shape[-1]))
+            rebuild(self.states[t], rec, util, valid, spec.name)
+
     def _convert(self, src: int, dst: int, rec: torch.Tensor) -> torch.Tensor:
         if src == dst:
             return rec

@@ -13,6 +13,7 @@ from sphkv_compile import api
 from sphkv_compile.hf import SphkvUnsupportedError
 from sphkv_compile.hf_cache import SphkvBudgetError, SphkvCache
 from sphkv_compile.options import SphkvOptionsError
+from sphkv_compile.rdr import meter as budget_meter
 
 
 def _model(**kw):
@@ -72,10 +73,53 @@ def test_report_lists_every_layer_and_measured_bytes():
 
 
 def test_unsupported_decoding_modes_refuse():
+    """Assisted and prompt-lookup decoding crop the cache after rejected draft tokens, which
+    compressed tokens do not allow: refused with the reason, not answered wrongly (transformers
+    checks the layers' is_croppable itself; an older one calls crop, which raises)."""
     model = api.optimize(_model(), bits=3.5)
     ids = torch.randint(3, 128, (1, 8))
-    with pytest.raises(NotImplementedError, match="beam"):
-        model.generate(ids, max_new_tokens=3, num_beams=2, do_sample=False)
+    with pytest.raises((ValueError, NotImplementedError), match="cropped"):
+        model.generate(ids, max_new_tokens=6, do_sample=False, prompt_lookup_num_tokens=2)
+
+
+@pytest.mark.parametrize("static", [False, True])
+@torch.no_grad()
+def test_beam_search_under_rdr_reorders_rows_and_holds_the_budget(static, monkeypatch):
+    """Beam search reorders the batch rows after every step (SphkvCache.reorder_cache): under
+    RDR each row's tokens, tiers and meter entries move together (test_store checks the move
+    itself), re-budgets keep running, and no row ever exceeds its budget (the budgeting node
+    raises if one does)."""
+    from sphkv_compile.store import LayerStore
+
+    moves = []
+    select_rows = LayerStore.select_rows
+    monkeypatch.setattr(LayerStore, "select_rows", lambda self, rows, **kw: (moves.append(rows.tolist()),
+                                                                             select_rows(self, rows, **kw)))
+    model = api.optimize(_model(), policy="rdr", budget=0.3, sink=2, recent=4, rebudget_every=4)
+    ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    cache = api.new_cache(model, max_cache_len=40 + 12 if static else None)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, num_beams=3,
+                         num_return_sequences=3, do_sample=False, **{api.cache_keyword(model): cache})
+    assert out.shape == (6, 52)
+    assert len(moves) == 2 * 12 and any(m != list(range(6)) for m in moves)  # both layers, every step
+    for layer in cache.compressed_layers():
+        rep = layer.budget_report()
+        assert rep["rebudgets"] >= 3 and rep["max_excess"] <= 0, rep
+        # rows 0-2 are the first prompt's beams, 3-5 the second's (6 padding tokens fewer)
+        entered = budget_meter.entered(layer.meter).tolist()
+        assert entered == [40 + 11] * 3 + [34 + 11] * 3, entered
+
+
+def test_meter_rows_follow_a_reorder():
+    meter = budget_meter.new_meter(3, 2)
+    budget_meter.entered(meter).copy_(torch.tensor([10, 20, 30]))
+    meter[budget_meter.SIZE + 3:] = torch.arange(6) + 1
+    budget_meter.select_rows(meter, torch.tensor([2, 2, 0]))
+    assert budget_meter.entered(meter).tolist() == [30, 30, 10]
+    assert meter[budget_meter.SIZE + 3:].tolist() == [5, 6, 5, 6, 1, 2]
+    assert int(meter[budget_meter.BATCH]) == 3
 
 
 def test_training_dropout_on_the_store_refuses():

@@ -268,13 +268,14 @@ def count_graph_captures(monkeypatch) -> list:
     return captures
 
 
-@pytest.mark.parametrize("budget", [None, 0.5])
-def test_generate_with_cuda_graphs_equals_generate_without(budget, monkeypatch):
+@pytest.mark.parametrize("budget,beams", [(None, 1), (0.5, 1), (None, 3)])
+def test_generate_with_cuda_graphs_equals_generate_without(budget, beams, monkeypatch):
     """optimize() keeps generate()'s CUDA graphs (mode 'reduce-overhead') for the uniform policy:
     the decode step, replayed from graphs, produces the same greedy tokens as without them, and
     over more steps than the recent window (so tokens graduate to the compressed tier inside
     the graphs). With a byte budget, the budgeting node checks it on the device inside the
-    graphs (raised after generate() if exceeded)."""
+    graphs (raised after generate() if exceeded). With beams, the cache's rows are reordered
+    between the replayed steps (in place: the graphs keep reading the same tensors)."""
     import transformers as tf
     from torch._dynamo.utils import counters
 
@@ -295,7 +296,7 @@ def test_generate_with_cuda_graphs_equals_generate_without(budget, monkeypatch):
     for mode in ("reduce-overhead", "default"):
         cache.reset()
         with torch.no_grad():
-            runs[mode] = model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False,
+            runs[mode] = model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False, num_beams=beams,
                                         compile_config=tf.CompileConfig(mode=mode), **{key: cache})
         if mode == "reduce-overhead":  # graphs were recorded, and nothing was left out of them
             assert captures and counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])

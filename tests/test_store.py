@@ -171,3 +171,54 @@ def test_gqa_mismatch_is_a_clear_error():
     store.append(randn(1, 3, 4, 32, seed=0), randn(1, 3, 4, 32, seed=1))
     with pytest.raises(ValueError, match="cannot be grouped"):
         store.attend(randn(1, 4, 1, 32, seed=2))
+
+
+@given(d=st.sampled_from([32, 64, 80]), batch=st.integers(1, 4), prompt=st.integers(1, 150), steps=st.integers(0, 6),
+       seed=st.integers(0, 2**31 - 1), data=st.data())
+@settings(max_examples=20, deadline=None)
+def test_select_rows_moves_each_rows_tokens_and_attention(d, batch, prompt, steps, seed, data):
+    """Beam search's reorder (rows may repeat or vanish): afterwards row i holds exactly row
+    rows[i]'s records and utilities in every tier, in order, and attends as it did (same
+    records: float32 rounding only). Ragged rows (left padding) and a compressed tier."""
+    H, G = 2, 2
+    store = LayerStore(batch, H, d, (EXACT, TierSpec("mid", 3.0, "polar", 3.0)), kv_dtype=torch.float32)
+    valid = torch.ones(batch, prompt, dtype=torch.bool)
+    for b in range(batch):
+        valid[b, :data.draw(st.integers(0, prompt - 1), label=f"pad{b}")] = False
+    store.update(randn(batch, H, prompt, d, seed=seed), randn(batch, H, prompt, d, seed=seed + 1), valid,
+                 sink=2, recent=5, target="mid")
+    for step in range(steps):
+        store.update(randn(batch, H, 1, d, seed=seed + 2 + step), randn(batch, H, 1, d, seed=seed + 20 + step),
+                     sink=2, recent=5, target="mid")
+    rows = torch.tensor(data.draw(st.lists(st.integers(0, batch - 1), min_size=batch, max_size=batch), label="rows"))
+    q = randn(batch, H * G, 1, d, seed=seed + 40)
+    before_out, _ = store.attend(q)
+    before = [gather_tokens(s) for s in store.states]
+    store.select_rows(rows)
+    for (rec, util, ok), st_after in zip(before, store.states):
+        rec2, util2, ok2 = gather_tokens(st_after)
+        assert torch.equal(st_after.count, ok[rows].sum(-1).to(torch.int32))
+        n = rec2.shape[2]
+        assert torch.equal(ok2, ok[rows][..., :n]) and not ok[rows][..., n:].any()
+        assert torch.equal(rec2[ok2], rec[rows][..., :n, :][ok2])
+        assert torch.equal(util2[ok2], util[rows][..., :n][ok2])
+    after_out, _ = store.attend(q[rows])
+    torch.testing.assert_close(after_out, before_out[rows])
+
+
+def test_select_rows_grows_a_dynamic_pool_and_refuses_a_fixed_one():
+    store = LayerStore(2, 1, 32, (EXACT,), kv_dtype=torch.float32, page_size=4)
+    store.states = [store._new_state(EXACT, num_pages=3, max_pages=2)]  # exactly what the tokens below fill
+    k = randn(2, 1, 8, 32, seed=0)
+    valid = torch.ones(2, 8, dtype=torch.bool)
+    valid[1, :6] = False  # row 0 holds 8 tokens (2 pages), row 1 holds 2 (1 page); two copies of row 0 need 4
+    store.append(k, k, valid=valid)
+    assert store.states[0].pool.shape[0] == 3
+    fixed = LayerStore(2, 1, 32, (EXACT,), kv_dtype=torch.float32, page_size=4, states=list(store.states))
+    with pytest.raises(StoreCapacityError, match="dynamic cache"):
+        fixed.select_rows(torch.tensor([0, 0]), can_grow=False)
+    assert torch.equal(fixed.states[0].count, torch.tensor([[8], [2]], dtype=torch.int32))  # untouched
+    store.select_rows(torch.tensor([0, 0]))
+    assert torch.equal(store.states[0].count, torch.tensor([[8], [8]], dtype=torch.int32))
+    with pytest.raises(ValueError, match="row indices"):
+        store.select_rows(torch.tensor([0, 2]))

@@ -147,6 +147,23 @@ def test_high_bits_greedy_matches_dense(name, cache):
     assert torch.equal(out, dense), f"{name}/{cache}: first mismatch at step {(out != dense).any(0).nonzero()[0]}"
 
 
+@pytest.mark.parametrize("name,cache", [("llama", "dynamic"), ("llama", "static"), ("gemma2", "static")])
+def test_high_bits_beam_search_matches_dense(name, cache):
+    """Beam search reorders the cache's batch rows every step (SphkvCache.reorder_cache); at high
+    bits the beams and their order equal dense ones. Gemma2 with a short window mixes compressed
+    layers with HF's dense sliding ones, which reorder themselves."""
+    seed = SEED_ORDER.index(name)
+    extra = dict(sliding_window=8) if name == "gemma2" else {}
+    model = build(lambda: ZOO[name]() if not extra else _llama_like(
+        tf.Gemma2Config, head_dim=HIDDEN // HEADS, attn_logit_softcapping=None, **extra), seed)
+    ids, mask = prompts(seed)
+    kw = dict(num_beams=3, num_return_sequences=2)
+    dense = greedy(model, ids, mask, **kw)
+    out = greedy(optimized(model, **HIGH_BITS), ids, mask, cache_implementation=cache, **kw)
+    assert any(s["rewritten"] for s in api.report()["sites"])
+    assert torch.equal(out, dense), f"{name}/{cache}: first mismatch at step {(out != dense).any(0).nonzero()[0]}"
+
+
 def teacher_forced_logits(model, ids, mask, cache=None) -> torch.Tensor:
     """Logits of each decode step after a prefill of the first PROMPT tokens (ids has more)."""
     key = api.cache_keyword(model)

@@ -48,6 +48,16 @@ def entered(meter: torch.Tensor, batch: int | None = None) -> torch.Tensor:
     return meter[SIZE:SIZE + (int(meter[BATCH]) if batch is None else batch)]
 
 
+def select_rows(meter: torch.Tensor, rows: torch.Tensor) -> None:
+    """Batch row i takes row rows[i]'s per-row entries (tokens entered, key gain), in place:
+    the store's select_rows (beam search) moved that row's tokens."""
+    B = int(meter[BATCH])
+    rows = rows.to(device=meter.device, dtype=torch.int64)
+    entered(meter, B).copy_(entered(meter, B)[rows])
+    gain = meter[SIZE + B:].view(B, -1)
+    gain.copy_(gain[rows])
+
+
 def key_gain(meter: torch.Tensor) -> torch.Tensor | None:
     """[B, Hkv] float32: the running key gain, or None before any query was seen."""
     B = int(meter[BATCH])
