@@ -3,6 +3,7 @@ Llama of rdr_gpu_check.py, dense static cache against the sphkv store (uniform o
 torch.profiler over a few decode steps after a warm-up.
 
     python benchmarks/profile_hf_decode.py [--policy uniform|rdr] [--prompt 2048] [--steps 16] [--out DIR]
+                                           [--beams N] [--timing-only]
 
 Prints ms per decoded token for both caches and the ops that take the most host and device
 time (the profiler's table), and writes the tables under --out.
@@ -22,9 +23,9 @@ import sphkv_compile.api as sphkv
 from rdr_gpu_check import add_device_arg, device_from, model_on
 
 
-def generate(model, ids, steps, **kw):
+def generate(model, ids, steps, beams=1, **kw):
     with torch.no_grad():
-        return model.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, **kw)
+        return model.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, num_beams=beams, **kw)
 
 
 def sync(device) -> None:
@@ -32,7 +33,7 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def per_token_ms(model, ids, steps, kw, **extra) -> float:
+def per_token_ms(model, ids, steps, kw, beams=1, **extra) -> float:
     """Wall time of (prefill + steps) minus (prefill + 1 step), per extra step: decode only.
     One cache object, reset between calls: a new cache per generate would make transformers
     recompile its decode step each time (the first run of this script timed that)."""
@@ -42,7 +43,7 @@ def per_token_ms(model, ids, steps, kw, **extra) -> float:
             cache.reset()
         sync(ids.device)
         t = time.perf_counter()
-        generate(model, ids, n, **kw, **extra)
+        generate(model, ids, n, beams, **kw, **extra)
         sync(ids.device)
         times.append(time.perf_counter() - t)
     return 1000 * (times[1] - times[0]) / steps
@@ -54,6 +55,8 @@ def main(argv=None):
     ap.add_argument("--prompt", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--out", default=".")
+    ap.add_argument("--beams", type=int, default=1, help="beam search with this many beams (1: greedy)")
+    ap.add_argument("--timing-only", action="store_true", help="skip the run without CUDA graphs and the profiler")
     add_device_arg(ap)
     args = ap.parse_args(argv)
     device = device_from(args.device)
@@ -67,20 +70,24 @@ def main(argv=None):
 
     dense = model_on(device)
     dense_kw = {"past_key_values": tf.StaticCache(config=dense.config, max_cache_len=max_len)}
-    generate(dense, ids, 4, **dense_kw)  # warm-up: the decode step compiles
-    dense_ms = per_token_ms(dense, ids, args.steps, dense_kw)
-    print(f"dense static cache: {dense_ms:.2f} ms per decoded token", flush=True)
+    beams = args.beams
+    label = "" if beams == 1 else f", beam search over {beams} beams"
+    generate(dense, ids, 4, beams, **dense_kw)  # warm-up: the decode step compiles
+    dense_ms = per_token_ms(dense, ids, args.steps, dense_kw, beams)
+    print(f"dense static cache{label}: {dense_ms:.2f} ms per decoded token", flush=True)
     del dense, dense_kw
 
     model = sphkv.optimize(model_on(device), **options)
     kw = {sphkv.cache_keyword(model): sphkv.new_cache(model, max_cache_len=max_len)}
-    generate(model, ids, warm_steps, **kw)
+    generate(model, ids, warm_steps, beams, **kw)
     for run in ("first", "second"):  # a second run shows whether anything still compiles
-        ms = per_token_ms(model, ids, args.steps, kw)
-        print(f"sphkv {args.policy} ({run} timing): {ms:.2f} ms per decoded token ({ms / dense_ms:.2f}x dense); "
+        ms = per_token_ms(model, ids, args.steps, kw, beams)
+        print(f"sphkv {args.policy}{label} ({run} timing): {ms:.2f} ms per decoded token ({ms / dense_ms:.2f}x dense); "
               f"decode step: {sphkv_compile.report()['decode_step']}; re-budgets of the last generate() "
               f"(prefill + {args.steps + 1} tokens): {sphkv_compile.report()['rebudgets']}", flush=True)
     cache = next(iter(kw.values()))
+    if args.timing_only:
+        return
     if args.policy == "uniform" and device.type == "cuda":
         # optimize() keeps generate()'s CUDA graphs for this policy: the same tokens without them?
         no_graphs = {"compile_config": tf.CompileConfig(mode="default")}

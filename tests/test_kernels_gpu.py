@@ -268,14 +268,13 @@ def count_graph_captures(monkeypatch) -> list:
     return captures
 
 
-@pytest.mark.parametrize("budget,beams", [(None, 1), (0.5, 1), (None, 3)])
-def test_generate_with_cuda_graphs_equals_generate_without(budget, beams, monkeypatch):
+@pytest.mark.parametrize("budget", [None, 0.5])
+def test_generate_with_cuda_graphs_equals_generate_without(budget, monkeypatch):
     """optimize() keeps generate()'s CUDA graphs (mode 'reduce-overhead') for the uniform policy:
     the decode step, replayed from graphs, produces the same greedy tokens as without them, and
     over more steps than the recent window (so tokens graduate to the compressed tier inside
     the graphs). With a byte budget, the budgeting node checks it on the device inside the
-    graphs (raised after generate() if exceeded). With beams, the cache's rows are reordered
-    between the replayed steps (in place: the graphs keep reading the same tensors)."""
+    graphs (raised after generate() if exceeded)."""
     import transformers as tf
     from torch._dynamo.utils import counters
 
@@ -296,7 +295,7 @@ def test_generate_with_cuda_graphs_equals_generate_without(budget, beams, monkey
     for mode in ("reduce-overhead", "default"):
         cache.reset()
         with torch.no_grad():
-            runs[mode] = model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False, num_beams=beams,
+            runs[mode] = model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False,
                                         compile_config=tf.CompileConfig(mode=mode), **{key: cache})
         if mode == "reduce-overhead":  # graphs were recorded, and nothing was left out of them
             assert captures and counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
@@ -305,6 +304,51 @@ def test_generate_with_cuda_graphs_equals_generate_without(budget, beams, monkey
     assert len(captures) == recorded  # mode 'default' records none
     assert runs["reduce-overhead"].shape == (3, 64)
     assert torch.equal(runs["reduce-overhead"], runs["default"])
+
+
+def test_beam_search_reorders_the_gpu_store_in_place(monkeypatch):
+    """Beam search on the GPU (transformers runs it uncompiled, so the ops run the kernels
+    eagerly): the cache's rows are reordered on the device with every state tensor kept at its
+    address (a static cache's compiled graphs hold them), and the beams equal those of a run
+    whose reorders are done on CPU copies of the store (the same records, moved elsewhere)."""
+    import transformers as tf
+
+    import sphkv_compile.api as sphkv
+    from sphkv_compile.store import LayerStore
+
+    torch.manual_seed(random.randrange(2**31))
+    config = tf.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    model = sphkv.optimize(tf.LlamaForCausalLM(config).eval().to(DEV, torch.bfloat16), bits=3.5, recent=8)
+    ids = torch.randint(3, 512, (2, 40), device=DEV)
+    cache = sphkv.new_cache(model, max_cache_len=40 + 24)
+    key = sphkv.cache_keyword(model)
+
+    def beams():
+        cache.reset()
+        with torch.no_grad():
+            return model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False, num_beams=3,
+                                  num_return_sequences=3, **{key: cache})
+
+    on_gpu = beams()
+    addresses = [[t.data_ptr() for t in layer.state] for layer in cache.compressed_layers()]
+    on_gpu_again = beams()
+    assert [[t.data_ptr() for t in layer.state] for layer in cache.compressed_layers()] == addresses
+    select_rows = LayerStore.select_rows
+
+    def on_cpu_copies(self, rows, **kw):
+        gpu_states = self.states
+        self.states = [type(st)(*(t.cpu() for t in st.tensors())) for st in gpu_states]
+        select_rows(self, rows.cpu(), **kw)
+        for st, moved in zip(gpu_states, self.states):
+            for t, m in zip(st.tensors(), moved.tensors()):
+                t.copy_(m)
+        self.states = gpu_states
+
+    monkeypatch.setattr(LayerStore, "select_rows", on_cpu_copies)
+    assert on_gpu.shape == (6, 64)
+    assert torch.equal(on_gpu, on_gpu_again)
+    assert torch.equal(beams(), on_gpu)
 
 
 @pytest.mark.parametrize("name", ["falcon", "gemma2", "gpt_bigcode", "qwen3"])
