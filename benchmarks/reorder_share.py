@@ -1,0 +1,62 @@
+"""How much of a beam-search decode step is the sphkv cache's reorder.
+
+    python benchmarks/reorder_share.py [--device cpu|cuda] [--prompt 512] [--beams 4] [--steps 8]
+
+Runs generate() with beam search on the SmolLM2-shaped random model (rdr_gpu_check.model_on)
+with prefill + 1 and prefill + 1 + steps new tokens, times every SphkvLayer.reorder_cache call
+by wrapping it, and prints the per-token cost of the extra steps and the reorders' share of it.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+
+import torch
+
+import sphkv_compile.api as sphkv
+import sphkv_compile.hf_cache as hf_cache
+from rdr_gpu_check import model_on
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--beams", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=8)
+    args = ap.parse_args(argv)
+    warnings.simplefilter("ignore")
+    device = torch.device(args.device)
+    spent = [0.0, 0]
+    original = hf_cache.SphkvLayer.reorder_cache
+
+    def timed(self, beam_idx):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        original(self, beam_idx)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        spent[0] += time.perf_counter() - t
+        spent[1] += 1
+
+    hf_cache.SphkvLayer.reorder_cache = timed
+    model = sphkv.optimize(model_on(device), bits=3.5)
+    ids = torch.randint(3, 49152, (1, args.prompt), device=device)
+    runs = {}
+    for n in (1, 1, args.steps + 1):  # the first call warms up
+        spent[:] = [0.0, 0]
+        t = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, num_beams=args.beams, do_sample=False)
+        runs[n] = (time.perf_counter() - t, *spent)
+    (t1, r1, _), (tn, rn, calls) = runs[1], runs[args.steps + 1]
+    per_token = 1000 * (tn - t1) / args.steps
+    reorder = 1000 * (rn - r1) / args.steps
+    print(f"{device.type}, prompt {args.prompt}, {args.beams} beams: {per_token:.1f} ms per decoded token, of which "
+          f"reorders {reorder:.1f} ms ({reorder / per_token:.0%}; {calls} reorder calls in the longer run)")
+
+
+if __name__ == "__main__":
+    main()
