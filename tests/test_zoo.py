@@ -164,6 +164,23 @@ def test_high_bits_beam_search_matches_dense(name, cache):
     assert torch.equal(out, dense), f"{name}/{cache}: first mismatch at step {(out != dense).any(0).nonzero()[0]}"
 
 
+def test_high_bits_sampling_with_several_returns_matches_dense():
+    """Sampling with num_return_sequences: generate() repeats each prompt before the prefill, so
+    the cache is built for the expanded batch; with the same seed the samples equal dense ones."""
+    seed = SEED_ORDER.index("qwen2")
+    model = build(ZOO["qwen2"], seed)
+    ids, mask = prompts(seed)
+    runs = []
+    for m in (model, optimized(model, **HIGH_BITS)):
+        torch.manual_seed(seed)
+        runs.append(m.generate(ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=True,
+                               top_k=0, num_return_sequences=3, pad_token_id=0))
+    assert runs[0].shape == (6, PROMPT + NEW)
+    assert not torch.equal(runs[0][0], runs[0][1])  # really sampled: one prompt's returns differ
+    assert api.report()["sites"][0]["rewritten"]
+    assert torch.equal(runs[1], runs[0])
+
+
 def teacher_forced_logits(model, ids, mask, cache=None) -> torch.Tensor:
     """Logits of each decode step after a prefill of the first PROMPT tokens (ids has more)."""
     key = api.cache_keyword(model)
