@@ -20,6 +20,7 @@ not, and the measured resident KV bytes against a dense 16-bit cache.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import time
@@ -27,6 +28,7 @@ import warnings
 
 import torch
 
+from . import beam_decode
 from .backend import install_kernels
 from .report import begin_compile, rebudgets, record_decode_step, record_site, report, reset_rebudgets
 from .hf import CACHE_KWARG, DENSE_IMPL_ATTR, IMPL_NAME, RoutedSphkvCache, register, run_routed
@@ -175,15 +177,18 @@ def _wrap_generate(model, generate, key: str):
                 _advise_static(model)
                 kwargs[key] = new_cache(model, max_tokens=total)
         cache = kwargs.get(key, kwargs.get("past_key_values"))
+        steps = contextlib.nullcontext()
         if isinstance(cache, SphkvCache):
             _raise_if_longer_than_cache(args, kwargs, model, cache)
             graphs, why = _decode_step_mode(kwargs, model, cache)
+            steps, graphs, why = _beam_search_steps(kwargs, model, cache, graphs, why)
             record_decode_step(graphs, why)
             if graphs and cache.options.policy == "rdr":
                 kwargs["logits_processor"] = _with_rebudget(kwargs.get("logits_processor"), cache)
         started = time.perf_counter()
         try:
-            out = generate(*args, **kwargs)
+            with steps:
+                out = generate(*args, **kwargs)
         finally:
             if isinstance(cache, SphkvCache):
                 snapshot_kv_bytes(cache)  # report() keeps the numbers after the cache is freed
@@ -193,6 +198,23 @@ def _wrap_generate(model, generate, key: str):
         return out
 
     return sphkv_generate
+
+
+def _beam_search_steps(kwargs: dict, model, cache: SphkvCache, graphs: bool, why: str):
+    """Beam search: transformers leaves its decode step uncompiled; compile it here where it
+    would compile a greedy one (beam_decode.py). Returns (context for the generate() call,
+    CUDA graphs?, why) for report()."""
+    from transformers.generation.configuration_utils import CompileConfig
+
+    config = kwargs.get("generation_config") or model.generation_config
+    if beam_decode.num_beams(kwargs, config) <= 1:
+        return contextlib.nullcontext(), graphs, why
+    compile_config = kwargs.get("compile_config", getattr(config, "compile_config", None)) or CompileConfig()
+    blocker = beam_decode.why_not_compiled(model, cache, kwargs, config, compile_config)
+    if blocker is not None:
+        return contextlib.nullcontext(), False, f"beam search runs uncompiled: {blocker}"
+    return (beam_decode.compiled_decode_steps(model, compile_config), graphs,
+            f"beam search, its decode step compiled by sphkv (transformers compiles only greedy/sampling): {why}")
 
 
 # RDR's re-budgets run on the host (a few hundred small ops per layer); when they take more than
@@ -300,7 +322,7 @@ def _decode_step_mode(kwargs: dict, model, cache: SphkvCache) -> tuple[bool, str
     if not cache.is_compileable:
         return False, ("dynamic cache: generate() does not compile the decode step "
                        "(pass cache_implementation='static')")
-    if getattr(config, "disable_compile", False):
+    if beam_decode.setting(kwargs, config, "disable_compile", False):
         return False, "generation_config.disable_compile is set"
     if model.device.type == "cpu" and not getattr(asked, "_compile_all_devices", False):
         return False, "generate() compiles the decode step on accelerators only"

@@ -306,13 +306,16 @@ def test_generate_with_cuda_graphs_equals_generate_without(budget, monkeypatch):
     assert torch.equal(runs["reduce-overhead"], runs["default"])
 
 
-def test_beam_search_reorders_the_gpu_store_in_place(monkeypatch):
-    """Beam search on the GPU (transformers runs it uncompiled, so the ops run the kernels
-    eagerly): the cache's rows are reordered on the device with every state tensor kept at its
-    address (a static cache's compiled graphs hold them), and the beams equal those of a run
-    whose reorders are done on CPU copies of the store (the same records, moved elsewhere)."""
+def test_beam_search_replays_from_cuda_graphs_and_reorders_in_place(monkeypatch):
+    """Beam search on the GPU: transformers leaves its decode step uncompiled, sphkv compiles it
+    (beam_decode.py) and it replays from CUDA graphs with nothing skipped, while the cache's
+    rows are reordered in place between replays (every state tensor keeps its address). The
+    beams equal those of the same compiled step without graphs (mode 'default'), and those of
+    a run whose reorders are done on CPU copies of the store."""
     import transformers as tf
+    from torch._dynamo.utils import counters
 
+    import sphkv_compile
     import sphkv_compile.api as sphkv
     from sphkv_compile.store import LayerStore
 
@@ -324,16 +327,24 @@ def test_beam_search_reorders_the_gpu_store_in_place(monkeypatch):
     cache = sphkv.new_cache(model, max_cache_len=40 + 24)
     key = sphkv.cache_keyword(model)
 
-    def beams():
+    def beams(mode):
         cache.reset()
         with torch.no_grad():
             return model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False, num_beams=3,
-                                  num_return_sequences=3, **{key: cache})
+                                  num_return_sequences=3, compile_config=tf.CompileConfig(mode=mode),
+                                  **{key: cache})
 
-    on_gpu = beams()
+    counters.clear()
+    captures = count_graph_captures(monkeypatch)
+    with_graphs = beams("reduce-overhead")
+    step = sphkv_compile.report()["decode_step"]
+    assert step["cuda_graphs"] and "compiled by sphkv" in step["reason"], step
+    assert captures and counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
     addresses = [[t.data_ptr() for t in layer.state] for layer in cache.compressed_layers()]
-    on_gpu_again = beams()
+    assert torch.equal(beams("reduce-overhead"), with_graphs)
     assert [[t.data_ptr() for t in layer.state] for layer in cache.compressed_layers()] == addresses
+    assert with_graphs.shape == (6, 64)
+    assert torch.equal(beams("default"), with_graphs)
     select_rows = LayerStore.select_rows
 
     def on_cpu_copies(self, rows, **kw):
@@ -346,9 +357,7 @@ def test_beam_search_reorders_the_gpu_store_in_place(monkeypatch):
         self.states = gpu_states
 
     monkeypatch.setattr(LayerStore, "select_rows", on_cpu_copies)
-    assert on_gpu.shape == (6, 64)
-    assert torch.equal(on_gpu, on_gpu_again)
-    assert torch.equal(beams(), on_gpu)
+    assert torch.equal(beams("reduce-overhead"), with_graphs)
 
 
 @pytest.mark.parametrize("name", ["falcon", "gemma2", "gpt_bigcode", "qwen3"])
