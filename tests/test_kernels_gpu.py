@@ -30,6 +30,16 @@ ALL_TIERS = DEFAULT_TIERS + (SCALAR_TIER,)
 TF32_TOL = 2e-3
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Every test compiles as a new process would. torch.compile keeps at most
+    torch._dynamo.config.recompile_limit (8) versions of one function per process, and every
+    optimized model's forward is the same function (api.sphkv_forward): a worker that had run
+    five generate() tests ran the sixth eagerly (session 10, test order under xdist)."""
+    torch._dynamo.reset()
+    yield
+
+
 def rel_err(a, b) -> float:
     a, b = a.double(), b.double()
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
