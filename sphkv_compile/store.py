@@ -199,6 +199,19 @@ def rebuild(state: TierState, records: torch.Tensor, utility: torch.Tensor, vali
     append_records(state, records, utility, valid, tier_name)
 
 
+def copy_rows_pagewise(state: TierState, rows: torch.Tensor) -> None:
+    """Row i takes row rows[i]'s records, where every row (and KV head) holds as many tokens
+    as its source: each used page of row i is overwritten by the same-numbered page of row
+    rows[i]; no page changes hands, counts and free lists stay. One read back (the mask)."""
+    ps = state.page_size
+    used = (state.count.to(torch.int64) + ps - 1) // ps
+    slot = torch.arange(state.pages.shape[-1], device=used.device) < used[..., None]
+    dst = state.pages[slot].to(torch.int64)
+    src = state.pages[rows][slot].to(torch.int64)
+    state.pool[dst] = state.pool[src]  # the right side is gathered first, so overlaps are safe
+    state.utility[dst] = state.utility[src]
+
+
 # ---- attention from the store -------------------------------------------------------------
 def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, seed: int,
            kv_dtype: torch.dtype, k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None,
@@ -421,13 +434,24 @@ class LayerStore:
 
     def select_rows(self, rows: torch.Tensor, can_grow: bool = True) -> None:
         """Batch row i takes the tokens of row rows[i] (beam search's reorder: rows may repeat
-        and skip). Each tier is gathered, indexed and rebuilt densely in place, so a static
-        cache's tensors keep their addresses. A pool too small for the result grows where
-        can_grow, else StoreCapacityError is raised before anything is changed."""
+        and skip), in place, so a static cache's tensors keep their addresses. In a tier where
+        every row keeps its token count (beam search's usual case: a prompt's beams are equally
+        long) each row's pages are overwritten page by page (copy_rows_pagewise); otherwise the
+        tier is gathered, indexed and rebuilt densely. A pool too small for the result grows
+        where can_grow, else StoreCapacityError is raised before the tier is changed."""
         rows = torch.as_tensor(rows).to(device=self.states[0].count.device, dtype=torch.int64)
-        if rows.shape != (self.batch,) or (rows.numel() and not (0 <= int(rows.min()) and int(rows.max()) < self.batch)):
-            raise ValueError(f"select_rows needs {self.batch} row indices in [0, {self.batch}), got {rows.tolist()}")
-        for t, spec in enumerate(self.tiers):
+        if rows.shape != (self.batch,):
+            raise ValueError(f"select_rows needs {self.batch} row indices, got shape {tuple(rows.shape)}")
+        safe = rows.clamp(0, self.batch - 1)
+        # one read back for the whole layer: rows in range? each tier's counts kept?
+        flags = torch.stack([((rows >= 0) & (rows < self.batch)).all()]
+                            + [(st.count[safe] == st.count).all() for st in self.states]).tolist()
+        if not flags[0]:
+            raise ValueError(f"select_rows needs row indices in [0, {self.batch}), got {rows.tolist()}")
+        for t, (spec, same_counts) in enumerate(zip(self.tiers, flags[1:])):
+            if same_counts:
+                copy_rows_pagewise(self.states[t], rows)
+                continue
             rec, util, valid = (x[rows] for x in gather_tokens(self.states[t]))
             pages = (valid.sum(-1) + self.page_size - 1) // self.page_size
             need, widest = int(pages.sum()), _max_int(pages)

@@ -179,12 +179,14 @@ def test_gqa_mismatch_is_a_clear_error():
 def test_select_rows_moves_each_rows_tokens_and_attention(d, batch, prompt, steps, seed, data):
     """Beam search's reorder (rows may repeat or vanish): afterwards row i holds exactly row
     rows[i]'s records and utilities in every tier, in order, and attends as it did (same
-    records: float32 rounding only). Ragged rows (left padding) and a compressed tier."""
+    records: float32 rounding only). Ragged rows (left padding: tiers rebuilt) or equal ones
+    (pages copied in place), and a compressed tier."""
     H, G = 2, 2
     store = LayerStore(batch, H, d, (EXACT, TierSpec("mid", 3.0, "polar", 3.0)), kv_dtype=torch.float32)
     valid = torch.ones(batch, prompt, dtype=torch.bool)
-    for b in range(batch):
-        valid[b, :data.draw(st.integers(0, prompt - 1), label=f"pad{b}")] = False
+    if data.draw(st.booleans(), label="ragged"):  # else equal counts: the page-by-page copy
+        for b in range(batch):
+            valid[b, :data.draw(st.integers(0, prompt - 1), label=f"pad{b}")] = False
     store.update(randn(batch, H, prompt, d, seed=seed), randn(batch, H, prompt, d, seed=seed + 1), valid,
                  sink=2, recent=5, target="mid")
     for step in range(steps):
@@ -222,3 +224,30 @@ def test_select_rows_grows_a_dynamic_pool_and_refuses_a_fixed_one():
     assert torch.equal(store.states[0].count, torch.tensor([[8], [8]], dtype=torch.int32))
     with pytest.raises(ValueError, match="row indices"):
         store.select_rows(torch.tensor([0, 2]))
+
+
+def test_equal_counts_copy_pages_in_place_like_a_rebuild(monkeypatch):
+    """Rows that keep their token counts take the page-by-page copy (no page changes hands) and
+    end up holding what the gather-and-rebuild path gives."""
+    import sphkv_compile.store as store_module
+
+    def filled():
+        store = LayerStore(3, 2, 32, (EXACT, TierSpec("mid", 3.0, "polar", 3.0)), kv_dtype=torch.float32)
+        store.update(randn(3, 2, 150, 32, seed=1), randn(3, 2, 150, 32, seed=2), sink=2, recent=5, target="mid")
+        return store
+
+    rows = torch.tensor([2, 2, 0])
+    fast, slow = filled(), filled()
+    pages_before = [st.pages.clone() for st in fast.states]
+    calls = []
+    original = store_module.copy_rows_pagewise
+    monkeypatch.setattr(store_module, "copy_rows_pagewise", lambda st, r: (calls.append(1), original(st, r)))
+    fast.select_rows(rows)
+    assert len(calls) == 2  # both tiers
+    assert all(torch.equal(st.pages, p) for st, p in zip(fast.states, pages_before))
+    for st in slow.states:  # the general path, by hand
+        rec, util, ok = (x[rows] for x in gather_tokens(st))
+        store_module.rebuild(st, rec, util, ok)
+    for a, b in zip(fast.states, slow.states):
+        (ra, ua, oa), (rb, ub, ob) = gather_tokens(a), gather_tokens(b)
+        assert torch.equal(oa, ob) and torch.equal(ra[oa], rb[ob]) and torch.equal(ua[oa], ub[ob])
