@@ -152,6 +152,12 @@ def _wrap_forward(model, forward):
     return sphkv_forward
 
 
+def _generation_config(kwargs: dict, model):
+    """The generation config this generate() call runs with (its keywords may still override
+    single settings: beam_decode.setting)."""
+    return kwargs.get("generation_config") or model.generation_config
+
+
 def _wrap_generate(model, generate, key: str):
     """key: the cache keyword of the model's forward, which generate accepts too."""
 
@@ -159,7 +165,7 @@ def _wrap_generate(model, generate, key: str):
     def sphkv_generate(*args, **kwargs):
         reset_rebudgets()  # report()["rebudgets"] then describes this call
         if kwargs.get(key) is None and kwargs.get("past_key_values") is None:
-            config = kwargs.get("generation_config") or model.generation_config
+            config = _generation_config(kwargs, model)
             impl = kwargs.pop("cache_implementation", None) or getattr(config, "cache_implementation", None)
             if impl not in (None, "dynamic", *STATIC_IMPLEMENTATIONS):
                 raise ValueError(f"cache_implementation={impl!r} is not available with sphkv; "
@@ -206,7 +212,7 @@ def _beam_search_steps(kwargs: dict, model, cache: SphkvCache, graphs: bool, why
     CUDA graphs?, why) for report()."""
     from transformers.generation.configuration_utils import CompileConfig
 
-    config = kwargs.get("generation_config") or model.generation_config
+    config = _generation_config(kwargs, model)
     if beam_decode.num_beams(kwargs, config) <= 1:
         return contextlib.nullcontext(), graphs, why
     compile_config = kwargs.get("compile_config", getattr(config, "compile_config", None)) or CompileConfig()
@@ -308,7 +314,7 @@ def _decode_step_mode(kwargs: dict, model, cache: SphkvCache) -> tuple[bool, str
     refused, naming the cause and the fix."""
     from transformers.generation.configuration_utils import CompileConfig
 
-    config = kwargs.get("generation_config") or model.generation_config
+    config = _generation_config(kwargs, model)
     asked = kwargs.get("compile_config", getattr(config, "compile_config", None))
     why = graph_blocker(model)
     _warn_if_kernels_do_not_cover(model, why)
@@ -376,7 +382,7 @@ def _raise_if_longer_than_cache(args, kwargs, model, cache: SphkvCache) -> None:
 def _cached_positions(args, kwargs, model) -> tuple[int, str] | None:
     """(positions the cache must hold, how that was worked out), as transformers sizes a static
     cache: max_length - 1. None when the prompt is not known up front (inputs_embeds)."""
-    config = kwargs.get("generation_config") or model.generation_config
+    config = _generation_config(kwargs, model)
     asked = _requested_length(args, kwargs, config)
     if asked is not None:
         return asked[0] - 1, f"{asked[1]} - 1"
