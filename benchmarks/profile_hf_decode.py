@@ -72,7 +72,7 @@ def main(argv=None):
     dense_kw = {"past_key_values": tf.StaticCache(config=dense.config, max_cache_len=max_len)}
     beams = args.beams
     label = "" if beams == 1 else f", beam search over {beams} beams"
-    generate(dense, ids, 4, beams, **dense_kw)  # warm-up: the decode step compiles
+    generate(dense, ids, 4, beams, **dense_kw)  # warm-up: the greedy decode step compiles (beam search's does not)
     dense_ms = per_token_ms(dense, ids, args.steps, dense_kw, beams)
     print(f"dense static cache{label}: {dense_ms:.2f} ms per decoded token", flush=True)
     del dense, dense_kw

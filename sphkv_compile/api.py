@@ -210,16 +210,14 @@ def _beam_search_steps(kwargs: dict, model, cache: SphkvCache, graphs: bool, why
     """Beam search: transformers leaves its decode step uncompiled; compile it here where it
     would compile a greedy one (beam_decode.py). Returns (context for the generate() call,
     CUDA graphs?, why) for report()."""
-    from transformers.generation.configuration_utils import CompileConfig
-
     config = _generation_config(kwargs, model)
     if beam_decode.num_beams(kwargs, config) <= 1:
         return contextlib.nullcontext(), graphs, why
-    compile_config = kwargs.get("compile_config", getattr(config, "compile_config", None)) or CompileConfig()
-    blocker = beam_decode.why_not_compiled(model, cache, kwargs, config, compile_config)
+    compile_cfg = beam_decode.compile_config(kwargs, config, model)
+    blocker = beam_decode.why_not_compiled(model, cache, kwargs, config, compile_cfg)
     if blocker is not None:
         return contextlib.nullcontext(), False, f"beam search runs uncompiled: {blocker}"
-    return (beam_decode.compiled_decode_steps(model, compile_config), graphs,
+    return (beam_decode.compiled_decode_steps(model, compile_cfg), graphs,
             f"beam search, its decode step compiled by sphkv (transformers compiles only greedy/sampling): {why}")
 
 
@@ -325,13 +323,9 @@ def _decode_step_mode(kwargs: dict, model, cache: SphkvCache) -> tuple[bool, str
             f"sphkv: compile_config asks for CUDA graphs (mode {asked.mode!r} or triton.cudagraphs), which "
             f"cannot replay this cache's decode step: {why}. Fix: pass "
             "compile_config=CompileConfig(mode='default') or mode='max-autotune-no-cudagraphs'.")
-    if not cache.is_compileable:
-        return False, ("dynamic cache: generate() does not compile the decode step "
-                       "(pass cache_implementation='static')")
-    if beam_decode.setting(kwargs, config, "disable_compile", False):
-        return False, "generation_config.disable_compile is set"
-    if model.device.type == "cpu" and not getattr(asked, "_compile_all_devices", False):
-        return False, "generate() compiles the decode step on accelerators only"
+    blocker = beam_decode.compile_blocker(model, cache, kwargs, config, beam_decode.compile_config(kwargs, config, model))
+    if blocker is not None:
+        return False, blocker
     if why is not None:
         return False, why
     if asked is not None and asked.backend == "sphkv":

@@ -223,9 +223,10 @@ class SphkvLayer(CacheLayerMixin):
 
     @torch._dynamo.disable
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Beam search: batch row i continues beam beam_idx[i]. The store's pages are rebuilt
-        (store.LayerStore.select_rows: a copy of the layer's records, as HF's dense layers copy
-        their K/V with index_select), and the meter's per-row counts follow their rows."""
+        """Beam search: batch row i continues beam beam_idx[i]. Each tier's records move in
+        place (store.LayerStore.select_rows: pages copied where the rows keep their token
+        counts, else the tier rebuilt; a copy of the moved records, as HF's dense layers copy
+        their K/V with index_select), and the meter's per-row entries follow their rows."""
         if self.store is None or not self.stored_any:
             return
         self.store.select_rows(beam_idx, can_grow=self.max_cache_len is None)

@@ -202,12 +202,16 @@ def rebuild(state: TierState, records: torch.Tensor, utility: torch.Tensor, vali
 def copy_rows_pagewise(state: TierState, rows: torch.Tensor) -> None:
     """Row i takes row rows[i]'s records, where every row (and KV head) holds as many tokens
     as its source: each used page of row i is overwritten by the same-numbered page of row
-    rows[i]; no page changes hands, counts and free lists stay. One read back (the mask)."""
+    rows[i]; no page changes hands, counts and free lists stay, rows that keep their own
+    tokens are skipped. One read back (the mask's nonzero)."""
     ps = state.page_size
+    B = rows.shape[0]
     used = (state.count.to(torch.int64) + ps - 1) // ps
-    slot = torch.arange(state.pages.shape[-1], device=used.device) < used[..., None]
-    dst = state.pages[slot].to(torch.int64)
-    src = state.pages[rows][slot].to(torch.int64)
+    moved = (rows != torch.arange(B, device=rows.device))[:, None, None]
+    b, h, p = (torch.arange(state.pages.shape[-1], device=used.device) < used[..., None]).logical_and(moved).nonzero(
+        as_tuple=True)
+    dst = state.pages[b, h, p].to(torch.int64)
+    src = state.pages[rows[b], h, p].to(torch.int64)
     state.pool[dst] = state.pool[src]  # the right side is gathered first, so overlaps are safe
     state.utility[dst] = state.utility[src]
 
@@ -438,7 +442,7 @@ class LayerStore:
         every row keeps its token count (beam search's usual case: a prompt's beams are equally
         long) each row's pages are overwritten page by page (copy_rows_pagewise); otherwise the
         tier is gathered, indexed and rebuilt densely. A pool too small for the result grows
-        where can_grow, else StoreCapacityError is raised before the tier is changed."""
+        where can_grow, else StoreCapacityError is raised before any tier is changed."""
         rows = torch.as_tensor(rows).to(device=self.states[0].count.device, dtype=torch.int64)
         if rows.shape != (self.batch,):
             raise ValueError(f"select_rows needs {self.batch} row indices, got shape {tuple(rows.shape)}")
@@ -448,22 +452,27 @@ class LayerStore:
                             + [(st.count[safe] == st.count).all() for st in self.states]).tolist()
         if not flags[0]:
             raise ValueError(f"select_rows needs row indices in [0, {self.batch}), got {rows.tolist()}")
-        for t, (spec, same_counts) in enumerate(zip(self.tiers, flags[1:])):
-            if same_counts:
-                copy_rows_pagewise(self.states[t], rows)
-                continue
-            rec, util, valid = (x[rows] for x in gather_tokens(self.states[t]))
+        rebuilt = {t: tuple(x[rows] for x in gather_tokens(self.states[t]))
+                   for t, same_counts in enumerate(flags[1:]) if not same_counts}
+        grown = {}
+        for t, (rec, util, valid) in rebuilt.items():  # every capacity checked before anything changes
+            st, name = self.states[t], self.tiers[t].name
             pages = (valid.sum(-1) + self.page_size - 1) // self.page_size
             need, widest = int(pages.sum()), _max_int(pages)
-            st = self.states[t]
             if need > st.pool.shape[0] or widest > st.pages.shape[-1]:
                 if not can_grow:
                     raise StoreCapacityError(
-                        f"tier {spec.name!r}: the reordered rows need {need} pages ({widest} per KV head) but the "
+                        f"tier {name!r}: the reordered rows need {need} pages ({widest} per KV head) but the "
                         f"fixed pool has {st.pool.shape[0]} ({st.pages.shape[-1]} per KV head). Fix: a dynamic "
                         "cache (no max_cache_len), or a larger max_cache_len")
-                self.states[t] = self._new_state(spec, max(need, st.pool.shape[0]), max(widest, st.pages.shape[-1]))
-            rebuild(self.states[t], rec, util, valid, spec.name)
+                grown[t] = (max(need, st.pool.shape[0]), max(widest, st.pages.shape[-1]))
+        for t, spec in enumerate(self.tiers):
+            if t not in rebuilt:
+                copy_rows_pagewise(self.states[t], rows)
+                continue
+            if t in grown:
+                self.states[t] = self._new_state(spec, *grown[t])
+            rebuild(self.states[t], *rebuilt[t], spec.name)
 
     def _convert(self, src: int, dst: int, rec: torch.Tensor) -> torch.Tensor:
         if src == dst:

@@ -112,6 +112,38 @@ def test_beam_search_under_rdr_reorders_rows_and_holds_the_budget(static, monkey
         assert entered == [40 + 11] * 3 + [34 + 11] * 3, entered
 
 
+@torch.no_grad()
+def test_reorder_cache_moves_each_layers_rows_and_meter():
+    """SphkvCache.reorder_cache on a filled RDR cache whose two rows differ in length (so the
+    tiers are rebuilt, not copied page by page): every layer's tiers, tokens entered and key
+    gain follow their rows."""
+    from sphkv_compile.store import gather_tokens
+
+    model = api.optimize(_model(), policy="rdr", budget=0.3, sink=2, recent=4, distortion="logit")
+    ids = torch.randint(3, 128, (2, 48), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :10] = 0
+    cache = api.new_cache(model)
+    model(ids, attention_mask=mask, use_cache=True, **{api.cache_keyword(model): cache})
+    layers = cache.compressed_layers()
+    before = [([gather_tokens(st) for st in layer.store.states], layer.meter.clone()) for layer in layers]
+    B = 2
+    for _, meter in before:
+        assert budget_meter.entered(meter).tolist() == [48, 38]
+        gain = budget_meter.key_gain(meter)
+        assert gain is not None and not torch.equal(gain[0], gain[1])  # so the move is visible
+    cache.reorder_cache(torch.tensor([1, 1]))
+    for layer, (tiers, meter) in zip(layers, before):
+        assert budget_meter.entered(layer.meter).tolist() == [38, 38]
+        gain = layer.meter[budget_meter.SIZE + B:].view(B, -1)
+        assert torch.equal(gain, meter[budget_meter.SIZE + B:].view(B, -1)[[1, 1]])
+        for st, (rec, util, ok) in zip(layer.store.states, tiers):
+            rec2, util2, ok2 = gather_tokens(st)
+            n = rec2.shape[2]
+            assert torch.equal(ok2, ok[[1, 1], :, :n]) and torch.equal(rec2[ok2], rec[[1, 1], :, :n][ok2])
+            assert torch.equal(util2[ok2], util[[1, 1], :, :n][ok2])
+
+
 def test_meter_rows_follow_a_reorder():
     meter = budget_meter.new_meter(3, 2)
     budget_meter.entered(meter).copy_(torch.tensor([10, 20, 30]))

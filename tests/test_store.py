@@ -173,39 +173,43 @@ def test_gqa_mismatch_is_a_clear_error():
         store.attend(randn(1, 4, 1, 32, seed=2))
 
 
+def _beam_store(batch, d, prompt_kv, valid, steps_kv, utilities):
+    store = LayerStore(batch, 2, d, (EXACT, TierSpec("mid", 3.0, "polar", 3.0)), kv_dtype=torch.float32)
+    for (k, v), ok, u in zip([prompt_kv] + steps_kv, [valid] + [None] * len(steps_kv), utilities):
+        store.update(k, v, ok, u, sink=2, recent=5, target="mid")
+    return store
+
+
 @given(d=st.sampled_from([32, 64, 80]), batch=st.integers(1, 4), prompt=st.integers(1, 150), steps=st.integers(0, 6),
        seed=st.integers(0, 2**31 - 1), data=st.data())
 @settings(max_examples=20, deadline=None)
-def test_select_rows_moves_each_rows_tokens_and_attention(d, batch, prompt, steps, seed, data):
-    """Beam search's reorder (rows may repeat or vanish): afterwards row i holds exactly row
-    rows[i]'s records and utilities in every tier, in order, and attends as it did (same
-    records: float32 rounding only). Ragged rows (left padding: tiers rebuilt) or equal ones
-    (pages copied in place), and a compressed tier."""
-    H, G = 2, 2
-    store = LayerStore(batch, H, d, (EXACT, TierSpec("mid", 3.0, "polar", 3.0)), kv_dtype=torch.float32)
+def test_select_rows_equals_a_store_fed_the_reordered_rows(d, batch, prompt, steps, seed, data):
+    """Beam search's reorder (rows may repeat or vanish), then one more decode step: the store
+    holds exactly what a store fed row rows[i]'s tokens as row i from the start holds (records,
+    utilities, counts, every tier, in order), and attends as it does. Ragged rows (left padding:
+    tiers rebuilt) or equal ones (pages copied in place); utilities are random, so they must move too."""
+    H = 2
     valid = torch.ones(batch, prompt, dtype=torch.bool)
-    if data.draw(st.booleans(), label="ragged"):  # else equal counts: the page-by-page copy
+    if data.draw(st.booleans(), label="ragged"):
         for b in range(batch):
             valid[b, :data.draw(st.integers(0, prompt - 1), label=f"pad{b}")] = False
-    store.update(randn(batch, H, prompt, d, seed=seed), randn(batch, H, prompt, d, seed=seed + 1), valid,
-                 sink=2, recent=5, target="mid")
-    for step in range(steps):
-        store.update(randn(batch, H, 1, d, seed=seed + 2 + step), randn(batch, H, 1, d, seed=seed + 20 + step),
-                     sink=2, recent=5, target="mid")
+    kv = [(randn(batch, H, n, d, seed=seed + 2 * i), randn(batch, H, n, d, seed=seed + 2 * i + 1))
+          for i, n in enumerate([prompt] + [1] * (steps + 1))]
+    util = [randn(batch, H, k.shape[2], seed=seed + 100 + i).abs() for i, (k, _) in enumerate(kv)]
     rows = torch.tensor(data.draw(st.lists(st.integers(0, batch - 1), min_size=batch, max_size=batch), label="rows"))
-    q = randn(batch, H * G, 1, d, seed=seed + 40)
-    before_out, _ = store.attend(q)
-    before = [gather_tokens(s) for s in store.states]
+    store = _beam_store(batch, d, kv[0], valid, kv[1:-1], util[:-1])
     store.select_rows(rows)
-    for (rec, util, ok), st_after in zip(before, store.states):
-        rec2, util2, ok2 = gather_tokens(st_after)
-        assert torch.equal(st_after.count, ok[rows].sum(-1).to(torch.int32))
-        n = rec2.shape[2]
-        assert torch.equal(ok2, ok[rows][..., :n]) and not ok[rows][..., n:].any()
-        assert torch.equal(rec2[ok2], rec[rows][..., :n, :][ok2])
-        assert torch.equal(util2[ok2], util[rows][..., :n][ok2])
-    after_out, _ = store.attend(q[rows])
-    torch.testing.assert_close(after_out, before_out[rows])
+    (k_last, v_last), u_last = kv[-1], util[-1]
+    store.update(k_last, v_last, None, u_last, sink=2, recent=5, target="mid")
+    fed = _beam_store(batch, d, tuple(x[rows] for x in kv[0]), valid[rows],
+                      [tuple(x[rows] for x in pair) for pair in kv[1:-1]] + [(k_last, v_last)],
+                      [u[rows] for u in util[:-1]] + [u_last])
+    for a, b in zip(store.states, fed.states):
+        (ra, ua, oa), (rb, ub, ob) = gather_tokens(a), gather_tokens(b)
+        assert torch.equal(a.count, b.count)
+        assert torch.equal(oa, ob) and torch.equal(ra[oa], rb[ob]) and torch.equal(ua[oa], ub[ob])
+    q = randn(batch, 2 * H, 1, d, seed=seed + 40)
+    torch.testing.assert_close(store.attend(q)[0], fed.attend(q)[0])
 
 
 def test_select_rows_grows_a_dynamic_pool_and_refuses_a_fixed_one():

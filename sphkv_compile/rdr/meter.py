@@ -50,8 +50,9 @@ def entered(meter: torch.Tensor, batch: int | None = None) -> torch.Tensor:
 
 def select_rows(meter: torch.Tensor, rows: torch.Tensor) -> None:
     """Batch row i takes row rows[i]'s per-row entries (tokens entered, key gain), in place:
-    the store's select_rows (beam search) moved that row's tokens."""
-    B = int(meter[BATCH])
+    the store's select_rows (beam search) moved that row's tokens. rows has one entry per
+    batch row, so nothing is read back."""
+    B = rows.shape[0]
     rows = rows.to(device=meter.device, dtype=torch.int64)
     entered(meter, B).copy_(entered(meter, B)[rows])
     gain = meter[SIZE + B:].view(B, -1)
