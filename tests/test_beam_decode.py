@@ -46,22 +46,24 @@ def test_beam_decode_steps_run_compiled_and_equal_dense(name):
     assert torch.equal(out, dense), f"{name}: first mismatch at step {(out != dense).any(0).nonzero()[0]}"
 
 
-def test_beam_decode_runs_eagerly_past_the_recompile_limit(monkeypatch):
+def test_beam_decode_runs_eagerly_past_the_recompile_limit():
     """When torch.compile gives up on the forward (here: the recompile limit, 1, reached by a
     second beam width), the step runs the plain forward: same beams, no recursion."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    torch._dynamo.reset()
     seed = zoo.SEED_ORDER.index("llama")
     model = zoo.build(zoo.ZOO["llama"], seed)
     ids, mask = zoo.prompts(seed)
     fast = zoo.optimized(model, **zoo.HIGH_BITS)
     calls = []
-    for beams in (2, 3):
-        out = zoo.greedy(fast, ids, mask, num_beams=beams, cache_implementation="static",
-                         compile_config=counting_config(calls))
-        assert torch.equal(out, zoo.greedy(model, ids, mask, num_beams=beams)), beams
-    assert len(calls) == zoo.NEW - 1  # only the first width ran compiled
     torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(recompile_limit=1):
+            for beams in (2, 3):
+                out = zoo.greedy(fast, ids, mask, num_beams=beams, cache_implementation="static",
+                                 compile_config=counting_config(calls))
+                assert torch.equal(out, zoo.greedy(model, ids, mask, num_beams=beams)), beams
+    finally:
+        torch._dynamo.reset()
+    assert len(calls) == zoo.NEW - 1  # only the first width ran compiled
 
 
 @pytest.mark.parametrize("case", ["dynamic", "dense_layers", "disabled"])
