@@ -90,6 +90,16 @@ def test_zoo_compiled_generate_no_recompiles_after_warmup(name, monkeypatch):
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
+@pytest.fixture
+def meta_is_an_accelerator(monkeypatch):
+    """Models on the meta device stand for models on an accelerator (no GPU here): let the
+    compile rules (beam_decode.compile_blocker, transformers' device list) count it as one."""
+    from sphkv_compile import beam_decode
+
+    monkeypatch.setattr(beam_decode, "COMPILED_DEVICE_TYPES", (*beam_decode.COMPILED_DEVICE_TYPES, "meta"))
+
+
+@pytest.mark.usefixtures("meta_is_an_accelerator")
 def test_generate_keeps_cuda_graphs_only_where_the_decode_step_decides_nothing_on_the_host():
     """generate() compiles a static cache's decode step with mode 'reduce-overhead' (CUDA graphs)
     by default. On the Triton kernels the store is updated on the device alone (a byte budget
@@ -195,6 +205,7 @@ def test_a_budget_excess_recorded_inside_a_cuda_graph_is_raised_after_generate(m
     assert calls == [1]
 
 
+@pytest.mark.usefixtures("meta_is_an_accelerator")
 def test_report_says_how_generate_ran_the_decode_step():
     """report()['decode_step']: whether generate() replays the decode step from CUDA graphs, and
     why not when it does not."""
