@@ -1,7 +1,8 @@
 #!/bin/bash
 # One device call: install, GPU kernel tests, kernel benchmark, optionally (E2E=1) the
 # end-to-end decode. Logs under $OUT. One call holds 10 minutes: split the steps over calls
-# (SKIP_TESTS=1, SKIP_BENCH=1, BENCH_ARGS=--quick, SWEEP=1, SWEEP_ENCODE=1, LOWERING=1, E2E=1, RDR=1, REBUDGET=1) rather than let a timeout cut them.
+# (SKIP_TESTS=1, SKIP_BENCH=1, BENCH_ARGS=--quick, SWEEP=1, SWEEP_ENCODE=1, LOWERING=1, E2E=1, RDR=1, REBUDGET=1,
+# BEAMS=1) rather than let a timeout cut them.
 #
 # Compile caches: each call starts on a bare machine, and the kernel compiles take minutes
 # (the GPU test suite compiles ~20 kernel variants). SAVE_CACHE=1 returns Triton's and
@@ -49,6 +50,12 @@ fi
 if [ "${REBUDGET:-0}" = 1 ]; then  # RDR's allocation per layer on the CPU and the GPU (benchmarks/rebudget_host_time.py)
   (cd benchmarks && timeout ${REBUDGET_TIMEOUT:-200} python rebudget_host_time.py --tile 1 4 16 43 2>&1 \
     | grep -v Warn | tee $OUT/rebudget.log | tail -8)
+fi
+if [ "${BEAMS:-0}" = 1 ]; then  # beam search through generate() against dense, and the reorder's share of a step
+  (cd benchmarks && timeout ${BEAMS_TIMEOUT:-200} python profile_hf_decode.py --beams 4 --steps 16 --timing-only 2>&1 \
+    | grep -v Warn | tee $OUT/beams.log | tail -3
+   timeout ${BEAMS_TIMEOUT:-200} python reorder_share.py --device cuda --prompt 2048 --beams 4 --static 2>&1 | grep -v Warn \
+    | tee $OUT/reorder_share.log | tail -1)
 fi
 if [ "${SAVE_CACHE:-0}" = 1 ]; then
   tar cz -C / root/.triton/cache tmp/torchinductor_root 2>/dev/null | split -b 15M - $OUT/compile-cache.tgz.part
