@@ -28,7 +28,7 @@ import warnings
 
 import torch
 
-from . import beam_decode
+from . import beam_decode, compile_rules
 from .backend import install_kernels
 from .report import begin_compile, rebudgets, record_decode_step, record_site, report, reset_rebudgets
 from .hf import CACHE_KWARG, DENSE_IMPL_ATTR, IMPL_NAME, RoutedSphkvCache, register, run_routed
@@ -154,7 +154,7 @@ def _wrap_forward(model, forward):
 
 def _generation_config(kwargs: dict, model):
     """The generation config this generate() call runs with (its keywords may still override
-    single settings: beam_decode.setting)."""
+    single settings: compile_rules.setting)."""
     return kwargs.get("generation_config") or model.generation_config
 
 
@@ -213,7 +213,7 @@ def _beam_search_steps(kwargs: dict, model, cache: SphkvCache, graphs: bool, why
     config = _generation_config(kwargs, model)
     if beam_decode.num_beams(kwargs, config) <= 1:
         return contextlib.nullcontext(), graphs, why
-    compile_cfg = beam_decode.compile_config(kwargs, config, model)
+    compile_cfg = compile_rules.compile_config(kwargs, config, model)
     blocker = beam_decode.why_not_compiled(model, cache, kwargs, config, compile_cfg)
     if blocker is not None:
         return contextlib.nullcontext(), False, f"beam search runs uncompiled: {blocker}"
@@ -323,7 +323,8 @@ def _decode_step_mode(kwargs: dict, model, cache: SphkvCache) -> tuple[bool, str
             f"sphkv: compile_config asks for CUDA graphs (mode {asked.mode!r} or triton.cudagraphs), which "
             f"cannot replay this cache's decode step: {why}. Fix: pass "
             "compile_config=CompileConfig(mode='default') or mode='max-autotune-no-cudagraphs'.")
-    blocker = beam_decode.compile_blocker(model, cache, kwargs, config, beam_decode.compile_config(kwargs, config, model))
+    blocker = compile_rules.compile_blocker(model, cache, kwargs, config,
+                                            compile_rules.compile_config(kwargs, config, model))
     if blocker is not None:
         return False, blocker
     if why is not None:
@@ -373,6 +374,11 @@ def _raise_if_longer_than_cache(args, kwargs, model, cache: SphkvCache) -> None:
                          f"or generate fewer tokens")
 
 
+def _prompt_ids(args, kwargs) -> torch.Tensor | None:
+    """generate()'s input_ids, by keyword or as its first argument (None: inputs_embeds only)."""
+    return kwargs.get("input_ids", args[0] if args else None)
+
+
 def _cached_positions(args, kwargs, model) -> tuple[int, str] | None:
     """(positions the cache must hold, how that was worked out), as transformers sizes a static
     cache: max_length - 1. None when the prompt is not known up front (inputs_embeds)."""
@@ -380,7 +386,7 @@ def _cached_positions(args, kwargs, model) -> tuple[int, str] | None:
     asked = _requested_length(args, kwargs, config)
     if asked is not None:
         return asked[0] - 1, f"{asked[1]} - 1"
-    ids = kwargs.get("input_ids", args[0] if args else None)
+    ids = _prompt_ids(args, kwargs)
     if ids is None:
         return None
     total = ids.shape[-1] + HF_DEFAULT_NEW_TOKENS
@@ -392,7 +398,7 @@ def _cached_positions(args, kwargs, model) -> tuple[int, str] | None:
 def _requested_length(args, kwargs, config) -> tuple[int, str] | None:
     """(prompt + new tokens, how) from this call's max_new_tokens or max_length; None when neither
     is set, or the prompt is not known up front."""
-    ids = kwargs.get("input_ids", args[0] if args else None)
+    ids = _prompt_ids(args, kwargs)
     if ids is None:
         return None
     prompt = ids.shape[-1]

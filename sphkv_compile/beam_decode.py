@@ -11,66 +11,28 @@ dispatcher runs inside the model's __call__ (hooks run once) and carries the for
 signature, which generate() reads to decide what to pass (position_ids, logits_to_keep).
 
 Only where transformers itself would compile a static cache's greedy decode step
-(compile_blocker), where every layer is compressed (HF's dense layers reorder by replacing
-their tensors), and where the model is not spread over devices.
+(compile_rules.compile_blocker), where every layer is compressed (HF's dense layers reorder by
+replacing their tensors), and where the model is not spread over devices.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 
 import torch
 
+from . import compile_rules
 from .hf_cache import SphkvCache, SphkvLayer
-
-# the device types transformers auto-compiles generate()'s decode step on
-# (GenerationMixin._valid_auto_compile_criteria)
-COMPILED_DEVICE_TYPES = ("cuda", "xpu", "neuron", "tpu")
-
-
-def setting(kwargs: dict, config, name: str, default=None):
-    """A generation setting of this generate() call: its keyword, else the generation config's
-    (generate() lets keywords override the config)."""
-    return kwargs[name] if kwargs.get(name) is not None else getattr(config, name, default)
 
 
 def num_beams(kwargs: dict, config) -> int:
-    return int(setting(kwargs, config, "num_beams", 1) or 1)
-
-
-def compile_config(kwargs: dict, config, model):
-    """The CompileConfig generate() compiles a decode step with: the call's, else the
-    generation config's, else the model's default."""
-    from transformers.generation.configuration_utils import CompileConfig
-
-    chosen = setting(kwargs, config, "compile_config")
-    if chosen is not None:
-        return chosen
-    default = getattr(model, "_default_compile_config", None)
-    return default() if callable(default) else CompileConfig()
-
-
-def compile_blocker(model, cache: SphkvCache, kwargs: dict, config, compile_cfg) -> str | None:
-    """Why generate() would not compile this cache's decode step (None: it would), by
-    transformers' own rules (GenerationMixin._valid_auto_compile_criteria)."""
-    if not cache.is_compileable:
-        return "dynamic cache: generate() does not compile the decode step (pass cache_implementation='static')"
-    if setting(kwargs, config, "disable_compile", False):
-        return "generation_config.disable_compile is set"
-    if model.device.type not in COMPILED_DEVICE_TYPES and not getattr(compile_cfg, "_compile_all_devices", False):
-        return "generate() compiles the decode step on accelerators only"
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None and not getattr(quantizer, "is_compileable", False):
-        return "the model's quantization method does not support torch.compile"
-    devices = set((getattr(model, "hf_device_map", None) or {}).values())
-    if "disk" in devices or ("cpu" in devices and len(devices) > 1):
-        return "the model is offloaded (disk or CPU), which generate() does not compile"
-    return None
+    return int(compile_rules.setting(kwargs, config, "num_beams", 1) or 1)
 
 
 def why_not_compiled(model, cache: SphkvCache, kwargs: dict, config, compile_cfg) -> str | None:
     """Why this beam search's decode step stays uncompiled (None: it can be compiled)."""
-    blocker = compile_blocker(model, cache, kwargs, config, compile_cfg)
+    blocker = compile_rules.compile_blocker(model, cache, kwargs, config, compile_cfg)
     if blocker is not None:
         return blocker
     if not all(isinstance(layer, SphkvLayer) for layer in cache.layers):
@@ -88,16 +50,13 @@ def _one_new_token(args, kwargs) -> bool:
 
 
 def _compiled_forward(model, plain, compile_cfg):
-    """`plain` compiled with this config, kept on the model so later generate() calls reuse it
-    (as transformers keeps its own compiled call in get_compiled_call)."""
-    options = compile_cfg.to_dict()
-    key = (id(plain), repr(sorted((k, repr(sorted(v.items())) if isinstance(v, dict) else repr(v))
-                                  for k, v in options.items())))
+    """`plain` compiled with this config, kept on the model so later generate() calls with an
+    equal config reuse it (as transformers keeps its own compiled call in get_compiled_call)."""
     cached = getattr(model, "_sphkv_beam_forward", None)
-    if cached is None or cached[0] != key:
-        cached = (key, torch.compile(plain, **options))
+    if cached is None or cached[0] is not plain or cached[1] != compile_cfg:
+        cached = (plain, copy.copy(compile_cfg), torch.compile(plain, **compile_cfg.to_dict()))
         model._sphkv_beam_forward = cached
-    return cached[1]
+    return cached[2]
 
 
 @contextlib.contextmanager

@@ -430,11 +430,16 @@ class LayerStore:
             util = torch.cat([p[1] for p in parts], 2)
             valid = torch.cat([p[2] for p in parts], 2)
             st = self.states[dst]
-            need = valid.sum(-1)
-            pages = int(((need + self.page_size - 1) // self.page_size).sum())
-            if pages > st.pool.shape[0] or _max_int((need + self.page_size - 1) // self.page_size) > st.pages.shape[-1]:
-                self.states[dst] = self._new_state(self.tiers[dst], pages, max(1, _max_int((need + self.page_size - 1) // self.page_size)))
+            pages, widest = self._page_demand(valid)
+            if pages > st.pool.shape[0] or widest > st.pages.shape[-1]:
+                self.states[dst] = self._new_state(self.tiers[dst], pages, max(1, widest))
             rebuild(self.states[dst], rec, util, valid, self.tiers[dst].name)
+
+    def _page_demand(self, valid: torch.Tensor) -> tuple[int, int]:
+        """Pages that the tokens valid [B, H, n] fill densely: (all rows and heads, the most one
+        (row, head) needs)."""
+        pages = (valid.sum(-1) + self.page_size - 1) // self.page_size
+        return int(pages.sum()), _max_int(pages)
 
     def select_rows(self, rows: torch.Tensor, can_grow: bool = True) -> None:
         """Batch row i takes the tokens of row rows[i] (beam search's reorder: rows may repeat
@@ -457,8 +462,7 @@ class LayerStore:
         grown = {}
         for t, (rec, util, valid) in rebuilt.items():  # every capacity checked before anything changes
             st, name = self.states[t], self.tiers[t].name
-            pages = (valid.sum(-1) + self.page_size - 1) // self.page_size
-            need, widest = int(pages.sum()), _max_int(pages)
+            need, widest = self._page_demand(valid)
             if need > st.pool.shape[0] or widest > st.pages.shape[-1]:
                 if not can_grow:
                     raise StoreCapacityError(

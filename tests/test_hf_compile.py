@@ -93,10 +93,10 @@ def test_zoo_compiled_generate_no_recompiles_after_warmup(name, monkeypatch):
 @pytest.fixture
 def meta_is_an_accelerator(monkeypatch):
     """Models on the meta device stand for models on an accelerator (no GPU here): let the
-    compile rules (beam_decode.compile_blocker, transformers' device list) count it as one."""
-    from sphkv_compile import beam_decode
+    compile rules (compile_rules.compile_blocker, transformers' device list) count it as one."""
+    from sphkv_compile import compile_rules
 
-    monkeypatch.setattr(beam_decode, "COMPILED_DEVICE_TYPES", (*beam_decode.COMPILED_DEVICE_TYPES, "meta"))
+    monkeypatch.setattr(compile_rules, "COMPILED_DEVICE_TYPES", (*compile_rules.COMPILED_DEVICE_TYPES, "meta"))
 
 
 @pytest.mark.usefixtures("meta_is_an_accelerator")
