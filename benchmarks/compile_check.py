@@ -58,7 +58,9 @@ def paged_signature(fn, consts):
         if name in consts:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
-            sig[name] = "*fp32" if name in ("q_ptr", "acc_ptr", "m_ptr", "l_ptr", "ktab_ptr", "vtab_ptr") else "*i32"
+            tables = "*i64" if "DECODE_K" in consts else "*fp32"  # (cos, sin) pairs for the generated decoders
+            sig[name] = ("*fp32" if name in ("q_ptr", "acc_ptr", "m_ptr", "l_ptr")
+                         else tables if name in ("ktab_ptr", "vtab_ptr") else "*i32")
         else:
             sig[name] = "i32"
     return sig
@@ -85,10 +87,9 @@ def main(d=128, block_t=64, block_m=16, warps=4, stages=2):
     return k
 
 
-def coded(d=128, block_t=128, block_m=16, warps=4, stages=1, bf16=1, maxnreg=0, halves=0, joint=0):
+def coded(d=128, block_t=128, block_m=16, warps=4, stages=1, bf16=1, maxnreg=0, halves=0):
     """The compressed-tier paged kernel with the generated decoders, default tier (halves=1:
-    paged_coded_halves_kernel, keys and values decoded in two halves of D; joint: the decoders'
-    joint_max_bits, 0 for one level per lookup)."""
+    paged_coded_halves_kernel, keys and values decoded in two halves of D)."""
     from sphkv_compile.kernels.attention_kernels import paged_coded_halves_kernel, paged_coded_kernel
     from sphkv_compile.kernels.decode_codegen import decoder
 
@@ -100,13 +101,12 @@ def coded(d=128, block_t=128, block_m=16, warps=4, stages=1, bf16=1, maxnreg=0, 
                   LOG2_MIN=LOG2_MIN, DOT_PRECISION="tf32", BF16_TILES=bool(bf16))
     if halves:
         fn = paged_coded_halves_kernel
-        consts.update(DECODE_K=decoder(info.key, 0, wt, leaf, 0, joint), DECODE_K2=decoder(info.key, 0, wt, leaf, 1, joint),
-                      DECODE_V=decoder(info.value, info.key_words, wt, leaf, 0, joint),
-                      DECODE_V2=decoder(info.value, info.key_words, wt, leaf, 1, joint))
+        consts.update(DECODE_K=decoder(info.key, 0, wt, leaf, 0), DECODE_K2=decoder(info.key, 0, wt, leaf, 1),
+                      DECODE_V=decoder(info.value, info.key_words, wt, leaf, 0),
+                      DECODE_V2=decoder(info.value, info.key_words, wt, leaf, 1))
     else:
         fn = paged_coded_kernel
-        consts.update(DECODE_K=decoder(info.key, 0, wt, leaf, None, joint),
-                      DECODE_V=decoder(info.value, info.key_words, wt, leaf, None, joint))
+        consts.update(DECODE_K=decoder(info.key, 0, wt, leaf), DECODE_V=decoder(info.value, info.key_words, wt, leaf))
     options = {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
     sig = paged_signature(fn, consts)
     k = triton.compile(ASTSource(fn, sig, consts, pointer_alignment(fn, sig)), target=TARGET, options=options)

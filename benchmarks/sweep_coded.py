@@ -25,10 +25,10 @@ from sphkv_compile.tiers import TierSpec
 # Session 6 swept min_tiles_per_split (1, 4, 8), programs_per_sm=4 and combine_splits=8; session 7
 # the packed 16-bit decoders (then a setting, removed after this sweep: docs/PERFORMANCE.md).
 # Session 8 decoding in halves of D (fewer registers), alone, capped at 128 registers, and with four
-# blocks per SM (then the default: benchmarks/results/h200_sweep_coded_session8.json). Session 11:
-# joint lookups of a parent angle and its two children (joint_max_bits, the default 11) against one
-# level per lookup (0, session 8's decoders), and against joint lookups only up to 8 bits.
-SETTINGS = [dict(), dict(joint_max_bits=0), dict(joint_max_bits=8)]
+# blocks per SM (then the default: benchmarks/results/h200_sweep_coded_session8.json). Now: the
+# default (halves, four per SM unless a row would get more than 32 splits) against the old
+# whole-tile kernel at two per SM, and against four per SM at every row count.
+SETTINGS = [dict(), dict(halves=False, maxnreg=None, programs_per_sm=2), dict(max_splits_per_row=10**9)]
 POINTS = [("llama3-8b", 1, 4096), ("smollm2", 1, 4096), ("llama3-8b", 1, 32768), ("llama3-8b", 8, 32768),
           ("smollm2", 8, 32768), ("llama3-8b", 1, 131072)]
 DEFAULTS = dict(kattend.CODED)

@@ -18,7 +18,7 @@ from sphkv_compile.tiers import TierSpec, tier_codecs
 
 from .attention_kernels import (chunk_partials_kernel, combine_kernel, paged_coded_halves_kernel, paged_coded_kernel,
                                 paged_mass_kernel, paged_partials_kernel)
-from .decode_codegen import decode_table, decoder
+from .decode_codegen import decoder
 from .layout import DEVICE_TABLES, ScalarTables, Unsupported, rotation_matrices, tier_info, under_interpreter
 
 LOG2E = 1.0 / math.log(2.0)
@@ -56,7 +56,7 @@ CODED_WARPS = 4
 # whole tiles 96; at d=256 the 128-register cap spills 376 bytes (uncapped halves: 32, whole: 208).
 CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": 4, "few_rows_programs_per_sm": 2,
          "max_splits_per_row": 32, "maxnreg": 128, "maxnreg_max_d": 128, "min_tiles_per_split": 2,
-         "halves": True, "halves_min_d": 64, "joint_max_bits": 11}
+         "halves": True, "halves_min_d": 64}
 # combine_kernel: splits merged per step, output columns per rotation block, warps (sm_90
 # compile, D=128: 238 registers and no spills; 64 columns spill).
 COMBINE = {"splits": 4, "columns": 32, "warps": 8}
@@ -135,8 +135,9 @@ def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_
     BH = st.count.numel()
     grid = (BH, S, triton.cdiv(M, block_m))
     if info.key is not None:  # compressed tier: the generated one-token-per-thread decoders
-        jb = CODED["joint_max_bits"]
-        kt, vt = _tab(decode_table(info.key, jb), device), _tab(decode_table(info.value, jb), device)
+        scalar = isinstance(info.value, ScalarTables)
+        kt = _tab(info.key.trig_pairs, device)
+        vt = _tab(info.value.centroids if scalar else info.value.trig_pairs, device)
         leaf = "tl.bfloat16" if _bf16_tiles() else None
         WT = st.pool.shape[-1]
         D = q_in.shape[-1]
@@ -147,12 +148,12 @@ def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_
         args = (q_in, st.pool, st.pages, st.count, acc, m, l, kt, vt, M, st.pages.shape[-1], S, split_offset, S_total)
         if CODED["halves"] and D >= CODED["halves_min_d"]:
             paged_coded_halves_kernel[grid](
-                *args, DECODE_K=decoder(info.key, 0, WT, leaf, 0, jb), DECODE_K2=decoder(info.key, 0, WT, leaf, 1, jb),
-                DECODE_V=decoder(info.value, info.key_words, WT, leaf, 0, jb),
-                DECODE_V2=decoder(info.value, info.key_words, WT, leaf, 1, jb), **launch)
+                *args, DECODE_K=decoder(info.key, 0, WT, leaf, 0), DECODE_K2=decoder(info.key, 0, WT, leaf, 1),
+                DECODE_V=decoder(info.value, info.key_words, WT, leaf, 0),
+                DECODE_V2=decoder(info.value, info.key_words, WT, leaf, 1), **launch)
         else:
-            paged_coded_kernel[grid](*args, DECODE_K=decoder(info.key, 0, WT, leaf, None, jb),
-                                     DECODE_V=decoder(info.value, info.key_words, WT, leaf, None, jb), **launch)
+            paged_coded_kernel[grid](*args, DECODE_K=decoder(info.key, 0, WT, leaf),
+                                     DECODE_V=decoder(info.value, info.key_words, WT, leaf), **launch)
         return
     # exact tier: plain K/V in the KV dtype (the codec pointers are unused)
     pool = st.pool.view(-1).view(kv_dtype)

@@ -17,11 +17,8 @@ import hashlib
 import importlib.util
 import os
 import tempfile
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-
-import torch
 
 from .layout import PolarTables, ScalarTables
 
@@ -149,123 +146,17 @@ def _join_tile(w: _Writer, leaves: list[str]) -> None:
     w.emit(f"return {tile}")
 
 
-@dataclass(frozen=True)
-class TreeStep:
-    """One step of the top-down recurrence. level: the angle level it reads; joint: it also reads
-    the two children at level - 1 in the same lookup (4 floats: the parent's cos and sin times the
-    children's cos and sin), so one table load and one address replace three. offset: the step's
-    first float in the decoder's table."""
-
-    level: int
-    joint: bool
-    offset: int
-
-
-def level_bits(t: PolarTables, level: int) -> int:
-    return (t.bits >> (4 * (level - 1))) & 15
-
-
-def tree_steps(t: PolarTables, joint_max_bits: int) -> tuple[TreeStep, ...]:
-    """The recurrence's steps from the root down. Levels pair up from the bottom, (2, 1), (4, 3),
-    ..., where a pair's joint code (parent bits + 2 x child bits) has at most joint_max_bits bits
-    (0: no pairs; a pair over the limit stays two lone levels); the root's level stays alone (the
-    halves decoders take one of its children)."""
-    joint_tops = {f for f in range(2, t.levels, 2)
-                  if 0 < joint_max_bits and level_bits(t, f) + 2 * level_bits(t, f - 1) <= joint_max_bits}
-    steps, offset, f = [], 0, t.levels
-    while f >= 1:
-        joint = f in joint_tops
-        steps.append(TreeStep(f, joint, offset))
-        bits = level_bits(t, f) + (2 * level_bits(t, f - 1) if joint else 0)
-        offset += (4 if joint else 2) << bits
-        f -= 2 if joint else 1
-    return tuple(steps)
-
-
-@lru_cache(maxsize=None)
-def _polar_table(t: PolarTables, joint_max_bits: int) -> torch.Tensor:
-    """float32, step by step (tree_steps): a lone level's (cos, sin) per code; a joint step's
-    (cos a cos b, cos a sin b, sin a cos c, sin a sin c) per joint code b | c << w | a << 2w, with
-    a the parent's code and b, c its children's (w bits each). Products made in float64."""
-    trig = t.trig.double()
-    parts = []
-    for step in tree_steps(t, joint_max_bits):
-        lev, ba = step.level - 1, level_bits(t, step.level)
-        cos_a, sin_a = trig[lev, 0, : 1 << ba], trig[lev, 1, : 1 << ba]
-        if not step.joint:
-            parts.append(torch.stack([cos_a, sin_a], -1).reshape(-1))
-            continue
-        w = level_bits(t, step.level - 1)
-        cos_c, sin_c = trig[lev - 1, 0, : 1 << w], trig[lev - 1, 1, : 1 << w]
-        # index [a, c, b]: the joint code's highest bits are a's, its lowest b's
-        shape = (1 << ba, 1 << w, 1 << w)
-        a_cos, a_sin = cos_a[:, None, None].expand(shape), sin_a[:, None, None].expand(shape)
-        b_cos, b_sin = cos_c[None, None, :].expand(shape), sin_c[None, None, :].expand(shape)
-        c_cos, c_sin = cos_c[None, :, None].expand(shape), sin_c[None, :, None].expand(shape)
-        parts.append(torch.stack([a_cos * b_cos, a_cos * b_sin, a_sin * c_cos, a_sin * c_sin], -1).reshape(-1))
-    return torch.cat(parts).float()
-
-
-def decode_table(tables, joint_max_bits: int) -> torch.Tensor:
-    """The table tensor the generated decoder of these tables reads (tab_ptr)."""
-    if isinstance(tables, ScalarTables):
-        return tables.centroids
-    return _polar_table(tables, joint_max_bits)
-
-
-def _load_floats(w: _Writer, tab: str, index: str, n: int, names: list[str]) -> None:
-    """names <- the n (2 or 4) consecutive floats at tab + index, one vector load per token."""
-    g = f"t_{names[0]}"
-    w.emit(f"{g} = tl.load({tab} + ({index})[:, None] + tl.arange(0, {n})[None, :])")
-    if n == 2:
-        w.emit(f"{names[0]}, {names[1]} = tl.split({g})")
-        return
-    w.emit(f"{g}e, {g}o = tl.split(tl.reshape({g}, (BLOCK_T, 2, 2)))")
-    w.emit(f"{names[0]}, {names[2]} = tl.split({g}e)")
-    w.emit(f"{names[1]}, {names[3]} = tl.split({g}o)")
-
-
-def _sibling_codes(w: _Writer, parts, level: int, j: int, width: int) -> str:
-    """The codes of nodes 2j and 2j+1 of a level as one 2·width-bit value (2j's in the low bits):
-    one shift and mask where both sit side by side in one word, else two extracts joined."""
-    left, right = parts[(level, 2 * j)], parts[(level, 2 * j + 1)]
-    name = f"kk{level}_{j}"
-    if len(left) == 1 and len(right) == 1 and left[0][3] == 0 and right[0][3] == 0:
-        (wl, bl, _, _), (wr, br, _, _) = left[0], right[0]
-        if wl == wr and br == bl + width:
-            return _extract(w, [(wl, bl, 2 * width, 0)], name)
-    a = _extract(w, left, f"k{level}_{2 * j}")
-    b = _extract(w, right, f"k{level}_{2 * j + 1}")
-    w.emit(f"{name} = {a} | ({b} << {width})")
-    return name
-
-
-def _polar_body(w: _Writer, t: PolarTables, tab: str, half: int | None = None, joint_max_bits: int = 0) -> None:
+def _polar_body(w: _Writer, t: PolarTables, tab: str, half: int | None = None) -> None:
     """half: None for the whole tile, 0 or 1 for the root's left or right subtree only (the
     first or second D/2 coordinates)."""
     trig = t.trig.double()
     parts = code_parts(t.fields.layout)
     nodes = [(0, _radius(w, parts[(0, 0)]))]  # (index of the node in its level, variable)
-    for step in tree_steps(t, joint_max_bits):
-        f, lev, bits = step.level, step.level - 1, level_bits(t, step.level)
+    size = t.table_size
+    for f in range(t.levels, 0, -1):
+        lev = f - 1
+        bits = (t.bits >> (4 * lev)) & 15
         children = []
-        if step.joint:
-            width = level_bits(t, f - 1)
-            for j, parent in nodes:
-                low = _sibling_codes(w, parts, f - 1, j, width) if width else None
-                high = _extract(w, parts[(f, j)], f"k{f}_{j}") if bits else None
-                terms = [x for x in (low, f"({high} << {2 * width})" if high and width else high) if x]
-                if terms:
-                    names = [f"u{f}_{4 * j + i}" for i in range(4)]
-                    _load_floats(w, tab, f"{step.offset} + ({' | '.join(terms)}) * 4", 4, names)
-                else:  # no bits at either level: the one entry's constants
-                    names = [repr(float(x)) for x in _polar_table(t, joint_max_bits)[step.offset: step.offset + 4]]
-                for i, u in enumerate(names):
-                    name = f"n{f - 1}_{4 * j + i}"
-                    w.emit(f"{name} = {parent} * {u}")
-                    children.append((4 * j + i, name))
-            nodes = children
-            continue
         for j, parent in nodes:
             cos_name, sin_name = f"c{f}_{j}", f"s{f}_{j}"
             if bits == 0:
@@ -275,8 +166,11 @@ def _polar_body(w: _Writer, t: PolarTables, tab: str, half: int | None = None, j
                 if bits <= SELECT_MAX_BITS:
                     w.emit(f"{cos_name} = tl.where({code} == 0, {float(trig[lev, 0, 0])!r}, {float(trig[lev, 0, 1])!r})")
                     w.emit(f"{sin_name} = tl.where({code} == 0, {float(trig[lev, 1, 0])!r}, {float(trig[lev, 1, 1])!r})")
-                else:  # one 8-byte load of the (cos, sin) pair
-                    _load_floats(w, tab, f"{step.offset} + {code} * 2", 2, [cos_name, sin_name])
+                else:  # one 8-byte load of the (cos, sin) pair, read as an int64 and split in the thread
+                    cs = "cs"
+                    w.emit(f"{cs} = tl.load({tab} + ({lev * size} + {code}))")
+                    w.emit(f"{cos_name} = {cs}.to(tl.uint32).to(tl.float32, bitcast=True)")
+                    w.emit(f"{sin_name} = ({cs} >> 32).to(tl.uint32).to(tl.float32, bitcast=True)")
                 cos_v, sin_v = cos_name, sin_name
             pair = [(2 * j, f"n{f}_{2 * j}", cos_v), (2 * j + 1, f"n{f}_{2 * j + 1}", sin_v)]
             if f == t.levels and half is not None:
@@ -301,11 +195,11 @@ def _scalar_body(w: _Writer, t: ScalarTables, tab: str, half: int | None = None)
     _join_tile(w, leaves)
 
 
-def _body(w: _Writer, tables, tab: str, half: int | None, joint_max_bits: int) -> None:
+def _body(w: _Writer, tables, tab: str, half: int | None = None) -> None:
     if isinstance(tables, ScalarTables):
         _scalar_body(w, tables, tab, half)
     else:
-        _polar_body(w, tables, tab, half, joint_max_bits)
+        _polar_body(w, tables, tab, half)
 
 
 _DECODER = '''"""Generated by sphkv_compile.kernels.decode_codegen; do not edit."""
@@ -319,9 +213,9 @@ def decode(pool_ptr, base, valid, tab_ptr, BLOCK_T: tl.constexpr, STEP: tl.const
 
 
 def _decoder_source(tables, word_offset: int, stride: int, leaf_dtype: str | None = None,
-                    half: int | None = None, joint_max_bits: int = 0) -> str:
+                    half: int | None = None) -> str:
     w = _Writer(word_offset, tables.fields.layout.words, stride, leaf_dtype)
-    _body(w, tables, "tab_ptr", half, joint_max_bits)
+    _body(w, tables, "tab_ptr", half)
     return _DECODER + "\n".join(w.lines) + "\n"
 
 
@@ -339,11 +233,9 @@ def load_generated(source: str):
 
 
 @lru_cache(maxsize=None)
-def decoder(tables, word_offset: int, stride: int, leaf_dtype: str | None = None, half: int | None = None,
-            joint_max_bits: int = 0):
+def decoder(tables, word_offset: int, stride: int, leaf_dtype: str | None = None, half: int | None = None):
     """The generated Triton decode function of one codec's records (keys at word 0, values at
     the key record's length): decode(pool_ptr, base, valid, tab_ptr, BLOCK_T, STEP, LOG2_MIN) ->
-    float32 [BLOCK_T, D] in the rotated domain, with tab_ptr = decode_table(tables,
-    joint_max_bits). `base` is each token's first record word. half=0 or 1: only the first or
-    the second D/2 coordinates ([BLOCK_T, D/2]). joint_max_bits: see tree_steps."""
-    return load_generated(_decoder_source(tables, word_offset, stride, leaf_dtype, half, joint_max_bits))
+    float32 [BLOCK_T, D] in the rotated domain. `base` is each token's first record word.
+    half=0 or 1: only the first or the second D/2 coordinates ([BLOCK_T, D/2])."""
+    return load_generated(_decoder_source(tables, word_offset, stride, leaf_dtype, half))

@@ -114,6 +114,12 @@ class PolarTables:
     table_size: int
     radius_step: float
 
+    @property
+    def trig_pairs(self) -> torch.Tensor:
+        """int64 [levels, 2^max_bits]: each centroid's float32 (cos, sin) side by side, cos in the
+        low half (one 8-byte load per code)."""
+        return self.__dict__.setdefault("_pairs", self.trig.transpose(1, 2).contiguous().view(torch.int64)[..., 0])
+
 
 @lru_cache(maxsize=None)
 def polar_tables(codec: SphericalCodec) -> PolarTables:
@@ -270,9 +276,6 @@ def prepare_device_tables(specs, head_dim: int, seed: int, kv_dtype: torch.dtype
     pool not tracked as outputs", seen on the H200)."""
     if device.type != "cuda":
         return
-    from .attend import CODED  # the decoders' table layout is a launch setting of the attention kernels
-    from .decode_codegen import decode_table
-
     for spec in specs:
         try:
             info = tier_info(spec, head_dim, seed, kv_dtype)
@@ -288,7 +291,6 @@ def prepare_device_tables(specs, head_dim: int, seed: int, kv_dtype: torch.dtype
                 tables += [signs[0]] if signs else []
         for t in (info.key, info.value):
             tables += [t.fields.comps, t.thresholds]
-            tables += [decode_table(t, CODED["joint_max_bits"])]
-            tables += [] if isinstance(t, ScalarTables) else [t.trig]
+            tables += [t.centroids] if isinstance(t, ScalarTables) else [t.trig, t.trig_pairs]
         for t in tables:
             DEVICE_TABLES.get(t, device)

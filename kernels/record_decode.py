@@ -12,9 +12,8 @@ import triton.language as tl
 from sphkv_compile.radius import LOG2_MIN
 from sphkv_compile.tiers import TierSpec, tier_codecs
 
-from .attend import CODED
-from .decode_codegen import decode_table, decoder
-from .layout import DEVICE_TABLES, Unsupported, rotation_matrices, tier_info
+from .decode_codegen import decoder
+from .layout import DEVICE_TABLES, ScalarTables, Unsupported, rotation_matrices, tier_info
 
 WARPS = 4
 
@@ -52,14 +51,14 @@ def decode_records(spec: TierSpec, records: torch.Tensor, head_dim: int, seed: i
     k = torch.empty(n, head_dim, dtype=torch.float32, device=device)
     v = torch.empty_like(k)
     if n:
-        jb = CODED["joint_max_bits"]  # the attention kernels' tables, already on the device
+        scalar = isinstance(info.value, ScalarTables)
         block_t = 32 * WARPS  # one token per thread
         decode_records_kernel[(triton.cdiv(n, block_t),)](
-            flat, k, v, DEVICE_TABLES.get(decode_table(info.key, jb), device),
-            DEVICE_TABLES.get(decode_table(info.value, jb), device), n,
-            WT=W, D=head_dim, BLOCK_T=block_t, DECODE_K=decoder(info.key, 0, W, None, 0, jb),
-            DECODE_K2=decoder(info.key, 0, W, None, 1, jb), DECODE_V=decoder(info.value, info.key_words, W, None, 0, jb),
-            DECODE_V2=decoder(info.value, info.key_words, W, None, 1, jb), STEP=info.key.radius_step,
+            flat, k, v, DEVICE_TABLES.get(info.key.trig_pairs, device),
+            DEVICE_TABLES.get(info.value.centroids if scalar else info.value.trig_pairs, device), n,
+            WT=W, D=head_dim, BLOCK_T=block_t, DECODE_K=decoder(info.key, 0, W, None, 0),
+            DECODE_K2=decoder(info.key, 0, W, None, 1), DECODE_V=decoder(info.value, info.key_words, W, None, 0),
+            DECODE_V2=decoder(info.value, info.key_words, W, None, 1), STEP=info.key.radius_step,
             LOG2_MIN=LOG2_MIN, num_warps=WARPS)
     kc, vc = tier_codecs(spec, head_dim, seed)
     k = k @ DEVICE_TABLES.get(rotation_matrices(kc.hadamard)[1], device)

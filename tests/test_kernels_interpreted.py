@@ -177,24 +177,6 @@ def test_decode_of_whole_tiles_head_dim_128_all_tiers(monkeypatch):
                   max_count=200, obs=1, pad=True, accumulate=True))
 
 
-def test_default_decoders_read_joint_lookups():
-    """The other tests' decoders take two levels per lookup where the joint code fits
-    (CODED['joint_max_bits']): at d=128 the low and mid tiers pair every level below the root's."""
-    from sphkv_compile.kernels.decode_codegen import tree_steps
-
-    for name in ("low", "mid"):
-        spec = next(t for t in ALL_TIERS if t.name == name)
-        steps = tree_steps(tier_info(spec, 128, 0, KV_DTYPE).key, kernel_attend.CODED["joint_max_bits"])
-        assert [s.level for s in steps if s.joint] == [6, 4, 2], (name, steps)
-
-
-def test_decode_one_level_per_lookup_head_dim_128_all_tiers(monkeypatch):
-    """CODED['joint_max_bits'] = 0: every angle read by its own lookup (session 8's decoders)."""
-    monkeypatch.setitem(kernel_attend.CODED, "joint_max_bits", 0)
-    run_case(dict(d=128, hkv=2, g=4, b=2, specs=list(ALL_TIERS), tq=1, n_new=1, page_size=16, seed=11,
-                  max_count=70, obs=1, pad=True, accumulate=True))
-
-
 @pytest.mark.parametrize("d,halves", [(16, False), (32, False), (64, True), (128, True)])
 def test_halves_kernel_runs_from_head_dim_64(d, halves, monkeypatch):
     """The halves kernel only where it pays and compiles (CODED['halves_min_d']): at d=16 a half
