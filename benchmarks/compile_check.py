@@ -58,7 +58,7 @@ def paged_signature(fn, consts):
         if name in consts:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
-            tables = "*i64" if "DECODE_K" in consts else "*fp32"  # (cos, sin) pairs for the generated decoders
+            tables = "*i64" if any(c.startswith("DECODE_K") for c in consts) else "*fp32"  # (cos, sin) pairs for the generated decoders
             sig[name] = ("*fp32" if name in ("q_ptr", "acc_ptr", "m_ptr", "l_ptr")
                          else tables if name in ("ktab_ptr", "vtab_ptr") else "*i32")
         else:
@@ -89,8 +89,10 @@ def main(d=128, block_t=64, block_m=16, warps=4, stages=2):
 
 def coded(d=128, block_t=128, block_m=16, warps=4, stages=1, bf16=1, maxnreg=0, halves=0):
     """The compressed-tier paged kernel with the generated decoders, default tier (halves=1:
-    paged_coded_halves_kernel, keys and values decoded in two halves of D)."""
-    from sphkv_compile.kernels.attention_kernels import paged_coded_halves_kernel, paged_coded_kernel
+    paged_coded_halves_kernel, keys and values decoded in two halves of D; 4: in quarters,
+    paged_coded_quarters_kernel)."""
+    from sphkv_compile.kernels.attention_kernels import (paged_coded_halves_kernel, paged_coded_kernel,
+                                                         paged_coded_quarters_kernel)
     from sphkv_compile.kernels.decode_codegen import decoder
 
     spec = TierSpec("uniform", 3.5, "polar", 3.5)
@@ -99,7 +101,11 @@ def coded(d=128, block_t=128, block_m=16, warps=4, stages=1, bf16=1, maxnreg=0, 
     wt = info.key_words + info.value_words
     consts = dict(PS=64, WT=wt, D=d, BLOCK_M=block_m, BLOCK_T=block_t, STEP=info.key.radius_step,
                   LOG2_MIN=LOG2_MIN, DOT_PRECISION="tf32", BF16_TILES=bool(bf16))
-    if halves:
+    if halves == 4:  # quarters of D
+        fn = paged_coded_quarters_kernel
+        consts.update({f"DECODE_{c}{i}": decoder(t, off, wt, leaf, i, 4) for c, t, off in
+                       (("K", info.key, 0), ("V", info.value, info.key_words)) for i in range(4)})
+    elif halves:
         fn = paged_coded_halves_kernel
         consts.update(DECODE_K=decoder(info.key, 0, wt, leaf, 0), DECODE_K2=decoder(info.key, 0, wt, leaf, 1),
                       DECODE_V=decoder(info.value, info.key_words, wt, leaf, 0),

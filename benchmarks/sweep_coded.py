@@ -25,10 +25,11 @@ from sphkv_compile.tiers import TierSpec
 # Session 6 swept min_tiles_per_split (1, 4, 8), programs_per_sm=4 and combine_splits=8; session 7
 # the packed 16-bit decoders (then a setting, removed after this sweep: docs/PERFORMANCE.md).
 # Session 8 decoding in halves of D (fewer registers), alone, capped at 128 registers, and with four
-# blocks per SM (then the default: benchmarks/results/h200_sweep_coded_session8.json). Now: the
-# default (halves, four per SM unless a row would get more than 32 splits) against the old
-# whole-tile kernel at two per SM, and against four per SM at every row count.
-SETTINGS = [dict(), dict(halves=False, maxnreg=None, programs_per_sm=2), dict(max_splits_per_row=10**9)]
+# blocks per SM (then the default: benchmarks/results/h200_sweep_coded_session8.json). Session 11
+# timed joint lookups of two tree levels (slower, removed: docs/PERFORMANCE.md); queued now: the
+# quarters kernel at the default cap, and quarters and halves at 96 registers, five per SM.
+SETTINGS = [dict(), dict(quarters=True), dict(quarters=True, maxnreg=96, programs_per_sm=5),
+            dict(maxnreg=96, programs_per_sm=5)]
 POINTS = [("llama3-8b", 1, 4096), ("smollm2", 1, 4096), ("llama3-8b", 1, 32768), ("llama3-8b", 8, 32768),
           ("smollm2", 8, 32768), ("llama3-8b", 1, 131072)]
 DEFAULTS = dict(kattend.CODED)

@@ -17,7 +17,7 @@ from sphkv_compile.store import TierState
 from sphkv_compile.tiers import TierSpec, tier_codecs
 
 from .attention_kernels import (chunk_partials_kernel, combine_kernel, paged_coded_halves_kernel, paged_coded_kernel,
-                                paged_mass_kernel, paged_partials_kernel)
+                                paged_coded_quarters_kernel, paged_mass_kernel, paged_partials_kernel)
 from .decode_codegen import decoder
 from .layout import DEVICE_TABLES, ScalarTables, Unsupported, rotation_matrices, tier_info, under_interpreter
 
@@ -54,9 +54,15 @@ CODED_WARPS = 4
 # halves_min_d, maxnreg_max_d: where those two apply (sm_90 compiles, compile_check.py): at d=16 a
 # half is no tl.dot operand (under 16 columns); at d=32 the halves kernel needs 149 registers and
 # whole tiles 96; at d=256 the 128-register cap spills 376 bytes (uncapped halves: 32, whole: 208).
+# quarters: keys and values decoded in four quarters of D (paged_coded_quarters_kernel), from
+# quarters_min_d on (a quarter of 32 columns or more). Not timed yet. sm_90 compile at d=128
+# (compile_check.py coded 128 128 16 4 1 1 <maxnreg> 4, Triton 3.9): uncapped 138 registers, as
+# the halves kernel, so the register peak is not the decoded tile; 3,144 instructions and a
+# 16-byte spill at maxnreg=128 (halves: 3,184 and 32), 3,328 and 128 bytes at 96, the cap five
+# programs per SM need (halves: 3,496 and 352).
 CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": 4, "few_rows_programs_per_sm": 2,
          "max_splits_per_row": 32, "maxnreg": 128, "maxnreg_max_d": 128, "min_tiles_per_split": 2,
-         "halves": True, "halves_min_d": 64}
+         "halves": True, "halves_min_d": 64, "quarters": False, "quarters_min_d": 128}
 # combine_kernel: splits merged per step, output columns per rotation block, warps (sm_90
 # compile, D=128: 238 registers and no spills; 64 columns spill).
 COMBINE = {"splits": 4, "columns": 32, "warps": 8}
@@ -146,7 +152,11 @@ def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_
                       BF16_TILES=leaf is not None, num_warps=CODED["warps"], num_stages=1,
                       **({"maxnreg": CODED["maxnreg"]} if CODED["maxnreg"] and D <= CODED["maxnreg_max_d"] else {}))
         args = (q_in, st.pool, st.pages, st.count, acc, m, l, kt, vt, M, st.pages.shape[-1], S, split_offset, S_total)
-        if CODED["halves"] and D >= CODED["halves_min_d"]:
+        if CODED["quarters"] and D >= CODED["quarters_min_d"]:
+            paged_coded_quarters_kernel[grid](
+                *args, **{f"DECODE_K{i}": decoder(info.key, 0, WT, leaf, i, 4) for i in range(4)},
+                **{f"DECODE_V{i}": decoder(info.value, info.key_words, WT, leaf, i, 4) for i in range(4)}, **launch)
+        elif CODED["halves"] and D >= CODED["halves_min_d"]:
             paged_coded_halves_kernel[grid](
                 *args, DECODE_K=decoder(info.key, 0, WT, leaf, 0), DECODE_K2=decoder(info.key, 0, WT, leaf, 1),
                 DECODE_V=decoder(info.value, info.key_words, WT, leaf, 0),

@@ -218,6 +218,89 @@ def paged_coded_halves_kernel(
 
 
 @triton.jit
+def _operand(x, BF16_TILES: tl.constexpr):
+    if BF16_TILES:
+        x = x.to(tl.bfloat16)
+    return x
+
+
+@triton.jit
+def _coded_logits_part(s, q_rows, off: tl.constexpr, rmask, DECODE, pool_ptr, base, valid, tab_ptr,
+                       Q: tl.constexpr, BLOCK_T: tl.constexpr, STEP: tl.constexpr, LOG2_MIN: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr, BF16_TILES: tl.constexpr):
+    """s + q[:, off:off+Q] · k[:, off:off+Q]ᵀ with that slice of the key tile decoded here."""
+    q = _operand(tl.load(q_rows + off + tl.arange(0, Q)[None, :], mask=rmask[:, None], other=0.0), BF16_TILES)
+    k = _operand(DECODE(pool_ptr, base, valid, tab_ptr, BLOCK_T, STEP, LOG2_MIN), BF16_TILES)
+    return tl.dot(q, tl.trans(k), s, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def paged_coded_quarters_kernel(
+        q_ptr, pool_ptr, pages_ptr, count_ptr, acc_ptr, m_ptr, l_ptr, ktab_ptr, vtab_ptr,
+        M, max_pages, S, split_offset, S_total,
+        PS: tl.constexpr, WT: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
+        DECODE_K0: tl.constexpr, DECODE_K1: tl.constexpr, DECODE_K2: tl.constexpr, DECODE_K3: tl.constexpr,
+        DECODE_V0: tl.constexpr, DECODE_V1: tl.constexpr, DECODE_V2: tl.constexpr, DECODE_V3: tl.constexpr,
+        STEP: tl.constexpr, LOG2_MIN: tl.constexpr, DOT_PRECISION: tl.constexpr, BF16_TILES: tl.constexpr):
+    """paged_coded_halves_kernel in quarters of D (the subtrees two levels below the root): a decoded quarter-tile holds half the registers of a half-tile, so that fewer
+    registers per thread can fit more programs per SM. The query slices are re-read from L1 per
+    tile rather than held (they would hold registers across the decode)."""
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    count = tl.load(count_ptr + pid_bh)
+    start, end = _split_range(count, pid_s, S, BLOCK_T)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    Q: tl.constexpr = D // 4
+    d = tl.arange(0, Q)
+    q_rows = q_ptr + (pid_bh * M + rows)[:, None] * D
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc0 = tl.zeros((BLOCK_M, Q), tl.float32)
+    acc1 = tl.zeros((BLOCK_M, Q), tl.float32)
+    acc2 = tl.zeros((BLOCK_M, Q), tl.float32)
+    acc3 = tl.zeros((BLOCK_M, Q), tl.float32)
+    for t0 in range(start, end, BLOCK_T):
+        slots = t0 + tl.arange(0, BLOCK_T)
+        valid = slots < end
+        page = tl.load(pages_ptr + pid_bh * max_pages + slots // PS, mask=valid, other=0)
+        base = (page.to(tl.int64) * PS + slots % PS) * WT
+        s = tl.zeros((BLOCK_M, BLOCK_T), tl.float32)
+        s = _coded_logits_part(s, q_rows, 0, rmask, DECODE_K0, pool_ptr, base, valid, ktab_ptr, Q, BLOCK_T, STEP, LOG2_MIN,
+                               DOT_PRECISION, BF16_TILES)
+        s = _coded_logits_part(s, q_rows, Q, rmask, DECODE_K1, pool_ptr, base, valid, ktab_ptr, Q, BLOCK_T, STEP,
+                               LOG2_MIN, DOT_PRECISION, BF16_TILES)
+        s = _coded_logits_part(s, q_rows, 2 * Q, rmask, DECODE_K2, pool_ptr, base, valid, ktab_ptr, Q, BLOCK_T, STEP,
+                               LOG2_MIN, DOT_PRECISION, BF16_TILES)
+        s = _coded_logits_part(s, q_rows, 3 * Q, rmask, DECODE_K3, pool_ptr, base, valid, ktab_ptr, Q, BLOCK_T, STEP,
+                               LOG2_MIN, DOT_PRECISION, BF16_TILES)
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        p = _operand(p, BF16_TILES)
+        v = _operand(DECODE_V0(pool_ptr, base, valid, vtab_ptr, BLOCK_T, STEP, LOG2_MIN), BF16_TILES)
+        acc0 = acc0 * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+        v = _operand(DECODE_V1(pool_ptr, base, valid, vtab_ptr, BLOCK_T, STEP, LOG2_MIN), BF16_TILES)
+        acc1 = acc1 * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+        v = _operand(DECODE_V2(pool_ptr, base, valid, vtab_ptr, BLOCK_T, STEP, LOG2_MIN), BF16_TILES)
+        acc2 = acc2 * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+        v = _operand(DECODE_V3(pool_ptr, base, valid, vtab_ptr, BLOCK_T, STEP, LOG2_MIN), BF16_TILES)
+        acc3 = acc3 * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    out = acc_ptr + ((pid_bh * S_total + split_offset + pid_s) * M + rows)[:, None] * D + d[None, :]
+    tl.store(out, acc0, mask=rmask[:, None])
+    tl.store(out + Q, acc1, mask=rmask[:, None])
+    tl.store(out + 2 * Q, acc2, mask=rmask[:, None])
+    tl.store(out + 3 * Q, acc3, mask=rmask[:, None])
+    rows_out = (pid_bh * S_total + split_offset + pid_s) * M + rows
+    tl.store(m_ptr + rows_out, m_i, mask=rmask)
+    tl.store(l_ptr + rows_out, l_i, mask=rmask)
+
+
+@triton.jit
 def chunk_partials_kernel(
         q_ptr, k_ptr, v_ptr, valid_ptr, acc_ptr, m_ptr, l_ptr,
         M, N, Tq, q_pos0, Hkv, S, split_offset, S_total,

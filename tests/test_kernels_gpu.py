@@ -103,6 +103,16 @@ def test_attend_in_whole_tiles_matches_float64_reference(d, programs_per_sm, mon
     check_attend(d, 4, 4, 8, 5000, 1, "default")
 
 
+@pytest.mark.parametrize("maxnreg,programs_per_sm,tiers", [(128, 4, "all"), (96, 5, "default")])
+def test_attend_in_quarters_matches_float64_reference(maxnreg, programs_per_sm, tiers, monkeypatch):
+    """CODED['quarters'] on (keys and values decoded in four quarters of D): the settings
+    sweep_coded.py times against the default halves kernel (added session 11, not yet run)."""
+    monkeypatch.setitem(kernel_attend.CODED, "quarters", True)
+    monkeypatch.setitem(kernel_attend.CODED, "maxnreg", maxnreg)
+    monkeypatch.setitem(kernel_attend.CODED, "programs_per_sm", programs_per_sm)
+    check_attend(128, 8, 4, 8, 5000, 1, tiers)
+
+
 def check_attend(d, H, G, B, T, Tq, tiers):
     seed = random.randrange(2**31)
     gen = torch.Generator(device=DEV).manual_seed(seed)

@@ -177,6 +177,25 @@ def test_decode_of_whole_tiles_head_dim_128_all_tiers(monkeypatch):
                   max_count=200, obs=1, pad=True, accumulate=True))
 
 
+@pytest.mark.parametrize("d", [128, 256])
+def test_decode_in_quarters_matches_reference(d, monkeypatch):
+    """CODED['quarters'] on (paged_coded_quarters_kernel, keys and values decoded in four
+    quarters of D, a setting the sweep times): every tier, ragged rows, against float64."""
+    launched = []
+    kernel = kernel_attend.paged_coded_quarters_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setitem(kernel_attend.CODED, "quarters", True)
+    monkeypatch.setattr(kernel_attend, "paged_coded_quarters_kernel", Spy())
+    run_case(dict(d=d, hkv=2, g=4, b=2, specs=list(ALL_TIERS), tq=1, n_new=1, page_size=16, seed=13,
+                  max_count=70, obs=1, pad=True, accumulate=True))
+    assert launched
+
+
 @pytest.mark.parametrize("d,halves", [(16, False), (32, False), (64, True), (128, True)])
 def test_halves_kernel_runs_from_head_dim_64(d, halves, monkeypatch):
     """The halves kernel only where it pays and compiles (CODED['halves_min_d']): at d=16 a half
