@@ -3,8 +3,9 @@
     python benchmarks/reorder_share.py [--device cpu|cuda] [--prompt 512] [--beams 4] [--steps 8] [--static]
 
 Runs generate() with beam search on the SmolLM2-shaped random model (rdr_gpu_check.model_on)
-with prefill + 1 and prefill + 1 + steps new tokens, times every SphkvLayer.reorder_cache call
-by wrapping it, and prints the per-token cost of the extra steps and the reorders' share of it.
+with prefill + 1 and prefill + 1 + steps new tokens, times every SphkvCache.reorder_cache call
+(all layers at once since session 11; SphkvLayer.reorder_cache, one per layer, before) by
+wrapping it, and prints the per-token cost of the extra steps and the reorders' share of it.
 --static: a static cache, whose beam decode step sphkv compiles (CUDA graphs on a GPU).
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sphkv_compile
 import sphkv_compile.api as sphkv
 import sphkv_compile.hf_cache as hf_cache
 from rdr_gpu_check import model_on
+from rebudget_layer_time import CountOps
 
 
 def main(argv=None):
@@ -32,9 +34,11 @@ def main(argv=None):
     warnings.simplefilter("ignore")
     device = torch.device(args.device)
     spent = [0.0, 0]
-    original = hf_cache.SphkvLayer.reorder_cache
+    original = hf_cache.SphkvCache.reorder_cache
+    last = []  # the cache of the last reorder
 
     def timed(self, beam_idx):
+        last[:] = [self]
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
@@ -44,7 +48,7 @@ def main(argv=None):
         spent[0] += time.perf_counter() - t
         spent[1] += 1
 
-    hf_cache.SphkvLayer.reorder_cache = timed
+    hf_cache.SphkvCache.reorder_cache = timed
     model = sphkv.optimize(model_on(device), bits=3.5)
     ids = torch.randint(3, 49152, (1, args.prompt), device=device)
     # one static cache, reset between calls: a new one per call would recompile the decode step
@@ -67,6 +71,11 @@ def main(argv=None):
           f"({sphkv_compile.report()['decode_step']['reason']}): "
           f"{per_token:.1f} ms per decoded token, of which "
           f"reorders {reorder:.1f} ms ({reorder / per_token:.0%}; {calls} reorder calls in the longer run)")
+    counter = CountOps()
+    with counter:
+        original(last[0], torch.arange(args.beams, device=device).flip(0))
+    print(f"one reorder of the cache's {len(last[0].compressed_layers())} compressed layers: "
+          f"{sum(counter.ops.values())} torch ops (views left out), {counter.ops['nonzero']} nonzero")
 
 
 if __name__ == "__main__":

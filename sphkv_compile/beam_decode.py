@@ -3,7 +3,7 @@
 transformers compiles the decode step of greedy and sampling (GenerationMixin._sample) but
 calls the model uncompiled in _beam_search: a dense static cache reorders its rows by
 replacing its tensors, which compiled graphs (and CUDA graphs) could not follow. The sphkv
-cache reorders in place (SphkvLayer.reorder_cache keeps every state tensor's address), so
+cache reorders in place (SphkvCache.reorder_cache keeps every state tensor's address), so
 its beam-search decode step can be compiled like the greedy one: for one generate() call the
 model's forward becomes a dispatcher that sends one-token steps to the forward compiled with
 the call's CompileConfig, and everything else (the prefill) to the plain forward. The

@@ -36,7 +36,7 @@ from .rdr.eager import ensure_capacity
 from .rdr.node import cadence_counters, cadence_due, current_budget, measure, over_budget_error, rebudget_if_due
 from .report import register_kv_source
 from .options import SphkvOptions
-from .store import LayerStore, TierState
+from .store import LayerStore, TierState, select_rows_of
 from .hf_plan import LayerPlan
 
 
@@ -333,6 +333,21 @@ class SphkvCache(Cache):
 
     def compressed_layers(self) -> list[SphkvLayer]:
         return [layer for layer in self.layers if isinstance(layer, SphkvLayer)]
+
+    @torch._dynamo.disable
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: batch row i of every layer continues beam beam_idx[i]. The compressed
+        layers go together (store.select_rows_of: one read back checks all of them, and the
+        page copies of all layers share their gathers), their meters follow; other layers
+        reorder as transformers' do."""
+        filled = [layer for layer in self.compressed_layers() if layer.store is not None and layer.stored_any]
+        select_rows_of([layer.store for layer in filled], beam_idx,
+                       can_grow=all(layer.max_cache_len is None for layer in filled))
+        for layer in filled:
+            budget_meter.select_rows(layer.meter, beam_idx)
+        for layer in self.layers:
+            if not isinstance(layer, SphkvLayer):
+                layer.reorder_cache(beam_idx)
 
     def rebudget_due(self) -> int:
         """Between decode steps replayed from CUDA graphs (policy 'rdr'): every layer's re-budget

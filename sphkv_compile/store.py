@@ -199,21 +199,34 @@ def rebuild(state: TierState, records: torch.Tensor, utility: torch.Tensor, vali
     append_records(state, records, utility, valid, tier_name)
 
 
-def copy_rows_pagewise(state: TierState, rows: torch.Tensor) -> None:
-    """Row i takes row rows[i]'s records, where every row (and KV head) holds as many tokens
-    as its source: each used page of row i is overwritten by the same-numbered page of row
-    rows[i]; no page changes hands, counts and free lists stay, rows that keep their own
-    tokens are skipped. One read back (the mask's nonzero)."""
-    ps = state.page_size
-    B = rows.shape[0]
-    used = (state.count.to(torch.int64) + ps - 1) // ps
-    moved = (rows != torch.arange(B, device=rows.device))[:, None, None]
-    b, h, p = (torch.arange(state.pages.shape[-1], device=used.device) < used[..., None]).logical_and(moved).nonzero(
-        as_tuple=True)
-    dst = state.pages[b, h, p].to(torch.int64)
-    src = state.pages[rows[b], h, p].to(torch.int64)
-    state.pool[dst] = state.pool[src]  # the right side is gathered first, so overlaps are safe
-    state.utility[dst] = state.utility[src]
+def copy_rows_pagewise(states: list[TierState], rows: torch.Tensor) -> None:
+    """Row i takes row rows[i]'s records, in every state given, where every row (and KV head)
+    holds as many tokens as its source: each used page of row i is overwritten by the
+    same-numbered page of row rows[i]; no page changes hands, counts and free lists stay, rows
+    that keep their own tokens are skipped. Beam search reorders every layer with the same
+    rows, so the states go together: states whose page tables have one shape share one nonzero
+    and one read back of how many pages each copies (two reads for the lot, not one per state)."""
+    groups: dict[tuple, list[TierState]] = {}
+    for st in states:
+        groups.setdefault((tuple(st.pages.shape), st.pages.device), []).append(st)
+    for group in groups.values():
+        _copy_pages(group, rows.to(group[0].pages.device))
+
+
+def _copy_pages(group: list[TierState], rows: torch.Tensor) -> None:
+    ps = group[0].page_size
+    B, _, P = group[0].pages.shape
+    pages = torch.stack([st.pages for st in group]).to(torch.int64)  # [L, B, H, P]
+    used = (torch.stack([st.count for st in group]).to(torch.int64) + ps - 1) // ps
+    moved = (rows != torch.arange(B, device=rows.device))[None, :, None, None]
+    wanted = (torch.arange(P, device=rows.device) < used[..., None]).logical_and(moved)
+    layer, b, h, p = wanted.nonzero(as_tuple=True)  # sorted by state
+    dst, src = pages[layer, b, h, p], pages[layer, rows[b], h, p]
+    per_state = torch.bincount(layer, minlength=len(group)).tolist()
+    for st, d, s in zip(group, dst.split(per_state), src.split(per_state)):
+        if d.numel():
+            st.pool[d] = st.pool[s]  # the right side is gathered first, so overlaps are safe
+            st.utility[d] = st.utility[s]
 
 
 # ---- attention from the store -------------------------------------------------------------
@@ -443,40 +456,9 @@ class LayerStore:
 
     def select_rows(self, rows: torch.Tensor, can_grow: bool = True) -> None:
         """Batch row i takes the tokens of row rows[i] (beam search's reorder: rows may repeat
-        and skip), in place, so a static cache's tensors keep their addresses. In a tier where
-        every row keeps its token count (beam search's usual case: a prompt's beams are equally
-        long) each row's pages are overwritten page by page (copy_rows_pagewise); otherwise the
-        tier is gathered, indexed and rebuilt densely. A pool too small for the result grows
-        where can_grow, else StoreCapacityError is raised before any tier is changed."""
-        rows = torch.as_tensor(rows).to(device=self.states[0].count.device, dtype=torch.int64)
-        if rows.shape != (self.batch,):
-            raise ValueError(f"select_rows needs {self.batch} row indices, got shape {tuple(rows.shape)}")
-        safe = rows.clamp(0, self.batch - 1)
-        # one read back for the whole layer: rows in range? each tier's counts kept?
-        flags = torch.stack([((rows >= 0) & (rows < self.batch)).all()]
-                            + [(st.count[safe] == st.count).all() for st in self.states]).tolist()
-        if not flags[0]:
-            raise ValueError(f"select_rows needs row indices in [0, {self.batch}), got {rows.tolist()}")
-        rebuilt = {t: tuple(x[rows] for x in gather_tokens(self.states[t]))
-                   for t, same_counts in enumerate(flags[1:]) if not same_counts}
-        grown = {}
-        for t, (rec, util, valid) in rebuilt.items():  # every capacity checked before anything changes
-            st, name = self.states[t], self.tiers[t].name
-            need, widest = self._page_demand(valid)
-            if need > st.pool.shape[0] or widest > st.pages.shape[-1]:
-                if not can_grow:
-                    raise StoreCapacityError(
-                        f"tier {name!r}: the reordered rows need {need} pages ({widest} per KV head) but the "
-                        f"fixed pool has {st.pool.shape[0]} ({st.pages.shape[-1]} per KV head). Fix: a dynamic "
-                        "cache (no max_cache_len), or a larger max_cache_len")
-                grown[t] = (max(need, st.pool.shape[0]), max(widest, st.pages.shape[-1]))
-        for t, spec in enumerate(self.tiers):
-            if t not in rebuilt:
-                copy_rows_pagewise(self.states[t], rows)
-                continue
-            if t in grown:
-                self.states[t] = self._new_state(spec, *grown[t])
-            rebuild(self.states[t], *rebuilt[t], spec.name)
+        and skip), in place, so a static cache's tensors keep their addresses. See
+        select_rows_of, which does this for many layers at once."""
+        select_rows_of([self], rows, can_grow)
 
     def _convert(self, src: int, dst: int, rec: torch.Tensor) -> torch.Tensor:
         if src == dst:
@@ -510,3 +492,59 @@ class LayerStore:
     def dense_bytes(self, bytes_per_elem: int = 2) -> int:
         """What a dense 16-bit K+V cache would hold for every token seen."""
         return 2 * self.batch * self.kv_heads * self.tokens_seen * self.head_dim * bytes_per_elem
+
+
+def _counts_kept(states: list[TierState], rows: torch.Tensor) -> torch.Tensor:
+    """bool [len(states)] on rows' device: does every row of the state hold as many tokens (per
+    KV head) as its source row? States of one count shape are compared together."""
+    out = torch.empty(len(states), dtype=torch.bool, device=rows.device)
+    groups: dict[tuple, list[int]] = {}
+    for i, st in enumerate(states):
+        groups.setdefault((tuple(st.count.shape), st.count.device), []).append(i)
+    for (_, device), members in groups.items():
+        counts = torch.stack([states[i].count for i in members])  # [L, B, H]
+        kept = (counts[:, rows.to(device)] == counts).flatten(1).all(1)
+        out[torch.tensor(members, device=rows.device)] = kept.to(rows.device)
+    return out
+
+
+def select_rows_of(stores: list[LayerStore], rows: torch.Tensor, can_grow: bool = True) -> None:
+    """LayerStore.select_rows for every store given (beam search reorders all layers with the
+    same rows). In a tier where every row keeps its token count (beam search's usual case: a
+    prompt's beams are equally long) each row's pages are overwritten page by page
+    (copy_rows_pagewise, for all such tiers of all stores together); otherwise the tier is
+    gathered, indexed and rebuilt densely. One read back checks the rows and every tier's
+    counts. A pool too small for the result grows where can_grow, else StoreCapacityError is
+    raised before any tier of any store is changed."""
+    if not stores:
+        return
+    batch = stores[0].batch
+    rows = torch.as_tensor(rows).to(device=stores[0].states[0].count.device, dtype=torch.int64)
+    for store in stores:
+        if rows.shape != (store.batch,):
+            raise ValueError(f"select_rows needs {store.batch} row indices, got shape {tuple(rows.shape)}")
+    safe = rows.clamp(0, batch - 1)
+    tiers = [(store, t) for store in stores for t in range(len(store.states))]
+    flags = torch.cat([((rows >= 0) & (rows < batch)).all()[None], _counts_kept([s.states[t] for s, t in tiers], safe)])
+    flags = flags.tolist()
+    if not flags[0]:
+        raise ValueError(f"select_rows needs row indices in [0, {batch}), got {rows.tolist()}")
+    rebuilt = {(id(store), t): (store, t, tuple(x[safe.to(x.device)] for x in gather_tokens(store.states[t])))
+               for (store, t), same_counts in zip(tiers, flags[1:]) if not same_counts}
+    grown = {}
+    for key, (store, t, (rec, util, valid)) in rebuilt.items():  # every capacity checked before anything changes
+        st, name = store.states[t], store.tiers[t].name
+        need, widest = store._page_demand(valid)
+        if need > st.pool.shape[0] or widest > st.pages.shape[-1]:
+            if not can_grow:
+                raise StoreCapacityError(
+                    f"tier {name!r}: the reordered rows need {need} pages ({widest} per KV head) but the "
+                    f"fixed pool has {st.pool.shape[0]} ({st.pages.shape[-1]} per KV head). Fix: a dynamic "
+                    "cache (no max_cache_len), or a larger max_cache_len")
+            grown[key] = (max(need, st.pool.shape[0]), max(widest, st.pages.shape[-1]))
+    copy_rows_pagewise([store.states[t] for store, t in tiers if (id(store), t) not in rebuilt], safe)
+    for key, (store, t, gathered) in rebuilt.items():
+        spec = store.tiers[t]
+        if key in grown:
+            store.states[t] = store._new_state(spec, *grown[key])
+        rebuild(store.states[t], *gathered, spec.name)

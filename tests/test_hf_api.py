@@ -89,12 +89,12 @@ def test_beam_search_under_rdr_reorders_rows_and_holds_the_budget(static, monkey
     RDR each row's tokens, tiers and meter entries move together (test_store checks the move
     itself), re-budgets keep running, and no row ever exceeds its budget (the budgeting node
     raises if one does)."""
-    from sphkv_compile.store import LayerStore
+    import sphkv_compile.hf_cache as hf_cache
 
     moves = []
-    select_rows = LayerStore.select_rows
-    monkeypatch.setattr(LayerStore, "select_rows", lambda self, rows, **kw: (moves.append(rows.tolist()),
-                                                                             select_rows(self, rows, **kw)))
+    select_rows_of = hf_cache.select_rows_of
+    monkeypatch.setattr(hf_cache, "select_rows_of", lambda stores, rows, **kw: (
+        moves.append((len(stores), rows.tolist())), select_rows_of(stores, rows, **kw)))
     model = api.optimize(_model(), policy="rdr", budget=0.3, sink=2, recent=4, rebudget_every=4)
     ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(5))
     mask = torch.ones_like(ids)
@@ -103,7 +103,8 @@ def test_beam_search_under_rdr_reorders_rows_and_holds_the_budget(static, monkey
     out = model.generate(ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, num_beams=3,
                          num_return_sequences=3, do_sample=False, **{api.cache_keyword(model): cache})
     assert out.shape == (6, 52)
-    assert len(moves) == 2 * 12 and any(m != list(range(6)) for m in moves)  # both layers, every step
+    assert len(moves) == 12 and all(n == 2 for n, _ in moves)  # every step, both layers at once
+    assert any(m != list(range(6)) for _, m in moves)
     for layer in cache.compressed_layers():
         rep = layer.budget_report()
         assert rep["rebudgets"] >= 3 and rep["max_excess"] <= 0, rep

@@ -337,7 +337,7 @@ def test_beam_search_replays_from_cuda_graphs_and_reorders_in_place(monkeypatch)
 
     import sphkv_compile
     import sphkv_compile.api as sphkv
-    from sphkv_compile.store import LayerStore
+    import sphkv_compile.hf_cache as hf_cache
 
     torch.manual_seed(random.randrange(2**31))
     config = tf.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -365,18 +365,20 @@ def test_beam_search_replays_from_cuda_graphs_and_reorders_in_place(monkeypatch)
     assert [[t.data_ptr() for t in layer.state] for layer in cache.compressed_layers()] == addresses
     assert with_graphs.shape == (6, 64)
     assert torch.equal(beams("default"), with_graphs)
-    select_rows = LayerStore.select_rows
+    select_rows_of = hf_cache.select_rows_of
 
-    def on_cpu_copies(self, rows, **kw):
-        gpu_states = self.states
-        self.states = [type(st)(*(t.cpu() for t in st.tensors())) for st in gpu_states]
-        select_rows(self, rows.cpu(), **kw)
-        for st, moved in zip(gpu_states, self.states):
-            for t, m in zip(st.tensors(), moved.tensors()):
-                t.copy_(m)
-        self.states = gpu_states
+    def on_cpu_copies(stores, rows, **kw):
+        gpu_states = [store.states for store in stores]
+        for store in stores:
+            store.states = [type(st)(*(t.cpu() for t in st.tensors())) for st in store.states]
+        select_rows_of(stores, rows.cpu(), **kw)
+        for store, states in zip(stores, gpu_states):
+            for st, moved in zip(states, store.states):
+                for t, m in zip(st.tensors(), moved.tensors()):
+                    t.copy_(m)
+            store.states = states
 
-    monkeypatch.setattr(LayerStore, "select_rows", on_cpu_copies)
+    monkeypatch.setattr(hf_cache, "select_rows_of", on_cpu_copies)
     assert torch.equal(beams("reduce-overhead"), with_graphs)
 
 

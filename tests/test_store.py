@@ -245,9 +245,10 @@ def test_equal_counts_copy_pages_in_place_like_a_rebuild(monkeypatch):
     pages_before = [st.pages.clone() for st in fast.states]
     calls = []
     original = store_module.copy_rows_pagewise
-    monkeypatch.setattr(store_module, "copy_rows_pagewise", lambda st, r: (calls.append(1), original(st, r)))
+    monkeypatch.setattr(store_module, "copy_rows_pagewise", lambda states, r: (calls.append(len(states)),
+                                                                                original(states, r)))
     fast.select_rows(rows)
-    assert len(calls) == 2  # both tiers
+    assert calls == [2]  # both tiers, in one call
     assert all(torch.equal(st.pages, p) for st, p in zip(fast.states, pages_before))
     for st in slow.states:  # the general path, by hand
         rec, util, ok = (x[rows] for x in gather_tokens(st))
@@ -255,3 +256,46 @@ def test_equal_counts_copy_pages_in_place_like_a_rebuild(monkeypatch):
     for a, b in zip(fast.states, slow.states):
         (ra, ua, oa), (rb, ub, ob) = gather_tokens(a), gather_tokens(b)
         assert torch.equal(oa, ob) and torch.equal(ra[oa], rb[ob]) and torch.equal(ua[oa], ub[ob])
+
+
+@given(layers=st.integers(1, 4), batch=st.integers(1, 4), seed=st.integers(0, 2**31 - 1), data=st.data())
+@settings(max_examples=15, deadline=None)
+def test_select_rows_of_many_layers_equals_each_layer_alone(layers, batch, seed, data):
+    """Beam search reorders every layer with the same rows: doing all layers at once
+    (select_rows_of) leaves each layer as reordering it alone does, and the page copies of all
+    layers share one nonzero per page-table shape (not one per tier and layer)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from sphkv_compile.store import select_rows_of
+
+    class CountNonzero(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.startswith("nonzero"):
+                CountNonzero.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    def filled():
+        out = []
+        for layer in range(layers):
+            store = LayerStore(batch, 2, 32, (EXACT, TierSpec("mid", 3.0, "polar", 3.0)), kv_dtype=torch.float32,
+                               page_size=8)
+            n = 37  # one length: the layers' page tables share their shapes, as a model's do
+            store.update(randn(batch, 2, n, 32, seed=seed + layer), randn(batch, 2, n, 32, seed=seed + 50 + layer),
+                         utility=randn(batch, 2, n, seed=seed + 90 + layer).abs(), sink=2, recent=5, target="mid")
+            out.append(store)
+        return out
+
+    rows = torch.tensor(data.draw(st.lists(st.integers(0, batch - 1), min_size=batch, max_size=batch), label="rows"))
+    together, alone = filled(), filled()
+    with CountNonzero():
+        select_rows_of(together, rows)
+    shapes = {tuple(st.pages.shape) for store in together for st in store.states}
+    assert len(shapes) <= 2 and CountNonzero.calls <= len(shapes)
+    for store in alone:
+        store.select_rows(rows)
+    for a_store, b_store in zip(together, alone):
+        for a, b in zip(a_store.states, b_store.states):
+            assert torch.equal(a.pool, b.pool) and torch.equal(a.utility, b.utility)
+            assert torch.equal(a.pages, b.pages) and torch.equal(a.count, b.count)
