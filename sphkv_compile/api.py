@@ -31,7 +31,7 @@ import torch
 from . import beam_decode, compile_rules
 from .backend import install_kernels
 from .report import begin_compile, rebudgets, record_decode_step, record_site, report, reset_rebudgets
-from .hf import CACHE_KWARG, DENSE_IMPL_ATTR, IMPL_NAME, RoutedSphkvCache, register, run_routed
+from .hf import CACHE_KWARG, DENSE_IMPL_ATTR, IMPL_NAME, RoutedSphkvCache, register, run_routed, run_with_cache
 from .hf_cache import SphkvCache, snapshot_kv_bytes, storage_dtype
 from .hf_plan import calls_sdpa_itself, kv_geometry, model_dtype, plan_layers
 from .options import SphkvOptions, SphkvPerformanceWarning
@@ -73,7 +73,8 @@ def new_cache(model, max_cache_len: int | None = None, max_tokens: int | None = 
         raise ValueError("call sphkv_compile.optimize(model) first")
     plans = plan_layers(model, max_cache_len, max_tokens)
     cache_class = RoutedSphkvCache if calls_sdpa_itself(model) else SphkvCache
-    cache = cache_class(state.options, plans, max_cache_len, kv_geometry(model), state.kv_dtype)
+    cache = cache_class(state.options, plans, max_cache_len, kv_geometry(model), state.kv_dtype,
+                        config=_text_config(model))
     _record_sites(plans, state.original_impl, "sdpa_routing" if calls_sdpa_itself(model) else "attention_interface")
     return cache
 
@@ -147,6 +148,7 @@ def _wrap_forward(model, forward):
             return run_routed(cache, forward, *args, **kwargs)
         if isinstance(cache, SphkvCache):
             kwargs[CACHE_KWARG] = cache
+            return run_with_cache(cache, forward, *args, **kwargs)
         return forward(*args, **kwargs)
 
     return sphkv_forward

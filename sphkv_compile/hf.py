@@ -38,6 +38,23 @@ class SphkvUnsupportedError(RuntimeError):
     """A compressed layer was asked for attention it cannot compute exactly."""
 
 
+# The cache of the optimized forward now running (api._wrap_forward). The attention function
+# reads the cache from its keywords, but some models drop them on the way down (StableLM's
+# decoder layer calls its attention without **kwargs); without the cache a compressed layer's
+# attention would see only the new chunk, the store's tokens missing, so it falls back to
+# this. A plain list (not threading.local) so that torch.compile traces it.
+_ACTIVE_CACHES: list = []
+
+
+def run_with_cache(cache, forward, /, *args, **kwargs):
+    """forward(*args, **kwargs) with `cache` as the cache attention falls back to."""
+    _ACTIVE_CACHES.append(cache)
+    try:
+        return forward(*args, **kwargs)
+    finally:
+        _ACTIVE_CACHES.pop()
+
+
 def chunk_validity(mask: torch.Tensor | None, layer: SphkvLayer, n: int) -> torch.Tensor | None:
     """bool [B, n]: which tokens of the current chunk are real (False = left padding).
 
@@ -122,6 +139,8 @@ def sphkv_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch
                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0, **kwargs):
     """transformers attention interface: (attn_output [B, T, Hq, d], None)."""
     cache = kwargs.pop(CACHE_KWARG, None)
+    if cache is None and _ACTIVE_CACHES:  # the model dropped the keyword on the way down
+        cache = _ACTIVE_CACHES[-1]
     layer_idx = getattr(module, "layer_idx", None)
     layer = None
     if isinstance(cache, SphkvCache) and layer_idx is not None and not getattr(module, "is_cross_attention", False):

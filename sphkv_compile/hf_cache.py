@@ -287,10 +287,28 @@ def _empty_tier(st: TierState) -> None:
     st.utility.zero_()
 
 
-def _dense_layer(plan: LayerPlan, max_cache_len: int | None) -> CacheLayerMixin:
-    """HF's own layer for a layer that stays dense."""
+def _model_layers(config, max_cache_len: int | None) -> list | None:
+    """The layers transformers' own cache builds for this config (dynamic, or static with this
+    capacity), or None where it cannot build them from a config. Hybrid models (linear
+    attention, Mamba, convolution layers) keep state other than K/V in some layers, and only
+    transformers' layer classes for those layer types hold it."""
     from transformers import cache_utils as cu
 
+    try:
+        if max_cache_len is None:
+            return list(cu.DynamicCache(config=config).layers)
+        return list(cu.StaticCache(config=config, max_cache_len=max_cache_len).layers)
+    except Exception:  # older transformers, or a config its caches cannot read: plain K/V layers
+        return None
+
+
+def _dense_layer(plan: LayerPlan, max_cache_len: int | None, model_layer=None) -> CacheLayerMixin:
+    """HF's own layer for a layer that stays dense: the one transformers' cache would give it
+    (model_layer) when there is one, else a K/V layer (sliding where the plan says so)."""
+    from transformers import cache_utils as cu
+
+    if model_layer is not None:
+        return model_layer
     if plan.sliding_window is not None:
         if max_cache_len is None:
             return cu.DynamicSlidingWindowLayer(sliding_window=plan.sliding_window)
@@ -313,12 +331,15 @@ class SphkvCache(Cache):
     else the static capacity (prompt + new tokens)."""
 
     def __init__(self, options: SphkvOptions, plans: list[LayerPlan], max_cache_len: int | None = None,
-                 kv_geometry: tuple[int, int] | None = None, kv_dtype: torch.dtype | None = None):
+                 kv_geometry: tuple[int, int] | None = None, kv_dtype: torch.dtype | None = None, config=None):
         self.options = options
         self.plans = plans
         self.capacity = max_cache_len  # not `max_cache_len`: a read-only property on older Cache classes
+        own = _model_layers(config, max_cache_len) if config is not None else None
+        if own is not None and len(own) != len(plans):
+            own = None
         layers = [SphkvLayer(options, p.layer_idx, max_cache_len, p.sliding_window, kv_dtype) if p.compressed
-                  else _dense_layer(p, max_cache_len) for p in plans]
+                  else _dense_layer(p, max_cache_len, own[i] if own else None) for i, p in enumerate(plans)]
         super().__init__(layers=layers)
         if kv_geometry is not None:
             kv_heads, head_dim = kv_geometry

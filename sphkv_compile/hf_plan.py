@@ -13,6 +13,7 @@ see length_bound). A window that can bite keeps the layer dense, with the reason
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -48,7 +49,27 @@ def calls_sdpa_itself(model) -> bool:
     """True for models that do not dispatch attention through transformers' AttentionInterface
     (e.g. Falcon): their attention is hard-coded, and only an F.scaled_dot_product_attention
     call on the cache update's output can be routed to the store (hf.SdpaRouting)."""
-    return not getattr(type(model), "_supports_attention_backend", False)
+    if getattr(type(model), "_supports_attention_backend", False):
+        return False
+    return not _attention_reads_the_interface(model)
+
+
+def _attention_reads_the_interface(model) -> bool:
+    """Some models dispatch through ALL_ATTENTION_FUNCTIONS without declaring
+    _supports_attention_backend (StableLM, and hybrids such as Qwen3-Next or Jamba in
+    transformers 5.2x). True when every module class whose forward updates the cache reads
+    the interface in that forward (and there is at least one): then the sphkv attention
+    function serves them. Routing their SDPA calls would not, since transformers' SDPA
+    function repeats grouped K/V heads (an indexing of the chunk) before it calls SDPA."""
+    updating = []
+    for cls in {type(m) for m in model.modules()}:
+        try:
+            source = inspect.getsource(cls.forward)
+        except (OSError, TypeError):  # built-in or generated code
+            continue
+        if ".update(" in source:
+            updating.append("ALL_ATTENTION_FUNCTIONS" in source)
+    return bool(updating) and all(updating)
 
 
 def model_wide_reason(model) -> str | None:

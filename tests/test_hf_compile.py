@@ -90,6 +90,26 @@ def test_zoo_compiled_generate_no_recompiles_after_warmup(name, monkeypatch):
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
+@pytest.mark.parametrize("name", sorted(zoo.HYBRID_ZOO))
+def test_hybrid_compiled_generate_is_one_graph(name, monkeypatch):
+    """A hybrid model (linear-attention layers on transformers' own cache layers beside
+    compressed attention layers), compiled generate on a static cache: one graph, no graph
+    break, dense's tokens."""
+    monkeypatch.setenv("SPHKV_INNER_COMPILER", "aot_eager")
+    model = zoo.build(zoo.HYBRID_ZOO[name], 50)
+    ids, mask = zoo.prompts(50)
+    dense = _generate(model, ids, mask)
+    fast = api.optimize(copy.deepcopy(model), **HIGH_BITS)
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    compiled = _generate(fast, ids, mask, compile_config=_compile_config())
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert any(s["rewritten"] for s in api.report()["sites"]), api.report()["sites"]
+    assert torch.equal(compiled, dense)
+
+
 @pytest.fixture
 def meta_is_an_accelerator(monkeypatch):
     """Models on the meta device stand for models on an accelerator (no GPU here): let the

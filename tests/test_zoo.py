@@ -62,6 +62,20 @@ ZOO = {
     # Gemma2 without attention soft-capping; its sliding layers (window 4096, alternating with
     # full ones) cannot mask anything within max_position_embeddings=256, so they are compressed.
     "gemma2": lambda: _llama_like(tf.Gemma2Config, head_dim=HIDDEN // HEADS, attn_logit_softcapping=None),
+    # StableLM dispatches through the AttentionInterface without declaring it
+    # (_supports_attention_backend), and its decoder layer calls attention without **kwargs, so
+    # the sphkv attention finds the cache through the running forward (hf.run_with_cache).
+    "stablelm": lambda: _llama_like(tf.StableLmConfig),
+}
+
+# Hybrid models: softmax-attention layers beside layers with state of another kind (linear
+# attention here), which transformers' own cache layers keep (hf_cache._model_layers).
+HYBRID_ZOO = {
+    "qwen3_next": lambda: _llama_like(
+        tf.Qwen3NextConfig, head_dim=HIDDEN // HEADS, linear_num_value_heads=2, linear_num_key_heads=2,
+        linear_key_head_dim=32, linear_value_head_dim=32, num_experts=2, num_experts_per_tok=1,
+        moe_intermediate_size=HIDDEN, shared_expert_intermediate_size=HIDDEN,
+        layer_types=["linear_attention", "full_attention"]),
 }
 
 
@@ -122,7 +136,7 @@ def check_sites(model, expect_rewritten: bool, reason_words: str | None = None):
 
 # Each model's seed (its random weights and prompts) stays put when a model is added.
 SEED_ORDER = ("gemma", "gpt2", "gpt_bigcode", "gpt_neox", "llama", "mistral", "mixtral", "opt", "phi3", "qwen2",
-              "qwen3", "falcon", "gemma2")
+              "qwen3", "falcon", "gemma2", "stablelm")
 assert sorted(SEED_ORDER) == sorted(ZOO)
 # Both cache kinds for Llama, Falcon (SDPA routing) and Gemma2 (sliding layers are planned
 # per cache kind); the other models alternate (keeps the suite in budget).
@@ -281,3 +295,20 @@ def test_falcon_sdpa_routing_refuses_other_reads_of_the_chunk():
     ids, mask = prompts(13)
     with torch.no_grad(), pytest.raises(SphkvUnsupportedError, match="reads the cache update's output"):
         fast(ids, attention_mask=mask, use_cache=True, output_attentions=True)
+
+
+@pytest.mark.parametrize("name,cache", [(name, cache) for name in HYBRID_ZOO for cache in ("dynamic", "static")])
+def test_hybrid_model_compresses_its_attention_layers(name, cache):
+    """A hybrid model: its softmax-attention layers go on the store, its linear-attention layers
+    keep transformers' own cache layers (their recurrent and convolution states), with the
+    reason in the report; greedy decoding at high bits equals dense."""
+    model = build(HYBRID_ZOO[name], 50)
+    ids, mask = prompts(50)
+    dense = greedy(model, ids, mask)
+    fast = optimized(model, **HIGH_BITS)
+    out = greedy(fast, ids, mask, cache_implementation=cache)
+    sites = api.report()["sites"]
+    types = model.config.layer_types
+    assert [s["rewritten"] for s in sites] == [t == "full_attention" for t in types], sites
+    assert all("linear_attention" in s["reason"] for s in sites if not s["rewritten"]), sites
+    assert torch.equal(out, dense), f"{name}/{cache}: first mismatch at step {(out != dense).any(0).nonzero()[0]}"
