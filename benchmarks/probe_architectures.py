@@ -1,0 +1,64 @@
+"""Architectures beyond the test zoo, probed on the CPU: tiny random transformers models (the
+zoo's sizes), greedy generate() at high bits on a dynamic and a static cache against dense,
+and which layers were rewritten (with the reasons for those kept dense).
+
+    python benchmarks/probe_architectures.py [name ...]      # from the repository root
+
+Not a test: transformers adds and changes models between versions, and a failure here is a
+lead to follow, not a regression of this repository (the zoo in tests/test_zoo.py is that).
+"""
+import sys
+import warnings
+from pathlib import Path
+
+warnings.simplefilter("ignore")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+import transformers as tf
+
+from tests import test_zoo as z
+from sphkv_compile import api
+L = z._llama_like
+C = z._common
+H, NL, NH = z.HIDDEN, z.LAYERS, z.HEADS
+cands = {
+ "gemma3": lambda: tf.Gemma3TextConfig(**C(hidden_size=H, intermediate_size=2*H, num_hidden_layers=NL, num_attention_heads=NH, num_key_value_heads=2, head_dim=H//NH, max_position_embeddings=256, sliding_window=512, attn_logit_softcapping=None)),
+ "olmo": lambda: L(tf.OlmoConfig),
+ "olmo2": lambda: L(tf.Olmo2Config),
+ "cohere": lambda: L(tf.CohereConfig),
+ "stablelm": lambda: L(tf.StableLmConfig),
+ "granite": lambda: L(tf.GraniteConfig),
+ "starcoder2": lambda: L(tf.Starcoder2Config, sliding_window=None),
+ "phi": lambda: tf.PhiConfig(**C(hidden_size=H, intermediate_size=2*H, num_hidden_layers=NL, num_attention_heads=NH, max_position_embeddings=256)),
+ "gptj": lambda: tf.GPTJConfig(**C(n_embd=H, n_layer=NL, n_head=NH, n_positions=256, rotary_dim=16)),
+ "gpt_neo": lambda: tf.GPTNeoConfig(**C(hidden_size=H, num_layers=NL, num_heads=NH, attention_types=[[["global"], NL]], max_position_embeddings=256)),
+ "codegen": lambda: tf.CodeGenConfig(**C(n_embd=H, n_layer=NL, n_head=NH, n_positions=256, rotary_dim=16)),
+ "bloom": lambda: tf.BloomConfig(**C(hidden_size=H, n_layer=NL, n_head=NH)),
+ "qwen2_moe": lambda: L(tf.Qwen2MoeConfig, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=H, shared_expert_intermediate_size=H, use_sliding_window=False),
+ "glm": lambda: L(tf.GlmConfig),
+ "smollm3": lambda: L(tf.SmolLM3Config) if hasattr(tf, "SmolLM3Config") else None,
+ "llama_d96": lambda: tf.LlamaConfig(**C(hidden_size=384, intermediate_size=512, num_hidden_layers=NL, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)),
+}
+cands.update({
+ "biogpt": lambda: tf.BioGptConfig(**C(hidden_size=H, intermediate_size=2*H, num_hidden_layers=NL, num_attention_heads=NH, max_position_embeddings=256)),
+ "qwen3_next": lambda: L(tf.Qwen3NextConfig, head_dim=64, linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=32, linear_value_head_dim=32, num_experts=2, num_experts_per_tok=1, moe_intermediate_size=H, shared_expert_intermediate_size=H, layer_types=["linear_attention", "full_attention"]),
+ "qwen3_5": lambda: L(tf.Qwen3_5TextConfig, head_dim=64, linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=32, linear_value_head_dim=32, layer_types=["linear_attention", "full_attention"]) if hasattr(tf, "Qwen3_5TextConfig") else None,
+ "jamba": lambda: L(tf.JambaConfig, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1, num_experts=2, use_mamba_kernels=False),
+})
+only = sys.argv[1:] or list(cands)
+for name in only:
+    try:
+        model = z.build(cands[name], 0)
+        ids, mask = z.prompts(0)
+        dense = z.greedy(model, ids, mask)
+        res = []
+        for cache in ("dynamic", "static"):
+            fast = z.optimized(model, **z.HIGH_BITS)
+            out = z.greedy(fast, ids, mask, cache_implementation=cache)
+            sites = api.report()["sites"]
+            rew = sum(s["rewritten"] for s in sites)
+            reasons = {s["reason"][:80] for s in sites if not s["rewritten"]}
+            res.append(f"{cache}: equal={torch.equal(out, dense)} rewritten={rew}/{len(sites)} {reasons or ''}")
+        print(name, "|", " | ".join(res), flush=True)
+    except Exception as e:
+        print(name, "ERROR", type(e).__name__, str(e)[:300].replace("\n", " "), flush=True)
