@@ -242,9 +242,11 @@ def paged_coded_quarters_kernel(
         DECODE_K0: tl.constexpr, DECODE_K1: tl.constexpr, DECODE_K2: tl.constexpr, DECODE_K3: tl.constexpr,
         DECODE_V0: tl.constexpr, DECODE_V1: tl.constexpr, DECODE_V2: tl.constexpr, DECODE_V3: tl.constexpr,
         STEP: tl.constexpr, LOG2_MIN: tl.constexpr, DOT_PRECISION: tl.constexpr, BF16_TILES: tl.constexpr):
-    """paged_coded_halves_kernel in quarters of D (the subtrees two levels below the root): a decoded quarter-tile holds half the registers of a half-tile, so that fewer
-    registers per thread can fit more programs per SM. The query slices are re-read from L1 per
-    tile rather than held (they would hold registers across the decode)."""
+    """paged_coded_halves_kernel in quarters of D (the subtrees two levels below the root): a
+    decoded quarter-tile holds half the registers of a half-tile, meant to let a lower register
+    cap fit more programs per SM (the sm_90 compile still peaks at the halves kernel's 138
+    registers uncapped, but spills less under a cap: kernels.attend.CODED). The query slices are
+    re-read from L1 per tile rather than held (they would hold registers across the decode)."""
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)

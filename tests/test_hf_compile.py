@@ -72,8 +72,18 @@ def test_zoo_compiled_generate_no_recompiles_after_warmup(name, monkeypatch):
     Inductor codegen here (seconds instead of minutes for the zoo); the Llama test above runs
     Inductor."""
     monkeypatch.setenv("SPHKV_INNER_COMPILER", "aot_eager")
-    model = zoo.build(zoo.ZOO[name], zoo.SEED_ORDER.index(name))
-    ids, mask = zoo.prompts(zoo.SEED_ORDER.index(name))
+    seed = zoo.SEED_ORDER.index(name)
+    fast, ids, mask = _compiled_generate_is_one_graph(zoo.build(zoo.ZOO[name], seed), seed)
+    assert all(s["rewritten"] for s in api.report()["sites"]), api.report()["sites"]
+    counters = torch._dynamo.utils.counters
+    _generate(fast, ids, mask, compile_config=_compile_config())  # fresh cache, same graph
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+def _compiled_generate_is_one_graph(model, seed: int):
+    """Compiled generate of the optimized model on a static cache: dense's tokens from one graph
+    without breaks. Returns (optimized model, ids, mask)."""
+    ids, mask = zoo.prompts(seed)
     dense = _generate(model, ids, mask)
     fast = api.optimize(copy.deepcopy(model), **HIGH_BITS)
     torch._dynamo.reset()
@@ -84,10 +94,8 @@ def test_zoo_compiled_generate_no_recompiles_after_warmup(name, monkeypatch):
     # "recompiles" counter stays empty even when a guard fails, so it is not what is checked)
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert not counters["graph_break"], dict(counters["graph_break"])
-    assert all(s["rewritten"] for s in api.report()["sites"]), api.report()["sites"]
     assert torch.equal(compiled, dense)
-    _generate(fast, ids, mask, compile_config=_compile_config())  # fresh cache, same graph
-    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    return fast, ids, mask
 
 
 @pytest.mark.parametrize("name", sorted(zoo.HYBRID_ZOO))
@@ -96,18 +104,8 @@ def test_hybrid_compiled_generate_is_one_graph(name, monkeypatch):
     compressed attention layers), compiled generate on a static cache: one graph, no graph
     break, dense's tokens."""
     monkeypatch.setenv("SPHKV_INNER_COMPILER", "aot_eager")
-    model = zoo.build(zoo.HYBRID_ZOO[name], 50)
-    ids, mask = zoo.prompts(50)
-    dense = _generate(model, ids, mask)
-    fast = api.optimize(copy.deepcopy(model), **HIGH_BITS)
-    torch._dynamo.reset()
-    counters = torch._dynamo.utils.counters
-    counters.clear()
-    compiled = _generate(fast, ids, mask, compile_config=_compile_config())
-    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
-    assert not counters["graph_break"], dict(counters["graph_break"])
+    _compiled_generate_is_one_graph(zoo.build(zoo.HYBRID_ZOO[name], 50), 50)
     assert any(s["rewritten"] for s in api.report()["sites"]), api.report()["sites"]
-    assert torch.equal(compiled, dense)
 
 
 @pytest.fixture
