@@ -242,4 +242,6 @@ def decoder(tables, word_offset: int, stride: int, leaf_dtype: str | None = None
     float32 [BLOCK_T, D] in the rotated domain. `base` is each token's first record word.
     part=0 or 1: only the first or the second D/2 coordinates ([BLOCK_T, D/2]); with parts=4,
     part 0..3: the four D/4 slices."""
+    if part is not None and not (parts & (parts - 1) == 0 and 0 <= part < parts <= tables.dim // 2):
+        raise ValueError(f"part {part} of {parts}: parts must be a power of two, at most D/2 = {tables.dim // 2}")
     return load_generated(_decoder_source(tables, word_offset, stride, leaf_dtype, part, parts))

@@ -31,9 +31,9 @@ import torch
 from . import beam_decode, compile_rules
 from .backend import install_kernels
 from .report import begin_compile, rebudgets, record_decode_step, record_site, report, reset_rebudgets
-from .hf import CACHE_KWARG, DENSE_IMPL_ATTR, IMPL_NAME, RoutedSphkvCache, register, run_routed, run_with_cache
+from .hf import CACHE_KWARG, DENSE_IMPL_ATTR, IMPL_NAME, RoutedSphkvCache, check_attended, pass_cache_on, register, run_routed
 from .hf_cache import SphkvCache, snapshot_kv_bytes, storage_dtype
-from .hf_plan import calls_sdpa_itself, kv_geometry, model_dtype, plan_layers
+from .hf_plan import cache_updating_classes, calls_sdpa_itself, kv_geometry, model_dtype, plan_layers
 from .options import SphkvOptions, SphkvPerformanceWarning
 
 STATIC_IMPLEMENTATIONS = ("static", "hybrid", "sliding_window", "hybrid_chunked")
@@ -113,6 +113,9 @@ def optimize(model, kv_dtype: torch.dtype | None = None, **options):
         setattr(config, DENSE_IMPL_ATTR, original_impl)
     if not calls_sdpa_itself(model):
         _set_attn_implementation(model, IMPL_NAME)
+        for module in model.modules():  # where the model drops the attention keywords (hf.pass_cache_on)
+            if type(module) in cache_updating_classes(model) and _takes_keywords(type(module).forward):
+                module.register_forward_pre_hook(pass_cache_on, with_kwargs=True)
     # else: attention is hard-coded in the model (e.g. Falcon); its forward runs under
     # hf.SdpaRouting, which answers its SDPA calls from the store (_wrap_forward)
     state = _ModelState(opts, model.forward, model.generate, original_impl, kv_dtype)
@@ -120,6 +123,13 @@ def optimize(model, kv_dtype: torch.dtype | None = None, **options):
     model.forward = _wrap_forward(model, state.original_forward)
     model.generate = _wrap_generate(model, state.original_generate, _cache_keyword(state.original_forward))
     return model
+
+
+def _takes_keywords(fn) -> bool:
+    try:
+        return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
 
 
 def _text_config(model):
@@ -148,7 +158,9 @@ def _wrap_forward(model, forward):
             return run_routed(cache, forward, *args, **kwargs)
         if isinstance(cache, SphkvCache):
             kwargs[CACHE_KWARG] = cache
-            return run_with_cache(cache, forward, *args, **kwargs)
+            out = forward(*args, **kwargs)
+            check_attended(cache)
+            return out
         return forward(*args, **kwargs)
 
     return sphkv_forward

@@ -16,7 +16,14 @@ cache-update output is answered from the store, and any other read of it raises.
 
 The attention function finds the cache through the `sphkv_cache` keyword, which the model
 forward installed by sphkv_compile.optimize passes down (transformers forwards extra
-keywords from the model's forward to the attention function).
+keywords from the model's forward to the attention function). Some models drop the keywords
+on the way (StableLM's decoder layer calls its attention without them): a pre-hook on each
+cache-updating attention module hands it the cache it was called with (pass_cache_on).
+
+A compressed layer's cache update returns only the new chunk. So that no attention computed
+elsewhere ever sees that chunk as the whole history, the layer counts an update as awaiting
+attention until the store has answered it, and a second update (or the end of the forward)
+with one still awaiting raises (SphkvLayer.update, check_attended).
 """
 from __future__ import annotations
 
@@ -38,21 +45,32 @@ class SphkvUnsupportedError(RuntimeError):
     """A compressed layer was asked for attention it cannot compute exactly."""
 
 
-# The cache of the optimized forward now running (api._wrap_forward). The attention function
-# reads the cache from its keywords, but some models drop them on the way down (StableLM's
-# decoder layer calls its attention without **kwargs); without the cache a compressed layer's
-# attention would see only the new chunk, the store's tokens missing, so it falls back to
-# this. A plain list (not threading.local) so that torch.compile traces it.
-_ACTIVE_CACHES: list = []
+def pass_cache_on(module, args, kwargs):
+    """Forward pre-hook (with_kwargs) of a cache-updating attention module: the SphkvCache it was
+    called with, as the `sphkv_cache` keyword its attention function reads, where the model
+    did not pass that keyword down itself (StableLM's decoder layer calls attention without
+    **kwargs)."""
+    if CACHE_KWARG in kwargs:
+        return None
+    cache = next((v for v in (*args, *kwargs.values()) if isinstance(v, SphkvCache)), None)
+    if cache is None:
+        return None
+    return args, {**kwargs, CACHE_KWARG: cache}
 
 
-def run_with_cache(cache, forward, /, *args, **kwargs):
-    """forward(*args, **kwargs) with `cache` as the cache attention falls back to."""
-    _ACTIVE_CACHES.append(cache)
-    try:
-        return forward(*args, **kwargs)
-    finally:
-        _ACTIVE_CACHES.pop()
+def check_attended(cache: SphkvCache) -> None:
+    """After a forward: every compressed layer's update was answered from the store."""
+    for layer in cache.compressed_layers():
+        if layer.awaiting_attention:
+            layer.awaiting_attention = False
+            raise SphkvUnsupportedError(unattended_update_message(layer.layer_idx))
+
+
+def unattended_update_message(layer_idx: int) -> str:
+    return (f"layer {layer_idx} updated the compressed cache but its attention never read the store: the model "
+            "computes that attention in code sphkv does not reach (e.g. a hard-coded branch beside transformers' "
+            "AttentionInterface), which would have seen only the new tokens. Load the model with "
+            "attn_implementation='sdpa', or keep its dense cache")
 
 
 def chunk_validity(mask: torch.Tensor | None, layer: SphkvLayer, n: int) -> torch.Tensor | None:
@@ -139,8 +157,6 @@ def sphkv_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch
                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0, **kwargs):
     """transformers attention interface: (attn_output [B, T, Hq, d], None)."""
     cache = kwargs.pop(CACHE_KWARG, None)
-    if cache is None and _ACTIVE_CACHES:  # the model dropped the keyword on the way down
-        cache = _ACTIVE_CACHES[-1]
     layer_idx = getattr(module, "layer_idx", None)
     layer = None
     if isinstance(cache, SphkvCache) and layer_idx is not None and not getattr(module, "is_cross_attention", False):
@@ -176,6 +192,7 @@ def attend_and_update(layer: SphkvLayer, query, key, value, valid, scaling) -> t
                                            o.utility_window, o.policy == "rdr")  # rdr: decode attention is utility
     layer.store_chunk(key, value, valid, mass, query, scale)  # the cache update and the budgeting node (hf_cache)
     layer.stored_any = True
+    layer.awaiting_attention = False
     if layer.max_cache_len is None:
         layer.advance_dynamic(N)
     else:

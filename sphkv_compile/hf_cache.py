@@ -63,6 +63,7 @@ class SphkvLayer(CacheLayerMixin):
         self.seen = 0  # dynamic: positions seen (incl. padding), a Python int
         self.cumulative_length = torch.tensor(0, dtype=torch.int64)  # static: the same, on device
         self.stored_any = False  # until the first update the store is empty (prefill needs no codes)
+        self.awaiting_attention = False  # an update returned a chunk the store has not answered yet
         self.meter: torch.Tensor | None = None  # the budgeting node's counters (rdr/meter.py)
 
     # ---- allocation ---------------------------------------------------------------------------
@@ -189,9 +190,16 @@ class SphkvLayer(CacheLayerMixin):
     # ---- the CacheLayerMixin protocol ---------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Return the chunk itself: the attention function reads the past from the store and
-        appends the chunk after attending (sphkv::update_cache)."""
+        appends the chunk after attending (sphkv::update_cache). An update whose chunk no
+        attention over the store answered before this one raises (hf.check_attended)."""
+        if self.awaiting_attention:
+            from .hf import SphkvUnsupportedError, unattended_update_message
+
+            self.awaiting_attention = False
+            raise SphkvUnsupportedError(unattended_update_message(self.layer_idx))
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self.awaiting_attention = True
         return key_states, value_states
 
     def get_seq_length(self):
@@ -220,10 +228,12 @@ class SphkvLayer(CacheLayerMixin):
         self.seen = 0
         self.cumulative_length.zero_()
         self.stored_any = False
+        self.awaiting_attention = False
 
     @torch._dynamo.disable
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Beam search: batch row i continues beam beam_idx[i]. Each tier's records move in
+        """This layer alone (SphkvCache.reorder_cache, which beam search calls, reorders all
+        layers together): batch row i continues beam beam_idx[i]. Each tier's records move in
         place (store.LayerStore.select_rows: pages copied where the rows keep their token
         counts, else the tier rebuilt; a copy of the moved records, as HF's dense layers copy
         their K/V with index_select), and the meter's per-row entries follow their rows."""

@@ -60,16 +60,34 @@ def _attention_reads_the_interface(model) -> bool:
     transformers 5.2x). True when every module class whose forward updates the cache reads
     the interface in that forward (and there is at least one): then the sphkv attention
     function serves them. Routing their SDPA calls would not, since transformers' SDPA
-    function repeats grouped K/V heads (an indexing of the chunk) before it calls SDPA."""
-    updating = []
+    function repeats grouped K/V heads (an indexing of the chunk) before it calls SDPA. A
+    class that also keeps a hard-coded branch is caught at run time: its update goes
+    unanswered by the store and raises (hf.check_attended)."""
+    classes = cache_updating_classes(model)
+    return bool(classes) and all(classes.values())
+
+
+def cache_updating_classes(model) -> dict[type, bool]:
+    """{module class whose forward updates the cache: does that forward read the attention
+    interface?}, from the forwards' source; a class whose source cannot be read counts as
+    updating it without the interface (the safe side: SDPA routing refuses what it cannot
+    answer)."""
+    out = {}
     for cls in {type(m) for m in model.modules()}:
-        try:
-            source = inspect.getsource(cls.forward)
-        except (OSError, TypeError):  # built-in or generated code
-            continue
-        if ".update(" in source:
-            updating.append("ALL_ATTENTION_FUNCTIONS" in source)
-    return bool(updating) and all(updating)
+        source = _forward_source(cls)
+        if source is None:
+            if not cls.__module__.startswith("torch."):
+                out[cls] = False
+        elif ".update(" in source:
+            out[cls] = "ALL_ATTENTION_FUNCTIONS" in source
+    return out
+
+
+def _forward_source(cls) -> str | None:
+    try:
+        return inspect.getsource(cls.forward)
+    except (OSError, TypeError):  # built-in or generated code
+        return None
 
 
 def model_wide_reason(model) -> str | None:
@@ -81,6 +99,8 @@ def model_wide_reason(model) -> str | None:
                 "routed to the store: load it with attn_implementation='sdpa'")
     if getattr(config, "alibi", False):
         return "ALiBi position bias is added to the logits"
+    if "reuse" in (getattr(_text(config), "kv_sharing_modes", None) or ()):
+        return "layers reuse other layers' K/V (kv_sharing_modes); the store answers only a layer's own attention"
     if getattr(config, "attn_logit_softcapping", None):
         return f"logit soft-capping (tanh at {config.attn_logit_softcapping})"
     if getattr(config, "is_encoder_decoder", False):
@@ -88,6 +108,10 @@ def model_wide_reason(model) -> str | None:
     if getattr(config, "position_embedding_type", "absolute") in ("alibi", "relative_key", "relative_key_query"):
         return f"{config.position_embedding_type} position bias is added to the logits"
     return None
+
+
+def _text(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def plan_layers(model, max_cache_len: int | None, max_tokens: int | None = None) -> list[LayerPlan]:

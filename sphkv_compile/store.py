@@ -204,11 +204,12 @@ def copy_rows_pagewise(states: list[TierState], rows: torch.Tensor) -> None:
     holds as many tokens as its source: each used page of row i is overwritten by the
     same-numbered page of row rows[i]; no page changes hands, counts and free lists stay, rows
     that keep their own tokens are skipped. Beam search reorders every layer with the same
-    rows, so the states go together: states whose page tables have one shape share one nonzero
-    and one read back of how many pages each copies (two reads for the lot, not one per state)."""
+    rows, so the states go together: states with one page-table shape, page size and device
+    share one nonzero and one read back of how many pages each copies (two reads per such
+    group, not one per state)."""
     groups: dict[tuple, list[TierState]] = {}
     for st in states:
-        groups.setdefault((tuple(st.pages.shape), st.pages.device), []).append(st)
+        groups.setdefault((tuple(st.pages.shape), st.page_size, st.pages.device), []).append(st)
     for group in groups.values():
         _copy_pages(group, rows.to(group[0].pages.device))
 
@@ -216,12 +217,12 @@ def copy_rows_pagewise(states: list[TierState], rows: torch.Tensor) -> None:
 def _copy_pages(group: list[TierState], rows: torch.Tensor) -> None:
     ps = group[0].page_size
     B, _, P = group[0].pages.shape
-    pages = torch.stack([st.pages for st in group]).to(torch.int64)  # [L, B, H, P]
+    pages = torch.stack([st.pages for st in group])  # [L, B, H, P] int32
     used = (torch.stack([st.count for st in group]).to(torch.int64) + ps - 1) // ps
     moved = (rows != torch.arange(B, device=rows.device))[None, :, None, None]
     wanted = (torch.arange(P, device=rows.device) < used[..., None]).logical_and(moved)
     layer, b, h, p = wanted.nonzero(as_tuple=True)  # sorted by state
-    dst, src = pages[layer, b, h, p], pages[layer, rows[b], h, p]
+    dst, src = pages[layer, b, h, p].to(torch.int64), pages[layer, rows[b], h, p].to(torch.int64)
     per_state = torch.bincount(layer, minlength=len(group)).tolist()
     for st, d, s in zip(group, dst.split(per_state), src.split(per_state)):
         if d.numel():
@@ -513,9 +514,10 @@ def select_rows_of(stores: list[LayerStore], rows: torch.Tensor, can_grow: bool 
     same rows). In a tier where every row keeps its token count (beam search's usual case: a
     prompt's beams are equally long) each row's pages are overwritten page by page
     (copy_rows_pagewise, for all such tiers of all stores together); otherwise the tier is
-    gathered, indexed and rebuilt densely. One read back checks the rows and every tier's
-    counts. A pool too small for the result grows where can_grow, else StoreCapacityError is
-    raised before any tier of any store is changed."""
+    gathered, indexed and rebuilt densely, one tier at a time. One read back checks the rows,
+    every tier's counts and the pages a rebuilt tier would need. A pool too small for the
+    result grows where can_grow, else StoreCapacityError is raised before any tier of any
+    store is changed."""
     if not stores:
         return
     batch = stores[0].batch
@@ -525,26 +527,34 @@ def select_rows_of(stores: list[LayerStore], rows: torch.Tensor, can_grow: bool 
             raise ValueError(f"select_rows needs {store.batch} row indices, got shape {tuple(rows.shape)}")
     safe = rows.clamp(0, batch - 1)
     tiers = [(store, t) for store in stores for t in range(len(store.states))]
-    flags = torch.cat([((rows >= 0) & (rows < batch)).all()[None], _counts_kept([s.states[t] for s, t in tiers], safe)])
-    flags = flags.tolist()
-    if not flags[0]:
+    states = [store.states[t] for store, t in tiers]
+    # per state, the pages its reordered rows fill densely: in all, and the most one (row, head) needs
+    demand = [(st.count[safe.to(st.count.device)].to(torch.int64) + st.page_size - 1) // st.page_size
+              for st in states]
+    numbers = torch.cat([((rows >= 0) & (rows < batch)).all()[None].to(torch.int64),
+                         _counts_kept(states, safe).to(torch.int64)]
+                        + [torch.stack([d.sum(), d.max()]).to(rows.device) for d in demand]).tolist()
+    if not numbers[0]:
         raise ValueError(f"select_rows needs row indices in [0, {batch}), got {rows.tolist()}")
-    rebuilt = {(id(store), t): (store, t, tuple(x[safe.to(x.device)] for x in gather_tokens(store.states[t])))
-               for (store, t), same_counts in zip(tiers, flags[1:]) if not same_counts}
-    grown = {}
-    for key, (store, t, (rec, util, valid)) in rebuilt.items():  # every capacity checked before anything changes
-        st, name = store.states[t], store.tiers[t].name
-        need, widest = store._page_demand(valid)
+    kept, pages_needed = numbers[1:1 + len(states)], numbers[1 + len(states):]
+    rebuilt, grown = [], {}
+    for i, ((store, t), st) in enumerate(zip(tiers, states)):  # every capacity checked before anything changes
+        if kept[i]:
+            continue
+        rebuilt.append(i)
+        need, widest = pages_needed[2 * i], pages_needed[2 * i + 1]
         if need > st.pool.shape[0] or widest > st.pages.shape[-1]:
             if not can_grow:
                 raise StoreCapacityError(
-                    f"tier {name!r}: the reordered rows need {need} pages ({widest} per KV head) but the "
-                    f"fixed pool has {st.pool.shape[0]} ({st.pages.shape[-1]} per KV head). Fix: a dynamic "
+                    f"tier {store.tiers[t].name!r}: the reordered rows need {need} pages ({widest} per KV head) but "
+                    f"the fixed pool has {st.pool.shape[0]} ({st.pages.shape[-1]} per KV head). Fix: a dynamic "
                     "cache (no max_cache_len), or a larger max_cache_len")
-            grown[key] = (max(need, st.pool.shape[0]), max(widest, st.pages.shape[-1]))
-    copy_rows_pagewise([store.states[t] for store, t in tiers if (id(store), t) not in rebuilt], safe)
-    for key, (store, t, gathered) in rebuilt.items():
+            grown[i] = (max(need, st.pool.shape[0]), max(widest, st.pages.shape[-1]))
+    copy_rows_pagewise([st for i, st in enumerate(states) if kept[i]], safe)
+    for i in rebuilt:  # one tier at a time: its gathered tokens are the only extra memory
+        store, t = tiers[i]
         spec = store.tiers[t]
-        if key in grown:
-            store.states[t] = store._new_state(spec, *grown[key])
+        gathered = tuple(x[safe.to(x.device)] for x in gather_tokens(store.states[t]))
+        if i in grown:
+            store.states[t] = store._new_state(spec, *grown[i])
         rebuild(store.states[t], *gathered, spec.name)

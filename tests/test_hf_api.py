@@ -24,6 +24,21 @@ def _model(**kw):
     return tf.LlamaForCausalLM(config).eval()
 
 
+@torch.no_grad()
+def test_attention_the_store_never_answers_raises():
+    """A compressed layer's cache update returns only the new tokens. Attention computed where
+    sphkv does not reach (here: the attention implementation switched back to eager after
+    optimize) would attend over those alone; it raises instead, naming the layer, and a later
+    call with the store's attention works."""
+    model = api.optimize(_model())
+    ids = torch.randint(3, 128, (1, 8))
+    model.config._attn_implementation = "eager"
+    with pytest.raises(SphkvUnsupportedError, match="layer 0 updated the compressed cache"):
+        model(ids, use_cache=True)
+    model.config._attn_implementation = "sphkv"
+    assert model(ids, use_cache=True).logits.shape == (1, 8, 128)
+
+
 def test_bad_options_are_rejected_by_name():
     with pytest.raises(SphkvOptionsError, match="bits"):
         api.optimize(_model(), bits=0.5)

@@ -107,10 +107,20 @@ def test_attend_in_whole_tiles_matches_float64_reference(d, programs_per_sm, mon
 def test_attend_in_quarters_matches_float64_reference(maxnreg, programs_per_sm, tiers, monkeypatch):
     """CODED['quarters'] on (keys and values decoded in four quarters of D): the settings
     sweep_coded.py times against the default halves kernel (added session 11, not yet run)."""
+    launched = []
+    kernel = kernel_attend.paged_coded_quarters_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return kernel[grid]
+
     monkeypatch.setitem(kernel_attend.CODED, "quarters", True)
     monkeypatch.setitem(kernel_attend.CODED, "maxnreg", maxnreg)
     monkeypatch.setitem(kernel_attend.CODED, "programs_per_sm", programs_per_sm)
+    monkeypatch.setattr(kernel_attend, "paged_coded_quarters_kernel", Spy())
     check_attend(128, 8, 4, 8, 5000, 1, tiers)
+    assert launched
 
 
 def check_attend(d, H, G, B, T, Tq, tiers):

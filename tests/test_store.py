@@ -276,6 +276,12 @@ def test_select_rows_of_many_layers_equals_each_layer_alone(layers, batch, seed,
                 CountNonzero.calls += 1
             return func(*args, **(kwargs or {}))
 
+    ragged = data.draw(st.booleans(), label="ragged")  # left padding: counts differ, tiers are rebuilt
+    valid = torch.ones(batch, 37, dtype=torch.bool)
+    if ragged:
+        for b in range(batch):
+            valid[b, :data.draw(st.integers(0, 20), label=f"pad{b}")] = False
+
     def filled():
         out = []
         for layer in range(layers):
@@ -283,7 +289,7 @@ def test_select_rows_of_many_layers_equals_each_layer_alone(layers, batch, seed,
                                page_size=8)
             n = 37  # one length: the layers' page tables share their shapes, as a model's do
             store.update(randn(batch, 2, n, 32, seed=seed + layer), randn(batch, 2, n, 32, seed=seed + 50 + layer),
-                         utility=randn(batch, 2, n, seed=seed + 90 + layer).abs(), sink=2, recent=5, target="mid")
+                         valid, randn(batch, 2, n, seed=seed + 90 + layer).abs(), sink=2, recent=5, target="mid")
             out.append(store)
         return out
 
@@ -292,10 +298,35 @@ def test_select_rows_of_many_layers_equals_each_layer_alone(layers, batch, seed,
     with CountNonzero():
         select_rows_of(together, rows)
     shapes = {tuple(st.pages.shape) for store in together for st in store.states}
-    assert len(shapes) <= 2 and CountNonzero.calls <= len(shapes)
+    if not ragged:  # the rebuilds of ragged rows append with boolean masks (nonzero) of their own
+        assert len(shapes) <= 2 and CountNonzero.calls <= len(shapes)
     for store in alone:
         store.select_rows(rows)
     for a_store, b_store in zip(together, alone):
         for a, b in zip(a_store.states, b_store.states):
-            assert torch.equal(a.pool, b.pool) and torch.equal(a.utility, b.utility)
-            assert torch.equal(a.pages, b.pages) and torch.equal(a.count, b.count)
+            assert torch.equal(a.count, b.count)
+            (ra, ua, oa), (rb, ub, ob) = gather_tokens(a), gather_tokens(b)
+            assert torch.equal(oa, ob) and torch.equal(ra[oa], rb[ob]) and torch.equal(ua[oa], ub[ob])
+
+
+def test_select_rows_of_refuses_before_changing_any_layer():
+    """All layers or none: a fixed pool too small for one layer's reordered rows raises before
+    any layer's tiers change, the layers that would fit included."""
+    from sphkv_compile.store import select_rows_of
+
+    def store_with(num_pages):
+        store = LayerStore(2, 1, 32, (EXACT,), kv_dtype=torch.float32, page_size=4)
+        store.states = [store._new_state(EXACT, num_pages=num_pages, max_pages=2)]
+        valid = torch.ones(2, 8, dtype=torch.bool)
+        valid[1, :6] = False  # row 0: 8 tokens (2 pages), row 1: 2 (1 page); two copies of row 0 need 4
+        store.append(randn(2, 1, 8, 32, seed=num_pages), randn(2, 1, 8, 32, seed=num_pages + 1), valid=valid)
+        return store
+
+    roomy, tight = store_with(4), store_with(3)
+    before = [[t.clone() for t in s.states[0].tensors()] for s in (roomy, tight)]
+    with pytest.raises(StoreCapacityError, match="fixed pool"):
+        select_rows_of([roomy, tight], torch.tensor([0, 0]), can_grow=False)
+    for store, saved in zip((roomy, tight), before):
+        assert all(torch.equal(t, u) for t, u in zip(store.states[0].tensors(), saved))
+    select_rows_of([roomy], torch.tensor([0, 0]), can_grow=False)
+    assert torch.equal(roomy.states[0].count, torch.tensor([[8], [8]], dtype=torch.int32))

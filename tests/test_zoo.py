@@ -64,7 +64,7 @@ ZOO = {
     "gemma2": lambda: _llama_like(tf.Gemma2Config, head_dim=HIDDEN // HEADS, attn_logit_softcapping=None),
     # StableLM dispatches through the AttentionInterface without declaring it
     # (_supports_attention_backend), and its decoder layer calls attention without **kwargs, so
-    # the sphkv attention finds the cache through the running forward (hf.run_with_cache).
+    # a pre-hook hands its attention modules the cache they were called with (hf.pass_cache_on).
     "stablelm": lambda: _llama_like(tf.StableLmConfig),
 }
 
