@@ -92,10 +92,13 @@ class RecordLayout:
     def _unpack_fields(self, words: torch.Tensor, fields) -> list[torch.Tensor]:
         if words.shape[-1] != self.words:
             raise ValueError(f"record has {words.shape[-1]} words, layout expects {self.words}")
-        w64 = words.to(torch.int64) & 0xFFFFFFFF
-        out = {f: torch.zeros(*words.shape[:-1], self.fields[f][0], dtype=torch.int64, device=words.device)
+        # word-major [words, ...]: each component's words are whole contiguous rows to gather
+        # (gathered along the last dim they were single elements at a stride, slow on the CPU)
+        w64 = (words.to(torch.int64) & 0xFFFFFFFF).movedim(-1, 0).contiguous()
+        lead = (1,) * (words.dim() - 1)
+        out = {f: torch.zeros(self.fields[f][0], *words.shape[:-1], dtype=torch.int64, device=words.device)
                for f in fields}
         for c, (word, shift) in zip(self.components, self._word_and_shift(words.device)):
             if c.field in out:
-                out[c.field] |= ((w64.index_select(-1, word) >> shift) & ((1 << c.width) - 1)) << c.shift
-        return [out[f] for f in fields]
+                out[c.field] |= ((w64.index_select(0, word) >> shift.view(-1, *lead)) & ((1 << c.width) - 1)) << c.shift
+        return [out[f].movedim(0, -1) for f in fields]
