@@ -74,7 +74,8 @@ def collect(states: list[TierState], specs: list[TierSpec], table: ChoiceTable, 
     device = states[0].count.device
     cost = torch.tensor(table.bytes, device=device)
     compressed = torch.tensor([not sp.exact for sp in specs] + [True], device=device)  # drop counts as "compressed"
-    only = lambda i: torch.nn.functional.one_hot(torch.tensor(i, device=device), C).bool()
+    # a one-hot row by comparison (F.one_hot checks its input's range: a read back on a GPU)
+    only = lambda i: torch.arange(C, device=device) == i
     recs, utils, valids, allowed, r2, v2s, values = [], [], [], [], [], [], []
     for s, (spec, st) in enumerate(zip(specs, states)):
         rec, util, ok = gather_tokens(st)
