@@ -36,3 +36,18 @@ def dense_attention(q, k, v, *, causal_offset=None, key_valid=None, scale=None):
 def relative_direction_mse(xhat: torch.Tensor, x: torch.Tensor) -> float:
     x, xhat = x.double(), xhat.double()
     return float(((xhat - x).pow(2).sum(-1) / x.pow(2).sum(-1)).mean())
+
+
+def record_launches(monkeypatch, module, name: str, label: str | None = None, into: list | None = None) -> list:
+    """Replace the Triton kernel module.<name> with a spy that appends `label` (default: the
+    launch grid) to the returned list at every launch, then launches the kernel."""
+    launched = [] if into is None else into
+    kernel = getattr(module, name)
+
+    class Spy:
+        def __getitem__(self, grid):
+            launched.append(grid if label is None else label)
+            return kernel[grid]
+
+    monkeypatch.setattr(module, name, Spy())
+    return launched

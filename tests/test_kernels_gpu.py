@@ -22,6 +22,7 @@ from sphkv_compile.kernels import attend as kernel_attend  # noqa: E402
 from sphkv_compile.kernels import compaction, encode as kernel_encode  # noqa: E402
 from sphkv_compile.store import TierState, append_records, attend as reference_attend, encode_records, gather_tokens  # noqa: E402
 from sphkv_compile.tiers import DEFAULT_TIERS, TierSpec, record_words, tier_codecs  # noqa: E402
+from helpers import record_launches  # noqa: E402
 
 DEV = torch.device("cuda")
 KV_DTYPE = torch.bfloat16
@@ -107,18 +108,10 @@ def test_attend_in_whole_tiles_matches_float64_reference(d, programs_per_sm, mon
 def test_attend_in_quarters_matches_float64_reference(maxnreg, programs_per_sm, tiers, monkeypatch):
     """CODED['quarters'] on (keys and values decoded in four quarters of D): the settings
     sweep_coded.py times against the default halves kernel (added session 11, not yet run)."""
-    launched = []
-    kernel = kernel_attend.paged_coded_quarters_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            launched.append(grid)
-            return kernel[grid]
-
     monkeypatch.setitem(kernel_attend.CODED, "quarters", True)
     monkeypatch.setitem(kernel_attend.CODED, "maxnreg", maxnreg)
     monkeypatch.setitem(kernel_attend.CODED, "programs_per_sm", programs_per_sm)
-    monkeypatch.setattr(kernel_attend, "paged_coded_quarters_kernel", Spy())
+    launched = record_launches(monkeypatch, kernel_attend, "paged_coded_quarters_kernel")
     check_attend(128, 8, 4, 8, 5000, 1, tiers)
     assert launched
 

@@ -19,6 +19,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers import record_launches
+
 from sphkv_compile.kernels import attend as kernel_attend
 from sphkv_compile.kernels import compaction, encode as kernel_encode
 from sphkv_compile.kernels.layout import Unsupported, tier_info
@@ -181,16 +183,8 @@ def test_decode_of_whole_tiles_head_dim_128_all_tiers(monkeypatch):
 def test_decode_in_quarters_matches_reference(d, monkeypatch):
     """CODED['quarters'] on (paged_coded_quarters_kernel, keys and values decoded in four
     quarters of D, a setting the sweep times): every tier, ragged rows, against float64."""
-    launched = []
-    kernel = kernel_attend.paged_coded_quarters_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            launched.append(grid)
-            return kernel[grid]
-
     monkeypatch.setitem(kernel_attend.CODED, "quarters", True)
-    monkeypatch.setattr(kernel_attend, "paged_coded_quarters_kernel", Spy())
+    launched = record_launches(monkeypatch, kernel_attend, "paged_coded_quarters_kernel")
     run_case(dict(d=d, hkv=2, g=4, b=2, specs=list(ALL_TIERS), tq=1, n_new=1, page_size=16, seed=13,
                   max_count=70, obs=1, pad=True, accumulate=True))
     assert launched
@@ -201,18 +195,8 @@ def test_halves_kernel_runs_from_head_dim_64(d, halves, monkeypatch):
     """The halves kernel only where it pays and compiles (CODED['halves_min_d']): at d=16 a half
     is no tl.dot operand on the GPU (under 16 columns), at d=32 it needs more registers than
     whole tiles. The interpreter runs either, so which one ran is checked here."""
-    launched = []
-
-    class Spy:
-        def __init__(self, name, kernel):
-            self.name, self.kernel = name, kernel
-
-        def __getitem__(self, grid):
-            launched.append(self.name)
-            return self.kernel[grid]
-
-    monkeypatch.setattr(kernel_attend, "paged_coded_halves_kernel", Spy("halves", kernel_attend.paged_coded_halves_kernel))
-    monkeypatch.setattr(kernel_attend, "paged_coded_kernel", Spy("whole", kernel_attend.paged_coded_kernel))
+    launched = record_launches(monkeypatch, kernel_attend, "paged_coded_halves_kernel", "halves")
+    record_launches(monkeypatch, kernel_attend, "paged_coded_kernel", "whole", into=launched)
     run_case(dict(d=d, hkv=1, g=2, b=1, specs=[ALL_TIERS[1]], tq=1, n_new=1, page_size=16, seed=3,
                   max_count=20, obs=1, pad=False, accumulate=False))
     assert launched and set(launched) == {"halves" if halves else "whole"}, launched
