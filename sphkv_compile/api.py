@@ -72,10 +72,11 @@ def new_cache(model, max_cache_len: int | None = None, max_tokens: int | None = 
     if state is None:
         raise ValueError("call sphkv_compile.optimize(model) first")
     plans = plan_layers(model, max_cache_len, max_tokens)
-    cache_class = RoutedSphkvCache if calls_sdpa_itself(model) else SphkvCache
+    routed = calls_sdpa_itself(model)
+    cache_class = RoutedSphkvCache if routed else SphkvCache
     cache = cache_class(state.options, plans, max_cache_len, kv_geometry(model), state.kv_dtype,
                         config=_text_config(model))
-    _record_sites(plans, state.original_impl, "sdpa_routing" if calls_sdpa_itself(model) else "attention_interface")
+    _record_sites(plans, state.original_impl, "sdpa_routing" if routed else "attention_interface")
     return cache
 
 
@@ -113,8 +114,9 @@ def optimize(model, kv_dtype: torch.dtype | None = None, **options):
         setattr(config, DENSE_IMPL_ATTR, original_impl)
     if not calls_sdpa_itself(model):
         _set_attn_implementation(model, IMPL_NAME)
+        updating = cache_updating_classes(model)
         for module in model.modules():  # where the model drops the attention keywords (hf.pass_cache_on)
-            if type(module) in cache_updating_classes(model) and _takes_keywords(type(module).forward):
+            if type(module) in updating and _takes_keywords(type(module).forward):
                 module.register_forward_pre_hook(pass_cache_on, with_kwargs=True)
     # else: attention is hard-coded in the model (e.g. Falcon); its forward runs under
     # hf.SdpaRouting, which answers its SDPA calls from the store (_wrap_forward)

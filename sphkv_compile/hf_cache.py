@@ -312,13 +312,11 @@ def _model_layers(config, max_cache_len: int | None) -> list | None:
         return None
 
 
-def _dense_layer(plan: LayerPlan, max_cache_len: int | None, model_layer=None) -> CacheLayerMixin:
-    """HF's own layer for a layer that stays dense: the one transformers' cache would give it
-    (model_layer) when there is one, else a K/V layer (sliding where the plan says so)."""
+def _dense_layer(plan: LayerPlan, max_cache_len: int | None) -> CacheLayerMixin:
+    """A K/V layer (sliding where the plan says so) for a layer that stays dense, where
+    transformers' own cache gives none (_model_layers)."""
     from transformers import cache_utils as cu
 
-    if model_layer is not None:
-        return model_layer
     if plan.sliding_window is not None:
         if max_cache_len is None:
             return cu.DynamicSlidingWindowLayer(sliding_window=plan.sliding_window)
@@ -349,7 +347,7 @@ class SphkvCache(Cache):
         if own is not None and len(own) != len(plans):
             own = None
         layers = [SphkvLayer(options, p.layer_idx, max_cache_len, p.sliding_window, kv_dtype) if p.compressed
-                  else _dense_layer(p, max_cache_len, own[i] if own else None) for i, p in enumerate(plans)]
+                  else own[i] if own else _dense_layer(p, max_cache_len) for i, p in enumerate(plans)]
         super().__init__(layers=layers)
         if kv_geometry is not None:
             kv_heads, head_dim = kv_geometry

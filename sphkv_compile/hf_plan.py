@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -72,15 +73,22 @@ def cache_updating_classes(model) -> dict[type, bool]:
     interface?}, from the forwards' source; a class whose source cannot be read counts as
     updating it without the interface (the safe side: SDPA routing refuses what it cannot
     answer)."""
-    out = {}
-    for cls in {type(m) for m in model.modules()}:
+    return dict(_scan_forwards(frozenset(type(m) for m in model.modules())))
+
+
+@lru_cache(maxsize=None)
+def _scan_forwards(classes: frozenset) -> tuple[tuple[type, bool], ...]:
+    """cache_updating_classes for a set of module classes, read once per set (new_cache asks
+    for every cache it builds)."""
+    out = []
+    for cls in classes:
         source = _forward_source(cls)
         if source is None:
             if not cls.__module__.startswith("torch."):
-                out[cls] = False
+                out.append((cls, False))
         elif ".update(" in source:
-            out[cls] = "ALL_ATTENTION_FUNCTIONS" in source
-    return out
+            out.append((cls, "ALL_ATTENTION_FUNCTIONS" in source))
+    return tuple(out)
 
 
 def _forward_source(cls) -> str | None:

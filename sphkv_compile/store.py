@@ -199,6 +199,11 @@ def rebuild(state: TierState, records: torch.Tensor, utility: torch.Tensor, vali
     append_records(state, records, utility, valid, tier_name)
 
 
+def pages_for(tokens: torch.Tensor, page_size: int) -> torch.Tensor:
+    """int64: the pages that many tokens fill densely (per element)."""
+    return (tokens.to(torch.int64) + page_size - 1) // page_size
+
+
 def copy_rows_pagewise(states: list[TierState], rows: torch.Tensor) -> None:
     """Row i takes row rows[i]'s records, in every state given, where every row (and KV head)
     holds as many tokens as its source: each used page of row i is overwritten by the
@@ -218,7 +223,7 @@ def _copy_pages(group: list[TierState], rows: torch.Tensor) -> None:
     ps = group[0].page_size
     B, _, P = group[0].pages.shape
     pages = torch.stack([st.pages for st in group])  # [L, B, H, P] int32
-    used = (torch.stack([st.count for st in group]).to(torch.int64) + ps - 1) // ps
+    used = pages_for(torch.stack([st.count for st in group]), ps)
     moved = (rows != torch.arange(B, device=rows.device))[None, :, None, None]
     wanted = (torch.arange(P, device=rows.device) < used[..., None]).logical_and(moved)
     layer, b, h, p = wanted.nonzero(as_tuple=True)  # sorted by state
@@ -452,7 +457,7 @@ class LayerStore:
     def _page_demand(self, valid: torch.Tensor) -> tuple[int, int]:
         """Pages that the tokens valid [B, H, n] fill densely: (all rows and heads, the most one
         (row, head) needs)."""
-        pages = (valid.sum(-1) + self.page_size - 1) // self.page_size
+        pages = pages_for(valid.sum(-1), self.page_size)
         return int(pages.sum()), _max_int(pages)
 
     def select_rows(self, rows: torch.Tensor, can_grow: bool = True) -> None:
@@ -529,8 +534,7 @@ def select_rows_of(stores: list[LayerStore], rows: torch.Tensor, can_grow: bool 
     tiers = [(store, t) for store in stores for t in range(len(store.states))]
     states = [store.states[t] for store, t in tiers]
     # per state, the pages its reordered rows fill densely: in all, and the most one (row, head) needs
-    demand = [(st.count[safe.to(st.count.device)].to(torch.int64) + st.page_size - 1) // st.page_size
-              for st in states]
+    demand = [pages_for(st.count[safe.to(st.count.device)], st.page_size) for st in states]
     numbers = torch.cat([((rows >= 0) & (rows < batch)).all()[None].to(torch.int64),
                          _counts_kept(states, safe).to(torch.int64)]
                         + [torch.stack([d.sum(), d.max()]).to(rows.device) for d in demand]).tolist()
