@@ -87,32 +87,38 @@ def main(d=128, block_t=64, block_m=16, warps=4, stages=2):
     return k
 
 
-def coded(d=128, block_t=128, block_m=16, warps=4, stages=1, bf16=1, maxnreg=0, halves=0):
+def coded(d=128, block_t=128, block_m=16, warps=4, stages=1, bf16=1, maxnreg=0, halves=0, shared=0):
     """The compressed-tier paged kernel with the generated decoders, default tier (halves=1:
     paged_coded_halves_kernel, keys and values decoded in two halves of D; 4: in quarters,
-    paged_coded_quarters_kernel)."""
+    paged_coded_quarters_kernel; shared=1: the tables staged in shared memory)."""
     from sphkv_compile.kernels.attention_kernels import (paged_coded_halves_kernel, paged_coded_kernel,
-                                                         paged_coded_quarters_kernel)
-    from sphkv_compile.kernels.decode_codegen import decoder
+                                                         paged_coded_quarters_kernel, tables_stay_in_global_memory)
+    from sphkv_compile.kernels.decode_codegen import decoder, staged_offsets, stager
 
     spec = TierSpec("uniform", 3.5, "polar", 3.5)
     info = tier_info(spec, d, 0, torch.bfloat16)
     leaf = "tl.bfloat16" if bf16 else None
     wt = info.key_words + info.value_words
+    ksm, vsm = staged_offsets(info.key) if shared else (None, None)
     consts = dict(PS=64, WT=wt, D=d, BLOCK_M=block_m, BLOCK_T=block_t, STEP=info.key.radius_step,
-                  LOG2_MIN=LOG2_MIN, DOT_PRECISION="tf32", BF16_TILES=bool(bf16))
+                  LOG2_MIN=LOG2_MIN, DOT_PRECISION="tf32", BF16_TILES=bool(bf16),
+                  STAGE_TABLES=stager(info.key, info.value) if shared else tables_stay_in_global_memory)
+
+    def key(*part):
+        return decoder(info.key, 0, wt, leaf, *part, smem=ksm)
+
+    def value(*part):
+        return decoder(info.value, info.key_words, wt, leaf, *part, smem=vsm)
+
     if halves == 4:  # quarters of D
         fn = paged_coded_quarters_kernel
-        consts.update({f"DECODE_{c}{i}": decoder(t, off, wt, leaf, i, 4) for c, t, off in
-                       (("K", info.key, 0), ("V", info.value, info.key_words)) for i in range(4)})
+        consts.update({f"DECODE_{c}{i}": f(i, 4) for c, f in (("K", key), ("V", value)) for i in range(4)})
     elif halves:
         fn = paged_coded_halves_kernel
-        consts.update(DECODE_K=decoder(info.key, 0, wt, leaf, 0), DECODE_K2=decoder(info.key, 0, wt, leaf, 1),
-                      DECODE_V=decoder(info.value, info.key_words, wt, leaf, 0),
-                      DECODE_V2=decoder(info.value, info.key_words, wt, leaf, 1))
+        consts.update(DECODE_K=key(0), DECODE_K2=key(1), DECODE_V=value(0), DECODE_V2=value(1))
     else:
         fn = paged_coded_kernel
-        consts.update(DECODE_K=decoder(info.key, 0, wt, leaf), DECODE_V=decoder(info.value, info.key_words, wt, leaf))
+        consts.update(DECODE_K=key(), DECODE_V=value())
     options = {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
     sig = paged_signature(fn, consts)
     k = triton.compile(ASTSource(fn, sig, consts, pointer_alignment(fn, sig)), target=TARGET, options=options)

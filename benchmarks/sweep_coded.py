@@ -26,10 +26,12 @@ from sphkv_compile.tiers import TierSpec
 # the packed 16-bit decoders (then a setting, removed after this sweep: docs/PERFORMANCE.md).
 # Session 8 decoding in halves of D (fewer registers), alone, capped at 128 registers, and with four
 # blocks per SM (then the default: benchmarks/results/h200_sweep_coded_session8.json). Session 11
-# timed joint lookups of two tree levels (slower, removed: docs/PERFORMANCE.md); queued now: the
-# quarters kernel at the default cap, and quarters and halves at 96 registers, five per SM.
-SETTINGS = [dict(), dict(quarters=True), dict(quarters=True, maxnreg=96, programs_per_sm=5),
-            dict(maxnreg=96, programs_per_sm=5)]
+# timed joint lookups of two tree levels (slower, removed: docs/PERFORMANCE.md). Session 12 the
+# quarters kernel at the default cap, and quarters and halves at 96 registers, five per SM (no
+# gain: h200_sweep_coded_session12_quarters.json); now the tables staged in shared memory, with
+# halves and with whole tiles (which fit 128 registers unspilled when the lookups need no 64-bit
+# addresses).
+SETTINGS = [dict(), dict(shared_tables=True), dict(shared_tables=True, halves=False)]
 POINTS = [("llama3-8b", 1, 4096), ("smollm2", 1, 4096), ("llama3-8b", 1, 32768), ("llama3-8b", 8, 32768),
           ("smollm2", 8, 32768), ("llama3-8b", 1, 131072)]
 DEFAULTS = dict(kattend.CODED)

@@ -17,8 +17,9 @@ from sphkv_compile.store import TierState
 from sphkv_compile.tiers import TierSpec, tier_codecs
 
 from .attention_kernels import (chunk_partials_kernel, combine_kernel, paged_coded_halves_kernel, paged_coded_kernel,
-                                paged_coded_quarters_kernel, paged_mass_kernel, paged_partials_kernel)
-from .decode_codegen import decoder
+                                paged_coded_quarters_kernel, paged_mass_kernel, paged_partials_kernel,
+                                tables_stay_in_global_memory)
+from .decode_codegen import decoder, staged_offsets, stager, table_bytes
 from .layout import DEVICE_TABLES, ScalarTables, Unsupported, rotation_matrices, tier_info, under_interpreter
 
 LOG2E = 1.0 / math.log(2.0)
@@ -62,7 +63,16 @@ CODED_WARPS = 4
 # programs per SM need (halves: 3,496 and 352).
 CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": 4, "few_rows_programs_per_sm": 2,
          "max_splits_per_row": 32, "maxnreg": 128, "maxnreg_max_d": 128, "min_tiles_per_split": 2,
-         "halves": True, "halves_min_d": 64, "quarters": False, "quarters_min_d": 128}
+         "halves": True, "halves_min_d": 64, "quarters": False, "quarters_min_d": 128,
+         "shared_tables": False, "shared_tables_max_bytes": 4096, "shared_tables_max_d": 128}
+# shared_tables: each program copies the decoders' lookup tables into shared memory once and
+# every node's lookup reads them there (decode_codegen.stager). Static shared memory, on top of
+# the kernel's own dynamic allocation, and the two must stay within the 48 KB a launch gets
+# without opting in: the kernels' own is at most 40 KB up to d=128 (sm_90 compiles), so tables
+# of at most shared_tables_max_bytes (4 KB: every default tier but "high", 14 KB of 7-bit level
+# tables) up to shared_tables_max_d. sm_90 compile, d=128, halves, 128 registers
+# (compile_check.py coded 128 128 16 4 1 1 128 1 1): 2,696 instructions instead of 3,184 (no
+# 64-bit address arithmetic per lookup: LEA 525 -> 0, SGXT 215 -> 0), spill 40 bytes (was 32).
 # combine_kernel: splits merged per step, output columns per rotation block, warps (sm_90
 # compile, D=128: 238 registers and no spills; 64 columns spill).
 COMBINE = {"splits": 4, "columns": 32, "warps": 8}
@@ -129,6 +139,14 @@ def _tab(t, device):
     return DEVICE_TABLES.get(t, device)
 
 
+def _stage_tables(info) -> bool:
+    """Do the coded kernels read this tier's tables from shared memory (CODED["shared_tables"])?
+    Not under the interpreter, which runs no inline PTX."""
+    staged = staged_offsets(info.key)[1] + table_bytes(info.value)
+    return (CODED["shared_tables"] and not under_interpreter() and staged <= CODED["shared_tables_max_bytes"]
+            and info.key.dim <= CODED["shared_tables_max_d"])
+
+
 def _codec_constants(tables) -> tuple:
     """(levels, component counts, max components, component widths, table size) as constexprs."""
     if isinstance(tables, ScalarTables):
@@ -152,18 +170,24 @@ def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_
                       BF16_TILES=leaf is not None, num_warps=CODED["warps"], num_stages=1,
                       **({"maxnreg": CODED["maxnreg"]} if CODED["maxnreg"] and D <= CODED["maxnreg_max_d"] else {}))
         args = (q_in, st.pool, st.pages, st.count, acc, m, l, kt, vt, M, st.pages.shape[-1], S, split_offset, S_total)
+        ksm, vsm = staged_offsets(info.key) if _stage_tables(info) else (None, None)
+        launch["STAGE_TABLES"] = tables_stay_in_global_memory if ksm is None else stager(info.key, info.value)
+
+        def key_part(*part):
+            return decoder(info.key, 0, WT, leaf, *part, smem=ksm)
+
+        def value_part(*part):
+            return decoder(info.value, info.key_words, WT, leaf, *part, smem=vsm)
+
         if CODED["quarters"] and D >= CODED["quarters_min_d"]:
             paged_coded_quarters_kernel[grid](
-                *args, **{f"DECODE_K{i}": decoder(info.key, 0, WT, leaf, i, 4) for i in range(4)},
-                **{f"DECODE_V{i}": decoder(info.value, info.key_words, WT, leaf, i, 4) for i in range(4)}, **launch)
+                *args, **{f"DECODE_K{i}": key_part(i, 4) for i in range(4)},
+                **{f"DECODE_V{i}": value_part(i, 4) for i in range(4)}, **launch)
         elif CODED["halves"] and D >= CODED["halves_min_d"]:
-            paged_coded_halves_kernel[grid](
-                *args, DECODE_K=decoder(info.key, 0, WT, leaf, 0), DECODE_K2=decoder(info.key, 0, WT, leaf, 1),
-                DECODE_V=decoder(info.value, info.key_words, WT, leaf, 0),
-                DECODE_V2=decoder(info.value, info.key_words, WT, leaf, 1), **launch)
+            paged_coded_halves_kernel[grid](*args, DECODE_K=key_part(0), DECODE_K2=key_part(1), DECODE_V=value_part(0),
+                                            DECODE_V2=value_part(1), **launch)
         else:
-            paged_coded_kernel[grid](*args, DECODE_K=decoder(info.key, 0, WT, leaf),
-                                     DECODE_V=decoder(info.value, info.key_words, WT, leaf), **launch)
+            paged_coded_kernel[grid](*args, DECODE_K=key_part(), DECODE_V=value_part(), **launch)
         return
     # exact tier: plain K/V in the KV dtype (the codec pointers are unused)
     pool = st.pool.view(-1).view(kv_dtype)

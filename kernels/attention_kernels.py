@@ -100,15 +100,24 @@ def paged_partials_kernel(
 
 
 @triton.jit
+def tables_stay_in_global_memory(ktab_ptr, vtab_ptr):
+    """STAGE_TABLES of the coded kernels when the decoders load their tables from global memory
+    (the other choice is decode_codegen.stager's generated function)."""
+    pass
+
+
+@triton.jit
 def paged_coded_kernel(
         q_ptr, pool_ptr, pages_ptr, count_ptr, acc_ptr, m_ptr, l_ptr, ktab_ptr, vtab_ptr,
         M, max_pages, S, split_offset, S_total,
         PS: tl.constexpr, WT: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
         DECODE_K: tl.constexpr, DECODE_V: tl.constexpr, STEP: tl.constexpr, LOG2_MIN: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, BF16_TILES: tl.constexpr):
+        DOT_PRECISION: tl.constexpr, BF16_TILES: tl.constexpr,
+        STAGE_TABLES: tl.constexpr):
     """paged_partials_kernel for a compressed tier, with keys and values decoded by the
     generated one-token-per-thread decoders (decode_codegen.py). BF16_TILES: the dots take
     bfloat16 operands (as dense bf16 attention does), halving the tiles' shared memory."""
+    STAGE_TABLES(ktab_ptr, vtab_ptr)
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -154,10 +163,12 @@ def paged_coded_halves_kernel(
         M, max_pages, S, split_offset, S_total,
         PS: tl.constexpr, WT: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
         DECODE_K: tl.constexpr, DECODE_K2: tl.constexpr, DECODE_V: tl.constexpr, DECODE_V2: tl.constexpr,
-        STEP: tl.constexpr, LOG2_MIN: tl.constexpr, DOT_PRECISION: tl.constexpr, BF16_TILES: tl.constexpr):
+        STEP: tl.constexpr, LOG2_MIN: tl.constexpr, DOT_PRECISION: tl.constexpr, BF16_TILES: tl.constexpr,
+        STAGE_TABLES: tl.constexpr):
     """paged_coded_kernel with keys and values decoded in two halves of D (the root's left and
     right subtrees): q·k is two dots of D/2 and the accumulator two [BLOCK_M, D/2] blocks, so a
     decoded half-tile is dead before the next is made (fewer live registers per thread)."""
+    STAGE_TABLES(ktab_ptr, vtab_ptr)
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -241,12 +252,14 @@ def paged_coded_quarters_kernel(
         PS: tl.constexpr, WT: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
         DECODE_K0: tl.constexpr, DECODE_K1: tl.constexpr, DECODE_K2: tl.constexpr, DECODE_K3: tl.constexpr,
         DECODE_V0: tl.constexpr, DECODE_V1: tl.constexpr, DECODE_V2: tl.constexpr, DECODE_V3: tl.constexpr,
-        STEP: tl.constexpr, LOG2_MIN: tl.constexpr, DOT_PRECISION: tl.constexpr, BF16_TILES: tl.constexpr):
+        STEP: tl.constexpr, LOG2_MIN: tl.constexpr, DOT_PRECISION: tl.constexpr, BF16_TILES: tl.constexpr,
+        STAGE_TABLES: tl.constexpr):
     """paged_coded_halves_kernel in quarters of D (the subtrees two levels below the root): a
     decoded quarter-tile holds half the registers of a half-tile, meant to let a lower register
     cap fit more programs per SM (the sm_90 compile still peaks at the halves kernel's 138
     registers uncapped, but spills less under a cap: kernels.attend.CODED). The query slices are
     re-read from L1 per tile rather than held (they would hold registers across the decode)."""
+    STAGE_TABLES(ktab_ptr, vtab_ptr)
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)

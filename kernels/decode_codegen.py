@@ -95,18 +95,46 @@ def code_parts(layout) -> dict[tuple[int, int], list[tuple[int, int, int, int]]]
     return parts
 
 
-def _extract(w: _Writer, parts, name: str) -> str:
+def _extract(w: _Writer, parts, name: str, scale_bits: int = 0) -> str:
+    """The code as uint32, times 2**scale_bits (a byte offset into a table of 2**scale_bits-byte
+    entries): a field at bit >= scale_bits is shifted and masked in place, one shift and one
+    mask as for the bare code."""
     terms = []
     for word, bit, width, shift in parts:
         src = w.word(word)
-        val = f"({src} >> {bit})" if bit else src
-        if bit + width < 32:
-            val = f"({val} & {(1 << width) - 1})"
-        if shift:
-            val = f"({val} << {shift})"
+        if scale_bits:
+            up = shift + scale_bits - bit  # net left shift of the field's bits
+            val = src if up == 0 else f"({src} << {up})" if up > 0 else f"({src} >> {-up})"
+            # always masked: the scaled field keeps scale_bits of the word's bits below it
+            val = f"({val} & {((1 << width) - 1) << (shift + scale_bits)})"
+        else:
+            val = f"({src} >> {bit})" if bit else src
+            if bit + width < 32:
+                val = f"({val} & {(1 << width) - 1})"
+            if shift:
+                val = f"({val} << {shift})"
         terms.append(val)
     w.emit(f"{name} = {' | '.join(terms)}")  # stays uint32
     return name
+
+
+# Staged tables: the kernel copies the decoders' tables into one static shared-memory array
+# (SHARED_TABLES) once per program, and each lookup is one LDS [offset + constant] instead of a
+# 64-bit address computation and an LDG through L1 (sm_90 SASS: two fewer instructions per node).
+# Triton has no shared-memory gather, so the array is declared and read through inline PTX.
+SHARED_TABLES = "sphkv_tables"
+
+
+def _shared_lookup(w: _Writer, offset: str, const_bytes: int, outputs: int, name: str) -> None:
+    """name0[, name1] = float32 word(s) at SHARED_TABLES + offset + const_bytes."""
+    regs = ", ".join(f"${i}" for i in range(outputs))
+    vec = ".v2" if outputs == 2 else ""
+    asm = (f"{{ .reg .u32 a; mov.u32 a, {SHARED_TABLES}; add.u32 a, a, ${outputs}; "
+           f"ld.shared{vec}.f32 {{{regs}}}, [a+{const_bytes}]; }}")
+    dtype = "(tl.float32, tl.float32)" if outputs == 2 else "tl.float32"
+    targets = ", ".join(f"{name}{i}" for i in range(outputs)) if outputs == 2 else name
+    w.emit(f'{targets} = tl.inline_asm_elementwise("{asm}", "{",".join(["=r"] * outputs)},r", [{offset}], '
+           f"dtype={dtype}, is_pure=True, pack=1)")
 
 
 def _radius(w: _Writer, parts, inv_norm: float = 1.0) -> str:
@@ -146,10 +174,12 @@ def _join_tile(w: _Writer, leaves: list[str]) -> None:
     w.emit(f"return {tile}")
 
 
-def _polar_body(w: _Writer, t: PolarTables, tab: str, part: int | None = None, parts: int = 2) -> None:
+def _polar_body(w: _Writer, t: PolarTables, tab: str, part: int | None = None, parts: int = 2,
+                smem: int | None = None) -> None:
     """part: None for the whole tile, else the part-th of `parts` (a power of two) equal slices
     of the coordinates, the subtree below the root's top log2(parts) levels: 0 or 1 of 2 is the
-    root's left or right subtree (the first or second D/2 coordinates)."""
+    root's left or right subtree (the first or second D/2 coordinates). smem: the byte offset of
+    the staged (cos, sin) pairs in SHARED_TABLES, or None to load them from tab."""
     depth = parts.bit_length() - 1  # levels walked along one path only
     trig = t.trig.double()
     codes = code_parts(t.fields.layout)
@@ -164,10 +194,14 @@ def _polar_body(w: _Writer, t: PolarTables, tab: str, part: int | None = None, p
             if bits == 0:
                 cos_v, sin_v = repr(float(trig[lev, 0, 0])), repr(float(trig[lev, 1, 0]))
             else:
-                code = _extract(w, codes[(f, j)], f"k{f}_{j}")
+                code = None if smem is not None and bits > SELECT_MAX_BITS else _extract(w, codes[(f, j)], f"k{f}_{j}")
                 if bits <= SELECT_MAX_BITS:
                     w.emit(f"{cos_name} = tl.where({code} == 0, {float(trig[lev, 0, 0])!r}, {float(trig[lev, 0, 1])!r})")
                     w.emit(f"{sin_name} = tl.where({code} == 0, {float(trig[lev, 1, 0])!r}, {float(trig[lev, 1, 1])!r})")
+                elif smem is not None:  # one 8-byte shared-memory load of the staged (cos, sin) pair
+                    offset = _extract(w, codes[(f, j)], f"o{f}_{j}", scale_bits=3)
+                    _shared_lookup(w, offset, smem + 8 * lev * size, 2, f"cs{f}_{j}_")
+                    w.emit(f"{cos_name}, {sin_name} = cs{f}_{j}_0, cs{f}_{j}_1")
                 else:  # one 8-byte load of the (cos, sin) pair, read as an int64 and split in the thread
                     cs = "cs"
                     w.emit(f"{cs} = tl.load({tab} + ({lev * size} + {code}))")
@@ -184,24 +218,80 @@ def _polar_body(w: _Writer, t: PolarTables, tab: str, part: int | None = None, p
     _join_tile(w, [name for _, name in nodes])
 
 
-def _scalar_body(w: _Writer, t: ScalarTables, tab: str, part: int | None = None, parts: int = 2) -> None:
+def _scalar_body(w: _Writer, t: ScalarTables, tab: str, part: int | None = None, parts: int = 2,
+                 smem: int | None = None) -> None:
     codes = code_parts(t.fields.layout)
     r = _radius(w, codes[(0, 0)], inv_norm=t.dim ** -0.5)
     leaves = []
     span = range(t.dim) if part is None else range(part * t.dim // parts, (part + 1) * t.dim // parts)
     for i in span:
-        code = _extract(w, codes[(1, i)], f"k{i}")
         x = f"x{i}"
-        w.emit(f"{x} = tl.load({tab} + {code}) * {r}")
+        if smem is None:
+            code = _extract(w, codes[(1, i)], f"k{i}")
+            w.emit(f"{x} = tl.load({tab} + {code}) * {r}")
+        else:
+            offset = _extract(w, codes[(1, i)], f"o{i}", scale_bits=2)
+            _shared_lookup(w, offset, smem, 1, f"c{i}")
+            w.emit(f"{x} = c{i} * {r}")
         leaves.append(x)
     _join_tile(w, leaves)
 
 
-def _body(w: _Writer, tables, tab: str, part: int | None = None, parts: int = 2) -> None:
+def _body(w: _Writer, tables, tab: str, part: int | None = None, parts: int = 2, smem: int | None = None) -> None:
     if isinstance(tables, ScalarTables):
-        _scalar_body(w, tables, tab, part, parts)
+        _scalar_body(w, tables, tab, part, parts, smem)
     else:
-        _polar_body(w, tables, tab, part, parts)
+        _polar_body(w, tables, tab, part, parts, smem)
+
+
+def table_bytes(tables) -> int:
+    """Bytes of one codec's lookup table as the kernels hold it (int64 (cos, sin) pairs per level
+    and code, or float32 scalar centroids)."""
+    if isinstance(tables, ScalarTables):
+        return 4 * tables.centroids.numel()
+    return 8 * tables.levels * tables.table_size
+
+
+_STAGER = '''"""Generated by sphkv_compile.kernels.decode_codegen; do not edit."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def stage(ktab_ptr, vtab_ptr):
+    # declared once per kernel: this function is called once, outside the tile loop
+    tl.inline_asm_elementwise(".shared .align 16 .b8 {name}[{size}];\\n mov.u32 $0, $1;", "=r,r",
+                              [tl.program_id(0)], dtype=tl.int32, is_pure=False, pack=1)
+{fills}    tl.debug_barrier()
+'''
+
+_FILL = '''    i = tl.arange(0, {block})
+    word = tl.load({ptr}.to(tl.pointer_type(tl.uint32), bitcast=True) + i, mask=i < {words}, other=0)
+    tl.inline_asm_elementwise("{{ .reg .u32 a; .reg .pred p; setp.lt.u32 p, $2, {words}; mov.u32 a, {name}; "
+                              "mad.lo.u32 a, $2, 4, a; @p st.shared.u32 [a+{offset}], $1; mov.u32 $0, 0; }}",
+                              "=r,r,r", [word, i], dtype=tl.int32, is_pure=False, pack=1)
+'''
+
+
+@lru_cache(maxsize=None)
+def stager(key_tables, value_tables):
+    """A Triton function stage(ktab_ptr, vtab_ptr) that declares SHARED_TABLES, copies the key
+    table to its byte 0 and the value table after it (see staged_offsets), and waits for the
+    whole program at a barrier. Call it once at the top of the kernel."""
+    kb, vb = table_bytes(key_tables), table_bytes(value_tables)
+    fills = "".join(_FILL.format(block=triton_pow2(n // 4), ptr=ptr, words=n // 4, name=SHARED_TABLES, offset=off)
+                    for ptr, n, off in (("ktab_ptr", kb, 0), ("vtab_ptr", vb, staged_offsets(key_tables)[1])))
+    size = staged_offsets(key_tables)[1] + vb
+    return load_generated(_STAGER.format(name=SHARED_TABLES, size=size, fills=fills), "stage")
+
+
+def staged_offsets(key_tables) -> tuple[int, int]:
+    """Byte offsets of the key and the value table in SHARED_TABLES (the value table 16-aligned)."""
+    return 0, (table_bytes(key_tables) + 15) // 16 * 16
+
+
+def triton_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
 
 
 _DECODER = '''"""Generated by sphkv_compile.kernels.decode_codegen; do not edit."""
@@ -215,13 +305,13 @@ def decode(pool_ptr, base, valid, tab_ptr, BLOCK_T: tl.constexpr, STEP: tl.const
 
 
 def _decoder_source(tables, word_offset: int, stride: int, leaf_dtype: str | None = None,
-                    part: int | None = None, parts: int = 2) -> str:
+                    part: int | None = None, parts: int = 2, smem: int | None = None) -> str:
     w = _Writer(word_offset, tables.fields.layout.words, stride, leaf_dtype)
-    _body(w, tables, "tab_ptr", part, parts)
+    _body(w, tables, "tab_ptr", part, parts, smem)
     return _DECODER + "\n".join(w.lines) + "\n"
 
 
-def load_generated(source: str):
+def load_generated(source: str, name: str = "decode"):
     digest = hashlib.sha256(source.encode()).hexdigest()[:20]
     path = _cache_dir() / f"sphkv_decode_{digest}.py"
     if not path.exists() or path.read_text() != source:
@@ -231,17 +321,18 @@ def load_generated(source: str):
     spec = importlib.util.spec_from_file_location(f"sphkv_decode_{digest}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.decode
+    return getattr(module, name)
 
 
 @lru_cache(maxsize=None)
 def decoder(tables, word_offset: int, stride: int, leaf_dtype: str | None = None, part: int | None = None,
-            parts: int = 2):
+            parts: int = 2, smem: int | None = None):
     """The generated Triton decode function of one codec's records (keys at word 0, values at
     the key record's length): decode(pool_ptr, base, valid, tab_ptr, BLOCK_T, STEP, LOG2_MIN) ->
     float32 [BLOCK_T, D] in the rotated domain. `base` is each token's first record word.
     part=0 or 1: only the first or the second D/2 coordinates ([BLOCK_T, D/2]); with parts=4,
-    part 0..3: the four D/4 slices."""
+    part 0..3: the four D/4 slices. smem: read the table staged by stager() at this byte offset
+    of SHARED_TABLES instead of from tab_ptr (GPU only: inline PTX)."""
     if part is not None and not (parts & (parts - 1) == 0 and 0 <= part < parts <= tables.dim // 2):
         raise ValueError(f"part {part} of {parts}: parts must be a power of two, at most D/2 = {tables.dim // 2}")
-    return load_generated(_decoder_source(tables, word_offset, stride, leaf_dtype, part, parts))
+    return load_generated(_decoder_source(tables, word_offset, stride, leaf_dtype, part, parts, smem))

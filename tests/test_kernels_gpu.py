@@ -116,6 +116,20 @@ def test_attend_in_quarters_matches_float64_reference(maxnreg, programs_per_sm, 
     assert launched
 
 
+@pytest.mark.parametrize("d,halves,tiers", [(128, True, "all"), (64, True, "all"), (128, False, "default")])
+def test_attend_with_staged_tables_matches_float64_reference(d, halves, tiers, monkeypatch):
+    """CODED['shared_tables'] on: the decoders read their tables from shared memory (inline
+    PTX, which the interpreter cannot run, so only here). Every tier whose tables fit is staged."""
+    monkeypatch.setitem(kernel_attend.CODED, "shared_tables", True)
+    monkeypatch.setitem(kernel_attend.CODED, "halves", halves)
+    staged = []
+    stager = kernel_attend.stager
+    monkeypatch.setattr(kernel_attend, "stager", lambda k, v: staged.append(k) or stager(k, v))
+    check_attend(d, 8, 4, 8, 5000, 1, tiers)
+    # "all": mid, low and scalar3 (tables of 0.8-1.8 KB); high's 12-14 KB stay in global memory
+    assert len(set(staged)) == (3 if tiers == "all" else 1), staged
+
+
 def check_attend(d, H, G, B, T, Tq, tiers):
     seed = random.randrange(2**31)
     gen = torch.Generator(device=DEV).manual_seed(seed)

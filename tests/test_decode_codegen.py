@@ -1,0 +1,44 @@
+"""The generated decoders' code extraction (kernels.decode_codegen), checked in Python: the
+generated expressions are plain shifts and masks, so they evaluate on Python ints as the kernel
+evaluates them on uint32 words."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from sphkv_compile.kernels.decode_codegen import _extract, _Writer, code_parts
+from sphkv_compile.kernels.layout import tier_info
+from sphkv_compile.tiers import DEFAULT_TIERS, TierSpec
+
+TIERS = DEFAULT_TIERS[1:] + (TierSpec("scalar3", 3.5, "scalar", 3),)
+
+
+def _evaluate(parts, words: list[int], scale_bits: int) -> int:
+    w = _Writer(0, len(words), len(words))
+    w.loaded = set(range(len(words)))  # every word is a variable already: no load lines
+    name = _extract(w, parts, "x", scale_bits)
+    env = {f"w{j}": word for j, word in enumerate(words)}
+    exec(w.lines[-1].strip(), {}, env)
+    return env[name] & 0xFFFFFFFF
+
+
+@pytest.mark.parametrize("spec", TIERS, ids=lambda s: s.name)
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_scaled_extraction_is_the_code_times_the_entry_size(spec, d):
+    """The shared-table lookups read each code pre-multiplied by the entry size (8 bytes for a
+    (cos, sin) pair, 4 for a scalar centroid) straight from the record's words: for every field
+    of every record layout, on random words, it must be the plain code times that size."""
+    info = tier_info(spec, d, 0, torch.bfloat16)
+    rng = random.Random(f"{spec.name}-{d}")
+    for tables in (info.key, info.value):
+        layout = tables.fields.layout
+        for key, parts in code_parts(layout).items():
+            width = sum(p[2] for p in parts)
+            for _ in range(20):
+                words = [rng.getrandbits(32) for _ in range(layout.words)]
+                code = _evaluate(parts, words, 0)
+                assert code < 1 << width, (key, parts)
+                for scale_bits in (2, 3):
+                    assert _evaluate(parts, words, scale_bits) == code << scale_bits, (key, parts, scale_bits)
