@@ -64,7 +64,7 @@ CODED_WARPS = 4
 CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": 4, "few_rows_programs_per_sm": 2,
          "max_splits_per_row": 32, "maxnreg": 128, "maxnreg_max_d": 128, "min_tiles_per_split": 2,
          "halves": True, "halves_min_d": 64, "quarters": False, "quarters_min_d": 128,
-         "shared_tables": False, "shared_tables_max_bytes": 4096, "shared_tables_max_d": 128}
+         "shared_tables": True, "shared_tables_max_bytes": 4096, "shared_tables_max_d": 128}
 # shared_tables: each program copies the decoders' lookup tables into shared memory once and
 # every node's lookup reads them there (decode_codegen.stager). Static shared memory, on top of
 # the kernel's own dynamic allocation, and the two must stay within the 48 KB a launch gets
