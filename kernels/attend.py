@@ -73,6 +73,8 @@ CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": 4, "few_ro
 # tables) up to shared_tables_max_d. sm_90 compile, d=128, halves, 128 registers
 # (compile_check.py coded 128 128 16 4 1 1 128 1 1): 2,696 instructions instead of 3,184 (no
 # 64-bit address arithmetic per lookup: LEA 525 -> 0, SGXT 215 -> 0), spill 40 bytes (was 32).
+# H200: 3-7% faster at every swept point but Llama B=1 4k (equal); whole tiles with staged
+# tables (128 registers unspilled) were slower at Llama B=8 32k (h200_sweep_coded_session12_shared_tables).
 # combine_kernel: splits merged per step, output columns per rotation block, warps (sm_90
 # compile, D=128: 238 registers and no spills; 64 columns spill).
 COMBINE = {"splits": 4, "columns": 32, "warps": 8}
