@@ -40,9 +40,14 @@ def sass_summary(k):
         f.flush()
         usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
         sass = subprocess.run([tool, "--dump-sass", f.name], capture_output=True, text=True).stdout
-    ops = collections.Counter(m.group(1).split(".")[0] for m in
-                              re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass))
+    full = collections.Counter(m.group(1) for m in
+                               re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass))
+    ops = collections.Counter()
+    for op, n in full.items():
+        ops[op.split(".")[0]] += n
     print(" ", [l.strip() for l in usage.splitlines() if "REG" in l], sum(ops.values()), ops.most_common(12))
+    # shared-memory stores by width (the decoded tiles' way into the MMA layout) and spills
+    print("  stores/spills:", {op: n for op, n in sorted(full.items()) if op.split(".")[0] in ("STS", "STL", "LDL")})
 
 
 def pointer_alignment(fn, sig) -> dict:

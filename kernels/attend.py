@@ -64,7 +64,8 @@ CODED_WARPS = 4
 CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": 4, "few_rows_programs_per_sm": 2,
          "max_splits_per_row": 32, "maxnreg": 128, "maxnreg_max_d": 128, "min_tiles_per_split": 2,
          "halves": True, "halves_min_d": 64, "quarters": False, "quarters_min_d": 128,
-         "shared_tables": True, "shared_tables_max_bytes": 4096, "shared_tables_max_d": 128}
+         "shared_tables": True, "shared_tables_max_bytes": 4096, "shared_tables_max_d": 128,
+         "tokens_per_thread": 1}
 # shared_tables: each program copies the decoders' lookup tables into shared memory once and
 # every node's lookup reads them there (decode_codegen.stager). Static shared memory, on top of
 # the kernel's own dynamic allocation, and the two must stay within the 48 KB a launch gets
@@ -75,6 +76,14 @@ CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": 4, "few_ro
 # 64-bit address arithmetic per lookup: LEA 525 -> 0, SGXT 215 -> 0), spill 40 bytes (was 32).
 # H200: 3-7% faster at every swept point but Llama B=1 4k (equal); whole tiles with staged
 # tables (128 registers unspilled) were slower at Llama B=8 32k (h200_sweep_coded_session12_shared_tables).
+# tokens_per_thread: tokens each thread decodes per tile (the tile is 32 x warps x this). At one,
+# Triton lays the decoded tile out in shared memory token-major (its heuristic follows the
+# threads when a thread holds one element of a dimension) and writes it one bf16 at a time:
+# 256 STS.U16 and 128 PRMT per warp and tile at d=128, 14% of the instructions. At two the
+# layout follows the thread's D-contiguous values and the writes are 16-byte vectors
+# (STS.128). sm_90 compiles, d=128, staged tables, per token: 84 instructions at one token (halves,
+# 4 warps, 128 registers); 68 at two (quarters, 2 warps, 168 registers, 72-byte spill; six
+# programs per SM fit), 66 (quarters, 4 warps, 255 registers, two per SM). Not timed yet.
 # combine_kernel: splits merged per step, output columns per rotation block, warps (sm_90
 # compile, D=128: 238 registers and no spills; 64 columns spill).
 COMBINE = {"splits": 4, "columns": 32, "warps": 8}
@@ -87,7 +96,7 @@ def _bf16_tiles() -> bool:
 
 
 def _coded_block_t() -> int:
-    return 32 * CODED["warps"]
+    return 32 * CODED["warps"] * CODED["tokens_per_thread"]
 
 
 @lru_cache(maxsize=None)

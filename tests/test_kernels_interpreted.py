@@ -190,6 +190,20 @@ def test_decode_in_quarters_matches_reference(d, monkeypatch):
     assert launched
 
 
+@pytest.mark.parametrize("d,quarters", [(64, False), (128, True)])
+def test_decode_of_two_tokens_per_thread_matches_reference(d, quarters, monkeypatch):
+    """CODED['tokens_per_thread'] = 2 with two warps (a setting the sweep times): tiles of 128
+    tokens, so rows shorter and longer than a tile, every tier, ragged, against float64."""
+    monkeypatch.setitem(kernel_attend.CODED, "tokens_per_thread", 2)
+    monkeypatch.setitem(kernel_attend.CODED, "warps", 2)
+    monkeypatch.setitem(kernel_attend.CODED, "quarters", quarters)
+    name = "paged_coded_quarters_kernel" if quarters else "paged_coded_halves_kernel"
+    launched = record_launches(monkeypatch, kernel_attend, name)
+    run_case(dict(d=d, hkv=2, g=4, b=2, specs=list(ALL_TIERS), tq=1, n_new=1, page_size=16, seed=17,
+                  max_count=300, obs=1, pad=True, accumulate=True))
+    assert launched
+
+
 @pytest.mark.parametrize("d,halves", [(16, False), (32, False), (64, True), (128, True)])
 def test_halves_kernel_runs_from_head_dim_64(d, halves, monkeypatch):
     """The halves kernel only where it pays and compiles (CODED['halves_min_d']): at d=16 a half
