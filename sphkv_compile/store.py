@@ -500,17 +500,22 @@ class LayerStore:
         return 2 * self.batch * self.kv_heads * self.tokens_seen * self.head_dim * bytes_per_elem
 
 
-def _counts_kept(states: list[TierState], rows: torch.Tensor) -> torch.Tensor:
-    """bool [len(states)] on rows' device: does every row of the state hold as many tokens (per
-    KV head) as its source row? States of one count shape are compared together."""
-    out = torch.empty(len(states), dtype=torch.bool, device=rows.device)
+def _row_checks(states: list[TierState], rows: torch.Tensor) -> torch.Tensor:
+    """int64 [len(states), 3] on rows' device, per state after row i takes row rows[i]: does every
+    row (and KV head) keep its token count (1/0), and how many pages the rows' tokens fill
+    densely, in all and at most in one (row, head). States of one count shape and page size are
+    computed together (beam search reorders every layer alike: a handful of torch ops, not a
+    handful per state)."""
+    out = torch.empty(len(states), 3, dtype=torch.int64, device=rows.device)
     groups: dict[tuple, list[int]] = {}
     for i, st in enumerate(states):
-        groups.setdefault((tuple(st.count.shape), st.count.device), []).append(i)
-    for (_, device), members in groups.items():
+        groups.setdefault((tuple(st.count.shape), st.page_size, st.count.device), []).append(i)
+    for (_, page_size, device), members in groups.items():
         counts = torch.stack([states[i].count for i in members])  # [L, B, H]
-        kept = (counts[:, rows.to(device)] == counts).flatten(1).all(1)
-        out[torch.tensor(members, device=rows.device)] = kept.to(rows.device)
+        moved = counts[:, rows.to(device)]
+        pages = pages_for(moved, page_size).flatten(1)
+        checks = torch.stack([(moved == counts).flatten(1).all(1).to(torch.int64), pages.sum(1), pages.amax(1)], 1)
+        out[torch.tensor(members, device=rows.device)] = checks.to(rows.device)
     return out
 
 
@@ -533,20 +538,19 @@ def select_rows_of(stores: list[LayerStore], rows: torch.Tensor, can_grow: bool 
     safe = rows.clamp(0, batch - 1)
     tiers = [(store, t) for store in stores for t in range(len(store.states))]
     states = [store.states[t] for store, t in tiers]
-    # per state, the pages its reordered rows fill densely: in all, and the most one (row, head) needs
-    demand = [pages_for(st.count[safe.to(st.count.device)], st.page_size) for st in states]
+    # one read back: are the rows valid; per state, do counts stay and the pages a rebuild would fill
     numbers = torch.cat([((rows >= 0) & (rows < batch)).all()[None].to(torch.int64),
-                         _counts_kept(states, safe).to(torch.int64)]
-                        + [torch.stack([d.sum(), d.max()]).to(rows.device) for d in demand]).tolist()
+                         _row_checks(states, safe).flatten()]).tolist()
     if not numbers[0]:
         raise ValueError(f"select_rows needs row indices in [0, {batch}), got {rows.tolist()}")
-    kept, pages_needed = numbers[1:1 + len(states)], numbers[1 + len(states):]
+    checks = [numbers[1 + 3 * i:4 + 3 * i] for i in range(len(states))]
+    kept = [c[0] for c in checks]
     rebuilt, grown = [], {}
     for i, ((store, t), st) in enumerate(zip(tiers, states)):  # every capacity checked before anything changes
         if kept[i]:
             continue
         rebuilt.append(i)
-        need, widest = pages_needed[2 * i], pages_needed[2 * i + 1]
+        need, widest = checks[i][1], checks[i][2]
         if need > st.pool.shape[0] or widest > st.pages.shape[-1]:
             if not can_grow:
                 raise StoreCapacityError(
