@@ -31,7 +31,7 @@ from sphkv_compile.tiers import TierSpec
 # gain: h200_sweep_coded_session12_quarters.json); now the tables staged in shared memory, with
 # halves and with whole tiles (which fit 128 registers unspilled when the lookups need no 64-bit
 # addresses).
-# Timed: the tables in shared memory, 3-7% faster (the default since). Queued: two tokens per
+# Timed: the tables in shared memory, 2-7% faster (the default since). Queued: two tokens per
 # thread, so the decoded tile is written to shared memory in 16-byte vectors (kernels.attend).
 SETTINGS = [dict(), dict(tokens_per_thread=2, warps=2, quarters=True, maxnreg=168, programs_per_sm=6),
             dict(tokens_per_thread=2, warps=4, quarters=True, maxnreg=0, programs_per_sm=2),

@@ -68,13 +68,13 @@ CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": 4, "few_ro
          "tokens_per_thread": 1}
 # shared_tables: each program copies the decoders' lookup tables into shared memory once and
 # every node's lookup reads them there (decode_codegen.stager). Static shared memory, on top of
-# the kernel's own dynamic allocation, and the two must stay within the 48 KB a launch gets
-# without opting in: the kernels' own is at most 40 KB up to d=128 (sm_90 compiles), so tables
-# of at most shared_tables_max_bytes (4 KB: every default tier but "high", 14 KB of 7-bit level
-# tables) up to shared_tables_max_d. sm_90 compile, d=128, halves, 128 registers
+# the kernel's own dynamic allocation; the two must stay within the 48 KB a launch gets without
+# opting in (_stage_tables checks it per launch shape), and the tables at most
+# shared_tables_max_bytes (4 KB: every default tier but "high", 14 KB of 7-bit level tables), up
+# to shared_tables_max_d. sm_90 compile, d=128, halves, 128 registers
 # (compile_check.py coded 128 128 16 4 1 1 128 1 1): 2,696 instructions instead of 3,184 (no
 # 64-bit address arithmetic per lookup: LEA 525 -> 0, SGXT 215 -> 0), spill 40 bytes (was 32).
-# H200: 3-7% faster at every swept point but Llama B=1 4k (equal); whole tiles with staged
+# H200: 2-7% faster at every swept point but Llama B=1 4k (equal); whole tiles with staged
 # tables (128 registers unspilled) were slower at Llama B=8 32k (h200_sweep_coded_session12_shared_tables).
 # tokens_per_thread: tokens each thread decodes per tile (the tile is 32 x warps x this). At one,
 # Triton lays the decoded tile out in shared memory token-major (its heuristic follows the
@@ -150,12 +150,33 @@ def _tab(t, device):
     return DEVICE_TABLES.get(t, device)
 
 
-def _stage_tables(info) -> bool:
+# A launch gets 48 KB of shared memory, static and dynamic together, unless it opts in to more;
+# Triton opts in only when its own (dynamic) allocation is over 48 KB, and then subtracts the
+# static part. So staged tables (static) must fit beside Triton's allocation within 48 KB.
+LAUNCH_SHARED_BYTES = 49152
+SM90_RESERVED_SHARED_BYTES = 1024  # per block, counted as static on sm_90
+
+
+def _coded_dynamic_shared(D: int, parts: int, block_m: int) -> int:
+    """Triton's shared memory for a coded kernel: the decoded slice of the tile (D / parts wide),
+    the query tile and the probabilities, at the tiles' element size. Equal to the sm_90
+    compiles at every shape checked (whole, halves, quarters; d=64, 128; 128- and 256-token
+    tiles: benchmarks/results/sm90_compile_check_session12_*)."""
+    size = 2 if _bf16_tiles() else 4
+    block_t = _coded_block_t()
+    return (block_t * D // parts + block_m * D + block_m * block_t) * size
+
+
+def _stage_tables(info, D: int, parts: int, block_m: int) -> bool:
     """Do the coded kernels read this tier's tables from shared memory (CODED["shared_tables"])?
-    Not under the interpreter, which runs no inline PTX."""
+    Not under the interpreter, which runs no inline PTX; not where the tables and Triton's own
+    allocation (with 2 KB to spare for a Triton version that allocates a little more) would pass
+    the 48 KB a launch gets without opting in."""
     staged = staged_offsets(info.key)[1] + table_bytes(info.value)
+    fits = (_coded_dynamic_shared(D, parts, block_m) + staged + SM90_RESERVED_SHARED_BYTES + 2048
+            <= LAUNCH_SHARED_BYTES)
     return (CODED["shared_tables"] and not under_interpreter() and staged <= CODED["shared_tables_max_bytes"]
-            and info.key.dim <= CODED["shared_tables_max_d"])
+            and D <= CODED["shared_tables_max_d"] and fits)
 
 
 def _codec_constants(tables) -> tuple:
@@ -181,7 +202,10 @@ def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_
                       BF16_TILES=leaf is not None, num_warps=CODED["warps"], num_stages=1,
                       **({"maxnreg": CODED["maxnreg"]} if CODED["maxnreg"] and D <= CODED["maxnreg_max_d"] else {}))
         args = (q_in, st.pool, st.pages, st.count, acc, m, l, kt, vt, M, st.pages.shape[-1], S, split_offset, S_total)
-        ksm, vsm = staged_offsets(info.key) if _stage_tables(info) else (None, None)
+        quarters = CODED["quarters"] and D >= CODED["quarters_min_d"]
+        halves = not quarters and CODED["halves"] and D >= CODED["halves_min_d"]
+        parts = 4 if quarters else 2 if halves else 1
+        ksm, vsm = staged_offsets(info.key) if _stage_tables(info, D, parts, block_m) else (None, None)
         launch["STAGE_TABLES"] = tables_stay_in_global_memory if ksm is None else stager(info.key, info.value)
 
         def key_part(*part):
@@ -190,11 +214,11 @@ def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_
         def value_part(*part):
             return decoder(info.value, info.key_words, WT, leaf, *part, smem=vsm)
 
-        if CODED["quarters"] and D >= CODED["quarters_min_d"]:
+        if quarters:
             paged_coded_quarters_kernel[grid](
                 *args, **{f"DECODE_K{i}": key_part(i, 4) for i in range(4)},
                 **{f"DECODE_V{i}": value_part(i, 4) for i in range(4)}, **launch)
-        elif CODED["halves"] and D >= CODED["halves_min_d"]:
+        elif halves:
             paged_coded_halves_kernel[grid](*args, DECODE_K=key_part(0), DECODE_K2=key_part(1), DECODE_V=value_part(0),
                                             DECODE_V2=value_part(1), **launch)
         else:

@@ -128,7 +128,9 @@ SHARED_TABLES = "sphkv_tables"
 
 
 def _shared_lookup(w: _Writer, offset: str, const_bytes: int, outputs: int, name: str) -> None:
-    """name0[, name1] = float32 word(s) at SHARED_TABLES + offset + const_bytes."""
+    """name0[, name1] = float32 word(s) at SHARED_TABLES + offset + const_bytes. Marked pure (free
+    to schedule, as a load): the offset comes from a record word loaded in the tile loop, after
+    the stager's barrier, so no lookup can move above the fill."""
     regs = ", ".join(f"${i}" for i in range(outputs))
     vec = ".v2" if outputs == 2 else ""
     asm = (f"{{ .reg .u32 a; mov.u32 a, {SHARED_TABLES}; add.u32 a, a, ${outputs}; "

@@ -42,3 +42,25 @@ def test_scaled_extraction_is_the_code_times_the_entry_size(spec, d):
                 assert code < 1 << width, (key, parts)
                 for scale_bits in (2, 3):
                     assert _evaluate(parts, words, scale_bits) == code << scale_bits, (key, parts, scale_bits)
+
+
+@pytest.mark.parametrize("tier,d,parts,bf16,block_t,staged", [
+    ("mid", 128, 2, True, 128, True),     # the default: 24 KB of tiles + 1.8 KB of tables
+    ("mid", 128, 1, True, 128, True),     # whole tiles: 40 KB + 1.8 KB (run on the GPU, session 12)
+    ("scalar3", 64, 2, True, 128, True),
+    ("high", 128, 2, True, 128, False),   # 14 KB of tables
+    ("mid", 256, 2, True, 128, False),    # past shared_tables_max_d
+    ("mid", 128, 2, False, 128, False),   # float32 tiles: Triton's own 48 KB leaves no room
+    ("mid", 128, 2, True, 256, False),    # 44 KB of tiles: too close to 48 KB
+    ("mid", 128, 4, True, 256, True),     # quarters of 256-token tiles: 28 KB
+])
+def test_tables_are_staged_only_where_they_fit(tier, d, parts, bf16, block_t, staged, monkeypatch):
+    """A launch without opt-in gets 48 KB of shared memory, static (the staged tables) and
+    Triton's dynamic allocation together: the tables go to shared memory only where both fit."""
+    from sphkv_compile.kernels import attend
+
+    monkeypatch.setitem(attend.CODED, "bf16_tiles", bf16)
+    monkeypatch.setitem(attend.CODED, "tokens_per_thread", block_t // (32 * attend.CODED["warps"]))
+    spec = next(s for s in TIERS if s.name == tier)
+    info = tier_info(spec, d, 0, torch.bfloat16)
+    assert attend._stage_tables(info, d, parts, 16) == staged

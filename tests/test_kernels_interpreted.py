@@ -192,16 +192,19 @@ def test_decode_in_quarters_matches_reference(d, monkeypatch):
 
 @pytest.mark.parametrize("d,quarters", [(64, False), (128, True)])
 def test_decode_of_two_tokens_per_thread_matches_reference(d, quarters, monkeypatch):
-    """CODED['tokens_per_thread'] = 2 with two warps (a setting the sweep times): tiles of 128
-    tokens, so rows shorter and longer than a tile, every tier, ragged, against float64."""
+    """CODED['tokens_per_thread'] = 2: with four warps, tiles of 256 tokens (the interpreter
+    ignores warps, so two warps' 128-token tiles would be the default's here; what two warps
+    change, the GPU layout, only a GPU run shows). Rows shorter and longer than a tile, every
+    tier, ragged, against float64."""
     monkeypatch.setitem(kernel_attend.CODED, "tokens_per_thread", 2)
-    monkeypatch.setitem(kernel_attend.CODED, "warps", 2)
+    monkeypatch.setitem(kernel_attend.CODED, "warps", 4)
     monkeypatch.setitem(kernel_attend.CODED, "quarters", quarters)
     name = "paged_coded_quarters_kernel" if quarters else "paged_coded_halves_kernel"
     launched = record_launches(monkeypatch, kernel_attend, name)
     run_case(dict(d=d, hkv=2, g=4, b=2, specs=list(ALL_TIERS), tq=1, n_new=1, page_size=16, seed=17,
-                  max_count=300, obs=1, pad=True, accumulate=True))
+                  max_count=600, obs=1, pad=True, accumulate=True))
     assert launched
+    assert kernel_attend._coded_block_t() == 256
 
 
 @pytest.mark.parametrize("d,halves", [(16, False), (32, False), (64, True), (128, True)])
