@@ -16,11 +16,11 @@ from sphkv_compile.ops import dtype_from_name, on_new_store, parse_tiers, unflat
 from sphkv_compile.placement import graduate
 from sphkv_compile.rdr.convert import decode_kv
 from sphkv_compile.store import (append_records, attend as reference_attend, encode_records as reference_encode,
-                                  register_device_decoder, register_device_encoder)
+                                  register_device_decoder, register_device_encoder, register_device_page_copier)
 
 from . import attend as kernel_attend
 from . import encode as kernel_encode
-from . import record_decode
+from . import page_copy, record_decode
 from .decode_update import decode_update
 from .layout import Unsupported, prepare_device_tables
 
@@ -127,4 +127,5 @@ def register() -> None:
     on_new_store(prepare_device_tables)
     register_device_encoder("cuda", encode_records)  # RDR's re-budget encodes graduating tokens with it
     register_device_decoder("cuda", decode_records)  # ... and decodes the tokens it demotes (record_decode.py)
+    register_device_page_copier("cuda", page_copy.copy_pages)  # beam search's reorder of every layer's pages
     _registered = True

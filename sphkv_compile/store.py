@@ -85,6 +85,7 @@ def encode_records(spec: TierSpec, k: torch.Tensor, v: torch.Tensor, seed: int, 
 # the data's device.
 _DEVICE_ENCODERS: dict[str, Callable] = {}
 _DEVICE_DECODERS: dict[str, Callable] = {}
+_DEVICE_PAGE_COPIERS: dict[str, Callable] = {}
 
 
 def register_device_encoder(device_type: str, encode) -> None:
@@ -95,6 +96,12 @@ def register_device_encoder(device_type: str, encode) -> None:
 def device_encoder(device: torch.device):
     """The registered encoder for `device`'s type, else the reference encode_records."""
     return _DEVICE_ENCODERS.get(torch.device(device).type, encode_records)
+
+
+def register_device_page_copier(device_type: str, copy_pages) -> None:
+    """copy_pages(pools, dst, src, owner, per_owner): pools[owner[j]][dst[j]] = pools[owner[j]][src[j]],
+    every read before any write (kernels/page_copy.py), for the beam reorder's page copies."""
+    _DEVICE_PAGE_COPIERS[device_type] = copy_pages
 
 
 def register_device_decoder(device_type: str, decode) -> None:
@@ -229,6 +236,11 @@ def _copy_pages(group: list[TierState], rows: torch.Tensor) -> None:
     layer, b, h, p = wanted.nonzero(as_tuple=True)  # sorted by state
     dst, src = pages[layer, b, h, p].to(torch.int64), pages[layer, rows[b], h, p].to(torch.int64)
     per_state = torch.bincount(layer, minlength=len(group)).tolist()
+    copier = _DEVICE_PAGE_COPIERS.get(rows.device.type)
+    if copier is not None:  # every state's pages in a few launches
+        copier([st.pool for st in group], dst, src, layer, per_state)
+        copier([st.utility for st in group], dst, src, layer, per_state)
+        return
     for st, d, s in zip(group, dst.split(per_state), src.split(per_state)):
         if d.numel():
             st.pool[d] = st.pool[s]  # the right side is gathered first, so overlaps are safe

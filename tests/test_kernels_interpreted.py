@@ -508,3 +508,69 @@ def test_rotation_signs_reproduce_the_forward_rotation(d):
         assert kf.dtype == vf.dtype == (kd if signs else torch.float32)
         want_scale = d ** -0.5 if signs else 1.0
         assert ks == pytest.approx(want_scale, rel=1e-12) and vs == pytest.approx(want_scale, rel=1e-12)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 6), st.integers(1, 9)), min_size=1, max_size=4),
+       st.sampled_from([torch.int32, torch.float16]), st.booleans(), st.integers(0, 2**31 - 1))
+def test_copy_pages_equals_indexing_each_pool(pools_spec, dtype, tight, seed):
+    """kernels.page_copy (beam search's reorder, all layers' pools in a few launches) against
+    pool[dst] = pool[src] per pool, with sources that are also destinations (beams that swap),
+    pools of different widths, owners with no copies, and (tight) a staging buffer so small that
+    every owner gets its own launch pair."""
+    from sphkv_compile.kernels import page_copy
+
+    gen = torch.Generator().manual_seed(seed)
+    pools, dst, src, owner, per_owner = [], [], [], [], []
+    for i, (pages, width) in enumerate(pools_spec):
+        pool = torch.randint(-2**15, 2**15, (pages, 4, width), generator=gen).to(dtype)
+        n = int(torch.randint(0, pages + 1, (1,), generator=gen))
+        dst.append(torch.randperm(pages, generator=gen)[:n])
+        src.append(torch.randint(0, pages, (n,), generator=gen))
+        owner.append(torch.full((n,), i))
+        per_owner.append(n)
+        pools.append(pool)
+    want = [p.clone() for p in pools]
+    for p, d, s in zip(want, dst, src):
+        p[d] = p[s]
+    before = page_copy.STAGING_BYTES
+    page_copy.STAGING_BYTES = 1 if tight else before
+    try:
+        page_copy.copy_pages(pools, torch.cat(dst), torch.cat(src), torch.cat(owner), per_owner)
+    finally:
+        page_copy.STAGING_BYTES = before
+    for got, w in zip(pools, want):
+        assert torch.equal(got, w)
+
+
+def test_beam_reorder_with_the_page_copier_equals_the_torch_copies():
+    """store.select_rows_of with kernels.page_copy registered (as on CUDA) leaves every layer as
+    the per-pool torch copies do: two beams swap, one is duplicated."""
+    from sphkv_compile import store as store_mod
+    from sphkv_compile.kernels import page_copy
+    from sphkv_compile.store import LayerStore, select_rows_of
+
+    def filled():
+        out = []
+        for layer in range(3):
+            gen = torch.Generator().manual_seed(layer)
+            s = LayerStore(4, 2, 32, (DEFAULT_TIERS[0], TierSpec("mid", 3.0, "polar", 3.0)), kv_dtype=torch.float32,
+                           page_size=8)
+            s.update(torch.randn(4, 2, 37, 32, generator=gen), torch.randn(4, 2, 37, 32, generator=gen),
+                     torch.ones(4, 37, dtype=torch.bool), torch.rand(4, 2, 37, generator=gen), sink=2, recent=5,
+                     target="mid")
+            out.append(s)
+        return out
+
+    rows = torch.tensor([1, 0, 0, 3])
+    with_kernel, with_torch = filled(), filled()
+    store_mod._DEVICE_PAGE_COPIERS["cpu"] = page_copy.copy_pages
+    try:
+        select_rows_of(with_kernel, rows)
+    finally:
+        del store_mod._DEVICE_PAGE_COPIERS["cpu"]
+    select_rows_of(with_torch, rows)
+    for a_store, b_store in zip(with_kernel, with_torch):
+        for a, b in zip(a_store.states, b_store.states):
+            assert all(torch.equal(x, y) for x, y in zip(a.tensors(), b.tensors()))
+            assert a.count.sum() > 0
