@@ -130,6 +130,23 @@ def test_attend_with_staged_tables_matches_float64_reference(d, halves, tiers, m
     assert len(set(staged)) == (3 if tiers == "all" else 1), staged
 
 
+@pytest.mark.parametrize("d,setting", [
+    (128, dict(warps=2, quarters=True, maxnreg=168, programs_per_sm=6)),
+    (128, dict(warps=4, quarters=True, maxnreg=0, programs_per_sm=2)),
+    (64, dict(warps=2, maxnreg=0, programs_per_sm=4)),
+], ids=["quarters-2warps", "quarters-4warps", "halves-2warps-d64"])
+def test_attend_with_two_tokens_per_thread_matches_float64_reference(d, setting, monkeypatch):
+    """CODED['tokens_per_thread'] = 2 at the settings sweep_coded.py times (tiles written to
+    shared memory in 16-byte vectors; added session 12, not yet run): every tier, ragged."""
+    monkeypatch.setitem(kernel_attend.CODED, "tokens_per_thread", 2)
+    for key, value in setting.items():
+        monkeypatch.setitem(kernel_attend.CODED, key, value)
+    name = "paged_coded_quarters_kernel" if setting.get("quarters") else "paged_coded_halves_kernel"
+    launched = record_launches(monkeypatch, kernel_attend, name)
+    check_attend(d, 8, 4, 8, 5000, 1, "all")
+    assert launched
+
+
 def check_attend(d, H, G, B, T, Tq, tiers):
     seed = random.randrange(2**31)
     gen = torch.Generator(device=DEV).manual_seed(seed)
