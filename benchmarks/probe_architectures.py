@@ -45,6 +45,35 @@ cands.update({
  "qwen3_5": lambda: L(tf.Qwen3_5TextConfig, head_dim=64, linear_num_value_heads=2, linear_num_key_heads=2, linear_key_head_dim=32, linear_value_head_dim=32, layer_types=["linear_attention", "full_attention"]) if hasattr(tf, "Qwen3_5TextConfig") else None,
  "jamba": lambda: L(tf.JambaConfig, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1, num_experts=2, use_mamba_kernels=False),
 })
+# session 12
+def has(name):
+    return hasattr(tf, name)
+
+
+def mla(cls):
+    return cls(**C(hidden_size=H, intermediate_size=2*H, num_hidden_layers=NL, num_attention_heads=NH, num_key_value_heads=NH, max_position_embeddings=256, q_lora_rank=None, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, n_routed_experts=2, num_experts_per_tok=1, moe_intermediate_size=H, first_k_dense_replace=NL, n_group=1, topk_group=1))
+
+
+cands.update({
+ "gpt_oss": lambda: L(tf.GptOssConfig, head_dim=H//NH, num_local_experts=2, num_experts_per_tok=1, sliding_window=8, layer_types=["full_attention"]*NL),
+ "deepseek_v3": lambda: mla(tf.DeepseekV3Config),
+ "deepseek_v2": lambda: mla(tf.DeepseekV2Config),
+ "olmoe": lambda: L(tf.OlmoeConfig, num_experts=2, num_experts_per_tok=1),
+ "cohere2": lambda: L(tf.Cohere2Config, sliding_window=8, layer_types=["full_attention"]*NL),
+ "exaone4": lambda: L(tf.Exaone4Config, sliding_window=None, layer_types=["full_attention"]*NL) if has("Exaone4Config") else None,
+ "glm4": lambda: L(tf.Glm4Config),
+ "helium": lambda: L(tf.HeliumConfig, head_dim=H//NH) if has("HeliumConfig") else None,
+ "nemotron": lambda: L(tf.NemotronConfig),
+ "arcee": lambda: L(tf.ArceeConfig) if has("ArceeConfig") else None,
+ "phimoe": lambda: L(tf.PhimoeConfig, num_local_experts=2, num_experts_per_tok=1, sliding_window=None),
+ "ernie4_5": lambda: L(tf.Ernie4_5Config) if has("Ernie4_5Config") else None,
+ "seed_oss": lambda: L(tf.SeedOssConfig) if has("SeedOssConfig") else None,
+ "apertus": lambda: L(tf.ApertusConfig) if has("ApertusConfig") else None,
+ "falcon_h1": lambda: L(tf.FalconH1Config, mamba_d_state=8, mamba_n_heads=4, mamba_d_head=16, mamba_d_ssm=64) if has("FalconH1Config") else None,
+ "minimax": lambda: L(tf.MiniMaxConfig, num_local_experts=2, num_experts_per_tok=1, layer_types=["full_attention"]*NL, sliding_window=None) if has("MiniMaxConfig") else None,
+ "dots1": lambda: L(tf.Dots1Config, n_routed_experts=2, num_experts_per_tok=1, moe_intermediate_size=H, first_k_dense_replace=NL) if has("Dots1Config") else None,
+ "llama4_text": lambda: L(tf.Llama4TextConfig, num_local_experts=1, head_dim=H//NH, no_rope_layers=[1]*NL, attention_chunk_size=8192) if has("Llama4TextConfig") else None,
+})
 only = sys.argv[1:] or list(cands)
 for name in only:
     try:

@@ -92,6 +92,17 @@ FALLBACK_ZOO = {
     # Falcon's eager branch is a hard-coded matmul-softmax: only its SDPA calls can be routed.
     "falcon_eager": (_falcon, "attn_implementation='sdpa'", "eager"),
     "mistral_sliding": (lambda: _llama_like(tf.MistralConfig, sliding_window=8), "sliding window", None),
+    # learned sink logits in the softmax (s_aux)
+    "gpt_oss": (lambda: _llama_like(tf.GptOssConfig, head_dim=HIDDEN // HEADS, num_local_experts=2,
+                                    num_experts_per_tok=1, sliding_window=8, layer_types=["full_attention"] * LAYERS),
+                "attention sinks", None),
+    # multi-head latent attention: the cache holds the latent, not per-head K/V
+    "deepseek_v3": (lambda: tf.DeepseekV3Config(**_common(
+        hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        num_key_value_heads=HEADS, max_position_embeddings=256, q_lora_rank=None, kv_lora_rank=32,
+        qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32, n_routed_experts=2, num_experts_per_tok=1,
+        moe_intermediate_size=HIDDEN, first_k_dense_replace=LAYERS, n_group=1, topk_group=1)),
+        "latent attention", None),
 }
 
 
