@@ -81,6 +81,10 @@ class SphkvLayer(CacheLayerMixin):
                                 seed=o.seed, device=device)
         self.meter = budget_meter.new_meter(batch, kv_heads, device)
         self.cumulative_length = self.cumulative_length.to(device)
+        # no dense K/V here, only codes: code that asks a cache layer whether it holds keys
+        # (Mllama's cross-attention check reads layer.keys.numel()) sees none, not None
+        self.keys = torch.empty(batch, kv_heads, 0, head_dim, dtype=dtype, device=device)
+        self.values = torch.empty(batch, kv_heads, 0, head_dim, dtype=dtype, device=device)
         prepare_store(self.store.tiers, head_dim, o.seed, dtype, self.device)
         if self.max_cache_len is not None:
             self._allocate_fixed(self.max_cache_len)

@@ -142,10 +142,15 @@ def plan_layers(model, max_cache_len: int | None, max_tokens: int | None = None)
     num_layers = int(config.num_hidden_layers)
     wide = model_wide_reason(model)
     bound = length_bound(config, max_cache_len, max_tokens)
+    cross = set(getattr(config, "cross_attention_layers", None) or ())  # Mllama's image layers
     plans = []
     for i, layer_type in enumerate(_layer_types(config, num_layers)):
         if wide:
             plans.append(LayerPlan(i, False, wide))
+            continue
+        if i in cross:
+            plans.append(LayerPlan(i, False, "cross-attention layer: its keys and values come from another input "
+                                             "(the image), not from this sequence"))
             continue
         if layer_type not in ("full_attention", "sliding_attention"):
             plans.append(LayerPlan(i, False, f"layer type {layer_type!r} is not softmax attention over a KV cache"))

@@ -323,3 +323,23 @@ def test_hybrid_model_compresses_its_attention_layers(name, cache):
     assert [s["rewritten"] for s in sites] == [t == "full_attention" for t in types], sites
     assert all("linear_attention" in s["reason"] for s in sites if not s["rewritten"]), sites
     assert torch.equal(out, dense), f"{name}/{cache}: first mismatch at step {(out != dense).any(0).nonzero()[0]}"
+
+
+def test_mllama_cross_attention_layers_stay_dense():
+    """Mllama's text model interleaves cross-attention layers (keys from the image) with
+    self-attention ones: the cross-attention layer keeps transformers' own cache layer with the
+    reason, the others are compressed, and text-only greedy output equals dense at high bits
+    (Mllama asks every cache layer for keys.numel(), which a compressed layer answers with 0)."""
+    config = tf.MllamaTextConfig(**_common(hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=4,
+                                           num_attention_heads=HEADS, num_key_value_heads=2,
+                                           max_position_embeddings=256, cross_attention_layers=[1]))
+    torch.manual_seed(11)
+    model = tf.MllamaForCausalLM(config).eval()
+    ids, mask = prompts(11)
+    dense = greedy(model, ids, mask)
+    for cache in ("dynamic", "static"):
+        out = greedy(optimized(model, **HIGH_BITS), ids, mask, cache_implementation=cache)
+        sites = api.report()["sites"]
+        assert [s["rewritten"] for s in sites] == [True, False, True, True], sites
+        assert "cross-attention" in sites[1]["reason"]
+        assert torch.equal(out, dense), cache
