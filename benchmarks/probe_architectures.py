@@ -74,10 +74,25 @@ cands.update({
  "dots1": lambda: L(tf.Dots1Config, n_routed_experts=2, num_experts_per_tok=1, moe_intermediate_size=H, first_k_dense_replace=NL) if has("Dots1Config") else None,
  "llama4_text": lambda: L(tf.Llama4TextConfig, num_local_experts=1, head_dim=H//NH, no_rope_layers=[1]*NL, attention_chunk_size=8192) if has("Llama4TextConfig") else None,
 })
+
+
+def model_of(model_class, config):
+    torch.manual_seed(0)
+    return model_class(config).eval()
+
+
+# not AutoModelForCausalLM configs: these build the model (text-only prompts)
+cands.update({
+ "mllama": lambda: model_of(tf.MllamaForCausalLM, tf.MllamaTextConfig(**C(hidden_size=H, intermediate_size=2*H, num_hidden_layers=4, num_attention_heads=NH, num_key_value_heads=2, max_position_embeddings=256, cross_attention_layers=[1]))),
+ "llava": lambda: model_of(tf.LlavaForConditionalGeneration, tf.LlavaConfig(text_config=L(tf.LlamaConfig), vision_config=tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14), image_token_index=5)),
+ "qwen2_vl": lambda: model_of(tf.Qwen2VLForConditionalGeneration, tf.Qwen2VLConfig(text_config=dict(vocab_size=z.VOCAB, hidden_size=H, intermediate_size=2*H, num_hidden_layers=NL, num_attention_heads=NH, num_key_value_heads=2, max_position_embeddings=256, rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]}, pad_token_id=0, bos_token_id=1, eos_token_id=2), vision_config=dict(depth=1, embed_dim=32, hidden_size=H, num_heads=2, in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2), image_token_id=5, video_token_id=6, vision_start_token_id=7)),
+ "bart_decoder": lambda: model_of(tf.BartForCausalLM, tf.BartConfig(**C(d_model=H, encoder_layers=NL, decoder_layers=NL, encoder_attention_heads=NH, decoder_attention_heads=NH, encoder_ffn_dim=2*H, decoder_ffn_dim=2*H, max_position_embeddings=256, decoder_start_token_id=2))),
+})
 only = sys.argv[1:] or list(cands)
 for name in only:
     try:
-        model = z.build(cands[name], 0)
+        built = cands[name]()
+        model = built if isinstance(built, torch.nn.Module) else z.build(lambda: built, 0)
         ids, mask = z.prompts(0)
         dense = z.greedy(model, ids, mask)
         res = []
