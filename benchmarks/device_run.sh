@@ -1,7 +1,7 @@
 #!/bin/bash
 # One device call: install, GPU kernel tests, kernel benchmark, optionally (E2E=1) the
 # end-to-end decode. Logs under $OUT. One call holds 10 minutes: split the steps over calls
-# (SKIP_TESTS=1, SKIP_BENCH=1, BENCH_ARGS=--quick, SWEEP=1, SWEEP_ENCODE=1, LOWERING=1, E2E=1, RDR=1, REBUDGET=1,
+# (SKIP_TESTS=1, TEST_K="expr with spaces" (pytest -k; TEST_ARGS is word-split), SKIP_BENCH=1, BENCH_ARGS=--quick, SWEEP=1, SWEEP_ENCODE=1, LOWERING=1, E2E=1, RDR=1, REBUDGET=1,
 # BEAMS=1) rather than let a timeout cut them.
 #
 # Compile caches: each call starts on a bare machine, and the kernel compiles take minutes
@@ -25,7 +25,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   per_test="-o faulthandler_timeout=${PER_TEST:-300}"
   python -c "import pytest_timeout" 2>/dev/null && per_test="--timeout=${PER_TEST:-300}"
   SPHKV_REPORT_AT_ONCE=1 timeout ${TEST_TIMEOUT:-480} python -m pytest -v ${TEST_X--x} -p no:cacheprovider --durations=0 $per_test \
-    tests/test_kernels_gpu.py ${TEST_ARGS} 2>&1 | grep -v "Warning\|warnings.warn" | tee $OUT/gpu_tests.log | tail -${TEST_TAIL:-40}
+    tests/test_kernels_gpu.py ${TEST_ARGS} ${TEST_K:+-k "$TEST_K"} 2>&1 | grep -v "Warning\|warnings.warn" | tee $OUT/gpu_tests.log | tail -${TEST_TAIL:-40}
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   timeout ${BENCH_TIMEOUT:-300} python benchmarks/bench_decode.py --out $OUT ${BENCH_ARGS} 2>&1 | tee $OUT/bench.log | tail -60
