@@ -107,6 +107,37 @@ def tables_stay_in_global_memory(ktab_ptr, vtab_ptr):
 
 
 @triton.jit
+def _coded_program(count_ptr, S, M, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr):
+    """This program's (batch·KV head, split, its [start, end) tokens, query rows and their mask)."""
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    count = tl.load(count_ptr + pid_bh)
+    start, end = _split_range(count, pid_s, S, BLOCK_T)
+    rows = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return pid_bh, pid_s, start, end, rows, rows < M
+
+
+@triton.jit
+def _tile_records(t0, end, pages_ptr, pid_bh, max_pages, PS: tl.constexpr, WT: tl.constexpr,
+                  BLOCK_T: tl.constexpr):
+    """The tile's valid slots and each token's first record word in the pool (via the page table)."""
+    slots = t0 + tl.arange(0, BLOCK_T)
+    valid = slots < end
+    page = tl.load(pages_ptr + pid_bh * max_pages + slots // PS, mask=valid, other=0)
+    return valid, (page.to(tl.int64) * PS + slots % PS) * WT
+
+
+@triton.jit
+def _softmax_step(s, valid, m_i, l_i):
+    """Online softmax in base 2 over one tile's logits: (p, rescale of the old sums, new max, new sum)."""
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
 def paged_coded_kernel(
         q_ptr, pool_ptr, pages_ptr, count_ptr, acc_ptr, m_ptr, l_ptr, ktab_ptr, vtab_ptr,
         M, max_pages, S, split_offset, S_total,
@@ -118,33 +149,20 @@ def paged_coded_kernel(
     generated one-token-per-thread decoders (decode_codegen.py). BF16_TILES: the dots take
     bfloat16 operands (as dense bf16 attention does), halving the tiles' shared memory."""
     STAGE_TABLES(ktab_ptr, vtab_ptr)
-    pid_bh = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    count = tl.load(count_ptr + pid_bh)
-    start, end = _split_range(count, pid_s, S, BLOCK_T)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M
+    pid_bh, pid_s, start, end, rows, rmask = _coded_program(count_ptr, S, M, BLOCK_M, BLOCK_T)
     d = tl.arange(0, D)
     q = tl.load(q_ptr + (pid_bh * M + rows)[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, D), tl.float32)
     for t0 in range(start, end, BLOCK_T):
-        slots = t0 + tl.arange(0, BLOCK_T)
-        valid = slots < end
-        page = tl.load(pages_ptr + pid_bh * max_pages + slots // PS, mask=valid, other=0)
-        base = (page.to(tl.int64) * PS + slots % PS) * WT
+        valid, base = _tile_records(t0, end, pages_ptr, pid_bh, max_pages, PS, WT, BLOCK_T)
         k = DECODE_K(pool_ptr, base, valid, ktab_ptr, BLOCK_T, STEP, LOG2_MIN)
         if BF16_TILES:
             s = tl.dot(q.to(tl.bfloat16), tl.trans(k.to(tl.bfloat16)))
         else:
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_new, l_i = _softmax_step(s, valid, m_i, l_i)
         v = DECODE_V(pool_ptr, base, valid, vtab_ptr, BLOCK_T, STEP, LOG2_MIN)
         if BF16_TILES:
             acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), v.to(tl.bfloat16))
@@ -169,13 +187,7 @@ def paged_coded_halves_kernel(
     right subtrees): q·k is two dots of D/2 and the accumulator two [BLOCK_M, D/2] blocks, so a
     decoded half-tile is dead before the next is made (fewer live registers per thread)."""
     STAGE_TABLES(ktab_ptr, vtab_ptr)
-    pid_bh = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    count = tl.load(count_ptr + pid_bh)
-    start, end = _split_range(count, pid_s, S, BLOCK_T)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M
+    pid_bh, pid_s, start, end, rows, rmask = _coded_program(count_ptr, S, M, BLOCK_M, BLOCK_T)
     H: tl.constexpr = D // 2
     d = tl.arange(0, H)
     q_rows = q_ptr + (pid_bh * M + rows)[:, None] * D
@@ -189,10 +201,7 @@ def paged_coded_halves_kernel(
     acc_a = tl.zeros((BLOCK_M, H), tl.float32)
     acc_b = tl.zeros((BLOCK_M, H), tl.float32)
     for t0 in range(start, end, BLOCK_T):
-        slots = t0 + tl.arange(0, BLOCK_T)
-        valid = slots < end
-        page = tl.load(pages_ptr + pid_bh * max_pages + slots // PS, mask=valid, other=0)
-        base = (page.to(tl.int64) * PS + slots % PS) * WT
+        valid, base = _tile_records(t0, end, pages_ptr, pid_bh, max_pages, PS, WT, BLOCK_T)
         ka = DECODE_K(pool_ptr, base, valid, ktab_ptr, BLOCK_T, STEP, LOG2_MIN)
         if BF16_TILES:
             s = tl.dot(qa, tl.trans(ka.to(tl.bfloat16)))
@@ -203,11 +212,7 @@ def paged_coded_halves_kernel(
             s = tl.dot(qb, tl.trans(kb.to(tl.bfloat16)), s)
         else:
             s = tl.dot(qb, tl.trans(kb), s, input_precision=DOT_PRECISION)
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_new, l_i = _softmax_step(s, valid, m_i, l_i)
         if BF16_TILES:
             p = p.to(tl.bfloat16)
         va = DECODE_V(pool_ptr, base, valid, vtab_ptr, BLOCK_T, STEP, LOG2_MIN)
@@ -260,13 +265,7 @@ def paged_coded_quarters_kernel(
     registers uncapped, but spills less under a cap: kernels.attend.CODED). The query slices are
     re-read from L1 per tile rather than held (they would hold registers across the decode)."""
     STAGE_TABLES(ktab_ptr, vtab_ptr)
-    pid_bh = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    count = tl.load(count_ptr + pid_bh)
-    start, end = _split_range(count, pid_s, S, BLOCK_T)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M
+    pid_bh, pid_s, start, end, rows, rmask = _coded_program(count_ptr, S, M, BLOCK_M, BLOCK_T)
     Q: tl.constexpr = D // 4
     d = tl.arange(0, Q)
     q_rows = q_ptr + (pid_bh * M + rows)[:, None] * D
@@ -277,10 +276,7 @@ def paged_coded_quarters_kernel(
     acc2 = tl.zeros((BLOCK_M, Q), tl.float32)
     acc3 = tl.zeros((BLOCK_M, Q), tl.float32)
     for t0 in range(start, end, BLOCK_T):
-        slots = t0 + tl.arange(0, BLOCK_T)
-        valid = slots < end
-        page = tl.load(pages_ptr + pid_bh * max_pages + slots // PS, mask=valid, other=0)
-        base = (page.to(tl.int64) * PS + slots % PS) * WT
+        valid, base = _tile_records(t0, end, pages_ptr, pid_bh, max_pages, PS, WT, BLOCK_T)
         s = tl.zeros((BLOCK_M, BLOCK_T), tl.float32)
         s = _coded_logits_part(s, q_rows, 0, rmask, DECODE_K0, pool_ptr, base, valid, ktab_ptr, Q, BLOCK_T, STEP, LOG2_MIN,
                                DOT_PRECISION, BF16_TILES)
@@ -290,11 +286,7 @@ def paged_coded_quarters_kernel(
                                LOG2_MIN, DOT_PRECISION, BF16_TILES)
         s = _coded_logits_part(s, q_rows, 3 * Q, rmask, DECODE_K3, pool_ptr, base, valid, ktab_ptr, Q, BLOCK_T, STEP,
                                LOG2_MIN, DOT_PRECISION, BF16_TILES)
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_new, l_i = _softmax_step(s, valid, m_i, l_i)
         p = _operand(p, BF16_TILES)
         v = _operand(DECODE_V0(pool_ptr, base, valid, vtab_ptr, BLOCK_T, STEP, LOG2_MIN), BF16_TILES)
         acc0 = acc0 * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
