@@ -479,3 +479,35 @@ def test_rdr_generate_with_cuda_graphs_equals_generate_without(monkeypatch):
     assert min(rebudgets["reduce-overhead"]) >= 48 // 8 - 1, rebudgets
     assert rebudgets["reduce-overhead"] == rebudgets["default"]
     assert torch.equal(runs["reduce-overhead"], runs["default"])
+
+
+def test_page_copier_matches_the_torch_copies_on_gpu(monkeypatch):
+    """kernels.page_copy (beam search's page copies of every layer in a few launches; registered
+    for CUDA once this passes: page_copy.ON_CUDA) against the per-pool torch copies, on GPU stores
+    where beams swap and one is duplicated."""
+    from sphkv_compile import store as store_mod
+    from sphkv_compile.kernels import page_copy
+    from sphkv_compile.store import LayerStore, select_rows_of
+
+    def filled():
+        out = []
+        for layer in range(3):
+            gen = torch.Generator(device=DEV).manual_seed(layer)
+            s = LayerStore(4, 2, 64, (DEFAULT_TIERS[0], TierSpec("mid", 3.0, "polar", 3.0)), kv_dtype=KV_DTYPE,
+                           page_size=16, device=DEV)
+            s.update(torch.randn(4, 2, 300, 64, generator=gen, device=DEV), torch.randn(4, 2, 300, 64, generator=gen,
+                     device=DEV), torch.ones(4, 300, dtype=torch.bool, device=DEV),
+                     torch.rand(4, 2, 300, generator=gen, device=DEV), sink=2, recent=5, target="mid")
+            out.append(s)
+        return out
+
+    rows = torch.tensor([1, 0, 0, 3], device=DEV)
+    with_kernel, with_torch = filled(), filled()
+    monkeypatch.setitem(store_mod._DEVICE_PAGE_COPIERS, "cuda", page_copy.copy_pages)
+    select_rows_of(with_kernel, rows)
+    monkeypatch.delitem(store_mod._DEVICE_PAGE_COPIERS, "cuda")
+    select_rows_of(with_torch, rows)
+    for a_store, b_store in zip(with_kernel, with_torch):
+        for a, b in zip(a_store.states, b_store.states):
+            assert all(torch.equal(x, y) for x, y in zip(a.tensors(), b.tensors()))
+            assert a.count.sum() > 0
