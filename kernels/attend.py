@@ -56,7 +56,8 @@ CODED_WARPS = 4
 # half is no tl.dot operand (under 16 columns); at d=32 the halves kernel needs 149 registers and
 # whole tiles 96; at d=256 the 128-register cap spills 376 bytes (uncapped halves: 32, whole: 208).
 # quarters: keys and values decoded in four quarters of D (paged_coded_quarters_kernel), from
-# quarters_min_d on (a quarter of 32 columns or more). Not timed yet. sm_90 compile at d=128
+# quarters_min_d on (a quarter of 32 columns or more). Timed in session 12: within 1.4% of halves,
+# so off (h200_sweep_coded_session12_quarters). sm_90 compile at d=128
 # (compile_check.py coded 128 128 16 4 1 1 <maxnreg> 4, Triton 3.9): uncapped 138 registers, as
 # the halves kernel, so the register peak is not the decoded tile; 3,144 instructions and a
 # 16-byte spill at maxnreg=128 (halves: 3,184 and 32), 3,328 and 128 bytes at 96, the cap five

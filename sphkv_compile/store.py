@@ -389,8 +389,8 @@ class LayerStore:
         """Grow tier t's pool and page table so `extra_tokens` [B, H] more tokens fit."""
         st, ps = self.states[t], self.page_size
         new = st.count.to(torch.int64) + extra_tokens
-        pages_needed = int(((new + ps - 1) // ps - (st.count.to(torch.int64) + ps - 1) // ps).sum())
-        max_pages = _max_int((new + ps - 1) // ps)
+        pages_needed = int((pages_for(new, ps) - pages_for(st.count, ps)).sum())
+        max_pages = _max_int(pages_for(new, ps))
         if pages_needed <= int(st.free_top[0]) and max_pages <= st.pages.shape[-1]:
             return
         self.grow_tier(t, int((st.pool.shape[0] + pages_needed) * 1.25) + 1, max(max_pages, st.pages.shape[-1]) * 2)
