@@ -31,9 +31,10 @@ from sphkv_compile.tiers import TierSpec
 # gain: h200_sweep_coded_session12_quarters.json); now the tables staged in shared memory, with
 # halves and with whole tiles (which fit 128 registers unspilled when the lookups need no 64-bit
 # addresses).
-# Timed: the tables in shared memory, 2-7% faster (the default since). Queued: two tokens per
-# thread, so the decoded tile is written to shared memory in 16-byte vectors (kernels.attend).
-SETTINGS = [dict(), dict(tokens_per_thread=2, warps=2, quarters=True, maxnreg=168, programs_per_sm=6),
+# Timed: the tables in shared memory, 2-7% faster (the default since); two tokens per thread, so
+# the decoded tile is written to shared memory in 16-byte vectors (session 13: slower at B=8, 2-8%
+# faster at Llama B=1 only; h200_sweep_coded_session13_two_tokens.json).
+SETTINGS = [dict(), dict(tokens_per_thread=2), dict(tokens_per_thread=2, warps=2, quarters=True, maxnreg=168, programs_per_sm=6),
             dict(tokens_per_thread=2, warps=4, quarters=True, maxnreg=0, programs_per_sm=2),
             dict(tokens_per_thread=2, warps=2, maxnreg=0, programs_per_sm=4)]
 POINTS = [("llama3-8b", 1, 4096), ("smollm2", 1, 4096), ("llama3-8b", 1, 32768), ("llama3-8b", 8, 32768),

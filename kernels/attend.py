@@ -84,7 +84,10 @@ CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": 4, "few_ro
 # layout follows the thread's D-contiguous values and the writes are 16-byte vectors
 # (STS.128). sm_90 compiles, d=128, staged tables, per token: 84 instructions at one token (halves,
 # 4 warps, 128 registers); 68 at two (quarters, 2 warps, 168 registers, 72-byte spill; six
-# programs per SM fit), 66 (quarters, 4 warps, 255 registers, two per SM). Not timed yet.
+# programs per SM fit), 66 (quarters, 4 warps, 255 registers, two per SM). H200 sweep, session 13
+# (h200_sweep_coded_session13_two_tokens): no gain at B=8 (Llama 32k 0.498 -> 0.54-1.05 ms: two
+# dependency chains per thread cost registers or warps); quarters/4 warps/uncapped is 2-8% faster
+# at Llama B=1 only, 6-9% slower elsewhere. So one.
 # combine_kernel: splits merged per step, output columns per rotation block, warps (sm_90
 # compile, D=128: 238 registers and no spills; 64 columns spill).
 COMBINE = {"splits": 4, "columns": 32, "warps": 8}

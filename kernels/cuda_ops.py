@@ -127,6 +127,6 @@ def register() -> None:
     on_new_store(prepare_device_tables)
     register_device_encoder("cuda", encode_records)  # RDR's re-budget encodes graduating tokens with it
     register_device_decoder("cuda", decode_records)  # ... and decodes the tokens it demotes (record_decode.py)
-    if page_copy.ON_CUDA:  # beam search's reorder of every layer's pages (off until its GPU test has run)
+    if page_copy.ON_CUDA:  # beam search's reorder of every layer's pages in a few launches
         register_device_page_copier("cuda", page_copy.copy_pages)
     _registered = True

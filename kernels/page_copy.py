@@ -12,9 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-# Registered for CUDA by cuda_ops only when on: interpreter-tested and compiled for sm_90, but not
-# yet run on a GPU (tests/test_kernels_gpu.py::test_page_copier_matches_the_torch_copies_on_gpu).
-ON_CUDA = False
+# Registered for CUDA by cuda_ops when on; held against the torch copies on an H200 in session 13
+# (tests/test_kernels_gpu.py::test_page_copier_matches_the_torch_copies_on_gpu).
+ON_CUDA = True
 BLOCK = 1024  # words (int32) or halves (int16) moved per program step
 STAGING_BYTES = 256 << 20  # the staging buffer's size per launch pair (whole pools at least)
 
