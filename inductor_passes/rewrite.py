@@ -27,6 +27,8 @@ import torch
 from torch import fx
 
 from sphkv_compile import rdr
+from sphkv_compile.head_pad import check_padded_budget, options_for_stored, padding_note, stored_head_dim
+from sphkv_compile.report import record_head_padding
 from sphkv_compile.ops import STATE_TENSORS_PER_TIER
 
 from . import fallback as R
@@ -117,6 +119,10 @@ class Rewriter:
             x = self._method("transpose", x, 1, 2)
         return self._method("contiguous", x)
 
+    def _padded(self, x: fx.Node, head_dim: int, stored: int) -> fx.Node:
+        """x [..., head_dim] with zero columns up to the store's head dim (head_pad.py)."""
+        return x if stored == head_dim else self._call(torch.nn.functional.pad, x, (0, stored - head_dim))
+
     def _positions(self, cache: CacheUpdate, device) -> fx.Node:
         pos = cache.positions
         if pos[0] == "index":
@@ -172,13 +178,19 @@ class Rewriter:
         # a static buffer has a maximum length: the budget is fixed, and checked here, at compile time
         max_tokens = group.shape[seq] if group.static else 0
         rdr.check_budget(opts, kv_heads, head_dim, group.dtype, max_tokens or None)
+        # the store may hold the head dim zero-padded for the kernels (CompressedCache decides the same way)
+        stored = stored_head_dim(head_dim, group.device, opts.pad_head_dim)
+        if stored != head_dim:
+            opts = options_for_stored(opts, head_dim, stored)
+            check_padded_budget(opts, kv_heads, head_dim, stored, group.dtype, max_tokens or None)
+            record_head_padding(head_dim, stored, padding_note(head_dim, stored))
         accumulate = opts.policy == "rdr"
 
         sites = sorted(group.sites, key=lambda s: list(g.nodes).index(s.output))
         counts = [state[i + 3] for i in range(0, self.num_state, STATE_TENSORS_PER_TIER)]
         with g.inserting_before(sites[0].output):
-            k_new = self._canonical(group.key, group.dtype)
-            v_new = self._canonical(group.value, group.dtype)
+            k_new = self._padded(self._canonical(group.key, group.dtype), head_dim, stored)
+            v_new = self._padded(self._canonical(group.value, group.dtype), head_dim, stored)
             positions = self._positions(group.key, group.device)
             self._call(torch.ops.sphkv_graph.advance.default, cursor, state, positions, meter)
         valid = mass = last = first_query = first_scale = None
@@ -192,6 +204,7 @@ class Rewriter:
                     q = self._method("reshape", q, batch, q_heads, q_len, self._size(q, 2))
                 else:
                     q_heads = self._size(q, 1)
+                q = self._padded(q, head_dim, stored)
                 if first_query is None:  # RDR's key gain: the queries of the first site reading the cache
                     first_query, first_scale = q, float(site.scale)
                 if site.masks:
@@ -207,6 +220,8 @@ class Rewriter:
                 accumulate = False  # once per cache: two sites reading it must not count twice
                 out = self._call(__import__("operator").getitem, res, 0)
                 mass = self._call(__import__("operator").getitem, res, 1) if mass is None else mass
+                if stored != head_dim:
+                    out = self._call(__import__("operator").getitem, out, (Ellipsis, slice(0, head_dim)))
                 out = self._method("to", out, dtype_of(site.output))
                 if len(shape_of(site.output)) == 3:
                     out = self._method("flatten", out, 0, 1)
@@ -225,7 +240,7 @@ class Rewriter:
                                     opts.seed, kv_dtype, int(opts.sink), int(opts.recent), self.target)
         with g.inserting_after(update):
             self._call(torch.ops.sphkv.kv_budget.default, state, meter, cursor, self.tiers, opts.seed, kv_dtype,
-                       head_dim, int(opts.sink), int(opts.recent), opts.policy, budget, max_tokens,
+                       stored, int(opts.sink), int(opts.recent), opts.policy, budget, max_tokens,
                        int(opts.rebudget_every))
         self._drop_dense(group, sites)
 

@@ -22,7 +22,8 @@ from sphkv_compile import rdr
 from sphkv_compile.rdr import meter as budget_meter
 from sphkv_compile.rdr.budget import protected_tokens
 from sphkv_compile.rdr.node import measure
-from sphkv_compile.report import register_kv_source
+from sphkv_compile.head_pad import options_for_stored, pad_last, padding_note, stored_head_dim
+from sphkv_compile.report import record_head_padding, register_kv_source
 from sphkv_compile.ops import tiers_string
 from sphkv_compile.store import TierState, gather_tokens, rebuild
 from sphkv_compile.tiers import record_words
@@ -61,9 +62,17 @@ class CompressedCache:
                  max_tokens: int | None = None):
         """max_tokens: the fixed length of a static cache (its budget is the fraction of dense
         at that length, as the graph's budgeting node computes it); None for a cat cache."""
-        self.batch, self.kv_heads, self.head_dim = batch, kv_heads, head_dim
+        self.device = torch.device(device)
+        # the graph's head dim, and the one the store holds (zero-padded for the kernels: head_pad.py;
+        # the rewrite pads the graph's q/k/v the same way)
+        self.model_head_dim = head_dim
+        stored = stored_head_dim(head_dim, self.device, options.pad_head_dim)
+        if stored != head_dim:
+            options = options_for_stored(options, head_dim, stored)
+            record_head_padding(head_dim, stored, padding_note(head_dim, stored))
+        self.batch, self.kv_heads, self.head_dim = batch, kv_heads, stored
         self.max_tokens = max_tokens
-        self.options, self.kv_dtype, self.device = options, kv_dtype, torch.device(device)
+        self.options, self.kv_dtype = options, kv_dtype
         self.specs = tuple(options.tier_ladder)
         self.tiers = tiers_string(self.specs)
         self.capacity = 0
@@ -131,6 +140,7 @@ class CompressedCache:
         """Start from a dense past [B, Hkv, T, d] handed in by the caller: the same update and
         budgeting ops as the graph runs."""
         o = self.options
+        k, v = pad_last(k, self.head_dim), pad_last(v, self.head_dim)
         self.grow(2 * k.shape[2])
         state = [t for s in self.states for t in s.tensors()]
         budget_meter.reset(self.meter)
@@ -157,7 +167,7 @@ class CompressedCache:
         """(every byte the store holds: pools, metadata, cursor and meter; dense bf16 K+V bytes)."""
         resident = (sum(s.record_bytes() + s.metadata_bytes() for s in self.states)
                     + (self.cursor.numel() + self.meter.numel()) * 8)
-        dense = 2 * self.batch * self.kv_heads * self.tokens * self.head_dim * 2  # K+V in bf16
+        dense = 2 * self.batch * self.kv_heads * self.tokens * self.model_head_dim * 2  # K+V in bf16
         return resident, dense
 
     def budget_report(self) -> dict:

@@ -136,7 +136,8 @@ def check_supported(q_dtype: torch.dtype, specs, head_dim: int, seed: int, kv_dt
     if q_dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise Unsupported(f"query dtype {q_dtype}")
     if head_dim & (head_dim - 1) or not 16 <= head_dim <= 256:
-        raise Unsupported(f"head_dim={head_dim}: the kernels need a power of two in [16, 256]")
+        raise Unsupported(f"head_dim={head_dim}: the kernels need a power of two in [16, 256] (option "
+                          f"pad_head_dim='auto' or True stores smaller head dims zero-padded to one)")
     return [tier_info(s, head_dim, seed, kv_dtype) for s in specs]
 
 

@@ -32,6 +32,7 @@ from . import beam_decode, compile_rules
 from .backend import install_kernels
 from .report import begin_compile, rebudgets, record_decode_step, record_site, report, reset_rebudgets
 from .hf import CACHE_KWARG, DENSE_IMPL_ATTR, IMPL_NAME, RoutedSphkvCache, check_attended, pass_cache_on, register, run_routed
+from .head_pad import stored_head_dim
 from .hf_cache import SphkvCache, snapshot_kv_bytes, storage_dtype
 from .hf_plan import cache_updating_classes, calls_sdpa_itself, kv_geometry, model_dtype, plan_layers
 from .options import SphkvOptions, SphkvPerformanceWarning
@@ -282,8 +283,9 @@ def _warn_if_kernels_do_not_cover(model, why: str | None) -> None:
         warnings.warn(
             f"sphkv: {why}. Decode will be many times slower than dense (the KV memory saving still holds), "
             "and the decode step cannot replay from CUDA graphs. Fix: the kernels need a power-of-two head "
-            "dim in [16, 256] and the default radius bits; otherwise run this model without sphkv if speed "
-            "matters.", SphkvPerformanceWarning, stacklevel=3)
+            "dim in [16, 256] (pad_head_dim='auto', the default, pads smaller ones on CUDA) and the default "
+            "radius bits; otherwise run this model without sphkv if speed matters.",
+            SphkvPerformanceWarning, stacklevel=3)
 
 
 def _advise_static(model) -> None:
@@ -316,6 +318,7 @@ def graph_blocker(model) -> str | None:
         return "the Triton kernels are not registered for the sphkv ops; the ops run their torch references"
     q_dtype = model_dtype(model)
     kv_heads, head_dim = kv_geometry(model)
+    head_dim = stored_head_dim(head_dim, model.device, o.pad_head_dim)  # what the stores will hold (head_pad.py)
     why = unsupported_reason(q_dtype, o.tier_ladder, head_dim, o.seed, storage_dtype(state.kv_dtype, q_dtype))
     return None if why is None else f"the kernels do not cover this model ({why}); the ops run their torch references"
 

@@ -33,6 +33,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .head_pad import pad_last
 from .hf_cache import SphkvCache, SphkvLayer
 from .ops import tiers_string
 
@@ -188,8 +189,11 @@ def attend_and_update(layer: SphkvLayer, query, key, value, valid, scaling) -> t
         # attention over the chunk; SDPA does it far faster than the store's reference loop.
         out, mass = chunk_attention(query, key, value, valid, scale, o.utility_window)
     else:
-        out, mass = torch.ops.sphkv.attend(query, layer.state, key, value, valid, tiers, o.seed, kv_dtype, scale,
+        dim = store.head_dim  # the model's, or zero-padded for the kernels (head_pad.py): no logit changes
+        out, mass = torch.ops.sphkv.attend(pad_last(query, dim), layer.state, pad_last(key, dim), pad_last(value, dim),
+                                           valid, tiers, o.seed, kv_dtype, scale,
                                            o.utility_window, o.policy == "rdr")  # rdr: decode attention is utility
+        out = out[..., :query.shape[-1]]
     layer.store_chunk(key, value, valid, mass, query, scale)  # the cache update and the budgeting node (hf_cache)
     layer.stored_any = True
     layer.awaiting_attention = False

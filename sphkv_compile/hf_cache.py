@@ -34,7 +34,8 @@ from .rdr.budget import SphkvBudgetError
 from .rdr.budget import protected_tokens, warn_if_allocation_is_long
 from .rdr.eager import ensure_capacity
 from .rdr.node import cadence_counters, cadence_due, current_budget, measure, over_budget_error, rebudget_if_due
-from .report import register_kv_source
+from .report import record_head_padding, register_kv_source
+from .head_pad import check_padded_budget, options_for_stored, pad_last, padding_note, stored_head_dim
 from .options import SphkvOptions
 from .store import LayerStore, TierState, select_rows_of
 from .hf_plan import LayerPlan
@@ -65,6 +66,7 @@ class SphkvLayer(CacheLayerMixin):
         self.stored_any = False  # until the first update the store is empty (prefill needs no codes)
         self.awaiting_attention = False  # an update returned a chunk the store has not answered yet
         self.meter: torch.Tensor | None = None  # the budgeting node's counters (rdr/meter.py)
+        self.head_dim: int | None = None  # the model's; the store may hold it zero-padded (head_pad.py)
 
     # ---- allocation ---------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -75,9 +77,15 @@ class SphkvLayer(CacheLayerMixin):
         self.init_store(B, H, d, storage_dtype(self.kv_dtype, key_states.dtype), key_states.device)
 
     def init_store(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device) -> None:
-        o = self.options
         self.device = torch.device(device)
-        self.store = LayerStore(batch, kv_heads, head_dim, o.tier_ladder, kv_dtype=dtype, page_size=o.page_size,
+        self.head_dim = head_dim
+        stored = stored_head_dim(head_dim, self.device, self.options.pad_head_dim)
+        if stored != head_dim:  # the same bytes as a fraction of the padded dense K/V, checked again
+            self.options = options_for_stored(self.options, head_dim, stored)
+            check_padded_budget(self.options, kv_heads, head_dim, stored, dtype, self.max_cache_len)
+            record_head_padding(head_dim, stored, padding_note(head_dim, stored))
+        o = self.options
+        self.store = LayerStore(batch, kv_heads, stored, o.tier_ladder, kv_dtype=dtype, page_size=o.page_size,
                                 seed=o.seed, device=device)
         self.meter = budget_meter.new_meter(batch, kv_heads, device)
         self.cumulative_length = self.cumulative_length.to(device)
@@ -85,7 +93,7 @@ class SphkvLayer(CacheLayerMixin):
         # (Mllama's cross-attention check reads layer.keys.numel()) sees none, not None
         self.keys = torch.empty(batch, kv_heads, 0, head_dim, dtype=dtype, device=device)
         self.values = torch.empty(batch, kv_heads, 0, head_dim, dtype=dtype, device=device)
-        prepare_store(self.store.tiers, head_dim, o.seed, dtype, self.device)
+        prepare_store(self.store.tiers, stored, o.seed, dtype, self.device)
         if self.max_cache_len is not None:
             self._allocate_fixed(self.max_cache_len)
             if not _compiling():  # stable addresses: one graph, and CUDA graphs can replay it
@@ -155,6 +163,7 @@ class SphkvLayer(CacheLayerMixin):
         attention on it, its utility; query: the queries that attended, for RDR's key gain), then
         the budgeting node runs: both as custom ops, so a compiled forward runs exactly this."""
         o, st = self.options, self.store
+        key, value, query = (pad_last(x, st.head_dim) for x in (key, value, query))
         tiers = tiers_string(st.tiers)
         kv_dtype = str(st.kv_dtype).removeprefix("torch.")
         tokens = self.cumulative_length + key.shape[2]  # seen, this chunk included
@@ -280,7 +289,7 @@ class SphkvLayer(CacheLayerMixin):
     def dense_bytes(self) -> int:
         if self.store is None:
             return 0
-        return 2 * self.store.batch * self.store.kv_heads * self.tokens() * self.store.head_dim * 2
+        return 2 * self.store.batch * self.store.kv_heads * self.tokens() * self.head_dim * 2  # the model's head dim
 
 
 def storage_dtype(requested: torch.dtype | None, model_dtype: torch.dtype) -> torch.dtype:

@@ -31,6 +31,7 @@ class SphkvOptions:
     obs_window: int = 32  # prompt queries whose attention estimates utility at prefill
     rebudget_every: int = 64  # decode steps between RDR re-budgets
     distortion: str = "unit"  # RDR's error price: 'unit' (per unit norm) or 'logit' (rdr/costs.py, docs/QUALITY.md)
+    pad_head_dim: str | bool = "auto"  # zero-pad head dims the kernels cannot take: 'auto' on CUDA, True, False (head_pad.py)
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -84,6 +85,8 @@ class SphkvOptions:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 bad(name, "an int >= 1")
+        if not (self.pad_head_dim is True or self.pad_head_dim is False or self.pad_head_dim == "auto"):
+            bad("pad_head_dim", "'auto' (pad on CUDA, where the Triton kernels run), True or False")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             bad("seed", "an int")
         ladder = self.tier_ladder

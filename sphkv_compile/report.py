@@ -32,12 +32,15 @@ _decode_step: dict | None = None  # how the latest generate() ran its decode ste
 # RDR's re-budgets since reset_rebudgets() (each generate() call resets): per kind ("prefill": a
 # chunk entered over budget; "decode": the cadence between steps), count and host seconds.
 _rebudgets: dict[str, dict] = {}
+_head_padding: dict | None = None  # a store holds the model's head dim zero-padded (head_pad.py)
 
 
 def begin_compile() -> None:
     """A new compiled forward starts: forget the previous one's sites."""
+    global _head_padding
     with _lock:
         _sites.clear()
+        _head_padding = None
 
 
 def record_site(kind: str, rewritten: bool, reason: str | None = None, **details) -> Site:
@@ -58,6 +61,16 @@ def record_decode_step(cuda_graphs: bool, reason: str) -> None:
     with _lock:
         _decode_step = {"cuda_graphs": cuda_graphs, "reason": reason}
     log.info("sphkv: decode step %s CUDA graphs: %s", "with" if cuda_graphs else "without", reason)
+
+
+def record_head_padding(head_dim: int, stored: int, note: str) -> None:
+    """The stores hold head_dim zero-padded to `stored` so that the Triton kernels serve them."""
+    global _head_padding
+    with _lock:
+        first = _head_padding is None
+        _head_padding = {"head_dim": head_dim, "stored_head_dim": stored, "note": note}
+    if first:
+        log.info("sphkv: %s", note)
 
 
 def record_rebudget(kind: str, seconds: float) -> None:
@@ -108,4 +121,5 @@ def report() -> dict:
         "dense_kv_bytes": sum(d for _, d in kv),
         "decode_step": _decode_step,
         "rebudgets": rebudgets(),
+        "head_dim_padding": _head_padding,
     }

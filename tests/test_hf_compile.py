@@ -147,7 +147,7 @@ def test_generate_keeps_cuda_graphs_only_where_the_decode_step_decides_nothing_o
     assert settle({}, rdr_meta) == (True, "static cache, every op on the Triton kernels, RDR re-budgets between steps")
     blockers = {
         "radius_bits=32": api.optimize(_model(), **HIGH_BITS),  # the kernels read 16-bit radii only
-        "head_dim=24": api.optimize(odd, **defaults),
+        "head_dim=24": api.optimize(odd, **defaults, pad_head_dim=False),  # on CUDA it would be padded (head_pad)
     }
     for words, model in blockers.items():
         assert words in graph_blocker(model), (words, graph_blocker(model))
@@ -155,7 +155,7 @@ def test_generate_keeps_cuda_graphs_only_where_the_decode_step_decides_nothing_o
     plain = {}
     settle(plain, blocked)
     assert "compile_config" not in plain  # on the CPU generate() does not auto-compile: nothing to set
-    odd_meta = api.optimize(tf.LlamaForCausalLM(odd_config()).to("meta"), **defaults)
+    odd_meta = api.optimize(tf.LlamaForCausalLM(odd_config()).to("meta"), **defaults, pad_head_dim=False)
     settle(plain, odd_meta)
     assert plain["compile_config"].mode == "default"
     ids = torch.randint(3, 128, (1, 6))
@@ -180,20 +180,20 @@ def test_a_dynamic_cache_on_an_accelerator_warns_with_the_fix():
 
 
 def test_a_model_the_kernels_do_not_cover_warns_once_on_an_accelerator():
-    """An odd head dim on an accelerator: every sphkv op runs its torch reference. generate()
+    """An odd head dim on an accelerator, not padded: every sphkv op runs its torch reference. generate()
     says so once per model, naming the cause (head_dim=24) and what the kernels need; a covered
     model and the CPU stay quiet."""
     from sphkv_compile.api import SphkvPerformanceWarning, _warn_if_kernels_do_not_cover, graph_blocker
 
     odd = tf.LlamaConfig(vocab_size=128, hidden_size=96, intermediate_size=128, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2)  # head dim 24
-    odd_meta = api.optimize(tf.LlamaForCausalLM(odd).to("meta"), bits=3.5)  # meta stands for an accelerator
+    odd_meta = api.optimize(tf.LlamaForCausalLM(odd).to("meta"), bits=3.5, pad_head_dim=False)  # meta: an accelerator
     with pytest.warns(SphkvPerformanceWarning, match="head_dim=24.*power-of-two head dim"):
         _warn_if_kernels_do_not_cover(odd_meta, graph_blocker(odd_meta))
     with warnings.catch_warnings():
         warnings.simplefilter("error", SphkvPerformanceWarning)
         _warn_if_kernels_do_not_cover(odd_meta, graph_blocker(odd_meta))  # once per model
-        odd_cpu = api.optimize(tf.LlamaForCausalLM(odd), bits=3.5)
+        odd_cpu = api.optimize(tf.LlamaForCausalLM(odd), bits=3.5, pad_head_dim=False)
         _warn_if_kernels_do_not_cover(odd_cpu, graph_blocker(odd_cpu))  # CPU
         covered = api.optimize(_model().to("meta"), bits=3.5)
         _warn_if_kernels_do_not_cover(covered, graph_blocker(covered))

@@ -444,6 +444,40 @@ def test_zoo_generate_with_cuda_graphs_equals_generate_without(name, monkeypatch
     assert torch.equal(runs["reduce-overhead"], runs["default"]), name
 
 
+@pytest.mark.parametrize("head_dim", [80, 96])
+def test_odd_head_dims_are_padded_onto_the_kernels_under_cuda_graphs(head_dim, monkeypatch):
+    """Head dims the kernels cannot take (Phi-2's 80, Phi-3's 96) are stored zero-padded to 128 by
+    default on CUDA (head_pad.py): the kernels serve them, generate() replays CUDA graphs, the
+    tokens equal generate() without graphs."""
+    import transformers as tf
+    from torch._dynamo.utils import counters
+
+    import sphkv_compile.api as sphkv
+    from tests import test_zoo as zoo
+
+    torch.manual_seed(head_dim)
+    config = tf.LlamaConfig(vocab_size=zoo.VOCAB, hidden_size=4 * head_dim, intermediate_size=256,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            max_position_embeddings=256, pad_token_id=0)
+    model = sphkv.optimize(tf.LlamaForCausalLM(config).eval().to(DEV, torch.bfloat16), **zoo.DEFAULT_BITS)
+    assert sphkv.graph_blocker(model) is None, sphkv.graph_blocker(model)
+    ids, mask = (t.to(DEV) for t in zoo.prompts(head_dim))
+    cache = sphkv.new_cache(model, max_cache_len=zoo.PROMPT + zoo.NEW)
+    counters.clear()
+    captures = count_graph_captures(monkeypatch)
+    runs = {}
+    for mode in ("reduce-overhead", "default"):
+        cache.reset()
+        runs[mode] = zoo.greedy(model, ids, mask, compile_config=tf.CompileConfig(mode=mode),
+                                **{sphkv.cache_keyword(model): cache})
+        if mode == "reduce-overhead":
+            assert captures and counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+            assert sphkv.report()["decode_step"]["cuda_graphs"], sphkv.report()["decode_step"]
+    assert torch.equal(runs["reduce-overhead"], runs["default"])
+    layer = cache.layers[0]
+    assert (layer.head_dim, layer.store.head_dim) == (head_dim, 128)
+
+
 def test_rdr_generate_with_cuda_graphs_equals_generate_without(monkeypatch):
     """Policy 'rdr' through generate()'s CUDA graphs: the replayed decode step appends on the
     device and the re-budgets run between steps (rdr/node.py); same greedy tokens as without
