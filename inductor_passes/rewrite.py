@@ -27,8 +27,7 @@ import torch
 from torch import fx
 
 from sphkv_compile import rdr
-from sphkv_compile.head_pad import check_padded_budget, options_for_stored, padding_note, stored_head_dim
-from sphkv_compile.report import record_head_padding
+from sphkv_compile.head_pad import choose_stored_head_dim, options_for_stored
 from sphkv_compile.ops import STATE_TENSORS_PER_TIER
 
 from . import fallback as R
@@ -179,11 +178,9 @@ class Rewriter:
         max_tokens = group.shape[seq] if group.static else 0
         rdr.check_budget(opts, kv_heads, head_dim, group.dtype, max_tokens or None)
         # the store may hold the head dim zero-padded for the kernels (CompressedCache decides the same way)
-        stored = stored_head_dim(head_dim, group.device, opts.pad_head_dim)
-        if stored != head_dim:
-            opts = options_for_stored(opts, head_dim, stored)
-            check_padded_budget(opts, kv_heads, head_dim, stored, group.dtype, max_tokens or None)
-            record_head_padding(head_dim, stored, padding_note(head_dim, stored))
+        stored = choose_stored_head_dim(opts, kv_heads, head_dim, group.device, group.dtype, group.dtype,
+                                        max_tokens or None)
+        opts = options_for_stored(opts, head_dim, stored)
         accumulate = opts.policy == "rdr"
 
         sites = sorted(group.sites, key=lambda s: list(g.nodes).index(s.output))
@@ -221,7 +218,8 @@ class Rewriter:
                 out = self._call(__import__("operator").getitem, res, 0)
                 mass = self._call(__import__("operator").getitem, res, 1) if mass is None else mass
                 if stored != head_dim:
-                    out = self._call(__import__("operator").getitem, out, (Ellipsis, slice(0, head_dim)))
+                    out = self._method("contiguous", self._call(__import__("operator").getitem, out,
+                                                                (Ellipsis, slice(0, head_dim))))
                 out = self._method("to", out, dtype_of(site.output))
                 if len(shape_of(site.output)) == 3:
                     out = self._method("flatten", out, 0, 1)

@@ -22,8 +22,8 @@ from sphkv_compile import rdr
 from sphkv_compile.rdr import meter as budget_meter
 from sphkv_compile.rdr.budget import protected_tokens
 from sphkv_compile.rdr.node import measure
-from sphkv_compile.head_pad import options_for_stored, pad_last, padding_note, stored_head_dim
-from sphkv_compile.report import record_head_padding, register_kv_source
+from sphkv_compile.head_pad import choose_stored_head_dim, options_for_stored, pad_last, padding_report
+from sphkv_compile.report import register_kv_source
 from sphkv_compile.ops import tiers_string
 from sphkv_compile.store import TierState, gather_tokens, rebuild
 from sphkv_compile.tiers import record_words
@@ -66,10 +66,8 @@ class CompressedCache:
         # the graph's head dim, and the one the store holds (zero-padded for the kernels: head_pad.py;
         # the rewrite pads the graph's q/k/v the same way)
         self.model_head_dim = head_dim
-        stored = stored_head_dim(head_dim, self.device, options.pad_head_dim)
-        if stored != head_dim:
-            options = options_for_stored(options, head_dim, stored)
-            record_head_padding(head_dim, stored, padding_note(head_dim, stored))
+        stored = choose_stored_head_dim(options, kv_heads, head_dim, self.device, kv_dtype, kv_dtype, max_tokens)
+        options = options_for_stored(options, head_dim, stored)
         self.batch, self.kv_heads, self.head_dim = batch, kv_heads, stored
         self.max_tokens = max_tokens
         self.options, self.kv_dtype = options, kv_dtype
@@ -82,7 +80,8 @@ class CompressedCache:
         self.meter = budget_meter.new_meter(batch, kv_heads, self.device)
         self.grow(capacity)
         ref = weakref.ref(self)
-        register_kv_source(lambda: ref().kv_bytes() if ref() is not None else (0, 0), group="graph")
+        register_kv_source(lambda: ref().kv_bytes() if ref() is not None else (0, 0), group="graph",
+                           padding=lambda: padding_report(ref().model_head_dim, ref().head_dim) if ref() else None)
 
     def _pages_per_head(self, spec, capacity: int) -> int:
         ps = self.options.page_size

@@ -13,7 +13,7 @@ import torch
 import triton
 
 from sphkv_compile.radius import LOG2_MIN
-from sphkv_compile.store import TierState
+from sphkv_compile.store import TierState, sink_factor
 from sphkv_compile.tiers import TierSpec, tier_codecs
 
 from .attention_kernels import (chunk_partials_kernel, combine_kernel, paged_coded_halves_kernel, paged_coded_kernel,
@@ -246,7 +246,7 @@ def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_
 def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, seed: int, kv_dtype: torch.dtype,
            k_new=None, v_new=None, valid_new=None, scale: float | None = None, obs_window: int = 0,
            accumulate: bool = False, block_t: int = DEFAULT_BLOCK_T, precision: str = "tf32",
-           num_warps: int = DEFAULT_WARPS, num_stages: int = DEFAULT_STAGES):
+           num_warps: int = DEFAULT_WARPS, num_stages: int = DEFAULT_STAGES, sinks: torch.Tensor | None = None):
     """See sphkv_compile.store.attend (same arguments, same results)."""
     B, Hq, Tq, d = q.shape
     Hkv = states[0].count.shape[1] if states else k_new.shape[1]
@@ -329,6 +329,9 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
         if not whole:
             stat_m[:, :, s0:s1] = cm.view(BH, G, tc)
             stat_l[:, :, s0:s1] = cl.view(BH, G, tc)
+    if sinks is not None:  # the combine's row statistics are log2-domain: lse = (m + log2 l) / log2(e)
+        lse = (stat_m + torch.log2(stat_l)) / LOG2E
+        out = (out.to(torch.float32) * sink_factor(lse.view(B, Hq, Tq), sinks)[..., None]).to(out.dtype)
     window = min(obs_window, Tq)
     new_mass = torch.zeros(B, Hkv, N, dtype=torch.float32, device=device)
     if window and N:

@@ -37,18 +37,20 @@ def _fallback(op: str, err: Exception) -> None:
         log.warning(msg)
 
 
-def attend_cuda(q, state, k_new, v_new, valid_new, tiers, seed, kv_dtype, scale, obs_window, accumulate):
+def attend_cuda(q, state, k_new, v_new, valid_new, tiers, seed, kv_dtype, scale, obs_window, accumulate, sinks=None):
     specs = list(parse_tiers(tiers))
     states = unflatten_state(state, len(specs))
     vn = None if valid_new is None else valid_new.to(torch.bool)
     dt = dtype_from_name(kv_dtype)
     try:
         out, mass = kernel_attend.attend(q, states, specs, seed=seed, kv_dtype=dt, k_new=k_new, v_new=v_new,
-                                         valid_new=vn, scale=scale, obs_window=obs_window, accumulate=accumulate)
+                                         valid_new=vn, scale=scale, obs_window=obs_window, accumulate=accumulate,
+                                         sinks=sinks)
     except Unsupported as err:
         _fallback("attend", err)
         out, mass = reference_attend(q, states, specs, seed=seed, kv_dtype=dt, k_new=k_new, v_new=v_new,
-                                     valid_new=vn, scale=scale, obs_window=obs_window, accumulate=accumulate)
+                                     valid_new=vn, scale=scale, obs_window=obs_window, accumulate=accumulate,
+                                     sinks=sinks)
     return out.contiguous(), mass.to(torch.float32).contiguous()
 
 

@@ -32,7 +32,7 @@ from . import beam_decode, compile_rules
 from .backend import install_kernels
 from .report import begin_compile, rebudgets, record_decode_step, record_site, report, reset_rebudgets
 from .hf import CACHE_KWARG, DENSE_IMPL_ATTR, IMPL_NAME, RoutedSphkvCache, check_attended, pass_cache_on, register, run_routed
-from .head_pad import stored_head_dim
+from .head_pad import choose_stored_head_dim
 from .hf_cache import SphkvCache, snapshot_kv_bytes, storage_dtype
 from .hf_plan import cache_updating_classes, calls_sdpa_itself, kv_geometry, model_dtype, plan_layers
 from .options import SphkvOptions, SphkvPerformanceWarning
@@ -301,7 +301,7 @@ def _advise_static(model) -> None:
             SphkvPerformanceWarning, stacklevel=3)
 
 
-def graph_blocker(model) -> str | None:
+def graph_blocker(model, max_cache_len: int | None = None) -> str | None:
     """Why a CUDA graph cannot replay this model's decode step on the sphkv cache (None: it
     can). A replay runs only what was captured, so the step must decide nothing on the host:
     every op on the Triton kernels (the torch references read counts back to the host). A byte
@@ -318,8 +318,10 @@ def graph_blocker(model) -> str | None:
         return "the Triton kernels are not registered for the sphkv ops; the ops run their torch references"
     q_dtype = model_dtype(model)
     kv_heads, head_dim = kv_geometry(model)
-    head_dim = stored_head_dim(head_dim, model.device, o.pad_head_dim)  # what the stores will hold (head_pad.py)
-    why = unsupported_reason(q_dtype, o.tier_ladder, head_dim, o.seed, storage_dtype(state.kv_dtype, q_dtype))
+    kv_dtype = storage_dtype(state.kv_dtype, q_dtype)
+    # what the stores will hold (head_pad.py decides it for them the same way)
+    head_dim = choose_stored_head_dim(o, kv_heads, head_dim, model.device, q_dtype, kv_dtype, max_cache_len)
+    why = unsupported_reason(q_dtype, o.tier_ladder, head_dim, o.seed, kv_dtype)
     return None if why is None else f"the kernels do not cover this model ({why}); the ops run their torch references"
 
 
@@ -333,7 +335,7 @@ def _decode_step_mode(kwargs: dict, model, cache: SphkvCache) -> tuple[bool, str
 
     config = _generation_config(kwargs, model)
     asked = kwargs.get("compile_config", getattr(config, "compile_config", None))
-    why = graph_blocker(model)
+    why = graph_blocker(model, cache.capacity)
     _warn_if_kernels_do_not_cover(model, why)
     if why is not None and asked is None and model.device.type != "cpu":  # generate() auto-compiles off the CPU
         kwargs["compile_config"] = asked = CompileConfig(mode="default")

@@ -15,6 +15,7 @@ device (the CPU tests run the padded path through the references); False never p
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -32,16 +33,61 @@ def kernel_head_dim(head_dim: int) -> int:
 
 
 def stored_head_dim(head_dim: int, device, pad="auto") -> int:
-    """The head dim the store holds for a model head dim on `device` under option pad_head_dim."""
+    """The head dim the store would hold by the device and option alone (choose_stored_head_dim
+    also asks whether the kernels and the budget take it)."""
     if pad is False or (pad == "auto" and torch.device(device).type != "cuda"):
         return head_dim
     return kernel_head_dim(head_dim)
 
 
-def padding_note(head_dim: int, stored: int) -> str | None:
-    """What report() says about the padding (None: none)."""
+def kernels_cover(options, head_dim: int, q_dtype: torch.dtype, kv_dtype: torch.dtype) -> bool:
+    """Would the Triton kernels serve stores of this head dim (registered, and the tiers, radius
+    bits and dtypes supported)?"""
+    try:
+        from .kernels import cuda_ops
+        from .kernels.attend import unsupported_reason
+    except ImportError:
+        return False
+    return cuda_ops.registered() and unsupported_reason(q_dtype, options.tier_ladder, head_dim, options.seed,
+                                                        kv_dtype) is None
+
+
+def choose_stored_head_dim(options, kv_heads: int, head_dim: int, device, q_dtype: torch.dtype,
+                           kv_dtype: torch.dtype, max_tokens: int | None) -> int:
+    """The head dim a store holds, decided once for every path that builds or plans one (the
+    transformers cache, graph_blocker, the graph rewrite and its stores), so they agree.
+    'auto' pads on CUDA when the kernels would then serve the store and the budget holds the
+    padded records; where the budget does not, it keeps head_dim and warns (the ops then run
+    their torch references, as before padding existed). True pads or refuses the budget."""
+    from .rdr.budget import SphkvBudgetError
+
+    stored = stored_head_dim(head_dim, device, options.pad_head_dim)
+    if stored == head_dim:
+        return head_dim
+    if options.pad_head_dim == "auto" and not kernels_cover(options, stored, q_dtype, kv_dtype):
+        return head_dim
+    try:
+        check_padded_budget(options, kv_heads, head_dim, stored, kv_dtype, max_tokens)
+    except SphkvBudgetError as err:
+        if options.pad_head_dim is True:
+            raise
+        from .options import SphkvPerformanceWarning
+
+        warnings.warn(f"sphkv: head_dim {head_dim} kept unpadded, so the Triton kernels cannot serve it (slow "
+                      f"torch reference ops): {err}", SphkvPerformanceWarning, stacklevel=2)
+        return head_dim
+    return stored
+
+
+def padding_report(head_dim: int, stored: int) -> dict | None:
+    """report()["head_dim_padding"] for stores of `stored` serving a model head dim (None: unpadded)."""
     if stored == head_dim:
         return None
+    return {"head_dim": head_dim, "stored_head_dim": stored, "note": padding_note(head_dim, stored)}
+
+
+def padding_note(head_dim: int, stored: int) -> str:
+    """What report() says about the padding."""
     return (f"head_dim {head_dim} is stored zero-padded to {stored}, a head dim the Triton kernels take "
             f"({stored / head_dim:.2f}x the code bytes per token; the budget stays a fraction of the real "
             f"dense bytes). pad_head_dim=False keeps {head_dim} (the ops then run their torch references)")
@@ -63,12 +109,14 @@ def pad_last(x: torch.Tensor | None, stored: int) -> torch.Tensor | None:
 
 
 def check_padded_budget(options, kv_heads: int, head_dim: int, stored: int, kv_dtype, max_tokens) -> None:
-    """rdr.check_budget at the padded dim (options from options_for_stored), its refusal naming
-    the padding: a budget that holds the real head dim's records may not hold the padded ones."""
+    """rdr.check_budget at the padded dim, with the user's options (their budget is rescaled
+    here); its refusal names the padding and quotes the user's budget: a budget that holds the
+    real head dim's records may not hold the padded ones."""
     from .rdr.budget import SphkvBudgetError, check_budget
 
     try:
-        check_budget(options, kv_heads, stored, kv_dtype, max_tokens)
+        check_budget(options_for_stored(options, head_dim, stored), kv_heads, stored, kv_dtype, max_tokens)
     except SphkvBudgetError as err:
-        raise SphkvBudgetError(f"{err} (head_dim {head_dim} is stored zero-padded to {stored} for the Triton "
-                               f"kernels; pad_head_dim=False keeps {head_dim}, on the torch reference ops)") from err
+        raise SphkvBudgetError(f"budget={options.budget} does not hold head_dim {head_dim} stored zero-padded to "
+                               f"{stored} for the Triton kernels ({err}). Fix: raise the budget, or pass "
+                               f"pad_head_dim=False to keep {head_dim} (torch reference ops, slow)") from err

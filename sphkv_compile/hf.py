@@ -136,7 +136,11 @@ def _refuse_unrepresentable(module, layer: SphkvLayer, dropout: float, chunk: in
     if module.training and dropout:
         raise SphkvUnsupportedError("attention dropout in training cannot run on the compressed store; "
                                     "call model.eval() or use the dense model for training")
-    for name in ("softcap", "s_aux", "sinks"):
+    if isinstance(getattr(module, "sinks", None), torch.nn.Parameter) and kwargs.get("s_aux") is None:
+        raise SphkvUnsupportedError(f"layer {layer.layer_idx}: the attention module has learned sink logits "
+                                    "(`sinks`) but did not pass them as s_aux, the way the store takes them "
+                                    "(gpt-oss's attention does)")
+    for name in ("softcap",):  # sink logits (gpt-oss's s_aux) join the store's softmax: attend_and_update
         if kwargs.get(name) is not None:
             raise SphkvUnsupportedError(f"layer {layer.layer_idx}: attention with {name!r} is not representable "
                                         "by the compressed store")
@@ -169,12 +173,14 @@ def sphkv_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch
         layer.lazy_initialization(key, value)
     valid = chunk_validity(attention_mask, layer, key.shape[2])
     out = attend_and_update(layer, query, key, value, valid,
-                            scaling if scaling is not None else getattr(module, "scaling", None))
+                            scaling if scaling is not None else getattr(module, "scaling", None),
+                            sinks=kwargs.get("s_aux"))
     return out.transpose(1, 2).contiguous(), None
 
 
-def attend_and_update(layer: SphkvLayer, query, key, value, valid, scaling) -> torch.Tensor:
+def attend_and_update(layer: SphkvLayer, query, key, value, valid, scaling, sinks=None) -> torch.Tensor:
     """Attention over the store plus the chunk, then the chunk enters the store.
+    sinks [Hq]: learned sink logits (gpt-oss), one more logit per query head on no value.
     Returns the attention output as [B, Hq, T, d], like SDPA."""
     o = layer.options
     N = key.shape[2]
@@ -184,7 +190,12 @@ def attend_and_update(layer: SphkvLayer, query, key, value, valid, scaling) -> t
     tiers = tiers_string(store.tiers)
     kv_dtype = str(store.kv_dtype).removeprefix("torch.")
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
-    if not layer.stored_any and query.shape[2] == N:
+    if sinks is not None:
+        sinks = sinks.reshape(-1)
+        if sinks.numel() != query.shape[1]:
+            raise SphkvUnsupportedError(f"layer {layer.layer_idx}: {sinks.numel()} sink logits for {query.shape[1]} "
+                                        "query heads; the store takes one per query head")
+    if not layer.stored_any and query.shape[2] == N and sinks is None:
         # Prefill into an empty store: nothing to read from codes, so this is plain causal
         # attention over the chunk; SDPA does it far faster than the store's reference loop.
         out, mass = chunk_attention(query, key, value, valid, scale, o.utility_window)
@@ -192,8 +203,10 @@ def attend_and_update(layer: SphkvLayer, query, key, value, valid, scaling) -> t
         dim = store.head_dim  # the model's, or zero-padded for the kernels (head_pad.py): no logit changes
         out, mass = torch.ops.sphkv.attend(pad_last(query, dim), layer.state, pad_last(key, dim), pad_last(value, dim),
                                            valid, tiers, o.seed, kv_dtype, scale,
-                                           o.utility_window, o.policy == "rdr")  # rdr: decode attention is utility
-        out = out[..., :query.shape[-1]]
+                                           o.utility_window, o.policy == "rdr",  # rdr: decode attention is utility
+                                           sinks)
+        if dim != query.shape[-1]:  # the padded value columns off; contiguous, as the model's code may .view it
+            out = out[..., :query.shape[-1]].contiguous()
     layer.store_chunk(key, value, valid, mass, query, scale)  # the cache update and the budgeting node (hf_cache)
     layer.stored_any = True
     layer.awaiting_attention = False

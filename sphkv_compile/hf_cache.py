@@ -34,8 +34,8 @@ from .rdr.budget import SphkvBudgetError
 from .rdr.budget import protected_tokens, warn_if_allocation_is_long
 from .rdr.eager import ensure_capacity
 from .rdr.node import cadence_counters, cadence_due, current_budget, measure, over_budget_error, rebudget_if_due
-from .report import record_head_padding, register_kv_source
-from .head_pad import check_padded_budget, options_for_stored, pad_last, padding_note, stored_head_dim
+from .report import register_kv_source
+from .head_pad import choose_stored_head_dim, options_for_stored, pad_last, padding_report
 from .options import SphkvOptions
 from .store import LayerStore, TierState, select_rows_of
 from .hf_plan import LayerPlan
@@ -55,7 +55,8 @@ class SphkvLayer(CacheLayerMixin):
                  sliding_window: int | None = None, kv_dtype: torch.dtype | None = None):
         super().__init__()
         self.kv_dtype = kv_dtype  # of the exact tier; None: see storage_dtype
-        self.options = options
+        self.options = options  # what the store runs with (a padded head dim rescales the budget: init_store)
+        self.base_options = options  # as the user gave them
         self.layer_idx = layer_idx
         self.max_cache_len = max_cache_len
         self.sliding_window = sliding_window  # only ever set when max_cache_len <= window (exact)
@@ -74,17 +75,16 @@ class SphkvLayer(CacheLayerMixin):
         if value_states.shape[-1] != d:
             raise ValueError(f"layer {self.layer_idx}: keys and values have different head dims "
                              f"({d} vs {value_states.shape[-1]}); the store needs one head dim")
-        self.init_store(B, H, d, storage_dtype(self.kv_dtype, key_states.dtype), key_states.device)
+        self.init_store(B, H, d, storage_dtype(self.kv_dtype, key_states.dtype), key_states.device, key_states.dtype)
 
-    def init_store(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device) -> None:
+    def init_store(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device,
+                   q_dtype: torch.dtype | None = None) -> None:
         self.device = torch.device(device)
         self.head_dim = head_dim
-        stored = stored_head_dim(head_dim, self.device, self.options.pad_head_dim)
-        if stored != head_dim:  # the same bytes as a fraction of the padded dense K/V, checked again
-            self.options = options_for_stored(self.options, head_dim, stored)
-            check_padded_budget(self.options, kv_heads, head_dim, stored, dtype, self.max_cache_len)
-            record_head_padding(head_dim, stored, padding_note(head_dim, stored))
-        o = self.options
+        # the store may hold the head dim zero-padded for the kernels; its budget, the same bytes
+        stored = choose_stored_head_dim(self.base_options, kv_heads, head_dim, self.device, q_dtype or dtype, dtype,
+                                        self.max_cache_len)
+        self.options = o = options_for_stored(self.base_options, head_dim, stored)
         self.store = LayerStore(batch, kv_heads, stored, o.tier_ladder, kv_dtype=dtype, page_size=o.page_size,
                                 seed=o.seed, device=device)
         self.meter = budget_meter.new_meter(batch, kv_heads, device)
@@ -425,6 +425,13 @@ class SphkvCache(Cache):
                     "generate()); a decode loop of your own must call it after every step. Fix: call "
                     "cache.rebudget_due() after each step, or pass compile_config=CompileConfig(mode='default').")
 
+    def head_dim_padding(self) -> dict | None:
+        """report()["head_dim_padding"]: the first compressed layer whose store holds its head dim
+        zero-padded (head_pad.py), or None."""
+        layers = [layer for layer in self.compressed_layers() if layer.store is not None]
+        return next((found for found in (padding_report(layer.head_dim, layer.store.head_dim) for layer in layers)
+                     if found), None)
+
     def kv_bytes(self) -> tuple[int, int]:
         """(resident bytes of every layer's KV: compressed stores and dense fallbacks,
         what a dense 16-bit cache would hold for the same tokens)."""
@@ -442,13 +449,15 @@ class SphkvCache(Cache):
 # ---- report: the live cache's measured bytes ------------------------------------------------
 _latest: "weakref.ref[SphkvCache] | None" = None
 _snapshot: tuple[int, int] = (0, 0)
+_snapshot_padding: dict | None = None
 
 
 def snapshot_kv_bytes(cache: SphkvCache) -> None:
-    """Remember the cache's bytes (at the end of a generate call, before it is freed)."""
-    global _snapshot
+    """Remember the cache's bytes and padding (at the end of a generate call, before it is freed)."""
+    global _snapshot, _snapshot_padding
     if _latest is not None and _latest() is cache:
         _snapshot = cache.kv_bytes()
+        _snapshot_padding = cache.head_dim_padding()
 
 
 def _latest_kv_bytes() -> tuple[int, int]:
@@ -456,9 +465,15 @@ def _latest_kv_bytes() -> tuple[int, int]:
     return _snapshot if cache is None else cache.kv_bytes()
 
 
+def _latest_padding() -> dict | None:
+    cache = _latest() if _latest is not None else None
+    return _snapshot_padding if cache is None else cache.head_dim_padding()
+
+
 def _track(cache: SphkvCache) -> None:
     """report() measures the most recently created cache (the one generate is using)."""
-    global _latest, _snapshot
+    global _latest, _snapshot, _snapshot_padding
     _latest = weakref.ref(cache)
-    _snapshot = (0, 0)
-    register_kv_source(_latest_kv_bytes, group="hf")  # kept once; makes the HF cache what report() measures
+    _snapshot, _snapshot_padding = (0, 0), None
+    register_kv_source(_latest_kv_bytes, group="hf", padding=_latest_padding)  # kept once; makes the HF cache
+    # what report() measures

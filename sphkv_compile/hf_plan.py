@@ -114,20 +114,11 @@ def model_wide_reason(model) -> str | None:
     if getattr(_text(config), "kv_lora_rank", None):
         return (f"multi-head latent attention (kv_lora_rank={_text(config).kv_lora_rank}): the cache holds a "
                 "compressed latent that the attention expands into keys and values, not per-head K/V")
-    if _has_attention_sinks(model):
-        return ("attention sinks (learned per-head logits that join the softmax, as in gpt-oss): the store's "
-                "softmax has no sink term")
     if getattr(config, "is_encoder_decoder", False):
         return "encoder-decoder models are not supported (cross-attention)"
     if getattr(config, "position_embedding_type", "absolute") in ("alibi", "relative_key", "relative_key_query"):
         return f"{config.position_embedding_type} position bias is added to the logits"
     return None
-
-
-def _has_attention_sinks(model) -> bool:
-    """Does an attention module carry learned sink logits (a `sinks` parameter, passed to the
-    attention function as s_aux)? hf._refuse_unrepresentable would refuse them at run time."""
-    return any(isinstance(getattr(m, "sinks", None), torch.nn.Parameter) for m in model.modules())
 
 
 def _text(config):

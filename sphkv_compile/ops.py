@@ -92,17 +92,18 @@ def _(state, k, v, valid, utility, tier_index, tiers, seed, kv_dtype) -> None:
 @torch.library.custom_op("sphkv::attend", mutates_args=("state",))
 def attend(q: torch.Tensor, state: list[torch.Tensor], k_new: torch.Tensor | None, v_new: torch.Tensor | None,
            valid_new: torch.Tensor | None, tiers: str, seed: int, kv_dtype: str, scale: float,
-           obs_window: int, accumulate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+           obs_window: int, accumulate: bool, sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     specs = parse_tiers(tiers)
     states = unflatten_state(state, len(specs))
     vn = None if valid_new is None else valid_new.to(torch.bool)
     out, mass = store_attend(q, states, list(specs), seed=seed, kv_dtype=dtype_from_name(kv_dtype), k_new=k_new,
-                             v_new=v_new, valid_new=vn, scale=scale, obs_window=obs_window, accumulate=accumulate)
+                             v_new=v_new, valid_new=vn, scale=scale, obs_window=obs_window, accumulate=accumulate,
+                             sinks=sinks)
     return out.contiguous(), mass.to(torch.float32).contiguous()
 
 
 @attend.register_fake
-def _(q, state, k_new, v_new, valid_new, tiers, seed, kv_dtype, scale, obs_window, accumulate):
+def _(q, state, k_new, v_new, valid_new, tiers, seed, kv_dtype, scale, obs_window, accumulate, sinks=None):
     B, Hq, Tq, d = q.shape
     n = 0 if k_new is None else k_new.shape[2]
     hkv = state[2].shape[1]  # the first tier's page table: [B, Hkv, max_pages]

@@ -24,23 +24,21 @@ class Site:
 
 _lock = threading.Lock()
 _sites: list[Site] = []
-# (group, fn): fn() returns (kv_bytes, dense_kv_bytes). Only the group that registered last
-# counts: the HF cache and the graph-rewritten stores never describe the same forward.
-_kv_sources: list[tuple[str, Callable[[], tuple[int, int]]]] = []
+# (group, fn, padding): fn() returns (kv_bytes, dense_kv_bytes); padding() (optional) the
+# source's head-dim padding (head_pad.padding_report) or None. Only the group that registered
+# last counts: the HF cache and the graph-rewritten stores never describe the same forward.
+_kv_sources: list[tuple[str, Callable[[], tuple[int, int]], Callable[[], dict | None] | None]] = []
 _active_group: str | None = None
 _decode_step: dict | None = None  # how the latest generate() ran its decode step (record_decode_step)
 # RDR's re-budgets since reset_rebudgets() (each generate() call resets): per kind ("prefill": a
 # chunk entered over budget; "decode": the cadence between steps), count and host seconds.
 _rebudgets: dict[str, dict] = {}
-_head_padding: dict | None = None  # a store holds the model's head dim zero-padded (head_pad.py)
 
 
 def begin_compile() -> None:
     """A new compiled forward starts: forget the previous one's sites."""
-    global _head_padding
     with _lock:
         _sites.clear()
-        _head_padding = None
 
 
 def record_site(kind: str, rewritten: bool, reason: str | None = None, **details) -> Site:
@@ -63,16 +61,6 @@ def record_decode_step(cuda_graphs: bool, reason: str) -> None:
     log.info("sphkv: decode step %s CUDA graphs: %s", "with" if cuda_graphs else "without", reason)
 
 
-def record_head_padding(head_dim: int, stored: int, note: str) -> None:
-    """The stores hold head_dim zero-padded to `stored` so that the Triton kernels serve them."""
-    global _head_padding
-    with _lock:
-        first = _head_padding is None
-        _head_padding = {"head_dim": head_dim, "stored_head_dim": stored, "note": note}
-    if first:
-        log.info("sphkv: %s", note)
-
-
 def record_rebudget(kind: str, seconds: float) -> None:
     """One RDR re-budget of one layer took `seconds` on the host (it decides there, so on a GPU
     this is most of its cost)."""
@@ -93,13 +81,15 @@ def reset_rebudgets() -> None:
         _rebudgets.clear()
 
 
-def register_kv_source(fn: Callable[[], tuple[int, int]], group: str = "default") -> None:
-    """fn() -> (resident compressed bytes, dense bf16 bytes for the same tokens). Registering
-    (again) makes `group` the one report() measures; a function is kept once."""
+def register_kv_source(fn: Callable[[], tuple[int, int]], group: str = "default",
+                       padding: Callable[[], dict | None] | None = None) -> None:
+    """fn() -> (resident compressed bytes, dense bf16 bytes for the same tokens); padding() ->
+    the stores' head-dim padding or None. Registering (again) makes `group` the one report()
+    measures; a function is kept once."""
     global _active_group
     with _lock:
-        if not any(f is fn for _, f in _kv_sources):
-            _kv_sources.append((group, fn))
+        if not any(f is fn for _, f, _ in _kv_sources):
+            _kv_sources.append((group, fn, padding))
         _active_group = group
 
 
@@ -113,13 +103,15 @@ def clear_kv_sources() -> None:
 def report() -> dict:
     with _lock:
         sites = [asdict(s) for s in _sites]
-        sources = [fn for group, fn in _kv_sources if group == _active_group]
+        sources = [fn for group, fn, _ in _kv_sources if group == _active_group]
+        paddings = [p for group, _, p in _kv_sources if group == _active_group and p is not None]
     kv = [fn() for fn in sources]
+    padding = next((found for found in (p() for p in paddings) if found), None)
     return {
         "sites": sites,
         "kv_bytes": sum(k for k, _ in kv),
         "dense_kv_bytes": sum(d for _, d in kv),
         "decode_step": _decode_step,
         "rebudgets": rebudgets(),
-        "head_dim_padding": _head_padding,
+        "head_dim_padding": padding,  # measured on the live stores (head_pad.py), None when none is padded
     }

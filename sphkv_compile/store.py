@@ -251,7 +251,8 @@ def _copy_pages(group: list[TierState], rows: torch.Tensor) -> None:
 def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, seed: int,
            kv_dtype: torch.dtype, k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None,
            valid_new: torch.Tensor | None = None, scale: float | None = None, obs_window: int = 0,
-           accumulate: bool = False, query_chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+           accumulate: bool = False, query_chunk: int = 256,
+           sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of q [B, Hq, Tq, d] over every stored token plus the current chunk.
 
     Stored tokens are all in the past. Their keys are read as codes (logits from the level-1
@@ -260,10 +261,13 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
     (N >= Tq; the queries are its last Tq positions) is dense and attended causally;
     valid_new [B, N] marks its real tokens (False = left padding).
 
+    sinks [Hq] (gpt-oss's learned sink logits, natural units, not scaled): one more logit per
+    query head in every softmax, on no value (sink_factor).
+
     Returns (out [B, Hq, Tq, d], new_mass [B, Hkv, N]): new_mass is the attention mass the
     last `obs_window` queries put on each chunk token, summed over the group's query heads
-    (the RDR observation window). With accumulate=True the same mass on stored tokens is
-    added to their utility.
+    (the RDR observation window; among the tokens, sinks left out). With accumulate=True the
+    same mass on stored tokens is added to their utility.
     """
     B, Hq, Tq, d = q.shape
     Hkv = states[0].count.shape[1] if states else k_new.shape[1]
@@ -336,11 +340,21 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
             pn = p[..., start:]
             new_mass += (pn * sel).sum(2)
             out = out + pn @ v_new.to(work)
-        outs.append(out.reshape(B, Hq, e - s, d))
+        out = out.reshape(B, Hq, e - s, d)
+        if sinks is not None:  # natural-unit log-sum-exp of each query's logits
+            out = out * sink_factor(torch.logsumexp(allg, -1).view(B, Hq, e - s), sinks)[..., None]
+        outs.append(out)
     if accumulate:
         for st, (rec, _, valid), mass in zip(states, gathered, stored_mass):
             add_utility(st, mass, valid)
     return torch.cat(outs, dim=2).to(q.dtype), new_mass
+
+
+def sink_factor(lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+    """What a sink logit s per query head leaves of attention whose logits have log-sum-exp
+    lse [B, Hq, Tq]: Σ exp(logits) / (Σ exp(logits) + exp(s)) = sigmoid(lse - s). A query that
+    sees no token (lse = -inf) gets 0, as without sinks."""
+    return torch.sigmoid(lse - sinks.to(lse.dtype)[None, :, None])
 
 
 def add_utility(state: TierState, mass: torch.Tensor, valid: torch.Tensor) -> None:
@@ -435,10 +449,11 @@ class LayerStore:
 
     def attend(self, q: torch.Tensor, k_new: torch.Tensor | None = None, v_new: torch.Tensor | None = None,
                valid_new: torch.Tensor | None = None, scale: float | None = None, obs_window: int = 0,
-               accumulate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+               accumulate: bool = False, sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """See store.attend: stored tokens (past) plus an optional dense chunk."""
         return attend(q, self.states, list(self.tiers), seed=self.seed, kv_dtype=self.kv_dtype, k_new=k_new,
-                      v_new=v_new, valid_new=valid_new, scale=scale, obs_window=obs_window, accumulate=accumulate)
+                      v_new=v_new, valid_new=valid_new, scale=scale, obs_window=obs_window, accumulate=accumulate,
+                      sinks=sinks)
 
     def retier(self, assign: list[torch.Tensor]) -> None:
         """Move tokens between tiers. assign[t] [B, H, count_max_t] gives, for every token now in

@@ -15,6 +15,7 @@ from hypothesis import given, settings, strategies as st
 import sphkv_compile
 from helpers import DTYPES, dense_attention, rel_err
 from sphkv_compile import api, rdr
+import sphkv_compile.rdr.budget  # noqa: F401  (rdr.budget.floor_bytes)
 from sphkv_compile.head_pad import kernel_head_dim, options_for_stored, pad_last, stored_head_dim
 from sphkv_compile.options import SphkvOptions, SphkvOptionsError
 from sphkv_compile.rdr.budget import SphkvBudgetError, dense_bytes
@@ -93,8 +94,9 @@ def test_a_budget_at_the_padded_dim_is_the_same_bytes(d):
         if max_tokens:  # the fixed budget: fraction x dense bytes at the real dim (int rounding apart)
             assert abs(stored - real) <= 1, (stored, real)
             assert abs(stored - int(0.3 * dense_bytes(max_tokens, 4, d))) <= 1
-        else:  # the growing one adds the protected exact tokens, which are stored padded
-            assert stored >= real
+        else:  # the growing one adds the protected exact tokens' bytes, which are stored padded
+            floor = lambda o, dim: rdr.budget.floor_bytes(o, 4, dim, torch.bfloat16)  # noqa: E731
+            assert abs((stored - floor(padded, D)) - (real - floor(opts, d))) <= 1, (stored, real)
     assert options_for_stored(SphkvOptions(), d, D) == SphkvOptions()  # no budget: nothing to scale
 
 
@@ -184,3 +186,48 @@ def test_padding_lets_cuda_graphs_replay_an_odd_head_dim():
 
     assert "head_dim=24" in graph_blocker(api.optimize(_odd_llama().to("meta"), bits=3.5, pad_head_dim=False))
     assert graph_blocker(api.optimize(_odd_llama().to("meta"), bits=3.5, pad_head_dim=True)) is None
+
+
+def test_auto_pads_only_where_the_kernels_and_the_budget_take_the_padded_dim(monkeypatch):
+    """choose_stored_head_dim, which every path asks: 'auto' pads on CUDA when the kernels would
+    serve the padded store and the budget holds its records; a budget that does not keeps the
+    real dim with a warning (under True it is refused, quoting the user's budget)."""
+    from sphkv_compile import head_pad
+    from sphkv_compile.options import SphkvPerformanceWarning
+
+    monkeypatch.setattr(head_pad, "kernels_cover", lambda *args: True)
+    spec_bytes = [choice_table((EXACT, TierSpec("uniform", 3.5, "polar", 3.5)), dim, 0, torch.bfloat16).bytes[1]
+                  for dim in (96, 128)]
+    tight = (spec_bytes[0] + spec_bytes[1] * 96 / 128) / 2 / dense_bytes(1, 1, 96)  # holds 96's records, not 128's
+
+    def choose(pad, budget=None, device="cuda"):
+        o = SphkvOptions(bits=3.5, pad_head_dim=pad, budget=budget)
+        return head_pad.choose_stored_head_dim(o, 8, 96, device, torch.bfloat16, torch.bfloat16, 4096)
+
+    assert choose("auto") == 128 and choose(True) == 128 and choose(False) == 96
+    assert choose("auto", device="cpu") == 96 and choose(True, device="cpu") == 128
+    assert choose("auto", budget=0.5) == 128
+    with pytest.warns(SphkvPerformanceWarning, match="kept unpadded"):
+        assert choose("auto", budget=tight) == 96
+    with pytest.raises(SphkvBudgetError, match=f"budget={tight} does not hold head_dim 96 stored zero-padded to 128"):
+        choose(True, budget=tight)
+    monkeypatch.setattr(head_pad, "kernels_cover", lambda *args: False)  # e.g. 32-bit radii: padding buys nothing
+    assert choose("auto") == 96 and choose(True) == 128
+
+
+def test_rdr_on_a_padded_store_keeps_the_budget_in_bytes():
+    """Policy 'rdr' with the padding: the layers run with the budget re-expressed at the padded
+    dim (derived from the user's options, which stay as given), and generate() finishes within it
+    (an excess would raise when it returns)."""
+    model = api.optimize(_odd_llama(), policy="rdr", budget=0.5, rebudget_every=4, sink=2, recent=4,
+                         pad_head_dim=True)
+    ids = torch.randint(3, 128, (1, 40))
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                         pad_token_id=0, cache_implementation="static", return_dict_in_generate=True)
+    layer = out.past_key_values.layers[0]
+    assert layer.store.head_dim == 32 and layer.base_options.budget == 0.5
+    assert layer.options.budget == pytest.approx(0.5 * 24 / 32)
+    held, dense = out.past_key_values.kv_bytes()
+    tokens = layer.tokens()  # the prompt and every generated token but the last, which was never fed
+    assert tokens == 51 and held > 0
+    assert dense == 2 * 2 * 2 * tokens * 24 * 2  # layers x K+V x KV heads x tokens x the model's d x 2 bytes

@@ -94,6 +94,12 @@ def test_attend_matches_float64_reference(d, H, G, B, T, Tq, tiers):
     check_attend(d, H, G, B, T, Tq, tiers)
 
 
+@pytest.mark.parametrize("d,G,Tq", [(128, 4, 1), (64, 8, 1), (128, 2, 33)])
+def test_attend_with_sink_logits_matches_float64_reference(d, G, Tq):
+    """gpt-oss's sink logits: the combine's row statistics rescale the output (kernels.attend)."""
+    check_attend(d, 4, G, 4, 3000, Tq, "default", sinks=True)
+
+
 @pytest.mark.parametrize("d,programs_per_sm", [(128, 2), (64, 2), (128, 4)])
 def test_attend_in_whole_tiles_matches_float64_reference(d, programs_per_sm, monkeypatch):
     """CODED['halves'] off (keys and values decoded as whole D-wide tiles, uncapped registers):
@@ -147,7 +153,8 @@ def test_attend_with_two_tokens_per_thread_matches_float64_reference(d, setting,
     assert launched
 
 
-def check_attend(d, H, G, B, T, Tq, tiers):
+def check_attend(d, H, G, B, T, Tq, tiers, sinks=False):
+    """sinks: gpt-oss-style sink logits per query head (random, one huge, one -inf)."""
     seed = random.randrange(2**31)
     gen = torch.Generator(device=DEV).manual_seed(seed)
     if tiers == "default":  # the uniform policy: exact sinks/recent + one compressed tier
@@ -163,6 +170,9 @@ def check_attend(d, H, G, B, T, Tq, tiers):
     valid[-1, :1] = False
     ref_states = [TierState(*[t.clone() for t in s.tensors()]) for s in states]
     kw = dict(seed=0, kv_dtype=KV_DTYPE, valid_new=valid, obs_window=min(4, Tq), accumulate=True)
+    if sinks:
+        kw["sinks"] = 3 * torch.randn(H * G, generator=gen, device=DEV)
+        kw["sinks"][0], kw["sinks"][-1] = 40.0, float("-inf")
     out, mass = kernel_attend.attend(q, states, specs, k_new=kn, v_new=vn, **kw)
     ref, ref_mass = reference_attend(q.double(), ref_states, specs, k_new=kn.double(), v_new=vn.double(), **kw)
     assert torch.isfinite(out).all()
@@ -416,11 +426,12 @@ def test_beam_search_replays_from_cuda_graphs_and_reorders_in_place(monkeypatch)
     assert torch.equal(beams("reduce-overhead"), with_graphs)
 
 
-@pytest.mark.parametrize("name", ["falcon", "gemma2", "gpt_bigcode", "qwen3"])
+@pytest.mark.parametrize("name", ["falcon", "gemma2", "gpt_bigcode", "qwen3", "gpt_oss"])
 def test_zoo_generate_with_cuda_graphs_equals_generate_without(name, monkeypatch):
     """Architectures other than Llama through generate()'s CUDA graphs: Falcon (its own SDPA calls
     routed to the store), Gemma2 (sliding-window layers kept dense beside compressed ones),
-    GPTBigCode (multi-query) and Qwen3 (q/k norms); bf16, default bits, left-padded prompts."""
+    GPTBigCode (multi-query), Qwen3 (q/k norms) and gpt-oss (sink logits); bf16, default bits,
+    left-padded prompts."""
     import transformers as tf
     from torch._dynamo.utils import counters
 

@@ -79,7 +79,20 @@ def attention_case(draw, prefill: bool):
     return dict(d=d, hkv=hkv, g=g, b=b, specs=specs, tq=tq, n_new=n_new,
                 page_size=draw(st.sampled_from([8, 16])), seed=draw(st.integers(0, 2**31 - 1)),
                 max_count=draw(st.sampled_from([0, 5, 40])), obs=draw(st.integers(0, 3)),
-                pad=draw(st.booleans()), accumulate=draw(st.booleans()))
+                pad=draw(st.booleans()), accumulate=draw(st.booleans()),
+                sinks=draw(st.sampled_from([None, "random", "extreme"])))
+
+
+def sink_logits(kind, heads: int, gen) -> torch.Tensor | None:
+    """gpt-oss-style sink logits per query head: none, random, or extreme (one head's sink
+    dwarfs its logits, one head has none: -inf)."""
+    if kind is None:
+        return None
+    sinks = 3 * torch.randn(heads, generator=gen)
+    if kind == "extreme":
+        sinks[0] = 40.0
+        sinks[-1] = float("-inf")
+    return sinks
 
 
 def run_case(c):
@@ -97,7 +110,8 @@ def run_case(c):
         valid = torch.ones(B, N, dtype=torch.bool)
         valid[0, : int(torch.randint(0, N, (1,), generator=gen))] = False  # left padding in row 0
     ref_states, ker_states = clone_states(states), clone_states(states)
-    kw = dict(seed=0, kv_dtype=KV_DTYPE, valid_new=valid, obs_window=c["obs"], accumulate=c["accumulate"])
+    kw = dict(seed=0, kv_dtype=KV_DTYPE, valid_new=valid, obs_window=c["obs"], accumulate=c["accumulate"],
+              sinks=sink_logits(c.get("sinks"), H * G, gen))
     ref, ref_mass = reference_attend(q.double(), ref_states, c["specs"], k_new=None if kn is None else kn.double(),
                                      v_new=None if vn is None else vn.double(), **kw)
     out, mass = kernel_attend.attend(q, ker_states, c["specs"], k_new=kn, v_new=vn, **kw)

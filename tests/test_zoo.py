@@ -66,6 +66,11 @@ ZOO = {
     # (_supports_attention_backend), and its decoder layer calls attention without **kwargs, so
     # a pre-hook hands its attention modules the cache they were called with (hf.pass_cache_on).
     "stablelm": lambda: _llama_like(tf.StableLmConfig),
+    # learned sink logits per query head join the softmax (passed to attention as s_aux); both
+    # experts active: with top-1 routing a small attention error can flip a token's expert, a jump
+    # the logit bound (a continuous function of the attention error) does not cover
+    "gpt_oss": lambda: _llama_like(tf.GptOssConfig, head_dim=HIDDEN // HEADS, num_local_experts=2,
+                                   num_experts_per_tok=2, sliding_window=8, layer_types=["full_attention"] * LAYERS),
 }
 
 # Hybrid models: softmax-attention layers beside layers with state of another kind (linear
@@ -92,10 +97,6 @@ FALLBACK_ZOO = {
     # Falcon's eager branch is a hard-coded matmul-softmax: only its SDPA calls can be routed.
     "falcon_eager": (_falcon, "attn_implementation='sdpa'", "eager"),
     "mistral_sliding": (lambda: _llama_like(tf.MistralConfig, sliding_window=8), "sliding window", None),
-    # learned sink logits in the softmax (s_aux)
-    "gpt_oss": (lambda: _llama_like(tf.GptOssConfig, head_dim=HIDDEN // HEADS, num_local_experts=2,
-                                    num_experts_per_tok=1, sliding_window=8, layer_types=["full_attention"] * LAYERS),
-                "attention sinks", None),
     # multi-head latent attention: the cache holds the latent, not per-head K/V
     "deepseek_v3": (lambda: tf.DeepseekV3Config(**_common(
         hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
@@ -147,7 +148,7 @@ def check_sites(model, expect_rewritten: bool, reason_words: str | None = None):
 
 # Each model's seed (its random weights and prompts) stays put when a model is added.
 SEED_ORDER = ("gemma", "gpt2", "gpt_bigcode", "gpt_neox", "llama", "mistral", "mixtral", "opt", "phi3", "qwen2",
-              "qwen3", "falcon", "gemma2", "stablelm")
+              "qwen3", "falcon", "gemma2", "stablelm", "gpt_oss")
 assert sorted(SEED_ORDER) == sorted(ZOO)
 # Both cache kinds for Llama, Falcon (SDPA routing) and Gemma2 (sliding layers are planned
 # per cache kind); the other models alternate (keeps the suite in budget).
@@ -257,6 +258,43 @@ def test_fallback_reason_and_dense_output(name):
     rep = api.report()
     scale = next(model.parameters()).element_size() / 2
     assert rep["kv_bytes"] == rep["dense_kv_bytes"] * scale > 0, rep
+
+
+def test_sink_logits_join_the_softmax_of_the_compressed_layers(monkeypatch):
+    """gpt-oss's learned sink logits, made large enough to matter (N(0, 2) per head instead of
+    the 0.02 of its initialisation): at high bits the compressed model's logits equal dense's,
+    alternating with a sliding layer kept dense; dropping the sinks (the control) moves them
+    far more, so the comparison would catch sinks that were ignored."""
+    from sphkv_compile import hf
+
+    model = build(lambda: _llama_like(tf.GptOssConfig, head_dim=HIDDEN // HEADS, num_local_experts=2,
+                                      num_experts_per_tok=2, sliding_window=8,
+                                      layer_types=["sliding_attention", "full_attention"]), 11)
+    g = torch.Generator().manual_seed(11)
+    for m in model.modules():
+        if isinstance(getattr(m, "sinks", None), torch.nn.Parameter):
+            m.sinks.data = 2.0 * torch.randn(m.sinks.shape, generator=g)
+    ids, mask = prompts(11)
+    ids = torch.cat((ids, torch.randint(3, VOCAB, (2, 8), generator=g)), 1)
+    mask = torch.cat((mask, torch.ones(2, 8, dtype=mask.dtype)), 1)
+
+    def error(fast) -> float:
+        with torch.no_grad():
+            approx = teacher_forced_logits(fast, ids, mask, api.new_cache(fast))
+        return ((approx - dense).norm(dim=-1) / dense.norm(dim=-1)).max().item()
+
+    with torch.no_grad():
+        dense = teacher_forced_logits(model, ids, mask)
+    fast = optimized(model, **HIGH_BITS)
+    with_sinks = error(fast)
+    sites = api.report()["sites"]
+    assert [s["rewritten"] for s in sites] == [False, True], sites
+    real = hf.attend_and_update
+    monkeypatch.setattr(hf, "attend_and_update", lambda *a, sinks=None: real(*a))  # the control: sinks dropped
+    without = error(fast)
+    print(f"relative logit error with sinks {with_sinks:.2e}, sinks dropped {without:.2e}")
+    assert with_sinks < 1e-3, with_sinks  # 12-bit angles: the codec's error is ~2^-12 of a vector
+    assert without > 100 * with_sinks and without > 1e-2, (with_sinks, without)
 
 
 def test_hybrid_sliding_layers_are_planned_per_layer():
