@@ -67,6 +67,7 @@ class CompressedCache:
         # the rewrite pads the graph's q/k/v the same way)
         self.model_head_dim = head_dim
         stored = choose_stored_head_dim(options, kv_heads, head_dim, self.device, kv_dtype, kv_dtype, max_tokens)
+        self.base_options = options  # as the user gave them: a backend handed this store checks them
         options = options_for_stored(options, head_dim, stored)
         self.batch, self.kv_heads, self.head_dim = batch, kv_heads, stored
         self.max_tokens = max_tokens

@@ -11,6 +11,7 @@ Inductor. report() lists every site.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 
@@ -114,6 +115,25 @@ def _record(site) -> None:
     record_site(site.kind, site.rewritable, site.reason, **details)
 
 
+def _check_store_fits(store, g, options) -> None:
+    """A cache buffer already bound to a compressed store (by this compiled model, or by another
+    one it was passed to) must suit this graph: the same options (bits, tiers, policy, padding
+    decide the record layout) and the same batch, KV heads and head dim."""
+    seq = g.key.seq_dim
+    wanted = (g.shape[0], g.shape[3 - seq], g.shape[3])
+    held = (store.batch, store.kv_heads, store.model_head_dim)
+    if held != wanted:
+        raise RuntimeError(f"sphkv: the KV cache passed in is compressed for (batch, kv_heads, head_dim) = {held}, "
+                           f"but this graph attends with {wanted}. Fix: give this model its own cache buffers")
+    if store.base_options != options:
+        differ = {f.name: (getattr(store.base_options, f.name), getattr(options, f.name))
+                  for f in dataclasses.fields(options) if f.compare
+                  and getattr(store.base_options, f.name) != getattr(options, f.name)}
+        raise RuntimeError(f"sphkv: the KV cache passed in was compressed by a model compiled with other sphkv "
+                           f"options (the cache's, this model's: {differ}). Fix: compile both with the same "
+                           f"options, or give each its own cache buffers")
+
+
 class CompiledWithStores:
     """Calls the Inductor-compiled rewritten graph with each cache's store appended to the
     inputs; creates, grows and binds stores, and releases dense buffers."""
@@ -176,10 +196,12 @@ class CompiledWithStores:
             if g.static:
                 bind(k_buf, store)
                 bind(v_buf, store)
-        elif not g.static:
-            need = k_buf.shape[seq] + self.max_chunk[id(g)]
-            if need > store.capacity:
-                store.grow(max(2 * store.capacity, need))
+        else:
+            _check_store_fits(store, g, self.options)
+            if not g.static:
+                need = k_buf.shape[seq] + self.max_chunk[id(g)]
+                if need > store.capacity:
+                    store.grow(max(2 * store.capacity, need))
         return store
 
     def __call__(self, *args):

@@ -231,3 +231,60 @@ def test_rdr_on_a_padded_store_keeps_the_budget_in_bytes():
     tokens = layer.tokens()  # the prompt and every generated token but the last, which was never fed
     assert tokens == 51 and held > 0
     assert dense == 2 * 2 * 2 * tokens * 24 * 2  # layers x K+V x KV heads x tokens x the model's d x 2 bytes
+
+
+def test_beam_search_on_a_padded_store_gives_dense_beams():
+    """num_beams=3 reorders the padded store's rows (page copies of records at the padded dim);
+    at high bits the beams equal dense's."""
+    model = _odd_llama(1)
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(4))
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12, num_beams=3,
+              do_sample=False, pad_token_id=0)
+    dense = model.generate(ids, **kw)
+    fast = api.optimize(copy.deepcopy(model), pad_head_dim=True, **HIGH_BITS)
+    for cache in ("static", "dynamic"):
+        extra = {"cache_implementation": "static"} if cache == "static" else {}
+        assert torch.equal(fast.generate(ids, **extra, **kw), dense), cache
+        assert api.report()["head_dim_padding"]["stored_head_dim"] == 32
+
+
+@torch.no_grad()
+def test_a_dense_past_ingested_into_a_padded_cat_cache_continues_like_dense(monkeypatch):
+    """nanoGPT's cat cache, head dim 24: the prompt runs uncompiled, so the compiled model's first
+    call gets a dense past that the store ingests (padding it) before decoding from it."""
+    from tests.models import nanogpt
+
+    monkeypatch.setenv("SPHKV_INNER_COMPILER", "aot_eager")
+    torch.manual_seed(7)
+    model = nanogpt.NanoGPT(nanogpt.Config(dim=96)).eval()
+    prompt = torch.randint(0, model.cfg.vocab, (2, 14))
+    logits, past = model(prompt, model.empty_past(2))
+    ref, _ = nanogpt.generate(model, prompt, 10)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="sphkv", options={"bits": 12, "sink": 2, "recent": 4,
+                                                              "pad_head_dim": True})
+    tokens = []
+    for _ in range(10):
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        tokens.append(nxt)
+        logits, past = compiled(nxt, past)
+    assert torch.equal(torch.cat(tokens, 1), ref)
+    assert sphkv_compile.report()["head_dim_padding"]["stored_head_dim"] == 32
+    assert all(k.untyped_storage().nbytes() <= k.element_size() for k, _ in past)  # the store holds them
+
+
+@torch.no_grad()
+def test_a_cache_compressed_under_other_options_is_refused(monkeypatch):
+    """A static cache buffer already bound to a store (padded to 32) handed to a model compiled
+    with pad_head_dim=False: the records do not fit that graph, and the error names the option."""
+    monkeypatch.setenv("SPHKV_INNER_COMPILER", "aot_eager")
+    torch.manual_seed(0)
+    model = gpt_fast.GPTFast(gpt_fast.Config(dim=96)).eval()
+    model.setup_caches(1)
+    prompt = torch.randint(0, model.cfg.vocab, (1, 8))
+    torch._dynamo.reset()
+    gpt_fast.generate(model, prompt, 2, torch.compile(model, backend="sphkv", options={"pad_head_dim": True}))
+    torch._dynamo.reset()
+    other = torch.compile(model, backend="sphkv", options={"pad_head_dim": False})
+    with pytest.raises(RuntimeError, match=r"other sphkv options.*'pad_head_dim': \(True, False\)"):
+        other(prompt[:, :1], torch.tensor([10]))  # the next decode step, on the bound buffers
