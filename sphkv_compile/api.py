@@ -34,7 +34,8 @@ from .report import begin_compile, rebudgets, record_decode_step, record_site, r
 from .hf import CACHE_KWARG, DENSE_IMPL_ATTR, IMPL_NAME, RoutedSphkvCache, check_attended, pass_cache_on, register, run_routed
 from .head_pad import choose_stored_head_dim
 from .hf_cache import SphkvCache, snapshot_kv_bytes, storage_dtype
-from .hf_plan import cache_updating_classes, calls_sdpa_itself, kv_geometry, model_dtype, plan_layers
+from .hf_plan import (cache_updating_classes, calls_sdpa_itself, compressed_geometries, model_dtype,
+                      plan_layers)
 from .options import SphkvOptions, SphkvPerformanceWarning
 
 STATIC_IMPLEMENTATIONS = ("static", "hybrid", "sliding_window", "hybrid_chunked")
@@ -75,7 +76,7 @@ def new_cache(model, max_cache_len: int | None = None, max_tokens: int | None = 
     plans = plan_layers(model, max_cache_len, max_tokens)
     routed = calls_sdpa_itself(model)
     cache_class = RoutedSphkvCache if routed else SphkvCache
-    cache = cache_class(state.options, plans, max_cache_len, kv_geometry(model), state.kv_dtype,
+    cache = cache_class(state.options, plans, max_cache_len, compressed_geometries(model, plans), state.kv_dtype,
                         config=_text_config(model))
     _record_sites(plans, state.original_impl, "sdpa_routing" if routed else "attention_interface")
     return cache
@@ -317,12 +318,14 @@ def graph_blocker(model, max_cache_len: int | None = None) -> str | None:
     if not cuda_ops.registered():
         return "the Triton kernels are not registered for the sphkv ops; the ops run their torch references"
     q_dtype = model_dtype(model)
-    kv_heads, head_dim = kv_geometry(model)
     kv_dtype = storage_dtype(state.kv_dtype, q_dtype)
-    # what the stores will hold (head_pad.py decides it for them the same way)
-    head_dim = choose_stored_head_dim(o, kv_heads, head_dim, model.device, q_dtype, kv_dtype, max_cache_len)
-    why = unsupported_reason(q_dtype, o.tier_ladder, head_dim, o.seed, kv_dtype)
-    return None if why is None else f"the kernels do not cover this model ({why}); the ops run their torch references"
+    for kv_heads, head_dim in compressed_geometries(model, plan_layers(model, max_cache_len)):
+        # what the stores will hold (head_pad.py decides it for them the same way)
+        stored = choose_stored_head_dim(o, kv_heads, head_dim, model.device, q_dtype, kv_dtype, max_cache_len)
+        why = unsupported_reason(q_dtype, o.tier_ladder, stored, o.seed, kv_dtype)
+        if why is not None:
+            return f"the kernels do not cover this model ({why}); the ops run their torch references"
+    return None
 
 
 def _decode_step_mode(kwargs: dict, model, cache: SphkvCache) -> tuple[bool, str]:

@@ -28,6 +28,7 @@ with one still awaiting raises (SphkvLayer.update, check_attended).
 from __future__ import annotations
 
 import sys
+import weakref
 from typing import Callable
 
 import torch
@@ -91,6 +92,39 @@ def chunk_validity(mask: torch.Tensor | None, layer: SphkvLayer, n: int) -> torc
         return last_row[:, last_row.shape[-1] - n:]
     cols = layer.cumulative_length + torch.arange(n, device=mask.device)
     return last_row.index_select(1, cols)
+
+
+_checked_mask = None  # weakref to the last mask found causal over padding (the layers of a forward share it)
+
+
+def refuse_mask_beyond_causal_padding(mask: torch.Tensor | None, layer: SphkvLayer, n: int) -> None:
+    """The store computes causal attention over the real (unpadded) tokens; chunk_validity reads
+    only the mask's last row. A chunk of several queries whose mask says more than that (image
+    tokens that see each other both ways, a prefix-LM prompt, bidirectional attention) is refused
+    here rather than answered causally. Every real query row must equal the last row cut at its
+    own position. Checked in eager mode, once per mask object (the layers of a forward share it),
+    over blocks of query rows so the check stays small beside the mask itself."""
+    if mask is None or n == 1 or mask.dim() != 4 or mask.dtype != torch.bool or torch.compiler.is_compiling():
+        return
+    global _checked_mask
+    if _checked_mask is not None and _checked_mask() is mask:
+        return
+    rows = mask[:, 0, -n:]  # [B, n, kv]: the chunk's query rows
+    kv = rows.shape[-1]
+    first = (kv - n) if layer.max_cache_len is None else layer.cumulative_length  # the chunk's first position
+    cols = torch.arange(kv, device=mask.device)
+    last = rows[:, -1]
+    for start in range(0, n, 2048):
+        qpos = first + torch.arange(start, min(n, start + 2048), device=mask.device)
+        causal = last[:, None, :] & (cols[None, None, :] <= qpos[None, :, None])
+        real = last.index_select(1, qpos)  # padded query rows may hold anything
+        if ((rows[:, start:start + 2048] != causal) & real[:, :, None]).any():
+            raise SphkvUnsupportedError(
+                f"layer {layer.layer_idx}: the attention mask lets queries see more or fewer tokens than causal "
+                "attention over the unpadded tokens (bidirectional image or prefix tokens, or a custom mask); the "
+                "compressed store computes only causal attention. Fix: run this prompt on the dense cache (it "
+                "stays exact), or keep this model's cache dense")
+    _checked_mask = weakref.ref(mask)
 
 
 def _original_attention(module, impl: str | None) -> Callable:
@@ -169,6 +203,10 @@ def sphkv_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch
     if not isinstance(layer, SphkvLayer):
         return _dense_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     _refuse_unrepresentable(module, layer, dropout, key.shape[2], kwargs)
+    if attention_mask is None and query.shape[2] > 1 and getattr(module, "is_causal", True) is False:
+        raise SphkvUnsupportedError(f"layer {layer.layer_idx}: the attention module is not causal "
+                                    "(is_causal=False); the compressed store computes only causal attention")
+    refuse_mask_beyond_causal_padding(attention_mask, layer, key.shape[2])
     if layer.store is None:
         layer.lazy_initialization(key, value)
     valid = chunk_validity(attention_mask, layer, key.shape[2])
@@ -347,6 +385,7 @@ def sdpa_on_store(layer: SphkvLayer, query, key, value, attn_mask=None, dropout_
         if layer.stored_any:  # SDPA's is_causal aligns top-left: not causal over the stored past
             raise SphkvUnsupportedError(f"layer {layer.layer_idx}: is_causal=True over a non-empty cache "
                                         "(SDPA aligns it top-left); pass the model's attention mask")
+    refuse_mask_beyond_causal_padding(attn_mask, layer, key.shape[2])
     valid = chunk_validity(attn_mask, layer, key.shape[2])
     return attend_and_update(layer, query, key, value, valid, scale)
 

@@ -352,7 +352,8 @@ class SphkvCache(Cache):
     else the static capacity (prompt + new tokens)."""
 
     def __init__(self, options: SphkvOptions, plans: list[LayerPlan], max_cache_len: int | None = None,
-                 kv_geometry: tuple[int, int] | None = None, kv_dtype: torch.dtype | None = None, config=None):
+                 kv_geometries: list[tuple[int, int]] | None = None, kv_dtype: torch.dtype | None = None,
+                 config=None):
         self.options = options
         self.plans = plans
         self.capacity = max_cache_len  # not `max_cache_len`: a read-only property on older Cache classes
@@ -362,8 +363,7 @@ class SphkvCache(Cache):
         layers = [SphkvLayer(options, p.layer_idx, max_cache_len, p.sliding_window, kv_dtype) if p.compressed
                   else own[i] if own else _dense_layer(p, max_cache_len) for i, p in enumerate(plans)]
         super().__init__(layers=layers)
-        if kv_geometry is not None:
-            kv_heads, head_dim = kv_geometry
+        for kv_heads, head_dim in kv_geometries or ():  # of the compressed layers (hf_plan.compressed_geometries)
             # the exact tier is 16-bit unless asked otherwise (storage_dtype)
             rdr.check_budget(options, kv_heads, head_dim, kv_dtype or torch.bfloat16, max_cache_len)
             warn_if_allocation_is_long(options, kv_heads, max_cache_len)

@@ -105,6 +105,10 @@ def model_wide_reason(model) -> str | None:
         return (f"{type(model).__name__} computes attention in its own code ({config._attn_implementation!r}) "
                 "instead of dispatching through transformers' AttentionInterface; only its SDPA calls can be "
                 "routed to the store: load it with attn_implementation='sdpa'")
+    bidirectional = getattr(_text(config), "use_bidirectional_attention", None)
+    if bidirectional in (True, "all"):
+        return (f"bidirectional attention (use_bidirectional_attention={bidirectional!r}): every token sees the "
+                "tokens after it, and the store computes causal attention")
     if getattr(config, "alibi", False):
         return "ALiBi position bias is added to the logits"
     if "reuse" in (getattr(_text(config), "kv_sharing_modes", None) or ()):
@@ -170,9 +174,18 @@ def length_bound(config, max_cache_len: int | None, max_tokens: int | None) -> i
     return int(positions) if positions else None
 
 
-def kv_geometry(model) -> tuple[int, int]:
-    """(KV heads, head dim) of the model's attention, from its config."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+def layer_geometries(model) -> list[tuple[int, int]]:
+    """(KV heads, head dim) of each decoder layer's attention, from the config. Heterogeneous
+    configs (transformers' per_layer_config: Gemma 4's global layers have twice the head dim of
+    its sliding ones) answer per layer; reading head_dim off their global config raises."""
+    config = _text(model.config)
+    layers = int(config.num_hidden_layers)
+    if getattr(config, "is_heterogeneous", False):
+        return [_geometry(config.per_layer_config[i]) for i in range(layers)]
+    return [_geometry(config)] * layers
+
+
+def _geometry(config) -> tuple[int, int]:
     heads = int(config.num_attention_heads)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     if getattr(config, "multi_query", False):
@@ -180,6 +193,12 @@ def kv_geometry(model) -> tuple[int, int]:
     else:
         kv = getattr(config, "num_key_value_heads", None) or heads
     return int(kv), int(head_dim)
+
+
+def compressed_geometries(model, plans: list[LayerPlan]) -> list[tuple[int, int]]:
+    """The distinct (KV heads, head dim) of the layers the plan compresses, in layer order."""
+    geometries = layer_geometries(model)
+    return list(dict.fromkeys(geometries[p.layer_idx] for p in plans if p.compressed))
 
 
 def model_dtype(model) -> torch.dtype:

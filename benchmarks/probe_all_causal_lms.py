@@ -1,0 +1,196 @@
+"""Every causal-LM architecture the installed transformers registers, shrunk to a tiny random
+model and probed on the CPU: greedy generate() at high bits on a dynamic and a static cache
+against dense, and which layers were rewritten (with the reasons for those kept dense).
+
+    python benchmarks/probe_all_causal_lms.py [--out LOG] [model_type ...]   # from the repo root
+
+probe_architectures.py hand-writes a tiny config per model; this script derives one from each
+config class's defaults (sizes, layer counts, experts and per-layer lists cut down), so it
+reaches models nobody has looked at yet. Each model gets one line:
+
+    ok       greedy tokens equal dense's on both caches (n/N layers rewritten; reasons for the rest)
+    DIFFERS  tokens differ from dense's: a lead to follow (a tie within the codec's error, or a bug)
+    SPHKV    sphkv raised while dense ran: a lead to follow (the message should name the cause)
+    DIED     the probe's process died: a lead to follow
+    skip     the probe could not build or run the dense model at its tiny size (not a sphkv result)
+
+Not a test: transformers adds and changes models between versions.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+warnings.simplefilter("ignore")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch  # noqa: E402
+import transformers as tf  # noqa: E402
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING  # noqa: E402
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES  # noqa: E402
+
+from sphkv_compile import api  # noqa: E402
+from tests import test_zoo as zoo  # noqa: E402
+
+LAYERS = 2
+MEMORY_GB = 10
+# config keys (their spellings across models) -> the tiny value; only keys a config already has are set
+TINY = {
+    **dict.fromkeys(("hidden_size", "n_embd", "d_model", "model_dim"), 256),
+    **dict.fromkeys(("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size", "decoder_ffn_dim"), 512),
+    **dict.fromkeys(("moe_intermediate_size", "expert_intermediate_size", "shared_expert_intermediate_size",
+                     "moe_ffn_hidden_size"), 256),
+    **dict.fromkeys(("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers"), LAYERS),
+    **dict.fromkeys(("num_attention_heads", "n_head", "n_heads", "num_heads", "decoder_attention_heads"), 4),
+    **dict.fromkeys(("num_key_value_heads", "n_kv_heads", "num_kv_heads", "multi_query_group_num"), 2),
+    **dict.fromkeys(("head_dim", "kv_channels", "attention_head_dim"), 64),
+    **dict.fromkeys(("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length"), 256),
+    # two experts, both active: a top-1 routing flip is a discrete change no codec error bound covers
+    **dict.fromkeys(("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"), 2),
+    **dict.fromkeys(("num_experts_per_tok", "moe_topk", "top_k", "moe_k"), 2),
+    "n_shared_experts": 1, "kv_lora_rank": 32, "qk_rope_head_dim": 16, "qk_nope_head_dim": 48, "v_head_dim": 64,
+    "vocab_size": zoo.VOCAB, "vocab_size_per_layer_input": zoo.VOCAB, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+}
+
+
+def tiny_config(model_type: str):
+    """The config class's defaults with TINY applied, per-layer lists cut to LAYERS (keeping one
+    of each layer type, so a hybrid keeps its softmax layers), or None for composite configs."""
+    cls = CONFIG_MAPPING[model_type]
+    if "text_config" in getattr(cls, "sub_configs", {}):
+        return None  # vision/audio + text: default towers are large; its text model has its own model_type
+    defaults = cls().to_dict()
+    layers = next((defaults[k] for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers") if k in defaults),
+                  None)
+    tiny = {k: v for k, v in TINY.items() if k in defaults}
+    if layers:
+        kept = _layers_kept(defaults.get("layer_types"), layers)
+        for key, value in defaults.items():
+            if isinstance(value, list) and len(value) == layers:
+                tiny[key] = [value[i] for i in kept]
+            elif isinstance(value, dict) and value and all(str(k).isdigit() for k in value):
+                tiny[key] = _cut_layer_dict(value, kept)  # per-layer overrides keyed by index (Gemma 4)
+    return cls.from_dict({**defaults, **tiny})
+
+
+def _layers_kept(layer_types, layers: int) -> list[int]:
+    """LAYERS layer indices: the first of each layer type (so a hybrid keeps its softmax layers and a
+    sliding/full model both kinds), then the first layers."""
+    firsts = list({t: i for i, t in reversed(list(enumerate(layer_types or [])))}.values())[::-1]
+    return sorted((sorted(firsts) + [i for i in range(layers) if i not in firsts])[:LAYERS])
+
+
+def _cut_layer_dict(per_layer: dict, kept: list[int]) -> dict:
+    width = len(str(next(iter(per_layer))))
+    old = {int(k): v for k, v in per_layer.items()}
+    return {(f"{new:0{width}d}" if isinstance(next(iter(per_layer)), str) else new): old[i]
+            for new, i in enumerate(kept) if i in old}
+
+
+def probe(model_type: str) -> str:
+    try:
+        config = tiny_config(model_type)
+        if config is None:
+            return "skip     composite config (text + vision/audio towers; the text model, where registered, has its own line)"
+        model = zoo.build(lambda: config, 0)
+        ids, mask = zoo.prompts(0)
+        dense = zoo.greedy(model, ids, mask)
+    except Exception as err:  # noqa: BLE001  the probe's own limits, reported and passed over
+        return f"skip     dense model at tiny size: {type(err).__name__}: {_short(err)}"
+    results, equal = [], True
+    try:
+        for cache in ("dynamic", "static"):
+            fast = zoo.optimized(model, **zoo.HIGH_BITS)
+            out = zoo.greedy(fast, ids, mask, cache_implementation=cache)
+            sites = api.report()["sites"]
+            kept = sorted({s["reason"][:90] for s in sites if not s["rewritten"]})
+            equal &= torch.equal(out, dense)
+            results.append(f"{cache} {sum(s['rewritten'] for s in sites)}/{len(sites)}{' ' + str(kept) if kept else ''}")
+    except Exception as err:  # noqa: BLE001
+        if _fails_with_a_cache_passed_in(model, ids, mask):
+            return (f"skip     transformers' generate fails the same way when handed its own DynamicCache: "
+                    f"{type(err).__name__}: {_short(err)}")
+        return f"SPHKV    {type(err).__name__}: {_short(err)}"
+    return f"{'ok      ' if equal else 'DIFFERS '} rewritten: {'; '.join(results)}"
+
+
+def _fails_with_a_cache_passed_in(model, ids, mask) -> bool:
+    """sphkv hands generate() a cache; some models' generate() breaks on any cache passed in."""
+    try:
+        zoo.greedy(model, ids, mask, **{api.cache_keyword(model): tf.DynamicCache(config=model.config)})
+    except Exception:  # noqa: BLE001
+        return True
+    return False
+
+
+def _limit_memory() -> None:
+    """Each probe runs in a worker process capped at MEMORY_GB: a default config that stays huge
+    after shrinking fails with a MemoryError instead of taking the machine down."""
+    import resource
+
+    cap = MEMORY_GB << 30
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    warnings.simplefilter("ignore")
+
+
+def probe_isolated(model_types, timeout_s: float):
+    """Yields (model_type, line), each probe in a worker process that a timeout or a crash replaces."""
+    from concurrent.futures import ProcessPoolExecutor, TimeoutError as FutureTimeout
+    from concurrent.futures.process import BrokenProcessPool
+    import multiprocessing
+
+    pool = None
+    for model_type in model_types:
+        if pool is None:
+            pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_limit_memory)
+        future = pool.submit(probe, model_type)
+        try:
+            yield model_type, future.result(timeout=timeout_s)
+            continue
+        except FutureTimeout:
+            line = f"skip     no answer within {timeout_s:.0f} s (tiny config still too slow on this CPU?)"
+        except BrokenProcessPool:
+            line = "DIED     the probe's process died (dense or sphkv: run this model_type alone to see which)"
+        for process in list(pool._processes.values()):
+            process.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+        pool = None
+        yield model_type, line
+    if pool is not None:
+        pool.shutdown()
+
+
+def _short(err: Exception) -> str:
+    return str(err).replace("\n", " ")[:240]
+
+
+def main() -> None:
+    from tqdm import tqdm
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model_types", nargs="*")
+    parser.add_argument("--out", type=Path, help="also write the lines to this log")
+    parser.add_argument("--timeout", type=float, default=240, help="seconds per model type")
+    args = parser.parse_args()
+    types = args.model_types or sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    lines = [f"# transformers {tf.__version__}, torch {torch.__version__}, {len(types)} causal-LM model types, "
+             f"each in a process capped at {MEMORY_GB} GB"]
+    start = time.time()
+    bar = tqdm(total=len(types), unit="model")
+    for model_type, result in probe_isolated(types, args.timeout):
+        line = f"{model_type:28s} {result}"
+        tqdm.write(line)
+        lines.append(line)
+        bar.update()
+    bar.close()
+    counts = {k: sum(line.split()[1] == k for line in lines[1:]) for k in ("ok", "DIFFERS", "SPHKV", "DIED", "skip")}
+    lines.append(f"# {counts} in {time.time() - start:.0f} s")
+    print(lines[-1])
+    if args.out:
+        args.out.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
