@@ -9,8 +9,11 @@ config class's defaults (sizes, layer counts, experts and per-layer lists cut do
 reaches models nobody has looked at yet. Each model gets one line:
 
     ok       greedy tokens equal dense's on both caches (n/N layers rewritten; reasons for the rest)
-    DIFFERS  tokens differ from dense's: a lead to follow (a tie within the codec's error, or a bug)
-    SPHKV    sphkv raised while dense ran: a lead to follow (the message should name the cause)
+    tie      tokens differ, but teacher-forced on dense's tokens the store moves the logits by more
+             than dense's smallest top-2 gap: a near tie the 12-bit codec's error decides
+    DIFFERS  tokens differ otherwise: a lead to follow
+    REFUSED  sphkv refused the model at run time with an error naming the cause (SphkvUnsupportedError)
+    SPHKV    sphkv failed otherwise while dense ran: a lead to follow
     DIED     the probe's process died: a lead to follow
     skip     the probe could not build or run the dense model at its tiny size (not a sphkv result)
 
@@ -32,6 +35,7 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING  # noqa: 
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES  # noqa: E402
 
 from sphkv_compile import api  # noqa: E402
+from sphkv_compile.hf import SphkvUnsupportedError  # noqa: E402
 from tests import test_zoo as zoo  # noqa: E402
 
 LAYERS = 2
@@ -99,7 +103,8 @@ def probe(model_type: str) -> str:
         dense = zoo.greedy(model, ids, mask)
     except Exception as err:  # noqa: BLE001  the probe's own limits, reported and passed over
         return f"skip     dense model at tiny size: {type(err).__name__}: {_short(err)}"
-    results, equal = [], True
+    results, equal, rewritten = [], True, 0
+    cache = "dynamic"
     try:
         for cache in ("dynamic", "static"):
             fast = zoo.optimized(model, **zoo.HIGH_BITS)
@@ -107,22 +112,52 @@ def probe(model_type: str) -> str:
             sites = api.report()["sites"]
             kept = sorted({s["reason"][:90] for s in sites if not s["rewritten"]})
             equal &= torch.equal(out, dense)
+            rewritten += sum(s["rewritten"] for s in sites)
             results.append(f"{cache} {sum(s['rewritten'] for s in sites)}/{len(sites)}{' ' + str(kept) if kept else ''}")
     except Exception as err:  # noqa: BLE001
-        if _fails_with_a_cache_passed_in(model, ids, mask):
-            return (f"skip     transformers' generate fails the same way when handed its own DynamicCache: "
+        if _with_a_cache_passed_in(model, ids, mask, dense, cache) != "equal":
+            return (f"skip     transformers' own {cache} cache fails too (or answers otherwise); sphkv's error: "
                     f"{type(err).__name__}: {_short(err)}")
+        if isinstance(err, SphkvUnsupportedError):
+            return f"REFUSED  {_short(err)}"
         return f"SPHKV    {type(err).__name__}: {_short(err)}"
-    return f"{'ok      ' if equal else 'DIFFERS '} rewritten: {'; '.join(results)}"
+    if equal:
+        return f"ok       rewritten: {'; '.join(results)}"
+    if _with_a_cache_passed_in(model, ids, mask, dense) != "equal":
+        return f"skip     transformers' own DynamicCache passed in changes dense's tokens too; rewritten: {'; '.join(results)}"
+    if not rewritten:
+        return f"DIFFERS  every layer dense; rewritten: {'; '.join(results)}"
+    change, gap, scale = _diagnose(model, ids, mask, dense)
+    label = "tie     " if change >= gap else "DIFFERS "
+    return (f"{label} max |logit change| {change:.1e} (logits up to {scale:.1f}) >= smallest top-2 gap in dense "
+            f"{gap:.1e}; rewritten: {'; '.join(results)}").replace(">=", ">=" if change >= gap else "<")
 
 
-def _fails_with_a_cache_passed_in(model, ids, mask) -> bool:
-    """sphkv hands generate() a cache; some models' generate() breaks on any cache passed in."""
+def _diagnose(model, ids, mask, dense) -> tuple[float, float, float]:
+    """Teacher-forced on dense's tokens: (the largest logit change the store makes, the smallest
+    gap between dense's two best logits, the logits' scale). A greedy flip where the change
+    exceeds the gap is a tie that the codec's error decides ('tie'), not a wrong answer."""
+    full = torch.cat((ids, dense), 1)
+    full_mask = torch.cat((mask, torch.ones_like(dense)), 1)
+    with torch.no_grad():
+        want = zoo.teacher_forced_logits(model, full, full_mask)
+        fast = zoo.optimized(model, **zoo.HIGH_BITS)
+        got = zoo.teacher_forced_logits(fast, full, full_mask, api.new_cache(fast))
+    top2 = want.float().topk(2, dim=-1).values
+    return ((got - want).abs().max().item(), (top2[..., 0] - top2[..., 1]).min().item(), want.abs().max().item())
+
+
+def _with_a_cache_passed_in(model, ids, mask, dense, kind: str = "dynamic") -> str:
+    """sphkv hands generate() a cache; some models' generate() breaks, or answers otherwise,
+    with a cache passed in (dynamic) or with a static one. 'equal', 'differs' or 'fails'."""
     try:
-        zoo.greedy(model, ids, mask, **{api.cache_keyword(model): tf.DynamicCache(config=model.config)})
+        if kind == "static":
+            out = zoo.greedy(model, ids, mask, cache_implementation="static")
+        else:
+            out = zoo.greedy(model, ids, mask, **{api.cache_keyword(model): tf.DynamicCache(config=model.config)})
     except Exception:  # noqa: BLE001
-        return True
-    return False
+        return "fails"
+    return "equal" if torch.equal(out, dense) else "differs"
 
 
 def _limit_memory() -> None:
@@ -185,7 +220,7 @@ def main() -> None:
         lines.append(line)
         bar.update()
     bar.close()
-    counts = {k: sum(line.split()[1] == k for line in lines[1:]) for k in ("ok", "DIFFERS", "SPHKV", "DIED", "skip")}
+    counts = {k: sum(line.split()[1] == k for line in lines[1:]) for k in ("ok", "tie", "DIFFERS", "REFUSED", "SPHKV", "DIED", "skip")}
     lines.append(f"# {counts} in {time.time() - start:.0f} s")
     print(lines[-1])
     if args.out:

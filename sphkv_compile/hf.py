@@ -186,6 +186,20 @@ def _refuse_unrepresentable(module, layer: SphkvLayer, dropout: float, chunk: in
                                     "the plan compressed it for a shorter sequence")
 
 
+def _refuse_changed_heads(layer: SphkvLayer, key, value) -> None:
+    """The store was sized by the cache update's K/V; attention must read those same heads. A
+    model that reshapes K/V between the update and the attention (JetMoE tiles its KV heads
+    top_k times) would otherwise store the reshaped chunk beside the update's."""
+    want = (layer.store.kv_heads, layer.head_dim)
+    for name, t in (("keys", key), ("values", value)):
+        if (t.shape[1], t.shape[-1]) != want:
+            raise SphkvUnsupportedError(
+                f"layer {layer.layer_idx}: the attention reads {name} with {t.shape[1]} heads of {t.shape[-1]}, but the "
+                f"cache update stored {want[0]} heads of {want[1]}: the model changes K/V between the cache update "
+                "and the attention (e.g. JetMoE repeats its KV heads), which the store cannot follow. Keep this "
+                "model's cache dense")
+
+
 def _sequence_bound(layer: SphkvLayer, chunk: int) -> int:
     """How long the layer's sequence can be after this chunk: a static cache's capacity (a
     constant, so nothing is read from the device), a dynamic cache's actual length."""
@@ -203,12 +217,19 @@ def sphkv_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch
     if not isinstance(layer, SphkvLayer):
         return _dense_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     _refuse_unrepresentable(module, layer, dropout, key.shape[2], kwargs)
+    if not layer.awaiting_attention:
+        raise SphkvUnsupportedError(
+            f"layer {layer.layer_idx}: attention over the compressed store without a cache update before it. The store "
+            "answers one attention call per update (it stores the chunk it attends with); this model calls "
+            "attention again, or without updating the cache (e.g. DiffLlama's two calls with split values). "
+            "Keep this model's cache dense")
     if attention_mask is None and query.shape[2] > 1 and getattr(module, "is_causal", True) is False:
         raise SphkvUnsupportedError(f"layer {layer.layer_idx}: the attention module is not causal "
                                     "(is_causal=False); the compressed store computes only causal attention")
     refuse_mask_beyond_causal_padding(attention_mask, layer, key.shape[2])
     if layer.store is None:
         layer.lazy_initialization(key, value)
+    _refuse_changed_heads(layer, key, value)
     valid = chunk_validity(attention_mask, layer, key.shape[2])
     out = attend_and_update(layer, query, key, value, valid,
                             scaling if scaling is not None else getattr(module, "scaling", None),

@@ -101,10 +101,17 @@ def _forward_source(cls) -> str | None:
 def model_wide_reason(model) -> str | None:
     """A reason that applies to every layer, or None."""
     config = model.config
+    if getattr(_text(config), "num_attention_heads", None) is None:
+        return ("the config names no attention heads (a state-space or recurrent model): no layer holds softmax "
+                "attention's K/V")
     if calls_sdpa_itself(model) and config._attn_implementation != "sdpa":
         return (f"{type(model).__name__} computes attention in its own code ({config._attn_implementation!r}) "
                 "instead of dispatching through transformers' AttentionInterface; only its SDPA calls can be "
                 "routed to the store: load it with attn_implementation='sdpa'")
+    not_causal = _non_causal_self_attention(model)
+    if not_causal is not None:
+        return (f"{not_causal} is not causal (is_causal=False: every token sees the tokens after it, e.g. an "
+                "encoder such as BERT without is_decoder=True); the store computes causal attention")
     bidirectional = getattr(_text(config), "use_bidirectional_attention", None)
     if bidirectional in (True, "all"):
         return (f"bidirectional attention (use_bidirectional_attention={bidirectional!r}): every token sees the "
@@ -122,6 +129,16 @@ def model_wide_reason(model) -> str | None:
         return "encoder-decoder models are not supported (cross-attention)"
     if getattr(config, "position_embedding_type", "absolute") in ("alibi", "relative_key", "relative_key_query"):
         return f"{config.position_embedding_type} position bias is added to the logits"
+    return None
+
+
+def _non_causal_self_attention(model) -> str | None:
+    """The class name of a self-attention module with a layer index that says it is not causal
+    (transformers' attention modules carry is_causal; SDPA and flash read it), or None."""
+    for module in model.modules():
+        if (getattr(module, "is_causal", None) is False and getattr(module, "layer_idx", None) is not None
+                and not getattr(module, "is_cross_attention", False)):
+            return type(module).__name__
     return None
 
 
@@ -197,8 +214,11 @@ def _geometry(config) -> tuple[int, int]:
 
 def compressed_geometries(model, plans: list[LayerPlan]) -> list[tuple[int, int]]:
     """The distinct (KV heads, head dim) of the layers the plan compresses, in layer order."""
+    compressed = [p.layer_idx for p in plans if p.compressed]
+    if not compressed:  # a model without attention layers may have no head counts to read
+        return []
     geometries = layer_geometries(model)
-    return list(dict.fromkeys(geometries[p.layer_idx] for p in plans if p.compressed))
+    return list(dict.fromkeys(geometries[i] for i in compressed))
 
 
 def model_dtype(model) -> torch.dtype:
