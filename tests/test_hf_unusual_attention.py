@@ -1,0 +1,55 @@
+"""Models whose attention does something the store cannot follow, found by probing every causal
+LM transformers registers (benchmarks/probe_all_causal_lms.py): each must stay dense with the
+reason in report(), or be refused with an error naming the cause, never answered wrongly."""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+
+from sphkv_compile import api
+from sphkv_compile.hf import SphkvUnsupportedError
+from tests import test_zoo as zoo
+
+
+def _generate_both(config_fn):
+    model = zoo.build(config_fn, 0)
+    ids, mask = zoo.prompts(0)
+    return zoo.greedy(model, ids, mask), lambda: zoo.greedy(zoo.optimized(model, **zoo.HIGH_BITS), ids, mask)
+
+
+@pytest.mark.skipif(not hasattr(tf, "DiffLlamaConfig"), reason="transformers without DiffLlama")
+def test_attention_called_twice_per_cache_update_is_refused():
+    """DiffLlama calls attention twice per update, each time with half of the values: the store
+    would keep the first call's values and store the chunk twice."""
+    _, sphkv_run = _generate_both(lambda: zoo._llama_like(tf.DiffLlamaConfig))
+    with pytest.raises(SphkvUnsupportedError, match="without a cache update before it"):
+        sphkv_run()
+
+
+@pytest.mark.skipif(not hasattr(tf, "JetMoeConfig"), reason="transformers without JetMoE")
+def test_kv_heads_changed_between_update_and_attention_are_refused():
+    """JetMoE tiles its KV heads top_k times after the cache update."""
+    _, sphkv_run = _generate_both(lambda: tf.JetMoeConfig(**zoo._common(
+        hidden_size=zoo.HIDDEN, num_hidden_layers=zoo.LAYERS, num_key_value_heads=2, kv_channels=64,
+        intermediate_size=2 * zoo.HIDDEN, max_position_embeddings=256, num_local_experts=2, num_experts_per_tok=2)))
+    with pytest.raises(SphkvUnsupportedError, match="reads keys with 4 heads of 64, but the cache update stored 2"):
+        sphkv_run()
+
+
+@pytest.mark.parametrize("name", ["bert", "mamba"])
+def test_non_causal_and_attention_free_models_stay_dense_with_the_reason(name):
+    """BertForCausalLM without is_decoder=True attends both ways (before, the mask check refused it
+    mid-generate); Mamba has no attention heads (before, reading them raised AttributeError)."""
+    configs = {
+        "bert": (lambda: tf.BertConfig(**zoo._common(hidden_size=zoo.HIDDEN, num_hidden_layers=zoo.LAYERS,
+                                                     num_attention_heads=zoo.HEADS, intermediate_size=2 * zoo.HIDDEN,
+                                                     max_position_embeddings=256)), "is not causal"),
+        "mamba": (lambda: tf.MambaConfig(**zoo._common(hidden_size=zoo.HIDDEN, num_hidden_layers=zoo.LAYERS,
+                                                       state_size=8)), "no attention heads"),
+    }
+    config_fn, reason = configs[name]
+    dense, sphkv_run = _generate_both(config_fn)
+    assert torch.equal(sphkv_run(), dense)
+    sites = api.report()["sites"]
+    assert sites and all(not s["rewritten"] and reason in s["reason"] for s in sites), sites
