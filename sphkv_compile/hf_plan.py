@@ -134,12 +134,19 @@ def model_wide_reason(model) -> str | None:
 
 def _non_causal_self_attention(model) -> str | None:
     """The class name of a self-attention module with a layer index that says it is not causal
-    (transformers' attention modules carry is_causal; SDPA and flash read it), or None."""
-    for module in model.modules():
+    (transformers' attention modules carry is_causal; SDPA and flash read it), or None.
+    Cross-attention modules (to an encoder's states, never causal) are not self-attention: some
+    carry is_cross_attention, others are known only by their place (BART's encoder_attn, BERT's
+    crossattention)."""
+    for name, module in model.named_modules():
         if (getattr(module, "is_causal", None) is False and getattr(module, "layer_idx", None) is not None
-                and not getattr(module, "is_cross_attention", False)):
+                and not getattr(module, "is_cross_attention", False)
+                and not any(word in name.lower() for word in _CROSS_ATTENTION_NAMES)):
             return type(module).__name__
     return None
+
+
+_CROSS_ATTENTION_NAMES = ("cross", "encoder_attn", "encdec")
 
 
 def _text(config):
