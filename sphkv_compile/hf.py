@@ -94,21 +94,21 @@ def chunk_validity(mask: torch.Tensor | None, layer: SphkvLayer, n: int) -> torc
     return last_row.index_select(1, cols)
 
 
-_checked_mask = None  # weakref to the last mask found causal over padding (the layers of a forward share it)
+_checked_mask = None  # (weakref to the last mask checked, its answer): the layers of a forward share it
 
 
-def refuse_mask_beyond_causal_padding(mask: torch.Tensor | None, layer: SphkvLayer, n: int) -> None:
-    """The store computes causal attention over the real (unpadded) tokens; chunk_validity reads
-    only the mask's last row. A chunk of several queries whose mask says more than that (image
-    tokens that see each other both ways, a prefix-LM prompt, bidirectional attention) is refused
-    here rather than answered causally. Every real query row must equal the last row cut at its
-    own position. Checked in eager mode, once per mask object (the layers of a forward share it),
-    over blocks of query rows so the check stays small beside the mask itself."""
-    if mask is None or n == 1 or mask.dim() != 4 or mask.dtype != torch.bool or torch.compiler.is_compiling():
-        return
+def mask_is_causal_over_padding(mask: torch.Tensor | None, layer: SphkvLayer, n: int) -> bool:
+    """Does this chunk's mask say only "causal over the unpadded tokens"? The store computes that
+    and chunk_validity reads only the mask's last row. A mask of several queries that says more
+    (image tokens that see each other both ways, a prefix-LM prompt, a custom 4D mask) does not:
+    every real query row must equal the last row cut at its own position. Checked in eager mode,
+    once per mask object (the layers of a forward share it), over blocks of query rows so the
+    check stays small beside the mask itself; a compiled forward is not checked."""
     global _checked_mask
-    if _checked_mask is not None and _checked_mask() is mask:
-        return
+    if mask is None or n == 1 or mask.dim() != 4 or mask.dtype != torch.bool or torch.compiler.is_compiling():
+        return True
+    if _checked_mask is not None and _checked_mask[0]() is mask:
+        return _checked_mask[1]
     rows = mask[:, 0, -n:]  # [B, n, kv]: the chunk's query rows
     kv = rows.shape[-1]
     first = (kv - n) if layer.max_cache_len is None else layer.cumulative_length  # the chunk's first position
@@ -119,12 +119,25 @@ def refuse_mask_beyond_causal_padding(mask: torch.Tensor | None, layer: SphkvLay
         causal = last[:, None, :] & (cols[None, None, :] <= qpos[None, :, None])
         real = last.index_select(1, qpos)  # padded query rows may hold anything
         if ((rows[:, start:start + 2048] != causal) & real[:, :, None]).any():
-            raise SphkvUnsupportedError(
-                f"layer {layer.layer_idx}: the attention mask lets queries see more or fewer tokens than causal "
-                "attention over the unpadded tokens (bidirectional image or prefix tokens, or a custom mask); the "
-                "compressed store computes only causal attention. Fix: run this prompt on the dense cache (it "
-                "stays exact), or keep this model's cache dense")
-    _checked_mask = weakref.ref(mask)
+            _checked_mask = (weakref.ref(mask), False)
+            return False
+    _checked_mask = (weakref.ref(mask), True)
+    return True
+
+
+def prefill_mask(mask: torch.Tensor, layer: SphkvLayer, n: int, sinks) -> torch.Tensor:
+    """A mask that is not causal over padding, honoured where the store can: a prefill into an
+    empty store is dense attention over the chunk alone (chunk_attention), so any mask over the
+    chunk is exact there; its K/V then enter the store, and later single-token steps read only a
+    mask's last row. Returns the mask's [B, 1, n, n] block over the chunk; refuses elsewhere."""
+    if layer.stored_any or sinks is not None:
+        raise SphkvUnsupportedError(
+            f"layer {layer.layer_idx}: the attention mask lets queries see more or fewer tokens than causal "
+            "attention over the unpadded tokens (bidirectional image or prefix tokens, or a custom mask) in a chunk "
+            "after tokens already stored; the compressed store honours such a mask only in the prefill of an empty "
+            "cache. Fix: put the bidirectional tokens in the first forward (the prompt), or keep this model's "
+            "cache dense")
+    return mask[:, :, -n:, :n] if layer.max_cache_len is not None else mask[:, :, -n:, -n:]
 
 
 def _original_attention(module, impl: str | None) -> Callable:
@@ -226,20 +239,24 @@ def sphkv_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch
     if attention_mask is None and query.shape[2] > 1 and getattr(module, "is_causal", True) is False:
         raise SphkvUnsupportedError(f"layer {layer.layer_idx}: the attention module is not causal "
                                     "(is_causal=False); the compressed store computes only causal attention")
-    refuse_mask_beyond_causal_padding(attention_mask, layer, key.shape[2])
+    chunk_mask = None
+    if not mask_is_causal_over_padding(attention_mask, layer, key.shape[2]):
+        chunk_mask = prefill_mask(attention_mask, layer, key.shape[2], kwargs.get("s_aux"))
     if layer.store is None:
         layer.lazy_initialization(key, value)
     _refuse_changed_heads(layer, key, value)
     valid = chunk_validity(attention_mask, layer, key.shape[2])
     out = attend_and_update(layer, query, key, value, valid,
                             scaling if scaling is not None else getattr(module, "scaling", None),
-                            sinks=kwargs.get("s_aux"))
+                            sinks=kwargs.get("s_aux"), chunk_mask=chunk_mask)
     return out.transpose(1, 2).contiguous(), None
 
 
-def attend_and_update(layer: SphkvLayer, query, key, value, valid, scaling, sinks=None) -> torch.Tensor:
+def attend_and_update(layer: SphkvLayer, query, key, value, valid, scaling, sinks=None,
+                      chunk_mask=None) -> torch.Tensor:
     """Attention over the store plus the chunk, then the chunk enters the store.
     sinks [Hq]: learned sink logits (gpt-oss), one more logit per query head on no value.
+    chunk_mask [B, 1, N, N]: a prefill's own mask where it is not causal (prefill_mask).
     Returns the attention output as [B, Hq, T, d], like SDPA."""
     o = layer.options
     N = key.shape[2]
@@ -257,7 +274,7 @@ def attend_and_update(layer: SphkvLayer, query, key, value, valid, scaling, sink
     if not layer.stored_any and query.shape[2] == N and sinks is None:
         # Prefill into an empty store: nothing to read from codes, so this is plain causal
         # attention over the chunk; SDPA does it far faster than the store's reference loop.
-        out, mass = chunk_attention(query, key, value, valid, scale, o.utility_window)
+        out, mass = chunk_attention(query, key, value, valid, scale, o.utility_window, chunk_mask)
     else:
         dim = store.head_dim  # the model's, or zero-padded for the kernels (head_pad.py): no logit changes
         out, mass = torch.ops.sphkv.attend(pad_last(query, dim), layer.state, pad_last(key, dim), pad_last(value, dim),
@@ -276,14 +293,22 @@ def attend_and_update(layer: SphkvLayer, query, key, value, valid, scaling, sink
     return out
 
 
-def chunk_attention(query, key, value, valid, scale: float, obs_window: int):
+def chunk_attention(query, key, value, valid, scale: float, obs_window: int, chunk_mask=None):
     """Causal attention of a chunk over itself (queries = all chunk tokens), GQA, with left
     padding valid [B, N] (None: none), plus what sphkv::attend also returns: the attention
-    mass the last obs_window queries put on each token, summed over each KV head's group."""
+    mass the last obs_window queries put on each token, summed over each KV head's group.
+    chunk_mask [B, 1, N, N] replaces causal-over-padding where the model's mask says more
+    (prefill_mask); the utility mass stays the causal estimate."""
     B, Hq, N, d = query.shape
     Hkv = key.shape[1]
     G = Hq // Hkv
-    if valid is None:
+    if chunk_mask is not None:
+        mask = chunk_mask | torch.eye(N, dtype=torch.bool, device=query.device)  # no row all -inf
+        out = F.scaled_dot_product_attention(query, key.repeat_interleave(G, 1), value.repeat_interleave(G, 1),
+                                             attn_mask=mask, scale=scale)
+        if valid is not None:
+            out = out * valid[:, None, :, None].to(out.dtype)  # as the store: padding queries output 0
+    elif valid is None:
         out = F.scaled_dot_product_attention(query, key.repeat_interleave(G, 1), value.repeat_interleave(G, 1),
                                              is_causal=True, scale=scale)
     else:
@@ -406,7 +431,9 @@ def sdpa_on_store(layer: SphkvLayer, query, key, value, attn_mask=None, dropout_
         if layer.stored_any:  # SDPA's is_causal aligns top-left: not causal over the stored past
             raise SphkvUnsupportedError(f"layer {layer.layer_idx}: is_causal=True over a non-empty cache "
                                         "(SDPA aligns it top-left); pass the model's attention mask")
-    refuse_mask_beyond_causal_padding(attn_mask, layer, key.shape[2])
+    if not mask_is_causal_over_padding(attn_mask, layer, key.shape[2]):
+        raise SphkvUnsupportedError(f"layer {layer.layer_idx}: the attention mask is not causal over the unpadded "
+                                    "tokens; a model whose SDPA calls are routed to the store must mask causally")
     valid = chunk_validity(attn_mask, layer, key.shape[2])
     return attend_and_update(layer, query, key, value, valid, scale)
 
