@@ -131,12 +131,12 @@ def prefill_mask(mask: torch.Tensor, layer: SphkvLayer, n: int, sinks) -> torch.
     chunk is exact there; its K/V then enter the store, and later single-token steps read only a
     mask's last row. Returns the mask's [B, 1, n, n] block over the chunk; refuses elsewhere."""
     if layer.stored_any or sinks is not None:
+        where = "in a chunk after tokens already stored" if layer.stored_any else "with sink logits (s_aux)"
         raise SphkvUnsupportedError(
             f"layer {layer.layer_idx}: the attention mask lets queries see more or fewer tokens than causal "
-            "attention over the unpadded tokens (bidirectional image or prefix tokens, or a custom mask) in a chunk "
-            "after tokens already stored; the compressed store honours such a mask only in the prefill of an empty "
-            "cache. Fix: put the bidirectional tokens in the first forward (the prompt), or keep this model's "
-            "cache dense")
+            f"attention over the unpadded tokens (bidirectional image or prefix tokens, or a custom mask) {where}; "
+            "the compressed store honours such a mask only in the prefill of an empty cache without sink logits. "
+            "Fix: put the bidirectional tokens in the first forward (the prompt), or keep this model's cache dense")
     return mask[:, :, -n:, :n] if layer.max_cache_len is not None else mask[:, :, -n:, -n:]
 
 

@@ -137,8 +137,9 @@ def _non_causal_self_attention(model) -> str | None:
     (transformers' attention modules carry is_causal; SDPA and flash read it), or None.
     Cross-attention modules (to an encoder's states, never causal) are not self-attention: some
     carry is_cross_attention, others are known only by their place (BART's encoder_attn, BERT's
-    crossattention)."""
-    for name, module in model.named_modules():
+    crossattention). Only the language model is searched (a vision tower's attention is not causal
+    and holds no cache)."""
+    for name, module in _language_model(model).named_modules():
         if (getattr(module, "is_causal", None) is False and getattr(module, "layer_idx", None) is not None
                 and not getattr(module, "is_cross_attention", False)
                 and not any(word in name.lower() for word in _CROSS_ATTENTION_NAMES)):
@@ -147,6 +148,15 @@ def _non_causal_self_attention(model) -> str | None:
 
 
 _CROSS_ATTENTION_NAMES = ("cross", "encoder_attn", "encdec")
+
+
+def _language_model(model) -> torch.nn.Module:
+    """The decoder that holds the KV cache (get_decoder(), where the model has one), else the model."""
+    try:
+        decoder = model.get_decoder()
+    except (AttributeError, NotImplementedError, TypeError, ValueError):
+        return model
+    return decoder if isinstance(decoder, torch.nn.Module) else model
 
 
 def _text(config):
