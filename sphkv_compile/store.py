@@ -353,8 +353,10 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
 def sink_factor(lse: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
     """What a sink logit s per query head leaves of attention whose logits have log-sum-exp
     lse [B, Hq, Tq]: Σ exp(logits) / (Σ exp(logits) + exp(s)) = sigmoid(lse - s). A query that
-    sees no token (lse = -inf) gets 0, as without sinks."""
-    return torch.sigmoid(lse - sinks.to(lse.dtype)[None, :, None])
+    sees no token (lse = -inf) gets 0, as without sinks, also where its sink is -inf too (a head
+    without a sink), where lse - s would be nan."""
+    diff = lse - sinks.to(lse.dtype)[None, :, None]
+    return torch.sigmoid(torch.where(torch.isneginf(lse), float("-inf"), diff))
 
 
 def add_utility(state: TierState, mass: torch.Tensor, valid: torch.Tensor) -> None:
