@@ -192,9 +192,9 @@ def test_only_rdr_spends_work_on_the_observation_window(monkeypatch):
     windows = []
     chunk, attend = hf.chunk_attention, torch.ops.sphkv.attend
 
-    def chunk_spy(query, key, value, valid, scale, window):
+    def chunk_spy(query, key, value, valid, scale, window, *rest):
         windows.append(("prefill", window))
-        return chunk(query, key, value, valid, scale, window)
+        return chunk(query, key, value, valid, scale, window, *rest)
 
     def attend_spy(*args):
         windows.append(("decode", args[9]))

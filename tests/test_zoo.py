@@ -290,7 +290,7 @@ def test_sink_logits_join_the_softmax_of_the_compressed_layers(monkeypatch):
     sites = api.report()["sites"]
     assert [s["rewritten"] for s in sites] == [False, True], sites
     real = hf.attend_and_update
-    monkeypatch.setattr(hf, "attend_and_update", lambda *a, sinks=None: real(*a))  # the control: sinks dropped
+    monkeypatch.setattr(hf, "attend_and_update", lambda *a, sinks=None, **kw: real(*a, **kw))  # control: sinks dropped
     without = error(fast)
     print(f"relative logit error with sinks {with_sinks:.2e}, sinks dropped {without:.2e}")
     assert with_sinks < 1e-3, with_sinks  # 12-bit angles: the codec's error is ~2^-12 of a vector
