@@ -22,6 +22,7 @@ from sphkv_compile.rdr.budget import SphkvBudgetError, dense_bytes
 from sphkv_compile.rdr.costs import choice_table
 from sphkv_compile.store import LayerStore
 from sphkv_compile.tiers import TierSpec
+from tests import test_zoo as zoo
 from tests.models import gpt_fast
 from tests.models.bounds import attention_rms_bound, rms_error_in_value_units
 
@@ -136,10 +137,7 @@ HIGH_BITS = dict(tiers=("exact:exact", "hi:k12:polar12:r32"), sink=2, recent=4, 
 
 def test_generate_on_a_padded_store_gives_dense_tokens_and_reports_the_padding():
     model = _odd_llama()
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(3, 128, (2, 12), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0
+    ids, mask = zoo.prompts(3)  # two prompts, the second left-padded
     kw = dict(attention_mask=mask, max_new_tokens=24, min_new_tokens=24, do_sample=False, pad_token_id=0)
     dense = model.generate(ids, **kw)
     fast = api.optimize(copy.deepcopy(model), pad_head_dim=True, **HIGH_BITS)

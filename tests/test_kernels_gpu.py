@@ -332,6 +332,29 @@ def count_graph_captures(monkeypatch) -> list:
     return captures
 
 
+def greedy_with_and_without_graphs(model, ids, mask, cache, monkeypatch) -> tuple[dict, dict]:
+    """The zoo's greedy generate() on a static cache, with CUDA graphs (mode 'reduce-overhead')
+    and without (mode 'default'); graphs must have been captured, none skipped. Returns the
+    tokens per mode and report()["decode_step"] of the graphed run."""
+    import transformers as tf
+    from torch._dynamo.utils import counters
+
+    import sphkv_compile.api as sphkv
+    from tests import test_zoo as zoo
+
+    counters.clear()
+    captures = count_graph_captures(monkeypatch)
+    runs, graphed_step = {}, None
+    for mode in ("reduce-overhead", "default"):
+        cache.reset()
+        runs[mode] = zoo.greedy(model, ids, mask, compile_config=tf.CompileConfig(mode=mode),
+                                **{sphkv.cache_keyword(model): cache})
+        if mode == "reduce-overhead":
+            assert captures and counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+            graphed_step = sphkv.report()["decode_step"]
+    return runs, graphed_step
+
+
 @pytest.mark.parametrize("budget", [None, 0.5])
 def test_generate_with_cuda_graphs_equals_generate_without(budget, monkeypatch):
     """optimize() keeps generate()'s CUDA graphs (mode 'reduce-overhead') for the uniform policy:
@@ -432,9 +455,6 @@ def test_zoo_generate_with_cuda_graphs_equals_generate_without(name, monkeypatch
     routed to the store), Gemma2 (sliding-window layers kept dense beside compressed ones),
     GPTBigCode (multi-query), Qwen3 (q/k norms) and gpt-oss (sink logits); bf16, default bits,
     left-padded prompts."""
-    import transformers as tf
-    from torch._dynamo.utils import counters
-
     import sphkv_compile.api as sphkv
     from tests import test_zoo as zoo
 
@@ -443,15 +463,7 @@ def test_zoo_generate_with_cuda_graphs_equals_generate_without(name, monkeypatch
     ids, mask = (t.to(DEV) for t in zoo.prompts(seed))
     assert sphkv.graph_blocker(model) is None, sphkv.graph_blocker(model)
     cache = sphkv.new_cache(model, max_cache_len=zoo.PROMPT + zoo.NEW)
-    counters.clear()
-    captures = count_graph_captures(monkeypatch)
-    runs = {}
-    for mode in ("reduce-overhead", "default"):
-        cache.reset()
-        runs[mode] = zoo.greedy(model, ids, mask, compile_config=tf.CompileConfig(mode=mode),
-                                **{sphkv.cache_keyword(model): cache})
-        if mode == "reduce-overhead":
-            assert captures and counters["inductor"]["cudagraph_skips"] == 0, (name, dict(counters["inductor"]))
+    runs, _ = greedy_with_and_without_graphs(model, ids, mask, cache, monkeypatch)
     assert torch.equal(runs["reduce-overhead"], runs["default"]), name
 
 
@@ -461,7 +473,6 @@ def test_odd_head_dims_are_padded_onto_the_kernels_under_cuda_graphs(head_dim, m
     default on CUDA (head_pad.py): the kernels serve them, generate() replays CUDA graphs, the
     tokens equal generate() without graphs."""
     import transformers as tf
-    from torch._dynamo.utils import counters
 
     import sphkv_compile.api as sphkv
     from tests import test_zoo as zoo
@@ -474,16 +485,8 @@ def test_odd_head_dims_are_padded_onto_the_kernels_under_cuda_graphs(head_dim, m
     assert sphkv.graph_blocker(model) is None, sphkv.graph_blocker(model)
     ids, mask = (t.to(DEV) for t in zoo.prompts(head_dim))
     cache = sphkv.new_cache(model, max_cache_len=zoo.PROMPT + zoo.NEW)
-    counters.clear()
-    captures = count_graph_captures(monkeypatch)
-    runs = {}
-    for mode in ("reduce-overhead", "default"):
-        cache.reset()
-        runs[mode] = zoo.greedy(model, ids, mask, compile_config=tf.CompileConfig(mode=mode),
-                                **{sphkv.cache_keyword(model): cache})
-        if mode == "reduce-overhead":
-            assert captures and counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
-            assert sphkv.report()["decode_step"]["cuda_graphs"], sphkv.report()["decode_step"]
+    runs, graphed_step = greedy_with_and_without_graphs(model, ids, mask, cache, monkeypatch)
+    assert graphed_step["cuda_graphs"], graphed_step
     assert torch.equal(runs["reduce-overhead"], runs["default"])
     layer = cache.layers[0]
     assert (layer.head_dim, layer.store.head_dim) == (head_dim, 128)
