@@ -66,7 +66,7 @@ CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": 4, "few_ro
          "max_splits_per_row": 32, "maxnreg": 128, "maxnreg_max_d": 128, "min_tiles_per_split": 2,
          "halves": True, "halves_min_d": 64, "quarters": False, "quarters_min_d": 128,
          "shared_tables": True, "shared_tables_max_bytes": 4096, "shared_tables_max_d": 128,
-         "tokens_per_thread": 1}
+         "tokens_per_thread": 1, "balance_waves": True}
 # shared_tables: each program copies the decoders' lookup tables into shared memory once and
 # every node's lookup reads them there (decode_codegen.stager). Static shared memory, on top of
 # the kernel's own dynamic allocation; the two must stay within the 48 KB a launch gets without
@@ -118,13 +118,33 @@ def _block_m(rows: int) -> int:
     return 16
 
 
-def _coded_programs(wanted: int, rows: int) -> int:
-    """Split-KV programs for a compressed tier: four per SM, unless that splits a row more than
-    max_splits_per_row ways (then two per SM)."""
+def _coded_per_sm(wanted: int, rows: int) -> int:
+    """Split-KV programs per SM for a compressed tier: four, unless that splits a row more than
+    max_splits_per_row ways (then two)."""
     per_sm = CODED["programs_per_sm"]
     if wanted // 2 * per_sm > CODED["max_splits_per_row"] * rows:
         per_sm = min(per_sm, CODED["few_rows_programs_per_sm"])
-    return max(1, wanted // 2 * per_sm)
+    return per_sm
+
+
+def _coded_programs(wanted: int, rows: int) -> int:
+    return max(1, wanted // 2 * _coded_per_sm(wanted, rows))
+
+
+def _balanced_splits(rows: int, sms: int, per_sm: int, most: int) -> int:
+    """Splits per row, at most `most`, that leave no SM a partial load: the busiest SM runs
+    ceil(rows * S / sms) programs of 1/S of a row each, so S minimises that ratio; among equals,
+    the fewest splits that still give an SM per_sm programs (fewer and longer splits, no last
+    wave of a few programs), else the most. Rounding the splits up to fill per_sm programs per SM
+    launched Llama-3-8B B=8 (64 rows) as 64 x 9 = 576 programs for 528 slots (1.09 waves): at 8
+    splits the decode took 0.416 ms instead of 0.494 (H200, benchmarks/sweep_waves.py)."""
+    best_key, best = None, 1
+    for S in range(1, max(1, most) + 1):
+        per_busiest = -(-rows * S // sms)
+        key = (per_busiest / S, 0 if per_busiest >= per_sm else 1, S if per_busiest >= per_sm else -S)
+        if best_key is None or key < best_key:
+            best_key, best = key, S
+    return best
 
 
 def _splits(programs_per_split: int, capacity: int, block_t: int, wanted: int, min_tiles: int = 1) -> int:
@@ -292,8 +312,13 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
                 st = states[i]
                 tile = block_t if info.key is None else _coded_block_t()
                 want = wanted if info.key is None else _coded_programs(wanted, BH * mblocks)
-                S = _splits(BH * mblocks, st.pages.shape[-1] * st.page_size, tile, want,
-                            1 if info.key is None else CODED["min_tiles_per_split"])
+                capacity = st.pages.shape[-1] * st.page_size
+                S = _splits(BH * mblocks, capacity, tile, want, 1 if info.key is None else CODED["min_tiles_per_split"])
+                if info.key is not None and CODED["balance_waves"]:
+                    # up to twice the splits (not past max_splits_per_row unless S already is)
+                    most = max(S, min(2 * S, CODED["max_splits_per_row"]))
+                    most = min(most, _splits(1, capacity, tile, 1 << 30, CODED["min_tiles_per_split"]))
+                    S = _balanced_splits(BH * mblocks, wanted // 2, _coded_per_sm(wanted, BH * mblocks), most)
                 launches.append((i, info, S_total, S))
                 S_total += S
         S_rot = sum(S for i, info, _, S in launches if info.key is not None)

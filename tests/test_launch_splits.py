@@ -1,0 +1,43 @@
+"""How the compressed-tier decode is split over the SMs (kernels.attend._balanced_splits)."""
+from __future__ import annotations
+
+from fractions import Fraction
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sphkv_compile.kernels.attend import _balanced_splits
+
+
+def busiest_load(rows: int, sms: int, S: int) -> Fraction:
+    """Rows' worth of work on the busiest SM when each row runs as S programs."""
+    return Fraction(-(-rows * S // sms), S)
+
+
+@settings(max_examples=300, deadline=None)
+@given(rows=st.integers(1, 4096), sms=st.integers(1, 200), per_sm=st.integers(1, 8), most=st.integers(1, 300))
+def test_no_split_count_leaves_the_busiest_sm_less_work(rows, sms, per_sm, most):
+    S = _balanced_splits(rows, sms, per_sm, most)
+    assert 1 <= S <= most
+    assert all(busiest_load(rows, sms, S) <= busiest_load(rows, sms, other) for other in range(1, most + 1))
+
+
+@pytest.mark.parametrize("rows,per_sm,most,expected", [
+    (64, 4, 18, 8),    # Llama-3-8B B=8: 512 programs, one wave of 4 per SM (rounded up: 9 splits, 1.09 waves)
+    (256, 4, 6, 2),    # Llama-3-8B B=32: 512 programs (rounded up: 3 splits, 768)
+    (96, 4, 12, 11),   # SmolLM2 B=32: 1,056 programs, 8 per SM (rounded up: 6 splits, 5 per SM)
+    (24, 4, 32, 22),   # SmolLM2 B=8: 528 programs already fill four per SM: unchanged
+    (8, 2, 33, 33),    # Llama-3-8B B=1 (two per SM when rows are few): unchanged
+])
+def test_split_counts_measured_on_the_h200(rows, per_sm, most, expected):
+    """132 SMs; benchmarks/sweep_waves.py timed these shapes (docs/PERFORMANCE.md, session 15)."""
+    assert _balanced_splits(rows, 132, per_sm, most) == expected
+
+
+def test_among_equal_loads_the_fewest_splits_that_fill_an_sm():
+    # 64 rows on 132 SMs: 2, 4, 6, 8, 16 splits all leave the busiest SM half a row; 8 is the
+    # fewest that gives it four programs, so no SM idles at the end with a short tail
+    assert _balanced_splits(64, 132, 4, 16) == 8
+    # at most 6 splits: 2, 4 and 6 tie and none gives an SM four programs: the most, 6
+    assert _balanced_splits(64, 132, 4, 6) == 6
