@@ -13,7 +13,7 @@ import torch
 import triton
 
 from sphkv_compile.radius import LOG2_MIN
-from sphkv_compile.store import TierState, sink_factor
+from sphkv_compile.store import TierState
 from sphkv_compile.tiers import TierSpec, tier_codecs
 
 from .attention_kernels import (chunk_partials_kernel, combine_kernel, paged_coded_halves_kernel, paged_coded_kernel,
@@ -294,6 +294,10 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
     wanted = _programs_wanted(device)
     valid_i8 = None if valid_new is None or not N else valid_new.to(torch.int8).contiguous()
     hinv = _tab(rotation_matrices(vc0.hadamard)[1], device) if compressed else q_all
+    if sinks is not None:  # natural-unit sink logits in the combine's log2 units
+        if sinks.shape != (Hq,):
+            raise ValueError(f"sinks must hold one logit per query head, shape ({Hq},); got {tuple(sinks.shape)}")
+        sinks2 = (sinks.to(device=device, dtype=torch.float32) * LOG2E).contiguous()
     kfwd = _tab(rotation_matrices(kc0.hadamard)[0], device) if compressed else None
     # query chunks so the split partials stay bounded
     per_row = max(1, len(states) + 1) * 4 * d * 4 * BH
@@ -348,15 +352,13 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
         cl = stat_l if whole else torch.empty_like(cm)
         oc = out[:, :, s0:s1]
         combine_kernel[(BH, mblocks)](
-            acc, m, l, hinv, oc, cm, cl, M, tc, G, Hkv, S_total, S_rot,
+            acc, m, l, hinv, oc, cm, cl, sinks2 if sinks is not None else cm, M, tc, G, Hkv, S_total, S_rot,
             oc.stride(0), oc.stride(1), oc.stride(2), D=d, BLOCK_M=block_m, HAS_ROT=S_rot > 0,
-            BLOCK_S=COMBINE["splits"], BLOCK_C=min(d, COMBINE["columns"]), num_warps=COMBINE["warps"])
+            BLOCK_S=COMBINE["splits"], BLOCK_C=min(d, COMBINE["columns"]), num_warps=COMBINE["warps"],
+            HAS_SINKS=sinks is not None)
         if not whole:
             stat_m[:, :, s0:s1] = cm.view(BH, G, tc)
             stat_l[:, :, s0:s1] = cl.view(BH, G, tc)
-    if sinks is not None:  # the combine's row statistics are log2-domain: lse = (m + log2 l) / log2(e)
-        lse = (stat_m + torch.log2(stat_l)) / LOG2E
-        out = (out.to(torch.float32) * sink_factor(lse.view(B, Hq, Tq), sinks)[..., None]).to(out.dtype)
     window = min(obs_window, Tq)
     new_mass = torch.zeros(B, Hkv, N, dtype=torch.float32, device=device)
     if window and N:

@@ -375,13 +375,16 @@ def _weighted_partials(acc_ptr, m_ptr, base, s_lo, s_hi, rows, rmask, cols, msaf
 
 @triton.jit
 def combine_kernel(
-        acc_ptr, m_ptr, l_ptr, hinv_ptr, out_ptr, stat_m_ptr, stat_l_ptr,
+        acc_ptr, m_ptr, l_ptr, hinv_ptr, out_ptr, stat_m_ptr, stat_l_ptr, sinks_ptr,
         M, Tq, G, Hkv, S_total, S_rot,
         sob, soh, sot,
         D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_ROT: tl.constexpr, BLOCK_S: tl.constexpr,
-        BLOCK_C: tl.constexpr):
+        BLOCK_C: tl.constexpr, HAS_SINKS: tl.constexpr):
     """Merge splits 0..S_rot-1 (values in the rotated domain) and S_rot..S_total-1 (plain),
     rotate back once, normalise, write out[b, h·G + g, t] for row g·Tq + t.
+
+    HAS_SINKS: one more logit per query head (gpt-oss's sinks, sinks_ptr [Hq], log2 units)
+    joins the normaliser only, as store.sink_factor does; the row statistics stay the tokens'.
 
     The rotation is a [BLOCK_M, D] x [D, BLOCK_C] tf32x3 dot per block of BLOCK_C output
     columns (about float32 accuracy on tensor cores): one float32 FMA dot against the whole
@@ -406,12 +409,15 @@ def combine_kernel(
         ok = (sp < S_total)[:, None] & rmask[None, :]
         w = tl.exp2(tl.load(m_ptr + idx, mask=ok, other=float("-inf")) - msafe[None, :])
         total += tl.sum(w * tl.load(l_ptr + idx, mask=ok, other=0.0), 0)
-    inv = tl.where(total == 0, 0.0, 1.0 / tl.where(total == 0, 1.0, total))
+    b = pid_bh // Hkv
+    head = (pid_bh % Hkv) * G + rows // Tq
+    norm = total
+    if HAS_SINKS:  # a sink of -inf adds 0; one far above the tokens' logits makes norm inf (output 0)
+        norm = total + tl.exp2(tl.load(sinks_ptr + head, mask=rmask, other=float("-inf")) - msafe)
+    inv = tl.where(total == 0, 0.0, 1.0 / tl.where(total == 0, 1.0, norm))
     acc_rot = tl.zeros((BLOCK_M, D), tl.float32)
     if HAS_ROT:
         acc_rot = _weighted_partials(acc_ptr, m_ptr, base, 0, S_rot, rows, rmask, d, msafe, M, D, BLOCK_S)
-    b = pid_bh // Hkv
-    head = (pid_bh % Hkv) * G + rows // Tq
     t = rows % Tq
     for c0 in tl.static_range(0, D, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
