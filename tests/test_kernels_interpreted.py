@@ -170,7 +170,8 @@ def test_several_splits_per_tier_match_reference(min_tiles, monkeypatch):
     class Spy:  # records (S_total, S_rot) of each combine launch
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                launched.append((args[11], args[12]))
+                names = combine.arg_names
+                launched.append((args[names.index("S_total")], args[names.index("S_rot")]))
                 return combine[grid](*args, **kwargs)
             return launch
 
