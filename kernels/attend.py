@@ -131,20 +131,21 @@ def _coded_programs(wanted: int, rows: int) -> int:
     return max(1, wanted // 2 * _coded_per_sm(wanted, rows))
 
 
-def _balanced_splits(rows: int, sms: int, per_sm: int, most: int) -> int:
+def _balanced_splits(rows: int, sms: int, per_sm: int, most: int, slack: float = 0.01) -> int:
     """Splits per row, at most `most`, that leave no SM a partial load: the busiest SM runs
-    ceil(rows * S / sms) programs of 1/S of a row each, so S minimises that ratio; among equals,
-    the fewest splits that still give an SM per_sm programs (fewer and longer splits, no last
-    wave of a few programs), else the most. Rounding the splits up to fill per_sm programs per SM
-    launched Llama-3-8B B=8 (64 rows) as 64 x 9 = 576 programs for 528 slots (1.09 waves): at 8
-    splits the decode took 0.416 ms instead of 0.494 (H200, benchmarks/sweep_waves.py)."""
-    best_key, best = None, 1
-    for S in range(1, max(1, most) + 1):
-        per_busiest = -(-rows * S // sms)
-        key = (per_busiest / S, 0 if per_busiest >= per_sm else 1, S if per_busiest >= per_sm else -S)
-        if best_key is None or key < best_key:
-            best_key, best = key, S
-    return best
+    ceil(rows * S / sms) programs of 1/S of a row each, so S minimises that share. Counts within
+    `slack` of the least share count as equal (a long prefill's thousands of rows would otherwise
+    double its splits, and the combine's work, for a share 1% smaller); among equals, the fewest
+    splits that still give an SM per_sm programs (fewer and longer splits, no last wave of a few
+    programs), else the most. Rounding the splits up to fill per_sm programs per SM launched
+    Llama-3-8B B=8 (64 rows) as 64 x 9 = 576 programs for 528 slots (1.09 waves): at 8 splits the
+    decode took 0.416 ms instead of 0.494 (H200, benchmarks/sweep_waves.py)."""
+    counts = range(1, max(1, most) + 1)
+    busiest = {S: -(-rows * S // sms) for S in counts}
+    least = min(busiest[S] / S for S in counts)
+    near = [S for S in counts if busiest[S] / S <= least * (1 + slack)]
+    full = [S for S in near if busiest[S] >= per_sm]
+    return min(full) if full else max(near)
 
 
 def _splits(programs_per_split: int, capacity: int, block_t: int, wanted: int, min_tiles: int = 1) -> int:

@@ -18,9 +18,11 @@ def busiest_load(rows: int, sms: int, S: int) -> Fraction:
 @settings(max_examples=300, deadline=None)
 @given(rows=st.integers(1, 4096), sms=st.integers(1, 200), per_sm=st.integers(1, 8), most=st.integers(1, 300))
 def test_no_split_count_leaves_the_busiest_sm_less_work(rows, sms, per_sm, most):
+    """Optimal up to the rule's 1% slack."""
     S = _balanced_splits(rows, sms, per_sm, most)
     assert 1 <= S <= most
-    assert all(busiest_load(rows, sms, S) <= busiest_load(rows, sms, other) for other in range(1, most + 1))
+    least = min(busiest_load(rows, sms, other) for other in range(1, most + 1))
+    assert busiest_load(rows, sms, S) <= least * Fraction(101, 100)
 
 
 @pytest.mark.parametrize("rows,per_sm,most,expected", [
@@ -41,3 +43,9 @@ def test_among_equal_loads_the_fewest_splits_that_fill_an_sm():
     assert _balanced_splits(64, 132, 4, 16) == 8
     # at most 6 splits: 2, 4 and 6 tie and none gives an SM four programs: the most, 6
     assert _balanced_splits(64, 132, 4, 6) == 6
+
+
+def test_a_long_prefill_keeps_one_split():
+    # 8 KV heads x 1,024 blocks of 16 query rows: two splits would leave the busiest SM 62.5
+    # rows instead of 63 (0.8% less) and double the partials the combine merges
+    assert _balanced_splits(8 * 1024, 132, 4, 2) == 1
