@@ -2,8 +2,8 @@
 
     python benchmarks/bench_sinks.py [--points gpt-oss-20b:8:32768,...] [--out DIR]
 
-gpt-oss adds one learned logit per query head to every softmax (transformers' `s_aux`); sphkv
-folds it into the final rescale of each query's output (store.sink_factor). Per point this times,
+gpt-oss adds one learned logit per query head to every softmax (transformers' `s_aux`); the sphkv
+kernels add it to the combine kernel's normaliser (the torch reference: store.sink_factor). Per point this times,
 in one run: the sphkv decode call without and with sinks (CUDA-graph replay, do_bench median,
 default configuration) and cuDNN / flash SDPA bf16 without sinks. Dense SDPA has no sink
 argument, so its time is a lower bound on dense decode with sinks (gpt-oss's own eager path

@@ -131,6 +131,7 @@ def _coded_programs(wanted: int, rows: int) -> int:
     return max(1, wanted // 2 * _coded_per_sm(wanted, rows))
 
 
+@lru_cache(maxsize=1024)  # pure in its integers; an eager decode asks for the same launch every layer
 def _balanced_splits(rows: int, sms: int, per_sm: int, most: int, slack: float = 0.01) -> int:
     """Splits per row, at most `most`, that leave no SM a partial load: the busiest SM runs
     ceil(rows * S / sms) programs of 1/S of a row each, so S minimises that share. Counts within
@@ -151,6 +152,19 @@ def _balanced_splits(rows: int, sms: int, per_sm: int, most: int, slack: float =
 def _splits(programs_per_split: int, capacity: int, block_t: int, wanted: int, min_tiles: int = 1) -> int:
     tiles = max(1, triton.cdiv(capacity, block_t))
     return max(1, min(triton.cdiv(tiles, min_tiles), triton.cdiv(wanted, max(1, programs_per_split))))
+
+
+def _coded_splits(rows: int, capacity: int, wanted: int) -> int:
+    """Splits per row of a compressed tier: as many as fill four (or, few rows, two) programs per
+    SM, then, with balance_waves, the count up to twice that (not past max_splits_per_row unless
+    already there, nor past the tiles) that leaves no SM a partial last wave."""
+    tile, min_tiles = _coded_block_t(), CODED["min_tiles_per_split"]
+    S = _splits(rows, capacity, tile, _coded_programs(wanted, rows), min_tiles)
+    if not CODED["balance_waves"]:
+        return S
+    tiles = max(1, triton.cdiv(capacity, tile))
+    most = min(max(S, min(2 * S, CODED["max_splits_per_row"])), triton.cdiv(tiles, min_tiles))
+    return _balanced_splits(rows, wanted // 2, _coded_per_sm(wanted, rows), most)
 
 
 def check_supported(q_dtype: torch.dtype, specs, head_dim: int, seed: int, kv_dtype: torch.dtype):
@@ -315,15 +329,9 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
         for group in (compressed, plain):
             for i, info in group:
                 st = states[i]
-                tile = block_t if info.key is None else _coded_block_t()
-                want = wanted if info.key is None else _coded_programs(wanted, BH * mblocks)
                 capacity = st.pages.shape[-1] * st.page_size
-                S = _splits(BH * mblocks, capacity, tile, want, 1 if info.key is None else CODED["min_tiles_per_split"])
-                if info.key is not None and CODED["balance_waves"]:
-                    # up to twice the splits (not past max_splits_per_row unless S already is)
-                    most = max(S, min(2 * S, CODED["max_splits_per_row"]))
-                    most = min(most, _splits(1, capacity, tile, 1 << 30, CODED["min_tiles_per_split"]))
-                    S = _balanced_splits(BH * mblocks, wanted // 2, _coded_per_sm(wanted, BH * mblocks), most)
+                S = (_splits(BH * mblocks, capacity, block_t, wanted) if info.key is None
+                     else _coded_splits(BH * mblocks, capacity, wanted))
                 launches.append((i, info, S_total, S))
                 S_total += S
         S_rot = sum(S for i, info, _, S in launches if info.key is not None)

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sphkv_compile.kernels.attend import _balanced_splits
+from sphkv_compile.kernels.attend import _balanced_splits, _coded_splits
 
 
 def busiest_load(rows: int, sms: int, S: int) -> Fraction:
@@ -25,16 +25,20 @@ def test_no_split_count_leaves_the_busiest_sm_less_work(rows, sms, per_sm, most)
     assert busiest_load(rows, sms, S) <= least * Fraction(101, 100)
 
 
-@pytest.mark.parametrize("rows,per_sm,most,expected", [
-    (64, 4, 18, 8),    # Llama-3-8B B=8: 512 programs, one wave of 4 per SM (rounded up: 9 splits, 1.09 waves)
-    (256, 4, 6, 2),    # Llama-3-8B B=32: 512 programs (rounded up: 3 splits, 768)
-    (96, 4, 12, 11),   # SmolLM2 B=32: 1,056 programs, 8 per SM (rounded up: 6 splits, 5 per SM)
-    (24, 4, 32, 22),   # SmolLM2 B=8: 528 programs already fill four per SM: unchanged
-    (8, 2, 33, 33),    # Llama-3-8B B=1 (two per SM when rows are few): unchanged
+@pytest.mark.parametrize("rows,expected", [
+    (64, 8),    # Llama-3-8B B=8: 512 programs, one wave of 4 per SM (rounded up: 9 splits, 1.09 waves)
+    (128, 4),   # Llama-3-8B B=16 (rounded up: 5)
+    (256, 2),   # Llama-3-8B B=32: 512 programs (rounded up: 3 splits, 768)
+    (96, 11),   # SmolLM2 B=32: 1,056 programs, 8 per SM (rounded up: 6 splits, 5 per SM)
+    (192, 4),   # SmolLM2 B=64 (rounded up: 3)
+    (24, 22),   # SmolLM2 B=8: 528 programs already fill four per SM: unchanged
+    (16, 16),   # Llama-3-8B B=2, two per SM when rows are few (rounded up: 17)
+    (8, 33),    # Llama-3-8B B=1: unchanged
 ])
-def test_split_counts_measured_on_the_h200(rows, per_sm, most, expected):
-    """132 SMs; benchmarks/sweep_waves.py timed these shapes (docs/PERFORMANCE.md, session 15)."""
-    assert _balanced_splits(rows, 132, per_sm, most) == expected
+def test_split_counts_measured_on_the_h200(rows, expected):
+    """The launch's whole rule at 132 SMs (an H200) and 32k tokens per row; benchmarks/sweep_waves.py
+    timed these shapes (docs/PERFORMANCE.md, session 15)."""
+    assert _coded_splits(rows, 32768, 2 * 132) == expected
 
 
 def test_among_equal_loads_the_fewest_splits_that_fill_an_sm():
