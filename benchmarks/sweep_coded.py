@@ -34,9 +34,10 @@ from sphkv_compile.tiers import TierSpec
 # Timed: the tables in shared memory, 2-7% faster (the default since); two tokens per thread, so
 # the decoded tile is written to shared memory in 16-byte vectors (session 13: slower at B=8, 2-8%
 # faster at Llama B=1 only; h200_sweep_coded_session13_two_tokens.json).
-SETTINGS = [dict(), dict(tokens_per_thread=2), dict(tokens_per_thread=2, warps=2, quarters=True, maxnreg=168, programs_per_sm=6),
-            dict(tokens_per_thread=2, warps=4, quarters=True, maxnreg=0, programs_per_sm=2),
-            dict(tokens_per_thread=2, warps=2, maxnreg=0, programs_per_sm=4)]
+# Session 16: the tree in float16 pairs from float16-pair tables (packed, the default in this
+# session's code) against the same unit-radius kernels with bfloat16 tiles, and packed uncapped
+# (163 registers in the sm_90 compile) at three programs per SM.
+SETTINGS = [dict(), dict(packed=False), dict(maxnreg=0, programs_per_sm=3)]
 POINTS = [("llama3-8b", 1, 4096), ("smollm2", 1, 4096), ("llama3-8b", 1, 32768), ("llama3-8b", 8, 32768),
           ("smollm2", 8, 32768), ("llama3-8b", 1, 131072)]
 DEFAULTS = dict(kattend.CODED)

@@ -11,6 +11,7 @@ from functools import lru_cache
 
 import torch
 import triton
+import triton.language as tl
 
 from sphkv_compile.radius import LOG2_MIN
 from sphkv_compile.store import TierState
@@ -19,7 +20,7 @@ from sphkv_compile.tiers import TierSpec, tier_codecs
 from .attention_kernels import (chunk_partials_kernel, combine_kernel, paged_coded_halves_kernel, paged_coded_kernel,
                                 paged_coded_quarters_kernel, paged_mass_kernel, paged_partials_kernel,
                                 tables_stay_in_global_memory)
-from .decode_codegen import decoder, staged_offsets, stager, table_bytes
+from .decode_codegen import decoder, staged_offsets, stager, table_bytes, table_tensor
 from .layout import DEVICE_TABLES, ScalarTables, Unsupported, rotation_matrices, tier_info, under_interpreter
 
 LOG2E = 1.0 / math.log(2.0)
@@ -66,7 +67,7 @@ CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": 4, "few_ro
          "max_splits_per_row": 32, "maxnreg": 128, "maxnreg_max_d": 128, "min_tiles_per_split": 2,
          "halves": True, "halves_min_d": 64, "quarters": False, "quarters_min_d": 128,
          "shared_tables": True, "shared_tables_max_bytes": 4096, "shared_tables_max_d": 128,
-         "tokens_per_thread": 1, "balance_waves": True}
+         "tokens_per_thread": 1, "balance_waves": True, "packed": True}
 # shared_tables: each program copies the decoders' lookup tables into shared memory once and
 # every node's lookup reads them there (decode_codegen.stager). Static shared memory, on top of
 # the kernel's own dynamic allocation; the two must stay within the 48 KB a launch gets without
@@ -88,6 +89,10 @@ CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": 4, "few_ro
 # (h200_sweep_coded_session13_two_tokens): no gain at B=8 (Llama 32k 0.498 -> 0.54-1.05 ms: two
 # dependency chains per thread cost registers or warps); quarters/4 warps/uncapped is 2-8% faster
 # at Llama B=1 only, 6-9% slower elsewhere. So one.
+# packed: where the tables are staged, the polar decoders stage (cos, sin) as float16 pairs and
+# run the tree in f16x2 (decode_codegen, packed=True): one HMUL2 per node instead of two FMULs,
+# one LDS.32 instead of an LDS.64, and float16 leaves with no conversion; the dots then take
+# float16 operands (10 mantissa bits to bfloat16's 7; the tiles are unit-radius, so in range).
 # combine_kernel: splits merged per step, output columns per rotation block, warps (sm_90
 # compile, D=128: 238 registers and no spills; 64 columns spill).
 COMBINE = {"splits": 4, "columns": 32, "warps": 8}
@@ -207,12 +212,18 @@ def _coded_dynamic_shared(D: int, parts: int, block_m: int) -> int:
     return (block_t * D // parts + block_m * D + block_m * block_t) * size
 
 
+def _packed() -> bool:
+    """Float16-pair tables and f16x2 trees (CODED["packed"]): inline PTX, so never under the
+    interpreter."""
+    return CODED["packed"] and not under_interpreter()
+
+
 def _stage_tables(info, D: int, parts: int, block_m: int) -> bool:
     """Do the coded kernels read this tier's tables from shared memory (CODED["shared_tables"])?
     Not under the interpreter, which runs no inline PTX; not where the tables and Triton's own
     allocation (with 2 KB to spare for a Triton version that allocates a little more) would pass
     the 48 KB a launch gets without opting in."""
-    staged = staged_offsets(info.key)[1] + table_bytes(info.value)
+    staged = staged_offsets(info.key, _packed())[1] + table_bytes(info.value, _packed())
     fits = (_coded_dynamic_shared(D, parts, block_m) + staged + SM90_RESERVED_SHARED_BYTES + 2048
             <= LAUNCH_SHARED_BYTES)
     return (CODED["shared_tables"] and not under_interpreter() and staged <= CODED["shared_tables_max_bytes"]
@@ -231,28 +242,31 @@ def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_
     BH = st.count.numel()
     grid = (BH, S, triton.cdiv(M, block_m))
     if info.key is not None:  # compressed tier: the generated one-token-per-thread decoders
-        scalar = isinstance(info.value, ScalarTables)
-        kt = _tab(info.key.trig_pairs, device)
-        vt = _tab(info.value.centroids if scalar else info.value.trig_pairs, device)
-        leaf = "tl.bfloat16" if _bf16_tiles() else None
         WT = st.pool.shape[-1]
         D = q_in.shape[-1]
-        launch = dict(PS=st.page_size, WT=WT, D=D, BLOCK_M=block_m, BLOCK_T=_coded_block_t(),
-                      STEP=info.key.radius_step, LOG2_MIN=LOG2_MIN, DOT_PRECISION=precision,
-                      BF16_TILES=leaf is not None, num_warps=CODED["warps"], num_stages=1,
-                      **({"maxnreg": CODED["maxnreg"]} if CODED["maxnreg"] and D <= CODED["maxnreg_max_d"] else {}))
-        args = (q_in, st.pool, st.pages, st.count, acc, m, l, kt, vt, M, st.pages.shape[-1], S, split_offset, S_total)
         quarters = CODED["quarters"] and D >= CODED["quarters_min_d"]
         halves = not quarters and CODED["halves"] and D >= CODED["halves_min_d"]
         parts = 4 if quarters else 2 if halves else 1
-        ksm, vsm = staged_offsets(info.key) if _stage_tables(info, D, parts, block_m) else (None, None)
-        launch["STAGE_TABLES"] = tables_stay_in_global_memory if ksm is None else stager(info.key, info.value)
+        staged = _stage_tables(info, D, parts, block_m)
+        packed = staged and _packed()
+        kt = _tab(table_tensor(info.key, packed), device)
+        vt = _tab(table_tensor(info.value, packed), device)
+        tile = tl.float16 if packed else tl.bfloat16 if _bf16_tiles() else tl.float32
+        leaf = {tl.float16: "tl.float16", tl.bfloat16: "tl.bfloat16"}.get(tile)  # the decoders' leaf cast
+        launch = dict(PS=st.page_size, WT=WT, D=D, BLOCK_M=block_m, BLOCK_T=_coded_block_t(),
+                      STEP=info.key.radius_step, LOG2_MIN=LOG2_MIN, DOT_PRECISION=precision,
+                      TILE_DTYPE=tile, num_warps=CODED["warps"], num_stages=1,
+                      **({"maxnreg": CODED["maxnreg"]} if CODED["maxnreg"] and D <= CODED["maxnreg_max_d"] else {}))
+        args = (q_in, st.pool, st.pages, st.count, acc, m, l, kt, vt, M, st.pages.shape[-1], S, split_offset, S_total)
+        ksm, vsm = staged_offsets(info.key, packed) if staged else (None, None)
+        launch["STAGE_TABLES"] = stager(info.key, info.value, packed) if staged else tables_stay_in_global_memory
 
         def key_part(*part):
-            return decoder(info.key, 0, WT, leaf, *part, smem=ksm)
+            return decoder(info.key, 0, WT, leaf, *part, smem=ksm, packed=packed)
 
-        def value_part(*part):
-            return decoder(info.value, info.key_words, WT, leaf, *part, smem=vsm)
+        def value_part(*part):  # a scalar codec's decoder has no packed form (float32 centroids, cast)
+            return decoder(info.value, info.key_words, WT, leaf, *part, smem=vsm,
+                           packed=packed and not isinstance(info.value, ScalarTables))
 
         if quarters:
             paged_coded_quarters_kernel[grid](

@@ -138,36 +138,71 @@ def _softmax_step(s, valid, m_i, l_i):
 
 
 @triton.jit
+def _operand(x, TILE_DTYPE: tl.constexpr):
+    return x.to(TILE_DTYPE)
+
+
+@triton.jit
+def _row_scale(x):
+    """max |x| of each row, 1 for a row of zeros: queries divided by it fit a float16 operand
+    whatever their norm (the logits are scaled back by it)."""
+    a = tl.max(tl.abs(x), 1)
+    return tl.where(a > 0, a, 1.0)
+
+
+@triton.jit
+def _coded_softmax_step(s, q_scale, radius, valid, m_i, l_i):
+    """_softmax_step for logits of a unit-radius key tile with queries divided by q_scale: the
+    tokens' logits are q_scale (per row) · radius (per token) · s. The radius and the tile mask
+    are one FFMA (an invalid token's bias is -inf), and q_scale rides in the exp2's FFMA."""
+    bias = tl.where(valid, 0.0, float("-inf"))
+    s = s * radius[None, :] + bias[None, :]
+    m_new = tl.maximum(m_i, tl.max(s, 1) * q_scale)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s * q_scale[:, None] - m_new[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _value_weights(p, radius, TILE_DTYPE: tl.constexpr):
+    """(p · value radius, divided by its largest in each row, as the dot's operand; that
+    largest). The dot then runs on the unit-radius value tile: no 16-bit operand holds a norm,
+    and a row's largest contributions keep their precision whatever the radii."""
+    w = p * radius[None, :]
+    top = tl.max(w, 1)
+    top = tl.where(top > 0, top, 1.0)
+    return (w * (1.0 / top)[:, None]).to(TILE_DTYPE), top
+
+
+@triton.jit
 def paged_coded_kernel(
         q_ptr, pool_ptr, pages_ptr, count_ptr, acc_ptr, m_ptr, l_ptr, ktab_ptr, vtab_ptr,
         M, max_pages, S, split_offset, S_total,
         PS: tl.constexpr, WT: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
         DECODE_K: tl.constexpr, DECODE_V: tl.constexpr, STEP: tl.constexpr, LOG2_MIN: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, BF16_TILES: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, TILE_DTYPE: tl.constexpr,
         STAGE_TABLES: tl.constexpr):
     """paged_partials_kernel for a compressed tier, with keys and values decoded by the
-    generated one-token-per-thread decoders (decode_codegen.py). BF16_TILES: the dots take
-    bfloat16 operands (as dense bf16 attention does), halving the tiles' shared memory."""
+    generated one-token-per-thread decoders (decode_codegen.py) as unit-radius tiles, the radii
+    applied to the logits and the probabilities. TILE_DTYPE: the dots' operands (bfloat16 as
+    dense bf16 attention, float16 with the packed decoders, float32 under the interpreter)."""
     STAGE_TABLES(ktab_ptr, vtab_ptr)
     pid_bh, pid_s, start, end, rows, rmask = _coded_program(count_ptr, S, M, BLOCK_M, BLOCK_T)
     d = tl.arange(0, D)
     q = tl.load(q_ptr + (pid_bh * M + rows)[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)
+    q_scale = _row_scale(q)
+    q = _operand(q / q_scale[:, None], TILE_DTYPE)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, D), tl.float32)
     for t0 in range(start, end, BLOCK_T):
         valid, base = _tile_records(t0, end, pages_ptr, pid_bh, max_pages, PS, WT, BLOCK_T)
-        k = DECODE_K(pool_ptr, base, valid, ktab_ptr, BLOCK_T, STEP, LOG2_MIN)
-        if BF16_TILES:
-            s = tl.dot(q.to(tl.bfloat16), tl.trans(k.to(tl.bfloat16)))
-        else:
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        p, alpha, m_new, l_i = _softmax_step(s, valid, m_i, l_i)
-        v = DECODE_V(pool_ptr, base, valid, vtab_ptr, BLOCK_T, STEP, LOG2_MIN)
-        if BF16_TILES:
-            acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), v.to(tl.bfloat16))
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+        k, k_radius = DECODE_K(pool_ptr, base, valid, ktab_ptr, BLOCK_T, STEP, LOG2_MIN)
+        s = tl.dot(q, tl.trans(_operand(k, TILE_DTYPE)), input_precision=DOT_PRECISION)
+        p, alpha, m_new, l_i = _coded_softmax_step(s, q_scale, k_radius, valid, m_i, l_i)
+        v, v_radius = DECODE_V(pool_ptr, base, valid, vtab_ptr, BLOCK_T, STEP, LOG2_MIN)
+        pv, top = _value_weights(p, v_radius, TILE_DTYPE)
+        acc = acc * alpha[:, None] + tl.dot(pv, _operand(v, TILE_DTYPE), input_precision=DOT_PRECISION) * top[:, None]
         m_i = m_new
     out = (pid_bh * S_total + split_offset + pid_s) * M + rows
     tl.store(acc_ptr + out[:, None] * D + d[None, :], acc, mask=rmask[:, None])
@@ -181,7 +216,7 @@ def paged_coded_halves_kernel(
         M, max_pages, S, split_offset, S_total,
         PS: tl.constexpr, WT: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
         DECODE_K: tl.constexpr, DECODE_K2: tl.constexpr, DECODE_V: tl.constexpr, DECODE_V2: tl.constexpr,
-        STEP: tl.constexpr, LOG2_MIN: tl.constexpr, DOT_PRECISION: tl.constexpr, BF16_TILES: tl.constexpr,
+        STEP: tl.constexpr, LOG2_MIN: tl.constexpr, DOT_PRECISION: tl.constexpr, TILE_DTYPE: tl.constexpr,
         STAGE_TABLES: tl.constexpr):
     """paged_coded_kernel with keys and values decoded in two halves of D (the root's left and
     right subtrees): q·k is two dots of D/2 and the accumulator two [BLOCK_M, D/2] blocks, so a
@@ -193,38 +228,25 @@ def paged_coded_halves_kernel(
     q_rows = q_ptr + (pid_bh * M + rows)[:, None] * D
     qa = tl.load(q_rows + d[None, :], mask=rmask[:, None], other=0.0)
     qb = tl.load(q_rows + H + d[None, :], mask=rmask[:, None], other=0.0)
-    if BF16_TILES:
-        qa = qa.to(tl.bfloat16)
-        qb = qb.to(tl.bfloat16)
+    q_scale = tl.maximum(_row_scale(qa), _row_scale(qb))
+    qa = _operand(qa / q_scale[:, None], TILE_DTYPE)
+    qb = _operand(qb / q_scale[:, None], TILE_DTYPE)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc_a = tl.zeros((BLOCK_M, H), tl.float32)
     acc_b = tl.zeros((BLOCK_M, H), tl.float32)
     for t0 in range(start, end, BLOCK_T):
         valid, base = _tile_records(t0, end, pages_ptr, pid_bh, max_pages, PS, WT, BLOCK_T)
-        ka = DECODE_K(pool_ptr, base, valid, ktab_ptr, BLOCK_T, STEP, LOG2_MIN)
-        if BF16_TILES:
-            s = tl.dot(qa, tl.trans(ka.to(tl.bfloat16)))
-        else:
-            s = tl.dot(qa, tl.trans(ka), input_precision=DOT_PRECISION)
+        ka, k_radius = DECODE_K(pool_ptr, base, valid, ktab_ptr, BLOCK_T, STEP, LOG2_MIN)
+        s = tl.dot(qa, tl.trans(_operand(ka, TILE_DTYPE)), input_precision=DOT_PRECISION)
         kb = DECODE_K2(pool_ptr, base, valid, ktab_ptr, BLOCK_T, STEP, LOG2_MIN)
-        if BF16_TILES:
-            s = tl.dot(qb, tl.trans(kb.to(tl.bfloat16)), s)
-        else:
-            s = tl.dot(qb, tl.trans(kb), s, input_precision=DOT_PRECISION)
-        p, alpha, m_new, l_i = _softmax_step(s, valid, m_i, l_i)
-        if BF16_TILES:
-            p = p.to(tl.bfloat16)
-        va = DECODE_V(pool_ptr, base, valid, vtab_ptr, BLOCK_T, STEP, LOG2_MIN)
-        if BF16_TILES:
-            acc_a = acc_a * alpha[:, None] + tl.dot(p, va.to(tl.bfloat16))
-        else:
-            acc_a = acc_a * alpha[:, None] + tl.dot(p, va, input_precision=DOT_PRECISION)
+        s = tl.dot(qb, tl.trans(_operand(kb, TILE_DTYPE)), s, input_precision=DOT_PRECISION)
+        p, alpha, m_new, l_i = _coded_softmax_step(s, q_scale, k_radius, valid, m_i, l_i)
+        va, v_radius = DECODE_V(pool_ptr, base, valid, vtab_ptr, BLOCK_T, STEP, LOG2_MIN)
+        pv, top = _value_weights(p, v_radius, TILE_DTYPE)
+        acc_a = acc_a * alpha[:, None] + tl.dot(pv, _operand(va, TILE_DTYPE), input_precision=DOT_PRECISION) * top[:, None]
         vb = DECODE_V2(pool_ptr, base, valid, vtab_ptr, BLOCK_T, STEP, LOG2_MIN)
-        if BF16_TILES:
-            acc_b = acc_b * alpha[:, None] + tl.dot(p, vb.to(tl.bfloat16))
-        else:
-            acc_b = acc_b * alpha[:, None] + tl.dot(p, vb, input_precision=DOT_PRECISION)
+        acc_b = acc_b * alpha[:, None] + tl.dot(pv, _operand(vb, TILE_DTYPE), input_precision=DOT_PRECISION) * top[:, None]
         m_i = m_new
     out = (pid_bh * S_total + split_offset + pid_s) * M + rows
     tl.store(acc_ptr + out[:, None] * D + d[None, :], acc_a, mask=rmask[:, None])
@@ -234,20 +256,17 @@ def paged_coded_halves_kernel(
 
 
 @triton.jit
-def _operand(x, BF16_TILES: tl.constexpr):
-    if BF16_TILES:
-        x = x.to(tl.bfloat16)
-    return x
+def _coded_logits_part(s, q_rows, off: tl.constexpr, rmask, q_scale, k, Q: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr, TILE_DTYPE: tl.constexpr):
+    """s + q[:, off:off+Q] · k[:, off:off+Q]ᵀ for that decoded slice of the unit key tile."""
+    q = tl.load(q_rows + off + tl.arange(0, Q)[None, :], mask=rmask[:, None], other=0.0)
+    q = _operand(q / q_scale[:, None], TILE_DTYPE)
+    return tl.dot(q, tl.trans(_operand(k, TILE_DTYPE)), s, input_precision=DOT_PRECISION)
 
 
 @triton.jit
-def _coded_logits_part(s, q_rows, off: tl.constexpr, rmask, DECODE, pool_ptr, base, valid, tab_ptr,
-                       Q: tl.constexpr, BLOCK_T: tl.constexpr, STEP: tl.constexpr, LOG2_MIN: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr, BF16_TILES: tl.constexpr):
-    """s + q[:, off:off+Q] · k[:, off:off+Q]ᵀ with that slice of the key tile decoded here."""
-    q = _operand(tl.load(q_rows + off + tl.arange(0, Q)[None, :], mask=rmask[:, None], other=0.0), BF16_TILES)
-    k = _operand(DECODE(pool_ptr, base, valid, tab_ptr, BLOCK_T, STEP, LOG2_MIN), BF16_TILES)
-    return tl.dot(q, tl.trans(k), s, input_precision=DOT_PRECISION)
+def _coded_values_part(acc, alpha, pv, top, v, DOT_PRECISION: tl.constexpr, TILE_DTYPE: tl.constexpr):
+    return acc * alpha[:, None] + tl.dot(pv, _operand(v, TILE_DTYPE), input_precision=DOT_PRECISION) * top[:, None]
 
 
 @triton.jit
@@ -257,7 +276,7 @@ def paged_coded_quarters_kernel(
         PS: tl.constexpr, WT: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
         DECODE_K0: tl.constexpr, DECODE_K1: tl.constexpr, DECODE_K2: tl.constexpr, DECODE_K3: tl.constexpr,
         DECODE_V0: tl.constexpr, DECODE_V1: tl.constexpr, DECODE_V2: tl.constexpr, DECODE_V3: tl.constexpr,
-        STEP: tl.constexpr, LOG2_MIN: tl.constexpr, DOT_PRECISION: tl.constexpr, BF16_TILES: tl.constexpr,
+        STEP: tl.constexpr, LOG2_MIN: tl.constexpr, DOT_PRECISION: tl.constexpr, TILE_DTYPE: tl.constexpr,
         STAGE_TABLES: tl.constexpr):
     """paged_coded_halves_kernel in quarters of D (the subtrees two levels below the root): a
     decoded quarter-tile holds half the registers of a half-tile, meant to let a lower register
@@ -269,6 +288,7 @@ def paged_coded_quarters_kernel(
     Q: tl.constexpr = D // 4
     d = tl.arange(0, Q)
     q_rows = q_ptr + (pid_bh * M + rows)[:, None] * D
+    q_scale = _row_scale(tl.load(q_rows + tl.arange(0, D)[None, :], mask=rmask[:, None], other=0.0))
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc0 = tl.zeros((BLOCK_M, Q), tl.float32)
@@ -278,24 +298,24 @@ def paged_coded_quarters_kernel(
     for t0 in range(start, end, BLOCK_T):
         valid, base = _tile_records(t0, end, pages_ptr, pid_bh, max_pages, PS, WT, BLOCK_T)
         s = tl.zeros((BLOCK_M, BLOCK_T), tl.float32)
-        s = _coded_logits_part(s, q_rows, 0, rmask, DECODE_K0, pool_ptr, base, valid, ktab_ptr, Q, BLOCK_T, STEP, LOG2_MIN,
-                               DOT_PRECISION, BF16_TILES)
-        s = _coded_logits_part(s, q_rows, Q, rmask, DECODE_K1, pool_ptr, base, valid, ktab_ptr, Q, BLOCK_T, STEP,
-                               LOG2_MIN, DOT_PRECISION, BF16_TILES)
-        s = _coded_logits_part(s, q_rows, 2 * Q, rmask, DECODE_K2, pool_ptr, base, valid, ktab_ptr, Q, BLOCK_T, STEP,
-                               LOG2_MIN, DOT_PRECISION, BF16_TILES)
-        s = _coded_logits_part(s, q_rows, 3 * Q, rmask, DECODE_K3, pool_ptr, base, valid, ktab_ptr, Q, BLOCK_T, STEP,
-                               LOG2_MIN, DOT_PRECISION, BF16_TILES)
-        p, alpha, m_new, l_i = _softmax_step(s, valid, m_i, l_i)
-        p = _operand(p, BF16_TILES)
-        v = _operand(DECODE_V0(pool_ptr, base, valid, vtab_ptr, BLOCK_T, STEP, LOG2_MIN), BF16_TILES)
-        acc0 = acc0 * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
-        v = _operand(DECODE_V1(pool_ptr, base, valid, vtab_ptr, BLOCK_T, STEP, LOG2_MIN), BF16_TILES)
-        acc1 = acc1 * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
-        v = _operand(DECODE_V2(pool_ptr, base, valid, vtab_ptr, BLOCK_T, STEP, LOG2_MIN), BF16_TILES)
-        acc2 = acc2 * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
-        v = _operand(DECODE_V3(pool_ptr, base, valid, vtab_ptr, BLOCK_T, STEP, LOG2_MIN), BF16_TILES)
-        acc3 = acc3 * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+        k, k_radius = DECODE_K0(pool_ptr, base, valid, ktab_ptr, BLOCK_T, STEP, LOG2_MIN)
+        s = _coded_logits_part(s, q_rows, 0, rmask, q_scale, k, Q, DOT_PRECISION, TILE_DTYPE)
+        k = DECODE_K1(pool_ptr, base, valid, ktab_ptr, BLOCK_T, STEP, LOG2_MIN)
+        s = _coded_logits_part(s, q_rows, Q, rmask, q_scale, k, Q, DOT_PRECISION, TILE_DTYPE)
+        k = DECODE_K2(pool_ptr, base, valid, ktab_ptr, BLOCK_T, STEP, LOG2_MIN)
+        s = _coded_logits_part(s, q_rows, 2 * Q, rmask, q_scale, k, Q, DOT_PRECISION, TILE_DTYPE)
+        k = DECODE_K3(pool_ptr, base, valid, ktab_ptr, BLOCK_T, STEP, LOG2_MIN)
+        s = _coded_logits_part(s, q_rows, 3 * Q, rmask, q_scale, k, Q, DOT_PRECISION, TILE_DTYPE)
+        p, alpha, m_new, l_i = _coded_softmax_step(s, q_scale, k_radius, valid, m_i, l_i)
+        v, v_radius = DECODE_V0(pool_ptr, base, valid, vtab_ptr, BLOCK_T, STEP, LOG2_MIN)
+        pv, top = _value_weights(p, v_radius, TILE_DTYPE)
+        acc0 = _coded_values_part(acc0, alpha, pv, top, v, DOT_PRECISION, TILE_DTYPE)
+        v = DECODE_V1(pool_ptr, base, valid, vtab_ptr, BLOCK_T, STEP, LOG2_MIN)
+        acc1 = _coded_values_part(acc1, alpha, pv, top, v, DOT_PRECISION, TILE_DTYPE)
+        v = DECODE_V2(pool_ptr, base, valid, vtab_ptr, BLOCK_T, STEP, LOG2_MIN)
+        acc2 = _coded_values_part(acc2, alpha, pv, top, v, DOT_PRECISION, TILE_DTYPE)
+        v = DECODE_V3(pool_ptr, base, valid, vtab_ptr, BLOCK_T, STEP, LOG2_MIN)
+        acc3 = _coded_values_part(acc3, alpha, pv, top, v, DOT_PRECISION, TILE_DTYPE)
         m_i = m_new
     out = acc_ptr + ((pid_bh * S_total + split_offset + pid_s) * M + rows)[:, None] * D + d[None, :]
     tl.store(out, acc0, mask=rmask[:, None])

@@ -7,6 +7,13 @@ pulls every code out with a constant shift and mask, runs the angular recurrence
 scalar multiplies (no cross-thread data movement), and only at the end joins the D values
 into a [BLOCK_T, D] tile (tl.join keeps the new axis inside the thread) for tl.dot.
 
+The tiles are unit-radius: the tree starts from 1 at the root, and the decoder of the slice
+that holds coordinate 0 also returns each token's radius [BLOCK_T], which the attention kernel
+applies to the logits (keys) and to the probabilities (values). So a 16-bit tile never holds a
+huge norm, and the packed decoders can run the whole tree in float16 pairs: with (cos, sin)
+staged as one float16 pair per 4-byte entry, a node's two children are one f16x2 multiply of
+the parent (in both halves) by the pair, and the leaves come out as float16 (x_2i, x_2i+1).
+
 Written out rather than looped because a Triton function cannot hold a list of per-node
 tensors; the generated source is cached on disk (Triton's JIT needs a real file) under a
 name that hashes the source, so a different codec or an edit here never reuses a stale file.
@@ -20,6 +27,7 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
+import torch
 import triton
 
 from .layout import PolarTables, ScalarTables
@@ -141,19 +149,35 @@ def _shared_lookup(w: _Writer, offset: str, const_bytes: int, outputs: int, name
            f"dtype={dtype}, is_pure=True, pack=1)")
 
 
-def _radius(w: _Writer, parts, inv_norm: float = 1.0) -> str:
-    """16-bit log-radius code -> float32 (0 -> 0, all ones -> NaN), times inv_norm."""
+def _shared_word(w: _Writer, offset: str, const_bytes: int, name: str) -> None:
+    """name = the 32-bit word at SHARED_TABLES + offset + const_bytes, as int32 (a float16 pair)."""
+    asm = f"{{ .reg .u32 a; mov.u32 a, {SHARED_TABLES}; add.u32 a, a, $1; ld.shared.b32 $0, [a+{const_bytes}]; }}"
+    w.emit(f'{name} = tl.inline_asm_elementwise("{asm}", "=r,r", [{offset}], dtype=tl.int32, is_pure=True, pack=1)')
+
+
+def _half_pair_constant(cos: float, sin: float) -> int:
+    """(cos, sin) as one float16 pair in an int32, cos in the low half (as PolarTables.half_pairs)."""
+    return int(torch.tensor([cos, sin], dtype=torch.float16).view(torch.int32).item())
+
+
+# children = parent (in both halves) times the (cos, sin) pair: one HMUL2 on sm_90
+_F16X2_CHILDREN = ("{ .reg .b32 p, d; mov.b32 p, {$2, $2}; mul.rn.f16x2 d, p, $3; mov.b32 {$0, $1}, d; }")
+_F16X2_SPLIT = "mov.b32 {$0, $1}, $2;"
+
+
+def _radius(w: _Writer, parts) -> str:
+    """16-bit log-radius code -> float32 (0 -> 0, all ones -> NaN)."""
     code = _extract(w, parts, "rc")
     r = "r"
-    scale = "" if inv_norm == 1.0 else f" * {inv_norm!r}"
-    w.emit(f"{r} = tl.exp2(LOG2_MIN + ({code}.to(tl.int32) - 1).to(tl.float32) * STEP){scale}")
+    w.emit(f"{r} = tl.exp2(LOG2_MIN + ({code}.to(tl.int32) - 1).to(tl.float32) * STEP)")
     w.emit(f"{r} = tl.where({code} == 0, 0.0, {r})")
     w.emit(f"{r} = tl.where({code} == 65535, float('nan'), {r})")
     return r
 
 
-def _join_tile(w: _Writer, leaves: list[str]) -> None:
-    """Return the [BLOCK_T] leaves, in order, as one [BLOCK_T, D] tile.
+def _join_tile(w: _Writer, leaves: list[str], radius: str | None = None) -> None:
+    """Return the [BLOCK_T] leaves, in order, as one [BLOCK_T, D] tile (and the radius after it,
+    if given).
     join(even half, odd half) puts the leaf's lowest index bit on the last (in-thread) axis,
     so the row-major reshape restores the order. With w.leaf_dtype the leaves are cast as
     they are made (bf16 pairs share a register, which halves the tile's registers)."""
@@ -175,85 +199,117 @@ def _join_tile(w: _Writer, leaves: list[str]) -> None:
         return name
 
     tile = f"tl.reshape({build(leaves)}, (BLOCK_T, {len(leaves)}))"
-    w.emit(f"return {tile}")
+    w.emit(f"return {tile}" + (f", {radius}" if radius else ""))
 
 
 def _polar_body(w: _Writer, t: PolarTables, tab: str, part: int | None = None, parts: int = 2,
-                smem: int | None = None) -> None:
+                smem: int | None = None, packed: bool = False) -> None:
     """part: None for the whole tile, else the part-th of `parts` (a power of two) equal slices
     of the coordinates, the subtree below the root's top log2(parts) levels: 0 or 1 of 2 is the
     root's left or right subtree (the first or second D/2 coordinates). smem: the byte offset of
-    the staged (cos, sin) pairs in SHARED_TABLES, or None to load them from tab."""
+    the staged (cos, sin) pairs in SHARED_TABLES, or None to load them from tab. packed: the
+    staged pairs are float16 (PolarTables.half_pairs) and the tree runs in f16x2 (GPU only)."""
     depth = parts.bit_length() - 1  # levels walked along one path only
     trig = t.trig.double()
     codes = code_parts(t.fields.layout)
-    nodes = [(0, _radius(w, codes[(0, 0)]))]  # (index of the node in its level, variable)
+    radius = _radius(w, codes[(0, 0)]) if part in (None, 0) else None
+    nodes = [(0, None)]  # (index of the node in its level, variable); None: the unit root
     size = t.table_size
+    entry = 4 if packed else 8
     for f in range(t.levels, 0, -1):
         lev = f - 1
         bits = (t.bits >> (4 * lev)) & 15
         children = []
         for j, parent in nodes:
-            cos_name, sin_name = f"c{f}_{j}", f"s{f}_{j}"
-            if bits == 0:
-                cos_v, sin_v = repr(float(trig[lev, 0, 0])), repr(float(trig[lev, 1, 0]))
+            names = [f"n{f}_{2 * j}", f"n{f}_{2 * j + 1}"]
+            consts = [(float(trig[lev, 0, c]), float(trig[lev, 1, c])) for c in range(2)]
+            if bits == 0 or bits <= SELECT_MAX_BITS or smem is None:
+                code = None if bits == 0 else _extract(w, codes[(f, j)], f"k{f}_{j}")
+            if packed:
+                cs = f"cs{f}_{j}"
+                if bits == 0:
+                    w.emit(f"{cs} = tl.full((BLOCK_T,), {_half_pair_constant(*consts[0])}, tl.int32)")
+                elif bits <= SELECT_MAX_BITS:
+                    w.emit(f"{cs} = tl.where({code} == 0, {_half_pair_constant(*consts[0])}, "
+                           f"{_half_pair_constant(*consts[1])}).to(tl.int32)")
+                else:
+                    offset = _extract(w, codes[(f, j)], f"o{f}_{j}", scale_bits=2)
+                    _shared_word(w, offset, smem + entry * lev * size, cs)
+                if parent is None:
+                    w.emit(f'{names[0]}, {names[1]} = tl.inline_asm_elementwise("{_F16X2_SPLIT}", "=h,=h,r", [{cs}], '
+                           f"dtype=(tl.float16, tl.float16), is_pure=True, pack=1)")
+                else:
+                    w.emit(f'{names[0]}, {names[1]} = tl.inline_asm_elementwise("{_F16X2_CHILDREN}", "=h,=h,h,r", '
+                           f"[{parent}, {cs}], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)")
             else:
-                code = None if smem is not None and bits > SELECT_MAX_BITS else _extract(w, codes[(f, j)], f"k{f}_{j}")
-                if bits <= SELECT_MAX_BITS:
-                    w.emit(f"{cos_name} = tl.where({code} == 0, {float(trig[lev, 0, 0])!r}, {float(trig[lev, 0, 1])!r})")
-                    w.emit(f"{sin_name} = tl.where({code} == 0, {float(trig[lev, 1, 0])!r}, {float(trig[lev, 1, 1])!r})")
+                if bits == 0:
+                    factors = [repr(consts[0][0]), repr(consts[0][1])]
+                    if parent is None:  # a constant root angle: its children are constant tiles
+                        factors = [f"tl.full((BLOCK_T,), {x}, tl.float32)" for x in factors]
+                elif bits <= SELECT_MAX_BITS:
+                    factors = [f"c{f}_{j}", f"s{f}_{j}"]
+                    for i, name in enumerate(factors):
+                        w.emit(f"{name} = tl.where({code} == 0, {consts[0][i]!r}, {consts[1][i]!r})")
                 elif smem is not None:  # one 8-byte shared-memory load of the staged (cos, sin) pair
                     offset = _extract(w, codes[(f, j)], f"o{f}_{j}", scale_bits=3)
-                    _shared_lookup(w, offset, smem + 8 * lev * size, 2, f"cs{f}_{j}_")
-                    w.emit(f"{cos_name}, {sin_name} = cs{f}_{j}_0, cs{f}_{j}_1")
+                    _shared_lookup(w, offset, smem + entry * lev * size, 2, f"cs{f}_{j}_")
+                    factors = [f"cs{f}_{j}_0", f"cs{f}_{j}_1"]
                 else:  # one 8-byte load of the (cos, sin) pair, read as an int64 and split in the thread
-                    cs = "cs"
-                    w.emit(f"{cs} = tl.load({tab} + ({lev * size} + {code}))")
-                    w.emit(f"{cos_name} = {cs}.to(tl.uint32).to(tl.float32, bitcast=True)")
-                    w.emit(f"{sin_name} = ({cs} >> 32).to(tl.uint32).to(tl.float32, bitcast=True)")
-                cos_v, sin_v = cos_name, sin_name
-            pair = [(2 * j, f"n{f}_{2 * j}", cos_v), (2 * j + 1, f"n{f}_{2 * j + 1}", sin_v)]
+                    w.emit(f"cs = tl.load({tab} + ({lev * size} + {code}))")
+                    w.emit(f"c{f}_{j} = cs.to(tl.uint32).to(tl.float32, bitcast=True)")
+                    w.emit(f"s{f}_{j} = (cs >> 32).to(tl.uint32).to(tl.float32, bitcast=True)")
+                    factors = [f"c{f}_{j}", f"s{f}_{j}"]
+                for name, factor in zip(names, factors):
+                    w.emit(f"{name} = {factor}" if parent is None else f"{name} = {parent} * {factor}")
+            pair = [(2 * j, names[0]), (2 * j + 1, names[1])]
             if part is not None and t.levels - f < depth:  # on the path to the part: one child
                 pair = [pair[(part >> (depth - 1 - (t.levels - f))) & 1]]
-            for index, name, factor in pair:
-                w.emit(f"{name} = {parent} * {factor}")
-                children.append((index, name))
+            children += pair
         nodes = children
-    _join_tile(w, [name for _, name in nodes])
+    _join_tile(w, [name for _, name in nodes], radius)
 
 
 def _scalar_body(w: _Writer, t: ScalarTables, tab: str, part: int | None = None, parts: int = 2,
                  smem: int | None = None) -> None:
     codes = code_parts(t.fields.layout)
-    r = _radius(w, codes[(0, 0)], inv_norm=t.dim ** -0.5)
+    radius = _radius(w, codes[(0, 0)]) if part in (None, 0) else None
+    inv_norm = t.dim ** -0.5  # the centroids are of a unit vector's coordinates times sqrt(D)
     leaves = []
     span = range(t.dim) if part is None else range(part * t.dim // parts, (part + 1) * t.dim // parts)
     for i in span:
         x = f"x{i}"
         if smem is None:
             code = _extract(w, codes[(1, i)], f"k{i}")
-            w.emit(f"{x} = tl.load({tab} + {code}) * {r}")
+            w.emit(f"{x} = tl.load({tab} + {code}) * {inv_norm!r}")
         else:
             offset = _extract(w, codes[(1, i)], f"o{i}", scale_bits=2)
             _shared_lookup(w, offset, smem, 1, f"c{i}")
-            w.emit(f"{x} = c{i} * {r}")
+            w.emit(f"{x} = c{i} * {inv_norm!r}")
         leaves.append(x)
-    _join_tile(w, leaves)
+    _join_tile(w, leaves, radius)
 
 
-def _body(w: _Writer, tables, tab: str, part: int | None = None, parts: int = 2, smem: int | None = None) -> None:
+def _body(w: _Writer, tables, tab: str, part: int | None = None, parts: int = 2, smem: int | None = None,
+          packed: bool = False) -> None:
     if isinstance(tables, ScalarTables):
         _scalar_body(w, tables, tab, part, parts, smem)
     else:
-        _polar_body(w, tables, tab, part, parts, smem)
+        _polar_body(w, tables, tab, part, parts, smem, packed)
 
 
-def table_bytes(tables) -> int:
-    """Bytes of one codec's lookup table as the kernels hold it (int64 (cos, sin) pairs per level
-    and code, or float32 scalar centroids)."""
+def table_bytes(tables, packed: bool = False) -> int:
+    """Bytes of one codec's lookup table as the kernels hold it (per level and code, an int64
+    float32 (cos, sin) pair, or with packed an int32 float16 pair; or float32 scalar centroids)."""
     if isinstance(tables, ScalarTables):
         return 4 * tables.centroids.numel()
-    return 8 * tables.levels * tables.table_size
+    return (4 if packed else 8) * tables.levels * tables.table_size
+
+
+def table_tensor(tables, packed: bool = False) -> torch.Tensor:
+    """The host tensor a kernel reads (or stages) as this codec's table."""
+    if isinstance(tables, ScalarTables):
+        return tables.centroids
+    return tables.half_pairs if packed else tables.trig_pairs
 
 
 _STAGER = '''"""Generated by sphkv_compile.kernels.decode_codegen; do not edit."""
@@ -278,21 +334,21 @@ _FILL = '''    i = tl.arange(0, {block})
 
 
 @lru_cache(maxsize=None)
-def stager(key_tables, value_tables):
+def stager(key_tables, value_tables, packed: bool = False):
     """A Triton function stage(ktab_ptr, vtab_ptr) that declares SHARED_TABLES, copies the key
     table to its byte 0 and the value table after it (see staged_offsets), and waits for the
     whole program at a barrier. Call it once at the top of the kernel."""
-    kb, vb = table_bytes(key_tables), table_bytes(value_tables)
+    kb, vb = table_bytes(key_tables, packed), table_bytes(value_tables, packed)
+    voff = staged_offsets(key_tables, packed)[1]
     fills = "".join(_FILL.format(block=triton.next_power_of_2(n // 4), ptr=ptr, words=n // 4, name=SHARED_TABLES,
                                  offset=off)
-                    for ptr, n, off in (("ktab_ptr", kb, 0), ("vtab_ptr", vb, staged_offsets(key_tables)[1])))
-    size = staged_offsets(key_tables)[1] + vb
-    return load_generated(_STAGER.format(name=SHARED_TABLES, size=size, fills=fills), "stage")
+                    for ptr, n, off in (("ktab_ptr", kb, 0), ("vtab_ptr", vb, voff)))
+    return load_generated(_STAGER.format(name=SHARED_TABLES, size=voff + vb, fills=fills), "stage")
 
 
-def staged_offsets(key_tables) -> tuple[int, int]:
+def staged_offsets(key_tables, packed: bool = False) -> tuple[int, int]:
     """Byte offsets of the key and the value table in SHARED_TABLES (the value table 16-aligned)."""
-    return 0, (table_bytes(key_tables) + 15) // 16 * 16
+    return 0, (table_bytes(key_tables, packed) + 15) // 16 * 16
 
 
 _DECODER = '''"""Generated by sphkv_compile.kernels.decode_codegen; do not edit."""
@@ -306,9 +362,10 @@ def decode(pool_ptr, base, valid, tab_ptr, BLOCK_T: tl.constexpr, STEP: tl.const
 
 
 def _decoder_source(tables, word_offset: int, stride: int, leaf_dtype: str | None = None,
-                    part: int | None = None, parts: int = 2, smem: int | None = None) -> str:
-    w = _Writer(word_offset, tables.fields.layout.words, stride, leaf_dtype)
-    _body(w, tables, "tab_ptr", part, parts, smem)
+                    part: int | None = None, parts: int = 2, smem: int | None = None, packed: bool = False) -> str:
+    # packed leaves are float16 as made
+    w = _Writer(word_offset, tables.fields.layout.words, stride, None if packed else leaf_dtype)
+    _body(w, tables, "tab_ptr", part, parts, smem, packed)
     return _DECODER + "\n".join(w.lines) + "\n"
 
 
@@ -327,13 +384,18 @@ def load_generated(source: str, name: str = "decode"):
 
 @lru_cache(maxsize=None)
 def decoder(tables, word_offset: int, stride: int, leaf_dtype: str | None = None, part: int | None = None,
-            parts: int = 2, smem: int | None = None):
+            parts: int = 2, smem: int | None = None, packed: bool = False):
     """The generated Triton decode function of one codec's records (keys at word 0, values at
     the key record's length): decode(pool_ptr, base, valid, tab_ptr, BLOCK_T, STEP, LOG2_MIN) ->
-    float32 [BLOCK_T, D] in the rotated domain. `base` is each token's first record word.
-    part=0 or 1: only the first or the second D/2 coordinates ([BLOCK_T, D/2]); with parts=4,
-    part 0..3: the four D/4 slices. smem: read the table staged by stager() at this byte offset
-    of SHARED_TABLES instead of from tab_ptr (GPU only: inline PTX)."""
+    the unit-radius tile [BLOCK_T, D] in the rotated domain (float32, or leaf_dtype), followed
+    by the radius [BLOCK_T] float32 when the tile holds coordinate 0 (part None or 0). `base`
+    is each token's first record word. part=0 or 1: only the first or the second D/2
+    coordinates ([BLOCK_T, D/2]); with parts=4, part 0..3: the four D/4 slices. smem: read the
+    table staged by stager() at this byte offset of SHARED_TABLES instead of from tab_ptr (GPU
+    only: inline PTX). packed (with smem, polar codecs): float16 pairs staged, the tree in f16x2,
+    a float16 tile."""
     if part is not None and not (parts & (parts - 1) == 0 and 0 <= part < parts <= tables.dim // 2):
         raise ValueError(f"part {part} of {parts}: parts must be a power of two, at most D/2 = {tables.dim // 2}")
-    return load_generated(_decoder_source(tables, word_offset, stride, leaf_dtype, part, parts, smem))
+    if packed and smem is None:
+        raise ValueError("packed decoders read float16 pairs staged in shared memory: pass smem")
+    return load_generated(_decoder_source(tables, word_offset, stride, leaf_dtype, part, parts, smem, packed))

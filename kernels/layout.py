@@ -120,6 +120,15 @@ class PolarTables:
         low half (one 8-byte load per code)."""
         return self.__dict__.setdefault("_pairs", self.trig.transpose(1, 2).contiguous().view(torch.int64)[..., 0])
 
+    @property
+    def half_pairs(self) -> torch.Tensor:
+        """int32 [levels, 2^max_bits]: each centroid's (cos, sin) as a float16 pair, cos in the low
+        half: one 4-byte shared-memory load per code, and the operand of one f16x2 multiply
+        (decode_codegen's packed decoders). Rounding to float16 moves a cos or sin by at most
+        2^-12 (half an ulp below 1)."""
+        return self.__dict__.setdefault(
+            "_half_pairs", self.trig.transpose(1, 2).to(torch.float16).contiguous().view(torch.int32)[..., 0])
+
 
 @lru_cache(maxsize=None)
 def polar_tables(codec: SphericalCodec) -> PolarTables:
@@ -291,6 +300,6 @@ def prepare_device_tables(specs, head_dim: int, seed: int, kv_dtype: torch.dtype
                 tables += [signs[0]] if signs else []
         for t in (info.key, info.value):
             tables += [t.fields.comps, t.thresholds]
-            tables += [t.centroids] if isinstance(t, ScalarTables) else [t.trig, t.trig_pairs]
+            tables += [t.centroids] if isinstance(t, ScalarTables) else [t.trig, t.trig_pairs, t.half_pairs]
         for t in tables:
             DEVICE_TABLES.get(t, device)

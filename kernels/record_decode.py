@@ -31,10 +31,14 @@ def decode_records_kernel(rec_ptr, k_ptr, v_ptr, ktab_ptr, vtab_ptr, n,
     base = tok.to(tl.int64) * WT
     H: tl.constexpr = D // 2
     rows = tok.to(tl.int64)[:, None] * D + tl.arange(0, H)[None, :]
-    tl.store(k_ptr + rows, DECODE_K(rec_ptr, base, valid, ktab_ptr, BLOCK_T, STEP, LOG2_MIN), mask=valid[:, None])
-    tl.store(k_ptr + H + rows, DECODE_K2(rec_ptr, base, valid, ktab_ptr, BLOCK_T, STEP, LOG2_MIN), mask=valid[:, None])
-    tl.store(v_ptr + rows, DECODE_V(rec_ptr, base, valid, vtab_ptr, BLOCK_T, STEP, LOG2_MIN), mask=valid[:, None])
-    tl.store(v_ptr + H + rows, DECODE_V2(rec_ptr, base, valid, vtab_ptr, BLOCK_T, STEP, LOG2_MIN), mask=valid[:, None])
+    k, radius = DECODE_K(rec_ptr, base, valid, ktab_ptr, BLOCK_T, STEP, LOG2_MIN)  # unit-radius halves
+    tl.store(k_ptr + rows, k * radius[:, None], mask=valid[:, None])
+    k = DECODE_K2(rec_ptr, base, valid, ktab_ptr, BLOCK_T, STEP, LOG2_MIN)
+    tl.store(k_ptr + H + rows, k * radius[:, None], mask=valid[:, None])
+    v, radius = DECODE_V(rec_ptr, base, valid, vtab_ptr, BLOCK_T, STEP, LOG2_MIN)
+    tl.store(v_ptr + rows, v * radius[:, None], mask=valid[:, None])
+    v = DECODE_V2(rec_ptr, base, valid, vtab_ptr, BLOCK_T, STEP, LOG2_MIN)
+    tl.store(v_ptr + H + rows, v * radius[:, None], mask=valid[:, None])
 
 
 def decode_records(spec: TierSpec, records: torch.Tensor, head_dim: int, seed: int,
