@@ -132,7 +132,7 @@ def test_attend_with_staged_tables_matches_float64_reference(d, halves, tiers, m
     stager = kernel_attend.stager
     monkeypatch.setattr(kernel_attend, "stager", lambda k, v, packed: staged.append(k) or stager(k, v, packed))
     check_attend(d, 8, 4, 8, 5000, 1, tiers)
-    # "all": mid, low and scalar3 (tables of 0.8-1.8 KB); high's 12-14 KB stay in global memory
+    # "all": mid, low and scalar3 (tables of 0.4-1.8 KB); high's (7 KB as float16 pairs) stay in global memory
     assert len(set(staged)) == (3 if tiers == "all" else 1), staged
 
 
