@@ -46,7 +46,25 @@ def rel_err(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
-def fill_store(gen, B, H, d, specs, counts, page_size=64, seed=0):
+# "wide" magnitudes (as tests/test_kernels_interpreted.py): queries 2^20 times larger and keys
+# 2^20 times smaller, key norms over 9 octaves, value norms over 80, some zero keys and values.
+WIDE_Q = 2.0**20
+
+
+def wide_kv(gen, k, v, wide: bool):
+    """k and v at the test's magnitudes (as they are unless wide), in their dtype."""
+    if not wide:
+        return k, v
+    shape = (*k.shape[:-1], 1)
+
+    def scales(lo, hi):
+        x = torch.exp2(lo + (hi - lo) * torch.rand(shape, generator=gen, device=DEV))
+        return torch.where(torch.rand(shape, generator=gen, device=DEV) < 0.1, 0.0, x)
+
+    return ((k.float() / WIDE_Q * scales(-8.0, 1.0)).to(k.dtype), (v.float() * scales(-40.0, 40.0)).to(v.dtype))
+
+
+def fill_store(gen, B, H, d, specs, counts, page_size=64, seed=0, wide=False):
     states = []
     for spec, cnt in zip(specs, counts):
         kw, vw = record_words(spec, d, seed, KV_DTYPE)
@@ -56,6 +74,7 @@ def fill_store(gen, B, H, d, specs, counts, page_size=64, seed=0):
         if n:
             k = torch.randn(B, H, n, d, generator=gen, device=DEV, dtype=KV_DTYPE)
             v = torch.randn(B, H, n, d, generator=gen, device=DEV, dtype=KV_DTYPE)
+            k, v = wide_kv(gen, k, v, wide)
             valid = torch.arange(n, device=DEV)[None, None, :] < cnt[..., None]
             util = torch.rand(B, H, n, generator=gen, device=DEV)
             append_records(st, kernel_encode.encode_records(spec, k, v, seed, KV_DTYPE), util, valid, spec.name)
@@ -98,6 +117,16 @@ def test_attend_matches_float64_reference(d, H, G, B, T, Tq, tiers):
 def test_attend_with_sink_logits_matches_float64_reference(d, G, Tq):
     """gpt-oss's sink logits: the combine's row statistics rescale the output (kernels.attend)."""
     check_attend(d, 4, G, 4, 3000, Tq, "default", sinks=True)
+
+
+@pytest.mark.parametrize("d,Tq,packed", [(128, 1, True), (64, 1, True), (128, 33, True), (128, 1, False)])
+def test_attend_with_extreme_magnitudes_matches_float64_reference(d, Tq, packed, monkeypatch):
+    """Queries at 2^20 (past float16's range: the packed kernels divide each row by its largest
+    entry), key norms over 9 octaves, value norms over 80 (the value radius scales p, normalised
+    by each row's largest p·r), zero keys and values; every tier, ragged, decode and chunked
+    prefill, with the float16 (packed) and the bfloat16 tiles (added session 16, not yet run)."""
+    monkeypatch.setitem(kernel_attend.CODED, "packed", packed)
+    check_attend(d, 4, 4, 4, 3000, Tq, "all", wide=True)
 
 
 @pytest.mark.parametrize("d,programs_per_sm", [(128, 2), (64, 2), (128, 4)])
@@ -153,19 +182,21 @@ def test_attend_with_two_tokens_per_thread_matches_float64_reference(d, setting,
     assert launched
 
 
-def check_attend(d, H, G, B, T, Tq, tiers, sinks=False):
-    """sinks: gpt-oss-style sink logits per query head (random, one huge, one -inf)."""
+def check_attend(d, H, G, B, T, Tq, tiers, sinks=False, wide=False):
+    """sinks: gpt-oss-style sink logits per query head (random, one huge, one -inf). wide: the
+    magnitudes of WIDE_Q above."""
     seed = random.randrange(2**31)
     gen = torch.Generator(device=DEV).manual_seed(seed)
     if tiers == "default":  # the uniform policy: exact sinks/recent + one compressed tier
         specs = [DEFAULT_TIERS[0], TierSpec("uniform", 3.5, "polar", 3.5)]
     else:
         specs = list(ALL_TIERS)
-    states = fill_store(gen, B, H, d, specs, ragged_counts(gen, B, H, T, specs))
+    states = fill_store(gen, B, H, d, specs, ragged_counts(gen, B, H, T, specs), wide=wide)
     N = Tq + 2
-    q = torch.randn(B, H * G, Tq, d, generator=gen, device=DEV, dtype=torch.bfloat16)
+    q = torch.randn(B, H * G, Tq, d, generator=gen, device=DEV, dtype=torch.bfloat16) * (WIDE_Q if wide else 1.0)
     kn = torch.randn(B, H, N, d, generator=gen, device=DEV, dtype=torch.bfloat16)
     vn = torch.randn(B, H, N, d, generator=gen, device=DEV, dtype=torch.bfloat16)
+    kn, vn = wide_kv(gen, kn, vn, wide)
     valid = torch.ones(B, N, dtype=torch.bool, device=DEV)
     valid[-1, :1] = False
     ref_states = [TierState(*[t.clone() for t in s.tensors()]) for s in states]

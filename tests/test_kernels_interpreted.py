@@ -42,7 +42,32 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
-def fill_store(gen, B, H, d, specs, counts, page_size, seed=0):
+# "wide" magnitudes: queries 2^20 times larger and keys 2^20 times smaller (logits stay in a
+# range any float32 softmax resolves), key norms over 9 octaves, value norms over 80, and some
+# zero keys and values. The kernels decode unit-radius tiles and apply the radii afterwards
+# (kernels.attention_kernels); this holds that bookkeeping to the float64 reference.
+WIDE_Q = 2.0**20
+
+
+def token_scales(gen, shape, wide: bool, octaves: tuple[float, float], zero_share: float = 0.1):
+    """[*shape, 1] per-token factors: 1 unless wide, else 2^U(octaves) with some exact zeros."""
+    if not wide:
+        return torch.ones(*shape, 1)
+    lo, hi = octaves
+    scale = torch.exp2(lo + (hi - lo) * torch.rand(*shape, 1, generator=gen))
+    return torch.where(torch.rand(*shape, 1, generator=gen) < zero_share, 0.0, scale)
+
+
+def wide_kv(gen, k, v, wide: bool):
+    """k and v at the test's magnitudes (as they are unless wide)."""
+    if not wide:
+        return k, v
+    shape = k.shape[:-1]
+    return (k / WIDE_Q * token_scales(gen, shape, True, (-8.0, 1.0)),
+            v * token_scales(gen, shape, True, (-40.0, 40.0)))
+
+
+def fill_store(gen, B, H, d, specs, counts, page_size, seed=0, wide=False):
     """Tier states with counts[t] [B, H] tokens (ragged), plus random utility."""
     states = []
     for spec, cnt in zip(specs, counts):
@@ -53,6 +78,7 @@ def fill_store(gen, B, H, d, specs, counts, page_size, seed=0):
         if n:
             k = torch.randn(B, H, n, d, generator=gen) * (0.5 + torch.rand(B, H, n, 1, generator=gen))
             v = torch.randn(B, H, n, d, generator=gen)
+            k, v = wide_kv(gen, k, v, wide)
             valid = torch.arange(n)[None, None, :] < cnt[..., None]
             util = torch.rand(B, H, n, generator=gen)
             append_records(st, encode_records(spec, k, v, seed, KV_DTYPE), util, valid, spec.name)
@@ -80,7 +106,7 @@ def attention_case(draw, prefill: bool):
                 page_size=draw(st.sampled_from([8, 16])), seed=draw(st.integers(0, 2**31 - 1)),
                 max_count=draw(st.sampled_from([0, 5, 40])), obs=draw(st.integers(0, 3)),
                 pad=draw(st.booleans()), accumulate=draw(st.booleans()),
-                sinks=draw(st.sampled_from([None, "random", "extreme"])))
+                sinks=draw(st.sampled_from([None, "random", "extreme"])), wide=draw(st.booleans()))
 
 
 def sink_logits(kind, heads: int, gen) -> torch.Tensor | None:
@@ -101,10 +127,13 @@ def run_case(c):
     counts = [torch.randint(0, c["max_count"] + 1, (B, H), generator=gen) for _ in c["specs"]]
     if N == 0 and all(int(x.sum()) == 0 for x in counts):
         counts[0][0, 0] = 1  # something to attend to
-    states = fill_store(gen, B, H, d, c["specs"], counts, c["page_size"])
-    q = torch.randn(B, H * G, Tq, d, generator=gen)
+    wide = c.get("wide", False)
+    states = fill_store(gen, B, H, d, c["specs"], counts, c["page_size"], wide=wide)
+    q = torch.randn(B, H * G, Tq, d, generator=gen) * (WIDE_Q if wide else 1.0)
     kn = torch.randn(B, H, N, d, generator=gen) if N else None
     vn = torch.randn(B, H, N, d, generator=gen) if N else None
+    if N:
+        kn, vn = wide_kv(gen, kn, vn, wide)
     valid = None
     if N and c["pad"]:
         valid = torch.ones(B, N, dtype=torch.bool)
@@ -155,6 +184,15 @@ def test_decode_head_dim_256_all_tiers():
     """The widest head dim the kernels take (Gemma's 256): halves of 128, without the register cap."""
     run_case(dict(d=256, hkv=1, g=2, b=1, specs=list(ALL_TIERS), tq=1, n_new=1, page_size=16, seed=9,
                   max_count=40, obs=1, pad=False, accumulate=True))
+
+
+@pytest.mark.parametrize("d,tq,n_new", [(64, 1, 1), (128, 3, 4)])
+def test_extreme_magnitudes_all_tiers(d, tq, n_new):
+    """Every tier at once with "wide" magnitudes (WIDE_Q above: queries at 2^20, value norms over
+    80 octaves, zero keys and values), decode and chunked prefill, every time CI runs (the
+    property tests draw them only sometimes)."""
+    run_case(dict(d=d, hkv=2, g=4, b=2, specs=list(ALL_TIERS), tq=tq, n_new=n_new, page_size=16, seed=11 + d,
+                  max_count=70, obs=1, pad=True, accumulate=True, wide=True))
 
 
 @pytest.mark.parametrize("min_tiles", [1, 2])
