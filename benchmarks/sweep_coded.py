@@ -34,10 +34,17 @@ from sphkv_compile.tiers import TierSpec
 # Timed: the tables in shared memory, 2-7% faster (the default since); two tokens per thread, so
 # the decoded tile is written to shared memory in 16-byte vectors (session 13: slower at B=8, 2-8%
 # faster at Llama B=1 only; h200_sweep_coded_session13_two_tokens.json).
-# Session 16: the tree in float16 pairs from float16-pair tables (packed, the default in this
-# session's code) against the same unit-radius kernels with bfloat16 tiles, and packed uncapped
-# (163 registers in the sm_90 compile) at three programs per SM.
-SETTINGS = [dict(), dict(packed=False), dict(maxnreg=0, programs_per_sm=3)]
+# Session 16 timed the tree in float16 pairs (packed, now the default) against the same
+# unit-radius kernels with bfloat16 tiles, and packed uncapped at three programs per SM
+# (h200_sweep_coded_session16_packed.json). Next: two tokens per thread with the packed
+# decoders. The sm_90 compile (compile_check.py, d=128) has 2,000-2,100 instructions per token
+# there against 2,640 at one token (no STS.U16 or PRMT: the tile is written as STS.128), at
+# 246-255 registers uncapped, or 168 with a 104-112-byte spill (quarters). Not yet timed.
+SETTINGS = [dict(),
+            dict(tokens_per_thread=2, warps=4, maxnreg=0, programs_per_sm=2),
+            dict(tokens_per_thread=2, warps=2, maxnreg=0, programs_per_sm=4),
+            dict(tokens_per_thread=2, warps=4, quarters=True, maxnreg=168, programs_per_sm=3),
+            dict(tokens_per_thread=2, warps=2, quarters=True, maxnreg=168, programs_per_sm=6)]
 POINTS = [("llama3-8b", 1, 4096), ("smollm2", 1, 4096), ("llama3-8b", 1, 32768), ("llama3-8b", 8, 32768),
           ("smollm2", 8, 32768), ("llama3-8b", 1, 131072)]
 DEFAULTS = dict(kattend.CODED)
