@@ -175,6 +175,13 @@ def _value_weights(p, radius, TILE_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _coded_values_part(acc, alpha, pv, top, v, DOT_PRECISION: tl.constexpr, TILE_DTYPE: tl.constexpr):
+    """The accumulator rescaled by alpha plus pv · v (a unit-radius value slice) times each row's
+    weight scale (_value_weights)."""
+    return acc * alpha[:, None] + tl.dot(pv, _operand(v, TILE_DTYPE), input_precision=DOT_PRECISION) * top[:, None]
+
+
+@triton.jit
 def paged_coded_kernel(
         q_ptr, pool_ptr, pages_ptr, count_ptr, acc_ptr, m_ptr, l_ptr, ktab_ptr, vtab_ptr,
         M, max_pages, S, split_offset, S_total,
@@ -202,7 +209,7 @@ def paged_coded_kernel(
         p, alpha, m_new, l_i = _coded_softmax_step(s, q_scale, k_radius, valid, m_i, l_i)
         v, v_radius = DECODE_V(pool_ptr, base, valid, vtab_ptr, BLOCK_T, STEP, LOG2_MIN)
         pv, top = _value_weights(p, v_radius, TILE_DTYPE)
-        acc = acc * alpha[:, None] + tl.dot(pv, _operand(v, TILE_DTYPE), input_precision=DOT_PRECISION) * top[:, None]
+        acc = _coded_values_part(acc, alpha, pv, top, v, DOT_PRECISION, TILE_DTYPE)
         m_i = m_new
     out = (pid_bh * S_total + split_offset + pid_s) * M + rows
     tl.store(acc_ptr + out[:, None] * D + d[None, :], acc, mask=rmask[:, None])
@@ -244,9 +251,9 @@ def paged_coded_halves_kernel(
         p, alpha, m_new, l_i = _coded_softmax_step(s, q_scale, k_radius, valid, m_i, l_i)
         va, v_radius = DECODE_V(pool_ptr, base, valid, vtab_ptr, BLOCK_T, STEP, LOG2_MIN)
         pv, top = _value_weights(p, v_radius, TILE_DTYPE)
-        acc_a = acc_a * alpha[:, None] + tl.dot(pv, _operand(va, TILE_DTYPE), input_precision=DOT_PRECISION) * top[:, None]
+        acc_a = _coded_values_part(acc_a, alpha, pv, top, va, DOT_PRECISION, TILE_DTYPE)
         vb = DECODE_V2(pool_ptr, base, valid, vtab_ptr, BLOCK_T, STEP, LOG2_MIN)
-        acc_b = acc_b * alpha[:, None] + tl.dot(pv, _operand(vb, TILE_DTYPE), input_precision=DOT_PRECISION) * top[:, None]
+        acc_b = _coded_values_part(acc_b, alpha, pv, top, vb, DOT_PRECISION, TILE_DTYPE)
         m_i = m_new
     out = (pid_bh * S_total + split_offset + pid_s) * M + rows
     tl.store(acc_ptr + out[:, None] * D + d[None, :], acc_a, mask=rmask[:, None])
@@ -262,11 +269,6 @@ def _coded_logits_part(s, q_rows, off: tl.constexpr, rmask, q_scale, k, Q: tl.co
     q = tl.load(q_rows + off + tl.arange(0, Q)[None, :], mask=rmask[:, None], other=0.0)
     q = _operand(q / q_scale[:, None], TILE_DTYPE)
     return tl.dot(q, tl.trans(_operand(k, TILE_DTYPE)), s, input_precision=DOT_PRECISION)
-
-
-@triton.jit
-def _coded_values_part(acc, alpha, pv, top, v, DOT_PRECISION: tl.constexpr, TILE_DTYPE: tl.constexpr):
-    return acc * alpha[:, None] + tl.dot(pv, _operand(v, TILE_DTYPE), input_precision=DOT_PRECISION) * top[:, None]
 
 
 @triton.jit
