@@ -41,7 +41,6 @@ from sphkv_compile.tiers import TierSpec
 # there against 2,640 at one token (no STS.U16 or PRMT: the tile is written as STS.128), at
 # 246-255 registers uncapped, or 168 with a 104-112-byte spill (quarters). Not yet timed.
 SETTINGS = [dict(),
-            dict(tokens_per_thread=2, warps=4, maxnreg=0, programs_per_sm=2),
             dict(tokens_per_thread=2, warps=2, maxnreg=0, programs_per_sm=4),
             dict(tokens_per_thread=2, warps=4, quarters=True, maxnreg=168, programs_per_sm=3),
             dict(tokens_per_thread=2, warps=2, quarters=True, maxnreg=168, programs_per_sm=6)]

@@ -39,9 +39,9 @@ CODED_WARPS = 4
 # bf16_tiles: the decoded key/value tiles enter tl.dot as bfloat16, like dense bf16 attention
 # (0.86 vs 1.18 ms in fp32/tf32 at Llama B=8 T=32k: half the shared memory and registers).
 # programs_per_sm: split-KV programs launched per SM when there are many rows (batch x KV heads
-# x query blocks); few_rows_programs_per_sm when four per SM would give a row more than
+# x query blocks); few_rows_programs_per_sm when programs_per_sm would give a row more than
 # max_splits_per_row splits (each split re-reads the tables and q, and the combine merges them).
-# maxnreg: register cap per thread (None: the compiler's choice).
+# maxnreg: register cap per thread (0 or None: the compiler's choice), up to maxnreg_max_d.
 # min_tiles_per_split: fewer, longer splits when there are few rows (Llama B=1, 4k tokens: 8 KV
 # heads x 33 splits of one tile each leave the combine ~35 splits per row to merge). It bounds
 # the splits by the pool's capacity, not the tokens held. H200 sweep (session 6,
@@ -63,11 +63,11 @@ CODED_WARPS = 4
 # the halves kernel, so the register peak is not the decoded tile; 3,144 instructions and a
 # 16-byte spill at maxnreg=128 (halves: 3,184 and 32), 3,328 and 128 bytes at 96, the cap five
 # programs per SM need (halves: 3,496 and 352).
-CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": 4, "few_rows_programs_per_sm": 2,
-         "max_splits_per_row": 32, "maxnreg": 128, "maxnreg_max_d": 128, "min_tiles_per_split": 2,
+CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": 2, "few_rows_programs_per_sm": 2,
+         "max_splits_per_row": 32, "maxnreg": 0, "maxnreg_max_d": 128, "min_tiles_per_split": 2,
          "halves": True, "halves_min_d": 64, "quarters": False, "quarters_min_d": 128,
          "shared_tables": True, "shared_tables_max_bytes": 4096, "shared_tables_max_d": 128,
-         "tokens_per_thread": 1, "balance_waves": True, "packed": True}
+         "tokens_per_thread": 2, "tokens_per_thread_max_d": 128, "balance_waves": True, "packed": True}
 # shared_tables: each program copies the decoders' lookup tables into shared memory once and
 # every node's lookup reads them there (decode_codegen.stager). Static shared memory, on top of
 # the kernel's own dynamic allocation; the two must stay within the 48 KB a launch gets without
@@ -88,7 +88,14 @@ CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": 4, "few_ro
 # programs per SM fit), 66 (quarters, 4 warps, 255 registers, two per SM). H200 sweep, session 13
 # (h200_sweep_coded_session13_two_tokens): no gain at B=8 (Llama 32k 0.498 -> 0.54-1.05 ms: two
 # dependency chains per thread cost registers or warps); quarters/4 warps/uncapped is 2-8% faster
-# at Llama B=1 only, 6-9% slower elsewhere. So one.
+# at Llama B=1 only, 6-9% slower elsewhere. So one, until the packed decoders (session 17,
+# h200_sweep_coded_session17_two_tokens_packed): two tokens, 4 warps, uncapped (246-255
+# registers, so two programs per SM) against one token, halves, 128 registers, four per SM:
+# Llama B=8 32k 0.401 -> 0.391 ms, B=1 32k 0.144 -> 0.133, B=1 128k 0.303 -> 0.264, B=1 4k
+# 0.072 -> 0.067; SmolLM2 (d=64) within 1% (B=8 32k 0.112 -> 0.113). Two warps at four per SM
+# and quarters capped at 168 registers were slower at B=1. Now two, up to
+# tokens_per_thread_max_d: at d=256 a 256-token tile's halves need 81 KB of shared memory and
+# twice the registers of one token, so one token there.
 # packed: where the tables are staged, the polar decoders stage (cos, sin) as float16 pairs and
 # run the tree in f16x2 (decode_codegen, packed=True): one HMUL2 per node instead of two FMULs,
 # one LDS.32 instead of an LDS.64, and float16 leaves with no conversion; the dots then take
@@ -104,8 +111,10 @@ def _bf16_tiles() -> bool:
     return CODED["bf16_tiles"] and not under_interpreter()
 
 
-def _coded_block_t() -> int:
-    return 32 * CODED["warps"] * CODED["tokens_per_thread"]
+def _coded_block_t(D: int) -> int:
+    """Tokens per tile of the coded kernels at head dim D."""
+    per_thread = CODED["tokens_per_thread"] if D <= CODED["tokens_per_thread_max_d"] else 1
+    return 32 * CODED["warps"] * per_thread
 
 
 @lru_cache(maxsize=None)
@@ -159,11 +168,11 @@ def _splits(programs_per_split: int, capacity: int, block_t: int, wanted: int, m
     return max(1, min(triton.cdiv(tiles, min_tiles), triton.cdiv(wanted, max(1, programs_per_split))))
 
 
-def _coded_splits(rows: int, capacity: int, wanted: int) -> int:
+def _coded_splits(rows: int, capacity: int, wanted: int, D: int) -> int:
     """Splits per row of a compressed tier: as many as fill four (or, few rows, two) programs per
     SM, then, with balance_waves, the count up to twice that (not past max_splits_per_row unless
     already there, nor past the tiles) that leaves no SM a partial last wave."""
-    tile, min_tiles = _coded_block_t(), CODED["min_tiles_per_split"]
+    tile, min_tiles = _coded_block_t(D), CODED["min_tiles_per_split"]
     S = _splits(rows, capacity, tile, _coded_programs(wanted, rows), min_tiles)
     if not CODED["balance_waves"]:
         return S
@@ -208,7 +217,7 @@ def _coded_dynamic_shared(D: int, parts: int, block_m: int) -> int:
     compiles at every shape checked (whole, halves, quarters; d=64, 128; 128- and 256-token
     tiles: benchmarks/results/sm90_compile_check_session12_*)."""
     size = 2 if _bf16_tiles() else 4
-    block_t = _coded_block_t()
+    block_t = _coded_block_t(D)
     return (block_t * D // parts + block_m * D + block_m * block_t) * size
 
 
@@ -253,7 +262,7 @@ def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_
         vt = _tab(table_tensor(info.value, packed), device)
         tile = tl.float16 if packed else tl.bfloat16 if _bf16_tiles() else tl.float32
         leaf = {tl.float16: "tl.float16", tl.bfloat16: "tl.bfloat16"}.get(tile)  # the decoders' leaf cast
-        launch = dict(PS=st.page_size, WT=WT, D=D, BLOCK_M=block_m, BLOCK_T=_coded_block_t(),
+        launch = dict(PS=st.page_size, WT=WT, D=D, BLOCK_M=block_m, BLOCK_T=_coded_block_t(D),
                       STEP=info.key.radius_step, LOG2_MIN=LOG2_MIN, DOT_PRECISION=precision,
                       TILE_DTYPE=tile, num_warps=CODED["warps"], num_stages=1,
                       **({"maxnreg": CODED["maxnreg"]} if CODED["maxnreg"] and D <= CODED["maxnreg_max_d"] else {}))
@@ -345,7 +354,7 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
                 st = states[i]
                 capacity = st.pages.shape[-1] * st.page_size
                 S = (_splits(BH * mblocks, capacity, block_t, wanted) if info.key is None
-                     else _coded_splits(BH * mblocks, capacity, wanted))
+                     else _coded_splits(BH * mblocks, capacity, wanted, d))
                 launches.append((i, info, S_total, S))
                 S_total += S
         S_rot = sum(S for i, info, _, S in launches if info.key is not None)

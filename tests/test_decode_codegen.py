@@ -63,6 +63,7 @@ def test_tables_are_staged_only_where_they_fit(tier, d, parts, bf16, block_t, pa
     monkeypatch.setitem(attend.CODED, "packed", packed)
     monkeypatch.setitem(attend.CODED, "bf16_tiles", bf16)
     monkeypatch.setitem(attend.CODED, "tokens_per_thread", block_t // (32 * attend.CODED["warps"]))
+    assert attend._coded_block_t(d) == block_t
     spec = next(s for s in TIERS if s.name == tier)
     info = tier_info(spec, d, 0, torch.bfloat16)
     assert attend._stage_tables(info, d, parts, 16) == staged

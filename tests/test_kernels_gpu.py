@@ -157,6 +157,8 @@ def test_attend_with_staged_tables_matches_float64_reference(d, halves, tiers, m
     PTX, which the interpreter cannot run, so only here). Every tier whose tables fit is staged."""
     monkeypatch.setitem(kernel_attend.CODED, "shared_tables", True)
     monkeypatch.setitem(kernel_attend.CODED, "halves", halves)
+    if not halves:  # whole 256-token tiles need 77 KB of shared memory at d=128: no room for tables
+        monkeypatch.setitem(kernel_attend.CODED, "tokens_per_thread", 1)
     staged = []
     stager = kernel_attend.stager
     monkeypatch.setattr(kernel_attend, "stager", lambda k, v, packed: staged.append(k) or stager(k, v, packed))
@@ -171,8 +173,8 @@ def test_attend_with_staged_tables_matches_float64_reference(d, halves, tiers, m
     (64, dict(warps=2, maxnreg=0, programs_per_sm=4)),
 ], ids=["quarters-2warps", "quarters-4warps", "halves-2warps-d64"])
 def test_attend_with_two_tokens_per_thread_matches_float64_reference(d, setting, monkeypatch):
-    """CODED['tokens_per_thread'] = 2 at the settings sweep_coded.py times (tiles written to
-    shared memory in 16-byte vectors; added session 12, not yet run): every tier, ragged."""
+    """CODED['tokens_per_thread'] = 2 (the default since session 17) at the other settings
+    sweep_coded.py timed (tiles written to shared memory in 16-byte vectors): every tier, ragged."""
     monkeypatch.setitem(kernel_attend.CODED, "tokens_per_thread", 2)
     for key, value in setting.items():
         monkeypatch.setitem(kernel_attend.CODED, key, value)
@@ -180,6 +182,16 @@ def test_attend_with_two_tokens_per_thread_matches_float64_reference(d, setting,
     launched = record_launches(monkeypatch, kernel_attend, name)
     check_attend(d, 8, 4, 8, 5000, 1, "all")
     assert launched
+
+
+@pytest.mark.parametrize("d", [128, 64])
+def test_attend_with_one_token_per_thread_matches_float64_reference(d, monkeypatch):
+    """The default launch until session 16 (one token per thread, halves capped at 128
+    registers, four programs per SM), still what head dims over tokens_per_thread_max_d get."""
+    for key, value in dict(tokens_per_thread=1, maxnreg=128, programs_per_sm=4).items():
+        monkeypatch.setitem(kernel_attend.CODED, key, value)
+    assert kernel_attend._coded_block_t(d) == 32 * kernel_attend.CODED["warps"]
+    check_attend(d, 8, 4, 8, 5000, 1, "all")
 
 
 def check_attend(d, H, G, B, T, Tq, tiers, sinks=False, wide=False):

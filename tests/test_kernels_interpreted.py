@@ -265,7 +265,7 @@ def test_decode_of_two_tokens_per_thread_matches_reference(d, quarters, monkeypa
     run_case(dict(d=d, hkv=2, g=4, b=2, specs=list(ALL_TIERS), tq=1, n_new=1, page_size=16, seed=17,
                   max_count=600, obs=1, pad=True, accumulate=True))
     assert launched
-    assert kernel_attend._coded_block_t() == 256
+    assert kernel_attend._coded_block_t(d) == 256
 
 
 @pytest.mark.parametrize("d,halves", [(16, False), (32, False), (64, True), (128, True)])

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sphkv_compile.kernels import attend
 from sphkv_compile.kernels.attend import _balanced_splits, _coded_splits
 
 
@@ -35,10 +36,23 @@ def test_no_split_count_leaves_the_busiest_sm_less_work(rows, sms, per_sm, most)
     (16, 16),   # Llama-3-8B B=2, two per SM when rows are few (rounded up: 17)
     (8, 33),    # Llama-3-8B B=1: unchanged
 ])
-def test_split_counts_measured_on_the_h200(rows, expected):
+def test_split_counts_measured_on_the_h200(rows, expected, monkeypatch):
     """The launch's whole rule at 132 SMs (an H200) and 32k tokens per row; benchmarks/sweep_waves.py
-    timed these shapes (docs/PERFORMANCE.md, session 15)."""
-    assert _coded_splits(rows, 32768, 2 * 132) == expected
+    timed these shapes (docs/PERFORMANCE.md, session 15) at that session's launch settings: four
+    programs per SM, 128-token tiles."""
+    monkeypatch.setitem(attend.CODED, "programs_per_sm", 4)
+    monkeypatch.setitem(attend.CODED, "tokens_per_thread", 1)
+    assert _coded_splits(rows, 32768, 2 * 132, 128) == expected
+
+
+@pytest.mark.parametrize("d,expected", [(128, 4), (256, 4)])
+def test_split_counts_at_the_default_settings(d, expected):
+    """Llama-3-8B B=8 (64 rows) at the defaults, two programs per SM: 264 programs wanted gives
+    5 splits, balanced within 2 x 5; 2 to 10 even splits all leave the busiest SM half a row,
+    and 4 is the fewest that gives it two programs. At d=256 the tile has one token per thread
+    (CODED['tokens_per_thread_max_d']), which changes the tiles, not this count."""
+    assert attend._coded_block_t(d) == (256 if d <= 128 else 128)
+    assert _coded_splits(64, 32768, 2 * 132, d) == expected
 
 
 def test_among_equal_loads_the_fewest_splits_that_fill_an_sm():
