@@ -36,11 +36,14 @@ from sphkv_compile.tiers import TierSpec
 # faster at Llama B=1 only; h200_sweep_coded_session13_two_tokens.json).
 # Session 16 timed the tree in float16 pairs (packed, now the default) against the same
 # unit-radius kernels with bfloat16 tiles, and packed uncapped at three programs per SM
-# (h200_sweep_coded_session16_packed.json). Next: two tokens per thread with the packed
-# decoders. The sm_90 compile (compile_check.py, d=128) has 2,000-2,100 instructions per token
-# there against 2,640 at one token (no STS.U16 or PRMT: the tile is written as STS.128), at
-# 246-255 registers uncapped, or 168 with a 104-112-byte spill (quarters). Not yet timed.
-SETTINGS = [dict(),
+# (h200_sweep_coded_session16_packed.json). Session 17: two tokens per thread with the packed
+# decoders (sm_90 compile, d=128: 2,000-2,100 instructions per token against 2,640 at one, the
+# tile written as STS.128). 4 warps uncapped at two per SM was faster at every Llama point
+# (B=8 32k 0.401 -> 0.391 ms, B=1 128k 0.303 -> 0.264) and within 1% on SmolLM2, so it is the
+# default since (h200_sweep_coded_session17_two_tokens_packed.json); 2 warps and quarters at
+# 168 registers were slower at B=1. The first row is session 16's default, for comparison.
+SETTINGS = [dict(tokens_per_thread=1, maxnreg=128, programs_per_sm=4),
+            dict(),
             dict(tokens_per_thread=2, warps=2, maxnreg=0, programs_per_sm=4),
             dict(tokens_per_thread=2, warps=4, quarters=True, maxnreg=168, programs_per_sm=3),
             dict(tokens_per_thread=2, warps=2, quarters=True, maxnreg=168, programs_per_sm=6)]
