@@ -92,18 +92,20 @@ def main(d=128, block_t=64, block_m=16, warps=4, stages=2):
     return k
 
 
-def coded(d=128, block_t=128, block_m=16, warps=4, stages=1, bf16=1, maxnreg=0, halves=0, shared=0, packed=0):
+def coded(d=128, block_t=128, block_m=16, warps=4, stages=1, bf16=1, maxnreg=0, halves=0, shared=0, packed=0,
+          scalar=0):
     """The compressed-tier paged kernel with the generated decoders, default tier (halves=1:
     paged_coded_halves_kernel, keys and values decoded in two halves of D; 4: in quarters,
     paged_coded_quarters_kernel; shared=1: the tables staged in shared memory; packed=1 (with
-    shared): float16-pair tables, f16x2 trees and float16 tiles)."""
+    shared): float16-pair tables, f16x2 trees and float16 tiles; scalar=1: the 3-bit scalar value
+    codec, whose decoder has no packed form)."""
     import triton.language as tl
 
     from sphkv_compile.kernels.attention_kernels import (paged_coded_halves_kernel, paged_coded_kernel,
                                                          paged_coded_quarters_kernel, tables_stay_in_global_memory)
     from sphkv_compile.kernels.decode_codegen import decoder, staged_offsets, stager
 
-    spec = TierSpec("uniform", 3.5, "polar", 3.5)
+    spec = TierSpec("uniform", 3.5, "scalar", 3) if scalar else TierSpec("uniform", 3.5, "polar", 3.5)
     info = tier_info(spec, d, 0, torch.bfloat16)
     packed = bool(packed and shared)
     tile = tl.float16 if packed else tl.bfloat16 if bf16 else tl.float32
@@ -118,7 +120,7 @@ def coded(d=128, block_t=128, block_m=16, warps=4, stages=1, bf16=1, maxnreg=0, 
         return decoder(info.key, 0, wt, leaf, *part, smem=ksm, packed=packed)
 
     def value(*part):
-        return decoder(info.value, info.key_words, wt, leaf, *part, smem=vsm, packed=packed)
+        return decoder(info.value, info.key_words, wt, leaf, *part, smem=vsm, packed=packed and not scalar)
 
     if halves == 4:  # quarters of D
         fn = paged_coded_quarters_kernel

@@ -273,18 +273,16 @@ def _scalar_body(w: _Writer, t: ScalarTables, tab: str, part: int | None = None,
                  smem: int | None = None) -> None:
     codes = code_parts(t.fields.layout)
     radius = _radius(w, codes[(0, 0)]) if part in (None, 0) else None
-    inv_norm = t.dim ** -0.5  # the centroids are of a unit vector's coordinates times sqrt(D)
-    leaves = []
+    leaves = []  # the table is ScalarTables.unit_centroids: a unit vector's coordinates
     span = range(t.dim) if part is None else range(part * t.dim // parts, (part + 1) * t.dim // parts)
     for i in span:
         x = f"x{i}"
         if smem is None:
             code = _extract(w, codes[(1, i)], f"k{i}")
-            w.emit(f"{x} = tl.load({tab} + {code}) * {inv_norm!r}")
+            w.emit(f"{x} = tl.load({tab} + {code})")
         else:
             offset = _extract(w, codes[(1, i)], f"o{i}", scale_bits=2)
-            _shared_lookup(w, offset, smem, 1, f"c{i}")
-            w.emit(f"{x} = c{i} * {inv_norm!r}")
+            _shared_lookup(w, offset, smem, 1, x)
         leaves.append(x)
     _join_tile(w, leaves, radius)
 
@@ -301,14 +299,14 @@ def table_bytes(tables, packed: bool = False) -> int:
     """Bytes of one codec's lookup table as the kernels hold it (per level and code, an int64
     float32 (cos, sin) pair, or with packed an int32 float16 pair; or float32 scalar centroids)."""
     if isinstance(tables, ScalarTables):
-        return 4 * tables.centroids.numel()
+        return 4 * tables.unit_centroids.numel()
     return (4 if packed else 8) * tables.levels * tables.table_size
 
 
 def table_tensor(tables, packed: bool = False) -> torch.Tensor:
     """The host tensor a kernel reads (or stages) as this codec's table."""
     if isinstance(tables, ScalarTables):
-        return tables.centroids
+        return tables.unit_centroids
     return tables.half_pairs if packed else tables.trig_pairs
 
 

@@ -180,6 +180,9 @@ class ScalarTables:
     centroids: torch.Tensor  # [2^bits]
     thresholds: torch.Tensor  # [2^bits] (last entry +inf padding)
     radius_step: float
+    # the decoders' table: centroids / sqrt(dim), the coordinates of a unit vector (the codec's
+    # centroids are those times sqrt(dim)), so a leaf is one lookup with no multiply
+    unit_centroids: torch.Tensor  # [2^bits]
 
 
 @lru_cache(maxsize=None)
@@ -193,7 +196,8 @@ def scalar_tables(codec: RotatedScalarCodec) -> ScalarTables:
     cent, thr = codec._book64
     pad = torch.full((1 << codec.bits,), float("inf"), dtype=torch.float64)
     pad[: len(thr)] = thr
-    return ScalarTables(d, codec.bits, field_tables(codec.layout), cent.float(), pad.float(), radius_step(codec.radius_bits))
+    return ScalarTables(d, codec.bits, field_tables(codec.layout), cent.float(), pad.float(),
+                        radius_step(codec.radius_bits), (cent * d ** -0.5).float())
 
 
 def under_interpreter() -> bool:
@@ -300,6 +304,6 @@ def prepare_device_tables(specs, head_dim: int, seed: int, kv_dtype: torch.dtype
                 tables += [signs[0]] if signs else []
         for t in (info.key, info.value):
             tables += [t.fields.comps, t.thresholds]
-            tables += [t.centroids] if isinstance(t, ScalarTables) else [t.trig, t.trig_pairs, t.half_pairs]
+            tables += [t.centroids, t.unit_centroids] if isinstance(t, ScalarTables) else [t.trig, t.trig_pairs, t.half_pairs]
         for t in tables:
             DEVICE_TABLES.get(t, device)

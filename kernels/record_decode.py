@@ -59,7 +59,7 @@ def decode_records(spec: TierSpec, records: torch.Tensor, head_dim: int, seed: i
         block_t = 32 * WARPS  # one token per thread
         decode_records_kernel[(triton.cdiv(n, block_t),)](
             flat, k, v, DEVICE_TABLES.get(info.key.trig_pairs, device),
-            DEVICE_TABLES.get(info.value.centroids if scalar else info.value.trig_pairs, device), n,
+            DEVICE_TABLES.get(info.value.unit_centroids if scalar else info.value.trig_pairs, device), n,
             WT=W, D=head_dim, BLOCK_T=block_t, DECODE_K=decoder(info.key, 0, W, None, 0),
             DECODE_K2=decoder(info.key, 0, W, None, 1), DECODE_V=decoder(info.value, info.key_words, W, None, 0),
             DECODE_V2=decoder(info.value, info.key_words, W, None, 1), STEP=info.key.radius_step,
