@@ -63,11 +63,14 @@ CODED_WARPS = 4
 # the halves kernel, so the register peak is not the decoded tile; 3,144 instructions and a
 # 16-byte spill at maxnreg=128 (halves: 3,184 and 32), 3,328 and 128 bytes at 96, the cap five
 # programs per SM need (halves: 3,496 and 352).
-CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": 2, "few_rows_programs_per_sm": 2,
-         "max_splits_per_row": 32, "maxnreg": 0, "maxnreg_max_d": 128, "min_tiles_per_split": 2,
+CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": {128: 2, "other": 4},
+         "few_rows_programs_per_sm": 2, "max_splits_per_row": 32, "maxnreg": {128: 0, "other": 128},
+         "maxnreg_max_d": 128, "min_tiles_per_split": 2,
          "halves": True, "halves_min_d": 64, "quarters": False, "quarters_min_d": 128,
          "shared_tables": True, "shared_tables_max_bytes": 4096, "shared_tables_max_d": 128,
-         "tokens_per_thread": 2, "tokens_per_thread_max_d": 128, "balance_waves": True, "packed": True}
+         "tokens_per_thread": {128: 2, "other": 1}, "balance_waves": True, "packed": True}
+# tokens_per_thread, programs_per_sm and maxnreg may be one value for every head dim or a dict
+# by head dim ("other": the rest); _per_dim reads them.
 # shared_tables: each program copies the decoders' lookup tables into shared memory once and
 # every node's lookup reads them there (decode_codegen.stager). Static shared memory, on top of
 # the kernel's own dynamic allocation; the two must stay within the 48 KB a launch gets without
@@ -93,9 +96,10 @@ CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": 2, "few_ro
 # registers, so two programs per SM) against one token, halves, 128 registers, four per SM:
 # Llama B=8 32k 0.401 -> 0.391 ms, B=1 32k 0.144 -> 0.133, B=1 128k 0.303 -> 0.264, B=1 4k
 # 0.072 -> 0.067; SmolLM2 (d=64) within 1% (B=8 32k 0.112 -> 0.113). Two warps at four per SM
-# and quarters capped at 168 registers were slower at B=1. Now two, up to
-# tokens_per_thread_max_d: at d=256 a 256-token tile's halves need 81 KB of shared memory and
-# twice the registers of one token, so one token there.
+# and quarters capped at 168 registers were slower at B=1. The full benchmark then showed
+# SmolLM2's many-row points slower (B=32 128k 1.120 -> 1.409 ms, B=32 32k 0.317 -> 0.381) and
+# Llama B=32 flat (5.584 -> 5.606 at 128k), so two tokens at d=128 only; at d=256 a 256-token
+# tile's halves would also need 81 KB of shared memory.
 # packed: where the tables are staged, the polar decoders stage (cos, sin) as float16 pairs and
 # run the tree in f16x2 (decode_codegen, packed=True): one HMUL2 per node instead of two FMULs,
 # one LDS.32 instead of an LDS.64, and float16 leaves with no conversion; the dots then take
@@ -111,10 +115,15 @@ def _bf16_tiles() -> bool:
     return CODED["bf16_tiles"] and not under_interpreter()
 
 
+def _per_dim(key: str, D: int):
+    """CODED[key] at head dim D (a plain value, or a dict by head dim with an "other" entry)."""
+    value = CODED[key]
+    return value.get(D, value["other"]) if isinstance(value, dict) else value
+
+
 def _coded_block_t(D: int) -> int:
     """Tokens per tile of the coded kernels at head dim D."""
-    per_thread = CODED["tokens_per_thread"] if D <= CODED["tokens_per_thread_max_d"] else 1
-    return 32 * CODED["warps"] * per_thread
+    return 32 * CODED["warps"] * _per_dim("tokens_per_thread", D)
 
 
 @lru_cache(maxsize=None)
@@ -132,17 +141,17 @@ def _block_m(rows: int) -> int:
     return 16
 
 
-def _coded_per_sm(wanted: int, rows: int) -> int:
-    """Split-KV programs per SM for a compressed tier: four, unless that splits a row more than
-    max_splits_per_row ways (then two)."""
-    per_sm = CODED["programs_per_sm"]
+def _coded_per_sm(wanted: int, rows: int, D: int) -> int:
+    """Split-KV programs per SM for a compressed tier at head dim D: programs_per_sm, unless
+    that splits a row more than max_splits_per_row ways (then few_rows_programs_per_sm)."""
+    per_sm = _per_dim("programs_per_sm", D)
     if wanted // 2 * per_sm > CODED["max_splits_per_row"] * rows:
         per_sm = min(per_sm, CODED["few_rows_programs_per_sm"])
     return per_sm
 
 
-def _coded_programs(wanted: int, rows: int) -> int:
-    return max(1, wanted // 2 * _coded_per_sm(wanted, rows))
+def _coded_programs(wanted: int, rows: int, D: int) -> int:
+    return max(1, wanted // 2 * _coded_per_sm(wanted, rows, D))
 
 
 @lru_cache(maxsize=1024)  # pure in its integers; an eager decode asks for the same launch every layer
@@ -173,12 +182,12 @@ def _coded_splits(rows: int, capacity: int, wanted: int, D: int) -> int:
     SM, then, with balance_waves, the count up to twice that (not past max_splits_per_row unless
     already there, nor past the tiles) that leaves no SM a partial last wave."""
     tile, min_tiles = _coded_block_t(D), CODED["min_tiles_per_split"]
-    S = _splits(rows, capacity, tile, _coded_programs(wanted, rows), min_tiles)
+    S = _splits(rows, capacity, tile, _coded_programs(wanted, rows, D), min_tiles)
     if not CODED["balance_waves"]:
         return S
     tiles = max(1, triton.cdiv(capacity, tile))
     most = min(max(S, min(2 * S, CODED["max_splits_per_row"])), triton.cdiv(tiles, min_tiles))
-    return _balanced_splits(rows, wanted // 2, _coded_per_sm(wanted, rows), most)
+    return _balanced_splits(rows, wanted // 2, _coded_per_sm(wanted, rows, D), most)
 
 
 def check_supported(q_dtype: torch.dtype, specs, head_dim: int, seed: int, kv_dtype: torch.dtype):
@@ -265,7 +274,8 @@ def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_
         launch = dict(PS=st.page_size, WT=WT, D=D, BLOCK_M=block_m, BLOCK_T=_coded_block_t(D),
                       STEP=info.key.radius_step, LOG2_MIN=LOG2_MIN, DOT_PRECISION=precision,
                       TILE_DTYPE=tile, num_warps=CODED["warps"], num_stages=1,
-                      **({"maxnreg": CODED["maxnreg"]} if CODED["maxnreg"] and D <= CODED["maxnreg_max_d"] else {}))
+                      **({"maxnreg": _per_dim("maxnreg", D)} if _per_dim("maxnreg", D) and D <= CODED["maxnreg_max_d"]
+                         else {}))
         args = (q_in, st.pool, st.pages, st.count, acc, m, l, kt, vt, M, st.pages.shape[-1], S, split_offset, S_total)
         ksm, vsm = staged_offsets(info.key, packed) if staged else (None, None)
         launch["STAGE_TABLES"] = stager(info.key, info.value, packed) if staged else tables_stay_in_global_memory

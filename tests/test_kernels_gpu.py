@@ -187,7 +187,7 @@ def test_attend_with_two_tokens_per_thread_matches_float64_reference(d, setting,
 @pytest.mark.parametrize("d", [128, 64])
 def test_attend_with_one_token_per_thread_matches_float64_reference(d, monkeypatch):
     """The default launch until session 16 (one token per thread, halves capped at 128
-    registers, four programs per SM), still what head dims over tokens_per_thread_max_d get."""
+    registers, four programs per SM), still what head dims other than 128 get."""
     for key, value in dict(tokens_per_thread=1, maxnreg=128, programs_per_sm=4).items():
         monkeypatch.setitem(kernel_attend.CODED, key, value)
     assert kernel_attend._coded_block_t(d) == 32 * kernel_attend.CODED["warps"]
