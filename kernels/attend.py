@@ -178,7 +178,7 @@ def _splits(programs_per_split: int, capacity: int, block_t: int, wanted: int, m
 
 
 def _coded_splits(rows: int, capacity: int, wanted: int, D: int) -> int:
-    """Splits per row of a compressed tier: as many as fill four (or, few rows, two) programs per
+    """Splits per row of a compressed tier at head dim D: as many as fill _coded_per_sm programs per
     SM, then, with balance_waves, the count up to twice that (not past max_splits_per_row unless
     already there, nor past the tiles) that leaves no SM a partial last wave."""
     tile, min_tiles = _coded_block_t(D), CODED["min_tiles_per_split"]
