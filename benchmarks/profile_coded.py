@@ -34,5 +34,6 @@ if __name__ == "__main__":
 
     for flag in sys.argv[1:]:  # key=value settings of kernels.attend.CODED, e.g. programs_per_sm=3
         key, value = flag.split("=")
-        kattend.CODED[key] = type(kattend.CODED[key])(int(value)) if kattend.CODED[key] is not None else int(value)
+        old = kattend.CODED[key]  # a bool stays a bool; a per-head-dim dict becomes one value for all
+        kattend.CODED[key] = type(old)(int(value)) if isinstance(old, (bool, int)) else int(value)
     main()
