@@ -42,7 +42,8 @@ from sphkv_compile.tiers import TierSpec
 # (B=8 32k 0.401 -> 0.391 ms, B=1 128k 0.303 -> 0.264) and within 1% on SmolLM2
 # (h200_sweep_coded_session17_two_tokens_packed.json); 2 warps and quarters at 168 registers were
 # slower at B=1. The full benchmark then found SmolLM2 B=32 up to 26% slower
-# (h200_bench_decode_session17_two_tokens_all_dims), so two tokens is the default at d=128 only. The first row is session 16's default, for comparison.
+# (h200_bench_decode_session17_two_tokens_all_dims), so two tokens is the default at d=128 only.
+# The first row is session 16's default, for comparison.
 SETTINGS = [dict(tokens_per_thread=1, maxnreg=128, programs_per_sm=4),
             dict(),
             dict(tokens_per_thread=2, warps=2, maxnreg=0, programs_per_sm=4),

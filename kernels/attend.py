@@ -271,11 +271,11 @@ def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_
         vt = _tab(table_tensor(info.value, packed), device)
         tile = tl.float16 if packed else tl.bfloat16 if _bf16_tiles() else tl.float32
         leaf = {tl.float16: "tl.float16", tl.bfloat16: "tl.bfloat16"}.get(tile)  # the decoders' leaf cast
+        maxnreg = _per_dim("maxnreg", D) if D <= CODED["maxnreg_max_d"] else None
         launch = dict(PS=st.page_size, WT=WT, D=D, BLOCK_M=block_m, BLOCK_T=_coded_block_t(D),
                       STEP=info.key.radius_step, LOG2_MIN=LOG2_MIN, DOT_PRECISION=precision,
                       TILE_DTYPE=tile, num_warps=CODED["warps"], num_stages=1,
-                      **({"maxnreg": _per_dim("maxnreg", D)} if _per_dim("maxnreg", D) and D <= CODED["maxnreg_max_d"]
-                         else {}))
+                      **({"maxnreg": maxnreg} if maxnreg else {}))
         args = (q_in, st.pool, st.pages, st.count, acc, m, l, kt, vt, M, st.pages.shape[-1], S, split_offset, S_total)
         ksm, vsm = staged_offsets(info.key, packed) if staged else (None, None)
         launch["STAGE_TABLES"] = stager(info.key, info.value, packed) if staged else tables_stay_in_global_memory

@@ -177,12 +177,11 @@ class ScalarTables:
     dim: int
     bits: int
     fields: FieldTables
-    centroids: torch.Tensor  # [2^bits]
+    # the decoders' table: the codec's centroids / sqrt(dim), the coordinates of a unit vector
+    # (the codec's are those times sqrt(dim)), so a leaf is one lookup with no multiply
+    unit_centroids: torch.Tensor  # [2^bits]
     thresholds: torch.Tensor  # [2^bits] (last entry +inf padding)
     radius_step: float
-    # the decoders' table: centroids / sqrt(dim), the coordinates of a unit vector (the codec's
-    # centroids are those times sqrt(dim)), so a leaf is one lookup with no multiply
-    unit_centroids: torch.Tensor  # [2^bits]
 
 
 @lru_cache(maxsize=None)
@@ -196,8 +195,8 @@ def scalar_tables(codec: RotatedScalarCodec) -> ScalarTables:
     cent, thr = codec._book64
     pad = torch.full((1 << codec.bits,), float("inf"), dtype=torch.float64)
     pad[: len(thr)] = thr
-    return ScalarTables(d, codec.bits, field_tables(codec.layout), cent.float(), pad.float(),
-                        radius_step(codec.radius_bits), (cent * d ** -0.5).float())
+    return ScalarTables(d, codec.bits, field_tables(codec.layout), (cent * d ** -0.5).float(), pad.float(),
+                        radius_step(codec.radius_bits))
 
 
 def under_interpreter() -> bool:
@@ -304,6 +303,6 @@ def prepare_device_tables(specs, head_dim: int, seed: int, kv_dtype: torch.dtype
                 tables += [signs[0]] if signs else []
         for t in (info.key, info.value):
             tables += [t.fields.comps, t.thresholds]
-            tables += [t.centroids, t.unit_centroids] if isinstance(t, ScalarTables) else [t.trig, t.trig_pairs, t.half_pairs]
+            tables += [t.unit_centroids] if isinstance(t, ScalarTables) else [t.trig, t.trig_pairs, t.half_pairs]
         for t in tables:
             DEVICE_TABLES.get(t, device)
