@@ -1,7 +1,7 @@
 #!/bin/bash
 # One device call: install, GPU kernel tests, kernel benchmark, optionally (E2E=1) the
 # end-to-end decode. Logs under $OUT. One call holds 10 minutes: split the steps over calls
-# (SKIP_TESTS=1, TEST_K="expr with spaces" (pytest -k; TEST_ARGS is word-split), SKIP_BENCH=1, BENCH_ARGS=--quick, SWEEP=1, SWEEP_ENCODE=1, LOWERING=1, E2E=1, RDR=1, REBUDGET=1,
+# (SKIP_TESTS=1, TEST_K="expr with spaces" (pytest -k; TEST_ARGS is word-split), SKIP_BENCH=1, BENCH_ARGS=--quick, SWEEP=1, SWEEP_ENCODE=1, LOWERING=1, E2E=1, BREAKDOWN=1, RDR=1, REBUDGET=1,
 # BEAMS=1) rather than let a timeout cut them.
 #
 # Compile caches: each call starts on a bare machine, and the kernel compiles take minutes
@@ -42,6 +42,9 @@ fi
 if [ "${E2E:-0}" = 1 ]; then  # end-to-end generate() at 32k (benchmarks/e2e_decode.py), about 5 minutes
   (cd benchmarks && timeout ${E2E_TIMEOUT:-330} python e2e_decode.py --steps 8 --warmup 3 --out $OUT ${E2E_ARGS} 2>&1 \
     | grep -v Warn | tee $OUT/e2e.log | tail -12)
+fi
+if [ "${BREAKDOWN:-0}" = 1 ]; then  # one decode call's device time, kernel by kernel (benchmarks/breakdown_decode.py)
+  (cd benchmarks && timeout ${BREAKDOWN_TIMEOUT:-300} python breakdown_decode.py --out $OUT 2>&1 | grep -v Warn | tee $OUT/breakdown.log | tail -60)
 fi
 if [ "${RDR:-0}" = 1 ]; then  # RDR's decode step through generate() against dense (benchmarks/profile_hf_decode.py)
   (cd benchmarks && timeout ${RDR_TIMEOUT:-400} python profile_hf_decode.py --policy rdr --steps 32 --out $OUT 2>&1 \
