@@ -105,8 +105,9 @@ CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": {128: 2, "
 # one LDS.32 instead of an LDS.64, and float16 leaves with no conversion; the dots then take
 # float16 operands (10 mantissa bits to bfloat16's 7; the tiles are unit-radius, so in range).
 # combine_kernel: splits merged per step, output columns per rotation block, warps (sm_90
-# compile, D=128: 238 registers and no spills; 64 columns spill).
-COMBINE = {"splits": 4, "columns": 32, "warps": 8}
+# compile, D=128: 238 registers and no spills; 64 columns spill); stats_splits: splits per step
+# of the row statistics (an [S, 16] tile of m and l).
+COMBINE = {"splits": 4, "columns": 32, "warps": 8, "stats_splits": 32}
 
 
 def _bf16_tiles() -> bool:
@@ -139,6 +140,16 @@ def _block_m(rows: int) -> int:
     decoded key tile fails to compile ("Illegal shared layout" in TritonGPUOptimizeDotOperands),
     so long prefills re-decode each key tile once per 16 rows."""
     return 16
+
+
+def _combine_block(M: int, block_m: int) -> tuple[int, int]:
+    """(rows, splits) per step of combine_kernel: the partial kernels' block_m rows, or fewer when
+    the call has fewer (a decode step has G rows: 4 for Llama-3-8B), with the splits per step
+    raised so a step's tile keeps COMBINE["splits"] x block_m (row, split) pairs. Each step waits
+    out a load and a shared-memory broadcast, so at B=1 (8 rows x 33 splits) the steps were most
+    of the combine's 59 us."""
+    rows = block_m if M >= block_m else triton.next_power_of_2(M)
+    return rows, COMBINE["splits"] * block_m // rows
 
 
 def _coded_per_sm(wanted: int, rows: int, D: int) -> int:
@@ -393,11 +404,12 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
         cm = stat_m if whole else torch.empty(BH, M, dtype=torch.float32, device=device)
         cl = stat_l if whole else torch.empty_like(cm)
         oc = out[:, :, s0:s1]
-        combine_kernel[(BH, mblocks)](
+        cbm, csplits = _combine_block(M, block_m)
+        combine_kernel[(BH, triton.cdiv(M, cbm))](
             acc, m, l, hinv, oc, cm, cl, sinks2 if sinks is not None else cm, M, tc, G, Hkv, S_total, S_rot,
-            oc.stride(0), oc.stride(1), oc.stride(2), D=d, BLOCK_M=block_m, HAS_ROT=S_rot > 0,
-            BLOCK_S=COMBINE["splits"], BLOCK_C=min(d, COMBINE["columns"]), num_warps=COMBINE["warps"],
-            HAS_SINKS=sinks is not None)
+            oc.stride(0), oc.stride(1), oc.stride(2), D=d, BLOCK_M=cbm, HAS_ROT=S_rot > 0,
+            BLOCK_S=csplits, BLOCK_C=min(d, COMBINE["columns"]), num_warps=COMBINE["warps"],
+            HAS_SINKS=sinks is not None, BLOCK_STATS=COMBINE["stats_splits"])
         if not whole:
             stat_m[:, :, s0:s1] = cm.view(BH, G, tc)
             stat_l[:, :, s0:s1] = cl.view(BH, G, tc)

@@ -383,16 +383,43 @@ def _weighted_partials(acc_ptr, m_ptr, base, s_lo, s_hi, rows, rmask, cols, msaf
                        D: tl.constexpr, BLOCK_S: tl.constexpr):
     """sum over splits s in [s_lo, s_hi) of 2^(m_s - msafe) * acc_s[rows, cols], and of
     2^(m_s - msafe) * l_s is left to the caller. BLOCK_S splits per step as one [S, M, C] tile:
-    their loads are in flight together (one split per step waits out the memory latency S times)."""
-    part = tl.zeros((rows.shape[0], cols.shape[0]), tl.float32)
+    their loads are in flight together (one split per step waits out the memory latency S times).
+    The steps add into an [S, M, C] accumulator and the split axis is summed once at the end: a
+    sum per step crosses warps through shared memory behind two barriers, and at B=1 (8 rows,
+    33 splits) those steps made the combine 59 of the call's 134 us (H200, session 18)."""
+    part = tl.zeros((BLOCK_S, rows.shape[0], cols.shape[0]), tl.float32)
     for s0 in range(s_lo, s_hi, BLOCK_S):
         sp = s0 + tl.arange(0, BLOCK_S)
         idx = (base + sp)[:, None] * M + rows[None, :]  # [S, M]
         ok = (sp < s_hi)[:, None] & rmask[None, :]
-        w = tl.exp2(tl.load(m_ptr + idx, mask=ok, other=float("-inf")) - msafe[None, :])
+        # m loaded as [S, M, 1]; laid out one value per thread, it reaches the tile through shared
+        # memory (two barriers a step): larger steps over fewer rows make fewer of them
+        w = tl.exp2(tl.load(m_ptr + idx[:, :, None], mask=ok[:, :, None], other=float("-inf")) - msafe[None, :, None])
         a = tl.load(acc_ptr + idx[:, :, None] * D + cols[None, None, :], mask=ok[:, :, None], other=0.0)
-        part += tl.sum(w[:, :, None] * a, 0)
-    return part
+        part += w * a
+    return tl.sum(part, 0)
+
+
+@triton.jit
+def _split_statistics(m_ptr, l_ptr, base, S_total, rows, rmask, M, BLOCK_S: tl.constexpr):
+    """(max over splits of m, and sum of l_s * 2^(m_s - max)) per row, each step kept elementwise
+    in an [S, M] tile and reduced across splits once (as _weighted_partials)."""
+    mtile = tl.full((BLOCK_S, rows.shape[0]), float("-inf"), tl.float32)
+    for s0 in range(0, S_total, BLOCK_S):
+        sp = s0 + tl.arange(0, BLOCK_S)
+        ok = (sp < S_total)[:, None] & rmask[None, :]
+        mtile = tl.maximum(mtile, tl.load(m_ptr + (base + sp)[:, None] * M + rows[None, :], mask=ok,
+                                          other=float("-inf")))
+    mmax = tl.max(mtile, 0)
+    msafe = tl.where(mmax == float("-inf"), 0.0, mmax)
+    ltile = tl.zeros((BLOCK_S, rows.shape[0]), tl.float32)
+    for s0 in range(0, S_total, BLOCK_S):
+        sp = s0 + tl.arange(0, BLOCK_S)
+        idx = (base + sp)[:, None] * M + rows[None, :]
+        ok = (sp < S_total)[:, None] & rmask[None, :]
+        w = tl.exp2(tl.load(m_ptr + idx, mask=ok, other=float("-inf")) - msafe[None, :])
+        ltile += w * tl.load(l_ptr + idx, mask=ok, other=0.0)
+    return mmax, msafe, tl.sum(ltile, 0)
 
 
 @triton.jit
@@ -401,7 +428,7 @@ def combine_kernel(
         M, Tq, G, Hkv, S_total, S_rot,
         sob, soh, sot,
         D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_ROT: tl.constexpr, BLOCK_S: tl.constexpr,
-        BLOCK_C: tl.constexpr, HAS_SINKS: tl.constexpr):
+        BLOCK_C: tl.constexpr, HAS_SINKS: tl.constexpr, BLOCK_STATS: tl.constexpr):
     """Merge splits 0..S_rot-1 (values in the rotated domain) and S_rot..S_total-1 (plain),
     rotate back once, normalise, write out[b, h·G + g, t] for row g·Tq + t.
 
@@ -417,20 +444,7 @@ def combine_kernel(
     rmask = rows < M
     d = tl.arange(0, D)
     base = pid_bh * S_total
-    mmax = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    for s0 in range(0, S_total, BLOCK_S):
-        sp = s0 + tl.arange(0, BLOCK_S)
-        ok = (sp < S_total)[:, None] & rmask[None, :]
-        mt = tl.load(m_ptr + (base + sp)[:, None] * M + rows[None, :], mask=ok, other=float("-inf"))
-        mmax = tl.maximum(mmax, tl.max(mt, 0))
-    msafe = tl.where(mmax == float("-inf"), 0.0, mmax)
-    total = tl.zeros((BLOCK_M,), tl.float32)
-    for s0 in range(0, S_total, BLOCK_S):
-        sp = s0 + tl.arange(0, BLOCK_S)
-        idx = (base + sp)[:, None] * M + rows[None, :]
-        ok = (sp < S_total)[:, None] & rmask[None, :]
-        w = tl.exp2(tl.load(m_ptr + idx, mask=ok, other=float("-inf")) - msafe[None, :])
-        total += tl.sum(w * tl.load(l_ptr + idx, mask=ok, other=0.0), 0)
+    mmax, msafe, total = _split_statistics(m_ptr, l_ptr, base, S_total, rows, rmask, M, BLOCK_STATS)
     b = pid_bh // Hkv
     head = (pid_bh % Hkv) * G + rows // Tq
     norm = total
@@ -446,7 +460,10 @@ def combine_kernel(
         part = _weighted_partials(acc_ptr, m_ptr, base, S_rot, S_total, rows, rmask, cols, msafe, M, D, BLOCK_S)
         if HAS_ROT:
             hinv = tl.load(hinv_ptr + d[:, None] * D + cols[None, :])
-            part += tl.dot(acc_rot, hinv, input_precision="tf32x3")
+            if BLOCK_M >= 16:
+                part += tl.dot(acc_rot, hinv, input_precision="tf32x3")
+            else:  # under tl.dot's 16 rows (a decode step's G query heads): float32 FMAs
+                part += tl.sum(acc_rot[:, :, None] * hinv[None, :, :], 1)
         # a row that saw nothing gives 0 (not 0/0); a NaN anywhere in the row stays NaN
         out = tl.where(total[:, None] == 0, 0.0, part * inv[:, None])
         tl.store(out_ptr + b * sob + head[:, None] * soh + t[:, None] * sot + cols[None, :],

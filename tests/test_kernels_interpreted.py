@@ -195,6 +195,15 @@ def test_extreme_magnitudes_all_tiers(d, tq, n_new):
                   max_count=70, obs=1, pad=True, accumulate=True, wide=True))
 
 
+@pytest.mark.parametrize("g,tq", [(3, 1), (4, 1), (8, 3)])
+def test_combine_row_blocks_match_reference(g, tq):
+    """The combine's two rotations: under 16 rows (3 and 4 query heads of a decode step: float32
+    FMAs over 4 rows, one of them padding) and over (8 heads x 3 queries = 24 rows: two 16-row
+    blocks through tl.dot), every tier, wide magnitudes."""
+    run_case(dict(d=64, hkv=2, g=g, b=1, specs=list(ALL_TIERS), tq=tq, n_new=tq, page_size=16, seed=20 + g,
+                  max_count=70, obs=1, pad=False, accumulate=False, wide=True))
+
+
 @pytest.mark.parametrize("min_tiles", [1, 2])
 def test_several_splits_per_tier_match_reference(min_tiles, monkeypatch):
     """Up to 600 tokens per compressed tier: several 128-token tiles, so each tier runs in

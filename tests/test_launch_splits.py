@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sphkv_compile.kernels import attend
-from sphkv_compile.kernels.attend import _balanced_splits, _coded_splits
+from sphkv_compile.kernels.attend import _balanced_splits, _coded_splits, _combine_block
 
 
 def busiest_load(rows: int, sms: int, S: int) -> Fraction:
@@ -67,3 +67,12 @@ def test_a_long_prefill_keeps_one_split():
     # 8 KV heads x 1,024 blocks of 16 query rows: two splits would leave the busiest SM 62.5
     # rows instead of 63 (0.8% less) and double the partials the combine merges
     assert _balanced_splits(8 * 1024, 132, 4, 2) == 1
+
+
+@pytest.mark.parametrize("M,expected", [(1, (1, 64)), (3, (4, 16)), (4, (4, 16)), (9, (16, 4)), (16, (16, 4)),
+                                        (40, (16, 4))])
+def test_combine_steps_keep_the_tile_size(M, expected, monkeypatch):
+    """Fewer rows than the partial kernels' 16 give the combine fewer rows and more splits per
+    step, the same (row, split) pairs per step."""
+    monkeypatch.setitem(attend.COMBINE, "splits", 4)
+    assert _combine_block(M, 16) == expected
