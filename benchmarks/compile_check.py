@@ -10,8 +10,10 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from sphkv_compile.kernels.attend import COMBINE
-from sphkv_compile.kernels.attention_kernels import combine_kernel, paged_partials_kernel
+from sphkv_compile.kernels.attention_kernels import paged_partials_kernel
+from sphkv_compile.kernels.combine_kernels import combine_kernel
 from sphkv_compile.kernels.encode_kernels import encode_kv_kernel
+from sphkv_compile.kernels.query_kernels import prepare_queries_kernel
 from sphkv_compile.kernels.layout import tier_info
 from sphkv_compile.radius import LOG2_MIN
 from sphkv_compile.tiers import TierSpec
@@ -174,9 +176,17 @@ def compile_all(d=128):
                               EMULATE_BF16_DOT=False)),
         "chunk": (chunk_partials_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16", "valid_ptr": "*i8"},
                   dict(D=d, BLOCK_M=16, BLOCK_T=64, HAS_VALID=True, DOT_PRECISION="tf32")),
+        # a prefill block (16 rows, tl.dot rotation) and a decode step of Llama-3-8B (4 rows, FMAs)
         "combine": (combine_kernel, {"out_ptr": "*bf16"},
                     dict(D=d, BLOCK_M=16, HAS_ROT=True, BLOCK_S=COMBINE["splits"], BLOCK_C=COMBINE["columns"],
-                         BLOCK_STATS=COMBINE["stats_splits"])),
+                         COLUMNS=d, HAS_SINKS=False)),
+        "combine_decode": (combine_kernel, {"out_ptr": "*bf16"},
+                           dict(D=d, BLOCK_M=4, HAS_ROT=True, BLOCK_S=COMBINE["splits"] * 4, BLOCK_C=COMBINE["columns"],
+                                COLUMNS=COMBINE["columns"], HAS_SINKS=False)),
+        "queries": (prepare_queries_kernel, {"q_ptr": "*bf16", "scale": "fp32"},
+                    dict(D=d, BLOCK_M=16, BLOCK_C=COMBINE["columns"], COLUMNS=d, HAS_ROT=True)),
+        "queries_decode": (prepare_queries_kernel, {"q_ptr": "*bf16", "scale": "fp32"},
+                           dict(D=d, BLOCK_M=4, BLOCK_C=COMBINE["columns"], COLUMNS=COMBINE["columns"], HAS_ROT=True)),
         "mass": (paged_mass_kernel, {"pool_ptr": "*i32", "pages_ptr": "*i32", "count_ptr": "*i32",
                                      "util_ptr": "*fp16", "kcomps_ptr": "*i32"},
                  dict(PS=64, WT=28, D=d, BLOCK_R=16, BLOCK_T=64, EXACT=False, K_LEVELS=key.levels,
@@ -191,7 +201,8 @@ def compile_all(d=128):
         sig = {a: ("constexpr" if a in consts else ptrs.get(a, "*i32" if "comps" in a else "*fp32") if a.endswith("_ptr")
                    else ptrs.get(a, "i32")) for a in fn.arg_names}
         try:
-            warps = {"combine": COMBINE["warps"], "encode_polar": encode_warps,
+            warps = {"combine": COMBINE["warps"], "combine_decode": COMBINE["warps"], "queries": COMBINE["warps"],
+                     "queries_decode": COMBINE["warps"], "encode_polar": encode_warps,
                      "encode_scalar": encode_warps}.get(name, 4)
             k = triton.compile(ASTSource(fn, sig, consts, pointer_alignment(fn, sig)), target=TARGET,
                                options={"num_warps": warps, "num_stages": 1})

@@ -17,11 +17,13 @@ from sphkv_compile.radius import LOG2_MIN
 from sphkv_compile.store import TierState
 from sphkv_compile.tiers import TierSpec, tier_codecs
 
-from .attention_kernels import (chunk_partials_kernel, combine_kernel, paged_coded_halves_kernel, paged_coded_kernel,
+from .attention_kernels import (chunk_partials_kernel, paged_coded_halves_kernel, paged_coded_kernel,
                                 paged_coded_quarters_kernel, paged_mass_kernel, paged_partials_kernel,
                                 tables_stay_in_global_memory)
+from .combine_kernels import combine_kernel
 from .decode_codegen import decoder, staged_offsets, stager, table_bytes, table_tensor
 from .layout import DEVICE_TABLES, ScalarTables, Unsupported, rotation_matrices, tier_info, under_interpreter
+from .query_kernels import prepare_queries_kernel
 
 LOG2E = 1.0 / math.log(2.0)
 # Partials of one launch group are kept under this many bytes (long prefills run in query chunks).
@@ -105,9 +107,9 @@ CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": {128: 2, "
 # one LDS.32 instead of an LDS.64, and float16 leaves with no conversion; the dots then take
 # float16 operands (10 mantissa bits to bfloat16's 7; the tiles are unit-radius, so in range).
 # combine_kernel: splits merged per step, output columns per rotation block, warps (sm_90
-# compile, D=128: 238 registers and no spills; 64 columns spill); stats_splits: splits per step
-# of the row statistics (an [S, 16] tile of m and l).
-COMBINE = {"splits": 4, "columns": 32, "warps": 8, "stats_splits": 32}
+# compile, D=128: see benchmarks/compile_check.py). Launches with fewer (batch·KV head, row
+# block) pairs than SMs split the output columns over programs too (_column_programs).
+COMBINE = {"splits": 4, "columns": 32, "warps": 8}
 
 
 def _bf16_tiles() -> bool:
@@ -147,9 +149,30 @@ def _combine_block(M: int, block_m: int) -> tuple[int, int]:
     the call has fewer (a decode step has G rows: 4 for Llama-3-8B), with the splits per step
     raised so a step's tile keeps COMBINE["splits"] x block_m (row, split) pairs. Each step waits
     out a load and a shared-memory broadcast, so at B=1 (8 rows x 33 splits) the steps were most
-    of the combine's 59 us."""
+    of the combine's 59 us (session 18)."""
     rows = block_m if M >= block_m else triton.next_power_of_2(M)
     return rows, COMBINE["splits"] * block_m // rows
+
+
+def _block_columns(rows: int, D: int) -> int:
+    """Output columns per block of combine_kernel and prepare_queries_kernel: COMBINE["columns"],
+    fewer where the rows are under tl.dot's 16 and the float32 FMA rotation's [rows, D, columns]
+    product would pass 16K values (64 per thread at 8 warps: 8 query heads at D=128 get 16)."""
+    cols = min(D, COMBINE["columns"])
+    while rows < 16 and cols > 8 and rows * D * cols > 16384:
+        cols //= 2
+    return cols
+
+
+def _column_programs(programs: int, D: int, block_c: int, sms: int) -> int:
+    """Column blocks per (batch·KV head, row block) of a launch of `programs` such pairs: doubled
+    while the launch stays within one program per SM (a B=1 decode step of Llama-3-8B is 8 pairs
+    on 132 SMs: each program's chain of dependent loads is the launch's time, so shorter chains
+    on more SMs finish sooner), up to one block of block_c columns each."""
+    n = 1
+    while programs * n * 2 <= sms and n * 2 * block_c <= D:
+        n *= 2
+    return n
 
 
 def _coded_per_sm(wanted: int, rows: int, D: int) -> int:
@@ -346,13 +369,13 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
     kc0 = vc0 = None
     if compressed:
         kc0, vc0 = tier_codecs(specs[compressed[0][0]], d, seed)
-    q_all = (q.to(torch.float32) * (scale * LOG2E)).reshape(B, Hkv, G * Tq, d)
+    q_scale = scale * LOG2E
     out = torch.empty_like(q)
     stat_m = torch.empty(BH, G, Tq, dtype=torch.float32, device=device)
     stat_l = torch.empty_like(stat_m)
     wanted = _programs_wanted(device)
     valid_i8 = None if valid_new is None or not N else valid_new.to(torch.int8).contiguous()
-    hinv = _tab(rotation_matrices(vc0.hadamard)[1], device) if compressed else q_all
+    hinv = _tab(rotation_matrices(vc0.hadamard)[1], device) if compressed else None
     if sinks is not None:  # natural-unit sink logits in the combine's log2 units
         if sinks.shape != (Hq,):
             raise ValueError(f"sinks must hold one logit per query head, shape ({Hq},); got {tuple(sinks.shape)}")
@@ -365,10 +388,17 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
         s1 = min(Tq, s0 + tq_chunk)
         tc = s1 - s0
         M = G * tc
-        qc = q_all.view(B, Hkv, G, Tq, d)[:, :, :, s0:s1].reshape(BH, M, d).contiguous()
-        q_rot = (qc @ kfwd).contiguous() if compressed else None
         block_m = _block_m(M)
         mblocks = triton.cdiv(M, block_m)
+        qc = torch.empty(BH, M, d, dtype=torch.float32, device=device)
+        q_rot = torch.empty_like(qc) if compressed else None
+        qbm = min(block_m, triton.next_power_of_2(M))
+        qcols = _block_columns(qbm, d)
+        qprog = _column_programs(BH * triton.cdiv(M, qbm), d, qcols, wanted // 2)
+        prepare_queries_kernel[(BH, triton.cdiv(M, qbm), qprog)](
+            q, kfwd if compressed else qc, qc, q_rot if compressed else qc, q_scale, M, tc, s0, G, Hkv,
+            q.stride(0), q.stride(1), q.stride(2), q.stride(3), D=d, BLOCK_M=qbm, BLOCK_C=qcols, COLUMNS=d // qprog,
+            HAS_ROT=bool(compressed), num_warps=COMBINE["warps"])
         launches, S_total = [], 0
         for group in (compressed, plain):
             for i, info in group:
@@ -405,16 +435,20 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
         cl = stat_l if whole else torch.empty_like(cm)
         oc = out[:, :, s0:s1]
         cbm, csplits = _combine_block(M, block_m)
-        combine_kernel[(BH, triton.cdiv(M, cbm))](
-            acc, m, l, hinv, oc, cm, cl, sinks2 if sinks is not None else cm, M, tc, G, Hkv, S_total, S_rot,
-            oc.stride(0), oc.stride(1), oc.stride(2), D=d, BLOCK_M=cbm, HAS_ROT=S_rot > 0,
-            BLOCK_S=csplits, BLOCK_C=min(d, COMBINE["columns"]), num_warps=COMBINE["warps"],
-            HAS_SINKS=sinks is not None, BLOCK_STATS=COMBINE["stats_splits"])
+        ccols = _block_columns(cbm, d)
+        cprog = _column_programs(BH * triton.cdiv(M, cbm), d, ccols, wanted // 2)
+        combine_kernel[(BH, triton.cdiv(M, cbm), cprog)](
+            acc, m, l, hinv if compressed else acc, oc, cm, cl, sinks2 if sinks is not None else cm, M, tc, G, Hkv,
+            S_total, S_rot, oc.stride(0), oc.stride(1), oc.stride(2), D=d, BLOCK_M=cbm, HAS_ROT=S_rot > 0,
+            BLOCK_S=csplits, BLOCK_C=ccols, COLUMNS=d // cprog, num_warps=COMBINE["warps"],
+            HAS_SINKS=sinks is not None)
         if not whole:
             stat_m[:, :, s0:s1] = cm.view(BH, G, tc)
             stat_l[:, :, s0:s1] = cl.view(BH, G, tc)
     window = min(obs_window, Tq)
     new_mass = torch.zeros(B, Hkv, N, dtype=torch.float32, device=device)
+    if window:  # the utility signal (RDR's observation window), torch and the mass kernel
+        q_all = (q.to(torch.float32) * q_scale).reshape(B, Hkv, G * Tq, d)
     if window and N:
         new_mass = _chunk_mass(q_all, k_new, valid_new, stat_m, stat_l, window, N, Tq).view(B, Hkv, N)
     if accumulate and window:

@@ -7,8 +7,8 @@ codec's Hadamard transform; the exact tier and the dense chunk see them as they 
 Each program owns (batch·KV head, split, row block): it walks its share of the tier's tokens
 through the page table, decodes a key tile in registers (angular recurrence shared by all rows
 of the group), takes logits with tl.dot, and accumulates p·v with values decoded in the rotated
-domain. Splits write (acc, max, sum) partials; combine_kernel merges every tier's splits and
-the chunk's, undoes the value rotation once per output row, and normalises.
+domain. Splits write (acc, max, sum) partials; combine_kernels.combine_kernel merges every
+tier's splits and the chunk's, undoes the value rotation once per output row, and normalises.
 """
 from __future__ import annotations
 
@@ -376,100 +376,6 @@ def chunk_partials_kernel(
     tl.store(acc_ptr + out[:, None] * D + d[None, :], acc, mask=rmask[:, None])
     tl.store(m_ptr + out, m_i, mask=rmask)
     tl.store(l_ptr + out, l_i, mask=rmask)
-
-
-@triton.jit
-def _weighted_partials(acc_ptr, m_ptr, base, s_lo, s_hi, rows, rmask, cols, msafe, M,
-                       D: tl.constexpr, BLOCK_S: tl.constexpr):
-    """sum over splits s in [s_lo, s_hi) of 2^(m_s - msafe) * acc_s[rows, cols], and of
-    2^(m_s - msafe) * l_s is left to the caller. BLOCK_S splits per step as one [S, M, C] tile:
-    their loads are in flight together (one split per step waits out the memory latency S times).
-    The steps add into an [S, M, C] accumulator and the split axis is summed once at the end: a
-    sum per step crosses warps through shared memory behind two barriers, and at B=1 (8 rows,
-    33 splits) those steps made the combine 59 of the call's 134 us (H200, session 18)."""
-    part = tl.zeros((BLOCK_S, rows.shape[0], cols.shape[0]), tl.float32)
-    for s0 in range(s_lo, s_hi, BLOCK_S):
-        sp = s0 + tl.arange(0, BLOCK_S)
-        idx = (base + sp)[:, None] * M + rows[None, :]  # [S, M]
-        ok = (sp < s_hi)[:, None] & rmask[None, :]
-        # m loaded as [S, M, 1]; laid out one value per thread, it reaches the tile through shared
-        # memory (two barriers a step): larger steps over fewer rows make fewer of them
-        w = tl.exp2(tl.load(m_ptr + idx[:, :, None], mask=ok[:, :, None], other=float("-inf")) - msafe[None, :, None])
-        a = tl.load(acc_ptr + idx[:, :, None] * D + cols[None, None, :], mask=ok[:, :, None], other=0.0)
-        part += w * a
-    return tl.sum(part, 0)
-
-
-@triton.jit
-def _split_statistics(m_ptr, l_ptr, base, S_total, rows, rmask, M, BLOCK_S: tl.constexpr):
-    """(max over splits of m, and sum of l_s * 2^(m_s - max)) per row, each step kept elementwise
-    in an [S, M] tile and reduced across splits once (as _weighted_partials)."""
-    mtile = tl.full((BLOCK_S, rows.shape[0]), float("-inf"), tl.float32)
-    for s0 in range(0, S_total, BLOCK_S):
-        sp = s0 + tl.arange(0, BLOCK_S)
-        ok = (sp < S_total)[:, None] & rmask[None, :]
-        mtile = tl.maximum(mtile, tl.load(m_ptr + (base + sp)[:, None] * M + rows[None, :], mask=ok,
-                                          other=float("-inf")))
-    mmax = tl.max(mtile, 0)
-    msafe = tl.where(mmax == float("-inf"), 0.0, mmax)
-    ltile = tl.zeros((BLOCK_S, rows.shape[0]), tl.float32)
-    for s0 in range(0, S_total, BLOCK_S):
-        sp = s0 + tl.arange(0, BLOCK_S)
-        idx = (base + sp)[:, None] * M + rows[None, :]
-        ok = (sp < S_total)[:, None] & rmask[None, :]
-        w = tl.exp2(tl.load(m_ptr + idx, mask=ok, other=float("-inf")) - msafe[None, :])
-        ltile += w * tl.load(l_ptr + idx, mask=ok, other=0.0)
-    return mmax, msafe, tl.sum(ltile, 0)
-
-
-@triton.jit
-def combine_kernel(
-        acc_ptr, m_ptr, l_ptr, hinv_ptr, out_ptr, stat_m_ptr, stat_l_ptr, sinks_ptr,
-        M, Tq, G, Hkv, S_total, S_rot,
-        sob, soh, sot,
-        D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_ROT: tl.constexpr, BLOCK_S: tl.constexpr,
-        BLOCK_C: tl.constexpr, HAS_SINKS: tl.constexpr, BLOCK_STATS: tl.constexpr):
-    """Merge splits 0..S_rot-1 (values in the rotated domain) and S_rot..S_total-1 (plain),
-    rotate back once, normalise, write out[b, h·G + g, t] for row g·Tq + t.
-
-    HAS_SINKS: one more logit per query head (gpt-oss's sinks, sinks_ptr [Hq], log2 units)
-    joins the normaliser only, as store.sink_factor does; the row statistics stay the tokens'.
-
-    The rotation is a [BLOCK_M, D] x [D, BLOCK_C] tf32x3 dot per block of BLOCK_C output
-    columns (about float32 accuracy on tensor cores): one float32 FMA dot against the whole
-    [D, D] matrix spilled ~7 KB per thread at D=128 and took 200-260 us per call on the H200."""
-    pid_bh = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < M
-    d = tl.arange(0, D)
-    base = pid_bh * S_total
-    mmax, msafe, total = _split_statistics(m_ptr, l_ptr, base, S_total, rows, rmask, M, BLOCK_STATS)
-    b = pid_bh // Hkv
-    head = (pid_bh % Hkv) * G + rows // Tq
-    norm = total
-    if HAS_SINKS:  # a sink of -inf adds 0; one far above the tokens' logits makes norm inf (output 0)
-        norm = total + tl.exp2(tl.load(sinks_ptr + head, mask=rmask, other=float("-inf")) - msafe)
-    inv = tl.where(total == 0, 0.0, 1.0 / tl.where(total == 0, 1.0, norm))
-    acc_rot = tl.zeros((BLOCK_M, D), tl.float32)
-    if HAS_ROT:
-        acc_rot = _weighted_partials(acc_ptr, m_ptr, base, 0, S_rot, rows, rmask, d, msafe, M, D, BLOCK_S)
-    t = rows % Tq
-    for c0 in tl.static_range(0, D, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        part = _weighted_partials(acc_ptr, m_ptr, base, S_rot, S_total, rows, rmask, cols, msafe, M, D, BLOCK_S)
-        if HAS_ROT:
-            hinv = tl.load(hinv_ptr + d[:, None] * D + cols[None, :])
-            if BLOCK_M >= 16:
-                part += tl.dot(acc_rot, hinv, input_precision="tf32x3")
-            else:  # under tl.dot's 16 rows (a decode step's G query heads): float32 FMAs
-                part += tl.sum(acc_rot[:, :, None] * hinv[None, :, :], 1)
-        # a row that saw nothing gives 0 (not 0/0); a NaN anywhere in the row stays NaN
-        out = tl.where(total[:, None] == 0, 0.0, part * inv[:, None])
-        tl.store(out_ptr + b * sob + head[:, None] * soh + t[:, None] * sot + cols[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
-    tl.store(stat_m_ptr + pid_bh * M + rows, mmax, mask=rmask)
-    tl.store(stat_l_ptr + pid_bh * M + rows, total, mask=rmask)
 
 
 @triton.jit

@@ -204,6 +204,17 @@ def test_combine_row_blocks_match_reference(g, tq):
                   max_count=70, obs=1, pad=False, accumulate=False, wide=True))
 
 
+@pytest.mark.parametrize("g,tq,sinks", [(4, 1, "extreme"), (8, 3, "random")])
+def test_column_programs_match_reference(g, tq, sinks, monkeypatch):
+    """combine_kernel and prepare_queries_kernel with every block of output columns its own
+    program (a decode step at small batch on a GPU, kernels.attend._column_programs; the
+    interpreter's 2 "SMs" rarely ask for it): the rotated splits re-merged by each program,
+    the row statistics written once, sinks in the normaliser, every tier, wide magnitudes."""
+    monkeypatch.setattr(kernel_attend, "_column_programs", lambda programs, D, block_c, sms: D // block_c)
+    run_case(dict(d=64, hkv=2, g=g, b=1, specs=list(ALL_TIERS), tq=tq, n_new=tq, page_size=16, seed=30 + g,
+                  max_count=70, obs=1, pad=False, accumulate=False, wide=True, sinks=sinks))
+
+
 @pytest.mark.parametrize("min_tiles", [1, 2])
 def test_several_splits_per_tier_match_reference(min_tiles, monkeypatch):
     """Up to 600 tokens per compressed tier: several 128-token tiles, so each tier runs in

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sphkv_compile.kernels import attend
-from sphkv_compile.kernels.attend import _balanced_splits, _coded_splits, _combine_block
+from sphkv_compile.kernels.attend import _balanced_splits, _block_columns, _coded_splits, _column_programs, _combine_block
 
 
 def busiest_load(rows: int, sms: int, S: int) -> Fraction:
@@ -76,3 +76,18 @@ def test_combine_steps_keep_the_tile_size(M, expected, monkeypatch):
     step, the same (row, split) pairs per step."""
     monkeypatch.setitem(attend.COMBINE, "splits", 4)
     assert _combine_block(M, 16) == expected
+
+
+@pytest.mark.parametrize("programs,D,expected", [(8, 128, 4), (64, 128, 2), (66, 128, 2), (67, 128, 1), (256, 128, 1),
+                                                 (8, 64, 2), (1, 16, 1)])
+def test_column_programs_fill_the_sms_once(programs, D, expected):
+    """Llama-3-8B at B=1 (8 KV heads) splits the combine's 128 columns 4 ways (32 programs), at
+    B=8 2 ways (128 programs on 132 SMs); never past one 32-column block a program."""
+    assert _column_programs(programs, D, 32 if D >= 32 else D, 132) == expected
+
+
+@pytest.mark.parametrize("rows,D,expected", [(4, 128, 32), (8, 128, 16), (16, 128, 32), (1, 256, 32), (4, 256, 16),
+                                             (8, 16, 16)])
+def test_block_columns_bound_the_fma_tile(rows, D, expected, monkeypatch):
+    monkeypatch.setitem(attend.COMBINE, "columns", 32)
+    assert _block_columns(rows, D) == expected

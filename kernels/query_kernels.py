@@ -1,0 +1,47 @@
+"""The queries as the split-KV kernels read them, in one launch.
+
+Rows of one KV head's group (row = g·Tq + t), scaled by scale·log2(e) (softmax in base 2), as
+float32 [B·Hkv, M, D]; and, for compressed tiers, the same rows times the key codec's forward
+rotation. In torch that was a cast, a scale, a matmul and cuBLAS's split-K reduction: four
+launches, about 9 us of a B=1 decode step's 93 (H200, session 19's breakdown).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def prepare_queries_kernel(
+        q_ptr, kfwd_ptr, qc_ptr, qrot_ptr, scale,
+        M, Tq, t0, G, Hkv,
+        sqb, sqh, sqt, sqd,
+        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, COLUMNS: tl.constexpr,
+        HAS_ROT: tl.constexpr):
+    """Program (batch·KV head, row block, column block of COLUMNS): rows g·Tq + t of query
+    head h·G + g at position t0 + t. qc[.., cols] = q[.., cols]·scale; qrot[.., cols] =
+    (q·scale) @ kfwd[:, cols], in float32 FMAs under tl.dot's 16 rows (a decode step's G heads)
+    and as a tf32x3 dot (about float32 accuracy on tensor cores) from 16 rows on."""
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_c = tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    b = pid_bh // Hkv
+    head = (pid_bh % Hkv) * G + rows // Tq
+    src = q_ptr + b * sqb + head[:, None] * sqh + (t0 + rows % Tq)[:, None] * sqt
+    dst = (pid_bh * M + rows)[:, None] * D
+    if HAS_ROT:
+        d = tl.arange(0, D)
+        q = tl.load(src + d[None, :] * sqd, mask=rmask[:, None], other=0.0).to(tl.float32) * scale
+    for c0 in tl.static_range(0, COLUMNS, BLOCK_C):
+        cols = pid_c * COLUMNS + c0 + tl.arange(0, BLOCK_C)
+        qcols = tl.load(src + cols[None, :] * sqd, mask=rmask[:, None], other=0.0).to(tl.float32) * scale
+        tl.store(qc_ptr + dst + cols[None, :], qcols, mask=rmask[:, None])
+        if HAS_ROT:
+            fwd = tl.load(kfwd_ptr + d[:, None] * D + cols[None, :])
+            if BLOCK_M >= 16:
+                rot = tl.dot(q, fwd, input_precision="tf32x3")
+            else:
+                rot = tl.sum(q[:, :, None] * fwd[None, :, :], 1)
+            tl.store(qrot_ptr + dst + cols[None, :], rot, mask=rmask[:, None])
