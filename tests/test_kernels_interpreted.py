@@ -130,6 +130,8 @@ def run_case(c):
     wide = c.get("wide", False)
     states = fill_store(gen, B, H, d, c["specs"], counts, c["page_size"], wide=wide)
     q = torch.randn(B, H * G, Tq, d, generator=gen) * (WIDE_Q if wide else 1.0)
+    if c.get("transposed_q"):  # [B, Tq, H, d] viewed as [B, H, Tq, d], as models hand it over
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
     kn = torch.randn(B, H, N, d, generator=gen) if N else None
     vn = torch.randn(B, H, N, d, generator=gen) if N else None
     if N:
@@ -204,15 +206,16 @@ def test_combine_row_blocks_match_reference(g, tq):
                   max_count=70, obs=1, pad=False, accumulate=False, wide=True))
 
 
-@pytest.mark.parametrize("g,tq,sinks", [(4, 1, "extreme"), (8, 3, "random")])
-def test_column_programs_match_reference(g, tq, sinks, monkeypatch):
+@pytest.mark.parametrize("g,tq,sinks,transposed_q", [(4, 1, "extreme", False), (8, 3, "random", True)])
+def test_column_programs_match_reference(g, tq, sinks, transposed_q, monkeypatch):
     """combine_kernel and prepare_queries_kernel with every block of output columns its own
     program (a decode step at small batch on a GPU, kernels.attend._column_programs; the
     interpreter's 2 "SMs" rarely ask for it): the rotated splits re-merged by each program,
-    the row statistics written once, sinks in the normaliser, every tier, wide magnitudes."""
+    the row statistics written once, sinks in the normaliser, every tier, wide magnitudes;
+    queries read through a model's [B, T, H, d] strides."""
     monkeypatch.setattr(kernel_attend, "_column_programs", lambda programs, D, block_c, sms: D // block_c)
     run_case(dict(d=64, hkv=2, g=g, b=1, specs=list(ALL_TIERS), tq=tq, n_new=tq, page_size=16, seed=30 + g,
-                  max_count=70, obs=1, pad=False, accumulate=False, wide=True, sinks=sinks))
+                  max_count=70, obs=1, pad=False, accumulate=False, wide=True, sinks=sinks, transposed_q=transposed_q))
 
 
 @pytest.mark.parametrize("min_tiles", [1, 2])
