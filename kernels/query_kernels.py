@@ -27,7 +27,7 @@ def prepare_queries_kernel(
     pid_c = tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
-    b = pid_bh // Hkv
+    b = (pid_bh // Hkv).to(tl.int64)  # a long prefill's q can pass 2^31 elements over the batch
     head = (pid_bh % Hkv) * G + rows // Tq
     src = q_ptr + b * sqb + head[:, None] * sqh + (t0 + rows % Tq)[:, None] * sqt
     dst = (pid_bh * M + rows)[:, None] * D
