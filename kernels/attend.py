@@ -447,13 +447,18 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
             stat_l[:, :, s0:s1] = cl.view(BH, G, tc)
     window = min(obs_window, Tq)
     new_mass = torch.zeros(B, Hkv, N, dtype=torch.float32, device=device)
+    # one query chunk (every decode step): prepare_queries_kernel's qc and q_rot already hold
+    # every row, row g·Tq + t of each batch·KV head, as the utility signal reads them
+    one_chunk = tq_chunk >= Tq
     if window:  # the utility signal (RDR's observation window), torch and the mass kernel
-        q_all = (q.to(torch.float32) * q_scale).reshape(B, Hkv, G * Tq, d)
+        q_all = (qc if one_chunk else q.to(torch.float32) * q_scale).reshape(B, Hkv, G * Tq, d)
     if window and N:
         new_mass = _chunk_mass(q_all, k_new, valid_new, stat_m, stat_l, window, N, Tq).view(B, Hkv, N)
     if accumulate and window:
         q_flat = q_all.reshape(BH, G * Tq, d).contiguous()
-        q_rot_flat = (q_flat @ kfwd).contiguous() if compressed else None
+        q_rot_flat = None
+        if compressed:
+            q_rot_flat = q_rot if one_chunk else (q_flat @ kfwd).contiguous()
         for i, info in enumerate(infos):
             _launch_mass(info, kv_dtype, q_rot_flat if info.key is not None else q_flat, states[i], stat_m, stat_l, G * Tq,
                          Tq, window, block_t, precision, device)
