@@ -1,0 +1,217 @@
+"""Probe (session 21, #4): how much of the coded decode kernel's time is the value tree?
+
+Same keys (the default 3.5-bit polar tier), but values stored as rotated float8 e4m3 with one
+float32 scale per token instead of the 3.5-bit polar tree. Not a product codec: no encoder, no
+reference, no RDR pricing; a timing experiment on the real kernel (paged_coded_halves_kernel)
+with the value decoder swapped. The fp8 decoder reads the record words one token per thread,
+as the polar decoders do, and turns each word into four float16 leaves with two
+cvt.rn.f16x2.e4m3x2, so the tile reaches the dot the same way.
+
+    python benchmarks/probe_fp8_values.py --out DIR
+
+Checks first (GPU): the decoder against torch's float8 conversion, and the whole fp8 kernel
+against the polar kernel on values that are the polar values rounded to fp8 (the two differ by
+that rounding only). Then times, per point, dense cuDNN/flash, the polar tier and the fp8 tier,
+CUDA-graph replays, do_bench medians, one process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+import bench_decode as bd
+from sphkv_compile.kernels import attend as kattend
+from sphkv_compile.kernels.decode_codegen import _DECODER, _join_tile, _Writer, load_generated
+from sphkv_compile.kernels.layout import tier_info
+from sphkv_compile.options import SphkvOptions
+from sphkv_compile.store import TierState
+from sphkv_compile.tiers import TierSpec, tier_codecs
+
+FP8_MAX = 448.0
+_CVT4 = ("{ .reg .b16 lo, hi; .reg .b32 a, b; mov.b32 {lo, hi}, $4; "
+         "cvt.rn.f16x2.e4m3x2 a, lo; cvt.rn.f16x2.e4m3x2 b, hi; mov.b32 {$0, $1}, a; mov.b32 {$2, $3}, b; }")
+
+
+def fp8_layout(key_words: int, d: int) -> tuple[int, int, int]:
+    """(scale word, first value word, record words): the scale in the key record's padding, the
+    values 16-byte aligned after it (so a group of four words is one 16-byte load)."""
+    scale_word = key_words
+    voff = -(-(key_words + 1) // 4) * 4
+    return scale_word, voff, voff + d // 4
+
+
+def fp8_decoder(d: int, voff: int, scale_word: int, stride: int, part: int | None):
+    """decode(pool_ptr, base, valid, tab_ptr, ...) -> float16 tile (values / scale) [, scale]."""
+    w = _Writer(voff, d // 4, stride)
+    span = range(d // 4) if part is None else range(part * d // 8, (part + 1) * d // 8)
+    leaves = []
+    for j in span:
+        names = [f"x{4 * j + b}" for b in range(4)]
+        w.emit(f'{", ".join(names)} = tl.inline_asm_elementwise("{_CVT4}", "=h,=h,=h,=h,r", [{w.word(j)}], '
+               f"dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=1)")
+        leaves += names
+    scale = None
+    if part in (None, 0):
+        w.emit(f"s = tl.load(pool_ptr + base + {scale_word}, mask=valid, other=0).to(tl.float32, bitcast=True)")
+        scale = "s"
+    _join_tile(w, leaves, scale)
+    return load_generated(_DECODER + "\n".join(w.lines) + "\n")
+
+
+@triton.jit
+def _decode_probe_kernel(pool_ptr, out_ptr, scale_ptr, n, DECODE0: tl.constexpr, DECODE1: tl.constexpr,
+                         WT: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr):
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    valid = t < n
+    base = t.to(tl.int64) * WT
+    a, s = DECODE0(pool_ptr, base, valid, pool_ptr, BLOCK_T, 1.0, 0.0)
+    b = DECODE1(pool_ptr, base, valid, pool_ptr, BLOCK_T, 1.0, 0.0)
+    H: tl.constexpr = D // 2
+    cols = tl.arange(0, H)
+    tl.store(out_ptr + t[:, None] * D + cols[None, :], a, mask=valid[:, None])
+    tl.store(out_ptr + t[:, None] * D + H + cols[None, :], b, mask=valid[:, None])
+    tl.store(scale_ptr + t, s, mask=valid)
+
+
+def fp8_records(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n, d] float values -> ([n, d/4] int32 words of fp8(values / scale), [n] float32 scale)."""
+    amax = values.abs().amax(-1).float()
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    q8 = (values.float() / scale[:, None]).to(torch.float8_e4m3fn)
+    return q8.contiguous().view(torch.int32), scale
+
+
+def check_decoder(d: int, device) -> float:
+    """Largest |decoded - torch's fp8 -> float16| over random records (0 if the byte order holds)."""
+    n, kw = 1000, 14
+    scale_word, voff, wt = fp8_layout(kw, d)
+    vals = torch.randn(n, d, device=device) * torch.rand(n, 1, device=device) * 100
+    words, scale = fp8_records(vals)
+    pool = torch.randint(-2**31, 2**31 - 1, (n, wt), dtype=torch.int32, device=device)
+    pool[:, voff:] = words
+    pool[:, scale_word] = scale.view(torch.int32)
+    out = torch.empty(n, d, dtype=torch.float16, device=device)
+    got_scale = torch.empty(n, dtype=torch.float32, device=device)
+    _decode_probe_kernel[(triton.cdiv(n, 128),)](pool, out, got_scale, n, DECODE0=fp8_decoder(d, voff, scale_word, wt, 0),
+                                                 DECODE1=fp8_decoder(d, voff, scale_word, wt, 1), WT=wt, D=d, BLOCK_T=128)
+    want = words.view(torch.float8_e4m3fn).view(n, d).to(torch.float16)
+    assert torch.equal(got_scale, scale), "scale word"
+    return float((out.float() - want.float()).abs().max())
+
+
+def widen_to_fp8(st: TierState, spec: TierSpec, d: int, seed: int) -> tuple[TierState, int, int, int]:
+    """A copy of a polar tier's state whose records keep the keys and carry the polar-decoded
+    values (rotated domain) as fp8 with a scale."""
+    info = tier_info(spec, d, seed, torch.bfloat16)
+    kw, vw = info.key_words, info.value_words
+    scale_word, voff, wt = fp8_layout(kw, d)
+    recs = st.pool.view(-1, kw + vw)
+    _, vcodec = tier_codecs(spec, d, seed)
+    pool = torch.zeros(*st.pool.shape[:2], wt, dtype=torch.int32, device=st.pool.device)
+    flat = pool.view(-1, wt)
+    chunk = 1 << 20
+    for i in range(0, recs.shape[0], chunk):
+        r = recs[i:i + chunk]
+        words, scale = fp8_records(vcodec.decode_rotated(r[:, kw:]))
+        flat[i:i + chunk, :kw] = r[:, :kw]
+        flat[i:i + chunk, scale_word] = scale.view(torch.int32)
+        flat[i:i + chunk, voff:] = words
+    return TierState(pool, st.utility, st.pages, st.count, st.free, st.free_top), scale_word, voff, wt
+
+
+class Fp8Values:
+    """Swap the coded kernels' value decoder for fp8_decoder while active."""
+
+    def __init__(self, d, voff, scale_word, wt):
+        self.args = (d, voff, scale_word, wt)
+        self.original = kattend.decoder
+
+    def __enter__(self):
+        d, voff, scale_word, wt = self.args
+        original = self.original
+
+        def patched(t, word_offset, stride, leaf=None, *part, smem=None, packed=False):
+            if word_offset != 0:  # a value decoder (keys start at word 0)
+                if stride != wt:
+                    raise ValueError(f"record stride {stride}, expected {wt}")
+                return fp8_decoder(d, voff, scale_word, wt, *(part[:1] or (None,)))
+            return original(t, word_offset, stride, leaf, *part, smem=smem, packed=packed)
+
+        kattend.decoder = patched
+        return self
+
+    def __exit__(self, *exc):
+        kattend.decoder = self.original
+
+
+def time_point(name, B, T, opts, seed, device, gen) -> dict:
+    Hq, Hkv, d = bd.SHAPES[name]
+    spec = TierSpec("uniform", float(opts.bits), "polar", float(opts.bits))
+    specs = [TierSpec("exact"), spec]
+    row = {"shape": name, "B": B, "T": T}
+    q = torch.randn(B, Hq, 1, d, device=device, dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(B, Hkv, T, d, device=device, dtype=torch.bfloat16, generator=gen)
+    for be in ("cudnn", "flash"):
+        row[f"{be}_ms"] = bd.dense_decode(q, k, torch.randn_like(k), be)
+    del k
+    torch.cuda.empty_cache()
+    states, comp_n, exact_n = bd.build_store(B, Hkv, d, T - 1, specs, opts, seed, device, gen)
+    kn = torch.randn(B, Hkv, 1, d, device=device, dtype=torch.bfloat16, generator=gen)
+    vn = torch.randn_like(kn)
+    info = tier_info(spec, d, seed, torch.bfloat16)
+    wide, scale_word, voff, wt = widen_to_fp8(states[1], spec, d, seed)
+    fp8_states = [states[0], wide]
+
+    def run(sts):
+        return lambda: kattend.attend(q, sts, specs, seed=seed, kv_dtype=torch.bfloat16, k_new=kn, v_new=vn)
+
+    polar_out = run(states)()
+    row["polar_ms"] = bd.median_ms(bd.graph_of(run(states)).replay)
+    with Fp8Values(d, voff, scale_word, wt):
+        fp8_out = run(fp8_states)()
+        row["fp8_ms"] = bd.median_ms(bd.graph_of(run(fp8_states)).replay)
+    row["fp8_vs_polar_rel_err"] = float((fp8_out.float() - polar_out.float()).norm() / polar_out.float().norm())
+    row["record_bytes"] = {"polar": (info.key_words + info.value_words) * 4, "fp8": wt * 4, "dense": 4 * d}
+    row["dense_ms"] = min(row["cudnn_ms"], row["flash_ms"])
+    for kind in ("polar", "fp8"):
+        row[f"{kind}_speedup"] = row["dense_ms"] / row[f"{kind}_ms"]
+        comp = B * Hkv * comp_n * row["record_bytes"][kind]
+        row[f"{kind}_GBs"] = comp / (row[f"{kind}_ms"] * 1e-3) / 1e9
+    del states, fp8_states, wide
+    torch.cuda.empty_cache()
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--points", default="llama3-8b:1:32768,llama3-8b:8:32768,llama3-8b:32:131072,"
+                                        "smollm2:8:32768,llama3-8b:1:4096")
+    args = ap.parse_args()
+    device = torch.device("cuda")
+    gen = torch.Generator(device=device).manual_seed(0)
+    opts = SphkvOptions()
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "decoder_max_abs_err": {d: check_decoder(d, device) for d in (64, 128)}, "rows": []}
+    print("decoder check (max |err|, 0 expected):", result["decoder_max_abs_err"], flush=True)
+    print(f"{'point':24} {'dense':>7} {'polar':>7} {'fp8':>7} {'polar x':>8} {'fp8 x':>6} "
+          f"{'B/token p/f8':>13} {'fp8 vs polar err':>16}", flush=True)
+    for p in args.points.split(","):
+        name, B, T = p.split(":")
+        row = time_point(name, int(B), int(T), opts, 0, device, gen)
+        result["rows"].append(row)
+        rb = row["record_bytes"]
+        print(f"{name + ' B=' + B + ' T=' + T:24} {row['dense_ms']:7.3f} {row['polar_ms']:7.3f} {row['fp8_ms']:7.3f} "
+              f"{row['polar_speedup']:8.2f} {row['fp8_speedup']:6.2f} {rb['polar']:>6}/{rb['fp8']:<6} "
+              f"{row['fp8_vs_polar_rel_err']:16.2e}", flush=True)
+    with open(os.path.join(args.out, "probe_fp8_values.json"), "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
