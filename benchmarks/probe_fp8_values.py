@@ -17,6 +17,7 @@ CUDA-graph replays, do_bench medians, one process.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 
@@ -104,42 +105,62 @@ def check_decoder(d: int, device) -> float:
     return float((out.float() - want.float()).abs().max())
 
 
-def widen_to_fp8(st: TierState, spec: TierSpec, d: int, seed: int) -> tuple[TierState, int, int, int]:
-    """A copy of a polar tier's state whose records keep the keys and carry the polar-decoded
-    values (rotated domain) as fp8 with a scale."""
+def fp8_layout_both(d: int) -> tuple[int, int, int, int, int]:
+    """Keys and values both fp8: (key scale word, value scale word, key words start, value words
+    start, record words)."""
+    return d // 4, d // 4 + 1, 0, d // 4 + 4, d // 2 + 4
+
+
+def widen_to_fp8(st: TierState, spec: TierSpec, d: int, seed: int, keys_too: bool = False):
+    """A copy of a polar tier's state whose records carry the polar-decoded values (rotated
+    domain) as fp8 with a scale, and the polar keys (keys_too: the polar-decoded keys as fp8 too).
+    Returns (state, layout): layout maps "k"/"v" to (scale word, first word) of an fp8 part."""
     info = tier_info(spec, d, seed, torch.bfloat16)
     kw, vw = info.key_words, info.value_words
-    scale_word, voff, wt = fp8_layout(kw, d)
+    kcodec, vcodec = tier_codecs(spec, d, seed)
+    if keys_too:
+        ks, vs, k0, v0, wt = fp8_layout_both(d)
+        layout = {"k": (ks, k0), "v": (vs, v0)}
+    else:
+        vs, v0, wt = fp8_layout(kw, d)
+        layout = {"v": (vs, v0)}
     recs = st.pool.view(-1, kw + vw)
-    _, vcodec = tier_codecs(spec, d, seed)
     pool = torch.zeros(*st.pool.shape[:2], wt, dtype=torch.int32, device=st.pool.device)
     flat = pool.view(-1, wt)
     chunk = 1 << 20
     for i in range(0, recs.shape[0], chunk):
         r = recs[i:i + chunk]
         words, scale = fp8_records(vcodec.decode_rotated(r[:, kw:]))
-        flat[i:i + chunk, :kw] = r[:, :kw]
-        flat[i:i + chunk, scale_word] = scale.view(torch.int32)
-        flat[i:i + chunk, voff:] = words
-    return TierState(pool, st.utility, st.pages, st.count, st.free, st.free_top), scale_word, voff, wt
+        flat[i:i + chunk, vs] = scale.view(torch.int32)
+        flat[i:i + chunk, v0:v0 + d // 4] = words
+        if keys_too:
+            words, scale = fp8_records(kcodec.decode_rotated(r[:, :kw]))
+            flat[i:i + chunk, ks] = scale.view(torch.int32)
+            flat[i:i + chunk, k0:k0 + d // 4] = words
+        else:
+            flat[i:i + chunk, :kw] = r[:, :kw]
+    return TierState(pool, st.utility, st.pages, st.count, st.free, st.free_top), layout, wt
 
 
-class Fp8Values:
-    """Swap the coded kernels' value decoder for fp8_decoder while active."""
+class Fp8Records:
+    """Swap the coded kernels' value decoder (and with "k" in layout, the key decoder) for
+    fp8_decoder while active."""
 
-    def __init__(self, d, voff, scale_word, wt):
-        self.args = (d, voff, scale_word, wt)
+    def __init__(self, d, layout, wt):
+        self.args = (d, layout, wt)
         self.original = kattend.decoder
 
     def __enter__(self):
-        d, voff, scale_word, wt = self.args
+        d, layout, wt = self.args
         original = self.original
 
         def patched(t, word_offset, stride, leaf=None, *part, smem=None, packed=False):
-            if word_offset != 0:  # a value decoder (keys start at word 0)
+            kind = "k" if word_offset == 0 else "v"  # keys start at word 0 of a polar record
+            if kind in layout:
                 if stride != wt:
                     raise ValueError(f"record stride {stride}, expected {wt}")
-                return fp8_decoder(d, voff, scale_word, wt, *(part[:1] or (None,)))
+                scale_word, first = layout[kind]
+                return fp8_decoder(d, first, scale_word, wt, *(part[:1] or (None,)))
             return original(t, word_offset, stride, leaf, *part, smem=smem, packed=packed)
 
         kattend.decoder = patched
@@ -149,42 +170,66 @@ class Fp8Values:
         kattend.decoder = self.original
 
 
-def time_point(name, B, T, opts, seed, device, gen) -> dict:
+class CodedSetting:
+    """kernels.attend.CODED entries set from "key=value[,key=value]" while active ("" = defaults)."""
+
+    def __init__(self, text: str):
+        self.items = [kv.split("=") for kv in text.split(",") if kv]
+        self.saved = {}
+
+    def __enter__(self):
+        for key, value in self.items:
+            old = kattend.CODED[key]
+            self.saved[key] = old
+            kattend.CODED[key] = type(old)(int(value)) if isinstance(old, (bool, int)) else int(value)
+        return self
+
+    def __exit__(self, *exc):
+        kattend.CODED.update(self.saved)
+
+
+def time_point(name, B, T, opts, seed, device, gen, kinds, settings) -> list[dict]:
+    """One row per (setting, kind): CUDA-graph replay ms against the faster dense SDPA, and the
+    output's relative difference from the polar tier at the default setting."""
     Hq, Hkv, d = bd.SHAPES[name]
     spec = TierSpec("uniform", float(opts.bits), "polar", float(opts.bits))
     specs = [TierSpec("exact"), spec]
-    row = {"shape": name, "B": B, "T": T}
     q = torch.randn(B, Hq, 1, d, device=device, dtype=torch.bfloat16, generator=gen)
     k = torch.randn(B, Hkv, T, d, device=device, dtype=torch.bfloat16, generator=gen)
-    for be in ("cudnn", "flash"):
-        row[f"{be}_ms"] = bd.dense_decode(q, k, torch.randn_like(k), be)
+    dense = {be: bd.dense_decode(q, k, torch.randn_like(k), be) for be in ("cudnn", "flash")}
     del k
     torch.cuda.empty_cache()
     states, comp_n, exact_n = bd.build_store(B, Hkv, d, T - 1, specs, opts, seed, device, gen)
     kn = torch.randn(B, Hkv, 1, d, device=device, dtype=torch.bfloat16, generator=gen)
     vn = torch.randn_like(kn)
     info = tier_info(spec, d, seed, torch.bfloat16)
-    wide, scale_word, voff, wt = widen_to_fp8(states[1], spec, d, seed)
-    fp8_states = [states[0], wide]
 
     def run(sts):
         return lambda: kattend.attend(q, sts, specs, seed=seed, kv_dtype=torch.bfloat16, k_new=kn, v_new=vn)
 
-    polar_out = run(states)()
-    row["polar_ms"] = bd.median_ms(bd.graph_of(run(states)).replay)
-    with Fp8Values(d, voff, scale_word, wt):
-        fp8_out = run(fp8_states)()
-        row["fp8_ms"] = bd.median_ms(bd.graph_of(run(fp8_states)).replay)
-    row["fp8_vs_polar_rel_err"] = float((fp8_out.float() - polar_out.float()).norm() / polar_out.float().norm())
-    row["record_bytes"] = {"polar": (info.key_words + info.value_words) * 4, "fp8": wt * 4, "dense": 4 * d}
-    row["dense_ms"] = min(row["cudnn_ms"], row["flash_ms"])
-    for kind in ("polar", "fp8"):
-        row[f"{kind}_speedup"] = row["dense_ms"] / row[f"{kind}_ms"]
-        comp = B * Hkv * comp_n * row["record_bytes"][kind]
-        row[f"{kind}_GBs"] = comp / (row[f"{kind}_ms"] * 1e-3) / 1e9
-    del states, fp8_states, wide
+    reference = run(states)()[0].float()
+    stores = {"polar": (states[1], None, info.key_words + info.value_words)}
+    for kind in kinds:
+        if kind != "polar":
+            stores[kind] = widen_to_fp8(states[1], spec, d, seed, keys_too=kind == "fp8kv")
+    rows = []
+    for setting in settings:
+        with CodedSetting(setting):
+            for kind in kinds:
+                tier, layout, wt = stores[kind]
+                swap = Fp8Records(d, layout, wt) if layout else contextlib.nullcontext()
+                with swap:
+                    out = run([states[0], tier])()[0].float()
+                    ms = bd.median_ms(bd.graph_of(run([states[0], tier])).replay)
+                comp = B * Hkv * comp_n * wt * 4
+                rows.append({"shape": name, "B": B, "T": T, "setting": setting or "defaults", "kind": kind,
+                             **{f"{be}_ms": v for be, v in dense.items()}, "ms": ms,
+                             "speedup": min(dense.values()) / ms, "GBs": comp / (ms * 1e-3) / 1e9,
+                             "record_bytes": wt * 4, "dense_record_bytes": 4 * d,
+                             "rel_diff_from_polar_defaults": float((out - reference).norm() / reference.norm())})
+    del states, stores
     torch.cuda.empty_cache()
-    return row
+    return rows
 
 
 def main():
@@ -192,6 +237,10 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--points", default="llama3-8b:1:32768,llama3-8b:8:32768,llama3-8b:32:131072,"
                                         "smollm2:8:32768,llama3-8b:1:4096")
+    ap.add_argument("--kinds", default="polar,fp8,fp8kv", help="polar (the tier as is), fp8 (fp8 values), "
+                    "fp8kv (fp8 keys and values: no decode trees at all)")
+    ap.add_argument("--settings", default="", help='";"-separated CODED settings, each "key=value[,key=value]"')
+    ap.add_argument("--name", default="probe_fp8_values")
     args = ap.parse_args()
     device = torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(0)
@@ -199,18 +248,18 @@ def main():
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "decoder_max_abs_err": {d: check_decoder(d, device) for d in (64, 128)}, "rows": []}
     print("decoder check (max |err|, 0 expected):", result["decoder_max_abs_err"], flush=True)
-    print(f"{'point':24} {'dense':>7} {'polar':>7} {'fp8':>7} {'polar x':>8} {'fp8 x':>6} "
-          f"{'B/token p/f8':>13} {'fp8 vs polar err':>16}", flush=True)
+    print(f"{'point':24} {'setting':28} {'kind':6} {'dense':>7} {'ms':>7} {'x dense':>8} {'GB/s':>6} {'B/token':>7} "
+          f"{'diff vs polar':>13}", flush=True)
     for p in args.points.split(","):
         name, B, T = p.split(":")
-        row = time_point(name, int(B), int(T), opts, 0, device, gen)
-        result["rows"].append(row)
-        rb = row["record_bytes"]
-        print(f"{name + ' B=' + B + ' T=' + T:24} {row['dense_ms']:7.3f} {row['polar_ms']:7.3f} {row['fp8_ms']:7.3f} "
-              f"{row['polar_speedup']:8.2f} {row['fp8_speedup']:6.2f} {rb['polar']:>6}/{rb['fp8']:<6} "
-              f"{row['fp8_vs_polar_rel_err']:16.2e}", flush=True)
-    with open(os.path.join(args.out, "probe_fp8_values.json"), "w") as f:
-        json.dump(result, f, indent=1)
+        for row in time_point(name, int(B), int(T), opts, 0, device, gen, args.kinds.split(","),
+                              args.settings.split(";")):
+            result["rows"].append(row)
+            print(f"{name + ' B=' + B + ' T=' + T:24} {row['setting']:28} {row['kind']:6} "
+                  f"{min(row['cudnn_ms'], row['flash_ms']):7.3f} {row['ms']:7.3f} {row['speedup']:8.2f} "
+                  f"{row['GBs']:6.0f} {row['record_bytes']:7} {row['rel_diff_from_polar_defaults']:13.2e}", flush=True)
+        with open(os.path.join(args.out, f"{args.name}.json"), "w") as f:
+            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": {128: 2, "
          "maxnreg_max_d": 128, "min_tiles_per_split": 2,
          "halves": True, "halves_min_d": 64, "quarters": False, "quarters_min_d": 128,
          "shared_tables": True, "shared_tables_max_bytes": 4096, "shared_tables_max_d": 128,
-         "tokens_per_thread": {128: 2, "other": 1}, "balance_waves": True, "packed": True}
+         "tokens_per_thread": {128: 2, "other": 1}, "balance_waves": True, "packed": True, "stages": 1}
 # tokens_per_thread, programs_per_sm and maxnreg may be one value for every head dim or a dict
 # by head dim ("other": the rest); _per_dim reads them.
 # shared_tables: each program copies the decoders' lookup tables into shared memory once and
@@ -106,6 +106,9 @@ CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": {128: 2, "
 # run the tree in f16x2 (decode_codegen, packed=True): one HMUL2 per node instead of two FMULs,
 # one LDS.32 instead of an LDS.64, and float16 leaves with no conversion; the dots then take
 # float16 operands (10 mantissa bits to bfloat16's 7; the tiles are unit-radius, so in range).
+# stages: the coded kernels' num_stages (Triton's software pipelining of the tile loop's loads:
+# at 2 or more the page-table and record loads of later tiles become cp.async copies into shared
+# memory, LDGSTS in the sm_90 compile). Timed in session 21 (benchmarks/probe_fp8_values.py).
 # combine_kernel: splits merged per step, output columns per rotation block, warps (sm_90
 # compile, D=128: see benchmarks/compile_check.py). Launches with fewer (batch·KV head, row
 # block) pairs than SMs split the output columns over programs too (_column_programs).
@@ -308,7 +311,7 @@ def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_
         maxnreg = _per_dim("maxnreg", D) if D <= CODED["maxnreg_max_d"] else None
         launch = dict(PS=st.page_size, WT=WT, D=D, BLOCK_M=block_m, BLOCK_T=_coded_block_t(D),
                       STEP=info.key.radius_step, LOG2_MIN=LOG2_MIN, DOT_PRECISION=precision,
-                      TILE_DTYPE=tile, num_warps=CODED["warps"], num_stages=1,
+                      TILE_DTYPE=tile, num_warps=CODED["warps"], num_stages=CODED["stages"],
                       **({"maxnreg": maxnreg} if maxnreg else {}))
         args = (q_in, st.pool, st.pages, st.count, acc, m, l, kt, vt, M, st.pages.shape[-1], S, split_offset, S_total)
         ksm, vsm = staged_offsets(info.key, packed) if staged else (None, None)
