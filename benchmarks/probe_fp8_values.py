@@ -1,18 +1,23 @@
-"""Probe (session 21, #4): how much of the coded decode kernel's time is the value tree?
+"""Probe (session 21, #4): what limits the coded decode kernel, the decode trees or the rest?
 
-Same keys (the default 3.5-bit polar tier), but values stored as rotated float8 e4m3 with one
-float32 scale per token instead of the 3.5-bit polar tree. Not a product codec: no encoder, no
-reference, no RDR pricing; a timing experiment on the real kernel (paged_coded_halves_kernel)
-with the value decoder swapped. The fp8 decoder reads the record words one token per thread,
-as the polar decoders do, and turns each word into four float16 leaves with two
-cvt.rn.f16x2.e4m3x2, so the tile reaches the dot the same way.
+The real kernel (paged_coded_halves_kernel through kernels.attend.attend) on the default 3.5-bit
+polar tier, then on copies of the same store whose records hold, instead of codes:
+- fp8: the polar-decoded values (rotated domain) as float8 e4m3 with one float32 scale per
+  token; the keys stay polar;
+- fp8kv: the polar-decoded keys and values both as fp8 + scale, so no decode tree runs at all.
+Not a product codec (no encoder, reference or RDR pricing): a timing experiment with the
+kernels' decoders swapped. The fp8 decoder reads record words one token per thread, as the
+polar decoders do, and turns each word into four float16 leaves with two cvt.rn.f16x2.e4m3x2,
+so the tile reaches the dots the same way and the scale plays the radius.
 
-    python benchmarks/probe_fp8_values.py --out DIR
+    python benchmarks/probe_fp8_values.py --out DIR [--kinds polar,fp8kv] [--settings "stages=2;warps=1,programs_per_sm=8"]
 
-Checks first (GPU): the decoder against torch's float8 conversion, and the whole fp8 kernel
-against the polar kernel on values that are the polar values rounded to fp8 (the two differ by
-that rounding only). Then times, per point, dense cuDNN/flash, the polar tier and the fp8 tier,
-CUDA-graph replays, do_bench medians, one process.
+Checks first (GPU): the decoder against torch's float8 conversion (max |error| must be 0). Each
+row reports its output's relative difference from the polar tier at the default setting: the fp8
+kinds differ from it by the fp8 rounding of the decoded values (~3%), a setting of the polar
+kind by float16 reassociation only (~1e-3); a wrong byte order or scale would read ~1. Times are
+CUDA-graph replays of the whole attend call, do_bench medians, against the faster of cuDNN and
+flash SDPA in the same process.
 """
 from __future__ import annotations
 
