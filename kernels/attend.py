@@ -70,7 +70,8 @@ CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": {128: 2, "
          "maxnreg_max_d": 128, "min_tiles_per_split": 2,
          "halves": True, "halves_min_d": 64, "quarters": False, "quarters_min_d": 128,
          "shared_tables": True, "shared_tables_max_bytes": 4096, "shared_tables_max_d": 128,
-         "tokens_per_thread": {128: 2, "other": 1}, "balance_waves": True, "packed": True, "stages": 1}
+         "tokens_per_thread": {128: 2, "other": 1}, "balance_waves": True, "packed": True, "stages": 1,
+         "sibling_lookups": False, "sibling_tables_max_bytes": 16384}
 # tokens_per_thread, programs_per_sm and maxnreg may be one value for every head dim or a dict
 # by head dim ("other": the rest); _per_dim reads them.
 # shared_tables: each program copies the decoders' lookup tables into shared memory once and
@@ -109,6 +110,15 @@ CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": {128: 2, "
 # stages: the coded kernels' num_stages (Triton's software pipelining of the tile loop's loads:
 # at 2 or more the page-table and record loads of later tiles become cp.async copies into shared
 # memory, LDGSTS in the sm_90 compile). Timed in session 21 (benchmarks/probe_fp8_values.py).
+# sibling_lookups: the packed decoders look up two sibling nodes at once where the record keeps
+# their codes side by side (layout.PolarTables.sibling_levels: level 1 and two more at the default
+# 3.5 bits, d=128): one shift, one mask and one 8-byte LDS for two nodes instead of two of each.
+# The sibling tables are 2.3 KB per codec there (sibling_tables_max_bytes bounds both codecs'
+# staged tables), so they fit beside 64- and 128-token tiles but not beside the default 256-token
+# tile at d=128 (44 KB of Triton's own shared memory); where they do not fit the decoders look up
+# one node at a time. sm_90 compile, d=128, per warp and tile (compile_check.py coded 128 <tile>
+# 16 <warps> 1 1 0 1 1 1 0 <siblings>): 256 tokens / 4 warps 4,000 -> 3,584 instructions (a 48-byte
+# stack); 128 / 2 warps 4,240 -> 3,800; 64 / 1 warp 4,744 -> 4,368.
 # combine_kernel: splits merged per step, output columns per rotation block, warps (sm_90
 # compile, D=128: see benchmarks/compile_check.py). Launches with fewer (batch·KV head, row
 # block) pairs than SMs split the output columns over programs too (_column_programs).
@@ -273,16 +283,32 @@ def _packed() -> bool:
     return CODED["packed"] and not under_interpreter()
 
 
+def _staged_bytes(info, packed: bool, siblings: bool = False) -> int:
+    return staged_offsets(info.key, packed, siblings)[1] + table_bytes(info.value, packed, siblings)
+
+
+def _fits_beside_triton(staged: int, D: int, parts: int, block_m: int) -> bool:
+    """Do `staged` bytes of tables and Triton's own allocation (with 2 KB to spare for a Triton
+    version that allocates a little more) stay within the 48 KB a launch gets without opting in?"""
+    return (_coded_dynamic_shared(D, parts, block_m) + staged + SM90_RESERVED_SHARED_BYTES + 2048
+            <= LAUNCH_SHARED_BYTES)
+
+
 def _stage_tables(info, D: int, parts: int, block_m: int) -> bool:
     """Do the coded kernels read this tier's tables from shared memory (CODED["shared_tables"])?
-    Not under the interpreter, which runs no inline PTX; not where the tables and Triton's own
-    allocation (with 2 KB to spare for a Triton version that allocates a little more) would pass
-    the 48 KB a launch gets without opting in."""
-    staged = staged_offsets(info.key, _packed())[1] + table_bytes(info.value, _packed())
-    fits = (_coded_dynamic_shared(D, parts, block_m) + staged + SM90_RESERVED_SHARED_BYTES + 2048
-            <= LAUNCH_SHARED_BYTES)
+    Not under the interpreter, which runs no inline PTX; not where they would not fit."""
+    staged = _staged_bytes(info, _packed())
     return (CODED["shared_tables"] and not under_interpreter() and staged <= CODED["shared_tables_max_bytes"]
-            and D <= CODED["shared_tables_max_d"] and fits)
+            and D <= CODED["shared_tables_max_d"] and _fits_beside_triton(staged, D, parts, block_m))
+
+
+def _sibling_lookups(info, D: int, parts: int, block_m: int) -> bool:
+    """Do the packed decoders of this staged tier look up sibling nodes in pairs
+    (CODED["sibling_lookups"])? Only where the larger tables still fit."""
+    if not (CODED["sibling_lookups"] and _packed() and _stage_tables(info, D, parts, block_m)):
+        return False
+    staged = _staged_bytes(info, True, True)
+    return staged <= CODED["sibling_tables_max_bytes"] and _fits_beside_triton(staged, D, parts, block_m)
 
 
 def _codec_constants(tables) -> tuple:
@@ -304,8 +330,9 @@ def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_
         parts = 4 if quarters else 2 if halves else 1
         staged = _stage_tables(info, D, parts, block_m)
         packed = staged and _packed()
-        kt = _tab(table_tensor(info.key, packed), device)
-        vt = _tab(table_tensor(info.value, packed), device)
+        siblings = packed and _sibling_lookups(info, D, parts, block_m)
+        kt = _tab(table_tensor(info.key, packed, siblings), device)
+        vt = _tab(table_tensor(info.value, packed, siblings), device)
         tile = tl.float16 if packed else tl.bfloat16 if _bf16_tiles() else tl.float32
         leaf = {tl.float16: "tl.float16", tl.bfloat16: "tl.bfloat16"}.get(tile)  # the decoders' leaf cast
         maxnreg = _per_dim("maxnreg", D) if D <= CODED["maxnreg_max_d"] else None
@@ -314,15 +341,17 @@ def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_
                       TILE_DTYPE=tile, num_warps=CODED["warps"], num_stages=CODED["stages"],
                       **({"maxnreg": maxnreg} if maxnreg else {}))
         args = (q_in, st.pool, st.pages, st.count, acc, m, l, kt, vt, M, st.pages.shape[-1], S, split_offset, S_total)
-        ksm, vsm = staged_offsets(info.key, packed) if staged else (None, None)
-        launch["STAGE_TABLES"] = stager(info.key, info.value, packed) if staged else tables_stay_in_global_memory
+        ksm, vsm = staged_offsets(info.key, packed, siblings) if staged else (None, None)
+        launch["STAGE_TABLES"] = (stager(info.key, info.value, packed, siblings=siblings) if staged
+                                  else tables_stay_in_global_memory)
 
         def key_part(*part):
-            return decoder(info.key, 0, WT, leaf, *part, smem=ksm, packed=packed)
+            return decoder(info.key, 0, WT, leaf, *part, smem=ksm, packed=packed, siblings=siblings)
 
         def value_part(*part):  # a scalar codec's decoder has no packed form (float32 centroids, cast)
-            return decoder(info.value, info.key_words, WT, leaf, *part, smem=vsm,
-                           packed=packed and not isinstance(info.value, ScalarTables))
+            polar = not isinstance(info.value, ScalarTables)
+            return decoder(info.value, info.key_words, WT, leaf, *part, smem=vsm, packed=packed and polar,
+                           siblings=siblings and polar)
 
         if quarters:
             paged_coded_quarters_kernel[grid](

@@ -129,6 +129,60 @@ class PolarTables:
         return self.__dict__.setdefault(
             "_half_pairs", self.trig.transpose(1, 2).to(torch.float16).contiguous().view(torch.int32)[..., 0])
 
+    @property
+    def sibling_levels(self) -> tuple[tuple[int, int], ...]:
+        """(level f, byte offset in sibling_pairs) of each level whose sibling nodes (2i, 2i+1) can
+        share one lookup: in every pair the two codes are single components, side by side in one
+        word (so one shift and one mask extract both), and the pair's table has at most
+        2^SIBLING_MAX_BITS entries. The root level has no sibling."""
+        return self.__dict__.setdefault("_sibling_levels", _sibling_levels(self))
+
+    @property
+    def sibling_pairs(self) -> torch.Tensor:
+        """int32: per level of sibling_levels, 2^(2·bits) entries of two words, indexed by the
+        pair's codes (a | b << bits): the float16 pair (cos a, sin a), then (cos b, sin b), low
+        halves first (half_pairs of a, then of b). One 8-byte lookup then gives both nodes'
+        factors (decode_codegen)."""
+        def build():
+            out = []
+            for f, _ in self.sibling_levels:
+                n = 1 << ((self.bits >> (4 * (f - 1))) & 15)
+                cos, sin = self.trig[f - 1, 0, :n], self.trig[f - 1, 1, :n]
+                a = torch.arange(n * n) % n  # the low code: node 2i
+                b = torch.arange(n * n) // n
+                words = torch.stack([cos[a], sin[a], cos[b], sin[b]], dim=-1).to(torch.float16)
+                out.append(words.contiguous().view(torch.int32).reshape(-1))
+            return torch.cat(out) if out else torch.zeros(0, dtype=torch.int32)
+        return self.__dict__.setdefault("_sibling_pairs", build())
+
+    @property
+    def packed_words(self) -> torch.Tensor:
+        """int32: half_pairs, then sibling_pairs (the table a packed decoder with sibling lookups
+        stages; half_pairs' size is a multiple of 8 bytes, so the pairs stay 8-byte aligned)."""
+        return self.__dict__.setdefault("_packed_words", torch.cat([self.half_pairs.reshape(-1), self.sibling_pairs]))
+
+
+SIBLING_MAX_BITS = 8  # a sibling table of 256 entries, 2 KB
+
+
+def _sibling_levels(t: PolarTables) -> tuple[tuple[int, int], ...]:
+    parts: dict[tuple[int, int], list] = {}
+    for c in t.fields.layout.components:
+        for i in range(c.count):
+            parts.setdefault((c.field, i), []).append((c.offset + i * c.width, c.width, c.shift))
+    out, offset = [], 0
+    for f in range(1, t.levels):  # the root level (f = levels) is one node
+        bits = (t.bits >> (4 * (f - 1))) & 15
+        nodes = 1 << (t.levels - f)
+        if not 0 < 2 * bits <= SIBLING_MAX_BITS:
+            continue
+        pairs = [(parts.get((f, 2 * i)), parts.get((f, 2 * i + 1))) for i in range(nodes // 2)]
+        if all(a and b and len(a) == len(b) == 1 and a[0][2] == b[0][2] == 0 and b[0][0] == a[0][0] + bits
+               and a[0][0] // 32 == (b[0][0] + bits - 1) // 32 for a, b in pairs):
+            out.append((f, offset))
+            offset += 8 << (2 * bits)
+    return tuple(out)
+
 
 @lru_cache(maxsize=None)
 def polar_tables(codec: SphericalCodec) -> PolarTables:
@@ -303,6 +357,6 @@ def prepare_device_tables(specs, head_dim: int, seed: int, kv_dtype: torch.dtype
                 tables += [signs[0]] if signs else []
         for t in (info.key, info.value):
             tables += [t.fields.comps, t.thresholds]
-            tables += [t.unit_centroids] if isinstance(t, ScalarTables) else [t.trig, t.trig_pairs, t.half_pairs]
+            tables += [t.unit_centroids] if isinstance(t, ScalarTables) else [t.trig, t.trig_pairs, t.half_pairs, t.packed_words]
         for t in tables:
             DEVICE_TABLES.get(t, device)

@@ -101,3 +101,60 @@ def test_packed_decoders_need_staged_tables():
     info = tier_info(DEFAULT_TIERS[1], 128, 0, torch.bfloat16)
     with pytest.raises(ValueError, match="staged in shared memory"):
         decoder(info.key, 0, info.key_words + info.value_words, None, 0, packed=True)
+
+
+@pytest.mark.parametrize("spec", DEFAULT_TIERS[1:], ids=lambda s: s.name)
+@pytest.mark.parametrize("d", [16, 32, 64, 128, 256])
+def test_sibling_lookups_read_both_codes_and_both_pairs(spec, d):
+    """The sibling lookups (PolarTables.sibling_levels) take nodes 2i and 2i+1 of a level with one
+    shift and mask: on random record words that must be (code 2i | code 2i+1 << bits) times the
+    8-byte entry, and the entry there must hold the two nodes' own float16 (cos, sin) pairs."""
+    info = tier_info(spec, d, 0, torch.bfloat16)
+    rng = random.Random(f"siblings-{spec.name}-{d}")
+    for tables in (info.key, info.value):
+        parts = code_parts(tables.fields.layout)
+        words_table = tables.packed_words
+        assert words_table.numel() == tables.half_pairs.numel() + tables.sibling_pairs.numel()
+        base = tables.half_pairs.numel()  # in 4-byte words
+        for f, offset in tables.sibling_levels:
+            bits = (tables.bits >> (4 * (f - 1))) & 15
+            assert 0 < 2 * bits <= 8 and offset % 8 == 0
+            for i in range(tables.dim >> (f + 1)):
+                (word, bit, width, shift), = parts[(f, 2 * i)]
+                assert width == bits and shift == 0
+                for _ in range(10):
+                    words = [rng.getrandbits(32) for _ in range(tables.fields.layout.words)]
+                    a, b = (_evaluate(parts[(f, 2 * i + k)], words, 0) for k in range(2))
+                    index = _evaluate([(word, bit, 2 * width, 0)], words, 3)
+                    assert index == (a | b << bits) << 3
+                    entry = base + (offset + index) // 4
+                    assert int(words_table[entry]) == int(tables.half_pairs[f - 1, a])
+                    assert int(words_table[entry + 1]) == int(tables.half_pairs[f - 1, b])
+
+
+def test_default_tier_has_sibling_levels():
+    """At the default 3.5 bits and d=128, level 1 (half the tree's nodes) and levels 4 and 5 pair
+    up; a layout change that split them would silently lose the sibling lookups."""
+    info = tier_info(DEFAULT_TIERS[2], 128, 0, torch.bfloat16)
+    assert [f for f, _ in info.key.sibling_levels] == [1, 4, 5]
+    assert [f for f, _ in info.value.sibling_levels] == [1, 4, 5]
+
+
+@pytest.mark.parametrize("warps,tokens_per_thread,siblings", [
+    (4, 2, False),  # the default 256-token tile: 44 KB of Triton's own shared memory, no room for 5.5 KB
+    (2, 2, True),   # 128-token tiles: 24 KB
+    (1, 2, True),   # 64-token tiles
+    (4, 1, True),   # 128-token tiles of one token per thread
+])
+def test_sibling_tables_are_used_only_where_they_fit(warps, tokens_per_thread, siblings, monkeypatch):
+    from sphkv_compile.kernels import attend
+
+    monkeypatch.setattr(attend, "under_interpreter", lambda: False)
+    monkeypatch.setitem(attend.CODED, "sibling_lookups", True)
+    monkeypatch.setitem(attend.CODED, "warps", warps)
+    monkeypatch.setitem(attend.CODED, "tokens_per_thread", tokens_per_thread)
+    info = tier_info(DEFAULT_TIERS[2], 128, 0, torch.bfloat16)
+    assert attend._stage_tables(info, 128, 2, 16)
+    assert attend._sibling_lookups(info, 128, 2, 16) == siblings
+    monkeypatch.setitem(attend.CODED, "sibling_lookups", False)
+    assert not attend._sibling_lookups(info, 128, 2, 16)
