@@ -209,12 +209,16 @@ def _join_tile(w: _Writer, leaves: list[str], radius: str | None = None) -> None
 
 
 def _sibling_step(w: _Writer, t: PolarTables, codes, f: int, i: int, pair: tuple[str, str], smem: int,
-                  offset: int) -> list[str]:
-    """Nodes 2i and 2i+1 of level f (values `pair`) in one lookup: both codes extracted by one
-    shift and mask as one index (PolarTables.sibling_levels), one 8-byte load, two HMUL2.
-    Returns their four children in order."""
-    (word, bit, width, _), = codes[(f, 2 * i)]
-    index = _extract(w, [(word, bit, 2 * width, 0)], f"o{f}_{2 * i}s", scale_bits=3)
+                  offset: int, widths: tuple[int, ...]) -> list[str]:
+    """Nodes 2i and 2i+1 of level f (values `pair`) in one lookup: both codes extracted as one
+    index, a shift and a mask per component (PolarTables.sibling_levels), one 8-byte load, two
+    HMUL2. Returns their four children in order."""
+    groups, at = [], 0
+    for (word, bit, width, _), w_k in zip(codes[(f, 2 * i)], widths):
+        assert width == w_k
+        groups.append((word, bit, 2 * width, at))  # both siblings' bits, placed at `at` in the index
+        at += 2 * width
+    index = _extract(w, groups, f"o{f}_{2 * i}s", scale_bits=3)
     _shared_lookup(w, index, smem + 4 * t.levels * t.table_size + offset, 2, f"cs{f}_{2 * i}s", kind="b32")
     kids = [f"n{f}_{4 * i + k}" for k in range(4)]
     w.emit(f'{", ".join(kids)} = tl.inline_asm_elementwise("{_F16X2_SIBLINGS}", "=h,=h,=h,=h,h,h,r,r", '
@@ -239,20 +243,20 @@ def _polar_body(w: _Writer, t: PolarTables, tab: str, part: int | None = None, p
     nodes = [(0, None)]  # (index of the node in its level, variable); None: the unit root
     size = t.table_size
     entry = 4 if packed else 8
-    sibling_offset = dict(t.sibling_levels) if siblings else {}
+    sibling = {f: (offset, widths) for f, offset, widths in t.sibling_levels} if siblings else {}
     for f in range(t.levels, 0, -1):
         lev = f - 1
         bits = (t.bits >> (4 * lev)) & 15
         children = []
         whole_level = part is None or t.levels - f >= depth  # below the part's path: every child kept
         paired = {}
-        if f in sibling_offset and whole_level:
+        if f in sibling and whole_level:
             for (j, a), (k, b) in zip(nodes[0::2], nodes[1::2]):
                 if j % 2 == 0 and k == j + 1:
                     paired[j] = (a, b)
         for j, parent in nodes:
             if j in paired:
-                kids = _sibling_step(w, t, codes, f, j // 2, paired[j], smem, sibling_offset[f])
+                kids = _sibling_step(w, t, codes, f, j // 2, paired[j], smem, *sibling[f])
                 children += [(2 * j + k, name) for k, name in enumerate(kids)]
                 continue
             if j - 1 in paired:

@@ -130,28 +130,28 @@ class PolarTables:
             "_half_pairs", self.trig.transpose(1, 2).to(torch.float16).contiguous().view(torch.int32)[..., 0])
 
     @property
-    def sibling_levels(self) -> tuple[tuple[int, int], ...]:
-        """(level f, byte offset in sibling_pairs) of each level whose sibling nodes (2i, 2i+1) can
-        share one lookup: in every pair the two codes are single components, side by side in one
-        word (so one shift and one mask extract both), and the pair's table has at most
-        2^SIBLING_MAX_BITS entries. The root level has no sibling."""
+    def sibling_levels(self) -> tuple[tuple[int, int, tuple[int, ...]], ...]:
+        """(level f, byte offset in sibling_pairs, widths) of each level whose sibling nodes
+        (2i, 2i+1) can share one lookup. A code of `bits` bits is stored as split-width
+        components (packing.split_widths: 3 bits as 2 + 1), element after element in each; so
+        in every component the two siblings' parts sit side by side, 2·width bits (checked:
+        within one word for every pair). The pair's table index is those groups, one after
+        another in component order (`widths`, each group 2·width bits): one shift and one mask
+        per component. Levels whose table would pass 2^SIBLING_MAX_BITS entries are left out;
+        the root level has no sibling."""
         return self.__dict__.setdefault("_sibling_levels", _sibling_levels(self))
 
     @property
     def sibling_pairs(self) -> torch.Tensor:
-        """int32: per level of sibling_levels, 2^(2·bits) entries of two words, indexed by the
-        pair's codes (a | b << bits): the float16 pair (cos a, sin a), then (cos b, sin b), low
-        halves first (half_pairs of a, then of b). One 8-byte lookup then gives both nodes'
-        factors (decode_codegen)."""
+        """int32: per level of sibling_levels, 2^(2·bits) entries of two words at the pair's index:
+        the float16 pair (cos a, sin a) of node 2i, then (cos b, sin b) of node 2i+1, as in
+        half_pairs. One 8-byte lookup gives both nodes' factors (decode_codegen)."""
         def build():
             out = []
-            for f, _ in self.sibling_levels:
-                n = 1 << ((self.bits >> (4 * (f - 1))) & 15)
-                cos, sin = self.trig[f - 1, 0, :n], self.trig[f - 1, 1, :n]
-                a = torch.arange(n * n) % n  # the low code: node 2i
-                b = torch.arange(n * n) // n
-                words = torch.stack([cos[a], sin[a], cos[b], sin[b]], dim=-1).to(torch.float16)
-                out.append(words.contiguous().view(torch.int32).reshape(-1))
+            for f, _, widths in self.sibling_levels:
+                a, b = sibling_codes(widths, self.fields.layout, f)
+                pairs = self.half_pairs[f - 1]
+                out.append(torch.stack([pairs[a], pairs[b]], dim=-1).reshape(-1))
             return torch.cat(out) if out else torch.zeros(0, dtype=torch.int32)
         return self.__dict__.setdefault("_sibling_pairs", build())
 
@@ -165,21 +165,37 @@ class PolarTables:
 SIBLING_MAX_BITS = 8  # a sibling table of 256 entries, 2 KB
 
 
-def _sibling_levels(t: PolarTables) -> tuple[tuple[int, int], ...]:
-    parts: dict[tuple[int, int], list] = {}
-    for c in t.fields.layout.components:
-        for i in range(c.count):
-            parts.setdefault((c.field, i), []).append((c.offset + i * c.width, c.width, c.shift))
+def _field_components(layout, f: int) -> list:
+    return [c for c in layout.components if c.field == f]
+
+
+def sibling_codes(widths: tuple[int, ...], layout, f: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The codes (a, b) of nodes 2i and 2i+1 behind every sibling index of level f: index group k
+    (2·widths[k] bits, after the groups before it) holds a's bits of component k, then b's,
+    each placed at that component's shift inside the code."""
+    index = torch.arange(1 << (2 * sum(widths)))
+    a = torch.zeros_like(index)
+    b = torch.zeros_like(index)
+    at = 0
+    for c, w in zip(_field_components(layout, f), widths):
+        group = (index >> at) & ((1 << (2 * w)) - 1)
+        a |= (group & ((1 << w) - 1)) << c.shift
+        b |= (group >> w) << c.shift
+        at += 2 * w
+    return a, b
+
+
+def _sibling_levels(t: PolarTables) -> tuple[tuple[int, int, tuple[int, ...]], ...]:
     out, offset = [], 0
     for f in range(1, t.levels):  # the root level (f = levels) is one node
         bits = (t.bits >> (4 * (f - 1))) & 15
-        nodes = 1 << (t.levels - f)
-        if not 0 < 2 * bits <= SIBLING_MAX_BITS:
+        comps = _field_components(t.fields.layout, f)
+        if not 0 < 2 * bits <= SIBLING_MAX_BITS or sum(c.width for c in comps) != bits:
             continue
-        pairs = [(parts.get((f, 2 * i)), parts.get((f, 2 * i + 1))) for i in range(nodes // 2)]
-        if all(a and b and len(a) == len(b) == 1 and a[0][2] == b[0][2] == 0 and b[0][0] == a[0][0] + bits
-               and a[0][0] // 32 == (b[0][0] + bits - 1) // 32 for a, b in pairs):
-            out.append((f, offset))
+        # element 2i's part of component c starts at c.offset + 2i·width: the pair's group must
+        # not cross a word boundary
+        if all((c.offset + 2 * i * c.width) % 32 + 2 * c.width <= 32 for c in comps for i in range(c.count // 2)):
+            out.append((f, offset, tuple(c.width for c in comps)))
             offset += 8 << (2 * bits)
     return tuple(out)
 
