@@ -7,6 +7,7 @@ registration (cuda_ops.py) then runs the reference and logs why.
 from __future__ import annotations
 
 import math
+import warnings
 from functools import lru_cache
 
 import torch
@@ -23,6 +24,7 @@ from .attention_kernels import (chunk_partials_kernel, paged_coded_halves_kernel
 from .combine_kernels import combine_kernel
 from .decode_codegen import decoder, staged_offsets, stager, table_bytes, table_tensor
 from .layout import DEVICE_TABLES, ScalarTables, Unsupported, rotation_matrices, tier_info, under_interpreter
+from . import shared_opt_in
 from .query_kernels import prepare_queries_kernel
 
 LOG2E = 1.0 / math.log(2.0)
@@ -71,7 +73,7 @@ CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": {128: 2, "
          "halves": True, "halves_min_d": 64, "quarters": False, "quarters_min_d": 128,
          "shared_tables": True, "shared_tables_max_bytes": 4096, "shared_tables_max_d": 128,
          "tokens_per_thread": {128: 2, "other": 1}, "balance_waves": True, "packed": True, "stages": 1,
-         "sibling_lookups": False, "sibling_tables_max_bytes": 16384}
+         "sibling_lookups": False, "sibling_tables_max_bytes": 16384, "shared_opt_in": True}
 # tokens_per_thread, programs_per_sm and maxnreg may be one value for every head dim or a dict
 # by head dim ("other": the rest); _per_dim reads them.
 # shared_tables: each program copies the decoders' lookup tables into shared memory once and
@@ -119,6 +121,10 @@ CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": {128: 2, "
 # one node at a time. sm_90 compile, d=128, per warp and tile (compile_check.py coded 128 <tile>
 # 16 <warps> 1 1 0 1 1 1 0 <siblings>): 256 tokens / 4 warps 4,000 -> 3,584 instructions (a 48-byte
 # stack); 128 / 2 warps 4,240 -> 3,800; 64 / 1 warp 4,744 -> 4,368.
+# shared_opt_in: where the sibling tables do not fit beside Triton's allocation within 48 KB, the
+# launch opts in to more (shared_opt_in.py: a kernel-load hook raises the function's dynamic
+# shared-memory limit, as Triton does for its own allocations), as long as programs_per_sm such
+# programs still fit in an SM's 228 KB.
 # combine_kernel: splits merged per step, output columns per rotation block, warps (sm_90
 # compile, D=128: see benchmarks/compile_check.py). Launches with fewer (batch·KV head, row
 # block) pairs than SMs split the output columns over programs too (_column_programs).
@@ -265,6 +271,7 @@ def _tab(t, device):
 # static part. So staged tables (static) must fit beside Triton's allocation within 48 KB.
 LAUNCH_SHARED_BYTES = 49152
 SM90_RESERVED_SHARED_BYTES = 1024  # per block, counted as static on sm_90
+SM_SHARED_BYTES = 233472  # shared memory of one H100/H200 SM (228 KB)
 
 
 def _coded_dynamic_shared(D: int, parts: int, block_m: int) -> int:
@@ -302,13 +309,33 @@ def _stage_tables(info, D: int, parts: int, block_m: int) -> bool:
             and D <= CODED["shared_tables_max_d"] and _fits_beside_triton(staged, D, parts, block_m))
 
 
+def _fits_with_opt_in(staged: int, D: int, parts: int, block_m: int) -> bool:
+    """Past 48 KB (CODED["shared_opt_in"]): do programs_per_sm such programs still fit in an SM?"""
+    total = _coded_dynamic_shared(D, parts, block_m) + staged + SM90_RESERVED_SHARED_BYTES + 2048
+    per_sm = max(_per_dim("programs_per_sm", D), CODED["few_rows_programs_per_sm"])
+    return CODED["shared_opt_in"] and per_sm * total <= SM_SHARED_BYTES
+
+
 def _sibling_lookups(info, D: int, parts: int, block_m: int) -> bool:
     """Do the packed decoders of this staged tier look up sibling nodes in pairs
-    (CODED["sibling_lookups"])? Only where the larger tables still fit."""
+    (CODED["sibling_lookups"])? Only where the larger tables still fit, beside Triton's
+    allocation within 48 KB or, opting in to more, within an SM."""
     if not (CODED["sibling_lookups"] and _packed() and _stage_tables(info, D, parts, block_m)):
         return False
     staged = _staged_bytes(info, True, True)
-    return staged <= CODED["sibling_tables_max_bytes"] and _fits_beside_triton(staged, D, parts, block_m)
+    return staged <= CODED["sibling_tables_max_bytes"] and (
+        _fits_beside_triton(staged, D, parts, block_m) or _fits_with_opt_in(staged, D, parts, block_m))
+
+
+def _shared_opt_in_ready() -> bool:
+    """Install the shared-memory opt-in (once); False, with a warning, where it cannot be."""
+    try:
+        shared_opt_in.install()
+        return True
+    except shared_opt_in.OptInUnavailable as err:
+        warnings.warn(f"sphkv: sibling lookups need shared memory past 48 KB and cannot opt in ({err}); "
+                      f"decoding one node per lookup", stacklevel=3)
+        return False
 
 
 def _codec_constants(tables) -> tuple:
@@ -331,6 +358,8 @@ def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_
         staged = _stage_tables(info, D, parts, block_m)
         packed = staged and _packed()
         siblings = packed and _sibling_lookups(info, D, parts, block_m)
+        if siblings and not _fits_beside_triton(_staged_bytes(info, True, True), D, parts, block_m):
+            siblings = _shared_opt_in_ready()
         kt = _tab(table_tensor(info.key, packed, siblings), device)
         vt = _tab(table_tensor(info.value, packed, siblings), device)
         tile = tl.float16 if packed else tl.bfloat16 if _bf16_tiles() else tl.float32

@@ -146,17 +146,19 @@ def test_default_tier_has_sibling_levels():
     assert [f for f, _, _ in info.value.sibling_levels] == [1, 2, 3, 4, 5, 6]
 
 
-@pytest.mark.parametrize("warps,tokens_per_thread,siblings", [
-    (4, 2, False),  # the default 256-token tile: 44 KB of Triton's own shared memory, no room for 5.5 KB
-    (2, 2, True),   # 128-token tiles: 24 KB
-    (1, 2, True),   # 64-token tiles
-    (4, 1, True),   # 128-token tiles of one token per thread
+@pytest.mark.parametrize("warps,tokens_per_thread,opt_in,siblings", [
+    (4, 2, False, False),  # the default 256-token tile: 44 KB of Triton's own, no room for 8.6 KB within 48 KB
+    (4, 2, True, True),    # ... opting in: two such programs (2 x 56 KB) fit in an SM
+    (2, 2, False, True),   # 128-token tiles: 24 KB
+    (1, 2, False, True),   # 64-token tiles
+    (4, 1, False, True),   # 128-token tiles of one token per thread
 ])
-def test_sibling_tables_are_used_only_where_they_fit(warps, tokens_per_thread, siblings, monkeypatch):
+def test_sibling_tables_are_used_only_where_they_fit(warps, tokens_per_thread, opt_in, siblings, monkeypatch):
     from sphkv_compile.kernels import attend
 
     monkeypatch.setattr(attend, "under_interpreter", lambda: False)
     monkeypatch.setitem(attend.CODED, "sibling_lookups", True)
+    monkeypatch.setitem(attend.CODED, "shared_opt_in", opt_in)
     monkeypatch.setitem(attend.CODED, "warps", warps)
     monkeypatch.setitem(attend.CODED, "tokens_per_thread", tokens_per_thread)
     info = tier_info(DEFAULT_TIERS[2], 128, 0, torch.bfloat16)
