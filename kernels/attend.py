@@ -113,14 +113,13 @@ CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": {128: 2, "
 # at 2 or more the page-table and record loads of later tiles become cp.async copies into shared
 # memory, LDGSTS in the sm_90 compile). Timed in session 21 (benchmarks/probe_fp8_values.py).
 # sibling_lookups: the packed decoders look up two sibling nodes at once where the record keeps
-# their codes side by side (layout.PolarTables.sibling_levels: level 1 and two more at the default
-# 3.5 bits, d=128): one shift, one mask and one 8-byte LDS for two nodes instead of two of each.
-# The sibling tables are 2.3 KB per codec there (sibling_tables_max_bytes bounds both codecs'
-# staged tables), so they fit beside 64- and 128-token tiles but not beside the default 256-token
-# tile at d=128 (44 KB of Triton's own shared memory); where they do not fit the decoders look up
-# one node at a time. sm_90 compile, d=128, per warp and tile (compile_check.py coded 128 <tile>
-# 16 <warps> 1 1 0 1 1 1 0 <siblings>): 256 tokens / 4 warps 4,000 -> 3,584 instructions (a 48-byte
-# stack); 128 / 2 warps 4,240 -> 3,800; 64 / 1 warp 4,744 -> 4,368.
+# each component of their codes side by side (layout.PolarTables.sibling_levels: every level but
+# the root at the default 3.5 bits): a shift and a mask per component and one 8-byte LDS for two
+# nodes, instead of that per node. The sibling tables make 4.3 KB per codec at d=128
+# (sibling_tables_max_bytes bounds both codecs' staged tables together). sm_90 compiles
+# (compile_check.py coded <d> <tile> 16 <warps> 1 1 <maxnreg> 1 1 1 0 <siblings>), instructions
+# per warp and tile: d=128 256 tokens / 4 warps 4,000 -> 3,104 (a 56-byte stack); 128 / 2 warps
+# 4,240 -> 3,312; 64 / 1 warp 4,744 -> 3,896; d=64 128 / 4 warps (maxnreg 128) 1,616 -> 1,440.
 # shared_opt_in: where the sibling tables do not fit beside Triton's allocation within 48 KB, the
 # launch opts in to more (shared_opt_in.py: a kernel-load hook raises the function's dynamic
 # shared-memory limit, as Triton does for its own allocations), as long as programs_per_sm such
