@@ -100,8 +100,8 @@ def coded(d=128, block_t=128, block_m=16, warps=4, stages=1, bf16=1, maxnreg=0, 
     paged_coded_halves_kernel, keys and values decoded in two halves of D; 4: in quarters,
     paged_coded_quarters_kernel; shared=1: the tables staged in shared memory; packed=1 (with
     shared): float16-pair tables, f16x2 trees and float16 tiles; scalar=1: the 3-bit scalar value
-    codec, whose decoder has no packed form; siblings=1 (with packed): sibling nodes share a
-    lookup where the record allows)."""
+    codec, whose decoder has no packed form; siblings=<bits> (with packed): sibling nodes share a
+    lookup where the record allows and the pair's table has at most 2^bits entries)."""
     import triton.language as tl
 
     from sphkv_compile.kernels.attention_kernels import (paged_coded_halves_kernel, paged_coded_kernel,
@@ -111,7 +111,7 @@ def coded(d=128, block_t=128, block_m=16, warps=4, stages=1, bf16=1, maxnreg=0, 
     spec = TierSpec("uniform", 3.5, "scalar", 3) if scalar else TierSpec("uniform", 3.5, "polar", 3.5)
     info = tier_info(spec, d, 0, torch.bfloat16)
     packed = bool(packed and shared)
-    siblings = bool(siblings and packed)
+    siblings = siblings if packed else 0  # the sibling tables' index bits (0: off)
     tile = tl.float16 if packed else tl.bfloat16 if bf16 else tl.float32
     leaf = {tl.float16: "tl.float16", tl.bfloat16: "tl.bfloat16"}.get(tile)
     wt = info.key_words + info.value_words
@@ -125,7 +125,7 @@ def coded(d=128, block_t=128, block_m=16, warps=4, stages=1, bf16=1, maxnreg=0, 
 
     def value(*part):
         return decoder(info.value, info.key_words, wt, leaf, *part, smem=vsm, packed=packed and not scalar,
-                       siblings=siblings and not scalar)
+                       siblings=0 if scalar else siblings)
 
     if halves == 4:  # quarters of D
         fn = paged_coded_quarters_kernel

@@ -73,7 +73,7 @@ CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": {128: 2, "
          "halves": True, "halves_min_d": 64, "quarters": False, "quarters_min_d": 128,
          "shared_tables": True, "shared_tables_max_bytes": 4096, "shared_tables_max_d": 128,
          "tokens_per_thread": {128: 2, "other": 1}, "balance_waves": True, "packed": True, "stages": 1,
-         "sibling_lookups": False, "sibling_tables_max_bytes": 16384, "shared_opt_in": True}
+         "sibling_lookups": 0, "sibling_tables_max_bytes": 16384, "shared_opt_in": True}
 # tokens_per_thread, programs_per_sm and maxnreg may be one value for every head dim or a dict
 # by head dim ("other": the rest); _per_dim reads them.
 # shared_tables: each program copies the decoders' lookup tables into shared memory once and
@@ -289,7 +289,7 @@ def _packed() -> bool:
     return CODED["packed"] and not under_interpreter()
 
 
-def _staged_bytes(info, packed: bool, siblings: bool = False) -> int:
+def _staged_bytes(info, packed: bool, siblings: int = 0) -> int:
     return staged_offsets(info.key, packed, siblings)[1] + table_bytes(info.value, packed, siblings)
 
 
@@ -315,15 +315,16 @@ def _fits_with_opt_in(staged: int, D: int, parts: int, block_m: int) -> bool:
     return CODED["shared_opt_in"] and per_sm * total <= SM_SHARED_BYTES
 
 
-def _sibling_lookups(info, D: int, parts: int, block_m: int) -> bool:
-    """Do the packed decoders of this staged tier look up sibling nodes in pairs
-    (CODED["sibling_lookups"])? Only where the larger tables still fit, beside Triton's
-    allocation within 48 KB or, opting in to more, within an SM."""
-    if not (CODED["sibling_lookups"] and _packed() and _stage_tables(info, D, parts, block_m)):
-        return False
-    staged = _staged_bytes(info, True, True)
-    return staged <= CODED["sibling_tables_max_bytes"] and (
-        _fits_beside_triton(staged, D, parts, block_m) or _fits_with_opt_in(staged, D, parts, block_m))
+def _sibling_lookups(info, D: int, parts: int, block_m: int) -> int:
+    """The sibling table bits the packed decoders of this staged tier use (CODED["sibling_lookups"];
+    0: one node per lookup). Only where the larger tables still fit, beside Triton's allocation
+    within 48 KB or, opting in to more, within an SM."""
+    bits = CODED["sibling_lookups"]
+    if not (bits and _packed() and _stage_tables(info, D, parts, block_m)):
+        return 0
+    staged = _staged_bytes(info, True, bits)
+    fits = _fits_beside_triton(staged, D, parts, block_m) or _fits_with_opt_in(staged, D, parts, block_m)
+    return bits if staged <= CODED["sibling_tables_max_bytes"] and fits else 0
 
 
 def _shared_opt_in_ready() -> bool:
@@ -356,9 +357,9 @@ def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_
         parts = 4 if quarters else 2 if halves else 1
         staged = _stage_tables(info, D, parts, block_m)
         packed = staged and _packed()
-        siblings = packed and _sibling_lookups(info, D, parts, block_m)
-        if siblings and not _fits_beside_triton(_staged_bytes(info, True, True), D, parts, block_m):
-            siblings = _shared_opt_in_ready()
+        siblings = _sibling_lookups(info, D, parts, block_m) if packed else 0
+        if siblings and not _fits_beside_triton(_staged_bytes(info, True, siblings), D, parts, block_m):
+            siblings = siblings if _shared_opt_in_ready() else 0
         kt = _tab(table_tensor(info.key, packed, siblings), device)
         vt = _tab(table_tensor(info.value, packed, siblings), device)
         tile = tl.float16 if packed else tl.bfloat16 if _bf16_tiles() else tl.float32
@@ -379,7 +380,7 @@ def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_
         def value_part(*part):  # a scalar codec's decoder has no packed form (float32 centroids, cast)
             polar = not isinstance(info.value, ScalarTables)
             return decoder(info.value, info.key_words, WT, leaf, *part, smem=vsm, packed=packed and polar,
-                           siblings=siblings and polar)
+                           siblings=siblings if polar else 0)
 
         if quarters:
             paged_coded_quarters_kernel[grid](

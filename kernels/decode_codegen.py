@@ -228,14 +228,14 @@ def _sibling_step(w: _Writer, t: PolarTables, codes, f: int, i: int, pair: tuple
 
 
 def _polar_body(w: _Writer, t: PolarTables, tab: str, part: int | None = None, parts: int = 2,
-                smem: int | None = None, packed: bool = False, siblings: bool = False) -> None:
+                smem: int | None = None, packed: bool = False, siblings: int = 0) -> None:
     """part: None for the whole tile, else the part-th of `parts` (a power of two) equal slices
     of the coordinates, the subtree below the root's top log2(parts) levels: 0 or 1 of 2 is the
     root's left or right subtree (the first or second D/2 coordinates). smem: the byte offset of
     the staged (cos, sin) pairs in SHARED_TABLES, or None to load them from tab. packed: the
     staged pairs are float16 (PolarTables.half_pairs) and the tree runs in f16x2 (GPU only).
-    siblings (with packed): the levels of PolarTables.sibling_levels look up two sibling nodes at
-    once, from the sibling tables staged after the pairs (PolarTables.packed_words)."""
+    siblings (with packed; 0: off): the levels of PolarTables.sibling_levels(siblings) look up two
+    sibling nodes at once, from the sibling tables staged after the pairs (PolarTables.packed_words)."""
     depth = parts.bit_length() - 1  # levels walked along one path only
     trig = t.trig.double()
     codes = code_parts(t.fields.layout)
@@ -243,7 +243,7 @@ def _polar_body(w: _Writer, t: PolarTables, tab: str, part: int | None = None, p
     nodes = [(0, None)]  # (index of the node in its level, variable); None: the unit root
     size = t.table_size
     entry = 4 if packed else 8
-    sibling = {f: (offset, widths) for f, offset, widths in t.sibling_levels} if siblings else {}
+    sibling = {f: (offset, widths) for f, offset, widths in t.sibling_levels(siblings)} if siblings else {}
     for f in range(t.levels, 0, -1):
         lev = f - 1
         bits = (t.bits >> (4 * lev)) & 15
@@ -328,14 +328,14 @@ def _scalar_body(w: _Writer, t: ScalarTables, tab: str, part: int | None = None,
 
 
 def _body(w: _Writer, tables, tab: str, part: int | None = None, parts: int = 2, smem: int | None = None,
-          packed: bool = False, siblings: bool = False) -> None:
+          packed: bool = False, siblings: int = 0) -> None:
     if isinstance(tables, ScalarTables):
         _scalar_body(w, tables, tab, part, parts, smem)
     else:
         _polar_body(w, tables, tab, part, parts, smem, packed, siblings)
 
 
-def table_bytes(tables, packed: bool = False, siblings: bool = False) -> int:
+def table_bytes(tables, packed: bool = False, siblings: int = 0) -> int:
     """Bytes of one codec's lookup table as the kernels hold it (per level and code, an int64
     float32 (cos, sin) pair, or with packed an int32 float16 pair, and with siblings the sibling
     tables after them; or float32 scalar centroids)."""
@@ -343,12 +343,12 @@ def table_bytes(tables, packed: bool = False, siblings: bool = False) -> int:
     return t.numel() * t.element_size()
 
 
-def table_tensor(tables, packed: bool = False, siblings: bool = False) -> torch.Tensor:
+def table_tensor(tables, packed: bool = False, siblings: int = 0) -> torch.Tensor:
     """The host tensor a kernel reads (or stages) as this codec's table."""
     if isinstance(tables, ScalarTables):
         return tables.unit_centroids
     if packed:
-        return tables.packed_words if siblings else tables.half_pairs
+        return tables.packed_words(siblings) if siblings else tables.half_pairs
     return tables.trig_pairs
 
 
@@ -374,7 +374,7 @@ _FILL = '''    i = tl.arange(0, {block})
 
 
 @lru_cache(maxsize=None)
-def stager(key_tables, value_tables, packed: bool = False, siblings: bool = False):
+def stager(key_tables, value_tables, packed: bool = False, siblings: int = 0):
     """A Triton function stage(ktab_ptr, vtab_ptr) that declares SHARED_TABLES, copies the key
     table to its byte 0 and the value table after it (see staged_offsets), and waits for the
     whole program at a barrier. Call it once at the top of the kernel."""
@@ -386,7 +386,7 @@ def stager(key_tables, value_tables, packed: bool = False, siblings: bool = Fals
     return load_generated(_STAGER.format(name=SHARED_TABLES, size=voff + vb, fills=fills), "stage")
 
 
-def staged_offsets(key_tables, packed: bool = False, siblings: bool = False) -> tuple[int, int]:
+def staged_offsets(key_tables, packed: bool = False, siblings: int = 0) -> tuple[int, int]:
     """Byte offsets of the key and the value table in SHARED_TABLES (the value table 16-aligned)."""
     return 0, (table_bytes(key_tables, packed, siblings) + 15) // 16 * 16
 
@@ -403,7 +403,7 @@ def decode(pool_ptr, base, valid, tab_ptr, BLOCK_T: tl.constexpr, STEP: tl.const
 
 def _decoder_source(tables, word_offset: int, stride: int, leaf_dtype: str | None = None,
                     part: int | None = None, parts: int = 2, smem: int | None = None, packed: bool = False,
-                    siblings: bool = False) -> str:
+                    siblings: int = 0) -> str:
     # packed leaves are float16 as made
     w = _Writer(word_offset, tables.fields.layout.words, stride, None if packed else leaf_dtype)
     _body(w, tables, "tab_ptr", part, parts, smem, packed, siblings)
@@ -425,7 +425,7 @@ def load_generated(source: str, name: str = "decode"):
 
 @lru_cache(maxsize=None)
 def decoder(tables, word_offset: int, stride: int, leaf_dtype: str | None = None, part: int | None = None,
-            parts: int = 2, smem: int | None = None, packed: bool = False, siblings: bool = False):
+            parts: int = 2, smem: int | None = None, packed: bool = False, siblings: int = 0):
     """The generated Triton decode function of one codec's records (keys at word 0, values at
     the key record's length): decode(pool_ptr, base, valid, tab_ptr, BLOCK_T, STEP, LOG2_MIN) ->
     the unit-radius tile [BLOCK_T, D] in the rotated domain (float32, or leaf_dtype), followed
@@ -434,8 +434,9 @@ def decoder(tables, word_offset: int, stride: int, leaf_dtype: str | None = None
     coordinates ([BLOCK_T, D/2]); with parts=4, part 0..3: the four D/4 slices. smem: read the
     table staged by stager() at this byte offset of SHARED_TABLES instead of from tab_ptr (GPU
     only: inline PTX). packed (with smem, polar codecs): float16 pairs staged, the tree in f16x2,
-    a float16 tile. siblings (with packed): sibling nodes share a lookup where the record allows
-    (PolarTables.sibling_levels); the table staged must then be PolarTables.packed_words."""
+    a float16 tile. siblings (with packed; 0: off): sibling nodes share a lookup where the record
+    allows and the pair's table has at most 2^siblings entries (PolarTables.sibling_levels); the
+    table staged must then be PolarTables.packed_words(siblings)."""
     if part is not None and not (parts & (parts - 1) == 0 and 0 <= part < parts <= tables.dim // 2):
         raise ValueError(f"part {part} of {parts}: parts must be a power of two, at most D/2 = {tables.dim // 2}")
     if packed and smem is None:

@@ -114,10 +114,10 @@ def test_sibling_lookups_read_both_codes_and_both_pairs(spec, d):
     rng = random.Random(f"siblings-{spec.name}-{d}")
     for tables in (info.key, info.value):
         parts = code_parts(tables.fields.layout)
-        words_table = tables.packed_words
-        assert words_table.numel() == tables.half_pairs.numel() + tables.sibling_pairs.numel()
+        words_table = tables.packed_words(8)
+        assert words_table.numel() == tables.half_pairs.numel() + tables.sibling_pairs(8).numel()
         base = tables.half_pairs.numel()  # in 4-byte words
-        for f, offset, widths in tables.sibling_levels:
+        for f, offset, widths in tables.sibling_levels(8):
             bits = (tables.bits >> (4 * (f - 1))) & 15
             assert 0 < 2 * bits <= 8 and offset % 8 == 0 and sum(widths) == bits
             for i in range(tables.dim >> (f + 1)):
@@ -142,8 +142,8 @@ def test_default_tier_has_sibling_levels():
     """At the default 3.5 bits and d=128 every level but the root pairs up (3-bit codes too, as
     two components); a layout change that broke that would silently lose the sibling lookups."""
     info = tier_info(DEFAULT_TIERS[2], 128, 0, torch.bfloat16)
-    assert [f for f, _, _ in info.key.sibling_levels] == [1, 2, 3, 4, 5, 6]
-    assert [f for f, _, _ in info.value.sibling_levels] == [1, 2, 3, 4, 5, 6]
+    assert [f for f, _, _ in info.key.sibling_levels(8)] == [1, 2, 3, 4, 5, 6]
+    assert [f for f, _, _ in info.value.sibling_levels(8)] == [1, 2, 3, 4, 5, 6]
 
 
 @pytest.mark.parametrize("warps,tokens_per_thread,opt_in,siblings", [
@@ -157,12 +157,12 @@ def test_sibling_tables_are_used_only_where_they_fit(warps, tokens_per_thread, o
     from sphkv_compile.kernels import attend
 
     monkeypatch.setattr(attend, "under_interpreter", lambda: False)
-    monkeypatch.setitem(attend.CODED, "sibling_lookups", True)
+    monkeypatch.setitem(attend.CODED, "sibling_lookups", 8)
     monkeypatch.setitem(attend.CODED, "shared_opt_in", opt_in)
     monkeypatch.setitem(attend.CODED, "warps", warps)
     monkeypatch.setitem(attend.CODED, "tokens_per_thread", tokens_per_thread)
     info = tier_info(DEFAULT_TIERS[2], 128, 0, torch.bfloat16)
     assert attend._stage_tables(info, 128, 2, 16)
-    assert attend._sibling_lookups(info, 128, 2, 16) == siblings
-    monkeypatch.setitem(attend.CODED, "sibling_lookups", False)
+    assert attend._sibling_lookups(info, 128, 2, 16) == (8 if siblings else 0)
+    monkeypatch.setitem(attend.CODED, "sibling_lookups", 0)
     assert not attend._sibling_lookups(info, 128, 2, 16)
