@@ -95,13 +95,12 @@ def main(d=128, block_t=64, block_m=16, warps=4, stages=2):
 
 
 def coded(d=128, block_t=128, block_m=16, warps=4, stages=1, bf16=1, maxnreg=0, halves=0, shared=0, packed=0,
-          scalar=0, siblings=0):
+          scalar=0):
     """The compressed-tier paged kernel with the generated decoders, default tier (halves=1:
     paged_coded_halves_kernel, keys and values decoded in two halves of D; 4: in quarters,
     paged_coded_quarters_kernel; shared=1: the tables staged in shared memory; packed=1 (with
     shared): float16-pair tables, f16x2 trees and float16 tiles; scalar=1: the 3-bit scalar value
-    codec, whose decoder has no packed form; siblings=<bits> (with packed): sibling nodes share a
-    lookup where the record allows and the pair's table has at most 2^bits entries)."""
+    codec, whose decoder has no packed form)."""
     import triton.language as tl
 
     from sphkv_compile.kernels.attention_kernels import (paged_coded_halves_kernel, paged_coded_kernel,
@@ -111,21 +110,19 @@ def coded(d=128, block_t=128, block_m=16, warps=4, stages=1, bf16=1, maxnreg=0, 
     spec = TierSpec("uniform", 3.5, "scalar", 3) if scalar else TierSpec("uniform", 3.5, "polar", 3.5)
     info = tier_info(spec, d, 0, torch.bfloat16)
     packed = bool(packed and shared)
-    siblings = siblings if packed else 0  # the sibling tables' index bits (0: off)
     tile = tl.float16 if packed else tl.bfloat16 if bf16 else tl.float32
     leaf = {tl.float16: "tl.float16", tl.bfloat16: "tl.bfloat16"}.get(tile)
     wt = info.key_words + info.value_words
-    ksm, vsm = staged_offsets(info.key, packed, siblings) if shared else (None, None)
+    ksm, vsm = staged_offsets(info.key, packed) if shared else (None, None)
     consts = dict(PS=64, WT=wt, D=d, BLOCK_M=block_m, BLOCK_T=block_t, STEP=info.key.radius_step,
                   LOG2_MIN=LOG2_MIN, DOT_PRECISION="tf32", TILE_DTYPE=tile,
-                  STAGE_TABLES=stager(info.key, info.value, packed, siblings) if shared else tables_stay_in_global_memory)
+                  STAGE_TABLES=stager(info.key, info.value, packed) if shared else tables_stay_in_global_memory)
 
     def key(*part):
-        return decoder(info.key, 0, wt, leaf, *part, smem=ksm, packed=packed, siblings=siblings)
+        return decoder(info.key, 0, wt, leaf, *part, smem=ksm, packed=packed)
 
     def value(*part):
-        return decoder(info.value, info.key_words, wt, leaf, *part, smem=vsm, packed=packed and not scalar,
-                       siblings=0 if scalar else siblings)
+        return decoder(info.value, info.key_words, wt, leaf, *part, smem=vsm, packed=packed and not scalar)
 
     if halves == 4:  # quarters of D
         fn = paged_coded_quarters_kernel

@@ -159,14 +159,14 @@ class Fp8Records:
         d, layout, wt = self.args
         original = self.original
 
-        def patched(t, word_offset, stride, leaf=None, *part, smem=None, packed=False, siblings=False):
+        def patched(t, word_offset, stride, leaf=None, *part, smem=None, packed=False):
             kind = "k" if word_offset == 0 else "v"  # keys start at word 0 of a polar record
             if kind in layout:
                 if stride != wt:
                     raise ValueError(f"record stride {stride}, expected {wt}")
                 scale_word, first = layout[kind]
                 return fp8_decoder(d, first, scale_word, wt, *(part[:1] or (None,)))
-            return original(t, word_offset, stride, leaf, *part, smem=smem, packed=packed, siblings=siblings)
+            return original(t, word_offset, stride, leaf, *part, smem=smem, packed=packed)
 
         kattend.decoder = patched
         return self

@@ -7,7 +7,6 @@ registration (cuda_ops.py) then runs the reference and logs why.
 from __future__ import annotations
 
 import math
-import warnings
 from functools import lru_cache
 
 import torch
@@ -24,7 +23,6 @@ from .attention_kernels import (chunk_partials_kernel, paged_coded_halves_kernel
 from .combine_kernels import combine_kernel
 from .decode_codegen import decoder, staged_offsets, stager, table_bytes, table_tensor
 from .layout import DEVICE_TABLES, ScalarTables, Unsupported, rotation_matrices, tier_info, under_interpreter
-from . import shared_opt_in
 from .query_kernels import prepare_queries_kernel
 
 LOG2E = 1.0 / math.log(2.0)
@@ -72,8 +70,7 @@ CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": {128: 2, "
          "maxnreg_max_d": 128, "min_tiles_per_split": 2,
          "halves": True, "halves_min_d": 64, "quarters": False, "quarters_min_d": 128,
          "shared_tables": True, "shared_tables_max_bytes": 4096, "shared_tables_max_d": 128,
-         "tokens_per_thread": {128: 2, "other": 1}, "balance_waves": True, "packed": True, "stages": 1,
-         "sibling_lookups": 0, "sibling_tables_max_bytes": 16384, "shared_opt_in": True}
+         "tokens_per_thread": {128: 2, "other": 1}, "balance_waves": True, "packed": True, "stages": 1}
 # tokens_per_thread, programs_per_sm and maxnreg may be one value for every head dim or a dict
 # by head dim ("other": the rest); _per_dim reads them.
 # shared_tables: each program copies the decoders' lookup tables into shared memory once and
@@ -112,18 +109,6 @@ CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": {128: 2, "
 # stages: the coded kernels' num_stages (Triton's software pipelining of the tile loop's loads:
 # at 2 or more the page-table and record loads of later tiles become cp.async copies into shared
 # memory, LDGSTS in the sm_90 compile). Timed in session 21 (benchmarks/probe_fp8_values.py).
-# sibling_lookups: the packed decoders look up two sibling nodes at once where the record keeps
-# each component of their codes side by side (layout.PolarTables.sibling_levels: every level but
-# the root at the default 3.5 bits): a shift and a mask per component and one 8-byte LDS for two
-# nodes, instead of that per node. The sibling tables make 4.3 KB per codec at d=128
-# (sibling_tables_max_bytes bounds both codecs' staged tables together). sm_90 compiles
-# (compile_check.py coded <d> <tile> 16 <warps> 1 1 <maxnreg> 1 1 1 0 <siblings>), instructions
-# per warp and tile: d=128 256 tokens / 4 warps 4,000 -> 3,104 (a 56-byte stack); 128 / 2 warps
-# 4,240 -> 3,312; 64 / 1 warp 4,744 -> 3,896; d=64 128 / 4 warps (maxnreg 128) 1,616 -> 1,440.
-# shared_opt_in: where the sibling tables do not fit beside Triton's allocation within 48 KB, the
-# launch opts in to more (shared_opt_in.py: a kernel-load hook raises the function's dynamic
-# shared-memory limit, as Triton does for its own allocations), as long as programs_per_sm such
-# programs still fit in an SM's 228 KB.
 # combine_kernel: splits merged per step, output columns per rotation block, warps (sm_90
 # compile, D=128: see benchmarks/compile_check.py). Launches with fewer (batch·KV head, row
 # block) pairs than SMs split the output columns over programs too (_column_programs).
@@ -270,7 +255,6 @@ def _tab(t, device):
 # static part. So staged tables (static) must fit beside Triton's allocation within 48 KB.
 LAUNCH_SHARED_BYTES = 49152
 SM90_RESERVED_SHARED_BYTES = 1024  # per block, counted as static on sm_90
-SM_SHARED_BYTES = 233472  # shared memory of one H100/H200 SM (228 KB)
 
 
 def _coded_dynamic_shared(D: int, parts: int, block_m: int) -> int:
@@ -289,53 +273,16 @@ def _packed() -> bool:
     return CODED["packed"] and not under_interpreter()
 
 
-def _staged_bytes(info, packed: bool, siblings: int = 0) -> int:
-    return staged_offsets(info.key, packed, siblings)[1] + table_bytes(info.value, packed, siblings)
-
-
-def _fits_beside_triton(staged: int, D: int, parts: int, block_m: int) -> bool:
-    """Do `staged` bytes of tables and Triton's own allocation (with 2 KB to spare for a Triton
-    version that allocates a little more) stay within the 48 KB a launch gets without opting in?"""
-    return (_coded_dynamic_shared(D, parts, block_m) + staged + SM90_RESERVED_SHARED_BYTES + 2048
-            <= LAUNCH_SHARED_BYTES)
-
-
 def _stage_tables(info, D: int, parts: int, block_m: int) -> bool:
     """Do the coded kernels read this tier's tables from shared memory (CODED["shared_tables"])?
-    Not under the interpreter, which runs no inline PTX; not where they would not fit."""
-    staged = _staged_bytes(info, _packed())
+    Not under the interpreter, which runs no inline PTX; not where the tables and Triton's own
+    allocation (with 2 KB to spare for a Triton version that allocates a little more) would pass
+    the 48 KB a launch gets without opting in."""
+    staged = staged_offsets(info.key, _packed())[1] + table_bytes(info.value, _packed())
+    fits = (_coded_dynamic_shared(D, parts, block_m) + staged + SM90_RESERVED_SHARED_BYTES + 2048
+            <= LAUNCH_SHARED_BYTES)
     return (CODED["shared_tables"] and not under_interpreter() and staged <= CODED["shared_tables_max_bytes"]
-            and D <= CODED["shared_tables_max_d"] and _fits_beside_triton(staged, D, parts, block_m))
-
-
-def _fits_with_opt_in(staged: int, D: int, parts: int, block_m: int) -> bool:
-    """Past 48 KB (CODED["shared_opt_in"]): do programs_per_sm such programs still fit in an SM?"""
-    total = _coded_dynamic_shared(D, parts, block_m) + staged + SM90_RESERVED_SHARED_BYTES + 2048
-    per_sm = max(_per_dim("programs_per_sm", D), CODED["few_rows_programs_per_sm"])
-    return CODED["shared_opt_in"] and per_sm * total <= SM_SHARED_BYTES
-
-
-def _sibling_lookups(info, D: int, parts: int, block_m: int) -> int:
-    """The sibling table bits the packed decoders of this staged tier use (CODED["sibling_lookups"];
-    0: one node per lookup). Only where the larger tables still fit, beside Triton's allocation
-    within 48 KB or, opting in to more, within an SM."""
-    bits = CODED["sibling_lookups"]
-    if not (bits and _packed() and _stage_tables(info, D, parts, block_m)):
-        return 0
-    staged = _staged_bytes(info, True, bits)
-    fits = _fits_beside_triton(staged, D, parts, block_m) or _fits_with_opt_in(staged, D, parts, block_m)
-    return bits if staged <= CODED["sibling_tables_max_bytes"] and fits else 0
-
-
-def _shared_opt_in_ready() -> bool:
-    """Install the shared-memory opt-in (once); False, with a warning, where it cannot be."""
-    try:
-        shared_opt_in.install()
-        return True
-    except shared_opt_in.OptInUnavailable as err:
-        warnings.warn(f"sphkv: sibling lookups need shared memory past 48 KB and cannot opt in ({err}); "
-                      f"decoding one node per lookup", stacklevel=3)
-        return False
+            and D <= CODED["shared_tables_max_d"] and fits)
 
 
 def _codec_constants(tables) -> tuple:
@@ -357,11 +304,8 @@ def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_
         parts = 4 if quarters else 2 if halves else 1
         staged = _stage_tables(info, D, parts, block_m)
         packed = staged and _packed()
-        siblings = _sibling_lookups(info, D, parts, block_m) if packed else 0
-        if siblings and not _fits_beside_triton(_staged_bytes(info, True, siblings), D, parts, block_m):
-            siblings = siblings if _shared_opt_in_ready() else 0
-        kt = _tab(table_tensor(info.key, packed, siblings), device)
-        vt = _tab(table_tensor(info.value, packed, siblings), device)
+        kt = _tab(table_tensor(info.key, packed), device)
+        vt = _tab(table_tensor(info.value, packed), device)
         tile = tl.float16 if packed else tl.bfloat16 if _bf16_tiles() else tl.float32
         leaf = {tl.float16: "tl.float16", tl.bfloat16: "tl.bfloat16"}.get(tile)  # the decoders' leaf cast
         maxnreg = _per_dim("maxnreg", D) if D <= CODED["maxnreg_max_d"] else None
@@ -370,17 +314,15 @@ def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_
                       TILE_DTYPE=tile, num_warps=CODED["warps"], num_stages=CODED["stages"],
                       **({"maxnreg": maxnreg} if maxnreg else {}))
         args = (q_in, st.pool, st.pages, st.count, acc, m, l, kt, vt, M, st.pages.shape[-1], S, split_offset, S_total)
-        ksm, vsm = staged_offsets(info.key, packed, siblings) if staged else (None, None)
-        launch["STAGE_TABLES"] = (stager(info.key, info.value, packed, siblings=siblings) if staged
-                                  else tables_stay_in_global_memory)
+        ksm, vsm = staged_offsets(info.key, packed) if staged else (None, None)
+        launch["STAGE_TABLES"] = stager(info.key, info.value, packed) if staged else tables_stay_in_global_memory
 
         def key_part(*part):
-            return decoder(info.key, 0, WT, leaf, *part, smem=ksm, packed=packed, siblings=siblings)
+            return decoder(info.key, 0, WT, leaf, *part, smem=ksm, packed=packed)
 
         def value_part(*part):  # a scalar codec's decoder has no packed form (float32 centroids, cast)
-            polar = not isinstance(info.value, ScalarTables)
-            return decoder(info.value, info.key_words, WT, leaf, *part, smem=vsm, packed=packed and polar,
-                           siblings=siblings if polar else 0)
+            return decoder(info.value, info.key_words, WT, leaf, *part, smem=vsm,
+                           packed=packed and not isinstance(info.value, ScalarTables))
 
         if quarters:
             paged_coded_quarters_kernel[grid](

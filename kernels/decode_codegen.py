@@ -135,16 +135,15 @@ def _extract(w: _Writer, parts, name: str, scale_bits: int = 0) -> str:
 SHARED_TABLES = "sphkv_tables"
 
 
-def _shared_lookup(w: _Writer, offset: str, const_bytes: int, outputs: int, name: str, kind: str = "f32") -> None:
-    """name0[, name1] = float32 (kind "f32") or int32 ("b32") word(s) at SHARED_TABLES + offset +
-    const_bytes. Marked pure (free to schedule, as a load): the offset comes from a record word
-    loaded in the tile loop, after the stager's barrier, so no lookup can move above the fill."""
+def _shared_lookup(w: _Writer, offset: str, const_bytes: int, outputs: int, name: str) -> None:
+    """name0[, name1] = float32 word(s) at SHARED_TABLES + offset + const_bytes. Marked pure (free
+    to schedule, as a load): the offset comes from a record word loaded in the tile loop, after
+    the stager's barrier, so no lookup can move above the fill."""
     regs = ", ".join(f"${i}" for i in range(outputs))
     vec = ".v2" if outputs == 2 else ""
     asm = (f"{{ .reg .u32 a; mov.u32 a, {SHARED_TABLES}; add.u32 a, a, ${outputs}; "
-           f"ld.shared{vec}.{kind} {{{regs}}}, [a+{const_bytes}]; }}")
-    one = "tl.float32" if kind == "f32" else "tl.int32"
-    dtype = f"({one}, {one})" if outputs == 2 else one
+           f"ld.shared{vec}.f32 {{{regs}}}, [a+{const_bytes}]; }}")
+    dtype = "(tl.float32, tl.float32)" if outputs == 2 else "tl.float32"
     targets = ", ".join(f"{name}{i}" for i in range(outputs)) if outputs == 2 else name
     w.emit(f'{targets} = tl.inline_asm_elementwise("{asm}", "{",".join(["=r"] * outputs)},r", [{offset}], '
            f"dtype={dtype}, is_pure=True, pack=1)")
@@ -164,11 +163,6 @@ def _half_pair_constant(cos: float, sin: float) -> int:
 # children = parent (in both halves) times the (cos, sin) pair: one HMUL2 on sm_90
 _F16X2_CHILDREN = ("{ .reg .b32 p, d; mov.b32 p, {$2, $2}; mul.rn.f16x2 d, p, $3; mov.b32 {$0, $1}, d; }")
 _F16X2_SPLIT = "mov.b32 {$0, $1}, $2;"
-# two sibling nodes at once: value a (in both halves) times (cos a, sin a) and value b times
-# (cos b, sin b), two HMUL2, give node a's children ($0, $1) and node b's ($2, $3), each pair in
-# one register as the next level and the tile want them
-_F16X2_SIBLINGS = ("{ .reg .b32 p, q, d, e; mov.b32 p, {$4, $4}; mov.b32 q, {$5, $5}; mul.rn.f16x2 d, p, $6; "
-                   "mul.rn.f16x2 e, q, $7; mov.b32 {$0, $1}, d; mov.b32 {$2, $3}, e; }")
 
 
 def _radius(w: _Writer, parts) -> str:
@@ -208,34 +202,13 @@ def _join_tile(w: _Writer, leaves: list[str], radius: str | None = None) -> None
     w.emit(f"return {tile}" + (f", {radius}" if radius else ""))
 
 
-def _sibling_step(w: _Writer, t: PolarTables, codes, f: int, i: int, pair: tuple[str, str], smem: int,
-                  offset: int, widths: tuple[int, ...]) -> list[str]:
-    """Nodes 2i and 2i+1 of level f (values `pair`) in one lookup: both codes extracted as one
-    index, a shift and a mask per component (PolarTables.sibling_levels), one 8-byte load, two
-    HMUL2. Returns their four children in order."""
-    groups, at = [], 0
-    for (word, bit, width, _), w_k in zip(codes[(f, 2 * i)], widths):
-        assert width == w_k
-        groups.append((word, bit, 2 * width, at))  # both siblings' bits, placed at `at` in the index
-        at += 2 * width
-    index = _extract(w, groups, f"o{f}_{2 * i}s", scale_bits=3)
-    _shared_lookup(w, index, smem + 4 * t.levels * t.table_size + offset, 2, f"cs{f}_{2 * i}s", kind="b32")
-    kids = [f"n{f}_{4 * i + k}" for k in range(4)]
-    w.emit(f'{", ".join(kids)} = tl.inline_asm_elementwise("{_F16X2_SIBLINGS}", "=h,=h,=h,=h,h,h,r,r", '
-           f"[{pair[0]}, {pair[1]}, cs{f}_{2 * i}s0, cs{f}_{2 * i}s1], "
-           f"dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=1)")
-    return kids
-
-
 def _polar_body(w: _Writer, t: PolarTables, tab: str, part: int | None = None, parts: int = 2,
-                smem: int | None = None, packed: bool = False, siblings: int = 0) -> None:
+                smem: int | None = None, packed: bool = False) -> None:
     """part: None for the whole tile, else the part-th of `parts` (a power of two) equal slices
     of the coordinates, the subtree below the root's top log2(parts) levels: 0 or 1 of 2 is the
     root's left or right subtree (the first or second D/2 coordinates). smem: the byte offset of
     the staged (cos, sin) pairs in SHARED_TABLES, or None to load them from tab. packed: the
-    staged pairs are float16 (PolarTables.half_pairs) and the tree runs in f16x2 (GPU only).
-    siblings (with packed; 0: off): the levels of PolarTables.sibling_levels(siblings) look up two
-    sibling nodes at once, from the sibling tables staged after the pairs (PolarTables.packed_words)."""
+    staged pairs are float16 (PolarTables.half_pairs) and the tree runs in f16x2 (GPU only)."""
     depth = parts.bit_length() - 1  # levels walked along one path only
     trig = t.trig.double()
     codes = code_parts(t.fields.layout)
@@ -243,24 +216,11 @@ def _polar_body(w: _Writer, t: PolarTables, tab: str, part: int | None = None, p
     nodes = [(0, None)]  # (index of the node in its level, variable); None: the unit root
     size = t.table_size
     entry = 4 if packed else 8
-    sibling = {f: (offset, widths) for f, offset, widths in t.sibling_levels(siblings)} if siblings else {}
     for f in range(t.levels, 0, -1):
         lev = f - 1
         bits = (t.bits >> (4 * lev)) & 15
         children = []
-        whole_level = part is None or t.levels - f >= depth  # below the part's path: every child kept
-        paired = {}
-        if f in sibling and whole_level:
-            for (j, a), (k, b) in zip(nodes[0::2], nodes[1::2]):
-                if j % 2 == 0 and k == j + 1:
-                    paired[j] = (a, b)
         for j, parent in nodes:
-            if j in paired:
-                kids = _sibling_step(w, t, codes, f, j // 2, paired[j], smem, *sibling[f])
-                children += [(2 * j + k, name) for k, name in enumerate(kids)]
-                continue
-            if j - 1 in paired:
-                continue
             names = [f"n{f}_{2 * j}", f"n{f}_{2 * j + 1}"]
             consts = [(float(trig[lev, 0, c]), float(trig[lev, 1, c])) for c in range(2)]
             if bits == 0 or bits <= SELECT_MAX_BITS or smem is None:
@@ -328,28 +288,26 @@ def _scalar_body(w: _Writer, t: ScalarTables, tab: str, part: int | None = None,
 
 
 def _body(w: _Writer, tables, tab: str, part: int | None = None, parts: int = 2, smem: int | None = None,
-          packed: bool = False, siblings: int = 0) -> None:
+          packed: bool = False) -> None:
     if isinstance(tables, ScalarTables):
         _scalar_body(w, tables, tab, part, parts, smem)
     else:
-        _polar_body(w, tables, tab, part, parts, smem, packed, siblings)
+        _polar_body(w, tables, tab, part, parts, smem, packed)
 
 
-def table_bytes(tables, packed: bool = False, siblings: int = 0) -> int:
+def table_bytes(tables, packed: bool = False) -> int:
     """Bytes of one codec's lookup table as the kernels hold it (per level and code, an int64
-    float32 (cos, sin) pair, or with packed an int32 float16 pair, and with siblings the sibling
-    tables after them; or float32 scalar centroids)."""
-    t = table_tensor(tables, packed, siblings)
-    return t.numel() * t.element_size()
+    float32 (cos, sin) pair, or with packed an int32 float16 pair; or float32 scalar centroids)."""
+    if isinstance(tables, ScalarTables):
+        return 4 * tables.unit_centroids.numel()
+    return (4 if packed else 8) * tables.levels * tables.table_size
 
 
-def table_tensor(tables, packed: bool = False, siblings: int = 0) -> torch.Tensor:
+def table_tensor(tables, packed: bool = False) -> torch.Tensor:
     """The host tensor a kernel reads (or stages) as this codec's table."""
     if isinstance(tables, ScalarTables):
         return tables.unit_centroids
-    if packed:
-        return tables.packed_words(siblings) if siblings else tables.half_pairs
-    return tables.trig_pairs
+    return tables.half_pairs if packed else tables.trig_pairs
 
 
 _STAGER = '''"""Generated by sphkv_compile.kernels.decode_codegen; do not edit."""
@@ -374,21 +332,21 @@ _FILL = '''    i = tl.arange(0, {block})
 
 
 @lru_cache(maxsize=None)
-def stager(key_tables, value_tables, packed: bool = False, siblings: int = 0):
+def stager(key_tables, value_tables, packed: bool = False):
     """A Triton function stage(ktab_ptr, vtab_ptr) that declares SHARED_TABLES, copies the key
     table to its byte 0 and the value table after it (see staged_offsets), and waits for the
     whole program at a barrier. Call it once at the top of the kernel."""
-    kb, vb = table_bytes(key_tables, packed, siblings), table_bytes(value_tables, packed, siblings)
-    voff = staged_offsets(key_tables, packed, siblings)[1]
+    kb, vb = table_bytes(key_tables, packed), table_bytes(value_tables, packed)
+    voff = staged_offsets(key_tables, packed)[1]
     fills = "".join(_FILL.format(block=triton.next_power_of_2(n // 4), ptr=ptr, words=n // 4, name=SHARED_TABLES,
                                  offset=off)
                     for ptr, n, off in (("ktab_ptr", kb, 0), ("vtab_ptr", vb, voff)))
     return load_generated(_STAGER.format(name=SHARED_TABLES, size=voff + vb, fills=fills), "stage")
 
 
-def staged_offsets(key_tables, packed: bool = False, siblings: int = 0) -> tuple[int, int]:
+def staged_offsets(key_tables, packed: bool = False) -> tuple[int, int]:
     """Byte offsets of the key and the value table in SHARED_TABLES (the value table 16-aligned)."""
-    return 0, (table_bytes(key_tables, packed, siblings) + 15) // 16 * 16
+    return 0, (table_bytes(key_tables, packed) + 15) // 16 * 16
 
 
 _DECODER = '''"""Generated by sphkv_compile.kernels.decode_codegen; do not edit."""
@@ -402,11 +360,10 @@ def decode(pool_ptr, base, valid, tab_ptr, BLOCK_T: tl.constexpr, STEP: tl.const
 
 
 def _decoder_source(tables, word_offset: int, stride: int, leaf_dtype: str | None = None,
-                    part: int | None = None, parts: int = 2, smem: int | None = None, packed: bool = False,
-                    siblings: int = 0) -> str:
+                    part: int | None = None, parts: int = 2, smem: int | None = None, packed: bool = False) -> str:
     # packed leaves are float16 as made
     w = _Writer(word_offset, tables.fields.layout.words, stride, None if packed else leaf_dtype)
-    _body(w, tables, "tab_ptr", part, parts, smem, packed, siblings)
+    _body(w, tables, "tab_ptr", part, parts, smem, packed)
     return _DECODER + "\n".join(w.lines) + "\n"
 
 
@@ -425,7 +382,7 @@ def load_generated(source: str, name: str = "decode"):
 
 @lru_cache(maxsize=None)
 def decoder(tables, word_offset: int, stride: int, leaf_dtype: str | None = None, part: int | None = None,
-            parts: int = 2, smem: int | None = None, packed: bool = False, siblings: int = 0):
+            parts: int = 2, smem: int | None = None, packed: bool = False):
     """The generated Triton decode function of one codec's records (keys at word 0, values at
     the key record's length): decode(pool_ptr, base, valid, tab_ptr, BLOCK_T, STEP, LOG2_MIN) ->
     the unit-radius tile [BLOCK_T, D] in the rotated domain (float32, or leaf_dtype), followed
@@ -434,14 +391,9 @@ def decoder(tables, word_offset: int, stride: int, leaf_dtype: str | None = None
     coordinates ([BLOCK_T, D/2]); with parts=4, part 0..3: the four D/4 slices. smem: read the
     table staged by stager() at this byte offset of SHARED_TABLES instead of from tab_ptr (GPU
     only: inline PTX). packed (with smem, polar codecs): float16 pairs staged, the tree in f16x2,
-    a float16 tile. siblings (with packed; 0: off): sibling nodes share a lookup where the record
-    allows and the pair's table has at most 2^siblings entries (PolarTables.sibling_levels); the
-    table staged must then be PolarTables.packed_words(siblings)."""
+    a float16 tile."""
     if part is not None and not (parts & (parts - 1) == 0 and 0 <= part < parts <= tables.dim // 2):
         raise ValueError(f"part {part} of {parts}: parts must be a power of two, at most D/2 = {tables.dim // 2}")
     if packed and smem is None:
         raise ValueError("packed decoders read float16 pairs staged in shared memory: pass smem")
-    if siblings and not packed:
-        raise ValueError("sibling lookups are a form of the packed decoders: pass packed=True")
-    return load_generated(_decoder_source(tables, word_offset, stride, leaf_dtype, part, parts, smem, packed,
-                                          siblings))
+    return load_generated(_decoder_source(tables, word_offset, stride, leaf_dtype, part, parts, smem, packed))

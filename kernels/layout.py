@@ -129,81 +129,6 @@ class PolarTables:
         return self.__dict__.setdefault(
             "_half_pairs", self.trig.transpose(1, 2).to(torch.float16).contiguous().view(torch.int32)[..., 0])
 
-    def sibling_levels(self, max_bits: int = 8) -> tuple[tuple[int, int, tuple[int, ...]], ...]:
-        """(level f, byte offset in sibling_pairs, widths) of each level whose sibling nodes
-        (2i, 2i+1) can share one lookup. A code of `bits` bits is stored as split-width
-        components (packing.split_widths: 3 bits as 2 + 1), element after element in each; so
-        in every component the two siblings' parts sit side by side, 2·width bits (checked:
-        within one word for every pair). The pair's table index is those groups, one after
-        another in component order (`widths`, each group 2·width bits): one shift and one mask
-        per component. Only levels whose table has at most 2^max_bits entries (of 8 bytes: a
-        larger table spreads a warp's lookups over more shared-memory wavefronts); the root
-        level has no sibling."""
-        return self._cached(("sibling_levels", max_bits), lambda: _sibling_levels(self, max_bits))
-
-    def sibling_pairs(self, max_bits: int = 8) -> torch.Tensor:
-        """int32: per level of sibling_levels(max_bits), 2^(2·bits) entries of two words at the
-        pair's index: the float16 pair (cos a, sin a) of node 2i, then (cos b, sin b) of node
-        2i+1, as in half_pairs. One 8-byte lookup gives both nodes' factors (decode_codegen)."""
-        def build():
-            out = []
-            for f, _, widths in self.sibling_levels(max_bits):
-                a, b = sibling_codes(widths, self.fields.layout, f)
-                pairs = self.half_pairs[f - 1]
-                out.append(torch.stack([pairs[a], pairs[b]], dim=-1).reshape(-1))
-            return torch.cat(out) if out else torch.zeros(0, dtype=torch.int32)
-        return self._cached(("sibling_pairs", max_bits), build)
-
-    def packed_words(self, max_bits: int = 8) -> torch.Tensor:
-        """int32: half_pairs, then sibling_pairs(max_bits) (the table a packed decoder with sibling
-        lookups stages; half_pairs' size is a multiple of 8 bytes, so the pairs stay 8-byte aligned)."""
-        return self._cached(("packed_words", max_bits),
-                            lambda: torch.cat([self.half_pairs.reshape(-1), self.sibling_pairs(max_bits)]))
-
-    def _cached(self, key, build):
-        cache = self.__dict__.setdefault("_derived", {})
-        if key not in cache:
-            cache[key] = build()
-        return cache[key]
-
-
-SIBLING_TABLE_BITS = (4, 6, 8)  # the sibling table sizes offered (kernels.attend.CODED["sibling_lookups"])
-
-
-def _field_components(layout, f: int) -> list:
-    return [c for c in layout.components if c.field == f]
-
-
-def sibling_codes(widths: tuple[int, ...], layout, f: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The codes (a, b) of nodes 2i and 2i+1 behind every sibling index of level f: index group k
-    (2·widths[k] bits, after the groups before it) holds a's bits of component k, then b's,
-    each placed at that component's shift inside the code."""
-    index = torch.arange(1 << (2 * sum(widths)))
-    a = torch.zeros_like(index)
-    b = torch.zeros_like(index)
-    at = 0
-    for c, w in zip(_field_components(layout, f), widths):
-        group = (index >> at) & ((1 << (2 * w)) - 1)
-        a |= (group & ((1 << w) - 1)) << c.shift
-        b |= (group >> w) << c.shift
-        at += 2 * w
-    return a, b
-
-
-def _sibling_levels(t: PolarTables, max_bits: int) -> tuple[tuple[int, int, tuple[int, ...]], ...]:
-    out, offset = [], 0
-    for f in range(1, t.levels):  # the root level (f = levels) is one node
-        bits = (t.bits >> (4 * (f - 1))) & 15
-        comps = _field_components(t.fields.layout, f)
-        if not 0 < 2 * bits <= max_bits or sum(c.width for c in comps) != bits:
-            continue
-        # element 2i's part of component c starts at c.offset + 2i·width: the pair's group must
-        # not cross a word boundary
-        if all((c.offset + 2 * i * c.width) % 32 + 2 * c.width <= 32 for c in comps for i in range(c.count // 2)):
-            out.append((f, offset, tuple(c.width for c in comps)))
-            offset += 8 << (2 * bits)
-    return tuple(out)
-
 
 @lru_cache(maxsize=None)
 def polar_tables(codec: SphericalCodec) -> PolarTables:
@@ -378,6 +303,6 @@ def prepare_device_tables(specs, head_dim: int, seed: int, kv_dtype: torch.dtype
                 tables += [signs[0]] if signs else []
         for t in (info.key, info.value):
             tables += [t.fields.comps, t.thresholds]
-            tables += [t.unit_centroids] if isinstance(t, ScalarTables) else [t.trig, t.trig_pairs, t.half_pairs] + [t.packed_words(b) for b in SIBLING_TABLE_BITS]
+            tables += [t.unit_centroids] if isinstance(t, ScalarTables) else [t.trig, t.trig_pairs, t.half_pairs]
         for t in tables:
             DEVICE_TABLES.get(t, device)

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from sphkv_compile.kernels.decode_codegen import _extract, _sibling_step, _Writer, code_parts
+from sphkv_compile.kernels.decode_codegen import _extract, _Writer, code_parts
 from sphkv_compile.kernels.layout import tier_info
 from sphkv_compile.tiers import DEFAULT_TIERS, TierSpec
 
@@ -101,68 +101,3 @@ def test_packed_decoders_need_staged_tables():
     info = tier_info(DEFAULT_TIERS[1], 128, 0, torch.bfloat16)
     with pytest.raises(ValueError, match="staged in shared memory"):
         decoder(info.key, 0, info.key_words + info.value_words, None, 0, packed=True)
-
-
-@pytest.mark.parametrize("spec", DEFAULT_TIERS[1:], ids=lambda s: s.name)
-@pytest.mark.parametrize("d", [16, 32, 64, 128, 256])
-def test_sibling_lookups_read_both_codes_and_both_pairs(spec, d):
-    """The sibling lookups (PolarTables.sibling_levels) take nodes 2i and 2i+1 of a level as one
-    index, a shift and a mask per split-width component, as the generator writes it: on random
-    record words, the table entry at that index must hold the float16 (cos, sin) pairs of the two
-    codes that the ordinary extraction reads from the same words."""
-    info = tier_info(spec, d, 0, torch.bfloat16)
-    rng = random.Random(f"siblings-{spec.name}-{d}")
-    for tables in (info.key, info.value):
-        parts = code_parts(tables.fields.layout)
-        words_table = tables.packed_words(8)
-        assert words_table.numel() == tables.half_pairs.numel() + tables.sibling_pairs(8).numel()
-        base = tables.half_pairs.numel()  # in 4-byte words
-        for f, offset, widths in tables.sibling_levels(8):
-            bits = (tables.bits >> (4 * (f - 1))) & 15
-            assert 0 < 2 * bits <= 8 and offset % 8 == 0 and sum(widths) == bits
-            for i in range(tables.dim >> (f + 1)):
-                w = _Writer(0, tables.fields.layout.words, tables.fields.layout.words)
-                w.loaded = set(range(tables.fields.layout.words))
-                _sibling_step(w, tables, parts, f, i, ("va", "vb"), 0, offset, widths)
-                extraction = w.lines[0].strip()
-                assert extraction.startswith(f"o{f}_{2 * i}s = ")
-                for _ in range(10):
-                    words = [rng.getrandbits(32) for _ in range(tables.fields.layout.words)]
-                    a, b = (_evaluate(parts[(f, 2 * i + k)], words, 0) for k in range(2))
-                    env = {f"w{j}": word for j, word in enumerate(words)}
-                    exec(extraction, {}, env)
-                    index = env[f"o{f}_{2 * i}s"] & 0xFFFFFFFF
-                    assert index % 8 == 0 and index < 8 << (2 * bits)
-                    entry = base + (offset + index) // 4
-                    assert int(words_table[entry]) == int(tables.half_pairs[f - 1, a]), (f, i, a, b)
-                    assert int(words_table[entry + 1]) == int(tables.half_pairs[f - 1, b]), (f, i, a, b)
-
-
-def test_default_tier_has_sibling_levels():
-    """At the default 3.5 bits and d=128 every level but the root pairs up (3-bit codes too, as
-    two components); a layout change that broke that would silently lose the sibling lookups."""
-    info = tier_info(DEFAULT_TIERS[2], 128, 0, torch.bfloat16)
-    assert [f for f, _, _ in info.key.sibling_levels(8)] == [1, 2, 3, 4, 5, 6]
-    assert [f for f, _, _ in info.value.sibling_levels(8)] == [1, 2, 3, 4, 5, 6]
-
-
-@pytest.mark.parametrize("warps,tokens_per_thread,opt_in,siblings", [
-    (4, 2, False, False),  # the default 256-token tile: 44 KB of Triton's own, no room for 8.6 KB within 48 KB
-    (4, 2, True, True),    # ... opting in: two such programs (2 x 56 KB) fit in an SM
-    (2, 2, False, True),   # 128-token tiles: 24 KB
-    (1, 2, False, True),   # 64-token tiles
-    (4, 1, False, True),   # 128-token tiles of one token per thread
-])
-def test_sibling_tables_are_used_only_where_they_fit(warps, tokens_per_thread, opt_in, siblings, monkeypatch):
-    from sphkv_compile.kernels import attend
-
-    monkeypatch.setattr(attend, "under_interpreter", lambda: False)
-    monkeypatch.setitem(attend.CODED, "sibling_lookups", 8)
-    monkeypatch.setitem(attend.CODED, "shared_opt_in", opt_in)
-    monkeypatch.setitem(attend.CODED, "warps", warps)
-    monkeypatch.setitem(attend.CODED, "tokens_per_thread", tokens_per_thread)
-    info = tier_info(DEFAULT_TIERS[2], 128, 0, torch.bfloat16)
-    assert attend._stage_tables(info, 128, 2, 16)
-    assert attend._sibling_lookups(info, 128, 2, 16) == (8 if siblings else 0)
-    monkeypatch.setitem(attend.CODED, "sibling_lookups", 0)
-    assert not attend._sibling_lookups(info, 128, 2, 16)

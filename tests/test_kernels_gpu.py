@@ -161,7 +161,7 @@ def test_attend_with_staged_tables_matches_float64_reference(d, halves, tiers, m
         monkeypatch.setitem(kernel_attend.CODED, "tokens_per_thread", 1)
     staged = []
     stager = kernel_attend.stager
-    monkeypatch.setattr(kernel_attend, "stager", lambda k, v, packed, **kw: staged.append(k) or stager(k, v, packed, **kw))
+    monkeypatch.setattr(kernel_attend, "stager", lambda k, v, packed: staged.append(k) or stager(k, v, packed))
     check_attend(d, 8, 4, 8, 5000, 1, tiers)
     # "all": mid, low and scalar3 (tables of 0.4-1.8 KB); high's (7 KB as float16 pairs) stay in global memory
     assert len(set(staged)) == (3 if tiers == "all" else 1), staged
@@ -182,23 +182,6 @@ def test_attend_with_two_tokens_per_thread_matches_float64_reference(d, setting,
     launched = record_launches(monkeypatch, kernel_attend, name)
     check_attend(d, 8, 4, 8, 5000, 1, "all")
     assert launched
-
-
-@pytest.mark.parametrize("d,warps,programs_per_sm", [(128, 4, 2), (128, 2, 4), (64, 4, 4), (128, 1, 8)])
-def test_attend_with_sibling_lookups_matches_float64_reference(d, warps, programs_per_sm, monkeypatch):
-    """CODED['sibling_lookups'] on (two sibling nodes per shared-memory lookup, f16x2 inline PTX):
-    every tier, ragged, including the extreme magnitudes; the decoders must really have been
-    built with them. At d=128 and 4 warps the tables only fit by opting in past 48 KB
-    (shared_opt_in.py): without it that launch would fail."""
-    for key, value in dict(sibling_lookups=8, warps=warps, programs_per_sm=programs_per_sm).items():
-        monkeypatch.setitem(kernel_attend.CODED, key, value)
-    built = []
-    stager = kernel_attend.stager
-    monkeypatch.setattr(kernel_attend, "stager",
-                        lambda k, v, packed, siblings=0: built.append(siblings) or stager(k, v, packed, siblings))
-    check_attend(d, 8, 4, 8, 5000, 1, "all")
-    check_attend(d, 4, 4, 4, 3000, 1, "all", wide=True)
-    assert 8 in built, built
 
 
 @pytest.mark.parametrize("d", [128, 64])
