@@ -56,9 +56,11 @@ COMBINE_DEFAULTS = dict(kattend.COMBINE)
 
 
 def apply(setting: dict) -> None:
-    """CODED keys as they are; combine_<key> sets COMBINE[key]."""
+    """CODED keys as they are; combine_<key> sets COMBINE[key]. A setting of warps or
+    programs_per_sm holds at every row count (CODED["many_rows"] off unless it sets it too)."""
     kattend.CODED.clear()
-    kattend.CODED.update(DEFAULTS, **{k: v for k, v in setting.items() if not k.startswith("combine_")})
+    launch = {"many_rows": None} if {"warps", "programs_per_sm"} & set(setting) else {}
+    kattend.CODED.update(DEFAULTS, **launch, **{k: v for k, v in setting.items() if not k.startswith("combine_")})
     kattend.COMBINE.clear()
     kattend.COMBINE.update(COMBINE_DEFAULTS, **{k[8:]: v for k, v in setting.items() if k.startswith("combine_")})
 

@@ -70,7 +70,8 @@ CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": {128: 2, "
          "maxnreg_max_d": 128, "min_tiles_per_split": 2,
          "halves": True, "halves_min_d": 64, "quarters": False, "quarters_min_d": 128,
          "shared_tables": True, "shared_tables_max_bytes": 4096, "shared_tables_max_d": 128,
-         "tokens_per_thread": {128: 2, "other": 1}, "balance_waves": True, "packed": True, "stages": 1}
+         "tokens_per_thread": {128: 2, "other": 1}, "balance_waves": True, "packed": True, "stages": 1,
+         "many_rows": {128: (2, 4), "other": None}}
 # tokens_per_thread, programs_per_sm and maxnreg may be one value for every head dim or a dict
 # by head dim ("other": the rest); _per_dim reads them.
 # shared_tables: each program copies the decoders' lookup tables into shared memory once and
@@ -109,6 +110,14 @@ CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": {128: 2, "
 # stages: the coded kernels' num_stages (Triton's software pipelining of the tile loop's loads:
 # at 2 or more the page-table and record loads of later tiles become cp.async copies into shared
 # memory, LDGSTS in the sm_90 compile). Timed in session 21 (benchmarks/probe_fp8_values.py).
+# many_rows: (warps, programs_per_sm) of launches whose rows fill that many programs per SM
+# within max_splits_per_row splits each (Llama-3-8B from B=4 on), by head dim; None: warps and
+# programs_per_sm throughout. The same eight warps per SM in 2-warp programs wait on each other
+# less than in 4-warp ones, but a few rows (B=1) cannot fill four programs per SM. H200, session
+# 22 (h200_session22_probe_siblings), 2 warps x 4 per SM against 4 x 2 at d=128: Llama B=8 32k
+# 0.376 vs 0.384 ms, B=32 128k 5.342 vs 5.585; B=1 32k 0.105 vs 0.078 (so not there); at d=64
+# SmolLM2 B=8 32k 0.112 vs 0.099 (so not at other head dims). It overrides warps and
+# programs_per_sm where it applies: a sweep of those two alone sets it to None (0 as a flag).
 # combine_kernel: splits merged per step, output columns per rotation block, warps (sm_90
 # compile, D=128: see benchmarks/compile_check.py). Launches with fewer (batch·KV head, row
 # block) pairs than SMs split the output columns over programs too (_column_programs).
@@ -127,9 +136,10 @@ def _per_dim(key: str, D: int):
     return value.get(D, value["other"]) if isinstance(value, dict) else value
 
 
-def _coded_block_t(D: int) -> int:
-    """Tokens per tile of the coded kernels at head dim D."""
-    return 32 * CODED["warps"] * _per_dim("tokens_per_thread", D)
+def _coded_block_t(D: int, warps: int | None = None) -> int:
+    """Tokens per tile of the coded kernels at head dim D, in programs of `warps` warps
+    (default CODED["warps"])."""
+    return 32 * (warps or CODED["warps"]) * _per_dim("tokens_per_thread", D)
 
 
 @lru_cache(maxsize=None)
@@ -187,8 +197,18 @@ def _coded_per_sm(wanted: int, rows: int, D: int) -> int:
     return per_sm
 
 
+def _coded_launch(wanted: int, rows: int, D: int) -> tuple[int, int]:
+    """(warps, programs per SM) of a compressed tier's launch of `rows` (batch·KV head, row
+    block) pairs: CODED["many_rows"] at head dim D where the rows fill its programs per SM with
+    at most max_splits_per_row splits each, else CODED["warps"] and _coded_per_sm."""
+    many = _per_dim("many_rows", D)
+    if many and wanted // 2 * many[1] <= CODED["max_splits_per_row"] * rows:
+        return many
+    return CODED["warps"], _coded_per_sm(wanted, rows, D)
+
+
 def _coded_programs(wanted: int, rows: int, D: int) -> int:
-    return max(1, wanted // 2 * _coded_per_sm(wanted, rows, D))
+    return max(1, wanted // 2 * _coded_launch(wanted, rows, D)[1])
 
 
 @lru_cache(maxsize=1024)  # pure in its integers; an eager decode asks for the same launch every layer
@@ -218,13 +238,14 @@ def _coded_splits(rows: int, capacity: int, wanted: int, D: int) -> int:
     """Splits per row of a compressed tier at head dim D: as many as fill _coded_per_sm programs per
     SM, then, with balance_waves, the count up to twice that (not past max_splits_per_row unless
     already there, nor past the tiles) that leaves no SM a partial last wave."""
-    tile, min_tiles = _coded_block_t(D), CODED["min_tiles_per_split"]
+    warps, per_sm = _coded_launch(wanted, rows, D)
+    tile, min_tiles = _coded_block_t(D, warps), CODED["min_tiles_per_split"]
     S = _splits(rows, capacity, tile, _coded_programs(wanted, rows, D), min_tiles)
     if not CODED["balance_waves"]:
         return S
     tiles = max(1, triton.cdiv(capacity, tile))
     most = min(max(S, min(2 * S, CODED["max_splits_per_row"])), triton.cdiv(tiles, min_tiles))
-    return _balanced_splits(rows, wanted // 2, _coded_per_sm(wanted, rows, D), most)
+    return _balanced_splits(rows, wanted // 2, per_sm, most)
 
 
 def check_supported(q_dtype: torch.dtype, specs, head_dim: int, seed: int, kv_dtype: torch.dtype):
@@ -257,13 +278,13 @@ LAUNCH_SHARED_BYTES = 49152
 SM90_RESERVED_SHARED_BYTES = 1024  # per block, counted as static on sm_90
 
 
-def _coded_dynamic_shared(D: int, parts: int, block_m: int) -> int:
+def _coded_dynamic_shared(D: int, parts: int, block_m: int, warps: int | None = None) -> int:
     """Triton's shared memory for a coded kernel: the decoded slice of the tile (D / parts wide),
     the query tile and the probabilities, at the tiles' element size. Equal to the sm_90
     compiles at every shape checked (whole, halves, quarters; d=64, 128; 128- and 256-token
     tiles: benchmarks/results/sm90_compile_check_session12_*)."""
     size = 2 if _bf16_tiles() else 4
-    block_t = _coded_block_t(D)
+    block_t = _coded_block_t(D, warps)
     return (block_t * D // parts + block_m * D + block_m * block_t) * size
 
 
@@ -273,13 +294,13 @@ def _packed() -> bool:
     return CODED["packed"] and not under_interpreter()
 
 
-def _stage_tables(info, D: int, parts: int, block_m: int) -> bool:
+def _stage_tables(info, D: int, parts: int, block_m: int, warps: int | None = None) -> bool:
     """Do the coded kernels read this tier's tables from shared memory (CODED["shared_tables"])?
     Not under the interpreter, which runs no inline PTX; not where the tables and Triton's own
     allocation (with 2 KB to spare for a Triton version that allocates a little more) would pass
     the 48 KB a launch gets without opting in."""
     staged = staged_offsets(info.key, _packed())[1] + table_bytes(info.value, _packed())
-    fits = (_coded_dynamic_shared(D, parts, block_m) + staged + SM90_RESERVED_SHARED_BYTES + 2048
+    fits = (_coded_dynamic_shared(D, parts, block_m, warps) + staged + SM90_RESERVED_SHARED_BYTES + 2048
             <= LAUNCH_SHARED_BYTES)
     return (CODED["shared_tables"] and not under_interpreter() and staged <= CODED["shared_tables_max_bytes"]
             and D <= CODED["shared_tables_max_d"] and fits)
@@ -293,7 +314,7 @@ def _codec_constants(tables) -> tuple:
 
 
 def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_offset, S, S_total, M, block_m,
-                  block_t, precision, num_warps, num_stages):
+                  block_t, precision, num_warps, num_stages, coded_warps: int | None = None):
     BH = st.count.numel()
     grid = (BH, S, triton.cdiv(M, block_m))
     if info.key is not None:  # compressed tier: the generated one-token-per-thread decoders
@@ -302,16 +323,16 @@ def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_
         quarters = CODED["quarters"] and D >= CODED["quarters_min_d"]
         halves = not quarters and CODED["halves"] and D >= CODED["halves_min_d"]
         parts = 4 if quarters else 2 if halves else 1
-        staged = _stage_tables(info, D, parts, block_m)
+        staged = _stage_tables(info, D, parts, block_m, coded_warps)
         packed = staged and _packed()
         kt = _tab(table_tensor(info.key, packed), device)
         vt = _tab(table_tensor(info.value, packed), device)
         tile = tl.float16 if packed else tl.bfloat16 if _bf16_tiles() else tl.float32
         leaf = {tl.float16: "tl.float16", tl.bfloat16: "tl.bfloat16"}.get(tile)  # the decoders' leaf cast
         maxnreg = _per_dim("maxnreg", D) if D <= CODED["maxnreg_max_d"] else None
-        launch = dict(PS=st.page_size, WT=WT, D=D, BLOCK_M=block_m, BLOCK_T=_coded_block_t(D),
+        launch = dict(PS=st.page_size, WT=WT, D=D, BLOCK_M=block_m, BLOCK_T=_coded_block_t(D, coded_warps),
                       STEP=info.key.radius_step, LOG2_MIN=LOG2_MIN, DOT_PRECISION=precision,
-                      TILE_DTYPE=tile, num_warps=CODED["warps"], num_stages=CODED["stages"],
+                      TILE_DTYPE=tile, num_warps=coded_warps or CODED["warps"], num_stages=CODED["stages"],
                       **({"maxnreg": maxnreg} if maxnreg else {}))
         args = (q_in, st.pool, st.pages, st.count, acc, m, l, kt, vt, M, st.pages.shape[-1], S, split_offset, S_total)
         ksm, vsm = staged_offsets(info.key, packed) if staged else (None, None)
@@ -412,6 +433,7 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
                 launches.append((i, info, S_total, S))
                 S_total += S
         S_rot = sum(S for i, info, _, S in launches if info.key is not None)
+        coded_warps = _coded_launch(wanted, BH * mblocks, d)[0]
         S_chunk = _splits(BH * mblocks, N, block_t, wanted) if N else 0
         S_total += S_chunk
         acc = torch.empty(BH, S_total, M, d, dtype=torch.float32, device=device)
@@ -420,7 +442,7 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
         for i, info, off, S in launches:
             qin = q_rot if info.key is not None else qc
             _launch_paged(info, kv_dtype, device, qin, states[i], acc, m, l, off, S, S_total, M, block_m, block_t,
-                          precision, num_warps, num_stages)
+                          precision, num_warps, num_stages, coded_warps)
         if N:
             kn, vn = k_new, v_new
             if kn.stride(-1) != 1:

@@ -136,6 +136,7 @@ def test_attend_in_whole_tiles_matches_float64_reference(d, programs_per_sm, mon
     monkeypatch.setitem(kernel_attend.CODED, "halves", False)
     monkeypatch.setitem(kernel_attend.CODED, "maxnreg", None)
     monkeypatch.setitem(kernel_attend.CODED, "programs_per_sm", programs_per_sm)
+    monkeypatch.setitem(kernel_attend.CODED, "many_rows", None)  # the setting above at every row count
     check_attend(d, 4, 4, 8, 5000, 1, "default")
 
 
@@ -146,6 +147,7 @@ def test_attend_in_quarters_matches_float64_reference(maxnreg, programs_per_sm, 
     monkeypatch.setitem(kernel_attend.CODED, "quarters", True)
     monkeypatch.setitem(kernel_attend.CODED, "maxnreg", maxnreg)
     monkeypatch.setitem(kernel_attend.CODED, "programs_per_sm", programs_per_sm)
+    monkeypatch.setitem(kernel_attend.CODED, "many_rows", None)  # the setting above at every row count
     launched = record_launches(monkeypatch, kernel_attend, "paged_coded_quarters_kernel")
     check_attend(128, 8, 4, 8, 5000, 1, tiers)
     assert launched
@@ -176,6 +178,7 @@ def test_attend_with_two_tokens_per_thread_matches_float64_reference(d, setting,
     """CODED['tokens_per_thread'] = 2 (the default since session 17) at the other settings
     sweep_coded.py timed (tiles written to shared memory in 16-byte vectors): every tier, ragged."""
     monkeypatch.setitem(kernel_attend.CODED, "tokens_per_thread", 2)
+    monkeypatch.setitem(kernel_attend.CODED, "many_rows", None)  # the setting below at every row count
     for key, value in setting.items():
         monkeypatch.setitem(kernel_attend.CODED, key, value)
     name = "paged_coded_quarters_kernel" if setting.get("quarters") else "paged_coded_halves_kernel"
@@ -184,11 +187,33 @@ def test_attend_with_two_tokens_per_thread_matches_float64_reference(d, setting,
     assert launched
 
 
+@pytest.mark.parametrize("B,tiers,warps", [(8, "all", 2), (1, "all", 4), (8, "default", 2)])
+def test_attend_launch_follows_the_rows(B, tiers, warps, monkeypatch):
+    """CODED['many_rows'] at d=128 (the default since session 22): a batch whose rows fill four
+    programs per SM (8 sequences x 8 KV heads) runs 2-warp programs of 128-token tiles, a single
+    sequence 4-warp programs of 256; both against the float64 reference, ragged."""
+    seen = []
+    kernel = kernel_attend.paged_coded_halves_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            run = kernel[grid]
+
+            def launch(*args, **kwargs):
+                seen.append((kwargs["num_warps"], kwargs["BLOCK_T"]))
+                return run(*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(kernel_attend, "paged_coded_halves_kernel", Spy())
+    check_attend(128, 8, 4, B, 5000, 1, tiers)
+    assert seen and set(seen) == {(warps, 64 * warps)}, seen
+
+
 @pytest.mark.parametrize("d", [128, 64])
 def test_attend_with_one_token_per_thread_matches_float64_reference(d, monkeypatch):
     """The default launch until session 16 (one token per thread, halves capped at 128
     registers, four programs per SM), still what head dims other than 128 get."""
-    for key, value in dict(tokens_per_thread=1, maxnreg=128, programs_per_sm=4).items():
+    for key, value in dict(tokens_per_thread=1, maxnreg=128, programs_per_sm=4, many_rows=None).items():
         monkeypatch.setitem(kernel_attend.CODED, key, value)
     assert kernel_attend._coded_block_t(d) == 32 * kernel_attend.CODED["warps"]
     check_attend(d, 8, 4, 8, 5000, 1, "all")

@@ -282,6 +282,7 @@ def test_decode_of_two_tokens_per_thread_matches_reference(d, quarters, monkeypa
     tier, ragged, against float64."""
     monkeypatch.setitem(kernel_attend.CODED, "tokens_per_thread", 2)
     monkeypatch.setitem(kernel_attend.CODED, "warps", 4)
+    monkeypatch.setitem(kernel_attend.CODED, "many_rows", None)
     monkeypatch.setitem(kernel_attend.CODED, "quarters", quarters)
     name = "paged_coded_quarters_kernel" if quarters else "paged_coded_halves_kernel"
     launched = record_launches(monkeypatch, kernel_attend, name)

@@ -42,17 +42,26 @@ def test_split_counts_measured_on_the_h200(rows, expected, monkeypatch):
     programs per SM, 128-token tiles."""
     monkeypatch.setitem(attend.CODED, "programs_per_sm", 4)
     monkeypatch.setitem(attend.CODED, "tokens_per_thread", 1)
+    monkeypatch.setitem(attend.CODED, "many_rows", None)
     assert _coded_splits(rows, 32768, 2 * 132, 128) == expected
 
 
-@pytest.mark.parametrize("d,block_t,expected", [(128, 256, 4), (64, 128, 8), (256, 128, 8)])
-def test_split_counts_at_the_default_settings(d, block_t, expected):
-    """64 rows (Llama-3-8B B=8) at each head dim's defaults. d=128, two tokens per thread and two
-    programs per SM: 264 programs wanted give 5 splits, balanced within 2 x 5; 2 to 10 even
-    splits all leave the busiest SM half a row, and 4 is the fewest that gives it two programs.
-    Other head dims, one token and four per SM: session 15's 8 (the measured test above)."""
-    assert attend._coded_block_t(d) == block_t
-    assert _coded_splits(64, 32768, 2 * 132, d) == expected
+@pytest.mark.parametrize("d,rows,launch,block_t,expected", [
+    (128, 64, (2, 4), 128, 8),   # Llama-3-8B B=8: many rows, 2-warp programs, four per SM
+    (128, 8, (4, 2), 256, 33),   # Llama-3-8B B=1: 4-warp programs, two per SM
+    (128, 16, (4, 2), 256, 16),  # B=2: 16 rows x 32 splits cannot fill four per SM
+    (128, 32, (2, 4), 128, 16),  # B=4: they can
+    (64, 64, (4, 4), 128, 8),
+    (256, 64, (4, 4), 128, 8),
+])
+def test_split_counts_at_the_default_settings(d, rows, launch, block_t, expected):
+    """Launch shape and splits at each head dim's defaults, 132 SMs, 32k tokens per row. d=128:
+    64 rows (B=8) in 2-warp programs, four per SM: 528 programs wanted give session 15's 8 splits
+    (the measured test above); 8 rows (B=1) keep 4-warp programs, two per SM. Other head dims,
+    one token per thread and four 4-warp programs per SM."""
+    assert attend._coded_launch(2 * 132, rows, d) == launch
+    assert attend._coded_block_t(d, launch[0]) == block_t
+    assert _coded_splits(rows, 32768, 2 * 132, d) == expected
 
 
 def test_among_equal_loads_the_fewest_splits_that_fill_an_sm():
