@@ -116,7 +116,9 @@ CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": {128: 2, "
 # less than in 4-warp ones, but a few rows (B=1) cannot fill four programs per SM. H200, session
 # 22 (h200_session22_probe_siblings), 2 warps x 4 per SM against 4 x 2 at d=128: Llama B=8 32k
 # 0.376 vs 0.384 ms, B=32 128k 5.342 vs 5.585; B=1 32k 0.105 vs 0.078 (so not there); at d=64
-# SmolLM2 B=8 32k 0.112 vs 0.099 (so not at other head dims). It overrides warps and
+# SmolLM2 B=8 32k 0.112 vs 0.099 (so not at other head dims). The full benchmark at d=128
+# (h200_session22_bench_decode): polar B=8 32k 0.386 -> 0.377, B=32 128k 5.623 -> 5.374, but the
+# scalar value codec 0.426 -> 0.482 and 6.138 -> 6.995, so only tiers with polar values. It overrides warps and
 # programs_per_sm where it applies: a sweep of those two alone sets it to None (0 as a flag).
 # combine_kernel: splits merged per step, output columns per rotation block, warps (sm_90
 # compile, D=128: see benchmarks/compile_check.py). Launches with fewer (batch·KV head, row
@@ -197,18 +199,19 @@ def _coded_per_sm(wanted: int, rows: int, D: int) -> int:
     return per_sm
 
 
-def _coded_launch(wanted: int, rows: int, D: int) -> tuple[int, int]:
+def _coded_launch(wanted: int, rows: int, D: int, polar_values: bool = True) -> tuple[int, int]:
     """(warps, programs per SM) of a compressed tier's launch of `rows` (batch·KV head, row
     block) pairs: CODED["many_rows"] at head dim D where the rows fill its programs per SM with
-    at most max_splits_per_row splits each, else CODED["warps"] and _coded_per_sm."""
+    at most max_splits_per_row splits each, else CODED["warps"] and _coded_per_sm. Not for
+    scalar values, whose float32 decoder timed slower in 2-warp programs."""
     many = _per_dim("many_rows", D)
-    if many and wanted // 2 * many[1] <= CODED["max_splits_per_row"] * rows:
+    if many and polar_values and wanted // 2 * many[1] <= CODED["max_splits_per_row"] * rows:
         return many
     return CODED["warps"], _coded_per_sm(wanted, rows, D)
 
 
-def _coded_programs(wanted: int, rows: int, D: int) -> int:
-    return max(1, wanted // 2 * _coded_launch(wanted, rows, D)[1])
+def _coded_programs(wanted: int, rows: int, D: int, polar_values: bool = True) -> int:
+    return max(1, wanted // 2 * _coded_launch(wanted, rows, D, polar_values)[1])
 
 
 @lru_cache(maxsize=1024)  # pure in its integers; an eager decode asks for the same launch every layer
@@ -234,13 +237,13 @@ def _splits(programs_per_split: int, capacity: int, block_t: int, wanted: int, m
     return max(1, min(triton.cdiv(tiles, min_tiles), triton.cdiv(wanted, max(1, programs_per_split))))
 
 
-def _coded_splits(rows: int, capacity: int, wanted: int, D: int) -> int:
-    """Splits per row of a compressed tier at head dim D: as many as fill _coded_per_sm programs per
-    SM, then, with balance_waves, the count up to twice that (not past max_splits_per_row unless
+def _coded_splits(rows: int, capacity: int, wanted: int, D: int, polar_values: bool = True) -> int:
+    """Splits per row of a compressed tier at head dim D: as many as fill _coded_launch's programs
+    per SM, then, with balance_waves, the count up to twice that (not past max_splits_per_row unless
     already there, nor past the tiles) that leaves no SM a partial last wave."""
-    warps, per_sm = _coded_launch(wanted, rows, D)
+    warps, per_sm = _coded_launch(wanted, rows, D, polar_values)
     tile, min_tiles = _coded_block_t(D, warps), CODED["min_tiles_per_split"]
-    S = _splits(rows, capacity, tile, _coded_programs(wanted, rows, D), min_tiles)
+    S = _splits(rows, capacity, tile, _coded_programs(wanted, rows, D, polar_values), min_tiles)
     if not CODED["balance_waves"]:
         return S
     tiles = max(1, triton.cdiv(capacity, tile))
@@ -428,18 +431,19 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
             for i, info in group:
                 st = states[i]
                 capacity = st.pages.shape[-1] * st.page_size
+                polar = not isinstance(info.value, ScalarTables)
                 S = (_splits(BH * mblocks, capacity, block_t, wanted) if info.key is None
-                     else _coded_splits(BH * mblocks, capacity, wanted, d))
-                launches.append((i, info, S_total, S))
+                     else _coded_splits(BH * mblocks, capacity, wanted, d, polar))
+                warps = _coded_launch(wanted, BH * mblocks, d, polar)[0] if info.key is not None else None
+                launches.append((i, info, S_total, S, warps))
                 S_total += S
-        S_rot = sum(S for i, info, _, S in launches if info.key is not None)
-        coded_warps = _coded_launch(wanted, BH * mblocks, d)[0]
+        S_rot = sum(S for i, info, _, S, _ in launches if info.key is not None)
         S_chunk = _splits(BH * mblocks, N, block_t, wanted) if N else 0
         S_total += S_chunk
         acc = torch.empty(BH, S_total, M, d, dtype=torch.float32, device=device)
         m = torch.empty(BH, S_total, M, dtype=torch.float32, device=device)
         l = torch.empty_like(m)
-        for i, info, off, S in launches:
+        for i, info, off, S, coded_warps in launches:
             qin = q_rot if info.key is not None else qc
             _launch_paged(info, kv_dtype, device, qin, states[i], acc, m, l, off, S, S_total, M, block_m, block_t,
                           precision, num_warps, num_stages, coded_warps)

@@ -187,11 +187,13 @@ def test_attend_with_two_tokens_per_thread_matches_float64_reference(d, setting,
     assert launched
 
 
-@pytest.mark.parametrize("B,tiers,warps", [(8, "all", 2), (1, "all", 4), (8, "default", 2)])
-def test_attend_launch_follows_the_rows(B, tiers, warps, monkeypatch):
+@pytest.mark.parametrize("B,tiers,shapes", [(8, "all", {(2, 128), (4, 256)}), (1, "all", {(4, 256)}),
+                                             (8, "default", {(2, 128)})])
+def test_attend_launch_follows_the_rows(B, tiers, shapes, monkeypatch):
     """CODED['many_rows'] at d=128 (the default since session 22): a batch whose rows fill four
-    programs per SM (8 sequences x 8 KV heads) runs 2-warp programs of 128-token tiles, a single
-    sequence 4-warp programs of 256; both against the float64 reference, ragged."""
+    programs per SM (8 sequences x 8 KV heads) runs its polar-value tiers in 2-warp programs of
+    128-token tiles and its scalar-value tier in 4-warp ones of 256; a single sequence runs all in
+    4-warp programs. Every tier against the float64 reference, ragged."""
     seen = []
     kernel = kernel_attend.paged_coded_halves_kernel
 
@@ -206,7 +208,7 @@ def test_attend_launch_follows_the_rows(B, tiers, warps, monkeypatch):
 
     monkeypatch.setattr(kernel_attend, "paged_coded_halves_kernel", Spy())
     check_attend(128, 8, 4, B, 5000, 1, tiers)
-    assert seen and set(seen) == {(warps, 64 * warps)}, seen
+    assert set(seen) == shapes, seen
 
 
 @pytest.mark.parametrize("d", [128, 64])

@@ -64,6 +64,13 @@ def test_split_counts_at_the_default_settings(d, rows, launch, block_t, expected
     assert _coded_splits(rows, 32768, 2 * 132, d) == expected
 
 
+def test_scalar_values_keep_four_warp_programs():
+    """The scalar value codec timed slower in 2-warp programs (session 22): its tiers keep the
+    4-warp, two-per-SM launch at every row count."""
+    assert attend._coded_launch(2 * 132, 64, 128, polar_values=False) == (4, 2)
+    assert attend._coded_launch(2 * 132, 64, 128, polar_values=True) == (2, 4)
+
+
 def test_among_equal_loads_the_fewest_splits_that_fill_an_sm():
     # 64 rows on 132 SMs: 2, 4, 6, 8, 16 splits all leave the busiest SM half a row; 8 is the
     # fewest that gives it four programs, so no SM idles at the end with a short tail
