@@ -183,6 +183,9 @@ class CodedSetting:
         self.saved = {}
 
     def __enter__(self):
+        if {"warps", "programs_per_sm"} & {key for key, _ in self.items}:
+            self.saved["many_rows"] = kattend.CODED["many_rows"]
+            kattend.CODED["many_rows"] = None  # the launch named holds at every row count
         for key, value in self.items:
             old = kattend.CODED[key]
             self.saved[key] = old

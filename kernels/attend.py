@@ -118,8 +118,9 @@ CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": {128: 2, "
 # 0.376 vs 0.384 ms, B=32 128k 5.342 vs 5.585; B=1 32k 0.105 vs 0.078 (so not there); at d=64
 # SmolLM2 B=8 32k 0.112 vs 0.099 (so not at other head dims). The full benchmark at d=128
 # (h200_session22_bench_decode): polar B=8 32k 0.386 -> 0.377, B=32 128k 5.623 -> 5.374, but the
-# scalar value codec 0.426 -> 0.482 and 6.138 -> 6.995, so only tiers with polar values. It overrides warps and
-# programs_per_sm where it applies: a sweep of those two alone sets it to None (0 as a flag).
+# scalar value codec 0.426 -> 0.482 and 6.138 -> 6.995, so only tiers with polar values. It
+# overrides warps and programs_per_sm where it applies: the sweep scripts set it to None when a
+# setting names either.
 # combine_kernel: splits merged per step, output columns per rotation block, warps (sm_90
 # compile, D=128: see benchmarks/compile_check.py). Launches with fewer (batch·KV head, row
 # block) pairs than SMs split the output columns over programs too (_column_programs).
