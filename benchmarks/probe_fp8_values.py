@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 import bench_decode as bd
+from coded_flags import parse
 from sphkv_compile.kernels import attend as kattend
 from sphkv_compile.kernels.decode_codegen import _DECODER, _join_tile, _Writer, load_generated
 from sphkv_compile.kernels.layout import tier_info
@@ -179,17 +180,12 @@ class CodedSetting:
     """kernels.attend.CODED entries set from "key=value[,key=value]" while active ("" = defaults)."""
 
     def __init__(self, text: str):
-        self.items = [kv.split("=") for kv in text.split(",") if kv]
+        self.setting = parse(kv.split("=") for kv in text.split(",") if kv)
         self.saved = {}
 
     def __enter__(self):
-        if {"warps", "programs_per_sm"} & {key for key, _ in self.items}:
-            self.saved["many_rows"] = kattend.CODED["many_rows"]
-            kattend.CODED["many_rows"] = None  # the launch named holds at every row count
-        for key, value in self.items:
-            old = kattend.CODED[key]
-            self.saved[key] = old
-            kattend.CODED[key] = type(old)(int(value)) if isinstance(old, (bool, int)) else int(value)
+        self.saved = {key: kattend.CODED[key] for key in self.setting}
+        kattend.CODED.update(self.setting)
         return self
 
     def __exit__(self, *exc):

@@ -32,10 +32,8 @@ def main(name="llama3-8b", B=8, T=32768):
 if __name__ == "__main__":
     import sys
 
-    flags = [flag.split("=") for flag in sys.argv[1:]]  # key=value settings of kernels.attend.CODED
-    if {"warps", "programs_per_sm"} & {key for key, _ in flags}:
-        kattend.CODED["many_rows"] = None  # the launch named holds at every row count
-    for key, value in flags:
-        old = kattend.CODED[key]  # a bool stays a bool; a per-head-dim dict becomes one value for all
-        kattend.CODED[key] = type(old)(int(value)) if isinstance(old, (bool, int)) else int(value)
+    from coded_flags import parse
+
+    # key=value settings of kernels.attend.CODED, e.g. programs_per_sm=3
+    kattend.CODED.update(parse(flag.split("=") for flag in sys.argv[1:]))
     main()

@@ -15,6 +15,7 @@ import os
 import torch
 
 from bench_decode import sweep_setup, SHAPES, build_store, check_against_reference, dense_decode, graph_of, median_ms
+from coded_flags import with_launch_rule
 from sphkv_compile.kernels import attend as kattend
 from sphkv_compile.options import SphkvOptions
 from sphkv_compile.tiers import TierSpec
@@ -59,8 +60,7 @@ def apply(setting: dict) -> None:
     """CODED keys as they are; combine_<key> sets COMBINE[key]. A setting of warps or
     programs_per_sm holds at every row count (CODED["many_rows"] off unless it sets it too)."""
     kattend.CODED.clear()
-    launch = {"many_rows": None} if {"warps", "programs_per_sm"} & set(setting) else {}
-    kattend.CODED.update(DEFAULTS, **launch, **{k: v for k, v in setting.items() if not k.startswith("combine_")})
+    kattend.CODED.update(DEFAULTS, **with_launch_rule({k: v for k, v in setting.items() if not k.startswith("combine_")}))
     kattend.COMBINE.clear()
     kattend.COMBINE.update(COMBINE_DEFAULTS, **{k[8:]: v for k, v in setting.items() if k.startswith("combine_")})
 

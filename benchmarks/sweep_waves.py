@@ -39,7 +39,7 @@ POINTS = [("llama3-8b", 8, 32768, ["balanced", "round_up", 8, 16]),
 def use(candidate) -> None:
     """Launch the compressed tier under the default rule, the old one, or a forced split count."""
     kattend.CODED["balance_waves"] = candidate == "balanced"
-    kattend._coded_programs = DEFAULT_PROGRAMS if isinstance(candidate, str) else (lambda wanted, rows, D: rows * candidate)
+    kattend._coded_programs = DEFAULT_PROGRAMS if isinstance(candidate, str) else (lambda wanted, rows, D, per_sm: rows * candidate)
 
 
 DEFAULT_PROGRAMS = kattend._coded_programs

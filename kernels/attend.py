@@ -211,8 +211,10 @@ def _coded_launch(wanted: int, rows: int, D: int, polar_values: bool = True) -> 
     return CODED["warps"], _coded_per_sm(wanted, rows, D)
 
 
-def _coded_programs(wanted: int, rows: int, D: int, polar_values: bool = True) -> int:
-    return max(1, wanted // 2 * _coded_launch(wanted, rows, D, polar_values)[1])
+def _coded_programs(wanted: int, rows: int, D: int, per_sm: int) -> int:
+    """Programs to launch for `rows` rows at per_sm programs per SM (benchmarks/sweep_waves.py
+    replaces this to force split counts)."""
+    return max(1, wanted // 2 * per_sm)
 
 
 @lru_cache(maxsize=1024)  # pure in its integers; an eager decode asks for the same launch every layer
@@ -238,13 +240,14 @@ def _splits(programs_per_split: int, capacity: int, block_t: int, wanted: int, m
     return max(1, min(triton.cdiv(tiles, min_tiles), triton.cdiv(wanted, max(1, programs_per_split))))
 
 
-def _coded_splits(rows: int, capacity: int, wanted: int, D: int, polar_values: bool = True) -> int:
-    """Splits per row of a compressed tier at head dim D: as many as fill _coded_launch's programs
-    per SM, then, with balance_waves, the count up to twice that (not past max_splits_per_row unless
-    already there, nor past the tiles) that leaves no SM a partial last wave."""
-    warps, per_sm = _coded_launch(wanted, rows, D, polar_values)
+def _coded_splits(rows: int, capacity: int, wanted: int, D: int, launch: tuple[int, int] | None = None) -> int:
+    """Splits per row of a compressed tier at head dim D launched as `launch` (warps, programs per
+    SM; default: _coded_launch's for polar values): as many as fill those programs per SM, then,
+    with balance_waves, the count up to twice that (not past max_splits_per_row unless already
+    there, nor past the tiles) that leaves no SM a partial last wave."""
+    warps, per_sm = launch or _coded_launch(wanted, rows, D)
     tile, min_tiles = _coded_block_t(D, warps), CODED["min_tiles_per_split"]
-    S = _splits(rows, capacity, tile, _coded_programs(wanted, rows, D, polar_values), min_tiles)
+    S = _splits(rows, capacity, tile, _coded_programs(wanted, rows, D, per_sm), min_tiles)
     if not CODED["balance_waves"]:
         return S
     tiles = max(1, triton.cdiv(capacity, tile))
@@ -432,10 +435,11 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
             for i, info in group:
                 st = states[i]
                 capacity = st.pages.shape[-1] * st.page_size
-                polar = not isinstance(info.value, ScalarTables)
-                S = (_splits(BH * mblocks, capacity, block_t, wanted) if info.key is None
-                     else _coded_splits(BH * mblocks, capacity, wanted, d, polar))
-                warps = _coded_launch(wanted, BH * mblocks, d, polar)[0] if info.key is not None else None
+                if info.key is None:
+                    S, warps = _splits(BH * mblocks, capacity, block_t, wanted), None
+                else:
+                    launch = _coded_launch(wanted, BH * mblocks, d, not isinstance(info.value, ScalarTables))
+                    S, warps = _coded_splits(BH * mblocks, capacity, wanted, d, launch), launch[0]
                 launches.append((i, info, S_total, S, warps))
                 S_total += S
         S_rot = sum(S for i, info, _, S, _ in launches if info.key is not None)
