@@ -119,11 +119,14 @@ def _coded_program(count_ptr, S, M, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr
 
 @triton.jit
 def _tile_records(t0, end, pages_ptr, pid_bh, max_pages, PS: tl.constexpr, WT: tl.constexpr,
-                  BLOCK_T: tl.constexpr):
-    """The tile's valid slots and each token's first record word in the pool (via the page table)."""
+                  BLOCK_T: tl.constexpr, WORD_MAJOR: tl.constexpr = False):
+    """The tile's valid slots and each token's first record word in the pool (via the page table).
+    WORD_MAJOR: the pages are [words, PS] (a token's word j is j * PS words on), not [PS, words]."""
     slots = t0 + tl.arange(0, BLOCK_T)
     valid = slots < end
     page = tl.load(pages_ptr + pid_bh * max_pages + slots // PS, mask=valid, other=0)
+    if WORD_MAJOR:
+        return valid, page.to(tl.int64) * PS * WT + slots % PS
     return valid, (page.to(tl.int64) * PS + slots % PS) * WT
 
 
@@ -188,7 +191,7 @@ def paged_coded_kernel(
         PS: tl.constexpr, WT: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
         DECODE_K: tl.constexpr, DECODE_V: tl.constexpr, STEP: tl.constexpr, LOG2_MIN: tl.constexpr,
         DOT_PRECISION: tl.constexpr, TILE_DTYPE: tl.constexpr,
-        STAGE_TABLES: tl.constexpr):
+        STAGE_TABLES: tl.constexpr, WORD_MAJOR: tl.constexpr = False):
     """paged_partials_kernel for a compressed tier, with keys and values decoded by the
     generated one-token-per-thread decoders (decode_codegen.py) as unit-radius tiles, the radii
     applied to the logits and the probabilities. TILE_DTYPE: the dots' operands (bfloat16 as
@@ -203,7 +206,7 @@ def paged_coded_kernel(
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, D), tl.float32)
     for t0 in range(start, end, BLOCK_T):
-        valid, base = _tile_records(t0, end, pages_ptr, pid_bh, max_pages, PS, WT, BLOCK_T)
+        valid, base = _tile_records(t0, end, pages_ptr, pid_bh, max_pages, PS, WT, BLOCK_T, WORD_MAJOR)
         k, k_radius = DECODE_K(pool_ptr, base, valid, ktab_ptr, BLOCK_T, STEP, LOG2_MIN)
         s = tl.dot(q, tl.trans(_operand(k, TILE_DTYPE)), input_precision=DOT_PRECISION)
         p, alpha, m_new, l_i = _coded_softmax_step(s, q_scale, k_radius, valid, m_i, l_i)
@@ -224,7 +227,7 @@ def paged_coded_halves_kernel(
         PS: tl.constexpr, WT: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
         DECODE_K: tl.constexpr, DECODE_K2: tl.constexpr, DECODE_V: tl.constexpr, DECODE_V2: tl.constexpr,
         STEP: tl.constexpr, LOG2_MIN: tl.constexpr, DOT_PRECISION: tl.constexpr, TILE_DTYPE: tl.constexpr,
-        STAGE_TABLES: tl.constexpr):
+        STAGE_TABLES: tl.constexpr, WORD_MAJOR: tl.constexpr = False):
     """paged_coded_kernel with keys and values decoded in two halves of D (the root's left and
     right subtrees): q·k is two dots of D/2 and the accumulator two [BLOCK_M, D/2] blocks, so a
     decoded half-tile is dead before the next is made (fewer live registers per thread)."""
@@ -243,7 +246,7 @@ def paged_coded_halves_kernel(
     acc_a = tl.zeros((BLOCK_M, H), tl.float32)
     acc_b = tl.zeros((BLOCK_M, H), tl.float32)
     for t0 in range(start, end, BLOCK_T):
-        valid, base = _tile_records(t0, end, pages_ptr, pid_bh, max_pages, PS, WT, BLOCK_T)
+        valid, base = _tile_records(t0, end, pages_ptr, pid_bh, max_pages, PS, WT, BLOCK_T, WORD_MAJOR)
         ka, k_radius = DECODE_K(pool_ptr, base, valid, ktab_ptr, BLOCK_T, STEP, LOG2_MIN)
         s = tl.dot(qa, tl.trans(_operand(ka, TILE_DTYPE)), input_precision=DOT_PRECISION)
         kb = DECODE_K2(pool_ptr, base, valid, ktab_ptr, BLOCK_T, STEP, LOG2_MIN)
@@ -279,7 +282,7 @@ def paged_coded_quarters_kernel(
         DECODE_K0: tl.constexpr, DECODE_K1: tl.constexpr, DECODE_K2: tl.constexpr, DECODE_K3: tl.constexpr,
         DECODE_V0: tl.constexpr, DECODE_V1: tl.constexpr, DECODE_V2: tl.constexpr, DECODE_V3: tl.constexpr,
         STEP: tl.constexpr, LOG2_MIN: tl.constexpr, DOT_PRECISION: tl.constexpr, TILE_DTYPE: tl.constexpr,
-        STAGE_TABLES: tl.constexpr):
+        STAGE_TABLES: tl.constexpr, WORD_MAJOR: tl.constexpr = False):
     """paged_coded_halves_kernel in quarters of D (the subtrees two levels below the root): a
     decoded quarter-tile holds half the registers of a half-tile, meant to let a lower register
     cap fit more programs per SM (the sm_90 compile still peaks at the halves kernel's 138
@@ -298,7 +301,7 @@ def paged_coded_quarters_kernel(
     acc2 = tl.zeros((BLOCK_M, Q), tl.float32)
     acc3 = tl.zeros((BLOCK_M, Q), tl.float32)
     for t0 in range(start, end, BLOCK_T):
-        valid, base = _tile_records(t0, end, pages_ptr, pid_bh, max_pages, PS, WT, BLOCK_T)
+        valid, base = _tile_records(t0, end, pages_ptr, pid_bh, max_pages, PS, WT, BLOCK_T, WORD_MAJOR)
         s = tl.zeros((BLOCK_M, BLOCK_T), tl.float32)
         k, k_radius = DECODE_K0(pool_ptr, base, valid, ktab_ptr, BLOCK_T, STEP, LOG2_MIN)
         s = _coded_logits_part(s, q_rows, 0, rmask, q_scale, k, Q, DOT_PRECISION, TILE_DTYPE)
