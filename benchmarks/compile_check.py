@@ -95,12 +95,12 @@ def main(d=128, block_t=64, block_m=16, warps=4, stages=2):
 
 
 def coded(d=128, block_t=128, block_m=16, warps=4, stages=1, bf16=1, maxnreg=0, halves=0, shared=0, packed=0,
-          scalar=0, word_major=0):
+          scalar=0):
     """The compressed-tier paged kernel with the generated decoders, default tier (halves=1:
     paged_coded_halves_kernel, keys and values decoded in two halves of D; 4: in quarters,
     paged_coded_quarters_kernel; shared=1: the tables staged in shared memory; packed=1 (with
     shared): float16-pair tables, f16x2 trees and float16 tiles; scalar=1: the 3-bit scalar value
-    codec, whose decoder has no packed form; word_major=1: pages stored [words, page_size])."""
+    codec, whose decoder has no packed form)."""
     import triton.language as tl
 
     from sphkv_compile.kernels.attention_kernels import (paged_coded_halves_kernel, paged_coded_kernel,
@@ -116,16 +116,13 @@ def coded(d=128, block_t=128, block_m=16, warps=4, stages=1, bf16=1, maxnreg=0, 
     ksm, vsm = staged_offsets(info.key, packed) if shared else (None, None)
     consts = dict(PS=64, WT=wt, D=d, BLOCK_M=block_m, BLOCK_T=block_t, STEP=info.key.radius_step,
                   LOG2_MIN=LOG2_MIN, DOT_PRECISION="tf32", TILE_DTYPE=tile,
-                  STAGE_TABLES=stager(info.key, info.value, packed) if shared else tables_stay_in_global_memory,
-                  WORD_MAJOR=bool(word_major))
-    word_stride = consts["PS"] if word_major else 1
+                  STAGE_TABLES=stager(info.key, info.value, packed) if shared else tables_stay_in_global_memory)
 
     def key(*part):
-        return decoder(info.key, 0, wt, leaf, *part, smem=ksm, packed=packed, word_stride=word_stride)
+        return decoder(info.key, 0, wt, leaf, *part, smem=ksm, packed=packed)
 
     def value(*part):
-        return decoder(info.value, info.key_words, wt, leaf, *part, smem=vsm, packed=packed and not scalar,
-                       word_stride=word_stride)
+        return decoder(info.value, info.key_words, wt, leaf, *part, smem=vsm, packed=packed and not scalar)
 
     if halves == 4:  # quarters of D
         fn = paged_coded_quarters_kernel

@@ -320,17 +320,6 @@ def _codec_constants(tables) -> tuple:
     return tables.levels, tables.fields.counts, tables.fields.max_comps, tables.fields.widths, tables.table_size
 
 
-def _word_major(pool: torch.Tensor) -> bool:
-    """Is this [pages, PS, words] pool a view of word-major storage ([pages, words, PS])? The
-    coded kernels read either; any other stride is refused rather than read wrongly."""
-    if pool.is_contiguous():
-        return False
-    if pool.transpose(1, 2).is_contiguous():
-        return True
-    raise ValueError(f"a tier pool of shape {tuple(pool.shape)} has strides {pool.stride()}; the kernels read "
-                     "record-major ([pages, page_size, words] contiguous) or word-major pages")
-
-
 def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_offset, S, S_total, M, block_m,
                   block_t, precision, num_warps, num_stages, coded_warps: int | None = None):
     BH = st.count.numel()
@@ -348,10 +337,7 @@ def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_
         tile = tl.float16 if packed else tl.bfloat16 if _bf16_tiles() else tl.float32
         leaf = {tl.float16: "tl.float16", tl.bfloat16: "tl.bfloat16"}.get(tile)  # the decoders' leaf cast
         maxnreg = _per_dim("maxnreg", D) if D <= CODED["maxnreg_max_d"] else None
-        word_major = _word_major(st.pool)
-        word_stride = st.page_size if word_major else 1
         launch = dict(PS=st.page_size, WT=WT, D=D, BLOCK_M=block_m, BLOCK_T=_coded_block_t(D, coded_warps),
-                      WORD_MAJOR=word_major,
                       STEP=info.key.radius_step, LOG2_MIN=LOG2_MIN, DOT_PRECISION=precision,
                       TILE_DTYPE=tile, num_warps=coded_warps or CODED["warps"], num_stages=CODED["stages"],
                       **({"maxnreg": maxnreg} if maxnreg else {}))
@@ -360,11 +346,11 @@ def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_
         launch["STAGE_TABLES"] = stager(info.key, info.value, packed) if staged else tables_stay_in_global_memory
 
         def key_part(*part):
-            return decoder(info.key, 0, WT, leaf, *part, smem=ksm, packed=packed, word_stride=word_stride)
+            return decoder(info.key, 0, WT, leaf, *part, smem=ksm, packed=packed)
 
         def value_part(*part):  # a scalar codec's decoder has no packed form (float32 centroids, cast)
             return decoder(info.value, info.key_words, WT, leaf, *part, smem=vsm,
-                           packed=packed and not isinstance(info.value, ScalarTables), word_stride=word_stride)
+                           packed=packed and not isinstance(info.value, ScalarTables))
 
         if quarters:
             paged_coded_quarters_kernel[grid](

@@ -50,13 +50,9 @@ class _Writer:
     (groups only as wide as the record stride keeps aligned: a 14-word record allows pairs)
     (one 16-byte load instead of four 4-byte ones: each load of a tile touches one L1 line per
     token, and the per-word loads kept the L1 tag stage 74% busy on the H200).
-    leaf_dtype: the leaves are cast as they are made (see _join_tile).
-    word_stride: 1 for record-major pages (a token's words adjacent); else word-major pages, where
-    word j of a token is j * word_stride words after word 0 (one word per load, but a warp's load
-    of one word covers consecutive tokens: a few L1 lines instead of one per token)."""
+    leaf_dtype: the leaves are cast as they are made (see _join_tile)."""
 
-    def __init__(self, word_offset: int, words: int, stride: int, leaf_dtype: str | None = None,
-                 word_stride: int = 1):
+    def __init__(self, word_offset: int, words: int, stride: int, leaf_dtype: str | None = None):
         self.lines: list[str] = []
         self.loaded: set[int] = set()
         self.word_offset = word_offset
@@ -64,7 +60,6 @@ class _Writer:
         # a group of n words is n-word aligned in every record only if the record stride is a multiple of n
         self.widest = 4 if stride % 4 == 0 else 2 if stride % 2 == 0 else 1
         self.leaf_dtype = leaf_dtype
-        self.word_stride = word_stride
 
     def word(self, j: int) -> str:
         a = self.word_offset + j
@@ -73,10 +68,6 @@ class _Writer:
         return f"w{a}"
 
     def _load_group(self, a: int) -> None:
-        if self.word_stride != 1:
-            self.emit(f"w{a} = {load_word(a * self.word_stride, 'base', 'valid')}")
-            self.loaded.add(a)
-            return
         for n in (4, 2, 1):
             start = a // n * n
             if n <= self.widest and start >= self.word_offset and start + n <= self.limit:
@@ -369,10 +360,9 @@ def decode(pool_ptr, base, valid, tab_ptr, BLOCK_T: tl.constexpr, STEP: tl.const
 
 
 def _decoder_source(tables, word_offset: int, stride: int, leaf_dtype: str | None = None,
-                    part: int | None = None, parts: int = 2, smem: int | None = None, packed: bool = False,
-                    word_stride: int = 1) -> str:
+                    part: int | None = None, parts: int = 2, smem: int | None = None, packed: bool = False) -> str:
     # packed leaves are float16 as made
-    w = _Writer(word_offset, tables.fields.layout.words, stride, None if packed else leaf_dtype, word_stride)
+    w = _Writer(word_offset, tables.fields.layout.words, stride, None if packed else leaf_dtype)
     _body(w, tables, "tab_ptr", part, parts, smem, packed)
     return _DECODER + "\n".join(w.lines) + "\n"
 
@@ -392,7 +382,7 @@ def load_generated(source: str, name: str = "decode"):
 
 @lru_cache(maxsize=None)
 def decoder(tables, word_offset: int, stride: int, leaf_dtype: str | None = None, part: int | None = None,
-            parts: int = 2, smem: int | None = None, packed: bool = False, word_stride: int = 1):
+            parts: int = 2, smem: int | None = None, packed: bool = False):
     """The generated Triton decode function of one codec's records (keys at word 0, values at
     the key record's length): decode(pool_ptr, base, valid, tab_ptr, BLOCK_T, STEP, LOG2_MIN) ->
     the unit-radius tile [BLOCK_T, D] in the rotated domain (float32, or leaf_dtype), followed
@@ -401,11 +391,9 @@ def decoder(tables, word_offset: int, stride: int, leaf_dtype: str | None = None
     coordinates ([BLOCK_T, D/2]); with parts=4, part 0..3: the four D/4 slices. smem: read the
     table staged by stager() at this byte offset of SHARED_TABLES instead of from tab_ptr (GPU
     only: inline PTX). packed (with smem, polar codecs): float16 pairs staged, the tree in f16x2,
-    a float16 tile. word_stride: 1 for record-major pages, the page size for word-major ones
-    (_Writer)."""
+    a float16 tile."""
     if part is not None and not (parts & (parts - 1) == 0 and 0 <= part < parts <= tables.dim // 2):
         raise ValueError(f"part {part} of {parts}: parts must be a power of two, at most D/2 = {tables.dim // 2}")
     if packed and smem is None:
         raise ValueError("packed decoders read float16 pairs staged in shared memory: pass smem")
-    return load_generated(_decoder_source(tables, word_offset, stride, leaf_dtype, part, parts, smem, packed,
-                                          word_stride))
+    return load_generated(_decoder_source(tables, word_offset, stride, leaf_dtype, part, parts, smem, packed))
