@@ -34,8 +34,42 @@ def test_no_top_level_kernels_or_inductor_passes_module_is_installed():
         for name in ("kernels", "inductor_passes"):
             spec = importlib.util.find_spec(name)
             # Hugging Face's `kernels` may be installed; ours must never answer to that name
-            assert spec is None or repo not in pathlib.Path(spec.origin or "").resolve().parents, spec
+            # (the venv may live inside the repo: compare with the source folder itself)
+            assert spec is None or pathlib.Path(spec.origin or "").resolve().parent != repo / name, spec
         print("ok")
     """)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "ok" in res.stdout
+
+
+def test_bare_kernels_import_from_the_repo_root_is_not_sphkv():
+    """With the repository root first on sys.path (`python -m` or `python -c` run from it), `import
+    kernels` reaches this repo's kernels/ folder first. It must then give Hugging Face's installed
+    distribution (transformers imports it at startup from 5.25 on) or an ImportError that names
+    sphkv_compile.kernels, never the Triton folder under the wrong name."""
+    import pathlib
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import importlib.metadata, pathlib, sys
+        repo = pathlib.Path.cwd().resolve()
+        try:
+            importlib.metadata.version("kernels")
+            installed = True
+        except importlib.metadata.PackageNotFoundError:
+            installed = False
+        try:
+            import kernels
+        except ImportError as err:
+            assert not installed, err
+            assert "sphkv_compile.kernels" in str(err), err
+            print("refused")
+        else:
+            assert installed
+            assert pathlib.Path(kernels.__file__).resolve().parent != repo / "kernels", kernels.__file__
+            assert not any(m.startswith("kernels._bare_name") for m in sys.modules)
+            import transformers.integrations.hub_kernels  # the import that failed with transformers 5.25
+            print("distribution")
+    """)], capture_output=True, text=True, timeout=300, cwd=repo)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip() in ("refused", "distribution")
