@@ -4,7 +4,8 @@ This folder sits at the top of the repository, so wherever the repository root i
 (`python -m ...` run from it, or a script that adds it) a plain `import kernels` finds it
 before Hugging Face's `kernels` distribution, which transformers imports at startup (a
 dependency from transformers 5.25 on). Imported under that bare name, this module therefore
-hands the name to the installed distribution, or says how to import this folder.
+hands the name to the installed distribution, and is an empty module when there is none (the
+Triton code is only ever reached as sphkv_compile.kernels).
 """
 import sys
 

@@ -1,5 +1,6 @@
 """What `import kernels` means when it reaches this folder (see __init__.py): the installed
-distribution of that name if there is one, else an ImportError that names the fix."""
+distribution of that name if there is one; else this folder stays an empty module under that
+name, as transformers' availability probe expects (it imports the name and finds no version)."""
 from __future__ import annotations
 
 import importlib.machinery
@@ -18,11 +19,7 @@ def defer_to_installed_distribution(init_file: str) -> None:
     folder = os.path.dirname(os.path.abspath(init_file))
     spec = importlib.machinery.PathFinder.find_spec("kernels", _other_entries(folder))
     if spec is None or spec.loader is None:
-        raise ImportError(
-            f"`import kernels` found sphkv's source folder {folder}, which is importable only as "
-            "`sphkv_compile.kernels`, and no installed `kernels` distribution. The repository root is on "
-            "sys.path (`python -m` from it, or a script that adds it). Fix: import sphkv_compile.kernels, "
-            "or run from another directory; for Hugging Face's kernels, `pip install kernels`.")
+        return
     module = importlib.util.module_from_spec(spec)
     # the import statement returns whatever sys.modules holds once this module has run
     sys.modules["kernels"] = module

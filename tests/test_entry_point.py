@@ -45,8 +45,8 @@ def test_no_top_level_kernels_or_inductor_passes_module_is_installed():
 def test_bare_kernels_import_from_the_repo_root_is_not_sphkv():
     """With the repository root first on sys.path (`python -m` or `python -c` run from it), `import
     kernels` reaches this repo's kernels/ folder first. It must then give Hugging Face's installed
-    distribution (transformers imports it at startup from 5.25 on) or an ImportError that names
-    sphkv_compile.kernels, never the Triton folder under the wrong name."""
+    distribution (transformers imports it at startup from 5.25 on), or, with none installed, an
+    empty module (transformers' availability probe imports the name), never the Triton kernels."""
     import pathlib
 
     repo = pathlib.Path(__file__).resolve().parents[1]
@@ -58,18 +58,13 @@ def test_bare_kernels_import_from_the_repo_root_is_not_sphkv():
             installed = True
         except importlib.metadata.PackageNotFoundError:
             installed = False
-        try:
-            import kernels
-        except ImportError as err:
-            assert not installed, err
-            assert "sphkv_compile.kernels" in str(err), err
-            print("refused")
-        else:
-            assert installed
-            assert pathlib.Path(kernels.__file__).resolve().parent != repo / "kernels", kernels.__file__
-            assert not any(m.startswith("kernels._bare_name") for m in sys.modules)
-            import transformers.integrations.hub_kernels  # the import that failed with transformers 5.25
-            print("distribution")
+        import kernels
+        ours = pathlib.Path(kernels.__file__).resolve().parent == repo / "kernels"
+        assert ours != installed, (installed, kernels.__file__)
+        assert not any(m.startswith("kernels._bare_name") for m in sys.modules)
+        assert not any(m.startswith("kernels.") for m in sys.modules) or installed  # no Triton code loaded
+        import transformers.integrations.hub_kernels  # failed at startup with transformers 5.25
+        print("distribution" if installed else "empty")
     """)], capture_output=True, text=True, timeout=300, cwd=repo)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.strip() in ("refused", "distribution")
+    assert res.stdout.strip().splitlines()[-1] in ("distribution", "empty")
