@@ -12,6 +12,7 @@ import transformers as tf
 
 from sphkv_compile import api
 from sphkv_compile.hf_plan import calls_sdpa_itself
+from tests.models import own_sdpa_llama
 
 # Head dim 64 (SmolLM2's, GPT-2's): at head dim 32 whole-word records make bits=3.5 store only
 # 3.0 bits per coordinate, so the default-bits bound would not test the default rate.
@@ -40,8 +41,12 @@ def _llama_like(cls, **kw):
                          num_attention_heads=HEADS, num_key_value_heads=2, max_position_embeddings=256, **kw))
 
 
+own_sdpa_llama.register()
 ZOO = {
     "llama": lambda: _llama_like(tf.LlamaConfig),
+    # attention hard-coded as F.scaled_dot_product_attention (tests/models/own_sdpa_llama.py):
+    # its SDPA calls are routed to the store whatever transformers' own models do
+    "own_sdpa_llama": lambda: _llama_like(own_sdpa_llama.OwnSdpaLlamaConfig),
     "mistral": lambda: _llama_like(tf.MistralConfig, sliding_window=None),
     "qwen2": lambda: _llama_like(tf.Qwen2Config, use_sliding_window=False),
     "qwen3": lambda: _llama_like(tf.Qwen3Config, head_dim=HIDDEN // HEADS, use_sliding_window=False),
@@ -57,8 +62,9 @@ ZOO = {
                                           max_position_embeddings=256)),
     "gpt_bigcode": lambda: tf.GPTBigCodeConfig(**_common(n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS,
                                                          n_positions=256, multi_query=True)),
-    # Falcon computes attention in its own code (no AttentionInterface): its SDPA calls are
-    # routed to the store (hf.SdpaRouting). Default Falcon config: multi-query, rotary, no ALiBi.
+    # Falcon computes attention in its own code up to transformers 5.24 (its SDPA calls are
+    # routed to the store, hf.SdpaRouting); from 5.25 it dispatches through the AttentionInterface.
+    # Default Falcon config: multi-query, rotary, no ALiBi.
     "falcon": lambda: _falcon(),
     # Gemma2 without attention soft-capping; its sliding layers (window 4096, alternating with
     # full ones) cannot mask anything within max_position_embeddings=256, so they are compressed.
@@ -97,6 +103,8 @@ FALLBACK_ZOO = {
     "falcon_alibi": (lambda: _falcon(alibi=True), "ALiBi", None),
     # Falcon's eager branch is a hard-coded matmul-softmax: only its SDPA calls can be routed.
     "falcon_eager": (_falcon, "attn_implementation='sdpa'", "eager"),
+    "own_sdpa_llama_eager": (lambda: _llama_like(own_sdpa_llama.OwnSdpaLlamaConfig), "attn_implementation='sdpa'",
+                             "eager"),
     "mistral_sliding": (lambda: _llama_like(tf.MistralConfig, sliding_window=8), "sliding window", None),
     # multi-head latent attention: the cache holds the latent, not per-head K/V
     "deepseek_v3": (lambda: tf.DeepseekV3Config(**_common(
@@ -149,11 +157,11 @@ def check_sites(model, expect_rewritten: bool, reason_words: str | None = None):
 
 # Each model's seed (its random weights and prompts) stays put when a model is added.
 SEED_ORDER = ("gemma", "gpt2", "gpt_bigcode", "gpt_neox", "llama", "mistral", "mixtral", "opt", "phi3", "qwen2",
-              "qwen3", "falcon", "gemma2", "stablelm", "gpt_oss")
+              "qwen3", "falcon", "gemma2", "stablelm", "gpt_oss", "own_sdpa_llama")
 assert sorted(SEED_ORDER) == sorted(ZOO)
 # Both cache kinds for Llama, Falcon (SDPA routing) and Gemma2 (sliding layers are planned
 # per cache kind); the other models alternate (keeps the suite in budget).
-BOTH_CACHES = ("llama", "falcon", "gemma2")
+BOTH_CACHES = ("llama", "falcon", "gemma2", "own_sdpa_llama")
 CACHE_CASES = [(name, cache) for name in BOTH_CACHES for cache in ("dynamic", "static")] + [
     (name, ("dynamic", "static")[i % 2]) for i, name in enumerate(n for n in SEED_ORDER if n not in BOTH_CACHES)]
 
@@ -341,12 +349,13 @@ def test_inert_window_refuses_a_sequence_that_outgrows_it():
             fast(ids, use_cache=True, **{api.cache_keyword(fast): api.new_cache(fast)})
 
 
-def test_falcon_sdpa_routing_refuses_other_reads_of_the_chunk():
-    """With output_attentions Falcon computes q @ k^T itself on the cache update's output,
-    which on the store is only the new chunk: that must raise, never answer silently."""
+@pytest.mark.parametrize("name", ["falcon", "own_sdpa_llama"])
+def test_sdpa_routing_refuses_other_reads_of_the_chunk(name):
+    """With output_attentions these models compute q @ k^T themselves on the cache update's
+    output, which on the store is only the new chunk: that must raise, never answer silently."""
     from sphkv_compile.hf import SphkvUnsupportedError
 
-    model = build(ZOO["falcon"], 13)
+    model = build(ZOO[name], 13)
     if not calls_sdpa_itself(model):
         pytest.skip("this transformers' Falcon dispatches through the AttentionInterface (5.25 on): no SDPA "
                     "routing, and output_attentions gives None weights as transformers' own SDPA does")
