@@ -170,7 +170,8 @@ def _value_weights(p, radius, valid, TILE_DTYPE: tl.constexpr):
     """(p · value radius, divided by its largest in each row, as the dot's operand; that
     largest). The dot then runs on the unit-radius value tile: no 16-bit operand holds a norm,
     and a row's largest contributions keep their precision whatever the radii. An invalid
-    token's radius counts as 0, so a record past the end can never bring in a NaN."""
+    token's radius counts as 0 (its record loads are masked too; the select is the cheaper form,
+    see _coded_softmax_step)."""
     w = p * tl.where(valid, radius, 0.0)[None, :]
     top = tl.max(w, 1)
     top = tl.where(top > 0, top, 1.0)
