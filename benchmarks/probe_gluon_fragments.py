@@ -1,0 +1,535 @@
+"""Would decoding straight into the tensor cores' operand fragments make decode faster? A speed
+probe in Gluon (Triton's explicit-layout dialect), on the GPU:
+
+    python benchmarks/probe_gluon_fragments.py [--out DIR] [--compile-only]
+
+Session 23's probe_fragment_layouts.py proved that a decoded tile can be built per lane in
+mma_v2's operand layouts (no shared-memory round trip). This probe times a whole decode kernel
+built that way, with each warp running its own online softmax over its own tokens (a batched
+mma, warps on the batch axis, no cross-warp barrier in the loop; the warps' states merge once at
+the end), against today's kernel (attend(), CUDA-graph replay) and cuDNN bf16 in the same run.
+
+The fragments fix which coordinates a lane decodes: for keys (the B operand of q @ k^T) a lane
+holds 32 coordinates of a token, one quarter subtree of the polar tree (4 lanes per token); for
+values (the B operand of p @ v) 16 coordinates, one octant subtree (8 lanes per token). Each lane
+must then find its subtree's codes at a place that depends on its lane. Today's record layout
+(split-width packing, level-major) does not allow that, so the probe uses a synthetic record of
+the same 28 words (112 bytes, K and V) where each subtree's codes sit in its own words:
+- K: words 3s, 3s+1: quarter s's 16 level-1 codes (4 bits); word 3s+2: its levels 2-5 (2 bits
+  each; level 2 at bit 0, 3 at 16, 4 at 24, 5 at 28); word 12: the radius (float32); word 13:
+  level 6 (bits 0-3) and the root (bits 4-5).
+- V: word 14+o: octant o's 8 level-1 codes; half-word o%2 of word 22+o//2: its levels 2-4
+  (bits 0, 8, 12); word 26: levels 5 (bits 0-7), 6 (bits 8-11) and the root (bits 12-13); word
+  27: the radius.
+So the codec is (4,2,2,2,2,2,2) bits per level, about what the default 3.5-bit tier's trees cost
+per node (its 3-bit codes are split in two fields, one more extraction each). The (cos, sin)
+tables sit in shared memory as float16 pairs and the trees run in f16x2, as today. The output
+is checked against a float64 decode of the same records. A probe, not a kernel: it answers
+whether a format change and a Gluon kernel are worth building.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import sys
+import tempfile
+
+import torch
+
+D = 128
+KEY_RADIUS, KEY_TOP = 12, 13
+VALUE_LEVEL1, VALUE_UPPER, VALUE_TOP, VALUE_RADIUS = 14, 22, 26, 27
+RECORD_WORDS = 28
+KEY_UPPER_BIT = {2: 0, 3: 16, 4: 24, 5: 28}
+VALUE_UPPER_BIT = {2: 0, 3: 8, 4: 12}
+LEVELS = 7
+
+
+def table_offset(level: int) -> int:
+    """Byte offset of a level's (cos, sin) pairs in the shared table: 16 pairs for level 1, 4 above."""
+    return 0 if level == 1 else 64 + 16 * (level - 2)
+
+
+TABLE_WORDS = (64 + 16 * (LEVELS - 1)) // 4
+
+
+def angles(level: int) -> torch.Tensor:
+    if level == 1:
+        return 2 * math.pi * (torch.arange(16, dtype=torch.float64) + 0.5) / 16
+    spread = 0.5 / level  # narrower higher up, as the real codebooks
+    return math.pi / 4 + spread * torch.tensor([-1.5, -0.5, 0.5, 1.5], dtype=torch.float64)
+
+
+def table_words() -> torch.Tensor:
+    words = []
+    for level in range(1, LEVELS + 1):
+        a = angles(level)
+        pairs = torch.stack([a.cos(), a.sin()], -1).to(torch.float16).contiguous()
+        words.append(pairs.view(torch.int32).view(-1))
+    return torch.cat(words)
+
+
+# --- where each code sits (host side, for the reference) ---------------------------------------
+
+def key_position(level: int, node: int) -> tuple[int, int, int]:
+    """(word, bit, width) of the key tree's node (level, index from the left)."""
+    if level == 1:
+        s, p = divmod(node, 16)
+        return 3 * s + p // 8, 4 * (p % 8), 4
+    if level <= 5:
+        s, i = divmod(node, 1 << (5 - level))
+        return 3 * s + 2, KEY_UPPER_BIT[level] + 2 * i, 2
+    if level == 6:
+        return KEY_TOP, 2 * node, 2
+    return KEY_TOP, 4, 2
+
+
+def value_position(level: int, node: int) -> tuple[int, int, int]:
+    if level == 1:
+        o, p = divmod(node, 8)
+        return VALUE_LEVEL1 + o, 4 * p, 4
+    if level <= 4:
+        o, i = divmod(node, 1 << (4 - level))
+        return VALUE_UPPER + o // 2, 16 * (o % 2) + VALUE_UPPER_BIT[level] + 2 * i, 2
+    return VALUE_TOP, {5: 0, 6: 8, 7: 12}[level] + 2 * node, 2
+
+
+def decode_reference(records: torch.Tensor, position) -> torch.Tensor:
+    """float64 unit vectors [..., D] of the records' trees (tree coordinate order)."""
+    words = records.to(torch.int64) & 0xFFFFFFFF
+    out = torch.ones(*records.shape[:-1], D, dtype=torch.float64, device=records.device)
+    coord = torch.arange(D)
+    for level in range(1, LEVELS + 1):
+        a = angles(level).to(records.device)
+        for node in range(D >> level):
+            word, bit, width = position(level, node)
+            code = (words[..., word] >> bit) & ((1 << width) - 1)
+            lo = node << level
+            half = 1 << (level - 1)
+            out[..., lo:lo + half] *= a[code].cos()[..., None]
+            out[..., lo + half:lo + 2 * half] *= a[code].sin()[..., None]
+    del coord
+    return out
+
+
+# --- the generated Gluon source -----------------------------------------------------------------
+
+def _offset(word: str, bit: int, width: int) -> str:
+    """code * 4 (a byte offset into 4-byte table entries) of the field at word, bit."""
+    mask = ((1 << width) - 1) << 2
+    if bit >= 2:
+        return f"(({word} >> {bit - 2}) & {mask})"
+    return f"(({word} << {2 - bit}) & {mask})"
+
+
+def _subtree(lines: list[str], prefix: str, root_level: int, root: str, position) -> list[str]:
+    """Emit the nodes of a subtree from its root's value down; return the leaves in order."""
+    values = [root]
+    for level in range(root_level, 0, -1):
+        nxt = []
+        for i, v in enumerate(values):
+            word, bit, width = position(level, i)
+            a, b = f"{prefix}{level}_{2 * i}", f"{prefix}{level}_{2 * i + 1}"
+            lines.append(f"    {a}, {b} = children({v}, lookup({_offset(word, bit, width)} + {table_offset(level)}))")
+            nxt += [a, b]
+        values = nxt
+    return values
+
+
+def _join(lines: list[str], leaves: list[str], prefix: str) -> str:
+    counter = [0]
+
+    def build(items):
+        if len(items) == 1:
+            return items[0]
+        a, b = build(items[0::2]), build(items[1::2])
+        counter[0] += 1
+        name = f"{prefix}j{counter[0]}"
+        lines.append(f"    {name} = gl.join({a}, {b})")
+        return name
+
+    return build(leaves)
+
+
+def key_decoder_source() -> str:
+    lines = ["@gluon.jit", "def key_quarter(pool_ptr, base, s, valid):",
+             "    # base: each token's first record word; s: the lane's quarter (0-3)",
+             "    qa = base + 3 * s",
+             "    a0 = gl.load(pool_ptr + qa, mask=valid, other=0).to(gl.uint32, bitcast=True)",
+             "    a1 = gl.load(pool_ptr + qa + 1, mask=valid, other=0).to(gl.uint32, bitcast=True)",
+             "    a2 = gl.load(pool_ptr + qa + 2, mask=valid, other=0).to(gl.uint32, bitcast=True)",
+             f"    top = gl.load(pool_ptr + base + {KEY_TOP}, mask=valid, other=0).to(gl.uint32, bitcast=True)",
+             f"    c7, s7 = halves(lookup(((top >> 2) & 12) + {table_offset(7)}))",
+             "    x = gl.where(s >= 2, s7, c7)",
+             "    sh = ((s >> 1) * 2).to(gl.uint32)",
+             f"    c6, s6 = halves(lookup((((top >> sh) & 3) << 2) + {table_offset(6)}))",
+             "    x = x * gl.where((s & 1) == 1, s6, c6)"]
+
+    def position(level, i):
+        if level == 1:
+            return ("a0" if i < 8 else "a1"), 4 * (i % 8), 4
+        return "a2", KEY_UPPER_BIT[level] + 2 * i, 2
+
+    leaves = _subtree(lines, "k", 5, "x", position)
+    lines.append(f"    return {_join(lines, leaves, 'k')}")
+    return "\n".join(lines) + "\n"
+
+
+def value_decoder_source() -> str:
+    lines = ["@gluon.jit", "def value_octant(pool_ptr, base, o, valid):",
+             f"    la = gl.load(pool_ptr + base + {VALUE_LEVEL1} + o, mask=valid, other=0).to(gl.uint32, bitcast=True)",
+             f"    ua = gl.load(pool_ptr + base + {VALUE_UPPER} + (o >> 1), mask=valid, other=0).to(gl.uint32, bitcast=True)",
+             "    ua = ua >> ((o & 1) * 16).to(gl.uint32)",
+             f"    top = gl.load(pool_ptr + base + {VALUE_TOP}, mask=valid, other=0).to(gl.uint32, bitcast=True)",
+             f"    c7, s7 = halves(lookup(((top >> 10) & 12) + {table_offset(7)}))",
+             "    x = gl.where(o >= 4, s7, c7)",
+             "    sh6 = (6 + 2 * (o >> 2)).to(gl.uint32)",
+             f"    c6, s6 = halves(lookup(((top >> sh6) & 12) + {table_offset(6)}))",
+             "    x = x * gl.where(((o >> 1) & 1) == 1, s6, c6)",
+             "    sh5 = (2 * (o >> 1)).to(gl.uint32)",
+             f"    c5, s5 = halves(lookup((((top >> sh5) & 3) << 2) + {table_offset(5)}))",
+             "    x = x * gl.where((o & 1) == 1, s5, c5)"]
+
+    def position(level, i):
+        if level == 1:
+            return "la", 4 * i, 4
+        return "ua", VALUE_UPPER_BIT[level] + 2 * i, 2
+
+    leaves = _subtree(lines, "v", 4, "x", position)
+    lines.append(f"    return {_join(lines, leaves, 'v')}")
+    return "\n".join(lines) + "\n"
+
+
+HEADER = f'''"""Generated by benchmarks/probe_gluon_fragments.py."""
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+
+@gluon.jit
+def lookup(off):
+    return gl.inline_asm_elementwise(
+        "{{ .reg .u32 a; mov.u32 a, probe_tables; add.u32 a, a, $1; ld.shared.b32 $0, [a]; }}",
+        "=r,r", [off], dtype=gl.int32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def children(x, cs):
+    return gl.inline_asm_elementwise(
+        "{{ .reg .b32 p, d; mov.b32 p, {{$2, $2}}; mul.rn.f16x2 d, p, $3; mov.b32 {{$0, $1}}, d; }}",
+        "=h,=h,h,r", [x, cs], dtype=(gl.float16, gl.float16), is_pure=True, pack=1)
+
+
+@gluon.jit
+def halves(cs):
+    return gl.inline_asm_elementwise("mov.b32 {{$0, $1}}, $2;", "=h,=h,r", [cs],
+                                     dtype=(gl.float16, gl.float16), is_pure=True, pack=1)
+
+
+@gluon.jit
+def stage_tables(tab_ptr, layout: gl.constexpr, THREADS: gl.constexpr):
+    i = gl.arange(0, THREADS, layout=layout)
+    gl.inline_asm_elementwise(".shared .align 16 .b8 probe_tables[{TABLE_WORDS * 4}];\\n mov.u32 $0, $1;", "=r,r",
+                              [i], dtype=gl.int32, is_pure=False, pack=1)
+    w = gl.load(tab_ptr + i, mask=i < {TABLE_WORDS}, other=0)
+    gl.inline_asm_elementwise("{{ .reg .u32 a; .reg .pred p; setp.lt.u32 p, $2, {TABLE_WORDS}; mov.u32 a, probe_tables; "
+                              "mad.lo.u32 a, $2, 4, a; @p st.shared.u32 [a], $1; mov.u32 $0, 0; }}",
+                              "=r,r,r", [w, i], dtype=gl.int32, is_pure=False, pack=1)
+    # every lane's lookups wait for the whole table (gl.thread_barrier is not in every Triton)
+    gl.inline_asm_elementwise("bar.sync 0; mov.u32 $0, $1;", "=r,r", [i], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def tile_records(t0, end, pages_ptr, pid_bh, max_pages, w, t, PS: gl.constexpr, WT: gl.constexpr,
+                 CT: gl.constexpr):
+    """Each token's first record word and validity: warp w takes tokens t0 + w*CT + [0, CT)."""
+    slot = t0 + w * CT + t
+    valid = slot < end
+    page = gl.load(pages_ptr + pid_bh * max_pages + slot // PS, mask=valid, other=0)
+    return (page.to(gl.int64) * PS + slot % PS) * WT, valid
+
+'''
+
+KERNEL = '''
+@gluon.jit
+def probe_kernel(q_ptr, pool_ptr, pages_ptr, count_ptr, acc_ptr, m_ptr, l_ptr, tab_ptr, M, max_pages, S,
+                 PS: gl.constexpr, WT: gl.constexpr, D: gl.constexpr, CT: gl.constexpr, W: gl.constexpr):
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1, 1], instr_shape=[1, 16, 8])
+    AOP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+    BOP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+    # keys: (warp, token, quarter), lane bits 0-1 the quarter, 2-4 the token within an n8 tile
+    KL: gl.constexpr = gl.BlockedLayout([1, 1, 1], [1, 8, 4], [W, 1, 1], [2, 1, 0])
+    # values: (warp, token, octant), token bit 0 in registers, bits 1-2 lane bits 0-1, octant lane bits 2-4
+    VL: gl.constexpr = gl.BlockedLayout([1, 2, 1], [1, 4, 8], [W, 1, 1], [1, 2, 0])
+    ONE: gl.constexpr = gl.BlockedLayout([1], [32], [W], [0])
+    Q2: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [1, W], [1, 0])
+    stage_tables(tab_ptr, ONE, 32 * W)
+    pid_bh = gl.program_id(0)
+    pid_s = gl.program_id(1)
+    count = gl.load(count_ptr + pid_bh)
+    BLOCK: gl.constexpr = W * CT
+    per = gl.cdiv(gl.cdiv(count, BLOCK), S) * BLOCK
+    start = pid_s * per
+    end = gl.minimum(count, start + per)
+
+    # queries: row scale from a plain layout, operand in the key fragments' column order
+    r2 = gl.arange(0, 16, layout=gl.SliceLayout(1, Q2))
+    d2 = gl.arange(0, D, layout=gl.SliceLayout(0, Q2))
+    q2 = gl.load(q_ptr + (pid_bh * M + r2[:, None]) * D + d2[None, :], mask=r2[:, None] < M, other=0.0)
+    qs = gl.max(gl.abs(q2), 1)
+    qs = gl.where(qs > 0, qs, 1.0)
+    wq = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, AOP)))
+    mq = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, AOP)))
+    kq = gl.arange(0, D, layout=gl.SliceLayout(0, gl.SliceLayout(1, AOP)))
+    col = ((kq >> 1) & 3) * 32 + (kq & 1) + (kq >> 3) * 2
+    rows = mq[None, :, None] + wq[:, None, None] * 0
+    q = gl.load(q_ptr + (pid_bh * M + rows) * D + col[None, None, :], mask=rows < M, other=0.0)
+    qs_a = gl.convert_layout(qs, gl.SliceLayout(0, gl.SliceLayout(2, AOP)))
+    qop = (q / qs_a[None, :, None]).to(gl.float16)
+    qs_c = gl.convert_layout(qs, gl.SliceLayout(0, gl.SliceLayout(2, MMA)))
+
+    m_i = gl.full([W, 16], float("-inf"), gl.float32, gl.SliceLayout(2, MMA))
+    l_i = gl.zeros([W, 16], gl.float32, gl.SliceLayout(2, MMA))
+    acc = gl.zeros([W, 16, D], gl.float32, MMA)
+
+    wk = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, KL)))
+    tk = gl.arange(0, CT, layout=gl.SliceLayout(0, gl.SliceLayout(2, KL)))
+    sk = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, KL)))
+    wv = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, VL)))
+    tv = gl.arange(0, CT, layout=gl.SliceLayout(0, gl.SliceLayout(2, VL)))
+    ov = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, VL)))
+    wc = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(1, MMA)))
+    tc = gl.arange(0, CT, layout=gl.SliceLayout(0, gl.SliceLayout(1, MMA)))
+    for t0 in range(start, end, BLOCK):
+        kbase, kvalid = tile_records(t0, end, pages_ptr, pid_bh, max_pages, wk[:, None], tk[None, :], PS, WT, CT)
+        s3 = sk[None, None, :] + 0 * tk[None, :, None]
+        j = key_quarter(pool_ptr, kbase[:, :, None] + 0 * s3, s3 + 0 * wk[:, None, None],
+                        kvalid[:, :, None] & (s3 >= 0))
+        k = gl.reshape(gl.permute(j, 0, 1, 3, 4, 5, 6, 2, 7), [W, CT, D])
+        kt = gl.convert_layout(gl.permute(k, 0, 2, 1), BOP, assert_trivial=True)
+        s = mma_v2(qop, kt, gl.zeros([W, 16, CT], gl.float32, MMA))
+
+        cbase, cvalid = tile_records(t0, end, pages_ptr, pid_bh, max_pages, wc[:, None], tc[None, :], PS, WT, CT)
+        kr = gl.load(pool_ptr + cbase + {key_radius}, mask=cvalid, other=0).to(gl.float32, bitcast=True)
+        vr = gl.load(pool_ptr + cbase + {value_radius}, mask=cvalid, other=0).to(gl.float32, bitcast=True)
+        bias = gl.where(cvalid, 0.0, float("-inf"))
+        s = s * gl.where(cvalid, kr, 0.0)[:, None, :] + bias[:, None, :]
+        m_new = gl.maximum(m_i, gl.max(s, 2) * qs_c[None, :])
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)  # a warp past the end has seen nothing yet
+        alpha = gl.exp2(m_i - m_safe)
+        p = gl.exp2(s * qs_c[None, :, None] - m_safe[:, :, None])
+        l_i = l_i * alpha + gl.sum(p, 2)
+        wgt = p * gl.where(cvalid, vr, 0.0)[:, None, :]
+        top = gl.max(wgt, 2)
+        top = gl.where(top > 0, top, 1.0)
+        pa = gl.convert_layout((wgt * (1.0 / top)[:, :, None]).to(gl.float16), AOP)
+
+        vbase, vvalid = tile_records(t0, end, pages_ptr, pid_bh, max_pages, wv[:, None], tv[None, :], PS, WT, CT)
+        o3 = ov[None, None, :] + 0 * tv[None, :, None]
+        jv = value_octant(pool_ptr, vbase[:, :, None] + 0 * o3, o3 + 0 * wv[:, None, None],
+                          vvalid[:, :, None] & (o3 >= 0))
+        v = gl.reshape(gl.permute(jv, 0, 1, 3, 4, 5, 6, 2), [W, CT, D])
+        vb = gl.convert_layout(v, BOP, assert_trivial=True)
+        acc = acc * alpha[:, :, None] + mma_v2(pa, vb, gl.zeros([W, 16, D], gl.float32, MMA)) * top[:, :, None]
+        m_i = m_new
+
+    # merge the warps' states once
+    m_all = gl.max(m_i, 0)
+    f = gl.exp2(m_i - gl.where(m_all == float("-inf"), 0.0, m_all)[None, :])
+    l_all = gl.sum(l_i * f, 0)
+    acc_all = gl.sum(acc * f[:, :, None], 0)
+    OUT: gl.constexpr = gl.SliceLayout(0, MMA)
+    ro = gl.arange(0, 16, layout=gl.SliceLayout(1, OUT))
+    no = gl.arange(0, D, layout=gl.SliceLayout(0, OUT))
+    coord = (no & 7) * 16 + (no >> 3)  # value fragment column -> tree coordinate
+    out = (pid_bh * S + pid_s) * M + ro
+    gl.store(acc_ptr + out[:, None] * D + coord[None, :], acc_all, mask=ro[:, None] < M)
+    r1 = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, MMA)))
+    out1 = (pid_bh * S + pid_s) * M + r1
+    gl.store(m_ptr + out1, m_all, mask=r1 < M)
+    gl.store(l_ptr + out1, l_all, mask=r1 < M)
+'''
+
+
+def kernel_source() -> str:
+    return (HEADER + "\n" + key_decoder_source() + "\n\n" + value_decoder_source()
+            + KERNEL.replace("{key_radius}", str(KEY_RADIUS)).replace("{value_radius}", str(VALUE_RADIUS)))
+
+
+def load_module():
+    path = os.path.join(tempfile.mkdtemp(prefix="sphkv_gluon_probe_"), "probe_gluon_generated.py")
+    with open(path, "w") as f:
+        f.write(kernel_source())
+    spec = importlib.util.spec_from_file_location("probe_gluon_generated", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+SIGNATURE = {"q_ptr": "*fp32", "pool_ptr": "*i32", "pages_ptr": "*i32", "count_ptr": "*i32", "acc_ptr": "*fp32",
+             "m_ptr": "*fp32", "l_ptr": "*fp32", "tab_ptr": "*i32", "M": "i32", "max_pages": "i32", "S": "i32"}
+
+
+def compile_only(ct: int, warps: int) -> None:
+    """sm_90 compile without a GPU: registers, spills, shared memory and the SASS mix."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    try:
+        from triton.experimental.gluon import GluonASTSource
+    except ImportError:  # Triton 3.6
+        from triton.experimental.gluon._runtime import GluonASTSource
+    sys.path.insert(0, os.path.dirname(__file__))
+    from compile_check import sass_summary
+
+    mod = load_module()
+    consts = {"PS": 64, "WT": RECORD_WORDS, "D": D, "CT": ct, "W": warps}
+    k = triton.compile(GluonASTSource(mod.probe_kernel, SIGNATURE, consts), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": warps})
+    print(f"probe_kernel CT={ct} W={warps}: Triton {triton.__version__}, shared {k.metadata.shared} bytes")
+    sass_summary(k)
+
+
+# --- the GPU run ---------------------------------------------------------------------------------
+
+def random_store(B, Hkv, T, device, gen):
+    """(pool int32 [pages, 64, 28], pages [B*Hkv, per], count [B*Hkv]): random codes, radii in [0.5, 2]."""
+    ps = 64
+    per = math.ceil(T / ps)
+    n = B * Hkv * per
+    pool = torch.randint(-2 ** 31, 2 ** 31 - 1, (n, ps, RECORD_WORDS), device=device, dtype=torch.int64,
+                         generator=gen).to(torch.int32)
+    for word in (KEY_RADIUS, VALUE_RADIUS):
+        pool[..., word] = (0.5 + 1.5 * torch.rand(n, ps, device=device, generator=gen)).view(torch.int32)
+    pages = torch.randperm(n, device=device, generator=gen).to(torch.int32).view(B * Hkv, per)
+    count = torch.full((B * Hkv,), T, device=device, dtype=torch.int32)
+    return pool, pages, count
+
+
+def launch(mod, q, pool, pages, count, tab, M, S, ct, warps):
+    bh = count.numel()
+    acc = torch.empty(bh, S, M, D, device=q.device, dtype=torch.float32)
+    m = torch.empty(bh, S, M, device=q.device, dtype=torch.float32)
+    l = torch.empty_like(m)
+
+    def run():
+        mod.probe_kernel[(bh, S)](q, pool, pages, count, acc, m, l, tab, M, pages.shape[1], S,
+                                  PS=64, WT=RECORD_WORDS, D=D, CT=ct, W=warps, num_warps=warps)
+
+    return run, acc, m, l
+
+
+def combine(acc, m, l):
+    mx = m.amax(1, keepdim=True)
+    mx = torch.where(torch.isinf(mx), torch.zeros_like(mx), mx)
+    f = torch.exp2(m - mx)
+    return (acc * f[..., None]).sum(1) / (l * f).sum(1)[..., None]
+
+
+def reference(q, pool, pages, count):
+    """float64 attention over the decoded records; q already scaled for base-2 softmax."""
+    bh, M, _ = q.shape
+    outs = []
+    for i in range(bh):
+        n = int(count[i])
+        slots = torch.arange(n, device=q.device)
+        rec = pool[pages[i, slots // 64].long(), slots % 64]
+        k = decode_reference(rec, key_position) * rec[:, KEY_RADIUS].view(torch.float32).double()[:, None]
+        v = decode_reference(rec, value_position) * rec[:, VALUE_RADIUS].view(torch.float32).double()[:, None]
+        s = q[i].double() @ k.T
+        p = torch.exp2(s - s.amax(1, keepdim=True))
+        outs.append((p @ v) / p.sum(1, keepdim=True))
+    return torch.stack(outs)
+
+
+def check(mod, device, gen, ct, warps) -> float:
+    B, Hkv, M = 2, 2, 4
+    pool, pages, count = random_store(B, Hkv, 1000, device, gen)
+    count.copy_(torch.tensor([1000, 7, 513, 1], device=device, dtype=torch.int32))
+    q = torch.randn(B * Hkv, M, D, device=device, generator=gen) * 0.2
+    q[0, 0] *= 50  # a large row
+    q[1, 1] = 0    # a zero row
+    tab = table_words().to(device)
+    run, acc, m, l = launch(mod, q, pool, pages, count, tab, M, 3, ct, warps)
+    run()
+    got = combine(acc.double(), m.double(), l.double())
+    ref = reference(q, pool, pages, count)
+    return float((got - ref).abs().max() / ref.abs().max())
+
+
+POINTS = [("llama3-8b", 1, 32768), ("llama3-8b", 8, 32768), ("llama3-8b", 32, 32768), ("llama3-8b", 8, 131072)]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--compile-only", action="store_true")
+    parser.add_argument("--configs", default="16x4,32x4,16x2")
+    args = parser.parse_args()
+    configs = [tuple(int(x) for x in c.split("x")) for c in args.configs.split(",")]
+    if args.compile_only:
+        for ct, warps in configs:
+            compile_only(ct, warps)
+        return 0
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from bench_decode import SHAPES, build_store, dense_decode, graph_of, median_ms
+    from sphkv_compile.kernels import attend as kattend
+    from sphkv_compile.options import SphkvOptions
+    from sphkv_compile.tiers import TierSpec
+
+    device = torch.device("cuda")
+    gen = torch.Generator(device=device).manual_seed(0)
+    mod = load_module()
+    result = {"device": torch.cuda.get_device_name(device), "checks": {}, "rows": []}
+    for ct, warps in configs:
+        err = check(mod, device, gen, ct, warps)
+        result["checks"][f"{ct}x{warps}"] = err
+        print(f"check CT={ct} W={warps}: max error / max |out| = {err:.2e}", flush=True)
+    opts = SphkvOptions()
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    for name, B, T in POINTS:
+        Hq, Hkv, d = SHAPES[name]
+        G = Hq // Hkv
+        q = torch.randn(B, Hq, 1, d, device=device, dtype=torch.bfloat16, generator=gen)
+        k = torch.randn(B, Hkv, T, d, device=device, dtype=torch.bfloat16, generator=gen)
+        row = {"shape": name, "B": B, "T": T, "cudnn_ms": dense_decode(q, k, torch.randn_like(k), "cudnn")}
+        del k
+        specs = [TierSpec("exact"), TierSpec("uniform", float(opts.bits), "polar", float(opts.bits))]
+        states, _, _ = build_store(B, Hkv, d, T - 1, specs, opts, opts.seed, device, gen)
+        kn = torch.randn(B, Hkv, 1, d, device=device, dtype=torch.bfloat16, generator=gen)
+
+        def today():
+            return kattend.attend(q, states, specs, seed=opts.seed, kv_dtype=torch.bfloat16, k_new=kn, v_new=kn)[0]
+
+        row["today_ms"] = median_ms(graph_of(today).replay)
+        del states
+        torch.cuda.empty_cache()
+        pool, pages, count = random_store(B, Hkv, T, device, gen)
+        qp = torch.randn(B * Hkv, G, D, device=device, generator=gen) * 0.2
+        tab = table_words().to(device)
+        for ct, warps in configs:
+            best = None
+            for waves in (1, 2, 4):
+                S = max(1, min(T // (ct * warps), round(waves * sms * 2 / (B * Hkv))))
+                run, *_ = launch(mod, qp, pool, pages, count, tab, G, S, ct, warps)
+                ms = median_ms(run)
+                if best is None or ms < best[0]:
+                    best = (ms, S)
+            row[f"probe_{ct}x{warps}_ms"], row[f"probe_{ct}x{warps}_S"] = best
+        row["records_gb_per_s_best_probe"] = B * Hkv * T * RECORD_WORDS * 4 / (
+            min(row[f"probe_{ct}x{w}_ms"] for ct, w in configs) * 1e-3) / 1e9
+        print(json.dumps(row), flush=True)
+        result["rows"].append(row)
+        del pool, pages
+        torch.cuda.empty_cache()
+    with open(os.path.join(args.out, "probe_gluon_fragments.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
