@@ -1,0 +1,33 @@
+"""The Gluon fragment kernel compiles for sm_90 without a GPU (Triton's bundled ptxas).
+
+The kernel asserts that the decoded key and value leaves land in mma_v2's operand fragments
+with no data movement (convert_layout(assert_trivial=True)); a decoder whose subtree numbering
+missed the fragments would fail to compile here. The numbers themselves are checked on the GPU
+(tests/test_kernels_gpu.py: test_fragment_kernel_*)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sphkv_compile.kernels import fragment_launch
+from sphkv_compile.kernels.layout import tier_info
+from sphkv_compile.tiers import DEFAULT_TIERS, TierSpec
+
+if not fragment_launch.gluon_available():
+    pytest.skip("this Triton has no Gluon", allow_module_level=True)
+
+
+@pytest.mark.parametrize("spec,d", [(TierSpec("uniform", 3.5, "polar", 3.5), 128), (DEFAULT_TIERS[1], 64),
+                                    (DEFAULT_TIERS[3], 32)], ids=["uniform-128", "high-64", "low-32"])
+def test_fragment_kernel_compiles_with_trivial_operand_conversions(spec, d):
+    info = tier_info(spec, d, 0, torch.bfloat16)
+    kernel = fragment_launch.compile_for_target(info, d)
+    # shared memory only for the warps' final merge, not a decoded tile
+    assert kernel.metadata.shared <= 16 * d * 4 * 2, kernel.metadata.shared
+
+
+def test_permutations_put_the_subtree_index_where_the_fragments_want_it():
+    kperm, vperm = fragment_launch.permutations(128)
+    assert kperm == (0, 1, 3, 4, 5, 6, 2, 7)  # [W, CT, quarter, b4..b0] -> (b4, b3, b2, b1, quarter, b0)
+    assert vperm == (0, 1, 3, 4, 5, 6, 2)  # [W, CT, octant, l3..l0] -> (l3, l2, l1, l0, octant)
+    assert fragment_launch.permutations(32) == ((0, 1, 3, 4, 2, 5), (0, 1, 3, 4, 2))
