@@ -120,7 +120,8 @@ def _lookup(body: _Body, offset: str, table_bytes: int, name: str) -> None:
 
 def _decoder_source(tables: PolarTables, record_offset: int, parts: int, table_base: int) -> str:
     """A Gluon function decode(pool_ptr, base, sub, valid) -> the leaves of subtree `sub` (one of
-    `parts`) as float16 [..., 2, ..., 2] (the last axis the leaf index's lowest bit)."""
+    `parts`, on axis 2 of [W, CT, parts] inputs) as float16, permuted by _permutation: reshaped to
+    [W, CT, D] they are the operand's D index in order."""
     layout = tables.fields.layout
     levels = tables.levels
     below = int(math.log2(parts))  # path levels above the subtrees
@@ -172,8 +173,21 @@ def _decoder_source(tables: PolarTables, record_offset: int, parts: int, table_b
         body.emit(f"j{counter[0]} = gl.join({lo}, {hi})")
         return f"j{counter[0]}"
 
-    body.emit(f"return {join(values)}")
+    # [.., subtree, leaf bits high..low] -> the row-major order of the operand's D index
+    dims = ", ".join(str(i) for i in _permutation(parts, int(math.log2(len(values)))))
+    body.emit(f"return gl.permute({join(values)}, {dims})")
     return "\n".join(["@gluon.jit", "def decode(pool_ptr, base, sub, valid):"] + body.lines) + "\n"
+
+
+def _permutation(parts: int, leaf_bits: int) -> tuple[int, ...]:
+    """The permute of the joined leaves [W, CT, subtree, leaf bits high..low] into the order of
+    the operand's D index. Keys (4 parts, the B operand of q @ k^T): k bit 0 = leaf bit 0, bits
+    1-2 = the quarter, bits 3.. = leaf bits 1..; values (8 parts, the B operand of p @ v): n bits
+    0-2 = the octant, bits 3.. = the leaf bits. (Written into the decoder: Triton 3.6's permute
+    takes no constexpr tuple.)"""
+    if parts == 4:
+        return (0, 1) + tuple(range(3, 3 + leaf_bits - 1)) + (2, 2 + leaf_bits)
+    return (0, 1) + tuple(range(3, 3 + leaf_bits)) + (2,)
 
 
 def _radius_source(tables: PolarTables, record_offset: int) -> str:

@@ -70,7 +70,7 @@ def paged_fragment_kernel(
         M, max_pages, S, split_offset, S_total,
         PS: gl.constexpr, WT: gl.constexpr, D: gl.constexpr, CT: gl.constexpr, W: gl.constexpr,
         K_WORDS: gl.constexpr, V_WORDS: gl.constexpr, KEY_QUARTER: gl.constexpr, VALUE_OCTANT: gl.constexpr,
-        KEY_RADIUS: gl.constexpr, VALUE_RADIUS: gl.constexpr, KPERM: gl.constexpr, VPERM: gl.constexpr,
+        KEY_RADIUS: gl.constexpr, VALUE_RADIUS: gl.constexpr,
         STEP: gl.constexpr, LOG2_MIN: gl.constexpr):
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1, 1], instr_shape=[1, 16, 8])
     AOP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
@@ -125,7 +125,7 @@ def paged_fragment_kernel(
     for t0 in range(start, end, BLOCK):
         kbase, kvalid = _tile_records(t0, end, pages_ptr, pid_bh, max_pages, wk[:, None], tk[None, :], PS, WT, CT)
         kj = KEY_QUARTER(pool_ptr, kbase[:, :, None] + 0 * ksub, ksub, kvalid[:, :, None] & (ksub >= 0))
-        k = gl.reshape(gl.permute(kj, KPERM), [W, CT, D])
+        k = gl.reshape(kj, [W, CT, D])
         kt = gl.convert_layout(gl.permute(k, 0, 2, 1), BOP, assert_trivial=True)
         s = mma_v2(qop, kt, gl.zeros([W, 16, CT], gl.float32, MMA))
 
@@ -149,7 +149,7 @@ def paged_fragment_kernel(
 
         vbase, vvalid = _tile_records(t0, end, pages_ptr, pid_bh, max_pages, wv[:, None], tv[None, :], PS, WT, CT)
         vj = VALUE_OCTANT(pool_ptr, vbase[:, :, None] + 0 * vsub, vsub, vvalid[:, :, None] & (vsub >= 0))
-        v = gl.convert_layout(gl.reshape(gl.permute(vj, VPERM), [W, CT, D]), BOP, assert_trivial=True)
+        v = gl.convert_layout(gl.reshape(vj, [W, CT, D]), BOP, assert_trivial=True)
         acc = mma_v2(pa, v, acc * (t_old / t_new)[:, :, None])
         t_i = t_new
         m_i = m_new

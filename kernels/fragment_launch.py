@@ -5,7 +5,6 @@ attention_kernels.py); the GPU tests run both and compare.
 """
 from __future__ import annotations
 
-import math
 from functools import lru_cache
 
 import torch
@@ -60,19 +59,6 @@ def _decoders(info):
     return fragment_decoders(info.key, info.value, info.key_words)
 
 
-@lru_cache(maxsize=None)
-def permutations(D: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(KPERM, VPERM): the permutes that turn the decoders' joined leaves [W, CT, subtree, leaf
-    bits high..low] into the row-major order of the operand's D index. Keys: k bit 0 = leaf bit
-    0, bits 1-2 = the quarter, bits 3.. = leaf bits 1..; values: n bits 0-2 = the octant, bits
-    3.. = the leaf bits."""
-    kb = int(math.log2(D // 4))  # leaf bits of a quarter
-    vb = int(math.log2(D // 8))
-    kperm = (0, 1) + tuple(range(3, 3 + kb - 1)) + (2, 2 + kb)
-    vperm = (0, 1) + tuple(range(3, 3 + vb)) + (2,)
-    return kperm, vperm
-
-
 def splits(rows: int, capacity: int, wanted: int, balanced) -> int:
     """Splits per row: as many as fill programs_per_sm programs per SM, then the count up to
     twice that which leaves no SM a partial last wave (attend._balanced_splits)."""
@@ -86,11 +72,9 @@ def splits(rows: int, capacity: int, wanted: int, balanced) -> int:
 
 def _constants(info, D: int, page_size: int, record_words: int) -> dict:
     key_quarter, value_octant, key_radius, value_radius = _decoders(info)
-    kperm, vperm = permutations(D)
     return dict(PS=page_size, WT=record_words, D=D, CT=FRAGMENT["tokens_per_warp"], W=FRAGMENT["warps"],
                 K_WORDS=info.key.half_pairs.numel(), V_WORDS=info.value.half_pairs.numel(), KEY_QUARTER=key_quarter,
-                VALUE_OCTANT=value_octant, KEY_RADIUS=key_radius, VALUE_RADIUS=value_radius, KPERM=kperm,
-                VPERM=vperm, STEP=info.key.radius_step, LOG2_MIN=LOG2_MIN)
+                VALUE_OCTANT=value_octant, KEY_RADIUS=key_radius, VALUE_RADIUS=value_radius, STEP=info.key.radius_step, LOG2_MIN=LOG2_MIN)
 
 
 def compile_for_target(info, D: int, page_size: int = 64, arch: int = 90):

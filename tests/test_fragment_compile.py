@@ -22,12 +22,14 @@ if not fragment_launch.gluon_available():
 def test_fragment_kernel_compiles_with_trivial_operand_conversions(spec, d):
     info = tier_info(spec, d, 0, torch.bfloat16)
     kernel = fragment_launch.compile_for_target(info, d)
-    # shared memory only for the warps' final merge, not a decoded tile
-    assert kernel.metadata.shared <= 16 * d * 4 * 2, kernel.metadata.shared
+    # shared memory only for the warps' final merge (Triton 3.6 sizes it for every warp's
+    # accumulator, 3.9 for less), not for decoded tiles
+    assert kernel.metadata.shared <= fragment_launch.FRAGMENT["warps"] * 16 * d * 4, kernel.metadata.shared
 
 
 def test_permutations_put_the_subtree_index_where_the_fragments_want_it():
-    kperm, vperm = fragment_launch.permutations(128)
-    assert kperm == (0, 1, 3, 4, 5, 6, 2, 7)  # [W, CT, quarter, b4..b0] -> (b4, b3, b2, b1, quarter, b0)
-    assert vperm == (0, 1, 3, 4, 5, 6, 2)  # [W, CT, octant, l3..l0] -> (l3, l2, l1, l0, octant)
-    assert fragment_launch.permutations(32) == ((0, 1, 3, 4, 2, 5), (0, 1, 3, 4, 2))
+    from sphkv_compile.kernels.fragment_codegen import _permutation
+
+    assert _permutation(4, 5) == (0, 1, 3, 4, 5, 6, 2, 7)  # [W, CT, quarter, b4..b0] -> (b4, b3, b2, b1, quarter, b0)
+    assert _permutation(8, 4) == (0, 1, 3, 4, 5, 6, 2)  # [W, CT, octant, l3..l0] -> (l3, l2, l1, l0, octant)
+    assert _permutation(4, 3) == (0, 1, 3, 4, 2, 5) and _permutation(8, 2) == (0, 1, 3, 4, 2)
