@@ -134,6 +134,8 @@ def _decoder_source(tables: PolarTables, record_offset: int, parts: int, table_b
 
     def code_offset(level: int, element) -> str:
         terms = [element(c) for c in _field_parts(layout, level)]
+        if not terms:  # a 0-bit level: its one centroid, entry 0
+            return "0"
         return f"({' | '.join(terms)})"  # parenthesised: the caller adds the table's offset
 
     # the path: the root, then one node per level down to the subtree's root

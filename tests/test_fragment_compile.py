@@ -17,8 +17,14 @@ if not fragment_launch.gluon_available():
     pytest.skip("this Triton has no Gluon", allow_module_level=True)
 
 
-@pytest.mark.parametrize("spec,d", [(TierSpec("uniform", 3.5, "polar", 3.5), 128), (DEFAULT_TIERS[1], 64),
-                                    (DEFAULT_TIERS[3], 32)], ids=["uniform-128", "high-64", "low-32"])
+TIERS = {t.name: t for t in DEFAULT_TIERS}
+
+
+# uniform (the default policy's tier), low at 128 (levels of 0 bits), high at 128 (7-bit codes:
+# 7 KB of tables), mid at 64 and 32
+@pytest.mark.parametrize("spec,d", [(TierSpec("uniform", 3.5, "polar", 3.5), 128), (TIERS["low"], 128),
+                                    (TIERS["high"], 128), (TIERS["mid"], 64), (TIERS["mid"], 32)],
+                         ids=["uniform-128", "low-128", "high-128", "mid-64", "mid-32"])
 def test_fragment_kernel_compiles_with_trivial_operand_conversions(spec, d):
     info = tier_info(spec, d, 0, torch.bfloat16)
     kernel = fragment_launch.compile_for_target(info, d)
