@@ -39,6 +39,8 @@ import tempfile
 
 import torch
 
+from sphkv_compile.kernels.decode_codegen import join_tree
+
 D = 128
 KEY_RADIUS, KEY_TOP = 12, 13
 VALUE_LEVEL1, VALUE_UPPER, VALUE_TOP, VALUE_RADIUS = 14, 22, 26, 27
@@ -140,18 +142,7 @@ def _subtree(lines: list[str], prefix: str, root_level: int, root: str, position
 
 
 def _join(lines: list[str], leaves: list[str], prefix: str) -> str:
-    counter = [0]
-
-    def build(items):
-        if len(items) == 1:
-            return items[0]
-        a, b = build(items[0::2]), build(items[1::2])
-        counter[0] += 1
-        name = f"{prefix}j{counter[0]}"
-        lines.append(f"    {name} = gl.join({a}, {b})")
-        return name
-
-    return build(leaves)
+    return join_tree(leaves, lambda line: lines.append("    " + line), "gl.join", f"{prefix}j")
 
 
 def key_decoder_source() -> str:

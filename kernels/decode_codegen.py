@@ -175,13 +175,30 @@ def _radius(w: _Writer, parts) -> str:
     return r
 
 
+def join_tree(leaves: list[str], emit, join: str = "tl.join", prefix: str = "j") -> str:
+    """Emit the joins that stack `leaves` (variable names, in leaf order) into one tensor whose
+    new trailing axes are the leaf index's bits, highest first: join(even half, odd half) puts
+    the lowest bit last. Returns the result's name. `join` is Triton's or Gluon's."""
+    counter = [0]
+
+    def build(items: list[str]) -> str:
+        if len(items) == 1:
+            return items[0]
+        a, b = build(items[0::2]), build(items[1::2])
+        counter[0] += 1
+        name = f"{prefix}{counter[0]}"
+        emit(f"{name} = {join}({a}, {b})")
+        return name
+
+    return build(leaves)
+
+
 def _join_tile(w: _Writer, leaves: list[str], radius: str | None = None) -> None:
     """Return the [BLOCK_T] leaves, in order, as one [BLOCK_T, D] tile (and the radius after it,
     if given).
     join(even half, odd half) puts the leaf's lowest index bit on the last (in-thread) axis,
     so the row-major reshape restores the order. With w.leaf_dtype the leaves are cast as
     they are made (bf16 pairs share a register, which halves the tile's registers)."""
-    counter = [0]
     if w.leaf_dtype:
         cast = []
         for x in leaves:
@@ -189,16 +206,7 @@ def _join_tile(w: _Writer, leaves: list[str], radius: str | None = None) -> None
             cast.append(f"{x}h")
         leaves = cast
 
-    def build(items: list[str]) -> str:
-        if len(items) == 1:
-            return items[0]
-        a, b = build(items[0::2]), build(items[1::2])
-        counter[0] += 1
-        name = f"j{counter[0]}"
-        w.emit(f"{name} = tl.join({a}, {b})")
-        return name
-
-    tile = f"tl.reshape({build(leaves)}, (BLOCK_T, {len(leaves)}))"
+    tile = f"tl.reshape({join_tree(leaves, w.emit)}, (BLOCK_T, {len(leaves)}))"
     w.emit(f"return {tile}" + (f", {radius}" if radius else ""))
 
 
