@@ -26,6 +26,10 @@ per node (its 3-bit codes are split in two fields, one more extraction each). Th
 tables sit in shared memory as float16 pairs and the trees run in f16x2, as today. The output
 is checked against a float64 decode of the same records. A probe, not a kernel: it answers
 whether a format change and a Gluon kernel are worth building.
+
+Results (docs/PERFORMANCE.md, session 24): 1.22-1.48x today's kernel at Llama-3-8B decode points,
+0.86-0.95x cuDNN. A kernel built this way on the real records (commits c04e68f..81acd00) was
+slower than today's and was removed.
 """
 from __future__ import annotations
 
@@ -103,7 +107,6 @@ def decode_reference(records: torch.Tensor, position) -> torch.Tensor:
     """float64 unit vectors [..., D] of the records' trees (tree coordinate order)."""
     words = records.to(torch.int64) & 0xFFFFFFFF
     out = torch.ones(*records.shape[:-1], D, dtype=torch.float64, device=records.device)
-    coord = torch.arange(D)
     for level in range(1, LEVELS + 1):
         a = angles(level).to(records.device)
         for node in range(D >> level):
@@ -113,7 +116,6 @@ def decode_reference(records: torch.Tensor, position) -> torch.Tensor:
             half = 1 << (level - 1)
             out[..., lo:lo + half] *= a[code].cos()[..., None]
             out[..., lo + half:lo + 2 * half] *= a[code].sin()[..., None]
-    del coord
     return out
 
 
