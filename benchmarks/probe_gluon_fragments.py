@@ -34,16 +34,14 @@ slower than today's and was removed.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
 import sys
-import tempfile
 
 import torch
 
-from sphkv_compile.kernels.decode_codegen import join_tree
+from sphkv_compile.kernels.decode_codegen import join_tree, load_generated
 
 D = 128
 KEY_RADIUS, KEY_TOP = 12, 13
@@ -352,14 +350,9 @@ def kernel_source() -> str:
             + KERNEL.replace("{key_radius}", str(KEY_RADIUS)).replace("{value_radius}", str(VALUE_RADIUS)))
 
 
-def load_module():
-    path = os.path.join(tempfile.mkdtemp(prefix="sphkv_gluon_probe_"), "probe_gluon_generated.py")
-    with open(path, "w") as f:
-        f.write(kernel_source())
-    spec = importlib.util.spec_from_file_location("probe_gluon_generated", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def load_kernel():
+    """The generated probe_kernel (decode_codegen's hash-named source cache: Gluon's JIT needs a file)."""
+    return load_generated(kernel_source(), "probe_kernel")
 
 
 SIGNATURE = {"q_ptr": "*fp32", "pool_ptr": "*i32", "pages_ptr": "*i32", "count_ptr": "*i32", "acc_ptr": "*fp32",
@@ -378,9 +371,9 @@ def compile_only(ct: int, warps: int) -> None:
     sys.path.insert(0, os.path.dirname(__file__))
     from compile_check import sass_summary
 
-    mod = load_module()
+    kernel = load_kernel()
     consts = {"PS": 64, "WT": RECORD_WORDS, "D": D, "CT": ct, "W": warps}
-    k = triton.compile(GluonASTSource(mod.probe_kernel, SIGNATURE, consts), target=GPUTarget("cuda", 90, 32),
+    k = triton.compile(GluonASTSource(kernel, SIGNATURE, consts), target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": warps})
     print(f"probe_kernel CT={ct} W={warps}: Triton {triton.__version__}, shared {k.metadata.shared} bytes")
     sass_summary(k)
@@ -402,14 +395,14 @@ def random_store(B, Hkv, T, device, gen):
     return pool, pages, count
 
 
-def launch(mod, q, pool, pages, count, tab, M, S, ct, warps):
+def launch(kernel, q, pool, pages, count, tab, M, S, ct, warps):
     bh = count.numel()
     acc = torch.empty(bh, S, M, D, device=q.device, dtype=torch.float32)
     m = torch.empty(bh, S, M, device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)
 
     def run():
-        mod.probe_kernel[(bh, S)](q, pool, pages, count, acc, m, l, tab, M, pages.shape[1], S,
+        kernel[(bh, S)](q, pool, pages, count, acc, m, l, tab, M, pages.shape[1], S,
                                   PS=64, WT=RECORD_WORDS, D=D, CT=ct, W=warps, num_warps=warps)
 
     return run, acc, m, l
@@ -438,7 +431,7 @@ def reference(q, pool, pages, count):
     return torch.stack(outs)
 
 
-def check(mod, device, gen, ct, warps) -> float:
+def check(kernel, device, gen, ct, warps) -> float:
     B, Hkv, M = 2, 2, 4
     pool, pages, count = random_store(B, Hkv, 1000, device, gen)
     count.copy_(torch.tensor([1000, 7, 513, 1], device=device, dtype=torch.int32))
@@ -446,7 +439,7 @@ def check(mod, device, gen, ct, warps) -> float:
     q[0, 0] *= 50  # a large row
     q[1, 1] = 0    # a zero row
     tab = table_words().to(device)
-    run, acc, m, l = launch(mod, q, pool, pages, count, tab, M, 3, ct, warps)
+    run, acc, m, l = launch(kernel, q, pool, pages, count, tab, M, 3, ct, warps)
     run()
     got = combine(acc.double(), m.double(), l.double())
     ref = reference(q, pool, pages, count)
@@ -476,10 +469,10 @@ def main() -> int:
 
     device = torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(0)
-    mod = load_module()
+    kernel = load_kernel()
     result = {"device": torch.cuda.get_device_name(device), "checks": {}, "rows": []}
     for ct, warps in configs:
-        err = check(mod, device, gen, ct, warps)
+        err = check(kernel, device, gen, ct, warps)
         result["checks"][f"{ct}x{warps}"] = err
         print(f"check CT={ct} W={warps}: max error / max |out| = {err:.2e}", flush=True)
     opts = SphkvOptions()
@@ -508,7 +501,7 @@ def main() -> int:
             best = None
             for waves in (1, 2, 4):
                 S = max(1, min(T // (ct * warps), round(waves * sms * 2 / (B * Hkv))))
-                run, *_ = launch(mod, qp, pool, pages, count, tab, G, S, ct, warps)
+                run, *_ = launch(kernel, qp, pool, pages, count, tab, G, S, ct, warps)
                 ms = median_ms(run)
                 if best is None or ms < best[0]:
                     best = (ms, S)
