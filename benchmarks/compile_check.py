@@ -50,6 +50,22 @@ def sass_summary(k):
     print(" ", [l.strip() for l in usage.splitlines() if "REG" in l], sum(ops.values()), ops.most_common(12))
     # shared-memory stores by width (the decoded tiles' way into the MMA layout) and spills
     print("  stores/spills:", {op: n for op, n in sorted(full.items()) if op.split(".")[0] in ("STS", "STL", "LDL")})
+    print("  largest loop body:", loop_body_size(sass), "instructions")
+
+
+def loop_body_size(sass: str) -> int:
+    """Instructions between the target of the longest backward branch and the branch itself."""
+    import re
+
+    best = 0
+    addrs = []
+    for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)([^;]*);", sass):
+        addrs.append((int(m.group(1), 16), m.group(2), m.group(3)))
+    for addr, op, args in addrs:
+        target = re.search(r"0x([0-9a-f]+)", args) if op.startswith("BRA") else None
+        if target and int(target.group(1), 16) < addr:
+            best = max(best, sum(1 for a, _, _ in addrs if int(target.group(1), 16) <= a <= addr))
+    return best
 
 
 def pointer_alignment(fn, sig) -> dict:

@@ -45,8 +45,10 @@ from sphkv_compile.kernels.decode_codegen import join_tree, load_generated
 
 D = 128
 KEY_RADIUS, KEY_TOP = 12, 13
-VALUE_LEVEL1, VALUE_UPPER, VALUE_TOP, VALUE_RADIUS = 14, 22, 26, 27
-RECORD_WORDS = 28
+# polar values, relative to the first value word
+VALUE_LEVEL1, VALUE_UPPER, VALUE_TOP, VALUE_RADIUS = 0, 8, 12, 13
+# the words each half of a record takes: polar 14 (112 bytes K+V), int4 16 codes + 1 radius
+HALF_WORDS = {"polar": 14, "int4": 17}
 KEY_UPPER_BIT = {2: 0, 3: 16, 4: 24, 5: 28}
 VALUE_UPPER_BIT = {2: 0, 3: 8, 4: 12}
 LEVELS = 7
@@ -91,14 +93,44 @@ def key_position(level: int, node: int) -> tuple[int, int, int]:
     return KEY_TOP, 4, 2
 
 
-def value_position(level: int, node: int) -> tuple[int, int, int]:
+def value_position(level: int, node: int, vb: int = HALF_WORDS["polar"]) -> tuple[int, int, int]:
     if level == 1:
         o, p = divmod(node, 8)
-        return VALUE_LEVEL1 + o, 4 * p, 4
+        return vb + VALUE_LEVEL1 + o, 4 * p, 4
     if level <= 4:
         o, i = divmod(node, 1 << (4 - level))
-        return VALUE_UPPER + o // 2, 16 * (o % 2) + VALUE_UPPER_BIT[level] + 2 * i, 2
-    return VALUE_TOP, {5: 0, 6: 8, 7: 12}[level] + 2 * node, 2
+        return vb + VALUE_UPPER + o // 2, 16 * (o % 2) + VALUE_UPPER_BIT[level] + 2 * i, 2
+    return vb + VALUE_TOP, {5: 0, 6: 8, 7: 12}[level] + 2 * node, 2
+
+
+def decode_int4_reference(records: torch.Tensor, first: int) -> torch.Tensor:
+    """float64 [..., D] of int4 codes: coordinate c is nibble c % 8 of word first + c // 8, minus 8."""
+    words = records[..., first:first + D // 8].to(torch.int64) & 0xFFFFFFFF
+    nib = (words[..., :, None] >> (4 * torch.arange(8, device=records.device))) & 15
+    return nib.reshape(*records.shape[:-1], D).double() - 8
+
+
+class Format:
+    """Which codec each half of the synthetic record uses, and where its words sit."""
+
+    def __init__(self, key: str, value: str):
+        self.key, self.value = key, value
+        self.vb = HALF_WORDS[key]
+        self.words = self.vb + HALF_WORDS[value]
+        self.key_radius = KEY_RADIUS if key == "polar" else D // 8
+        self.value_radius = self.vb + (VALUE_RADIUS if value == "polar" else D // 8)
+        self.name = f"{key}-{value}"
+
+    def decode_keys(self, rec: torch.Tensor) -> torch.Tensor:
+        unit = decode_reference(rec, key_position) if self.key == "polar" else decode_int4_reference(rec, 0)
+        return unit * rec[:, self.key_radius].view(torch.float32).double()[:, None]
+
+    def decode_values(self, rec: torch.Tensor) -> torch.Tensor:
+        if self.value == "polar":
+            unit = decode_reference(rec, lambda level, node: value_position(level, node, self.vb))
+        else:
+            unit = decode_int4_reference(rec, self.vb)
+        return unit * rec[:, self.value_radius].view(torch.float32).double()[:, None]
 
 
 def decode_reference(records: torch.Tensor, position) -> torch.Tensor:
@@ -169,12 +201,12 @@ def key_decoder_source() -> str:
     return "\n".join(lines) + "\n"
 
 
-def value_decoder_source() -> str:
+def value_decoder_source(vb: int) -> str:
     lines = ["@gluon.jit", "def value_octant(pool_ptr, base, o, valid):",
-             f"    la = gl.load(pool_ptr + base + {VALUE_LEVEL1} + o, mask=valid, other=0).to(gl.uint32, bitcast=True)",
-             f"    ua = gl.load(pool_ptr + base + {VALUE_UPPER} + (o >> 1), mask=valid, other=0).to(gl.uint32, bitcast=True)",
+             f"    la = gl.load(pool_ptr + base + {vb + VALUE_LEVEL1} + o, mask=valid, other=0).to(gl.uint32, bitcast=True)",
+             f"    ua = gl.load(pool_ptr + base + {vb + VALUE_UPPER} + (o >> 1), mask=valid, other=0).to(gl.uint32, bitcast=True)",
              "    ua = ua >> ((o & 1) * 16).to(gl.uint32)",
-             f"    top = gl.load(pool_ptr + base + {VALUE_TOP}, mask=valid, other=0).to(gl.uint32, bitcast=True)",
+             f"    top = gl.load(pool_ptr + base + {vb + VALUE_TOP}, mask=valid, other=0).to(gl.uint32, bitcast=True)",
              f"    c7, s7 = halves(lookup(((top >> 10) & 12) + {table_offset(7)}))",
              "    x = gl.where(o >= 4, s7, c7)",
              "    sh6 = (6 + 2 * (o >> 2)).to(gl.uint32)",
@@ -192,6 +224,35 @@ def value_decoder_source() -> str:
     leaves = _subtree(lines, "v", 4, "x", position)
     lines.append(f"    return {_join(lines, leaves, 'v')}")
     return "\n".join(lines) + "\n"
+
+
+def int4_decoder_source(name: str, lane_arg: str, first: str, lane_words: int) -> str:
+    """A lane's coordinates from int4 codes: lane_words consecutive words per lane, 8 codes each."""
+    lines = ["@gluon.jit", f"def {name}(pool_ptr, base, {lane_arg}, valid):",
+             f"    a = base + {first} + {lane_words} * {lane_arg}"]
+    leaves = []
+    for i in range(lane_words):
+        lines.append(f"    w{i} = gl.load(pool_ptr + a + {i}, mask=valid, other=0)")
+        names = [f"n{i}_{j}" for j in range(8)]
+        lines.append(f"    {', '.join(names)} = nibbles(w{i})")
+        leaves += names
+    lines.append(f"    return {_join(lines, leaves, name[0])}")
+    return "\n".join(lines) + "\n"
+
+
+# int4 -> float16 without a table: OR the nibble under the exponent of 1024.0 (0x6400), then
+# subtract 1032.0: (1024 + n) - 1032 = n - 8 exactly. One LOP3 and one HADD2 per two codes.
+NIBBLES = '''
+@gluon.jit
+def nibbles(w):
+    return gl.inline_asm_elementwise(
+        "{ .reg .b32 t, u, m; mov.b32 m, 0x64086408; "
+        "lop3.b32 t, $8, 0x000f000f, 0x64006400, 0xea; sub.rn.f16x2 t, t, m; mov.b32 {$0, $4}, t; "
+        "shr.u32 u, $8, 4; lop3.b32 t, u, 0x000f000f, 0x64006400, 0xea; sub.rn.f16x2 t, t, m; mov.b32 {$1, $5}, t; "
+        "shr.u32 u, $8, 8; lop3.b32 t, u, 0x000f000f, 0x64006400, 0xea; sub.rn.f16x2 t, t, m; mov.b32 {$2, $6}, t; "
+        "shr.u32 u, $8, 12; lop3.b32 t, u, 0x000f000f, 0x64006400, 0xea; sub.rn.f16x2 t, t, m; mov.b32 {$3, $7}, t; }",
+        "=h,=h,=h,=h,=h,=h,=h,=h,r", [w], dtype=(gl.float16,) * 8, is_pure=True, pack=1)
+'''
 
 
 HEADER = f'''"""Generated by benchmarks/probe_gluon_fragments.py."""
@@ -345,21 +406,24 @@ def probe_kernel(q_ptr, pool_ptr, pages_ptr, count_ptr, acc_ptr, m_ptr, l_ptr, t
 '''
 
 
-def kernel_source() -> str:
-    return (HEADER + "\n" + key_decoder_source() + "\n\n" + value_decoder_source()
-            + KERNEL.replace("{key_radius}", str(KEY_RADIUS)).replace("{value_radius}", str(VALUE_RADIUS)))
+def kernel_source(fmt: Format) -> str:
+    keys = key_decoder_source() if fmt.key == "polar" else int4_decoder_source("key_quarter", "s", "0", 4)
+    values = (value_decoder_source(fmt.vb) if fmt.value == "polar"
+              else int4_decoder_source("value_octant", "o", str(fmt.vb), 2))
+    return (HEADER + NIBBLES + "\n" + keys + "\n\n" + values
+            + KERNEL.replace("{key_radius}", str(fmt.key_radius)).replace("{value_radius}", str(fmt.value_radius)))
 
 
-def load_kernel():
+def load_kernel(fmt: Format):
     """The generated probe_kernel (decode_codegen's hash-named source cache: Gluon's JIT needs a file)."""
-    return load_generated(kernel_source(), "probe_kernel")
+    return load_generated(kernel_source(fmt), "probe_kernel")
 
 
 SIGNATURE = {"q_ptr": "*fp32", "pool_ptr": "*i32", "pages_ptr": "*i32", "count_ptr": "*i32", "acc_ptr": "*fp32",
              "m_ptr": "*fp32", "l_ptr": "*fp32", "tab_ptr": "*i32", "M": "i32", "max_pages": "i32", "S": "i32"}
 
 
-def compile_only(ct: int, warps: int) -> None:
+def compile_only(fmt: Format, ct: int, warps: int) -> None:
     """sm_90 compile without a GPU: registers, spills, shared memory and the SASS mix."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -371,24 +435,24 @@ def compile_only(ct: int, warps: int) -> None:
     sys.path.insert(0, os.path.dirname(__file__))
     from compile_check import sass_summary
 
-    kernel = load_kernel()
-    consts = {"PS": 64, "WT": RECORD_WORDS, "D": D, "CT": ct, "W": warps}
+    kernel = load_kernel(fmt)
+    consts = {"PS": 64, "WT": fmt.words, "D": D, "CT": ct, "W": warps}
     k = triton.compile(GluonASTSource(kernel, SIGNATURE, consts), target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": warps})
-    print(f"probe_kernel CT={ct} W={warps}: Triton {triton.__version__}, shared {k.metadata.shared} bytes")
+    print(f"probe_kernel {fmt.name} CT={ct} W={warps}: Triton {triton.__version__}, shared {k.metadata.shared} bytes")
     sass_summary(k)
 
 
 # --- the GPU run ---------------------------------------------------------------------------------
 
-def random_store(B, Hkv, T, device, gen):
-    """(pool int32 [pages, 64, 28], pages [B*Hkv, per], count [B*Hkv]): random codes, radii in [0.5, 2]."""
+def random_store(fmt, B, Hkv, T, device, gen):
+    """(pool int32 [pages, 64, words], pages [B*Hkv, per], count [B*Hkv]): random codes, radii in [0.5, 2]."""
     ps = 64
     per = math.ceil(T / ps)
     n = B * Hkv * per
-    pool = torch.randint(-2 ** 31, 2 ** 31 - 1, (n, ps, RECORD_WORDS), device=device, dtype=torch.int64,
+    pool = torch.randint(-2 ** 31, 2 ** 31 - 1, (n, ps, fmt.words), device=device, dtype=torch.int64,
                          generator=gen).to(torch.int32)
-    for word in (KEY_RADIUS, VALUE_RADIUS):
+    for word in (fmt.key_radius, fmt.value_radius):
         pool[..., word] = (0.5 + 1.5 * torch.rand(n, ps, device=device, generator=gen)).view(torch.int32)
     pages = torch.randperm(n, device=device, generator=gen).to(torch.int32).view(B * Hkv, per)
     count = torch.full((B * Hkv,), T, device=device, dtype=torch.int32)
@@ -396,6 +460,7 @@ def random_store(B, Hkv, T, device, gen):
 
 
 def launch(kernel, q, pool, pages, count, tab, M, S, ct, warps):
+    words = pool.shape[-1]
     bh = count.numel()
     acc = torch.empty(bh, S, M, D, device=q.device, dtype=torch.float32)
     m = torch.empty(bh, S, M, device=q.device, dtype=torch.float32)
@@ -403,7 +468,7 @@ def launch(kernel, q, pool, pages, count, tab, M, S, ct, warps):
 
     def run():
         kernel[(bh, S)](q, pool, pages, count, acc, m, l, tab, M, pages.shape[1], S,
-                                  PS=64, WT=RECORD_WORDS, D=D, CT=ct, W=warps, num_warps=warps)
+                                  PS=64, WT=words, D=D, CT=ct, W=warps, num_warps=warps)
 
     return run, acc, m, l
 
@@ -415,7 +480,7 @@ def combine(acc, m, l):
     return (acc * f[..., None]).sum(1) / (l * f).sum(1)[..., None]
 
 
-def reference(q, pool, pages, count):
+def reference(fmt, q, pool, pages, count):
     """float64 attention over the decoded records; q already scaled for base-2 softmax."""
     bh, M, _ = q.shape
     outs = []
@@ -423,26 +488,25 @@ def reference(q, pool, pages, count):
         n = int(count[i])
         slots = torch.arange(n, device=q.device)
         rec = pool[pages[i, slots // 64].long(), slots % 64]
-        k = decode_reference(rec, key_position) * rec[:, KEY_RADIUS].view(torch.float32).double()[:, None]
-        v = decode_reference(rec, value_position) * rec[:, VALUE_RADIUS].view(torch.float32).double()[:, None]
+        k, v = fmt.decode_keys(rec), fmt.decode_values(rec)
         s = q[i].double() @ k.T
         p = torch.exp2(s - s.amax(1, keepdim=True))
         outs.append((p @ v) / p.sum(1, keepdim=True))
     return torch.stack(outs)
 
 
-def check(kernel, device, gen, ct, warps) -> float:
+def check(fmt, kernel, device, gen, ct, warps) -> float:
     B, Hkv, M = 2, 2, 4
-    pool, pages, count = random_store(B, Hkv, 1000, device, gen)
+    pool, pages, count = random_store(fmt, B, Hkv, 1000, device, gen)
     count.copy_(torch.tensor([1000, 7, 513, 1], device=device, dtype=torch.int32))
-    q = torch.randn(B * Hkv, M, D, device=device, generator=gen) * 0.2
+    q = torch.randn(B * Hkv, M, D, device=device, generator=gen) * (0.2 if fmt.key == "polar" else 0.02)
     q[0, 0] *= 50  # a large row
     q[1, 1] = 0    # a zero row
     tab = table_words().to(device)
     run, acc, m, l = launch(kernel, q, pool, pages, count, tab, M, 3, ct, warps)
     run()
     got = combine(acc.double(), m.double(), l.double())
-    ref = reference(q, pool, pages, count)
+    ref = reference(fmt, q, pool, pages, count)
     return float((got - ref).abs().max() / ref.abs().max())
 
 
@@ -453,12 +517,16 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--compile-only", action="store_true")
-    parser.add_argument("--configs", default="16x4,32x4,16x2")
+    parser.add_argument("--configs", default="32x4", help="tokens per warp x warps, comma-separated")
+    parser.add_argument("--formats", default="polar-polar,polar-int4,int4-int4",
+                        help="key-value codecs of the synthetic record, comma-separated")
     args = parser.parse_args()
     configs = [tuple(int(x) for x in c.split("x")) for c in args.configs.split(",")]
+    formats = [Format(*f.split("-")) for f in args.formats.split(",")]
     if args.compile_only:
-        for ct, warps in configs:
-            compile_only(ct, warps)
+        for fmt in formats:
+            for ct, warps in configs:
+                compile_only(fmt, ct, warps)
         return 0
 
     sys.path.insert(0, os.path.dirname(__file__))
@@ -469,14 +537,17 @@ def main() -> int:
 
     device = torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(0)
-    kernel = load_kernel()
-    result = {"device": torch.cuda.get_device_name(device), "checks": {}, "rows": []}
-    for ct, warps in configs:
-        err = check(kernel, device, gen, ct, warps)
-        result["checks"][f"{ct}x{warps}"] = err
-        print(f"check CT={ct} W={warps}: max error / max |out| = {err:.2e}", flush=True)
+    kernels = {fmt.name: load_kernel(fmt) for fmt in formats}
+    result = {"device": torch.cuda.get_device_name(device), "checks": {}, "rows": [],
+              "record_bytes": {fmt.name: 4 * fmt.words for fmt in formats}}
+    for fmt in formats:
+        for ct, warps in configs:
+            err = check(fmt, kernels[fmt.name], device, gen, ct, warps)
+            result["checks"][f"{fmt.name} {ct}x{warps}"] = err
+            print(f"check {fmt.name} CT={ct} W={warps}: max error / max |out| = {err:.2e}", flush=True)
     opts = SphkvOptions()
     sms = torch.cuda.get_device_properties(device).multi_processor_count
+    tab = table_words().to(device)
     for name, B, T in POINTS:
         Hq, Hkv, d = SHAPES[name]
         G = Hq // Hkv
@@ -494,24 +565,25 @@ def main() -> int:
         row["today_ms"] = median_ms(graph_of(today).replay)
         del states
         torch.cuda.empty_cache()
-        pool, pages, count = random_store(B, Hkv, T, device, gen)
         qp = torch.randn(B * Hkv, G, D, device=device, generator=gen) * 0.2
-        tab = table_words().to(device)
-        for ct, warps in configs:
-            best = None
-            for waves in (1, 2, 4):
-                S = max(1, min(T // (ct * warps), round(waves * sms * 2 / (B * Hkv))))
-                run, *_ = launch(kernel, qp, pool, pages, count, tab, G, S, ct, warps)
-                ms = median_ms(run)
-                if best is None or ms < best[0]:
-                    best = (ms, S)
-            row[f"probe_{ct}x{warps}_ms"], row[f"probe_{ct}x{warps}_S"] = best
-        row["records_gb_per_s_best_probe"] = B * Hkv * T * RECORD_WORDS * 4 / (
-            min(row[f"probe_{ct}x{w}_ms"] for ct, w in configs) * 1e-3) / 1e9
+        for fmt in formats:
+            pool, pages, count = random_store(fmt, B, Hkv, T, device, gen)
+            for ct, warps in configs:
+                best = None
+                for waves in (1, 2, 4):
+                    S = max(1, min(T // (ct * warps), round(waves * sms * 2 / (B * Hkv))))
+                    run, *_ = launch(kernels[fmt.name], qp, pool, pages, count, tab, G, S, ct, warps)
+                    ms = median_ms(run)
+                    if best is None or ms < best[0]:
+                        best = (ms, S)
+                key = f"{fmt.name}_{ct}x{warps}"
+                row[f"{key}_ms"], row[f"{key}_S"] = best
+                row[f"{key}_records_gb_per_s"] = B * Hkv * T * fmt.words * 4 / (best[0] * 1e-3) / 1e9
+                row[f"{key}_x_cudnn"] = row["cudnn_ms"] / best[0]
+            del pool, pages
+            torch.cuda.empty_cache()
         print(json.dumps(row), flush=True)
         result["rows"].append(row)
-        del pool, pages
-        torch.cuda.empty_cache()
     with open(os.path.join(args.out, "probe_gluon_fragments.json"), "w") as f:
         json.dump(result, f, indent=1)
     return 0
