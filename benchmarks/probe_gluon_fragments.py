@@ -531,6 +531,23 @@ def random_store(fmt, B, Hkv, T, device, gen):
     return pool, pages, count
 
 
+def allow_static_shared(kernel, args, consts) -> None:
+    """The staged records sit in a static .shared array that Triton does not know of. Where
+    static + Triton's dynamic shared memory pass 48 KiB, the launch needs the opt-in that Triton
+    sets only when its own dynamic part passes 48 KiB; set it here (driver API, ctypes)."""
+    import ctypes
+
+    compiled = kernel.warmup(*args, grid=(1,), **consts)
+    compiled._init_handles()
+    cuda = ctypes.CDLL("libcuda.so.1")
+    static = ctypes.c_int()
+    function = ctypes.c_void_p(compiled.function)
+    assert cuda.cuFuncGetAttribute(ctypes.byref(static), 1, function) == 0  # CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES
+    if static.value + compiled.metadata.shared > 48 * 1024:
+        # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        assert cuda.cuFuncSetAttribute(function, 8, ctypes.c_int(compiled.metadata.shared)) == 0
+
+
 def launch(kernel, q, pool, pages, count, tab, M, S, ct, warps):
     words = pool.shape[-1]
     bh = count.numel()
@@ -538,9 +555,12 @@ def launch(kernel, q, pool, pages, count, tab, M, S, ct, warps):
     m = torch.empty(bh, S, M, device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)
 
+    args = (q, pool, pages, count, acc, m, l, tab, M, pages.shape[1], S)
+    consts = dict(PS=64, WT=words, D=D, CT=ct, W=warps, num_warps=warps)
+    allow_static_shared(kernel, args, consts)
+
     def run():
-        kernel[(bh, S)](q, pool, pages, count, acc, m, l, tab, M, pages.shape[1], S,
-                                  PS=64, WT=words, D=D, CT=ct, W=warps, num_warps=warps)
+        kernel[(bh, S)](*args, **consts)
 
     return run, acc, m, l
 
