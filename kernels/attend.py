@@ -20,6 +20,7 @@ from sphkv_compile.tiers import TierSpec, tier_codecs
 from .attention_kernels import (chunk_partials_kernel, paged_coded_halves_kernel, paged_coded_kernel,
                                 paged_coded_quarters_kernel, paged_mass_kernel, paged_partials_kernel,
                                 tables_stay_in_global_memory)
+from . import fragment_launch
 from .combine_kernels import combine_kernel
 from .decode_codegen import decoder, staged_offsets, stager, table_bytes, table_tensor
 from .layout import DEVICE_TABLES, ScalarTables, Unsupported, rotation_matrices, tier_info, under_interpreter
@@ -320,10 +321,20 @@ def _codec_constants(tables) -> tuple:
     return tables.levels, tables.fields.counts, tables.fields.max_comps, tables.fields.widths, tables.table_size
 
 
+def _uses_fragments(info, D: int, device: torch.device, st: TierState) -> bool:
+    """Does this compressed tier run the Gluon fragment kernel (fragment_launch.py)?"""
+    return info.key is not None and fragment_launch.unsupported_reason(info, D, device, st.page_size,
+                                                                              st.pool.data_ptr()) is None
+
+
 def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_offset, S, S_total, M, block_m,
                   block_t, precision, num_warps, num_stages, coded_warps: int | None = None):
     BH = st.count.numel()
     grid = (BH, S, triton.cdiv(M, block_m))
+    if _uses_fragments(info, q_in.shape[-1], device, st):
+        fragment_launch.launch(info, q_in, st, acc, m, l, split_offset, S, S_total, M,
+                               _tab(info.key.half_pairs, device), _tab(info.value.half_pairs, device))
+        return
     if info.key is not None:  # compressed tier: the generated one-token-per-thread decoders
         WT = st.pool.shape[-1]
         D = q_in.shape[-1]
@@ -437,6 +448,8 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
                 capacity = st.pages.shape[-1] * st.page_size
                 if info.key is None:
                     S, warps = _splits(BH * mblocks, capacity, block_t, wanted), None
+                elif _uses_fragments(info, d, device, st):
+                    S, warps = fragment_launch.splits(BH * mblocks, capacity, wanted, _balanced_splits), None
                 else:
                     launch = _coded_launch(wanted, BH * mblocks, d, not isinstance(info.value, ScalarTables))
                     S, warps = _coded_splits(BH * mblocks, capacity, wanted, d, launch), launch[0]

@@ -375,7 +375,8 @@ def _decoder_source(tables, word_offset: int, stride: int, leaf_dtype: str | Non
     return _DECODER + "\n".join(w.lines) + "\n"
 
 
-def load_generated(source: str, name: str = "decode"):
+def load_generated(source: str, name: str | None = "decode"):
+    """The function `name` of the module with this source (the module itself for None)."""
     digest = hashlib.sha256(source.encode()).hexdigest()[:20]
     path = _cache_dir() / f"sphkv_decode_{digest}.py"
     if not path.exists() or path.read_text() != source:
@@ -385,7 +386,7 @@ def load_generated(source: str, name: str = "decode"):
     spec = importlib.util.spec_from_file_location(f"sphkv_decode_{digest}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return getattr(module, name)
+    return module if name is None else getattr(module, name)
 
 
 @lru_cache(maxsize=None)

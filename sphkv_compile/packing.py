@@ -1,10 +1,17 @@
 """Dense split-width bit packing of one token's codes into 32-bit words.
 
 A b-bit code is split into its power-of-two components (3 = 2 + 1, 5 = 4 + 1, ...). All
-components of one width sit in one run of the record, widest first, so every element starts
-at a multiple of its own width and never straddles a 32-bit word: a kernel extracts any code
-with a constant word index, shift and mask. A b-bit code costs exactly b bits; only the
-record's tail is padded to a whole word.
+components of one width of one field sit in one run of the record, so every element starts at
+a multiple of its own width and never straddles a 32-bit word: a kernel extracts any code with a
+constant word index, shift and mask. A b-bit code costs exactly b bits; only the record's tail
+is padded to a whole word.
+
+Run order: where every run's size (count x width) is a power of two, as in the polar codecs of
+power-of-two head dims, the runs go largest first (ties: widest first, then field order), so
+each run starts at a multiple of its own size. Then the codes of any aligned 1/2^k of a run (a
+subtree of the polar tree) sit at the same word offsets and shifts relative to a start that is a
+multiple of min(32, chunk) bits: the fragment kernels (kernels/fragment_codegen.py), where the
+lanes of a token each decode one subtree, rely on it. Elsewhere the runs go widest first.
 """
 from __future__ import annotations
 
@@ -47,12 +54,21 @@ class RecordLayout:
     @cached_property
     def components(self) -> tuple[Component, ...]:
         pieces = [(w, s, f, n) for f, (n, b) in enumerate(self.fields) if n and b for w, s in split_widths(b)]
-        pieces.sort(key=lambda t: -t[0])  # stable: field order kept inside a width
+        if self.subtree_aligned:
+            pieces.sort(key=lambda t: (-t[0] * t[3], -t[0]))  # stable: field order among equals
+        else:
+            pieces.sort(key=lambda t: -t[0])  # stable: field order kept inside a width
         comps, offset = [], 0
         for w, s, f, n in pieces:
             comps.append(Component(f, n, w, s, offset))
             offset += n * w
         return tuple(comps)
+
+    @cached_property
+    def subtree_aligned(self) -> bool:
+        """Are the runs laid out largest first, each at a multiple of its size (module docstring)?"""
+        sizes = [n * w for n, b in self.fields if n and b for w, _ in split_widths(b)]
+        return all(size & (size - 1) == 0 for size in sizes)
 
     @property
     def payload_bits(self) -> int:

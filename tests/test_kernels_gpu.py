@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
 from sphkv_compile.kernels import attend as kernel_attend  # noqa: E402
-from sphkv_compile.kernels import compaction, encode as kernel_encode  # noqa: E402
+from sphkv_compile.kernels import compaction, encode as kernel_encode, fragment_launch  # noqa: E402
 from sphkv_compile.store import TierState, append_records, attend as reference_attend, encode_records, gather_tokens  # noqa: E402
 from sphkv_compile.tiers import DEFAULT_TIERS, TierSpec, record_words, tier_codecs  # noqa: E402
 from helpers import record_launches  # noqa: E402
@@ -39,6 +39,12 @@ def fresh_dynamo():
     five generate() tests ran the sixth eagerly (session 10, test order under xdist)."""
     torch._dynamo.reset()
     yield
+
+
+def triton_kernels_only(monkeypatch):
+    """For the tests of the Triton kernels' settings (CODED): the Gluon fragment kernel, which
+    serves polar tiers by default, off."""
+    monkeypatch.setitem(fragment_launch.FRAGMENT, "enabled", False)
 
 
 def rel_err(a, b) -> float:
@@ -126,6 +132,8 @@ def test_attend_with_extreme_magnitudes_matches_float64_reference(d, Tq, packed,
     by each row's largest p·r), zero keys and values; every tier, ragged, decode and chunked
     prefill, with the float16 (packed) and the bfloat16 tiles (added session 16, not yet run)."""
     monkeypatch.setitem(kernel_attend.CODED, "packed", packed)
+    if not packed:  # the Triton kernels' bfloat16 tiles; packed, the polar tiers run the fragment kernel
+        triton_kernels_only(monkeypatch)
     check_attend(d, 4, 4, 4, 3000, Tq, "all", wide=True)
 
 
@@ -133,6 +141,7 @@ def test_attend_with_extreme_magnitudes_matches_float64_reference(d, Tq, packed,
 def test_attend_in_whole_tiles_matches_float64_reference(d, programs_per_sm, monkeypatch):
     """CODED['halves'] off (keys and values decoded as whole D-wide tiles, uncapped registers):
     the setting sweep_coded.py times against the default halves kernel."""
+    triton_kernels_only(monkeypatch)
     monkeypatch.setitem(kernel_attend.CODED, "halves", False)
     monkeypatch.setitem(kernel_attend.CODED, "maxnreg", None)
     monkeypatch.setitem(kernel_attend.CODED, "programs_per_sm", programs_per_sm)
@@ -144,6 +153,7 @@ def test_attend_in_whole_tiles_matches_float64_reference(d, programs_per_sm, mon
 def test_attend_in_quarters_matches_float64_reference(maxnreg, programs_per_sm, tiers, monkeypatch):
     """CODED['quarters'] on (keys and values decoded in four quarters of D): the settings
     sweep_coded.py times against the default halves kernel (added session 11, not yet run)."""
+    triton_kernels_only(monkeypatch)
     monkeypatch.setitem(kernel_attend.CODED, "quarters", True)
     monkeypatch.setitem(kernel_attend.CODED, "maxnreg", maxnreg)
     monkeypatch.setitem(kernel_attend.CODED, "programs_per_sm", programs_per_sm)
@@ -157,6 +167,7 @@ def test_attend_in_quarters_matches_float64_reference(maxnreg, programs_per_sm, 
 def test_attend_with_staged_tables_matches_float64_reference(d, halves, tiers, monkeypatch):
     """CODED['shared_tables'] on: the decoders read their tables from shared memory (inline
     PTX, which the interpreter cannot run, so only here). Every tier whose tables fit is staged."""
+    triton_kernels_only(monkeypatch)
     monkeypatch.setitem(kernel_attend.CODED, "shared_tables", True)
     monkeypatch.setitem(kernel_attend.CODED, "halves", halves)
     if not halves:  # whole 256-token tiles need 77 KB of shared memory at d=128: no room for tables
@@ -177,6 +188,7 @@ def test_attend_with_staged_tables_matches_float64_reference(d, halves, tiers, m
 def test_attend_with_two_tokens_per_thread_matches_float64_reference(d, setting, monkeypatch):
     """CODED['tokens_per_thread'] = 2 (the default since session 17) at the other settings
     sweep_coded.py timed (tiles written to shared memory in 16-byte vectors): every tier, ragged."""
+    triton_kernels_only(monkeypatch)
     monkeypatch.setitem(kernel_attend.CODED, "tokens_per_thread", 2)
     monkeypatch.setitem(kernel_attend.CODED, "many_rows", None)  # the setting below at every row count
     for key, value in setting.items():
@@ -194,6 +206,7 @@ def test_attend_launch_follows_the_rows(B, tiers, shapes, monkeypatch):
     programs per SM (8 sequences x 8 KV heads) runs its polar-value tiers in 2-warp programs of
     128-token tiles and its scalar-value tier in 4-warp ones of 256; a single sequence runs all in
     4-warp programs. Every tier against the float64 reference, ragged."""
+    triton_kernels_only(monkeypatch)
     seen = []
     kernel = kernel_attend.paged_coded_halves_kernel
 
@@ -215,10 +228,48 @@ def test_attend_launch_follows_the_rows(B, tiers, shapes, monkeypatch):
 def test_attend_with_one_token_per_thread_matches_float64_reference(d, monkeypatch):
     """The default launch until session 16 (one token per thread, halves capped at 128
     registers, four programs per SM), still what head dims other than 128 get."""
+    triton_kernels_only(monkeypatch)
     for key, value in dict(tokens_per_thread=1, maxnreg=128, programs_per_sm=4, many_rows=None).items():
         monkeypatch.setitem(kernel_attend.CODED, key, value)
     assert kernel_attend._coded_block_t(d) == 32 * kernel_attend.CODED["warps"]
     check_attend(d, 8, 4, 8, 5000, 1, "all")
+
+
+FRAGMENT_CASES = [  # (d, Hkv, G, B, T, Tq, tiers)
+    (128, 8, 4, 8, 5000, 1, "all"),
+    (64, 3, 3, 4, 3000, 1, "all"),
+    (32, 2, 8, 2, 2000, 1, "default"),
+    (128, 1, 1, 3, 1, 1, "default"),
+    (128, 2, 5, 1, 131072, 1, "default"),
+    (128, 4, 2, 2, 3000, 40, "default"),  # chunked prefill: 80 rows, five row blocks
+    (64, 2, 6, 64, 700, 1, "default"),
+]
+
+
+@pytest.mark.parametrize("d,H,G,B,T,Tq,tiers", FRAGMENT_CASES)
+def test_fragment_kernel_matches_float64_reference(d, H, G, B, T, Tq, tiers, monkeypatch):
+    """The Gluon fragment kernel (keys and values decoded per lane into the mma operands) serves
+    every polar tier here, ragged, GQA 1-8, lengths 1 to 128k, head dims 32-128."""
+    from sphkv_compile.kernels import fragment_kernels
+
+    launched = record_launches(monkeypatch, fragment_kernels, "paged_fragment_kernel")
+    check_attend(d, H, G, B, T, Tq, tiers)
+    assert launched
+
+
+@pytest.mark.parametrize("d,wide", [(128, False), (64, True)])
+def test_fragment_kernel_agrees_with_the_triton_kernels(d, wide, monkeypatch):
+    """Both kernels on the same store: the same attention up to their 16-bit operands' rounding."""
+    seed = random.randrange(2**31)
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    specs = [DEFAULT_TIERS[0], TierSpec("uniform", 3.5, "polar", 3.5)]
+    states = fill_store(gen, 4, 4, d, specs, ragged_counts(gen, 4, 4, 6000, specs), wide=wide)
+    q = torch.randn(4, 16, 1, d, generator=gen, device=DEV, dtype=torch.bfloat16) * (WIDE_Q if wide else 1.0)
+    kw = dict(seed=0, kv_dtype=KV_DTYPE)
+    fragment, _ = kernel_attend.attend(q, states, specs, **kw)
+    triton_kernels_only(monkeypatch)
+    triton_out, _ = kernel_attend.attend(q, states, specs, **kw)
+    assert rel_err(fragment, triton_out) < 2.0**-7, seed
 
 
 def check_attend(d, H, G, B, T, Tq, tiers, sinks=False, wide=False):

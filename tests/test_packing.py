@@ -35,3 +35,17 @@ def test_split_widths_sum_to_bits(bits):
     parts = split_widths(bits)
     assert sum(w for w, _ in parts) == bits
     assert sum(((1 << w) - 1) << s for w, s in parts) == (1 << bits) - 1
+
+
+@given(counts=st.lists(st.integers(0, 7), min_size=1, max_size=9), bits=st.lists(st.integers(0, 16), min_size=9,
+                                                                                  max_size=9))
+def test_power_of_two_runs_start_at_a_multiple_of_their_size(counts, bits):
+    """Power-of-two fields (a polar tree over a power-of-two head dim) lay out every run at a
+    multiple of its size, so any aligned 1/2^k of a run keeps the same offsets relative to its
+    start (the fragment kernels decode one subtree per lane)."""
+    layout = RecordLayout(tuple((1 << c, b) for c, b in zip(counts, bits)))
+    assert layout.subtree_aligned
+    for c in layout.components:
+        size = c.count * c.width
+        assert c.offset % size == 0
+    assert layout.components == tuple(sorted(layout.components, key=lambda c: -c.count * c.width))

@@ -1,0 +1,148 @@
+"""Host side of the fragment kernel (fragment_kernels.py): which tiers it serves, its launch.
+
+FRAGMENT["enabled"] turns it off (every compressed tier then runs the Triton kernels of
+attention_kernels.py); the GPU tests run both and compare.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from sphkv_compile.radius import LOG2_MIN
+
+from .layout import PolarTables, Unsupported, under_interpreter
+
+# tokens_per_warp: tokens each warp decodes per tile (32: the speed probe's faster setting, 1.05x
+# 16 at Llama-3-8B B=8 32k); warps per program; programs_per_sm: what the split count assumes
+# (180 registers per thread at 4 warps in the sm_90 compile: two programs per SM).
+FRAGMENT = {"enabled": True, "tokens_per_warp": 32, "warps": 4, "programs_per_sm": 2, "head_dims": (32, 64, 128)}
+
+
+@lru_cache(maxsize=1)
+def gluon_available() -> bool:
+    try:
+        from . import fragment_kernels  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def unsupported_reason(info, head_dim: int, device: torch.device, page_size: int, pool_address: int = 0) -> str | None:
+    """Why the fragment kernel cannot serve this tier here (None: it can)."""
+    if not FRAGMENT["enabled"]:
+        return "turned off (FRAGMENT['enabled'])"
+    if device.type != "cuda" or under_interpreter():
+        return "Gluon kernels run on CUDA only (not under TRITON_INTERPRET)"
+    if not isinstance(info.key, PolarTables) or not isinstance(info.value, PolarTables):
+        return "keys and values must both use the polar codec"
+    if pool_address % 16:
+        return "the record pool is not 16-byte aligned (cp.async copies 16 bytes)"
+    if page_size % FRAGMENT["tokens_per_warp"]:
+        return f"page size {page_size} is not a multiple of {FRAGMENT['tokens_per_warp']} tokens per warp"
+    if info.key.radius_step != info.value.radius_step:
+        return "key and value radii in different formats"
+    if head_dim not in FRAGMENT["head_dims"]:
+        return f"head dim {head_dim} (served: {FRAGMENT['head_dims']})"
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return "mma_v2 needs compute capability 8.0 or newer"
+    if not gluon_available():
+        return "this Triton has no Gluon"
+    try:
+        _decoders(info)
+    except Unsupported as err:
+        return str(err)
+    return None
+
+
+def _decoders(info):
+    from .fragment_codegen import fragment_decoders
+
+    return fragment_decoders(info.key, info.value, info.key_words, info.key_words + info.value_words,
+                             FRAGMENT["tokens_per_warp"], FRAGMENT["warps"])
+
+
+def splits(rows: int, capacity: int, wanted: int, balanced) -> int:
+    """Splits per row: as many as fill programs_per_sm programs per SM, then the count up to
+    twice that which leaves no SM a partial last wave (attend._balanced_splits)."""
+    tile = FRAGMENT["tokens_per_warp"] * FRAGMENT["warps"]
+    per_sm = FRAGMENT["programs_per_sm"]
+    tiles = max(1, -(-capacity // tile))
+    S = max(1, min(tiles, -(-(wanted // 2 * per_sm) // rows)))
+    most = min(max(S, min(2 * S, 32)), tiles)
+    return balanced(rows, wanted // 2, per_sm, most)
+
+
+def _constants(info, D: int, page_size: int, record_words: int) -> dict:
+    key_quarter, value_octant, key_radius, value_radius, declare_records, copy_tile = _decoders(info)
+    return dict(PS=page_size, WT=record_words, D=D, CT=FRAGMENT["tokens_per_warp"], W=FRAGMENT["warps"],
+                K_WORDS=info.key.half_pairs.numel(), V_WORDS=info.value.half_pairs.numel(), KEY_QUARTER=key_quarter,
+                VALUE_OCTANT=value_octant, KEY_RADIUS=key_radius, VALUE_RADIUS=value_radius,
+                DECLARE_RECORDS=declare_records, COPY_TILE=copy_tile, STEP=info.key.radius_step, LOG2_MIN=LOG2_MIN)
+
+
+def compile_for_target(info, D: int, page_size: int = 64, arch: int = 90):
+    """Compile the kernel for an sm_<arch> GPU without one (Triton's bundled ptxas): the
+    assert_trivial conversions fail here if a decoder's leaves miss the operand fragments.
+    Returns the compiled kernel (metadata.shared, asm["cubin"])."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    try:
+        from triton.experimental.gluon import GluonASTSource
+    except ImportError:  # Triton 3.6
+        from triton.experimental.gluon._runtime import GluonASTSource
+    from .fragment_kernels import paged_fragment_kernel
+
+    sig = {name: "*i32" for name in ("pool_ptr", "pages_ptr", "count_ptr", "ktab_ptr", "vtab_ptr")}
+    sig.update({name: "*fp32" for name in ("q_ptr", "acc_ptr", "m_ptr", "l_ptr")})
+    sig.update({name: "i32" for name in ("M", "max_pages", "S", "split_offset", "S_total")})
+    consts = _constants(info, D, page_size, info.key_words + info.value_words)
+    return triton.compile(GluonASTSource(paged_fragment_kernel, sig, consts), target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": FRAGMENT["warps"]})
+
+
+# (kernel specialisation key) of the launches whose shared-memory opt-in is set
+_OPTED_IN: set = set()
+
+
+def _opt_in_shared_memory(compiled) -> None:
+    """Let the launch use static + dynamic shared memory above 48 KiB.
+
+    The staged records and tables sit in static .shared arrays, which Triton does not count. Triton
+    raises a kernel's dynamic shared-memory limit (CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES)
+    only where its own dynamic part passes 48 KiB; where only the sum does, the launch fails with
+    "invalid argument" (Triton 3.6: 32 KiB dynamic for the warps' merge + ~37 KiB static). So set
+    the attribute here, through the driver API."""
+    import ctypes
+
+    compiled._init_handles()
+    cuda = ctypes.CDLL("libcuda.so.1")
+    function = ctypes.c_void_p(compiled.function)
+    static = ctypes.c_int()
+    if cuda.cuFuncGetAttribute(ctypes.byref(static), 1, function) != 0:  # CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES
+        raise RuntimeError("cuFuncGetAttribute(SHARED_SIZE_BYTES) failed for the fragment kernel")
+    if static.value + compiled.metadata.shared > 48 * 1024:
+        if cuda.cuFuncSetAttribute(function, 8, ctypes.c_int(compiled.metadata.shared)) != 0:
+            raise RuntimeError(f"the fragment kernel needs {static.value + compiled.metadata.shared} bytes of "
+                               "shared memory and the driver refused the opt-in; set "
+                               "sphkv_compile.kernels.fragment_launch.FRAGMENT['enabled'] = False")
+
+
+def launch(info, q_in, st, acc, m, l, split_offset, S, S_total, M, key_table, value_table) -> None:
+    from .fragment_kernels import paged_fragment_kernel
+
+    D = q_in.shape[-1]
+    BH = st.count.numel()
+    consts = _constants(info, D, st.page_size, st.pool.shape[-1])
+    grid = (BH, S, -(-M // 16))
+    args = (q_in, st.pool, st.pages, st.count, acc, m, l, key_table, value_table, M, st.pages.shape[-1], S,
+            split_offset, S_total)
+    # Triton specialises on the integer arguments (== 1, multiples of 16) and the constants: each
+    # new combination may be a new compiled kernel, whose opt-in is set once
+    key = (tuple(sorted((k, id(v) if callable(v) else v) for k, v in consts.items())), q_in.device,
+           tuple(a for a in args if isinstance(a, int)))
+    if key not in _OPTED_IN:
+        _opt_in_shared_memory(paged_fragment_kernel.warmup(*args, grid=grid, **consts, num_warps=FRAGMENT["warps"]))
+        _OPTED_IN.add(key)
+    paged_fragment_kernel[grid](*args, **consts, num_warps=FRAGMENT["warps"])

@@ -1,0 +1,54 @@
+"""The Gluon fragment kernel compiles for sm_90 without a GPU (Triton's bundled ptxas).
+
+The kernel asserts that the decoded key and value leaves land in mma_v2's operand fragments
+with no data movement (convert_layout(assert_trivial=True)); a decoder whose subtree numbering
+missed the fragments would fail to compile here. The numbers themselves are checked on the GPU
+(tests/test_kernels_gpu.py: test_fragment_kernel_*)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sphkv_compile.kernels import fragment_launch
+from sphkv_compile.kernels.layout import tier_info
+from sphkv_compile.tiers import DEFAULT_TIERS, TierSpec
+
+if not fragment_launch.gluon_available():
+    pytest.skip("this Triton has no Gluon", allow_module_level=True)
+
+
+TIERS = {t.name: t for t in DEFAULT_TIERS}
+
+
+# uniform (the default policy's tier), low at 128 (levels of 0 bits), high at 64 (7-bit codes),
+# mid at 64 and 32
+@pytest.mark.parametrize("spec,d", [(TierSpec("uniform", 3.5, "polar", 3.5), 128), (TIERS["low"], 128),
+                                    (TIERS["high"], 64), (TIERS["mid"], 64), (TIERS["mid"], 32)],
+                         ids=["uniform-128", "low-128", "high-64", "mid-64", "mid-32"])
+def test_fragment_kernel_compiles_with_trivial_operand_conversions(spec, d):
+    info = tier_info(spec, d, 0, torch.bfloat16)
+    kernel = fragment_launch.compile_for_target(info, d)
+    # shared memory only for the warps' final merge (Triton 3.6 sizes it for every warp's
+    # accumulator, 3.9 for less), not for decoded tiles
+    assert kernel.metadata.shared <= fragment_launch.FRAGMENT["warps"] * 16 * d * 4, kernel.metadata.shared
+
+
+def test_a_tier_whose_staged_records_pass_the_static_shared_limit_is_left_to_the_triton_kernels():
+    """The high tier at d=128: 48-word records, 48 KiB of staging against the 40 KiB the tables
+    leave of ptxas's 48 KiB static limit."""
+    from sphkv_compile.kernels.fragment_codegen import FRAGMENT_RECORD_BYTES_MAX
+
+    info = tier_info(TIERS["high"], 128, 0, torch.bfloat16)
+    words = info.key_words + info.value_words
+    assert 2 * fragment_launch.FRAGMENT["warps"] * fragment_launch.FRAGMENT["tokens_per_warp"] * words * 4 \
+        > FRAGMENT_RECORD_BYTES_MAX
+    with pytest.raises(Exception, match="staging"):
+        fragment_launch._decoders(info)
+
+
+def test_permutations_put_the_subtree_index_where_the_fragments_want_it():
+    from sphkv_compile.kernels.fragment_codegen import _permutation
+
+    assert _permutation(4, 5) == (0, 1, 3, 4, 5, 6, 2, 7)  # [W, CT, quarter, b4..b0] -> (b4, b3, b2, b1, quarter, b0)
+    assert _permutation(8, 4) == (0, 1, 3, 4, 5, 6, 2)  # [W, CT, octant, l3..l0] -> (l3, l2, l1, l0, octant)
+    assert _permutation(4, 3) == (0, 1, 3, 4, 2, 5) and _permutation(8, 2) == (0, 1, 3, 4, 2)
