@@ -49,5 +49,8 @@ def record_launches(monkeypatch, module, name: str, label: str | None = None, in
             launched.append(grid if label is None else label)
             return kernel[grid]
 
+        def __getattr__(self, attr):  # warmup() and the rest: the kernel's own
+            return getattr(kernel, attr)
+
     monkeypatch.setattr(module, name, Spy())
     return launched
