@@ -55,11 +55,21 @@ def unsupported_reason(info, head_dim: int, device: torch.device, page_size: int
     return None
 
 
+# (id(info), tokens per warp, warps) -> (info, decoders): fragment_decoders' own cache hashes the
+# codec tables (~50 us a call on the host); a tier's info object is itself cached (layout.tier_info)
+_DECODERS: dict = {}
+
+
 def _decoders(info):
     from .fragment_codegen import fragment_decoders
 
-    return fragment_decoders(info.key, info.value, info.key_words, info.key_words + info.value_words,
-                             FRAGMENT["tokens_per_warp"], FRAGMENT["warps"])
+    key = (id(info), FRAGMENT["tokens_per_warp"], FRAGMENT["warps"])
+    hit = _DECODERS.get(key)
+    if hit is None or hit[0] is not info:
+        hit = (info, fragment_decoders(info.key, info.value, info.key_words, info.key_words + info.value_words,
+                                       FRAGMENT["tokens_per_warp"], FRAGMENT["warps"]))
+        _DECODERS[key] = hit
+    return hit[1]
 
 
 def splits(rows: int, capacity: int, wanted: int, balanced) -> int:

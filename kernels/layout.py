@@ -118,7 +118,9 @@ class PolarTables:
     def trig_pairs(self) -> torch.Tensor:
         """int64 [levels, 2^max_bits]: each centroid's float32 (cos, sin) side by side, cos in the
         low half (one 8-byte load per code)."""
-        return self.__dict__.setdefault("_pairs", self.trig.transpose(1, 2).contiguous().view(torch.int64)[..., 0])
+        if "_pairs" not in self.__dict__:  # (setdefault would build the tensor at every call)
+            self.__dict__["_pairs"] = self.trig.transpose(1, 2).contiguous().view(torch.int64)[..., 0]
+        return self.__dict__["_pairs"]
 
     @property
     def half_pairs(self) -> torch.Tensor:
@@ -126,8 +128,9 @@ class PolarTables:
         half: one 4-byte shared-memory load per code, and the operand of one f16x2 multiply
         (decode_codegen's packed decoders). Rounding to float16 moves a cos or sin by at most
         2^-12 (half an ulp below 1)."""
-        return self.__dict__.setdefault(
-            "_half_pairs", self.trig.transpose(1, 2).to(torch.float16).contiguous().view(torch.int32)[..., 0])
+        if "_half_pairs" not in self.__dict__:
+            self.__dict__["_half_pairs"] = self.trig.transpose(1, 2).to(torch.float16).contiguous().view(torch.int32)[..., 0]
+        return self.__dict__["_half_pairs"]
 
 
 @lru_cache(maxsize=None)
