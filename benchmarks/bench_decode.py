@@ -75,6 +75,21 @@ def build_store(B, Hkv, d, T, specs, opts: SphkvOptions, seed, device, gen):
     return states, comp_n, exact_n
 
 
+def decode_point(name, B, T, opts: SphkvOptions, device, gen):
+    """(q, k_new, specs, states, row) of one decode point: a default-tier store of T - 1 tokens
+    (build_store), the new token's K/V, and a row holding cuDNN's time on a dense cache of the
+    same shape."""
+    Hq, Hkv, d = SHAPES[name]
+    q = torch.randn(B, Hq, 1, d, device=device, dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(B, Hkv, T, d, device=device, dtype=torch.bfloat16, generator=gen)
+    row = {"shape": name, "B": B, "T": T, "cudnn_ms": dense_decode(q, k, torch.randn_like(k), "cudnn")}
+    del k
+    specs = [TierSpec("exact"), TierSpec("uniform", float(opts.bits), "polar", float(opts.bits))]
+    states, _, _ = build_store(B, Hkv, d, T - 1, specs, opts, opts.seed, device, gen)
+    kn = torch.randn(B, Hkv, 1, d, device=device, dtype=torch.bfloat16, generator=gen)
+    return q, kn, specs, states, row
+
+
 def graph_of(fn):
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())

@@ -8,10 +8,9 @@ import sys
 
 import torch
 
-from bench_decode import SHAPES, build_store, dense_decode, graph_of, median_ms
+from bench_decode import decode_point, graph_of, median_ms
 from sphkv_compile.kernels import attend as kattend, fragment_launch
 from sphkv_compile.options import SphkvOptions
-from sphkv_compile.tiers import TierSpec
 
 POINTS = [("llama3-8b", 8, 32768), ("llama3-8b", 1, 32768), ("smollm2", 8, 32768)]
 SETTINGS = {"triton": dict(enabled=False), "fragment_ct32": dict(enabled=True, tokens_per_warp=32),
@@ -24,14 +23,7 @@ def main():
     opts = SphkvOptions()
     rows = []
     for name, B, T in POINTS:
-        Hq, Hkv, d = SHAPES[name]
-        q = torch.randn(B, Hq, 1, d, device=device, dtype=torch.bfloat16, generator=gen)
-        k = torch.randn(B, Hkv, T, d, device=device, dtype=torch.bfloat16, generator=gen)
-        row = {"shape": name, "B": B, "T": T, "cudnn_ms": dense_decode(q, k, torch.randn_like(k), "cudnn")}
-        del k
-        specs = [TierSpec("exact"), TierSpec("uniform", float(opts.bits), "polar", float(opts.bits))]
-        states, _, _ = build_store(B, Hkv, d, T - 1, specs, opts, opts.seed, device, gen)
-        kn = torch.randn(B, Hkv, 1, d, device=device, dtype=torch.bfloat16, generator=gen)
+        q, kn, specs, states, row = decode_point(name, B, T, opts, device, gen)
         base = None
         for label, setting in SETTINGS.items():
             saved = dict(fragment_launch.FRAGMENT)

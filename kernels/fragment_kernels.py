@@ -65,6 +65,28 @@ def _tile_records(t0, end, w, t, WT: gl.constexpr, CT: gl.constexpr, stage_at):
 
 
 @gluon.jit
+def fragment_queries(q_ptr, first_row, row0, M, D: gl.constexpr, W: gl.constexpr, MMA: gl.constexpr,
+                     AOP: gl.constexpr):
+    """The query rows row0 + [0, 16) of M (pre-scaled, rotated; row r at q_ptr + (first_row + r)·D)
+    as the A operand of q @ k^T for every warp, each row divided by its max |q| (so float16 holds
+    any norm) and its columns in the key fragments' order; and those maxima in the logits' rows."""
+    Q2: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [1, W], [1, 0])
+    r2 = row0 + gl.arange(0, 16, layout=gl.SliceLayout(1, Q2))
+    d2 = gl.arange(0, D, layout=gl.SliceLayout(0, Q2))
+    q2 = gl.load(q_ptr + (first_row + r2[:, None]) * D + d2[None, :], mask=r2[:, None] < M, other=0.0)
+    qs = gl.max(gl.abs(q2), 1)
+    qs = gl.where(qs > 0, qs, 1.0)
+    wq = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, AOP)))
+    mq = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, AOP)))
+    kq = gl.arange(0, D, layout=gl.SliceLayout(0, gl.SliceLayout(1, AOP)))
+    col = ((kq >> 1) & 3) * (D // 4) + (kq & 1) + (kq >> 3) * 2  # k index -> tree coordinate
+    rows = row0 + mq[None, :, None] + wq[:, None, None] * 0
+    q = gl.load(q_ptr + (first_row + rows) * D + col[None, None, :], mask=rows < M, other=0.0)
+    qop = (q / gl.convert_layout(qs, gl.SliceLayout(0, gl.SliceLayout(2, AOP)))[None, :, None]).to(gl.float16)
+    return qop, gl.convert_layout(qs, gl.SliceLayout(0, gl.SliceLayout(2, MMA)))
+
+
+@gluon.jit
 def paged_fragment_kernel(
         q_ptr, pool_ptr, pages_ptr, count_ptr, acc_ptr, m_ptr, l_ptr, ktab_ptr, vtab_ptr,
         M, max_pages, S, split_offset, S_total,
@@ -79,7 +101,6 @@ def paged_fragment_kernel(
     KL: gl.constexpr = gl.BlockedLayout([1, 1, 1], [1, 8, 4], [W, 1, 1], [2, 1, 0])
     # values: (warp, token, octant): token bit 0 in registers, bits 1-2 lane bits 0-1, octant lane bits 2-4
     VL: gl.constexpr = gl.BlockedLayout([1, 2, 1], [1, 4, 8], [W, 1, 1], [1, 2, 0])
-    Q2: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [1, W], [1, 0])
     ROWS: gl.constexpr = gl.SliceLayout(2, MMA)
     TOKENS: gl.constexpr = gl.SliceLayout(1, MMA)
     _stage_tables(ktab_ptr, vtab_ptr, K_WORDS, V_WORDS, W)
@@ -92,21 +113,7 @@ def paged_fragment_kernel(
     start = pid_s * per
     end = gl.minimum(count, start + per)
 
-    # queries (pre-scaled, rotated): each row's max |q| from a plain layout (the operand is q
-    # divided by it, so float16 holds any norm), the operand in the key fragments' column order
-    r2 = row0 + gl.arange(0, 16, layout=gl.SliceLayout(1, Q2))
-    d2 = gl.arange(0, D, layout=gl.SliceLayout(0, Q2))
-    q2 = gl.load(q_ptr + (pid_bh * M + r2[:, None]) * D + d2[None, :], mask=r2[:, None] < M, other=0.0)
-    qs = gl.max(gl.abs(q2), 1)
-    qs = gl.where(qs > 0, qs, 1.0)
-    wq = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, AOP)))
-    mq = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, AOP)))
-    kq = gl.arange(0, D, layout=gl.SliceLayout(0, gl.SliceLayout(1, AOP)))
-    col = ((kq >> 1) & 3) * (D // 4) + (kq & 1) + (kq >> 3) * 2  # k index -> tree coordinate
-    rows = row0 + mq[None, :, None] + wq[:, None, None] * 0
-    q = gl.load(q_ptr + (pid_bh * M + rows) * D + col[None, None, :], mask=rows < M, other=0.0)
-    qop = (q / gl.convert_layout(qs, gl.SliceLayout(0, gl.SliceLayout(2, AOP)))[None, :, None]).to(gl.float16)
-    qs_c = gl.convert_layout(qs, gl.SliceLayout(0, ROWS))
+    qop, qs_c = fragment_queries(q_ptr, pid_bh * M, row0, M, D, W, MMA, AOP)
 
     m_i = gl.full([W, 16], float("-inf"), gl.float32, ROWS)
     l_i = gl.zeros([W, 16], gl.float32, ROWS)
