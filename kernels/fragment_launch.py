@@ -13,9 +13,10 @@ from sphkv_compile.radius import LOG2_MIN
 
 from .layout import PolarTables, Unsupported, under_interpreter
 
-# tokens_per_warp: tokens each warp decodes per tile (32: the speed probe's faster setting, 1.05x
-# 16 at Llama-3-8B B=8 32k); warps per program; programs_per_sm: what the split count assumes
-# (180 registers per thread at 4 warps in the sm_90 compile: two programs per SM).
+# tokens_per_warp: tokens each warp decodes per tile (32; session 25, staged, whole attend call:
+# 16 was 4% faster at Llama-3-8B B=8 32k and 12% slower at SmolLM2 B=8 32k); warps per program;
+# programs_per_sm: what the split count assumes (255 registers per thread at 4 warps in the sm_90
+# compile: two programs per SM).
 FRAGMENT = {"enabled": True, "tokens_per_warp": 32, "warps": 4, "programs_per_sm": 2, "head_dims": (32, 64, 128)}
 
 
