@@ -45,6 +45,8 @@ def unsupported_reason(info, head_dim: int, device: torch.device, page_size: int
         return "key and value radii in different formats"
     if head_dim not in FRAGMENT["head_dims"]:
         return f"head dim {head_dim} (served: {FRAGMENT['head_dims']})"
+    if torch.version.hip is not None:
+        return "ROCm: the fragment kernel is written for NVIDIA GPUs (mma_v2, cp.async and inline PTX)"
     if torch.cuda.get_device_capability(device) < (8, 0):
         return "mma_v2 needs compute capability 8.0 or newer"
     if not gluon_available():

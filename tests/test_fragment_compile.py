@@ -52,3 +52,10 @@ def test_permutations_put_the_subtree_index_where_the_fragments_want_it():
     assert _permutation(4, 5) == (0, 1, 3, 4, 5, 6, 2, 7)  # [W, CT, quarter, b4..b0] -> (b4, b3, b2, b1, quarter, b0)
     assert _permutation(8, 4) == (0, 1, 3, 4, 5, 6, 2)  # [W, CT, octant, l3..l0] -> (l3, l2, l1, l0, octant)
     assert _permutation(4, 3) == (0, 1, 3, 4, 2, 5) and _permutation(8, 2) == (0, 1, 3, 4, 2)
+
+
+def test_rocm_is_left_to_the_triton_kernels(monkeypatch):
+    """torch reports ROCm devices as 'cuda'; the fragment kernel is NVIDIA PTX, so it must say no."""
+    info = tier_info(TierSpec("uniform", 3.5, "polar", 3.5), 128, 0, torch.bfloat16)
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert "ROCm" in fragment_launch.unsupported_reason(info, 128, torch.device("cuda"), 64)
