@@ -323,8 +323,8 @@ def _codec_constants(tables) -> tuple:
 
 def _uses_fragments(info, D: int, device: torch.device, st: TierState) -> bool:
     """Does this compressed tier run the Gluon fragment kernel (fragment_launch.py)?"""
-    return info.key is not None and fragment_launch.unsupported_reason(info, D, device, st.page_size,
-                                                                              st.pool.data_ptr()) is None
+    return info.key is not None and fragment_launch.unsupported_reason(
+        info, D, device, st.page_size, st.pool.data_ptr(), st.pool.shape[-1]) is None
 
 
 def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_offset, S, S_total, M, block_m,

@@ -119,7 +119,10 @@ def _path_element(body: _Body, c, node: str, cache: dict) -> str:
 
 
 def _lookup(body: _Body, offset: str, table_bytes: int, name: str) -> None:
-    body.emit(f"{name} = lookup({offset} + {table_bytes})")
+    # a 0-bit level's offset is a constant: its pure lookup would depend on nothing and could be
+    # hoisted above the barrier that ends the tables' staging, so it goes through the volatile form
+    function = "lookup_fixed" if offset == "0" else "lookup"
+    body.emit(f"{name} = {function}({offset} + {table_bytes})")
 
 
 def _decoder_source(tables: PolarTables, record_offset: int, parts: int, table_base: int) -> str:
@@ -164,7 +167,7 @@ def _decoder_source(tables: PolarTables, record_offset: int, parts: int, table_b
         nxt = []
         for i, v in enumerate(values):
             off = code_offset(level, lambda c: _element(body, c, parts, i, cache))
-            body.emit(f"t = lookup({off} + {table_base + (level - 1) * level_bytes})")
+            _lookup(body, off, table_base + (level - 1) * level_bytes, "t")
             a, b = f"n{level}_{2 * i}", f"n{level}_{2 * i + 1}"
             body.emit(f"{a}, {b} = children({v}, t)")
             nxt += [a, b]
@@ -223,6 +226,14 @@ def lookup(off):
     return gl.inline_asm_elementwise(
         "{{ .reg .u32 a; mov.u32 a, {FRAGMENT_TABLES}; add.u32 a, a, $1; ld.shared.b32 $0, [a]; }}",
         "=r,r", [off], dtype=gl.int32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def lookup_fixed(off):
+    """lookup for a constant offset, kept in program order (volatile) after the tables' barrier."""
+    return gl.inline_asm_elementwise(
+        "{{ .reg .u32 a; mov.u32 a, {FRAGMENT_TABLES}; add.u32 a, a, $1; ld.shared.b32 $0, [a]; }}",
+        "=r,r", [off], dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.jit

@@ -29,14 +29,18 @@ def gluon_available() -> bool:
     return True
 
 
-def unsupported_reason(info, head_dim: int, device: torch.device, page_size: int, pool_address: int = 0) -> str | None:
-    """Why the fragment kernel cannot serve this tier here (None: it can)."""
+def unsupported_reason(info, head_dim: int, device: torch.device, page_size: int, pool_address: int = 0,
+                       pool_words: int | None = None) -> str | None:
+    """Why the fragment kernel cannot serve this tier here (None: it can). pool_words: the
+    record pool's words per token, which the staging code assumes is K's plus V's."""
     if not FRAGMENT["enabled"]:
         return "turned off (FRAGMENT['enabled'])"
     if device.type != "cuda" or under_interpreter():
         return "Gluon kernels run on CUDA only (not under TRITON_INTERPRET)"
     if not isinstance(info.key, PolarTables) or not isinstance(info.value, PolarTables):
         return "keys and values must both use the polar codec"
+    if pool_words is not None and pool_words != info.key_words + info.value_words:
+        return f"records of {pool_words} words, not the tier's {info.key_words} + {info.value_words}"
     if pool_address % 16:
         return "the record pool is not 16-byte aligned (cp.async copies 16 bytes)"
     if page_size % FRAGMENT["tokens_per_warp"]:
@@ -135,11 +139,11 @@ def _opt_in_shared_memory(compiled) -> None:
     static = ctypes.c_int()
     if cuda.cuFuncGetAttribute(ctypes.byref(static), 1, function) != 0:  # CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES
         raise RuntimeError("cuFuncGetAttribute(SHARED_SIZE_BYTES) failed for the fragment kernel")
-    if static.value + compiled.metadata.shared > 48 * 1024:
-        if cuda.cuFuncSetAttribute(function, 8, ctypes.c_int(compiled.metadata.shared)) != 0:
-            raise RuntimeError(f"the fragment kernel needs {static.value + compiled.metadata.shared} bytes of "
-                               "shared memory and the driver refused the opt-in; set "
-                               "sphkv_compile.kernels.fragment_launch.FRAGMENT['enabled'] = False")
+    # set even under 48 KiB (harmless): the per-block reservation may count against the limit too
+    if cuda.cuFuncSetAttribute(function, 8, ctypes.c_int(compiled.metadata.shared)) != 0:
+        raise RuntimeError(f"the fragment kernel needs {static.value + compiled.metadata.shared} bytes of "
+                           "shared memory and the driver refused the opt-in; set "
+                           "sphkv_compile.kernels.fragment_launch.FRAGMENT['enabled'] = False")
 
 
 def launch(info, q_in, st, acc, m, l, split_offset, S, S_total, M, key_table, value_table) -> None:
@@ -151,10 +155,11 @@ def launch(info, q_in, st, acc, m, l, split_offset, S, S_total, M, key_table, va
     grid = (BH, S, -(-M // 16))
     args = (q_in, st.pool, st.pages, st.count, acc, m, l, key_table, value_table, M, st.pages.shape[-1], S,
             split_offset, S_total)
-    # Triton specialises on the integer arguments (== 1, multiples of 16) and the constants: each
-    # new combination may be a new compiled kernel, whose opt-in is set once
+    # Triton specialises on the constants, the integer arguments (== 1, multiples of 16) and the
+    # tensors' dtypes and 16-byte alignment: each new combination may be a new compiled kernel,
+    # whose opt-in is set once
     key = (tuple(sorted((k, id(v) if callable(v) else v) for k, v in consts.items())), q_in.device,
-           tuple(a for a in args if isinstance(a, int)))
+           tuple((a == 1, a % 16 == 0) if isinstance(a, int) else (a.dtype, a.data_ptr() % 16 == 0) for a in args))
     if key not in _OPTED_IN:
         _opt_in_shared_memory(paged_fragment_kernel.warmup(*args, grid=grid, **consts, num_warps=FRAGMENT["warps"]))
         _OPTED_IN.add(key)

@@ -59,3 +59,10 @@ def test_rocm_is_left_to_the_triton_kernels(monkeypatch):
     info = tier_info(TierSpec("uniform", 3.5, "polar", 3.5), 128, 0, torch.bfloat16)
     monkeypatch.setattr(torch.version, "hip", "6.2")
     assert "ROCm" in fragment_launch.unsupported_reason(info, 128, torch.device("cuda"), 64)
+
+
+def test_a_pool_whose_record_width_is_not_the_tiers_is_left_to_the_triton_kernels():
+    """The staging copies K + V words per token; a pool of another width would misplace them."""
+    info = tier_info(TierSpec("uniform", 3.5, "polar", 3.5), 128, 0, torch.bfloat16)
+    words = info.key_words + info.value_words
+    assert "words" in fragment_launch.unsupported_reason(info, 128, torch.device("cuda"), 64, 0, words + 1)
