@@ -328,10 +328,11 @@ def _uses_fragments(info, D: int, device: torch.device, st: TierState) -> bool:
 
 
 def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_offset, S, S_total, M, block_m,
-                  block_t, precision, num_warps, num_stages, coded_warps: int | None = None):
+                  block_t, precision, num_warps, num_stages, coded_warps: int | None = None, fragments: bool = False):
+    """fragments: the tier runs the Gluon fragment kernel (attend's plan decided, _uses_fragments)."""
     BH = st.count.numel()
     grid = (BH, S, triton.cdiv(M, block_m))
-    if _uses_fragments(info, q_in.shape[-1], device, st):
+    if fragments:
         fragment_launch.launch(info, q_in, st, acc, m, l, split_offset, S, S_total, M,
                                _tab(info.key.half_pairs, device), _tab(info.value.half_pairs, device))
         return
@@ -446,25 +447,26 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
             for i, info in group:
                 st = states[i]
                 capacity = st.pages.shape[-1] * st.page_size
+                fragments = _uses_fragments(info, d, device, st)  # decided once per tier and call
                 if info.key is None:
                     S, warps = _splits(BH * mblocks, capacity, block_t, wanted), None
-                elif _uses_fragments(info, d, device, st):
+                elif fragments:
                     S, warps = fragment_launch.splits(BH * mblocks, capacity, wanted, _balanced_splits), None
                 else:
                     launch = _coded_launch(wanted, BH * mblocks, d, not isinstance(info.value, ScalarTables))
                     S, warps = _coded_splits(BH * mblocks, capacity, wanted, d, launch), launch[0]
-                launches.append((i, info, S_total, S, warps))
+                launches.append((i, info, S_total, S, warps, fragments))
                 S_total += S
-        S_rot = sum(S for i, info, _, S, _ in launches if info.key is not None)
+        S_rot = sum(S for i, info, _, S, _, _ in launches if info.key is not None)
         S_chunk = _splits(BH * mblocks, N, block_t, wanted) if N else 0
         S_total += S_chunk
         acc = torch.empty(BH, S_total, M, d, dtype=torch.float32, device=device)
         m = torch.empty(BH, S_total, M, dtype=torch.float32, device=device)
         l = torch.empty_like(m)
-        for i, info, off, S, coded_warps in launches:
+        for i, info, off, S, coded_warps, fragments in launches:
             qin = q_rot if info.key is not None else qc
             _launch_paged(info, kv_dtype, device, qin, states[i], acc, m, l, off, S, S_total, M, block_m, block_t,
-                          precision, num_warps, num_stages, coded_warps)
+                          precision, num_warps, num_stages, coded_warps, fragments)
         if N:
             kn, vn = k_new, v_new
             if kn.stride(-1) != 1:
