@@ -12,9 +12,14 @@ from bench_decode import decode_point, graph_of, median_ms
 from sphkv_compile.kernels import attend as kattend, fragment_launch
 from sphkv_compile.options import SphkvOptions
 
-POINTS = [("llama3-8b", 8, 32768), ("llama3-8b", 1, 32768), ("smollm2", 8, 32768)]
-SETTINGS = {"triton": dict(enabled=False), "fragment_ct32": dict(enabled=True, tokens_per_warp=32),
-            "fragment_ct16": dict(enabled=True, tokens_per_warp=16)}
+POINTS = [("llama3-8b", 8, 32768), ("llama3-8b", 32, 32768), ("llama3-8b", 1, 32768), ("smollm2", 8, 32768),
+          ("smollm2", 32, 32768)]
+# label -> FRAGMENT settings (a setting with "head_dims" runs at those head dims only)
+SETTINGS = {"triton": dict(enabled=False),
+            "fragment_ct32": dict(enabled=True),
+            "fragment_ct32_radius_shared": dict(enabled=True, radius_shuffle=False),
+            "fragment_ct16_r168_p3": dict(enabled=True, tokens_per_warp=16, maxnreg=168, programs_per_sm=3),
+            "fragment_ct32_r168_p3": dict(enabled=True, maxnreg=168, programs_per_sm=3, head_dims=(64,))}
 
 
 def main():
@@ -26,6 +31,8 @@ def main():
         q, kn, specs, states, row = decode_point(name, B, T, opts, device, gen)
         base = None
         for label, setting in SETTINGS.items():
+            if q.shape[-1] not in setting.get("head_dims", (q.shape[-1],)):
+                continue
             saved = dict(fragment_launch.FRAGMENT)
             fragment_launch.FRAGMENT.update(setting)
             try:

@@ -58,6 +58,18 @@ def _stage_tables(ktab_ptr, vtab_ptr, K_WORDS: gl.constexpr, V_WORDS: gl.constex
 
 
 @gluon.jit
+def _lane_id(zero):
+    return gl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [zero], dtype=gl.int32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _from_lane(x, lane):
+    """x as held by lane `lane` (all 32 lanes take part)."""
+    return gl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x1f, 0xffffffff;", "=r,r,r", [x, lane],
+                                     dtype=gl.float32, is_pure=True, pack=1)
+
+
+@gluon.jit
 def _tile_records(t0, end, w, t, WT: gl.constexpr, CT: gl.constexpr, stage_at):
     """(each token's first word in the staged tile, validity): warp w takes tokens t0 + w·CT + t,
     all in one page (tiles start at multiples of W·CT and CT divides the page size)."""
@@ -93,7 +105,7 @@ def paged_fragment_kernel(
         PS: gl.constexpr, WT: gl.constexpr, D: gl.constexpr, CT: gl.constexpr, W: gl.constexpr,
         K_WORDS: gl.constexpr, V_WORDS: gl.constexpr, KEY_QUARTER: gl.constexpr, VALUE_OCTANT: gl.constexpr,
         KEY_RADIUS: gl.constexpr, VALUE_RADIUS: gl.constexpr, DECLARE_RECORDS: gl.constexpr, COPY_TILE: gl.constexpr,
-        STEP: gl.constexpr, LOG2_MIN: gl.constexpr):
+        STEP: gl.constexpr, LOG2_MIN: gl.constexpr, RADIUS_SHUFFLE: gl.constexpr):
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1, 1], instr_shape=[1, 16, 8])
     AOP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     BOP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
@@ -128,7 +140,11 @@ def paged_fragment_kernel(
     ov = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, VL)))
     vsub = ov[None, None, :] + 0 * tv[None, :, None] + 0 * wv[:, None, None]
     wc = gl.arange(0, W, layout=gl.SliceLayout(1, TOKENS))
+    RL: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [W, 1], [1, 0])  # (warp, token): a token per lane
+    wr = gl.arange(0, W, layout=gl.SliceLayout(1, RL))
+    tr = gl.arange(0, CT, layout=gl.SliceLayout(0, RL))
     tc = gl.arange(0, CT, layout=gl.SliceLayout(0, TOKENS))
+    my_token = _lane_id(wc[:, None] * 0 + tc[None, :] * 0) % CT
     # records: each warp copies its own tokens' (contiguous) into shared memory one tile ahead
     # (fragment_codegen._staging_source); the lanes read their subtrees' words from there
     DECLARE_RECORDS(pid_bh)
@@ -151,9 +167,18 @@ def paged_fragment_kernel(
         kt = gl.convert_layout(gl.permute(k, 0, 2, 1), BOP, assert_trivial=True)
         s = mma_v2(qop, kt, gl.zeros([W, 16, CT], gl.float32, MMA))
 
-        cbase, cvalid = _tile_records(t0, end, wc[:, None], tc[None, :], WT, CT, stage_at)
-        kr = gl.where(cvalid, KEY_RADIUS(cbase, STEP, LOG2_MIN), 0.0)
-        vr = gl.where(cvalid, VALUE_RADIUS(cbase, STEP, LOG2_MIN), 0.0)
+        cvalid = t0 + wc[:, None] * CT + tc[None, :] < end
+        if RADIUS_SHUFFLE:
+            # the radii, decoded once per token (lane t % 32 decodes token t: every register of a
+            # lane computes the same, merged by the compiler) and fetched from there by the 8 lanes
+            # that hold each token's logits
+            mbase, mvalid = _tile_records(t0, end, wc[:, None], my_token, WT, CT, stage_at)
+            kr = _from_lane(gl.where(mvalid, KEY_RADIUS(mbase, STEP, LOG2_MIN), 0.0), tc[None, :] + 0 * wc[:, None])
+            vr = _from_lane(gl.where(mvalid, VALUE_RADIUS(mbase, STEP, LOG2_MIN), 0.0), tc[None, :] + 0 * wc[:, None])
+        else:
+            rbase, rvalid = _tile_records(t0, end, wr[:, None], tr[None, :], WT, CT, stage_at)
+            kr = gl.convert_layout(gl.where(rvalid, KEY_RADIUS(rbase, STEP, LOG2_MIN), 0.0), TOKENS)
+            vr = gl.convert_layout(gl.where(rvalid, VALUE_RADIUS(rbase, STEP, LOG2_MIN), 0.0), TOKENS)
         s = s * kr[:, None, :] + gl.where(cvalid, 0.0, float("-inf"))[:, None, :]
         m_new = gl.maximum(m_i, gl.max(s, 2) * qs_c[None, :])
         m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)  # a warp past the end has seen nothing yet

@@ -16,8 +16,15 @@ from .layout import PolarTables, Unsupported, under_interpreter
 # tokens_per_warp: tokens each warp decodes per tile (32; session 25, staged, whole attend call:
 # 16 was 4% faster at Llama-3-8B B=8 32k and 12% slower at SmolLM2 B=8 32k); warps per program;
 # programs_per_sm: what the split count assumes (255 registers per thread at 4 warps in the sm_90
-# compile: two programs per SM).
-FRAGMENT = {"enabled": True, "tokens_per_warp": 32, "warps": 4, "programs_per_sm": 2, "head_dims": (32, 64, 128)}
+# compile: two programs per SM); maxnreg: a register cap per thread (0: none), which is what lets
+# more programs share an SM (168 registers: three programs of 4 warps).
+FRAGMENT = {"enabled": True, "tokens_per_warp": 32, "warps": 4, "programs_per_sm": 2, "maxnreg": 0,
+            "radius_shuffle": True, "head_dims": (32, 64, 128)}
+
+
+def launch_options() -> dict:
+    """The Triton launch options beyond the constants: warps, and the register cap where set."""
+    return {"num_warps": FRAGMENT["warps"], **({"maxnreg": FRAGMENT["maxnreg"]} if FRAGMENT["maxnreg"] else {})}
 
 
 @lru_cache(maxsize=1)
@@ -95,7 +102,8 @@ def _constants(info, D: int, page_size: int, record_words: int) -> dict:
     return dict(PS=page_size, WT=record_words, D=D, CT=FRAGMENT["tokens_per_warp"], W=FRAGMENT["warps"],
                 K_WORDS=info.key.half_pairs.numel(), V_WORDS=info.value.half_pairs.numel(), KEY_QUARTER=key_quarter,
                 VALUE_OCTANT=value_octant, KEY_RADIUS=key_radius, VALUE_RADIUS=value_radius,
-                DECLARE_RECORDS=declare_records, COPY_TILE=copy_tile, STEP=info.key.radius_step, LOG2_MIN=LOG2_MIN)
+                DECLARE_RECORDS=declare_records, COPY_TILE=copy_tile, STEP=info.key.radius_step, LOG2_MIN=LOG2_MIN,
+                RADIUS_SHUFFLE=FRAGMENT["radius_shuffle"])
 
 
 def compile_for_target(info, D: int, page_size: int = 64, arch: int = 90):
@@ -116,7 +124,7 @@ def compile_for_target(info, D: int, page_size: int = 64, arch: int = 90):
     sig.update({name: "i32" for name in ("M", "max_pages", "S", "split_offset", "S_total")})
     consts = _constants(info, D, page_size, info.key_words + info.value_words)
     return triton.compile(GluonASTSource(paged_fragment_kernel, sig, consts), target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": FRAGMENT["warps"]})
+                          options=launch_options())
 
 
 # (kernel specialisation key) of the launches whose shared-memory opt-in is set
@@ -158,9 +166,11 @@ def launch(info, q_in, st, acc, m, l, split_offset, S, S_total, M, key_table, va
     # Triton specialises on the constants, the integer arguments (== 1, multiples of 16) and the
     # tensors' dtypes and 16-byte alignment: each new combination may be a new compiled kernel,
     # whose opt-in is set once
-    key = (tuple(sorted((k, id(v) if callable(v) else v) for k, v in consts.items())), q_in.device,
+    options = launch_options()
+    key = (tuple(sorted((k, id(v) if callable(v) else v) for k, v in consts.items())), tuple(options.items()),
+           q_in.device,
            tuple((a == 1, a % 16 == 0) if isinstance(a, int) else (a.dtype, a.data_ptr() % 16 == 0) for a in args))
     if key not in _OPTED_IN:
-        _opt_in_shared_memory(paged_fragment_kernel.warmup(*args, grid=grid, **consts, num_warps=FRAGMENT["warps"]))
+        _opt_in_shared_memory(paged_fragment_kernel.warmup(*args, grid=grid, **consts, **options))
         _OPTED_IN.add(key)
-    paged_fragment_kernel[grid](*args, **consts, num_warps=FRAGMENT["warps"])
+    paged_fragment_kernel[grid](*args, **consts, **options)
