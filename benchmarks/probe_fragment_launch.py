@@ -14,12 +14,12 @@ from sphkv_compile.options import SphkvOptions
 
 POINTS = [("llama3-8b", 8, 32768), ("llama3-8b", 32, 32768), ("llama3-8b", 1, 32768), ("smollm2", 8, 32768),
           ("smollm2", 32, 32768)]
-# label -> FRAGMENT settings (a setting with "head_dims" runs at those head dims only)
+# label -> FRAGMENT settings (a setting with "head_dims" runs at those head dims only; maxnreg 168:
+# three programs of 4 warps per SM)
 SETTINGS = {"triton": dict(enabled=False),
             "fragment_ct32": dict(enabled=True),
-            "fragment_ct32_radius_shared": dict(enabled=True, radius_shuffle=False),
             "fragment_ct16_r168_p3": dict(enabled=True, tokens_per_warp=16, maxnreg=168, programs_per_sm=3),
-            "fragment_ct32_r168_p3": dict(enabled=True, maxnreg=168, programs_per_sm=3, head_dims=(64,))}
+            "fragment_ct32_r168_p3": dict(enabled=True, maxnreg=168, programs_per_sm=3)}
 
 
 def main():

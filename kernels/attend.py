@@ -451,7 +451,8 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
                 if info.key is None:
                     S, warps = _splits(BH * mblocks, capacity, block_t, wanted), None
                 elif fragments:
-                    S, warps = fragment_launch.splits(BH * mblocks, capacity, wanted, _balanced_splits), None
+                    per_sm = fragment_launch.programs_per_sm(info, q_rot, st, M)
+                    S, warps = fragment_launch.splits(BH * mblocks, capacity, wanted, _balanced_splits, per_sm), None
                 else:
                     launch = _coded_launch(wanted, BH * mblocks, d, not isinstance(info.value, ScalarTables))
                     S, warps = _coded_splits(BH * mblocks, capacity, wanted, d, launch), launch[0]

@@ -105,7 +105,7 @@ def paged_fragment_kernel(
         PS: gl.constexpr, WT: gl.constexpr, D: gl.constexpr, CT: gl.constexpr, W: gl.constexpr,
         K_WORDS: gl.constexpr, V_WORDS: gl.constexpr, KEY_QUARTER: gl.constexpr, VALUE_OCTANT: gl.constexpr,
         KEY_RADIUS: gl.constexpr, VALUE_RADIUS: gl.constexpr, DECLARE_RECORDS: gl.constexpr, COPY_TILE: gl.constexpr,
-        STEP: gl.constexpr, LOG2_MIN: gl.constexpr, RADIUS_SHUFFLE: gl.constexpr):
+        STEP: gl.constexpr, LOG2_MIN: gl.constexpr):
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1, 1], instr_shape=[1, 16, 8])
     AOP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     BOP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
@@ -140,9 +140,6 @@ def paged_fragment_kernel(
     ov = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, VL)))
     vsub = ov[None, None, :] + 0 * tv[None, :, None] + 0 * wv[:, None, None]
     wc = gl.arange(0, W, layout=gl.SliceLayout(1, TOKENS))
-    RL: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [W, 1], [1, 0])  # (warp, token): a token per lane
-    wr = gl.arange(0, W, layout=gl.SliceLayout(1, RL))
-    tr = gl.arange(0, CT, layout=gl.SliceLayout(0, RL))
     tc = gl.arange(0, CT, layout=gl.SliceLayout(0, TOKENS))
     my_token = _lane_id(wc[:, None] * 0 + tc[None, :] * 0) % CT
     # records: each warp copies its own tokens' (contiguous) into shared memory one tile ahead
@@ -168,17 +165,13 @@ def paged_fragment_kernel(
         s = mma_v2(qop, kt, gl.zeros([W, 16, CT], gl.float32, MMA))
 
         cvalid = t0 + wc[:, None] * CT + tc[None, :] < end
-        if RADIUS_SHUFFLE:
-            # the radii, decoded once per token (lane t % 32 decodes token t: every register of a
-            # lane computes the same, merged by the compiler) and fetched from there by the 8 lanes
-            # that hold each token's logits
-            mbase, mvalid = _tile_records(t0, end, wc[:, None], my_token, WT, CT, stage_at)
-            kr = _from_lane(gl.where(mvalid, KEY_RADIUS(mbase, STEP, LOG2_MIN), 0.0), tc[None, :] + 0 * wc[:, None])
-            vr = _from_lane(gl.where(mvalid, VALUE_RADIUS(mbase, STEP, LOG2_MIN), 0.0), tc[None, :] + 0 * wc[:, None])
-        else:
-            rbase, rvalid = _tile_records(t0, end, wr[:, None], tr[None, :], WT, CT, stage_at)
-            kr = gl.convert_layout(gl.where(rvalid, KEY_RADIUS(rbase, STEP, LOG2_MIN), 0.0), TOKENS)
-            vr = gl.convert_layout(gl.where(rvalid, VALUE_RADIUS(rbase, STEP, LOG2_MIN), 0.0), TOKENS)
+        # the radii, decoded once per token (lane t % 32 decodes token t: every register of a lane
+        # computes the same, merged by the compiler) and fetched from there by the 8 lanes that
+        # hold each token's logits. (Through convert_layout, the move went via shared memory with
+        # two CTA barriers per tile: 1-2% slower at Llama-3-8B B=8 and 32 (H200, session 26).)
+        mbase, mvalid = _tile_records(t0, end, wc[:, None], my_token, WT, CT, stage_at)
+        kr = _from_lane(gl.where(mvalid, KEY_RADIUS(mbase, STEP, LOG2_MIN), 0.0), tc[None, :] + 0 * wc[:, None])
+        vr = _from_lane(gl.where(mvalid, VALUE_RADIUS(mbase, STEP, LOG2_MIN), 0.0), tc[None, :] + 0 * wc[:, None])
         s = s * kr[:, None, :] + gl.where(cvalid, 0.0, float("-inf"))[:, None, :]
         m_new = gl.maximum(m_i, gl.max(s, 2) * qs_c[None, :])
         m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)  # a warp past the end has seen nothing yet

@@ -15,11 +15,14 @@ from .layout import PolarTables, Unsupported, under_interpreter
 
 # tokens_per_warp: tokens each warp decodes per tile (32; session 25, staged, whole attend call:
 # 16 was 4% faster at Llama-3-8B B=8 32k and 12% slower at SmolLM2 B=8 32k); warps per program;
-# programs_per_sm: what the split count assumes (255 registers per thread at 4 warps in the sm_90
-# compile: two programs per SM); maxnreg: a register cap per thread (0: none), which is what lets
-# more programs share an SM (168 registers: three programs of 4 warps).
-FRAGMENT = {"enabled": True, "tokens_per_warp": 32, "warps": 4, "programs_per_sm": 2, "maxnreg": 0,
-            "radius_shuffle": True, "head_dims": (32, 64, 128)}
+# programs_per_sm: what the split count assumes; None: as many as the compiled kernel's registers
+# and shared memory let one SM hold (the driver's occupancy query). A count that misses the real
+# one leaves SMs unevenly loaded: at SmolLM2 (d=64, 139 registers on Triton 3.6, three programs
+# per SM) splits sized for two ran 13% slower at B=8 32k (H200, session 26); maxnreg: a register
+# cap per thread (0: none; 168 lets three programs of 4 warps share an SM, which at d=128 spilled
+# and ran 11% slower).
+FRAGMENT = {"enabled": True, "tokens_per_warp": 32, "warps": 4, "programs_per_sm": None, "maxnreg": 0,
+            "head_dims": (32, 64, 128)}
 
 
 def launch_options() -> dict:
@@ -50,6 +53,8 @@ def unsupported_reason(info, head_dim: int, device: torch.device, page_size: int
         return f"records of {pool_words} words, not the tier's {info.key_words} + {info.value_words}"
     if pool_address % 16:
         return "the record pool is not 16-byte aligned (cp.async copies 16 bytes)"
+    if FRAGMENT["tokens_per_warp"] not in (8, 16, 32):  # a lane decodes each token's radii (fragment_kernels)
+        return f"{FRAGMENT['tokens_per_warp']} tokens per warp (served: 8, 16 or 32)"
     if page_size % FRAGMENT["tokens_per_warp"]:
         return f"page size {page_size} is not a multiple of {FRAGMENT['tokens_per_warp']} tokens per warp"
     if info.key.radius_step != info.value.radius_step:
@@ -86,11 +91,10 @@ def _decoders(info):
     return hit[1]
 
 
-def splits(rows: int, capacity: int, wanted: int, balanced) -> int:
-    """Splits per row: as many as fill programs_per_sm programs per SM, then the count up to
-    twice that which leaves no SM a partial last wave (attend._balanced_splits)."""
+def splits(rows: int, capacity: int, wanted: int, balanced, per_sm: int) -> int:
+    """Splits per row: as many as fill per_sm programs per SM (programs_per_sm), then the count up
+    to twice that which leaves no SM a partial last wave (attend._balanced_splits)."""
     tile = FRAGMENT["tokens_per_warp"] * FRAGMENT["warps"]
-    per_sm = FRAGMENT["programs_per_sm"]
     tiles = max(1, -(-capacity // tile))
     S = max(1, min(tiles, -(-(wanted // 2 * per_sm) // rows)))
     most = min(max(S, min(2 * S, 32)), tiles)
@@ -102,8 +106,7 @@ def _constants(info, D: int, page_size: int, record_words: int) -> dict:
     return dict(PS=page_size, WT=record_words, D=D, CT=FRAGMENT["tokens_per_warp"], W=FRAGMENT["warps"],
                 K_WORDS=info.key.half_pairs.numel(), V_WORDS=info.value.half_pairs.numel(), KEY_QUARTER=key_quarter,
                 VALUE_OCTANT=value_octant, KEY_RADIUS=key_radius, VALUE_RADIUS=value_radius,
-                DECLARE_RECORDS=declare_records, COPY_TILE=copy_tile, STEP=info.key.radius_step, LOG2_MIN=LOG2_MIN,
-                RADIUS_SHUFFLE=FRAGMENT["radius_shuffle"])
+                DECLARE_RECORDS=declare_records, COPY_TILE=copy_tile, STEP=info.key.radius_step, LOG2_MIN=LOG2_MIN)
 
 
 def compile_for_target(info, D: int, page_size: int = 64, arch: int = 90):
@@ -127,8 +130,31 @@ def compile_for_target(info, D: int, page_size: int = 64, arch: int = 90):
                           options=launch_options())
 
 
-# (kernel specialisation key) of the launches whose shared-memory opt-in is set
-_OPTED_IN: set = set()
+# kernel specialisation key -> the compiled kernel, its shared-memory opt-in set
+_COMPILED: dict = {}
+
+# (constants, launch options, device) -> programs per SM (programs_per_sm)
+_PER_SM: dict = {}
+
+
+def _constants_key(consts: dict) -> tuple:
+    return tuple(sorted((k, id(v) if callable(v) else v) for k, v in consts.items()))
+
+
+def _resident_programs(compiled) -> int:
+    """Programs of the compiled kernel one SM holds at once (registers, shared memory, warps), as
+    the driver computes it."""
+    import ctypes
+
+    cuda = ctypes.CDLL("libcuda.so.1")
+    blocks = ctypes.c_int()
+    err = cuda.cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(blocks), ctypes.c_void_p(compiled.function),
+                                                           ctypes.c_int(32 * FRAGMENT["warps"]),
+                                                           ctypes.c_size_t(compiled.metadata.shared))
+    if err != 0 or blocks.value < 1:
+        raise RuntimeError(f"the occupancy query for the fragment kernel failed (CUresult {err}, "
+                           f"{blocks.value} programs per SM)")
+    return blocks.value
 
 
 def _opt_in_shared_memory(compiled) -> None:
@@ -154,23 +180,55 @@ def _opt_in_shared_memory(compiled) -> None:
                            "sphkv_compile.kernels.fragment_launch.FRAGMENT['enabled'] = False")
 
 
+def _prepared(info, args, grid, device):
+    """(constants, launch options, compiled kernel) of a launch with these arguments, its kernel
+    compiled and its shared-memory opt-in set.
+
+    Triton specialises on the constants, the integer arguments (== 1, multiples of 16) and the
+    tensors' dtypes and 16-byte alignment: each new combination may be a new compiled kernel, whose
+    opt-in is set once."""
+    from .fragment_kernels import paged_fragment_kernel
+
+    q_in, pool = args[0], args[1]
+    consts = _constants(info, q_in.shape[-1], args[-1], pool.shape[-1])
+    options = launch_options()
+    launch_args = args[:-1]
+    key = (_constants_key(consts), tuple(options.items()), device,
+           tuple((a == 1, a % 16 == 0) if isinstance(a, int) else (a.dtype, a.data_ptr() % 16 == 0) for a in launch_args))
+    if key not in _COMPILED:
+        compiled = paged_fragment_kernel.warmup(*launch_args, grid=grid, **consts, **options)
+        _opt_in_shared_memory(compiled)
+        _COMPILED[key] = compiled
+    return consts, options, _COMPILED[key]
+
+
+def compiled_stand_in(info, q_in, st, M: int):
+    """The kernel that inputs like these compile, from a stand-in launch of two splits (the
+    kernel's registers and shared memory do not depend on the split count)."""
+    stand_in = torch.empty(2, M, q_in.shape[-1], dtype=torch.float32, device=q_in.device)
+    tables = torch.empty(1, dtype=torch.int32, device=q_in.device)
+    args = (q_in, st.pool, st.pages, st.count, stand_in, stand_in[:, :, 0], stand_in[:, :, 0], tables, tables, M,
+            st.pages.shape[-1], 2, 0, 2, st.page_size)
+    return _prepared(info, args, (st.count.numel(), 2, -(-M // 16)), q_in.device)[2]
+
+
+def programs_per_sm(info, q_in, st, M: int) -> int:
+    """What the split count assumes: FRAGMENT["programs_per_sm"], else as many programs as one SM
+    holds of the kernel these inputs compile."""
+    if FRAGMENT["programs_per_sm"]:
+        return FRAGMENT["programs_per_sm"]
+    consts = _constants(info, q_in.shape[-1], st.page_size, st.pool.shape[-1])
+    key = (_constants_key(consts), tuple(launch_options().items()), q_in.device)
+    if key not in _PER_SM:
+        _PER_SM[key] = _resident_programs(compiled_stand_in(info, q_in, st, M))
+    return _PER_SM[key]
+
+
 def launch(info, q_in, st, acc, m, l, split_offset, S, S_total, M, key_table, value_table) -> None:
     from .fragment_kernels import paged_fragment_kernel
 
-    D = q_in.shape[-1]
-    BH = st.count.numel()
-    consts = _constants(info, D, st.page_size, st.pool.shape[-1])
-    grid = (BH, S, -(-M // 16))
+    grid = (st.count.numel(), S, -(-M // 16))
     args = (q_in, st.pool, st.pages, st.count, acc, m, l, key_table, value_table, M, st.pages.shape[-1], S,
-            split_offset, S_total)
-    # Triton specialises on the constants, the integer arguments (== 1, multiples of 16) and the
-    # tensors' dtypes and 16-byte alignment: each new combination may be a new compiled kernel,
-    # whose opt-in is set once
-    options = launch_options()
-    key = (tuple(sorted((k, id(v) if callable(v) else v) for k, v in consts.items())), tuple(options.items()),
-           q_in.device,
-           tuple((a == 1, a % 16 == 0) if isinstance(a, int) else (a.dtype, a.data_ptr() % 16 == 0) for a in args))
-    if key not in _OPTED_IN:
-        _opt_in_shared_memory(paged_fragment_kernel.warmup(*args, grid=grid, **consts, **options))
-        _OPTED_IN.add(key)
-    paged_fragment_kernel[grid](*args, **consts, **options)
+            split_offset, S_total, st.page_size)
+    consts, options, _ = _prepared(info, args, grid, q_in.device)
+    paged_fragment_kernel[grid](*args[:-1], **consts, **options)

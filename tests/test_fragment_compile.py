@@ -66,3 +66,10 @@ def test_a_pool_whose_record_width_is_not_the_tiers_is_left_to_the_triton_kernel
     info = tier_info(TierSpec("uniform", 3.5, "polar", 3.5), 128, 0, torch.bfloat16)
     words = info.key_words + info.value_words
     assert "words" in fragment_launch.unsupported_reason(info, 128, torch.device("cuda"), 64, 0, words + 1)
+
+
+def test_more_tokens_per_warp_than_lanes_is_left_to_the_triton_kernels(monkeypatch):
+    # one lane decodes each token's radii, so a warp takes at most 32 tokens per tile
+    monkeypatch.setitem(fragment_launch.FRAGMENT, "tokens_per_warp", 64)
+    info = tier_info(TierSpec("uniform", 3.5, "polar", 3.5), 128, 0, torch.bfloat16)
+    assert "tokens per warp" in fragment_launch.unsupported_reason(info, 128, torch.device("cuda"), 64)

@@ -272,6 +272,33 @@ def test_fragment_kernel_agrees_with_the_triton_kernels(d, wide, monkeypatch):
     assert rel_err(fragment, triton_out) < 2.0**-7, seed
 
 
+@pytest.mark.parametrize("d", [128, 64])
+def test_fragment_splits_assume_the_programs_an_sm_holds(d, monkeypatch):
+    """The split count assumes as many fragment programs per SM as the driver's occupancy query
+    gives for the compiled kernel; that number also follows from the kernel's registers and
+    shared memory and the device's limits, worked out here by hand."""
+    from sphkv_compile.kernels.fragment_codegen import FRAGMENT_TABLE_BYTES
+    from sphkv_compile.kernels.layout import tier_info
+
+    gen = torch.Generator(device=DEV).manual_seed(random.randrange(2**31))
+    specs = [DEFAULT_TIERS[0], TierSpec("uniform", 3.5, "polar", 3.5)]
+    states = fill_store(gen, 2, 2, d, specs, ragged_counts(gen, 2, 2, 3000, specs))
+    info = tier_info(specs[1], d, 0, KV_DTYPE)
+    q_rot = torch.randn(2 * 2, 4, d, device=DEV)
+    monkeypatch.setitem(fragment_launch.FRAGMENT, "programs_per_sm", None)
+    held = fragment_launch.programs_per_sm(info, q_rot, states[1], 4)
+    kernel = fragment_launch.compiled_stand_in(info, q_rot, states[1], 4)
+    props = torch.cuda.get_device_properties(DEV)
+    warps, tokens = fragment_launch.FRAGMENT["warps"], fragment_launch.FRAGMENT["tokens_per_warp"]
+    per_warp = -(-kernel.n_regs * 32 // 256) * 256  # registers are handed out per warp, 256 at a time
+    by_registers = props.regs_per_multiprocessor // (per_warp * warps)
+    # static: the tables and two tiles of staged records; dynamic: Triton's; 1 KiB per program for the system
+    static = FRAGMENT_TABLE_BYTES + 2 * warps * tokens * states[1].pool.shape[-1] * 4
+    by_shared = props.shared_memory_per_multiprocessor // (static + kernel.metadata.shared + 1024)
+    by_threads = props.max_threads_per_multi_processor // (32 * warps)
+    assert held == min(by_registers, by_shared, by_threads) >= 1, (held, kernel.n_regs, by_registers, by_shared)
+
+
 def check_attend(d, H, G, B, T, Tq, tiers, sinks=False, wide=False):
     """sinks: gpt-oss-style sink logits per query head (random, one huge, one -inf). wide: the
     magnitudes of WIDE_Q above."""
