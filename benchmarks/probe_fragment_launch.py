@@ -10,16 +10,18 @@ import torch
 
 from bench_decode import decode_point, graph_of, median_ms
 from sphkv_compile.kernels import attend as kattend, fragment_launch
+from sphkv_compile.kernels.layout import tier_info
 from sphkv_compile.options import SphkvOptions
 
 POINTS = [("llama3-8b", 8, 32768), ("llama3-8b", 32, 32768), ("llama3-8b", 1, 32768), ("smollm2", 8, 32768),
           ("smollm2", 32, 32768)]
-# label -> FRAGMENT settings (a setting with "head_dims" runs at those head dims only; maxnreg 168:
-# three programs of 4 warps per SM)
+# label -> FRAGMENT settings (a setting with "head_dims" runs at those head dims only); programs_per_sm
+# None: the occupancy query's count
 SETTINGS = {"triton": dict(enabled=False),
-            "fragment_ct32": dict(enabled=True),
-            "fragment_ct16_r168_p3": dict(enabled=True, tokens_per_warp=16, maxnreg=168, programs_per_sm=3),
-            "fragment_ct32_r168_p3": dict(enabled=True, maxnreg=168, programs_per_sm=3)}
+            "fragment_auto": dict(enabled=True),
+            "fragment_p2": dict(enabled=True, programs_per_sm=2),
+            "fragment_p3": dict(enabled=True, programs_per_sm=3),
+            "fragment_p4": dict(enabled=True, programs_per_sm=4)}
 
 
 def main():
@@ -46,6 +48,11 @@ def main():
             finally:
                 fragment_launch.FRAGMENT.clear()
                 fragment_launch.FRAGMENT.update(saved)
+        info = tier_info(specs[1], q.shape[-1], opts.seed, torch.bfloat16)
+        q_rot = torch.empty(kn.shape[0] * kn.shape[1], q.shape[1] // kn.shape[1], q.shape[-1], device=device)
+        kernel = fragment_launch.compiled_stand_in(info, q_rot, states[1], q_rot.shape[1])
+        row["registers"], row["dynamic_shared"] = kernel.n_regs, kernel.metadata.shared
+        row["occupancy_programs_per_sm"] = fragment_launch.programs_per_sm(info, q_rot, states[1], q_rot.shape[1])
         print(json.dumps(row), flush=True)
         rows.append(row)
     with open(os.path.join(os.environ.get("OUT", "."), "probe_fragment_launch.json"), "w") as f:
