@@ -16,12 +16,11 @@ from sphkv_compile.options import SphkvOptions
 POINTS = [("llama3-8b", 8, 32768), ("llama3-8b", 32, 32768), ("llama3-8b", 1, 32768), ("smollm2", 8, 32768),
           ("smollm2", 32, 32768)]
 # label -> FRAGMENT settings (a setting with "head_dims" runs at those head dims only); programs_per_sm
-# None: the occupancy query's count
+# None: the occupancy query's count; maxnreg 0: no register cap
 SETTINGS = {"triton": dict(enabled=False),
-            "fragment_auto": dict(enabled=True),
-            "fragment_p2": dict(enabled=True, programs_per_sm=2),
-            "fragment_p3": dict(enabled=True, programs_per_sm=3),
-            "fragment_p4": dict(enabled=True, programs_per_sm=4)}
+            "fragment_default": dict(enabled=True),
+            "fragment_uncapped": dict(enabled=True, maxnreg=0),
+            "fragment_p3": dict(enabled=True, programs_per_sm=3)}
 
 
 def main():

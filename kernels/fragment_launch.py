@@ -16,18 +16,22 @@ from .layout import PolarTables, Unsupported, under_interpreter
 # tokens_per_warp: tokens each warp decodes per tile (32; session 25, staged, whole attend call:
 # 16 was 4% faster at Llama-3-8B B=8 32k and 12% slower at SmolLM2 B=8 32k); warps per program;
 # programs_per_sm: what the split count assumes; None: as many as the compiled kernel's registers
-# and shared memory let one SM hold (the driver's occupancy query). A count that misses the real
-# one leaves SMs unevenly loaded: at SmolLM2 (d=64, 139 registers on Triton 3.6, three programs
-# per SM) splits sized for two ran 13% slower at B=8 32k (H200, session 26); maxnreg: a register
-# cap per thread (0: none; 168 lets three programs of 4 warps share an SM, which at d=128 spilled
-# and ran 11% slower).
-FRAGMENT = {"enabled": True, "tokens_per_warp": 32, "warps": 4, "programs_per_sm": None, "maxnreg": 0,
-            "head_dims": (32, 64, 128)}
+# and shared memory let one SM hold (the driver's occupancy query; H200, Triton 3.6: 2 at d=128,
+# 3 at d=64). Sweeping 2-4 by hand moved Llama-3-8B and SmolLM2 B=8 and 32 at 32k by at most 3%
+# (session 26). maxnreg: a register cap per thread by head dim (0: none). At d=64 ptxas left to
+# itself used 139 registers; capped at 168 (still three programs per SM) the kernel ran 13% faster
+# at SmolLM2 B=8 32k (0.088 vs 0.100 ms, session 26). At d=128 a cap of 168 spilled and ran 11%
+# slower.
+FRAGMENT = {"enabled": True, "tokens_per_warp": 32, "warps": 4, "programs_per_sm": None,
+            "maxnreg": {128: 0, 64: 168, 32: 168}, "head_dims": (32, 64, 128)}
 
 
-def launch_options() -> dict:
-    """The Triton launch options beyond the constants: warps, and the register cap where set."""
-    return {"num_warps": FRAGMENT["warps"], **({"maxnreg": FRAGMENT["maxnreg"]} if FRAGMENT["maxnreg"] else {})}
+def launch_options(D: int) -> dict:
+    """The Triton launch options beyond the constants at head dim D: warps, and the register cap
+    where set (FRAGMENT["maxnreg"]: one value, or a dict by head dim)."""
+    cap = FRAGMENT["maxnreg"]
+    cap = cap.get(D, 0) if isinstance(cap, dict) else cap
+    return {"num_warps": FRAGMENT["warps"], **({"maxnreg": cap} if cap else {})}
 
 
 @lru_cache(maxsize=1)
@@ -127,7 +131,7 @@ def compile_for_target(info, D: int, page_size: int = 64, arch: int = 90):
     sig.update({name: "i32" for name in ("M", "max_pages", "S", "split_offset", "S_total")})
     consts = _constants(info, D, page_size, info.key_words + info.value_words)
     return triton.compile(GluonASTSource(paged_fragment_kernel, sig, consts), target=GPUTarget("cuda", arch, 32),
-                          options=launch_options())
+                          options=launch_options(D))
 
 
 # kernel specialisation key -> the compiled kernel, its shared-memory opt-in set
@@ -191,7 +195,7 @@ def _prepared(info, args, grid, device):
 
     q_in, pool = args[0], args[1]
     consts = _constants(info, q_in.shape[-1], args[-1], pool.shape[-1])
-    options = launch_options()
+    options = launch_options(q_in.shape[-1])
     launch_args = args[:-1]
     key = (_constants_key(consts), tuple(options.items()), device,
            tuple((a == 1, a % 16 == 0) if isinstance(a, int) else (a.dtype, a.data_ptr() % 16 == 0) for a in launch_args))
@@ -218,7 +222,7 @@ def programs_per_sm(info, q_in, st, M: int) -> int:
     if FRAGMENT["programs_per_sm"]:
         return FRAGMENT["programs_per_sm"]
     consts = _constants(info, q_in.shape[-1], st.page_size, st.pool.shape[-1])
-    key = (_constants_key(consts), tuple(launch_options().items()), q_in.device)
+    key = (_constants_key(consts), tuple(launch_options(q_in.shape[-1]).items()), q_in.device)
     if key not in _PER_SM:
         _PER_SM[key] = _resident_programs(compiled_stand_in(info, q_in, st, M))
     return _PER_SM[key]
