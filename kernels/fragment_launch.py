@@ -20,7 +20,7 @@ from .layout import PolarTables, Unsupported, under_interpreter
 # 3 at d=64). Sweeping 2-4 by hand moved Llama-3-8B and SmolLM2 B=8 and 32 at 32k by at most 3%
 # (session 26). maxnreg: a register cap per thread by head dim (0: none). At d=64 ptxas left to
 # itself used 139 registers; capped at 168 (still three programs per SM) the kernel ran 13% faster
-# at SmolLM2 B=8 32k (0.088 vs 0.100 ms, session 26). At d=128 a cap of 168 spilled and ran 11%
+# at SmolLM2 B=8 32k (0.089 vs 0.102 ms, session 26). At d=128 a cap of 168 spilled and ran 11%
 # slower.
 FRAGMENT = {"enabled": True, "tokens_per_warp": 32, "warps": 4, "programs_per_sm": None,
             "maxnreg": {128: 0, 64: 168, 32: 168}, "head_dims": (32, 64, 128)}
@@ -184,7 +184,7 @@ def _opt_in_shared_memory(compiled) -> None:
                            "sphkv_compile.kernels.fragment_launch.FRAGMENT['enabled'] = False")
 
 
-def _prepared(info, args, grid, device):
+def _prepared(info, args, page_size: int, grid, device):
     """(constants, launch options, compiled kernel) of a launch with these arguments, its kernel
     compiled and its shared-memory opt-in set.
 
@@ -194,13 +194,12 @@ def _prepared(info, args, grid, device):
     from .fragment_kernels import paged_fragment_kernel
 
     q_in, pool = args[0], args[1]
-    consts = _constants(info, q_in.shape[-1], args[-1], pool.shape[-1])
+    consts = _constants(info, q_in.shape[-1], page_size, pool.shape[-1])
     options = launch_options(q_in.shape[-1])
-    launch_args = args[:-1]
     key = (_constants_key(consts), tuple(options.items()), device,
-           tuple((a == 1, a % 16 == 0) if isinstance(a, int) else (a.dtype, a.data_ptr() % 16 == 0) for a in launch_args))
+           tuple((a == 1, a % 16 == 0) if isinstance(a, int) else (a.dtype, a.data_ptr() % 16 == 0) for a in args))
     if key not in _COMPILED:
-        compiled = paged_fragment_kernel.warmup(*launch_args, grid=grid, **consts, **options)
+        compiled = paged_fragment_kernel.warmup(*args, grid=grid, **consts, **options)
         _opt_in_shared_memory(compiled)
         _COMPILED[key] = compiled
     return consts, options, _COMPILED[key]
@@ -212,8 +211,8 @@ def compiled_stand_in(info, q_in, st, M: int):
     stand_in = torch.empty(2, M, q_in.shape[-1], dtype=torch.float32, device=q_in.device)
     tables = torch.empty(1, dtype=torch.int32, device=q_in.device)
     args = (q_in, st.pool, st.pages, st.count, stand_in, stand_in[:, :, 0], stand_in[:, :, 0], tables, tables, M,
-            st.pages.shape[-1], 2, 0, 2, st.page_size)
-    return _prepared(info, args, (st.count.numel(), 2, -(-M // 16)), q_in.device)[2]
+            st.pages.shape[-1], 2, 0, 2)
+    return _prepared(info, args, st.page_size, (st.count.numel(), 2, -(-M // 16)), q_in.device)[2]
 
 
 def programs_per_sm(info, q_in, st, M: int) -> int:
@@ -233,6 +232,6 @@ def launch(info, q_in, st, acc, m, l, split_offset, S, S_total, M, key_table, va
 
     grid = (st.count.numel(), S, -(-M // 16))
     args = (q_in, st.pool, st.pages, st.count, acc, m, l, key_table, value_table, M, st.pages.shape[-1], S,
-            split_offset, S_total, st.page_size)
-    consts, options, _ = _prepared(info, args, grid, q_in.device)
-    paged_fragment_kernel[grid](*args[:-1], **consts, **options)
+            split_offset, S_total)
+    consts, options, _ = _prepared(info, args, st.page_size, grid, q_in.device)
+    paged_fragment_kernel[grid](*args, **consts, **options)
