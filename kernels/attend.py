@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from sphkv_compile.radius import LOG2_MIN
+from sphkv_compile.report import record_decode_kernel
 from sphkv_compile.store import TierState
 from sphkv_compile.tiers import TierSpec, tier_codecs
 
@@ -321,10 +322,15 @@ def _codec_constants(tables) -> tuple:
     return tables.levels, tables.fields.counts, tables.fields.max_comps, tables.fields.widths, tables.table_size
 
 
-def _uses_fragments(info, D: int, device: torch.device, st: TierState) -> bool:
-    """Does this compressed tier run the Gluon fragment kernel (fragment_launch.py)?"""
-    return info.key is not None and fragment_launch.unsupported_reason(
-        info, D, device, st.page_size, st.pool.data_ptr(), st.pool.shape[-1]) is None
+def _uses_fragments(info, spec: TierSpec, D: int, device: torch.device, st: TierState) -> bool:
+    """Does this compressed tier run the Gluon fragment kernel (fragment_launch.py)? On CUDA the
+    answer, and why not, go to report()["decode_kernels"]."""
+    if info.key is None:
+        return False
+    why = fragment_launch.unsupported_reason(info, D, device, st.page_size, st.pool.data_ptr(), st.pool.shape[-1])
+    if device.type == "cuda":
+        record_decode_kernel(spec.name, D, "triton" if why else "fragment", why)
+    return why is None
 
 
 def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_offset, S, S_total, M, block_m,
@@ -447,7 +453,7 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
             for i, info in group:
                 st = states[i]
                 capacity = st.pages.shape[-1] * st.page_size
-                fragments = _uses_fragments(info, d, device, st)  # decided once per tier and call
+                fragments = _uses_fragments(info, specs[i], d, device, st)  # decided once per tier and call
                 if info.key is None:
                     S, warps = _splits(BH * mblocks, capacity, block_t, wanted), None
                 elif fragments:

@@ -33,12 +33,16 @@ _decode_step: dict | None = None  # how the latest generate() ran its decode ste
 # RDR's re-budgets since reset_rebudgets() (each generate() call resets): per kind ("prefill": a
 # chunk entered over budget; "decode": the cadence between steps), count and host seconds.
 _rebudgets: dict[str, dict] = {}
+# which decode kernel each compressed tier ran on the GPU, by "<tier> d=<head dim>"
+# (record_decode_kernel)
+_decode_kernels: dict[str, dict] = {}
 
 
 def begin_compile() -> None:
     """A new compiled forward starts: forget the previous one's sites."""
     with _lock:
         _sites.clear()
+        _decode_kernels.clear()
 
 
 def record_site(kind: str, rewritten: bool, reason: str | None = None, **details) -> Site:
@@ -61,6 +65,22 @@ def record_decode_step(cuda_graphs: bool, reason: str) -> None:
     log.info("sphkv: decode step %s CUDA graphs: %s", "with" if cuda_graphs else "without", reason)
 
 
+def record_decode_kernel(tier: str, head_dim: int, kernel: str, why_not_faster: str | None) -> None:
+    """The kernel a compressed tier's decode attention ran on: "fragment" (the Gluon kernel) or
+    "triton", with why the fragment kernel could not serve it. Logged when it changes."""
+    key = f"{tier} d={head_dim}"
+    entry = {"kernel": kernel, "why_not_fragment": why_not_faster}
+    with _lock:
+        changed = _decode_kernels.get(key) != entry
+        _decode_kernels[key] = entry
+    if changed:
+        if why_not_faster is None:
+            log.info("sphkv: tier %s runs the fragment kernel", key)
+        else:
+            log.info("sphkv: tier %s runs the Triton kernels, not the faster fragment kernel: %s", key,
+                     why_not_faster)
+
+
 def record_rebudget(kind: str, seconds: float) -> None:
     """One RDR re-budget of one layer took `seconds` on the host (it decides there, so on a GPU
     this is most of its cost)."""
@@ -74,6 +94,11 @@ def rebudgets() -> dict:
     """{kind: {"count", "host_seconds"}} of RDR's re-budgets since reset_rebudgets()."""
     with _lock:
         return {kind: dict(entry) for kind, entry in _rebudgets.items()}
+
+
+def decode_kernels() -> dict:
+    with _lock:
+        return {key: dict(entry) for key, entry in _decode_kernels.items()}
 
 
 def reset_rebudgets() -> None:
@@ -113,5 +138,7 @@ def report() -> dict:
         "dense_kv_bytes": sum(d for _, d in kv),
         "decode_step": _decode_step,
         "rebudgets": rebudgets(),
+        # GPU only: {"<tier> d=<head dim>": {"kernel": "fragment" or "triton", "why_not_fragment"}}
+        "decode_kernels": decode_kernels(),
         "head_dim_padding": padding,  # measured on the live stores (head_pad.py), None when none is padded
     }

@@ -73,3 +73,22 @@ def test_more_tokens_per_warp_than_lanes_is_left_to_the_triton_kernels(monkeypat
     monkeypatch.setitem(fragment_launch.FRAGMENT, "tokens_per_warp", 64)
     info = tier_info(TierSpec("uniform", 3.5, "polar", 3.5), 128, 0, torch.bfloat16)
     assert "tokens per warp" in fragment_launch.unsupported_reason(info, 128, torch.device("cuda"), 64)
+
+
+@pytest.mark.parametrize("why", ["turned off", "ROCm"])
+def test_the_report_says_which_decode_kernel_a_tier_runs_and_why(why, monkeypatch):
+    from sphkv_compile.kernels import attend
+    from sphkv_compile.report import begin_compile, report
+
+    spec = TierSpec("uniform", 3.5, "polar", 3.5)
+    info = tier_info(spec, 128, 0, torch.bfloat16)
+    if why == "ROCm":
+        monkeypatch.setattr(torch.version, "hip", "6.2")
+    else:
+        monkeypatch.setitem(fragment_launch.FRAGMENT, "enabled", False)
+    words = info.key_words + info.value_words
+    store = type("Store", (), {"page_size": 64, "pool": torch.zeros(4, 64, words, dtype=torch.int32)})()
+    begin_compile()
+    assert not attend._uses_fragments(info, spec, 128, torch.device("cuda"), store)
+    entry = report()["decode_kernels"]["uniform d=128"]
+    assert entry["kernel"] == "triton" and why in entry["why_not_fragment"], entry

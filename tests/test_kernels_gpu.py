@@ -20,6 +20,7 @@ if not torch.cuda.is_available():
 
 from sphkv_compile.kernels import attend as kernel_attend  # noqa: E402
 from sphkv_compile.kernels import compaction, encode as kernel_encode, fragment_launch  # noqa: E402
+from sphkv_compile.report import report as sphkv_report  # noqa: E402
 from sphkv_compile.store import TierState, append_records, attend as reference_attend, encode_records, gather_tokens  # noqa: E402
 from sphkv_compile.tiers import DEFAULT_TIERS, TierSpec, record_words, tier_codecs  # noqa: E402
 from helpers import record_launches  # noqa: E402
@@ -267,8 +268,10 @@ def test_fragment_kernel_agrees_with_the_triton_kernels(d, wide, monkeypatch):
     q = torch.randn(4, 16, 1, d, generator=gen, device=DEV, dtype=torch.bfloat16) * (WIDE_Q if wide else 1.0)
     kw = dict(seed=0, kv_dtype=KV_DTYPE)
     fragment, _ = kernel_attend.attend(q, states, specs, **kw)
+    assert sphkv_report()["decode_kernels"][f"uniform d={d}"] == {"kernel": "fragment", "why_not_fragment": None}
     triton_kernels_only(monkeypatch)
     triton_out, _ = kernel_attend.attend(q, states, specs, **kw)
+    assert sphkv_report()["decode_kernels"][f"uniform d={d}"]["kernel"] == "triton"
     assert rel_err(fragment, triton_out) < 2.0**-7, seed
 
 
