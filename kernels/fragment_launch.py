@@ -17,13 +17,14 @@ from .layout import PolarTables, Unsupported, under_interpreter
 # 16 was 4% faster at Llama-3-8B B=8 32k and 12% slower at SmolLM2 B=8 32k); warps per program;
 # programs_per_sm: what the split count assumes; None: as many as the compiled kernel's registers
 # and shared memory let one SM hold (the driver's occupancy query; H200, Triton 3.6: 2 at d=128,
-# 3 at d=64). Sweeping 2-4 by hand moved Llama-3-8B and SmolLM2 B=8 and 32 at 32k by at most 3%
-# (session 26). maxnreg: a register cap per thread by head dim (0: none). At d=64 ptxas left to
-# itself used 139 registers; capped at 168 (still three programs per SM) the kernel ran 13% faster
+# 3 at d=64). Swept by hand over 2-4 at five 32k points, that count was within 3% of the best
+# one at each, while other counts lost up to 16% (Llama B=1 at 4; session 26). maxnreg: a
+# register cap per thread by head dim (absent or 0: none). At d=64 ptxas left to itself used 139
+# registers; capped at 168 (still three programs per SM) the kernel ran 13% faster
 # at SmolLM2 B=8 32k (0.089 vs 0.102 ms, session 26). At d=128 a cap of 168 spilled and ran 11%
-# slower.
+# slower; d=32 has not been timed either way.
 FRAGMENT = {"enabled": True, "tokens_per_warp": 32, "warps": 4, "programs_per_sm": None,
-            "maxnreg": {128: 0, 64: 168, 32: 168}, "head_dims": (32, 64, 128)}
+            "maxnreg": {64: 168}, "head_dims": (32, 64, 128)}
 
 
 def launch_options(D: int) -> dict:
