@@ -21,8 +21,8 @@ from .layout import PolarTables, Unsupported, under_interpreter
 # one at each, while other counts lost up to 16% (Llama B=1 at 4; session 26). maxnreg: a
 # register cap per thread by head dim (absent or 0: none). At d=64 ptxas left to itself used 139
 # registers; capped at 168 (still three programs per SM) the kernel ran 13% faster
-# at SmolLM2 B=8 32k (0.089 vs 0.102 ms, session 26). At d=128 a cap of 168 spilled and ran 11%
-# slower; d=32 has not been timed either way.
+# at SmolLM2 B=8 32k (0.089 vs 0.102 ms, session 26). At d=128 a cap of 168 (with splits for three
+# programs per SM) spilled and ran 11% slower; d=32 has not been timed either way.
 FRAGMENT = {"enabled": True, "tokens_per_warp": 32, "warps": 4, "programs_per_sm": None,
             "maxnreg": {64: 168}, "head_dims": (32, 64, 128)}
 
