@@ -15,7 +15,10 @@ subtree-aligned run order (sphkv_compile.packing: runs largest first, each at a 
 size) the codes of subtree s of a run are one aligned chunk: for a chunk of 32 bits or more,
 whole words at a word index linear in s with the same bits inside; for a smaller chunk, one word
 shifted right by a lane-dependent amount, after which every code sits at a constant bit. So a
-lane's loads and shifts depend on its subtree, every extraction after them is constant.
+lane's loads and shifts depend on its subtree, every extraction after them is constant. (A layout
+whose chunks may straddle two words, such as whole 3-bit codes, gets one funnel shift per chunk
+instead; today's packing never makes one: benchmarks/probe_whole_codes_compile.py counts what it
+would save.)
 
 The generated source is cached on disk like decode_codegen's (Gluon's JIT needs a real file).
 """
@@ -77,19 +80,22 @@ def _chunk_source(body: _Body, c, parts: int, cache: dict) -> tuple[str, int]:
     or more: see _element)."""
     chunk = c.count * c.width // parts
     if chunk >= 32:
-        if c.offset % 32:
-            raise Unsupported("record runs not word-aligned for the fragment kernels")
+        if c.offset % 32 or 32 % c.width:
+            raise Unsupported("record runs of chunks over 32 bits not word-aligned whole words for the fragment kernels")
         return "", chunk
     key = (c.offset, chunk)
     if key not in cache:
-        if c.offset // 32 == (c.offset + (parts - 1) * chunk) // 32:  # every subtree's chunk in one word
-            w = body.word(str(c.offset // 32))
-            amount = f"({c.offset % 32} + sub * {chunk})"
-        else:
-            w = body.word(f"(({c.offset} + sub * {chunk}) >> 5)")
-            amount = f"(({c.offset} + sub * {chunk}) & 31)"
         name = f"r{len(cache)}"
-        body.emit(f"{name} = {w} >> {amount}.to(gl.uint32)")
+        if c.offset // 32 == (c.offset + parts * chunk - 1) // 32:  # every subtree's chunk in one word
+            w = body.word(str(c.offset // 32))
+            body.emit(f"{name} = {w} >> ({c.offset % 32} + sub * {chunk}).to(gl.uint32)")
+        elif 32 % chunk == 0 and c.offset % chunk == 0:  # each chunk inside its own word
+            w = body.word(f"(({c.offset} + sub * {chunk}) >> 5)")
+            body.emit(f"{name} = {w} >> (({c.offset} + sub * {chunk}) & 31).to(gl.uint32)")
+        else:  # a chunk may straddle two words: one funnel shift brings it to bit 0
+            lo = body.word(f"(({c.offset} + sub * {chunk}) >> 5)")
+            hi = body.word(f"((({c.offset} + sub * {chunk}) >> 5) + 1)")
+            body.emit(f"{name} = funnel({lo}, {hi}, (({c.offset} + sub * {chunk}) & 31))")
         cache[key] = name
     return cache[key], chunk
 
@@ -107,7 +113,7 @@ def _element(body: _Body, c, parts: int, i: int, cache: dict) -> str:
 
 def _path_element(body: _Body, c, node: str, cache: dict) -> str:
     """Component c of element `node` (a lane-dependent index) of a run of at most 32 bits."""
-    if c.count * c.width > 32 or c.offset % (c.count * c.width):
+    if c.offset // 32 != (c.offset + c.count * c.width - 1) // 32:
         raise Unsupported("a path run of the polar tree is not inside one word")
     w = body.word(str(c.offset // 32))
     key = ("path", c.offset, node)
@@ -234,6 +240,13 @@ def lookup_fixed(off):
     return gl.inline_asm_elementwise(
         "{{ .reg .u32 a; mov.u32 a, {FRAGMENT_TABLES}; add.u32 a, a, $1; ld.shared.b32 $0, [a]; }}",
         "=r,r", [off], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def funnel(lo, hi, amount):
+    """The 32 bits of hi:lo from bit `amount` up."""
+    return gl.inline_asm_elementwise("shf.r.wrap.b32 $0, $1, $2, $3;", "=r,r,r,r", [lo, hi, amount.to(gl.uint32)],
+                                     dtype=gl.uint32, is_pure=True, pack=1)
 
 
 @gluon.jit
