@@ -141,7 +141,8 @@ def paged_fragment_kernel(
     vsub = ov[None, None, :] + 0 * tv[None, :, None] + 0 * wv[:, None, None]
     wc = gl.arange(0, W, layout=gl.SliceLayout(1, TOKENS))
     tc = gl.arange(0, CT, layout=gl.SliceLayout(0, TOKENS))
-    my_token = _lane_id(wc[:, None] * 0 + tc[None, :] * 0) % CT
+    my_token = _lane_id(wc[:, None] * 0 + tc[None, :] * 0) % CT  # the token whose radii this lane decodes
+    token_lane = tc[None, :] + 0 * wc[:, None]  # the lane that decodes each logits column's token
     # records: each warp copies its own tokens' (contiguous) into shared memory one tile ahead
     # (fragment_codegen._staging_source); the lanes read their subtrees' words from there
     DECLARE_RECORDS(pid_bh)
@@ -164,14 +165,14 @@ def paged_fragment_kernel(
         kt = gl.convert_layout(gl.permute(k, 0, 2, 1), BOP, assert_trivial=True)
         s = mma_v2(qop, kt, gl.zeros([W, 16, CT], gl.float32, MMA))
 
-        cvalid = t0 + wc[:, None] * CT + tc[None, :] < end
+        _, cvalid = _tile_records(t0, end, wc[:, None], tc[None, :], WT, CT, stage_at)
         # the radii, decoded once per token (lane t % 32 decodes token t: every register of a lane
         # computes the same, merged by the compiler) and fetched from there by the 8 lanes that
         # hold each token's logits. (Through convert_layout, the move went via shared memory with
         # two CTA barriers per tile: 1-2% slower at Llama-3-8B B=8 and 32 (H200, session 26).)
         mbase, mvalid = _tile_records(t0, end, wc[:, None], my_token, WT, CT, stage_at)
-        kr = _from_lane(gl.where(mvalid, KEY_RADIUS(mbase, STEP, LOG2_MIN), 0.0), tc[None, :] + 0 * wc[:, None])
-        vr = _from_lane(gl.where(mvalid, VALUE_RADIUS(mbase, STEP, LOG2_MIN), 0.0), tc[None, :] + 0 * wc[:, None])
+        kr = _from_lane(gl.where(mvalid, KEY_RADIUS(mbase, STEP, LOG2_MIN), 0.0), token_lane)
+        vr = _from_lane(gl.where(mvalid, VALUE_RADIUS(mbase, STEP, LOG2_MIN), 0.0), token_lane)
         s = s * kr[:, None, :] + gl.where(cvalid, 0.0, float("-inf"))[:, None, :]
         m_new = gl.maximum(m_i, gl.max(s, 2) * qs_c[None, :])
         m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)  # a warp past the end has seen nothing yet

@@ -138,7 +138,9 @@ def compile_for_target(info, D: int, page_size: int = 64, arch: int = 90):
 # kernel specialisation key -> the compiled kernel, its shared-memory opt-in set
 _COMPILED: dict = {}
 
-# (constants, launch options, device) -> programs per SM (programs_per_sm)
+# (id(info), head dim, page size, record words, tokens per warp, warps, launch options, device) ->
+# (info, programs per SM) (programs_per_sm; attend asks every call, so the key is cheap to build:
+# the constants themselves follow from it)
 _PER_SM: dict = {}
 
 
@@ -221,11 +223,14 @@ def programs_per_sm(info, q_in, st, M: int) -> int:
     holds of the kernel these inputs compile."""
     if FRAGMENT["programs_per_sm"]:
         return FRAGMENT["programs_per_sm"]
-    consts = _constants(info, q_in.shape[-1], st.page_size, st.pool.shape[-1])
-    key = (_constants_key(consts), tuple(launch_options(q_in.shape[-1]).items()), q_in.device)
-    if key not in _PER_SM:
-        _PER_SM[key] = _resident_programs(compiled_stand_in(info, q_in, st, M))
-    return _PER_SM[key]
+    D = q_in.shape[-1]
+    key = (id(info), D, st.page_size, st.pool.shape[-1], FRAGMENT["tokens_per_warp"], FRAGMENT["warps"],
+           tuple(launch_options(D).items()), q_in.device)
+    hit = _PER_SM.get(key)
+    if hit is None or hit[0] is not info:
+        hit = (info, _resident_programs(compiled_stand_in(info, q_in, st, M)))
+        _PER_SM[key] = hit
+    return hit[1]
 
 
 def launch(info, q_in, st, acc, m, l, split_offset, S, S_total, M, key_table, value_table) -> None:
