@@ -13,14 +13,15 @@ from sphkv_compile.kernels import attend as kattend, fragment_launch
 from sphkv_compile.kernels.layout import tier_info
 from sphkv_compile.options import SphkvOptions
 
-POINTS = [("llama3-8b", 8, 32768), ("llama3-8b", 32, 32768), ("llama3-8b", 1, 32768), ("smollm2", 8, 32768),
-          ("smollm2", 32, 32768)]
+POINTS = [("llama3-8b", 1, 4096), ("llama3-8b", 1, 32768), ("llama3-8b", 8, 32768), ("llama3-8b", 32, 32768),
+          ("llama3-8b", 8, 131072), ("smollm2", 1, 4096), ("smollm2", 8, 32768), ("smollm2", 32, 32768)]
 # label -> FRAGMENT settings (a setting with "head_dims" runs at those head dims only); programs_per_sm
 # None: the occupancy query's count; maxnreg 0: no register cap
 SETTINGS = {"triton": dict(enabled=False),
-            "fragment_default": dict(enabled=True),
-            "fragment_uncapped": dict(enabled=True, maxnreg=0),
-            "fragment_p3": dict(enabled=True, programs_per_sm=3)}
+            "fragment_16_rows": dict(enabled=True, decode_kernel=False),
+            "fragment_decode": dict(enabled=True),
+            "decode_cap128": dict(enabled=True, decode_maxnreg=128, head_dims=(128,)),
+            "decode_cap168": dict(enabled=True, decode_maxnreg=168, head_dims=(64,))}
 
 
 def main():

@@ -23,16 +23,39 @@ from .layout import PolarTables, Unsupported, under_interpreter
 # registers; capped at 168 (still three programs per SM) the kernel ran 13% faster
 # at SmolLM2 B=8 32k (0.089 vs 0.102 ms, session 26). At d=128 a cap of 168 (with splits for three
 # programs per SM) spilled and ran 11% slower; d=32 has not been timed either way.
+# decode_kernel: launches of at most 8 query rows per KV head (decode steps of GQA groups up to 8)
+# run paged_fragment_decode_kernel (fragment_decode_kernel.py: the queries as the mma's 8
+# columns, half the accumulator registers); decode_maxnreg: its register cap, as maxnreg.
 FRAGMENT = {"enabled": True, "tokens_per_warp": 32, "warps": 4, "programs_per_sm": None,
-            "maxnreg": {64: 168}, "head_dims": (32, 64, 128)}
+            "maxnreg": {64: 168}, "head_dims": (32, 64, 128), "decode_kernel": True, "decode_maxnreg": {}}
 
 
-def launch_options(D: int) -> dict:
+def decode_rows(M: int) -> bool:
+    """Does a launch of M query rows per KV head run paged_fragment_decode_kernel?"""
+    from .fragment_decode_kernel import QUERY_COLUMNS
+
+    return FRAGMENT["decode_kernel"] and M <= QUERY_COLUMNS
+
+
+def rows_per_program(M: int) -> int:
+    return 8 if decode_rows(M) else 16
+
+
+def launch_options(D: int, decode: bool = False) -> dict:
     """The Triton launch options beyond the constants at head dim D: warps, and the register cap
-    where set (FRAGMENT["maxnreg"]: one value, or a dict by head dim)."""
-    cap = FRAGMENT["maxnreg"]
+    where set (FRAGMENT["maxnreg"], or "decode_maxnreg" for the decode kernel: one value, or a
+    dict by head dim)."""
+    cap = FRAGMENT["decode_maxnreg" if decode else "maxnreg"]
     cap = cap.get(D, 0) if isinstance(cap, dict) else cap
     return {"num_warps": FRAGMENT["warps"], **({"maxnreg": cap} if cap else {})}
+
+
+def _kernel(decode: bool):
+    if decode:
+        from .fragment_decode_kernel import paged_fragment_decode_kernel
+        return paged_fragment_decode_kernel
+    from .fragment_kernels import paged_fragment_kernel
+    return paged_fragment_kernel
 
 
 @lru_cache(maxsize=1)
@@ -114,10 +137,10 @@ def _constants(info, D: int, page_size: int, record_words: int) -> dict:
                 DECLARE_RECORDS=declare_records, COPY_TILE=copy_tile, STEP=info.key.radius_step, LOG2_MIN=LOG2_MIN)
 
 
-def compile_for_target(info, D: int, page_size: int = 64, arch: int = 90):
-    """Compile the kernel for an sm_<arch> GPU without one (Triton's bundled ptxas): the
-    assert_trivial conversions fail here if a decoder's leaves miss the operand fragments.
-    Returns the compiled kernel (metadata.shared, asm["cubin"])."""
+def compile_for_target(info, D: int, page_size: int = 64, arch: int = 90, decode: bool = False):
+    """Compile the kernel (decode: paged_fragment_decode_kernel) for an sm_<arch> GPU without one
+    (Triton's bundled ptxas): the assert_trivial conversions fail here if a decoder's leaves miss
+    the operand fragments. Returns the compiled kernel (metadata.shared, asm["cubin"])."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -125,14 +148,12 @@ def compile_for_target(info, D: int, page_size: int = 64, arch: int = 90):
         from triton.experimental.gluon import GluonASTSource
     except ImportError:  # Triton 3.6
         from triton.experimental.gluon._runtime import GluonASTSource
-    from .fragment_kernels import paged_fragment_kernel
-
     sig = {name: "*i32" for name in ("pool_ptr", "pages_ptr", "count_ptr", "ktab_ptr", "vtab_ptr")}
     sig.update({name: "*fp32" for name in ("q_ptr", "acc_ptr", "m_ptr", "l_ptr")})
     sig.update({name: "i32" for name in ("M", "max_pages", "S", "split_offset", "S_total")})
     consts = _constants(info, D, page_size, info.key_words + info.value_words)
-    return triton.compile(GluonASTSource(paged_fragment_kernel, sig, consts), target=GPUTarget("cuda", arch, 32),
-                          options=launch_options(D))
+    return triton.compile(GluonASTSource(_kernel(decode), sig, consts), target=GPUTarget("cuda", arch, 32),
+                          options=launch_options(D, decode))
 
 
 # kernel specialisation key -> the compiled kernel, its shared-memory opt-in set
@@ -187,25 +208,24 @@ def _opt_in_shared_memory(compiled) -> None:
                            "sphkv_compile.kernels.fragment_launch.FRAGMENT['enabled'] = False")
 
 
-def _prepared(info, args, page_size: int, grid, device):
-    """(constants, launch options, compiled kernel) of a launch with these arguments, its kernel
-    compiled and its shared-memory opt-in set.
+def _prepared(info, args, page_size: int, grid, device, decode: bool):
+    """(kernel, constants, launch options, compiled kernel) of a launch with these arguments (decode:
+    of paged_fragment_decode_kernel), its kernel compiled and its shared-memory opt-in set.
 
     Triton specialises on the constants, the integer arguments (== 1, multiples of 16) and the
     tensors' dtypes and 16-byte alignment: each new combination may be a new compiled kernel, whose
     opt-in is set once."""
-    from .fragment_kernels import paged_fragment_kernel
-
+    kernel = _kernel(decode)
     q_in, pool = args[0], args[1]
     consts = _constants(info, q_in.shape[-1], page_size, pool.shape[-1])
-    options = launch_options(q_in.shape[-1])
-    key = (_constants_key(consts), tuple(options.items()), device,
+    options = launch_options(q_in.shape[-1], decode)
+    key = (decode, _constants_key(consts), tuple(options.items()), device,
            tuple((a == 1, a % 16 == 0) if isinstance(a, int) else (a.dtype, a.data_ptr() % 16 == 0) for a in args))
     if key not in _COMPILED:
-        compiled = paged_fragment_kernel.warmup(*args, grid=grid, **consts, **options)
+        compiled = kernel.warmup(*args, grid=grid, **consts, **options)
         _opt_in_shared_memory(compiled)
         _COMPILED[key] = compiled
-    return consts, options, _COMPILED[key]
+    return kernel, consts, options, _COMPILED[key]
 
 
 def compiled_stand_in(info, q_in, st, M: int):
@@ -215,7 +235,9 @@ def compiled_stand_in(info, q_in, st, M: int):
     tables = torch.empty(1, dtype=torch.int32, device=q_in.device)
     args = (q_in, st.pool, st.pages, st.count, stand_in, stand_in[:, :, 0], stand_in[:, :, 0], tables, tables, M,
             st.pages.shape[-1], 2, 0, 2)
-    return _prepared(info, args, st.page_size, (st.count.numel(), 2, -(-M // 16)), q_in.device)[2]
+    decode = decode_rows(M)
+    grid = (st.count.numel(), 2, -(-M // rows_per_program(M)))
+    return _prepared(info, args, st.page_size, grid, q_in.device, decode)[3]
 
 
 def programs_per_sm(info, q_in, st, M: int) -> int:
@@ -224,8 +246,9 @@ def programs_per_sm(info, q_in, st, M: int) -> int:
     if FRAGMENT["programs_per_sm"]:
         return FRAGMENT["programs_per_sm"]
     D = q_in.shape[-1]
-    key = (id(info), D, st.page_size, st.pool.shape[-1], FRAGMENT["tokens_per_warp"], FRAGMENT["warps"],
-           tuple(launch_options(D).items()), q_in.device)
+    decode = decode_rows(M)
+    key = (id(info), decode, D, st.page_size, st.pool.shape[-1], FRAGMENT["tokens_per_warp"], FRAGMENT["warps"],
+           tuple(launch_options(D, decode).items()), q_in.device)
     hit = _PER_SM.get(key)
     if hit is None or hit[0] is not info:
         hit = (info, _resident_programs(compiled_stand_in(info, q_in, st, M)))
@@ -234,10 +257,9 @@ def programs_per_sm(info, q_in, st, M: int) -> int:
 
 
 def launch(info, q_in, st, acc, m, l, split_offset, S, S_total, M, key_table, value_table) -> None:
-    from .fragment_kernels import paged_fragment_kernel
-
-    grid = (st.count.numel(), S, -(-M // 16))
+    decode = decode_rows(M)
+    grid = (st.count.numel(), S, -(-M // rows_per_program(M)))
     args = (q_in, st.pool, st.pages, st.count, acc, m, l, key_table, value_table, M, st.pages.shape[-1], S,
             split_offset, S_total)
-    consts, options, _ = _prepared(info, args, st.page_size, grid, q_in.device)
-    paged_fragment_kernel[grid](*args, **consts, **options)
+    kernel, consts, options, _ = _prepared(info, args, st.page_size, grid, q_in.device, decode)
+    kernel[grid](*args, **consts, **options)

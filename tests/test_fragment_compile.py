@@ -25,12 +25,16 @@ TIERS = {t.name: t for t in DEFAULT_TIERS}
 @pytest.mark.parametrize("spec,d", [(TierSpec("uniform", 3.5, "polar", 3.5), 128), (TIERS["low"], 128),
                                     (TIERS["high"], 64), (TIERS["mid"], 64), (TIERS["mid"], 32)],
                          ids=["uniform-128", "low-128", "high-64", "mid-64", "mid-32"])
-def test_fragment_kernel_compiles_with_trivial_operand_conversions(spec, d):
+@pytest.mark.parametrize("decode", [False, True], ids=["16-rows", "decode"])
+def test_fragment_kernel_compiles_with_trivial_operand_conversions(spec, d, decode):
+    """Both kernels: paged_fragment_kernel (16 query rows per program) and the decode kernel (8
+    query columns, where p^T also goes from the accumulator to the operand layout in registers)."""
     info = tier_info(spec, d, 0, torch.bfloat16)
-    kernel = fragment_launch.compile_for_target(info, d)
+    kernel = fragment_launch.compile_for_target(info, d, decode=decode)
     # shared memory only for the warps' final merge (Triton 3.6 sizes it for every warp's
     # accumulator, 3.9 for less), not for decoded tiles
-    assert kernel.metadata.shared <= fragment_launch.FRAGMENT["warps"] * 16 * d * 4, kernel.metadata.shared
+    rows = 8 if decode else 16
+    assert kernel.metadata.shared <= fragment_launch.FRAGMENT["warps"] * rows * d * 4, kernel.metadata.shared
 
 
 def test_a_tier_whose_staged_records_pass_the_static_shared_limit_is_left_to_the_triton_kernels():

@@ -251,11 +251,12 @@ FRAGMENT_CASES = [  # (d, Hkv, G, B, T, Tq, tiers)
 def test_fragment_kernel_matches_float64_reference(d, H, G, B, T, Tq, tiers, monkeypatch):
     """The Gluon fragment kernel (keys and values decoded per lane into the mma operands) serves
     every polar tier here, ragged, GQA 1-8, lengths 1 to 128k, head dims 32-128."""
-    from sphkv_compile.kernels import fragment_kernels
+    from sphkv_compile.kernels import fragment_decode_kernel, fragment_kernels
 
-    launched = record_launches(monkeypatch, fragment_kernels, "paged_fragment_kernel")
+    launched = record_launches(monkeypatch, fragment_kernels, "paged_fragment_kernel", "16 rows")
+    record_launches(monkeypatch, fragment_decode_kernel, "paged_fragment_decode_kernel", "decode", launched)
     check_attend(d, H, G, B, T, Tq, tiers)
-    assert launched
+    assert set(launched) == {"decode" if G * Tq <= 8 else "16 rows"}, launched
 
 
 @pytest.mark.parametrize("d,wide", [(128, False), (64, True)])
@@ -275,8 +276,27 @@ def test_fragment_kernel_agrees_with_the_triton_kernels(d, wide, monkeypatch):
     assert rel_err(fragment, triton_out) < 2.0**-7, seed
 
 
+@pytest.mark.parametrize("d,wide", [(128, True), (64, False), (32, False)])
+def test_fragment_decode_kernel_agrees_with_the_16_row_kernel(d, wide, monkeypatch):
+    """The decode kernel (queries as the mma's columns) and paged_fragment_kernel (queries as its
+    rows) on the same store and queries: the same codes and the same 16-bit operands, so they
+    agree to float16 rounding (the order of the sums differs)."""
+    seed = random.randrange(2**31)
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    specs = [DEFAULT_TIERS[0], TierSpec("uniform", 3.5, "polar", 3.5)]
+    states = fill_store(gen, 3, 2, d, specs, ragged_counts(gen, 3, 2, 5000, specs), wide=wide)
+    # float32 queries, so float32 outputs: no bfloat16 rounding of two nearly equal results
+    q = torch.randn(3, 14, 1, d, generator=gen, device=DEV, dtype=torch.float32) * (WIDE_Q if wide else 1.0)
+    kw = dict(seed=0, kv_dtype=KV_DTYPE)
+    decode, _ = kernel_attend.attend(q, states, specs, **kw)
+    monkeypatch.setitem(fragment_launch.FRAGMENT, "decode_kernel", False)
+    rows, _ = kernel_attend.attend(q, states, specs, **kw)
+    assert rel_err(decode, rows) < 2.0**-9, seed
+
+
 @pytest.mark.parametrize("d", [128, 64])
-def test_fragment_splits_assume_the_programs_an_sm_holds(d, monkeypatch):
+@pytest.mark.parametrize("decode", [True, False], ids=["decode", "16-rows"])
+def test_fragment_splits_assume_the_programs_an_sm_holds(d, decode, monkeypatch):
     """The split count assumes as many fragment programs per SM as the driver's occupancy query
     gives for the compiled kernel; that number also follows from the kernel's registers and
     shared memory and the device's limits, worked out here by hand."""
@@ -289,6 +309,7 @@ def test_fragment_splits_assume_the_programs_an_sm_holds(d, monkeypatch):
     info = tier_info(specs[1], d, 0, KV_DTYPE)
     q_rot = torch.randn(2 * 2, 4, d, device=DEV)
     monkeypatch.setitem(fragment_launch.FRAGMENT, "programs_per_sm", None)
+    monkeypatch.setitem(fragment_launch.FRAGMENT, "decode_kernel", decode)
     held = fragment_launch.programs_per_sm(info, q_rot, states[1], 4)
     kernel = fragment_launch.compiled_stand_in(info, q_rot, states[1], 4)
     props = torch.cuda.get_device_properties(DEV)
