@@ -20,8 +20,9 @@ POINTS = [("llama3-8b", 1, 4096), ("llama3-8b", 1, 32768), ("llama3-8b", 8, 3276
 SETTINGS = {"triton": dict(enabled=False),
             "fragment_16_rows": dict(enabled=True, decode_kernel=False),
             "fragment_decode": dict(enabled=True),
-            "decode_cap128": dict(enabled=True, decode_maxnreg=128, head_dims=(128,)),
-            "decode_cap168": dict(enabled=True, decode_maxnreg=168, head_dims=(64,))}
+            "decode_ct16": dict(enabled=True, tokens_per_warp=16),
+            "decode_w2": dict(enabled=True, warps=2),
+            "decode_w8": dict(enabled=True, warps=8)}
 
 
 def main():
