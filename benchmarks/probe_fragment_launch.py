@@ -22,7 +22,7 @@ SETTINGS = {"triton": dict(enabled=False),
             "fragment_decode": dict(enabled=True),
             "decode_ct16": dict(enabled=True, tokens_per_warp=16),
             "decode_w2": dict(enabled=True, warps=2),
-            "decode_w8": dict(enabled=True, warps=8)}
+            "decode_w8_ct16": dict(enabled=True, warps=8, tokens_per_warp=16)}
 
 
 def main():
