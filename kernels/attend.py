@@ -126,10 +126,7 @@ CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": {128: 2, "
 # combine_kernel: splits merged per step, output columns per rotation block, warps (sm_90
 # compile, D=128: see benchmarks/compile_check.py). Launches with fewer (batch·KV head, row
 # block) pairs than SMs split the output columns over programs too (_column_programs).
-# fused: where the call has an exact tier (the default policy's sink and recent tokens), its launch
-# runs last and its last program per (batch·KV head, row block) to finish merges every split
-# (paged_partials_kernel's FUSE_COMBINE): no combine launch.
-COMBINE = {"splits": 4, "columns": 32, "warps": 8, "fused": True}
+COMBINE = {"splits": 4, "columns": 32, "warps": 8}
 
 
 def _bf16_tiles() -> bool:
@@ -337,11 +334,8 @@ def _uses_fragments(info, spec: TierSpec, D: int, device: torch.device, st: Tier
 
 
 def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_offset, S, S_total, M, block_m,
-                  block_t, precision, num_warps, num_stages, coded_warps: int | None = None, fragments: bool = False,
-                  fused_combine: dict | None = None):
-    """fragments: the tier runs the Gluon fragment kernel (attend's plan decided, _uses_fragments).
-    fused_combine: an exact tier's launch, the call's last, combines every partial (the keyword
-    arguments of paged_partials_kernel's fused combine)."""
+                  block_t, precision, num_warps, num_stages, coded_warps: int | None = None, fragments: bool = False):
+    """fragments: the tier runs the Gluon fragment kernel (attend's plan decided, _uses_fragments)."""
     BH = st.count.numel()
     grid = (BH, S, triton.cdiv(M, block_m))
     if fragments:
@@ -397,19 +391,7 @@ def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_
         BLOCK_M=block_m, BLOCK_T=block_t, EXACT=True, VALUE_SCALAR=False, K_LEVELS=none[0], K_COUNTS=none[1],
         K_MAXC=none[2], K_WIDTHS=none[3], K_TSIZE=none[4], V_LEVELS=none[0], V_COUNTS=none[1], V_MAXC=none[2],
         V_WIDTHS=none[3], V_TSIZE=none[4], STEP=1.0, LOG2_MIN=LOG2_MIN,
-        DOT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages, **(fused_combine or {}))
-
-
-def _launch_chunk(qc, k_new, v_new, valid_i8, acc, m, l, M, N, tc, q_pos0, Hkv, S_chunk, S_total, BH, mblocks, d,
-                  block_m, block_t, precision):
-    """The dense current chunk's partials, into the last S_chunk splits."""
-    kn = k_new if k_new.stride(-1) == 1 else k_new.contiguous()
-    vn = v_new if v_new.stride(-1) == 1 else v_new.contiguous()
-    chunk_partials_kernel[(BH, S_chunk, mblocks)](
-        qc, kn, vn, valid_i8 if valid_i8 is not None else qc, acc, m, l,
-        M, N, tc, q_pos0, Hkv, S_chunk, S_total - S_chunk, S_total,
-        kn.stride(0), kn.stride(1), kn.stride(2), vn.stride(0), vn.stride(1), vn.stride(2),
-        D=d, BLOCK_M=block_m, BLOCK_T=block_t, HAS_VALID=valid_i8 is not None, DOT_PRECISION=precision)
+        DOT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages)
 
 
 def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, seed: int, kv_dtype: torch.dtype,
@@ -462,13 +444,10 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
         qbm = min(block_m, triton.next_power_of_2(M))
         qcols = _block_columns(qbm, d)
         qprog = _column_programs(BH * triton.cdiv(M, qbm), d, qcols, wanted // 2)
-        fuse = COMBINE["fused"] and bool(plain)
-        counters = torch.empty(BH * mblocks, dtype=torch.int32, device=device) if fuse else None
         prepare_queries_kernel[(BH, triton.cdiv(M, qbm), qprog)](
             q, kfwd if compressed else qc, qc, q_rot if compressed else qc, q_scale, M, tc, s0, G, Hkv,
             q.stride(0), q.stride(1), q.stride(2), q.stride(3), D=d, BLOCK_M=qbm, BLOCK_C=qcols, COLUMNS=d // qprog,
-            HAS_ROT=bool(compressed), num_warps=COMBINE["warps"], counter_ptr=counters, counters_per_row=mblocks,
-            ZERO_COUNTERS=fuse)
+            HAS_ROT=bool(compressed), num_warps=COMBINE["warps"])
         launches, S_total = [], 0
         for group in (compressed, plain):
             for i, info in group:
@@ -491,33 +470,34 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
         acc = torch.empty(BH, S_total, M, d, dtype=torch.float32, device=device)
         m = torch.empty(BH, S_total, M, dtype=torch.float32, device=device)
         l = torch.empty_like(m)
+        for i, info, off, S, coded_warps, fragments in launches:
+            qin = q_rot if info.key is not None else qc
+            _launch_paged(info, kv_dtype, device, qin, states[i], acc, m, l, off, S, S_total, M, block_m, block_t,
+                          precision, num_warps, num_stages, coded_warps, fragments)
+        if N:
+            kn, vn = k_new, v_new
+            if kn.stride(-1) != 1:
+                kn = kn.contiguous()
+            if vn.stride(-1) != 1:
+                vn = vn.contiguous()
+            chunk_partials_kernel[(BH, S_chunk, mblocks)](
+                qc, kn, vn, valid_i8 if valid_i8 is not None else qc, acc, m, l,
+                M, N, tc, N - Tq + s0, Hkv, S_chunk, S_total - S_chunk, S_total,
+                kn.stride(0), kn.stride(1), kn.stride(2), vn.stride(0), vn.stride(1), vn.stride(2),
+                D=d, BLOCK_M=block_m, BLOCK_T=block_t, HAS_VALID=valid_i8 is not None,
+                DOT_PRECISION=precision)
         whole = tc == Tq  # one chunk: its [BH, M] row statistics are stat_m / stat_l themselves
         cm = stat_m if whole else torch.empty(BH, M, dtype=torch.float32, device=device)
         cl = stat_l if whole else torch.empty_like(cm)
         oc = out[:, :, s0:s1]
         cbm, csplits = _combine_block(M, block_m)
         ccols = _block_columns(cbm, d)
-        if N:  # the chunk first: with a fused combine, the last launch must be an exact tier's
-            _launch_chunk(qc, k_new, v_new, valid_i8, acc, m, l, M, N, tc, N - Tq + s0, Hkv, S_chunk, S_total,
-                          BH, mblocks, d, block_m, block_t, precision)
-        for n, (i, info, off, S, coded_warps, fragments) in enumerate(launches):
-            qin = q_rot if info.key is not None else qc
-            fused = None
-            if fuse and n == len(launches) - 1:
-                fused = dict(counter_ptr=counters, hinv_ptr=hinv if compressed else acc, out_ptr=oc, stat_m_ptr=cm,
-                             stat_l_ptr=cl, sinks_ptr=sinks2 if sinks is not None else cm, Tq=tc, G=G, Hkv=Hkv,
-                             S_rot=S_rot, sob=oc.stride(0), soh=oc.stride(1), sot=oc.stride(2), FUSE_COMBINE=True,
-                             HAS_ROT=S_rot > 0, C_BLOCK_M=cbm, C_BLOCK_S=csplits, C_BLOCK_C=ccols,
-                             HAS_SINKS=sinks is not None, FENCE=not under_interpreter())
-            _launch_paged(info, kv_dtype, device, qin, states[i], acc, m, l, off, S, S_total, M, block_m, block_t,
-                          precision, num_warps, num_stages, coded_warps, fragments, fused)
-        if not fuse:
-            cprog = _column_programs(BH * triton.cdiv(M, cbm), d, ccols, wanted // 2)
-            combine_kernel[(BH, triton.cdiv(M, cbm), cprog)](
-                acc, m, l, hinv if compressed else acc, oc, cm, cl, sinks2 if sinks is not None else cm, M, tc, G,
-                Hkv, S_total, S_rot, oc.stride(0), oc.stride(1), oc.stride(2), D=d, BLOCK_M=cbm, HAS_ROT=S_rot > 0,
-                BLOCK_S=csplits, BLOCK_C=ccols, COLUMNS=d // cprog, num_warps=COMBINE["warps"],
-                HAS_SINKS=sinks is not None)
+        cprog = _column_programs(BH * triton.cdiv(M, cbm), d, ccols, wanted // 2)
+        combine_kernel[(BH, triton.cdiv(M, cbm), cprog)](
+            acc, m, l, hinv if compressed else acc, oc, cm, cl, sinks2 if sinks is not None else cm, M, tc, G, Hkv,
+            S_total, S_rot, oc.stride(0), oc.stride(1), oc.stride(2), D=d, BLOCK_M=cbm, HAS_ROT=S_rot > 0,
+            BLOCK_S=csplits, BLOCK_C=ccols, COLUMNS=d // cprog, num_warps=COMBINE["warps"],
+            HAS_SINKS=sinks is not None)
         if not whole:
             stat_m[:, :, s0:s1] = cm.view(BH, G, tc)
             stat_l[:, :, s0:s1] = cl.view(BH, G, tc)

@@ -16,7 +16,6 @@ import triton
 import triton.language as tl
 
 from .codes import decode_polar_tile, decode_scalar_tile
-from .combine_kernels import combine_rows
 
 
 @triton.jit
@@ -65,16 +64,7 @@ def paged_partials_kernel(
         K_LEVELS: tl.constexpr, K_COUNTS: tl.constexpr, K_MAXC: tl.constexpr, K_WIDTHS: tl.constexpr,
         K_TSIZE: tl.constexpr, V_LEVELS: tl.constexpr, V_COUNTS: tl.constexpr, V_MAXC: tl.constexpr,
         V_WIDTHS: tl.constexpr, V_TSIZE: tl.constexpr, STEP: tl.constexpr, LOG2_MIN: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
-        counter_ptr=None, hinv_ptr=None, out_ptr=None, stat_m_ptr=None, stat_l_ptr=None, sinks_ptr=None,
-        Tq=1, G=1, Hkv=1, S_rot=0, sob=0, soh=0, sot=0, FUSE_COMBINE: tl.constexpr = False,
-        HAS_ROT: tl.constexpr = False, C_BLOCK_M: tl.constexpr = 16, C_BLOCK_S: tl.constexpr = 4,
-        C_BLOCK_C: tl.constexpr = 32, HAS_SINKS: tl.constexpr = False, FENCE: tl.constexpr = True):
-    """FUSE_COMBINE: this is the call's last partials launch; the last of its S programs per
-    (batch·KV head, row block) to finish runs combine_kernels.combine_rows on them (the other
-    launches' partials are written: they ran before), so the call needs no combine launch.
-    counter_ptr: one int32 per (batch·KV head, row block), zero at launch (prepare_queries_kernel
-    zeroes them). The trailing arguments are combine_kernel's."""
+        DOT_PRECISION: tl.constexpr):
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -107,33 +97,6 @@ def paged_partials_kernel(
     tl.store(acc_ptr + out[:, None] * D + d[None, :], acc, mask=rmask[:, None])
     tl.store(m_ptr + out, m_i, mask=rmask)
     tl.store(l_ptr + out, l_i, mask=rmask)
-    if FUSE_COMBINE:
-        _combine_if_last(counter_ptr + pid_bh * tl.num_programs(2) + pid_m, S, acc_ptr, m_ptr, l_ptr, hinv_ptr,
-                         out_ptr, stat_m_ptr, stat_l_ptr, sinks_ptr, M, Tq, G, Hkv, S_total, S_rot, sob, soh, sot,
-                         pid_bh, pid_m * BLOCK_M, D, BLOCK_M, HAS_ROT, C_BLOCK_M, C_BLOCK_S, C_BLOCK_C, HAS_SINKS,
-                         FENCE)
-
-
-@triton.jit
-def _combine_if_last(counter, S, acc_ptr, m_ptr, l_ptr, hinv_ptr, out_ptr, stat_m_ptr, stat_l_ptr, sinks_ptr, M, Tq,
-                     G, Hkv, S_total, S_rot, sob, soh, sot, pid_bh, row0, D: tl.constexpr, BLOCK_M: tl.constexpr,
-                     HAS_ROT: tl.constexpr, C_BLOCK_M: tl.constexpr, C_BLOCK_S: tl.constexpr,
-                     C_BLOCK_C: tl.constexpr, HAS_SINKS: tl.constexpr, FENCE: tl.constexpr):
-    """Count this program's arrival on `counter`; the S-th to arrive combines rows
-    [row0, row0 + BLOCK_M) in blocks of C_BLOCK_M. Every thread's partial stores are made visible
-    at GPU scope (fence) before the program's one atomic (after a barrier), whose acquire side
-    lets the last program read the others' partials (through L2: combine_rows' ".cg" loads).
-    FENCE: off under the interpreter, which runs no inline PTX (and runs programs one by one)."""
-    if FENCE:
-        tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, $1;", "=r,r", [row0], dtype=tl.int32,
-                                  is_pure=False, pack=1)
-    tl.debug_barrier()
-    arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-    if arrived == S - 1:
-        for r0 in range(row0, tl.minimum(M, row0 + BLOCK_M), C_BLOCK_M):
-            combine_rows(acc_ptr, m_ptr, l_ptr, hinv_ptr, out_ptr, stat_m_ptr, stat_l_ptr, sinks_ptr, M, Tq, G, Hkv,
-                         S_total, S_rot, sob, soh, sot, pid_bh, r0, 0, D, C_BLOCK_M, HAS_ROT, C_BLOCK_S, C_BLOCK_C, D,
-                         HAS_SINKS, ".cg")
 
 
 @triton.jit

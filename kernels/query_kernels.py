@@ -17,21 +17,14 @@ def prepare_queries_kernel(
         M, Tq, t0, G, Hkv,
         sqb, sqh, sqt, sqd,
         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, COLUMNS: tl.constexpr,
-        HAS_ROT: tl.constexpr, counter_ptr=None, counters_per_row=0, ZERO_COUNTERS: tl.constexpr = False):
+        HAS_ROT: tl.constexpr):
     """Program (batch·KV head, row block, column block of COLUMNS): rows g·Tq + t of query
     head h·G + g at position t0 + t. qc[.., cols] = q[.., cols]·scale; qrot[.., cols] =
     (q·scale) @ kfwd[:, cols], in float32 FMAs under tl.dot's 16 rows (a decode step's G heads)
-    and as a tf32x3 dot (about float32 accuracy on tensor cores) from 16 rows on.
-    ZERO_COUNTERS: also zero the counters_per_row int32 arrival counters of each batch·KV head."""
+    and as a tf32x3 dot (about float32 accuracy on tensor cores) from 16 rows on."""
     pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_c = tl.program_id(2)
-    if ZERO_COUNTERS:  # the fused combine's arrival counters (attention_kernels.paged_partials_kernel)
-        if pid_m + pid_c == 0:
-            for i in range(0, counters_per_row, 128):
-                n = i + tl.arange(0, 128)
-                tl.store(counter_ptr + pid_bh * counters_per_row + n, tl.zeros((128,), tl.int32),
-                         mask=n < counters_per_row)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     b = (pid_bh // Hkv).to(tl.int64)  # a long prefill's q can pass 2^31 elements over the batch

@@ -214,7 +214,6 @@ def test_column_programs_match_reference(g, tq, sinks, transposed_q, monkeypatch
     the row statistics written once, sinks in the normaliser, every tier, wide magnitudes;
     queries read through a model's [B, T, H, d] strides."""
     monkeypatch.setattr(kernel_attend, "_column_programs", lambda programs, D, block_c, sms: D // block_c)
-    monkeypatch.setitem(kernel_attend.COMBINE, "fused", False)
     run_case(dict(d=64, hkv=2, g=g, b=1, specs=list(ALL_TIERS), tq=tq, n_new=tq, page_size=16, seed=30 + g,
                   max_count=70, obs=1, pad=False, accumulate=False, wide=True, sinks=sinks, transposed_q=transposed_q))
 
@@ -238,25 +237,11 @@ def test_several_splits_per_tier_match_reference(min_tiles, monkeypatch):
             return launch
 
     monkeypatch.setattr(kernel_attend, "combine_kernel", Spy())
-    monkeypatch.setitem(kernel_attend.COMBINE, "fused", False)
     # d=64: two 32-column rotation blocks
     run_case(dict(d=64, hkv=1, g=2, b=1, specs=list(ALL_TIERS[:3]), tq=1, n_new=2, page_size=16, seed=11,
                   max_count=600, obs=1, pad=False, accumulate=False))
     (s_total, s_rot), = launched
     assert s_rot > 2 and s_total - s_rot > 2, launched  # several splits per compressed tier, and plain ones
-
-
-@pytest.mark.parametrize("g,tq,sinks", [(4, 1, "extreme"), (6, 5, "random")])
-def test_fused_combine_matches_reference_without_a_combine_launch(g, tq, sinks, monkeypatch):
-    """The default: the exact tier's launch runs last and its last program per row block merges
-    every split (COMBINE['fused']); no combine_kernel launch. Several splits per tier (600
-    tokens), sinks, every tier, wide magnitudes; 6 heads x 5 queries = 30 rows: two row blocks,
-    each combined in blocks of 16 rows."""
-    launched = record_launches(monkeypatch, kernel_attend, "combine_kernel")
-    assert kernel_attend.COMBINE["fused"]
-    run_case(dict(d=64, hkv=2, g=g, b=2, specs=list(ALL_TIERS), tq=tq, n_new=tq, page_size=16, seed=40 + g,
-                  max_count=600, obs=1, pad=False, accumulate=False, wide=True, sinks=sinks))
-    assert not launched
 
 
 @settings(**{**SETTINGS, "max_examples": 6})
