@@ -15,14 +15,12 @@ from sphkv_compile.options import SphkvOptions
 
 POINTS = [("llama3-8b", 1, 4096), ("llama3-8b", 1, 32768), ("llama3-8b", 8, 32768), ("llama3-8b", 32, 32768),
           ("llama3-8b", 8, 131072), ("smollm2", 1, 4096), ("smollm2", 8, 32768), ("smollm2", 32, 32768)]
-# label -> FRAGMENT settings (a setting with "head_dims" runs at those head dims only); programs_per_sm
+# label -> FRAGMENT settings, and attend.COMBINE's under "combine" (a setting with "head_dims" runs at
+# those head dims only); programs_per_sm
 # None: the occupancy query's count; maxnreg 0: no register cap
 SETTINGS = {"triton": dict(enabled=False),
             "fragment_16_rows": dict(enabled=True, decode_kernel=False),
-            "fragment_decode": dict(enabled=True),
-            "decode_ct16": dict(enabled=True, tokens_per_warp=16),
-            "decode_w2": dict(enabled=True, warps=2),
-            "decode_w8_ct16": dict(enabled=True, warps=8, tokens_per_warp=16)}
+            "fragment_decode": dict(enabled=True)}
 
 
 def main():
@@ -36,7 +34,9 @@ def main():
         for label, setting in SETTINGS.items():
             if q.shape[-1] not in setting.get("head_dims", (q.shape[-1],)):
                 continue
-            saved = dict(fragment_launch.FRAGMENT)
+            saved, saved_combine = dict(fragment_launch.FRAGMENT), dict(kattend.COMBINE)
+            setting = dict(setting)
+            kattend.COMBINE.update(setting.pop("combine", {}))
             fragment_launch.FRAGMENT.update(setting)
             try:
                 def run():
@@ -49,6 +49,8 @@ def main():
             finally:
                 fragment_launch.FRAGMENT.clear()
                 fragment_launch.FRAGMENT.update(saved)
+                kattend.COMBINE.clear()
+                kattend.COMBINE.update(saved_combine)
         info = tier_info(specs[1], q.shape[-1], opts.seed, torch.bfloat16)
         q_rot = torch.empty(kn.shape[0] * kn.shape[1], q.shape[1] // kn.shape[1], q.shape[-1], device=device)
         kernel = fragment_launch.compiled_stand_in(info, q_rot, states[1], q_rot.shape[1])
