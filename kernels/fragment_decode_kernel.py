@@ -20,7 +20,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from .fragment_kernels import _from_lane, _lane_id, _stage_tables, _tile_records
+from .fragment_kernels import (_from_lane, _stage_tables, _tile_records, await_tile, radius_lanes, split_tokens,
+                               subtree_lanes)
 
 QUERY_COLUMNS = 8  # the mma's N: query rows per program
 
@@ -69,21 +70,14 @@ def paged_fragment_decode_kernel(
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1, 1], instr_shape=[1, 16, 8])
     AOP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     BOP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
-    # keys: (warp, token, quarter): lane bits 0-1 the quarter, 2-4 the token within 8
-    KL: gl.constexpr = gl.BlockedLayout([1, 1, 1], [1, 8, 4], [W, 1, 1], [2, 1, 0])
-    # values: (warp, token, octant): token bit 0 in registers, bits 1-2 lane bits 0-1, octant lane bits 2-4
-    VL: gl.constexpr = gl.BlockedLayout([1, 2, 1], [1, 4, 8], [W, 1, 1], [1, 2, 0])
     TOKENS: gl.constexpr = gl.SliceLayout(2, MMA)  # [W, CT]: the logits' rows
     QUERIES: gl.constexpr = gl.SliceLayout(1, MMA)  # [W, 8]: the logits' columns
     _stage_tables(ktab_ptr, vtab_ptr, K_WORDS, V_WORDS, W)
     pid_bh = gl.program_id(0)
     pid_s = gl.program_id(1)
     row0 = gl.program_id(2) * 8
-    count = gl.load(count_ptr + pid_bh)
     BLOCK: gl.constexpr = W * CT
-    per = gl.cdiv(gl.cdiv(count, BLOCK), S) * BLOCK
-    start = pid_s * per
-    end = gl.minimum(count, start + per)
+    start, end = split_tokens(count_ptr, pid_bh, pid_s, S, BLOCK)
 
     qop, qs_c = fragment_query_columns(q_ptr, pid_bh * M, row0, M, D, W, MMA, BOP)
 
@@ -92,29 +86,13 @@ def paged_fragment_decode_kernel(
     # the softmax denominator, summed over tokens once at the end: per element until then
     l_e = gl.zeros([W, CT, 8], gl.float32, MMA)
     acc = gl.zeros([W, D, 8], gl.float32, MMA)
-    wk = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, KL)))
-    tk = gl.arange(0, CT, layout=gl.SliceLayout(0, gl.SliceLayout(2, KL)))
-    sk = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, KL)))
-    ksub = sk[None, None, :] + 0 * tk[None, :, None] + 0 * wk[:, None, None]
-    wv = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, VL)))
-    tv = gl.arange(0, CT, layout=gl.SliceLayout(0, gl.SliceLayout(2, VL)))
-    ov = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, VL)))
-    vsub = ov[None, None, :] + 0 * tv[None, :, None] + 0 * wv[:, None, None]
-    wc = gl.arange(0, W, layout=gl.SliceLayout(1, TOKENS))
-    tc = gl.arange(0, CT, layout=gl.SliceLayout(0, TOKENS))
-    my_token = _lane_id(wc[:, None] * 0 + tc[None, :] * 0) % CT  # the token whose radii this lane decodes
-    token_lane = tc[None, :] + 0 * wc[:, None]  # the lane that decodes each logits row's token
+    wk, tk, ksub, wv, tv, vsub = subtree_lanes(W, CT)
+    wc, tc, my_token, token_lane = radius_lanes(W, CT, TOKENS)
     DECLARE_RECORDS(pid_bh)
     row = pid_bh * max_pages
     COPY_TILE(pool_ptr, pages_ptr, row, start, end, 0, PS)
     for t0 in range(start, end, BLOCK):
-        stage = ((t0 - start) // BLOCK) % 2
-        gl.inline_asm_elementwise("bar.warp.sync -1; mov.u32 $0, $1;", "=r,r", [t0], dtype=gl.int32,
-                                  is_pure=False, pack=1)
-        COPY_TILE(pool_ptr, pages_ptr, row, t0 + BLOCK, end, 1 - stage, PS)
-        dep = gl.inline_asm_elementwise("cp.async.wait_group 1; bar.warp.sync -1; mov.u32 $0, 0;", "=r,r", [t0],
-                                        dtype=gl.int32, is_pure=False, pack=1)
-        stage_at = stage * (W * CT * WT) + dep
+        stage_at = await_tile(pool_ptr, pages_ptr, row, t0, start, end, COPY_TILE, PS, W, CT, WT)
         kbase, _ = _tile_records(t0, end, wk[:, None], tk[None, :], WT, CT, stage_at)
         kj = KEY_QUARTER(kbase[:, :, None] + 0 * ksub, ksub)
         k = gl.convert_layout(gl.reshape(kj, [W, CT, D]), AOP, assert_trivial=True)

@@ -77,6 +77,64 @@ def _tile_records(t0, end, w, t, WT: gl.constexpr, CT: gl.constexpr, stage_at):
 
 
 @gluon.jit
+def split_tokens(count_ptr, pid_bh, pid_s, S, BLOCK: gl.constexpr):
+    """This split's [start, end) of the row's tokens, in whole tiles of BLOCK."""
+    count = gl.load(count_ptr + pid_bh)
+    per = gl.cdiv(gl.cdiv(count, BLOCK), S) * BLOCK
+    start = pid_s * per
+    return start, gl.minimum(count, start + per)
+
+
+@gluon.jit
+def subtree_lanes(W: gl.constexpr, CT: gl.constexpr):
+    """(warp, token, subtree) indices of the decoders' inputs [W, CT, parts]: for the keys (4
+    parts: lane bits 0-1 the quarter, 2-4 the token within 8) and for the values (8 parts: token
+    bit 0 in registers, bits 1-2 lane bits 0-1, the octant lane bits 2-4). The same lanes hold
+    the same subtrees in both kernels' operand fragments."""
+    KL: gl.constexpr = gl.BlockedLayout([1, 1, 1], [1, 8, 4], [W, 1, 1], [2, 1, 0])
+    VL: gl.constexpr = gl.BlockedLayout([1, 2, 1], [1, 4, 8], [W, 1, 1], [1, 2, 0])
+    wk = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, KL)))
+    tk = gl.arange(0, CT, layout=gl.SliceLayout(0, gl.SliceLayout(2, KL)))
+    sk = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, KL)))
+    ksub = sk[None, None, :] + 0 * tk[None, :, None] + 0 * wk[:, None, None]
+    wv = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, VL)))
+    tv = gl.arange(0, CT, layout=gl.SliceLayout(0, gl.SliceLayout(2, VL)))
+    ov = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, VL)))
+    vsub = ov[None, None, :] + 0 * tv[None, :, None] + 0 * wv[:, None, None]
+    return wk, tk, ksub, wv, tv, vsub
+
+
+@gluon.jit
+def radius_lanes(W: gl.constexpr, CT: gl.constexpr, TOKENS: gl.constexpr):
+    """(warp, token) indices [W, CT] in the logits' token layout TOKENS; the token whose radii
+    each lane decodes (lane t % CT: every register of a lane computes the same, merged by the
+    compiler); and the lane each logits entry's token comes from."""
+    wc = gl.arange(0, W, layout=gl.SliceLayout(1, TOKENS))
+    tc = gl.arange(0, CT, layout=gl.SliceLayout(0, TOKENS))
+    my_token = _lane_id(wc[:, None] * 0 + tc[None, :] * 0) % CT
+    token_lane = tc[None, :] + 0 * wc[:, None]
+    return wc, tc, my_token, token_lane
+
+
+@gluon.jit
+def await_tile(pool_ptr, pages_ptr, row, t0, start, end, COPY_TILE: gl.constexpr, PS: gl.constexpr,
+               W: gl.constexpr, CT: gl.constexpr, WT: gl.constexpr):
+    """Start copying the next tile's records into the other staging buffer, wait for this tile's,
+    and return this tile's first word in the staging buffer."""
+    BLOCK: gl.constexpr = W * CT
+    stage = ((t0 - start) // BLOCK) % 2
+    # every lane is done with the other tile's words before they are overwritten
+    gl.inline_asm_elementwise("bar.warp.sync -1; mov.u32 $0, $1;", "=r,r", [t0], dtype=gl.int32,
+                              is_pure=False, pack=1)
+    COPY_TILE(pool_ptr, pages_ptr, row, t0 + BLOCK, end, 1 - stage, PS)
+    # this tile's copies have landed (the next one's may still be in flight); the reads take
+    # the returned 0 into their addresses, so they cannot move above the wait
+    dep = gl.inline_asm_elementwise("cp.async.wait_group 1; bar.warp.sync -1; mov.u32 $0, 0;", "=r,r", [t0],
+                                    dtype=gl.int32, is_pure=False, pack=1)
+    return stage * (W * CT * WT) + dep
+
+
+@gluon.jit
 def fragment_queries(q_ptr, first_row, row0, M, D: gl.constexpr, W: gl.constexpr, MMA: gl.constexpr,
                      AOP: gl.constexpr):
     """The query rows row0 + [0, 16) of M (pre-scaled, rotated; row r at q_ptr + (first_row + r)·D)
@@ -109,21 +167,14 @@ def paged_fragment_kernel(
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1, 1], instr_shape=[1, 16, 8])
     AOP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     BOP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
-    # keys: (warp, token, quarter): lane bits 0-1 the quarter, 2-4 the token within an n8 tile
-    KL: gl.constexpr = gl.BlockedLayout([1, 1, 1], [1, 8, 4], [W, 1, 1], [2, 1, 0])
-    # values: (warp, token, octant): token bit 0 in registers, bits 1-2 lane bits 0-1, octant lane bits 2-4
-    VL: gl.constexpr = gl.BlockedLayout([1, 2, 1], [1, 4, 8], [W, 1, 1], [1, 2, 0])
     ROWS: gl.constexpr = gl.SliceLayout(2, MMA)
     TOKENS: gl.constexpr = gl.SliceLayout(1, MMA)
     _stage_tables(ktab_ptr, vtab_ptr, K_WORDS, V_WORDS, W)
     pid_bh = gl.program_id(0)
     pid_s = gl.program_id(1)
     row0 = gl.program_id(2) * 16
-    count = gl.load(count_ptr + pid_bh)
     BLOCK: gl.constexpr = W * CT
-    per = gl.cdiv(gl.cdiv(count, BLOCK), S) * BLOCK
-    start = pid_s * per
-    end = gl.minimum(count, start + per)
+    start, end = split_tokens(count_ptr, pid_bh, pid_s, S, BLOCK)
 
     qop, qs_c = fragment_queries(q_ptr, pid_bh * M, row0, M, D, W, MMA, AOP)
 
@@ -131,34 +182,15 @@ def paged_fragment_kernel(
     l_i = gl.zeros([W, 16], gl.float32, ROWS)
     t_i = gl.zeros([W, 16], gl.float32, ROWS)
     acc = gl.zeros([W, 16, D], gl.float32, MMA)
-    wk = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, KL)))
-    tk = gl.arange(0, CT, layout=gl.SliceLayout(0, gl.SliceLayout(2, KL)))
-    sk = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, KL)))
-    ksub = sk[None, None, :] + 0 * tk[None, :, None] + 0 * wk[:, None, None]
-    wv = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, VL)))
-    tv = gl.arange(0, CT, layout=gl.SliceLayout(0, gl.SliceLayout(2, VL)))
-    ov = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, VL)))
-    vsub = ov[None, None, :] + 0 * tv[None, :, None] + 0 * wv[:, None, None]
-    wc = gl.arange(0, W, layout=gl.SliceLayout(1, TOKENS))
-    tc = gl.arange(0, CT, layout=gl.SliceLayout(0, TOKENS))
-    my_token = _lane_id(wc[:, None] * 0 + tc[None, :] * 0) % CT  # the token whose radii this lane decodes
-    token_lane = tc[None, :] + 0 * wc[:, None]  # the lane that decodes each logits column's token
+    wk, tk, ksub, wv, tv, vsub = subtree_lanes(W, CT)
+    wc, tc, my_token, token_lane = radius_lanes(W, CT, TOKENS)
     # records: each warp copies its own tokens' (contiguous) into shared memory one tile ahead
     # (fragment_codegen._staging_source); the lanes read their subtrees' words from there
     DECLARE_RECORDS(pid_bh)
     row = pid_bh * max_pages
     COPY_TILE(pool_ptr, pages_ptr, row, start, end, 0, PS)
     for t0 in range(start, end, BLOCK):
-        stage = ((t0 - start) // BLOCK) % 2
-        # every lane is done with the other tile's words before they are overwritten
-        gl.inline_asm_elementwise("bar.warp.sync -1; mov.u32 $0, $1;", "=r,r", [t0], dtype=gl.int32,
-                                  is_pure=False, pack=1)
-        COPY_TILE(pool_ptr, pages_ptr, row, t0 + BLOCK, end, 1 - stage, PS)
-        # this tile's copies have landed (the next one's may still be in flight); the reads take
-        # the returned 0 into their addresses, so they cannot move above the wait
-        dep = gl.inline_asm_elementwise("cp.async.wait_group 1; bar.warp.sync -1; mov.u32 $0, 0;", "=r,r", [t0],
-                                        dtype=gl.int32, is_pure=False, pack=1)
-        stage_at = stage * (W * CT * WT) + dep
+        stage_at = await_tile(pool_ptr, pages_ptr, row, t0, start, end, COPY_TILE, PS, W, CT, WT)
         kbase, kvalid = _tile_records(t0, end, wk[:, None], tk[None, :], WT, CT, stage_at)
         kj = KEY_QUARTER(kbase[:, :, None] + 0 * ksub, ksub)
         k = gl.reshape(kj, [W, CT, D])
