@@ -96,3 +96,12 @@ def test_the_report_says_which_decode_kernel_a_tier_runs_and_why(why, monkeypatc
     assert not attend._uses_fragments(info, spec, 128, torch.device("cuda"), store)
     entry = report()["decode_kernels"]["uniform d=128"]
     assert entry["kernel"] == "triton" and why in entry["why_not_fragment"], entry
+
+
+def test_decode_steps_of_up_to_8_rows_take_the_decode_kernel(monkeypatch):
+    """A decode step's G·Tq query rows per KV head: up to 8 run the decode kernel (8 query columns
+    per program), more (GQA 16, chunked prefill) the 16-row kernel; FRAGMENT['decode_kernel'] off
+    sends every launch to the 16-row kernel."""
+    assert [fragment_launch.rows_per_program(M) for M in (1, 4, 8, 9, 16, 80)] == [8, 8, 8, 16, 16, 16]
+    monkeypatch.setitem(fragment_launch.FRAGMENT, "decode_kernel", False)
+    assert not fragment_launch.decode_rows(4) and fragment_launch.rows_per_program(4) == 16
