@@ -81,8 +81,9 @@ def unsupported_reason(info, head_dim: int, device: torch.device, page_size: int
         return f"records of {pool_words} words, not the tier's {info.key_words} + {info.value_words}"
     if pool_address % 16:
         return "the record pool is not 16-byte aligned (cp.async copies 16 bytes)"
-    if FRAGMENT["tokens_per_warp"] not in (8, 16, 32):  # a lane decodes each token's radii (fragment_kernels)
-        return f"{FRAGMENT['tokens_per_warp']} tokens per warp (served: 8, 16 or 32)"
+    # at most 32: one lane decodes each token's radii; at least 16: the tokens are p @ v's K (mma_v2's k16)
+    if FRAGMENT["tokens_per_warp"] not in (16, 32):
+        return f"{FRAGMENT['tokens_per_warp']} tokens per warp (served: 16 or 32)"
     if page_size % FRAGMENT["tokens_per_warp"]:
         return f"page size {page_size} is not a multiple of {FRAGMENT['tokens_per_warp']} tokens per warp"
     if info.key.radius_step != info.value.radius_step:

@@ -72,9 +72,12 @@ def test_a_pool_whose_record_width_is_not_the_tiers_is_left_to_the_triton_kernel
     assert "words" in fragment_launch.unsupported_reason(info, 128, torch.device("cuda"), 64, 0, words + 1)
 
 
-def test_more_tokens_per_warp_than_lanes_is_left_to_the_triton_kernels(monkeypatch):
-    # one lane decodes each token's radii, so a warp takes at most 32 tokens per tile
-    monkeypatch.setitem(fragment_launch.FRAGMENT, "tokens_per_warp", 64)
+@pytest.mark.parametrize("tokens", [64, 8])
+def test_tokens_per_warp_outside_16_to_32_are_left_to_the_triton_kernels(tokens, monkeypatch):
+    """One lane decodes each token's radii, so a warp takes at most 32 tokens per tile; and the
+    tokens are the K of p @ v (v^T @ p^T in the decode kernel), which mma_v2 needs 16 of (at 8
+    neither kernel compiles: "K >= 16")."""
+    monkeypatch.setitem(fragment_launch.FRAGMENT, "tokens_per_warp", tokens)
     info = tier_info(TierSpec("uniform", 3.5, "polar", 3.5), 128, 0, torch.bfloat16)
     assert "tokens per warp" in fragment_launch.unsupported_reason(info, 128, torch.device("cuda"), 64)
 
