@@ -20,10 +20,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from .fragment_kernels import (_from_lane, _stage_tables, _tile_records, await_tile, radius_lanes, split_tokens,
-                               subtree_lanes)
-
-QUERY_COLUMNS = 8  # the mma's N: query rows per program
+from .fragment_kernels import (_from_lane, _stage_tables, _tile_records, await_tile, key_order, query_maxima,
+                               radius_lanes, split_tokens, subtree_lanes)
 
 
 @gluon.jit
@@ -38,21 +36,15 @@ def _transpose_blocks(p):
 def fragment_query_columns(q_ptr, first_row, row0, M, D: gl.constexpr, W: gl.constexpr, MMA: gl.constexpr,
                            BOP: gl.constexpr):
     """The query rows row0 + [0, 8) of M (pre-scaled, rotated; row r at q_ptr + (first_row + r)·D)
-    as the B operand [W, D, 8] of k @ q^T for every warp, each divided by its max |q| (so float16
-    holds any norm) with its D index in the key fragments' order; and those maxima [W, 8] in the
+    as the B operand [W, D, 8] of k @ q^T for every warp, each divided by its max |q|
+    (query_maxima) with its D index in the key fragments' order; and those maxima [W, 8] in the
     logits' column layout."""
-    Q2: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [1, W], [1, 0])
-    r2 = row0 + gl.arange(0, 8, layout=gl.SliceLayout(1, Q2))
-    d2 = gl.arange(0, D, layout=gl.SliceLayout(0, Q2))
-    q2 = gl.load(q_ptr + (first_row + r2[:, None]) * D + d2[None, :], mask=r2[:, None] < M, other=0.0)
-    qs = gl.max(gl.abs(q2), 1)
-    qs = gl.where(qs > 0, qs, 1.0)
+    qs = query_maxima(q_ptr, first_row, row0, M, 8, D, W)
     wq = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, BOP)))
     kq = gl.arange(0, D, layout=gl.SliceLayout(0, gl.SliceLayout(2, BOP)))
     nq = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, BOP)))
-    col = ((kq >> 1) & 3) * (D // 4) + (kq & 1) + (kq >> 3) * 2  # k index -> tree coordinate
     rows = row0 + nq[None, None, :] + wq[:, None, None] * 0
-    q = gl.load(q_ptr + (first_row + rows) * D + col[None, :, None], mask=rows < M, other=0.0)
+    q = gl.load(q_ptr + (first_row + rows) * D + key_order(kq, D)[None, :, None], mask=rows < M, other=0.0)
     qop = (q / gl.convert_layout(qs, gl.SliceLayout(0, gl.SliceLayout(1, BOP)))[None, None, :]).to(gl.float16)
     return qop, gl.convert_layout(qs, gl.SliceLayout(0, gl.SliceLayout(1, MMA)))
 

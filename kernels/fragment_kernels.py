@@ -135,23 +135,36 @@ def await_tile(pool_ptr, pages_ptr, row, t0, start, end, COPY_TILE: gl.constexpr
 
 
 @gluon.jit
-def fragment_queries(q_ptr, first_row, row0, M, D: gl.constexpr, W: gl.constexpr, MMA: gl.constexpr,
-                     AOP: gl.constexpr):
-    """The query rows row0 + [0, 16) of M (pre-scaled, rotated; row r at q_ptr + (first_row + r)·D)
-    as the A operand of q @ k^T for every warp, each row divided by its max |q| (so float16 holds
-    any norm) and its columns in the key fragments' order; and those maxima in the logits' rows."""
+def query_maxima(q_ptr, first_row, row0, M, ROWS: gl.constexpr, D: gl.constexpr, W: gl.constexpr):
+    """max |q| of query rows row0 + [0, ROWS) of M (row r at q_ptr + (first_row + r)·D), 1 where a
+    row is all zeros or past M: each row is divided by it so float16 holds any norm."""
     Q2: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [1, W], [1, 0])
-    r2 = row0 + gl.arange(0, 16, layout=gl.SliceLayout(1, Q2))
+    r2 = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, Q2))
     d2 = gl.arange(0, D, layout=gl.SliceLayout(0, Q2))
     q2 = gl.load(q_ptr + (first_row + r2[:, None]) * D + d2[None, :], mask=r2[:, None] < M, other=0.0)
     qs = gl.max(gl.abs(q2), 1)
-    qs = gl.where(qs > 0, qs, 1.0)
+    return gl.where(qs > 0, qs, 1.0)
+
+
+@gluon.jit
+def key_order(k, D: gl.constexpr):
+    """The tree coordinate at index k of the key fragments' D order (bit 0: leaf bit 0, bits 1-2:
+    the quarter, bits 3..: leaf bits 1..), where the queries' columns are read from."""
+    return ((k >> 1) & 3) * (D // 4) + (k & 1) + (k >> 3) * 2
+
+
+@gluon.jit
+def fragment_queries(q_ptr, first_row, row0, M, D: gl.constexpr, W: gl.constexpr, MMA: gl.constexpr,
+                     AOP: gl.constexpr):
+    """The query rows row0 + [0, 16) of M (pre-scaled, rotated; row r at q_ptr + (first_row + r)·D)
+    as the A operand of q @ k^T for every warp, each row divided by its max |q| (query_maxima)
+    and its columns in the key fragments' order; and those maxima in the logits' rows."""
+    qs = query_maxima(q_ptr, first_row, row0, M, 16, D, W)
     wq = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, AOP)))
     mq = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(2, AOP)))
     kq = gl.arange(0, D, layout=gl.SliceLayout(0, gl.SliceLayout(1, AOP)))
-    col = ((kq >> 1) & 3) * (D // 4) + (kq & 1) + (kq >> 3) * 2  # k index -> tree coordinate
     rows = row0 + mq[None, :, None] + wq[:, None, None] * 0
-    q = gl.load(q_ptr + (first_row + rows) * D + col[None, None, :], mask=rows < M, other=0.0)
+    q = gl.load(q_ptr + (first_row + rows) * D + key_order(kq, D)[None, None, :], mask=rows < M, other=0.0)
     qop = (q / gl.convert_layout(qs, gl.SliceLayout(0, gl.SliceLayout(2, AOP)))[None, :, None]).to(gl.float16)
     return qop, gl.convert_layout(qs, gl.SliceLayout(0, gl.SliceLayout(2, MMA)))
 

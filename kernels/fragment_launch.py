@@ -30,15 +30,17 @@ FRAGMENT = {"enabled": True, "tokens_per_warp": 32, "warps": 4, "programs_per_sm
             "maxnreg": {64: 168}, "head_dims": (32, 64, 128), "decode_kernel": True, "decode_maxnreg": {}}
 
 
+# query rows per program: the decode kernel's mma N (its 8 query columns), the other kernel's M
+DECODE_ROWS, MANY_ROWS = 8, 16
+
+
 def decode_rows(M: int) -> bool:
     """Does a launch of M query rows per KV head run paged_fragment_decode_kernel?"""
-    from .fragment_decode_kernel import QUERY_COLUMNS
-
-    return FRAGMENT["decode_kernel"] and M <= QUERY_COLUMNS
+    return FRAGMENT["decode_kernel"] and M <= DECODE_ROWS
 
 
 def rows_per_program(M: int) -> int:
-    return 8 if decode_rows(M) else 16
+    return DECODE_ROWS if decode_rows(M) else MANY_ROWS
 
 
 def launch_options(D: int, decode: bool = False) -> dict:
