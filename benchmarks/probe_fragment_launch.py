@@ -9,7 +9,7 @@ import sys
 import torch
 
 from bench_decode import decode_point, graph_of, median_ms
-from sphkv_compile.kernels import attend as kattend, fragment_launch
+from sphkv_compile.kernels import attend as kattend, fragment_codegen, fragment_launch
 from sphkv_compile.kernels.layout import tier_info
 from sphkv_compile.options import SphkvOptions
 
@@ -17,10 +17,31 @@ POINTS = [("llama3-8b", 1, 4096), ("llama3-8b", 1, 32768), ("llama3-8b", 8, 3276
           ("llama3-8b", 8, 131072), ("smollm2", 1, 4096), ("smollm2", 8, 32768), ("smollm2", 32, 32768)]
 # label -> FRAGMENT settings, and attend.COMBINE's under "combine" (a setting with "head_dims" runs at
 # those head dims only); programs_per_sm
-# None: the occupancy query's count; maxnreg 0: no register cap
+# None: the occupancy query's count; maxnreg 0: no register cap; "offset_in_register": the decoders
+# generated as before session 28 (each table's offset added to the code's in a register, not carried
+# as the shared load's immediate)
 SETTINGS = {"triton": dict(enabled=False),
+            "fragment_decode_offset_in_register": dict(enabled=True, offset_in_register=True),
             "fragment_16_rows": dict(enabled=True, decode_kernel=False),
             "fragment_decode": dict(enabled=True)}
+
+
+def _offset_in_register(on: bool) -> None:
+    """Generate the decoders with the table offsets added in registers (on) or as the loads'
+    immediates (off, the default), and drop every cache that holds decoders or kernels."""
+    if on:
+        def lookup(body, offset, table_bytes, name):
+            function = "lookup_fixed" if offset == "0" else "lookup"
+            body.emit(f"{name} = {function}_at_0({offset} + {table_bytes})")
+        fragment_codegen._lookup = lookup
+    else:
+        fragment_codegen._lookup = _LOOKUP
+    fragment_codegen.fragment_decoders.cache_clear()
+    for cache in (fragment_launch._DECODERS, fragment_launch._COMPILED, fragment_launch._PER_SM):
+        cache.clear()
+
+
+_LOOKUP = fragment_codegen._lookup
 
 
 def main():
@@ -37,6 +58,9 @@ def main():
             saved, saved_combine = dict(fragment_launch.FRAGMENT), dict(kattend.COMBINE)
             setting = dict(setting)
             kattend.COMBINE.update(setting.pop("combine", {}))
+            patched = setting.pop("offset_in_register", False)
+            if patched:
+                _offset_in_register(True)
             fragment_launch.FRAGMENT.update(setting)
             try:
                 def run():
@@ -47,6 +71,8 @@ def main():
                 row[label + "_diff"] = float((out - base).abs().max() / base.abs().max())
                 row[label + "_ms"] = median_ms(graph_of(run).replay)
             finally:
+                if patched:
+                    _offset_in_register(False)
                 fragment_launch.FRAGMENT.clear()
                 fragment_launch.FRAGMENT.update(saved)
                 kattend.COMBINE.clear()

@@ -125,10 +125,12 @@ def _path_element(body: _Body, c, node: str, cache: dict) -> str:
 
 
 def _lookup(body: _Body, offset: str, table_bytes: int, name: str) -> None:
+    # the table's offset travels as the load's immediate (lookup_at_<bytes>): added to the code's
+    # offset in Gluon, it became an OR that ptxas did not fold into the address (one LOP3 a lookup)
     # a 0-bit level's offset is a constant: its pure lookup would depend on nothing and could be
     # hoisted above the barrier that ends the tables' staging, so it goes through the volatile form
     function = "lookup_fixed" if offset == "0" else "lookup"
-    body.emit(f"{name} = {function}({offset} + {table_bytes})")
+    body.emit(f"{name} = {function}_at_{table_bytes}({offset})")
 
 
 def _decoder_source(tables: PolarTables, record_offset: int, parts: int, table_base: int) -> str:
@@ -227,22 +229,6 @@ from triton.experimental.gluon import language as gl
 
 
 @gluon.jit
-def lookup(off):
-    """The float16 (cos, sin) pair at byte `off` of the staged tables, as int32."""
-    return gl.inline_asm_elementwise(
-        "{{ .reg .u32 a; mov.u32 a, {FRAGMENT_TABLES}; add.u32 a, a, $1; ld.shared.b32 $0, [a]; }}",
-        "=r,r", [off], dtype=gl.int32, is_pure=True, pack=1)
-
-
-@gluon.jit
-def lookup_fixed(off):
-    """lookup for a constant offset, kept in program order (volatile) after the tables' barrier."""
-    return gl.inline_asm_elementwise(
-        "{{ .reg .u32 a; mov.u32 a, {FRAGMENT_TABLES}; add.u32 a, a, $1; ld.shared.b32 $0, [a]; }}",
-        "=r,r", [off], dtype=gl.int32, is_pure=False, pack=1)
-
-
-@gluon.jit
 def funnel(lo, hi, amount):
     """The 32 bits of hi:lo from bit `amount` up."""
     return gl.inline_asm_elementwise("shf.r.wrap.b32 $0, $1, $2, $3;", "=r,r,r,r", [lo, hi, amount.to(gl.uint32)],
@@ -320,6 +306,24 @@ def copy_tile(pool_ptr, pages_ptr, row, t0, end, stage, PS: gl.constexpr):
 '''
 
 
+def _lookup_source(table_bytes: int) -> str:
+    """lookup_at_<table_bytes>(off) and lookup_fixed_at_<table_bytes>(off): the float16 (cos, sin)
+    pair at byte table_bytes + off of the staged tables, as int32; the _fixed form, for a
+    constant off, kept in program order (volatile) after the tables' barrier."""
+    asm = ("{ .reg .u32 a; mov.u32 a, %s; add.u32 a, a, $1; ld.shared.b32 $0, [a+%d]; }"
+           % (FRAGMENT_TABLES, table_bytes))
+    return "".join(f'''
+@gluon.jit
+def {name}_at_{table_bytes}(off):
+    return gl.inline_asm_elementwise("{asm}", "=r,r", [off], dtype=gl.int32, is_pure={pure}, pack=1)
+
+''' for name, pure in (("lookup", True), ("lookup_fixed", False)))
+
+
+def _table_offsets(tables: PolarTables, table_base: int) -> list[int]:
+    return [table_base + level * 4 * tables.table_size for level in range(tables.levels)]
+
+
 def table_words(tables: PolarTables) -> int:
     return tables.levels * tables.table_size
 
@@ -339,7 +343,8 @@ def fragment_decoders(key: PolarTables, value: PolarTables, key_words: int, reco
         if not t.fields.layout.subtree_aligned:
             raise Unsupported("record layout not subtree-aligned")
     vbase = 4 * table_words(key)
-    src = (DECODER_HEADER + _staging_source(record_words, tokens_per_warp, warps) + "\n\n"
+    lookups = "".join(_lookup_source(b) for b in _table_offsets(key, 0) + _table_offsets(value, vbase))
+    src = (DECODER_HEADER + lookups + _staging_source(record_words, tokens_per_warp, warps) + "\n\n"
            + _decoder_source(key, 0, 4, 0).replace("def decode(", "def key_quarter(") + "\n\n"
            + _decoder_source(value, key_words, 8, vbase).replace("def decode(", "def value_octant(") + "\n\n"
            + _radius_source(key, 0).replace("def radius(", "def key_radius(") + "\n\n"
