@@ -17,9 +17,9 @@ POINTS = [("llama3-8b", 1, 4096), ("llama3-8b", 1, 32768), ("llama3-8b", 8, 3276
           ("llama3-8b", 8, 131072), ("smollm2", 1, 4096), ("smollm2", 8, 32768), ("smollm2", 32, 32768)]
 # label -> FRAGMENT settings, and attend.COMBINE's under "combine" (a setting with "head_dims" runs at
 # those head dims only); programs_per_sm
-# None: the occupancy query's count; maxnreg 0: no register cap; "offset_in_register": the decoders
-# generated as before session 28 (each table's offset added to the code's in a register, not carried
-# as the shared load's immediate)
+# None: the occupancy query's count; maxnreg 0: no register cap; "offset_in_register": the decoders'
+# table lookups generated as before session 28 (each table's offset added to the code's in a
+# register, not carried as the shared load's immediate)
 SETTINGS = {"triton": dict(enabled=False),
             "fragment_decode_offset_in_register": dict(enabled=True, offset_in_register=True),
             "fragment_16_rows": dict(enabled=True, decode_kernel=False),

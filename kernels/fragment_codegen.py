@@ -57,7 +57,12 @@ class _Body:
         offset, as uint32, read once from the staged tile (`base`: the token's first word there)."""
         if index not in self.words:
             name = f"w{len(self.words)}"
-            self.emit(f"{name} = word(base + ({self.record_offset} + {index}))")
+            # the byte offset of a constant index is the load's immediate; a lane-dependent one is
+            # added to the token's byte address (base4: hoisted out of the decoders)
+            if index.isdigit():
+                self.emit(f"{name} = word_at_{4 * (self.record_offset + int(index))}(base4)")
+            else:
+                self.emit(f"{name} = word_at_{4 * self.record_offset}(base4 + ({index}) * 4)")
             self.words[index] = name
         return self.words[index]
 
@@ -193,7 +198,7 @@ def _decoder_source(tables: PolarTables, record_offset: int, parts: int, table_b
     # [.., subtree, leaf bits high..low] -> the row-major order of the operand's D index
     dims = ", ".join(str(i) for i in _permutation(parts, int(math.log2(len(values)))))
     body.emit(f"return gl.permute({join(values)}, {dims})")
-    return "\n".join(["@gluon.jit", "def decode(base, sub):"] + body.lines) + "\n"
+    return "\n".join(["@gluon.jit", "def decode(base, sub):", "    base4 = base * 4"] + body.lines) + "\n"
 
 
 def _permutation(parts: int, leaf_bits: int) -> tuple[int, ...]:
@@ -219,7 +224,8 @@ def _radius_source(tables: PolarTables, record_offset: int) -> str:
     body.emit("r = gl.exp2(LOG2_MIN + (code - 1).to(gl.float32) * STEP)")
     body.emit("r = gl.where(code == 0, 0.0, r)")
     body.emit("return gl.where(code == 65535, float('nan'), r)")
-    return "\n".join(["@gluon.jit", "def radius(base, STEP: gl.constexpr, LOG2_MIN: gl.constexpr):"]
+    return "\n".join(["@gluon.jit", "def radius(base, STEP: gl.constexpr, LOG2_MIN: gl.constexpr):",
+                      "    base4 = base * 4"]
                      + body.lines) + "\n"
 
 
@@ -268,19 +274,11 @@ def _staging_source(record_words: int, tokens_per_warp: int, warps: int) -> str:
         raise Unsupported(f"records of {record_words} words need {size} bytes of staging "
                           f"(at most {FRAGMENT_RECORD_BYTES_MAX})")
     lanes = 1 << (max(chunks, 32) - 1).bit_length()
-    return f'''
+    return "".join(_word_source(4 * i) for i in range(record_words)) + f'''
 @gluon.jit
 def declare_records(x):
     return gl.inline_asm_elementwise(".shared .align 16 .b8 {FRAGMENT_RECORDS}[{size}]; mov.u32 $0, $1;", "=r,r", [x],
                                      dtype=gl.int32, is_pure=False, pack=1)
-
-
-@gluon.jit
-def word(addr):
-    """Word `addr` of the staged records, as uint32."""
-    return gl.inline_asm_elementwise(
-        "{{ .reg .u32 a; mov.u32 a, {FRAGMENT_RECORDS}; mad.lo.u32 a, $1, 4, a; ld.shared.b32 $0, [a]; }}",
-        "=r,r", [addr], dtype=gl.int32, is_pure=True, pack=1).to(gl.uint32, bitcast=True)
 
 
 @gluon.jit
@@ -303,6 +301,18 @@ def copy_tile(pool_ptr, pages_ptr, row, t0, end, stage, PS: gl.constexpr):
         "=r,r,l,r", [dst, src, pred], dtype=gl.int32, is_pure=False, pack=1)
     gl.inline_asm_elementwise("cp.async.commit_group; mov.u32 $0, $1;", "=r,r", [t0], dtype=gl.int32,
                               is_pure=False, pack=1)
+'''
+
+
+def _word_source(byte: int) -> str:
+    """word_at_<byte>(address): the staged record word at byte `address` + `byte`, as uint32."""
+    asm = "{ .reg .u32 a; mov.u32 a, %s; add.u32 a, a, $1; ld.shared.b32 $0, [a+%d]; }" % (FRAGMENT_RECORDS, byte)
+    return f'''
+@gluon.jit
+def word_at_{byte}(address):
+    return gl.inline_asm_elementwise("{asm}", "=r,r", [address], dtype=gl.int32, is_pure=True,
+                                     pack=1).to(gl.uint32, bitcast=True)
+
 '''
 
 
