@@ -9,7 +9,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from sphkv_compile.kernels.attend import COMBINE
+from sphkv_compile.kernels.attend import COMBINE, _small_kernel_warps
 from sphkv_compile.kernels.attention_kernels import paged_partials_kernel
 from sphkv_compile.kernels.combine_kernels import combine_kernel
 from sphkv_compile.kernels.encode_kernels import encode_kv_kernel
@@ -217,8 +217,9 @@ def compile_all(d=128):
         sig = {a: ("constexpr" if a in consts else ptrs.get(a, "*i32" if "comps" in a else "*fp32") if a.endswith("_ptr")
                    else ptrs.get(a, "i32")) for a in fn.arg_names}
         try:
-            warps = {"combine": COMBINE["warps"], "combine_decode": COMBINE["warps"], "queries": COMBINE["warps"],
-                     "queries_decode": COMBINE["warps"], "encode_polar": encode_warps,
+            warps = {"combine": _small_kernel_warps(16, d), "combine_decode": _small_kernel_warps(4, d),
+                     "queries": _small_kernel_warps(16, d), "queries_decode": _small_kernel_warps(4, d),
+                     "encode_polar": encode_warps,
                      "encode_scalar": encode_warps}.get(name, 4)
             k = triton.compile(ASTSource(fn, sig, consts, pointer_alignment(fn, sig)), target=TARGET,
                                options={"num_warps": warps, "num_stages": 1})

@@ -1,7 +1,10 @@
 """The fragment kernel against the Triton kernels at a few decode points, same store, same run:
-    python benchmarks/probe_fragment_launch.py [--out DIR]"""
+    python benchmarks/probe_fragment_launch.py [--points llama3-8b:1:4096 ...] [--settings LABEL ...]
+
+The first setting run at a point is the reference the others' outputs are compared with."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -23,7 +26,15 @@ POINTS = [("llama3-8b", 1, 4096), ("llama3-8b", 1, 32768), ("llama3-8b", 8, 3276
 SETTINGS = {"triton": dict(enabled=False),
             "fragment_decode_offset_in_register": dict(enabled=True, offset_in_register=True),
             "fragment_16_rows": dict(enabled=True, decode_kernel=False),
-            "fragment_decode": dict(enabled=True)}
+            "fragment_decode": dict(enabled=True),
+            # launch shapes that bear on B=1's fixed costs (session 28)
+            "combine_splits_8": dict(enabled=True, combine=dict(splits=8)),
+            "combine_columns_16": dict(enabled=True, combine=dict(columns=16)),
+            # before session 28's few_rows_warps: 8 warps for every block (as combine_warps_4 measured the change)
+            "combine_warps_4": dict(enabled=True, combine=dict(warps=4)),
+            "combine_few_rows_warps_8": dict(enabled=True, combine=dict(few_rows_warps=8)),
+            "tokens_per_warp_16": dict(enabled=True, tokens_per_warp=16)}
+DEFAULT_SETTINGS = ("triton", "fragment_decode_offset_in_register", "fragment_16_rows", "fragment_decode")
 
 
 def _offset_in_register(on: bool) -> None:
@@ -45,14 +56,20 @@ _LOOKUP = fragment_codegen._lookup
 
 
 def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--points", nargs="*", help="shape:B:T (default: POINTS)")
+    ap.add_argument("--settings", nargs="*", default=DEFAULT_SETTINGS, choices=sorted(SETTINGS))
+    args = ap.parse_args()
+    points = [(n, int(b), int(t)) for n, b, t in (p.split(":") for p in args.points)] if args.points else POINTS
     device = torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(0)
     opts = SphkvOptions()
     rows = []
-    for name, B, T in POINTS:
+    for name, B, T in points:
         q, kn, specs, states, row = decode_point(name, B, T, opts, device, gen)
         base = None
-        for label, setting in SETTINGS.items():
+        for label in args.settings:
+            setting = SETTINGS[label]
             if q.shape[-1] not in setting.get("head_dims", (q.shape[-1],)):
                 continue
             saved, saved_combine = dict(fragment_launch.FRAGMENT), dict(kattend.COMBINE)
