@@ -304,9 +304,15 @@ def copy_tile(pool_ptr, pages_ptr, row, t0, end, stage, PS: gl.constexpr):
 '''
 
 
+def _shared_load(array: str, byte: int) -> str:
+    """PTX of a 32-bit load from static shared array `array` at byte $1 + `byte`, the constant
+    carried as the load's immediate (ptxas folds it into the address: no instruction)."""
+    return "{ .reg .u32 a; mov.u32 a, %s; add.u32 a, a, $1; ld.shared.b32 $0, [a+%d]; }" % (array, byte)
+
+
 def _word_source(byte: int) -> str:
     """word_at_<byte>(address): the staged record word at byte `address` + `byte`, as uint32."""
-    asm = "{ .reg .u32 a; mov.u32 a, %s; add.u32 a, a, $1; ld.shared.b32 $0, [a+%d]; }" % (FRAGMENT_RECORDS, byte)
+    asm = _shared_load(FRAGMENT_RECORDS, byte)
     return f'''
 @gluon.jit
 def word_at_{byte}(address):
@@ -320,8 +326,7 @@ def _lookup_source(table_bytes: int) -> str:
     """lookup_at_<table_bytes>(off) and lookup_fixed_at_<table_bytes>(off): the float16 (cos, sin)
     pair at byte table_bytes + off of the staged tables, as int32; the _fixed form, for a
     constant off, kept in program order (volatile) after the tables' barrier."""
-    asm = ("{ .reg .u32 a; mov.u32 a, %s; add.u32 a, a, $1; ld.shared.b32 $0, [a+%d]; }"
-           % (FRAGMENT_TABLES, table_bytes))
+    asm = _shared_load(FRAGMENT_TABLES, table_bytes)
     return "".join(f'''
 @gluon.jit
 def {name}_at_{table_bytes}(off):
