@@ -22,11 +22,13 @@ POINTS = [("llama3-8b", 1, 4096), ("llama3-8b", 1, 32768), ("llama3-8b", 8, 3276
 # those head dims only); programs_per_sm
 # None: the occupancy query's count; maxnreg 0: no register cap; "offset_in_register": the decoders'
 # table lookups generated as before session 28 (each table's offset added to the code's in a
-# register, not carried as the shared load's immediate)
+# register, not carried as the shared load's immediate); "path_by_select": each path node's
+# (cos, sin) pair loaded whole and the lane's half selected (before session 28's 16-bit loads)
 SETTINGS = {"triton": dict(enabled=False),
             "fragment_decode_offset_in_register": dict(enabled=True, offset_in_register=True),
             "fragment_16_rows": dict(enabled=True, decode_kernel=False),
             "fragment_decode": dict(enabled=True),
+            "fragment_decode_path_by_select": dict(enabled=True, path_by_select=True),
             # launch shapes that bear on B=1's fixed costs (session 28)
             "combine_splits_8": dict(enabled=True, combine=dict(splits=8)),
             "combine_columns_16": dict(enabled=True, combine=dict(columns=16)),
@@ -47,12 +49,33 @@ def _offset_in_register(on: bool) -> None:
         fragment_codegen._lookup = lookup
     else:
         fragment_codegen._lookup = _LOOKUP
+    _drop_decoders()
+
+
+def _path_by_select(on: bool) -> None:
+    """Generate the path nodes' factors as a whole (cos, sin) pair and a select (on), or as one
+    16-bit load (off, the default)."""
+    if on:
+        def path_lookup(body, offset, table_bytes, side_bit, name):
+            fragment_codegen._lookup(body, offset, table_bytes, f"t_{name}")
+            body.emit(f"c_{name}, s_{name} = halves(t_{name})")
+            body.emit(f"{name} = gl.where(((sub >> {side_bit}) & 1) == 1, s_{name}, c_{name})")
+            return name
+        fragment_codegen._path_lookup = path_lookup
+    else:
+        fragment_codegen._path_lookup = _PATH_LOOKUP
+    _drop_decoders()
+
+
+def _drop_decoders() -> None:
     fragment_codegen.fragment_decoders.cache_clear()
     for cache in (fragment_launch._DECODERS, fragment_launch._COMPILED, fragment_launch._PER_SM):
         cache.clear()
 
 
 _LOOKUP = fragment_codegen._lookup
+_PATH_LOOKUP = fragment_codegen._path_lookup
+PATCHES = {"offset_in_register": _offset_in_register, "path_by_select": _path_by_select}
 
 
 def main():
@@ -75,9 +98,9 @@ def main():
             saved, saved_combine = dict(fragment_launch.FRAGMENT), dict(kattend.COMBINE)
             setting = dict(setting)
             kattend.COMBINE.update(setting.pop("combine", {}))
-            patched = setting.pop("offset_in_register", False)
-            if patched:
-                _offset_in_register(True)
+            patched = [name for name in PATCHES if setting.pop(name, False)]
+            for name in patched:
+                PATCHES[name](True)
             fragment_launch.FRAGMENT.update(setting)
             try:
                 def run():
@@ -88,8 +111,8 @@ def main():
                 row[label + "_diff"] = float((out - base).abs().max() / base.abs().max())
                 row[label + "_ms"] = median_ms(graph_of(run).replay)
             finally:
-                if patched:
-                    _offset_in_register(False)
+                for name in patched:
+                    PATCHES[name](False)
                 fragment_launch.FRAGMENT.clear()
                 fragment_launch.FRAGMENT.update(saved)
                 kattend.COMBINE.clear()

@@ -138,6 +138,17 @@ def _lookup(body: _Body, offset: str, table_bytes: int, name: str) -> None:
     body.emit(f"{name} = {function}_at_{table_bytes}({offset})")
 
 
+def _path_lookup(body: _Body, offset: str, table_bytes: int, side_bit: int, name: str) -> str:
+    """A path node's factor for this lane as float16: its cos where bit side_bit of `sub` is 0,
+    its sin where it is 1, read as one 16-bit load at byte 2·side of the pair (loading the pair
+    and selecting cost a PRMT and a SEL per node and lane). Returns the variable's name."""
+    side = f"(((sub >> {side_bit}) & 1) * 2)"
+    at = side if offset == "0" else f"({offset} | {side}.to(gl.uint32))"
+    function = "half_fixed" if offset == "0" else "half"
+    body.emit(f"{name} = {function}_at_{table_bytes}({at})")
+    return name
+
+
 def _decoder_source(tables: PolarTables, record_offset: int, parts: int, table_base: int) -> str:
     """A Gluon function decode(base, sub) -> the leaves of subtree `sub` (one of
     `parts`, on axis 2 of [W, CT, parts] inputs) as float16, permuted by _permutation: reshaped to
@@ -165,13 +176,8 @@ def _decoder_source(tables: PolarTables, record_offset: int, parts: int, table_b
         node = "0" if nodes == 1 else f"(sub >> {level - root})"
         off = code_offset(level, lambda c: _path_element(body, c, node, cache) if nodes > 1
                           else _scaled(body.word(str(c.offset // 32)), c.offset % 32, c.width, c.shift))
-        _lookup(body, off, table_base + (level - 1) * level_bytes, f"t{level}")
-        body.emit(f"c{level}, s{level} = halves(t{level})")
-        side = f"((sub >> {level - root - 1}) & 1) == 1"
-        if x is None:
-            body.emit(f"x = gl.where({side}, s{level}, c{level})")
-        else:
-            body.emit(f"x = x * gl.where({side}, s{level}, c{level})")
+        h = _path_lookup(body, off, table_base + (level - 1) * level_bytes, level - root - 1, f"h{level}")
+        body.emit(f"x = {h}" if x is None else f"x = x * {h}")
         x = "x"
     if x is None:
         raise Unsupported("the fragment kernels need at least one path level")
@@ -304,10 +310,10 @@ def copy_tile(pool_ptr, pages_ptr, row, t0, end, stage, PS: gl.constexpr):
 '''
 
 
-def _shared_load(array: str, byte: int) -> str:
-    """PTX of a 32-bit load from static shared array `array` at byte $1 + `byte`, the constant
-    carried as the load's immediate (ptxas folds it into the address: no instruction)."""
-    return "{ .reg .u32 a; mov.u32 a, %s; add.u32 a, a, $1; ld.shared.b32 $0, [a+%d]; }" % (array, byte)
+def _shared_load(array: str, byte: int, bits: int = 32) -> str:
+    """PTX of a load of `bits` bits from static shared array `array` at byte $1 + `byte`, the
+    constant carried as the load's immediate (ptxas folds it into the address: no instruction)."""
+    return "{ .reg .u32 a; mov.u32 a, %s; add.u32 a, a, $1; ld.shared.b%d $0, [a+%d]; }" % (array, bits, byte)
 
 
 def _word_source(byte: int) -> str:
@@ -327,10 +333,16 @@ def _lookup_source(table_bytes: int) -> str:
     pair at byte table_bytes + off of the staged tables, as int32; the _fixed form, for a
     constant off, kept in program order (volatile) after the tables' barrier."""
     asm = _shared_load(FRAGMENT_TABLES, table_bytes)
+    half = _shared_load(FRAGMENT_TABLES, table_bytes, 16)
     return "".join(f'''
 @gluon.jit
 def {name}_at_{table_bytes}(off):
     return gl.inline_asm_elementwise("{asm}", "=r,r", [off], dtype=gl.int32, is_pure={pure}, pack=1)
+
+
+@gluon.jit
+def half{name[6:]}_at_{table_bytes}(off):
+    return gl.inline_asm_elementwise("{half}", "=h,r", [off], dtype=gl.float16, is_pure={pure}, pack=1)
 
 ''' for name, pure in (("lookup", True), ("lookup_fixed", False)))
 
