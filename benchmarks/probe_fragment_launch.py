@@ -35,7 +35,10 @@ SETTINGS = {"triton": dict(enabled=False),
             # before session 28's few_rows_warps: 8 warps for every block (as combine_warps_4 measured the change)
             "combine_warps_4": dict(enabled=True, combine=dict(warps=4)),
             "combine_few_rows_warps_8": dict(enabled=True, combine=dict(few_rows_warps=8)),
-            "tokens_per_warp_16": dict(enabled=True, tokens_per_warp=16)}
+            "tokens_per_warp_16": dict(enabled=True, tokens_per_warp=16),
+            # d=128 decode kernel capped at 128 registers: four programs per SM instead of three; after
+            # session 28's path loads it spills one word, reloaded twice per tile (sm_90 compile); untimed
+            "decode_cap_128": dict(enabled=True, decode_maxnreg={128: 128})}
 DEFAULT_SETTINGS = ("triton", "fragment_decode_offset_in_register", "fragment_16_rows", "fragment_decode")
 
 
