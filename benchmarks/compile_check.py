@@ -1,6 +1,11 @@
 """Compile the kernels for sm_90 without a GPU (Triton's bundled ptxas) and print each one's
 registers, spills and shared memory: catches compile errors and register pressure at no
-device time.  python benchmarks/compile_check.py
+device time.
+
+    python benchmarks/compile_check.py all                       every kernel at d=64 and 128
+    python benchmarks/compile_check.py fragment [D] [decode] [MAXNREG]
+        the Gluon fragment kernel of the default tier (decode 1: paged_fragment_decode_kernel,
+        the default; 0: the 16-row kernel), with its loop body's opcodes
 """
 from __future__ import annotations
 
@@ -53,19 +58,57 @@ def sass_summary(k):
     print("  largest loop body:", loop_body_size(sass), "instructions")
 
 
-def loop_body_size(sass: str) -> int:
-    """Instructions between the target of the longest backward branch and the branch itself."""
+def loop_body(sass: str) -> list[tuple[str, str]]:
+    """(opcode, operands) of the instructions between the target of the longest backward branch
+    and the branch itself."""
     import re
 
-    best = 0
     addrs = []
     for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)([^;]*);", sass):
         addrs.append((int(m.group(1), 16), m.group(2), m.group(3)))
+    best = []
     for addr, op, args in addrs:
         target = re.search(r"0x([0-9a-f]+)", args) if op.startswith("BRA") else None
         if target and int(target.group(1), 16) < addr:
-            best = max(best, sum(1 for a, _, _ in addrs if int(target.group(1), 16) <= a <= addr))
+            body = [(o, a) for x, o, a in addrs if int(target.group(1), 16) <= x <= addr]
+            best = max(best, body, key=len)
     return best
+
+
+def loop_body_size(sass: str) -> int:
+    """Instructions between the target of the longest backward branch and the branch itself."""
+    return len(loop_body(sass))
+
+
+def fragment(d=128, decode=1, maxnreg=0):
+    """The default tier's Gluon fragment kernel for sm_90: registers, loop size and the loop's
+    opcodes (full names: LOP3.LUT, SHF.R.U32.HI, LDS.U16 ...), most frequent first."""
+    import collections
+    import os
+    import subprocess
+    import tempfile
+
+    from sphkv_compile.kernels import fragment_launch
+
+    key = "decode_maxnreg" if decode else "maxnreg"
+    saved = fragment_launch.FRAGMENT[key]
+    if maxnreg:
+        fragment_launch.FRAGMENT[key] = {d: maxnreg}
+    try:
+        info = tier_info(TierSpec("uniform", 3.5, "polar", 3.5), d, 0, torch.bfloat16)
+        k = fragment_launch.compile_for_target(info, d, decode=bool(decode))
+    finally:
+        fragment_launch.FRAGMENT[key] = saved
+    print("decode kernel" if decode else "16-row kernel", f"d={d}", f"maxnreg={maxnreg or 'none'}")
+    sass_summary(k)
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([tool, "--dump-sass", f.name], capture_output=True, text=True).stdout
+    ops = collections.Counter(op for op, _ in loop_body(sass))
+    print("  loop opcodes:", ", ".join(f"{op} {n}" for op, n in ops.most_common()))
+    return k
 
 
 def pointer_alignment(fn, sig) -> dict:
@@ -233,6 +276,8 @@ if __name__ == "__main__":
     import sys
     if sys.argv[1:2] == ["coded"]:
         coded(*[int(a) for a in sys.argv[2:]])
+    elif sys.argv[1:2] == ["fragment"]:
+        fragment(*[int(a) for a in sys.argv[2:]])
     elif sys.argv[1:] == ["all"]:
         compile_all(64)
         compile_all(128)
