@@ -97,9 +97,10 @@ def fragment(d=128, decode=1, maxnreg=0):
     try:
         info = tier_info(TierSpec("uniform", 3.5, "polar", 3.5), d, 0, torch.bfloat16)
         k = fragment_launch.compile_for_target(info, d, decode=bool(decode))
+        options = fragment_launch.launch_options(d, bool(decode))
     finally:
         fragment_launch.FRAGMENT[key] = saved
-    print("decode kernel" if decode else "16-row kernel", f"d={d}", f"maxnreg={maxnreg or 'none'}")
+    print("decode kernel" if decode else "16-row kernel", f"d={d}", options)
     sass_summary(k)
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
