@@ -101,9 +101,9 @@ def main():
             saved, saved_combine = dict(fragment_launch.FRAGMENT), dict(kattend.COMBINE)
             setting = dict(setting)
             kattend.COMBINE.update(setting.pop("combine", {}))
-            patched = [name for name in PATCHES if setting.pop(name, False)]
-            for name in patched:
-                PATCHES[name](True)
+            patched = [patch for patch in PATCHES if setting.pop(patch, False)]
+            for patch in patched:
+                PATCHES[patch](True)
             fragment_launch.FRAGMENT.update(setting)
             try:
                 def run():
@@ -114,8 +114,8 @@ def main():
                 row[label + "_diff"] = float((out - base).abs().max() / base.abs().max())
                 row[label + "_ms"] = median_ms(graph_of(run).replay)
             finally:
-                for name in patched:
-                    PATCHES[name](False)
+                for patch in patched:
+                    PATCHES[patch](False)
                 fragment_launch.FRAGMENT.clear()
                 fragment_launch.FRAGMENT.update(saved)
                 kattend.COMBINE.clear()

@@ -42,7 +42,7 @@ import sys
 import torch
 
 from sphkv_compile.kernels.decode_codegen import join_tree, load_generated
-from sphkv_compile.kernels.fragment_codegen import DECODER_HEADER as FRAGMENT_HEADER, FRAGMENT_TABLES
+from sphkv_compile.kernels.fragment_codegen import DECODER_HEADER as FRAGMENT_HEADER, FRAGMENT_TABLES, _lookup_source
 
 D = 128
 KEY_RADIUS, KEY_TOP = 12, 13
@@ -257,7 +257,10 @@ def nibbles(w):
 
 
 # lookup, halves and children: the production decoders' (fragment_codegen), on this probe's table
-HEADER = FRAGMENT_HEADER + f'''from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+# (lookup: the table-offset-0 load, each call adding its table's offset to the code's)
+HEADER = FRAGMENT_HEADER + _lookup_source(0) + f'''from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+lookup = lookup_at_0
 
 from sphkv_compile.kernels.fragment_kernels import fragment_queries
 

@@ -161,7 +161,6 @@ def _decoder_source(tables: PolarTables, record_offset: int, parts: int, table_b
         raise Unsupported(f"head dim {tables.dim} has no {parts} subtrees")
     body = _Body(record_offset)
     cache: dict = {}
-    level_bytes = 4 * tables.table_size
 
     def code_offset(level: int, element) -> str:
         terms = [element(c) for c in _field_parts(layout, level)]
@@ -176,7 +175,7 @@ def _decoder_source(tables: PolarTables, record_offset: int, parts: int, table_b
         node = "0" if nodes == 1 else f"(sub >> {level - root})"
         off = code_offset(level, lambda c: _path_element(body, c, node, cache) if nodes > 1
                           else _scaled(body.word(str(c.offset // 32)), c.offset % 32, c.width, c.shift))
-        h = _path_lookup(body, off, table_base + (level - 1) * level_bytes, level - root - 1, f"h{level}")
+        h = _path_lookup(body, off, _table_bytes(tables, table_base, level), level - root - 1, f"h{level}")
         body.emit(f"x = {h}" if x is None else f"x = x * {h}")
         x = "x"
     if x is None:
@@ -186,7 +185,7 @@ def _decoder_source(tables: PolarTables, record_offset: int, parts: int, table_b
         nxt = []
         for i, v in enumerate(values):
             off = code_offset(level, lambda c: _element(body, c, parts, i, cache))
-            _lookup(body, off, table_base + (level - 1) * level_bytes, "t")
+            _lookup(body, off, _table_bytes(tables, table_base, level), "t")
             a, b = f"n{level}_{2 * i}", f"n{level}_{2 * i + 1}"
             body.emit(f"{a}, {b} = children({v}, t)")
             nxt += [a, b]
@@ -247,6 +246,7 @@ def funnel(lo, hi, amount):
                                      dtype=gl.uint32, is_pure=True, pack=1)
 
 
+# (cos, sin) of a lookup's pair: the probes' decoders (benchmarks/), not the generated ones
 @gluon.jit
 def halves(t):
     return gl.inline_asm_elementwise("mov.b32 {{$0, $1}}, $2;", "=h,=h,r", [t], dtype=(gl.float16, gl.float16),
@@ -329,26 +329,33 @@ def word_at_{byte}(address):
 
 
 def _lookup_source(table_bytes: int) -> str:
-    """lookup_at_<table_bytes>(off) and lookup_fixed_at_<table_bytes>(off): the float16 (cos, sin)
-    pair at byte table_bytes + off of the staged tables, as int32; the _fixed form, for a
-    constant off, kept in program order (volatile) after the tables' barrier."""
+    """lookup_at_<table_bytes>(off): the float16 (cos, sin) pair at byte table_bytes + off of the
+    staged tables, as int32; half_at_<table_bytes>(off): the float16 there. Their _fixed forms,
+    for an offset known before the loop, stay in program order (volatile) after the tables'
+    barrier."""
     asm = _shared_load(FRAGMENT_TABLES, table_bytes)
     half = _shared_load(FRAGMENT_TABLES, table_bytes, 16)
     return "".join(f'''
 @gluon.jit
-def {name}_at_{table_bytes}(off):
+def lookup{fixed}_at_{table_bytes}(off):
     return gl.inline_asm_elementwise("{asm}", "=r,r", [off], dtype=gl.int32, is_pure={pure}, pack=1)
 
 
 @gluon.jit
-def half{name[6:]}_at_{table_bytes}(off):
+def half{fixed}_at_{table_bytes}(off):
     return gl.inline_asm_elementwise("{half}", "=h,r", [off], dtype=gl.float16, is_pure={pure}, pack=1)
 
-''' for name, pure in (("lookup", True), ("lookup_fixed", False)))
+''' for fixed, pure in (("", True), ("_fixed", False)))
+
+
+def _table_bytes(tables: PolarTables, table_base: int, level: int) -> int:
+    """Byte offset of level `level`'s table (levels 1..) in the staged tables, the codec's first
+    at table_base."""
+    return table_base + (level - 1) * 4 * tables.table_size
 
 
 def _table_offsets(tables: PolarTables, table_base: int) -> list[int]:
-    return [table_base + level * 4 * tables.table_size for level in range(tables.levels)]
+    return [_table_bytes(tables, table_base, level) for level in range(1, tables.levels + 1)]
 
 
 def table_words(tables: PolarTables) -> int:
