@@ -3,9 +3,10 @@ registers, spills and shared memory: catches compile errors and register pressur
 device time.
 
     python benchmarks/compile_check.py all                       every kernel at d=64 and 128
-    python benchmarks/compile_check.py fragment [D] [decode] [MAXNREG]
+    python benchmarks/compile_check.py fragment [D] [decode] [MAXNREG] [PDL]
         the Gluon fragment kernel of the default tier (decode 1: paged_fragment_decode_kernel,
-        the default; 0: the 16-row kernel), with its loop body's opcodes
+        the default; 0: the 16-row kernel; PDL 1: as launched with programmatic dependent
+        launch), with its loop body's opcodes
 """
 from __future__ import annotations
 
@@ -80,7 +81,7 @@ def loop_body_size(sass: str) -> int:
     return len(loop_body(sass))
 
 
-def fragment(d=128, decode=1, maxnreg=0):
+def fragment(d=128, decode=1, maxnreg=0, pdl=0):
     """The default tier's Gluon fragment kernel for sm_90: registers, loop size and the loop's
     opcodes (full names: LOP3.LUT, SHF.R.U32.HI, LDS.U16 ...), most frequent first."""
     import collections
@@ -96,7 +97,7 @@ def fragment(d=128, decode=1, maxnreg=0):
         fragment_launch.FRAGMENT[key] = {d: maxnreg}
     try:
         info = tier_info(TierSpec("uniform", 3.5, "polar", 3.5), d, 0, torch.bfloat16)
-        k = fragment_launch.compile_for_target(info, d, decode=bool(decode))
+        k = fragment_launch.compile_for_target(info, d, decode=bool(decode), pdl=bool(pdl))
         options = fragment_launch.launch_options(d, bool(decode))
     finally:
         fragment_launch.FRAGMENT[key] = saved
@@ -140,7 +141,7 @@ def main(d=128, block_t=64, block_m=16, warps=4, stages=2):
                   BLOCK_T=block_t, EXACT=False, VALUE_SCALAR=False, K_LEVELS=info.key.levels,
                   K_COUNTS=info.key.fields.counts, K_MAXC=info.key.fields.max_comps, K_TSIZE=info.key.table_size,
                   V_LEVELS=info.value.levels, V_COUNTS=info.value.fields.counts, V_MAXC=info.value.fields.max_comps,
-                  V_TSIZE=info.value.table_size, K_WIDTHS=info.key.fields.widths, V_WIDTHS=info.value.fields.widths, STEP=info.key.radius_step, LOG2_MIN=LOG2_MIN, DOT_PRECISION="tf32")
+                  V_TSIZE=info.value.table_size, K_WIDTHS=info.key.fields.widths, V_WIDTHS=info.value.fields.widths, STEP=info.key.radius_step, LOG2_MIN=LOG2_MIN, DOT_PRECISION="tf32", PDL=False)
     sig = paged_signature(paged_partials_kernel, consts)
     k = triton.compile(ASTSource(paged_partials_kernel, sig, consts, pointer_alignment(paged_partials_kernel, sig)),
                        target=TARGET, options={"num_warps": warps, "num_stages": stages})
@@ -235,18 +236,18 @@ def compile_all(d=128):
                                ROUND_OFFSET=radius_round_offset(16), SIGNS=True,
                               EMULATE_BF16_DOT=False)),
         "chunk": (chunk_partials_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16", "valid_ptr": "*i8"},
-                  dict(D=d, BLOCK_M=16, BLOCK_T=64, HAS_VALID=True, DOT_PRECISION="tf32")),
+                  dict(D=d, BLOCK_M=16, BLOCK_T=64, HAS_VALID=True, DOT_PRECISION="tf32", PDL=False)),
         # a prefill block (16 rows, tl.dot rotation) and a decode step of Llama-3-8B (4 rows, FMAs)
         "combine": (combine_kernel, {"out_ptr": "*bf16"},
                     dict(D=d, BLOCK_M=16, HAS_ROT=True, BLOCK_S=COMBINE["splits"], BLOCK_C=COMBINE["columns"],
-                         COLUMNS=d, HAS_SINKS=False)),
+                         COLUMNS=d, HAS_SINKS=False, PDL=False)),
         "combine_decode": (combine_kernel, {"out_ptr": "*bf16"},
                            dict(D=d, BLOCK_M=4, HAS_ROT=True, BLOCK_S=COMBINE["splits"] * 4, BLOCK_C=COMBINE["columns"],
-                                COLUMNS=COMBINE["columns"], HAS_SINKS=False)),
+                                COLUMNS=COMBINE["columns"], HAS_SINKS=False, PDL=False)),
         "queries": (prepare_queries_kernel, {"q_ptr": "*bf16", "scale": "fp32"},
-                    dict(D=d, BLOCK_M=16, BLOCK_C=COMBINE["columns"], COLUMNS=d, HAS_ROT=True)),
+                    dict(D=d, BLOCK_M=16, BLOCK_C=COMBINE["columns"], COLUMNS=d, HAS_ROT=True, PDL=False)),
         "queries_decode": (prepare_queries_kernel, {"q_ptr": "*bf16", "scale": "fp32"},
-                           dict(D=d, BLOCK_M=4, BLOCK_C=COMBINE["columns"], COLUMNS=COMBINE["columns"], HAS_ROT=True)),
+                           dict(D=d, BLOCK_M=4, BLOCK_C=COMBINE["columns"], COLUMNS=COMBINE["columns"], HAS_ROT=True, PDL=False)),
         "mass": (paged_mass_kernel, {"pool_ptr": "*i32", "pages_ptr": "*i32", "count_ptr": "*i32",
                                      "util_ptr": "*fp16", "kcomps_ptr": "*i32"},
                  dict(PS=64, WT=28, D=d, BLOCK_R=16, BLOCK_T=64, EXACT=False, K_LEVELS=key.levels,
@@ -257,12 +258,17 @@ def compile_all(d=128):
                                           "count_ptr": "*i32", "keep_ptr": "*i8", "rank_ptr": "*i32"},
                     dict(W=28, WPAD=32, PS=64, BLOCK_T=64)),
     }
+    # a decode step's chain as attend launches it with programmatic dependent launch
+    for name in ("chunk", "combine_decode", "queries_decode"):
+        fn, ptrs, consts = jobs[name]
+        jobs[name + "_pdl"] = (fn, ptrs, {**consts, "PDL": True})
     for name, (fn, ptrs, consts) in jobs.items():
         sig = {a: ("constexpr" if a in consts else ptrs.get(a, "*i32" if "comps" in a else "*fp32") if a.endswith("_ptr")
                    else ptrs.get(a, "i32")) for a in fn.arg_names}
         try:
             warps = {"combine": _small_kernel_warps(16, d), "combine_decode": _small_kernel_warps(4, d),
                      "queries": _small_kernel_warps(16, d), "queries_decode": _small_kernel_warps(4, d),
+                     "combine_decode_pdl": _small_kernel_warps(4, d), "queries_decode_pdl": _small_kernel_warps(4, d),
                      "encode_polar": encode_warps,
                      "encode_scalar": encode_warps}.get(name, 4)
             k = triton.compile(ASTSource(fn, sig, consts, pointer_alignment(fn, sig)), target=TARGET,

@@ -1,7 +1,8 @@
 """The fragment kernel against the Triton kernels at a few decode points, same store, same run:
     python benchmarks/probe_fragment_launch.py [--points llama3-8b:1:4096 ...] [--settings LABEL ...]
 
-The first setting run at a point is the reference the others' outputs are compared with."""
+The first setting run at a point is the reference the others' outputs are compared with, both
+as run eagerly (<label>_diff) and as replayed from the CUDA graph that is timed (<label>_graph_diff)."""
 from __future__ import annotations
 
 import argparse
@@ -12,14 +13,14 @@ import sys
 import torch
 
 from bench_decode import decode_point, graph_of, median_ms
-from sphkv_compile.kernels import attend as kattend, fragment_codegen, fragment_launch
+from sphkv_compile.kernels import attend as kattend, dependent_launch, fragment_codegen, fragment_launch
 from sphkv_compile.kernels.layout import tier_info
 from sphkv_compile.options import SphkvOptions
 
 POINTS = [("llama3-8b", 1, 4096), ("llama3-8b", 1, 32768), ("llama3-8b", 8, 32768), ("llama3-8b", 32, 32768),
           ("llama3-8b", 8, 131072), ("smollm2", 1, 4096), ("smollm2", 8, 32768), ("smollm2", 32, 32768)]
-# label -> FRAGMENT settings, and attend.COMBINE's under "combine" (a setting with "head_dims" runs at
-# those head dims only); programs_per_sm
+# label -> FRAGMENT settings, attend.COMBINE's under "combine", dependent_launch's "enabled" under
+# "pdl" (a setting with "head_dims" runs at those head dims only); programs_per_sm
 # None: the occupancy query's count; maxnreg 0: no register cap; "offset_in_register": the decoders'
 # table lookups generated as before session 28 (each table's offset added to the code's in a
 # register, not carried as the shared load's immediate); "path_by_select": each path node's
@@ -38,7 +39,10 @@ SETTINGS = {"triton": dict(enabled=False),
             "tokens_per_warp_16": dict(enabled=True, tokens_per_warp=16),
             # d=128 decode kernel capped at 128 registers: four programs per SM instead of three; after
             # session 28's path loads it spills one word, reloaded twice per tile (sm_90 compile); untimed
-            "decode_cap_128": dict(enabled=True, decode_maxnreg={128: 128})}
+            "decode_cap_128": dict(enabled=True, decode_maxnreg={128: 128}),
+            # the call's kernels launched with programmatic dependent launch (session 29)
+            "pdl": dict(enabled=True, pdl=True),
+            "triton_pdl": dict(enabled=False, pdl=True)}
 DEFAULT_SETTINGS = ("triton", "fragment_decode_offset_in_register", "fragment_16_rows", "fragment_decode")
 
 
@@ -101,6 +105,7 @@ def main():
             saved, saved_combine = dict(fragment_launch.FRAGMENT), dict(kattend.COMBINE)
             setting = dict(setting)
             kattend.COMBINE.update(setting.pop("combine", {}))
+            dependent_launch.DEPENDENT_LAUNCH["enabled"] = setting.pop("pdl", False)
             patched = [patch for patch in PATCHES if setting.pop(patch, False)]
             for patch in patched:
                 PATCHES[patch](True)
@@ -112,7 +117,11 @@ def main():
                 out = run().float()
                 base = out if base is None else base
                 row[label + "_diff"] = float((out - base).abs().max() / base.abs().max())
-                row[label + "_ms"] = median_ms(graph_of(run).replay)
+                kept = {}
+                graph = graph_of(lambda: kept.update(out=run()))
+                row[label + "_ms"] = median_ms(graph.replay)
+                graph.replay()
+                row[label + "_graph_diff"] = float((kept["out"].float() - base).abs().max() / base.abs().max())
             finally:
                 for patch in patched:
                     PATCHES[patch](False)
@@ -120,6 +129,7 @@ def main():
                 fragment_launch.FRAGMENT.update(saved)
                 kattend.COMBINE.clear()
                 kattend.COMBINE.update(saved_combine)
+                dependent_launch.DEPENDENT_LAUNCH["enabled"] = False
         info = tier_info(specs[1], q.shape[-1], opts.seed, torch.bfloat16)
         q_rot = torch.empty(kn.shape[0] * kn.shape[1], q.shape[1] // kn.shape[1], q.shape[-1], device=device)
         kernel = fragment_launch.compiled_stand_in(info, q_rot, states[1], q_rot.shape[1])

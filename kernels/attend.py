@@ -21,7 +21,7 @@ from sphkv_compile.tiers import TierSpec, tier_codecs
 from .attention_kernels import (chunk_partials_kernel, paged_coded_halves_kernel, paged_coded_kernel,
                                 paged_coded_quarters_kernel, paged_mass_kernel, paged_partials_kernel,
                                 tables_stay_in_global_memory)
-from . import fragment_launch
+from . import dependent_launch, fragment_launch
 from .combine_kernels import combine_kernel
 from .decode_codegen import decoder, staged_offsets, stager, table_bytes, table_tensor
 from .layout import DEVICE_TABLES, ScalarTables, Unsupported, rotation_matrices, tier_info, under_interpreter
@@ -345,13 +345,16 @@ def _uses_fragments(info, spec: TierSpec, D: int, device: torch.device, st: Tier
 
 
 def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_offset, S, S_total, M, block_m,
-                  block_t, precision, num_warps, num_stages, coded_warps: int | None = None, fragments: bool = False):
-    """fragments: the tier runs the Gluon fragment kernel (attend's plan decided, _uses_fragments)."""
+                  block_t, precision, num_warps, num_stages, coded_warps: int | None = None, fragments: bool = False,
+                  pdl: bool = False):
+    """fragments: the tier runs the Gluon fragment kernel (attend's plan decided, _uses_fragments).
+    pdl: the fragment and exact-tier kernels launch with programmatic dependent launch (the Triton
+    coded kernels take no part: they launch as usual, after the kernel before them has finished)."""
     BH = st.count.numel()
     grid = (BH, S, triton.cdiv(M, block_m))
     if fragments:
         fragment_launch.launch(info, q_in, st, acc, m, l, split_offset, S, S_total, M,
-                               _tab(info.key.half_pairs, device), _tab(info.value.half_pairs, device))
+                               _tab(info.key.half_pairs, device), _tab(info.value.half_pairs, device), pdl)
         return
     if info.key is not None:  # compressed tier: the generated one-token-per-thread decoders
         WT = st.pool.shape[-1]
@@ -402,7 +405,8 @@ def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_
         BLOCK_M=block_m, BLOCK_T=block_t, EXACT=True, VALUE_SCALAR=False, K_LEVELS=none[0], K_COUNTS=none[1],
         K_MAXC=none[2], K_WIDTHS=none[3], K_TSIZE=none[4], V_LEVELS=none[0], V_COUNTS=none[1], V_MAXC=none[2],
         V_WIDTHS=none[3], V_TSIZE=none[4], STEP=1.0, LOG2_MIN=LOG2_MIN,
-        DOT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages)
+        DOT_PRECISION=precision, PDL=pdl, num_warps=num_warps, num_stages=num_stages,
+        **dependent_launch.launch_options(pdl))
 
 
 def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, seed: int, kv_dtype: torch.dtype,
@@ -434,6 +438,8 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
     stat_m = torch.empty(BH, G, Tq, dtype=torch.float32, device=device)
     stat_l = torch.empty_like(stat_m)
     wanted = _programs_wanted(device)
+    pdl = dependent_launch.enabled(device)
+    launch_pdl = dependent_launch.launch_options(pdl)
     valid_i8 = None if valid_new is None or not N else valid_new.to(torch.int8).contiguous()
     hinv = _tab(rotation_matrices(vc0.hadamard)[1], device) if compressed else None
     if sinks is not None:  # natural-unit sink logits in the combine's log2 units
@@ -458,7 +464,7 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
         prepare_queries_kernel[(BH, triton.cdiv(M, qbm), qprog)](
             q, kfwd if compressed else qc, qc, q_rot if compressed else qc, q_scale, M, tc, s0, G, Hkv,
             q.stride(0), q.stride(1), q.stride(2), q.stride(3), D=d, BLOCK_M=qbm, BLOCK_C=qcols, COLUMNS=d // qprog,
-            HAS_ROT=bool(compressed), num_warps=_small_kernel_warps(qbm, d))
+            HAS_ROT=bool(compressed), PDL=pdl, num_warps=_small_kernel_warps(qbm, d), **launch_pdl)
         launches, S_total = [], 0
         for group in (compressed, plain):
             for i, info in group:
@@ -484,7 +490,7 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
         for i, info, off, S, coded_warps, fragments in launches:
             qin = q_rot if info.key is not None else qc
             _launch_paged(info, kv_dtype, device, qin, states[i], acc, m, l, off, S, S_total, M, block_m, block_t,
-                          precision, num_warps, num_stages, coded_warps, fragments)
+                          precision, num_warps, num_stages, coded_warps, fragments, pdl)
         if N:
             kn, vn = k_new, v_new
             if kn.stride(-1) != 1:
@@ -496,7 +502,7 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
                 M, N, tc, N - Tq + s0, Hkv, S_chunk, S_total - S_chunk, S_total,
                 kn.stride(0), kn.stride(1), kn.stride(2), vn.stride(0), vn.stride(1), vn.stride(2),
                 D=d, BLOCK_M=block_m, BLOCK_T=block_t, HAS_VALID=valid_i8 is not None,
-                DOT_PRECISION=precision)
+                DOT_PRECISION=precision, PDL=pdl, **launch_pdl)
         whole = tc == Tq  # one chunk: its [BH, M] row statistics are stat_m / stat_l themselves
         cm = stat_m if whole else torch.empty(BH, M, dtype=torch.float32, device=device)
         cl = stat_l if whole else torch.empty_like(cm)
@@ -508,7 +514,7 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
             acc, m, l, hinv if compressed else acc, oc, cm, cl, sinks2 if sinks is not None else cm, M, tc, G, Hkv,
             S_total, S_rot, oc.stride(0), oc.stride(1), oc.stride(2), D=d, BLOCK_M=cbm, HAS_ROT=S_rot > 0,
             BLOCK_S=csplits, BLOCK_C=ccols, COLUMNS=d // cprog, num_warps=_small_kernel_warps(cbm, d),
-            HAS_SINKS=sinks is not None)
+            HAS_SINKS=sinks is not None, PDL=pdl, **launch_pdl)
         if not whole:
             stat_m[:, :, s0:s1] = cm.view(BH, G, tc)
             stat_l[:, :, s0:s1] = cl.view(BH, G, tc)

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .codes import decode_polar_tile, decode_scalar_tile
+from .dependent_launch import after_previous_kernel
 
 
 @triton.jit
@@ -64,8 +65,9 @@ def paged_partials_kernel(
         K_LEVELS: tl.constexpr, K_COUNTS: tl.constexpr, K_MAXC: tl.constexpr, K_WIDTHS: tl.constexpr,
         K_TSIZE: tl.constexpr, V_LEVELS: tl.constexpr, V_COUNTS: tl.constexpr, V_MAXC: tl.constexpr,
         V_WIDTHS: tl.constexpr, V_TSIZE: tl.constexpr, STEP: tl.constexpr, LOG2_MIN: tl.constexpr,
-        DOT_PRECISION: tl.constexpr):
-    pid_bh = tl.program_id(0)
+        DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
+    """PDL: launched with programmatic dependent launch (dependent_launch.py)."""
+    pid_bh = after_previous_kernel(tl.program_id(0), PDL)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
     count = tl.load(count_ptr + pid_bh)
@@ -339,9 +341,10 @@ def chunk_partials_kernel(
         M, N, Tq, q_pos0, Hkv, S, split_offset, S_total,
         skb, skh, skn, svb, svh, svn,
         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, HAS_VALID: tl.constexpr,
-        DOT_PRECISION: tl.constexpr):
-    """The dense current chunk [B, Hkv, N, D], causal: row g·Tq + t sees chunk tokens <= q_pos0 + t."""
-    pid_bh = tl.program_id(0)
+        DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
+    """The dense current chunk [B, Hkv, N, D], causal: row g·Tq + t sees chunk tokens <= q_pos0 + t.
+    PDL: launched with programmatic dependent launch (dependent_launch.py)."""
+    pid_bh = after_previous_kernel(tl.program_id(0), PDL)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
     b = pid_bh // Hkv

@@ -15,6 +15,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .dependent_launch import after_previous_kernel
+
 
 @triton.jit
 def _merge_splits(acc_ptr, m_ptr, l_ptr, base, s_lo, s_hi, rows, rmask, cols, M,
@@ -65,7 +67,7 @@ def combine_kernel(
         M, Tq, G, Hkv, S_total, S_rot,
         sob, soh, sot,
         D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_ROT: tl.constexpr, BLOCK_S: tl.constexpr,
-        BLOCK_C: tl.constexpr, COLUMNS: tl.constexpr, HAS_SINKS: tl.constexpr):
+        BLOCK_C: tl.constexpr, COLUMNS: tl.constexpr, HAS_SINKS: tl.constexpr, PDL: tl.constexpr):
     """Merge splits 0..S_rot-1 (values in the rotated domain) and S_rot..S_total-1 (plain),
     rotate back once, normalise, write out[b, h·G + g, t] for row g·Tq + t, and the rows'
     statistics (max, sum) to stat_m / stat_l.
@@ -78,8 +80,10 @@ def combine_kernel(
     joins the normaliser only, as store.sink_factor does; the row statistics stay the tokens'.
 
     The rotation: a [BLOCK_M, D] x [D, BLOCK_C] tf32x3 dot per block of BLOCK_C output columns
-    (about float32 accuracy on tensor cores), or float32 FMAs under tl.dot's 16 rows."""
-    pid_bh = tl.program_id(0)
+    (about float32 accuracy on tensor cores), or float32 FMAs under tl.dot's 16 rows.
+
+    PDL: launched with programmatic dependent launch (dependent_launch.py)."""
+    pid_bh = after_previous_kernel(tl.program_id(0), PDL)
     pid_m = tl.program_id(1)
     pid_c = tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

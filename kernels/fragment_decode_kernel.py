@@ -20,8 +20,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from .fragment_kernels import (_from_lane, _stage_tables, _tile_records, await_tile, key_order, query_maxima,
-                               radius_lanes, split_tokens, subtree_lanes)
+from .fragment_kernels import (_from_lane, _stage_tables, _tile_records, after_previous_kernel, await_tile, key_order,
+                               query_maxima, radius_lanes, split_tokens, subtree_lanes)
 
 
 @gluon.jit
@@ -56,7 +56,7 @@ def paged_fragment_decode_kernel(
         PS: gl.constexpr, WT: gl.constexpr, D: gl.constexpr, CT: gl.constexpr, W: gl.constexpr,
         K_WORDS: gl.constexpr, V_WORDS: gl.constexpr, KEY_QUARTER: gl.constexpr, VALUE_OCTANT: gl.constexpr,
         KEY_RADIUS: gl.constexpr, VALUE_RADIUS: gl.constexpr, DECLARE_RECORDS: gl.constexpr, COPY_TILE: gl.constexpr,
-        STEP: gl.constexpr, LOG2_MIN: gl.constexpr):
+        STEP: gl.constexpr, LOG2_MIN: gl.constexpr, PDL: gl.constexpr):
     """Same arguments and results as paged_fragment_kernel; program (batch·KV head, split, 8 query
     rows)."""
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1, 1], instr_shape=[1, 16, 8])
@@ -64,8 +64,8 @@ def paged_fragment_decode_kernel(
     BOP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
     TOKENS: gl.constexpr = gl.SliceLayout(2, MMA)  # [W, CT]: the logits' rows
     QUERIES: gl.constexpr = gl.SliceLayout(1, MMA)  # [W, 8]: the logits' columns
-    _stage_tables(ktab_ptr, vtab_ptr, K_WORDS, V_WORDS, W)
-    pid_bh = gl.program_id(0)
+    _stage_tables(ktab_ptr, vtab_ptr, K_WORDS, V_WORDS, W)  # constant tables: before the wait (PDL)
+    pid_bh = after_previous_kernel(gl.program_id(0), PDL)
     pid_s = gl.program_id(1)
     row0 = gl.program_id(2) * 8
     BLOCK: gl.constexpr = W * CT

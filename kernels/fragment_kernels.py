@@ -29,6 +29,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
+from .dependent_launch import AFTER_PREVIOUS_ASM
 from .fragment_codegen import FRAGMENT_TABLE_BYTES, FRAGMENT_TABLES
 
 _DECLARE = gl.constexpr(f".shared .align 16 .b8 {FRAGMENT_TABLES}[{FRAGMENT_TABLE_BYTES}];\n mov.u32 $0, $1;")
@@ -55,6 +56,15 @@ def _stage_tables(ktab_ptr, vtab_ptr, K_WORDS: gl.constexpr, V_WORDS: gl.constex
                                   is_pure=False, pack=1)
     # (gl.thread_barrier is missing from some Triton versions)
     gl.inline_asm_elementwise("bar.sync 0; mov.u32 $0, $1;", "=r,r", [i], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def after_previous_kernel(index, PDL: gl.constexpr):
+    """dependent_launch.after_previous_kernel in Gluon: index, once the previous kernel in the
+    stream has finished (PDL)."""
+    if PDL:
+        index = gl.inline_asm_elementwise(AFTER_PREVIOUS_ASM, "=r,r", [index], dtype=gl.int32, is_pure=False, pack=1)
+    return index
 
 
 @gluon.jit
@@ -176,14 +186,14 @@ def paged_fragment_kernel(
         PS: gl.constexpr, WT: gl.constexpr, D: gl.constexpr, CT: gl.constexpr, W: gl.constexpr,
         K_WORDS: gl.constexpr, V_WORDS: gl.constexpr, KEY_QUARTER: gl.constexpr, VALUE_OCTANT: gl.constexpr,
         KEY_RADIUS: gl.constexpr, VALUE_RADIUS: gl.constexpr, DECLARE_RECORDS: gl.constexpr, COPY_TILE: gl.constexpr,
-        STEP: gl.constexpr, LOG2_MIN: gl.constexpr):
+        STEP: gl.constexpr, LOG2_MIN: gl.constexpr, PDL: gl.constexpr):
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1, 1], instr_shape=[1, 16, 8])
     AOP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     BOP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
     ROWS: gl.constexpr = gl.SliceLayout(2, MMA)
     TOKENS: gl.constexpr = gl.SliceLayout(1, MMA)
-    _stage_tables(ktab_ptr, vtab_ptr, K_WORDS, V_WORDS, W)
-    pid_bh = gl.program_id(0)
+    _stage_tables(ktab_ptr, vtab_ptr, K_WORDS, V_WORDS, W)  # constant tables: before the wait (PDL)
+    pid_bh = after_previous_kernel(gl.program_id(0), PDL)
     pid_s = gl.program_id(1)
     row0 = gl.program_id(2) * 16
     BLOCK: gl.constexpr = W * CT

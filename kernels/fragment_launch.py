@@ -11,6 +11,7 @@ import torch
 
 from sphkv_compile.radius import LOG2_MIN
 
+from . import dependent_launch
 from .layout import PolarTables, Unsupported, under_interpreter
 
 # tokens_per_warp: tokens each warp decodes per tile (32; session 25, staged, whole attend call:
@@ -132,17 +133,19 @@ def splits(rows: int, capacity: int, wanted: int, balanced, per_sm: int) -> int:
     return balanced(rows, wanted // 2, per_sm, most)
 
 
-def _constants(info, D: int, page_size: int, record_words: int) -> dict:
+def _constants(info, D: int, page_size: int, record_words: int, pdl: bool = False) -> dict:
+    """The kernel's constexpr arguments (pdl: launched with programmatic dependent launch)."""
     key_quarter, value_octant, key_radius, value_radius, declare_records, copy_tile = _decoders(info)
     return dict(PS=page_size, WT=record_words, D=D, CT=FRAGMENT["tokens_per_warp"], W=FRAGMENT["warps"],
                 K_WORDS=info.key.half_pairs.numel(), V_WORDS=info.value.half_pairs.numel(), KEY_QUARTER=key_quarter,
                 VALUE_OCTANT=value_octant, KEY_RADIUS=key_radius, VALUE_RADIUS=value_radius,
-                DECLARE_RECORDS=declare_records, COPY_TILE=copy_tile, STEP=info.key.radius_step, LOG2_MIN=LOG2_MIN)
+                DECLARE_RECORDS=declare_records, COPY_TILE=copy_tile, STEP=info.key.radius_step, LOG2_MIN=LOG2_MIN,
+                PDL=pdl)
 
 
-def compile_for_target(info, D: int, page_size: int = 64, arch: int = 90, decode: bool = False):
-    """Compile the kernel (decode: paged_fragment_decode_kernel) for an sm_<arch> GPU without one
-    (Triton's bundled ptxas): the assert_trivial conversions fail here if a decoder's leaves miss
+def compile_for_target(info, D: int, page_size: int = 64, arch: int = 90, decode: bool = False, pdl: bool = False):
+    """Compile the kernel (decode: paged_fragment_decode_kernel; pdl: for programmatic dependent
+    launch) for an sm_<arch> GPU without one (Triton's bundled ptxas): the assert_trivial conversions fail here if a decoder's leaves miss
     the operand fragments. Returns the compiled kernel (metadata.shared, asm["cubin"])."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -154,9 +157,9 @@ def compile_for_target(info, D: int, page_size: int = 64, arch: int = 90, decode
     sig = {name: "*i32" for name in ("pool_ptr", "pages_ptr", "count_ptr", "ktab_ptr", "vtab_ptr")}
     sig.update({name: "*fp32" for name in ("q_ptr", "acc_ptr", "m_ptr", "l_ptr")})
     sig.update({name: "i32" for name in ("M", "max_pages", "S", "split_offset", "S_total")})
-    consts = _constants(info, D, page_size, info.key_words + info.value_words)
+    consts = _constants(info, D, page_size, info.key_words + info.value_words, pdl)
     return triton.compile(GluonASTSource(_kernel(decode), sig, consts), target=GPUTarget("cuda", arch, 32),
-                          options=launch_options(D, decode))
+                          options={**launch_options(D, decode), **dependent_launch.launch_options(pdl)})
 
 
 # kernel specialisation key -> the compiled kernel, its shared-memory opt-in set
@@ -211,17 +214,18 @@ def _opt_in_shared_memory(compiled) -> None:
                            "sphkv_compile.kernels.fragment_launch.FRAGMENT['enabled'] = False")
 
 
-def _prepared(info, args, page_size: int, grid, device, decode: bool):
+def _prepared(info, args, page_size: int, grid, device, decode: bool, pdl: bool = False):
     """(kernel, constants, launch options, compiled kernel) of a launch with these arguments (decode:
-    of paged_fragment_decode_kernel), its kernel compiled and its shared-memory opt-in set.
+    of paged_fragment_decode_kernel; pdl: with programmatic dependent launch), its kernel compiled
+    and its shared-memory opt-in set.
 
     Triton specialises on the constants, the integer arguments (== 1, multiples of 16) and the
     tensors' dtypes and 16-byte alignment: each new combination may be a new compiled kernel, whose
     opt-in is set once."""
     kernel = _kernel(decode)
     q_in, pool = args[0], args[1]
-    consts = _constants(info, q_in.shape[-1], page_size, pool.shape[-1])
-    options = launch_options(q_in.shape[-1], decode)
+    consts = _constants(info, q_in.shape[-1], page_size, pool.shape[-1], pdl)
+    options = {**launch_options(q_in.shape[-1], decode), **dependent_launch.launch_options(pdl)}
     key = (decode, _constants_key(consts), tuple(options.items()), device,
            tuple((a == 1, a % 16 == 0) if isinstance(a, int) else (a.dtype, a.data_ptr() % 16 == 0) for a in args))
     if key not in _COMPILED:
@@ -259,10 +263,11 @@ def programs_per_sm(info, q_in, st, M: int) -> int:
     return hit[1]
 
 
-def launch(info, q_in, st, acc, m, l, split_offset, S, S_total, M, key_table, value_table) -> None:
+def launch(info, q_in, st, acc, m, l, split_offset, S, S_total, M, key_table, value_table, pdl: bool = False) -> None:
+    """pdl: with programmatic dependent launch (dependent_launch.py)."""
     decode = decode_rows(M)
     grid = (st.count.numel(), S, -(-M // rows_per_program(M)))
     args = (q_in, st.pool, st.pages, st.count, acc, m, l, key_table, value_table, M, st.pages.shape[-1], S,
             split_offset, S_total)
-    kernel, consts, options, _ = _prepared(info, args, st.page_size, grid, q_in.device, decode)
+    kernel, consts, options, _ = _prepared(info, args, st.page_size, grid, q_in.device, decode, pdl)
     kernel[grid](*args, **consts, **options)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .dependent_launch import after_previous_kernel
+
 
 @triton.jit
 def prepare_queries_kernel(
@@ -17,12 +19,13 @@ def prepare_queries_kernel(
         M, Tq, t0, G, Hkv,
         sqb, sqh, sqt, sqd,
         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, COLUMNS: tl.constexpr,
-        HAS_ROT: tl.constexpr):
+        HAS_ROT: tl.constexpr, PDL: tl.constexpr):
     """Program (batch·KV head, row block, column block of COLUMNS): rows g·Tq + t of query
     head h·G + g at position t0 + t. qc[.., cols] = q[.., cols]·scale; qrot[.., cols] =
     (q·scale) @ kfwd[:, cols], in float32 FMAs under tl.dot's 16 rows (a decode step's G heads)
-    and as a tf32x3 dot (about float32 accuracy on tensor cores) from 16 rows on."""
-    pid_bh = tl.program_id(0)
+    and as a tf32x3 dot (about float32 accuracy on tensor cores) from 16 rows on. PDL: launched
+    with programmatic dependent launch (dependent_launch.py)."""
+    pid_bh = after_previous_kernel(tl.program_id(0), PDL)
     pid_m = tl.program_id(1)
     pid_c = tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -323,6 +323,84 @@ def test_fragment_splits_assume_the_programs_an_sm_holds(d, decode, monkeypatch)
     assert held == min(by_registers, by_shared, by_threads) >= 1, (held, kernel.n_regs, by_registers, by_shared)
 
 
+def record_pdl_launches(monkeypatch, module, name: str, seen: list) -> None:
+    """Replace the kernel module.<name> with a spy that appends (name, launched with PDL?) to
+    seen at every launch, then launches it."""
+    kernel = getattr(module, name)
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append((name, kwargs.get("launch_pdl", False)))
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+        def __getattr__(self, attr):
+            return getattr(kernel, attr)
+
+    monkeypatch.setattr(module, name, Spy())
+
+
+@pytest.mark.parametrize("d,H,G,B,fragments", [(128, 2, 4, 1, True), (64, 3, 3, 8, True), (128, 2, 4, 2, False)],
+                         ids=["llama-like-B1", "smollm-like-B8", "triton-kernels"])
+def test_dependent_launch_changes_no_output(d, H, G, B, fragments, monkeypatch):
+    """Launched with programmatic dependent launch, a decode step's kernels (queries, fragment or
+    exact-tier partials, the new token, the combine) compute the same outputs, bit for bit, as
+    launched plainly: eagerly, and replayed from a CUDA graph with the queries and the new token
+    alternating between two sets, so a kernel that read an earlier kernel's buffer before its
+    wait would read the other set's values."""
+    from sphkv_compile.kernels import dependent_launch, fragment_decode_kernel
+
+    if torch.cuda.get_device_capability(DEV) < (9, 0):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0 or newer")
+    if not fragments:
+        triton_kernels_only(monkeypatch)
+    seed = random.randrange(2**31)
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    specs = [DEFAULT_TIERS[0], TierSpec("uniform", 3.5, "polar", 3.5)]
+    states = fill_store(gen, B, H, d, specs, ragged_counts(gen, B, H, 5000, specs))
+    sets = [(torch.randn(B, H * G, 1, d, generator=gen, device=DEV, dtype=torch.bfloat16),
+             torch.randn(B, H, 1, d, generator=gen, device=DEV, dtype=torch.bfloat16),
+             torch.randn(B, H, 1, d, generator=gen, device=DEV, dtype=torch.bfloat16)) for _ in range(2)]
+
+    def call(q, k_new, v_new):
+        return kernel_attend.attend(q, states, specs, seed=0, kv_dtype=KV_DTYPE, k_new=k_new, v_new=v_new)[0]
+
+    seen = []
+    for module, name in ((kernel_attend, "prepare_queries_kernel"), (kernel_attend, "paged_partials_kernel"),
+                         (kernel_attend, "chunk_partials_kernel"), (kernel_attend, "combine_kernel"),
+                         (fragment_decode_kernel, "paged_fragment_decode_kernel")):
+        record_pdl_launches(monkeypatch, module, name, seen)
+    plain = [call(*inputs) for inputs in sets]
+    assert not torch.equal(plain[0], plain[1])  # so the two sets tell a stale read apart
+    assert seen and not any(pdl for _, pdl in seen), seen
+    monkeypatch.setitem(dependent_launch.DEPENDENT_LAUNCH, "enabled", True)
+    assert dependent_launch.enabled(DEV)
+    seen.clear()
+    eager = [call(*inputs) for inputs in sets]
+    kernels = {"prepare_queries_kernel", "paged_partials_kernel", "chunk_partials_kernel", "combine_kernel"}
+    if fragments:
+        kernels.add("paged_fragment_decode_kernel")
+    assert set(seen) == {(name, True) for name in kernels}, seen
+    for got, want in zip(eager, plain):
+        assert torch.equal(got, want), seed
+
+    static = [x.clone() for x in sets[0]]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call(*static)
+    for i in range(8):
+        for x, y in zip(static, sets[i % 2]):
+            x.copy_(y)
+        graph.replay()
+        assert torch.equal(out, plain[i % 2]), (seed, i)
+
+
 def check_attend(d, H, G, B, T, Tq, tiers, sinks=False, wide=False):
     """sinks: gpt-oss-style sink logits per query head (random, one huge, one -inf). wide: the
     magnitudes of WIDE_Q above."""
