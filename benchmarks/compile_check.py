@@ -141,7 +141,7 @@ def main(d=128, block_t=64, block_m=16, warps=4, stages=2):
                   BLOCK_T=block_t, EXACT=False, VALUE_SCALAR=False, K_LEVELS=info.key.levels,
                   K_COUNTS=info.key.fields.counts, K_MAXC=info.key.fields.max_comps, K_TSIZE=info.key.table_size,
                   V_LEVELS=info.value.levels, V_COUNTS=info.value.fields.counts, V_MAXC=info.value.fields.max_comps,
-                  V_TSIZE=info.value.table_size, K_WIDTHS=info.key.fields.widths, V_WIDTHS=info.value.fields.widths, STEP=info.key.radius_step, LOG2_MIN=LOG2_MIN, DOT_PRECISION="tf32", PDL=False)
+                  V_TSIZE=info.value.table_size, K_WIDTHS=info.key.fields.widths, V_WIDTHS=info.value.fields.widths, STEP=info.key.radius_step, LOG2_MIN=LOG2_MIN, DOT_PRECISION="tf32", PDL=0)
     sig = paged_signature(paged_partials_kernel, consts)
     k = triton.compile(ASTSource(paged_partials_kernel, sig, consts, pointer_alignment(paged_partials_kernel, sig)),
                        target=TARGET, options={"num_warps": warps, "num_stages": stages})
@@ -236,18 +236,18 @@ def compile_all(d=128):
                                ROUND_OFFSET=radius_round_offset(16), SIGNS=True,
                               EMULATE_BF16_DOT=False)),
         "chunk": (chunk_partials_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16", "valid_ptr": "*i8"},
-                  dict(D=d, BLOCK_M=16, BLOCK_T=64, HAS_VALID=True, DOT_PRECISION="tf32", PDL=False)),
+                  dict(D=d, BLOCK_M=16, BLOCK_T=64, HAS_VALID=True, DOT_PRECISION="tf32", PDL=0)),
         # a prefill block (16 rows, tl.dot rotation) and a decode step of Llama-3-8B (4 rows, FMAs)
         "combine": (combine_kernel, {"out_ptr": "*bf16"},
                     dict(D=d, BLOCK_M=16, HAS_ROT=True, BLOCK_S=COMBINE["splits"], BLOCK_C=COMBINE["columns"],
-                         COLUMNS=d, HAS_SINKS=False, PDL=False)),
+                         COLUMNS=d, HAS_SINKS=False, PDL=0)),
         "combine_decode": (combine_kernel, {"out_ptr": "*bf16"},
                            dict(D=d, BLOCK_M=4, HAS_ROT=True, BLOCK_S=COMBINE["splits"] * 4, BLOCK_C=COMBINE["columns"],
-                                COLUMNS=COMBINE["columns"], HAS_SINKS=False, PDL=False)),
+                                COLUMNS=COMBINE["columns"], HAS_SINKS=False, PDL=0)),
         "queries": (prepare_queries_kernel, {"q_ptr": "*bf16", "scale": "fp32"},
-                    dict(D=d, BLOCK_M=16, BLOCK_C=COMBINE["columns"], COLUMNS=d, HAS_ROT=True, PDL=False)),
+                    dict(D=d, BLOCK_M=16, BLOCK_C=COMBINE["columns"], COLUMNS=d, HAS_ROT=True, PDL=0)),
         "queries_decode": (prepare_queries_kernel, {"q_ptr": "*bf16", "scale": "fp32"},
-                           dict(D=d, BLOCK_M=4, BLOCK_C=COMBINE["columns"], COLUMNS=COMBINE["columns"], HAS_ROT=True, PDL=False)),
+                           dict(D=d, BLOCK_M=4, BLOCK_C=COMBINE["columns"], COLUMNS=COMBINE["columns"], HAS_ROT=True, PDL=0)),
         "mass": (paged_mass_kernel, {"pool_ptr": "*i32", "pages_ptr": "*i32", "count_ptr": "*i32",
                                      "util_ptr": "*fp16", "kcomps_ptr": "*i32"},
                  dict(PS=64, WT=28, D=d, BLOCK_R=16, BLOCK_T=64, EXACT=False, K_LEVELS=key.levels,
@@ -258,10 +258,11 @@ def compile_all(d=128):
                                           "count_ptr": "*i32", "keep_ptr": "*i8", "rank_ptr": "*i32"},
                     dict(W=28, WPAD=32, PS=64, BLOCK_T=64)),
     }
-    # a decode step's chain as attend launches it with programmatic dependent launch
-    for name in ("chunk", "combine_decode", "queries_decode"):
+    # a decode step's chain as attend launches it with programmatic dependent launch (2: releasing
+    # the next kernel early, 1: waiting only; dependent_launch.mode)
+    for name, pdl in (("chunk", 2), ("combine_decode", 1), ("queries_decode", 1)):
         fn, ptrs, consts = jobs[name]
-        jobs[name + "_pdl"] = (fn, ptrs, {**consts, "PDL": True})
+        jobs[name + "_pdl"] = (fn, ptrs, {**consts, "PDL": pdl})
     for name, (fn, ptrs, consts) in jobs.items():
         sig = {a: ("constexpr" if a in consts else ptrs.get(a, "*i32" if "comps" in a else "*fp32") if a.endswith("_ptr")
                    else ptrs.get(a, "i32")) for a in fn.arg_names}

@@ -19,8 +19,8 @@ from sphkv_compile.options import SphkvOptions
 
 POINTS = [("llama3-8b", 1, 4096), ("llama3-8b", 1, 32768), ("llama3-8b", 8, 32768), ("llama3-8b", 32, 32768),
           ("llama3-8b", 8, 131072), ("smollm2", 1, 4096), ("smollm2", 8, 32768), ("smollm2", 32, 32768)]
-# label -> FRAGMENT settings, attend.COMBINE's under "combine", dependent_launch's "enabled" under
-# "pdl" (a setting with "head_dims" runs at those head dims only); programs_per_sm
+# label -> FRAGMENT settings, attend.COMBINE's under "combine", DEPENDENT_LAUNCH's "enabled" under
+# "pdl" and its "release_early" (a setting with "head_dims" runs at those head dims only); programs_per_sm
 # None: the occupancy query's count; maxnreg 0: no register cap; "offset_in_register": the decoders'
 # table lookups generated as before session 28 (each table's offset added to the code's in a
 # register, not carried as the shared load's immediate); "path_by_select": each path node's
@@ -40,8 +40,12 @@ SETTINGS = {"triton": dict(enabled=False),
             # d=128 decode kernel capped at 128 registers: four programs per SM instead of three; after
             # session 28's path loads it spills one word, reloaded twice per tile (sm_90 compile); untimed
             "decode_cap_128": dict(enabled=True, decode_maxnreg={128: 128}),
-            # the call's kernels launched with programmatic dependent launch (session 29)
+            # the call's kernels launched with programmatic dependent launch (session 29), releasing
+            # the next kernel early as dependent_launch's default does, from every kernel, from none
             "pdl": dict(enabled=True, pdl=True),
+            "pdl_release_all": dict(enabled=True, pdl=True,
+                                    release_early=("queries", "fragment", "exact", "chunk", "combine")),
+            "pdl_release_none": dict(enabled=True, pdl=True, release_early=()),
             "triton_pdl": dict(enabled=False, pdl=True)}
 DEFAULT_SETTINGS = ("triton", "fragment_decode_offset_in_register", "fragment_16_rows", "fragment_decode")
 
@@ -103,9 +107,12 @@ def main():
             if q.shape[-1] not in setting.get("head_dims", (q.shape[-1],)):
                 continue
             saved, saved_combine = dict(fragment_launch.FRAGMENT), dict(kattend.COMBINE)
+            saved_pdl = dict(dependent_launch.DEPENDENT_LAUNCH)
             setting = dict(setting)
             kattend.COMBINE.update(setting.pop("combine", {}))
             dependent_launch.DEPENDENT_LAUNCH["enabled"] = setting.pop("pdl", False)
+            if "release_early" in setting:
+                dependent_launch.DEPENDENT_LAUNCH["release_early"] = setting.pop("release_early")
             patched = [patch for patch in PATCHES if setting.pop(patch, False)]
             for patch in patched:
                 PATCHES[patch](True)
@@ -129,7 +136,7 @@ def main():
                 fragment_launch.FRAGMENT.update(saved)
                 kattend.COMBINE.clear()
                 kattend.COMBINE.update(saved_combine)
-                dependent_launch.DEPENDENT_LAUNCH["enabled"] = False
+                dependent_launch.DEPENDENT_LAUNCH.update(saved_pdl)
         info = tier_info(specs[1], q.shape[-1], opts.seed, torch.bfloat16)
         q_rot = torch.empty(kn.shape[0] * kn.shape[1], q.shape[1] // kn.shape[1], q.shape[-1], device=device)
         kernel = fragment_launch.compiled_stand_in(info, q_rot, states[1], q_rot.shape[1])

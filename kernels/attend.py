@@ -405,8 +405,8 @@ def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_
         BLOCK_M=block_m, BLOCK_T=block_t, EXACT=True, VALUE_SCALAR=False, K_LEVELS=none[0], K_COUNTS=none[1],
         K_MAXC=none[2], K_WIDTHS=none[3], K_TSIZE=none[4], V_LEVELS=none[0], V_COUNTS=none[1], V_MAXC=none[2],
         V_WIDTHS=none[3], V_TSIZE=none[4], STEP=1.0, LOG2_MIN=LOG2_MIN,
-        DOT_PRECISION=precision, PDL=pdl, num_warps=num_warps, num_stages=num_stages,
-        **dependent_launch.launch_options(pdl))
+        DOT_PRECISION=precision, PDL=dependent_launch.mode(pdl, "exact"), num_warps=num_warps,
+        num_stages=num_stages, **dependent_launch.launch_options(pdl))
 
 
 def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, seed: int, kv_dtype: torch.dtype,
@@ -464,7 +464,8 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
         prepare_queries_kernel[(BH, triton.cdiv(M, qbm), qprog)](
             q, kfwd if compressed else qc, qc, q_rot if compressed else qc, q_scale, M, tc, s0, G, Hkv,
             q.stride(0), q.stride(1), q.stride(2), q.stride(3), D=d, BLOCK_M=qbm, BLOCK_C=qcols, COLUMNS=d // qprog,
-            HAS_ROT=bool(compressed), PDL=pdl, num_warps=_small_kernel_warps(qbm, d), **launch_pdl)
+            HAS_ROT=bool(compressed), PDL=dependent_launch.mode(pdl, "queries"), num_warps=_small_kernel_warps(qbm, d),
+            **launch_pdl)
         launches, S_total = [], 0
         for group in (compressed, plain):
             for i, info in group:
@@ -502,7 +503,7 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
                 M, N, tc, N - Tq + s0, Hkv, S_chunk, S_total - S_chunk, S_total,
                 kn.stride(0), kn.stride(1), kn.stride(2), vn.stride(0), vn.stride(1), vn.stride(2),
                 D=d, BLOCK_M=block_m, BLOCK_T=block_t, HAS_VALID=valid_i8 is not None,
-                DOT_PRECISION=precision, PDL=pdl, **launch_pdl)
+                DOT_PRECISION=precision, PDL=dependent_launch.mode(pdl, "chunk"), **launch_pdl)
         whole = tc == Tq  # one chunk: its [BH, M] row statistics are stat_m / stat_l themselves
         cm = stat_m if whole else torch.empty(BH, M, dtype=torch.float32, device=device)
         cl = stat_l if whole else torch.empty_like(cm)
@@ -514,7 +515,7 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
             acc, m, l, hinv if compressed else acc, oc, cm, cl, sinks2 if sinks is not None else cm, M, tc, G, Hkv,
             S_total, S_rot, oc.stride(0), oc.stride(1), oc.stride(2), D=d, BLOCK_M=cbm, HAS_ROT=S_rot > 0,
             BLOCK_S=csplits, BLOCK_C=ccols, COLUMNS=d // cprog, num_warps=_small_kernel_warps(cbm, d),
-            HAS_SINKS=sinks is not None, PDL=pdl, **launch_pdl)
+            HAS_SINKS=sinks is not None, PDL=dependent_launch.mode(pdl, "combine"), **launch_pdl)
         if not whole:
             stat_m[:, :, s0:s1] = cm.view(BH, G, tc)
             stat_l[:, :, s0:s1] = cl.view(BH, G, tc)

@@ -6,14 +6,20 @@ and be replaced: a few microseconds per boundary of a ~35 us call (Llama-3-8B B=
 session 28). Launched with the PDL attribute, a kernel's programs may start while the kernel
 before it still runs, do the work that reads no output of it (the fragment kernel stages its
 codec tables), and then wait in `griddepcontrol.wait` until it has finished and its writes are
-visible. Each kernel also lets the next one launch as soon as its own programs have started.
+visible. A kernel may also let the next one launch as soon as its own programs have all
+started ("release early"), not only once they have finished; the next kernel's programs then
+wait on SMs beside its own. The query kernel does not: the fragment kernel after it sizes its
+grid to exactly fill the SMs, and its programs placed beside the query kernel's made Llama-3-8B
+B=1 32k 18% slower (H200, session 29).
 
 Correctness rests on one rule, kept by every kernel that takes PDL: nothing before the wait
 writes global memory or reads what an earlier kernel of the stream may still be writing (the
 caching allocator hands a call's freed buffers to the next call's kernels in stream order).
 A kernel launched without the attribute after one of these waits for it in full, as usual.
 
-DEPENDENT_LAUNCH["enabled"]: launch attend's chain this way on GPUs that support it.
+DEPENDENT_LAUNCH["enabled"]: launch attend's chain this way on GPUs that support it;
+"release_early": the kernels (of "queries", "fragment", "exact", "chunk", "combine") that release
+the next one early.
 """
 from __future__ import annotations
 
@@ -23,11 +29,15 @@ import triton.language as tl
 
 from .layout import under_interpreter
 
-DEPENDENT_LAUNCH = {"enabled": False}
+DEPENDENT_LAUNCH = {"enabled": False, "release_early": ("fragment", "exact", "chunk")}
 
-# release the next kernel's launch, wait for the previous kernel, pass an index through: every
+# a kernel's PDL constexpr: launched plainly, launched with PDL, and launched with PDL releasing
+# the next kernel early
+OFF, WAIT, RELEASE_EARLY = 0, 1, 2
+# wait for the previous kernel (after releasing the next one), pass an index through: every
 # address computed from the index then depends on the wait
-AFTER_PREVIOUS_ASM = tl.constexpr("griddepcontrol.launch_dependents;\n griddepcontrol.wait;\n mov.u32 $0, $1;")
+WAIT_ASM = tl.constexpr("griddepcontrol.wait;\n mov.u32 $0, $1;")
+RELEASE_AND_WAIT_ASM = tl.constexpr("griddepcontrol.launch_dependents;\n griddepcontrol.wait;\n mov.u32 $0, $1;")
 
 
 def enabled(device: torch.device) -> bool:
@@ -37,6 +47,14 @@ def enabled(device: torch.device) -> bool:
             and not under_interpreter() and torch.cuda.get_device_capability(device) >= (9, 0))
 
 
+def mode(pdl: bool, kernel: str) -> int:
+    """The PDL constexpr of attend's `kernel` ("queries", "fragment", "exact", "chunk" or
+    "combine") in a call that launches with PDL (pdl) or not."""
+    if not pdl:
+        return OFF
+    return RELEASE_EARLY if kernel in DEPENDENT_LAUNCH["release_early"] else WAIT
+
+
 def launch_options(pdl: bool) -> dict:
     """The Triton launch option for a kernel launched with PDL (none otherwise)."""
     return {"launch_pdl": True} if pdl else {}
@@ -44,9 +62,12 @@ def launch_options(pdl: bool) -> dict:
 
 @triton.jit
 def after_previous_kernel(index, PDL: tl.constexpr):
-    """index (a program id), returned once the previous kernel in the stream has finished (PDL),
-    else at once. Every global store, and every load of an earlier kernel's output, must use
-    addresses computed from what it returns."""
-    if PDL:
-        index = tl.inline_asm_elementwise(AFTER_PREVIOUS_ASM, "=r,r", [index], dtype=tl.int32, is_pure=False, pack=1)
+    """index (a program id), returned once the previous kernel in the stream has finished (PDL:
+    WAIT or RELEASE_EARLY), else at once. Every global store, and every load of an earlier
+    kernel's output, must use addresses computed from what it returns."""
+    if PDL == 2:  # RELEASE_EARLY
+        index = tl.inline_asm_elementwise(RELEASE_AND_WAIT_ASM, "=r,r", [index], dtype=tl.int32, is_pure=False,
+                                          pack=1)
+    elif PDL == 1:  # WAIT
+        index = tl.inline_asm_elementwise(WAIT_ASM, "=r,r", [index], dtype=tl.int32, is_pure=False, pack=1)
     return index

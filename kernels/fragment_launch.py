@@ -134,13 +134,14 @@ def splits(rows: int, capacity: int, wanted: int, balanced, per_sm: int) -> int:
 
 
 def _constants(info, D: int, page_size: int, record_words: int, pdl: bool = False) -> dict:
-    """The kernel's constexpr arguments (pdl: launched with programmatic dependent launch)."""
+    """The kernel's constexpr arguments (pdl: launched with programmatic dependent launch, as
+    dependent_launch.DEPENDENT_LAUNCH has it)."""
     key_quarter, value_octant, key_radius, value_radius, declare_records, copy_tile = _decoders(info)
     return dict(PS=page_size, WT=record_words, D=D, CT=FRAGMENT["tokens_per_warp"], W=FRAGMENT["warps"],
                 K_WORDS=info.key.half_pairs.numel(), V_WORDS=info.value.half_pairs.numel(), KEY_QUARTER=key_quarter,
                 VALUE_OCTANT=value_octant, KEY_RADIUS=key_radius, VALUE_RADIUS=value_radius,
                 DECLARE_RECORDS=declare_records, COPY_TILE=copy_tile, STEP=info.key.radius_step, LOG2_MIN=LOG2_MIN,
-                PDL=pdl)
+                PDL=dependent_launch.mode(pdl, "fragment"))
 
 
 def compile_for_target(info, D: int, page_size: int = 64, arch: int = 90, decode: bool = False, pdl: bool = False):
