@@ -17,6 +17,12 @@ writes global memory or reads what an earlier kernel of the stream may still be 
 caching allocator hands a call's freed buffers to the next call's kernels in stream order).
 A kernel launched without the attribute after one of these waits for it in full, as usual.
 
+Measured (H200, whole attend call replayed from a CUDA graph, benchmarks/probe_fragment_launch.py
+--settings fragment_decode pdl pdl_release_all pdl_release_none, session 29): within 2% either
+way at Llama-3-8B B=8 and 32 and SmolLM2 B=8 and 32 (32k and 128k), 10% faster at SmolLM2 B=1
+4k, 2.5% slower at Llama-3-8B B=1 32k. The gaps between the kernels of a replayed graph are
+already small; what a B=1 call spends is in the kernels themselves. So it stays off.
+
 DEPENDENT_LAUNCH["enabled"]: launch attend's chain this way on GPUs that support it;
 "release_early": the kernels (of "queries", "fragment", "exact", "chunk", "combine") that release
 the next one early.
