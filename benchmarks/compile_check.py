@@ -204,7 +204,8 @@ def coded(d=128, block_t=128, block_m=16, warps=4, stages=1, bf16=1, maxnreg=0, 
 
 def compile_all(d=128):
     """Every kernel once, for sm_90 (compile errors and shared memory, no GPU needed)."""
-    from sphkv_compile.kernels.attention_kernels import chunk_partials_kernel, paged_mass_kernel
+    from sphkv_compile.kernels.attention_kernels import (chunk_partials_kernel, exact_and_chunk_partials_kernel,
+                                                         paged_mass_kernel)
     from sphkv_compile.kernels.compaction import compact_rows_kernel
     from sphkv_compile.kernels.layout import radius_round_offset
 
@@ -237,6 +238,10 @@ def compile_all(d=128):
                               EMULATE_BF16_DOT=False)),
         "chunk": (chunk_partials_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16", "valid_ptr": "*i8"},
                   dict(D=d, BLOCK_M=16, BLOCK_T=64, HAS_VALID=True, DOT_PRECISION="tf32", PDL=0)),
+        "exact_and_chunk": (exact_and_chunk_partials_kernel, {"pool_ptr": "*bf16", "pages_ptr": "*i32", "count_ptr": "*i32",
+                                                              "k_ptr": "*bf16", "v_ptr": "*bf16", "valid_ptr": "*i8"},
+                            dict(PS=64, WT=2 * d, VOFF=d, D=d, BLOCK_M=16, BLOCK_T=64, HAS_VALID=False,
+                                 DOT_PRECISION="tf32", PDL=0)),
         # a prefill block (16 rows, tl.dot rotation) and a decode step of Llama-3-8B (4 rows, FMAs)
         "combine": (combine_kernel, {"out_ptr": "*bf16"},
                     dict(D=d, BLOCK_M=16, HAS_ROT=True, BLOCK_S=COMBINE["splits"], BLOCK_C=COMBINE["columns"],

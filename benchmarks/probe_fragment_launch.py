@@ -19,7 +19,7 @@ from sphkv_compile.options import SphkvOptions
 
 POINTS = [("llama3-8b", 1, 4096), ("llama3-8b", 1, 32768), ("llama3-8b", 8, 32768), ("llama3-8b", 32, 32768),
           ("llama3-8b", 8, 131072), ("smollm2", 1, 4096), ("smollm2", 8, 32768), ("smollm2", 32, 32768)]
-# label -> FRAGMENT settings, attend.COMBINE's under "combine", DEPENDENT_LAUNCH's "enabled" under
+# label -> FRAGMENT settings, attend.COMBINE's under "combine" and PLAIN's under "plain", DEPENDENT_LAUNCH's "enabled" under
 # "pdl" and its "release_early" (a setting with "head_dims" runs at those head dims only); programs_per_sm
 # None: the occupancy query's count; maxnreg 0: no register cap; "offset_in_register": the decoders'
 # table lookups generated as before session 28 (each table's offset added to the code's in a
@@ -46,7 +46,9 @@ SETTINGS = {"triton": dict(enabled=False),
             "pdl_release_all": dict(enabled=True, pdl=True,
                                     release_early=("queries", "fragment", "exact", "chunk", "combine")),
             "pdl_release_none": dict(enabled=True, pdl=True, release_early=()),
-            "triton_pdl": dict(enabled=False, pdl=True)}
+            "triton_pdl": dict(enabled=False, pdl=True),
+            # before session 29: the exact tier's splits and the new token's in two launches
+            "separate_exact_and_chunk": dict(enabled=True, plain=dict(exact_with_chunk=False))}
 DEFAULT_SETTINGS = ("triton", "fragment_decode_offset_in_register", "fragment_16_rows", "fragment_decode")
 
 
@@ -106,10 +108,11 @@ def main():
             setting = SETTINGS[label]
             if q.shape[-1] not in setting.get("head_dims", (q.shape[-1],)):
                 continue
-            saved, saved_combine = dict(fragment_launch.FRAGMENT), dict(kattend.COMBINE)
+            saved, saved_combine, saved_plain = dict(fragment_launch.FRAGMENT), dict(kattend.COMBINE), dict(kattend.PLAIN)
             saved_pdl = dict(dependent_launch.DEPENDENT_LAUNCH)
             setting = dict(setting)
             kattend.COMBINE.update(setting.pop("combine", {}))
+            kattend.PLAIN.update(setting.pop("plain", {}))
             dependent_launch.DEPENDENT_LAUNCH["enabled"] = setting.pop("pdl", False)
             if "release_early" in setting:
                 dependent_launch.DEPENDENT_LAUNCH["release_early"] = setting.pop("release_early")
@@ -136,6 +139,7 @@ def main():
                 fragment_launch.FRAGMENT.update(saved)
                 kattend.COMBINE.clear()
                 kattend.COMBINE.update(saved_combine)
+                kattend.PLAIN.update(saved_plain)
                 dependent_launch.DEPENDENT_LAUNCH.update(saved_pdl)
         info = tier_info(specs[1], q.shape[-1], opts.seed, torch.bfloat16)
         q_rot = torch.empty(kn.shape[0] * kn.shape[1], q.shape[1] // kn.shape[1], q.shape[-1], device=device)

@@ -18,9 +18,9 @@ from sphkv_compile.report import record_decode_kernel
 from sphkv_compile.store import TierState
 from sphkv_compile.tiers import TierSpec, tier_codecs
 
-from .attention_kernels import (chunk_partials_kernel, paged_coded_halves_kernel, paged_coded_kernel,
-                                paged_coded_quarters_kernel, paged_mass_kernel, paged_partials_kernel,
-                                tables_stay_in_global_memory)
+from .attention_kernels import (chunk_partials_kernel, exact_and_chunk_partials_kernel, paged_coded_halves_kernel,
+                                paged_coded_kernel, paged_coded_quarters_kernel, paged_mass_kernel,
+                                paged_partials_kernel, tables_stay_in_global_memory)
 from . import dependent_launch, fragment_launch
 from .combine_kernels import combine_kernel
 from .decode_codegen import decoder, staged_offsets, stager, table_bytes, table_tensor
@@ -132,6 +132,9 @@ CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": {128: 2, "
 # 0.0633 -> 0.0587, B=8 4k 0.0721 -> 0.0662, B=8 32k 0.2378 -> 0.2302; SmolLM2 B=1 4k 0.0292 ->
 # 0.0264; h200_session28_probe_b1_launch.json); at D=256 four warps spill (sm_90 compile).
 COMBINE = {"splits": 4, "columns": 32, "warps": 8, "few_rows_warps": 4}
+# exact_with_chunk: where the last tier is exact and a chunk is given (every decode step of the
+# default ladder), its splits and the chunk's run in one launch (exact_and_chunk_partials_kernel)
+PLAIN = {"exact_with_chunk": True}
 
 
 def _bf16_tiles() -> bool:
@@ -409,6 +412,22 @@ def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_
         num_stages=num_stages, **dependent_launch.launch_options(pdl))
 
 
+def _launch_exact_and_chunk(info, kv_dtype, qc, st: TierState, kn, vn, valid_i8, acc, m, l, split_offset, S, S_chunk,
+                            S_total, M, tc, q_pos0, Hkv, block_m, block_t, precision, num_warps, num_stages, pdl):
+    """An exact tier's S splits and the new chunk's S_chunk (exact_and_chunk_partials_kernel)."""
+    pool = st.pool.view(-1).view(kv_dtype)
+    per_word = 4 // pool.element_size()
+    N = kn.shape[2]
+    exact_and_chunk_partials_kernel[(st.count.numel(), S + S_chunk, triton.cdiv(M, block_m))](
+        qc, pool, st.pages, st.count, kn, vn, valid_i8 if valid_i8 is not None else qc, acc, m, l,
+        M, st.pages.shape[-1], S, N, tc, q_pos0, Hkv, S_chunk, split_offset, S_total,
+        kn.stride(0), kn.stride(1), kn.stride(2), vn.stride(0), vn.stride(1), vn.stride(2),
+        PS=st.page_size, WT=st.pool.shape[-1] * per_word, VOFF=info.key_words * per_word, D=qc.shape[-1],
+        BLOCK_M=block_m, BLOCK_T=block_t, HAS_VALID=valid_i8 is not None, DOT_PRECISION=precision,
+        PDL=dependent_launch.mode(pdl, "exact"), num_warps=num_warps, num_stages=num_stages,
+        **dependent_launch.launch_options(pdl))
+
+
 def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, seed: int, kv_dtype: torch.dtype,
            k_new=None, v_new=None, valid_new=None, scale: float | None = None, obs_window: int = 0,
            accumulate: bool = False, block_t: int = DEFAULT_BLOCK_T, precision: str = "tf32",
@@ -488,16 +507,24 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
         acc = torch.empty(BH, S_total, M, d, dtype=torch.float32, device=device)
         m = torch.empty(BH, S_total, M, dtype=torch.float32, device=device)
         l = torch.empty_like(m)
-        for i, info, off, S, coded_warps, fragments in launches:
-            qin = q_rot if info.key is not None else qc
-            _launch_paged(info, kv_dtype, device, qin, states[i], acc, m, l, off, S, S_total, M, block_m, block_t,
-                          precision, num_warps, num_stages, coded_warps, fragments, pdl)
         if N:
             kn, vn = k_new, v_new
             if kn.stride(-1) != 1:
                 kn = kn.contiguous()
             if vn.stride(-1) != 1:
                 vn = vn.contiguous()
+        # the last tier an exact one (its splits just before the chunk's): the two in one launch
+        with_chunk = bool(N and launches) and PLAIN["exact_with_chunk"] and launches[-1][1].key is None
+        for n, (i, info, off, S, coded_warps, fragments) in enumerate(launches):
+            if with_chunk and n == len(launches) - 1:
+                _launch_exact_and_chunk(info, kv_dtype, qc, states[i], kn, vn, valid_i8, acc, m, l, off, S, S_chunk,
+                                        S_total, M, tc, N - Tq + s0, Hkv, block_m, block_t, precision, num_warps,
+                                        num_stages, pdl)
+                continue
+            qin = q_rot if info.key is not None else qc
+            _launch_paged(info, kv_dtype, device, qin, states[i], acc, m, l, off, S, S_total, M, block_m, block_t,
+                          precision, num_warps, num_stages, coded_warps, fragments, pdl)
+        if N and not with_chunk:
             chunk_partials_kernel[(BH, S_chunk, mblocks)](
                 qc, kn, vn, valid_i8 if valid_i8 is not None else qc, acc, m, l,
                 M, N, tc, N - Tq + s0, Hkv, S_chunk, S_total - S_chunk, S_total,

@@ -56,20 +56,16 @@ def _tile_kv(pool_ptr, base, valid, kcomps_ptr, ktab_ptr, vcomps_ptr, vtab_ptr, 
 
 
 @triton.jit
-def paged_partials_kernel(
-        q_ptr, pool_ptr, pages_ptr, count_ptr, acc_ptr, m_ptr, l_ptr,
-        kcomps_ptr, ktab_ptr, vcomps_ptr, vtab_ptr,
-        M, max_pages, S, split_offset, S_total,
-        PS: tl.constexpr, WT: tl.constexpr, VOFF: tl.constexpr, D: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, EXACT: tl.constexpr, VALUE_SCALAR: tl.constexpr,
-        K_LEVELS: tl.constexpr, K_COUNTS: tl.constexpr, K_MAXC: tl.constexpr, K_WIDTHS: tl.constexpr,
-        K_TSIZE: tl.constexpr, V_LEVELS: tl.constexpr, V_COUNTS: tl.constexpr, V_MAXC: tl.constexpr,
-        V_WIDTHS: tl.constexpr, V_TSIZE: tl.constexpr, STEP: tl.constexpr, LOG2_MIN: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
-    """PDL: launched with programmatic dependent launch (dependent_launch.py)."""
-    pid_bh = after_previous_kernel(tl.program_id(0), PDL)
-    pid_s = tl.program_id(1)
-    pid_m = tl.program_id(2)
+def _paged_split(q_ptr, pool_ptr, pages_ptr, count_ptr, acc_ptr, m_ptr, l_ptr, kcomps_ptr, ktab_ptr, vcomps_ptr,
+                 vtab_ptr, pid_bh, pid_s, pid_m, slot, M, max_pages, S, S_total,
+                 PS: tl.constexpr, WT: tl.constexpr, VOFF: tl.constexpr, D: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, EXACT: tl.constexpr, VALUE_SCALAR: tl.constexpr,
+                 K_LEVELS: tl.constexpr, K_COUNTS: tl.constexpr, K_MAXC: tl.constexpr, K_WIDTHS: tl.constexpr,
+                 K_TSIZE: tl.constexpr, V_LEVELS: tl.constexpr, V_COUNTS: tl.constexpr, V_MAXC: tl.constexpr,
+                 V_WIDTHS: tl.constexpr, V_TSIZE: tl.constexpr, STEP: tl.constexpr, LOG2_MIN: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """Split pid_s of S over the tier's tokens of row pid_bh, query rows block pid_m: partials to
+    split slot `slot` of S_total."""
     count = tl.load(count_ptr + pid_bh)
     start, end = _split_range(count, pid_s, S, BLOCK_T)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -95,10 +91,31 @@ def paged_partials_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
         m_i = m_new
-    out = (pid_bh * S_total + split_offset + pid_s) * M + rows
+    out = (pid_bh * S_total + slot) * M + rows
     tl.store(acc_ptr + out[:, None] * D + d[None, :], acc, mask=rmask[:, None])
     tl.store(m_ptr + out, m_i, mask=rmask)
     tl.store(l_ptr + out, l_i, mask=rmask)
+
+
+@triton.jit
+def paged_partials_kernel(
+        q_ptr, pool_ptr, pages_ptr, count_ptr, acc_ptr, m_ptr, l_ptr,
+        kcomps_ptr, ktab_ptr, vcomps_ptr, vtab_ptr,
+        M, max_pages, S, split_offset, S_total,
+        PS: tl.constexpr, WT: tl.constexpr, VOFF: tl.constexpr, D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, EXACT: tl.constexpr, VALUE_SCALAR: tl.constexpr,
+        K_LEVELS: tl.constexpr, K_COUNTS: tl.constexpr, K_MAXC: tl.constexpr, K_WIDTHS: tl.constexpr,
+        K_TSIZE: tl.constexpr, V_LEVELS: tl.constexpr, V_COUNTS: tl.constexpr, V_MAXC: tl.constexpr,
+        V_WIDTHS: tl.constexpr, V_TSIZE: tl.constexpr, STEP: tl.constexpr, LOG2_MIN: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
+    """Program (batch·KV head, split, row block). PDL: launched with programmatic dependent launch
+    (dependent_launch.py)."""
+    pid_bh = after_previous_kernel(tl.program_id(0), PDL)
+    pid_s = tl.program_id(1)
+    _paged_split(q_ptr, pool_ptr, pages_ptr, count_ptr, acc_ptr, m_ptr, l_ptr, kcomps_ptr, ktab_ptr, vcomps_ptr,
+                 vtab_ptr, pid_bh, pid_s, tl.program_id(2), split_offset + pid_s, M, max_pages, S, S_total, PS, WT,
+                 VOFF, D, BLOCK_M, BLOCK_T, EXACT, VALUE_SCALAR, K_LEVELS, K_COUNTS, K_MAXC, K_WIDTHS, K_TSIZE,
+                 V_LEVELS, V_COUNTS, V_MAXC, V_WIDTHS, V_TSIZE, STEP, LOG2_MIN, DOT_PRECISION)
 
 
 @triton.jit
@@ -336,17 +353,12 @@ def paged_coded_quarters_kernel(
 
 
 @triton.jit
-def chunk_partials_kernel(
-        q_ptr, k_ptr, v_ptr, valid_ptr, acc_ptr, m_ptr, l_ptr,
-        M, N, Tq, q_pos0, Hkv, S, split_offset, S_total,
-        skb, skh, skn, svb, svh, svn,
-        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, HAS_VALID: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
-    """The dense current chunk [B, Hkv, N, D], causal: row g·Tq + t sees chunk tokens <= q_pos0 + t.
-    PDL: launched with programmatic dependent launch (dependent_launch.py)."""
-    pid_bh = after_previous_kernel(tl.program_id(0), PDL)
-    pid_s = tl.program_id(1)
-    pid_m = tl.program_id(2)
+def _chunk_split(q_ptr, k_ptr, v_ptr, valid_ptr, acc_ptr, m_ptr, l_ptr, pid_bh, pid_s, pid_m, slot,
+                 M, N, Tq, q_pos0, Hkv, S, S_total, skb, skh, skn, svb, svh, svn,
+                 D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, HAS_VALID: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """Split pid_s of S over the dense chunk [B, Hkv, N, D] of row pid_bh, causal (row g·Tq + t
+    sees chunk tokens <= q_pos0 + t), query rows block pid_m: partials to split slot `slot`."""
     b = pid_bh // Hkv
     h = pid_bh % Hkv
     start, end = _split_range(N, pid_s, S, BLOCK_T)
@@ -379,10 +391,50 @@ def chunk_partials_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
         m_i = m_new
-    out = (pid_bh * S_total + split_offset + pid_s) * M + rows
+    out = (pid_bh * S_total + slot) * M + rows
     tl.store(acc_ptr + out[:, None] * D + d[None, :], acc, mask=rmask[:, None])
     tl.store(m_ptr + out, m_i, mask=rmask)
     tl.store(l_ptr + out, l_i, mask=rmask)
+
+
+@triton.jit
+def chunk_partials_kernel(
+        q_ptr, k_ptr, v_ptr, valid_ptr, acc_ptr, m_ptr, l_ptr,
+        M, N, Tq, q_pos0, Hkv, S, split_offset, S_total,
+        skb, skh, skn, svb, svh, svn,
+        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, HAS_VALID: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
+    """The dense current chunk (_chunk_split); program (batch·KV head, split, row block). PDL:
+    launched with programmatic dependent launch (dependent_launch.py)."""
+    pid_bh = after_previous_kernel(tl.program_id(0), PDL)
+    pid_s = tl.program_id(1)
+    _chunk_split(q_ptr, k_ptr, v_ptr, valid_ptr, acc_ptr, m_ptr, l_ptr, pid_bh, pid_s, tl.program_id(2),
+                 split_offset + pid_s, M, N, Tq, q_pos0, Hkv, S, S_total, skb, skh, skn, svb, svh, svn, D, BLOCK_M,
+                 BLOCK_T, HAS_VALID, DOT_PRECISION)
+
+
+@triton.jit
+def exact_and_chunk_partials_kernel(
+        q_ptr, pool_ptr, pages_ptr, count_ptr, k_ptr, v_ptr, valid_ptr, acc_ptr, m_ptr, l_ptr,
+        M, max_pages, S_exact, N, Tq, q_pos0, Hkv, S_chunk, split_offset, S_total,
+        skb, skh, skn, svb, svh, svn,
+        PS: tl.constexpr, WT: tl.constexpr, VOFF: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_T: tl.constexpr, HAS_VALID: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
+    """The exact tier's S_exact splits and the dense chunk's S_chunk in one launch (a decode step's
+    two short kernels: one launch fewer, and the two run side by side). Program (batch·KV head,
+    split, row block): splits below S_exact read the tier (paged_partials_kernel with EXACT), the
+    rest the chunk (chunk_partials_kernel); their partials are adjacent, from split_offset."""
+    pid_bh = after_previous_kernel(tl.program_id(0), PDL)
+    pid_s = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    if pid_s < S_exact:  # the codec arguments are unused by the exact path
+        _paged_split(q_ptr, pool_ptr, pages_ptr, count_ptr, acc_ptr, m_ptr, l_ptr, pool_ptr, pool_ptr, pool_ptr,
+                     pool_ptr, pid_bh, pid_s, pid_m, split_offset + pid_s, M, max_pages, S_exact, S_total, PS, WT,
+                     VOFF, D, BLOCK_M, BLOCK_T, True, False, 0, 0, 1, 0, 1, 0, 0, 1, 0, 1, 1.0, 0.0, DOT_PRECISION)
+    else:
+        _chunk_split(q_ptr, k_ptr, v_ptr, valid_ptr, acc_ptr, m_ptr, l_ptr, pid_bh, pid_s - S_exact, pid_m,
+                     split_offset + pid_s, M, N, Tq, q_pos0, Hkv, S_chunk, S_total, skb, skh, skn, svb, svh, svn,
+                     D, BLOCK_M, BLOCK_T, HAS_VALID, DOT_PRECISION)
 
 
 @triton.jit

@@ -344,8 +344,8 @@ def record_pdl_launches(monkeypatch, module, name: str, seen: list) -> None:
 @pytest.mark.parametrize("d,H,G,B,fragments", [(128, 2, 4, 1, True), (64, 3, 3, 8, True), (128, 2, 4, 2, False)],
                          ids=["llama-like-B1", "smollm-like-B8", "triton-kernels"])
 def test_dependent_launch_changes_no_output(d, H, G, B, fragments, monkeypatch):
-    """Launched with programmatic dependent launch, a decode step's kernels (queries, fragment or
-    exact-tier partials, the new token, the combine) compute the same outputs, bit for bit, as
+    """Launched with programmatic dependent launch, a decode step's kernels (queries, fragment,
+    exact tier and new token, combine) compute the same outputs, bit for bit, as
     launched plainly: eagerly, and replayed from a CUDA graph with the queries and the new token
     alternating between two sets, so a kernel that read an earlier kernel's buffer before its
     wait would read the other set's values."""
@@ -367,9 +367,8 @@ def test_dependent_launch_changes_no_output(d, H, G, B, fragments, monkeypatch):
         return kernel_attend.attend(q, states, specs, seed=0, kv_dtype=KV_DTYPE, k_new=k_new, v_new=v_new)[0]
 
     seen = []
-    for module, name in ((kernel_attend, "prepare_queries_kernel"), (kernel_attend, "paged_partials_kernel"),
-                         (kernel_attend, "chunk_partials_kernel"), (kernel_attend, "combine_kernel"),
-                         (fragment_decode_kernel, "paged_fragment_decode_kernel")):
+    for module, name in ((kernel_attend, "prepare_queries_kernel"), (kernel_attend, "exact_and_chunk_partials_kernel"),
+                         (kernel_attend, "combine_kernel"), (fragment_decode_kernel, "paged_fragment_decode_kernel")):
         record_pdl_launches(monkeypatch, module, name, seen)
     plain = [call(*inputs) for inputs in sets]
     assert not torch.equal(plain[0], plain[1])  # so the two sets tell a stale read apart
@@ -378,7 +377,7 @@ def test_dependent_launch_changes_no_output(d, H, G, B, fragments, monkeypatch):
     assert dependent_launch.enabled(DEV)
     seen.clear()
     eager = [call(*inputs) for inputs in sets]
-    kernels = {"prepare_queries_kernel", "paged_partials_kernel", "chunk_partials_kernel", "combine_kernel"}
+    kernels = {"prepare_queries_kernel", "exact_and_chunk_partials_kernel", "combine_kernel"}
     if fragments:
         kernels.add("paged_fragment_decode_kernel")
     assert set(seen) == {(name, True) for name in kernels}, seen

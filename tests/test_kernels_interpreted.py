@@ -244,6 +244,27 @@ def test_several_splits_per_tier_match_reference(min_tiles, monkeypatch):
     assert s_rot > 2 and s_total - s_rot > 2, launched  # several splits per compressed tier, and plain ones
 
 
+@pytest.mark.parametrize("merged", [True, False], ids=["one-launch", "two-launches"])
+@pytest.mark.parametrize("tq,pad", [(1, False), (20, True)])
+def test_exact_tier_and_chunk_launches_match_reference(merged, tq, pad, monkeypatch):
+    """The exact tier's splits and the chunk's in one launch (exact_and_chunk_partials_kernel, the
+    default: PLAIN['exact_with_chunk']) or in two (paged_partials_kernel, chunk_partials_kernel),
+    the 150 new tokens in several splits, a decode step and a padded prefill chunk, against the
+    reference."""
+    monkeypatch.setitem(kernel_attend.PLAIN, "exact_with_chunk", merged)
+    names = ("exact_and_chunk_partials_kernel", "paged_partials_kernel", "chunk_partials_kernel")
+    grids = {name: record_launches(monkeypatch, kernel_attend, name) for name in names}
+    run_case(dict(d=32, hkv=1, g=2, b=1, specs=list(ALL_TIERS[:2]), tq=tq, n_new=150, page_size=16, seed=50 + tq,
+                  max_count=300, obs=1, pad=pad, accumulate=False))
+    launched = {name: [grid[1] for grid in grids[name]] for name in names}  # splits per launch
+    if merged:
+        assert not launched["paged_partials_kernel"] and not launched["chunk_partials_kernel"], launched
+        assert len(launched["exact_and_chunk_partials_kernel"]) == 1 and launched["exact_and_chunk_partials_kernel"][0] >= 3
+    else:
+        assert not launched["exact_and_chunk_partials_kernel"], launched
+        assert len(launched["paged_partials_kernel"]) == 1 and launched["chunk_partials_kernel"][0] >= 2, launched
+
+
 @settings(**{**SETTINGS, "max_examples": 6})
 @given(attention_case(prefill=False))
 def test_decode_of_whole_tiles_matches_reference(case):
