@@ -466,6 +466,10 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
             raise ValueError(f"sinks must hold one logit per query head, shape ({Hq},); got {tuple(sinks.shape)}")
         sinks2 = (sinks.to(device=device, dtype=torch.float32) * LOG2E).contiguous()
     kfwd = _tab(rotation_matrices(kc0.hadamard)[0], device) if compressed else None
+    window = min(obs_window, Tq)
+    # the chunk's utility: computed after the attention where asked for (window), else zeros,
+    # which the first query kernel writes (no launch of its own)
+    new_mass = torch.empty(B, Hkv, N, dtype=torch.float32, device=device)
     # query chunks so the split partials stay bounded
     per_row = max(1, len(states) + 1) * 4 * d * 4 * BH
     tq_chunk = max(1, min(Tq, PARTIAL_BYTES // (per_row * G)))
@@ -481,9 +485,9 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
         qcols = _block_columns(qbm, d)
         qprog = _column_programs(BH * triton.cdiv(M, qbm), d, qcols, wanted // 2)
         prepare_queries_kernel[(BH, triton.cdiv(M, qbm), qprog)](
-            q, kfwd if compressed else qc, qc, q_rot if compressed else qc, q_scale, M, tc, s0, G, Hkv,
+            q, kfwd if compressed else qc, qc, q_rot if compressed else qc, new_mass, q_scale, M, tc, s0, G, Hkv, N,
             q.stride(0), q.stride(1), q.stride(2), q.stride(3), D=d, BLOCK_M=qbm, BLOCK_C=qcols, COLUMNS=d // qprog,
-            HAS_ROT=bool(compressed), PDL=dependent_launch.mode(pdl, "queries"), num_warps=_small_kernel_warps(qbm, d),
+            HAS_ROT=bool(compressed), ZERO_MASS=bool(N) and not window and s0 == 0, PDL=dependent_launch.mode(pdl, "queries"), num_warps=_small_kernel_warps(qbm, d),
             **launch_pdl)
         launches, S_total = [], 0
         for group in (compressed, plain):
@@ -546,8 +550,6 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
         if not whole:
             stat_m[:, :, s0:s1] = cm.view(BH, G, tc)
             stat_l[:, :, s0:s1] = cl.view(BH, G, tc)
-    window = min(obs_window, Tq)
-    new_mass = torch.zeros(B, Hkv, N, dtype=torch.float32, device=device)
     # one query chunk (every decode step): prepare_queries_kernel's qc and q_rot already hold
     # every row, row g·Tq + t of each batch·KV head, as the utility signal reads them
     one_chunk = tq_chunk >= Tq

@@ -4,6 +4,9 @@ Rows of one KV head's group (row = g·Tq + t), scaled by scale·log2(e) (softmax
 float32 [B·Hkv, M, D]; and, for compressed tiers, the same rows times the key codec's forward
 rotation. In torch that was a cast, a scale, a matmul and cuBLAS's split-K reduction: four
 launches, about 9 us of a B=1 decode step's 93 (H200, session 19's breakdown).
+
+It also clears attend's new_mass [B·Hkv, N] where no utility signal is asked for: as a torch.zeros
+of its own, that was one more launch per call (0.7 us and a gap of a B=1 step's 32; session 29).
 """
 from __future__ import annotations
 
@@ -15,11 +18,11 @@ from .dependent_launch import after_previous_kernel
 
 @triton.jit
 def prepare_queries_kernel(
-        q_ptr, kfwd_ptr, qc_ptr, qrot_ptr, scale,
-        M, Tq, t0, G, Hkv,
+        q_ptr, kfwd_ptr, qc_ptr, qrot_ptr, mass_ptr, scale,
+        M, Tq, t0, G, Hkv, N,
         sqb, sqh, sqt, sqd,
         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, COLUMNS: tl.constexpr,
-        HAS_ROT: tl.constexpr, PDL: tl.constexpr):
+        HAS_ROT: tl.constexpr, ZERO_MASS: tl.constexpr, PDL: tl.constexpr):
     """Program (batch·KV head, row block, column block of COLUMNS): rows g·Tq + t of query
     head h·G + g at position t0 + t. qc[.., cols] = q[.., cols]·scale; qrot[.., cols] =
     (q·scale) @ kfwd[:, cols], in float32 FMAs under tl.dot's 16 rows (a decode step's G heads)
@@ -48,3 +51,9 @@ def prepare_queries_kernel(
             else:
                 rot = tl.sum(q[:, :, None] * fwd[None, :, :], 1)
             tl.store(qrot_ptr + dst + cols[None, :], rot, mask=rmask[:, None])
+    if ZERO_MASS:  # the first program of each batch·KV head zeroes its N entries of mass_ptr
+        if pid_m == 0:
+            if pid_c == 0:
+                for n0 in range(0, N, 128):
+                    n = n0 + tl.arange(0, 128)
+                    tl.store(mass_ptr + pid_bh * N + n, tl.zeros((128,), tl.float32), mask=n < N)
