@@ -8,9 +8,9 @@ before it still runs, do the work that reads no output of it (the fragment kerne
 codec tables), and then wait in `griddepcontrol.wait` until it has finished and its writes are
 visible. A kernel may also let the next one launch as soon as its own programs have all
 started ("release early"), not only once they have finished; the next kernel's programs then
-wait on SMs beside its own. The query kernel does not: the fragment kernel after it sizes its
-grid to exactly fill the SMs, and its programs placed beside the query kernel's made Llama-3-8B
-B=1 32k 18% slower (H200, session 29).
+wait on SMs beside its own. The query kernel does not: released early, it made Llama-3-8B B=1
+32k 18% slower (H200, session 29), probably because the fragment kernel after it sizes its grid
+to fill the SMs exactly and some of its programs then sat beside the query kernel's.
 
 Correctness rests on one rule, kept by every kernel that takes PDL: nothing before the wait
 writes global memory or reads what an earlier kernel of the stream may still be writing (the
