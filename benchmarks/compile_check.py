@@ -141,7 +141,8 @@ def main(d=128, block_t=64, block_m=16, warps=4, stages=2):
                   BLOCK_T=block_t, EXACT=False, VALUE_SCALAR=False, K_LEVELS=info.key.levels,
                   K_COUNTS=info.key.fields.counts, K_MAXC=info.key.fields.max_comps, K_TSIZE=info.key.table_size,
                   V_LEVELS=info.value.levels, V_COUNTS=info.value.fields.counts, V_MAXC=info.value.fields.max_comps,
-                  V_TSIZE=info.value.table_size, K_WIDTHS=info.key.fields.widths, V_WIDTHS=info.value.fields.widths, STEP=info.key.radius_step, LOG2_MIN=LOG2_MIN, DOT_PRECISION="tf32", PDL=0)
+                  V_TSIZE=info.value.table_size, K_WIDTHS=info.key.fields.widths, V_WIDTHS=info.value.fields.widths, STEP=info.key.radius_step, LOG2_MIN=LOG2_MIN, DOT_PRECISION="tf32",
+                  PDL=0)
     sig = paged_signature(paged_partials_kernel, consts)
     k = triton.compile(ASTSource(paged_partials_kernel, sig, consts, pointer_alignment(paged_partials_kernel, sig)),
                        target=TARGET, options={"num_warps": warps, "num_stages": stages})
@@ -238,8 +239,9 @@ def compile_all(d=128):
                               EMULATE_BF16_DOT=False)),
         "chunk": (chunk_partials_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16", "valid_ptr": "*i8"},
                   dict(D=d, BLOCK_M=16, BLOCK_T=64, HAS_VALID=True, DOT_PRECISION="tf32", PDL=0)),
-        "exact_and_chunk": (exact_and_chunk_partials_kernel, {"pool_ptr": "*bf16", "pages_ptr": "*i32", "count_ptr": "*i32",
-                                                              "k_ptr": "*bf16", "v_ptr": "*bf16", "valid_ptr": "*i8"},
+        "exact_and_chunk": (exact_and_chunk_partials_kernel,
+                            {"pool_ptr": "*bf16", "pages_ptr": "*i32", "count_ptr": "*i32", "k_ptr": "*bf16",
+                             "v_ptr": "*bf16", "valid_ptr": "*i8"},
                             dict(PS=64, WT=2 * d, VOFF=d, D=d, BLOCK_M=16, BLOCK_T=64, HAS_VALID=False,
                                  DOT_PRECISION="tf32", PDL=0)),
         # a prefill block (16 rows, tl.dot rotation) and a decode step of Llama-3-8B (4 rows, FMAs)

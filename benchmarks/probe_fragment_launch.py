@@ -19,8 +19,9 @@ from sphkv_compile.options import SphkvOptions
 
 POINTS = [("llama3-8b", 1, 4096), ("llama3-8b", 1, 32768), ("llama3-8b", 8, 32768), ("llama3-8b", 32, 32768),
           ("llama3-8b", 8, 131072), ("smollm2", 1, 4096), ("smollm2", 8, 32768), ("smollm2", 32, 32768)]
-# label -> FRAGMENT settings, attend.COMBINE's under "combine" and PLAIN's under "plain", DEPENDENT_LAUNCH's "enabled" under
-# "pdl" and its "release_early" (a setting with "head_dims" runs at those head dims only); programs_per_sm
+# label -> FRAGMENT settings, attend.COMBINE's under "combine" and PLAIN's under "plain",
+# DEPENDENT_LAUNCH's "enabled" under "pdl" and its "release_early" (a setting with "head_dims"
+# runs at those head dims only); programs_per_sm
 # None: the occupancy query's count; maxnreg 0: no register cap; "offset_in_register": the decoders'
 # table lookups generated as before session 28 (each table's offset added to the code's in a
 # register, not carried as the shared load's immediate); "path_by_select": each path node's
@@ -108,7 +109,8 @@ def main():
             setting = SETTINGS[label]
             if q.shape[-1] not in setting.get("head_dims", (q.shape[-1],)):
                 continue
-            saved, saved_combine, saved_plain = dict(fragment_launch.FRAGMENT), dict(kattend.COMBINE), dict(kattend.PLAIN)
+            saved, saved_combine = dict(fragment_launch.FRAGMENT), dict(kattend.COMBINE)
+            saved_plain = dict(kattend.PLAIN)
             saved_pdl = dict(dependent_launch.DEPENDENT_LAUNCH)
             setting = dict(setting)
             kattend.COMBINE.update(setting.pop("combine", {}))

@@ -487,8 +487,8 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
         prepare_queries_kernel[(BH, triton.cdiv(M, qbm), qprog)](
             q, kfwd if compressed else qc, qc, q_rot if compressed else qc, new_mass, q_scale, M, tc, s0, G, Hkv, N,
             q.stride(0), q.stride(1), q.stride(2), q.stride(3), D=d, BLOCK_M=qbm, BLOCK_C=qcols, COLUMNS=d // qprog,
-            HAS_ROT=bool(compressed), ZERO_MASS=bool(N) and not window and s0 == 0, PDL=dependent_launch.mode(pdl, "queries"), num_warps=_small_kernel_warps(qbm, d),
-            **launch_pdl)
+            HAS_ROT=bool(compressed), ZERO_MASS=bool(N) and not window and s0 == 0,
+            PDL=dependent_launch.mode(pdl, "queries"), num_warps=_small_kernel_warps(qbm, d), **launch_pdl)
         launches, S_total = [], 0
         for group in (compressed, plain):
             for i, info in group:

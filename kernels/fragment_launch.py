@@ -146,8 +146,9 @@ def _constants(info, D: int, page_size: int, record_words: int, pdl: bool = Fals
 
 def compile_for_target(info, D: int, page_size: int = 64, arch: int = 90, decode: bool = False, pdl: bool = False):
     """Compile the kernel (decode: paged_fragment_decode_kernel; pdl: for programmatic dependent
-    launch) for an sm_<arch> GPU without one (Triton's bundled ptxas): the assert_trivial conversions fail here if a decoder's leaves miss
-    the operand fragments. Returns the compiled kernel (metadata.shared, asm["cubin"])."""
+    launch) for an sm_<arch> GPU without one (Triton's bundled ptxas): the assert_trivial
+    conversions fail here if a decoder's leaves miss the operand fragments. Returns the compiled
+    kernel (metadata.shared, asm["cubin"])."""
     import triton
     from triton.backends.compiler import GPUTarget
 
