@@ -323,6 +323,25 @@ def test_fragment_splits_assume_the_programs_an_sm_holds(d, decode, monkeypatch)
     assert held == min(by_registers, by_shared, by_threads) >= 1, (held, kernel.n_regs, by_registers, by_shared)
 
 
+@pytest.mark.parametrize("Tq,N", [(1, 1), (33, 300)])
+def test_attend_without_a_window_returns_zero_mass(Tq, N):
+    """obs_window 0 (the uniform policy): new_mass is all zeros, which the query kernel writes
+    (kernels/query_kernels.py), not whatever its memory held: 64 NaN-filled blocks of its size
+    are freed just before the call, so the allocator hands such memory back."""
+    seed = random.randrange(2**31)
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    B, H, G, d = 3, 2, 4, 128
+    specs = [DEFAULT_TIERS[0], TierSpec("uniform", 3.5, "polar", 3.5)]
+    states = fill_store(gen, B, H, d, specs, ragged_counts(gen, B, H, 2000, specs))
+    q = torch.randn(B, H * G, Tq, d, generator=gen, device=DEV, dtype=torch.bfloat16)
+    kn = torch.randn(B, H, N, d, generator=gen, device=DEV, dtype=torch.bfloat16)
+    stale = [torch.full((B, H, N), float("nan"), device=DEV) for _ in range(64)]
+    del stale  # the blocks stay in the caching allocator, NaN-filled
+    out, mass = kernel_attend.attend(q, states, specs, seed=0, kv_dtype=KV_DTYPE, k_new=kn, v_new=kn)
+    assert mass.shape == (B, H, N) and torch.equal(mass, torch.zeros_like(mass)), seed
+    assert torch.isfinite(out).all(), seed
+
+
 def record_pdl_launches(monkeypatch, module, name: str, seen: list) -> None:
     """Replace the kernel module.<name> with a spy that appends (name, launched with PDL?) to
     seen at every launch, then launches it."""
