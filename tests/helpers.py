@@ -54,3 +54,18 @@ def record_launches(monkeypatch, module, name: str, label: str | None = None, in
 
     monkeypatch.setattr(module, name, Spy())
     return launched
+
+
+def nan_filled_empty(monkeypatch) -> None:
+    """torch.empty and torch.empty_like hand out floating-point memory filled with NaN for the
+    rest of the test, so an output a kernel should have written but did not shows as NaN."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def filled(make):
+        def allocate(*args, **kwargs):
+            t = make(*args, **kwargs)
+            return t.fill_(float("nan")) if t.is_floating_point() else t
+        return allocate
+
+    monkeypatch.setattr(torch, "empty", filled(empty))
+    monkeypatch.setattr(torch, "empty_like", filled(empty_like))

@@ -19,7 +19,7 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from helpers import record_launches
+from helpers import nan_filled_empty, record_launches
 
 from sphkv_compile.kernels import attend as kernel_attend
 from sphkv_compile.kernels import compaction, encode as kernel_encode
@@ -252,18 +252,48 @@ def test_exact_tier_and_chunk_launches_match_reference(merged, tq, pad, monkeypa
     the 150 new tokens in several splits, a decode step and a padded prefill chunk, against the
     reference."""
     monkeypatch.setitem(kernel_attend.PLAIN, "exact_with_chunk", merged)
-    names = ("exact_and_chunk_partials_kernel", "paged_partials_kernel", "chunk_partials_kernel")
-    grids = {name: record_launches(monkeypatch, kernel_attend, name) for name in names}
+    launched = {}  # kernel name -> the chunk's split count at each launch (0: a launch without the chunk)
+
+    def spy(name, chunk_splits_arg):
+        kernel = getattr(kernel_attend, name)
+
+        class Spy:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    splits = args[kernel.arg_names.index(chunk_splits_arg)] if chunk_splits_arg else 0
+                    launched.setdefault(name, []).append(splits)
+                    return kernel[grid](*args, **kwargs)
+                return launch
+
+        monkeypatch.setattr(kernel_attend, name, Spy())
+
+    spy("exact_and_chunk_partials_kernel", "S_chunk")
+    spy("chunk_partials_kernel", "S")
+    spy("paged_partials_kernel", None)
     run_case(dict(d=32, hkv=1, g=2, b=1, specs=list(ALL_TIERS[:2]), tq=tq, n_new=150, page_size=16, seed=50 + tq,
                   max_count=300, obs=1, pad=pad, accumulate=False))
-    launched = {name: [grid[1] for grid in grids[name]] for name in names}  # splits per launch
     if merged:
-        assert not launched["paged_partials_kernel"] and not launched["chunk_partials_kernel"], launched
-        (splits,) = launched["exact_and_chunk_partials_kernel"]
-        assert splits >= 3, launched
+        assert sorted(launched) == ["exact_and_chunk_partials_kernel"], launched
     else:
-        assert not launched["exact_and_chunk_partials_kernel"], launched
-        assert len(launched["paged_partials_kernel"]) == 1 and launched["chunk_partials_kernel"][0] >= 2, launched
+        assert sorted(launched) == ["chunk_partials_kernel", "paged_partials_kernel"], launched
+    (chunk_splits,) = launched["exact_and_chunk_partials_kernel" if merged else "chunk_partials_kernel"]
+    assert chunk_splits >= 2, launched
+
+
+@pytest.mark.parametrize("obs", [0, 2])
+def test_query_chunks_match_reference(obs, monkeypatch):
+    """A call whose split partials would pass PARTIAL_BYTES runs its queries in chunks (here of
+    2 rows: 7 queries in 4 chunks), each with its own query, partials and combine launches over
+    the exact tier and the new tokens; the mass zeros (obs 0) are written once, by the first.
+    Every float tensor attend allocates starts out NaN-filled, so a slot no kernel wrote shows."""
+    d, hkv, g, b, specs = 32, 2, 2, 1, list(ALL_TIERS[:3])
+    per_row = (len(specs) + 1) * 4 * d * 4 * b * hkv  # kernels.attend's bytes per query row
+    monkeypatch.setattr(kernel_attend, "PARTIAL_BYTES", 2 * per_row * g)
+    launches = record_launches(monkeypatch, kernel_attend, "combine_kernel")
+    nan_filled_empty(monkeypatch)
+    run_case(dict(d=d, hkv=hkv, g=g, b=b, specs=specs, tq=7, n_new=9, page_size=16, seed=60 + obs,
+                  max_count=100, obs=obs, pad=True, accumulate=False))
+    assert len(launches) == 4, launches
 
 
 @settings(**{**SETTINGS, "max_examples": 6})
