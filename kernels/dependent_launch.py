@@ -4,17 +4,18 @@ A decode step at small batch is a chain of short kernels (queries, split-KV part
 the new token's partials, the combine), and each waits for the one before it to finish, drain
 and be replaced: a few microseconds per boundary of a ~35 us call (Llama-3-8B B=1 4k, H200,
 session 28). Launched with the PDL attribute, a kernel's programs may start while the kernel
-before it still runs, do the work that reads no output of it (the fragment kernel stages its
-codec tables), and then wait in `griddepcontrol.wait` until it has finished and its writes are
-visible. A kernel may also let the next one launch as soon as its own programs have all
+before it still runs, and wait in `griddepcontrol.wait` until it has finished and its writes are
+visible: what overlaps is the launch and the programs' start. A kernel may also let the next one launch as soon as its own programs have all
 started ("release early"), not only once they have finished; the next kernel's programs then
 wait on SMs beside its own. The query kernel does not: released early, it made Llama-3-8B B=1
 32k 18% slower (H200, session 29), probably because the fragment kernel after it sizes its grid
 to fill the SMs exactly and some of its programs then sat beside the query kernel's.
 
 Correctness rests on one rule, kept by every kernel that takes PDL: nothing before the wait
-writes global memory or reads what an earlier kernel of the stream may still be writing (the
-caching allocator hands a call's freed buffers to the next call's kernels in stream order).
+reads or writes global memory. (The caching allocator hands a call's freed buffers to the next
+call's kernels in stream order, and even a constant table may have just been copied to the
+device by the kernel before.) When the timings below were taken, the fragment kernels staged
+their tables before the wait; they stage them after it since, so the rule has no exception.
 A kernel launched without the attribute after one of these waits for it in full, as usual.
 
 Measured (H200, whole attend call replayed from a CUDA graph, benchmarks/probe_fragment_launch.py

@@ -64,8 +64,8 @@ def paged_fragment_decode_kernel(
     BOP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
     TOKENS: gl.constexpr = gl.SliceLayout(2, MMA)  # [W, CT]: the logits' rows
     QUERIES: gl.constexpr = gl.SliceLayout(1, MMA)  # [W, 8]: the logits' columns
-    _stage_tables(ktab_ptr, vtab_ptr, K_WORDS, V_WORDS, W)  # constant tables: before the wait (PDL)
     pid_bh = after_previous_kernel(gl.program_id(0), PDL)
+    _stage_tables(ktab_ptr, vtab_ptr, K_WORDS, V_WORDS, W)
     pid_s = gl.program_id(1)
     row0 = gl.program_id(2) * 8
     BLOCK: gl.constexpr = W * CT
