@@ -56,6 +56,27 @@ def record_launches(monkeypatch, module, name: str, label: str | None = None, in
     return launched
 
 
+def record_launch_args(monkeypatch, module, name: str, pick, into: list | None = None) -> list:
+    """Replace the Triton kernel module.<name> with a spy that appends pick(named) at every launch,
+    named being the launch's arguments by name (positional by the kernel's argument names, then
+    the keywords: constexprs and launch options), then launches the kernel."""
+    launched = [] if into is None else into
+    kernel = getattr(module, name)
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append(pick({**dict(zip(kernel.arg_names, args)), **kwargs}))
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+        def __getattr__(self, attr):  # warmup() and the rest: the kernel's own
+            return getattr(kernel, attr)
+
+    monkeypatch.setattr(module, name, Spy())
+    return launched
+
+
 def nan_filled_empty(monkeypatch) -> None:
     """torch.empty and torch.empty_like hand out floating-point memory filled with NaN for the
     rest of the test, so an output a kernel should have written but did not shows as NaN."""

@@ -23,7 +23,7 @@ from sphkv_compile.kernels import compaction, encode as kernel_encode, fragment_
 from sphkv_compile.report import report as sphkv_report  # noqa: E402
 from sphkv_compile.store import TierState, append_records, attend as reference_attend, encode_records, gather_tokens  # noqa: E402
 from sphkv_compile.tiers import DEFAULT_TIERS, TierSpec, record_words, tier_codecs  # noqa: E402
-from helpers import nan_filled_empty, record_launches  # noqa: E402
+from helpers import nan_filled_empty, record_launch_args, record_launches  # noqa: E402
 
 DEV = torch.device("cuda")
 KV_DTYPE = torch.bfloat16
@@ -342,24 +342,6 @@ def test_attend_without_a_window_returns_zero_mass(Tq, N, monkeypatch):
     assert torch.isfinite(out).all(), seed
 
 
-def record_pdl_launches(monkeypatch, module, name: str, seen: list) -> None:
-    """Replace the kernel module.<name> with a spy that appends (name, launched with PDL?) to
-    seen at every launch, then launches it."""
-    kernel = getattr(module, name)
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                seen.append((name, kwargs.get("launch_pdl", False)))
-                return kernel[grid](*args, **kwargs)
-            return launch
-
-        def __getattr__(self, attr):
-            return getattr(kernel, attr)
-
-    monkeypatch.setattr(module, name, Spy())
-
-
 @pytest.mark.parametrize("d,H,G,B,fragments", [(128, 2, 4, 1, True), (64, 3, 3, 8, True), (128, 2, 4, 2, False)],
                          ids=["llama-like-B1", "smollm-like-B8", "triton-kernels"])
 def test_dependent_launch_changes_no_output(d, H, G, B, fragments, monkeypatch):
@@ -388,7 +370,7 @@ def test_dependent_launch_changes_no_output(d, H, G, B, fragments, monkeypatch):
     seen = []
     for module, name in ((kernel_attend, "prepare_queries_kernel"), (kernel_attend, "exact_and_chunk_partials_kernel"),
                          (kernel_attend, "combine_kernel"), (fragment_decode_kernel, "paged_fragment_decode_kernel")):
-        record_pdl_launches(monkeypatch, module, name, seen)
+        record_launch_args(monkeypatch, module, name, lambda a, name=name: (name, a.get("launch_pdl", False)), seen)
     plain = [call(*inputs) for inputs in sets]
     assert not torch.equal(plain[0], plain[1])  # so the two sets tell a stale read apart
     assert seen and not any(pdl for _, pdl in seen), seen

@@ -19,7 +19,7 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from helpers import nan_filled_empty, record_launches
+from helpers import nan_filled_empty, record_launch_args, record_launches
 
 from sphkv_compile.kernels import attend as kernel_attend
 from sphkv_compile.kernels import compaction, encode as kernel_encode
@@ -225,18 +225,7 @@ def test_several_splits_per_tier_match_reference(min_tiles, monkeypatch):
     groups of COMBINE['splits'] with the rotated ones apart; min_tiles_per_split=2 makes the
     splits longer and fewer."""
     monkeypatch.setitem(kernel_attend.CODED, "min_tiles_per_split", min_tiles)
-    launched = []
-    combine = kernel_attend.combine_kernel
-
-    class Spy:  # records (S_total, S_rot) of each combine launch
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                names = combine.arg_names
-                launched.append((args[names.index("S_total")], args[names.index("S_rot")]))
-                return combine[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(kernel_attend, "combine_kernel", Spy())
+    launched = record_launch_args(monkeypatch, kernel_attend, "combine_kernel", lambda a: (a["S_total"], a["S_rot"]))
     # d=64: two 32-column rotation blocks
     run_case(dict(d=64, hkv=1, g=2, b=1, specs=list(ALL_TIERS[:3]), tq=1, n_new=2, page_size=16, seed=11,
                   max_count=600, obs=1, pad=False, accumulate=False))
@@ -252,30 +241,17 @@ def test_exact_tier_and_chunk_launches_match_reference(merged, tq, pad, monkeypa
     the 150 new tokens in several splits, a decode step and a padded prefill chunk, against the
     reference."""
     monkeypatch.setitem(kernel_attend.PLAIN, "exact_with_chunk", merged)
-    launched = {}  # kernel name -> the chunk's split count at each launch (0: a launch without the chunk)
-
-    def spy(name, chunk_splits_arg):
-        kernel = getattr(kernel_attend, name)
-
-        class Spy:
-            def __getitem__(self, grid):
-                def launch(*args, **kwargs):
-                    splits = args[kernel.arg_names.index(chunk_splits_arg)] if chunk_splits_arg else 0
-                    launched.setdefault(name, []).append(splits)
-                    return kernel[grid](*args, **kwargs)
-                return launch
-
-        monkeypatch.setattr(kernel_attend, name, Spy())
-
-    spy("exact_and_chunk_partials_kernel", "S_chunk")
-    spy("chunk_partials_kernel", "S")
-    spy("paged_partials_kernel", None)
+    # kernel name -> the chunk's split count at each launch (0: a launch without the chunk)
+    launched = {name: record_launch_args(monkeypatch, kernel_attend, name, lambda a, key=key: a[key] if key else 0)
+                for name, key in (("exact_and_chunk_partials_kernel", "S_chunk"), ("chunk_partials_kernel", "S"),
+                                  ("paged_partials_kernel", None))}
     run_case(dict(d=32, hkv=1, g=2, b=1, specs=list(ALL_TIERS[:2]), tq=tq, n_new=150, page_size=16, seed=50 + tq,
                   max_count=300, obs=1, pad=pad, accumulate=False))
+    ran = sorted(name for name, calls in launched.items() if calls)
     if merged:
-        assert sorted(launched) == ["exact_and_chunk_partials_kernel"], launched
+        assert ran == ["exact_and_chunk_partials_kernel"], launched
     else:
-        assert sorted(launched) == ["chunk_partials_kernel", "paged_partials_kernel"], launched
+        assert ran == ["chunk_partials_kernel", "paged_partials_kernel"], launched
     (chunk_splits,) = launched["exact_and_chunk_partials_kernel" if merged else "chunk_partials_kernel"]
     assert chunk_splits >= 2, launched
 
