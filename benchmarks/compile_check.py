@@ -277,9 +277,8 @@ def compile_all(d=128):
         try:
             warps = {"combine": _small_kernel_warps(16, d), "combine_decode": _small_kernel_warps(4, d),
                      "queries": _small_kernel_warps(16, d), "queries_decode": _small_kernel_warps(4, d),
-                     "combine_decode_pdl": _small_kernel_warps(4, d), "queries_decode_pdl": _small_kernel_warps(4, d),
                      "encode_polar": encode_warps,
-                     "encode_scalar": encode_warps}.get(name, 4)
+                     "encode_scalar": encode_warps}.get(name.removesuffix("_pdl"), 4)
             k = triton.compile(ASTSource(fn, sig, consts, pointer_alignment(fn, sig)), target=TARGET,
                                options={"num_warps": warps, "num_stages": 1})
             print(name, "ok, shared", k.metadata.shared)

@@ -347,6 +347,14 @@ def _uses_fragments(info, spec: TierSpec, D: int, device: torch.device, st: Tier
     return why is None
 
 
+def _exact_pool(info, st: TierState, kv_dtype) -> tuple[torch.Tensor, int, int]:
+    """An exact tier's record pool as K/V elements of kv_dtype: (pool, elements per token record,
+    the value's first element in a record)."""
+    pool = st.pool.view(-1).view(kv_dtype)
+    per_word = 4 // pool.element_size()
+    return pool, st.pool.shape[-1] * per_word, info.key_words * per_word
+
+
 def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_offset, S, S_total, M, block_m,
                   block_t, precision, num_warps, num_stages, coded_warps: int | None = None, fragments: bool = False,
                   pdl: bool = False):
@@ -398,13 +406,12 @@ def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_
             paged_coded_kernel[grid](*args, DECODE_K=key_part(), DECODE_V=value_part(), **launch)
         return
     # exact tier: plain K/V in the KV dtype (the codec pointers are unused)
-    pool = st.pool.view(-1).view(kv_dtype)
-    per_word = 4 // pool.element_size()
+    pool, record, value_offset = _exact_pool(info, st, kv_dtype)
     none = (0, 0, 1, 0, 1)
     paged_partials_kernel[grid](
         q_in, pool, st.pages, st.count, acc, m, l, pool, pool, pool, pool,
         M, st.pages.shape[-1], S, split_offset, S_total,
-        PS=st.page_size, WT=st.pool.shape[-1] * per_word, VOFF=info.key_words * per_word, D=q_in.shape[-1],
+        PS=st.page_size, WT=record, VOFF=value_offset, D=q_in.shape[-1],
         BLOCK_M=block_m, BLOCK_T=block_t, EXACT=True, VALUE_SCALAR=False, K_LEVELS=none[0], K_COUNTS=none[1],
         K_MAXC=none[2], K_WIDTHS=none[3], K_TSIZE=none[4], V_LEVELS=none[0], V_COUNTS=none[1], V_MAXC=none[2],
         V_WIDTHS=none[3], V_TSIZE=none[4], STEP=1.0, LOG2_MIN=LOG2_MIN,
@@ -415,14 +422,13 @@ def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_
 def _launch_exact_and_chunk(info, kv_dtype, qc, st: TierState, kn, vn, valid_i8, acc, m, l, split_offset, S, S_chunk,
                             S_total, M, tc, q_pos0, Hkv, block_m, block_t, precision, num_warps, num_stages, pdl):
     """An exact tier's S splits and the new chunk's S_chunk (exact_and_chunk_partials_kernel)."""
-    pool = st.pool.view(-1).view(kv_dtype)
-    per_word = 4 // pool.element_size()
+    pool, record, value_offset = _exact_pool(info, st, kv_dtype)
     N = kn.shape[2]
     exact_and_chunk_partials_kernel[(st.count.numel(), S + S_chunk, triton.cdiv(M, block_m))](
         qc, pool, st.pages, st.count, kn, vn, valid_i8 if valid_i8 is not None else qc, acc, m, l,
         M, st.pages.shape[-1], S, N, tc, q_pos0, Hkv, S_chunk, split_offset, S_total,
         kn.stride(0), kn.stride(1), kn.stride(2), vn.stride(0), vn.stride(1), vn.stride(2),
-        PS=st.page_size, WT=st.pool.shape[-1] * per_word, VOFF=info.key_words * per_word, D=qc.shape[-1],
+        PS=st.page_size, WT=record, VOFF=value_offset, D=qc.shape[-1],
         BLOCK_M=block_m, BLOCK_T=block_t, HAS_VALID=valid_i8 is not None, DOT_PRECISION=precision,
         PDL=dependent_launch.mode(pdl, "exact"), num_warps=num_warps, num_stages=num_stages,
         **dependent_launch.launch_options(pdl))
@@ -592,9 +598,7 @@ def _launch_mass(info, kv_dtype, q_in, st: TierState, stat_m, stat_l, M, Tq, win
     BH = st.count.numel()
     exact = info.key is None
     if exact:
-        pool = st.pool.view(-1).view(kv_dtype)
-        per_word = 4 // pool.element_size()
-        wt = st.pool.shape[-1] * per_word
+        pool, wt, _ = _exact_pool(info, st, kv_dtype)
         kc = kt = pool
         kcon = (0, 0, 1, 0, 1)
         step = 1.0

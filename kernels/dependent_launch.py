@@ -5,9 +5,9 @@ the new token's partials, the combine), and each waits for the one before it to 
 and be replaced: a few microseconds per boundary of a ~35 us call (Llama-3-8B B=1 4k, H200,
 session 28). Launched with the PDL attribute, a kernel's programs may start while the kernel
 before it still runs, and wait in `griddepcontrol.wait` until it has finished and its writes are
-visible: what overlaps is the launch and the programs' start. A kernel may also let the next one launch as soon as its own programs have all
-started ("release early"), not only once they have finished; the next kernel's programs then
-wait on SMs beside its own. The query kernel does not: released early, it made Llama-3-8B B=1
+visible: what overlaps is the launch and the programs' start. A kernel may also let the next one
+launch as soon as its own programs have all started ("release early"), not only once they have
+finished; the next kernel's programs then wait on SMs beside its own. The query kernel does not: released early, it made Llama-3-8B B=1
 32k 18% slower (H200, session 29), probably because the fragment kernel after it sizes its grid
 to fill the SMs exactly and some of its programs then sat beside the query kernel's.
 
@@ -41,6 +41,8 @@ DEPENDENT_LAUNCH = {"enabled": False, "release_early": ("fragment", "exact", "ch
 # a kernel's PDL constexpr: launched plainly, launched with PDL, and launched with PDL releasing
 # the next kernel early
 OFF, WAIT, RELEASE_EARLY = 0, 1, 2
+# the same two, as the kernels compare them
+WAIT_MODE, RELEASE_EARLY_MODE = tl.constexpr(WAIT), tl.constexpr(RELEASE_EARLY)
 # wait for the previous kernel (after releasing the next one), pass an index through: every
 # address computed from the index then depends on the wait
 WAIT_ASM = tl.constexpr("griddepcontrol.wait;\n mov.u32 $0, $1;")
@@ -72,9 +74,9 @@ def after_previous_kernel(index, PDL: tl.constexpr):
     """index (a program id), returned once the previous kernel in the stream has finished (PDL:
     WAIT or RELEASE_EARLY), else at once. Every global store, and every load of an earlier
     kernel's output, must use addresses computed from what it returns."""
-    if PDL == 2:  # RELEASE_EARLY
+    if PDL == RELEASE_EARLY_MODE:
         index = tl.inline_asm_elementwise(RELEASE_AND_WAIT_ASM, "=r,r", [index], dtype=tl.int32, is_pure=False,
                                           pack=1)
-    elif PDL == 1:  # WAIT
+    elif PDL == WAIT_MODE:
         index = tl.inline_asm_elementwise(WAIT_ASM, "=r,r", [index], dtype=tl.int32, is_pure=False, pack=1)
     return index

@@ -29,7 +29,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from .dependent_launch import RELEASE_AND_WAIT_ASM, WAIT_ASM
+from .dependent_launch import RELEASE_AND_WAIT_ASM, RELEASE_EARLY_MODE, WAIT_ASM, WAIT_MODE
 from .fragment_codegen import FRAGMENT_TABLE_BYTES, FRAGMENT_TABLES
 
 _DECLARE = gl.constexpr(f".shared .align 16 .b8 {FRAGMENT_TABLES}[{FRAGMENT_TABLE_BYTES}];\n mov.u32 $0, $1;")
@@ -62,10 +62,10 @@ def _stage_tables(ktab_ptr, vtab_ptr, K_WORDS: gl.constexpr, V_WORDS: gl.constex
 def after_previous_kernel(index, PDL: gl.constexpr):
     """dependent_launch.after_previous_kernel in Gluon: index, once the previous kernel in the
     stream has finished (PDL: dependent_launch.WAIT or RELEASE_EARLY)."""
-    if PDL == 2:  # RELEASE_EARLY
+    if PDL == RELEASE_EARLY_MODE:
         index = gl.inline_asm_elementwise(RELEASE_AND_WAIT_ASM, "=r,r", [index], dtype=gl.int32, is_pure=False,
                                           pack=1)
-    elif PDL == 1:  # WAIT
+    elif PDL == WAIT_MODE:
         index = gl.inline_asm_elementwise(WAIT_ASM, "=r,r", [index], dtype=gl.int32, is_pure=False, pack=1)
     return index
 
