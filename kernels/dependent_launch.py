@@ -73,7 +73,8 @@ def launch_options(pdl: bool) -> dict:
 def after_previous_kernel(index, PDL: tl.constexpr):
     """index (a program id), returned once the previous kernel in the stream has finished (PDL:
     WAIT or RELEASE_EARLY), else at once. Every global store, and every load of an earlier
-    kernel's output, must use addresses computed from what it returns."""
+    kernel's output, must use addresses computed from what it returns. (The Gluon fragment
+    kernels call it too.)"""
     if PDL == RELEASE_EARLY_MODE:
         index = tl.inline_asm_elementwise(RELEASE_AND_WAIT_ASM, "=r,r", [index], dtype=tl.int32, is_pure=False,
                                           pack=1)

@@ -29,7 +29,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from .dependent_launch import RELEASE_AND_WAIT_ASM, RELEASE_EARLY_MODE, WAIT_ASM, WAIT_MODE
+from .dependent_launch import after_previous_kernel
 from .fragment_codegen import FRAGMENT_TABLE_BYTES, FRAGMENT_TABLES
 
 _DECLARE = gl.constexpr(f".shared .align 16 .b8 {FRAGMENT_TABLES}[{FRAGMENT_TABLE_BYTES}];\n mov.u32 $0, $1;")
@@ -56,18 +56,6 @@ def _stage_tables(ktab_ptr, vtab_ptr, K_WORDS: gl.constexpr, V_WORDS: gl.constex
                                   is_pure=False, pack=1)
     # (gl.thread_barrier is missing from some Triton versions)
     gl.inline_asm_elementwise("bar.sync 0; mov.u32 $0, $1;", "=r,r", [i], dtype=gl.int32, is_pure=False, pack=1)
-
-
-@gluon.jit
-def after_previous_kernel(index, PDL: gl.constexpr):
-    """dependent_launch.after_previous_kernel in Gluon: index, once the previous kernel in the
-    stream has finished (PDL: dependent_launch.WAIT or RELEASE_EARLY)."""
-    if PDL == RELEASE_EARLY_MODE:
-        index = gl.inline_asm_elementwise(RELEASE_AND_WAIT_ASM, "=r,r", [index], dtype=gl.int32, is_pure=False,
-                                          pack=1)
-    elif PDL == WAIT_MODE:
-        index = gl.inline_asm_elementwise(WAIT_ASM, "=r,r", [index], dtype=gl.int32, is_pure=False, pack=1)
-    return index
 
 
 @gluon.jit
