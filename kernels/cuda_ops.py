@@ -102,15 +102,14 @@ def update_cache_cuda(state, k, v, valid, utility, tiers, seed, kv_dtype, sink, 
     reads); a longer chunk (prefill) runs placement.graduate with the Triton encoder."""
     specs = list(parse_tiers(tiers))
     states = unflatten_state(state, len(specs))
-    kw = dict(seed=seed, kv_dtype=dtype_from_name(kv_dtype), sink=sink, recent=recent, target=target_tier,
-              encode=encode_records)
+    kw = dict(seed=seed, kv_dtype=dtype_from_name(kv_dtype), sink=sink, recent=recent, target=target_tier)
     if k.shape[2] == 1:
         try:
             decode_update(states, specs, k, v, valid, utility, **kw)
             return
         except Unsupported as err:
             _fallback("update_cache (device-side decode step)", err)
-    graduate(states, specs, k, v, valid, utility, **kw)
+    graduate(states, specs, k, v, valid, utility, encode=encode_records, **kw)
 
 
 def registered() -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from sphkv_compile.store import encode_records as reference_encode_records
+from sphkv_compile.store import TierState, encode_records as reference_encode_records
 from sphkv_compile.tiers import TierSpec, tier_codecs
 
 from .encode_kernels import encode_kv_kernel
@@ -22,6 +22,10 @@ from .layout import (DEVICE_TABLES, ScalarTables, Unsupported, radius_round_offs
 ENCODE_LAUNCH = {("small", True): (32, 4, 0), ("small", False): (32, 4, 0),
                  ("large", True): (16, 4, 0), ("large", False): (16, 8, 0),
                  ("xlarge", True): (16, 8, 0), ("xlarge", False): (16, 8, 0)}
+# linear_search_max_tiles: launches with at most this many tiles per (batch, KV head) row
+# count every threshold instead of searching them (codes.search_thresholds): a decode step
+# encodes one token per row, and its time is the binary search's chain of dependent loads.
+ENCODE_SEARCH = {"linear_search_max_tiles": 1}
 
 
 def head_dim_class(head_dim: int) -> str:
@@ -37,6 +41,37 @@ def encode_records(spec: TierSpec, k: torch.Tensor, v: torch.Tensor, seed: int, 
     if spec.exact:
         return reference_encode_records(spec, k, v, seed, kv_dtype)  # a cast and a copy
     B, H, N, d = k.shape
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    strides = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
+    return _launch(spec, k, v, (B, H, N, d), strides, seed, kv_dtype)
+
+
+def encode_exact_slot(spec: TierSpec, exact: TierState, slot: int, head_dim: int, seed: int,
+                      kv_dtype: torch.dtype) -> torch.Tensor:
+    """The token at `slot` of every (batch row, KV head) of an exact tier, encoded into `spec`'s
+    records [B, Hkv, 1, words], read in place from the tier's pool (placement.graduate gathers it
+    and encodes the copy: the same codes). A row whose page table has no page there reads page 0,
+    as the gather it replaces did; its record is then unused."""
+    if spec.exact:
+        raise ValueError("the graduation target must be a compressed tier")
+    B, H, max_pages = exact.pages.shape
+    if not exact.pages.is_contiguous():
+        raise Unsupported("an exact tier's page table that is not contiguous")
+    elems = exact.pool.view(kv_dtype)  # [pages, page_size, 2 * half]: key elements, then value elements
+    gather = (exact.pages, min(slot // exact.page_size, max_pages - 1), slot % exact.page_size, max_pages,
+              exact.page_size, elems.shape[-1] // 2)
+    return _launch(spec, elems, elems, (B, H, 1, head_dim), (0,) * 6, seed, kv_dtype, gather)
+
+
+def _launch(spec: TierSpec, k: torch.Tensor, v: torch.Tensor, shape: tuple, strides: tuple, seed: int,
+            kv_dtype: torch.dtype, gather: tuple | None = None) -> torch.Tensor:
+    """encode_kv_kernel over `shape` (B, Hkv, N, d) tokens at k, v with element strides
+    (k's b, h, n, v's b, h, n), or, with gather (pages, page column, slot in page, max pages,
+    page size, half-record elements), one token per row read from an exact tier's pool."""
+    B, H, N, d = shape
     info = tier_info(spec, d, seed, kv_dtype)
     if k.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise Unsupported(f"encode of {k.dtype} keys")
@@ -46,19 +81,16 @@ def encode_records(spec: TierSpec, k: torch.Tensor, v: torch.Tensor, seed: int, 
     out = torch.empty(B, H, N, info.key_words + info.value_words, dtype=torch.int32, device=dev)
     if out.numel() == 0:
         return out
-    if k.stride(-1) != 1:
-        k = k.contiguous()
-    if v.stride(-1) != 1:
-        v = v.contiguous()
     key, val = info.key, info.value
     scalar = isinstance(val, ScalarTables)
     vthr = tab(val.thresholds)
     signs, kfwd, vfwd, kscale, vscale = _rotations(kc, vc, k.dtype, v.dtype)
     block_t, warps, maxnreg = _launch_shape(d, signs)
+    pages, page_col, slot_in_page, max_pages, page_size, half = gather or (out, 0, 0, 0, 1, 1)
     encode_kv_kernel[(B * H, triton.cdiv(N, block_t))](
         k, v, out, tab(kfwd), tab(vfwd), kscale, vscale,
         tab(key.fields.comps), tab(key.thresholds), tab(val.fields.comps), vthr,
-        N, H, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        N, H, *strides, pages, page_col, slot_in_page, max_pages,
         D=d, BLOCK_T=block_t, KW=info.key_words, VW=info.value_words,
         KWPAD=triton.next_power_of_2(info.key_words), VWPAD=triton.next_power_of_2(info.value_words),
         VALUE_SCALAR=scalar, K_LEVELS=key.levels, K_BITS=key.bits, K_COUNTS=key.fields.counts,
@@ -66,7 +98,9 @@ def encode_records(spec: TierSpec, k: torch.Tensor, v: torch.Tensor, seed: int, 
         V_LEVELS=0 if scalar else val.levels, V_BITS=val.bits, V_COUNTS=val.fields.counts,
         V_MAXC=val.fields.max_comps, V_WIDTHS=val.fields.widths, V_TSIZE=1 if scalar else val.table_size,
         STEP=key.radius_step, ROUND_OFFSET=radius_round_offset(16), SIGNS=signs,
-        EMULATE_BF16_DOT=signs and k.dtype == torch.bfloat16 and under_interpreter(), num_warps=warps, num_stages=1,
+        EMULATE_BF16_DOT=signs and k.dtype == torch.bfloat16 and under_interpreter(),
+        LINEAR_SEARCH=triton.cdiv(N, block_t) <= ENCODE_SEARCH["linear_search_max_tiles"],
+        FROM_EXACT=gather is not None, E_PS=page_size, HALF_E=half, num_warps=warps, num_stages=1,
         **({"maxnreg": maxnreg} if maxnreg else {}))
     return out
 

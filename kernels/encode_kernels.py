@@ -28,9 +28,8 @@ def _unit_and_radius_code(y, STEP: tl.constexpr, ROUND_OFFSET: tl.constexpr):
 @triton.jit
 def encode_polar_tile(y, comps_ptr, thr_ptr, D: tl.constexpr, LEVELS: tl.constexpr, BITS: tl.constexpr,
                       COUNTS: tl.constexpr, MAXC: tl.constexpr, WIDTHS: tl.constexpr, TSIZE: tl.constexpr,
-                      WPAD: tl.constexpr,
-                      STEP: tl.constexpr, ROUND_OFFSET: tl.constexpr):
-    """Rotated vectors [T, D] -> record words [T, WPAD] (int32)."""
+                      WPAD: tl.constexpr, STEP: tl.constexpr, ROUND_OFFSET: tl.constexpr, LINEAR: tl.constexpr):
+    """Rotated vectors [T, D] -> record words [T, WPAD] (int32). LINEAR: search_thresholds'."""
     T: tl.constexpr = y.shape[0]
     P: tl.constexpr = D // 2
     ys, rcode = _unit_and_radius_code(y, STEP, ROUND_OFFSET)
@@ -42,12 +41,13 @@ def encode_polar_tile(y, comps_ptr, thr_ptr, D: tl.constexpr, LEVELS: tl.constex
     half = (b < 0) | ((b == 0) & (a < 0))
     ah = tl.where(half, -a, a)
     bh = tl.where(half, -b, b)
-    code = search_thresholds(ah, bh, thr_ptr, 0, B1 - 1, TSIZE) + tl.where(half, 1 << (B1 - 1), 0)
+    code = search_thresholds(ah, bh, thr_ptr, 0, B1 - 1, TSIZE, LINEAR) + tl.where(half, 1 << (B1 - 1), 0)
     words = pack_field(words, code, comps_ptr, 1, P, COUNTS, MAXC, WIDTHS, WPAD)
     node = tl.sqrt(a * a + b * b)
     for f in tl.static_range(2, LEVELS + 1):
         left, right = tl.split(tl.reshape(node, (T, D >> f, 2)))
-        code = search_thresholds(left, right, thr_ptr, f - 1, (BITS >> (4 * (f - 1))) & 15, TSIZE)
+        code = search_thresholds(left, right, thr_ptr, f - 1, (BITS >> (4 * (f - 1))) & 15, TSIZE,
+                                 LINEAR)
         words = pack_field(words, code, comps_ptr, f, D >> f, COUNTS, MAXC, WIDTHS, WPAD)
         node = tl.sqrt(left * left + right * right)
     return words
@@ -55,16 +55,22 @@ def encode_polar_tile(y, comps_ptr, thr_ptr, D: tl.constexpr, LEVELS: tl.constex
 
 @triton.jit
 def encode_scalar_tile(y, comps_ptr, thr_ptr, D: tl.constexpr, BITS: tl.constexpr, COUNTS: tl.constexpr,
-                       MAXC: tl.constexpr, WIDTHS: tl.constexpr, WPAD: tl.constexpr, STEP: tl.constexpr, ROUND_OFFSET: tl.constexpr):
-    """Rotated vectors [T, D] -> rotated-scalar record words [T, WPAD]."""
+                       MAXC: tl.constexpr, WIDTHS: tl.constexpr, WPAD: tl.constexpr, STEP: tl.constexpr,
+                       ROUND_OFFSET: tl.constexpr, LINEAR: tl.constexpr):
+    """Rotated vectors [T, D] -> rotated-scalar record words [T, WPAD]. LINEAR: every threshold
+    tested and counted, as in search_thresholds, instead of a binary search."""
     T: tl.constexpr = y.shape[0]
     ys, rcode = _unit_and_radius_code(y, STEP, ROUND_OFFSET)
     norm = tl.sqrt(tl.sum(ys * ys, 1))
     u = ys / tl.where(norm > 0, norm, 1.0)[:, None] * tl.sqrt(D * 1.0)
     code = tl.zeros((T, D), tl.int32)
-    for s in tl.static_range(BITS - 1, -1, -1):
-        cand = code + (1 << s)
-        code = tl.where(u > tl.load(thr_ptr + cand - 1), cand, code)
+    if LINEAR:
+        for j in tl.static_range((1 << BITS) - 1):
+            code += (u > tl.load(thr_ptr + j)).to(tl.int32)
+    else:
+        for s in tl.static_range(BITS - 1, -1, -1):
+            cand = code + (1 << s)
+            code = tl.where(u > tl.load(thr_ptr + cand - 1), cand, code)
     words = tl.zeros((T, WPAD), tl.int32)
     words = pack_field(words, rcode[:, None], comps_ptr, 0, 1, COUNTS, MAXC, WIDTHS, WPAD)
     return pack_field(words, code, comps_ptr, 1, D, COUNTS, MAXC, WIDTHS, WPAD)
@@ -87,16 +93,23 @@ def _rotate(x, fwd_ptr, scale, d, D: tl.constexpr, SIGNS: tl.constexpr, EMULATE_
 @triton.jit
 def encode_kv_kernel(
         k_ptr, v_ptr, out_ptr, kfwd_ptr, vfwd_ptr, kscale, vscale, kcomps_ptr, kthr_ptr, vcomps_ptr, vthr_ptr,
-        N, Hkv, skb, skh, skn, svb, svh, svn,
+        N, Hkv, skb, skh, skn, svb, svh, svn, pages_ptr, page_col, slot_in_page, max_pages,
         D: tl.constexpr, BLOCK_T: tl.constexpr, KW: tl.constexpr, VW: tl.constexpr, KWPAD: tl.constexpr,
         VWPAD: tl.constexpr, VALUE_SCALAR: tl.constexpr,
         K_LEVELS: tl.constexpr, K_BITS: tl.constexpr, K_COUNTS: tl.constexpr, K_MAXC: tl.constexpr,
         K_WIDTHS: tl.constexpr, K_TSIZE: tl.constexpr, V_LEVELS: tl.constexpr, V_BITS: tl.constexpr,
         V_COUNTS: tl.constexpr, V_MAXC: tl.constexpr, V_WIDTHS: tl.constexpr, V_TSIZE: tl.constexpr, STEP: tl.constexpr, ROUND_OFFSET: tl.constexpr,
-        SIGNS: tl.constexpr, EMULATE_BF16_DOT: tl.constexpr):
+        SIGNS: tl.constexpr, EMULATE_BF16_DOT: tl.constexpr, LINEAR_SEARCH: tl.constexpr,
+        FROM_EXACT: tl.constexpr, E_PS: tl.constexpr, HALF_E: tl.constexpr):
     """k, v [B, Hkv, N, D] -> records out [B, Hkv, N, KW + VW] (int32). SIGNS: the rotations
     are 16-bit sign matrices (scale kscale / vscale) applied to 16-bit inputs with one MMA;
-    else float32 matrices applied as tf32x3."""
+    else float32 matrices applied as tf32x3. LINEAR_SEARCH: codes by search_thresholds' count.
+
+    FROM_EXACT: k_ptr = v_ptr is an exact tier's pool viewed as its element dtype (records of
+    HALF_E key then HALF_E value elements, E_PS per page), and each (b, h) row encodes one token
+    (N = 1): the one at slot slot_in_page of page column page_col of its page table
+    (pages_ptr [B·Hkv, max_pages]; an unused entry reads page 0). A decode step's graduating
+    token is read in place, with no gather launched before."""
     pid_bh = tl.program_id(0)
     pid_t = tl.program_id(1)
     b = pid_bh // Hkv
@@ -104,21 +117,27 @@ def encode_kv_kernel(
     tok = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     tmask = tok < N
     d = tl.arange(0, D)
-    x = tl.load(k_ptr + b * skb + h * skh + tok[:, None] * skn + d[None, :], mask=tmask[:, None], other=0.0)
+    if FROM_EXACT:
+        page = tl.maximum(tl.load(pages_ptr + pid_bh * max_pages + page_col), 0).to(tl.int64)
+        k_row = (page * E_PS + slot_in_page) * (2 * HALF_E)
+        v_row = k_row + HALF_E
+    else:
+        k_row = b * skb + h * skh
+        v_row = b * svb + h * svh
+    x = tl.load(k_ptr + k_row + tok[:, None] * skn + d[None, :], mask=tmask[:, None], other=0.0)
     y = _rotate(x, kfwd_ptr, kscale, d, D, SIGNS, EMULATE_BF16_DOT)
     words = encode_polar_tile(y, kcomps_ptr, kthr_ptr, D, K_LEVELS, K_BITS, K_COUNTS, K_MAXC, K_WIDTHS, K_TSIZE, KWPAD,
-                              STEP, ROUND_OFFSET)
+                              STEP, ROUND_OFFSET, LINEAR_SEARCH)
     row = (pid_bh * N + tok).to(tl.int64) * (KW + VW)
     wk = tl.arange(0, KWPAD)
     tl.store(out_ptr + row[:, None] + wk[None, :], words, mask=tmask[:, None] & (wk < KW)[None, :])
-    x = tl.load(v_ptr + b * svb + h * svh + tok[:, None] * svn + d[None, :], mask=tmask[:, None], other=0.0)
+    x = tl.load(v_ptr + v_row + tok[:, None] * svn + d[None, :], mask=tmask[:, None], other=0.0)
     y = _rotate(x, vfwd_ptr, vscale, d, D, SIGNS, EMULATE_BF16_DOT)
     if VALUE_SCALAR:
         words = encode_scalar_tile(y, vcomps_ptr, vthr_ptr, D, V_BITS, V_COUNTS, V_MAXC, V_WIDTHS, VWPAD, STEP,
-                                   ROUND_OFFSET)
+                                   ROUND_OFFSET, LINEAR_SEARCH)
     else:
         words = encode_polar_tile(y, vcomps_ptr, vthr_ptr, D, V_LEVELS, V_BITS, V_COUNTS, V_MAXC, V_WIDTHS, V_TSIZE,
-                                  VWPAD,
-                                  STEP, ROUND_OFFSET)
+                                  VWPAD, STEP, ROUND_OFFSET, LINEAR_SEARCH)
     wv = tl.arange(0, VWPAD)
     tl.store(out_ptr + row[:, None] + KW + wv[None, :], words, mask=tmask[:, None] & (wv < VW)[None, :])

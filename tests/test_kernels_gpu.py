@@ -534,13 +534,16 @@ def test_op_and_compiled_op_run_the_kernels():
 
 
 @pytest.mark.parametrize("d,B,H,sink,recent,ps", [(128, 4, 8, 4, 64, 64), (64, 3, 3, 0, 5, 8), (64, 2, 2, 2, 0, 16)])
-def test_device_decode_update_equals_graduate_on_gpu(d, B, H, sink, recent, ps):
+def test_device_decode_update_equals_graduate_on_gpu(monkeypatch, d, B, H, sink, recent, ps):
     """sphkv::update_cache on CUDA (one token: kernels/decode_update.py) against
-    placement.graduate with the same (Triton) encoder: identical tiers after every step."""
-    from sphkv_compile.kernels import cuda_ops
+    placement.graduate with the same (Triton) encoder: identical tiers after every step. Both
+    count thresholds (graduate's launches of several tiles per row would search them, and a
+    near-tie may then round the other way)."""
+    from sphkv_compile.kernels import cuda_ops, encode as kernel_encode
     from sphkv_compile.ops import tiers_string
     from sphkv_compile.placement import graduate
 
+    monkeypatch.setitem(kernel_encode.ENCODE_SEARCH, "linear_search_max_tiles", 10**6)
     cuda_ops.register()
     gen = torch.Generator(device=DEV).manual_seed(random.randrange(2**31))
     specs = [DEFAULT_TIERS[0], DEFAULT_TIERS[2]]

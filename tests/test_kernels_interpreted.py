@@ -385,6 +385,30 @@ def test_encode_matches_reference(spec, d, B, H, N, dtypes, seed):
     _check_codes_close(spec, d, got, want)
 
 
+@pytest.mark.parametrize("linear", [False, True])
+@pytest.mark.parametrize("spec", ALL_TIERS[1:], ids=lambda s: s.name)
+def test_threshold_search_and_count_both_match_reference(monkeypatch, spec, linear):
+    """The encoder's two ways to find an angle's code (codes.search_thresholds: binary search,
+    or every threshold counted, which a decode step's launch takes) both give the reference's
+    codes, forced on a launch either would otherwise not take: one token per row (a decode
+    step), and 40 tokens per row (three tiles). Zero and non-finite keys included."""
+    monkeypatch.setitem(kernel_encode.ENCODE_SEARCH, "linear_search_max_tiles", 10**6 if linear else 0)
+    gen = torch.Generator().manual_seed(11)
+    launches = record_launch_args(monkeypatch, kernel_encode, "encode_kv_kernel", lambda a: a["LINEAR_SEARCH"])
+    for d, n in ((128, 1), (64, 40)):
+        k = torch.randn(2, 3, n, d, generator=gen) * torch.exp(4 * torch.randn(2, 3, n, 1, generator=gen))
+        v = torch.randn(2, 3, n, d, generator=gen)
+        k[0, 0, 0] = 0.0
+        k[1, 2, 0, 3] = float("inf")
+        k, v = k.to(KV_DTYPE), v.to(KV_DTYPE)
+        got = kernel_encode.encode_records(spec, k, v, 0, KV_DTYPE)
+        want = encode_records(spec, k.double(), v.double(), 0, KV_DTYPE)
+        kw = tier_codecs(spec, d, 0)[0].words
+        assert torch.equal(got[0, 0, 0, :kw], want[0, 0, 0, :kw]) and torch.equal(got[1, 2, 0, :kw], want[1, 2, 0, :kw])
+        _check_codes_close(spec, d, got, want)
+    assert launches == [linear, linear]
+
+
 @settings(**SETTINGS)
 @given(st.sampled_from(ALL_TIERS[1:]), st.sampled_from([16, 64, 128]), st.integers(0, 300), st.integers(0, 2**31 - 1))
 def test_record_decoder_matches_the_codecs(spec, d, n, seed):
@@ -464,7 +488,13 @@ def test_unsupported_configurations_say_why(spec, d, why):
 def test_device_decode_update_equals_graduate(spec, d, B, H, sink, recent, page_size, prompt, steps, pad, seed):
     """Decode steps through the device-side update (kernels/decode_update.py) leave every tier
     holding the same tokens, in the same order, with the same utility as placement.graduate,
-    from any exact-tier fill (empty, part-full, full), with padded rows and every window size."""
+    from any exact-tier fill (empty, part-full, full), with padded rows and every window size.
+    The update reads the graduating token in place and writes the new one from k, v (float32
+    here, cast to the cache dtype); graduate gathers, casts and encodes with the same Triton
+    encoder, both counting thresholds, so the records must be equal bit for bit."""
+    from unittest import mock
+
+    from sphkv_compile.kernels import cuda_ops
     from sphkv_compile.kernels.decode_update import decode_update
     from sphkv_compile.placement import graduate
 
@@ -486,8 +516,9 @@ def test_device_decode_update_equals_graduate(spec, d, B, H, sink, recent, page_
         v = torch.randn(B, H, 1, d, generator=gen)
         util = torch.rand(B, H, 1, generator=gen)
         valid = (torch.rand(B, 1, generator=gen) < 0.7) if pad else None
-        graduate(ref, specs, k, v, valid, util, **kw)
-        decode_update(ker, specs, k, v, valid, util, **kw)
+        with mock.patch.dict(kernel_encode.ENCODE_SEARCH, linear_search_max_tiles=10**6):
+            graduate(ref, specs, k, v, valid, util, encode=cuda_ops.encode_records, **kw)
+            decode_update(ker, specs, k, v, valid, util, **kw)
     for r, g in zip(ref, ker):
         assert torch.equal(r.count, g.count)
         (rr, ru, rv), (gr, gu, gv) = gather_tokens(r), gather_tokens(g)
