@@ -226,7 +226,7 @@ def compile_all(d=128):
                               V_WIDTHS=val.fields.widths,
                               V_BITS=val.bits, V_COUNTS=val.fields.counts, V_MAXC=val.fields.max_comps,
                               V_TSIZE=val.table_size, STEP=key.radius_step, ROUND_OFFSET=radius_round_offset(16), SIGNS=True,
-                              EMULATE_BF16_DOT=False, LINEAR_SEARCH=False, FROM_EXACT=False, E_PS=1, HALF_E=1)),
+                              EMULATE_BF16_DOT=False, LINEAR_SEARCH=False, FROM_EXACT=False, E_PS=1, HALF_E=1, SPLIT_KV=False)),
         "encode_scalar": (encode_kv_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*i32", "kfwd_ptr": "*bf16",
                                              "vfwd_ptr": "*bf16", "kscale": "fp32", "vscale": "fp32", "pages_ptr": "*i32"},
                           dict(D=d, BLOCK_T=ENCODE_BLOCK_T, KW=sc.key_words, VW=sc.value_words, KWPAD=16, VWPAD=16,
@@ -236,7 +236,7 @@ def compile_all(d=128):
                                V_BITS=sc.value.bits, V_COUNTS=sc.value.fields.counts,
                                V_MAXC=sc.value.fields.max_comps, V_TSIZE=1, STEP=key.radius_step,
                                ROUND_OFFSET=radius_round_offset(16), SIGNS=True,
-                              EMULATE_BF16_DOT=False, LINEAR_SEARCH=False, FROM_EXACT=False, E_PS=1, HALF_E=1)),
+                              EMULATE_BF16_DOT=False, LINEAR_SEARCH=False, FROM_EXACT=False, E_PS=1, HALF_E=1, SPLIT_KV=False)),
         "chunk": (chunk_partials_kernel, {"k_ptr": "*bf16", "v_ptr": "*bf16", "valid_ptr": "*i8"},
                   dict(D=d, BLOCK_M=16, BLOCK_T=64, HAS_VALID=True, DOT_PRECISION="tf32", PDL=0)),
         "exact_and_chunk": (exact_and_chunk_partials_kernel,
@@ -273,8 +273,8 @@ def compile_all(d=128):
         jobs[name + "_pdl"] = (fn, ptrs, {**consts, "PDL": pdl})
     for name in ("encode_polar", "encode_scalar"):  # a decode step's graduating token (decode_update.py)
         fn, ptrs, consts = jobs[name]
-        jobs[name + "_linear"] = (fn, ptrs, {**consts, "LINEAR_SEARCH": True, "FROM_EXACT": True, "E_PS": 64,
-                                             "HALF_E": d})
+        jobs[name + "_decode"] = (fn, ptrs, {**consts, "FROM_EXACT": True, "E_PS": 64, "HALF_E": d,
+                                             "SPLIT_KV": True, "BLOCK_T": 16})
     for name, (fn, ptrs, consts) in jobs.items():
         sig = {a: ("constexpr" if a in consts else ptrs.get(a, "*i32" if "comps" in a else "*fp32") if a.endswith("_ptr")
                    else ptrs.get(a, "i32")) for a in fn.arg_names}
@@ -282,7 +282,7 @@ def compile_all(d=128):
             warps = {"combine": _small_kernel_warps(16, d), "combine_decode": _small_kernel_warps(4, d),
                      "queries": _small_kernel_warps(16, d), "queries_decode": _small_kernel_warps(4, d),
                      "encode_polar": encode_warps,
-                     "encode_scalar": encode_warps}.get(name.removesuffix("_pdl").removesuffix("_linear"), 4)
+                     "encode_scalar": encode_warps}.get(name.removesuffix("_pdl").removesuffix("_decode"), 4)
             k = triton.compile(ASTSource(fn, sig, consts, pointer_alignment(fn, sig)), target=TARGET,
                                options={"num_warps": warps, "num_stages": 1})
             print(name, "ok, shared", k.metadata.shared)

@@ -22,10 +22,17 @@ from .layout import (DEVICE_TABLES, ScalarTables, Unsupported, radius_round_offs
 ENCODE_LAUNCH = {("small", True): (32, 4, 0), ("small", False): (32, 4, 0),
                  ("large", True): (16, 4, 0), ("large", False): (16, 8, 0),
                  ("xlarge", True): (16, 8, 0), ("xlarge", False): (16, 8, 0)}
-# linear_search_max_tiles: launches with at most this many tiles per (batch, KV head) row
-# count every threshold instead of searching them (codes.search_thresholds): a decode step
-# encodes one token per row, and its time is the binary search's chain of dependent loads.
-ENCODE_SEARCH = {"linear_search_max_tiles": 1}
+# decode_step: launches of at most max_tiles_per_row tiles per (batch, KV head) row (a decode
+# step encodes one token per row: decode_update.py) are latency-bound, one program's chain of
+# instructions: they take tiles of block_t tokens in programs of `warps` warps, count every
+# threshold (linear_search, codes.search_thresholds) or search them, and encode keys and values
+# in separate programs (split_kv) or one. H200, session 30 (probe_decode_encode.py), per call
+# in a graph, one program for both at 4 warps: search 15.3 us at Llama-3-8B B=8, count 16.1,
+# at 8 warps 17.1 and 15.4, at 16 warps 23: the chain is the tile's shared-memory layout
+# changes and arithmetic, not the search's dependent loads. Split, search, 4 warps: Llama B=1
+# 14.9 -> 7.5 us, B=8 15.3 -> 7.8, B=106 58.4 -> 37.3 (count 32.5), SmolLM2 B=8 11.0 -> 6.1;
+# the records are bit-identical to one program's.
+ENCODE_DECODE_STEP = {"max_tiles_per_row": 1, "block_t": 16, "warps": 4, "linear_search": False, "split_kv": True}
 
 
 def head_dim_class(head_dim: int) -> str:
@@ -86,8 +93,13 @@ def _launch(spec: TierSpec, k: torch.Tensor, v: torch.Tensor, shape: tuple, stri
     vthr = tab(val.thresholds)
     signs, kfwd, vfwd, kscale, vscale = _rotations(kc, vc, k.dtype, v.dtype)
     block_t, warps, maxnreg = _launch_shape(d, signs)
+    step = ENCODE_DECODE_STEP
+    few_tiles = triton.cdiv(N, block_t) <= step["max_tiles_per_row"]
+    if few_tiles:
+        block_t, warps = step["block_t"], step["warps"]
     pages, page_col, slot_in_page, max_pages, page_size, half = gather or (out, 0, 0, 0, 1, 1)
-    encode_kv_kernel[(B * H, triton.cdiv(N, block_t))](
+    split_kv = few_tiles and step["split_kv"]
+    encode_kv_kernel[(B * H, triton.cdiv(N, block_t), 2 if split_kv else 1)](
         k, v, out, tab(kfwd), tab(vfwd), kscale, vscale,
         tab(key.fields.comps), tab(key.thresholds), tab(val.fields.comps), vthr,
         N, H, *strides, pages, page_col, slot_in_page, max_pages,
@@ -99,8 +111,8 @@ def _launch(spec: TierSpec, k: torch.Tensor, v: torch.Tensor, shape: tuple, stri
         V_MAXC=val.fields.max_comps, V_WIDTHS=val.fields.widths, V_TSIZE=1 if scalar else val.table_size,
         STEP=key.radius_step, ROUND_OFFSET=radius_round_offset(16), SIGNS=signs,
         EMULATE_BF16_DOT=signs and k.dtype == torch.bfloat16 and under_interpreter(),
-        LINEAR_SEARCH=triton.cdiv(N, block_t) <= ENCODE_SEARCH["linear_search_max_tiles"],
-        FROM_EXACT=gather is not None, E_PS=page_size, HALF_E=half, num_warps=warps, num_stages=1,
+        LINEAR_SEARCH=few_tiles and step["linear_search"],
+        FROM_EXACT=gather is not None, E_PS=page_size, HALF_E=half, SPLIT_KV=split_kv, num_warps=warps, num_stages=1,
         **({"maxnreg": maxnreg} if maxnreg else {}))
     return out
 

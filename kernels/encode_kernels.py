@@ -91,6 +91,40 @@ def _rotate(x, fwd_ptr, scale, d, D: tl.constexpr, SIGNS: tl.constexpr, EMULATE_
 
 
 @triton.jit
+def _encode_keys(k_ptr, k_row, skn, tok, tmask, d, row, out_ptr, kfwd_ptr, kscale, kcomps_ptr, kthr_ptr,
+                 D: tl.constexpr, KW: tl.constexpr, KWPAD: tl.constexpr, K_LEVELS: tl.constexpr, K_BITS: tl.constexpr,
+                 K_COUNTS: tl.constexpr, K_MAXC: tl.constexpr, K_WIDTHS: tl.constexpr, K_TSIZE: tl.constexpr,
+                 STEP: tl.constexpr, ROUND_OFFSET: tl.constexpr, SIGNS: tl.constexpr, EMULATE_BF16_DOT: tl.constexpr,
+                 LINEAR_SEARCH: tl.constexpr):
+    """A tile of keys -> the first KW words of their records."""
+    x = tl.load(k_ptr + k_row + tok[:, None] * skn + d[None, :], mask=tmask[:, None], other=0.0)
+    y = _rotate(x, kfwd_ptr, kscale, d, D, SIGNS, EMULATE_BF16_DOT)
+    words = encode_polar_tile(y, kcomps_ptr, kthr_ptr, D, K_LEVELS, K_BITS, K_COUNTS, K_MAXC, K_WIDTHS, K_TSIZE, KWPAD,
+                              STEP, ROUND_OFFSET, LINEAR_SEARCH)
+    wk = tl.arange(0, KWPAD)
+    tl.store(out_ptr + row[:, None] + wk[None, :], words, mask=tmask[:, None] & (wk < KW)[None, :])
+
+
+@triton.jit
+def _encode_values(v_ptr, v_row, svn, tok, tmask, d, row, out_ptr, vfwd_ptr, vscale, vcomps_ptr, vthr_ptr,
+                   D: tl.constexpr, KW: tl.constexpr, VW: tl.constexpr, VWPAD: tl.constexpr, VALUE_SCALAR: tl.constexpr,
+                   V_LEVELS: tl.constexpr, V_BITS: tl.constexpr, V_COUNTS: tl.constexpr, V_MAXC: tl.constexpr,
+                   V_WIDTHS: tl.constexpr, V_TSIZE: tl.constexpr, STEP: tl.constexpr, ROUND_OFFSET: tl.constexpr,
+                   SIGNS: tl.constexpr, EMULATE_BF16_DOT: tl.constexpr, LINEAR_SEARCH: tl.constexpr):
+    """A tile of values -> the VW words after the key's KW in their records."""
+    x = tl.load(v_ptr + v_row + tok[:, None] * svn + d[None, :], mask=tmask[:, None], other=0.0)
+    y = _rotate(x, vfwd_ptr, vscale, d, D, SIGNS, EMULATE_BF16_DOT)
+    if VALUE_SCALAR:
+        words = encode_scalar_tile(y, vcomps_ptr, vthr_ptr, D, V_BITS, V_COUNTS, V_MAXC, V_WIDTHS, VWPAD, STEP,
+                                   ROUND_OFFSET, LINEAR_SEARCH)
+    else:
+        words = encode_polar_tile(y, vcomps_ptr, vthr_ptr, D, V_LEVELS, V_BITS, V_COUNTS, V_MAXC, V_WIDTHS, V_TSIZE,
+                                  VWPAD, STEP, ROUND_OFFSET, LINEAR_SEARCH)
+    wv = tl.arange(0, VWPAD)
+    tl.store(out_ptr + row[:, None] + KW + wv[None, :], words, mask=tmask[:, None] & (wv < VW)[None, :])
+
+
+@triton.jit
 def encode_kv_kernel(
         k_ptr, v_ptr, out_ptr, kfwd_ptr, vfwd_ptr, kscale, vscale, kcomps_ptr, kthr_ptr, vcomps_ptr, vthr_ptr,
         N, Hkv, skb, skh, skn, svb, svh, svn, pages_ptr, page_col, slot_in_page, max_pages,
@@ -100,7 +134,7 @@ def encode_kv_kernel(
         K_WIDTHS: tl.constexpr, K_TSIZE: tl.constexpr, V_LEVELS: tl.constexpr, V_BITS: tl.constexpr,
         V_COUNTS: tl.constexpr, V_MAXC: tl.constexpr, V_WIDTHS: tl.constexpr, V_TSIZE: tl.constexpr, STEP: tl.constexpr, ROUND_OFFSET: tl.constexpr,
         SIGNS: tl.constexpr, EMULATE_BF16_DOT: tl.constexpr, LINEAR_SEARCH: tl.constexpr,
-        FROM_EXACT: tl.constexpr, E_PS: tl.constexpr, HALF_E: tl.constexpr):
+        FROM_EXACT: tl.constexpr, E_PS: tl.constexpr, HALF_E: tl.constexpr, SPLIT_KV: tl.constexpr):
     """k, v [B, Hkv, N, D] -> records out [B, Hkv, N, KW + VW] (int32). SIGNS: the rotations
     are 16-bit sign matrices (scale kscale / vscale) applied to 16-bit inputs with one MMA;
     else float32 matrices applied as tf32x3. LINEAR_SEARCH: codes by search_thresholds' count.
@@ -109,7 +143,11 @@ def encode_kv_kernel(
     HALF_E key then HALF_E value elements, E_PS per page), and each (b, h) row encodes one token
     (N = 1): the one at slot slot_in_page of page column page_col of its page table
     (pages_ptr [B·Hkv, max_pages]; an unused entry reads page 0). A decode step's graduating
-    token is read in place, with no gather launched before."""
+    token is read in place, with no gather launched before.
+
+    SPLIT_KV: grid axis 2 has two programs per tile, one for the keys and one for the values,
+    so a latency-bound launch (a decode step's one token per row) runs half the chain per
+    program; else one program encodes both."""
     pid_bh = tl.program_id(0)
     pid_t = tl.program_id(1)
     b = pid_bh // Hkv
@@ -124,20 +162,17 @@ def encode_kv_kernel(
     else:
         k_row = b * skb + h * skh
         v_row = b * svb + h * svh
-    x = tl.load(k_ptr + k_row + tok[:, None] * skn + d[None, :], mask=tmask[:, None], other=0.0)
-    y = _rotate(x, kfwd_ptr, kscale, d, D, SIGNS, EMULATE_BF16_DOT)
-    words = encode_polar_tile(y, kcomps_ptr, kthr_ptr, D, K_LEVELS, K_BITS, K_COUNTS, K_MAXC, K_WIDTHS, K_TSIZE, KWPAD,
-                              STEP, ROUND_OFFSET, LINEAR_SEARCH)
     row = (pid_bh * N + tok).to(tl.int64) * (KW + VW)
-    wk = tl.arange(0, KWPAD)
-    tl.store(out_ptr + row[:, None] + wk[None, :], words, mask=tmask[:, None] & (wk < KW)[None, :])
-    x = tl.load(v_ptr + v_row + tok[:, None] * svn + d[None, :], mask=tmask[:, None], other=0.0)
-    y = _rotate(x, vfwd_ptr, vscale, d, D, SIGNS, EMULATE_BF16_DOT)
-    if VALUE_SCALAR:
-        words = encode_scalar_tile(y, vcomps_ptr, vthr_ptr, D, V_BITS, V_COUNTS, V_MAXC, V_WIDTHS, VWPAD, STEP,
-                                   ROUND_OFFSET, LINEAR_SEARCH)
-    else:
-        words = encode_polar_tile(y, vcomps_ptr, vthr_ptr, D, V_LEVELS, V_BITS, V_COUNTS, V_MAXC, V_WIDTHS, V_TSIZE,
-                                  VWPAD, STEP, ROUND_OFFSET, LINEAR_SEARCH)
-    wv = tl.arange(0, VWPAD)
-    tl.store(out_ptr + row[:, None] + KW + wv[None, :], words, mask=tmask[:, None] & (wv < VW)[None, :])
+    do_keys = True
+    do_values = True
+    if SPLIT_KV:
+        do_keys = tl.program_id(2) == 0
+        do_values = tl.program_id(2) == 1
+    if do_keys:
+        _encode_keys(k_ptr, k_row, skn, tok, tmask, d, row, out_ptr, kfwd_ptr, kscale, kcomps_ptr, kthr_ptr,
+                     D, KW, KWPAD, K_LEVELS, K_BITS, K_COUNTS, K_MAXC, K_WIDTHS, K_TSIZE, STEP, ROUND_OFFSET, SIGNS,
+                     EMULATE_BF16_DOT, LINEAR_SEARCH)
+    if do_values:
+        _encode_values(v_ptr, v_row, svn, tok, tmask, d, row, out_ptr, vfwd_ptr, vscale, vcomps_ptr, vthr_ptr,
+                       D, KW, VW, VWPAD, VALUE_SCALAR, V_LEVELS, V_BITS, V_COUNTS, V_MAXC, V_WIDTHS, V_TSIZE, STEP,
+                       ROUND_OFFSET, SIGNS, EMULATE_BF16_DOT, LINEAR_SEARCH)

@@ -543,7 +543,7 @@ def test_device_decode_update_equals_graduate_on_gpu(monkeypatch, d, B, H, sink,
     from sphkv_compile.ops import tiers_string
     from sphkv_compile.placement import graduate
 
-    monkeypatch.setitem(kernel_encode.ENCODE_SEARCH, "linear_search_max_tiles", 10**6)
+    monkeypatch.setitem(kernel_encode.ENCODE_DECODE_STEP, "max_tiles_per_row", 10**6)
     cuda_ops.register()
     gen = torch.Generator(device=DEV).manual_seed(random.randrange(2**31))
     specs = [DEFAULT_TIERS[0], DEFAULT_TIERS[2]]

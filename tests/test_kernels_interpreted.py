@@ -385,16 +385,19 @@ def test_encode_matches_reference(spec, d, B, H, N, dtypes, seed):
     _check_codes_close(spec, d, got, want)
 
 
-@pytest.mark.parametrize("linear", [False, True])
+@pytest.mark.parametrize("linear, split_kv", [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("spec", ALL_TIERS[1:], ids=lambda s: s.name)
-def test_threshold_search_and_count_both_match_reference(monkeypatch, spec, linear):
-    """The encoder's two ways to find an angle's code (codes.search_thresholds: binary search,
-    or every threshold counted, which a decode step's launch takes) both give the reference's
-    codes, forced on a launch either would otherwise not take: one token per row (a decode
-    step), and 40 tokens per row (three tiles). Zero and non-finite keys included."""
-    monkeypatch.setitem(kernel_encode.ENCODE_SEARCH, "linear_search_max_tiles", 10**6 if linear else 0)
+def test_decode_step_encoder_settings_match_reference(monkeypatch, spec, linear, split_kv):
+    """The decode-step launch settings of the encoder (encode.ENCODE_DECODE_STEP): an angle's code
+    by binary search or by counting every threshold (codes.search_thresholds), keys and values
+    in one program or in two (SPLIT_KV). Each gives the reference's codes, forced on launches
+    of one token per row and of 40 (three tiles). Zero and non-finite keys included."""
+    monkeypatch.setitem(kernel_encode.ENCODE_DECODE_STEP, "max_tiles_per_row", 10**6)
+    monkeypatch.setitem(kernel_encode.ENCODE_DECODE_STEP, "linear_search", linear)
+    monkeypatch.setitem(kernel_encode.ENCODE_DECODE_STEP, "split_kv", split_kv)
     gen = torch.Generator().manual_seed(11)
-    launches = record_launch_args(monkeypatch, kernel_encode, "encode_kv_kernel", lambda a: a["LINEAR_SEARCH"])
+    launches = record_launch_args(monkeypatch, kernel_encode, "encode_kv_kernel",
+                                  lambda a: (a["LINEAR_SEARCH"], a["SPLIT_KV"]))
     for d, n in ((128, 1), (64, 40)):
         k = torch.randn(2, 3, n, d, generator=gen) * torch.exp(4 * torch.randn(2, 3, n, 1, generator=gen))
         v = torch.randn(2, 3, n, d, generator=gen)
@@ -406,7 +409,7 @@ def test_threshold_search_and_count_both_match_reference(monkeypatch, spec, line
         kw = tier_codecs(spec, d, 0)[0].words
         assert torch.equal(got[0, 0, 0, :kw], want[0, 0, 0, :kw]) and torch.equal(got[1, 2, 0, :kw], want[1, 2, 0, :kw])
         _check_codes_close(spec, d, got, want)
-    assert launches == [linear, linear]
+    assert launches == [(linear, split_kv)] * 2
 
 
 @settings(**SETTINGS)
@@ -516,7 +519,7 @@ def test_device_decode_update_equals_graduate(spec, d, B, H, sink, recent, page_
         v = torch.randn(B, H, 1, d, generator=gen)
         util = torch.rand(B, H, 1, generator=gen)
         valid = (torch.rand(B, 1, generator=gen) < 0.7) if pad else None
-        with mock.patch.dict(kernel_encode.ENCODE_SEARCH, linear_search_max_tiles=10**6):
+        with mock.patch.dict(kernel_encode.ENCODE_DECODE_STEP, max_tiles_per_row=10**6, linear_search=True):
             graduate(ref, specs, k, v, valid, util, encode=cuda_ops.encode_records, **kw)
             decode_update(ker, specs, k, v, valid, util, **kw)
     for r, g in zip(ref, ker):
