@@ -24,7 +24,8 @@ ENCODE_LAUNCH = {("small", True): (32, 4, 0), ("small", False): (32, 4, 0),
                  ("xlarge", True): (16, 8, 0), ("xlarge", False): (16, 8, 0)}
 # decode_step: launches of at most max_tiles_per_row tiles per (batch, KV head) row (a decode
 # step encodes one token per row: decode_update.py) are latency-bound, one program's chain of
-# instructions: they take tiles of block_t tokens in programs of `warps` warps, count every
+# instructions: they take tiles of block_t tokens in programs of `warps` warps (or ENCODE_LAUNCH's,
+# where that is more: timed at d=64 and 128 with 16-bit K/V only), count every
 # threshold (linear_search, codes.search_thresholds) or search them, and encode keys and values
 # in separate programs (split_kv) or one. H200, session 30 (probe_decode_encode.py), per call
 # in a graph, one program for both at 4 warps: search 15.3 us at Llama-3-8B B=8, count 16.1,
@@ -95,8 +96,8 @@ def _launch(spec: TierSpec, k: torch.Tensor, v: torch.Tensor, shape: tuple, stri
     block_t, warps, maxnreg = _launch_shape(d, signs)
     step = ENCODE_DECODE_STEP
     few_tiles = triton.cdiv(N, block_t) <= step["max_tiles_per_row"]
-    if few_tiles:
-        block_t, warps = step["block_t"], step["warps"]
+    if few_tiles:  # never fewer warps than the head dim's class takes (d=256 and float32 spill at 4)
+        block_t, warps = step["block_t"], max(step["warps"], warps)
     pages, page_col, slot_in_page, max_pages, page_size, half = gather or (out, 0, 0, 0, 1, 1)
     split_kv = few_tiles and step["split_kv"]
     encode_kv_kernel[(B * H, triton.cdiv(N, block_t), 2 if split_kv else 1)](

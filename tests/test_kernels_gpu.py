@@ -537,8 +537,8 @@ def test_op_and_compiled_op_run_the_kernels():
 def test_device_decode_update_equals_graduate_on_gpu(monkeypatch, d, B, H, sink, recent, ps):
     """sphkv::update_cache on CUDA (one token: kernels/decode_update.py) against
     placement.graduate with the same (Triton) encoder: identical tiers after every step. Both
-    count thresholds (graduate's launches of several tiles per row would search them, and a
-    near-tie may then round the other way)."""
+    take the decode-step launch settings (encode.ENCODE_DECODE_STEP; graduate's launches of
+    several tiles per row would otherwise take the prefill ones)."""
     from sphkv_compile.kernels import cuda_ops, encode as kernel_encode
     from sphkv_compile.ops import tiers_string
     from sphkv_compile.placement import graduate

@@ -409,7 +409,11 @@ def test_decode_step_encoder_settings_match_reference(monkeypatch, spec, linear,
         kw = tier_codecs(spec, d, 0)[0].words
         assert torch.equal(got[0, 0, 0, :kw], want[0, 0, 0, :kw]) and torch.equal(got[1, 2, 0, :kw], want[1, 2, 0, :kw])
         _check_codes_close(spec, d, got, want)
-    assert launches == [(linear, split_kv)] * 2
+        if split_kv:  # the same records as one program for both, bit for bit
+            with pytest.MonkeyPatch.context() as one_program:
+                one_program.setitem(kernel_encode.ENCODE_DECODE_STEP, "split_kv", False)
+                assert torch.equal(got, kernel_encode.encode_records(spec, k, v, 0, KV_DTYPE))
+    assert launches == ([(linear, split_kv)] + [(linear, False)] * split_kv) * 2
 
 
 @settings(**SETTINGS)
@@ -487,14 +491,17 @@ def test_unsupported_configurations_say_why(spec, d, why):
 @settings(**SETTINGS)
 @given(st.sampled_from(ALL_TIERS[1:]), st.sampled_from([16, 64]), st.integers(1, 2), st.integers(1, 3),
        st.integers(0, 4), st.integers(0, 6), st.sampled_from([2, 4, 8]), st.integers(0, 12), st.integers(1, 14),
-       st.booleans(), st.integers(0, 2**31 - 1))
-def test_device_decode_update_equals_graduate(spec, d, B, H, sink, recent, page_size, prompt, steps, pad, seed):
+       st.booleans(), st.sampled_from([torch.bfloat16, torch.float16, torch.float32]), st.booleans(),
+       st.integers(0, 2**31 - 1))
+def test_device_decode_update_equals_graduate(spec, d, B, H, sink, recent, page_size, prompt, steps, pad, kv_dtype,
+                                              with_utility, seed):
     """Decode steps through the device-side update (kernels/decode_update.py) leave every tier
     holding the same tokens, in the same order, with the same utility as placement.graduate,
-    from any exact-tier fill (empty, part-full, full), with padded rows and every window size.
-    The update reads the graduating token in place and writes the new one from k, v (float32
-    here, cast to the cache dtype); graduate gathers, casts and encodes with the same Triton
-    encoder, both counting thresholds, so the records must be equal bit for bit."""
+    from any exact-tier fill (empty, part-full, full), with padded rows, every window size,
+    cache dtype, and with or without a utility. The update reads the graduating token in place
+    and writes the new one from k, v (float32, sliced from a wider tensor so not contiguous,
+    cast to the cache dtype); graduate gathers, casts and encodes with the same Triton encoder,
+    both counting thresholds, so the records must be equal bit for bit."""
     from unittest import mock
 
     from sphkv_compile.kernels import cuda_ops
@@ -506,18 +513,18 @@ def test_device_decode_update_equals_graduate(spec, d, B, H, sink, recent, page_
     max_tokens = prompt + steps
     states = []
     for s, cap in zip(specs, (min(max_tokens, sink + recent), max_tokens)):
-        kw, vw = record_words(s, d, 0, KV_DTYPE)
+        kw, vw = record_words(s, d, 0, kv_dtype)
         per_head = max(1, math.ceil(cap / page_size))
         states.append(TierState.allocate(B, H, B * H * per_head, page_size, kw + vw, per_head, "cpu"))
-    kw = dict(seed=0, kv_dtype=KV_DTYPE, sink=sink, recent=recent, target=1)
+    kw = dict(seed=0, kv_dtype=kv_dtype, sink=sink, recent=recent, target=1)
     if prompt:
         graduate(states, specs, torch.randn(B, H, prompt, d, generator=gen), torch.randn(B, H, prompt, d, generator=gen),
                  None, torch.rand(B, H, prompt, generator=gen), **kw)
     ref, ker = clone_states(states), clone_states(states)
     for _ in range(steps):
-        k = torch.randn(B, H, 1, d, generator=gen) * 3
+        k = (torch.randn(B, H, 1, 2 * d, generator=gen) * 3)[..., ::2]
         v = torch.randn(B, H, 1, d, generator=gen)
-        util = torch.rand(B, H, 1, generator=gen)
+        util = torch.rand(B, H, 1, generator=gen) if with_utility else None
         valid = (torch.rand(B, 1, generator=gen) < 0.7) if pad else None
         with mock.patch.dict(kernel_encode.ENCODE_DECODE_STEP, max_tiles_per_row=10**6, linear_search=True):
             graduate(ref, specs, k, v, valid, util, encode=cuda_ops.encode_records, **kw)
