@@ -1,6 +1,6 @@
 """A decode step's encode of the graduating token (encode.encode_exact_slot, one token per batch
-row and KV head) under launch settings of encode.ENCODE_DECODE_STEP: warps, tile size and
-threshold search or count. Each setting is timed as CUDA-graph replays of `--calls` encodes in a
+row and KV head) under launch settings of encode.ENCODE_DECODE_STEP: warps, and keys and values
+in one program or two. Each setting is timed as CUDA-graph replays of `--calls` encodes in a
 row (as a step's layers run them), reported per call, with its records checked equal to the
 default setting's.
 
@@ -27,8 +27,7 @@ from sphkv_compile.tiers import TierSpec, record_words
 
 SHAPES = {"llama3-8b": (8, 128), "smollm2": (3, 64)}  # (KV heads, head dim)
 POINTS = [("llama3-8b", 1), ("llama3-8b", 8), ("llama3-8b", 106), ("smollm2", 8)]
-SETTINGS = [dict(block_t=16, warps=w, linear_search=lin, split_kv=split)
-            for w, lin, split in itertools.product((4, 8), (False, True), (False, True))]
+SETTINGS = [dict(block_t=16, warps=w, split_kv=split) for w, split in itertools.product((4, 8), (False, True))]
 
 
 def exact_tier(B: int, H: int, d: int, device, gen) -> TierState:
@@ -60,13 +59,13 @@ def main():
             kencode.ENCODE_DECODE_STEP.update(setting)
             try:
                 got = run()
-                same = bool(torch.equal(got, want)) if setting["linear_search"] == default["linear_search"] else None
+                same = bool(torch.equal(got, want))
                 graph = graph_of(lambda: [run() for _ in range(args.calls)])
                 us = median_ms(graph.replay) * 1e3 / args.calls
             finally:
                 kencode.ENCODE_DECODE_STEP.update(default)
             rows.append(dict(shape=name, B=B, **setting, us_per_call=us, equal_to_default=same))
-            print(f"{name:10s} B={B:4d} warps={setting['warps']:2d} linear={setting['linear_search']!s:5s} "
+            print(f"{name:10s} B={B:4d} warps={setting['warps']:2d} "
                   f"split_kv={setting['split_kv']!s:5s} "
                   f"{us:7.2f} us/call  equal to default: {same}", flush=True)
     with open(os.path.join(args.out, "probe_decode_encode.json"), "w") as f:

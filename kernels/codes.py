@@ -83,28 +83,16 @@ def decode_scalar_tile(pool_ptr, base, valid, comps_ptr, cent_ptr, D: tl.constex
 
 # ---- encode ------------------------------------------------------------------------------
 @triton.jit
-def search_thresholds(a, b, thr_ptr, LEVEL: tl.constexpr, STEPS: tl.constexpr, TSIZE: tl.constexpr,
-                      LINEAR: tl.constexpr):
+def search_thresholds(a, b, thr_ptr, LEVEL: tl.constexpr, STEPS: tl.constexpr, TSIZE: tl.constexpr):
     """For angles atan2(b, a) with a, b >= 0 (or theta reduced to [0, pi)): the number of the
-    level's sorted thresholds t with angle > t. angle > t is tested as b·cos t - a·sin t > 0,
-    which needs no atan2.
-
-    By binary search (STEPS tests), or, with LINEAR, by testing all 2^STEPS - 1 thresholds and
-    counting: each binary step's load waits on the last step's test, a chain of ~36 loads per
-    K/V pair at d=128 that left a decode step's one-token encode at 21 us (H200, session 30);
-    the linear count's loads wait on nothing, for ~2.3x the arithmetic of the search."""
+    level's sorted thresholds t with angle > t, by binary search. angle > t is tested as
+    b·cos t - a·sin t > 0, which needs no atan2."""
     code = tl.zeros(a.shape, tl.int32)
-    if LINEAR:
-        for j in tl.static_range((1 << STEPS) - 1):
-            ct = tl.load(thr_ptr + (LEVEL * 2) * TSIZE + j)
-            st = tl.load(thr_ptr + (LEVEL * 2 + 1) * TSIZE + j)
-            code += (b * ct - a * st > 0).to(tl.int32)
-    else:
-        for s in tl.static_range(STEPS - 1, -1, -1):
-            cand = code + (1 << s)
-            ct = tl.load(thr_ptr + (LEVEL * 2) * TSIZE + cand - 1)
-            st = tl.load(thr_ptr + (LEVEL * 2 + 1) * TSIZE + cand - 1)
-            code = tl.where(b * ct - a * st > 0, cand, code)
+    for s in tl.static_range(STEPS - 1, -1, -1):
+        cand = code + (1 << s)
+        ct = tl.load(thr_ptr + (LEVEL * 2) * TSIZE + cand - 1)
+        st = tl.load(thr_ptr + (LEVEL * 2 + 1) * TSIZE + cand - 1)
+        code = tl.where(b * ct - a * st > 0, cand, code)
     return code
 
 

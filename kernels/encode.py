@@ -25,15 +25,14 @@ ENCODE_LAUNCH = {("small", True): (32, 4, 0), ("small", False): (32, 4, 0),
 # decode_step: launches of at most max_tiles_per_row tiles per (batch, KV head) row (a decode
 # step encodes one token per row: decode_update.py) are latency-bound, one program's chain of
 # instructions: they take tiles of block_t tokens in programs of `warps` warps (or ENCODE_LAUNCH's,
-# where that is more: timed at d=64 and 128 with 16-bit K/V only), count every
-# threshold (linear_search, codes.search_thresholds) or search them, and encode keys and values
-# in separate programs (split_kv) or one. H200, session 30 (probe_decode_encode.py), per call
-# in a graph, one program for both at 4 warps: search 15.3 us at Llama-3-8B B=8, count 16.1,
-# at 8 warps 17.1 and 15.4, at 16 warps 23: the chain is the tile's shared-memory layout
-# changes and arithmetic, not the search's dependent loads. Split, search, 4 warps: Llama B=1
-# 14.9 -> 7.5 us, B=8 15.3 -> 7.8, B=106 58.4 -> 37.3 (count 32.5), SmolLM2 B=8 11.0 -> 6.1;
-# the records are bit-identical to one program's.
-ENCODE_DECODE_STEP = {"max_tiles_per_row": 1, "block_t": 16, "warps": 4, "linear_search": False, "split_kv": True}
+# where that is more: timed at d=64 and 128 with 16-bit K/V only), and encode keys and values in
+# separate programs (split_kv) or one. H200, session 30 (probe_decode_encode.py), per call in a
+# graph, one program for both: 15.3 us at Llama-3-8B B=8 at 4 warps, 17.1 at 8, 23 at 16; counting
+# every threshold instead of the binary search (timed, then removed) 16.1, 15.4 at 8 warps: the
+# chain is the tile's shared-memory layout changes and arithmetic, not the search's dependent
+# loads. Split, 4 warps: Llama B=1 14.9 -> 7.5 us, B=8 15.3 -> 7.8, B=106 58.4 -> 37.3, SmolLM2
+# B=8 11.0 -> 6.1; the records are bit-identical to one program's.
+ENCODE_DECODE_STEP = {"max_tiles_per_row": 1, "block_t": 16, "warps": 4, "split_kv": True}
 
 
 def head_dim_class(head_dim: int) -> str:
@@ -112,7 +111,6 @@ def _launch(spec: TierSpec, k: torch.Tensor, v: torch.Tensor, shape: tuple, stri
         V_MAXC=val.fields.max_comps, V_WIDTHS=val.fields.widths, V_TSIZE=1 if scalar else val.table_size,
         STEP=key.radius_step, ROUND_OFFSET=radius_round_offset(16), SIGNS=signs,
         EMULATE_BF16_DOT=signs and k.dtype == torch.bfloat16 and under_interpreter(),
-        LINEAR_SEARCH=few_tiles and step["linear_search"],
         FROM_EXACT=gather is not None, E_PS=page_size, HALF_E=half, SPLIT_KV=split_kv, num_warps=warps, num_stages=1,
         **({"maxnreg": maxnreg} if maxnreg else {}))
     return out

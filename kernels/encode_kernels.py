@@ -28,8 +28,8 @@ def _unit_and_radius_code(y, STEP: tl.constexpr, ROUND_OFFSET: tl.constexpr):
 @triton.jit
 def encode_polar_tile(y, comps_ptr, thr_ptr, D: tl.constexpr, LEVELS: tl.constexpr, BITS: tl.constexpr,
                       COUNTS: tl.constexpr, MAXC: tl.constexpr, WIDTHS: tl.constexpr, TSIZE: tl.constexpr,
-                      WPAD: tl.constexpr, STEP: tl.constexpr, ROUND_OFFSET: tl.constexpr, LINEAR: tl.constexpr):
-    """Rotated vectors [T, D] -> record words [T, WPAD] (int32). LINEAR: search_thresholds'."""
+                      WPAD: tl.constexpr, STEP: tl.constexpr, ROUND_OFFSET: tl.constexpr):
+    """Rotated vectors [T, D] -> record words [T, WPAD] (int32)."""
     T: tl.constexpr = y.shape[0]
     P: tl.constexpr = D // 2
     ys, rcode = _unit_and_radius_code(y, STEP, ROUND_OFFSET)
@@ -41,13 +41,12 @@ def encode_polar_tile(y, comps_ptr, thr_ptr, D: tl.constexpr, LEVELS: tl.constex
     half = (b < 0) | ((b == 0) & (a < 0))
     ah = tl.where(half, -a, a)
     bh = tl.where(half, -b, b)
-    code = search_thresholds(ah, bh, thr_ptr, 0, B1 - 1, TSIZE, LINEAR) + tl.where(half, 1 << (B1 - 1), 0)
+    code = search_thresholds(ah, bh, thr_ptr, 0, B1 - 1, TSIZE) + tl.where(half, 1 << (B1 - 1), 0)
     words = pack_field(words, code, comps_ptr, 1, P, COUNTS, MAXC, WIDTHS, WPAD)
     node = tl.sqrt(a * a + b * b)
     for f in tl.static_range(2, LEVELS + 1):
         left, right = tl.split(tl.reshape(node, (T, D >> f, 2)))
-        code = search_thresholds(left, right, thr_ptr, f - 1, (BITS >> (4 * (f - 1))) & 15, TSIZE,
-                                 LINEAR)
+        code = search_thresholds(left, right, thr_ptr, f - 1, (BITS >> (4 * (f - 1))) & 15, TSIZE)
         words = pack_field(words, code, comps_ptr, f, D >> f, COUNTS, MAXC, WIDTHS, WPAD)
         node = tl.sqrt(left * left + right * right)
     return words
@@ -56,21 +55,16 @@ def encode_polar_tile(y, comps_ptr, thr_ptr, D: tl.constexpr, LEVELS: tl.constex
 @triton.jit
 def encode_scalar_tile(y, comps_ptr, thr_ptr, D: tl.constexpr, BITS: tl.constexpr, COUNTS: tl.constexpr,
                        MAXC: tl.constexpr, WIDTHS: tl.constexpr, WPAD: tl.constexpr, STEP: tl.constexpr,
-                       ROUND_OFFSET: tl.constexpr, LINEAR: tl.constexpr):
-    """Rotated vectors [T, D] -> rotated-scalar record words [T, WPAD]. LINEAR: every threshold
-    tested and counted, as in search_thresholds, instead of a binary search."""
+                       ROUND_OFFSET: tl.constexpr):
+    """Rotated vectors [T, D] -> rotated-scalar record words [T, WPAD]."""
     T: tl.constexpr = y.shape[0]
     ys, rcode = _unit_and_radius_code(y, STEP, ROUND_OFFSET)
     norm = tl.sqrt(tl.sum(ys * ys, 1))
     u = ys / tl.where(norm > 0, norm, 1.0)[:, None] * tl.sqrt(D * 1.0)
     code = tl.zeros((T, D), tl.int32)
-    if LINEAR:
-        for j in tl.static_range((1 << BITS) - 1):
-            code += (u > tl.load(thr_ptr + j)).to(tl.int32)
-    else:
-        for s in tl.static_range(BITS - 1, -1, -1):
-            cand = code + (1 << s)
-            code = tl.where(u > tl.load(thr_ptr + cand - 1), cand, code)
+    for s in tl.static_range(BITS - 1, -1, -1):
+        cand = code + (1 << s)
+        code = tl.where(u > tl.load(thr_ptr + cand - 1), cand, code)
     words = tl.zeros((T, WPAD), tl.int32)
     words = pack_field(words, rcode[:, None], comps_ptr, 0, 1, COUNTS, MAXC, WIDTHS, WPAD)
     return pack_field(words, code, comps_ptr, 1, D, COUNTS, MAXC, WIDTHS, WPAD)
@@ -94,13 +88,12 @@ def _rotate(x, fwd_ptr, scale, d, D: tl.constexpr, SIGNS: tl.constexpr, EMULATE_
 def _encode_keys(k_ptr, k_row, skn, tok, tmask, d, row, out_ptr, kfwd_ptr, kscale, kcomps_ptr, kthr_ptr,
                  D: tl.constexpr, KW: tl.constexpr, KWPAD: tl.constexpr, K_LEVELS: tl.constexpr, K_BITS: tl.constexpr,
                  K_COUNTS: tl.constexpr, K_MAXC: tl.constexpr, K_WIDTHS: tl.constexpr, K_TSIZE: tl.constexpr,
-                 STEP: tl.constexpr, ROUND_OFFSET: tl.constexpr, SIGNS: tl.constexpr, EMULATE_BF16_DOT: tl.constexpr,
-                 LINEAR_SEARCH: tl.constexpr):
+                 STEP: tl.constexpr, ROUND_OFFSET: tl.constexpr, SIGNS: tl.constexpr, EMULATE_BF16_DOT: tl.constexpr):
     """A tile of keys -> the first KW words of their records."""
     x = tl.load(k_ptr + k_row + tok[:, None] * skn + d[None, :], mask=tmask[:, None], other=0.0)
     y = _rotate(x, kfwd_ptr, kscale, d, D, SIGNS, EMULATE_BF16_DOT)
     words = encode_polar_tile(y, kcomps_ptr, kthr_ptr, D, K_LEVELS, K_BITS, K_COUNTS, K_MAXC, K_WIDTHS, K_TSIZE, KWPAD,
-                              STEP, ROUND_OFFSET, LINEAR_SEARCH)
+                              STEP, ROUND_OFFSET)
     wk = tl.arange(0, KWPAD)
     tl.store(out_ptr + row[:, None] + wk[None, :], words, mask=tmask[:, None] & (wk < KW)[None, :])
 
@@ -110,16 +103,16 @@ def _encode_values(v_ptr, v_row, svn, tok, tmask, d, row, out_ptr, vfwd_ptr, vsc
                    D: tl.constexpr, KW: tl.constexpr, VW: tl.constexpr, VWPAD: tl.constexpr, VALUE_SCALAR: tl.constexpr,
                    V_LEVELS: tl.constexpr, V_BITS: tl.constexpr, V_COUNTS: tl.constexpr, V_MAXC: tl.constexpr,
                    V_WIDTHS: tl.constexpr, V_TSIZE: tl.constexpr, STEP: tl.constexpr, ROUND_OFFSET: tl.constexpr,
-                   SIGNS: tl.constexpr, EMULATE_BF16_DOT: tl.constexpr, LINEAR_SEARCH: tl.constexpr):
+                   SIGNS: tl.constexpr, EMULATE_BF16_DOT: tl.constexpr):
     """A tile of values -> the VW words after the key's KW in their records."""
     x = tl.load(v_ptr + v_row + tok[:, None] * svn + d[None, :], mask=tmask[:, None], other=0.0)
     y = _rotate(x, vfwd_ptr, vscale, d, D, SIGNS, EMULATE_BF16_DOT)
     if VALUE_SCALAR:
         words = encode_scalar_tile(y, vcomps_ptr, vthr_ptr, D, V_BITS, V_COUNTS, V_MAXC, V_WIDTHS, VWPAD, STEP,
-                                   ROUND_OFFSET, LINEAR_SEARCH)
+                                   ROUND_OFFSET)
     else:
         words = encode_polar_tile(y, vcomps_ptr, vthr_ptr, D, V_LEVELS, V_BITS, V_COUNTS, V_MAXC, V_WIDTHS, V_TSIZE,
-                                  VWPAD, STEP, ROUND_OFFSET, LINEAR_SEARCH)
+                                  VWPAD, STEP, ROUND_OFFSET)
     wv = tl.arange(0, VWPAD)
     tl.store(out_ptr + row[:, None] + KW + wv[None, :], words, mask=tmask[:, None] & (wv < VW)[None, :])
 
@@ -133,11 +126,11 @@ def encode_kv_kernel(
         K_LEVELS: tl.constexpr, K_BITS: tl.constexpr, K_COUNTS: tl.constexpr, K_MAXC: tl.constexpr,
         K_WIDTHS: tl.constexpr, K_TSIZE: tl.constexpr, V_LEVELS: tl.constexpr, V_BITS: tl.constexpr,
         V_COUNTS: tl.constexpr, V_MAXC: tl.constexpr, V_WIDTHS: tl.constexpr, V_TSIZE: tl.constexpr, STEP: tl.constexpr, ROUND_OFFSET: tl.constexpr,
-        SIGNS: tl.constexpr, EMULATE_BF16_DOT: tl.constexpr, LINEAR_SEARCH: tl.constexpr,
+        SIGNS: tl.constexpr, EMULATE_BF16_DOT: tl.constexpr,
         FROM_EXACT: tl.constexpr, E_PS: tl.constexpr, HALF_E: tl.constexpr, SPLIT_KV: tl.constexpr):
     """k, v [B, Hkv, N, D] -> records out [B, Hkv, N, KW + VW] (int32). SIGNS: the rotations
     are 16-bit sign matrices (scale kscale / vscale) applied to 16-bit inputs with one MMA;
-    else float32 matrices applied as tf32x3. LINEAR_SEARCH: codes by search_thresholds' count.
+    else float32 matrices applied as tf32x3.
 
     FROM_EXACT: k_ptr = v_ptr is an exact tier's pool viewed as its element dtype (records of
     HALF_E key then HALF_E value elements, E_PS per page), and each (b, h) row encodes one token
@@ -171,8 +164,8 @@ def encode_kv_kernel(
     if do_keys:
         _encode_keys(k_ptr, k_row, skn, tok, tmask, d, row, out_ptr, kfwd_ptr, kscale, kcomps_ptr, kthr_ptr,
                      D, KW, KWPAD, K_LEVELS, K_BITS, K_COUNTS, K_MAXC, K_WIDTHS, K_TSIZE, STEP, ROUND_OFFSET, SIGNS,
-                     EMULATE_BF16_DOT, LINEAR_SEARCH)
+                     EMULATE_BF16_DOT)
     if do_values:
         _encode_values(v_ptr, v_row, svn, tok, tmask, d, row, out_ptr, vfwd_ptr, vscale, vcomps_ptr, vthr_ptr,
                        D, KW, VW, VWPAD, VALUE_SCALAR, V_LEVELS, V_BITS, V_COUNTS, V_MAXC, V_WIDTHS, V_TSIZE, STEP,
-                       ROUND_OFFSET, SIGNS, EMULATE_BF16_DOT, LINEAR_SEARCH)
+                       ROUND_OFFSET, SIGNS, EMULATE_BF16_DOT)

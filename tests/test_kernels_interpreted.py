@@ -385,19 +385,16 @@ def test_encode_matches_reference(spec, d, B, H, N, dtypes, seed):
     _check_codes_close(spec, d, got, want)
 
 
-@pytest.mark.parametrize("linear, split_kv", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("split_kv", [False, True])
 @pytest.mark.parametrize("spec", ALL_TIERS[1:], ids=lambda s: s.name)
-def test_decode_step_encoder_settings_match_reference(monkeypatch, spec, linear, split_kv):
-    """The decode-step launch settings of the encoder (encode.ENCODE_DECODE_STEP): an angle's code
-    by binary search or by counting every threshold (codes.search_thresholds), keys and values
-    in one program or in two (SPLIT_KV). Each gives the reference's codes, forced on launches
-    of one token per row and of 40 (three tiles). Zero and non-finite keys included."""
+def test_decode_step_encoder_settings_match_reference(monkeypatch, spec, split_kv):
+    """The decode-step launch settings of the encoder (encode.ENCODE_DECODE_STEP), keys and values
+    in one program or in two (SPLIT_KV), give the reference's codes, forced on launches of one
+    token per row and of 40 (three tiles). Zero and non-finite keys included."""
     monkeypatch.setitem(kernel_encode.ENCODE_DECODE_STEP, "max_tiles_per_row", 10**6)
-    monkeypatch.setitem(kernel_encode.ENCODE_DECODE_STEP, "linear_search", linear)
     monkeypatch.setitem(kernel_encode.ENCODE_DECODE_STEP, "split_kv", split_kv)
     gen = torch.Generator().manual_seed(11)
-    launches = record_launch_args(monkeypatch, kernel_encode, "encode_kv_kernel",
-                                  lambda a: (a["LINEAR_SEARCH"], a["SPLIT_KV"]))
+    launches = record_launch_args(monkeypatch, kernel_encode, "encode_kv_kernel", lambda a: a["SPLIT_KV"])
     for d, n in ((128, 1), (64, 40)):
         k = torch.randn(2, 3, n, d, generator=gen) * torch.exp(4 * torch.randn(2, 3, n, 1, generator=gen))
         v = torch.randn(2, 3, n, d, generator=gen)
@@ -413,7 +410,7 @@ def test_decode_step_encoder_settings_match_reference(monkeypatch, spec, linear,
             with pytest.MonkeyPatch.context() as one_program:
                 one_program.setitem(kernel_encode.ENCODE_DECODE_STEP, "split_kv", False)
                 assert torch.equal(got, kernel_encode.encode_records(spec, k, v, 0, KV_DTYPE))
-    assert launches == ([(linear, split_kv)] + [(linear, False)] * split_kv) * 2
+    assert launches == ([split_kv] + [False] * split_kv) * 2
 
 
 @settings(**SETTINGS)
@@ -500,8 +497,8 @@ def test_device_decode_update_equals_graduate(spec, d, B, H, sink, recent, page_
     from any exact-tier fill (empty, part-full, full), with padded rows, every window size,
     cache dtype, and with or without a utility. The update reads the graduating token in place
     and writes the new one from k, v (float32, sliced from a wider tensor so not contiguous,
-    cast to the cache dtype); graduate gathers, casts and encodes with the same Triton encoder,
-    both counting thresholds, so the records must be equal bit for bit."""
+    cast to the cache dtype); graduate gathers, casts and encodes with the same Triton encoder
+    and launch settings, so the records must be equal bit for bit."""
     from unittest import mock
 
     from sphkv_compile.kernels import cuda_ops
@@ -526,7 +523,7 @@ def test_device_decode_update_equals_graduate(spec, d, B, H, sink, recent, page_
         v = torch.randn(B, H, 1, d, generator=gen)
         util = torch.rand(B, H, 1, generator=gen) if with_utility else None
         valid = (torch.rand(B, 1, generator=gen) < 0.7) if pad else None
-        with mock.patch.dict(kernel_encode.ENCODE_DECODE_STEP, max_tiles_per_row=10**6, linear_search=True):
+        with mock.patch.dict(kernel_encode.ENCODE_DECODE_STEP, max_tiles_per_row=10**6):
             graduate(ref, specs, k, v, valid, util, encode=cuda_ops.encode_records, **kw)
             decode_update(ker, specs, k, v, valid, util, **kw)
     for r, g in zip(ref, ker):
