@@ -53,7 +53,9 @@ def us_per_step(prof, steps: int, device_type: torch.autograd.DeviceType) -> dic
     """Each event name's time per step: device time for CUDA events, self time for CPU ones."""
     total = collections.Counter()
     for ev in prof.events():
-        if ev.device_type == device_type:
+        # the profiler's step markers also appear as device-side annotations spanning the
+        # whole step: counted, they doubled the "kernel" sum (session 31)
+        if ev.device_type == device_type and not ev.name.startswith("ProfilerStep"):
             us = ev.device_time if device_type == torch.autograd.DeviceType.CUDA else ev.self_cpu_time_total
             total[ev.name[:70]] += us
     return {name: us / steps for name, us in total.most_common()}
