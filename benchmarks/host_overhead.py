@@ -24,7 +24,6 @@ import torch
 
 from sphkv_compile.backend import install_kernels
 from sphkv_compile.hf_cache import SphkvLayer
-from sphkv_compile.ops import tiers_string
 from sphkv_compile.options import SphkvOptions
 
 SHAPES = {"smollm2": (3, 3, 64), "llama3-8b": (8, 4, 128)}  # KV heads, query heads per KV head, head dim
@@ -51,7 +50,7 @@ def main(argv=None):
     layer.lazy_initialization(k, k)
     layer.store_chunk(k, torch.randn_like(k), None, torch.zeros(B, H, args.context, device=dev))
     layer.cumulative_length.add_(args.context)
-    tiers, o = tiers_string(layer.store.tiers), layer.options
+    tiers, o = layer.op_tiers, layer.options
     q = torch.randn(B, H * G, 1, d, device=dev, dtype=torch.bfloat16)
     kn, vn = torch.randn(B, H, 1, d, device=dev, dtype=torch.bfloat16), torch.randn(B, H, 1, d, device=dev, dtype=torch.bfloat16)
     valid = torch.ones(B, 1, dtype=torch.bool, device=dev)
@@ -104,7 +103,7 @@ def main(argv=None):
         print(f"  {name:22s} host {host:8.1f} us   device span {start.elapsed_time(end) * 1e3 / args.iters:8.1f} us"
               f"   wall {wall:8.1f} us")
     if args.cuda_graph:
-        cuda_graph_check(step, state, layer.meter, args.iters)
+        cuda_graph_check(step, state, layer.meter, args.iters, tiers)
     if args.kernels:
         kernel_table({"attend": attend, "update_cache": update, "kv_budget": budget})
     prof = cProfile.Profile()
@@ -136,7 +135,7 @@ def kernel_table(ops: dict, calls: int = 20) -> None:
             print(f"    {us:7.1f} us  x{n:.0f}  {key[:100]}")
 
 
-def cuda_graph_check(step, state, meter, iters: int) -> None:
+def cuda_graph_check(step, state, meter, iters: int, tiers: str) -> None:
     """Can the uniform decode step (which reads nothing back to the host) be replayed from a CUDA
     graph? Captures one step, replays it `iters` times next to as many eager steps on a copy of
     the store, and compares the outputs and the tokens every tier holds."""
@@ -161,8 +160,8 @@ def cuda_graph_check(step, state, meter, iters: int) -> None:
         worst = max(worst, float((out[0].float() - ref[0].float()).abs().max()))
     torch.cuda.synchronize()
     same = all(torch.equal(a[2], b[2]) and torch.equal(a[0][a[2]], b[0][b[2]])
-               for a, b in zip(map(gather_tokens, unflatten_state(state, len(state) // 6)),
-                               map(gather_tokens, unflatten_state(twin, len(twin) // 6))))
+               for a, b in zip(map(gather_tokens, unflatten_state(state, tiers)),
+                               map(gather_tokens, unflatten_state(twin, tiers))))
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     t = time.perf_counter()
     start.record()

@@ -39,7 +39,7 @@ def _fallback(op: str, err: Exception) -> None:
 
 def attend_cuda(q, state, k_new, v_new, valid_new, tiers, seed, kv_dtype, scale, obs_window, accumulate, sinks=None):
     specs = list(parse_tiers(tiers))
-    states = unflatten_state(state, len(specs))
+    states = unflatten_state(state, tiers)
     vn = None if valid_new is None else valid_new.to(torch.bool)
     dt = dtype_from_name(kv_dtype)
     try:
@@ -90,7 +90,7 @@ def _encode_flat(spec, k, v, seed, kv_dtype):
 
 def encode_append_cuda(state, k, v, valid, utility, tier_index, tiers, seed, kv_dtype):
     specs = parse_tiers(tiers)
-    states = unflatten_state(state, len(specs))
+    states = unflatten_state(state, tiers)
     records = encode_records(specs[tier_index], k, v, seed, dtype_from_name(kv_dtype))
     B, H, N, _ = k.shape
     vmask = None if valid is None else valid.to(torch.bool)[:, None, :].expand(B, H, N)
@@ -101,7 +101,7 @@ def update_cache_cuda(state, k, v, valid, utility, tiers, seed, kv_dtype, sink, 
     """A decode step (one token) takes the device-side update (decode_update.py: no host
     reads); a longer chunk (prefill) runs placement.graduate with the Triton encoder."""
     specs = list(parse_tiers(tiers))
-    states = unflatten_state(state, len(specs))
+    states = unflatten_state(state, tiers)
     kw = dict(seed=seed, kv_dtype=dtype_from_name(kv_dtype), sink=sink, recent=recent, target=target_tier)
     if k.shape[2] == 1:
         try:

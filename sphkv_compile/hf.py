@@ -36,7 +36,6 @@ import torch.nn.functional as F
 
 from .head_pad import pad_last
 from .hf_cache import SphkvCache, SphkvLayer
-from .ops import tiers_string
 
 IMPL_NAME = "sphkv"
 CACHE_KWARG = "sphkv_cache"
@@ -263,7 +262,7 @@ def attend_and_update(layer: SphkvLayer, query, key, value, valid, scaling, sink
     if layer.max_cache_len is None:
         layer.reserve(N)
     store = layer.store
-    tiers = tiers_string(store.tiers)
+    tiers = layer.op_tiers
     kv_dtype = str(store.kv_dtype).removeprefix("torch.")
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
     if sinks is not None:

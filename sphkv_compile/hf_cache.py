@@ -28,7 +28,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, StaticLayer
 
 from . import rdr
-from .ops import prepare_store, tiers_string
+from .ops import prepare_store
 from .rdr import meter as budget_meter
 from .rdr.budget import SphkvBudgetError
 from .rdr.budget import protected_tokens, warn_if_allocation_is_long
@@ -37,7 +37,7 @@ from .rdr.node import cadence_counters, cadence_due, current_budget, measure, ov
 from .report import register_kv_source
 from .head_pad import choose_stored_head_dim, options_for_stored, pad_last, padding_report
 from .options import SphkvOptions
-from .store import LayerStore, TierState, select_rows_of
+from .store import LayerStore, select_rows_of
 from .hf_plan import LayerPlan
 
 
@@ -113,14 +113,14 @@ class SphkvLayer(CacheLayerMixin):
             sizes = rdr.pool_pages(st.tiers, self.budget_bytes(max_tokens), st.batch, st.kv_heads, st.head_dim, ps,
                                    seed=o.seed, kv_dtype=st.kv_dtype, protected=protected_tokens(o), tokens=max_tokens,
                                    distortion=o.distortion)
-            st.states = [st._new_state(spec, n, per_head) for spec, (n, per_head) in zip(st.tiers, sizes)]
+            st.allocate_packed([(n, per_head) for n, per_head in sizes])
             return
         per_head = {}
         for spec in st.tiers:
             cap = min(max_tokens, o.sink + o.recent) if spec.exact else max_tokens
             per_head[spec.name] = max(1, -(-cap // ps))
-        st.states = [st._new_state(spec, st.batch * st.kv_heads * per_head[spec.name], per_head[spec.name])
-                     for spec in st.tiers]
+        # one tensor for the ops to take (packed_state.py): a compiled step's host time grows per input
+        st.allocate_packed([(st.batch * st.kv_heads * per_head[spec.name], per_head[spec.name]) for spec in st.tiers])
 
     def budget_bytes(self, tokens: int) -> int:
         """The layer's token-byte budget per batch row with `tokens` seen (rdr/budget.py)."""
@@ -148,8 +148,14 @@ class SphkvLayer(CacheLayerMixin):
 
     @property
     def state(self) -> list[torch.Tensor]:
-        """The flat state list the custom ops take (TierState.tensors() per tier)."""
-        return [t for s in self.store.states for t in s.tensors()]
+        """The state list the custom ops take: a fixed store's packed arena, else
+        TierState.tensors() per tier (LayerStore.op_state)."""
+        return self.store.op_state()
+
+    @property
+    def op_tiers(self) -> str:
+        """The ops' `tiers` argument: the tier specs and, packed, the state's layout."""
+        return self.store.tiers_arg
 
     @torch._dynamo.disable
     def advance_dynamic(self, n: int) -> None:
@@ -164,7 +170,7 @@ class SphkvLayer(CacheLayerMixin):
         the budgeting node runs: both as custom ops, so a compiled forward runs exactly this."""
         o, st = self.options, self.store
         key, value, query = (pad_last(x, st.head_dim) for x in (key, value, query))
-        tiers = tiers_string(st.tiers)
+        tiers = self.op_tiers
         kv_dtype = str(st.kv_dtype).removeprefix("torch.")
         tokens = self.cumulative_length + key.shape[2]  # seen, this chunk included
         budget, max_tokens = float(o.budget or 0.0), self.max_cache_len or 0
@@ -234,7 +240,7 @@ class SphkvLayer(CacheLayerMixin):
         """Empty the store in place (static caches are reused across generate calls)."""
         if self.store is not None:
             for st in self.store.states:
-                _empty_tier(st)
+                st.empty_()
             self.store.tokens_seen = 0
         if self.meter is not None:
             budget_meter.reset(self.meter)
@@ -299,15 +305,6 @@ def storage_dtype(requested: torch.dtype | None, model_dtype: torch.dtype) -> to
     if requested is not None:
         return requested
     return model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
-
-
-def _empty_tier(st: TierState) -> None:
-    num_pages = st.pool.shape[0]
-    st.pages.fill_(-1)
-    st.count.zero_()
-    st.free.copy_(torch.arange(num_pages - 1, -1, -1, dtype=torch.int32, device=st.free.device))
-    st.free_top.fill_(num_pages)
-    st.utility.zero_()
 
 
 def _model_layers(config, max_cache_len: int | None) -> list | None:

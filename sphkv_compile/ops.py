@@ -1,8 +1,10 @@
 """torch.library custom ops over the paged store, traceable by Dynamo and AOT.
 
 The store of one layer is passed as a flat list of tensors, six per tier, in the order of
-TierState.tensors(): pool, utility, pages, count, free, free_top. Tiers travel as their
-spec strings (TierSpec.to_string), joined by ';'.
+TierState.tensors(): pool, utility, pages, count, free, free_top; or, packed, as one int32
+tensor whose views those are (packed_state.py: a compiled step's host cost grows with its
+tensor inputs). Tiers travel as their spec strings (TierSpec.to_string), joined by ';'; a
+packed state's layout follows them after '@' (tiers_arg).
 
   sphkv::encode_append(state!, k, v, valid?, utility?, tier_index, tiers, seed, kv_dtype)
       encode K/V [B, Hkv, N, d] with the tier's codecs and append them to its pages.
@@ -26,8 +28,9 @@ from functools import lru_cache
 
 import torch
 
+from . import packed_state
 from .placement import graduate
-from .store import TierState, append_records, attend as store_attend, encode_records
+from .store import UTILITY_DTYPE, TierState, append_records, attend as store_attend, encode_records
 from .tiers import TierSpec
 
 STATE_TENSORS_PER_TIER = 6
@@ -51,11 +54,22 @@ def prepare_store(specs, head_dim: int, seed: int, kv_dtype: torch.dtype, device
 
 @lru_cache(maxsize=None)
 def parse_tiers(tiers: str) -> tuple[TierSpec, ...]:
-    return tuple(TierSpec.from_string(t) for t in tiers.split(";"))
+    return tuple(TierSpec.from_string(t) for t in tiers.partition("@")[0].split(";"))
 
 
 def tiers_string(tiers) -> str:
     return ";".join(t.to_string() for t in tiers)
+
+
+def tiers_arg(tiers, layout: str = "") -> str:
+    """The ops' `tiers` argument: the specs, and a packed state's layout after '@'."""
+    return tiers_string(tiers) + (f"@{layout}" if layout else "")
+
+
+def state_kv_heads(state: list[torch.Tensor], tiers: str) -> int:
+    """KV heads of the store a state list holds (the fake implementations' output shapes)."""
+    layout = tiers.partition("@")[2]
+    return packed_state.parse_layout(layout)[1] if layout else state[2].shape[1]
 
 
 def dtype_from_name(name: str) -> torch.dtype:
@@ -65,7 +79,16 @@ def dtype_from_name(name: str) -> torch.dtype:
     return dt
 
 
-def unflatten_state(state: list[torch.Tensor], num_tiers: int) -> list[TierState]:
+def unflatten_state(state: list[torch.Tensor], tiers: str) -> list[TierState]:
+    """The TierStates of a state list, for the tiers (and packed layout) of `tiers`."""
+    num_tiers, layout = len(parse_tiers(tiers)), tiers.partition("@")[2]
+    if layout:
+        if len(state) != 1:
+            raise ValueError(f"a packed store state is one tensor (its layout came with the tiers), got {len(state)}")
+        states = packed_state.views_of(state[0], layout, UTILITY_DTYPE, TierState)
+        if len(states) != num_tiers:
+            raise ValueError(f"the packed layout {layout!r} has {len(states)} tiers; the specs name {num_tiers}")
+        return states
     if len(state) != STATE_TENSORS_PER_TIER * num_tiers:
         raise ValueError(f"store state has {len(state)} tensors; {num_tiers} tiers need "
                          f"{STATE_TENSORS_PER_TIER * num_tiers}")
@@ -76,7 +99,7 @@ def unflatten_state(state: list[torch.Tensor], num_tiers: int) -> list[TierState
 def encode_append(state: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
                   utility: torch.Tensor | None, tier_index: int, tiers: str, seed: int, kv_dtype: str) -> None:
     specs = parse_tiers(tiers)
-    states = unflatten_state(state, len(specs))
+    states = unflatten_state(state, tiers)
     spec = specs[tier_index]
     records = encode_records(spec, k, v, seed, dtype_from_name(kv_dtype))
     B, H, N, _ = k.shape
@@ -94,7 +117,7 @@ def attend(q: torch.Tensor, state: list[torch.Tensor], k_new: torch.Tensor | Non
            valid_new: torch.Tensor | None, tiers: str, seed: int, kv_dtype: str, scale: float,
            obs_window: int, accumulate: bool, sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     specs = parse_tiers(tiers)
-    states = unflatten_state(state, len(specs))
+    states = unflatten_state(state, tiers)
     vn = None if valid_new is None else valid_new.to(torch.bool)
     out, mass = store_attend(q, states, list(specs), seed=seed, kv_dtype=dtype_from_name(kv_dtype), k_new=k_new,
                              v_new=v_new, valid_new=vn, scale=scale, obs_window=obs_window, accumulate=accumulate,
@@ -106,7 +129,7 @@ def attend(q: torch.Tensor, state: list[torch.Tensor], k_new: torch.Tensor | Non
 def _(q, state, k_new, v_new, valid_new, tiers, seed, kv_dtype, scale, obs_window, accumulate, sinks=None):
     B, Hq, Tq, d = q.shape
     n = 0 if k_new is None else k_new.shape[2]
-    hkv = state[2].shape[1]  # the first tier's page table: [B, Hkv, max_pages]
+    hkv = state_kv_heads(state, tiers)
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             q.new_empty((B, hkv, n), dtype=torch.float32))
 
@@ -118,7 +141,7 @@ def update_cache(state: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, va
     """The cache update: the chunk enters as the newest tokens; the exact tier keeps the sinks
     and the recent window; older tokens are encoded into tier `target_tier`."""
     specs = parse_tiers(tiers)
-    graduate(unflatten_state(state, len(specs)), list(specs), k, v, valid, utility, seed=seed,
+    graduate(unflatten_state(state, tiers), list(specs), k, v, valid, utility, seed=seed,
              kv_dtype=dtype_from_name(kv_dtype), sink=sink, recent=recent, target=target_tier)
 
 

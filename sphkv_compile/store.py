@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from . import packed_state
 from .tiers import TierSpec, record_words, tier_codecs
 
 UTILITY_DTYPE = torch.float16  # per-token RDR utility, counted as metadata
@@ -52,6 +53,15 @@ class TierState:
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.pool, self.utility, self.pages, self.count, self.free, self.free_top]
+
+    def empty_(self) -> None:
+        """No tokens, every page free (in place: a packed or CUDA-graphed state keeps its memory)."""
+        num_pages = self.pool.shape[0]
+        self.pages.fill_(-1)
+        self.count.zero_()
+        self.free.copy_(torch.arange(num_pages - 1, -1, -1, dtype=torch.int32, device=self.free.device))
+        self.free_top.fill_(num_pages)
+        self.utility.zero_()
 
     @property
     def page_size(self) -> int:
@@ -372,6 +382,12 @@ def add_utility(state: TierState, mass: torch.Tensor, valid: torch.Tensor) -> No
 
 
 # ---- the eager store ----------------------------------------------------------------------
+def _tiers_arg(tiers, layout: str) -> str:
+    from .ops import tiers_arg  # ops imports this module
+
+    return tiers_arg(tiers, layout)
+
+
 @dataclass
 class LayerStore:
     """One layer's compressed KV cache with page pools per tier (grows on demand in eager use)."""
@@ -386,14 +402,71 @@ class LayerStore:
     device: torch.device | str = "cpu"
     states: list[TierState] = field(default_factory=list)
     tokens_seen: int = 0
+    # packed (allocate_packed): every tier's tensors are views of `arena`, laid out as `layout`
+    # (packed_state.py); the ops then take the arena alone. None: one tensor each.
+    arena: torch.Tensor | None = None
+    layout: str = ""
+    _packed: list = field(default_factory=list, repr=False)  # keeps the ops' view cache entry alive
+    # the ops' `tiers` argument (ops.tiers_arg), kept as one string: a compiled step then guards
+    # one value, not every field of every TierSpec
+    tiers_arg: str = field(default="", init=False)
 
     def __post_init__(self):
         if not self.states:
             self.states = [self._new_state(spec, 0, 1) for spec in self.tiers]
+        self.tiers_arg = _tiers_arg(self.tiers, self.layout)
 
     def _new_state(self, spec, num_pages, max_pages) -> TierState:
+        return TierState.allocate(self.batch, self.kv_heads, num_pages, self.page_size, self._words(spec), max_pages,
+                                  self.device)
+
+    def _words(self, spec) -> int:
         kw, vw = record_words(spec, self.head_dim, self.seed, self.kv_dtype)
-        return TierState.allocate(self.batch, self.kv_heads, num_pages, self.page_size, kw + vw, max_pages, self.device)
+        return kw + vw
+
+    # ---- the packed state (fixed pools: what a compiled decode step takes) ---------------------
+    def allocate_packed(self, sizes: list[tuple[int, int]]) -> None:
+        """Empty pools of sizes[t] = (pages, pages per KV head) for tier t, all views of one arena."""
+        layout = packed_state.layout_string(self.batch, self.kv_heads, self.page_size,
+                                            [(p, self._words(spec), m) for spec, (p, m) in zip(self.tiers, sizes)])
+        arena = torch.zeros(packed_state.arena_words(layout, UTILITY_DTYPE), dtype=torch.int32, device=self.device)
+        states = packed_state.make_views(arena, layout, UTILITY_DTYPE, TierState)
+        for st in states:
+            st.empty_()
+        self._adopt(arena, layout, states)
+
+    def pack(self) -> None:
+        """Move the tiers' current tensors into a new arena (their contents kept)."""
+        layout = packed_state.layout_string(
+            self.batch, self.kv_heads, self.page_size,
+            [(st.pool.shape[0], st.pool.shape[2], st.pages.shape[2]) for st in self.states])
+        arena = torch.empty(packed_state.arena_words(layout, UTILITY_DTYPE), dtype=torch.int32, device=self.device)
+        states = packed_state.make_views(arena, layout, UTILITY_DTYPE, TierState)
+        for old, new in zip(self.states, states):
+            for a, b in zip(old.tensors(), new.tensors()):
+                b.copy_(a)
+        self._adopt(arena, layout, states)
+
+    def _adopt(self, arena: torch.Tensor, layout: str, states: list) -> None:
+        static = getattr(self.arena, "_dynamo_static_input_type", None)
+        if static is not None:  # the old arena was marked for CUDA graphs: graphs re-record on the new one
+            torch._dynamo.mark_static_address(arena, guard=static == "guarded")
+        self.arena, self.layout, self._packed = arena, layout, states
+        self.tiers_arg = _tiers_arg(self.tiers, layout)
+        self.states = list(states)
+        packed_state.remember(arena, layout, states)
+
+    def set_state(self, t: int, state: TierState) -> None:
+        """Replace tier t's state (a grown or rebuilt pool); a packed store packs again."""
+        self.states[t] = state
+        if self.arena is not None:
+            self.pack()
+
+    def op_state(self) -> list[torch.Tensor]:
+        """The `state` argument of the custom ops: the arena, or six tensors per tier."""
+        if self.arena is not None:
+            return [self.arena]
+        return [t for s in self.states for t in s.tensors()]
 
     def tier_index(self, name: str) -> int:
         for i, spec in enumerate(self.tiers):
@@ -419,7 +492,7 @@ class LayerStore:
         rec, util, valid = gather_tokens(st)
         grown = self._new_state(self.tiers[t], max(num_pages, st.pool.shape[0]), max(max_pages, st.pages.shape[-1]))
         rebuild(grown, rec, util, valid, self.tiers[t].name)
-        self.states[t] = grown
+        self.set_state(t, grown)
 
     def append(self, k: torch.Tensor, v: torch.Tensor, tier: str = "exact", valid: torch.Tensor | None = None,
                utility: torch.Tensor | None = None) -> None:
@@ -480,7 +553,7 @@ class LayerStore:
             st = self.states[dst]
             pages, widest = self._page_demand(valid)
             if pages > st.pool.shape[0] or widest > st.pages.shape[-1]:
-                self.states[dst] = self._new_state(self.tiers[dst], pages, max(1, widest))
+                self.set_state(dst, self._new_state(self.tiers[dst], pages, max(1, widest)))
             rebuild(self.states[dst], rec, util, valid, self.tiers[dst].name)
 
     def _page_demand(self, valid: torch.Tensor) -> tuple[int, int]:
@@ -593,5 +666,5 @@ def select_rows_of(stores: list[LayerStore], rows: torch.Tensor, can_grow: bool 
         spec = store.tiers[t]
         gathered = tuple(x[safe.to(x.device)] for x in gather_tokens(store.states[t]))
         if i in grown:
-            store.states[t] = store._new_state(spec, *grown[i])
+            store.set_state(t, store._new_state(spec, *grown[i]))
         rebuild(store.states[t], *gathered, spec.name)

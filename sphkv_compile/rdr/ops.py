@@ -25,7 +25,7 @@ def rdr_update(state: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, vali
                utility: torch.Tensor | None, tiers: str, seed: int, kv_dtype: str, sink: int, recent: int,
                target_tier: int, budget_bytes: int, rebudget_every: int) -> None:
     specs = parse_tiers(tiers)
-    _rdr_update(unflatten_state(state, len(specs)), list(specs), k, v, valid, utility, seed=seed,
+    _rdr_update(unflatten_state(state, tiers), list(specs), k, v, valid, utility, seed=seed,
                 kv_dtype=dtype_from_name(kv_dtype), sink=sink, recent=recent, budget_bytes=budget_bytes,
                 rebudget_every=rebudget_every, target=target_tier)
 
@@ -60,7 +60,7 @@ def update_cache_rdr(state: list[torch.Tensor], meter: torch.Tensor, tokens: tor
                      rebudget_every: int, queries: torch.Tensor | None = None, scale: float = 1.0,
                      obs_window: int = 0) -> None:
     specs = list(parse_tiers(tiers))
-    states = unflatten_state(state, len(specs))
+    states = unflatten_state(state, tiers)
     dt = dtype_from_name(kv_dtype)
     nbytes = _budget(states, specs, tokens, k.shape[-1], seed, dt, "rdr", budget, max_tokens, sink, recent,
                      rebudget_every)
@@ -80,7 +80,7 @@ def kv_budget(state: list[torch.Tensor], meter: torch.Tensor, tokens: torch.Tens
               kv_dtype: str, head_dim: int, sink: int, recent: int, policy: str, budget: float, max_tokens: int,
               rebudget_every: int) -> None:
     specs = list(parse_tiers(tiers))
-    states = unflatten_state(state, len(specs))
+    states = unflatten_state(state, tiers)
     dt = dtype_from_name(kv_dtype)
     nbytes = _budget(states, specs, tokens, head_dim, seed, dt, policy, budget, max_tokens, sink, recent,
                      rebudget_every)
