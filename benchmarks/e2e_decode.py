@@ -112,6 +112,23 @@ def fill_sphkv(cache, config, batch: int, context: int, device) -> None:
             layer.cumulative_length.add_(n)
 
 
+def filled_model(kind: str, shape: str, layers: int, batch: int, context: int, max_len: int, bits: float, device):
+    """A fresh model of `kind` ("dense-gqa" or "sphkv") and its static cache holding `context`
+    tokens of every batch row: (model, the cache keywords for generate()). For the profiling
+    scripts, which build one kind at a time."""
+    model = build_model(shape, layers, device)
+    config = model.config
+    if kind == "dense-gqa":
+        use_grouped_sdpa(model)
+        cache = tf.StaticCache(config=config, max_cache_len=max_len)
+        fill_dense(cache, config, batch, context, device)
+        return model, {"past_key_values": cache}
+    model = sphkv.optimize(model, bits=bits)
+    cache = sphkv.new_cache(model, max_cache_len=max_len)
+    fill_sphkv(cache, config, batch, context, device)
+    return model, {sphkv.cache_keyword(model): cache}
+
+
 class StepClock(tf.LogitsProcessor):
     """Stamps each generate() step (after a device sync); changes nothing."""
 

@@ -36,8 +36,7 @@ import types
 import torch
 import transformers as tf
 
-import sphkv_compile.api as sphkv
-from e2e_decode import build_model, fill_dense, fill_sphkv, release_graphs, use_grouped_sdpa
+from e2e_decode import filled_model, release_graphs
 from rdr_gpu_check import add_device_arg, device_from
 
 class Stamps(tf.LogitsProcessor):
@@ -154,19 +153,9 @@ def _frame_locals(fn, model, args, kwargs) -> list[dict]:
 
 def run_kind(kind: str, args, device) -> dict:
     release_graphs()
-    model = build_model(args.shape, args.layers, device)
+    model, kw = filled_model(kind, args.shape, args.layers, args.batch, args.context,
+                             args.context + 1 + args.warmup + args.steps, args.bits, device)
     config = model.config
-    max_len = args.context + 1 + args.warmup + args.steps
-    if kind == "dense-gqa":
-        use_grouped_sdpa(model)
-        cache = tf.StaticCache(config=config, max_cache_len=max_len)
-        fill_dense(cache, config, args.batch, args.context, device)
-        kw = {"past_key_values": cache}
-    else:
-        model = sphkv.optimize(model, bits=args.bits)
-        cache = sphkv.new_cache(model, max_cache_len=max_len)
-        fill_sphkv(cache, config, args.batch, args.context, device)
-        kw = {sphkv.cache_keyword(model): cache}
     calls, clock = [], Stamps()
     profiler = cProfile.Profile() if args.cprofile else None
     timed_compiled_call(model, calls, profiler, skip=args.warmup + args.steps - 1 - args.cprofile)  # generate() makes new - 1 compiled calls
@@ -197,7 +186,7 @@ def run_kind(kind: str, args, device) -> dict:
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(args.top)
         print(f"{kind}: Python functions by own time over the last {args.cprofile} compiled calls\n{text.getvalue()}")
-    del model, cache, kw
+    del model, kw
     return row
 
 

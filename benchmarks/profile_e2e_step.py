@@ -29,8 +29,7 @@ import torch
 import transformers as tf
 from torch.profiler import ProfilerActivity, profile, schedule
 
-import sphkv_compile.api as sphkv
-from e2e_decode import build_model, fill_dense, fill_sphkv, release_graphs, use_grouped_sdpa
+from e2e_decode import filled_model, release_graphs
 from rdr_gpu_check import add_device_arg, device_from
 
 
@@ -68,21 +67,11 @@ def show(title: str, times: dict[str, float], top: int) -> None:
 
 
 def profile_kind(kind: str, args, device) -> dict[str, float]:
-    model = build_model(args.shape, args.layers, device)
-    config = model.config
-    max_len = args.context + 1 + args.warmup + args.steps + 2
     if device.type == "cuda":
         release_graphs()
-    if kind == "dense-gqa":
-        use_grouped_sdpa(model)
-        cache = tf.StaticCache(config=config, max_cache_len=max_len)
-        fill_dense(cache, config, args.batch, args.context, device)
-        kw = {"past_key_values": cache}
-    else:
-        model = sphkv.optimize(model, bits=args.bits)
-        cache = sphkv.new_cache(model, max_cache_len=max_len)
-        fill_sphkv(cache, config, args.batch, args.context, device)
-        kw = {sphkv.cache_keyword(model): cache}
+    model, kw = filled_model(kind, args.shape, args.layers, args.batch, args.context,
+                             args.context + 1 + args.warmup + args.steps + 2, args.bits, device)
+    config = model.config
     ids = torch.randint(3, config.vocab_size, (args.batch, args.context + 1), device=device)
     on_gpu = device.type == "cuda"
     activities = ([ProfilerActivity.CUDA] if on_gpu else []) + ([ProfilerActivity.CPU] if args.host or not on_gpu else [])
@@ -106,7 +95,7 @@ def profile_kind(kind: str, args, device) -> dict[str, float]:
         show(f"{kind}: host self time per step", us_per_step(prof, args.steps, torch.autograd.DeviceType.CPU), args.top)
     if args.trace:
         prof.export_chrome_trace(os.path.join(args.out, f"trace_{kind}.json"))
-    del model, cache, kw
+    del model, kw
     return times, wall_us
 
 
