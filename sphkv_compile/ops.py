@@ -52,9 +52,13 @@ def prepare_store(specs, head_dim: int, seed: int, kv_dtype: torch.dtype, device
         preparer(specs, head_dim, seed, kv_dtype, torch.device(device))
 
 
-@lru_cache(maxsize=None)
 def parse_tiers(tiers: str) -> tuple[TierSpec, ...]:
-    return tuple(TierSpec.from_string(t) for t in tiers.partition("@")[0].split(";"))
+    return _parse_specs(tiers.partition("@")[0])
+
+
+@lru_cache(maxsize=None)
+def _parse_specs(specs: str) -> tuple[TierSpec, ...]:
+    return tuple(TierSpec.from_string(t) for t in specs.split(";"))
 
 
 def tiers_string(tiers) -> str:

@@ -43,6 +43,12 @@ def parse_layout(layout: str) -> tuple[int, int, int, list[tuple[int, int, int]]
     return batch, kv_heads, page_size, [tuple(int(x) for x in t.split(",")) for t in tiers]
 
 
+def alignment_bytes(tiers: int) -> int:
+    """The most a packed store of this many tiers holds between its views (metadata, as the
+    bounded-memory allowance counts it: rdr/capacity.py)."""
+    return tiers * 6 * (ALIGN_WORDS - 1) * 4
+
+
 def _words(numel: int, dtype: torch.dtype) -> int:
     return -(-numel * dtype.itemsize // 4)
 
@@ -99,8 +105,9 @@ def make_views(arena: torch.Tensor, layout: str, utility_dtype: torch.dtype, tie
 
 
 def views_of(arena: torch.Tensor, layout: str, utility_dtype: torch.dtype, tier_state) -> list:
-    """The arena's TierStates: cached while the store that packed it holds them (remember)."""
-    key = (arena.device, arena.data_ptr(), arena.numel(), layout)
+    """The arena's TierStates: cached while the store that packed it holds them (remember). The
+    TierState objects are shared with that store, which never reassigns their fields."""
+    key = (arena.device, arena.dtype, arena.data_ptr(), arena.numel(), layout)
     cached = _VIEWS.get(key)
     if cached is None:
         cached = make_views(arena, layout, utility_dtype, tier_state)
@@ -110,4 +117,4 @@ def views_of(arena: torch.Tensor, layout: str, utility_dtype: torch.dtype, tier_
 
 def remember(arena: torch.Tensor, layout: str, states: PackedStates) -> None:
     """Let the ops find these views of `arena` (the caller keeps `states` alive)."""
-    _VIEWS[(arena.device, arena.data_ptr(), arena.numel(), layout)] = states
+    _VIEWS[(arena.device, arena.dtype, arena.data_ptr(), arena.numel(), layout)] = states

@@ -404,9 +404,9 @@ class LayerStore:
     tokens_seen: int = 0
     # packed (allocate_packed): every tier's tensors are views of `arena`, laid out as `layout`
     # (packed_state.py); the ops then take the arena alone. None: one tensor each.
-    arena: torch.Tensor | None = None
-    layout: str = ""
-    _packed: list = field(default_factory=list, repr=False)  # keeps the ops' view cache entry alive
+    arena: torch.Tensor | None = field(default=None, init=False)
+    layout: str = field(default="", init=False)
+    _packed: list = field(default_factory=list, init=False, repr=False)  # keeps the ops' view cache entry alive
     # the ops' `tiers` argument (ops.tiers_arg), kept as one string: a compiled step then guards
     # one value, not every field of every TierSpec
     tiers_arg: str = field(default="", init=False)
@@ -435,14 +435,15 @@ class LayerStore:
             st.empty_()
         self._adopt(arena, layout, states)
 
-    def pack(self) -> None:
-        """Move the tiers' current tensors into a new arena (their contents kept)."""
+    def pack(self, current: list[TierState] | None = None) -> None:
+        """Move the tiers' tensors (current, else the store's) into a new arena, contents kept."""
+        current = self.states if current is None else current
         layout = packed_state.layout_string(
             self.batch, self.kv_heads, self.page_size,
-            [(st.pool.shape[0], st.pool.shape[2], st.pages.shape[2]) for st in self.states])
+            [(st.pool.shape[0], st.pool.shape[2], st.pages.shape[2]) for st in current])
         arena = torch.empty(packed_state.arena_words(layout, UTILITY_DTYPE), dtype=torch.int32, device=self.device)
         states = packed_state.make_views(arena, layout, UTILITY_DTYPE, TierState)
-        for old, new in zip(self.states, states):
+        for old, new in zip(current, states):
             for a, b in zip(old.tensors(), new.tensors()):
                 b.copy_(a)
         self._adopt(arena, layout, states)
@@ -454,13 +455,16 @@ class LayerStore:
         self.arena, self.layout, self._packed = arena, layout, states
         self.tiers_arg = _tiers_arg(self.tiers, layout)
         self.states = list(states)
-        packed_state.remember(arena, layout, states)
+        if not torch.compiler.is_compiling():  # a store made while tracing has no address to key on yet
+            packed_state.remember(arena, layout, states)
 
     def set_state(self, t: int, state: TierState) -> None:
-        """Replace tier t's state (a grown or rebuilt pool); a packed store packs again."""
-        self.states[t] = state
-        if self.arena is not None:
-            self.pack()
+        """Replace tier t's state (a grown or rebuilt pool); a packed store packs again, and
+        changes nothing if that fails (out of memory)."""
+        if self.arena is None:
+            self.states[t] = state
+            return
+        self.pack(self.states[:t] + [state] + self.states[t + 1:])
 
     def op_state(self) -> list[torch.Tensor]:
         """The `state` argument of the custom ops: the arena, or six tensors per tier."""
@@ -586,13 +590,17 @@ class LayerStore:
 
     # ---- accounting -------------------------------------------------------------------------
     def resident_bytes(self) -> int:
+        """Every byte the tiers hold: a packed store's whole arena, alignment included."""
+        if self.arena is not None:
+            return self.arena.numel() * self.arena.element_size()
         return sum(s.record_bytes() + s.metadata_bytes() for s in self.states)
 
     def record_bytes(self) -> int:
         return sum(s.record_bytes() for s in self.states)
 
     def metadata_bytes(self) -> int:
-        return sum(s.metadata_bytes() for s in self.states)
+        """Everything but the records (a packed store's alignment counts here)."""
+        return self.resident_bytes() - self.record_bytes()
 
     def token_counts(self) -> dict[str, int]:
         return {spec.name: int(s.count.sum()) for spec, s in zip(self.tiers, self.states)}

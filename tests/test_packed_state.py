@@ -137,3 +137,47 @@ def test_a_repacked_arena_stays_marked_for_cuda_graphs():
     torch._dynamo.mark_static_address(store.arena)
     store.grow_tier(1, store.states[1].pool.shape[0] * 2, store.states[1].pages.shape[-1])
     assert store.arena._dynamo_static_input_type == "unguarded"
+
+
+def test_beam_reorder_of_a_packed_store_moves_rows_in_its_arena():
+    """select_rows on a fixed (packed) store keeps the arena and its views, and leaves the same
+    tokens as the same store unpacked."""
+    packed = fixed_store(3, 2, 32, torch.float32, 40)
+    loose = LayerStore(3, 2, 32, DEFAULT_TIERS, kv_dtype=torch.float32, page_size=16, seed=SEED)
+    k, v = randn(3, 2, 40, 32, seed=5), randn(3, 2, 40, 32, seed=6)
+    for store in (packed, loose):
+        store.append(k[:, :, :24], v[:, :, :24], tier="exact")
+        store.append(k[:, :, 24:], v[:, :, 24:], tier="mid")
+    arena, views = packed.arena, [t for s in packed.states for t in s.tensors()]
+    rows = torch.tensor([2, 2, 0])
+    packed.select_rows(rows, can_grow=False)
+    loose.select_rows(rows)
+    assert packed.arena is arena and all(a is b for a, b in zip(views, (t for s in packed.states for t in s.tensors())))
+    for a, b in zip(packed.states, loose.states):
+        for x, y in zip(gather_tokens(a), gather_tokens(b)):
+            assert torch.equal(x, y)
+
+
+def test_the_view_cache_lives_as_long_as_the_store_and_keys_on_the_dtype():
+    import gc
+
+    store = fixed_store(1, 2, 32, torch.float32, 10)
+    key = (store.arena.device, store.arena.dtype, store.arena.data_ptr(), store.arena.numel(), store.layout)
+    assert key in packed_state._VIEWS
+    with pytest.raises(ValueError, match="contiguous 1-D int32"):  # not the cached int32 views
+        unflatten_state([store.arena.view(torch.float32)], store.tiers_arg)
+    store.pack()
+    gc.collect()
+    assert key not in packed_state._VIEWS, "a repacked arena's views are dropped"
+    key = (store.arena.device, store.arena.dtype, store.arena.data_ptr(), store.arena.numel(), store.layout)
+    del store
+    gc.collect()
+    assert key not in packed_state._VIEWS, "the views go with the store"
+
+
+def test_resident_bytes_of_a_packed_store_are_its_arena():
+    store = fixed_store(2, 2, 32, torch.bfloat16, 50)
+    views = sum(t.numel() * t.element_size() for s in store.states for t in s.tensors())
+    assert store.resident_bytes() == store.arena.numel() * 4
+    assert views <= store.resident_bytes() <= views + packed_state.alignment_bytes(len(store.tiers))
+    assert store.resident_bytes() == store.record_bytes() + store.metadata_bytes()

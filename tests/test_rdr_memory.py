@@ -22,9 +22,11 @@ def _llama():
 
 def held_bytes(layer) -> int:
     """Every tensor the layer keeps: each tier's pool, utility, page table, count, free stack
-    and its top, the meter and the position counter (recounted here, not from the store)."""
-    tensors = [t for s in layer.store.states for t in s.tensors()] + [layer.meter, layer.cumulative_length]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    and its top (of a static cache: the one tensor they are views of), the meter and the
+    position counter (recounted here, not from the store)."""
+    st = layer.store
+    tiers = [st.arena] if st.arena is not None else [t for s in st.states for t in s.tensors()]
+    return sum(t.numel() * t.element_size() for t in tiers + [layer.meter, layer.cumulative_length])
 
 
 def record_bytes(layer) -> int:
