@@ -31,7 +31,7 @@ import torch
 from . import packed_state
 from .placement import graduate
 from .store import UTILITY_DTYPE, TierState, append_records, attend as store_attend, encode_records
-from .tiers import TierSpec
+from .tiers import TierSpec, tiers_arg, tiers_string  # noqa: F401 - the ops' callers import them here
 
 STATE_TENSORS_PER_TIER = 6
 
@@ -59,15 +59,6 @@ def parse_tiers(tiers: str) -> tuple[TierSpec, ...]:
 @lru_cache(maxsize=None)
 def _parse_specs(specs: str) -> tuple[TierSpec, ...]:
     return tuple(TierSpec.from_string(t) for t in specs.split(";"))
-
-
-def tiers_string(tiers) -> str:
-    return ";".join(t.to_string() for t in tiers)
-
-
-def tiers_arg(tiers, layout: str = "") -> str:
-    """The ops' `tiers` argument: the specs, and a packed state's layout after '@'."""
-    return tiers_string(tiers) + (f"@{layout}" if layout else "")
 
 
 def state_kv_heads(state: list[torch.Tensor], tiers: str) -> int:

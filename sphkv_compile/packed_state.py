@@ -8,7 +8,7 @@ that made sphkv's compiled call 1.0-1.9 ms slower per step than a dense static c
 with every tier's pool, utility, page table, count, free list and free-list top as views of it.
 
 The ops find the views from the layout, which travels after the tier specs in the ops' `tiers`
-string ("spec;spec@layout", ops.tiers_arg). The layout names the batch, KV heads and page size,
+string ("spec;spec@layout", tiers.tiers_arg). The layout names the batch, KV heads and page size,
 then per tier its pages, record words and pages per KV head. Views are made once per arena and
 layout and kept while the arena's store lives (a weak cache), so an eager op call pays a dict
 lookup, not twelve view constructions.

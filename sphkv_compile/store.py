@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from . import packed_state
-from .tiers import TierSpec, record_words, tier_codecs
+from .tiers import TierSpec, record_words, tier_codecs, tiers_arg
 
 UTILITY_DTYPE = torch.float16  # per-token RDR utility, counted as metadata
 
@@ -41,21 +41,23 @@ class TierState:
 
     @staticmethod
     def allocate(batch, kv_heads, num_pages, page_size, words, max_pages, device) -> "TierState":
-        return TierState(
+        state = TierState(
             pool=torch.zeros(num_pages, page_size, words, dtype=torch.int32, device=device),
-            utility=torch.zeros(num_pages, page_size, dtype=UTILITY_DTYPE, device=device),
-            pages=torch.full((batch, kv_heads, max_pages), -1, dtype=torch.int32, device=device),
-            count=torch.zeros(batch, kv_heads, dtype=torch.int32, device=device),
-            # popped from the top: page 0 is handed out first
-            free=torch.arange(num_pages - 1, -1, -1, dtype=torch.int32, device=device),
-            free_top=torch.full((1,), num_pages, dtype=torch.int32, device=device),
+            utility=torch.empty(num_pages, page_size, dtype=UTILITY_DTYPE, device=device),
+            pages=torch.empty(batch, kv_heads, max_pages, dtype=torch.int32, device=device),
+            count=torch.empty(batch, kv_heads, dtype=torch.int32, device=device),
+            free=torch.empty(num_pages, dtype=torch.int32, device=device),
+            free_top=torch.empty(1, dtype=torch.int32, device=device),
         )
+        state.empty_()
+        return state
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.pool, self.utility, self.pages, self.count, self.free, self.free_top]
 
     def empty_(self) -> None:
-        """No tokens, every page free (in place: a packed or CUDA-graphed state keeps its memory)."""
+        """No tokens, every page free, popped from the top so page 0 is handed out first (in
+        place: a packed or CUDA-graphed state keeps its memory)."""
         num_pages = self.pool.shape[0]
         self.pages.fill_(-1)
         self.count.zero_()
@@ -382,12 +384,6 @@ def add_utility(state: TierState, mass: torch.Tensor, valid: torch.Tensor) -> No
 
 
 # ---- the eager store ----------------------------------------------------------------------
-def _tiers_arg(tiers, layout: str) -> str:
-    from .ops import tiers_arg  # ops imports this module
-
-    return tiers_arg(tiers, layout)
-
-
 @dataclass
 class LayerStore:
     """One layer's compressed KV cache with page pools per tier (grows on demand in eager use)."""
@@ -407,14 +403,14 @@ class LayerStore:
     arena: torch.Tensor | None = field(default=None, init=False)
     layout: str = field(default="", init=False)
     _packed: list = field(default_factory=list, init=False, repr=False)  # keeps the ops' view cache entry alive
-    # the ops' `tiers` argument (ops.tiers_arg), kept as one string: a compiled step then guards
+    # the ops' `tiers` argument (tiers.tiers_arg), kept as one string: a compiled step then guards
     # one value, not every field of every TierSpec
     tiers_arg: str = field(default="", init=False)
 
     def __post_init__(self):
         if not self.states:
             self.states = [self._new_state(spec, 0, 1) for spec in self.tiers]
-        self.tiers_arg = _tiers_arg(self.tiers, self.layout)
+        self.tiers_arg = tiers_arg(self.tiers, self.layout)
 
     def _new_state(self, spec, num_pages, max_pages) -> TierState:
         return TierState.allocate(self.batch, self.kv_heads, num_pages, self.page_size, self._words(spec), max_pages,
@@ -453,7 +449,7 @@ class LayerStore:
         if static is not None:  # the old arena was marked for CUDA graphs: graphs re-record on the new one
             torch._dynamo.mark_static_address(arena, guard=static == "guarded")
         self.arena, self.layout, self._packed = arena, layout, states
-        self.tiers_arg = _tiers_arg(self.tiers, layout)
+        self.tiers_arg = tiers_arg(self.tiers, layout)
         self.states = list(states)
         if not torch.compiler.is_compiling():  # a store made while tracing has no address to key on yet
             packed_state.remember(arena, layout, states)

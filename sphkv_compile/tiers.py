@@ -93,3 +93,14 @@ def record_words(spec: TierSpec, head_dim: int, seed: int, kv_dtype: torch.dtype
         return w, w
     k, v = tier_codecs(spec, head_dim, seed)
     return k.words, v.words
+
+
+def tiers_string(tiers) -> str:
+    """A tier ladder as the custom ops take it: the specs' strings joined by ';'."""
+    return ";".join(t.to_string() for t in tiers)
+
+
+def tiers_arg(tiers, layout: str = "") -> str:
+    """The ops' `tiers` argument: the specs, and a packed state's layout after '@'
+    (packed_state.py)."""
+    return tiers_string(tiers) + (f"@{layout}" if layout else "")
