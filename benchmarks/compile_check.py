@@ -243,16 +243,7 @@ def compile_all(d=128):
                             {"pool_ptr": "*bf16", "pages_ptr": "*i32", "count_ptr": "*i32", "k_ptr": "*bf16",
                              "v_ptr": "*bf16", "valid_ptr": "*i8"},
                             dict(PS=64, WT=2 * d, VOFF=d, D=d, BLOCK_M=16, BLOCK_T=64, HAS_VALID=False,
-                                 DOT_PRECISION="tf32", PDL=0, COMBINE=False, C_ROWS=1, C_SPLITS=1, C_COLUMNS=1,
-                                 HAS_ROT=False, HAS_SINKS=False)),
-        # a decode step of Llama-3-8B that merges the splits itself (attend's combine_in_exact)
-        "exact_and_chunk_merged": (exact_and_chunk_partials_kernel,
-                                   {"pool_ptr": "*bf16", "pages_ptr": "*i32", "count_ptr": "*i32", "k_ptr": "*bf16",
-                                    "v_ptr": "*bf16", "valid_ptr": "*i8", "arrived_ptr": "*i32", "out_ptr": "*bf16"},
-                                   dict(PS=64, WT=2 * d, VOFF=d, D=d, BLOCK_M=16, BLOCK_T=64, HAS_VALID=False,
-                                        DOT_PRECISION="tf32", PDL=0, COMBINE=True, C_ROWS=4,
-                                        C_SPLITS=COMBINE["splits"] * 4, C_COLUMNS=COMBINE["columns"], HAS_ROT=True,
-                                        HAS_SINKS=False)),
+                                 DOT_PRECISION="tf32", PDL=0)),
         # a prefill block (16 rows, tl.dot rotation) and a decode step of Llama-3-8B (4 rows, FMAs)
         "combine": (combine_kernel, {"out_ptr": "*bf16"},
                     dict(D=d, BLOCK_M=16, HAS_ROT=True, BLOCK_S=COMBINE["splits"], BLOCK_C=COMBINE["columns"],
@@ -261,11 +252,10 @@ def compile_all(d=128):
                            dict(D=d, BLOCK_M=4, HAS_ROT=True, BLOCK_S=COMBINE["splits"] * 4, BLOCK_C=COMBINE["columns"],
                                 COLUMNS=COMBINE["columns"], HAS_SINKS=False, PDL=0)),
         "queries": (prepare_queries_kernel, {"q_ptr": "*bf16", "scale": "fp32"},
-                    dict(D=d, BLOCK_M=16, BLOCK_C=COMBINE["columns"], COLUMNS=d, HAS_ROT=True, ZERO_MASS=False, PDL=0,
-                         ZERO_ARRIVED=False)),
+                    dict(D=d, BLOCK_M=16, BLOCK_C=COMBINE["columns"], COLUMNS=d, HAS_ROT=True, ZERO_MASS=False, PDL=0)),
         "queries_decode": (prepare_queries_kernel, {"q_ptr": "*bf16", "scale": "fp32"},
                            dict(D=d, BLOCK_M=4, BLOCK_C=COMBINE["columns"], COLUMNS=COMBINE["columns"], HAS_ROT=True,
-                                ZERO_MASS=True, PDL=0, ZERO_ARRIVED=True)),
+                                ZERO_MASS=True, PDL=0)),
         "mass": (paged_mass_kernel, {"pool_ptr": "*i32", "pages_ptr": "*i32", "count_ptr": "*i32",
                                      "util_ptr": "*fp16", "kcomps_ptr": "*i32"},
                  dict(PS=64, WT=28, D=d, BLOCK_R=16, BLOCK_T=64, EXACT=False, K_LEVELS=key.levels,
@@ -278,7 +268,7 @@ def compile_all(d=128):
     }
     # a decode step's chain as attend launches it with programmatic dependent launch (2: releasing
     # the next kernel early, 1: waiting only; dependent_launch.mode)
-    for name, pdl in (("chunk", 2), ("combine_decode", 1), ("queries_decode", 1), ("exact_and_chunk_merged", 2)):
+    for name, pdl in (("chunk", 2), ("combine_decode", 1), ("queries_decode", 1)):
         fn, ptrs, consts = jobs[name]
         jobs[name + "_pdl"] = (fn, ptrs, {**consts, "PDL": pdl})
     for name in ("encode_polar", "encode_scalar"):  # a decode step's graduating token (decode_update.py)

@@ -49,11 +49,7 @@ SETTINGS = {"triton": dict(enabled=False),
             "pdl_release_none": dict(enabled=True, pdl=True, release_early=()),
             "triton_pdl": dict(enabled=False, pdl=True),
             # before session 29: the exact tier's splits and the new token's in two launches
-            "separate_exact_and_chunk": dict(enabled=True, plain=dict(exact_with_chunk=False)),
-            # session 32: the exact kernel's last program per batch·KV head merges the splits (the
-            # default), against the combine launch before it
-            "combine_launch": dict(enabled=True, combine=dict(in_exact_kernel=False)),
-            "combine_in_exact": dict(enabled=True, combine=dict(in_exact_kernel=True))}
+            "separate_exact_and_chunk": dict(enabled=True, plain=dict(exact_with_chunk=False))}
 DEFAULT_SETTINGS = ("triton", "fragment_decode_offset_in_register", "fragment_16_rows", "fragment_decode")
 
 

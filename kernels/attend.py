@@ -131,13 +131,7 @@ CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": {128: 2, "
 # faster at five points (H200, session 28: Llama-3-8B B=1 4k 0.0396 -> 0.0354 ms, B=1 32k
 # 0.0633 -> 0.0587, B=8 4k 0.0721 -> 0.0662, B=8 32k 0.2378 -> 0.2302; SmolLM2 B=1 4k 0.0292 ->
 # 0.0264; h200_session28_probe_b1_launch.json); at D=256 four warps spill (sm_90 compile).
-COMBINE = {"splits": 4, "columns": 32, "warps": 8, "few_rows_warps": 4, "in_exact_kernel": True,
-           "in_exact_kernel_max_d": 128}
-# in_exact_kernel: where the exact tier and the chunk share a launch and the call has one block
-# of query rows (a decode step), the last of that launch's programs for each batch·KV head
-# merges the splits (combine_kernels.combine_rows) instead of a combine launch. Up to head dim
-# in_exact_kernel_max_d: the merge then runs in the exact kernel's 4 warps, which at D=256 is
-# where the combine kernel would spill (few_rows_warps above).
+COMBINE = {"splits": 4, "columns": 32, "warps": 8, "few_rows_warps": 4}
 # exact_with_chunk: where the last tier is exact and a chunk is given (every decode step of the
 # default ladder), its splits and the chunk's run in one launch (exact_and_chunk_partials_kernel)
 PLAIN = {"exact_with_chunk": True}
@@ -426,26 +420,18 @@ def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_
 
 
 def _launch_exact_and_chunk(info, kv_dtype, qc, st: TierState, kn, vn, valid_i8, acc, m, l, split_offset, S, S_chunk,
-                            S_total, M, tc, q_pos0, Hkv, block_m, block_t, precision, num_warps, num_stages, pdl,
-                            merge: dict | None = None):
-    """An exact tier's S splits and the new chunk's S_chunk (exact_and_chunk_partials_kernel).
-    merge: the combine's arguments where the kernel merges the splits itself (attend's
-    combine_in_exact), else None."""
+                            S_total, M, tc, q_pos0, Hkv, block_m, block_t, precision, num_warps, num_stages, pdl):
+    """An exact tier's S splits and the new chunk's S_chunk (exact_and_chunk_partials_kernel)."""
     pool, record, value_offset = _exact_pool(info, st, kv_dtype)
     N = kn.shape[2]
-    if merge is None:  # unused pointer and integer arguments
-        merge = dict(arrived=qc, hinv=qc, out=qc, stat_m=qc, stat_l=qc, sinks=qc, G=1, S_rot=0, strides=(0, 0, 0),
-                     constants={})
     exact_and_chunk_partials_kernel[(st.count.numel(), S + S_chunk, triton.cdiv(M, block_m))](
         qc, pool, st.pages, st.count, kn, vn, valid_i8 if valid_i8 is not None else qc, acc, m, l,
         M, st.pages.shape[-1], S, N, tc, q_pos0, Hkv, S_chunk, split_offset, S_total,
         kn.stride(0), kn.stride(1), kn.stride(2), vn.stride(0), vn.stride(1), vn.stride(2),
-        merge["arrived"], merge["hinv"], merge["out"], merge["stat_m"], merge["stat_l"], merge["sinks"], merge["G"],
-        merge["S_rot"], *merge["strides"],
         PS=st.page_size, WT=record, VOFF=value_offset, D=qc.shape[-1],
         BLOCK_M=block_m, BLOCK_T=block_t, HAS_VALID=valid_i8 is not None, DOT_PRECISION=precision,
         PDL=dependent_launch.mode(pdl, "exact"), num_warps=num_warps, num_stages=num_stages,
-        **merge["constants"], **dependent_launch.launch_options(pdl))
+        **dependent_launch.launch_options(pdl))
 
 
 def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, seed: int, kv_dtype: torch.dtype,
@@ -493,12 +479,6 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
     # query chunks so the split partials stay bounded
     per_row = max(1, len(states) + 1) * 4 * d * 4 * BH
     tq_chunk = max(1, min(Tq, PARTIAL_BYTES // (per_row * G)))
-    # the last tier an exact one (its splits just before the chunk's): the two in one launch
-    with_chunk = bool(N and plain) and PLAIN["exact_with_chunk"]
-    # ... which merges the splits itself where the call is one block of query rows
-    combine_in_exact = (with_chunk and COMBINE["in_exact_kernel"] and tq_chunk >= Tq
-                        and G * Tq <= _block_m(G * Tq) and d <= COMBINE["in_exact_kernel_max_d"])
-    arrived = torch.empty(BH, dtype=torch.int32, device=device) if combine_in_exact else None
     for s0 in range(0, Tq, tq_chunk):
         s1 = min(Tq, s0 + tq_chunk)
         tc = s1 - s0
@@ -512,9 +492,8 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
         qprog = _column_programs(BH * triton.cdiv(M, qbm), d, qcols, wanted // 2)
         prepare_queries_kernel[(BH, triton.cdiv(M, qbm), qprog)](
             q, kfwd if compressed else qc, qc, q_rot if compressed else qc, new_mass, q_scale, M, tc, s0, G, Hkv, N,
-            q.stride(0), q.stride(1), q.stride(2), q.stride(3), arrived if combine_in_exact else qc, D=d,
-            BLOCK_M=qbm, BLOCK_C=qcols, COLUMNS=d // qprog, HAS_ROT=bool(compressed),
-            ZERO_MASS=bool(N) and not window and s0 == 0, ZERO_ARRIVED=combine_in_exact,
+            q.stride(0), q.stride(1), q.stride(2), q.stride(3), D=d, BLOCK_M=qbm, BLOCK_C=qcols, COLUMNS=d // qprog,
+            HAS_ROT=bool(compressed), ZERO_MASS=bool(N) and not window and s0 == 0,
             PDL=dependent_launch.mode(pdl, "queries"), num_warps=_small_kernel_warps(qbm, d), **launch_pdl)
         launches, S_total = [], 0
         for group in (compressed, plain):
@@ -544,24 +523,13 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
                 kn = kn.contiguous()
             if vn.stride(-1) != 1:
                 vn = vn.contiguous()
-        whole = tc == Tq  # one chunk: its [BH, M] row statistics are stat_m / stat_l themselves
-        cm = stat_m if whole else torch.empty(BH, M, dtype=torch.float32, device=device)
-        cl = stat_l if whole else torch.empty_like(cm)
-        oc = out[:, :, s0:s1]
-        cbm, csplits = _combine_block(M, block_m)
-        ccols = _block_columns(cbm, d)
+        # the last tier an exact one (its splits just before the chunk's): the two in one launch
+        with_chunk = bool(N and launches) and PLAIN["exact_with_chunk"] and launches[-1][1].key is None
         for n, (i, info, off, S, coded_warps, fragments) in enumerate(launches):
             if with_chunk and n == len(launches) - 1:
-                merge = None
-                if combine_in_exact:
-                    merge = dict(arrived=arrived, hinv=hinv if compressed else acc, out=oc, stat_m=cm, stat_l=cl,
-                                 sinks=sinks2 if sinks is not None else cm, G=G, S_rot=S_rot,
-                                 strides=(oc.stride(0), oc.stride(1), oc.stride(2)),
-                                 constants=dict(COMBINE=True, C_ROWS=cbm, C_SPLITS=csplits, C_COLUMNS=ccols,
-                                                HAS_ROT=S_rot > 0, HAS_SINKS=sinks is not None))
                 _launch_exact_and_chunk(info, kv_dtype, qc, states[i], kn, vn, valid_i8, acc, m, l, off, S, S_chunk,
                                         S_total, M, tc, N - Tq + s0, Hkv, block_m, block_t, precision, num_warps,
-                                        num_stages, pdl, merge)
+                                        num_stages, pdl)
                 continue
             qin = q_rot if info.key is not None else qc
             _launch_paged(info, kv_dtype, device, qin, states[i], acc, m, l, off, S, S_total, M, block_m, block_t,
@@ -573,13 +541,18 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
                 kn.stride(0), kn.stride(1), kn.stride(2), vn.stride(0), vn.stride(1), vn.stride(2),
                 D=d, BLOCK_M=block_m, BLOCK_T=block_t, HAS_VALID=valid_i8 is not None,
                 DOT_PRECISION=precision, PDL=dependent_launch.mode(pdl, "chunk"), **launch_pdl)
-        if not combine_in_exact:
-            cprog = _column_programs(BH * triton.cdiv(M, cbm), d, ccols, wanted // 2)
-            combine_kernel[(BH, triton.cdiv(M, cbm), cprog)](
-                acc, m, l, hinv if compressed else acc, oc, cm, cl, sinks2 if sinks is not None else cm, M, tc, G, Hkv,
-                S_total, S_rot, oc.stride(0), oc.stride(1), oc.stride(2), D=d, BLOCK_M=cbm, HAS_ROT=S_rot > 0,
-                BLOCK_S=csplits, BLOCK_C=ccols, COLUMNS=d // cprog, num_warps=_small_kernel_warps(cbm, d),
-                HAS_SINKS=sinks is not None, PDL=dependent_launch.mode(pdl, "combine"), **launch_pdl)
+        whole = tc == Tq  # one chunk: its [BH, M] row statistics are stat_m / stat_l themselves
+        cm = stat_m if whole else torch.empty(BH, M, dtype=torch.float32, device=device)
+        cl = stat_l if whole else torch.empty_like(cm)
+        oc = out[:, :, s0:s1]
+        cbm, csplits = _combine_block(M, block_m)
+        ccols = _block_columns(cbm, d)
+        cprog = _column_programs(BH * triton.cdiv(M, cbm), d, ccols, wanted // 2)
+        combine_kernel[(BH, triton.cdiv(M, cbm), cprog)](
+            acc, m, l, hinv if compressed else acc, oc, cm, cl, sinks2 if sinks is not None else cm, M, tc, G, Hkv,
+            S_total, S_rot, oc.stride(0), oc.stride(1), oc.stride(2), D=d, BLOCK_M=cbm, HAS_ROT=S_rot > 0,
+            BLOCK_S=csplits, BLOCK_C=ccols, COLUMNS=d // cprog, num_warps=_small_kernel_warps(cbm, d),
+            HAS_SINKS=sinks is not None, PDL=dependent_launch.mode(pdl, "combine"), **launch_pdl)
         if not whole:
             stat_m[:, :, s0:s1] = cm.view(BH, G, tc)
             stat_l[:, :, s0:s1] = cl.view(BH, G, tc)

@@ -16,7 +16,6 @@ import triton
 import triton.language as tl
 
 from .codes import decode_polar_tile, decode_scalar_tile
-from .combine_kernels import combine_rows
 from .dependent_launch import after_previous_kernel
 
 
@@ -419,22 +418,12 @@ def exact_and_chunk_partials_kernel(
         q_ptr, pool_ptr, pages_ptr, count_ptr, k_ptr, v_ptr, valid_ptr, acc_ptr, m_ptr, l_ptr,
         M, max_pages, S_exact, N, Tq, q_pos0, Hkv, S_chunk, split_offset, S_total,
         skb, skh, skn, svb, svh, svn,
-        arrived_ptr, hinv_ptr, out_ptr, stat_m_ptr, stat_l_ptr, sinks_ptr, G, S_rot, sob, soh, sot,
         PS: tl.constexpr, WT: tl.constexpr, VOFF: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_T: tl.constexpr, HAS_VALID: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
-        COMBINE: tl.constexpr = False, C_ROWS: tl.constexpr = 1, C_SPLITS: tl.constexpr = 1,
-        C_COLUMNS: tl.constexpr = 1, HAS_ROT: tl.constexpr = False, HAS_SINKS: tl.constexpr = False):
+        BLOCK_T: tl.constexpr, HAS_VALID: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
     """The exact tier's S_exact splits and the dense chunk's S_chunk in one launch (a decode step's
     two short kernels: one launch fewer, and the two run side by side). Program (batch·KV head,
     split, row block): splits below S_exact read the tier (paged_partials_kernel with EXACT), the
-    rest the chunk (chunk_partials_kernel); their partials are adjacent, from split_offset.
-
-    COMBINE (one row block): the last of a batch·KV head's programs to finish merges all
-    S_total splits of it (combine_kernels.combine_rows: C_ROWS rows, C_SPLITS splits per step,
-    C_COLUMNS columns per rotation block) and writes the output, so a decode step needs no
-    combine launch. Each program counts itself in arrived_ptr[batch·KV head] (zeroed by
-    prepare_queries_kernel) after its partials are stored; the compressed tiers' partials come
-    from kernels launched before this one."""
+    rest the chunk (chunk_partials_kernel); their partials are adjacent, from split_offset."""
     pid_bh = after_previous_kernel(tl.program_id(0), PDL)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -446,15 +435,6 @@ def exact_and_chunk_partials_kernel(
         _chunk_split(q_ptr, k_ptr, v_ptr, valid_ptr, acc_ptr, m_ptr, l_ptr, pid_bh, pid_s - S_exact, pid_m,
                      split_offset + pid_s, M, N, Tq, q_pos0, Hkv, S_chunk, S_total, skb, skh, skn, svb, svh, svn,
                      D, BLOCK_M, BLOCK_T, HAS_VALID, DOT_PRECISION)
-    if COMBINE:
-        # every thread's stores done before the one count (the barrier), and visible to whichever
-        # program counts last (release); that program sees them all (acquire, then .cg loads)
-        tl.debug_barrier()
-        before = tl.atomic_add(arrived_ptr + pid_bh, 1, sem="acq_rel", scope="gpu")
-        if before == S_exact + S_chunk - 1:
-            combine_rows(acc_ptr, m_ptr, l_ptr, hinv_ptr, out_ptr, stat_m_ptr, stat_l_ptr, sinks_ptr, pid_bh, 0, 0,
-                         M, Tq, G, Hkv, S_total, S_rot, sob, soh, sot, D, C_ROWS, HAS_ROT, C_SPLITS, C_COLUMNS, D,
-                         HAS_SINKS, ".cg")
 
 
 @triton.jit

@@ -20,11 +20,10 @@ from .dependent_launch import after_previous_kernel
 
 @triton.jit
 def _merge_splits(acc_ptr, m_ptr, l_ptr, base, s_lo, s_hi, rows, rmask, cols, M,
-                  D: tl.constexpr, BLOCK_S: tl.constexpr, CACHE: tl.constexpr):
+                  D: tl.constexpr, BLOCK_S: tl.constexpr):
     """Splits s in [s_lo, s_hi), BLOCK_S at a time, for the given rows and columns: per slot,
     (running max [S, R, 1], sum of 2^(m_s - max)·acc_s [S, R, C], sum of 2^(m_s - max)·l_s
-    [S, R, 1]). A slot that saw only empty splits keeps max -inf and zero sums. CACHE: the loads'
-    cache modifier (".cg" where other programs of the same kernel wrote the partials)."""
+    [S, R, 1]). A slot that saw only empty splits keeps max -inf and zero sums."""
     top = tl.full((BLOCK_S, rows.shape[0], 1), float("-inf"), tl.float32)
     lsum = tl.zeros((BLOCK_S, rows.shape[0], 1), tl.float32)
     part = tl.zeros((BLOCK_S, rows.shape[0], cols.shape[0]), tl.float32)
@@ -32,9 +31,9 @@ def _merge_splits(acc_ptr, m_ptr, l_ptr, base, s_lo, s_hi, rows, rmask, cols, M,
         sp = s0 + tl.arange(0, BLOCK_S)
         idx = ((base + sp)[:, None] * M + rows[None, :])[:, :, None]  # [S, R, 1]
         ok = ((sp < s_hi)[:, None] & rmask[None, :])[:, :, None]
-        m = tl.load(m_ptr + idx, mask=ok, other=float("-inf"), cache_modifier=CACHE)
-        l = tl.load(l_ptr + idx, mask=ok, other=0.0, cache_modifier=CACHE)
-        a = tl.load(acc_ptr + idx * D + cols[None, None, :], mask=ok, other=0.0, cache_modifier=CACHE)
+        m = tl.load(m_ptr + idx, mask=ok, other=float("-inf"))
+        l = tl.load(l_ptr + idx, mask=ok, other=0.0)
+        a = tl.load(acc_ptr + idx * D + cols[None, None, :], mask=ok, other=0.0)
         new = tl.maximum(top, m)
         safe = tl.where(new == float("-inf"), 0.0, new)  # exp2(-inf - 0) = 0: no -inf - -inf
         keep = tl.exp2(top - safe)
@@ -63,14 +62,30 @@ def _rescale(x, from_max, to_safe):
 
 
 @triton.jit
-def combine_rows(
-        acc_ptr, m_ptr, l_ptr, hinv_ptr, out_ptr, stat_m_ptr, stat_l_ptr, sinks_ptr, pid_bh, pid_m, pid_c,
-        M, Tq, G, Hkv, S_total, S_rot, sob, soh, sot,
+def combine_kernel(
+        acc_ptr, m_ptr, l_ptr, hinv_ptr, out_ptr, stat_m_ptr, stat_l_ptr, sinks_ptr,
+        M, Tq, G, Hkv, S_total, S_rot,
+        sob, soh, sot,
         D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_ROT: tl.constexpr, BLOCK_S: tl.constexpr,
-        BLOCK_C: tl.constexpr, COLUMNS: tl.constexpr, HAS_SINKS: tl.constexpr, CACHE: tl.constexpr):
-    """combine_kernel's work for one (batch·KV head, row block, column block): also run by the
-    last program of exact_and_chunk_partials_kernel to finish a decode step without a launch of
-    its own (CACHE=".cg": the partials it reads were written by other programs of that kernel)."""
+        BLOCK_C: tl.constexpr, COLUMNS: tl.constexpr, HAS_SINKS: tl.constexpr, PDL: tl.constexpr):
+    """Merge splits 0..S_rot-1 (values in the rotated domain) and S_rot..S_total-1 (plain),
+    rotate back once, normalise, write out[b, h·G + g, t] for row g·Tq + t, and the rows'
+    statistics (max, sum) to stat_m / stat_l.
+
+    Program (batch·KV head, row block, column block of COLUMNS): a launch with few rows (a
+    decode step at small batch) splits the columns over programs, each re-merging the rotated
+    splits over all of D (the rotation mixes every column into each output column).
+
+    HAS_SINKS: one more logit per query head (gpt-oss's sinks, sinks_ptr [Hq], log2 units)
+    joins the normaliser only, as store.sink_factor does; the row statistics stay the tokens'.
+
+    The rotation: a [BLOCK_M, D] x [D, BLOCK_C] tf32x3 dot per block of BLOCK_C output columns
+    (about float32 accuracy on tensor cores), or float32 FMAs under tl.dot's 16 rows.
+
+    PDL: launched with programmatic dependent launch (dependent_launch.py)."""
+    pid_bh = after_previous_kernel(tl.program_id(0), PDL)
+    pid_m = tl.program_id(1)
+    pid_c = tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     d = tl.arange(0, D)
@@ -79,12 +94,11 @@ def combine_rows(
     head = (pid_bh % Hkv) * G + rows // Tq
     t = rows % Tq
     if HAS_ROT:
-        rtop, rpart, rl = _merge_splits(acc_ptr, m_ptr, l_ptr, base, 0, S_rot, rows, rmask, d, M, D, BLOCK_S, CACHE)
+        rtop, rpart, rl = _merge_splits(acc_ptr, m_ptr, l_ptr, base, 0, S_rot, rows, rmask, d, M, D, BLOCK_S)
         rmax, acc_rot, rsum = _slots_to_rows(rtop, rpart, rl)
     for c0 in tl.static_range(0, COLUMNS, BLOCK_C):
         cols = pid_c * COLUMNS + c0 + tl.arange(0, BLOCK_C)
-        ptop, ppart, pl = _merge_splits(acc_ptr, m_ptr, l_ptr, base, S_rot, S_total, rows, rmask, cols, M, D, BLOCK_S,
-                                        CACHE)
+        ptop, ppart, pl = _merge_splits(acc_ptr, m_ptr, l_ptr, base, S_rot, S_total, rows, rmask, cols, M, D, BLOCK_S)
         mmax, part, total = _slots_to_rows(ptop, ppart, pl)  # the plain splits' max, sums (the same at every c0)
         if HAS_ROT:
             hinv = tl.load(hinv_ptr + d[:, None] * D + cols[None, :])
@@ -110,31 +124,3 @@ def combine_rows(
             if pid_c == 0:  # the statistics are the same in every column block
                 tl.store(stat_m_ptr + pid_bh * M + rows[:, None], mmax, mask=rmask[:, None])
                 tl.store(stat_l_ptr + pid_bh * M + rows[:, None], total, mask=rmask[:, None])
-
-
-@triton.jit
-def combine_kernel(
-        acc_ptr, m_ptr, l_ptr, hinv_ptr, out_ptr, stat_m_ptr, stat_l_ptr, sinks_ptr,
-        M, Tq, G, Hkv, S_total, S_rot,
-        sob, soh, sot,
-        D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_ROT: tl.constexpr, BLOCK_S: tl.constexpr,
-        BLOCK_C: tl.constexpr, COLUMNS: tl.constexpr, HAS_SINKS: tl.constexpr, PDL: tl.constexpr):
-    """Merge splits 0..S_rot-1 (values in the rotated domain) and S_rot..S_total-1 (plain),
-    rotate back once, normalise, write out[b, h·G + g, t] for row g·Tq + t, and the rows'
-    statistics (max, sum) to stat_m / stat_l.
-
-    Program (batch·KV head, row block, column block of COLUMNS): a launch with few rows (a
-    decode step at small batch) splits the columns over programs, each re-merging the rotated
-    splits over all of D (the rotation mixes every column into each output column).
-
-    HAS_SINKS: one more logit per query head (gpt-oss's sinks, sinks_ptr [Hq], log2 units)
-    joins the normaliser only, as store.sink_factor does; the row statistics stay the tokens'.
-
-    The rotation: a [BLOCK_M, D] x [D, BLOCK_C] tf32x3 dot per block of BLOCK_C output columns
-    (about float32 accuracy on tensor cores), or float32 FMAs under tl.dot's 16 rows.
-
-    PDL: launched with programmatic dependent launch (dependent_launch.py)."""
-    pid_bh = after_previous_kernel(tl.program_id(0), PDL)
-    combine_rows(acc_ptr, m_ptr, l_ptr, hinv_ptr, out_ptr, stat_m_ptr, stat_l_ptr, sinks_ptr, pid_bh,
-                 tl.program_id(1), tl.program_id(2), M, Tq, G, Hkv, S_total, S_rot, sob, soh, sot, D, BLOCK_M, HAS_ROT,
-                 BLOCK_S, BLOCK_C, COLUMNS, HAS_SINKS, "")

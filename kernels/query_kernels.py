@@ -5,8 +5,7 @@ float32 [B·Hkv, M, D]; and, for compressed tiers, the same rows times the key c
 rotation. In torch that was a cast, a scale, a matmul and cuBLAS's split-K reduction: four
 launches, about 9 us of a B=1 decode step's 93 (H200, session 19's breakdown).
 
-It also zeroes the arrival counts of the exact kernel's own combine (attend's combine_in_exact),
-and clears attend's new_mass [B·Hkv, N] where no utility signal is asked for: as a torch.zeros
+It also clears attend's new_mass [B·Hkv, N] where no utility signal is asked for: as a torch.zeros
 of its own, that was one more launch per call (0.7 us and a gap of a B=1 step's 32; session 29).
 """
 from __future__ import annotations
@@ -21,16 +20,14 @@ from .dependent_launch import after_previous_kernel
 def prepare_queries_kernel(
         q_ptr, kfwd_ptr, qc_ptr, qrot_ptr, mass_ptr, scale,
         M, Tq, t0, G, Hkv, N,
-        sqb, sqh, sqt, sqd, arrived_ptr,
+        sqb, sqh, sqt, sqd,
         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, COLUMNS: tl.constexpr,
-        HAS_ROT: tl.constexpr, ZERO_MASS: tl.constexpr, PDL: tl.constexpr, ZERO_ARRIVED: tl.constexpr = False):
+        HAS_ROT: tl.constexpr, ZERO_MASS: tl.constexpr, PDL: tl.constexpr):
     """Program (batch·KV head, row block, column block of COLUMNS): rows g·Tq + t of query
     head h·G + g at position t0 + t. qc[.., cols] = q[.., cols]·scale; qrot[.., cols] =
     (q·scale) @ kfwd[:, cols], in float32 FMAs under tl.dot's 16 rows (a decode step's G heads)
     and as a tf32x3 dot (about float32 accuracy on tensor cores) from 16 rows on. PDL: launched
-    with programmatic dependent launch (dependent_launch.py). ZERO_ARRIVED: also zero
-    arrived_ptr[batch·KV head], the count exact_and_chunk_partials_kernel's programs keep when
-    that kernel merges the splits itself."""
+    with programmatic dependent launch (dependent_launch.py)."""
     pid_bh = after_previous_kernel(tl.program_id(0), PDL)
     pid_m = tl.program_id(1)
     pid_c = tl.program_id(2)
@@ -54,10 +51,6 @@ def prepare_queries_kernel(
             else:
                 rot = tl.sum(q[:, :, None] * fwd[None, :, :], 1)
             tl.store(qrot_ptr + dst + cols[None, :], rot, mask=rmask[:, None])
-    if ZERO_ARRIVED:
-        if pid_m == 0:
-            if pid_c == 0:
-                tl.store(arrived_ptr + pid_bh, 0)
     if ZERO_MASS:  # the first program of each batch·KV head zeroes its N entries of mass_ptr
         if pid_m == 0:
             if pid_c == 0:

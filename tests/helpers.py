@@ -77,18 +77,15 @@ def record_launch_args(monkeypatch, module, name: str, pick, into: list | None =
     return launched
 
 
-def nan_filled_empty(monkeypatch, ints: int | None = None) -> None:
+def nan_filled_empty(monkeypatch) -> None:
     """torch.empty and torch.empty_like hand out floating-point memory filled with NaN for the
-    rest of the test, so an output a kernel should have written but did not shows as NaN; and
-    integer memory filled with `ints` where given (a count a kernel should have zeroed)."""
+    rest of the test, so an output a kernel should have written but did not shows as NaN."""
     empty, empty_like = torch.empty, torch.empty_like
 
     def filled(make):
         def allocate(*args, **kwargs):
             t = make(*args, **kwargs)
-            if t.is_floating_point():
-                return t.fill_(float("nan"))
-            return t.fill_(ints) if ints is not None and t.dtype != torch.bool else t
+            return t.fill_(float("nan")) if t.is_floating_point() else t
         return allocate
 
     monkeypatch.setattr(torch, "empty", filled(empty))

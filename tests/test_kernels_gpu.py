@@ -342,10 +342,9 @@ def test_attend_without_a_window_returns_zero_mass(Tq, N, monkeypatch):
     assert torch.isfinite(out).all(), seed
 
 
-@pytest.mark.parametrize("in_exact", [True, False], ids=["merged-by-exact-kernel", "combine-launch"])
 @pytest.mark.parametrize("d,H,G,B,fragments", [(128, 2, 4, 1, True), (64, 3, 3, 8, True), (128, 2, 4, 2, False)],
                          ids=["llama-like-B1", "smollm-like-B8", "triton-kernels"])
-def test_dependent_launch_changes_no_output(d, H, G, B, fragments, in_exact, monkeypatch):
+def test_dependent_launch_changes_no_output(d, H, G, B, fragments, monkeypatch):
     """Launched with programmatic dependent launch, a decode step's kernels (queries, fragment,
     exact tier and new token, combine) compute the same outputs, bit for bit, as
     launched plainly: eagerly, and replayed from a CUDA graph with the queries and the new token
@@ -357,7 +356,6 @@ def test_dependent_launch_changes_no_output(d, H, G, B, fragments, in_exact, mon
         pytest.skip("programmatic dependent launch needs compute capability 9.0 or newer")
     if not fragments:
         triton_kernels_only(monkeypatch)
-    monkeypatch.setitem(kernel_attend.COMBINE, "in_exact_kernel", in_exact)
     seed = random.randrange(2**31)
     gen = torch.Generator(device=DEV).manual_seed(seed)
     specs = [DEFAULT_TIERS[0], TierSpec("uniform", 3.5, "polar", 3.5)]
@@ -380,9 +378,7 @@ def test_dependent_launch_changes_no_output(d, H, G, B, fragments, in_exact, mon
     assert dependent_launch.enabled(DEV)
     seen.clear()
     eager = [call(*inputs) for inputs in sets]
-    kernels = {"prepare_queries_kernel", "exact_and_chunk_partials_kernel"}
-    if not kernel_attend.COMBINE["in_exact_kernel"]:  # else the exact kernel merges the splits itself
-        kernels.add("combine_kernel")
+    kernels = {"prepare_queries_kernel", "exact_and_chunk_partials_kernel", "combine_kernel"}
     if fragments:
         kernels.add("paged_fragment_decode_kernel")
     assert set(seen) == {(name, True) for name in kernels}, seen
@@ -403,51 +399,6 @@ def test_dependent_launch_changes_no_output(d, H, G, B, fragments, in_exact, mon
             x.copy_(y)
         graph.replay()
         assert torch.equal(out, plain[i % 2]), (seed, i)
-
-
-@pytest.mark.parametrize("d,H,G,B,T,tiers", [(128, 8, 4, 1, 4096, "default"), (128, 8, 4, 64, 3000, "default"),
-                                              (64, 3, 3, 8, 20000, "all"), (128, 1, 8, 2, 1000, "all")])
-def test_decode_merged_by_the_exact_kernel_matches_float64_reference(d, H, G, B, T, tiers, monkeypatch):
-    """COMBINE['in_exact_kernel'] (the default): the last program of each batch·KV head of
-    exact_and_chunk_partials_kernel merges every split, with no combine launch; up to 512 of them
-    count their arrivals side by side. Against the float64 reference (sinks, wide magnitudes),
-    then replayed from a CUDA graph with the queries and new tokens alternating between two sets:
-    the counts are zeroed in every replay, so a stale count would merge too early or never."""
-    combines = record_launches(monkeypatch, kernel_attend, "combine_kernel")
-    check_attend(d, H, G, B, T, 1, tiers, sinks=True, wide=True)
-    assert combines == [], combines
-    seed = random.randrange(2**31)
-    gen = torch.Generator(device=DEV).manual_seed(seed)
-    specs = [DEFAULT_TIERS[0], TierSpec("uniform", 3.5, "polar", 3.5)] if tiers == "default" else list(ALL_TIERS)
-    states = fill_store(gen, B, H, d, specs, ragged_counts(gen, B, H, T, specs))
-    sets = [(torch.randn(B, H * G, 1, d, generator=gen, device=DEV, dtype=torch.bfloat16),
-             torch.randn(B, H, 1, d, generator=gen, device=DEV, dtype=torch.bfloat16),
-             torch.randn(B, H, 1, d, generator=gen, device=DEV, dtype=torch.bfloat16)) for _ in range(2)]
-
-    def call(q, k_new, v_new):
-        return kernel_attend.attend(q, states, specs, seed=0, kv_dtype=KV_DTYPE, k_new=k_new, v_new=v_new)[0]
-
-    ref_states = [TierState(*[t.clone() for t in s.tensors()]) for s in states]
-    for q, kn, vn in sets:
-        ref, _ = reference_attend(q.double(), ref_states, specs, seed=0, kv_dtype=KV_DTYPE, k_new=kn.double(),
-                                  v_new=vn.double())
-        assert rel_err(call(q, kn, vn), ref) < TF32_TOL + 2.0**-8, seed
-    eager = [call(*inputs) for inputs in sets]
-    static = [x.clone() for x in sets[0]]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        call(*static)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = call(*static)
-    for i in range(6):
-        for x, y in zip(static, sets[i % 2]):
-            x.copy_(y)
-        graph.replay()
-        assert torch.equal(out, eager[i % 2]), (seed, i)
-    assert combines == [], combines
 
 
 def check_attend(d, H, G, B, T, Tq, tiers, sinks=False, wide=False):

@@ -225,14 +225,11 @@ def test_several_splits_per_tier_match_reference(min_tiles, monkeypatch):
     groups of COMBINE['splits'] with the rotated ones apart; min_tiles_per_split=2 makes the
     splits longer and fewer."""
     monkeypatch.setitem(kernel_attend.CODED, "min_tiles_per_split", min_tiles)
-    # the merge: a combine launch, or (a decode step's default) the exact kernel's last programs
     launched = record_launch_args(monkeypatch, kernel_attend, "combine_kernel", lambda a: (a["S_total"], a["S_rot"]))
-    record_launch_args(monkeypatch, kernel_attend, "exact_and_chunk_partials_kernel",
-                       lambda a: (a["S_total"], a["S_rot"]) if a.get("COMBINE") else None, launched)
     # d=64: two 32-column rotation blocks
     run_case(dict(d=64, hkv=1, g=2, b=1, specs=list(ALL_TIERS[:3]), tq=1, n_new=2, page_size=16, seed=11,
                   max_count=600, obs=1, pad=False, accumulate=False))
-    (s_total, s_rot), = [merge for merge in launched if merge is not None]
+    (s_total, s_rot), = launched
     assert s_rot > 2 and s_total - s_rot > 2, launched  # several splits per compressed tier, and plain ones
 
 
@@ -257,37 +254,6 @@ def test_exact_tier_and_chunk_launches_match_reference(merged, tq, pad, monkeypa
         assert ran == ["chunk_partials_kernel", "paged_partials_kernel"], launched
     (chunk_splits,) = launched["exact_and_chunk_partials_kernel" if merged else "chunk_partials_kernel"]
     assert chunk_splits >= 2, launched
-
-
-@pytest.mark.parametrize("in_exact", [True, False], ids=["merged-by-exact-kernel", "combine-launch"])
-@pytest.mark.parametrize("g,b,sinks,wide", [(4, 2, None, True), (3, 3, "extreme", False), (8, 1, "random", True)])
-def test_decode_merged_by_the_exact_kernel_matches_reference(in_exact, g, b, sinks, wide, monkeypatch):
-    """COMBINE['in_exact_kernel'] (the default): in a decode step the last program of each
-    batch·KV head of exact_and_chunk_partials_kernel merges every split, and no combine_kernel
-    is launched; off, the combine launch does it. Every tier, several splits each, sinks in the
-    normaliser, wide magnitudes. Float memory attend allocates starts out NaN and integer memory
-    at 12345, so an output the merge missed, or an arrival count prepare_queries_kernel did not
-    zero, shows."""
-    monkeypatch.setitem(kernel_attend.COMBINE, "in_exact_kernel", in_exact)
-    combines = record_launches(monkeypatch, kernel_attend, "combine_kernel")
-    merged = record_launch_args(monkeypatch, kernel_attend, "exact_and_chunk_partials_kernel",
-                                lambda a: a.get("COMBINE", False))
-    nan_filled_empty(monkeypatch, ints=12345)
-    run_case(dict(d=64, hkv=2, g=g, b=b, specs=list(ALL_TIERS), tq=1, n_new=1 + g, page_size=16, seed=70 + g,
-                  max_count=400, obs=1, pad=False, accumulate=False, wide=wide, sinks=sinks))
-    assert merged == [in_exact], merged
-    assert len(combines) == (0 if in_exact else 1), combines
-
-
-def test_prefill_keeps_the_combine_launch(monkeypatch):
-    """More query rows than one block (8 heads x 3 queries): the exact kernel does not merge, the
-    combine launch does."""
-    combines = record_launches(monkeypatch, kernel_attend, "combine_kernel")
-    merged = record_launch_args(monkeypatch, kernel_attend, "exact_and_chunk_partials_kernel",
-                                lambda a: a.get("COMBINE", False))
-    run_case(dict(d=32, hkv=1, g=8, b=1, specs=list(ALL_TIERS[:2]), tq=3, n_new=3, page_size=16, seed=80,
-                  max_count=100, obs=1, pad=False, accumulate=False))
-    assert merged == [False] and len(combines) == 1, (merged, combines)
 
 
 @pytest.mark.parametrize("obs", [0, 2])
