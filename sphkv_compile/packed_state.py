@@ -15,6 +15,7 @@ lookup, not twelve view constructions.
 """
 from __future__ import annotations
 
+import math
 import weakref
 
 import torch
@@ -70,15 +71,8 @@ def arena_words(layout: str, utility_dtype: torch.dtype) -> int:
     total = 0
     for pages, words, per_head in tiers:
         for shape, dtype in _tier_parts(batch, kv_heads, page_size, pages, words, per_head, utility_dtype):
-            total += _aligned(_words(_numel(shape), dtype))
+            total += _aligned(_words(math.prod(shape), dtype))
     return total
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def make_views(arena: torch.Tensor, layout: str, utility_dtype: torch.dtype, tier_state) -> PackedStates:
@@ -94,10 +88,10 @@ def make_views(arena: torch.Tensor, layout: str, utility_dtype: torch.dtype, tie
     for pages, words, per_head in tiers:
         tensors = []
         for shape, dtype in _tier_parts(batch, kv_heads, page_size, pages, words, per_head, utility_dtype):
-            n = _words(_numel(shape), dtype)
+            n = _words(math.prod(shape), dtype)
             flat = arena[offset:offset + n]
             if dtype != torch.int32:
-                flat = flat.view(dtype)[:_numel(shape)]
+                flat = flat.view(dtype)[:math.prod(shape)]
             tensors.append(flat.view(shape))
             offset += _aligned(n)
         states.append(tier_state(*tensors))

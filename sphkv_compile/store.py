@@ -423,10 +423,7 @@ class LayerStore:
     # ---- the packed state (fixed pools: what a compiled decode step takes) ---------------------
     def allocate_packed(self, sizes: list[tuple[int, int]]) -> None:
         """Empty pools of sizes[t] = (pages, pages per KV head) for tier t, all views of one arena."""
-        layout = packed_state.layout_string(self.batch, self.kv_heads, self.page_size,
-                                            [(p, self._words(spec), m) for spec, (p, m) in zip(self.tiers, sizes)])
-        arena = torch.zeros(packed_state.arena_words(layout, UTILITY_DTYPE), dtype=torch.int32, device=self.device)
-        states = packed_state.make_views(arena, layout, UTILITY_DTYPE, TierState)
+        arena, layout, states = self._new_arena([(p, self._words(spec), m) for spec, (p, m) in zip(self.tiers, sizes)])
         for st in states:
             st.empty_()
         self._adopt(arena, layout, states)
@@ -434,15 +431,19 @@ class LayerStore:
     def pack(self, current: list[TierState] | None = None) -> None:
         """Move the tiers' tensors (current, else the store's) into a new arena, contents kept."""
         current = self.states if current is None else current
-        layout = packed_state.layout_string(
-            self.batch, self.kv_heads, self.page_size,
-            [(st.pool.shape[0], st.pool.shape[2], st.pages.shape[2]) for st in current])
-        arena = torch.empty(packed_state.arena_words(layout, UTILITY_DTYPE), dtype=torch.int32, device=self.device)
-        states = packed_state.make_views(arena, layout, UTILITY_DTYPE, TierState)
+        arena, layout, states = self._new_arena([(st.pool.shape[0], st.pool.shape[2], st.pages.shape[2])
+                                                 for st in current])
         for old, new in zip(current, states):
             for a, b in zip(old.tensors(), new.tensors()):
                 b.copy_(a)
         self._adopt(arena, layout, states)
+
+    def _new_arena(self, tiers: list[tuple[int, int, int]]):
+        """(arena, layout, its TierStates) for tiers of (pages, record words, pages per KV head);
+        the records start zeroed, the rest is the caller's to fill."""
+        layout = packed_state.layout_string(self.batch, self.kv_heads, self.page_size, tiers)
+        arena = torch.zeros(packed_state.arena_words(layout, UTILITY_DTYPE), dtype=torch.int32, device=self.device)
+        return arena, layout, packed_state.make_views(arena, layout, UTILITY_DTYPE, TierState)
 
     def _adopt(self, arena: torch.Tensor, layout: str, states: list) -> None:
         static = getattr(self.arena, "_dynamo_static_input_type", None)
