@@ -243,7 +243,16 @@ def compile_all(d=128):
                             {"pool_ptr": "*bf16", "pages_ptr": "*i32", "count_ptr": "*i32", "k_ptr": "*bf16",
                              "v_ptr": "*bf16", "valid_ptr": "*i8"},
                             dict(PS=64, WT=2 * d, VOFF=d, D=d, BLOCK_M=16, BLOCK_T=64, HAS_VALID=False,
-                                 DOT_PRECISION="tf32", PDL=0)),
+                                 DOT_PRECISION="tf32", PDL=0, QUERIES=False, QBLOCK_M=1, QBLOCK_C=1, QCOLUMNS=1,
+                                 HAS_ROT=False, ZERO_MASS=False)),
+        # the same launch preparing a decode step's queries too (attend.PLAIN["queries_with_exact"])
+        "exact_and_chunk_queries": (exact_and_chunk_partials_kernel,
+                                    {"pool_ptr": "*bf16", "pages_ptr": "*i32", "count_ptr": "*i32", "k_ptr": "*bf16",
+                                     "v_ptr": "*bf16", "valid_ptr": "*i8", "qsrc_ptr": "*bf16", "q_scale": "fp32"},
+                                    dict(PS=64, WT=2 * d, VOFF=d, D=d, BLOCK_M=16, BLOCK_T=64, HAS_VALID=False,
+                                         DOT_PRECISION="tf32", PDL=0, QUERIES=True, QBLOCK_M=4,
+                                         QBLOCK_C=COMBINE["columns"], QCOLUMNS=COMBINE["columns"], HAS_ROT=True,
+                                         ZERO_MASS=True)),
         # a prefill block (16 rows, tl.dot rotation) and a decode step of Llama-3-8B (4 rows, FMAs)
         "combine": (combine_kernel, {"out_ptr": "*bf16"},
                     dict(D=d, BLOCK_M=16, HAS_ROT=True, BLOCK_S=COMBINE["splits"], BLOCK_C=COMBINE["columns"],

@@ -49,7 +49,11 @@ SETTINGS = {"triton": dict(enabled=False),
             "pdl_release_none": dict(enabled=True, pdl=True, release_early=()),
             "triton_pdl": dict(enabled=False, pdl=True),
             # before session 29: the exact tier's splits and the new token's in two launches
-            "separate_exact_and_chunk": dict(enabled=True, plain=dict(exact_with_chunk=False))}
+            "separate_exact_and_chunk": dict(enabled=True, plain=dict(exact_with_chunk=False)),
+            # session 33, untimed: the exact tier's and new token's launch prepares the queries too
+            # (no prepare_queries_kernel launch) and runs before the fragment kernel
+            "queries_with_exact": dict(enabled=True, plain=dict(queries_with_exact=True)),
+            "queries_with_exact_pdl": dict(enabled=True, pdl=True, plain=dict(queries_with_exact=True))}
 DEFAULT_SETTINGS = ("triton", "fragment_decode_offset_in_register", "fragment_16_rows", "fragment_decode")
 
 

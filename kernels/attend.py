@@ -7,6 +7,7 @@ registration (cuda_ops.py) then runs the reference and logs why.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -134,7 +135,11 @@ CODED = {"warps": CODED_WARPS, "bf16_tiles": True, "programs_per_sm": {128: 2, "
 COMBINE = {"splits": 4, "columns": 32, "warps": 8, "few_rows_warps": 4}
 # exact_with_chunk: where the last tier is exact and a chunk is given (every decode step of the
 # default ladder), its splits and the chunk's run in one launch (exact_and_chunk_partials_kernel)
-PLAIN = {"exact_with_chunk": True}
+# queries_with_exact: that launch also prepares the queries (prepare_queries_kernel's work, one
+# launch fewer per call) and runs before the compressed tiers' kernels. Off until timed on a GPU:
+# it is meant for the fixed cost of small decode calls (B=1, 4k), where the three small kernels
+# and their gaps cost more than the main one (session 29's breakdown).
+PLAIN = {"exact_with_chunk": True, "queries_with_exact": False}
 
 
 def _bf16_tiles() -> bool:
@@ -420,18 +425,59 @@ def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_
 
 
 def _launch_exact_and_chunk(info, kv_dtype, qc, st: TierState, kn, vn, valid_i8, acc, m, l, split_offset, S, S_chunk,
-                            S_total, M, tc, q_pos0, Hkv, block_m, block_t, precision, num_warps, num_stages, pdl):
-    """An exact tier's S splits and the new chunk's S_chunk (exact_and_chunk_partials_kernel)."""
+                            S_total, M, tc, q_pos0, Hkv, block_m, block_t, precision, num_warps, num_stages, pdl,
+                            queries: "QueryLaunch | None" = None):
+    """An exact tier's S splits and the new chunk's S_chunk (exact_and_chunk_partials_kernel),
+    and with `queries` the query preparation in the same launch (its programs after theirs)."""
     pool, record, value_offset = _exact_pool(info, st, kv_dtype)
     N = kn.shape[2]
-    exact_and_chunk_partials_kernel[(st.count.numel(), S + S_chunk, triton.cdiv(M, block_m))](
+    if queries is None:  # the query arguments are unused (QUERIES off compiles them out)
+        query_args, query_programs = (qc, qc, qc, qc, 1.0, 0, 1, 0, 0, 0, 0), 0
+        query_consts = dict(QUERIES=False, QBLOCK_M=1, QBLOCK_C=1, QCOLUMNS=1, HAS_ROT=False, ZERO_MASS=False)
+    else:
+        qs = queries
+        query_args, query_programs = (qs.q, qs.kfwd, qs.q_rot, qs.mass, qs.scale, qs.t0, qs.G, *qs.q.stride()), \
+            qs.programs
+        query_consts = dict(QUERIES=True, QBLOCK_M=qs.block_m, QBLOCK_C=qs.block_c, QCOLUMNS=qs.columns,
+                            HAS_ROT=qs.has_rot, ZERO_MASS=qs.zero_mass)
+    exact_and_chunk_partials_kernel[(st.count.numel(), S + S_chunk + query_programs, triton.cdiv(M, block_m))](
         qc, pool, st.pages, st.count, kn, vn, valid_i8 if valid_i8 is not None else qc, acc, m, l,
         M, st.pages.shape[-1], S, N, tc, q_pos0, Hkv, S_chunk, split_offset, S_total,
-        kn.stride(0), kn.stride(1), kn.stride(2), vn.stride(0), vn.stride(1), vn.stride(2),
+        kn.stride(0), kn.stride(1), kn.stride(2), vn.stride(0), vn.stride(1), vn.stride(2), *query_args,
         PS=st.page_size, WT=record, VOFF=value_offset, D=qc.shape[-1],
         BLOCK_M=block_m, BLOCK_T=block_t, HAS_VALID=valid_i8 is not None, DOT_PRECISION=precision,
-        PDL=dependent_launch.mode(pdl, "exact"), num_warps=num_warps, num_stages=num_stages,
+        PDL=dependent_launch.mode(pdl, "exact"), num_warps=num_warps, num_stages=num_stages, **query_consts,
         **dependent_launch.launch_options(pdl))
+
+
+@dataclass(frozen=True)
+class QueryLaunch:
+    """prepare_queries_kernel's arguments for one query chunk, launched on its own (launch) or
+    inside exact_and_chunk_partials_kernel (PLAIN["queries_with_exact"])."""
+
+    q: torch.Tensor  # [B, Hq, T, D], read by its strides
+    kfwd: torch.Tensor  # the key codec's forward rotation (qc where there is no compressed tier)
+    qc: torch.Tensor  # out: the scaled rows, float32 [B·Hkv, M, D]
+    q_rot: torch.Tensor  # out: their rotation (qc where there is no compressed tier)
+    mass: torch.Tensor  # attend's new_mass, zeroed where zero_mass
+    scale: float
+    t0: int  # the chunk's first query
+    G: int
+    block_m: int
+    block_c: int
+    columns: int
+    programs: int  # column programs per (batch·KV head, row block)
+    has_rot: bool
+    zero_mass: bool
+
+    def launch(self, M: int, tc: int, Hkv: int, N: int, pdl: bool) -> None:
+        BH = self.qc.shape[0]
+        prepare_queries_kernel[(BH, triton.cdiv(M, self.block_m), self.programs)](
+            self.q, self.kfwd, self.qc, self.q_rot, self.mass, self.scale, M, tc, self.t0, self.G, Hkv, N,
+            *self.q.stride(), D=self.qc.shape[-1], BLOCK_M=self.block_m, BLOCK_C=self.block_c,
+            COLUMNS=self.columns, HAS_ROT=self.has_rot, ZERO_MASS=self.zero_mass,
+            PDL=dependent_launch.mode(pdl, "queries"), num_warps=_small_kernel_warps(self.block_m, self.qc.shape[-1]),
+            **dependent_launch.launch_options(pdl))
 
 
 def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, seed: int, kv_dtype: torch.dtype,
@@ -488,13 +534,12 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
         qc = torch.empty(BH, M, d, dtype=torch.float32, device=device)
         q_rot = torch.empty_like(qc) if compressed else None
         qbm = min(block_m, triton.next_power_of_2(M))
+        assert triton.cdiv(M, qbm) == mblocks  # so a fused launch's row blocks serve both (queries_with_exact)
         qcols = _block_columns(qbm, d)
         qprog = _column_programs(BH * triton.cdiv(M, qbm), d, qcols, wanted // 2)
-        prepare_queries_kernel[(BH, triton.cdiv(M, qbm), qprog)](
-            q, kfwd if compressed else qc, qc, q_rot if compressed else qc, new_mass, q_scale, M, tc, s0, G, Hkv, N,
-            q.stride(0), q.stride(1), q.stride(2), q.stride(3), D=d, BLOCK_M=qbm, BLOCK_C=qcols, COLUMNS=d // qprog,
-            HAS_ROT=bool(compressed), ZERO_MASS=bool(N) and not window and s0 == 0,
-            PDL=dependent_launch.mode(pdl, "queries"), num_warps=_small_kernel_warps(qbm, d), **launch_pdl)
+        queries = QueryLaunch(q, kfwd if compressed else qc, qc, q_rot if compressed else qc, new_mass, q_scale, s0,
+                              G, qbm, qcols, d // qprog, qprog, bool(compressed),
+                              bool(N) and not window and s0 == 0)
         launches, S_total = [], 0
         for group in (compressed, plain):
             for i, info in group:
@@ -525,11 +570,16 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
                 vn = vn.contiguous()
         # the last tier an exact one (its splits just before the chunk's): the two in one launch
         with_chunk = bool(N and launches) and PLAIN["exact_with_chunk"] and launches[-1][1].key is None
-        for n, (i, info, off, S, coded_warps, fragments) in enumerate(launches):
-            if with_chunk and n == len(launches) - 1:
+        # ... which may prepare the queries too, launched first: the compressed tiers read q_rot
+        fused = with_chunk and PLAIN["queries_with_exact"]
+        if not fused:
+            queries.launch(M, tc, Hkv, N, pdl)
+        order = [launches[-1]] + launches[:-1] if fused else launches
+        for i, info, off, S, coded_warps, fragments in order:
+            if with_chunk and i == launches[-1][0]:
                 _launch_exact_and_chunk(info, kv_dtype, qc, states[i], kn, vn, valid_i8, acc, m, l, off, S, S_chunk,
                                         S_total, M, tc, N - Tq + s0, Hkv, block_m, block_t, precision, num_warps,
-                                        num_stages, pdl)
+                                        num_stages, pdl, queries if fused else None)
                 continue
             qin = q_rot if info.key is not None else qc
             _launch_paged(info, kv_dtype, device, qin, states[i], acc, m, l, off, S, S_total, M, block_m, block_t,

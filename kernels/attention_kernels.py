@@ -17,6 +17,7 @@ import triton.language as tl
 
 from .codes import decode_polar_tile, decode_scalar_tile
 from .dependent_launch import after_previous_kernel
+from .query_kernels import prepare_query_block, scaled_query_rows
 
 
 @triton.jit
@@ -56,7 +57,16 @@ def _tile_kv(pool_ptr, base, valid, kcomps_ptr, ktab_ptr, vcomps_ptr, vtab_ptr, 
 
 
 @triton.jit
-def _paged_split(q_ptr, pool_ptr, pages_ptr, count_ptr, acc_ptr, m_ptr, l_ptr, kcomps_ptr, ktab_ptr, vcomps_ptr,
+def _prepared_rows(q_ptr, pid_bh, pid_m, M, D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Row block pid_m of batch·KV head pid_bh's queries as prepare_queries_kernel wrote them
+    (float32 [B·Hkv, M, D]); rows past M are 0."""
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, D)
+    return tl.load(q_ptr + (pid_bh * M + rows)[:, None] * D + d[None, :], mask=(rows < M)[:, None], other=0.0)
+
+
+@triton.jit
+def _paged_split(q, pool_ptr, pages_ptr, count_ptr, acc_ptr, m_ptr, l_ptr, kcomps_ptr, ktab_ptr, vcomps_ptr,
                  vtab_ptr, pid_bh, pid_s, pid_m, slot, M, max_pages, S, S_total,
                  PS: tl.constexpr, WT: tl.constexpr, VOFF: tl.constexpr, D: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, EXACT: tl.constexpr, VALUE_SCALAR: tl.constexpr,
@@ -64,14 +74,13 @@ def _paged_split(q_ptr, pool_ptr, pages_ptr, count_ptr, acc_ptr, m_ptr, l_ptr, k
                  K_TSIZE: tl.constexpr, V_LEVELS: tl.constexpr, V_COUNTS: tl.constexpr, V_MAXC: tl.constexpr,
                  V_WIDTHS: tl.constexpr, V_TSIZE: tl.constexpr, STEP: tl.constexpr, LOG2_MIN: tl.constexpr,
                  DOT_PRECISION: tl.constexpr):
-    """Split pid_s of S over the tier's tokens of row pid_bh, query rows block pid_m: partials to
-    split slot `slot` of S_total."""
+    """Split pid_s of S over the tier's tokens of row pid_bh, query rows block pid_m (q: their
+    [BLOCK_M, D] float32 queries, _prepared_rows): partials to split slot `slot` of S_total."""
     count = tl.load(count_ptr + pid_bh)
     start, end = _split_range(count, pid_s, S, BLOCK_T)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     d = tl.arange(0, D)
-    q = tl.load(q_ptr + (pid_bh * M + rows)[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, D), tl.float32)
@@ -112,7 +121,8 @@ def paged_partials_kernel(
     (dependent_launch.py)."""
     pid_bh = after_previous_kernel(tl.program_id(0), PDL)
     pid_s = tl.program_id(1)
-    _paged_split(q_ptr, pool_ptr, pages_ptr, count_ptr, acc_ptr, m_ptr, l_ptr, kcomps_ptr, ktab_ptr, vcomps_ptr,
+    q = _prepared_rows(q_ptr, pid_bh, tl.program_id(2), M, D, BLOCK_M)
+    _paged_split(q, pool_ptr, pages_ptr, count_ptr, acc_ptr, m_ptr, l_ptr, kcomps_ptr, ktab_ptr, vcomps_ptr,
                  vtab_ptr, pid_bh, pid_s, tl.program_id(2), split_offset + pid_s, M, max_pages, S, S_total, PS, WT,
                  VOFF, D, BLOCK_M, BLOCK_T, EXACT, VALUE_SCALAR, K_LEVELS, K_COUNTS, K_MAXC, K_WIDTHS, K_TSIZE,
                  V_LEVELS, V_COUNTS, V_MAXC, V_WIDTHS, V_TSIZE, STEP, LOG2_MIN, DOT_PRECISION)
@@ -353,12 +363,13 @@ def paged_coded_quarters_kernel(
 
 
 @triton.jit
-def _chunk_split(q_ptr, k_ptr, v_ptr, valid_ptr, acc_ptr, m_ptr, l_ptr, pid_bh, pid_s, pid_m, slot,
+def _chunk_split(q, k_ptr, v_ptr, valid_ptr, acc_ptr, m_ptr, l_ptr, pid_bh, pid_s, pid_m, slot,
                  M, N, Tq, q_pos0, Hkv, S, S_total, skb, skh, skn, svb, svh, svn,
                  D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, HAS_VALID: tl.constexpr,
                  DOT_PRECISION: tl.constexpr):
     """Split pid_s of S over the dense chunk [B, Hkv, N, D] of row pid_bh, causal (row g·Tq + t
-    sees chunk tokens <= q_pos0 + t), query rows block pid_m: partials to split slot `slot`."""
+    sees chunk tokens <= q_pos0 + t), query rows block pid_m (q: their [BLOCK_M, D] float32
+    queries): partials to split slot `slot`."""
     b = pid_bh // Hkv
     h = pid_bh % Hkv
     start, end = _split_range(N, pid_s, S, BLOCK_T)
@@ -367,7 +378,6 @@ def _chunk_split(q_ptr, k_ptr, v_ptr, valid_ptr, acc_ptr, m_ptr, l_ptr, pid_bh, 
     qpos = q_pos0 + rows % Tq
     end = tl.minimum(end, tl.max(tl.where(rmask, qpos, 0)) + 1)  # nothing later is visible
     d = tl.arange(0, D)
-    q = tl.load(q_ptr + (pid_bh * M + rows)[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, D), tl.float32)
@@ -408,7 +418,8 @@ def chunk_partials_kernel(
     launched with programmatic dependent launch (dependent_launch.py)."""
     pid_bh = after_previous_kernel(tl.program_id(0), PDL)
     pid_s = tl.program_id(1)
-    _chunk_split(q_ptr, k_ptr, v_ptr, valid_ptr, acc_ptr, m_ptr, l_ptr, pid_bh, pid_s, tl.program_id(2),
+    q = _prepared_rows(q_ptr, pid_bh, tl.program_id(2), M, D, BLOCK_M)
+    _chunk_split(q, k_ptr, v_ptr, valid_ptr, acc_ptr, m_ptr, l_ptr, pid_bh, pid_s, tl.program_id(2),
                  split_offset + pid_s, M, N, Tq, q_pos0, Hkv, S, S_total, skb, skh, skn, svb, svh, svn, D, BLOCK_M,
                  BLOCK_T, HAS_VALID, DOT_PRECISION)
 
@@ -418,23 +429,46 @@ def exact_and_chunk_partials_kernel(
         q_ptr, pool_ptr, pages_ptr, count_ptr, k_ptr, v_ptr, valid_ptr, acc_ptr, m_ptr, l_ptr,
         M, max_pages, S_exact, N, Tq, q_pos0, Hkv, S_chunk, split_offset, S_total,
         skb, skh, skn, svb, svh, svn,
+        qsrc_ptr, kfwd_ptr, qrot_ptr, mass_ptr, q_scale, t0, G, sqb, sqh, sqt, sqd,
         PS: tl.constexpr, WT: tl.constexpr, VOFF: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_T: tl.constexpr, HAS_VALID: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr):
+        BLOCK_T: tl.constexpr, HAS_VALID: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
+        QUERIES: tl.constexpr, QBLOCK_M: tl.constexpr, QBLOCK_C: tl.constexpr, QCOLUMNS: tl.constexpr,
+        HAS_ROT: tl.constexpr, ZERO_MASS: tl.constexpr):
     """The exact tier's S_exact splits and the dense chunk's S_chunk in one launch (a decode step's
     two short kernels: one launch fewer, and the two run side by side). Program (batch·KV head,
     split, row block): splits below S_exact read the tier (paged_partials_kernel with EXACT), the
-    rest the chunk (chunk_partials_kernel); their partials are adjacent, from split_offset."""
+    rest the chunk (chunk_partials_kernel); their partials are adjacent, from split_offset.
+
+    QUERIES: the launch also does prepare_queries_kernel's work (query_kernels.py), so a decode
+    step has one launch fewer again. Its programs come after the chunk's, D // QCOLUMNS per
+    (batch·KV head, row block of QBLOCK_M rows), and write q_ptr (the scaled rows, then read by
+    the mass kernels) and qrot_ptr (their rotation, which the compressed tiers' kernels launched
+    after this one read) and zero mass_ptr; the exact tier's and the chunk's programs read their
+    rows straight from qsrc_ptr (q [B, Hq, T, D]), scaled as those programs scale them."""
     pid_bh = after_previous_kernel(tl.program_id(0), PDL)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
-    if pid_s < S_exact:  # the codec arguments are unused by the exact path
-        _paged_split(q_ptr, pool_ptr, pages_ptr, count_ptr, acc_ptr, m_ptr, l_ptr, pool_ptr, pool_ptr, pool_ptr,
-                     pool_ptr, pid_bh, pid_s, pid_m, split_offset + pid_s, M, max_pages, S_exact, S_total, PS, WT,
-                     VOFF, D, BLOCK_M, BLOCK_T, True, False, 0, 0, 1, 0, 1, 0, 0, 1, 0, 1, 1.0, 0.0, DOT_PRECISION)
+    if pid_s >= S_exact + S_chunk:  # only a QUERIES launch has these programs
+        if QUERIES:
+            prepare_query_block(qsrc_ptr, kfwd_ptr, q_ptr, qrot_ptr, mass_ptr, q_scale, M, Tq, t0, G, Hkv, N,
+                                sqb, sqh, sqt, sqd, pid_bh, pid_m, pid_s - S_exact - S_chunk, D, QBLOCK_M, QBLOCK_C,
+                                QCOLUMNS, HAS_ROT, ZERO_MASS)
     else:
-        _chunk_split(q_ptr, k_ptr, v_ptr, valid_ptr, acc_ptr, m_ptr, l_ptr, pid_bh, pid_s - S_exact, pid_m,
-                     split_offset + pid_s, M, N, Tq, q_pos0, Hkv, S_chunk, S_total, skb, skh, skn, svb, svh, svn,
-                     D, BLOCK_M, BLOCK_T, HAS_VALID, DOT_PRECISION)
+        if QUERIES:
+            rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            q = scaled_query_rows(qsrc_ptr, pid_bh, rows, rows < M, tl.arange(0, D), q_scale, Tq, t0, G, Hkv,
+                                  sqb, sqh, sqt, sqd)
+        else:
+            q = _prepared_rows(q_ptr, pid_bh, pid_m, M, D, BLOCK_M)
+        if pid_s < S_exact:  # the codec arguments are unused by the exact path
+            _paged_split(q, pool_ptr, pages_ptr, count_ptr, acc_ptr, m_ptr, l_ptr, pool_ptr, pool_ptr, pool_ptr,
+                         pool_ptr, pid_bh, pid_s, pid_m, split_offset + pid_s, M, max_pages, S_exact, S_total, PS,
+                         WT, VOFF, D, BLOCK_M, BLOCK_T, True, False, 0, 0, 1, 0, 1, 0, 0, 1, 0, 1, 1.0, 0.0,
+                         DOT_PRECISION)
+        else:
+            _chunk_split(q, k_ptr, v_ptr, valid_ptr, acc_ptr, m_ptr, l_ptr, pid_bh, pid_s - S_exact, pid_m,
+                         split_offset + pid_s, M, N, Tq, q_pos0, Hkv, S_chunk, S_total, skb, skh, skn, svb, svh,
+                         svn, D, BLOCK_M, BLOCK_T, HAS_VALID, DOT_PRECISION)
 
 
 @triton.jit

@@ -401,6 +401,66 @@ def test_dependent_launch_changes_no_output(d, H, G, B, fragments, monkeypatch):
         assert torch.equal(out, plain[i % 2]), (seed, i)
 
 
+@pytest.mark.parametrize("d,H,G,B,T,Tq,tiers", [(128, 8, 4, 1, 4096, 1, "default"), (64, 3, 3, 8, 20000, 1, "default"),
+                                                 (128, 2, 4, 2, 3000, 1, "all"), (64, 4, 2, 2, 3000, 5, "all")],
+                         ids=["llama-B1-4k", "smollm-B8", "every-tier", "prefill-chunk"])
+def test_queries_with_exact_launch_matches_reference(d, H, G, B, T, Tq, tiers, monkeypatch):
+    """PLAIN['queries_with_exact'] (off by default until timed): the exact tier's and the new
+    tokens' launch prepares the queries too and runs before the fragment/coded kernels, which
+    read its rotated rows. Against the float64 reference (check_attend: ragged rows, padding,
+    the observation window's mass)."""
+    monkeypatch.setitem(kernel_attend.PLAIN, "queries_with_exact", True)
+    separate = record_launches(monkeypatch, kernel_attend, "prepare_queries_kernel")
+    check_attend(d, H, G, B, T, Tq, tiers)
+    assert not separate, separate
+
+
+@pytest.mark.parametrize("pdl", [False, True], ids=["plain", "pdl"])
+def test_queries_with_exact_launch_changes_no_output(pdl, monkeypatch):
+    """The fused query launch gives the separate launch's outputs bit for bit, eagerly and
+    replayed from a CUDA graph with the queries and the new token alternating between two sets
+    (a kernel that read the rotated queries before the fused launch wrote them would read the
+    other set's), with and without programmatic dependent launch."""
+    from sphkv_compile.kernels import dependent_launch
+
+    if pdl and torch.cuda.get_device_capability(DEV) < (9, 0):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0 or newer")
+    monkeypatch.setitem(dependent_launch.DEPENDENT_LAUNCH, "enabled", pdl)
+    seed = random.randrange(2**31)
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    B, H, G, d = 1, 8, 4, 128
+    specs = [DEFAULT_TIERS[0], TierSpec("uniform", 3.5, "polar", 3.5)]
+    states = fill_store(gen, B, H, d, specs, ragged_counts(gen, B, H, 4096, specs))
+    sets = [(torch.randn(B, H * G, 1, d, generator=gen, device=DEV, dtype=torch.bfloat16),
+             torch.randn(B, H, 1, d, generator=gen, device=DEV, dtype=torch.bfloat16),
+             torch.randn(B, H, 1, d, generator=gen, device=DEV, dtype=torch.bfloat16)) for _ in range(2)]
+
+    def call(q, k_new, v_new):
+        return kernel_attend.attend(q, states, specs, seed=0, kv_dtype=KV_DTYPE, k_new=k_new, v_new=v_new)[0]
+
+    separate = [call(*inputs) for inputs in sets]
+    assert not torch.equal(separate[0], separate[1])
+    monkeypatch.setitem(kernel_attend.PLAIN, "queries_with_exact", True)
+    fused = record_launch_args(monkeypatch, kernel_attend, "exact_and_chunk_partials_kernel", lambda a: a["QUERIES"])
+    for got, want in zip([call(*inputs) for inputs in sets], separate):
+        assert torch.equal(got, want), seed
+    assert fused and all(fused), fused
+    static = [x.clone() for x in sets[0]]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call(*static)
+    for i in range(8):
+        for x, y in zip(static, sets[i % 2]):
+            x.copy_(y)
+        graph.replay()
+        assert torch.equal(out, separate[i % 2]), (seed, i)
+
+
 def check_attend(d, H, G, B, T, Tq, tiers, sinks=False, wide=False):
     """sinks: gpt-oss-style sink logits per query head (random, one huge, one -inf). wide: the
     magnitudes of WIDE_Q above."""

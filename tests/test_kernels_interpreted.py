@@ -256,6 +256,51 @@ def test_exact_tier_and_chunk_launches_match_reference(merged, tq, pad, monkeypa
     assert chunk_splits >= 2, launched
 
 
+@pytest.mark.parametrize("case", [
+    dict(d=32, hkv=2, g=3, b=2, specs=list(ALL_TIERS[:3]) + [ALL_TIERS[0]], tq=1, n_new=1, pad=False, obs=0),
+    dict(d=64, hkv=1, g=4, b=1, specs=list(ALL_TIERS), tq=1, n_new=70, pad=True, obs=1, transposed_q=True),
+    dict(d=16, hkv=2, g=2, b=1, specs=[ALL_TIERS[0]], tq=9, n_new=12, pad=True, obs=0),  # no compressed tier
+    dict(d=32, hkv=1, g=2, b=1, specs=list(ALL_TIERS[:2]), tq=7, n_new=9, pad=True, obs=2, chunks=True),
+], ids=["decode-gqa3", "decode-every-tier-strided-q", "prefill-exact-only", "query-chunks"])
+def test_queries_prepared_in_the_exact_launch_match_reference(case, monkeypatch):
+    """PLAIN['queries_with_exact']: the exact tier's and the chunk's launch also prepares the
+    queries (no prepare_queries_kernel launch) and runs before the compressed tiers, whose
+    kernels read its rotated rows. Against the float64 reference, and bit for bit against the
+    separate query launch; every float tensor attend allocates starts NaN-filled, so a query row
+    or mass entry the fused launch failed to write shows. 'query-chunks': 7 queries in 4 chunks
+    (PARTIAL_BYTES cut), each chunk its own fused launch at its own first query."""
+    case = dict(case)
+    if case.pop("chunks", False):
+        d, g, b, hkv = case["d"], case["g"], case["b"], case["hkv"]
+        monkeypatch.setattr(kernel_attend, "PARTIAL_BYTES", 2 * (len(case["specs"]) + 1) * 4 * d * 4 * b * hkv * g)
+    case = dict(case, page_size=16, seed=70 + case["d"] + case["tq"], max_count=90, accumulate=False)
+    nan_filled_empty(monkeypatch)
+    separate = record_launches(monkeypatch, kernel_attend, "prepare_queries_kernel")
+    fused = record_launch_args(monkeypatch, kernel_attend, "exact_and_chunk_partials_kernel", lambda a: a["QUERIES"])
+    outputs = {}
+    for on in (True, False):
+        monkeypatch.setitem(kernel_attend.PLAIN, "queries_with_exact", on)
+        spy = capture_attend(monkeypatch)
+        run_case(case)
+        outputs[on] = spy()
+    assert fused and fused[:len(fused) // 2] == [True] * (len(fused) // 2), fused  # the fused run first
+    assert not any(fused[len(fused) // 2:]) and len(separate) == len(fused) // 2, (fused, separate)
+    (out_on, mass_on), (out_off, mass_off) = outputs[True], outputs[False]
+    assert torch.equal(out_on, out_off) and torch.equal(mass_on, mass_off)
+
+
+def capture_attend(monkeypatch):
+    """Spy on kernel_attend.attend for one run_case: returns a function giving its (out, mass)."""
+    seen, attend = [], kernel_attend.attend
+
+    def spy(*args, **kwargs):
+        seen.append(attend(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(kernel_attend, "attend", spy)
+    return lambda: seen[-1]
+
+
 @pytest.mark.parametrize("obs", [0, 2])
 def test_query_chunks_match_reference(obs, monkeypatch):
     """A call whose split partials would pass PARTIAL_BYTES runs its queries in chunks (here of
