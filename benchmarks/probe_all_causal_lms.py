@@ -22,6 +22,7 @@ Not a test: transformers adds and changes models between versions.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import sys
 import time
@@ -43,20 +44,65 @@ LAYERS = 2
 MEMORY_GB = 10
 # config keys (their spellings across models) -> the tiny value; only keys a config already has are set
 TINY = {
-    **dict.fromkeys(("hidden_size", "n_embd", "d_model", "model_dim"), 256),
+    **dict.fromkeys(("hidden_size", "n_embd", "d_model", "model_dim", "hidden_size_global"), 256),
     **dict.fromkeys(("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size", "decoder_ffn_dim"), 512),
     **dict.fromkeys(("moe_intermediate_size", "expert_intermediate_size", "shared_expert_intermediate_size",
                      "moe_ffn_hidden_size"), 256),
     **dict.fromkeys(("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers"), LAYERS),
-    **dict.fromkeys(("num_attention_heads", "n_head", "n_heads", "num_heads", "decoder_attention_heads"), 4),
-    **dict.fromkeys(("num_key_value_heads", "n_kv_heads", "num_kv_heads", "multi_query_group_num"), 2),
-    **dict.fromkeys(("head_dim", "kv_channels", "attention_head_dim"), 64),
+    **dict.fromkeys(("num_attention_heads", "n_head", "n_heads", "num_heads", "decoder_attention_heads",
+                     "swa_num_attention_heads"), 4),
+    **dict.fromkeys(("num_key_value_heads", "n_kv_heads", "num_kv_heads", "multi_query_group_num",
+                     "swa_num_key_value_heads"), 2),
+    **dict.fromkeys(("head_dim", "kv_channels", "attention_head_dim", "swa_head_dim"), 64),
     **dict.fromkeys(("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length"), 256),
     # two experts, both active: a top-1 routing flip is a discrete change no codec error bound covers
     **dict.fromkeys(("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"), 2),
-    **dict.fromkeys(("num_experts_per_tok", "moe_topk", "top_k", "moe_k"), 2),
+    **dict.fromkeys(("num_experts_per_tok", "moe_topk", "top_k", "moe_k", "moe_top_k"), 2),
+    # one expert group, chosen: DeepSeek-V3's grouped routing needs n_group | experts, topk_group <= n_group
+    "n_group": 1, "topk_group": 1,
+    # Mamba-2 state: one group of B/C (it must divide the heads), a small state
+    **dict.fromkeys(("n_groups", "mamba_n_groups", "mamba_ngroups"), 1),
+    **dict.fromkeys(("mamba_d_state", "state_size", "ssm_state_size"), 16),
+    # Jamba/Zamba place attention at layer offset + k * period: the second of the two layers
+    "attn_layer_period": LAYERS, "attn_layer_offset": LAYERS - 1,
+    "attn_layer_indices": [LAYERS - 1],  # Bamba's default has none: all Mamba, which transformers' masks can't run
+    # sparse-attention indexers (DeepSeek-V3.2, Kolibri): Kolibri needs at most the query heads of one KV head
+    **dict.fromkeys(("index_n_heads", "index_num_heads"), 2),
+    # Gemma 3n's last layers reuse an earlier layer's K/V of their type: two layers hold no producer of both
+    "num_kv_shared_layers": 0,
     "n_shared_experts": 1, "kv_lora_rank": 32, "qk_rope_head_dim": 16, "qk_nope_head_dim": 48, "v_head_dim": 64,
-    "vocab_size": zoo.VOCAB, "vocab_size_per_layer_input": zoo.VOCAB, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+    "encoder_hash_byte_group_vocab": 512,  # BLT's hashed n-gram embeddings: one table per n-gram size
+    **dict.fromkeys(("vocab_size", "vocab_size_per_layer_input", "unpadded_vocab_size"), zoo.VOCAB),
+    "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+}
+
+# where no rule on config keys fits: model_type -> keys set last, each with why
+OVERRIDES = {
+    # the default is all Mamba (no attention layer: transformers' masks can't run); keep one of each
+    "granitemoehybrid": {"layer_types": ["linear_attention", "full_attention"]},
+    # Zamba ties one shared attention block across its hybrid layers and fails to build with only one
+    "zamba": {"layers_block_type": ["hybrid", "hybrid"]},
+    # DbrxAttention reads attn_config.rope_theta, which DbrxAttentionConfig lacks, and clamps by clip_qkv,
+    # which defaults to None: DBRX's defaults build at no size; DBRX's own values
+    "dbrx": {"attn_config": {"rope_theta": 500000.0, "clip_qkv": 8.0}},
+    # LFM2-MoE's default names no layer_types (checkpoints do) and its model needs them
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
+    # Qwen4-Exp's indexed_attention layers build the QSA indexer, whose settings default to None:
+    # a budget of 4 blocks of 4 tokens, under the probe's 44 tokens, so the sparse selection acts
+    "qwen4_exp_text": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 64,
+                       "indexer_budget": 16, "indexer_compress_ratio": 4},
+    # Cohere Compass reads rope_parameters per layer type (None: a NoPE layer); its default names none
+    "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}},
+    # X-MOD routes each token through its language's adapter; without lang_ids it needs a default language
+    "xmod": {"default_language": "en_XX"},
+    # Reformer's LM head needs is_decoder; its axial position embeddings factor max_position_embeddings
+    "reformer": {"is_decoder": True, "axial_pos_shape": [16, 16]},
+    # ZAYA validates num_experts_per_tok == 1 (top-1 routing: a flip there is a discrete change, see TINY)
+    "zaya": {"num_experts_per_tok": 1},
+    # Dory's input, recurrent (looped) and output blocks must sum to num_hidden_layers, and its to_dict
+    # doubles every count (an 'mlp' entry after each layer): one layer per block, given undoubled
+    "dory": {"num_hidden_layers": 3, "n_input_layers": 1, "n_output_layers": 1,
+             "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]},
 }
 
 
@@ -64,20 +110,88 @@ def tiny_config(model_type: str):
     """The config class's defaults with TINY applied, per-layer lists cut to LAYERS (keeping one
     of each layer type, so a hybrid keeps its softmax layers), or None for composite configs."""
     cls = CONFIG_MAPPING[model_type]
-    if "text_config" in getattr(cls, "sub_configs", {}):
-        return None  # vision/audio + text: default towers are large; its text model has its own model_type
-    defaults = cls().to_dict()
+    if {"text_config", "text_encoder"} & set(getattr(cls, "sub_configs", {})):
+        # vision/audio + text: default towers are large; its text model has its own model_type.
+        # MusicGen's text encoder + audio codec + decoder: its decoder reads codebook-major ids
+        return None
+    return cls.from_dict(_tiny_dict(cls, cls().to_dict(), OVERRIDES.get(model_type, {})))
+
+
+def _tiny_dict(cls, defaults: dict, overrides: dict) -> dict:
+    """The dict of defaults shrunk (tiny_config), sub-configs (BLT's, DBRX's) shrunk alike."""
     layers = next((defaults[k] for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers") if k in defaults),
                   None)
+    # TINY's spellings through the config's aliases (Kimi's num_experts_per_tok is num_experts_per_token)
+    aliases = getattr(cls, "attribute_map", {})
     tiny = {k: v for k, v in TINY.items() if k in defaults}
+    for key, value in TINY.items():
+        if aliases.get(key, key) in defaults:
+            tiny.setdefault(aliases.get(key, key), value)  # a key's own spelling, else its first alias, wins
+    if "kv_lora_rank" in tiny and "num_key_value_heads" in tiny:
+        # MLA (DeepSeek-V2 and its kin) expands its latent into K/V for every head: no GQA
+        tiny["num_key_value_heads"] = tiny["num_attention_heads"]
+        if defaults.get("head_dim") == defaults.get("qk_rope_head_dim"):
+            tiny["head_dim"] = tiny["qk_rope_head_dim"]  # there head_dim sizes the rotary embedding
+    for heads, dim, expand in (("mamba_n_heads", "mamba_d_head", "mamba_expand"), ("num_heads", "head_dim", "expand"),
+                               ("mamba_num_heads", "mamba_head_dim", "expand")):
+        # Mamba-2 splits its inner width (expand * hidden_size) into heads: keep heads * head size equal to it
+        if (all(k in defaults for k in (heads, dim, expand))
+                and defaults[heads] * defaults[dim] == defaults[expand] * defaults["hidden_size"]):
+            tiny[heads] = 4
+            tiny[dim] = defaults[expand] * tiny["hidden_size"] // 4
     if layers:
-        kept = _layers_kept(defaults.get("layer_types"), layers)
+        layer_types = defaults.get(aliases.get("layer_types", "layer_types"))
+        kept = _layers_kept(layer_types, layers)
         for key, value in defaults.items():
             if isinstance(value, list) and len(value) == layers:
-                tiny[key] = [value[i] for i in kept]
+                if key in tiny:  # a size given per layer (Gemma 3n's intermediate_size): the tiny size
+                    tiny[key] = [tiny[key]] * len(kept)
+                elif not _layer_indices(key, value):  # else left to __post_init__ (see _underived)
+                    tiny[key] = [value[i] for i in kept]
+            elif (isinstance(value, list) and LAYERS < len(value) < layers and all(isinstance(v, str) for v in value)
+                  and len(set(value)) < len(value)):
+                # a repeating pattern of layer types (RecurrentGemma's block_types): one of each, in order
+                tiny[key] = [value[i] for i in _layers_kept(value, len(value))]
             elif isinstance(value, dict) and value and all(str(k).isdigit() for k in value):
-                tiny[key] = _cut_layer_dict(value, kept)  # per-layer overrides keyed by index (Gemma 4)
-    return cls.from_dict({**defaults, **tiny})
+                # per-layer overrides keyed by index (Gemma 4, dots3): cut, their sizes scaled like the base's
+                tiny[key] = {k: _scaled(v, defaults, tiny) if isinstance(v, dict) else v
+                             for k, v in _cut_layer_dict(value, kept).items()}
+    subs = {key: sub_cls for key, sub_cls in getattr(cls, "sub_configs", {}).items()
+            if isinstance(defaults.get(key), dict) and dataclasses.is_dataclass(sub_cls) and key not in tiny}
+    for key, sub_cls in subs.items():
+        tiny[key] = _tiny_dict(sub_cls, defaults[key], overrides.get(key, {}))
+    tiny.update({k: v for k, v in overrides.items() if k not in subs})
+    return {**_underived(cls, defaults, tiny), **tiny}
+
+
+def _underived(cls, defaults: dict, tiny: dict) -> dict:
+    """The defaults less what __post_init__ derived from the full sizes (qk_head_dim from the MLA
+    dims, RWKV's attention_hidden_size from hidden_size, ...): attributes that are no dataclass
+    field, and fields defaulting to None, unless TINY sets them. __post_init__ derives them again
+    from the tiny sizes."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    base = {f.name for f in dataclasses.fields(tf.PreTrainedConfig)} | {"_name_or_path", "model_type", "output_attentions"}
+    derived = {k for k in defaults if k not in tiny and k not in base and k not in getattr(cls, "sub_configs", {})
+               and (k not in fields or (fields[k].default is None and defaults[k] is not None))}
+    return {k: (None if k in derived else v) for k, v in defaults.items() if k in fields or k not in derived}
+
+
+def _scaled(per_layer: dict, defaults: dict, tiny: dict) -> dict:
+    """One layer's overrides of sizes, scaled by the base size's shrink (Gemma 4's full-attention
+    head_dim stays twice the sliding one); MLA's head_dim = nope + rope kept where it held."""
+    out = {k: v * tiny[k] // defaults[k] if isinstance(v, int) and k in tiny and defaults.get(k)
+           and v * tiny[k] % defaults[k] == 0 else v for k, v in per_layer.items()}
+    if "qk_nope_head_dim" in out and per_layer["qk_nope_head_dim"] + defaults.get("qk_rope_head_dim", 0) == \
+            defaults.get("head_dim") and "head_dim" in tiny:
+        out["qk_nope_head_dim"] = tiny["head_dim"] - tiny["qk_rope_head_dim"]
+    return out
+
+
+def _layer_indices(key: str, value: list) -> bool:
+    """A per-layer list of layer indices (Kolibri's kv_source_layers; not a 0/1 flag per layer like
+    Llama 4's no_rope_layers): cut, it would name layers that are gone."""
+    return ("layer" in key and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            and max(value) > 1)
 
 
 def _layers_kept(layer_types, layers: int) -> list[int]:
