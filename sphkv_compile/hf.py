@@ -151,21 +151,33 @@ def _original_attention(module, impl: str | None) -> Callable:
     return ALL_ATTENTION_FUNCTIONS[impl]
 
 
+def wants_causal(module, kwargs: dict) -> bool:
+    """Is this attention call causal when it has no mask? As sdpa decides it: the call's
+    is_causal keyword where given, else the module's (True where it has none)."""
+    given = kwargs.get("is_causal")
+    return bool(given) if given is not None else getattr(module, "is_causal", True) is not False
+
+
 def _dense_attention(module, query, key, value, attention_mask, **kwargs):
     """The layer stays dense: the model's eager code (with the additive mask eager expects), or
     sdpa for any other original implementation (the "sphkv" mask is sdpa's boolean mask)."""
     config = getattr(module, "config", None)
     impl = getattr(config, DENSE_IMPL_ATTR, "sdpa") if config is not None else "sdpa"
     if impl == "eager":
-        return _original_attention(module, "eager")(module, query, key, value,
-                                                     _additive_mask(attention_mask, query, key), **kwargs)
+        mask = _additive_mask(attention_mask, query, key, wants_causal(module, kwargs))
+        return _original_attention(module, "eager")(module, query, key, value, mask, **kwargs)
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-def _additive_mask(mask, query, key):
-    """sdpa's boolean mask (None = plain causal) as the float mask eager attention adds."""
+def _additive_mask(mask, query, key, causal: bool):
+    """sdpa's boolean mask as the float mask eager attention adds. No mask means causal attention
+    where the call is causal (wants_causal), and no mask at all where it is not (Inkling2's block
+    residual attends both ways with mask=None on a module with is_causal=False: made causal,
+    its tokens differed from dense's, session 33's probe)."""
+    if mask is None and not causal:
+        return None
     if mask is None:
         tq, tk = query.shape[-2], key.shape[-2]
         qpos = torch.arange(tq, device=query.device)[:, None] + (tk - tq)
@@ -235,7 +247,7 @@ def sphkv_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch
             "answers one attention call per update (it stores the chunk it attends with); this model calls "
             "attention again, or without updating the cache (e.g. DiffLlama's two calls with split values). "
             "Keep this model's cache dense")
-    if attention_mask is None and query.shape[2] > 1 and getattr(module, "is_causal", True) is False:
+    if attention_mask is None and query.shape[2] > 1 and not wants_causal(module, kwargs):
         raise SphkvUnsupportedError(f"layer {layer.layer_idx}: the attention module is not causal "
                                     "(is_causal=False); the compressed store computes only causal attention")
     chunk_mask = None

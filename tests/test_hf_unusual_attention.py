@@ -53,3 +53,32 @@ def test_non_causal_and_attention_free_models_stay_dense_with_the_reason(name):
     assert torch.equal(sphkv_run(), dense)
     sites = api.report()["sites"]
     assert sites and all(not s["rewritten"] and reason in s["reason"] for s in sites), sites
+
+
+@pytest.mark.parametrize("module_causal,call_causal", [(False, None), (True, False), (False, True), (True, None)])
+def test_dense_layer_without_a_mask_is_causal_only_where_the_call_is(module_causal, call_causal):
+    """A layer kept dense runs the model's eager attention with the additive mask sphkv builds.
+    With no mask that is causal only where sdpa would be (the call's is_causal, else the
+    module's): Inkling2's block residual attends both ways with mask=None on a module with
+    is_causal=False, and was made causal (its tokens differed from dense's; session 33's probe)."""
+    from sphkv_compile import hf
+    from transformers.models.llama import modeling_llama
+
+    config = zoo._llama_like(tf.LlamaConfig)
+    setattr(config, hf.DENSE_IMPL_ATTR, "eager")
+    module = modeling_llama.LlamaAttention(config, layer_idx=0).eval()
+    module.is_causal = module_causal
+    gen = torch.Generator().manual_seed(0)
+    d = config.hidden_size // config.num_attention_heads
+    q = torch.randn(2, config.num_attention_heads, 5, d, generator=gen)
+    k, v = (torch.randn(2, config.num_key_value_heads, 5, d, generator=gen) for _ in range(2))
+    extra = {} if call_causal is None else {"is_causal": call_causal}
+    got, _ = hf._dense_attention(module, q, k, v, None, scaling=d ** -0.5, dropout=0.0, **extra)
+    causal = module_causal if call_causal is None else call_causal
+    mask = torch.full((5, 5), float("-inf")).triu(1)[None, None] if causal else None
+    want, _ = modeling_llama.eager_attention_forward(module, q, k, v, mask, scaling=d ** -0.5, dropout=0.0)
+    assert torch.allclose(got, want, atol=1e-6)
+    if not causal:  # and the causal answer would differ: the test tells the two apart
+        causal_out, _ = modeling_llama.eager_attention_forward(
+            module, q, k, v, torch.full((5, 5), float("-inf")).triu(1)[None, None], scaling=d ** -0.5, dropout=0.0)
+        assert not torch.allclose(got, causal_out, atol=1e-3)
