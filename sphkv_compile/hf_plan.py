@@ -101,7 +101,7 @@ def _forward_source(cls) -> str | None:
 def model_wide_reason(model) -> str | None:
     """A reason that applies to every layer, or None."""
     config = model.config
-    if getattr(_text(config), "num_attention_heads", None) is None:
+    if _setting(_text(config), "num_attention_heads") is None:
         return ("the config names no attention heads (a state-space or recurrent model): no layer holds softmax "
                 "attention's K/V")
     if calls_sdpa_itself(model) and config._attn_implementation != "sdpa":
@@ -112,24 +112,39 @@ def model_wide_reason(model) -> str | None:
     if not_causal is not None:
         return (f"{not_causal} is not causal (is_causal=False: every token sees the tokens after it, e.g. an "
                 "encoder such as BERT without is_decoder=True); the store computes causal attention")
-    bidirectional = getattr(_text(config), "use_bidirectional_attention", None)
+    bidirectional = _setting(_text(config), "use_bidirectional_attention")
     if bidirectional in (True, "all"):
         return (f"bidirectional attention (use_bidirectional_attention={bidirectional!r}): every token sees the "
                 "tokens after it, and the store computes causal attention")
     if getattr(config, "alibi", False):
         return "ALiBi position bias is added to the logits"
-    if "reuse" in (getattr(_text(config), "kv_sharing_modes", None) or ()):
+    if "reuse" in (_setting(_text(config), "kv_sharing_modes") or ()):
         return "layers reuse other layers' K/V (kv_sharing_modes); the store answers only a layer's own attention"
     if getattr(config, "attn_logit_softcapping", None):
         return f"logit soft-capping (tanh at {config.attn_logit_softcapping})"
-    if getattr(_text(config), "kv_lora_rank", None):
-        return (f"multi-head latent attention (kv_lora_rank={_text(config).kv_lora_rank}): the cache holds a "
+    rank = _setting(_text(config), "kv_lora_rank")
+    if rank:
+        return (f"multi-head latent attention (kv_lora_rank={rank}): the cache holds a "
                 "compressed latent that the attention expands into keys and values, not per-head K/V")
     if getattr(config, "is_encoder_decoder", False):
         return "encoder-decoder models are not supported (cross-attention)"
     if getattr(config, "position_embedding_type", "absolute") in ("alibi", "relative_key", "relative_key_query"):
         return f"{config.position_embedding_type} position bias is added to the logits"
     return None
+
+
+def _setting(config, name: str):
+    """config.<name>, or None. On a heterogeneous config (transformers' per_layer_config) an
+    attribute its layers may set differently raises when read off the global config (dots3's head
+    counts: AmbiguousGlobalPerLayerAttributeError, a RuntimeError); there, the first layer's value
+    that is set, so a model-wide reason holds if any layer has it."""
+    try:
+        return getattr(config, name, None)
+    except RuntimeError:
+        layers = getattr(config, "per_layer_config", None)
+        if layers is None:
+            raise
+        return next((v for v in (getattr(c, name, None) for c in layers) if v), None)
 
 
 def _non_causal_self_attention(model) -> str | None:

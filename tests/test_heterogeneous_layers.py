@@ -56,3 +56,31 @@ def test_the_budget_is_checked_for_every_compressed_geometry(monkeypatch):
     tight = api.optimize(zoo.build(_gemma4, 0), bits=3.5, budget=0.02, sink=4, recent=64)
     with pytest.raises(SphkvBudgetError):
         api.new_cache(tight, max_cache_len=256)
+
+
+
+@pytest.mark.skipif(not hasattr(tf, "Dots3NoteTextConfig"), reason="transformers without dots3")
+def test_head_counts_that_vary_per_layer_do_not_break_the_plan():
+    """dots3 sets its head counts per layer (per_layer_config): reading num_attention_heads off
+    the global config raises transformers' AmbiguousGlobalPerLayerAttributeError, which the
+    plan's model-wide checks did (session 33's probe: optimize() crashed). Its layers are
+    multi-head latent attention, so they stay dense with that reason, and generate() gives
+    dense's tokens."""
+    def config():
+        return tf.Dots3NoteTextConfig(**zoo._common(
+            hidden_size=zoo.HIDDEN, intermediate_size=2 * zoo.HIDDEN, moe_intermediate_size=zoo.HIDDEN,
+            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=64, n_routed_experts=2,
+            num_experts_per_tok=2, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=48, v_head_dim=64,
+            index_n_heads=2, mlp_layer_types=["dense", "sparse"], max_position_embeddings=256,
+            layer_types=["indexed_attention", "sliding_attention"],
+            per_layer_config={1: {"num_attention_heads": 2, "num_key_value_heads": 2, "kv_lora_rank": 64}}))
+
+    model = zoo.build(config, 0)
+    with pytest.raises(RuntimeError, match="per-layer attribute"):
+        model.config.num_attention_heads
+    ids, mask = zoo.prompts(0)
+    dense = zoo.greedy(model, ids, mask)
+    fast = zoo.optimized(model, **zoo.HIGH_BITS)
+    assert torch.equal(zoo.greedy(fast, ids, mask), dense)
+    sites = api.report()["sites"]
+    assert sites and all(not s["rewritten"] and "multi-head latent attention" in s["reason"] for s in sites), sites
