@@ -357,16 +357,7 @@ def test_dependent_launch_changes_no_output(d, H, G, B, fragments, monkeypatch):
     if not fragments:
         triton_kernels_only(monkeypatch)
     seed = random.randrange(2**31)
-    gen = torch.Generator(device=DEV).manual_seed(seed)
-    specs = [DEFAULT_TIERS[0], TierSpec("uniform", 3.5, "polar", 3.5)]
-    states = fill_store(gen, B, H, d, specs, ragged_counts(gen, B, H, 5000, specs))
-    sets = [(torch.randn(B, H * G, 1, d, generator=gen, device=DEV, dtype=torch.bfloat16),
-             torch.randn(B, H, 1, d, generator=gen, device=DEV, dtype=torch.bfloat16),
-             torch.randn(B, H, 1, d, generator=gen, device=DEV, dtype=torch.bfloat16)) for _ in range(2)]
-
-    def call(q, k_new, v_new):
-        return kernel_attend.attend(q, states, specs, seed=0, kv_dtype=KV_DTYPE, k_new=k_new, v_new=v_new)[0]
-
+    call, sets = decode_step_on_two_input_sets(seed, B, H, G, d, 5000)
     seen = []
     for module, name in ((kernel_attend, "prepare_queries_kernel"), (kernel_attend, "exact_and_chunk_partials_kernel"),
                          (kernel_attend, "combine_kernel"), (fragment_decode_kernel, "paged_fragment_decode_kernel")):
@@ -384,7 +375,28 @@ def test_dependent_launch_changes_no_output(d, H, G, B, fragments, monkeypatch):
     assert set(seen) == {(name, True) for name in kernels}, seen
     for got, want in zip(eager, plain):
         assert torch.equal(got, want), seed
+    assert_graph_replays_give(call, sets, plain, seed)
 
+
+def decode_step_on_two_input_sets(seed, B, H, G, d, T):
+    """A decode step of the default ladder over a ragged store of up to T tokens: call(q, k_new,
+    v_new) -> its output, and two sets of those inputs (different, so a stale read shows)."""
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    specs = [DEFAULT_TIERS[0], TierSpec("uniform", 3.5, "polar", 3.5)]
+    states = fill_store(gen, B, H, d, specs, ragged_counts(gen, B, H, T, specs))
+    sets = [(torch.randn(B, H * G, 1, d, generator=gen, device=DEV, dtype=torch.bfloat16),
+             torch.randn(B, H, 1, d, generator=gen, device=DEV, dtype=torch.bfloat16),
+             torch.randn(B, H, 1, d, generator=gen, device=DEV, dtype=torch.bfloat16)) for _ in range(2)]
+
+    def call(q, k_new, v_new):
+        return kernel_attend.attend(q, states, specs, seed=0, kv_dtype=KV_DTYPE, k_new=k_new, v_new=v_new)[0]
+
+    return call, sets
+
+
+def assert_graph_replays_give(call, sets, want, seed):
+    """call captured in a CUDA graph, replayed 8 times with its inputs alternating between the
+    two sets: each replay's output equals want[set] bit for bit."""
     static = [x.clone() for x in sets[0]]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -398,7 +410,7 @@ def test_dependent_launch_changes_no_output(d, H, G, B, fragments, monkeypatch):
         for x, y in zip(static, sets[i % 2]):
             x.copy_(y)
         graph.replay()
-        assert torch.equal(out, plain[i % 2]), (seed, i)
+        assert torch.equal(out, want[i % 2]), (seed, i)
 
 
 @pytest.mark.parametrize("d,H,G,B,T,Tq,tiers", [(128, 8, 4, 1, 4096, 1, "default"), (64, 3, 3, 8, 20000, 1, "default"),
@@ -427,17 +439,7 @@ def test_queries_with_exact_launch_changes_no_output(pdl, monkeypatch):
         pytest.skip("programmatic dependent launch needs compute capability 9.0 or newer")
     monkeypatch.setitem(dependent_launch.DEPENDENT_LAUNCH, "enabled", pdl)
     seed = random.randrange(2**31)
-    gen = torch.Generator(device=DEV).manual_seed(seed)
-    B, H, G, d = 1, 8, 4, 128
-    specs = [DEFAULT_TIERS[0], TierSpec("uniform", 3.5, "polar", 3.5)]
-    states = fill_store(gen, B, H, d, specs, ragged_counts(gen, B, H, 4096, specs))
-    sets = [(torch.randn(B, H * G, 1, d, generator=gen, device=DEV, dtype=torch.bfloat16),
-             torch.randn(B, H, 1, d, generator=gen, device=DEV, dtype=torch.bfloat16),
-             torch.randn(B, H, 1, d, generator=gen, device=DEV, dtype=torch.bfloat16)) for _ in range(2)]
-
-    def call(q, k_new, v_new):
-        return kernel_attend.attend(q, states, specs, seed=0, kv_dtype=KV_DTYPE, k_new=k_new, v_new=v_new)[0]
-
+    call, sets = decode_step_on_two_input_sets(seed, 1, 8, 4, 128, 4096)
     separate = [call(*inputs) for inputs in sets]
     assert not torch.equal(separate[0], separate[1])
     monkeypatch.setitem(kernel_attend.PLAIN, "queries_with_exact", True)
@@ -445,20 +447,7 @@ def test_queries_with_exact_launch_changes_no_output(pdl, monkeypatch):
     for got, want in zip([call(*inputs) for inputs in sets], separate):
         assert torch.equal(got, want), seed
     assert fused and all(fused), fused
-    static = [x.clone() for x in sets[0]]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        call(*static)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = call(*static)
-    for i in range(8):
-        for x, y in zip(static, sets[i % 2]):
-            x.copy_(y)
-        graph.replay()
-        assert torch.equal(out, separate[i % 2]), (seed, i)
+    assert_graph_replays_give(call, sets, separate, seed)
 
 
 def check_attend(d, H, G, B, T, Tq, tiers, sinks=False, wide=False):
