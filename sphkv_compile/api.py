@@ -30,11 +30,11 @@ import torch
 
 from . import beam_decode, compile_rules
 from .backend import install_kernels
-from .report import begin_compile, rebudgets, record_decode_step, record_site, report, reset_rebudgets
+from .report import begin_compile, clear_kv_sources, rebudgets, record_decode_step, record_site, report, reset_rebudgets
 from .hf import CACHE_KWARG, DENSE_IMPL_ATTR, IMPL_NAME, RoutedSphkvCache, check_attended, pass_cache_on, register, run_routed
 from .head_pad import choose_stored_head_dim
 from .hf_cache import SphkvCache, snapshot_kv_bytes, storage_dtype
-from .hf_plan import (cache_updating_classes, calls_sdpa_itself, compressed_geometries, model_dtype,
+from .hf_plan import (attention_free, cache_updating_classes, calls_sdpa_itself, compressed_geometries, model_dtype,
                       plan_layers)
 from .options import SphkvOptions, SphkvPerformanceWarning
 
@@ -80,6 +80,18 @@ def new_cache(model, max_cache_len: int | None = None, max_tokens: int | None = 
                         config=_text_config(model))
     _record_sites(plans, state.original_impl, "sdpa_routing" if routed else "attention_interface")
     return cache
+
+
+def _keeps_its_own_cache(model) -> bool:
+    """A model without attention heads (Mamba, xLSTM) has no K/V to store: sphkv hands it no
+    cache, and its own runs as without sphkv (xLSTM keeps its recurrent state in a cache class
+    of its own, and failed on sphkv's; session 33's probe). report() lists every layer with the
+    reason and counts no KV bytes."""
+    if not attention_free(model.config):
+        return False
+    _record_sites(plan_layers(model, None), getattr(model, _STATE_ATTR).original_impl, "none: no attention")
+    clear_kv_sources()
+    return True
 
 
 def _record_sites(plans, original_impl, dispatch: str) -> None:
@@ -156,7 +168,8 @@ def _wrap_forward(model, forward):
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             use_cache = getattr(_text_config(model), "use_cache", True)
-        if cache is None and use_cache and not model.training and not torch.compiler.is_compiling():
+        if (cache is None and use_cache and not model.training and not torch.compiler.is_compiling()
+                and not _keeps_its_own_cache(model)):
             cache = kwargs[key] = new_cache(model)
         if isinstance(cache, RoutedSphkvCache):
             return run_routed(cache, forward, *args, **kwargs)
@@ -184,18 +197,22 @@ def _wrap_generate(model, generate, key: str):
         reset_rebudgets()  # report()["rebudgets"] then describes this call
         if kwargs.get(key) is None and kwargs.get("past_key_values") is None:
             config = _generation_config(kwargs, model)
-            impl = kwargs.pop("cache_implementation", None) or getattr(config, "cache_implementation", None)
+            impl = kwargs.get("cache_implementation") or getattr(config, "cache_implementation", None)
+            if _keeps_its_own_cache(model):
+                return generate(*args, **kwargs)  # no attention: the model's own cache, untouched
+            kwargs.pop("cache_implementation", None)
+            total = _generation_length(args, kwargs, config)
+            static = impl in STATIC_IMPLEMENTATIONS
             if impl not in (None, "dynamic", *STATIC_IMPLEMENTATIONS):
                 raise ValueError(f"cache_implementation={impl!r} is not available with sphkv; "
                                  "use 'dynamic' or 'static'")
-            total = _generation_length(args, kwargs, config)
-            if impl in STATIC_IMPLEMENTATIONS and total is None:
+            if static and total is None:
                 raise ValueError("a static sphkv cache needs input_ids and max_new_tokens or max_length "
                                  "to size its pools")
             if impl is not None and getattr(config, "cache_implementation", None) is not None:
                 config = _copy_without_cache_implementation(config)
                 kwargs["generation_config"] = config
-            if impl in STATIC_IMPLEMENTATIONS:
+            if static:
                 kwargs[key] = new_cache(model, total)
             else:
                 _advise_static(model)

@@ -101,7 +101,7 @@ def _forward_source(cls) -> str | None:
 def model_wide_reason(model) -> str | None:
     """A reason that applies to every layer, or None."""
     config = model.config
-    if _setting(_text(config), "num_attention_heads") is None:
+    if attention_free(config):
         return ("the config names no attention heads (a state-space or recurrent model): no layer holds softmax "
                 "attention's K/V")
     if calls_sdpa_itself(model) and config._attn_implementation != "sdpa":
@@ -131,6 +131,11 @@ def model_wide_reason(model) -> str | None:
     if getattr(config, "position_embedding_type", "absolute") in ("alibi", "relative_key", "relative_key_query"):
         return f"{config.position_embedding_type} position bias is added to the logits"
     return None
+
+
+def attention_free(config) -> bool:
+    """Does the config name no attention heads (a state-space or recurrent model: Mamba, xLSTM)?"""
+    return _setting(_text(config), "num_attention_heads") is None
 
 
 def _setting(config, name: str):
