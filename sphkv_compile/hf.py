@@ -242,6 +242,13 @@ def sphkv_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch
         return _dense_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     _refuse_unrepresentable(module, layer, dropout, key.shape[2], kwargs)
     if not layer.awaiting_attention:
+        other = next((i for i, x in enumerate(cache.layers) if getattr(x, "awaiting_attention", False)), None)
+        if other is not None:
+            raise SphkvUnsupportedError(
+                f"layer {layer.layer_idx}: its attention follows a cache update of slot {other}, not of its own: "
+                "the model runs this attention module for another cache slot (looped or recurrent-depth models "
+                "such as HRM and Dory reuse layers at a slot offset), and the store answers attention only for "
+                "the slot it updated. Keep this model's cache dense")
         raise SphkvUnsupportedError(
             f"layer {layer.layer_idx}: attention over the compressed store without a cache update before it. The store "
             "answers one attention call per update (it stores the chunk it attends with); this model calls "

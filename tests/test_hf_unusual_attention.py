@@ -92,3 +92,16 @@ def test_dense_layer_without_a_mask_is_causal_only_where_the_call_is(module_caus
         causal_out, _ = modeling_llama.eager_attention_forward(
             module, q, k, v, torch.full((5, 5), float("-inf")).triu(1)[None, None], scaling=d ** -0.5, dropout=0.0)
         assert not torch.allclose(got, causal_out, atol=1e-3)
+
+
+@pytest.mark.skipif(not hasattr(tf, "HrmTextConfig"), reason="transformers without HRM")
+def test_attention_modules_reused_for_other_cache_slots_are_refused_naming_the_cause():
+    """HRM runs its stack of layers for several cycles and writes cache slot layer_idx + an offset
+    per cycle, so an attention module's own slot is not the one the update before it wrote. The
+    store cannot follow: refused, with an error that says so (session 33's probe), not the
+    generic one."""
+    _, sphkv_run = _generate_both(lambda: tf.HrmTextConfig(**zoo._common(
+        hidden_size=zoo.HIDDEN, intermediate_size=2 * zoo.HIDDEN, num_hidden_layers=16, num_layers_per_stack=2,
+        num_attention_heads=4, head_dim=64, max_position_embeddings=256)))
+    with pytest.raises(SphkvUnsupportedError, match="follows a cache update of slot .*, not of its own"):
+        sphkv_run()
