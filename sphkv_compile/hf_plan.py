@@ -14,6 +14,7 @@ see length_bound). A window that can bite keeps the layer dense, with the reason
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -76,6 +77,25 @@ def cache_updating_classes(model) -> dict[type, bool]:
     return dict(_scan_forwards(frozenset(type(m) for m in model.modules())))
 
 
+# a cache update at an offset slot: `.update(k, v, self.layer_idx + cycle_offset, ...)` (HRM, Dory)
+_OFFSET_SLOT = re.compile(r"\.update\((?:[^()]|\([^()]*\))*?layer_idx\s*\+")
+
+
+def slot_offset_class(model) -> str | None:
+    """The name of a module class whose forward updates the cache at layer_idx + an offset (one
+    attention module serving several cache slots), from the forwards' source, or None."""
+    return _offset_updater(frozenset(type(m) for m in model.modules()))
+
+
+@lru_cache(maxsize=None)
+def _offset_updater(classes: frozenset) -> str | None:
+    for cls in sorted(classes, key=lambda c: c.__qualname__):
+        source = _forward_source(cls)
+        if source is not None and _OFFSET_SLOT.search(source):
+            return cls.__name__
+    return None
+
+
 @lru_cache(maxsize=None)
 def _scan_forwards(classes: frozenset) -> tuple[tuple[type, bool], ...]:
     """cache_updating_classes for a set of module classes, read once per set (new_cache asks
@@ -104,6 +124,11 @@ def model_wide_reason(model) -> str | None:
     if attention_free(config):
         return ("the config names no attention heads (a state-space or recurrent model): no layer holds softmax "
                 "attention's K/V")
+    looped = slot_offset_class(model)
+    if looped is not None:
+        return (f"{looped} updates cache slot layer_idx + an offset: the model runs its attention layers for "
+                "several cache slots (looped or recurrent-depth layers, as HRM and Dory do), and the store answers "
+                "attention only for a layer's own slot")
     if calls_sdpa_itself(model) and config._attn_implementation != "sdpa":
         return (f"{type(model).__name__} computes attention in its own code ({config._attn_implementation!r}) "
                 "instead of dispatching through transformers' AttentionInterface; only its SDPA calls can be "

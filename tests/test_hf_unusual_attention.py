@@ -94,14 +94,32 @@ def test_dense_layer_without_a_mask_is_causal_only_where_the_call_is(module_caus
         assert not torch.allclose(got, causal_out, atol=1e-3)
 
 
-@pytest.mark.skipif(not hasattr(tf, "HrmTextConfig"), reason="transformers without HRM")
-def test_attention_modules_reused_for_other_cache_slots_are_refused_naming_the_cause():
-    """HRM runs its stack of layers for several cycles and writes cache slot layer_idx + an offset
-    per cycle, so an attention module's own slot is not the one the update before it wrote. The
-    store cannot follow: refused, with an error that says so (session 33's probe), not the
-    generic one."""
-    _, sphkv_run = _generate_both(lambda: tf.HrmTextConfig(**zoo._common(
+def _hrm():
+    return tf.HrmTextConfig(**zoo._common(
         hidden_size=zoo.HIDDEN, intermediate_size=2 * zoo.HIDDEN, num_hidden_layers=16, num_layers_per_stack=2,
-        num_attention_heads=4, head_dim=64, max_position_embeddings=256)))
+        num_attention_heads=4, head_dim=64, max_position_embeddings=256))
+
+
+@pytest.mark.skipif(not hasattr(tf, "HrmTextConfig"), reason="transformers without HRM")
+def test_attention_modules_reused_for_other_cache_slots_stay_dense_with_the_reason():
+    """HRM runs its stack of layers for several cycles and writes cache slot layer_idx + an offset
+    per cycle, so an attention module serves several slots: the store cannot follow. The plan sees
+    it in the forward's source and keeps every layer dense, saying why; generate() gives dense's
+    tokens (session 33's probe had it refused at run time)."""
+    dense, sphkv_run = _generate_both(_hrm)
+    assert torch.equal(sphkv_run(), dense)
+    sites = api.report()["sites"]
+    assert sites and all(not s["rewritten"] and "layer_idx + an offset" in s["reason"] for s in sites), sites
+
+
+@pytest.mark.skipif(not hasattr(tf, "HrmTextConfig"), reason="transformers without HRM")
+def test_attention_after_another_slots_update_is_refused_naming_the_cause(monkeypatch):
+    """Where the plan cannot see it (here: its source check switched off), the attention that
+    follows another slot's update is refused at run time with an error that says so, not the
+    generic one."""
+    from sphkv_compile import hf_plan
+
+    monkeypatch.setattr(hf_plan, "slot_offset_class", lambda model: None)
+    _, sphkv_run = _generate_both(_hrm)
     with pytest.raises(SphkvUnsupportedError, match="follows a cache update of slot .*, not of its own"):
         sphkv_run()
