@@ -169,7 +169,7 @@ def _wrap_forward(model, forward):
         if use_cache is None:
             use_cache = getattr(_text_config(model), "use_cache", True)
         if (cache is None and use_cache and not model.training and not torch.compiler.is_compiling()
-                and not _keeps_its_own_cache(model)):
+                and not attention_free(model.config)):  # (generate() reports why: _keeps_its_own_cache)
             cache = kwargs[key] = new_cache(model)
         if isinstance(cache, RoutedSphkvCache):
             return run_routed(cache, forward, *args, **kwargs)

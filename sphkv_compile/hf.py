@@ -155,7 +155,7 @@ def wants_causal(module, kwargs: dict) -> bool:
     """Is this attention call causal when it has no mask? As sdpa decides it: the call's
     is_causal keyword where given, else the module's (True where it has none)."""
     given = kwargs.get("is_causal")
-    return bool(given) if given is not None else getattr(module, "is_causal", True) is not False
+    return bool(given) if given is not None else bool(getattr(module, "is_causal", True))
 
 
 def _dense_attention(module, query, key, value, attention_mask, **kwargs):

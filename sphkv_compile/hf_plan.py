@@ -77,8 +77,9 @@ def cache_updating_classes(model) -> dict[type, bool]:
     return dict(_scan_forwards(frozenset(type(m) for m in model.modules())))
 
 
-# a cache update at an offset slot: `.update(k, v, self.layer_idx + cycle_offset, ...)` (HRM, Dory)
-_OFFSET_SLOT = re.compile(r"\.update\((?:[^()]|\([^()]*\))*?layer_idx\s*\+")
+# a forward that updates the cache and offsets its own layer index: `.update(k, v, self.layer_idx +
+# cycle_offset)` (HRM, Dory), or through a variable (`cache_layer_idx = self.layer_idx + cache_offset`, Inkling2)
+_OFFSET_SLOT = re.compile(r"self\.layer_idx\s*\+")
 
 
 def slot_offset_class(model) -> str | None:
@@ -91,7 +92,7 @@ def slot_offset_class(model) -> str | None:
 def _offset_updater(classes: frozenset) -> str | None:
     for cls in sorted(classes, key=lambda c: c.__qualname__):
         source = _forward_source(cls)
-        if source is not None and _OFFSET_SLOT.search(source):
+        if source is not None and ".update(" in source and _OFFSET_SLOT.search(source):
             return cls.__name__
     return None
 
