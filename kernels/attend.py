@@ -426,28 +426,24 @@ def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_
 
 def _launch_exact_and_chunk(info, kv_dtype, qc, st: TierState, kn, vn, valid_i8, acc, m, l, split_offset, S, S_chunk,
                             S_total, M, tc, q_pos0, Hkv, block_m, block_t, precision, num_warps, num_stages, pdl,
-                            queries: "QueryLaunch | None" = None):
+                            queries: "QueryLaunch", fused: bool):
     """An exact tier's S splits and the new chunk's S_chunk (exact_and_chunk_partials_kernel),
-    and with `queries` the query preparation in the same launch (its programs after theirs)."""
+    and if `fused` the query preparation in the same launch (its programs after theirs; without
+    it QUERIES=False compiles the query arguments out)."""
     pool, record, value_offset = _exact_pool(info, st, kv_dtype)
     N = kn.shape[2]
-    if queries is None:  # the query arguments are unused (QUERIES off compiles them out)
-        query_args, query_programs = (qc, qc, qc, qc, 1.0, 0, 1, 0, 0, 0, 0), 0
-        query_consts = dict(QUERIES=False, QBLOCK_M=1, QBLOCK_C=1, QCOLUMNS=1, HAS_ROT=False, ZERO_MASS=False)
-    else:
-        qs = queries
-        query_args, query_programs = (qs.q, qs.kfwd, qs.q_rot, qs.mass, qs.scale, qs.t0, qs.G, *qs.q.stride()), \
-            qs.programs
-        query_consts = dict(QUERIES=True, QBLOCK_M=qs.block_m, QBLOCK_C=qs.block_c, QCOLUMNS=qs.columns,
-                            HAS_ROT=qs.has_rot, ZERO_MASS=qs.zero_mass)
-    exact_and_chunk_partials_kernel[(st.count.numel(), S + S_chunk + query_programs, triton.cdiv(M, block_m))](
+    qs = queries
+    exact_and_chunk_partials_kernel[(st.count.numel(), S + S_chunk + (qs.programs if fused else 0),
+                                     triton.cdiv(M, block_m))](
         qc, pool, st.pages, st.count, kn, vn, valid_i8 if valid_i8 is not None else qc, acc, m, l,
         M, st.pages.shape[-1], S, N, tc, q_pos0, Hkv, S_chunk, split_offset, S_total,
-        kn.stride(0), kn.stride(1), kn.stride(2), vn.stride(0), vn.stride(1), vn.stride(2), *query_args,
+        kn.stride(0), kn.stride(1), kn.stride(2), vn.stride(0), vn.stride(1), vn.stride(2),
+        qs.q, qs.kfwd, qs.q_rot, qs.mass, qs.scale, qs.t0, qs.G, *qs.q.stride(),
         PS=st.page_size, WT=record, VOFF=value_offset, D=qc.shape[-1],
         BLOCK_M=block_m, BLOCK_T=block_t, HAS_VALID=valid_i8 is not None, DOT_PRECISION=precision,
-        PDL=dependent_launch.mode(pdl, "exact"), num_warps=num_warps, num_stages=num_stages, **query_consts,
-        **dependent_launch.launch_options(pdl))
+        PDL=dependent_launch.mode(pdl, "exact"), QUERIES=fused, QBLOCK_M=qs.block_m, QBLOCK_C=qs.block_c,
+        QCOLUMNS=qs.columns, HAS_ROT=qs.has_rot, ZERO_MASS=qs.zero_mass, num_warps=num_warps,
+        num_stages=num_stages, **dependent_launch.launch_options(pdl))
 
 
 @dataclass(frozen=True)
@@ -579,7 +575,7 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
             if with_chunk and i == launches[-1][0]:
                 _launch_exact_and_chunk(info, kv_dtype, qc, states[i], kn, vn, valid_i8, acc, m, l, off, S, S_chunk,
                                         S_total, M, tc, N - Tq + s0, Hkv, block_m, block_t, precision, num_warps,
-                                        num_stages, pdl, queries if fused else None)
+                                        num_stages, pdl, queries, fused)
                 continue
             qin = q_rot if info.key is not None else qc
             _launch_paged(info, kv_dtype, device, qin, states[i], acc, m, l, off, S, S_total, M, block_m, block_t,

@@ -197,22 +197,20 @@ def _wrap_generate(model, generate, key: str):
         reset_rebudgets()  # report()["rebudgets"] then describes this call
         if kwargs.get(key) is None and kwargs.get("past_key_values") is None:
             config = _generation_config(kwargs, model)
-            impl = kwargs.get("cache_implementation") or getattr(config, "cache_implementation", None)
             if _keeps_its_own_cache(model):
                 return generate(*args, **kwargs)  # no attention: the model's own cache, untouched
-            kwargs.pop("cache_implementation", None)
-            total = _generation_length(args, kwargs, config)
-            static = impl in STATIC_IMPLEMENTATIONS
+            impl = kwargs.pop("cache_implementation", None) or getattr(config, "cache_implementation", None)
             if impl not in (None, "dynamic", *STATIC_IMPLEMENTATIONS):
                 raise ValueError(f"cache_implementation={impl!r} is not available with sphkv; "
                                  "use 'dynamic' or 'static'")
-            if static and total is None:
+            total = _generation_length(args, kwargs, config)
+            if impl in STATIC_IMPLEMENTATIONS and total is None:
                 raise ValueError("a static sphkv cache needs input_ids and max_new_tokens or max_length "
                                  "to size its pools")
             if impl is not None and getattr(config, "cache_implementation", None) is not None:
                 config = _copy_without_cache_implementation(config)
                 kwargs["generation_config"] = config
-            if static:
+            if impl in STATIC_IMPLEMENTATIONS:
                 kwargs[key] = new_cache(model, total)
             else:
                 _advise_static(model)

@@ -85,14 +85,9 @@ _OFFSET_SLOT = re.compile(r"self\.layer_idx\s*\+")
 def slot_offset_class(model) -> str | None:
     """The name of a module class whose forward updates the cache at layer_idx + an offset (one
     attention module serving several cache slots), from the forwards' source, or None."""
-    return _offset_updater(frozenset(type(m) for m in model.modules()))
-
-
-@lru_cache(maxsize=None)
-def _offset_updater(classes: frozenset) -> str | None:
-    for cls in sorted(classes, key=lambda c: c.__qualname__):
+    for cls in sorted(cache_updating_classes(model), key=lambda c: c.__qualname__):
         source = _forward_source(cls)
-        if source is not None and ".update(" in source and _OFFSET_SLOT.search(source):
+        if source is not None and _OFFSET_SLOT.search(source):
             return cls.__name__
     return None
 
@@ -112,6 +107,7 @@ def _scan_forwards(classes: frozenset) -> tuple[tuple[type, bool], ...]:
     return tuple(out)
 
 
+@lru_cache(maxsize=None)
 def _forward_source(cls) -> str | None:
     try:
         return inspect.getsource(cls.forward)
