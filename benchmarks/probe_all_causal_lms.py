@@ -91,6 +91,12 @@ OVERRIDES = {
     # a budget of 4 blocks of 4 tokens, under the probe's 44 tokens, so the sparse selection acts
     "qwen4_exp_text": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 64,
                        "indexer_budget": 16, "indexer_compress_ratio": 4},
+    # the composite Qwen4-Exp (text + vision): its text model as qwen4_exp_text above
+    "qwen4_exp": {"text_config": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 64,
+                                  "indexer_budget": 16, "indexer_compress_ratio": 4}},
+    # dots3's vision and audio adapters take their tower's width and give the text model's
+    "dots3_note": {"vision_config": {"adapter_in_dim": 256, "adapter_out_dim": 256},
+                   "audio_config": {"adapter_input_size": 256, "adapter_out_dim": 256}},
     # Cohere Compass reads rope_parameters per layer type (None: a NoPE layer); its default names none
     "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}},
     # X-MOD routes each token through its language's adapter; without lang_ids it needs a default language
@@ -108,10 +114,11 @@ OVERRIDES = {
 
 def tiny_config(model_type: str):
     """The config class's defaults with TINY applied, per-layer lists cut to LAYERS (keeping one
-    of each layer type, so a hybrid keeps its softmax layers), or None for composite configs."""
+    of each layer type, so a hybrid keeps its softmax layers), or None for MusicGen. A composite
+    config (text + vision/audio towers: Gemma 3, Llama 4, Qwen3.5, ...; what AutoModelForCausalLM
+    builds for those checkpoints) has every sub-config shrunk alike; the probe feeds it text only."""
     cls = CONFIG_MAPPING[model_type]
-    if {"text_config", "text_encoder"} & set(getattr(cls, "sub_configs", {})):
-        # vision/audio + text: default towers are large; its text model has its own model_type.
+    if "text_encoder" in getattr(cls, "sub_configs", {}):
         # MusicGen's text encoder + audio codec + decoder: its decoder reads codebook-major ids
         return None
     return cls.from_dict(_tiny_dict(cls, cls().to_dict(), OVERRIDES.get(model_type, {})))
@@ -212,7 +219,7 @@ def probe(model_type: str) -> str:
     try:
         config = tiny_config(model_type)
         if config is None:
-            return "skip     composite config (text + vision/audio towers; the text model, where registered, has its own line)"
+            return "skip     MusicGen (text encoder + audio codec + a decoder that reads codebook-major ids)"
         model = zoo.build(lambda: config, 0)
         ids, mask = zoo.prompts(0)
         dense = zoo.greedy(model, ids, mask)

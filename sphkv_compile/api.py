@@ -36,7 +36,8 @@ from .head_pad import choose_stored_head_dim
 from .hf_cache import SphkvCache, snapshot_kv_bytes, storage_dtype
 from .hf_plan import (attention_free, cache_updating_classes, calls_sdpa_itself, compressed_geometries, model_dtype,
                       plan_layers)
-from .options import SphkvOptions, SphkvPerformanceWarning
+from .hf_trial import TRIAL_PROMPT, trial_forward
+from .options import SphkvCoverageWarning, SphkvOptions, SphkvPerformanceWarning
 
 STATIC_IMPLEMENTATIONS = ("static", "hybrid", "sliding_window", "hybrid_chunked")
 _STATE_ATTR = "_sphkv_state"
@@ -78,8 +79,14 @@ def new_cache(model, max_cache_len: int | None = None, max_tokens: int | None = 
     cache_class = RoutedSphkvCache if routed else SphkvCache
     cache = cache_class(state.options, plans, max_cache_len, compressed_geometries(model, plans), state.kv_dtype,
                         config=_text_config(model))
-    _record_sites(plans, state.original_impl, "sdpa_routing" if routed else "attention_interface")
+    _record_sites(plans, state.original_impl, _dispatch(model))
     return cache
+
+
+def _dispatch(model) -> str:
+    """How compressed layers are reached (report()): transformers' AttentionInterface, or the
+    model's own SDPA calls routed to the store."""
+    return "sdpa_routing" if calls_sdpa_itself(model) else "attention_interface"
 
 
 def _keeps_its_own_cache(model) -> bool:
@@ -104,12 +111,14 @@ def _record_sites(plans, original_impl, dispatch: str) -> None:
                     dense_implementation=None if p.compressed else original_impl)
 
 
-def optimize(model, kv_dtype: torch.dtype | None = None, **options):
+def optimize(model, kv_dtype: torch.dtype | None = None, trial: bool = True, **options):
     """Put `model`'s KV cache on the compressed store (see the module docstring). Options are
     those of torch.compile(..., backend="sphkv", options=...), validated the same way.
 
     kv_dtype: dtype of the exact tier (sinks, recent window). Default: the model's dtype if it
-    is 16-bit, else bfloat16; pass torch.float32 to keep a float32 model's exact tokens exact."""
+    is 16-bit, else bfloat16; pass torch.float32 to keep a float32 model's exact tokens exact.
+    trial: run a short forward now (hf_trial.py), so that attention the store cannot follow is
+    planned dense with the reason (and a warning) instead of raising in the first generate()."""
     opts = SphkvOptions.from_dict(options)
     if kv_dtype is not None and not (isinstance(kv_dtype, torch.dtype) and kv_dtype.is_floating_point):
         raise ValueError(f"kv_dtype must be a floating torch.dtype, got {kv_dtype!r}")
@@ -138,7 +147,32 @@ def optimize(model, kv_dtype: torch.dtype | None = None, **options):
     setattr(model, _STATE_ATTR, state)
     model.forward = _wrap_forward(model, state.original_forward)
     model.generate = _wrap_generate(model, state.original_generate, _cache_keyword(state.original_forward))
+    if trial:
+        _run_trial(model)
     return model
+
+
+def _run_trial(model) -> None:
+    """hf_trial.trial_forward where it can tell something: a model in eval mode, with layers the
+    plan compresses, whose weights are real (not on the meta device). Leaves report() as
+    optimize() alone would: the plan's sites, no re-budgets."""
+    if model.training or not any(p.compressed for p in plan_layers(model, None)):
+        return
+    if any(p.device.type == "meta" for p in model.parameters()):
+        return
+    refused, unfinished = trial_forward(model, cache_keyword(model),
+                                        lambda m: new_cache(m, max_tokens=TRIAL_PROMPT + 1))
+    reset_rebudgets()
+    _record_sites(plan_layers(model, None), getattr(model, _STATE_ATTR).original_impl, _dispatch(model))
+    clear_kv_sources()
+    if refused:
+        reason = next(iter(refused.values()))
+        warnings.warn(f"sphkv: {len(refused)} of {len(plan_layers(model, None))} layers stay dense (a dense cache, "
+                      f"no memory saving there): {reason}. report() lists them.", SphkvCoverageWarning, stacklevel=3)
+    if unfinished is not None:
+        warnings.warn(f"sphkv: optimize()'s trial forward did not finish ({unfinished}); attention the store "
+                      "cannot follow may still raise in generate(). Pass trial=False to skip the trial.",
+                      SphkvCoverageWarning, stacklevel=3)
 
 
 def _takes_keywords(fn) -> bool:

@@ -43,7 +43,12 @@ DENSE_IMPL_ATTR = "_sphkv_dense_impl"  # on the config: the implementation dense
 
 
 class SphkvUnsupportedError(RuntimeError):
-    """A compressed layer was asked for attention it cannot compute exactly."""
+    """A compressed layer was asked for attention it cannot compute exactly. layer_idx: the
+    cache layer refused, where known (optimize()'s trial forward keeps it dense: hf_trial)."""
+
+    def __init__(self, message: str, layer_idx: int | None = None):
+        super().__init__(message)
+        self.layer_idx = layer_idx
 
 
 def pass_cache_on(module, args, kwargs):
@@ -64,7 +69,7 @@ def check_attended(cache: SphkvCache) -> None:
     for layer in cache.compressed_layers():
         if layer.awaiting_attention:
             layer.awaiting_attention = False
-            raise SphkvUnsupportedError(unattended_update_message(layer.layer_idx))
+            raise SphkvUnsupportedError(unattended_update_message(layer.layer_idx), layer_idx=layer.layer_idx)
 
 
 def unattended_update_message(layer_idx: int) -> str:
@@ -83,9 +88,12 @@ def chunk_validity(mask: torch.Tensor | None, layer: SphkvLayer, n: int) -> torc
     if mask is None:
         return None
     if mask.dim() != 4 or mask.dtype != torch.bool:
+        what = ("an additive mask: the model builds its own (Doge's learned dynamic mask) or was passed one"
+                if mask.is_floating_point() else "pass a 2D [batch, tokens] padding mask to the model")
         raise SphkvUnsupportedError(
             f"layer {layer.layer_idx}: expected transformers' 4D boolean attention mask, got "
-            f"{tuple(mask.shape)} {mask.dtype}; pass a 2D [batch, tokens] padding mask to the model")
+            f"{tuple(mask.shape)} {mask.dtype} ({what}); the store applies only causal attention over padding",
+            layer_idx=layer.layer_idx)
     last_row = mask[:, 0, -1, :]
     if layer.max_cache_len is None:
         return last_row[:, last_row.shape[-1] - n:]
@@ -135,7 +143,8 @@ def prefill_mask(mask: torch.Tensor, layer: SphkvLayer, n: int, sinks) -> torch.
             f"layer {layer.layer_idx}: the attention mask lets queries see more or fewer tokens than causal "
             f"attention over the unpadded tokens (bidirectional image or prefix tokens, or a custom mask) {where}; "
             "the compressed store honours such a mask only in the prefill of an empty cache without sink logits. "
-            "Fix: put the bidirectional tokens in the first forward (the prompt), or keep this model's cache dense")
+            "Fix: put the bidirectional tokens in the first forward (the prompt), or keep this model's cache dense",
+            layer_idx=layer.layer_idx)
     return mask[:, :, -n:, :n] if layer.max_cache_len is not None else mask[:, :, -n:, -n:]
 
 
@@ -197,17 +206,17 @@ def _refuse_unrepresentable(module, layer: SphkvLayer, dropout: float, chunk: in
     if isinstance(getattr(module, "sinks", None), torch.nn.Parameter) and kwargs.get("s_aux") is None:
         raise SphkvUnsupportedError(f"layer {layer.layer_idx}: the attention module has learned sink logits "
                                     "(`sinks`) but did not pass them as s_aux, the way the store takes them "
-                                    "(gpt-oss's attention does)")
+                                    "(gpt-oss's attention does)", layer_idx=layer.layer_idx)
     for name in ("softcap",):  # sink logits (gpt-oss's s_aux) join the store's softmax: attend_and_update
         if kwargs.get(name) is not None:
             raise SphkvUnsupportedError(f"layer {layer.layer_idx}: attention with {name!r} is not representable "
-                                        "by the compressed store")
+                                        "by the compressed store", layer_idx=layer.layer_idx)
     window = kwargs.get("sliding_window")
     bound = _sequence_bound(layer, chunk) if window is not None else None
     if bound is not None and bound > window:
         raise SphkvUnsupportedError(f"layer {layer.layer_idx}: sliding window {window} is only exact on the "
                                     f"store when the whole sequence fits in it (here up to {bound} tokens); "
-                                    "the plan compressed it for a shorter sequence")
+                                    "the plan compressed it for a shorter sequence", layer_idx=layer.layer_idx)
 
 
 def _refuse_changed_heads(layer: SphkvLayer, key, value) -> None:
@@ -221,7 +230,7 @@ def _refuse_changed_heads(layer: SphkvLayer, key, value) -> None:
                 f"layer {layer.layer_idx}: the attention reads {name} with {t.shape[1]} heads of {t.shape[-1]}, but the "
                 f"cache update stored {want[0]} heads of {want[1]}: the model changes K/V between the cache update "
                 "and the attention (e.g. JetMoE repeats its KV heads), which the store cannot follow. Keep this "
-                "model's cache dense")
+                "model's cache dense", layer_idx=layer.layer_idx)
 
 
 def _sequence_bound(layer: SphkvLayer, chunk: int) -> int:
@@ -248,15 +257,16 @@ def sphkv_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch
                 f"layer {layer.layer_idx}: its attention follows a cache update of slot {other}, not of its own: "
                 "the model runs this attention module for another cache slot (looped or recurrent-depth models "
                 "such as HRM and Dory reuse layers at a slot offset), and the store answers attention only for "
-                "the slot it updated. Keep this model's cache dense")
+                "the slot it updated. Keep this model's cache dense", layer_idx=layer.layer_idx)
         raise SphkvUnsupportedError(
             f"layer {layer.layer_idx}: attention over the compressed store without a cache update before it. The store "
             "answers one attention call per update (it stores the chunk it attends with); this model calls "
             "attention again, or without updating the cache (e.g. DiffLlama's two calls with split values). "
-            "Keep this model's cache dense")
+            "Keep this model's cache dense", layer_idx=layer.layer_idx)
     if attention_mask is None and query.shape[2] > 1 and not wants_causal(module, kwargs):
         raise SphkvUnsupportedError(f"layer {layer.layer_idx}: the attention module is not causal "
-                                    "(is_causal=False); the compressed store computes only causal attention")
+                                    "(is_causal=False); the compressed store computes only causal attention",
+                                    layer_idx=layer.layer_idx)
     chunk_mask = None
     if not mask_is_causal_over_padding(attention_mask, layer, key.shape[2]):
         chunk_mask = prefill_mask(attention_mask, layer, key.shape[2], kwargs.get("s_aux"))
@@ -288,7 +298,7 @@ def attend_and_update(layer: SphkvLayer, query, key, value, valid, scaling, sink
         sinks = sinks.reshape(-1)
         if sinks.numel() != query.shape[1]:
             raise SphkvUnsupportedError(f"layer {layer.layer_idx}: {sinks.numel()} sink logits for {query.shape[1]} "
-                                        "query heads; the store takes one per query head")
+                                        "query heads; the store takes one per query head", layer_idx=layer.layer_idx)
     if not layer.stored_any and query.shape[2] == N and sinks is None:
         # Prefill into an empty store: nothing to read from codes, so this is plain causal
         # attention over the chunk; SDPA does it far faster than the store's reference loop.
@@ -365,7 +375,7 @@ class RoutedSphkvCache(SphkvCache):
                 raise SphkvUnsupportedError(
                     f"layer {layer_idx} updated the cache before layer {self.pending.layer_idx}'s attention read "
                     "its chunk; only attention computed by F.scaled_dot_product_attention right after the "
-                    "cache update can run on the compressed store")
+                    "cache update can run on the compressed store", layer_idx=layer_idx)
             self.pending = PendingChunk(layer_idx, keys, values)
         return keys, values
 
@@ -398,14 +408,15 @@ class SdpaRouting(torch.overrides.TorchFunctionMode):
             if func is F.scaled_dot_product_attention and _sdpa_arg(args, kwargs, 1, "key") is pending.key:
                 if _sdpa_arg(args, kwargs, 2, "value") is not pending.value:
                     raise SphkvUnsupportedError(f"layer {pending.layer_idx}: SDPA reads the cache update's keys "
-                                                "with other values; the store keeps the pair")
+                                                "with other values; the store keeps the pair",
+                                                layer_idx=pending.layer_idx)
                 self.cache.pending = None
                 return sdpa_on_store(self.cache.layers[pending.layer_idx], *args, **kwargs)
             if func not in _METADATA_FUNCTIONS and _reads_chunk(args, kwargs, pending):
                 raise SphkvUnsupportedError(
                     f"layer {pending.layer_idx}: {getattr(func, '__name__', func)} reads the cache update's "
                     "output; on the compressed store only F.scaled_dot_product_attention may (load the model "
-                    "with attn_implementation='sdpa' and output_attentions=False)")
+                    "with attn_implementation='sdpa' and output_attentions=False)", layer_idx=pending.layer_idx)
         return func(*args, **kwargs)
 
 
@@ -417,7 +428,7 @@ def run_routed(cache: RoutedSphkvCache, forward, /, *args, **kwargs):
     if cache.pending is not None:
         layer_idx, cache.pending = cache.pending.layer_idx, None
         raise SphkvUnsupportedError(f"layer {layer_idx} updated the cache but never attended with "
-                                    "F.scaled_dot_product_attention; its chunk was not stored")
+                                    "F.scaled_dot_product_attention; its chunk was not stored", layer_idx=layer_idx)
     return out
 
 
@@ -441,17 +452,19 @@ def sdpa_on_store(layer: SphkvLayer, query, key, value, attn_mask=None, dropout_
     (enable_gqa needs no handling: the store always groups query heads over KV heads.)"""
     if dropout_p:
         raise SphkvUnsupportedError(f"layer {layer.layer_idx}: attention dropout ({dropout_p}) cannot run on the "
-                                    "compressed store; call model.eval()")
+                                    "compressed store; call model.eval()", layer_idx=layer.layer_idx)
     if attn_mask is None and query.shape[2] > 1:
         if not is_causal:
             raise SphkvUnsupportedError(f"layer {layer.layer_idx}: non-causal attention over several queries "
-                                        "cannot run on the compressed store")
+                                        "cannot run on the compressed store", layer_idx=layer.layer_idx)
         if layer.stored_any:  # SDPA's is_causal aligns top-left: not causal over the stored past
             raise SphkvUnsupportedError(f"layer {layer.layer_idx}: is_causal=True over a non-empty cache "
-                                        "(SDPA aligns it top-left); pass the model's attention mask")
+                                        "(SDPA aligns it top-left); pass the model's attention mask",
+                                        layer_idx=layer.layer_idx)
     if not mask_is_causal_over_padding(attn_mask, layer, key.shape[2]):
         raise SphkvUnsupportedError(f"layer {layer.layer_idx}: the attention mask is not causal over the unpadded "
-                                    "tokens; a model whose SDPA calls are routed to the store must mask causally")
+                                    "tokens; a model whose SDPA calls are routed to the store must mask causally",
+                                    layer_idx=layer.layer_idx)
     valid = chunk_validity(attn_mask, layer, key.shape[2])
     return attend_and_update(layer, query, key, value, valid, scale)
 

@@ -215,7 +215,7 @@ class SphkvLayer(CacheLayerMixin):
             from .hf import SphkvUnsupportedError, unattended_update_message
 
             self.awaiting_attention = False
-            raise SphkvUnsupportedError(unattended_update_message(self.layer_idx))
+            raise SphkvUnsupportedError(unattended_update_message(self.layer_idx), layer_idx=self.layer_idx)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.awaiting_attention = True

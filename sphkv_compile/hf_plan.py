@@ -21,6 +21,10 @@ from functools import lru_cache
 import torch
 
 
+# on the model: {layer: reason} that optimize()'s trial forward saw refused (hf_trial.py)
+REFUSED_LAYERS_ATTR = "_sphkv_refused_layers"
+
+
 @dataclass(frozen=True)
 class LayerPlan:
     layer_idx: int
@@ -134,17 +138,17 @@ def model_wide_reason(model) -> str | None:
     if not_causal is not None:
         return (f"{not_causal} is not causal (is_causal=False: every token sees the tokens after it, e.g. an "
                 "encoder such as BERT without is_decoder=True); the store computes causal attention")
-    bidirectional = _setting(_text(config), "use_bidirectional_attention")
+    bidirectional = _setting(text_config(config), "use_bidirectional_attention")
     if bidirectional in (True, "all"):
         return (f"bidirectional attention (use_bidirectional_attention={bidirectional!r}): every token sees the "
                 "tokens after it, and the store computes causal attention")
     if getattr(config, "alibi", False):
         return "ALiBi position bias is added to the logits"
-    if "reuse" in (_setting(_text(config), "kv_sharing_modes") or ()):
+    if "reuse" in (_setting(text_config(config), "kv_sharing_modes") or ()):
         return "layers reuse other layers' K/V (kv_sharing_modes); the store answers only a layer's own attention"
     if getattr(config, "attn_logit_softcapping", None):
         return f"logit soft-capping (tanh at {config.attn_logit_softcapping})"
-    rank = _setting(_text(config), "kv_lora_rank")
+    rank = _setting(text_config(config), "kv_lora_rank")
     if rank:
         return (f"multi-head latent attention (kv_lora_rank={rank}): the cache holds a "
                 "compressed latent that the attention expands into keys and values, not per-head K/V")
@@ -157,7 +161,7 @@ def model_wide_reason(model) -> str | None:
 
 def attention_free(config) -> bool:
     """Does the config name no attention heads (a state-space or recurrent model: Mamba, xLSTM)?"""
-    return _setting(_text(config), "num_attention_heads") is None
+    return _setting(text_config(config), "num_attention_heads") is None
 
 
 def _setting(config, name: str):
@@ -201,7 +205,8 @@ def _language_model(model) -> torch.nn.Module:
     return decoder if isinstance(decoder, torch.nn.Module) else model
 
 
-def _text(config):
+def text_config(config):
+    """The language model's config (a multimodal config's text part)."""
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
@@ -214,10 +219,14 @@ def plan_layers(model, max_cache_len: int | None, max_tokens: int | None = None)
     wide = model_wide_reason(model)
     bound = length_bound(config, max_cache_len, max_tokens)
     cross = set(getattr(config, "cross_attention_layers", None) or ())  # Mllama's image layers
+    refused = getattr(model, REFUSED_LAYERS_ATTR, None) or {}
     plans = []
     for i, layer_type in enumerate(_layer_types(config, num_layers)):
         if wide:
             plans.append(LayerPlan(i, False, wide))
+            continue
+        if i in refused:
+            plans.append(LayerPlan(i, False, refused[i]))
             continue
         if i in cross:
             plans.append(LayerPlan(i, False, "cross-attention layer: its keys and values come from another input "
@@ -254,7 +263,7 @@ def layer_geometries(model) -> list[tuple[int, int]]:
     """(KV heads, head dim) of each decoder layer's attention, from the config. Heterogeneous
     configs (transformers' per_layer_config: Gemma 4's global layers have twice the head dim of
     its sliding ones) answer per layer; reading head_dim off their global config raises."""
-    config = _text(model.config)
+    config = text_config(model.config)
     layers = int(config.num_hidden_layers)
     if getattr(config, "is_heterogeneous", False):
         return [_geometry(config.per_layer_config[i]) for i in range(layers)]

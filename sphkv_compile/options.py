@@ -98,3 +98,7 @@ class SphkvOptions:
 
 class SphkvPerformanceWarning(UserWarning):
     """A configuration that works but is known to be slow; the message names the fix."""
+
+
+class SphkvCoverageWarning(UserWarning):
+    """Layers kept dense that the plan could not foresee (optimize()'s trial forward found them)."""

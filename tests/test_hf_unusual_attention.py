@@ -18,23 +18,90 @@ def _generate_both(config_fn):
     return zoo.greedy(model, ids, mask), lambda: zoo.greedy(zoo.optimized(model, **zoo.HIGH_BITS), ids, mask)
 
 
-@pytest.mark.skipif(not hasattr(tf, "DiffLlamaConfig"), reason="transformers without DiffLlama")
-def test_attention_called_twice_per_cache_update_is_refused():
-    """DiffLlama calls attention twice per update, each time with half of the values: the store
-    would keep the first call's values and store the chunk twice."""
-    _, sphkv_run = _generate_both(lambda: zoo._llama_like(tf.DiffLlamaConfig))
-    with pytest.raises(SphkvUnsupportedError, match="without a cache update before it"):
-        sphkv_run()
-
-
-@pytest.mark.skipif(not hasattr(tf, "JetMoeConfig"), reason="transformers without JetMoE")
-def test_kv_heads_changed_between_update_and_attention_are_refused():
-    """JetMoE tiles its KV heads top_k times after the cache update."""
-    _, sphkv_run = _generate_both(lambda: tf.JetMoeConfig(**zoo._common(
+def _jetmoe():
+    return tf.JetMoeConfig(**zoo._common(
         hidden_size=zoo.HIDDEN, num_hidden_layers=zoo.LAYERS, num_key_value_heads=2, kv_channels=64,
-        intermediate_size=2 * zoo.HIDDEN, max_position_embeddings=256, num_local_experts=2, num_experts_per_tok=2)))
-    with pytest.raises(SphkvUnsupportedError, match="reads keys with 4 heads of 64, but the cache update stored 2"):
-        sphkv_run()
+        intermediate_size=2 * zoo.HIDDEN, max_position_embeddings=256, num_local_experts=2, num_experts_per_tok=2))
+
+
+def _doge():
+    return tf.DogeConfig(**zoo._common(hidden_size=zoo.HIDDEN, intermediate_size=2 * zoo.HIDDEN,
+                                       num_hidden_layers=zoo.LAYERS, num_attention_heads=zoo.HEADS,
+                                       num_key_value_heads=2, max_position_embeddings=256))
+
+
+# (config, what the run-time refusal says): the store cannot follow these, and only running the
+# attention shows it (session 33's probe refused each mid-generate)
+RUN_TIME_REFUSALS = {
+    # DiffLlama calls attention twice per update, each time with half of the values: the store
+    # would keep the first call's values and store the chunk twice
+    "DiffLlamaConfig": (lambda: zoo._llama_like(tf.DiffLlamaConfig), "without a cache update before it"),
+    # JetMoE tiles its KV heads top_k times after the cache update
+    "JetMoeConfig": (_jetmoe, "reads keys with 4 heads of 64, but the cache update stored 2"),
+    # Doge adds a learned dynamic mask (float) to the logits
+    "DogeConfig": (_doge, "torch.float32 \\(an additive mask: the model builds its own"),
+}
+
+
+@pytest.mark.parametrize("config_name", sorted(RUN_TIME_REFUSALS))
+def test_attention_the_store_cannot_follow_is_planned_dense_by_the_trial_forward(config_name):
+    """optimize()'s trial forward (hf_trial.py) meets the refusal before any real token, keeps
+    every layer with that attention code dense with the refusal as its reason, and warns once:
+    generate() then gives dense's tokens instead of raising."""
+    if not hasattr(tf, config_name):
+        pytest.skip(f"transformers without {config_name}")
+    from sphkv_compile.options import SphkvCoverageWarning
+
+    config_fn, _ = RUN_TIME_REFUSALS[config_name]
+    model = zoo.build(config_fn, 0)
+    ids, mask = zoo.prompts(0)
+    dense = zoo.greedy(model, ids, mask)
+    with pytest.warns(SphkvCoverageWarning, match=f"{zoo.LAYERS} of {zoo.LAYERS} layers stay dense"):
+        fast = zoo.optimized(model, **zoo.HIGH_BITS)
+    assert torch.equal(zoo.greedy(fast, ids, mask), dense)
+    sites = api.report()["sites"]
+    assert len(sites) == zoo.LAYERS and all(not s["rewritten"] and "trial forward" in s["reason"] for s in sites), sites
+
+
+@pytest.mark.parametrize("config_name", sorted(RUN_TIME_REFUSALS))
+def test_without_the_trial_the_same_attention_is_refused_at_run_time_naming_the_cause(config_name):
+    """trial=False: the run-time check still refuses, with an error that names the cause."""
+    if not hasattr(tf, config_name):
+        pytest.skip(f"transformers without {config_name}")
+    config_fn, message = RUN_TIME_REFUSALS[config_name]
+    model = zoo.build(config_fn, 0)
+    ids, mask = zoo.prompts(0)
+    with pytest.raises(SphkvUnsupportedError, match=message):
+        zoo.greedy(zoo.optimized(model, trial=False, **zoo.HIGH_BITS), ids, mask)
+
+
+def test_the_trial_forward_leaves_the_rng_and_the_report_as_it_found_them():
+    """The trial draws nothing from the RNG (a seeded sampling run after optimize() samples as
+    without it) and leaves report() with the plan's sites and no re-budgets."""
+    model = zoo.build(lambda: zoo._llama_like(tf.LlamaConfig), 0)
+    torch.manual_seed(123)
+    want = torch.rand(4)
+    torch.manual_seed(123)
+    api.optimize(model, policy="rdr", budget=0.5, sink=2, recent=4)
+    assert torch.equal(torch.rand(4), want)
+    rep = api.report()
+    assert rep["rebudgets"] == {} and len(rep["sites"]) == zoo.LAYERS and all(s["rewritten"] for s in rep["sites"])
+
+
+def test_a_trial_forward_that_cannot_run_warns_and_changes_nothing(monkeypatch):
+    """A model the trial's input does not suit (here: its forward raises) keeps the plan as it
+    was, and the warning says the plan is unchecked and how to skip the trial."""
+    from sphkv_compile import hf_trial
+    from sphkv_compile.options import SphkvCoverageWarning
+
+    def fails(*args, **kwargs):
+        raise ValueError("this model needs pixel_values")
+
+    monkeypatch.setattr(hf_trial, "_prefill_and_step", fails)
+    model = zoo.build(lambda: zoo._llama_like(tf.LlamaConfig), 0)
+    with pytest.warns(SphkvCoverageWarning, match="did not finish .ValueError: this model needs pixel_values"):
+        api.optimize(model, sink=2, recent=4)
+    assert all(s["rewritten"] for s in api.report()["sites"])
 
 
 @pytest.mark.parametrize("name", ["bert", "mamba", "xlstm"])
@@ -120,6 +187,38 @@ def test_attention_after_another_slots_update_is_refused_naming_the_cause(monkey
     from sphkv_compile import hf_plan
 
     monkeypatch.setattr(hf_plan, "slot_offset_class", lambda model: None)
-    _, sphkv_run = _generate_both(_hrm)
+    model = zoo.build(_hrm, 0)
+    ids, mask = zoo.prompts(0)
+    sphkv_run = lambda: zoo.greedy(zoo.optimized(model, trial=False, **zoo.HIGH_BITS), ids, mask)  # noqa: E731
     with pytest.raises(SphkvUnsupportedError, match="follows a cache update of slot .*, not of its own"):
         sphkv_run()
+
+
+@pytest.mark.parametrize("call_causal,refused", [(False, True), (None, False), (True, False)])
+def test_a_compressed_layer_refuses_a_call_that_says_is_causal_false(call_causal, refused):
+    """Without a mask, a multi-query attention call is causal only where sdpa's rule says so (the
+    call's is_causal, else the module's). A compressed layer computes causal attention only, so
+    an explicit is_causal=False on a causal module is refused, naming the cause, and the other
+    calls are answered (after their cache update, as the model makes them)."""
+    from sphkv_compile import hf
+
+    model = api.optimize(zoo.build(lambda: zoo._llama_like(tf.LlamaConfig), 0), trial=False, **zoo.HIGH_BITS)
+    cache = api.new_cache(model)
+    module = next(m for m in model.modules() if getattr(m, "layer_idx", None) == 0 and hasattr(m, "is_causal"))
+    assert module.is_causal
+    gen = torch.Generator().manual_seed(0)
+    d = zoo.HIDDEN // zoo.HEADS
+    q = torch.randn(1, zoo.HEADS, 5, d, generator=gen)
+    k, v = (torch.randn(1, 2, 5, d, generator=gen) for _ in range(2))
+    cache.update(k, v, 0)  # what the model's attention does before it calls the interface
+    extra = {} if call_causal is None else {"is_causal": call_causal}
+    call = lambda: hf.sphkv_attention(module, q, k, v, None, scaling=d ** -0.5, **extra,  # noqa: E731
+                                      **{hf.CACHE_KWARG: cache})
+    if refused:
+        with pytest.raises(SphkvUnsupportedError, match="layer 0: the attention module is not causal"):
+            call()
+    else:
+        out, _ = call()
+        want = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                                is_causal=True, scale=d ** -0.5)
+        assert torch.allclose(out.transpose(1, 2), want, atol=1e-4)
