@@ -8,7 +8,7 @@ report() (what the latest compiled forward rewrote, and measured KV bytes) and
 optimize(model, **options) (one-call setup of a Hugging Face model).
 """
 from .codec import SphericalCodec
-from .options import SphkvOptions, SphkvOptionsError, SphkvPerformanceWarning
+from .options import SphkvCoverageWarning, SphkvOptions, SphkvOptionsError, SphkvPerformanceWarning
 from .report import report
 from .scalar_codec import RotatedScalarCodec
 from .store import LayerStore, StoreCapacityError
@@ -16,7 +16,7 @@ from .tiers import DEFAULT_TIERS, TierSpec
 
 __all__ = [
     "SphericalCodec", "RotatedScalarCodec", "LayerStore", "StoreCapacityError", "TierSpec", "DEFAULT_TIERS",
-    "SphkvOptions", "SphkvOptionsError", "SphkvPerformanceWarning", "report", "optimize",
+    "SphkvOptions", "SphkvOptionsError", "SphkvPerformanceWarning", "SphkvCoverageWarning", "report", "optimize",
 ]
 __version__ = "0.1.0"
 
