@@ -30,10 +30,12 @@ import torch
 
 from . import beam_decode, compile_rules
 from .backend import install_kernels
-from .report import begin_compile, clear_kv_sources, rebudgets, record_decode_step, record_site, report, reset_rebudgets
+from .report import begin_compile, clear_kv_sources, rebudgets, record_decode_step, record_site, reset_rebudgets
+from .report import preserved as report_preserved
+from .report import report  # noqa: F401  (api.report(), beside optimize())
 from .hf import CACHE_KWARG, DENSE_IMPL_ATTR, IMPL_NAME, RoutedSphkvCache, check_attended, pass_cache_on, register, run_routed
 from .head_pad import choose_stored_head_dim
-from .hf_cache import SphkvCache, snapshot_kv_bytes, storage_dtype
+from .hf_cache import SphkvCache, snapshot_kv_bytes, storage_dtype, tracking_preserved
 from .hf_plan import (attention_free, cache_updating_classes, calls_sdpa_itself, compressed_geometries, model_dtype,
                       plan_layers)
 from .hf_trial import TRIAL_PROMPT, trial_forward
@@ -53,6 +55,7 @@ class _ModelState:
         self.original_generate = original_generate
         self.original_impl = original_impl
         self.coverage_warned = False  # _warn_if_kernels_do_not_cover: once per model
+        self.trial_done = False  # hf_trial's trial forward ran (once per model: refusals are the code's)
 
 
 def _cache_keyword(fn) -> str:
@@ -131,6 +134,8 @@ def optimize(model, kv_dtype: torch.dtype | None = None, trial: bool = True, **o
     state = getattr(model, _STATE_ATTR, None)
     if state is not None:  # re-optimizing: new options, same wrappers
         state.options, state.kv_dtype = opts, kv_dtype
+        if trial:
+            _run_trial(model)  # if it could not run before (e.g. the model was in training mode)
         return model
     original_impl = model.config._attn_implementation
     for config in {id(c): c for c in (model.config, _text_config(model))}.values():
@@ -153,22 +158,26 @@ def optimize(model, kv_dtype: torch.dtype | None = None, trial: bool = True, **o
 
 
 def _run_trial(model) -> None:
-    """hf_trial.trial_forward where it can tell something: a model in eval mode, with layers the
-    plan compresses, whose weights are real (not on the meta device). Leaves report() as
-    optimize() alone would: the plan's sites, no re-budgets."""
-    if model.training or not any(p.compressed for p in plan_layers(model, None)):
+    """hf_trial.trial_forward, once per model, where it can tell something: every module in eval
+    mode (a module left training could refuse for its dropout, which says nothing about the
+    code), weights that are real (not on the meta device), and layers the trial's cache
+    compresses. report() and the cache it measures stay as they were."""
+    state = getattr(model, _STATE_ATTR)
+    if state.trial_done or any(m.training for m in model.modules()):
         return
     if any(p.device.type == "meta" for p in model.parameters()):
         return
-    refused, unfinished = trial_forward(model, cache_keyword(model),
-                                        lambda m: new_cache(m, max_tokens=TRIAL_PROMPT + 1))
-    reset_rebudgets()
-    _record_sites(plan_layers(model, None), getattr(model, _STATE_ATTR).original_impl, _dispatch(model))
-    clear_kv_sources()
+    state.trial_done = True
+    if not any(p.compressed for p in plan_layers(model, None, TRIAL_PROMPT + 1)):
+        return
+    with report_preserved(), tracking_preserved():
+        refused, unfinished = trial_forward(model, cache_keyword(model),
+                                            lambda m: new_cache(m, max_tokens=TRIAL_PROMPT + 1))
     if refused:
         reason = next(iter(refused.values()))
         warnings.warn(f"sphkv: {len(refused)} of {len(plan_layers(model, None))} layers stay dense (a dense cache, "
-                      f"no memory saving there): {reason}. report() lists them.", SphkvCoverageWarning, stacklevel=3)
+                      f"no memory saving there): {reason}. report() lists them once a cache is built.",
+                      SphkvCoverageWarning, stacklevel=3)
     if unfinished is not None:
         warnings.warn(f"sphkv: optimize()'s trial forward did not finish ({unfinished}); attention the store "
                       "cannot follow may still raise in generate(). Pass trial=False to skip the trial.",

@@ -1,17 +1,18 @@
 """How much sphkv moves your model's predictions, at the settings you would serve it with.
 
-    python -m sphkv_compile.check [--model PATH_OR_HUB_ID] [--setting bits=3.5] [--setting policy=rdr,budget=0.125]
-                                  [--tokens 2048] [--prefix 1024] [--chunk 128] [--text FILE] [--plot out.png]
+    python -m sphkv_compile.check [--model PATH_OR_HUB_ID] [--setting bits=3.5]
+                                  [--setting policy=rdr,budget=0.125] [--tokens 2048] [--prefix 1024]
+                                  [--chunk 128] [--text FILE] [--json rows.json] [--plot out.png]
 
 Teacher-forced next-token loss over a text, through the model's own forward: the first
 `prefix` tokens are prefilled into the cache (so they are stored, compressed), then the rest is
 fed `chunk` tokens at a time, each chunk attending over everything stored before it. The same
 chunks run on transformers' dense cache and on a static sphkv cache per setting (optimize() with
-those options, pools sized for the text), and over the tokens after the prefix each reports perplexity, its change against
-dense, top-1 agreement with dense's predictions, and the measured KV bytes against a dense
-16-bit cache (report()). Without --model it runs the embedded SmolLM2 on offline English text
-(the stdlib's pydoc topics); with --model, any causal LM transformers loads (a local directory
-or a hub id) and its tokenizer.
+those options, pools sized for the text), and over the tokens after the prefix each reports
+perplexity, its change against dense, top-1 agreement with dense's predictions, and the
+measured KV bytes against a dense 16-bit cache (report()). Without --model it runs the
+embedded SmolLM2 on offline English text (the stdlib's pydoc topics); with --model, any causal
+LM transformers loads (a local directory or a hub id) and its tokenizer.
 
 This measures the cache, not a benchmark score: a prefill split into chunks is what a long
 prompt does on a chunked-prefill server, and every later token's loss depends on the stored
@@ -87,7 +88,9 @@ def _takes_keyword(model, name: str) -> bool:
 
 
 def parse_setting(text: str) -> dict:
-    """'policy=rdr,budget=0.125' -> {'policy': 'rdr', 'budget': 0.125} (numbers where they parse)."""
+    """'policy=rdr,budget=0.125' -> {'policy': 'rdr', 'budget': 0.125} (numbers, True, False and
+    None where they parse). A tier ladder (`tiers`) or kv_dtype cannot be written this way: pass
+    a dict of optimize()'s keywords to check() from Python."""
     out = {}
     for item in filter(None, (p.strip() for p in text.split(","))):
         key, sep, value = item.partition("=")
@@ -98,6 +101,8 @@ def parse_setting(text: str) -> dict:
 
 
 def _number(value: str):
+    if value in ("True", "False", "None"):
+        return {"True": True, "False": False, "None": None}[value]
     for kind in (int, float):
         try:
             return kind(value)
@@ -123,7 +128,8 @@ def check(model, ids: torch.Tensor, settings: list, *, prefix: int, chunk: int, 
         cache = api.new_cache(model, max_cache_len=ids.shape[-1])  # pools sized as a server would size them
         got = score(model, ids, prefix, chunk, cache, key, progress)
         kv = report()
-        rows.append(CheckRow(setting if isinstance(setting, str) else _label(setting), got.perplexity, got.perplexity - dense.perplexity,
+        label = setting if isinstance(setting, str) else _label(setting)
+        rows.append(CheckRow(label, got.perplexity, got.perplexity - dense.perplexity,
                              float((got.top1 == dense.top1).float().mean()),
                              kv["kv_bytes"] / kv["dense_kv_bytes"] if kv["dense_kv_bytes"] else float("nan")))
         del cache

@@ -202,7 +202,7 @@ def _refuse_unrepresentable(module, layer: SphkvLayer, dropout: float, chunk: in
     run time that the plan could not see. Refuse rather than answer wrongly."""
     if module.training and dropout:
         raise SphkvUnsupportedError("attention dropout in training cannot run on the compressed store; "
-                                    "call model.eval() or use the dense model for training")
+                                    "call model.eval() or use the dense model for training", layer_idx=layer.layer_idx)
     if isinstance(getattr(module, "sinks", None), torch.nn.Parameter) and kwargs.get("s_aux") is None:
         raise SphkvUnsupportedError(f"layer {layer.layer_idx}: the attention module has learned sink logits "
                                     "(`sinks`) but did not pass them as s_aux, the way the store takes them "
@@ -375,7 +375,7 @@ class RoutedSphkvCache(SphkvCache):
                 raise SphkvUnsupportedError(
                     f"layer {layer_idx} updated the cache before layer {self.pending.layer_idx}'s attention read "
                     "its chunk; only attention computed by F.scaled_dot_product_attention right after the "
-                    "cache update can run on the compressed store", layer_idx=layer_idx)
+                    "cache update can run on the compressed store", layer_idx=self.pending.layer_idx)
             self.pending = PendingChunk(layer_idx, keys, values)
         return keys, values
 

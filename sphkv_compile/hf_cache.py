@@ -22,6 +22,7 @@ seen (rdr/budget.py), so what a layer holds stays within the budget plus documen
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
@@ -465,6 +466,17 @@ def _latest_kv_bytes() -> tuple[int, int]:
 def _latest_padding() -> dict | None:
     cache = _latest() if _latest is not None else None
     return _snapshot_padding if cache is None else cache.head_dim_padding()
+
+
+@contextlib.contextmanager
+def tracking_preserved():
+    """The cache report() measures (and its snapshot), restored on exit (optimize()'s trial forward)."""
+    global _latest, _snapshot, _snapshot_padding
+    saved = (_latest, _snapshot, _snapshot_padding)
+    try:
+        yield
+    finally:
+        _latest, _snapshot, _snapshot_padding = saved
 
 
 def _track(cache: SphkvCache) -> None:

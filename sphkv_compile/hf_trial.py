@@ -7,8 +7,9 @@ layer built from the same attention class and layer type (the same code refuses 
 way), is planned dense for good, with the refusal as its reason. Without the trial the user's
 first generate() would raise it instead.
 
-The trial is deterministic (fixed token ids, the RNG state restored) and costs one forward of
-TRIAL_PROMPT tokens and one of a single token per refusing attention class, plus one that passes.
+The trial is deterministic (fixed token ids, the RNG state restored) and costs at most a prefill
+of TRIAL_PROMPT tokens and a one-token step per refusing attention class (a refusal cuts them
+short), plus the pair that passes.
 A refusal that needs a real input (a padded batch, a sequence past a sliding window, a custom
 4D mask) still raises at run time, naming its cause.
 """
@@ -40,6 +41,8 @@ def trial_forward(model, cache_keyword: str, build_cache) -> tuple[dict[int, str
             _prefill_and_step(model, cache_keyword, cache, ids)
             return refused, None
         except SphkvUnsupportedError as err:
+            if err.layer_idx is None:  # nothing to keep dense: the run-time check will say it again
+                return refused, f"a refusal that names no layer: {err}"
             found = _layers_like(model, err.layer_idx)
             new = {i: _reason(err, i) for i in found if i not in refused}
             if not new:  # the plan did not keep the refused layer dense: stop rather than loop
@@ -85,13 +88,11 @@ def _trial_ids(model) -> torch.Tensor | None:
     return torch.tensor([picked], device=device)
 
 
-def _layers_like(model, layer_idx: int | None) -> list[int]:
+def _layers_like(model, layer_idx: int) -> list[int]:
     """The cache layers whose attention module has the same class and layer type as layer
-    `layer_idx`'s (every layer when the refusal named none)."""
+    `layer_idx`'s."""
     config = text_config(model.config)
     layers = int(config.num_hidden_layers)
-    if layer_idx is None:
-        return list(range(layers))
     types = list(getattr(config, "layer_types", None) or ["full_attention"] * layers)
     updating = cache_updating_classes(model)
     owner = {m.layer_idx: type(m) for m in model.modules()

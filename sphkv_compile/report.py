@@ -6,6 +6,8 @@ them), so the numbers are measured, never estimated.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import threading
 from dataclasses import asdict, dataclass, field
@@ -123,6 +125,25 @@ def clear_kv_sources() -> None:
     with _lock:
         _kv_sources.clear()
         _active_group = None
+
+
+@contextlib.contextmanager
+def preserved():
+    """Everything report() shows, restored on exit: optimize()'s trial forward (hf_trial.py) runs
+    a forward of its own, which must not replace what the user's last run recorded."""
+    global _active_group, _decode_step
+    with _lock:
+        saved = (list(_sites), list(_kv_sources), _active_group, _decode_step, copy.deepcopy(_rebudgets),
+                 copy.deepcopy(_decode_kernels))
+    try:
+        yield
+    finally:
+        with _lock:
+            _sites[:], _kv_sources[:], _active_group, _decode_step = saved[0], saved[1], saved[2], saved[3]
+            _rebudgets.clear()
+            _rebudgets.update(saved[4])
+            _decode_kernels.clear()
+            _decode_kernels.update(saved[5])
 
 
 def report() -> dict:

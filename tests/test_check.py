@@ -22,11 +22,14 @@ def _text_ids(T: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, zoo.VOCAB, (1, T), generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.parametrize("last_only", [True, False])
 @pytest.mark.parametrize("prefix,chunk", [(16, 7), (1, 40), (39, 1), (20, 64)])
-def test_chunked_scoring_equals_one_forward_over_the_whole_text(prefix, chunk):
+def test_chunked_scoring_equals_one_forward_over_the_whole_text(prefix, chunk, last_only, monkeypatch):
     """Prefill, then chunks over a dense cache: the same summed loss and predictions as one
     uncached forward over the text, scored on the tokens after the prefix (positions, targets
-    and the prefill's last-position logits all line up)."""
+    and the prefill's logits all line up), whether the prefill returns the last position's
+    logits only (logits_to_keep) or all of them (a model without that keyword)."""
+    monkeypatch.setattr(check, "_takes_keyword", lambda model, name: last_only)
     model = _llama()
     ids = _text_ids(40)
     got = check.score(model, ids, prefix, chunk, tf.DynamicCache(config=model.config), api.cache_keyword(model))
@@ -57,6 +60,7 @@ def test_the_check_sees_the_codec_and_only_the_codec():
 
 def test_settings_parse_and_bad_ones_name_the_problem():
     assert check.parse_setting("policy=rdr, budget=0.125,sink=4") == {"policy": "rdr", "budget": 0.125, "sink": 4}
+    assert check.parse_setting("pad_head_dim=False,budget=None") == {"pad_head_dim": False, "budget": None}
     with pytest.raises(ValueError, match="key=value"):
         check.parse_setting("policy")
     with pytest.raises(ValueError, match="prefix must be between 1 and the text's 9 tokens"):
