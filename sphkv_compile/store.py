@@ -159,12 +159,16 @@ def append_records(state: TierState, records: torch.Tensor, utility: torch.Tenso
     old_pages = (old + ps - 1) // ps
     new_pages = (new + ps - 1) // ps
     need = new_pages - old_pages
-    total = int(need.sum())
-    if (int(new_pages.max()) if new_pages.numel() else 0) > state.pages.shape[-1]:
+    # what the host decides on, in one read back (a sync each on a GPU)
+    if need.numel():
+        total, widest, most, top = torch.stack((need.sum(), new_pages.max(), need.max(),
+                                                state.free_top[0].to(torch.int64))).tolist()
+    else:
+        total, widest, most, top = 0, 0, 0, int(state.free_top[0])
+    if widest > state.pages.shape[-1]:
         raise StoreCapacityError(
             f"tier {tier_name!r}: a KV head would hold {int(new.max())} tokens, more than its page table "
             f"allows ({state.pages.shape[-1]} pages of {ps}); raise max_tokens or the budget")
-    top = int(state.free_top[0])
     if total > top:
         raise StoreCapacityError(
             f"tier {tier_name!r}: needs {total} new pages but only {top} are free; the pool was sized for "
@@ -173,7 +177,6 @@ def append_records(state: TierState, records: torch.Tensor, utility: torch.Tenso
         ids = state.free[top - total:top].flip(0)  # pop: stack top first
         state.free_top.fill_(top - total)
         start = torch.cumsum(need.flatten(), 0) - need.flatten()
-        most = int(need.max())
         k = torch.arange(most, device=dev)
         take = k < need.flatten()[:, None]
         src = (start[:, None] + k)[take]

@@ -111,12 +111,16 @@ def apply_choice(states: list[TierState], specs: list[TierSpec], tokens: LayerTo
     """Rebuild every tier with the tokens that chose it (dropped ones vanish); arrival order is
     kept within each source, and the exact tier only ever receives exact tokens."""
     per_source = tokens.split(choice)
+    tiers = torch.arange(len(specs), device=choice.device)
+    # which (source, target) pairs move any token, in one read back to the host (not one per pair)
+    moves = torch.stack([((c[..., None] == tiers) & ok[..., None]).flatten(0, -2).any(0)
+                         for c, ok in zip(per_source, tokens.valid)]).tolist()  # [source][target]
     for t, (spec, st) in enumerate(zip(specs, states)):
         recs, utils, masks = [], [], []
         for s, src in enumerate(specs):
-            sel = tokens.valid[s] & (per_source[s] == t)
-            if not bool(sel.any()):
+            if not moves[s][t]:
                 continue
+            sel = tokens.valid[s] & (per_source[s] == t)
             # convert only the selected tokens: encoding is the costly part of a re-budget
             out = torch.zeros(*sel.shape, st.pool.shape[-1], dtype=torch.int32, device=sel.device)
             out[sel] = convert_records(src, spec, tokens.records[s][sel], head_dim, seed, kv_dtype)
