@@ -32,9 +32,31 @@ VIEWS = {"view", "_unsafe_view", "as_strided", "reshape", "select", "slice", "ex
 
 
 class CountOps(TorchDispatchMode):
+    """Torch ops by kind, and host reads: item()/int()/bool() (one `_local_scalar_dense` each)
+    plus tolist() calls, which reach no dispatch mode but are one read back each (a sync on a GPU)."""
+
     def __init__(self):
         super().__init__()
         self.ops = Counter()
+        self.tolist_calls = 0
+
+    def __enter__(self):
+        inner, counter = torch.Tensor.tolist, self
+
+        def tolist(t):
+            counter.tolist_calls += 1
+            return inner(t)
+
+        self._inner_tolist, torch.Tensor.tolist = inner, tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self._inner_tolist
+        return super().__exit__(*exc)
+
+    @property
+    def host_reads(self) -> int:
+        return self.ops["_local_scalar_dense"] + self.tolist_calls
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.__name__.split(".")[0]
@@ -77,7 +99,8 @@ def main(argv=None):
         inner(*a2, **kw2)
     print(f"decode re-budget of one layer ({a[0][0].count.shape[1]} KV heads): median {statistics.median(times):.1f} ms "
           f"of {args.repeat}; {sum(counter.ops.values())} torch ops (views left out), "
-          f"{counter.ops['_local_scalar_dense']} host reads")
+          f"{counter.host_reads} host reads ({counter.ops['_local_scalar_dense']} scalar reads, "
+          f"{counter.tolist_calls} tolist() calls)")
     print("most frequent:", counter.ops.most_common(8))
 
 

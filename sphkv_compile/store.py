@@ -26,6 +26,17 @@ def _max_int(t: torch.Tensor) -> int:
     return int(t.max()) if t.numel() else 0
 
 
+def _page_demand(state: "TierState", new_counts: torch.Tensor) -> tuple[int, int, int]:
+    """(pages the tier needs beyond those in use, the most pages one head would hold, free pages)
+    if its counts became new_counts [B, H]: one read back to the host, where three would be a
+    sync each on a GPU."""
+    ps = state.page_size
+    pages = pages_for(new_counts, ps)
+    widest = pages.max() if pages.numel() else pages.new_zeros(())
+    needed = (pages - pages_for(state.count, ps)).sum()
+    return tuple(torch.stack((needed, widest, state.free_top[0].to(torch.int64))).tolist())
+
+
 class StoreCapacityError(RuntimeError):
     """Raised when a tier's pool or page table cannot take the tokens being appended."""
 
@@ -137,10 +148,8 @@ def split_exact(records: torch.Tensor, head_dim: int, kv_dtype: torch.dtype):
 
 def fits(state: TierState, extra_tokens: torch.Tensor) -> bool:
     """Whether `extra_tokens` [B, Hkv] more tokens fit the tier's free pages and page tables."""
-    ps = state.page_size
-    old = state.count.to(torch.int64)
-    old_pages, new_pages = (old + ps - 1) // ps, (old + extra_tokens.to(old) + ps - 1) // ps
-    return int((new_pages - old_pages).sum()) <= int(state.free_top[0]) and _max_int(new_pages) <= state.pages.shape[-1]
+    needed, widest, free = _page_demand(state, state.count.to(torch.int64) + extra_tokens.to(torch.int64))
+    return needed <= free and widest <= state.pages.shape[-1]
 
 
 # ---- appending ----------------------------------------------------------------------------
@@ -480,11 +489,9 @@ class LayerStore:
 
     def _reserve(self, t: int, extra_tokens: torch.Tensor) -> None:
         """Grow tier t's pool and page table so `extra_tokens` [B, H] more tokens fit."""
-        st, ps = self.states[t], self.page_size
-        new = st.count.to(torch.int64) + extra_tokens
-        pages_needed = int((pages_for(new, ps) - pages_for(st.count, ps)).sum())
-        max_pages = _max_int(pages_for(new, ps))
-        if pages_needed <= int(st.free_top[0]) and max_pages <= st.pages.shape[-1]:
+        st = self.states[t]
+        pages_needed, max_pages, free = _page_demand(st, st.count.to(torch.int64) + extra_tokens)
+        if pages_needed <= free and max_pages <= st.pages.shape[-1]:
             return
         self.grow_tier(t, int((st.pool.shape[0] + pages_needed) * 1.25) + 1, max(max_pages, st.pages.shape[-1]) * 2)
 
