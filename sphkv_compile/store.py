@@ -26,15 +26,18 @@ def _max_int(t: torch.Tensor) -> int:
     return int(t.max()) if t.numel() else 0
 
 
-def _page_demand(state: "TierState", new_counts: torch.Tensor) -> tuple[int, int, int]:
-    """(pages the tier needs beyond those in use, the most pages one head would hold, free pages)
-    if its counts became new_counts [B, H]: one read back to the host, where three would be a
-    sync each on a GPU."""
+def _page_demand(state: "TierState", new_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """If the tier's counts became new_counts [B, H]: (pages per head then, pages each head needs
+    beyond those it holds, [pages needed in all, the most pages one head would hold, the most
+    one head needs, free pages]). The four numbers the host decides on come back in one read,
+    where four would be a sync each on a GPU."""
     ps = state.page_size
-    pages = pages_for(new_counts, ps)
-    widest = pages.max() if pages.numel() else pages.new_zeros(())
-    needed = (pages - pages_for(state.count, ps)).sum()
-    return tuple(torch.stack((needed, widest, state.free_top[0].to(torch.int64))).tolist())
+    new_pages = pages_for(new_counts, ps)
+    need = new_pages - pages_for(state.count, ps)
+    if not need.numel():
+        return new_pages, need, [0, 0, 0, int(state.free_top[0])]
+    read = torch.stack((need.sum(), new_pages.max(), need.max(), state.free_top[0].to(torch.int64))).tolist()
+    return new_pages, need, read
 
 
 class StoreCapacityError(RuntimeError):
@@ -148,7 +151,7 @@ def split_exact(records: torch.Tensor, head_dim: int, kv_dtype: torch.dtype):
 
 def fits(state: TierState, extra_tokens: torch.Tensor) -> bool:
     """Whether `extra_tokens` [B, Hkv] more tokens fit the tier's free pages and page tables."""
-    needed, widest, free = _page_demand(state, state.count.to(torch.int64) + extra_tokens.to(torch.int64))
+    _, _, (needed, widest, _, free) = _page_demand(state, state.count.to(torch.int64) + extra_tokens.to(torch.int64))
     return needed <= free and widest <= state.pages.shape[-1]
 
 
@@ -165,15 +168,8 @@ def append_records(state: TierState, records: torch.Tensor, utility: torch.Tenso
         valid = torch.ones(B, H, N, dtype=torch.bool, device=dev)
     old = state.count.to(torch.int64)
     new = old + valid.sum(-1)
-    old_pages = (old + ps - 1) // ps
-    new_pages = (new + ps - 1) // ps
-    need = new_pages - old_pages
-    # what the host decides on, in one read back (a sync each on a GPU)
-    if need.numel():
-        total, widest, most, top = torch.stack((need.sum(), new_pages.max(), need.max(),
-                                                state.free_top[0].to(torch.int64))).tolist()
-    else:
-        total, widest, most, top = 0, 0, 0, int(state.free_top[0])
+    new_pages, need, (total, widest, most, top) = _page_demand(state, new)
+    old_pages = new_pages - need
     if widest > state.pages.shape[-1]:
         raise StoreCapacityError(
             f"tier {tier_name!r}: a KV head would hold {int(new.max())} tokens, more than its page table "
@@ -490,7 +486,7 @@ class LayerStore:
     def _reserve(self, t: int, extra_tokens: torch.Tensor) -> None:
         """Grow tier t's pool and page table so `extra_tokens` [B, H] more tokens fit."""
         st = self.states[t]
-        pages_needed, max_pages, free = _page_demand(st, st.count.to(torch.int64) + extra_tokens)
+        _, _, (pages_needed, max_pages, _, free) = _page_demand(st, st.count.to(torch.int64) + extra_tokens)
         if pages_needed <= free and max_pages <= st.pages.shape[-1]:
             return
         self.grow_tier(t, int((st.pool.shape[0] + pages_needed) * 1.25) + 1, max(max_pages, st.pages.shape[-1]) * 2)
