@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from .tiers import TierSpec
+
 
 @dataclass
 class Scored:
@@ -89,15 +91,29 @@ def _takes_keyword(model, name: str) -> bool:
 
 def parse_setting(text: str) -> dict:
     """'policy=rdr,budget=0.125' -> {'policy': 'rdr', 'budget': 0.125} (numbers, True, False and
-    None where they parse). A tier ladder (`tiers`) or kv_dtype cannot be written this way: pass
-    a dict of optimize()'s keywords to check() from Python."""
+    None where they parse). A tier ladder is tier specs joined by '+'
+    ('policy=rdr,tiers=exact:exact+mid:k3.5:polar3.5:r16'), kv_dtype a torch dtype's name
+    ('kv_dtype=float32')."""
     out = {}
     for item in filter(None, (p.strip() for p in text.split(","))):
         key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
         if not sep or not key:
             raise ValueError(f"a setting is key=value pairs separated by commas, got {text!r}")
-        out[key.strip()] = _number(value.strip())
+        if key == "tiers":
+            out[key] = tuple(TierSpec.from_string(t.strip()) for t in value.split("+"))
+        elif key == "kv_dtype":
+            out[key] = _dtype(value)
+        else:
+            out[key] = _number(value)
     return out
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"kv_dtype={name!r} is not a floating torch dtype: write e.g. kv_dtype=float32 or bfloat16")
+    return dtype
 
 
 def _number(value: str):
@@ -137,7 +153,12 @@ def check(model, ids: torch.Tensor, settings: list, *, prefix: int, chunk: int, 
 
 
 def _label(setting: dict) -> str:
-    return ",".join(f"{k}={v}" for k, v in setting.items())
+    def text(value):
+        if isinstance(value, (tuple, list)) and all(isinstance(t, TierSpec) for t in value):
+            return "+".join(t.to_string() for t in value)
+        return str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else str(value)
+
+    return ",".join(f"{k}={text(v)}" for k, v in setting.items())
 
 
 def markdown(rows: list[CheckRow], scored: int, model_name: str) -> str:
@@ -190,7 +211,8 @@ def main(argv=None) -> None:
     ap.add_argument("--model", help="a local directory or hub id (default: the embedded SmolLM2)")
     ap.add_argument("--setting", action="append", dest="settings",
                     help="optimize() options as key=value,...; repeat for several (default: bits=3.5 and "
-                         "policy=rdr,budget=0.125)")
+                         "policy=rdr,budget=0.125); a tier ladder is specs joined by '+' "
+                         "(tiers=exact:exact+mid:k3.5:polar3.5:r16), kv_dtype a dtype name (kv_dtype=float32)")
     ap.add_argument("--tokens", type=int, default=2048, help="tokens of text to use")
     ap.add_argument("--prefix", type=int, help="tokens prefilled before scoring starts (default: half)")
     ap.add_argument("--chunk", type=int, default=128, help="tokens per forward after the prefix")
@@ -203,7 +225,9 @@ def main(argv=None) -> None:
     from .options import SphkvOptions
 
     for s in settings:  # a typo fails now, not after the dense run
-        SphkvOptions.from_dict(parse_setting(s))
+        options = parse_setting(s)
+        options.pop("kv_dtype", None)  # optimize()'s own keyword, checked by parse_setting
+        SphkvOptions.from_dict(options)
     tokenizer, model, name = _load(args.model, args.device)
     if args.text:
         with open(args.text, encoding="utf-8") as f:

@@ -12,6 +12,7 @@ from functools import lru_cache
 import torch
 
 from .codec import SphericalCodec
+from .radius import RADIUS_BITS
 from .scalar_codec import RotatedScalarCodec
 
 VALUE_CODECS = ("polar", "scalar")
@@ -36,6 +37,8 @@ class TierSpec:
             raise ValueError(f"tier {self.name!r}: value_codec must be one of {VALUE_CODECS}, got {self.value_codec!r}")
         if self.value_bits is None:
             raise ValueError(f"tier {self.name!r}: value_bits is required for a compressed tier")
+        if self.radius_bits not in RADIUS_BITS:  # caught here, not at the first encode
+            raise ValueError(f"tier {self.name!r}: radius_bits must be one of {RADIUS_BITS}, got {self.radius_bits!r}")
 
     def to_string(self) -> str:
         if self.exact:
@@ -51,10 +54,11 @@ class TierSpec:
             name, kb, vc, rb = parts
             codec = next(c for c in VALUE_CODECS if vc.startswith(c))
             vbits = vc[len(codec):]
-            return TierSpec(name, float(kb[1:]), codec, float(vbits) if "." in vbits else int(vbits), int(rb[1:]))
+            fields = (name, float(kb[1:]), codec, float(vbits) if "." in vbits else int(vbits), int(rb[1:]))
         except (IndexError, ValueError, StopIteration) as err:
             raise ValueError(f"cannot parse tier spec {text!r}: expected 'name:exact' or "
                              f"'name:k<bits>:<polar|scalar><bits>:r<radius bits>'") from err
+        return TierSpec(*fields)  # outside the try: a bad value's own message (e.g. radius_bits) stands
 
 
 # The default ladder: drop is implicit (a token in no tier). Bits are per coordinate,

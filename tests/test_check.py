@@ -11,6 +11,7 @@ import torch
 import transformers as tf
 
 from sphkv_compile import api, check
+from sphkv_compile.options import SphkvOptions
 from tests import test_zoo as zoo
 
 
@@ -63,6 +64,18 @@ def test_settings_parse_and_bad_ones_name_the_problem():
     assert check.parse_setting("pad_head_dim=False,budget=None") == {"pad_head_dim": False, "budget": None}
     with pytest.raises(ValueError, match="key=value"):
         check.parse_setting("policy")
+    ladder = "exact:exact+mid:k3.5:polar3.5:r16+low:k2.0:scalar2:r32"
+    parsed = check.parse_setting(f"policy=rdr,tiers={ladder},kv_dtype=float32")
+    assert parsed["kv_dtype"] is torch.float32
+    assert [t.to_string() for t in parsed["tiers"]] == ladder.split("+")
+    assert SphkvOptions.from_dict({"policy": "rdr", "tiers": parsed["tiers"]}).tier_ladder == parsed["tiers"]
+    assert check._label(parsed) == f"policy=rdr,tiers={ladder},kv_dtype=float32"  # a dict's row reads like the text
+    with pytest.raises(ValueError, match="kv_dtype='int8' is not a floating torch dtype"):
+        check.parse_setting("kv_dtype=int8")
+    with pytest.raises(ValueError, match="tier 'mid': radius_bits must be one of \\(16, 32\\), got 8"):
+        check.parse_setting("tiers=exact:exact+mid:k3.5:polar3.5:r8")
+    with pytest.raises(ValueError, match="cannot parse tier spec 'mid:k3.5'"):
+        check.parse_setting("tiers=exact:exact+mid:k3.5")
     with pytest.raises(ValueError, match="prefix must be between 1 and the text's 9 tokens"):
         check.score(_llama(), _text_ids(10), 10, 4, None, "cache")
 
