@@ -38,7 +38,7 @@ from .rdr.node import cadence_counters, cadence_due, current_budget, measure, ov
 from .report import register_kv_source
 from .head_pad import choose_stored_head_dim, options_for_stored, pad_last, padding_report
 from .options import SphkvOptions
-from .store import LayerStore, select_rows_of
+from .store import LayerStore, reserve_tiers, select_rows_of
 from .hf_plan import LayerPlan
 
 
@@ -69,6 +69,8 @@ class SphkvLayer(CacheLayerMixin):
         self.awaiting_attention = False  # an update returned a chunk the store has not answered yet
         self.meter: torch.Tensor | None = None  # the budgeting node's counters (rdr/meter.py)
         self.head_dim: int | None = None  # the model's; the store may hold it zero-padded (head_pad.py)
+        self.reserve_group: list[SphkvLayer] = [self]  # the cache's compressed layers (SphkvCache sets it)
+        self.reserved_for: tuple[int, int] | None = None  # (seen, chunk) another layer reserved this one for
 
     # ---- allocation ---------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -139,13 +141,27 @@ class SphkvLayer(CacheLayerMixin):
             ensure_capacity(st, self.budget_bytes(tokens), protected=protected_tokens(self.options), tokens=tokens,
                             distortion=self.options.distortion)
             return
+        if self.reserved_for == (self.seen, new_tokens):  # the step's first layer reserved this one too
+            self.reserved_for = None
+            return
+        # Every uniform dynamic layer of the cache that has a store takes the same chunk this step
+        # and has not changed since: reserve them all now, with one read back (a sync on a GPU).
+        # A layer marks what it was reserved for, (tokens seen, chunk); anything else that moves
+        # its tokens (reset, beam reorder) clears the mark.
+        group = [self] + [layer for layer in self.reserve_group if layer is not self and layer.store is not None
+                          and layer.max_cache_len is None and layer.options.policy != "rdr"]
+        reserve_tiers([request for layer in group for request in layer._reservations(new_tokens)])
+        for layer in group[1:]:
+            layer.reserved_for = (layer.seen, new_tokens)
+
+    def _reservations(self, new_tokens: int) -> list:
+        """Uniform: placement.graduate's worst case, every exact token graduating into each
+        compressed tier."""
+        st = self.store
         n = torch.full((st.batch, st.kv_heads), new_tokens, dtype=torch.int64, device=st.states[0].count.device)
         e = st.tier_index("exact")
-        st._reserve(e, n)
         exact_count = st.states[e].count.to(torch.int64)
-        for t, spec in enumerate(st.tiers):
-            if not spec.exact:
-                st._reserve(t, n + exact_count)
+        return [(st, e, n)] + [(st, t, n + exact_count) for t, spec in enumerate(st.tiers) if not spec.exact]
 
     @property
     def state(self) -> list[torch.Tensor]:
@@ -249,6 +265,7 @@ class SphkvLayer(CacheLayerMixin):
         self.cumulative_length.zero_()
         self.stored_any = False
         self.awaiting_attention = False
+        self.reserved_for = None
 
     @torch._dynamo.disable
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -259,6 +276,7 @@ class SphkvLayer(CacheLayerMixin):
         their K/V with index_select), and the meter's per-row entries follow their rows."""
         if self.store is None or not self.stored_any:
             return
+        self.reserved_for = None  # rows' token counts change
         self.store.select_rows(beam_idx, can_grow=self.max_cache_len is None)
         budget_meter.select_rows(self.meter, beam_idx)
 
@@ -361,6 +379,9 @@ class SphkvCache(Cache):
         layers = [SphkvLayer(options, p.layer_idx, max_cache_len, p.sliding_window, kv_dtype) if p.compressed
                   else own[i] if own else _dense_layer(p, max_cache_len) for i, p in enumerate(plans)]
         super().__init__(layers=layers)
+        compressed = self.compressed_layers()
+        for layer in compressed:
+            layer.reserve_group = compressed
         for kv_heads, head_dim in kv_geometries or ():  # of the compressed layers (hf_plan.compressed_geometries)
             # the exact tier is 16-bit unless asked otherwise (storage_dtype)
             rdr.check_budget(options, kv_heads, head_dim, kv_dtype or torch.bfloat16, max_cache_len)
@@ -381,6 +402,8 @@ class SphkvCache(Cache):
         page copies of all layers share their gathers), their meters follow; other layers
         reorder as transformers' do."""
         filled = [layer for layer in self.compressed_layers() if layer.store is not None and layer.stored_any]
+        for layer in filled:
+            layer.reserved_for = None  # rows' token counts change
         select_rows_of([layer.store for layer in filled], beam_idx,
                        can_grow=all(layer.max_cache_len is None for layer in filled))
         for layer in filled:

@@ -31,13 +31,23 @@ def _page_demand(state: "TierState", new_counts: torch.Tensor) -> tuple[torch.Te
     beyond those it holds, [pages needed in all, the most pages one head would hold, the most
     one head needs, free pages]). The four numbers the host decides on come back in one read,
     where four would be a sync each on a GPU."""
-    ps = state.page_size
-    new_pages = pages_for(new_counts, ps)
-    need = new_pages - pages_for(state.count, ps)
+    new_pages, need, _ = _page_demand_tensors(state, new_counts)
     if not need.numel():
         return new_pages, need, [0, 0, 0, int(state.free_top[0])]
     read = torch.stack((need.sum(), new_pages.max(), need.max(), state.free_top[0].to(torch.int64))).tolist()
     return new_pages, need, read
+
+
+def _page_demand_tensors(state: "TierState", new_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                 torch.Tensor]:
+    """_page_demand without the read: (pages per head, pages each head needs, int64 [3] of pages
+    needed in all, the most one head would hold and the free pages)."""
+    new_pages = pages_for(new_counts, state.page_size)
+    need = new_pages - pages_for(state.count, state.page_size)
+    free = state.free_top[0].to(torch.int64)
+    if not need.numel():
+        return new_pages, need, torch.stack((free * 0, free * 0, free))
+    return new_pages, need, torch.stack((need.sum(), new_pages.max(), free))
 
 
 class StoreCapacityError(RuntimeError):
@@ -485,11 +495,7 @@ class LayerStore:
 
     def _reserve(self, t: int, extra_tokens: torch.Tensor) -> None:
         """Grow tier t's pool and page table so `extra_tokens` [B, H] more tokens fit."""
-        st = self.states[t]
-        _, _, (pages_needed, max_pages, _, free) = _page_demand(st, st.count.to(torch.int64) + extra_tokens)
-        if pages_needed <= free and max_pages <= st.pages.shape[-1]:
-            return
-        self.grow_tier(t, int((st.pool.shape[0] + pages_needed) * 1.25) + 1, max(max_pages, st.pages.shape[-1]) * 2)
+        reserve_tiers([(self, t, extra_tokens)])
 
     def grow_tier(self, t: int, num_pages: int, max_pages: int) -> None:
         """Reallocate tier t with at least num_pages pages and max_pages per head, tokens kept."""
@@ -679,3 +685,21 @@ def select_rows_of(stores: list[LayerStore], rows: torch.Tensor, can_grow: bool 
         if i in grown:
             store.set_state(t, store._new_state(spec, *grown[i]))
         rebuild(store.states[t], *gathered, spec.name)
+
+
+def reserve_tiers(requests: list[tuple["LayerStore", int, torch.Tensor]]) -> None:
+    """Grow tiers so that more tokens fit: requests are (store, tier index, extra tokens [B, H]).
+    The page demands of all of them come back in one read per device (a dynamic cache reserves
+    every layer's tiers at the first layer of a step: one sync a step instead of two a layer)."""
+    demands = {}  # device -> [(store, tier, tensor of (pages needed, widest head, free pages))]
+    for store, t, extra in requests:
+        st = store.states[t]
+        _, _, demand = _page_demand_tensors(st, st.count.to(torch.int64) + extra)
+        demands.setdefault(st.count.device, []).append((store, t, demand))
+    for items in demands.values():
+        read = torch.stack([demand for _, _, demand in items]).tolist()
+        for (store, t, _), (pages_needed, max_pages, free) in zip(items, read):
+            st = store.states[t]
+            if pages_needed > free or max_pages > st.pages.shape[-1]:
+                store.grow_tier(t, int((st.pool.shape[0] + pages_needed) * 1.25) + 1,
+                                max(max_pages, st.pages.shape[-1]) * 2)

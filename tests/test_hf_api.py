@@ -18,9 +18,9 @@ from sphkv_compile.rdr import meter as budget_meter
 
 def _model(**kw):
     torch.manual_seed(0)
-    config = tf.LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                            pad_token_id=0, bos_token_id=1, eos_token_id=2, **kw)
+    config = tf.LlamaConfig(**dict(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                   pad_token_id=0, bos_token_id=1, eos_token_id=2) | kw)
     return tf.LlamaForCausalLM(config).eval()
 
 
@@ -296,3 +296,29 @@ def test_rdr_rebudgets_that_dominate_a_generate_are_reported():
         api_module.warn_if_rebudgets_dominate = original
     (seconds, timed, every), = seen
     assert every == 4 and seconds > timed["decode"]["host_seconds"] > 0 and timed["decode"]["count"] >= 2
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("beams", [1, 2])
+def test_a_dynamic_cache_reserves_every_layer_at_the_first_with_one_read(beams, monkeypatch):
+    """A dynamic cache grows its pools before each chunk; the step's first layer reserves the
+    tiers of all layers at once (one read back, a sync on a GPU, instead of two per layer). With
+    pages of 4 tokens the pools grow many times; greedy and beam search (whose reorder moves
+    tokens between rows and so clears what was reserved) give the tokens of a static cache,
+    which never grows."""
+    from sphkv_compile import hf_cache
+
+    calls = []
+    real = hf_cache.reserve_tiers
+    monkeypatch.setattr(hf_cache, "reserve_tiers", lambda requests: calls.append(len(requests)) or real(requests))
+    options = dict(page_size=4, sink=2, recent=4)
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    kw = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, num_beams=beams, attention_mask=torch.ones_like(ids))
+    model = api.optimize(_model(num_hidden_layers=3), **options)
+    calls.clear()  # optimize()'s trial forward used a cache of its own
+    dynamic = model.generate(ids, **kw)
+    # the prefill: each layer's store starts in its own update, so each layer reserves itself and
+    # those before it; then one call per decode step for all 3 layers x (exact + compressed tier)
+    assert calls == [2, 4, 6] + [6] * 23, calls
+    static = model.generate(ids, cache_implementation="static", **kw)
+    assert torch.equal(dynamic, static)
