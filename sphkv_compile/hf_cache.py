@@ -91,7 +91,8 @@ class SphkvLayer(CacheLayerMixin):
         self.store = LayerStore(batch, kv_heads, stored, o.tier_ladder, kv_dtype=dtype, page_size=o.page_size,
                                 seed=o.seed, device=device)
         self.meter = budget_meter.new_meter(batch, kv_heads, device)
-        self.cumulative_length = self.cumulative_length.to(device)
+        if self.max_cache_len is not None:  # a dynamic layer's stays on the host: the budget reads it every step
+            self.cumulative_length = self.cumulative_length.to(device)
         # no dense K/V here, only codes: code that asks a cache layer whether it holds keys
         # (Mllama's cross-attention check reads layer.keys.numel()) sees none, not None
         self.keys = torch.empty(batch, kv_heads, 0, head_dim, dtype=dtype, device=device)

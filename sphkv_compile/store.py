@@ -31,14 +31,14 @@ def _page_demand(state: "TierState", new_counts: torch.Tensor) -> tuple[torch.Te
     beyond those it holds, [pages needed in all, the most pages one head would hold, the most
     one head needs, free pages]). The four numbers the host decides on come back in one read,
     where four would be a sync each on a GPU."""
-    new_pages, need, _ = _page_demand_tensors(state, new_counts)
+    new_pages, need, _ = page_demand_tensors(state, new_counts)
     if not need.numel():
         return new_pages, need, [0, 0, 0, int(state.free_top[0])]
     read = torch.stack((need.sum(), new_pages.max(), need.max(), state.free_top[0].to(torch.int64))).tolist()
     return new_pages, need, read
 
 
-def _page_demand_tensors(state: "TierState", new_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+def page_demand_tensors(state: "TierState", new_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
                                                                                  torch.Tensor]:
     """_page_demand without the read: (pages per head, pages each head needs, int64 [3] of pages
     needed in all, the most one head would hold and the free pages)."""
@@ -694,7 +694,7 @@ def reserve_tiers(requests: list[tuple["LayerStore", int, torch.Tensor]]) -> Non
     demands = {}  # device -> [(store, tier, tensor of (pages needed, widest head, free pages))]
     for store, t, extra in requests:
         st = store.states[t]
-        _, _, demand = _page_demand_tensors(st, st.count.to(torch.int64) + extra)
+        _, _, demand = page_demand_tensors(st, st.count.to(torch.int64) + extra)
         demands.setdefault(st.count.device, []).append((store, t, demand))
     for items in demands.values():
         read = torch.stack([demand for _, _, demand in items]).tolist()

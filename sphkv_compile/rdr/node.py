@@ -92,9 +92,10 @@ def budget_step(states: list[TierState], specs: list[TierSpec], meter: torch.Ten
                 kv_dtype: torch.dtype, sink: int, recent: int, policy: str, budget_bytes: int,
                 rebudget_every: int) -> None:
     table = choice_table(tuple(specs), head_dim, seed, kv_dtype)
-    if policy == "rdr" and budget_bytes > 0 and not capturing():
-        rebudget_if_due(states, specs, meter, head_dim=head_dim, seed=seed, kv_dtype=kv_dtype, sink=sink,
-                        recent=recent, budget_bytes=budget_bytes, rebudget_every=rebudget_every)
+    if budget_bytes > 0 and not capturing():
+        _budget_step_eager(states, specs, meter, table, head_dim=head_dim, seed=seed, kv_dtype=kv_dtype, sink=sink,
+                           recent=recent, policy=policy, budget_bytes=budget_bytes, rebudget_every=rebudget_every)
+        return
     # in place (fill_/copy_/add_): a Python number assigned by index is copied from the host,
     # which a CUDA graph capture refuses
     meter[M.BUDGET].fill_(budget_bytes)
@@ -103,18 +104,36 @@ def budget_step(states: list[TierState], specs: list[TierSpec], meter: torch.Ten
         # nothing to check: no per-step byte count either (a dozen small kernels per layer and
         # decode step); measure() counts the bytes from the page tables when asked
         return
-    # device-side bookkeeping: nothing is read back to the host inside a capture
-    held_t = token_bytes(states, table).max() if states[0].count.numel() else meter.new_zeros(())
+    # inside a CUDA graph the replays never reach the host: the bookkeeping stays on the device,
+    # with the worst excess, which the cache checks after generate() (SphkvCache.raise_if_over_budget)
+    held_t = _held(states, table, meter)
     meter[M.TOKEN_BYTES].copy_(held_t)
-    if capturing():
-        # inside a CUDA graph the replays never reach the host: keep the worst excess on the
-        # device; the cache checks it after generate() (SphkvCache.raise_if_over_budget)
-        meter[M.MAX_EXCESS].copy_(torch.maximum(meter[M.MAX_EXCESS], held_t - budget_bytes))
-    else:
+    meter[M.MAX_EXCESS].copy_(torch.maximum(meter[M.MAX_EXCESS], held_t - budget_bytes))
+
+
+def _held(states: list[TierState], table, meter: torch.Tensor) -> torch.Tensor:
+    """Token bytes of the fullest batch row, an int64 scalar on the meter's device."""
+    return token_bytes(states, table).max() if states[0].count.numel() else meter.new_zeros(())
+
+
+def _budget_step_eager(states, specs, meter, table, *, head_dim, seed, kv_dtype, sink, recent, policy, budget_bytes,
+                       rebudget_every) -> None:
+    """budget_step outside a capture: the re-budget cadence, the bytes held and the worst excess
+    so far come back in one read (a sync per layer and step on a GPU, where there were three)."""
+    held_t = _held(states, table, meter)
+    calls, last, held, excess = torch.stack((meter[M.CALLS], meter[M.LAST_REBUDGET], held_t.to(meter.dtype),
+                                             meter[M.MAX_EXCESS])).tolist()
+    if policy == "rdr" and rebudget_if_due(states, specs, meter, head_dim=head_dim, seed=seed, kv_dtype=kv_dtype,
+                                           sink=sink, recent=recent, budget_bytes=budget_bytes,
+                                           rebudget_every=rebudget_every, cadence=(calls, last), held=held):
+        held_t = _held(states, table, meter)
         held = int(held_t)
-        meter[M.MAX_EXCESS] = max(int(meter[M.MAX_EXCESS]), held - budget_bytes)
-        if held > budget_bytes:
-            raise over_budget_error(held, budget_bytes, policy, int(meter[M.CALLS]))
+    meter[M.BUDGET].fill_(budget_bytes)
+    meter[M.CALLS].add_(1)
+    meter[M.TOKEN_BYTES].copy_(held_t)
+    meter[M.MAX_EXCESS] = max(excess, held - budget_bytes)
+    if held > budget_bytes:
+        raise over_budget_error(held, budget_bytes, policy, calls + 1)
 
 
 def cadence_due(calls: int, last_rebudget: int, rebudget_every: int, counted: bool) -> bool:
@@ -130,19 +149,20 @@ def cadence_counters(meter: torch.Tensor) -> torch.Tensor:
 
 def rebudget_if_due(states: list[TierState], specs: list[TierSpec], meter: torch.Tensor, *, head_dim: int,
                     seed: int, kv_dtype: torch.dtype, sink: int, recent: int, budget_bytes: int,
-                    rebudget_every: int, counted: bool = False, cadence: tuple[int, int] | None = None) -> bool:
+                    rebudget_every: int, counted: bool = False, cadence: tuple[int, int] | None = None,
+                    held: int | None = None) -> bool:
     """Re-budget (rdr) if `rebudget_every` updates have passed since the last re-budget and the
     layer holds more than the budget less its headroom. counted: the meter already counts the
     latest update, so the cadence is the one budget_step keeps inside the step. cadence: the
-    meter's (calls, last re-budget) already read back (else one read here); the bytes are read
-    only when due."""
+    meter's (calls, last re-budget) already read back (else one read here); held: the fullest
+    row's token bytes, if read back with them (else they are read only when due)."""
     calls, last = cadence if cadence is not None else cadence_counters(meter).tolist()
     if not cadence_due(calls, last, rebudget_every, counted):
         return False
     table = choice_table(tuple(specs), head_dim, seed, kv_dtype)
     H = states[0].count.shape[1]
     target = max(budget_bytes - headroom_bytes(H, rebudget_every, table), 0)
-    if int(token_bytes(states, table).max()) <= target:
+    if (int(token_bytes(states, table).max()) if held is None else held) <= target:
         return False
     rebudget(states, specs, torch.full((states[0].count.shape[0],), float(target), dtype=torch.float64),
              head_dim=head_dim, seed=seed, kv_dtype=kv_dtype, sink=sink, recent=recent,

@@ -25,7 +25,7 @@ import torch
 
 from ..placement import graduate
 from ..report import record_rebudget
-from ..store import TierState, append_records, encode_records, fits, gather_tokens, rebuild
+from ..store import TierState, append_records, encode_records, fits, gather_tokens, page_demand_tensors, rebuild
 from ..tiers import TierSpec
 from .allocate import allocate, allocate_capped, within_capacity
 from .capacity import row_capacities
@@ -235,6 +235,14 @@ def append_decode_token(states: list[TierState], specs: list[TierSpec], lost: to
     append_records(states[e], encode_records(specs[e], k, v, seed, kv_dtype), utility, vmask, specs[e].name)
 
 
+def _within_budget_and_fits(exact: TierState, after: torch.Tensor, budget_bytes: int, arriving: torch.Tensor) -> bool:
+    """Does every row stay within budget_bytes with the chunk appended (after [B]: its token bytes
+    then), and do the chunk's tokens (arriving [B, H]) fit the exact tier's pages? One read back."""
+    _, _, demand = page_demand_tensors(exact, exact.count.to(torch.int64) + arriving)
+    within, needed, widest, free = torch.cat(((after <= budget_bytes).all().to(torch.int64)[None], demand)).tolist()
+    return bool(within) and needed <= free and widest <= exact.pages.shape[-1]
+
+
 def rdr_update(states: list[TierState], specs: list[TierSpec], k: torch.Tensor, v: torch.Tensor,
                valid: torch.Tensor | None, utility: torch.Tensor | None, *, seed: int, kv_dtype: torch.dtype,
                sink: int, recent: int, budget_bytes: int, rebudget_every: int, target: int | None = None,
@@ -259,7 +267,7 @@ def rdr_update(states: list[TierState], specs: list[TierSpec], k: torch.Tensor, 
     e = table.exact_index
     vmask = None if valid is None else valid.to(torch.bool)[:, None, :].expand(B, H, N)
     arriving_per_head = arriving[:, None].expand(B, H)
-    if bool((after <= budget_bytes).all()) and fits(states[e], arriving_per_head):
+    if _within_budget_and_fits(states[e], after, budget_bytes, arriving_per_head):
         append_records(states[e], encode_records(specs[e], k, v, seed, kv_dtype), utility, vmask, specs[e].name)
         return False
     target_bytes = budget_bytes - headroom_bytes(H, rebudget_every, table)
