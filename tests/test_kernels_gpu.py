@@ -861,3 +861,39 @@ def test_page_copier_matches_the_torch_copies_on_gpu(monkeypatch):
         for a, b in zip(a_store.states, b_store.states):
             assert all(torch.equal(x, y) for x, y in zip(a.tensors(), b.tensors()))
             assert a.count.sum() > 0
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_rdr_eager_decode_token_appends_on_the_device_like_append_records(padded, monkeypatch):
+    """An eager RDR decode step that fits its budget appends the token with the device-side append
+    (no read back): the same tokens, records and utilities per slot as append_records, and the
+    same count, with a padded row skipped."""
+    import copy
+
+    from sphkv_compile.rdr import update as rdr_update
+    from sphkv_compile.store import LayerStore
+
+    torch.manual_seed(random.randrange(2**31))
+    B, H, d = 3, 2, 64
+    store = LayerStore(B, H, d, DEFAULT_TIERS, kv_dtype=torch.bfloat16, page_size=16, seed=0, device=DEV)
+    for t in range(len(DEFAULT_TIERS)):
+        store.grow_tier(t, 64, 8)
+    kw = dict(seed=0, kv_dtype=torch.bfloat16, sink=2, recent=8, budget_bytes=10**9, rebudget_every=8)
+
+    def chunk(n):
+        return (torch.randn(B, H, n, d, device=DEV, dtype=torch.bfloat16) * 3,
+                torch.randn(B, H, n, d, device=DEV, dtype=torch.bfloat16), torch.rand(B, H, n, device=DEV))
+
+    k, v, u = chunk(21)
+    assert not rdr_update.rdr_update(store.states, list(DEFAULT_TIERS), k, v, None, u, **kw)
+    k, v, u = chunk(1)
+    valid = torch.tensor([[True], [False], [True]], device=DEV) if padded else None
+    got, want = store.states, copy.deepcopy(store.states)
+    assert not rdr_update.rdr_update(got, list(DEFAULT_TIERS), k, v, valid, u, **kw)
+    monkeypatch.setattr(rdr_update, "DEVICE_APPEND", False)
+    assert not rdr_update.rdr_update(want, list(DEFAULT_TIERS), k, v, valid, u, **kw)
+    for g, w in zip(got, want):
+        assert torch.equal(g.count, w.count)
+        for a, b in zip(gather_tokens(g), gather_tokens(w)):
+            assert torch.equal(a, b)
+    assert got[0].count.tolist() == ([[22, 22], [21, 21], [22, 22]] if padded else [[22] * H] * B)

@@ -32,6 +32,10 @@ from .capacity import row_capacities
 from .convert import convert_records, decode_values, norms2
 from .costs import ChoiceTable, choice_table, distortion
 
+# an eager decode token on CUDA joins the exact tier by the device-side append (False: by
+# append_records; the GPU test compares the two)
+DEVICE_APPEND = True
+
 
 @dataclass
 class LayerTokens:
@@ -268,7 +272,13 @@ def rdr_update(states: list[TierState], specs: list[TierSpec], k: torch.Tensor, 
     vmask = None if valid is None else valid.to(torch.bool)[:, None, :].expand(B, H, N)
     arriving_per_head = arriving[:, None].expand(B, H)
     if _within_budget_and_fits(states[e], after, budget_bytes, arriving_per_head):
-        append_records(states[e], encode_records(specs[e], k, v, seed, kv_dtype), utility, vmask, specs[e].name)
+        if k.is_cuda and N == 1 and DEVICE_APPEND:
+            # a decode token, checked to fit: the device-side append of a captured step, which
+            # reads nothing back (append_records reads its page demand)
+            append_decode_token(states, specs, k.new_zeros(1, dtype=torch.int64), k, v, valid, utility, seed=seed,
+                                kv_dtype=kv_dtype)
+        else:
+            append_records(states[e], encode_records(specs[e], k, v, seed, kv_dtype), utility, vmask, specs[e].name)
         return False
     target_bytes = budget_bytes - headroom_bytes(H, rebudget_every, table)
     budget = torch.full((B,), max(target_bytes, 0), dtype=torch.float64)
