@@ -150,7 +150,8 @@ class SphkvLayer(CacheLayerMixin):
         # A layer marks what it was reserved for, (tokens seen, chunk); anything else that moves
         # its tokens (reset, beam reorder) clears the mark.
         group = [self] + [layer for layer in self.reserve_group if layer is not self and layer.store is not None
-                          and layer.max_cache_len is None and layer.options.policy != "rdr"]
+                          and layer.max_cache_len is None and layer.options.policy != "rdr"
+                          and layer.seen == self.seen]  # not those this step has updated already
         reserve_tiers([request for layer in group for request in layer._reservations(new_tokens)])
         for layer in group[1:]:
             layer.reserved_for = (layer.seen, new_tokens)
