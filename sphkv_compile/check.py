@@ -100,9 +100,9 @@ def parse_setting(text: str) -> dict:
         key, value = key.strip(), value.strip()
         if not sep or not key:
             raise ValueError(f"a setting is key=value pairs separated by commas, got {text!r}")
-        if key == "tiers":
+        if key == "tiers" and value != "None":
             out[key] = tuple(TierSpec.from_string(t.strip()) for t in value.split("+"))
-        elif key == "kv_dtype":
+        elif key == "kv_dtype" and value != "None":
             out[key] = _dtype(value)
         else:
             out[key] = _number(value)
@@ -226,7 +226,8 @@ def main(argv=None) -> None:
 
     for s in settings:  # a typo fails now, not after the dense run
         options = parse_setting(s)
-        options.pop("kv_dtype", None)  # optimize()'s own keyword, checked by parse_setting
+        for own in ("kv_dtype", "trial"):  # optimize()'s own keywords, not backend options
+            options.pop(own, None)
         SphkvOptions.from_dict(options)
     tokenizer, model, name = _load(args.model, args.device)
     if args.text:

@@ -69,7 +69,9 @@ class SphkvLayer(CacheLayerMixin):
         self.awaiting_attention = False  # an update returned a chunk the store has not answered yet
         self.meter: torch.Tensor | None = None  # the budgeting node's counters (rdr/meter.py)
         self.head_dim: int | None = None  # the model's; the store may hold it zero-padded (head_pad.py)
-        self.reserve_group: list[SphkvLayer] = [self]  # the cache's compressed layers (SphkvCache sets it)
+        # the cache this layer belongs to, weakly: the cache holds its layers, and a strong
+        # reference back would leave every dropped cache (pools and all) to the cycle collector
+        self.owner: weakref.ref | None = None
         self.reserved_for: tuple[int, int] | None = None  # (seen, chunk) another layer reserved this one for
 
     # ---- allocation ---------------------------------------------------------------------------
@@ -149,7 +151,9 @@ class SphkvLayer(CacheLayerMixin):
         # and has not changed since: reserve them all now, with one read back (a sync on a GPU).
         # A layer marks what it was reserved for, (tokens seen, chunk); anything else that moves
         # its tokens (reset, beam reorder) clears the mark.
-        group = [self] + [layer for layer in self.reserve_group if layer is not self and layer.store is not None
+        cache = self.owner() if self.owner is not None else None
+        peers = cache.compressed_layers() if cache is not None else []
+        group = [self] + [layer for layer in peers if layer is not self and layer.store is not None
                           and layer.max_cache_len is None and layer.options.policy != "rdr"
                           and layer.seen == self.seen]  # not those this step has updated already
         reserve_tiers([request for layer in group for request in layer._reservations(new_tokens)])
@@ -381,9 +385,8 @@ class SphkvCache(Cache):
         layers = [SphkvLayer(options, p.layer_idx, max_cache_len, p.sliding_window, kv_dtype) if p.compressed
                   else own[i] if own else _dense_layer(p, max_cache_len) for i, p in enumerate(plans)]
         super().__init__(layers=layers)
-        compressed = self.compressed_layers()
-        for layer in compressed:
-            layer.reserve_group = compressed
+        for layer in self.compressed_layers():
+            layer.owner = weakref.ref(self)
         for kv_heads, head_dim in kv_geometries or ():  # of the compressed layers (hf_plan.compressed_geometries)
             # the exact tier is 16-bit unless asked otherwise (storage_dtype)
             rdr.check_budget(options, kv_heads, head_dim, kv_dtype or torch.bfloat16, max_cache_len)

@@ -28,26 +28,24 @@ def _max_int(t: torch.Tensor) -> int:
 
 def _page_demand(state: "TierState", new_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """If the tier's counts became new_counts [B, H]: (pages per head then, pages each head needs
-    beyond those it holds, [pages needed in all, the most pages one head would hold, the most
-    one head needs, free pages]). The four numbers the host decides on come back in one read,
+    beyond those it holds, [pages needed in all, the most pages one head would hold, free pages,
+    the most one head needs]). The four numbers the host decides on come back in one read,
     where four would be a sync each on a GPU."""
-    new_pages, need, _ = page_demand_tensors(state, new_counts)
-    if not need.numel():
-        return new_pages, need, [0, 0, 0, int(state.free_top[0])]
-    read = torch.stack((need.sum(), new_pages.max(), need.max(), state.free_top[0].to(torch.int64))).tolist()
-    return new_pages, need, read
+    new_pages, need, demand = page_demand_tensors(state, new_counts)
+    return new_pages, need, demand.tolist()
 
 
 def page_demand_tensors(state: "TierState", new_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                 torch.Tensor]:
-    """_page_demand without the read: (pages per head, pages each head needs, int64 [3] of pages
-    needed in all, the most one head would hold and the free pages)."""
+                                                                                torch.Tensor]:
+    """_page_demand without the read: (pages per head, pages each head needs, int64 [4] of pages
+    needed in all, the most one head would hold, the free pages, the most one head needs)."""
     new_pages = pages_for(new_counts, state.page_size)
     need = new_pages - pages_for(state.count, state.page_size)
     free = state.free_top[0].to(torch.int64)
     if not need.numel():
-        return new_pages, need, torch.stack((free * 0, free * 0, free))
-    return new_pages, need, torch.stack((need.sum(), new_pages.max(), free))
+        zero = free * 0
+        return new_pages, need, torch.stack((zero, zero, free, zero))
+    return new_pages, need, torch.stack((need.sum(), new_pages.max(), free, need.max()))
 
 
 class StoreCapacityError(RuntimeError):
@@ -161,7 +159,7 @@ def split_exact(records: torch.Tensor, head_dim: int, kv_dtype: torch.dtype):
 
 def fits(state: TierState, extra_tokens: torch.Tensor) -> bool:
     """Whether `extra_tokens` [B, Hkv] more tokens fit the tier's free pages and page tables."""
-    _, _, (needed, widest, _, free) = _page_demand(state, state.count.to(torch.int64) + extra_tokens.to(torch.int64))
+    _, _, (needed, widest, free, _) = _page_demand(state, state.count.to(torch.int64) + extra_tokens.to(torch.int64))
     return needed <= free and widest <= state.pages.shape[-1]
 
 
@@ -178,7 +176,7 @@ def append_records(state: TierState, records: torch.Tensor, utility: torch.Tenso
         valid = torch.ones(B, H, N, dtype=torch.bool, device=dev)
     old = state.count.to(torch.int64)
     new = old + valid.sum(-1)
-    new_pages, need, (total, widest, most, top) = _page_demand(state, new)
+    new_pages, need, (total, widest, top, most) = _page_demand(state, new)
     old_pages = new_pages - need
     if widest > state.pages.shape[-1]:
         raise StoreCapacityError(
@@ -691,14 +689,14 @@ def reserve_tiers(requests: list[tuple["LayerStore", int, torch.Tensor]]) -> Non
     """Grow tiers so that more tokens fit: requests are (store, tier index, extra tokens [B, H]).
     The page demands of all of them come back in one read per device (a dynamic cache reserves
     every layer's tiers at the first layer of a step: one sync a step instead of two a layer)."""
-    demands = {}  # device -> [(store, tier, tensor of (pages needed, widest head, free pages))]
+    demands = {}  # device -> [(store, tier, int64 [4]: page_demand_tensors)]
     for store, t, extra in requests:
         st = store.states[t]
         _, _, demand = page_demand_tensors(st, st.count.to(torch.int64) + extra)
         demands.setdefault(st.count.device, []).append((store, t, demand))
     for items in demands.values():
         read = torch.stack([demand for _, _, demand in items]).tolist()
-        for (store, t, _), (pages_needed, max_pages, free) in zip(items, read):
+        for (store, t, _), (pages_needed, max_pages, free, _) in zip(items, read):
             st = store.states[t]
             if pages_needed > free or max_pages > st.pages.shape[-1]:
                 store.grow_tier(t, int((st.pool.shape[0] + pages_needed) * 1.25) + 1,

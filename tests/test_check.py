@@ -70,6 +70,7 @@ def test_settings_parse_and_bad_ones_name_the_problem():
     assert [t.to_string() for t in parsed["tiers"]] == ladder.split("+")
     assert SphkvOptions.from_dict({"policy": "rdr", "tiers": parsed["tiers"]}).tier_ladder == parsed["tiers"]
     assert check._label(parsed) == f"policy=rdr,tiers={ladder},kv_dtype=float32"  # a dict's row reads like the text
+    assert check.parse_setting("tiers=None,kv_dtype=None") == {"tiers": None, "kv_dtype": None}
     with pytest.raises(ValueError, match="kv_dtype='int8' is not a floating torch dtype"):
         check.parse_setting("kv_dtype=int8")
     with pytest.raises(ValueError, match="tier 'mid': radius_bits must be one of \\(16, 32\\), got 8"):

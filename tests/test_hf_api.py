@@ -322,3 +322,24 @@ def test_a_dynamic_cache_reserves_every_layer_at_the_first_with_one_read(beams, 
     assert calls == [2, 2, 2] + [6] * 23, calls
     static = model.generate(ids, cache_implementation="static", **kw)
     assert torch.equal(dynamic, static)
+
+
+@torch.no_grad()
+def test_a_dropped_cache_is_freed_without_the_cycle_collector():
+    """The layers know their cache only weakly: a cache dropped after generate() frees its pools at
+    once, not whenever Python's cycle collector next runs (which a GPU out of memory never calls)."""
+    import gc
+    import weakref
+
+    model = api.optimize(_model())
+    cache = api.new_cache(model)
+    ids = torch.randint(3, 128, (1, 9))
+    model.generate(ids, max_new_tokens=4, do_sample=False, attention_mask=torch.ones_like(ids),
+                   **{api.cache_keyword(model): cache})
+    layer, store = weakref.ref(cache.layers[0]), weakref.ref(cache.layers[0].store)
+    gc.disable()
+    try:
+        del cache
+        assert layer() is None and store() is None
+    finally:
+        gc.enable()

@@ -870,6 +870,7 @@ def test_rdr_eager_decode_token_appends_on_the_device_like_append_records(padded
     same count, with a padded row skipped."""
     import copy
 
+    from sphkv_compile.kernels import cuda_ops
     from sphkv_compile.rdr import update as rdr_update
     from sphkv_compile.store import LayerStore
 
@@ -889,9 +890,15 @@ def test_rdr_eager_decode_token_appends_on_the_device_like_append_records(padded
     k, v, u = chunk(1)
     valid = torch.tensor([[True], [False], [True]], device=DEV) if padded else None
     got, want = store.states, copy.deepcopy(store.states)
-    assert not rdr_update.rdr_update(got, list(DEFAULT_TIERS), k, v, valid, u, **kw)
+    cuda_ops.register()
+    device_appends, lost = [], torch.zeros(1, dtype=torch.int64, device=DEV)
+    real = rdr_update.append_decode_token
+    monkeypatch.setattr(rdr_update, "append_decode_token", lambda *a, **kws: device_appends.append(1) or real(*a, **kws))
+    assert not rdr_update.rdr_update(got, list(DEFAULT_TIERS), k, v, valid, u, lost=lost, **kw)
+    assert device_appends == [1] and lost.item() == 0
     monkeypatch.setattr(rdr_update, "DEVICE_APPEND", False)
-    assert not rdr_update.rdr_update(want, list(DEFAULT_TIERS), k, v, valid, u, **kw)
+    assert not rdr_update.rdr_update(want, list(DEFAULT_TIERS), k, v, valid, u, lost=lost, **kw)
+    assert device_appends == [1]
     for g, w in zip(got, want):
         assert torch.equal(g.count, w.count)
         for a, b in zip(gather_tokens(g), gather_tokens(w)):

@@ -84,7 +84,8 @@ def enter_chunk(states: list[TierState], specs: list[TierSpec], meter: torch.Ten
                             kv_dtype=kv_dtype)
         return
     if rdr_update(states, specs, k, v, valid, utility, seed=seed, kv_dtype=kv_dtype, sink=sink, recent=recent,
-                  budget_bytes=budget_bytes, rebudget_every=rebudget_every, key_gain=gain):
+                  budget_bytes=budget_bytes, rebudget_every=rebudget_every, key_gain=gain,
+                  lost=meter[M.LOST:M.LOST + 1]):
         _record_rebudget(meter)
 
 

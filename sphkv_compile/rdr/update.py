@@ -239,22 +239,35 @@ def append_decode_token(states: list[TierState], specs: list[TierSpec], lost: to
     append_records(states[e], encode_records(specs[e], k, v, seed, kv_dtype), utility, vmask, specs[e].name)
 
 
+def _cuda_kernels_installed() -> bool:
+    """Have the sphkv ops their Triton implementations (kernels.cuda_ops)? Not in a source tree
+    whose kernels are not installed, nor where Triton does not import: then the torch path runs."""
+    try:
+        from sphkv_compile.kernels import cuda_ops
+    except ImportError:
+        return False
+    return cuda_ops.registered()
+
+
 def _within_budget_and_fits(exact: TierState, after: torch.Tensor, budget_bytes: int, arriving: torch.Tensor) -> bool:
     """Does every row stay within budget_bytes with the chunk appended (after [B]: its token bytes
     then), and do the chunk's tokens (arriving [B, H]) fit the exact tier's pages? One read back."""
     _, _, demand = page_demand_tensors(exact, exact.count.to(torch.int64) + arriving)
-    within, needed, widest, free = torch.cat(((after <= budget_bytes).all().to(torch.int64)[None], demand)).tolist()
+    within, needed, widest, free, _ = torch.cat(((after <= budget_bytes).all().to(torch.int64)[None], demand)).tolist()
     return bool(within) and needed <= free and widest <= exact.pages.shape[-1]
 
 
 def rdr_update(states: list[TierState], specs: list[TierSpec], k: torch.Tensor, v: torch.Tensor,
                valid: torch.Tensor | None, utility: torch.Tensor | None, *, seed: int, kv_dtype: torch.dtype,
                sink: int, recent: int, budget_bytes: int, rebudget_every: int, target: int | None = None,
-               key_gain: torch.Tensor | None = None) -> bool:
+               key_gain: torch.Tensor | None = None, lost: torch.Tensor | None = None) -> bool:
     """Append the chunk k, v [B, Hkv, N, d] (valid [B, N], utility [B, Hkv, N]) under a budget of
     `budget_bytes` token bytes per batch row for this layer. Returns True if it re-budgeted.
     key_gain [B, Hkv]: s²·E‖q‖²/d of the queries seen, for the logit-aware distortion
-    (costs.distortion); None prices errors per unit norm.
+    (costs.distortion); None prices errors per unit norm. lost: the meter's lost-token count
+    (one int64 element); given it, a decode token that fits joins on the device where the Triton
+    kernels are installed (a token the kernel could not place would be counted there, and the
+    cache raises it after generate()).
 
     budget_bytes <= 0 means no budget: the uniform policy (graduate to tier `target`)."""
     if budget_bytes <= 0:
@@ -272,11 +285,10 @@ def rdr_update(states: list[TierState], specs: list[TierSpec], k: torch.Tensor, 
     vmask = None if valid is None else valid.to(torch.bool)[:, None, :].expand(B, H, N)
     arriving_per_head = arriving[:, None].expand(B, H)
     if _within_budget_and_fits(states[e], after, budget_bytes, arriving_per_head):
-        if k.is_cuda and N == 1 and DEVICE_APPEND:
+        if lost is not None and k.is_cuda and N == 1 and DEVICE_APPEND and _cuda_kernels_installed():
             # a decode token, checked to fit: the device-side append of a captured step, which
             # reads nothing back (append_records reads its page demand)
-            append_decode_token(states, specs, k.new_zeros(1, dtype=torch.int64), k, v, valid, utility, seed=seed,
-                                kv_dtype=kv_dtype)
+            append_decode_token(states, specs, lost, k, v, valid, utility, seed=seed, kv_dtype=kv_dtype)
         else:
             append_records(states[e], encode_records(specs[e], k, v, seed, kv_dtype), utility, vmask, specs[e].name)
         return False
