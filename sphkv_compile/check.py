@@ -21,6 +21,7 @@ past. The quality tables in docs/QUALITY.md compare methods at equal bytes on Sm
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -81,8 +82,6 @@ def score(model, ids: torch.Tensor, prefix: int, chunk: int, cache, cache_keywor
 
 
 def _takes_keyword(model, name: str) -> bool:
-    import inspect
-
     try:
         return name in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):

@@ -35,6 +35,12 @@ def _page_demand(state: "TierState", new_counts: torch.Tensor) -> tuple[torch.Te
     return new_pages, need, demand.tolist()
 
 
+def demand_fits(state: "TierState", needed: int, widest: int, free: int) -> bool:
+    """From a page demand read back: do the pages needed fit the free ones, and the widest
+    head's pages its page table?"""
+    return needed <= free and widest <= state.pages.shape[-1]
+
+
 def page_demand_tensors(state: "TierState", new_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
                                                                                 torch.Tensor]:
     """_page_demand without the read: (pages per head, pages each head needs, int64 [4] of pages
@@ -160,7 +166,7 @@ def split_exact(records: torch.Tensor, head_dim: int, kv_dtype: torch.dtype):
 def fits(state: TierState, extra_tokens: torch.Tensor) -> bool:
     """Whether `extra_tokens` [B, Hkv] more tokens fit the tier's free pages and page tables."""
     _, _, (needed, widest, free, _) = _page_demand(state, state.count.to(torch.int64) + extra_tokens.to(torch.int64))
-    return needed <= free and widest <= state.pages.shape[-1]
+    return demand_fits(state, needed, widest, free)
 
 
 # ---- appending ----------------------------------------------------------------------------
@@ -698,6 +704,6 @@ def reserve_tiers(requests: list[tuple["LayerStore", int, torch.Tensor]]) -> Non
         read = torch.stack([demand for _, _, demand in items]).tolist()
         for (store, t, _), (pages_needed, max_pages, free, _) in zip(items, read):
             st = store.states[t]
-            if pages_needed > free or max_pages > st.pages.shape[-1]:
+            if not demand_fits(st, pages_needed, max_pages, free):
                 store.grow_tier(t, int((st.pool.shape[0] + pages_needed) * 1.25) + 1,
                                 max(max_pages, st.pages.shape[-1]) * 2)

@@ -25,7 +25,8 @@ import torch
 
 from ..placement import graduate
 from ..report import record_rebudget
-from ..store import TierState, append_records, encode_records, fits, gather_tokens, page_demand_tensors, rebuild
+from ..store import (TierState, append_records, demand_fits, encode_records, fits, gather_tokens, page_demand_tensors,
+                     rebuild)
 from ..tiers import TierSpec
 from .allocate import allocate, allocate_capped, within_capacity
 from .capacity import row_capacities
@@ -254,7 +255,7 @@ def _within_budget_and_fits(exact: TierState, after: torch.Tensor, budget_bytes:
     then), and do the chunk's tokens (arriving [B, H]) fit the exact tier's pages? One read back."""
     _, _, demand = page_demand_tensors(exact, exact.count.to(torch.int64) + arriving)
     within, needed, widest, free, _ = torch.cat(((after <= budget_bytes).all().to(torch.int64)[None], demand)).tolist()
-    return bool(within) and needed <= free and widest <= exact.pages.shape[-1]
+    return bool(within) and demand_fits(exact, needed, widest, free)
 
 
 def rdr_update(states: list[TierState], specs: list[TierSpec], k: torch.Tensor, v: torch.Tensor,
