@@ -136,10 +136,13 @@ COMBINE = {"splits": 4, "columns": 32, "warps": 8, "few_rows_warps": 4}
 # exact_with_chunk: where the last tier is exact and a chunk is given (every decode step of the
 # default ladder), its splits and the chunk's run in one launch (exact_and_chunk_partials_kernel)
 # queries_with_exact: that launch also prepares the queries (prepare_queries_kernel's work, one
-# launch fewer per call) and runs before the compressed tiers' kernels. Off until timed on a GPU:
-# it is meant for the fixed cost of small decode calls (B=1, 4k), where the three small kernels
-# and their gaps cost more than the main one (session 29's breakdown).
-PLAIN = {"exact_with_chunk": True, "queries_with_exact": False}
+# launch fewer per call) and runs before the compressed tiers' kernels. Faster at 7 of 8 decode
+# points, outputs bit-equal (H200, session 36, same run, ms: Llama-3-8B B=1 4k 0.0305 -> 0.0277,
+# B=1 32k 0.0527 -> 0.0494, B=8 32k 0.2147 -> 0.2124, B=8 128k 0.7576 -> 0.7554, B=32 32k
+# 0.7847 -> 0.7875; SmolLM2 B=1 4k 0.0221 -> 0.0195, B=8 32k 0.0622 -> 0.0597;
+# h200_session36_probe_fragment_launch.json). With dependent launch on as well it was slower at
+# Llama B=1 32k (0.0604), so that stays off.
+PLAIN = {"exact_with_chunk": True, "queries_with_exact": True}
 
 
 def _bf16_tiles() -> bool:

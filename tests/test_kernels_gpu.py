@@ -369,7 +369,9 @@ def test_dependent_launch_changes_no_output(d, H, G, B, fragments, monkeypatch):
     assert dependent_launch.enabled(DEV)
     seen.clear()
     eager = [call(*inputs) for inputs in sets]
-    kernels = {"prepare_queries_kernel", "exact_and_chunk_partials_kernel", "combine_kernel"}
+    kernels = {"exact_and_chunk_partials_kernel", "combine_kernel"}
+    if not kernel_attend.PLAIN["queries_with_exact"]:  # else the exact launch prepares the queries
+        kernels.add("prepare_queries_kernel")
     if fragments:
         kernels.add("paged_fragment_decode_kernel")
     assert set(seen) == {(name, True) for name in kernels}, seen
@@ -417,7 +419,7 @@ def assert_graph_replays_give(call, sets, want, seed):
                                                  (128, 2, 4, 2, 3000, 1, "all"), (64, 4, 2, 2, 3000, 5, "all")],
                          ids=["llama-B1-4k", "smollm-B8", "every-tier", "prefill-chunk"])
 def test_queries_with_exact_launch_matches_reference(d, H, G, B, T, Tq, tiers, monkeypatch):
-    """PLAIN['queries_with_exact'] (off by default until timed): the exact tier's and the new
+    """PLAIN['queries_with_exact'] (the default since session 36): the exact tier's and the new
     tokens' launch prepares the queries too and runs before the fragment/coded kernels, which
     read its rotated rows. Against the float64 reference (check_attend: ragged rows, padding,
     the observation window's mass)."""
@@ -440,6 +442,7 @@ def test_queries_with_exact_launch_changes_no_output(pdl, monkeypatch):
     monkeypatch.setitem(dependent_launch.DEPENDENT_LAUNCH, "enabled", pdl)
     seed = random.randrange(2**31)
     call, sets = decode_step_on_two_input_sets(seed, 1, 8, 4, 128, 4096)
+    monkeypatch.setitem(kernel_attend.PLAIN, "queries_with_exact", False)
     separate = [call(*inputs) for inputs in sets]
     assert not torch.equal(separate[0], separate[1])
     monkeypatch.setitem(kernel_attend.PLAIN, "queries_with_exact", True)

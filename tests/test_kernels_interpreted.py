@@ -212,7 +212,9 @@ def test_column_programs_match_reference(g, tq, sinks, transposed_q, monkeypatch
     program (a decode step at small batch on a GPU, kernels.attend._column_programs; the
     interpreter's 2 "SMs" rarely ask for it): the rotated splits re-merged by each program,
     the row statistics written once, sinks in the normaliser, every tier, wide magnitudes;
-    queries read through a model's [B, T, H, d] strides."""
+    queries read through a model's [B, T, H, d] strides. The queries' own launch, not the exact
+    tier's (PLAIN['queries_with_exact'], tested below), so its column programs run."""
+    monkeypatch.setitem(kernel_attend.PLAIN, "queries_with_exact", False)
     monkeypatch.setattr(kernel_attend, "_column_programs", lambda programs, D, block_c, sms: D // block_c)
     run_case(dict(d=64, hkv=2, g=g, b=1, specs=list(ALL_TIERS), tq=tq, n_new=tq, page_size=16, seed=30 + g,
                   max_count=70, obs=1, pad=False, accumulate=False, wide=True, sinks=sinks, transposed_q=transposed_q))
