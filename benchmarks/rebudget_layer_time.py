@@ -3,7 +3,7 @@ SmolLM2-shaped random model of rdr_gpu_check.py, a 2,048-token prompt, budget 1/
 every 32 tokens; the first decode re-budget of layer 0 is captured and replayed `--repeat`
 times on copies of its state (median printed), and the torch ops it runs are counted by kind.
 
-    python benchmarks/rebudget_layer_time.py [--repeat 5]
+    python benchmarks/rebudget_layer_time.py [--repeat 5] [--by-function 25]
 
 Session 9 compared commits with it (PYTHONPATH pointing at a checkout of the older commit).
 """
@@ -35,10 +35,11 @@ class CountOps(TorchDispatchMode):
     """Torch ops by kind, and host reads: item()/int()/bool() (one `_local_scalar_dense` each)
     plus tolist() calls, which reach no dispatch mode but are one read back each (a sync on a GPU)."""
 
-    def __init__(self):
+    def __init__(self, by_function: bool = False):
         super().__init__()
         self.ops = Counter()
         self.tolist_calls = 0
+        self.by_function = Counter() if by_function else None
 
     def __enter__(self):
         inner, counter = torch.Tensor.tolist, self
@@ -62,12 +63,27 @@ class CountOps(TorchDispatchMode):
         name = func.__name__.split(".")[0]
         if name not in VIEWS:
             self.ops[name] += 1
+            if self.by_function is not None:
+                self.by_function[_innermost_sphkv_frame() + ("  (host read)" if name == "_local_scalar_dense" else "")] += 1
         return func(*args, **(kwargs or {}))
+
+
+def _innermost_sphkv_frame() -> str:
+    """module:function of the innermost sphkv_compile frame on the stack (where an op comes from)."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        path = frame.f_code.co_filename
+        if "sphkv_compile" in path or "/kernels/" in path or "/inductor_passes/" in path:
+            return f"{Path(path).stem}:{frame.f_code.co_name}"
+        frame = frame.f_back
+    return "outside sphkv"
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--by-function", type=int, default=0, metavar="N",
+                    help="also print the N sphkv functions that run the most ops (host reads apart)")
     args = ap.parse_args(argv)
     update = importlib.import_module("sphkv_compile.rdr.update")
     node = importlib.import_module("sphkv_compile.rdr.node")
@@ -93,7 +109,7 @@ def main(argv=None):
         t = time.perf_counter()
         inner(*a2, **kw2)
         times.append(1000 * (time.perf_counter() - t))
-    counter = CountOps()
+    counter = CountOps(by_function=bool(args.by_function))
     a2, kw2 = copy.deepcopy((a, kw))
     with counter:
         inner(*a2, **kw2)
@@ -102,6 +118,10 @@ def main(argv=None):
           f"{counter.host_reads} host reads ({counter.ops['_local_scalar_dense']} scalar reads, "
           f"{counter.tolist_calls} tolist() calls)")
     print("most frequent:", counter.ops.most_common(8))
+    if args.by_function:
+        print("by sphkv function (innermost frame):")
+        for where, n in counter.by_function.most_common(args.by_function):
+            print(f"  {n:5d}  {where}")
 
 
 if __name__ == "__main__":

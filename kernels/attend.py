@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
-import triton
 import triton.language as tl
 
 from sphkv_compile.radius import LOG2_MIN
@@ -25,6 +24,7 @@ from .attention_kernels import (chunk_partials_kernel, exact_and_chunk_partials_
 from . import dependent_launch, fragment_launch
 from .combine_kernels import combine_kernel
 from .decode_codegen import decoder, staged_offsets, stager, table_bytes, table_tensor
+from .host_math import cdiv, next_power_of_2
 from .layout import DEVICE_TABLES, ScalarTables, Unsupported, rotation_matrices, tier_info, under_interpreter
 from .query_kernels import prepare_queries_kernel
 
@@ -184,7 +184,7 @@ def _combine_block(M: int, block_m: int) -> tuple[int, int]:
     raised so a step's tile keeps COMBINE["splits"] x block_m (row, split) pairs. Each step waits
     out a load and a shared-memory broadcast, so at B=1 (8 rows x 33 splits) the steps were most
     of the combine's 59 us (session 18)."""
-    rows = block_m if M >= block_m else triton.next_power_of_2(M)
+    rows = block_m if M >= block_m else next_power_of_2(M)
     return rows, COMBINE["splits"] * block_m // rows
 
 
@@ -260,8 +260,8 @@ def _balanced_splits(rows: int, sms: int, per_sm: int, most: int, slack: float =
 
 
 def _splits(programs_per_split: int, capacity: int, block_t: int, wanted: int, min_tiles: int = 1) -> int:
-    tiles = max(1, triton.cdiv(capacity, block_t))
-    return max(1, min(triton.cdiv(tiles, min_tiles), triton.cdiv(wanted, max(1, programs_per_split))))
+    tiles = max(1, cdiv(capacity, block_t))
+    return max(1, min(cdiv(tiles, min_tiles), cdiv(wanted, max(1, programs_per_split))))
 
 
 def _coded_splits(rows: int, capacity: int, wanted: int, D: int, launch: tuple[int, int] | None = None) -> int:
@@ -274,8 +274,8 @@ def _coded_splits(rows: int, capacity: int, wanted: int, D: int, launch: tuple[i
     S = _splits(rows, capacity, tile, _coded_programs(wanted, rows, D, per_sm), min_tiles)
     if not CODED["balance_waves"]:
         return S
-    tiles = max(1, triton.cdiv(capacity, tile))
-    most = min(max(S, min(2 * S, CODED["max_splits_per_row"])), triton.cdiv(tiles, min_tiles))
+    tiles = max(1, cdiv(capacity, tile))
+    most = min(max(S, min(2 * S, CODED["max_splits_per_row"])), cdiv(tiles, min_tiles))
     return _balanced_splits(rows, wanted // 2, per_sm, most)
 
 
@@ -370,7 +370,7 @@ def _launch_paged(info, kv_dtype, device, q_in, st: TierState, acc, m, l, split_
     pdl: the fragment and exact-tier kernels launch with programmatic dependent launch (the Triton
     coded kernels take no part: they launch as usual, after the kernel before them has finished)."""
     BH = st.count.numel()
-    grid = (BH, S, triton.cdiv(M, block_m))
+    grid = (BH, S, cdiv(M, block_m))
     if fragments:
         fragment_launch.launch(info, q_in, st, acc, m, l, split_offset, S, S_total, M,
                                _tab(info.key.half_pairs, device), _tab(info.value.half_pairs, device), pdl)
@@ -437,7 +437,7 @@ def _launch_exact_and_chunk(info, kv_dtype, qc, st: TierState, kn, vn, valid_i8,
     N = kn.shape[2]
     qs = queries
     exact_and_chunk_partials_kernel[(st.count.numel(), S + S_chunk + (qs.programs if fused else 0),
-                                     triton.cdiv(M, block_m))](
+                                     cdiv(M, block_m))](
         qc, pool, st.pages, st.count, kn, vn, valid_i8 if valid_i8 is not None else qc, acc, m, l,
         M, st.pages.shape[-1], S, N, tc, q_pos0, Hkv, S_chunk, split_offset, S_total,
         kn.stride(0), kn.stride(1), kn.stride(2), vn.stride(0), vn.stride(1), vn.stride(2),
@@ -471,7 +471,7 @@ class QueryLaunch:
 
     def launch(self, M: int, tc: int, Hkv: int, N: int, pdl: bool) -> None:
         BH = self.qc.shape[0]
-        prepare_queries_kernel[(BH, triton.cdiv(M, self.block_m), self.programs)](
+        prepare_queries_kernel[(BH, cdiv(M, self.block_m), self.programs)](
             self.q, self.kfwd, self.qc, self.q_rot, self.mass, self.scale, M, tc, self.t0, self.G, Hkv, N,
             *self.q.stride(), D=self.qc.shape[-1], BLOCK_M=self.block_m, BLOCK_C=self.block_c,
             COLUMNS=self.columns, HAS_ROT=self.has_rot, ZERO_MASS=self.zero_mass,
@@ -529,13 +529,13 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
         tc = s1 - s0
         M = G * tc
         block_m = _block_m(M)
-        mblocks = triton.cdiv(M, block_m)
+        mblocks = cdiv(M, block_m)
         qc = torch.empty(BH, M, d, dtype=torch.float32, device=device)
         q_rot = torch.empty_like(qc) if compressed else None
-        qbm = min(block_m, triton.next_power_of_2(M))
-        assert triton.cdiv(M, qbm) == mblocks  # so a fused launch's row blocks serve both (queries_with_exact)
+        qbm = min(block_m, next_power_of_2(M))
+        assert cdiv(M, qbm) == mblocks  # so a fused launch's row blocks serve both (queries_with_exact)
         qcols = _block_columns(qbm, d)
-        qprog = _column_programs(BH * triton.cdiv(M, qbm), d, qcols, wanted // 2)
+        qprog = _column_programs(BH * cdiv(M, qbm), d, qcols, wanted // 2)
         queries = QueryLaunch(q, kfwd if compressed else qc, qc, q_rot if compressed else qc, new_mass, q_scale, s0,
                               G, qbm, qcols, d // qprog, qprog, bool(compressed),
                               bool(N) and not window and s0 == 0)
@@ -596,8 +596,8 @@ def attend(q: torch.Tensor, states: list[TierState], specs: list[TierSpec], *, s
         oc = out[:, :, s0:s1]
         cbm, csplits = _combine_block(M, block_m)
         ccols = _block_columns(cbm, d)
-        cprog = _column_programs(BH * triton.cdiv(M, cbm), d, ccols, wanted // 2)
-        combine_kernel[(BH, triton.cdiv(M, cbm), cprog)](
+        cprog = _column_programs(BH * cdiv(M, cbm), d, ccols, wanted // 2)
+        combine_kernel[(BH, cdiv(M, cbm), cprog)](
             acc, m, l, hinv if compressed else acc, oc, cm, cl, sinks2 if sinks is not None else cm, M, tc, G, Hkv,
             S_total, S_rot, oc.stride(0), oc.stride(1), oc.stride(2), D=d, BLOCK_M=cbm, HAS_ROT=S_rot > 0,
             BLOCK_S=csplits, BLOCK_C=ccols, COLUMNS=d // cprog, num_warps=_small_kernel_warps(cbm, d),
@@ -657,7 +657,7 @@ def _launch_mass(info, kv_dtype, q_in, st: TierState, stat_m, stat_l, M, Tq, win
         kc, kt = _tab(info.key.fields.comps, device), _tab(info.key.trig, device)
         kcon = _codec_constants(info.key)
         step = info.key.radius_step
-    tiles = triton.cdiv(st.pages.shape[-1] * st.page_size, block_t)
+    tiles = cdiv(st.pages.shape[-1] * st.page_size, block_t)
     G = M // Tq
     paged_mass_kernel[(BH, tiles)](
         q_in, pool, st.pages, st.count, st.utility, stat_m, stat_l, kc, kt, M, Tq, window, st.pages.shape[-1],

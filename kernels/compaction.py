@@ -15,6 +15,8 @@ import triton.language as tl
 
 from sphkv_compile.store import TierState
 
+from .host_math import next_power_of_2
+
 BLOCK_T = 64
 
 
@@ -57,7 +59,7 @@ def compact(state: TierState, keep: torch.Tensor) -> None:
     if B * H and nmax:
         compact_rows_kernel[(B * H,)](state.pool, state.utility, state.pages, state.count,
                                       keep.to(torch.int8).contiguous(), rank.contiguous(), state.pages.shape[-1],
-                                      nmax, W=words, WPAD=triton.next_power_of_2(words), PS=ps, BLOCK_T=BLOCK_T)
+                                      nmax, W=words, WPAD=next_power_of_2(words), PS=ps, BLOCK_T=BLOCK_T)
     new_count = keep.sum(-1).to(torch.int32)
     old_pages = (state.count.to(torch.int64) + ps - 1) // ps
     new_pages = (new_count.to(torch.int64) + ps - 1) // ps

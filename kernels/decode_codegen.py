@@ -28,8 +28,8 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-import triton
 
+from .host_math import next_power_of_2
 from .layout import PolarTables, ScalarTables
 
 # Levels with at most this many bits pick cos/sin with selects among constants instead of a
@@ -346,7 +346,7 @@ def stager(key_tables, value_tables, packed: bool = False):
     whole program at a barrier. Call it once at the top of the kernel."""
     kb, vb = table_bytes(key_tables, packed), table_bytes(value_tables, packed)
     voff = staged_offsets(key_tables, packed)[1]
-    fills = "".join(_FILL.format(block=triton.next_power_of_2(n // 4), ptr=ptr, words=n // 4, name=SHARED_TABLES,
+    fills = "".join(_FILL.format(block=next_power_of_2(n // 4), ptr=ptr, words=n // 4, name=SHARED_TABLES,
                                  offset=off)
                     for ptr, n, off in (("ktab_ptr", kb, 0), ("vtab_ptr", vb, voff)))
     return load_generated(_STAGER.format(name=SHARED_TABLES, size=voff + vb, fills=fills), "stage")

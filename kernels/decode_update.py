@@ -34,6 +34,7 @@ from sphkv_compile.store import TierState, encode_records as reference_encode_re
 from sphkv_compile.tiers import TierSpec
 
 from .encode import encode_exact_slot, encode_records
+from .host_math import next_power_of_2
 from .layout import Unsupported
 
 
@@ -178,9 +179,9 @@ def decode_update(states: list[TierState], specs: list[TierSpec], k: torch.Tenso
         sc.pool, sc.utility, sc.pages, sc.count, sc.free, sc.free_top,
         k, v, k.stride(0), k.stride(1), v.stride(0), v.stride(1), util, grad_rec, valid_i8, H,
         se.pages.shape[-1], sc.pages.shape[-1],
-        SINK=sink, RECENT=recent, E_PS=se.page_size, C_PS=sc.page_size, WE=we, WE_PAD=triton.next_power_of_2(we),
-        WC=wc, WC_PAD=triton.next_power_of_2(wc), WIN_PAD=triton.next_power_of_2(max(1, window)),
-        HAS_VALID=has_valid, HAS_UTIL=has_util, D=d, HALF_E=half, HALF_PAD=triton.next_power_of_2(half), num_warps=4)
+        SINK=sink, RECENT=recent, E_PS=se.page_size, C_PS=sc.page_size, WE=we, WE_PAD=next_power_of_2(we),
+        WC=wc, WC_PAD=next_power_of_2(wc), WIN_PAD=next_power_of_2(max(1, window)),
+        HAS_VALID=has_valid, HAS_UTIL=has_util, D=d, HALF_E=half, HALF_PAD=next_power_of_2(half), num_warps=4)
 
 
 @triton.jit
@@ -219,5 +220,5 @@ def append_token(state: TierState, spec: TierSpec, k: torch.Tensor, v: torch.Ten
     W = rec.shape[-1]
     append_kernel[(B * H,)](
         state.pool, state.utility, state.pages, state.count, state.free, state.free_top, rec, util, valid_i8, lost,
-        H, state.pages.shape[-1], PS=state.page_size, W=W, W_PAD=triton.next_power_of_2(W), HAS_VALID=has_valid,
+        H, state.pages.shape[-1], PS=state.page_size, W=W, W_PAD=next_power_of_2(W), HAS_VALID=has_valid,
         num_warps=1)

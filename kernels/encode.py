@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import torch
-import triton
 
 from sphkv_compile.store import TierState, encode_records as reference_encode_records
 from sphkv_compile.tiers import TierSpec, tier_codecs
 
 from .encode_kernels import encode_kv_kernel
+from .host_math import cdiv, next_power_of_2
 from .layout import (DEVICE_TABLES, ScalarTables, Unsupported, radius_round_offset, rotation_matrices, rotation_signs,
                      tier_info, under_interpreter)
 
@@ -94,17 +94,17 @@ def _launch(spec: TierSpec, k: torch.Tensor, v: torch.Tensor, shape: tuple, stri
     signs, kfwd, vfwd, kscale, vscale = _rotations(kc, vc, k.dtype, v.dtype)
     block_t, warps, maxnreg = _launch_shape(d, signs)
     step = ENCODE_DECODE_STEP
-    few_tiles = triton.cdiv(N, block_t) <= step["max_tiles_per_row"]
+    few_tiles = cdiv(N, block_t) <= step["max_tiles_per_row"]
     if few_tiles:  # never fewer warps than the head dim's class takes (d=256 and float32 spill at 4)
         block_t, warps = step["block_t"], max(step["warps"], warps)
     pages, page_col, slot_in_page, max_pages, page_size, half = gather or (out, 0, 0, 0, 1, 1)
     split_kv = few_tiles and step["split_kv"]
-    encode_kv_kernel[(B * H, triton.cdiv(N, block_t), 2 if split_kv else 1)](
+    encode_kv_kernel[(B * H, cdiv(N, block_t), 2 if split_kv else 1)](
         k, v, out, tab(kfwd), tab(vfwd), kscale, vscale,
         tab(key.fields.comps), tab(key.thresholds), tab(val.fields.comps), vthr,
         N, H, *strides, pages, page_col, slot_in_page, max_pages,
         D=d, BLOCK_T=block_t, KW=info.key_words, VW=info.value_words,
-        KWPAD=triton.next_power_of_2(info.key_words), VWPAD=triton.next_power_of_2(info.value_words),
+        KWPAD=next_power_of_2(info.key_words), VWPAD=next_power_of_2(info.value_words),
         VALUE_SCALAR=scalar, K_LEVELS=key.levels, K_BITS=key.bits, K_COUNTS=key.fields.counts,
         K_MAXC=key.fields.max_comps, K_WIDTHS=key.fields.widths, K_TSIZE=key.table_size,
         V_LEVELS=0 if scalar else val.levels, V_BITS=val.bits, V_COUNTS=val.fields.counts,

@@ -202,9 +202,11 @@ def scalar_tables(codec: RotatedScalarCodec) -> ScalarTables:
                         radius_step(codec.radius_bits))
 
 
+@lru_cache(maxsize=None)
 def under_interpreter() -> bool:
     """Do the kernels run under the Triton interpreter (CPU tests)? Asked of a kernel itself, so
-    the answer is what triton.jit decided at import."""
+    the answer is what triton.jit decided at import, fixed for the process (cached: launch code
+    asks several times per call)."""
     from triton.runtime.interpreter import InterpretedFunction
 
     from .encode_kernels import encode_kv_kernel

@@ -13,6 +13,7 @@ from sphkv_compile.radius import LOG2_MIN
 from sphkv_compile.tiers import TierSpec, tier_codecs
 
 from .decode_codegen import decoder
+from .host_math import cdiv
 from .layout import DEVICE_TABLES, ScalarTables, Unsupported, rotation_matrices, tier_info
 
 WARPS = 4
@@ -57,7 +58,7 @@ def decode_records(spec: TierSpec, records: torch.Tensor, head_dim: int, seed: i
     if n:
         scalar = isinstance(info.value, ScalarTables)
         block_t = 32 * WARPS  # one token per thread
-        decode_records_kernel[(triton.cdiv(n, block_t),)](
+        decode_records_kernel[(cdiv(n, block_t),)](
             flat, k, v, DEVICE_TABLES.get(info.key.trig_pairs, device),
             DEVICE_TABLES.get(info.value.unit_centroids if scalar else info.value.trig_pairs, device), n,
             WT=W, D=head_dim, BLOCK_T=block_t, DECODE_K=decoder(info.key, 0, W, None, 0),
