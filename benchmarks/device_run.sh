@@ -2,7 +2,7 @@
 # One device call: install, GPU kernel tests, kernel benchmark, optionally (E2E=1) the
 # end-to-end decode. Logs under $OUT. One call holds 10 minutes: split the steps over calls
 # (SKIP_TESTS=1, TEST_K="expr with spaces" (pytest -k; TEST_ARGS is word-split), SKIP_BENCH=1, BENCH_ARGS=--quick, SWEEP=1, SWEEP_ENCODE=1, LOWERING=1, E2E=1, BREAKDOWN=1, RDR=1, REBUDGET=1,
-# BEAMS=1, OPTIMIZE_TIME=1, DYNAMIC=1) rather than let a timeout cut them.
+# BEAMS=1, OPTIMIZE_TIME=1, DYNAMIC=1, EAGER_HOST=1) rather than let a timeout cut them.
 #
 # Compile caches: each call starts on a bare machine, and the kernel compiles take minutes
 # (the GPU test suite compiles ~20 kernel variants). SAVE_CACHE=1 returns Triton's and
@@ -56,6 +56,11 @@ if [ "${DYNAMIC:-0}" = 1 ]; then  # plain generate(): dynamic caches, uncompiled
        | grep -v Warn | tee $OUT/dynamic_$policy.log | tail -3; done)
   for policy in uniform rdr; do python benchmarks/eager_step_host_reads.py --device cuda --policy $policy 2>&1 \
     | grep -v Warn | tee $OUT/host_reads_$policy.log; done
+fi
+if [ "${EAGER_HOST:-0}" = 1 ]; then  # an eager decode step's host time by Python function, both policies (benchmarks/profile_eager_host.py)
+  (cd benchmarks && for policy in uniform rdr; do
+     timeout ${EAGER_HOST_TIMEOUT:-170} python profile_eager_host.py --policy $policy --steps 16 --rows 45 2>&1 \
+       | grep -v Warn | tee $OUT/eager_host_$policy.log | head -4; done)
 fi
 if [ "${REBUDGET:-0}" = 1 ]; then  # RDR's allocation per layer on the CPU and the GPU (benchmarks/rebudget_host_time.py)
   (cd benchmarks && timeout ${REBUDGET_TIMEOUT:-200} python rebudget_host_time.py --tile 1 4 16 43 2>&1 \

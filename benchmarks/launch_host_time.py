@@ -4,10 +4,17 @@ that records the kernel's name. What is left is the Python between the launches 
 checks, split counts, tables, allocations), which an eager decode step (a plain generate() on a
 dynamic cache) pays once per layer on top of Triton's own launch overhead.
 
-    python benchmarks/launch_host_time.py [--shape smollm2] [--tokens 2048] [--calls 300]
+    python benchmarks/launch_host_time.py [--shape smollm2] [--tokens 2048] [--calls 300] [--step]
 
 On the CPU the decode kernels are the Triton ones, not the GPU's Gluon fragment kernel, so the
 launch list differs from the GPU's by that kernel; the rest of the code is the same.
+
+--step: also a whole eager decode step (model forward over one token, what a plain generate()
+runs per token) of a 30-layer Llama with SmolLM2's attention (9 query heads, 3 KV heads, head dim
+64) and tiny MLP and vocabulary, so the model's own compute is small and the host's work shows, as
+on a GPU: the CUDA path's implementations serve the CPU tensors (launches stubbed) on a dynamic
+sphkv cache, against transformers' DynamicCache on the same model. The outputs are meaningless;
+only the time counts.
 """
 from __future__ import annotations
 
@@ -46,6 +53,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--calls", type=int, default=300)
+    ap.add_argument("--step", action="store_true", help="also time a whole eager decode step (see above)")
     args = ap.parse_args(argv)
     jit.JITFunction.run = _no_launch  # before the kernels' modules build anything
     from sphkv_compile.kernels import attend as kernel_attend
@@ -74,6 +82,51 @@ def main(argv=None):
         fn()
         kernels = list(LAUNCHED)
         print(f"  {name}: {per_call_us(fn, args.calls):.1f} us per call; launches {kernels}")
+    if args.step:
+        eager_step(args.tokens)
+
+
+def eager_step(prompt: int, steps: int = 20) -> None:
+    """ms per eager decode step, dense DynamicCache against a dynamic sphkv cache (see --step)."""
+    import transformers as tf
+
+    import sphkv_compile.api as sphkv
+    from sphkv_compile.kernels import cuda_ops
+    try:
+        from sphkv_compile import eager_ops
+    except ImportError:  # a checkout from before session 36 (compared against): the ops always dispatch
+        eager_ops = None
+
+    config = tf.LlamaConfig(vocab_size=256, hidden_size=576, intermediate_size=64, num_hidden_layers=30,
+                            num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=prompt + 64)
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(config).eval().to(torch.bfloat16)
+    ids = torch.randint(3, 256, (1, prompt), generator=torch.Generator().manual_seed(0))
+    key = sphkv.cache_keyword(model)
+
+    def ms_per_step(make_cache) -> float:
+        rounds = []
+        with torch.no_grad():
+            for _ in range(3):
+                cache = make_cache()
+                model(input_ids=ids, use_cache=True, **{key: cache})
+                token = ids[:, -1:]
+                t = time.perf_counter()
+                for _ in range(steps):
+                    model(input_ids=token, use_cache=True, **{key: cache})
+                rounds.append((time.perf_counter() - t) / steps * 1e3)
+        return statistics.median(rounds)
+
+    dense = ms_per_step(lambda: tf.DynamicCache(config=config))
+    sphkv.optimize(model, trial=False)
+    for name in ("attend", "update_cache", "encode_append"):  # the CUDA path's code on CPU tensors
+        fn = getattr(cuda_ops, f"{name}_cuda")
+        torch.library.register_kernel(f"sphkv::{name}", "cpu", fn)
+        if eager_ops is not None:
+            eager_ops.implement(name, "cpu", fn)
+    ours = ms_per_step(lambda: sphkv.new_cache(model))
+    print(f"eager decode step, 30 layers, {prompt}-token prompt: dense DynamicCache {dense:.2f} ms, "
+          f"sphkv dynamic (CUDA path, launches stubbed) {ours:.2f} ms: {(ours - dense) / 30 * 1e3:.0f} us more per layer")
 
 
 if __name__ == "__main__":

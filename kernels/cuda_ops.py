@@ -12,6 +12,7 @@ import logging
 import torch
 
 from sphkv_compile import ops as sphkv_ops  # noqa: F401  (defines the ops)
+from sphkv_compile.eager_ops import implement
 from sphkv_compile.ops import dtype_from_name, on_new_store, parse_tiers, unflatten_state
 from sphkv_compile.placement import graduate
 from sphkv_compile.rdr.convert import decode_kv
@@ -122,9 +123,10 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    torch.library.register_kernel("sphkv::attend", "cuda", attend_cuda)
-    torch.library.register_kernel("sphkv::encode_append", "cuda", encode_append_cuda)
-    torch.library.register_kernel("sphkv::update_cache", "cuda", update_cache_cuda)
+    for name, fn in (("attend", attend_cuda), ("encode_append", encode_append_cuda),
+                     ("update_cache", update_cache_cuda)):
+        torch.library.register_kernel(f"sphkv::{name}", "cuda", fn)
+        implement(name, "cuda", fn)  # what eager_ops.call_op calls on CUDA tensors
     on_new_store(prepare_device_tables)
     register_device_encoder("cuda", encode_records)  # RDR's re-budget encodes graduating tokens with it
     register_device_decoder("cuda", decode_records)  # ... and decodes the tokens it demotes (record_decode.py)

@@ -34,6 +34,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .eager_ops import call_op
 from .head_pad import pad_last
 from .hf_cache import SphkvCache, SphkvLayer
 
@@ -305,10 +306,10 @@ def attend_and_update(layer: SphkvLayer, query, key, value, valid, scaling, sink
         out, mass = chunk_attention(query, key, value, valid, scale, o.utility_window, chunk_mask)
     else:
         dim = store.head_dim  # the model's, or zero-padded for the kernels (head_pad.py): no logit changes
-        out, mass = torch.ops.sphkv.attend(pad_last(query, dim), layer.state, pad_last(key, dim), pad_last(value, dim),
-                                           valid, tiers, o.seed, kv_dtype, scale,
-                                           o.utility_window, o.policy == "rdr",  # rdr: decode attention is utility
-                                           sinks)
+        out, mass = call_op("attend", pad_last(query, dim), layer.state, pad_last(key, dim), pad_last(value, dim),
+                            valid, tiers, o.seed, kv_dtype, scale,
+                            o.utility_window, o.policy == "rdr",  # rdr: decode attention is utility
+                            sinks)
         if dim != query.shape[-1]:  # the padded value columns off; contiguous, as the model's code may .view it
             out = out[..., :query.shape[-1]].contiguous()
     layer.store_chunk(key, value, valid, mass, query, scale)  # the cache update and the budgeting node (hf_cache)

@@ -16,7 +16,7 @@ Layers the plan (hf_plan) keeps dense are HF's own Dynamic/Static(SlidingWindow)
 The chunk enters through `SphkvLayer.store_chunk`, the same ops as the compiled graph's
 rewrite: the cache update (sphkv::update_cache, or sphkv::update_cache_rdr under policy
 'rdr') and then the budgeting node sphkv::kv_budget (sphkv_compile/rdr/node.py), which counts
-in the layer's meter tensor. Under 'rdr' a static cache's pools hold its fixed budget (per-tier
+in the layer's meter tensor (without a budget only the count, done without the node). Under 'rdr' a static cache's pools hold its fixed budget (per-tier
 capacities, rdr/capacity.py); a dynamic cache grows them as its budget grows with the tokens
 seen (rdr/budget.py), so what a layer holds stays within the budget plus documented metadata.
 """
@@ -29,12 +29,14 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, StaticLayer
 
 from . import rdr
+from .eager_ops import call_op
 from .ops import prepare_store
 from .rdr import meter as budget_meter
 from .rdr.budget import SphkvBudgetError
 from .rdr.budget import protected_tokens, warn_if_allocation_is_long
 from .rdr.eager import ensure_capacity
-from .rdr.node import cadence_counters, cadence_due, current_budget, measure, over_budget_error, rebudget_if_due
+from .rdr.node import (cadence_counters, cadence_due, count_unbudgeted_step, current_budget, measure, over_budget_error,
+                       rebudget_if_due)
 from .report import register_kv_source
 from .head_pad import choose_stored_head_dim, options_for_stored, pad_last, padding_report
 from .options import SphkvOptions
@@ -190,23 +192,29 @@ class SphkvLayer(CacheLayerMixin):
                     mass: torch.Tensor, query: torch.Tensor | None = None, scale: float = 1.0) -> None:
         """The chunk [B, Hkv, N, d] enters the store after attention (mass: the observation-window
         attention on it, its utility; query: the queries that attended, for RDR's key gain), then
-        the budgeting node runs: both as custom ops, so a compiled forward runs exactly this."""
+        the budgeting node runs: both as custom ops, so a compiled forward runs exactly this.
+        Without a budget (policy 'uniform', budget None) the node would only count the step in
+        the meter, which two in-place ops do instead of the op's dispatch (rdr.node.count_unbudgeted_step)."""
         o, st = self.options, self.store
         key, value, query = (pad_last(x, st.head_dim) for x in (key, value, query))
         tiers = self.op_tiers
         kv_dtype = str(st.kv_dtype).removeprefix("torch.")
-        tokens = self.cumulative_length + key.shape[2]  # seen, this chunk included
         budget, max_tokens = float(o.budget or 0.0), self.max_cache_len or 0
+        # without a budget the budgeting node only counts the step: done here, without the op
+        unbudgeted = o.policy != "rdr" and budget <= 0
+        tokens = None if unbudgeted else self.cumulative_length + key.shape[2]  # seen, this chunk included
         if o.policy == "rdr":
-            torch.ops.sphkv.update_cache_rdr(self.state, self.meter, tokens, key, value, valid, mass, tiers, o.seed,
-                                             kv_dtype, o.sink, o.recent, budget, max_tokens, o.rebudget_every,
-                                             query if o.distortion == "logit" else None, float(scale),
-                                             o.obs_window)
+            call_op("update_cache_rdr", self.state, self.meter, tokens, key, value, valid, mass, tiers, o.seed,
+                    kv_dtype, o.sink, o.recent, budget, max_tokens, o.rebudget_every,
+                    query if o.distortion == "logit" else None, float(scale), o.obs_window)
         else:
-            torch.ops.sphkv.update_cache(self.state, key, value, valid, mass, tiers, o.seed, kv_dtype, o.sink,
-                                         o.recent, rdr.uniform_target_tier(o))
-        torch.ops.sphkv.kv_budget(self.state, self.meter, tokens, tiers, o.seed, kv_dtype, st.head_dim, o.sink,
-                                  o.recent, o.policy, budget, max_tokens, o.rebudget_every)
+            call_op("update_cache", self.state, key, value, valid, mass, tiers, o.seed, kv_dtype, o.sink, o.recent,
+                    rdr.uniform_target_tier(o))
+        if unbudgeted:
+            count_unbudgeted_step(self.meter)
+        else:
+            call_op("kv_budget", self.state, self.meter, tokens, tiers, o.seed, kv_dtype, st.head_dim, o.sink,
+                    o.recent, o.policy, budget, max_tokens, o.rebudget_every)
 
     def rebudgets(self) -> bool:
         """Does this layer re-budget between steps (policy 'rdr' with a budget, store filled)?"""

@@ -29,6 +29,7 @@ from functools import lru_cache
 import torch
 
 from . import packed_state
+from .eager_ops import reference
 from .placement import graduate
 from .store import UTILITY_DTYPE, TierState, append_records, attend as store_attend, encode_records
 from .tiers import TierSpec, tiers_arg, tiers_string  # noqa: F401 - the ops' callers import them here
@@ -108,6 +109,7 @@ def _(state, k, v, valid, utility, tier_index, tiers, seed, kv_dtype) -> None:
 
 
 @torch.library.custom_op("sphkv::attend", mutates_args=("state",))
+@reference("attend")  # eager_ops.call_op calls it directly
 def attend(q: torch.Tensor, state: list[torch.Tensor], k_new: torch.Tensor | None, v_new: torch.Tensor | None,
            valid_new: torch.Tensor | None, tiers: str, seed: int, kv_dtype: str, scale: float,
            obs_window: int, accumulate: bool, sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,6 +132,7 @@ def _(q, state, k_new, v_new, valid_new, tiers, seed, kv_dtype, scale, obs_windo
 
 
 @torch.library.custom_op("sphkv::update_cache", mutates_args=("state",))
+@reference("update_cache")  # eager_ops.call_op calls it directly
 def update_cache(state: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
                  utility: torch.Tensor | None, tiers: str, seed: int, kv_dtype: str, sink: int, recent: int,
                  target_tier: int) -> None:

@@ -190,18 +190,19 @@ def test_only_rdr_spends_work_on_the_observation_window(monkeypatch):
     assert SphkvOptions.from_dict({"obs_window": 16}).utility_window == 0
     assert SphkvOptions.from_dict({"policy": "rdr", "budget": 0.25, "obs_window": 16}).utility_window == 16
     windows = []
-    chunk, attend = hf.chunk_attention, torch.ops.sphkv.attend
+    chunk, call_op = hf.chunk_attention, hf.call_op
 
     def chunk_spy(query, key, value, valid, scale, window, *rest):
         windows.append(("prefill", window))
         return chunk(query, key, value, valid, scale, window, *rest)
 
-    def attend_spy(*args):
-        windows.append(("decode", args[9]))
-        return attend(*args)
+    def attend_spy(name, *args):
+        if name == "attend":
+            windows.append(("decode", args[9]))
+        return call_op(name, *args)
 
     monkeypatch.setattr(hf, "chunk_attention", chunk_spy)
-    monkeypatch.setattr(torch.ops.sphkv, "attend", attend_spy)
+    monkeypatch.setattr(hf, "call_op", attend_spy)
     ids = torch.randint(3, 128, (1, 40))
     for options, want in (({"bits": 3.5, "obs_window": 16}, 0),
                           ({"policy": "rdr", "budget": 0.5, "obs_window": 16, "rebudget_every": 8}, 16)):

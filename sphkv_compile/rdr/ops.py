@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ..eager_ops import reference
 from ..ops import dtype_from_name, parse_tiers, unflatten_state
 from .node import budget_step, current_budget, enter_chunk
 from .update import rdr_update as _rdr_update
@@ -54,6 +55,7 @@ def _budget(states, specs, tokens, head_dim, seed, dtype, policy, budget, max_to
 
 
 @torch.library.custom_op("sphkv::update_cache_rdr", mutates_args=("state", "meter"))
+@reference("update_cache_rdr")  # eager_ops.call_op calls it directly
 def update_cache_rdr(state: list[torch.Tensor], meter: torch.Tensor, tokens: torch.Tensor, k: torch.Tensor,
                      v: torch.Tensor, valid: torch.Tensor | None, utility: torch.Tensor | None, tiers: str, seed: int,
                      kv_dtype: str, sink: int, recent: int, budget: float, max_tokens: int,
@@ -76,6 +78,7 @@ def _(state, meter, tokens, k, v, valid, utility, tiers, seed, kv_dtype, sink, r
 
 
 @torch.library.custom_op("sphkv::kv_budget", mutates_args=("state", "meter"))
+@reference("kv_budget")  # eager_ops.call_op calls it directly
 def kv_budget(state: list[torch.Tensor], meter: torch.Tensor, tokens: torch.Tensor, tiers: str, seed: int,
               kv_dtype: str, head_dim: int, sink: int, recent: int, policy: str, budget: float, max_tokens: int,
               rebudget_every: int) -> None:

@@ -1,0 +1,46 @@
+"""Calling the sphkv custom ops from eager code without the dispatcher's Python layers.
+
+A call of a `torch.library.custom_op` from Python passes its autograd and in-place-view layers
+(a version bump for every mutated tensor: a store's state list holds up to a dozen) and fills
+its defaults before it reaches the implementation: ~60 us of host time a call on the sandbox
+CPU (benchmarks/launch_host_time.py), where the budgeting node's own work takes ~15. A plain
+generate() on a dynamic cache runs the ops eagerly, two per layer and decode step, and on a GPU
+that step is host-bound.
+
+call_op(name, *args) is torch.ops.sphkv.<name>(*args). In eager inference (not compiling, grad
+off, no dispatch mode such as fake tensors, plain tensors) it calls the implementation
+registered for the inputs' device directly, which is what the dispatcher would reach.
+Everywhere else it calls the op, so a compiled graph and every tracing mode see the op itself.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+# (op name, device type) -> implementation; device type "default" is the reference (any device)
+_IMPLEMENTATIONS: dict[tuple[str, str], Callable] = {}
+
+
+def reference(name: str):
+    """Decorator under @torch.library.custom_op: records the function as op `name`'s default
+    implementation and returns it unchanged."""
+    def record(fn):
+        _IMPLEMENTATIONS[(name, "default")] = fn
+        return fn
+    return record
+
+
+def implement(name: str, device_type: str, fn: Callable) -> None:
+    """fn is op `name`'s implementation on `device_type` (beside torch.library.register_kernel)."""
+    _IMPLEMENTATIONS[(name, device_type)] = fn
+
+
+def call_op(name: str, *args):
+    first = args[0][0] if isinstance(args[0], (list, tuple)) else args[0]
+    if (torch.compiler.is_compiling() or torch.is_grad_enabled() or type(first) is not torch.Tensor
+            or _get_current_dispatch_mode() is not None):
+        return getattr(torch.ops.sphkv, name)(*args)
+    fn = _IMPLEMENTATIONS.get((name, first.device.type)) or _IMPLEMENTATIONS[(name, "default")]
+    return fn(*args)
