@@ -38,7 +38,7 @@ def implement(name: str, device_type: str, fn: Callable) -> None:
 
 
 def call_op(name: str, *args):
-    first = args[0][0] if isinstance(args[0], (list, tuple)) else args[0]
+    first = args[0][0] if isinstance(args[0], (list, tuple)) and args[0] else args[0]  # q, or a state's first tensor
     if (torch.compiler.is_compiling() or torch.is_grad_enabled() or type(first) is not torch.Tensor
             or _get_current_dispatch_mode() is not None):
         return getattr(torch.ops.sphkv, name)(*args)
