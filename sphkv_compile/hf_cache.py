@@ -166,10 +166,8 @@ class SphkvLayer(CacheLayerMixin):
         """Uniform: placement.graduate's worst case, every exact token graduating into each
         compressed tier."""
         st = self.store
-        n = torch.full((st.batch, st.kv_heads), new_tokens, dtype=torch.int64, device=st.states[0].count.device)
         e = st.tier_index("exact")
-        exact_count = st.states[e].count.to(torch.int64)
-        return [(st, e, n)] + [(st, t, n + exact_count) for t, spec in enumerate(st.tiers) if not spec.exact]
+        return [(st, e, new_tokens)] + [(st, t, new_tokens, e) for t, spec in enumerate(st.tiers) if not spec.exact]
 
     @property
     def state(self) -> list[torch.Tensor]:

@@ -691,19 +691,46 @@ def select_rows_of(stores: list[LayerStore], rows: torch.Tensor, can_grow: bool 
         rebuild(store.states[t], *gathered, spec.name)
 
 
-def reserve_tiers(requests: list[tuple["LayerStore", int, torch.Tensor]]) -> None:
-    """Grow tiers so that more tokens fit: requests are (store, tier index, extra tokens [B, H]).
-    The page demands of all of them come back in one read per device (a dynamic cache reserves
-    every layer's tiers at the first layer of a step: one sync a step instead of two a layer)."""
-    demands = {}  # device -> [(store, tier, int64 [4]: page_demand_tensors)]
-    for store, t, extra in requests:
+def reserve_tiers(requests: list[tuple]) -> None:
+    """Grow tiers so that more tokens fit. A request is (store, tier index, extra tokens: an int,
+    or [B, H] per head) or, with a fourth element, also as many tokens as that tier of the same
+    store holds now on top (placement.graduate's worst case: every exact token graduating).
+
+    A dynamic cache reserves every layer's tiers at the first layer of a step. Requests alike
+    (device, page-table shape, page size, an int extra, a tier on top or not) are stacked and
+    computed together, and every demand comes back in one read per device: a few dozen small
+    kernels and one sync a step, where each tier of each layer took a dozen kernels."""
+    groups: dict[tuple, list] = {}
+    for store, t, extra, *on_top in requests:
         st = store.states[t]
-        _, _, demand = page_demand_tensors(st, st.count.to(torch.int64) + extra)
-        demands.setdefault(st.count.device, []).append((store, t, demand))
-    for items in demands.values():
-        read = torch.stack([demand for _, _, demand in items]).tolist()
-        for (store, t, _), (pages_needed, max_pages, free, _) in zip(items, read):
+        top = on_top[0] if on_top else None
+        alike = extra if isinstance(extra, int) else ("per head", id(extra))
+        key = (st.count.device, tuple(st.count.shape), st.page_size, alike, top is not None)
+        groups.setdefault(key, []).append((store, t, extra, top))
+    reads: dict[torch.device, list] = {}  # device -> [(requests, int64 [R, 4] demands)]
+    for (device, _, page_size, _, _), items in groups.items():
+        reads.setdefault(device, []).append((items, _stacked_demand(items, page_size)))
+    for parts in reads.values():
+        read = torch.cat([demand for _, demand in parts]).tolist()
+        for (store, t, _, _), (pages_needed, max_pages, free, _) in zip([r for items, _ in parts for r in items], read):
             st = store.states[t]
             if not demand_fits(st, pages_needed, max_pages, free):
                 store.grow_tier(t, int((st.pool.shape[0] + pages_needed) * 1.25) + 1,
                                 max(max_pages, st.pages.shape[-1]) * 2)
+
+
+def _stacked_demand(items: list, page_size: int) -> torch.Tensor:
+    """page_demand_tensors' [needed, widest, free, most] for alike requests (reserve_tiers), one
+    row each, from their counts stacked: int64 [R, 4]."""
+    counts = torch.stack([store.states[t].count for store, t, _, _ in items]).to(torch.int64)
+    extra = items[0][2]
+    new_counts = counts + (extra if isinstance(extra, int) else extra.to(torch.int64))
+    if items[0][3] is not None:
+        new_counts += torch.stack([store.states[top].count for store, _, _, top in items])
+    new_pages = (new_counts + page_size - 1) // page_size
+    need = new_pages - (counts + page_size - 1) // page_size
+    free = torch.cat([store.states[t].free_top for store, t, _, _ in items]).to(torch.int64)
+    if not need[0].numel():
+        zero = free * 0
+        return torch.stack((zero, zero, free, zero), 1)
+    return torch.stack((need.sum((1, 2)), new_pages.amax((1, 2)), free, need.amax((1, 2))), 1)

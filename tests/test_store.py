@@ -330,3 +330,37 @@ def test_select_rows_of_refuses_before_changing_any_layer():
         assert all(torch.equal(t, u) for t, u in zip(store.states[0].tensors(), saved))
     select_rows_of([roomy], torch.tensor([0, 0]), can_grow=False)
     assert torch.equal(roomy.states[0].count, torch.tensor([[8], [8]], dtype=torch.int32))
+
+
+@given(layers=st.integers(1, 4), batch=st.integers(1, 3), page_size=st.sampled_from([1, 4, 16]),
+       extra=st.integers(0, 40), seed=st.integers(0, 2**31 - 1), per_head=st.booleans())
+@settings(max_examples=25, deadline=None)
+def test_reserve_tiers_computes_each_demand_as_alone(layers, batch, page_size, extra, seed, per_head):
+    """reserve_tiers stacks alike requests (int extras, a tier's counts on top, [B, H] extras)
+    and reads their demands together: the same [needed, widest, free, most] per request as
+    page_demand_tensors on that request alone (ragged counts, pages of 1 to 16 tokens), and
+    afterwards every tier takes its tokens."""
+    from sphkv_compile.store import _stacked_demand, fits, page_demand_tensors, reserve_tiers
+
+    gen = torch.Generator().manual_seed(seed)
+    stores = []
+    for _ in range(layers):
+        store = LayerStore(batch, 2, 16, (EXACT, HIGH), kv_dtype=torch.float32, page_size=page_size)
+        for t in range(2):  # ragged counts per head, as a store holds after some steps
+            n = int(torch.randint(1, 50, (), generator=gen))
+            store.append(randn(batch, 2, n, 16, seed=seed + t), randn(batch, 2, n, 16, seed=seed + 7 + t),
+                         tier=store.tiers[t].name,
+                         valid=torch.rand(batch, n, generator=gen) < 0.8)
+        stores.append(store)
+    more = torch.randint(0, 40, (batch, 2), generator=gen) if per_head else extra
+    requests = [(s, 0, more) for s in stores] + [(s, 1, more, 0) for s in stores]
+    for items in ([(s, 0, more, None) for s in stores], [(s, 1, more, 0) for s in stores]):
+        together = _stacked_demand(items, page_size)
+        for i, (s, t, x, top) in enumerate(items):
+            new = s.states[t].count.to(torch.int64) + x + (s.states[top].count if top is not None else 0)
+            assert together[i].tolist() == page_demand_tensors(s.states[t], new)[2].tolist()
+    wanted = [s.states[t].count.to(torch.int64) + x + (s.states[r[0]].count if r else 0)
+              for s, t, x, *r in requests]
+    reserve_tiers(requests)
+    for (s, t, *_), new in zip(requests, wanted):
+        assert fits(s.states[t], new - s.states[t].count), (t, new)
