@@ -4,10 +4,16 @@ that records the kernel's name. What is left is the Python between the launches 
 checks, split counts, tables, allocations), which an eager decode step (a plain generate() on a
 dynamic cache) pays once per layer on top of Triton's own launch overhead.
 
-    python benchmarks/launch_host_time.py [--shape smollm2] [--tokens 2048] [--calls 300] [--step]
+    python benchmarks/launch_host_time.py [--shape smollm2] [--tokens 2048] [--calls 300] [--step] [--fake-driver]
 
 On the CPU the decode kernels are the Triton ones, not the GPU's Gluon fragment kernel, so the
 launch list differs from the GPU's by that kernel; the rest of the code is the same.
+
+--fake-driver: instead of replacing the launches, give Triton a fake CUDA driver (sm_90 target,
+device 0, stream 0): the kernels compile for sm_90 with Triton's bundled ptxas on the first call,
+and every launch runs Triton's own launch path (argument binding and specialization, the cache
+key, the launch metadata) up to its C launcher, which records the launch instead. Run it with the
+Triton the GPU machine has (3.6) to see that version's per-launch host cost.
 
 --step: also a whole eager decode step (model forward over one token, what a plain generate()
 runs per token) of a 30-layer Llama with SmolLM2's attention (9 query heads, 3 KV heads, head dim
@@ -36,6 +42,35 @@ def _no_launch(self, *args, grid, warmup, **kwargs):
     LAUNCHED.append(self.fn.__name__)
 
 
+def stub_launches(fake_driver: bool) -> None:
+    """Every Triton launch recorded in LAUNCHED instead of run: at JITFunction.run, or (fake_driver)
+    at the compiled kernel's C launcher, behind a fake CUDA driver."""
+    if not fake_driver:
+        jit.JITFunction.run = _no_launch
+        return
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import compiler
+    from triton.runtime import driver
+
+    class FakeCudaDriver:
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    def load_nothing(kernel):  # CompiledKernel._init_handles: no module to load, a launcher that records
+        if kernel.module is None:
+            kernel.module, kernel.function = object(), 0
+            kernel._run = lambda *args: LAUNCHED.append(kernel.name)
+
+    driver.set_active(FakeCudaDriver())
+    compiler.CompiledKernel._init_handles = load_nothing
+
+
 def per_call_us(fn, calls: int) -> float:
     """Median over 5 rounds of the mean µs per call of `calls` calls."""
     rounds = []
@@ -54,8 +89,9 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--step", action="store_true", help="also time a whole eager decode step (see above)")
+    ap.add_argument("--fake-driver", action="store_true", help="Triton's launch path up to its C launcher (see above)")
     args = ap.parse_args(argv)
-    jit.JITFunction.run = _no_launch  # before the kernels' modules build anything
+    stub_launches(args.fake_driver)  # before the kernels' modules build anything
     from sphkv_compile.kernels import attend as kernel_attend
     from sphkv_compile.kernels.decode_update import decode_update
 
@@ -75,9 +111,10 @@ def main(argv=None):
         decode_update(states, specs, kv, kv, None, None, seed=opts.seed, kv_dtype=torch.bfloat16, sink=opts.sink,
                       recent=opts.recent, target=1)
 
-    print(f"{args.shape} B={B} T={args.tokens}, launches replaced by no-ops (host Python only):")
+    how = "Triton's launch path up to its C launcher" if args.fake_driver else "launches replaced by no-ops"
+    print(f"{args.shape} B={B} T={args.tokens}, {how} (host Python only):")
     for name, fn in (("attend", attend), ("decode_update", update)):
-        fn()
+        fn()  # (with --fake-driver: compiles)
         LAUNCHED.clear()
         fn()
         kernels = list(LAUNCHED)
@@ -126,7 +163,7 @@ def eager_step(prompt: int, steps: int = 20) -> None:
             eager_ops.implement(name, "cpu", fn)
     ours = ms_per_step(lambda: sphkv.new_cache(model))
     print(f"eager decode step, 30 layers, {prompt}-token prompt: dense DynamicCache {dense:.2f} ms, "
-          f"sphkv dynamic (CUDA path, launches stubbed) {ours:.2f} ms: {(ours - dense) / 30 * 1e3:.0f} us more per layer")
+          f"sphkv dynamic (CUDA path, launches not run) {ours:.2f} ms: {(ours - dense) / 30 * 1e3:.0f} us more per layer")
 
 
 if __name__ == "__main__":
