@@ -8,9 +8,11 @@ generate() on a dynamic cache runs the ops eagerly, two per layer and decode ste
 that step is host-bound.
 
 call_op(name, *args) is torch.ops.sphkv.<name>(*args). In eager inference (not compiling, grad
-off, no dispatch mode such as fake tensors, plain tensors) it calls the implementation
-registered for the inputs' device directly, which is what the dispatcher would reach.
-Everywhere else it calls the op, so a compiled graph and every tracing mode see the op itself.
+off, no dispatch or torch-function mode such as fake tensors or `with torch.device(...)`, a plain
+first tensor on the CPU or a CUDA device) it calls the implementation registered for that device
+directly, which is what the dispatcher would reach. Everywhere else it calls the op, so a
+compiled graph, meta tensors and every tracing mode see the op itself. A kernel registered with
+torch.library.register_kernel must be given to implement() too (kernels/cuda_ops.py does both).
 """
 from __future__ import annotations
 
@@ -19,8 +21,10 @@ from typing import Callable
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-# (op name, device type) -> implementation; device type "default" is the reference (any device)
+# (op name, device type) -> implementation; device type "default" is the reference
 _IMPLEMENTATIONS: dict[tuple[str, str], Callable] = {}
+# where the direct call is taken (elsewhere, e.g. meta tensors, the op dispatches to its fake)
+_DIRECT_DEVICES = ("cpu", "cuda")
 
 
 def reference(name: str):
@@ -40,7 +44,8 @@ def implement(name: str, device_type: str, fn: Callable) -> None:
 def call_op(name: str, *args):
     first = args[0][0] if isinstance(args[0], (list, tuple)) and args[0] else args[0]  # q, or a state's first tensor
     if (torch.compiler.is_compiling() or torch.is_grad_enabled() or type(first) is not torch.Tensor
-            or _get_current_dispatch_mode() is not None):
+            or first.device.type not in _DIRECT_DEVICES or _get_current_dispatch_mode() is not None
+            or torch._C._is_torch_function_mode_enabled()):
         return getattr(torch.ops.sphkv, name)(*args)
     fn = _IMPLEMENTATIONS.get((name, first.device.type)) or _IMPLEMENTATIONS[(name, "default")]
     return fn(*args)

@@ -45,8 +45,9 @@ class _Passthrough(TorchDispatchMode):
 
 
 def test_call_op_takes_the_op_outside_eager_inference(monkeypatch):
-    """The implementation is called directly only with grad off, outside a dispatch mode and a
-    compile; otherwise through torch.ops.sphkv (seen here: the spy replaces only the direct path)."""
+    """The implementation is called directly only with grad off, outside a dispatch mode, a
+    torch-function mode and a compile; otherwise through torch.ops.sphkv (seen here: the spy
+    replaces only the direct path)."""
     store = _store_after_prompt(7)
     q, k = randn(1, 2, 1, 32, seed=8), randn(1, 2, 1, 32, seed=9)
     direct = []
@@ -68,6 +69,8 @@ def test_call_op_takes_the_op_outside_eager_inference(monkeypatch):
     with torch.enable_grad():
         assert torch.equal(call()[0], want)
     with torch.no_grad(), _Passthrough():
+        assert torch.equal(call()[0], want)
+    with torch.no_grad(), torch.device("cpu"):  # a torch-function mode
         assert torch.equal(call()[0], want)
     with torch.no_grad():
         compiled = torch.compile(call, backend="eager", fullgraph=True)
