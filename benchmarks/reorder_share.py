@@ -71,11 +71,12 @@ def main(argv=None):
           f"({sphkv_compile.report()['decode_step']['reason']}): "
           f"{per_token:.1f} ms per decoded token, of which "
           f"reorders {reorder:.1f} ms ({reorder / per_token:.0%}; {calls} reorder calls in the longer run)")
-    counter = CountOps()
+    counter = CountOps(by_function=True)
     with counter:
         original(last[0], torch.arange(args.beams, device=device).flip(0))
     print(f"one reorder of the cache's {len(last[0].compressed_layers())} compressed layers: "
-          f"{sum(counter.ops.values())} torch ops (views left out), {counter.ops['nonzero']} nonzero")
+          f"{sum(counter.ops.values())} torch ops (views left out), {counter.ops['nonzero']} nonzero; "
+          f"by sphkv function: {counter.by_function.most_common(8)}")
 
 
 if __name__ == "__main__":

@@ -410,15 +410,14 @@ class SphkvCache(Cache):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: batch row i of every layer continues beam beam_idx[i]. The compressed
         layers go together (store.select_rows_of: one read back checks all of them, and the
-        page copies of all layers share their gathers), their meters follow; other layers
-        reorder as transformers' do."""
+        page copies of all layers share their gathers), their meters follow, together too; other
+        layers reorder as transformers' do."""
         filled = [layer for layer in self.compressed_layers() if layer.store is not None and layer.stored_any]
         for layer in filled:
             layer.reserved_for = None  # rows' token counts change
         select_rows_of([layer.store for layer in filled], beam_idx,
                        can_grow=all(layer.max_cache_len is None for layer in filled))
-        for layer in filled:
-            budget_meter.select_rows(layer.meter, beam_idx)
+        budget_meter.select_rows_of([layer.meter for layer in filled], beam_idx)
         for layer in self.layers:
             if not isinstance(layer, SphkvLayer):
                 layer.reorder_cache(beam_idx)

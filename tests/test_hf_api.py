@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 import transformers as tf
+from hypothesis import given, settings, strategies
 
 from sphkv_compile import api
 from sphkv_compile.hf import SphkvUnsupportedError
@@ -168,6 +169,36 @@ def test_meter_rows_follow_a_reorder():
     assert budget_meter.entered(meter).tolist() == [30, 30, 10]
     assert meter[budget_meter.SIZE + 3:].tolist() == [5, 6, 5, 6, 1, 2]
     assert int(meter[budget_meter.BATCH]) == 3
+
+
+@given(seed=strategies.integers(0, 2**31 - 1), layers=strategies.integers(1, 5), batch=strategies.integers(1, 4),
+       heads=strategies.sampled_from([1, 3]))
+@settings(max_examples=20, deadline=None)
+def test_meters_of_many_layers_follow_a_reorder_together(seed, layers, batch, heads):
+    """select_rows_of (every layer's meter in one pass, as a beam reorder runs it) leaves each
+    meter as select_rows on it alone; layers with other head counts in the same call too."""
+    gen = torch.Generator().manual_seed(seed)
+    meters = [budget_meter.new_meter(batch, heads if i % 2 else 2) for i in range(layers)]
+    for m in meters:
+        m[:budget_meter.BATCH] = torch.randint(-5, 100, (budget_meter.BATCH,), generator=gen)
+        m[budget_meter.SIZE:] = torch.randint(0, 10**6, (m.numel() - budget_meter.SIZE,), generator=gen)
+    rows = torch.randint(0, batch, (batch,), generator=gen)
+    alone = [m.clone() for m in meters]
+    for m in alone:
+        _select_rows_one_by_one(m, rows)
+    budget_meter.select_rows_of(meters, rows)
+    for got, want in zip(meters, alone):
+        assert torch.equal(got, want)
+
+
+def _select_rows_one_by_one(meter, rows):
+    """The per-row reorder written out: entries and key gains of row rows[i] go to row i."""
+    B = rows.shape[0]
+    entered = budget_meter.entered(meter, B).clone()
+    gain = meter[budget_meter.SIZE + B:].view(B, -1).clone()
+    for i, r in enumerate(rows.tolist()):
+        meter[budget_meter.SIZE + i] = entered[r]
+        meter[budget_meter.SIZE + B:].view(B, -1)[i] = gain[r]
 
 
 def test_training_dropout_on_the_store_refuses():

@@ -52,11 +52,23 @@ def select_rows(meter: torch.Tensor, rows: torch.Tensor) -> None:
     """Batch row i takes row rows[i]'s per-row entries (tokens entered, key gain), in place:
     the store's select_rows (beam search) moved that row's tokens. rows has one entry per
     batch row, so nothing is read back."""
+    select_rows_of([meter], rows)
+
+
+def select_rows_of(meters: list[torch.Tensor], rows: torch.Tensor) -> None:
+    """select_rows for many layers' meters at once (a beam reorder moves every layer's rows):
+    meters alike (size, device) are stacked, reordered in a few whole-stack ops and copied back
+    in one multi-tensor copy, where each meter took four small kernels."""
     B = rows.shape[0]
-    rows = rows.to(device=meter.device, dtype=torch.int64)
-    entered(meter, B).copy_(entered(meter, B)[rows])
-    gain = meter[SIZE + B:].view(B, -1)
-    gain.copy_(gain[rows])
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for meter in meters:
+        groups.setdefault((meter.numel(), meter.device), []).append(meter)
+    for (size, device), group in groups.items():
+        r = rows.to(device=device, dtype=torch.int64)
+        stacked = torch.stack(group)  # [L, size]
+        moved_entered = stacked[:, SIZE:SIZE + B][:, r]
+        moved_gain = stacked[:, SIZE + B:].reshape(len(group), B, -1)[:, r].reshape(len(group), -1)
+        torch._foreach_copy_(group, list(torch.cat((stacked[:, :SIZE], moved_entered, moved_gain), 1).unbind(0)))
 
 
 def key_gain(meter: torch.Tensor) -> torch.Tensor | None:
