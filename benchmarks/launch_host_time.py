@@ -5,6 +5,7 @@ checks, split counts, tables, allocations), which an eager decode step (a plain 
 dynamic cache) pays once per layer on top of Triton's own launch overhead.
 
     python benchmarks/launch_host_time.py [--shape smollm2] [--tokens 2048] [--calls 300] [--step] [--fake-driver]
+                                          [--per-kernel]
 
 On the CPU the decode kernels are the Triton ones, not the GPU's Gluon fragment kernel, so the
 launch list differs from the GPU's by that kernel; the rest of the code is the same.
@@ -14,6 +15,9 @@ device 0, stream 0): the kernels compile for sm_90 with Triton's bundled ptxas o
 and every launch runs Triton's own launch path (argument binding and specialization, the cache
 key, the launch metadata) up to its C launcher, which records the launch instead. Run it with the
 Triton the GPU machine has (3.6) to see that version's per-launch host cost.
+
+--per-kernel (with --fake-driver): also the median time of each kernel's JITFunction.run, i.e.
+Triton's launch path per kernel.
 
 --step: also a whole eager decode step (model forward over one token, what a plain generate()
 runs per token) of a 30-layer Llama with SmolLM2's attention (9 query heads, 3 KV heads, head dim
@@ -90,6 +94,7 @@ def main(argv=None):
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--step", action="store_true", help="also time a whole eager decode step (see above)")
     ap.add_argument("--fake-driver", action="store_true", help="Triton's launch path up to its C launcher (see above)")
+    ap.add_argument("--per-kernel", action="store_true", help="with --fake-driver: Triton's launch path per kernel")
     args = ap.parse_args(argv)
     stub_launches(args.fake_driver)  # before the kernels' modules build anything
     from sphkv_compile.kernels import attend as kernel_attend
@@ -119,8 +124,30 @@ def main(argv=None):
         fn()
         kernels = list(LAUNCHED)
         print(f"  {name}: {per_call_us(fn, args.calls):.1f} us per call; launches {kernels}")
+    if args.per_kernel and args.fake_driver:
+        per_kernel_launch(lambda: (attend(), update()), args.calls)
     if args.step:
         eager_step(args.tokens)
+
+
+def per_kernel_launch(fn, calls: int) -> None:
+    """Median µs of JITFunction.run per kernel over `calls` calls of fn (Triton's launch path)."""
+    real, times = jit.JITFunction.run, {}
+
+    def timed(self, *args, **kwargs):
+        t = time.perf_counter()
+        out = real(self, *args, **kwargs)
+        times.setdefault(self.fn.__name__, []).append(time.perf_counter() - t)
+        return out
+
+    jit.JITFunction.run = timed
+    try:
+        for _ in range(calls):
+            fn()
+    finally:
+        jit.JITFunction.run = real
+    for name, ts in times.items():
+        print(f"  {name}: {statistics.median(ts) * 1e6:.1f} us per launch in Triton's launch path")
 
 
 def eager_step(prompt: int, steps: int = 20) -> None:
