@@ -185,9 +185,10 @@ def eager_step(prompt: int, steps: int = 20) -> None:
     sphkv.optimize(model, trial=False)
     for name in ("attend", "update_cache", "encode_append"):  # the CUDA path's code on CPU tensors
         fn = getattr(cuda_ops, f"{name}_cuda")
-        torch.library.register_kernel(f"sphkv::{name}", "cpu", fn)
         if eager_ops is not None:
-            eager_ops.implement(name, "cpu", fn)
+            eager_ops.register_kernel(name, "cpu", fn)
+        else:
+            torch.library.register_kernel(f"sphkv::{name}", "cpu", fn)
     ours = ms_per_step(lambda: sphkv.new_cache(model))
     print(f"eager decode step, 30 layers, {prompt}-token prompt: dense DynamicCache {dense:.2f} ms, "
           f"sphkv dynamic (CUDA path, launches not run) {ours:.2f} ms: {(ours - dense) / 30 * 1e3:.0f} us more per layer")

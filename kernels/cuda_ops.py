@@ -1,8 +1,8 @@
 """CUDA implementations of the sphkv custom ops, backed by the Triton kernels.
 
-Registered with torch.library.register_kernel, so eager calls, Dynamo graphs and Inductor
-(which calls a custom op as an extern kernel) all reach them on CUDA tensors; CPU keeps the
-reference in ops.py. A configuration the kernels do not handle runs the reference instead and
+Registered with torch.library.register_kernel (through eager_ops.register_kernel, which gives
+them to its direct eager calls too), so eager calls, Dynamo graphs and Inductor (which calls a
+custom op as an extern kernel) all reach them on CUDA tensors; CPU keeps the reference in ops.py. A configuration the kernels do not handle runs the reference instead and
 logs the reason once.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import logging
 import torch
 
 from sphkv_compile import ops as sphkv_ops  # noqa: F401  (defines the ops)
-from sphkv_compile.eager_ops import implement
+from sphkv_compile.eager_ops import register_kernel
 from sphkv_compile.ops import dtype_from_name, on_new_store, parse_tiers, unflatten_state
 from sphkv_compile.placement import graduate
 from sphkv_compile.rdr.convert import decode_kv
@@ -123,10 +123,9 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    for name, fn in (("attend", attend_cuda), ("encode_append", encode_append_cuda),
-                     ("update_cache", update_cache_cuda)):
-        torch.library.register_kernel(f"sphkv::{name}", "cuda", fn)
-        implement(name, "cuda", fn)  # what eager_ops.call_op calls on CUDA tensors
+    register_kernel("attend", "cuda", attend_cuda)  # for the dispatcher and eager_ops.call_op
+    register_kernel("encode_append", "cuda", encode_append_cuda)
+    register_kernel("update_cache", "cuda", update_cache_cuda)
     on_new_store(prepare_device_tables)
     register_device_encoder("cuda", encode_records)  # RDR's re-budget encodes graduating tokens with it
     register_device_decoder("cuda", decode_records)  # ... and decodes the tokens it demotes (record_decode.py)

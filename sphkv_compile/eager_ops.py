@@ -11,8 +11,9 @@ call_op(name, *args) is torch.ops.sphkv.<name>(*args). In eager inference (not c
 off, no dispatch or torch-function mode such as fake tensors or `with torch.device(...)`, a plain
 first tensor on the CPU or a CUDA device) it calls the implementation registered for that device
 directly, which is what the dispatcher would reach. Everywhere else it calls the op, so a
-compiled graph, meta tensors and every tracing mode see the op itself. A kernel registered with
-torch.library.register_kernel must be given to implement() too (kernels/cuda_ops.py does both).
+compiled graph, meta tensors and every tracing mode see the op itself. The ops are defined and
+given device kernels through custom_op and register_kernel here, so both paths know the same
+implementations.
 """
 from __future__ import annotations
 
@@ -27,17 +28,18 @@ _IMPLEMENTATIONS: dict[tuple[str, str], Callable] = {}
 _DIRECT_DEVICES = ("cpu", "cuda")
 
 
-def reference(name: str):
-    """Decorator under @torch.library.custom_op: records the function as op `name`'s default
-    implementation and returns it unchanged."""
-    def record(fn):
+def custom_op(name: str, *, mutates_args):
+    """@torch.library.custom_op("sphkv::<name>"), the function kept as the op's reference (any
+    device) for call_op."""
+    def define(fn):
         _IMPLEMENTATIONS[(name, "default")] = fn
-        return fn
-    return record
+        return torch.library.custom_op(f"sphkv::{name}", fn, mutates_args=mutates_args)
+    return define
 
 
-def implement(name: str, device_type: str, fn: Callable) -> None:
-    """fn is op `name`'s implementation on `device_type` (beside torch.library.register_kernel)."""
+def register_kernel(name: str, device_type: str, fn: Callable) -> None:
+    """Op `name`'s implementation on `device_type`, for the dispatcher and for call_op alike."""
+    torch.library.register_kernel(f"sphkv::{name}", device_type, fn)
     _IMPLEMENTATIONS[(name, device_type)] = fn
 
 

@@ -29,7 +29,7 @@ from functools import lru_cache
 import torch
 
 from . import packed_state
-from .eager_ops import reference
+from .eager_ops import custom_op
 from .placement import graduate
 from .store import UTILITY_DTYPE, TierState, append_records, attend as store_attend, encode_records
 from .tiers import TierSpec, tiers_arg, tiers_string  # noqa: F401 - the ops' callers import them here
@@ -91,7 +91,7 @@ def unflatten_state(state: list[torch.Tensor], tiers: str) -> list[TierState]:
     return [TierState(*state[i:i + STATE_TENSORS_PER_TIER]) for i in range(0, len(state), STATE_TENSORS_PER_TIER)]
 
 
-@torch.library.custom_op("sphkv::encode_append", mutates_args=("state",))
+@custom_op("encode_append", mutates_args=("state",))
 def encode_append(state: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
                   utility: torch.Tensor | None, tier_index: int, tiers: str, seed: int, kv_dtype: str) -> None:
     specs = parse_tiers(tiers)
@@ -108,8 +108,7 @@ def _(state, k, v, valid, utility, tier_index, tiers, seed, kv_dtype) -> None:
     return None
 
 
-@torch.library.custom_op("sphkv::attend", mutates_args=("state",))
-@reference("attend")  # eager_ops.call_op calls it directly
+@custom_op("attend", mutates_args=("state",))
 def attend(q: torch.Tensor, state: list[torch.Tensor], k_new: torch.Tensor | None, v_new: torch.Tensor | None,
            valid_new: torch.Tensor | None, tiers: str, seed: int, kv_dtype: str, scale: float,
            obs_window: int, accumulate: bool, sinks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,8 +130,7 @@ def _(q, state, k_new, v_new, valid_new, tiers, seed, kv_dtype, scale, obs_windo
             q.new_empty((B, hkv, n), dtype=torch.float32))
 
 
-@torch.library.custom_op("sphkv::update_cache", mutates_args=("state",))
-@reference("update_cache")  # eager_ops.call_op calls it directly
+@custom_op("update_cache", mutates_args=("state",))
 def update_cache(state: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
                  utility: torch.Tensor | None, tiers: str, seed: int, kv_dtype: str, sink: int, recent: int,
                  target_tier: int) -> None:

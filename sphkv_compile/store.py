@@ -45,13 +45,18 @@ def page_demand_tensors(state: "TierState", new_counts: torch.Tensor) -> tuple[t
                                                                                 torch.Tensor]:
     """_page_demand without the read: (pages per head, pages each head needs, int64 [4] of pages
     needed in all, the most one head would hold, the free pages, the most one head needs)."""
-    new_pages = pages_for(new_counts, state.page_size)
-    need = new_pages - pages_for(state.count, state.page_size)
-    free = state.free_top[0].to(torch.int64)
+    return _demand(state.count, new_counts, state.free_top[0].to(torch.int64), state.page_size)
+
+
+def _demand(counts: torch.Tensor, new_counts: torch.Tensor, free: torch.Tensor, page_size: int):
+    """page_demand_tensors over the last two dims (heads of a tier, [B, H]); leading dims (tiers
+    stacked, reserve_tiers) give one row of the four numbers each: [..., 4]."""
+    new_pages = pages_for(new_counts, page_size)
+    need = new_pages - pages_for(counts, page_size)
     if not need.numel():
         zero = free * 0
-        return new_pages, need, torch.stack((zero, zero, free, zero))
-    return new_pages, need, torch.stack((need.sum(), new_pages.max(), free, need.max()))
+        return new_pages, need, torch.stack((zero, zero, free, zero), -1)
+    return new_pages, need, torch.stack((need.sum((-2, -1)), new_pages.amax((-2, -1)), free, need.amax((-2, -1))), -1)
 
 
 class StoreCapacityError(RuntimeError):
@@ -727,10 +732,5 @@ def _stacked_demand(items: list, page_size: int) -> torch.Tensor:
     new_counts = counts + (extra if isinstance(extra, int) else extra.to(torch.int64))
     if items[0][3] is not None:
         new_counts += torch.stack([store.states[top].count for store, _, _, top in items])
-    new_pages = (new_counts + page_size - 1) // page_size
-    need = new_pages - (counts + page_size - 1) // page_size
     free = torch.cat([store.states[t].free_top for store, t, _, _ in items]).to(torch.int64)
-    if not need[0].numel():
-        zero = free * 0
-        return torch.stack((zero, zero, free, zero), 1)
-    return torch.stack((need.sum((1, 2)), new_pages.amax((1, 2)), free, need.amax((1, 2))), 1)
+    return _demand(counts, new_counts, free, page_size)[2]

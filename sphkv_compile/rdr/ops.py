@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import torch
 
-from ..eager_ops import reference
+from ..eager_ops import custom_op
 from ..ops import dtype_from_name, parse_tiers, unflatten_state
 from .node import budget_step, current_budget, enter_chunk
 from .update import rdr_update as _rdr_update
 from .utility import query_key_gain
 
 
-@torch.library.custom_op("sphkv::rdr_update", mutates_args=("state",))
+@custom_op("rdr_update", mutates_args=("state",))
 def rdr_update(state: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
                utility: torch.Tensor | None, tiers: str, seed: int, kv_dtype: str, sink: int, recent: int,
                target_tier: int, budget_bytes: int, rebudget_every: int) -> None:
@@ -54,8 +54,7 @@ def _budget(states, specs, tokens, head_dim, seed, dtype, policy, budget, max_to
                           fraction=budget, max_tokens=max_tokens, sink=sink, recent=recent, rebudget_every=every)
 
 
-@torch.library.custom_op("sphkv::update_cache_rdr", mutates_args=("state", "meter"))
-@reference("update_cache_rdr")  # eager_ops.call_op calls it directly
+@custom_op("update_cache_rdr", mutates_args=("state", "meter"))
 def update_cache_rdr(state: list[torch.Tensor], meter: torch.Tensor, tokens: torch.Tensor, k: torch.Tensor,
                      v: torch.Tensor, valid: torch.Tensor | None, utility: torch.Tensor | None, tiers: str, seed: int,
                      kv_dtype: str, sink: int, recent: int, budget: float, max_tokens: int,
@@ -77,8 +76,7 @@ def _(state, meter, tokens, k, v, valid, utility, tiers, seed, kv_dtype, sink, r
     return None
 
 
-@torch.library.custom_op("sphkv::kv_budget", mutates_args=("state", "meter"))
-@reference("kv_budget")  # eager_ops.call_op calls it directly
+@custom_op("kv_budget", mutates_args=("state", "meter"))
 def kv_budget(state: list[torch.Tensor], meter: torch.Tensor, tokens: torch.Tensor, tiers: str, seed: int,
               kv_dtype: str, head_dim: int, sink: int, recent: int, policy: str, budget: float, max_tokens: int,
               rebudget_every: int) -> None:
