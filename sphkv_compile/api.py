@@ -262,6 +262,7 @@ def _wrap_generate(model, generate, key: str):
         steps = contextlib.nullcontext()
         if isinstance(cache, SphkvCache):
             _raise_if_longer_than_cache(args, kwargs, model, cache)
+            _refuse_drafts_under_rdr(kwargs, model, cache)
             graphs, why = _decode_step_mode(kwargs, model, cache)
             steps, graphs, why = _beam_search_steps(kwargs, model, cache, graphs, why)
             record_decode_step(graphs, why)
@@ -280,6 +281,21 @@ def _wrap_generate(model, generate, key: str):
         return out
 
     return sphkv_generate
+
+
+def _refuse_drafts_under_rdr(kwargs: dict, model, cache: SphkvCache) -> None:
+    """Assisted and prompt-lookup decoding crop the cache after rejected drafts, which policy
+    'rdr' cannot (SphkvLayer.is_croppable): refused before the prefill, naming the fix, rather
+    than by transformers' generic check after it."""
+    if all(layer.is_croppable for layer in cache.compressed_layers()):
+        return  # (transformers' own check still covers its dense layers)
+    config = _generation_config(kwargs, model)
+    drafts = [name for name in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+              if compile_rules.setting(kwargs, config, name) is not None]
+    if drafts:
+        raise ValueError(f"sphkv: {drafts[0]} (assisted decoding) removes rejected draft tokens from the cache, "
+                         "which policy 'rdr' cannot do (a re-budget may have turned the newest tokens into codes). "
+                         "Fix: optimize(model, policy='uniform'), or generate without drafts")
 
 
 def _beam_search_steps(kwargs: dict, model, cache: SphkvCache, graphs: bool, why: str):

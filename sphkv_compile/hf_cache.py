@@ -40,7 +40,7 @@ from .rdr.node import (cadence_counters, cadence_due, count_unbudgeted_step, cur
 from .report import register_kv_source
 from .head_pad import choose_stored_head_dim, options_for_stored, pad_last, padding_report
 from .options import SphkvOptions
-from .store import LayerStore, reserve_tiers, select_rows_of
+from .store import LayerStore, drop_newest, reserve_tiers, select_rows_of
 from .hf_plan import LayerPlan
 
 
@@ -52,7 +52,6 @@ class SphkvLayer(CacheLayerMixin):
     """One decoder layer's KV as a compressed paged store (see module docstring)."""
 
     is_sliding = False
-    is_croppable = False
 
     def __init__(self, options: SphkvOptions, layer_idx: int, max_cache_len: int | None = None,
                  sliding_window: int | None = None, kv_dtype: torch.dtype | None = None):
@@ -292,9 +291,68 @@ class SphkvLayer(CacheLayerMixin):
         self.store.select_rows(beam_idx, can_grow=self.max_cache_len is None)
         budget_meter.select_rows(self.meter, beam_idx)
 
+    @property
+    def is_croppable(self) -> bool:
+        """Policy 'uniform' can remove its newest tokens (crop); RDR cannot say which of its exact
+        tokens are the newest once a re-budget has run."""
+        return self.options.policy != "rdr"
+
+    @torch._dynamo.disable
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("the sphkv cache cannot be cropped (assisted/speculative decoding): "
-                                  "compressed tokens cannot be removed by position")
+        """Remove the newest -tokens_to_remove tokens of every batch row (assisted and
+        prompt-lookup decoding drop the draft tokens the model rejected; generate() only crops
+        tokens it generated, which every row holds). Possible while they are all still exact:
+        under policy 'uniform' the exact tier holds the sinks and then the newest tokens in
+        arrival order, and tokens that graduated to codes stay there (they are older than any
+        the crop removes). SphkvCache.crop checks all layers with one read back."""
+        n = self._tokens_to_crop(tokens_to_remove)
+        if n:
+            self._check_crop(n, int(self.removable_newest()))
+            self._drop_newest(n)
+
+    def _tokens_to_crop(self, tokens_to_remove: int) -> int:
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop({tokens_to_remove}): pass minus the number of tokens to remove, as to "
+                             "transformers' cache layers")
+        if self.store is None or tokens_to_remove == 0:
+            return 0
+        if not self.is_croppable:
+            from .hf import SphkvUnsupportedError
+
+            raise SphkvUnsupportedError(
+                f"layer {self.layer_idx}: policy 'rdr' cannot remove its newest tokens (crop, used by assisted and "
+                "prompt-lookup decoding): a re-budget may have turned some of them into codes. Fix: "
+                "optimize(model, policy='uniform') for assisted decoding", layer_idx=self.layer_idx)
+        return -tokens_to_remove
+
+    def removable_newest(self) -> torch.Tensor:
+        """How many newest tokens every (row, KV head) still holds exact, at the fewest (a 0-dim
+        tensor, not read back): all its tokens until one graduates to codes, then all but the
+        sinks."""
+        states, e = self.store.states, self.store.tier_index("exact")
+        exact = states[e].count.to(torch.int64)
+        coded = sum(s.count.to(torch.int64) for t, s in enumerate(states) if t != e)
+        return torch.where(coded > 0, exact - self.options.sink, exact).min()
+
+    def _check_crop(self, n: int, removable: int) -> None:
+        if n > removable:
+            from .hf import SphkvUnsupportedError
+
+            raise SphkvUnsupportedError(
+                f"layer {self.layer_idx}: cannot remove the newest {n} tokens (crop): only the newest {removable} are "
+                f"still exact (recent window {self.options.recent}); older ones are held as codes, which cannot be "
+                "removed by position. Fix: optimize(model, recent=...) at least as long as the drafts, or draft "
+                "fewer tokens (num_assistant_tokens, prompt_lookup_num_tokens)", layer_idx=self.layer_idx)
+
+    def _drop_newest(self, n: int) -> None:
+        exact = self.store.states[self.store.tier_index("exact")]
+        drop_newest(exact, torch.full_like(exact.count, n))
+        budget_meter.entered(self.meter).sub_(n)
+        if self.max_cache_len is not None:
+            self.cumulative_length.sub_(n)
+        else:
+            self.advance_dynamic(-n)
+        self.reserved_for = None
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise NotImplementedError("a filled sphkv cache cannot be expanded along the batch; repeat the prompt in "
@@ -421,6 +479,25 @@ class SphkvCache(Cache):
         for layer in self.layers:
             if not isinstance(layer, SphkvLayer):
                 layer.reorder_cache(beam_idx)
+
+    @torch._dynamo.disable
+    def crop(self, tokens_to_remove: int) -> None:
+        """Every layer drops its newest tokens (SphkvLayer.crop); the compressed layers are all
+        checked first, with one read back per device, so a crop that one layer cannot make
+        leaves every layer as it was."""
+        layers = [layer for layer in self.compressed_layers() if layer._tokens_to_crop(tokens_to_remove)]
+        removable = {}
+        for device in {layer.meter.device for layer in layers}:
+            on = [layer for layer in layers if layer.meter.device == device]
+            removable.update(zip(map(id, on), torch.stack([layer.removable_newest() for layer in on]).tolist()))
+        for layer in layers:
+            layer._check_crop(-tokens_to_remove, removable[id(layer)])
+        for layer in self.layers:
+            if isinstance(layer, SphkvLayer):
+                if layer in layers:
+                    layer._drop_newest(-tokens_to_remove)
+            else:
+                layer.crop(tokens_to_remove)
 
     def rebudget_due(self) -> int:
         """Between decode steps replayed from CUDA graphs (policy 'rdr'): every layer's re-budget

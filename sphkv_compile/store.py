@@ -245,6 +245,28 @@ def rebuild(state: TierState, records: torch.Tensor, utility: torch.Tensor, vali
     append_records(state, records, utility, valid, tier_name)
 
 
+def drop_newest(state: TierState, n: torch.Tensor) -> None:
+    """Remove the newest n [B, Hkv] tokens of each head (they are the last slots: a tier keeps
+    arrival order) and push the pages they leave empty back onto the free stack. n must not
+    exceed a head's count (the caller checks). In place and without a read back: the freed page
+    ids are scattered onto the stack in one pass."""
+    old = state.count.to(torch.int64)
+    new = old - n.to(torch.int64)
+    slot_page = torch.arange(state.pages.shape[-1], device=state.pages.device)
+    freed = (slot_page >= pages_for(new, state.page_size)[..., None]) & (slot_page < pages_for(old, state.page_size)[..., None])
+    flat = freed.flatten()
+    num_pages = state.free.shape[0]
+    top = state.free_top.to(torch.int64)
+    # the freed ids go above the stack top in page-table order; the rest write to a spare slot
+    where = torch.where(flat, top + torch.cumsum(flat.to(torch.int64), 0) - 1, num_pages)
+    stack = torch.cat((state.free, state.free.new_zeros(1)))
+    stack.scatter_(0, where, state.pages.flatten())
+    state.free.copy_(stack[:num_pages])
+    state.free_top.add_(flat.sum().to(state.free_top.dtype))
+    state.pages.masked_fill_(freed, -1)
+    state.count.copy_(new.to(state.count.dtype))
+
+
 def pages_for(tokens: torch.Tensor, page_size: int) -> torch.Tensor:
     """int64: the pages that many tokens fill densely (per element)."""
     return (tokens.to(torch.int64) + page_size - 1) // page_size

@@ -88,16 +88,6 @@ def test_report_lists_every_layer_and_measured_bytes():
     assert held > 0  # (at 19 tokens the pages held can exceed the dense bytes)
 
 
-def test_unsupported_decoding_modes_refuse():
-    """Assisted and prompt-lookup decoding crop the cache after rejected draft tokens, which
-    compressed tokens do not allow: refused with the reason, not answered wrongly (transformers
-    checks the layers' is_croppable itself; an older one calls crop, which raises)."""
-    model = api.optimize(_model(), bits=3.5)
-    ids = torch.randint(3, 128, (1, 8))
-    with pytest.raises((ValueError, NotImplementedError), match="cropped"):
-        model.generate(ids, max_new_tokens=6, do_sample=False, prompt_lookup_num_tokens=2)
-
-
 @pytest.mark.parametrize("static", [False, True])
 @torch.no_grad()
 def test_beam_search_under_rdr_reorders_rows_and_holds_the_budget(static, monkeypatch):
