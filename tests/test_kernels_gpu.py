@@ -754,6 +754,48 @@ def test_beam_search_replays_from_cuda_graphs_and_reorders_in_place(monkeypatch)
     assert torch.equal(beams("reduce-overhead"), with_graphs)
 
 
+def test_prompt_lookup_crops_a_static_cache_between_graph_replays(monkeypatch):
+    """Prompt-lookup decoding on the GPU: the model verifies drafts in chunks and the cache drops
+    rejected tokens between steps (SphkvLayer.crop, in place, so compiled steps and CUDA graphs
+    keep their addresses). The tokens equal those of the same run without graphs, crops removed
+    tokens while codes were held, and the pools' addresses never changed."""
+    import transformers as tf
+
+    import sphkv_compile.api as sphkv
+    import sphkv_compile.hf_cache as hf_cache
+
+    torch.manual_seed(random.randrange(2**31))
+    config = tf.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    model = sphkv.optimize(tf.LlamaForCausalLM(config).eval().to(DEV, torch.bfloat16), bits=3.5, recent=16)
+    half = torch.randint(3, 512, (1, 40), device=DEV)
+    ids = torch.cat([half, half[:, :30]], 1)  # repeats: prompt lookup finds drafts
+    cache = sphkv.new_cache(model, max_cache_len=ids.shape[1] + 48)
+    key = sphkv.cache_keyword(model)
+    drops, drop = [], hf_cache.SphkvLayer._drop_newest
+
+    def spy(self, n):
+        coded = sum(int(st.count.sum()) for t, st in enumerate(self.store.states)
+                    if t != self.store.tier_index("exact"))
+        drops.append((n, coded))
+        return drop(self, n)
+
+    monkeypatch.setattr(hf_cache.SphkvLayer, "_drop_newest", spy)
+    addresses = None
+    runs = {}
+    for mode in ("reduce-overhead", "default"):
+        cache.reset()
+        with torch.no_grad():
+            runs[mode] = model.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                                        prompt_lookup_num_tokens=4, compile_config=tf.CompileConfig(mode=mode),
+                                        **{key: cache})
+        now = [[t.data_ptr() for t in layer.state] for layer in cache.compressed_layers()]
+        assert addresses in (None, now)
+        addresses = now
+    assert torch.equal(runs["reduce-overhead"], runs["default"])
+    assert drops and all(n > 0 and coded > 0 for n, coded in drops)
+
+
 @pytest.mark.parametrize("name", ["falcon", "gemma2", "gpt_bigcode", "qwen3", "gpt_oss"])
 def test_zoo_generate_with_cuda_graphs_equals_generate_without(name, monkeypatch):
     """Architectures other than Llama through generate()'s CUDA graphs: Falcon (its own SDPA calls
