@@ -25,6 +25,7 @@ import functools
 import inspect
 import time
 import warnings
+import weakref
 
 import torch
 
@@ -221,9 +222,31 @@ def _wrap_forward(model, forward):
             out = forward(*args, **kwargs)
             check_attended(cache)
             return out
+        if cache is not None and not torch.compiler.is_compiling() and not attention_free(model.config):
+            _warn_dense_cache(cache)
         return forward(*args, **kwargs)
 
     return sphkv_forward
+
+
+_warned_caches = weakref.WeakSet()  # caches of the caller's own that _warn_dense_cache named already
+
+
+def _warn_dense_cache(cache) -> None:
+    """A cache of the caller's own (transformers' DynamicCache, StaticCache, ...) keeps dense K/V
+    and the model's attention runs over it uncompressed: correct, but not what optimize() was
+    called for, so it is said once per cache object. check() passes one on purpose for its
+    dense baseline."""
+    try:
+        if cache in _warned_caches:
+            return
+        _warned_caches.add(cache)
+    except TypeError:  # not weakly referenceable: say it every call rather than never
+        pass
+    warnings.warn(f"sphkv: this call passes its own {type(cache).__name__}, so attention runs dense over it and "
+                  "nothing is compressed (sphkv compresses only its own cache). Fix: pass no cache (generate() and "
+                  "the forward make one) or sphkv_compile.new_cache(model); to run dense on purpose, ignore "
+                  "SphkvCoverageWarning", SphkvCoverageWarning, stacklevel=3)
 
 
 def _generation_config(kwargs: dict, model):

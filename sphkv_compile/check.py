@@ -24,10 +24,12 @@ import argparse
 import inspect
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
 
+from .options import SphkvCoverageWarning
 from .tiers import TierSpec
 
 
@@ -136,7 +138,9 @@ def check(model, ids: torch.Tensor, settings: list, *, prefix: int, chunk: int, 
     from .report import report
 
     key = api.cache_keyword(model)
-    dense = score(model, ids, prefix, chunk, DynamicCache(config=model.config), key, progress)
+    with warnings.catch_warnings():  # a dense cache on purpose (api._warn_dense_cache)
+        warnings.simplefilter("ignore", SphkvCoverageWarning)
+        dense = score(model, ids, prefix, chunk, DynamicCache(config=model.config), key, progress)
     rows = [CheckRow("dense", dense.perplexity, 0.0, 1.0, 1.0)]
     for setting in settings:
         api.optimize(model, **(parse_setting(setting) if isinstance(setting, str) else setting))

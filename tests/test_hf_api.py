@@ -365,3 +365,26 @@ def test_a_dropped_cache_is_freed_without_the_cycle_collector():
         assert layer() is None and store() is None
     finally:
         gc.enable()
+
+
+@torch.no_grad()
+def test_a_cache_of_the_callers_own_runs_dense_and_says_so_once():
+    """transformers' own cache passed to an optimized model holds dense K/V: the tokens are
+    dense's, and a SphkvCoverageWarning names the cause and the fix, once per cache object."""
+    from sphkv_compile.options import SphkvCoverageWarning
+
+    model = _model()
+    ids = torch.randint(3, 128, (1, 12))
+    dense = model.generate(ids, max_new_tokens=5, do_sample=False)
+    fast = api.optimize(copy.deepcopy(model))
+    for cache in (tf.DynamicCache(config=model.config), tf.StaticCache(config=model.config, max_cache_len=32)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = fast.generate(ids, max_new_tokens=5, do_sample=False, **{api.cache_keyword(fast): cache})
+        said = [w for w in caught if issubclass(w.category, SphkvCoverageWarning)]
+        assert torch.equal(out, dense)
+        assert len(said) == 1 and type(cache).__name__ in str(said[0].message)
+        assert "new_cache" in str(said[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SphkvCoverageWarning)  # sphkv's own cache: nothing to say
+        fast.generate(ids, max_new_tokens=5, do_sample=False)
