@@ -270,6 +270,8 @@ def _wrap_generate(model, generate, key: str):
                 raise ValueError(f"cache_implementation={impl!r} is not available with sphkv; "
                                  "use 'dynamic' or 'static'")
             total = _generation_length(args, kwargs, config)
+            if total is not None:
+                total += _prompt_lookup_overrun(kwargs, config)
             if impl in STATIC_IMPLEMENTATIONS and total is None:
                 raise ValueError("a static sphkv cache needs input_ids and max_new_tokens or max_length "
                                  "to size its pools")
@@ -495,6 +497,16 @@ def _raise_if_longer_than_cache(args, kwargs, model, cache: SphkvCache) -> None:
                          f"or generate fewer tokens")
 
 
+# Prompt-lookup decoding verifies a last chunk that reaches two positions past the max_length - 1
+# a static cache is sized for (transformers 5.25; its own StaticCache fails the same way).
+PROMPT_LOOKUP_OVERRUN = 2
+
+
+def _prompt_lookup_overrun(kwargs: dict, config) -> int:
+    """Cache positions this generate() call needs beyond max_length - 1 (see PROMPT_LOOKUP_OVERRUN)."""
+    return PROMPT_LOOKUP_OVERRUN if compile_rules.setting(kwargs, config, "prompt_lookup_num_tokens") else 0
+
+
 def _prompt_ids(args, kwargs) -> torch.Tensor | None:
     """generate()'s input_ids, by keyword or as its first argument (None: inputs_embeds only)."""
     return kwargs.get("input_ids", args[0] if args else None)
@@ -506,6 +518,9 @@ def _cached_positions(args, kwargs, model) -> tuple[int, str] | None:
     config = _generation_config(kwargs, model)
     asked = _requested_length(args, kwargs, config)
     if asked is not None:
+        overrun = _prompt_lookup_overrun(kwargs, config)
+        if overrun:
+            return asked[0] - 1 + overrun, f"{asked[1]} - 1 + {overrun} for prompt lookup's last draft"
         return asked[0] - 1, f"{asked[1]} - 1"
     ids = _prompt_ids(args, kwargs)
     if ids is None:

@@ -154,3 +154,38 @@ def test_rdr_refuses_assisted_decoding_with_the_reason():
     assert not cache.is_croppable
     with pytest.raises(SphkvUnsupportedError, match="policy='uniform'"):
         cache.crop(-1)
+
+
+def _lookup_prompt(vocab: int):
+    g = torch.Generator().manual_seed(1000)
+    half = torch.randint(3, vocab, (1, 12), generator=g)
+    return torch.cat([half, half, half[:, :6]], 1)
+
+
+@pytest.mark.parametrize("name", ["llama", "falcon", "gemma2", "gpt_oss", "own_sdpa_llama", "qwen3_next"])
+@torch.no_grad()
+def test_zoo_prompt_lookup_gives_dense_tokens(name):
+    """Prompt lookup on both cache kinds over the zoo's harder cases: SDPA calls routed to the
+    store (Falcon before transformers 5.25, own_sdpa_llama), dense sliding layers beside
+    compressed ones (Gemma2), sink logits (gpt-oss), linear-attention layers that crop their own
+    state (Qwen3-Next). generate() sizes the static cache for prompt lookup's last draft."""
+    from tests import test_zoo as zoo
+
+    model = zoo.build(zoo.ZOO.get(name) or zoo.HYBRID_ZOO[name], 7)
+    ids = _lookup_prompt(zoo.VOCAB)
+    kw = dict(max_new_tokens=zoo.NEW, min_new_tokens=zoo.NEW, do_sample=False, pad_token_id=0)
+    dense = model.generate(ids, **kw)
+    fast = zoo.optimized(model, **zoo.HIGH_BITS)
+    for cache in ("dynamic", "static"):
+        out = fast.generate(ids, prompt_lookup_num_tokens=3, cache_implementation=cache, **kw)
+        assert torch.equal(out, dense), f"{name}/{cache}: first mismatch at {(out != dense).nonzero()[0].tolist()}"
+
+
+@torch.no_grad()
+def test_a_static_cache_too_small_for_prompt_lookup_is_refused_up_front():
+    fast = api.optimize(_model(), tiers=HIGH_BITS, sink=2, recent=16)
+    ids = _repeating_prompt()
+    cache = api.new_cache(fast, max_cache_len=ids.shape[1] + 20)  # enough without drafts
+    with pytest.raises(ValueError, match="prompt lookup"):
+        fast.generate(ids, max_new_tokens=20, do_sample=False, prompt_lookup_num_tokens=3,
+                      **{api.cache_keyword(fast): cache})
