@@ -19,7 +19,7 @@ Each kernel below builds its operand with the decoders' own construction (per-le
 joined in registers, then permuted and reshaped into that numbering) from stand-in leaves, and
 converts it to the mma operand layout with convert_layout(assert_trivial=True), so the compile
 itself proves that the conversion moves no data between threads; it prints the kernel's shared
-memory (0: no round trip; the exit status counts the kernels that use any). Results: docs/PERFORMANCE.md, session 23.
+memory (0: no round trip; the exit status counts the kernels that use any). Results: docs/PERFORMANCE_HISTORY.md, session 23.
 """
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ tables sit in shared memory as float16 pairs and the trees run in f16x2, as toda
 is checked against a float64 decode of the same records. A probe, not a kernel: it answers
 whether a format change and a Gluon kernel are worth building.
 
-Results (docs/PERFORMANCE.md, session 24): 1.22-1.48x today's kernel at Llama-3-8B decode points,
+Results (docs/PERFORMANCE_HISTORY.md, session 24): 1.22-1.48x today's kernel at Llama-3-8B decode points,
 0.86-0.95x cuDNN. A kernel built this way on the real records (commits c04e68f..81acd00) was
 slower than today's and was removed.
 """

@@ -22,12 +22,12 @@ from sphkv_compile.tiers import TierSpec
 
 # kernels.attend.CODED settings
 # (each applied on top of the defaults; sessions 2 and 3 timed programs_per_sm and maxnreg:
-# docs/PERFORMANCE.md)
+# docs/PERFORMANCE_HISTORY.md)
 # Session 6 swept min_tiles_per_split (1, 4, 8), programs_per_sm=4 and combine_splits=8; session 7
-# the packed 16-bit decoders (then a setting, removed after this sweep: docs/PERFORMANCE.md).
+# the packed 16-bit decoders (then a setting, removed after this sweep: docs/PERFORMANCE_HISTORY.md).
 # Session 8 decoding in halves of D (fewer registers), alone, capped at 128 registers, and with four
 # blocks per SM (then the default: benchmarks/results/h200_sweep_coded_session8.json). Session 11
-# timed joint lookups of two tree levels (slower, removed: docs/PERFORMANCE.md). Session 12 the
+# timed joint lookups of two tree levels (slower, removed: docs/PERFORMANCE_HISTORY.md). Session 12 the
 # quarters kernel at the default cap, and quarters and halves at 96 registers, five per SM (no
 # gain: h200_sweep_coded_session12_quarters.json); now the tables staged in shared memory, with
 # halves and with whole tiles (which fit 128 registers unspilled when the lookups need no 64-bit

@@ -32,13 +32,13 @@ LOG2E = 1.0 / math.log(2.0)
 # Partials of one launch group are kept under this many bytes (long prefills run in query chunks).
 PARTIAL_BYTES = 1 << 28
 # Tile and launch shape of the paged kernel, from the sweep in benchmarks/bench_decode.py on an
-# H100 (docs/PERFORMANCE.md): 64-token tiles, 4 warps, one stage (two stages ran 2-4x slower:
+# H100 (docs/PERFORMANCE_HISTORY.md): 64-token tiles, 4 warps, one stage (two stages ran 2-4x slower:
 # the software pipeline's shared-memory buffers cut occupancy).
 DEFAULT_BLOCK_T = 64
 DEFAULT_WARPS = 4
 DEFAULT_STAGES = 1
 # Compressed tiers: the generated decoders run one token per thread, so a tile is one token
-# per thread of the program (docs/PERFORMANCE.md has the sweep).
+# per thread of the program (docs/PERFORMANCE_HISTORY.md has the sweep).
 CODED_WARPS = 4
 # Tunables of the compressed-tier kernel, read at launch (benchmarks/sweep_coded.py sets them).
 # bf16_tiles: the decoded key/value tiles enter tl.dot as bfloat16, like dense bf16 attention

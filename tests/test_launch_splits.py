@@ -38,7 +38,7 @@ def test_no_split_count_leaves_the_busiest_sm_less_work(rows, sms, per_sm, most)
 ])
 def test_split_counts_measured_on_the_h200(rows, expected, monkeypatch):
     """The launch's whole rule at 132 SMs (an H200) and 32k tokens per row; benchmarks/sweep_waves.py
-    timed these shapes (docs/PERFORMANCE.md, session 15) at that session's launch settings: four
+    timed these shapes (docs/PERFORMANCE_HISTORY.md, session 15) at that session's launch settings: four
     programs per SM, 128-token tiles."""
     monkeypatch.setitem(attend.CODED, "programs_per_sm", 4)
     monkeypatch.setitem(attend.CODED, "tokens_per_thread", 1)
