@@ -22,6 +22,21 @@ UNSUPPORTED_CACHE = "unsupported cache update"
 NON_CONSTANT_SCALE = "the score scale is not a positive constant"
 UNRECOGNIZED = "unrecognized attention pattern"
 GRAD_ENABLED = "autograd is recording (grad enabled with inputs that require grad): the sphkv ops have no backward"
+# transformers models keep their KV in a Cache object outside the graph, and generate() calls the
+# model's own forward, not a torch.compile wrapper: optimize() is their entry point
+TRANSFORMERS_MODEL = ("a transformers model: use sphkv_compile.optimize(model), which gives its forward and "
+                      "generate() the compressed cache (torch.compile wraps only the forward, and generate() "
+                      "calls the model's own)")
+
+
+def from_transformers(gm) -> bool:
+    """Was this graph traced from a transformers model (its nodes' module stack says so)?"""
+    for node in gm.graph.nodes:
+        for _, module_type in (node.meta.get("nn_module_stack") or {}).values():
+            name = module_type if isinstance(module_type, str) else f"{module_type.__module__}.{module_type.__name__}"
+            if name.startswith("transformers."):
+                return True
+    return False
 
 
 class StayDense(Exception):

@@ -44,6 +44,8 @@ from .options import SphkvCoverageWarning, SphkvOptions, SphkvPerformanceWarning
 
 STATIC_IMPLEMENTATIONS = ("static", "hybrid", "sliding_window", "hybrid_chunked")
 _STATE_ATTR = "_sphkv_state"
+# the models optimize() prepared (the backend's hint to call optimize() is for processes with none)
+OPTIMIZED_MODELS: "weakref.WeakSet" = weakref.WeakSet()
 
 
 class _ModelState:
@@ -151,6 +153,7 @@ def optimize(model, kv_dtype: torch.dtype | None = None, trial: bool = True, **o
     # hf.SdpaRouting, which answers its SDPA calls from the store (_wrap_forward)
     state = _ModelState(opts, model.forward, model.generate, original_impl, kv_dtype)
     setattr(model, _STATE_ATTR, state)
+    OPTIMIZED_MODELS.add(model)
     model.forward = _wrap_forward(model, state.original_forward)
     model.generate = _wrap_generate(model, state.original_generate, _cache_keyword(state.original_forward))
     if trial:

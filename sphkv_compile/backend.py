@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import logging
 import os
+import warnings
 
 import torch
 
@@ -76,6 +77,7 @@ def sphkv_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
         rewriter.rewrite(g, len(done))
         done.append(g)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    _hint_transformers(gm, sites)
     for s in sites:
         _record(s)
         if not s.rewritable and s.key is not None and (store_of(example_inputs[placeholders.index(s.key.past)])
@@ -87,6 +89,24 @@ def sphkv_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
     if not done:
         return _inner_compile(gm, example_inputs)
     return CompiledWithStores(gm, list(example_inputs), done, options)
+
+
+def _hint_transformers(gm, sites) -> None:
+    """A transformers model compiled with this backend directly: its sites stay dense (the KV
+    lives in a Cache object, not in the graph). Each such site's reason names optimize(), and a
+    warning says it once per compile."""
+    from .inductor_passes.fallback import TRANSFORMERS_MODEL, from_transformers
+    from .options import SphkvCoverageWarning
+
+    from .api import OPTIMIZED_MODELS
+
+    dense = [s for s in sites if not s.rewritable]
+    if not dense or len(OPTIMIZED_MODELS) or not from_transformers(gm):
+        return  # (a process that ran optimize() compiles its models' steps here on purpose)
+    for s in dense:
+        s.reason = f"{s.reason}; {TRANSFORMERS_MODEL}"
+    warnings.warn(f"sphkv: {len(dense)} attention site(s) stay dense: {TRANSFORMERS_MODEL}", SphkvCoverageWarning,
+                  stacklevel=2)
 
 
 def _inner_compile(gm, inputs, config_patches=None):

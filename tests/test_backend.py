@@ -102,3 +102,29 @@ def test_cat_store_grows_past_its_first_capacity(monkeypatch):
     check_case(Spec(cache="cat"), [3] + [1] * 7, 0, 12)
     assert sphkv_compile.report()["sites"][0]["rewritten"]
     assert grown, "the store never had to grow"
+
+
+@torch.no_grad()
+def test_a_transformers_model_compiled_directly_is_told_to_use_optimize(monkeypatch):
+    """torch.compile(hf_model, backend="sphkv") sees one forward's graph, whose KV lives in a
+    transformers Cache outside it: the sites stay dense, and their reasons and a warning name
+    sphkv_compile.optimize (what gives forward and generate() the compressed cache)."""
+    import weakref
+
+    import transformers as tf
+
+    from sphkv_compile import api
+    from sphkv_compile.options import SphkvCoverageWarning
+
+    monkeypatch.setattr(api, "OPTIMIZED_MODELS", weakref.WeakSet())  # a process that never ran optimize()
+    torch._dynamo.reset()
+    config = tf.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = tf.LlamaForCausalLM(config).eval()
+    ids = torch.randint(3, 128, (1, 6))
+    with pytest.warns(SphkvCoverageWarning, match="optimize"):
+        out = torch.compile(model, backend="sphkv")(ids, use_cache=True)
+    torch.testing.assert_close(out.logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+    sites = sphkv_compile.report()["sites"]
+    assert len(sites) == 2 and not any(s["rewritten"] for s in sites)
+    assert all("sphkv_compile.optimize(model)" in s["reason"] for s in sites), sites
