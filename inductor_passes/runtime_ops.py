@@ -46,9 +46,13 @@ def advance(cursor: torch.Tensor, state: list[torch.Tensor], positions: torch.Te
         cursor.zero_()
         budget_meter.reset(meter)
     elif p0 != int(cursor[0]):
+        held = int(cursor[0])
+        why = ("a compressed cache cannot be rewound or forked (start a new sequence at position 0)" if held else
+               "the positions before it went into the dense cache through a graph sphkv did not rewrite (report() "
+               "after that call said why), such as a transformers model's prefill: a transformers model goes "
+               "through sphkv_compile.optimize(model)")
         raise SphkvCacheError(f"sphkv: the cache is written at position {p0} but the compressed store holds positions "
-                              f"0..{int(cursor[0]) - 1}; a compressed cache cannot be rewound or forked "
-                              f"(start a new sequence at position 0)")
+                              f"0..{held - 1}; {why}")
     cursor.add_(n)
 
 
