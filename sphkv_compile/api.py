@@ -290,7 +290,7 @@ def _wrap_generate(model, generate, key: str):
         steps = contextlib.nullcontext()
         if isinstance(cache, SphkvCache):
             _raise_if_longer_than_cache(args, kwargs, model, cache)
-            _refuse_drafts_under_rdr(kwargs, model, cache)
+            _check_drafts(kwargs, model, cache)
             graphs, why = _decode_step_mode(kwargs, model, cache)
             steps, graphs, why = _beam_search_steps(kwargs, model, cache, graphs, why)
             record_decode_step(graphs, why)
@@ -311,19 +311,25 @@ def _wrap_generate(model, generate, key: str):
     return sphkv_generate
 
 
-def _refuse_drafts_under_rdr(kwargs: dict, model, cache: SphkvCache) -> None:
-    """Assisted and prompt-lookup decoding crop the cache after rejected drafts, which policy
-    'rdr' cannot (SphkvLayer.is_croppable): refused before the prefill, naming the fix, rather
-    than by transformers' generic check after it."""
-    if all(layer.is_croppable for layer in cache.compressed_layers()):
-        return  # (transformers' own check still covers its dense layers)
+def _check_drafts(kwargs: dict, model, cache: SphkvCache) -> None:
+    """Assisted and prompt-lookup decoding crop the cache after rejected drafts, which reaches
+    only the newest `recent` tokens (cache_crop.py): a setting that cannot work is refused
+    before the prefill, naming the fix, rather than at the first crop or by transformers'
+    generic check."""
     config = _generation_config(kwargs, model)
-    drafts = [name for name in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
-              if compile_rules.setting(kwargs, config, name) is not None]
-    if drafts:
+    drafts = _drafts(kwargs, config)
+    if not drafts:
+        return
+    recent = cache.options.recent
+    if recent <= 0:
         raise ValueError(f"sphkv: {drafts[0]} (assisted decoding) removes rejected draft tokens from the cache, "
-                         "which policy 'rdr' cannot do (a re-budget may have turned the newest tokens into codes). "
-                         "Fix: optimize(model, policy='uniform'), or generate without drafts")
+                         "which recent=0 does not allow (no newest token is sure to be exact). Fix: "
+                         "optimize(model, recent=...) at least as long as the drafts")
+    k = compile_rules.setting(kwargs, config, "prompt_lookup_num_tokens")
+    if k is not None and int(k) > recent:
+        raise ValueError(f"sphkv: prompt_lookup_num_tokens={int(k)} drafts more tokens than the {recent} newest the "
+                         f"cache can remove after a rejection (recent={recent}). Fix: prompt_lookup_num_tokens <= "
+                         f"{recent}, or optimize(model, recent={int(k)})")
 
 
 def _beam_search_steps(kwargs: dict, model, cache: SphkvCache, graphs: bool, why: str):
@@ -442,6 +448,7 @@ def _decode_step_mode(kwargs: dict, model, cache: SphkvCache) -> tuple[bool, str
     asked = kwargs.get("compile_config", getattr(config, "compile_config", None))
     why = graph_blocker(model, cache.capacity)
     _warn_if_kernels_do_not_cover(model, why)
+    why = why or _drafts_block_graphs(kwargs, config)
     if why is not None and asked is None and model.device.type != "cpu":  # generate() auto-compiles off the CPU
         kwargs["compile_config"] = asked = CompileConfig(mode="default")
     elif why is not None and asked is not None and asked.backend != "sphkv" and _asks_for_graphs(asked):
@@ -462,6 +469,25 @@ def _decode_step_mode(kwargs: dict, model, cache: SphkvCache) -> tuple[bool, str
     if cache.options.policy == "rdr":
         return True, "static cache, every op on the Triton kernels, RDR re-budgets between steps"
     return True, "static cache, uniform policy, every op on the Triton kernels"
+
+
+DRAFT_SETTINGS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+
+
+def _drafts(kwargs: dict, config) -> list[str]:
+    """The assisted-decoding settings this generate() call uses (drafts verified in chunks)."""
+    return [name for name in DRAFT_SETTINGS if compile_rules.setting(kwargs, config, name) is not None]
+
+
+def _drafts_block_graphs(kwargs: dict, config) -> str | None:
+    """Assisted decoding verifies each draft in a chunk of several tokens; the cache update of a
+    chunk decides on the host (the device kernels take one token per step), which a CUDA graph
+    cannot replay. Such a call compiles its steps without graphs."""
+    drafts = _drafts(kwargs, config)
+    if drafts:
+        return (f"{drafts[0]} (assisted decoding) verifies drafts in chunks of several tokens, whose cache update "
+                "reads back to the host")
+    return None
 
 
 def _asks_for_graphs(config) -> bool:
@@ -500,14 +526,13 @@ def _raise_if_longer_than_cache(args, kwargs, model, cache: SphkvCache) -> None:
                          f"or generate fewer tokens")
 
 
-# Prompt-lookup decoding verifies a last chunk that reaches two positions past the max_length - 1
-# a static cache is sized for (transformers 5.25; its own StaticCache fails the same way).
-PROMPT_LOOKUP_OVERRUN = 2
-
-
 def _prompt_lookup_overrun(kwargs: dict, config) -> int:
-    """Cache positions this generate() call needs beyond max_length - 1 (see PROMPT_LOOKUP_OVERRUN)."""
-    return PROMPT_LOOKUP_OVERRUN if compile_rules.setting(kwargs, config, "prompt_lookup_num_tokens") else 0
+    """Cache positions this generate() call needs beyond the max_length - 1 a static cache is
+    sized for: prompt lookup (transformers 5.25) drafts up to prompt_lookup_num_tokens tokens
+    while two positions are left, without capping the draft by that room, so its last verify
+    chunk can reach k - 1 positions further (transformers' own StaticCache fails there too)."""
+    k = compile_rules.setting(kwargs, config, "prompt_lookup_num_tokens")
+    return max(0, int(k) - 1) if k else 0
 
 
 def _prompt_ids(args, kwargs) -> torch.Tensor | None:

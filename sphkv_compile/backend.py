@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import logging
 import os
+import sys
 import warnings
 
 import torch
@@ -95,14 +96,17 @@ def _hint_transformers(gm, sites) -> None:
     """A transformers model compiled with this backend directly: its sites stay dense (the KV
     lives in a Cache object, not in the graph). Each such site's reason names optimize(), and a
     warning says it once per compile."""
+    dense = [s for s in sites if not s.rewritable]
+    if not dense:
+        return
+    api = sys.modules.get("sphkv_compile.api")  # (not imported here: it imports transformers)
+    if api is not None and len(api.OPTIMIZED_MODELS):
+        return  # a process that ran optimize() compiles its models' steps here on purpose
     from .inductor_passes.fallback import TRANSFORMERS_MODEL, from_transformers
     from .options import SphkvCoverageWarning
 
-    from .api import OPTIMIZED_MODELS
-
-    dense = [s for s in sites if not s.rewritable]
-    if not dense or len(OPTIMIZED_MODELS) or not from_transformers(gm):
-        return  # (a process that ran optimize() compiles its models' steps here on purpose)
+    if not from_transformers(gm):
+        return
     for s in dense:
         s.reason = f"{s.reason}; {TRANSFORMERS_MODEL}"
     warnings.warn(f"sphkv: {len(dense)} attention site(s) stay dense: {TRANSFORMERS_MODEL}", SphkvCoverageWarning,

@@ -28,7 +28,7 @@ import weakref
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, StaticLayer
 
-from . import rdr
+from . import cache_crop, rdr
 from .eager_ops import call_op
 from .ops import prepare_store
 from .rdr import meter as budget_meter
@@ -40,7 +40,7 @@ from .rdr.node import (cadence_counters, cadence_due, count_unbudgeted_step, cur
 from .report import register_kv_source
 from .head_pad import choose_stored_head_dim, options_for_stored, pad_last, padding_report
 from .options import SphkvOptions
-from .store import LayerStore, drop_newest, reserve_tiers, select_rows_of
+from .store import LayerStore, reserve_tiers, select_rows_of
 from .hf_plan import LayerPlan
 
 
@@ -74,6 +74,7 @@ class SphkvLayer(CacheLayerMixin):
         # reference back would leave every dropped cache (pools and all) to the cycle collector
         self.owner: weakref.ref | None = None
         self.reserved_for: tuple[int, int] | None = None  # (seen, chunk) another layer reserved this one for
+        self.crop_base: tuple[torch.Tensor, torch.Tensor] | None = None  # policy 'rdr': cache_crop._newest_run
 
     # ---- allocation ---------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -277,6 +278,7 @@ class SphkvLayer(CacheLayerMixin):
         self.stored_any = False
         self.awaiting_attention = False
         self.reserved_for = None
+        self.crop_base = None
 
     @torch._dynamo.disable
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -290,49 +292,37 @@ class SphkvLayer(CacheLayerMixin):
         self.reserved_for = None  # rows' token counts change
         self.store.select_rows(beam_idx, can_grow=self.max_cache_len is None)
         budget_meter.select_rows(self.meter, beam_idx)
+        cache_crop.reorder_rows(self, beam_idx)
 
     @property
     def is_croppable(self) -> bool:
-        """Policy 'uniform' can remove its newest tokens (crop); RDR cannot say which of its exact
-        tokens are the newest once a re-budget has run."""
-        return self.options.policy != "rdr"
+        """Can crop remove newest tokens (cache_crop.py)? Not with recent=0: once a token is coded
+        none of the newest is sure to be exact."""
+        return self.options.recent > 0
 
     @torch._dynamo.disable
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the newest -tokens_to_remove tokens of every batch row (assisted and
         prompt-lookup decoding drop the draft tokens the model rejected; generate() only crops
-        tokens it generated, which every row holds). Possible while they are all still exact:
-        under policy 'uniform' the exact tier holds the sinks and then the newest tokens in
-        arrival order, and tokens that graduated to codes stay there (they are older than any
-        the crop removes). SphkvCache.crop checks all layers with one read back."""
+        tokens it generated, which every row holds). Possible while they are all still exact
+        (cache_crop.py). SphkvCache.crop checks all layers with one read back."""
         n = self._tokens_to_crop(tokens_to_remove)
         if n:
-            self._check_crop(n, int(self.removable_newest()))
-            self._drop_newest(n)
+            self._check_crop(n, int(cache_crop.removable_newest(self)))
+            cache_crop.drop(self, n)
 
     def _tokens_to_crop(self, tokens_to_remove: int) -> int:
-        if tokens_to_remove > 0:
-            raise ValueError(f"crop({tokens_to_remove}): pass minus the number of tokens to remove, as to "
-                             "transformers' cache layers")
-        if self.store is None or tokens_to_remove == 0:
+        if self.store is None:
             return 0
-        if not self.is_croppable:
+        n = cache_crop.tokens_to_remove(self, tokens_to_remove)
+        if n and not self.is_croppable:
             from .hf import SphkvUnsupportedError
 
             raise SphkvUnsupportedError(
-                f"layer {self.layer_idx}: policy 'rdr' cannot remove its newest tokens (crop, used by assisted and "
-                "prompt-lookup decoding): a re-budget may have turned some of them into codes. Fix: "
-                "optimize(model, policy='uniform') for assisted decoding", layer_idx=self.layer_idx)
-        return -tokens_to_remove
-
-    def removable_newest(self) -> torch.Tensor:
-        """How many newest tokens every (row, KV head) still holds exact, at the fewest (a 0-dim
-        tensor, not read back): all its tokens until one graduates to codes, then all but the
-        sinks."""
-        states, e = self.store.states, self.store.tier_index("exact")
-        exact = states[e].count.to(torch.int64)
-        coded = sum(s.count.to(torch.int64) for t, s in enumerate(states) if t != e)
-        return torch.where(coded > 0, exact - self.options.sink, exact).min()
+                f"layer {self.layer_idx}: recent=0 keeps none of the newest tokens exact, so they cannot be removed "
+                "(crop, used by assisted and prompt-lookup decoding). Fix: optimize(model, recent=...) at least as "
+                "long as the drafts", layer_idx=self.layer_idx)
+        return n
 
     def _check_crop(self, n: int, removable: int) -> None:
         if n > removable:
@@ -340,19 +330,9 @@ class SphkvLayer(CacheLayerMixin):
 
             raise SphkvUnsupportedError(
                 f"layer {self.layer_idx}: cannot remove the newest {n} tokens (crop): only the newest {removable} are "
-                f"still exact (recent window {self.options.recent}); older ones are held as codes, which cannot be "
-                "removed by position. Fix: optimize(model, recent=...) at least as long as the drafts, or draft "
-                "fewer tokens (num_assistant_tokens, prompt_lookup_num_tokens)", layer_idx=self.layer_idx)
-
-    def _drop_newest(self, n: int) -> None:
-        exact = self.store.states[self.store.tier_index("exact")]
-        drop_newest(exact, torch.full_like(exact.count, n))
-        budget_meter.entered(self.meter).sub_(n)
-        if self.max_cache_len is not None:
-            self.cumulative_length.sub_(n)
-        else:
-            self.advance_dynamic(-n)
-        self.reserved_for = None
+                f"sure to be exact (recent window {self.options.recent}); older ones may be held as codes, which "
+                "cannot be removed by position. Fix: optimize(model, recent=...) at least as long as the drafts, or "
+                "draft fewer tokens (num_assistant_tokens, prompt_lookup_num_tokens)", layer_idx=self.layer_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise NotImplementedError("a filled sphkv cache cannot be expanded along the batch; repeat the prompt in "
@@ -476,28 +456,31 @@ class SphkvCache(Cache):
         select_rows_of([layer.store for layer in filled], beam_idx,
                        can_grow=all(layer.max_cache_len is None for layer in filled))
         budget_meter.select_rows_of([layer.meter for layer in filled], beam_idx)
+        for layer in filled:
+            cache_crop.reorder_rows(layer, beam_idx)
         for layer in self.layers:
             if not isinstance(layer, SphkvLayer):
                 layer.reorder_cache(beam_idx)
 
     @torch._dynamo.disable
     def crop(self, tokens_to_remove: int) -> None:
-        """Every layer drops its newest tokens (SphkvLayer.crop); the compressed layers are all
-        checked first, with one read back per device, so a crop that one layer cannot make
-        leaves every layer as it was."""
-        layers = [layer for layer in self.compressed_layers() if layer._tokens_to_crop(tokens_to_remove)]
+        """Every layer drops its newest tokens (SphkvLayer.crop). The compressed layers are all
+        checked first, with one read back per device, and change last, so a crop that a
+        compressed layer cannot make leaves every layer as it was."""
+        counts = {id(layer): layer._tokens_to_crop(tokens_to_remove) for layer in self.compressed_layers()}
+        layers = [layer for layer in self.compressed_layers() if counts[id(layer)]]
         removable = {}
         for device in {layer.meter.device for layer in layers}:
             on = [layer for layer in layers if layer.meter.device == device]
-            removable.update(zip(map(id, on), torch.stack([layer.removable_newest() for layer in on]).tolist()))
+            removable.update(zip(map(id, on), torch.stack([cache_crop.removable_newest(layer)
+                                                           for layer in on]).tolist()))
         for layer in layers:
-            layer._check_crop(-tokens_to_remove, removable[id(layer)])
+            layer._check_crop(counts[id(layer)], removable[id(layer)])
         for layer in self.layers:
-            if isinstance(layer, SphkvLayer):
-                if layer in layers:
-                    layer._drop_newest(-tokens_to_remove)
-            else:
+            if not isinstance(layer, SphkvLayer):
                 layer.crop(tokens_to_remove)
+        for layer in layers:
+            cache_crop.drop(layer, counts[id(layer)])
 
     def rebudget_due(self) -> int:
         """Between decode steps replayed from CUDA graphs (policy 'rdr'): every layer's re-budget

@@ -254,6 +254,7 @@ def drop_newest(state: TierState, n: torch.Tensor) -> None:
     new = old - n.to(torch.int64)
     slot_page = torch.arange(state.pages.shape[-1], device=state.pages.device)
     freed = (slot_page >= pages_for(new, state.page_size)[..., None]) & (slot_page < pages_for(old, state.page_size)[..., None])
+    freed &= state.pages >= 0  # (pages are taken densely, so this only guards the stack)
     flat = freed.flatten()
     num_pages = state.free.shape[0]
     top = state.free_top.to(torch.int64)

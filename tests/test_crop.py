@@ -10,9 +10,9 @@ import transformers as tf
 from hypothesis import given, settings, strategies as st
 
 from sphkv_compile import api
-from sphkv_compile import hf_cache
+from sphkv_compile import cache_crop
 from sphkv_compile.hf import SphkvUnsupportedError
-from sphkv_compile.store import LayerStore, drop_newest, gather_tokens, pages_for
+from sphkv_compile.store import LayerStore, drop_newest, gather_tokens, pages_for, split_exact
 from sphkv_compile.tiers import DEFAULT_TIERS
 
 HIGH_BITS = ("exact:exact", "hi:k12:polar12:r32")
@@ -83,15 +83,15 @@ def _repeating_prompt(seed=0):
 def crops(monkeypatch):
     """The tokens generate()'s crops remove from compressed layers, and whether codes were held then."""
     seen = []
-    drop = hf_cache.SphkvLayer._drop_newest
+    drop = cache_crop.drop
 
-    def spy(self, n):
-        st = self.store
+    def spy(layer, n):
+        st = layer.store
         coded = sum(int(s.count.sum()) for t, s in enumerate(st.states) if t != st.tier_index("exact"))
         seen.append((n, coded))
-        return drop(self, n)
+        return drop(layer, n)
 
-    monkeypatch.setattr(hf_cache.SphkvLayer, "_drop_newest", spy)
+    monkeypatch.setattr(cache_crop, "drop", spy)
     return seen
 
 
@@ -129,31 +129,111 @@ def test_assisted_decoding_with_a_draft_model_gives_dense_tokens(crops):
 @torch.no_grad()
 def test_crop_deeper_than_the_exact_tokens_names_the_fix():
     """Tokens held as codes cannot be removed by position: a crop that reaches them raises,
-    naming the recent window; one within it works and the cache reports the shorter length."""
+    naming the recent window, and changes nothing; one within it works and the cache reports the
+    shorter length."""
     fast = api.optimize(_model(), tiers=HIGH_BITS, sink=2, recent=4, kv_dtype=torch.float32)
     out = fast(torch.randint(3, 128, (1, 20)), use_cache=True)
     cache = out[api.cache_keyword(fast)] if api.cache_keyword(fast) in out else out["past_key_values"]
     with pytest.raises(SphkvUnsupportedError, match="recent"):
         cache.crop(-5)
     assert cache.get_seq_length() == 20  # checked before any layer changed
-    cache.crop(-4)
+    cache.crop(-2)
+    assert cache.get_seq_length() == 18
+    cache.crop(16)  # earlier transformers 5.x pass the length to keep
     assert cache.get_seq_length() == 16
-    with pytest.raises(ValueError, match="minus the number"):
-        cache.crop(3)
+    with pytest.raises(SphkvUnsupportedError, match="only the newest 0"):
+        cache.crop(-1)  # the recent window is used up until new tokens come
+
+
+def _exact_positions(layer) -> list[list[list[int]]]:
+    """Per row and KV head, the positions (written into each key's first coordinate) of the
+    exact tier's tokens, in their order there."""
+    st = layer.store
+    records, _, ok = gather_tokens(st.states[st.tier_index("exact")])
+    keys, _ = split_exact(records, st.head_dim, st.kv_dtype)
+    return [[[int(p) for p in keys[b, h][ok[b, h]][:, 0].tolist()] for h in range(keys.shape[1])]
+            for b in range(keys.shape[0])]
+
+
+@pytest.mark.parametrize("policy", ["uniform", "rdr"])
+@given(steps=st.lists(st.tuples(st.sampled_from(["append", "crop"]), st.integers(1, 12)), min_size=1, max_size=14),
+       seed=st.integers(0, 2**31 - 1))
+@settings(max_examples=25, deadline=None)
+@torch.no_grad()
+def test_a_crop_the_check_allows_removes_only_the_newest_exact_tokens(policy, steps, seed):
+    """Random appends and crops on one layer, each key carrying its position in its first
+    coordinate: whenever the check (cache_crop.removable_newest) allows a crop of n, the exact
+    tier's last n tokens are the newest n positions in order, and after the crop no tier holds
+    a removed position; a crop it refuses changes nothing. Under 'rdr' a tight budget and a
+    re-budget every 3 updates keep older exact tokens between the sinks and the newest."""
+    from sphkv_compile import hf
+
+    options = dict(sink=2, recent=6, kv_dtype=torch.float32)
+    if policy == "rdr":
+        options |= dict(policy="rdr", budget=0.7, rebudget_every=3)
+    fast = api.optimize(_model(), trial=False, **options)
+    cache = api.new_cache(fast)
+    layer = cache.layers[0]
+    g = torch.Generator().manual_seed(seed)
+    d, heads, kv_heads = 32, 4, 2
+    length = 0
+    for op, n in steps:
+        if op == "append":
+            key = torch.randn(1, kv_heads, n, d, generator=g)
+            key[..., 0] = torch.arange(length, length + n, dtype=torch.float32)
+            value, query = torch.randn(1, kv_heads, n, d, generator=g), torch.randn(1, heads, n, d, generator=g)
+            if layer.store is None:
+                layer.lazy_initialization(key, value)
+            hf.attend_and_update(layer, query, key, value, None, d ** -0.5)
+            length += n
+            continue
+        coded = [int(s.count.sum()) for s in layer.store.states] if layer.store is not None else None
+        allowed = layer.store is not None and n <= int(cache_crop.removable_newest(layer))
+        if not allowed:
+            if layer.store is not None and n <= length:
+                with pytest.raises(SphkvUnsupportedError, match="recent"):
+                    cache.crop(-n)
+                assert [int(s.count.sum()) for s in layer.store.states] == coded and layer.tokens() == length
+            continue
+        for row in _exact_positions(layer):
+            for head in row:
+                assert head[len(head) - n:] == list(range(length - n, length)), (head, n, length)
+        cache.crop(-n)
+        length -= n
+        assert layer.tokens() == length
+        for row in _exact_positions(layer):
+            for head in row:
+                assert all(p < length for p in head)
+        exact = layer.store.tier_index("exact")
+        assert [int(s.count.sum()) for t, s in enumerate(layer.store.states) if t != exact] == \
+            [c for t, c in enumerate(coded) if t != exact]  # only the exact tier changed
 
 
 @torch.no_grad()
-def test_rdr_refuses_assisted_decoding_with_the_reason():
-    fast = api.optimize(_model(), bits=3.5, policy="rdr", budget=0.5)
+def test_drafts_the_cache_cannot_crop_are_refused_before_the_prefill():
     ids = _repeating_prompt()
+    fast = api.optimize(_model(), tiers=HIGH_BITS, sink=2, recent=4)
+    with pytest.raises(ValueError, match="prompt_lookup_num_tokens <= 4"):
+        fast.generate(ids, max_new_tokens=6, do_sample=False, prompt_lookup_num_tokens=5)
+    fast = api.optimize(_model(), tiers=HIGH_BITS, sink=2, recent=0)
     for drafts in ({"prompt_lookup_num_tokens": 2}, {"assistant_model": _model(layers=1)}):
-        with pytest.raises(ValueError, match="policy='uniform'"):
+        with pytest.raises(ValueError, match="recent=0"):
             fast.generate(ids, max_new_tokens=6, do_sample=False, **drafts)
-    out = fast(ids, use_cache=True)
-    cache = out[api.cache_keyword(fast)] if api.cache_keyword(fast) in out else out["past_key_values"]
-    assert not cache.is_croppable
-    with pytest.raises(SphkvUnsupportedError, match="policy='uniform'"):
-        cache.crop(-1)
+
+
+@torch.no_grad()
+def test_rdr_prompt_lookup_crops_between_rebudgets(crops):
+    """Policy 'rdr' with prompt lookup, on a budget that re-budgets: crops remove rejected draft
+    tokens while older tokens are held as codes, and generate() gives every token asked for
+    (RDR drops tokens, so its tokens are not dense's; the property test above holds the crops
+    to the newest exact tokens)."""
+    fast = api.optimize(_model(), tiers=HIGH_BITS, sink=2, recent=8, policy="rdr", budget=0.5, rebudget_every=4)
+    ids = _repeating_prompt()
+    out = fast.generate(ids, max_new_tokens=40, min_new_tokens=40, do_sample=False, prompt_lookup_num_tokens=5)
+    assert out.shape == (1, ids.shape[1] + 40)
+    # two layers: more than two re-budgets means some ran after the prompt's
+    assert sum(kind["count"] for kind in api.report()["rebudgets"].values()) > 2
+    assert crops and all(n > 0 and coded > 0 for n, coded in crops)
 
 
 def _lookup_prompt(vocab: int):

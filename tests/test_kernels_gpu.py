@@ -754,15 +754,17 @@ def test_beam_search_replays_from_cuda_graphs_and_reorders_in_place(monkeypatch)
     assert torch.equal(beams("reduce-overhead"), with_graphs)
 
 
-def test_prompt_lookup_crops_a_static_cache_between_graph_replays(monkeypatch):
-    """Prompt-lookup decoding on the GPU: the model verifies drafts in chunks and the cache drops
-    rejected tokens between steps (SphkvLayer.crop, in place, so compiled steps and CUDA graphs
-    keep their addresses). The tokens equal those of the same run without graphs, crops removed
-    tokens while codes were held, and the pools' addresses never changed."""
+def test_prompt_lookup_on_a_static_cache_compiles_without_graphs_and_crops_in_place(monkeypatch):
+    """Prompt-lookup decoding on the GPU: drafts are verified in chunks of several tokens, whose
+    cache update decides on the host, so generate() compiles the steps without CUDA graphs (and
+    says why; a compile config asking for graphs is refused, naming the cause). Rejected tokens
+    leave the cache in place (cache_crop.drop, while codes are held), the pools keep their
+    addresses, and two runs give the same tokens."""
     import transformers as tf
 
+    import sphkv_compile
     import sphkv_compile.api as sphkv
-    import sphkv_compile.hf_cache as hf_cache
+    from sphkv_compile import cache_crop
 
     torch.manual_seed(random.randrange(2**31))
     config = tf.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
@@ -772,28 +774,32 @@ def test_prompt_lookup_crops_a_static_cache_between_graph_replays(monkeypatch):
     ids = torch.cat([half, half[:, :30]], 1)  # repeats: prompt lookup finds drafts
     cache = sphkv.new_cache(model, max_cache_len=ids.shape[1] + 48)
     key = sphkv.cache_keyword(model)
-    drops, drop = [], hf_cache.SphkvLayer._drop_newest
+    drops, drop = [], cache_crop.drop
 
-    def spy(self, n):
-        coded = sum(int(st.count.sum()) for t, st in enumerate(self.store.states)
-                    if t != self.store.tier_index("exact"))
+    def spy(layer, n):
+        coded = sum(int(st.count.sum()) for t, st in enumerate(layer.store.states)
+                    if t != layer.store.tier_index("exact"))
         drops.append((n, coded))
-        return drop(self, n)
+        return drop(layer, n)
 
-    monkeypatch.setattr(hf_cache.SphkvLayer, "_drop_newest", spy)
-    addresses = None
-    runs = {}
-    for mode in ("reduce-overhead", "default"):
+    monkeypatch.setattr(cache_crop, "drop", spy)
+    addresses, runs = None, []
+    for _ in range(2):
         cache.reset()
         with torch.no_grad():
-            runs[mode] = model.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False,
-                                        prompt_lookup_num_tokens=4, compile_config=tf.CompileConfig(mode=mode),
-                                        **{key: cache})
+            runs.append(model.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                                       prompt_lookup_num_tokens=4, **{key: cache}))
+        step = sphkv_compile.report()["decode_step"]
+        assert step["cuda_graphs"] is False and "assisted decoding" in step["reason"], step
         now = [[t.data_ptr() for t in layer.state] for layer in cache.compressed_layers()]
         assert addresses in (None, now)
         addresses = now
-    assert torch.equal(runs["reduce-overhead"], runs["default"])
+    assert torch.equal(runs[0], runs[1])
     assert drops and all(n > 0 and coded > 0 for n, coded in drops)
+    cache.reset()
+    with pytest.raises(ValueError, match="assisted decoding"), torch.no_grad():
+        model.generate(ids, max_new_tokens=8, do_sample=False, prompt_lookup_num_tokens=4,
+                       compile_config=tf.CompileConfig(mode="reduce-overhead"), **{key: cache})
 
 
 @pytest.mark.parametrize("name", ["falcon", "gemma2", "gpt_bigcode", "qwen3", "gpt_oss"])
