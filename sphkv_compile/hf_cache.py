@@ -23,6 +23,7 @@ seen (rdr/budget.py), so what a layer holds stays within the budget plus documen
 from __future__ import annotations
 
 import contextlib
+import copy
 import weakref
 
 import torch
@@ -440,6 +441,19 @@ class SphkvCache(Cache):
     @property
     def is_compileable(self) -> bool:
         return self.capacity is not None
+
+    def __deepcopy__(self, memo):
+        """A copy whose layers belong to it: transformers' prompt reuse deep-copies a prefilled
+        cache per request, and a layer's weak reference to its cache (SphkvLayer.owner, which
+        the step's pool reservation follows to its sibling layers) would otherwise still name
+        the original."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for name, value in self.__dict__.items():
+            setattr(new, name, copy.deepcopy(value, memo))
+        for layer in new.compressed_layers():
+            layer.owner = weakref.ref(new)
+        return new
 
     def compressed_layers(self) -> list[SphkvLayer]:
         return [layer for layer in self.layers if isinstance(layer, SphkvLayer)]

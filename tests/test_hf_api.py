@@ -388,3 +388,30 @@ def test_a_cache_of_the_callers_own_runs_dense_and_says_so_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error", SphkvCoverageWarning)  # sphkv's own cache: nothing to say
         fast.generate(ids, max_new_tokens=5, do_sample=False)
+
+
+@pytest.mark.parametrize("static", [False, True])
+@torch.no_grad()
+def test_a_prefilled_cache_deep_copied_per_request_gives_dense_tokens(static):
+    """transformers' prompt reuse: prefill a shared prefix once, deep-copy the cache for each
+    request. Each copy continues like dense, the original stays as it was, and the copy's layers
+    belong to the copy (their pool reservations follow it, not the original)."""
+    model = _model()
+    fast = api.optimize(copy.deepcopy(model), tiers=("exact:exact", "hi:k12:polar12:r32"), sink=2, recent=8,
+                        kv_dtype=torch.float32)
+    key = api.cache_keyword(fast)
+    g = torch.Generator().manual_seed(0)
+    prefix = torch.randint(3, 128, (1, 40), generator=g)
+    dense_cache = tf.DynamicCache(config=model.config)
+    model(prefix, **{key: dense_cache})
+    shared = api.new_cache(fast, max_cache_len=80) if static else api.new_cache(fast)
+    fast(prefix, **{key: shared})
+    counts = [[int(s.count.sum()) for s in layer.store.states] for layer in shared.compressed_layers()]
+    for _ in range(2):
+        ids = torch.cat([prefix, torch.randint(3, 128, (1, 6), generator=g)], 1)
+        dense = model.generate(ids, max_new_tokens=10, do_sample=False, **{key: copy.deepcopy(dense_cache)})
+        mine = copy.deepcopy(shared)
+        assert all(layer.owner() is mine for layer in mine.compressed_layers())
+        assert torch.equal(fast.generate(ids, max_new_tokens=10, do_sample=False, **{key: mine}), dense)
+        assert int(shared.get_seq_length()) == 40
+        assert [[int(s.count.sum()) for s in layer.store.states] for layer in shared.compressed_layers()] == counts
