@@ -165,10 +165,14 @@ class SphkvLayer(CacheLayerMixin):
 
     def _reservations(self, new_tokens: int) -> list:
         """Uniform: placement.graduate's worst case, every exact token graduating into each
-        compressed tier."""
-        st = self.store
+        compressed tier. The exact tier itself never holds more than the sinks and the recent
+        window after an update (graduate rebuilds it with those; the device update moves its
+        window in place), so it reserves for at most that many more tokens, not the whole chunk:
+        a prefill's chunk would otherwise leave it a pool the size of the prompt."""
+        st, o = self.store, self.options
         e = st.tier_index("exact")
-        return [(st, e, new_tokens)] + [(st, t, new_tokens, e) for t, spec in enumerate(st.tiers) if not spec.exact]
+        return [(st, e, min(new_tokens, o.sink + o.recent))] + \
+            [(st, t, new_tokens, e) for t, spec in enumerate(st.tiers) if not spec.exact]
 
     @property
     def state(self) -> list[torch.Tensor]:

@@ -415,3 +415,27 @@ def test_a_prefilled_cache_deep_copied_per_request_gives_dense_tokens(static):
         assert torch.equal(fast.generate(ids, max_new_tokens=10, do_sample=False, **{key: mine}), dense)
         assert int(shared.get_seq_length()) == 40
         assert [[int(s.count.sum()) for s in layer.store.states] for layer in shared.compressed_layers()] == counts
+
+
+@torch.no_grad()
+def test_a_dynamic_cache_holds_a_fraction_of_dense_bytes_after_a_long_prompt():
+    """The default generate() cache (dynamic) grows its pools per step. After a prompt the exact
+    tier holds the sinks and the recent window only, so its pool stays that size (it once
+    reserved room for the whole prompt: 1.5x dense bytes on SmolLM2's shape); the store's share
+    of dense bytes falls as the prompt grows (fixed exact tokens, pages and growth headroom
+    weigh less), to well under half at 2,000 tokens."""
+    model = api.optimize(_model(max_position_embeddings=4096), bits=3.5)
+    o = model._sphkv_state.options
+    shares = []
+    for prompt in (300, 900, 2000):
+        cache = api.new_cache(model)
+        model.generate(torch.randint(3, 128, (1, prompt)), max_new_tokens=8, do_sample=False,
+                       **{api.cache_keyword(model): cache})
+        held, dense = cache.kv_bytes()
+        shares.append(held / dense)
+        for layer in cache.compressed_layers():
+            st = layer.store
+            exact = st.states[st.tier_index("exact")]
+            per_head = -(-(o.sink + o.recent) // exact.page_size)
+            assert exact.pool.shape[0] <= 2 * st.batch * st.kv_heads * per_head + 1, (prompt, exact.pool.shape)
+    assert shares == sorted(shares, reverse=True) and shares[-1] < 0.4, shares
