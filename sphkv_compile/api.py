@@ -330,6 +330,13 @@ def _check_drafts(kwargs: dict, model, cache: SphkvCache) -> None:
         raise ValueError(f"sphkv: prompt_lookup_num_tokens={int(k)} drafts more tokens than the {recent} newest the "
                          f"cache can remove after a rejection (recent={recent}). Fix: prompt_lookup_num_tokens <= "
                          f"{recent}, or optimize(model, recent={int(k)})")
+    assistant = compile_rules.setting(kwargs, config, "assistant_model")
+    n = _draft_model_tokens(assistant) if assistant is not None else None
+    if n is not None and n > recent:
+        raise ValueError(f"sphkv: the draft model drafts {n} tokens (num_assistant_tokens in its generation config), "
+                         f"more than the {recent} newest the cache can remove after a rejection (recent={recent}). "
+                         f"Fix: assistant_model.generation_config.num_assistant_tokens <= {recent} (with "
+                         f"num_assistant_tokens_schedule='constant'), or optimize(model, recent={n})")
 
 
 def _beam_search_steps(kwargs: dict, model, cache: SphkvCache, graphs: bool, why: str):
@@ -471,12 +478,28 @@ def _decode_step_mode(kwargs: dict, model, cache: SphkvCache) -> tuple[bool, str
     return True, "static cache, uniform policy, every op on the Triton kernels"
 
 
-DRAFT_SETTINGS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+DRAFT_SETTINGS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit", "use_mtp")
 
 
 def _drafts(kwargs: dict, config) -> list[str]:
-    """The assisted-decoding settings this generate() call uses (drafts verified in chunks)."""
-    return [name for name in DRAFT_SETTINGS if compile_rules.setting(kwargs, config, name) is not None]
+    """The assisted-decoding settings this generate() call uses (drafts verified in chunks;
+    use_mtp counts when true: it is a flag)."""
+    used = []
+    for name in DRAFT_SETTINGS:
+        value = compile_rules.setting(kwargs, config, name)
+        if value is not None and (value is not False if name == "use_mtp" else True):
+            used.append(name)
+    return used
+
+
+def _draft_model_tokens(assistant) -> int | None:
+    """How many tokens a draft model drafts at first (its generation config, else transformers'
+    default for it); None if that cannot be told."""
+    config = getattr(assistant, "generation_config", None)
+    n = getattr(config, "num_assistant_tokens", None)
+    if n is None and hasattr(config, "_get_default_generation_params"):
+        n = config._get_default_generation_params().get("num_assistant_tokens")
+    return None if n is None else int(n)
 
 
 def _drafts_block_graphs(kwargs: dict, config) -> str | None:
@@ -556,7 +579,9 @@ def _cached_positions(args, kwargs, model) -> tuple[int, str] | None:
     total = ids.shape[-1] + HF_DEFAULT_NEW_TOKENS
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     total = min(total, limit) if limit else total
-    return total - 1, f"prompt {ids.shape[-1]} + transformers' default of {HF_DEFAULT_NEW_TOKENS} new tokens - 1"
+    overrun = _prompt_lookup_overrun(kwargs, config)
+    return total - 1 + overrun, (f"prompt {ids.shape[-1]} + transformers' default of {HF_DEFAULT_NEW_TOKENS} new "
+                                 f"tokens - 1" + (f" + {overrun} for prompt lookup's last draft" if overrun else ""))
 
 
 def _requested_length(args, kwargs, config) -> tuple[int, str] | None:

@@ -35,7 +35,10 @@ def removable_newest(layer) -> torch.Tensor:
     states, e = layer.store.states, layer.store.tier_index("exact")
     exact = states[e].count.to(torch.int64)
     if layer.options.policy == "rdr":
-        return torch.minimum(_newest_run(layer)[:, None], exact).min()
+        # a decode step replayed from a CUDA graph that could not store its token (the meter's
+        # lost count) broke the run the meter counts: nothing is sure to be removable then
+        lost = layer.meter[budget_meter.LOST] > 0
+        return torch.where(lost, 0, torch.minimum(_newest_run(layer)[:, None], exact).min())
     coded = sum(s.count.to(torch.int64) for t, s in enumerate(states) if t != e)
     return torch.where(coded > 0, exact - layer.options.sink, exact).min()
 

@@ -337,9 +337,9 @@ class SphkvLayer(CacheLayerMixin):
                 f"layer {self.layer_idx}: cannot remove the newest {n} tokens (crop): only the newest {removable} are "
                 f"sure to be exact (recent window {self.options.recent}); older ones may be held as codes, which "
                 "cannot be removed by position. Fix: optimize(model, recent=...) at least as long as the drafts, or "
-                "draft fewer tokens (prompt_lookup_num_tokens; with a draft model num_assistant_tokens, and "
-                "num_assistant_tokens_schedule='constant', as the default 'heuristic' lengthens the drafts after "
-                "each fully accepted one)", layer_idx=self.layer_idx)
+                "draft fewer tokens (prompt_lookup_num_tokens; with a draft model num_assistant_tokens, with "
+                "num_assistant_tokens_schedule='constant': 'heuristic' lengthens the drafts after each fully "
+                "accepted one)", layer_idx=self.layer_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise NotImplementedError("a filled sphkv cache cannot be expanded along the batch; repeat the prompt in "
@@ -459,6 +459,7 @@ class SphkvCache(Cache):
             setattr(new, name, copy.deepcopy(value, memo))
         for layer in new.compressed_layers():
             layer.owner = weakref.ref(new)
+        _track(new)  # report() measures the cache made last, which the copy is
         return new
 
     def compressed_layers(self) -> list[SphkvLayer]:

@@ -11,6 +11,7 @@ The functions here work on plain tensors so the custom ops (ops.py) and the eage
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -461,6 +462,19 @@ class LayerStore:
         if not self.states:
             self.states = [self._new_state(spec, 0, 1) for spec in self.tiers]
         self.tiers_arg = tiers_arg(self.tiers, self.layout)
+
+    def __deepcopy__(self, memo):
+        """Tensors copy with their views (the memo shares storages), so a packed copy's tier
+        states are views of its own arena; the ops find them by the arena's address, so the
+        copy registers them as the store that packed it did (else every op call on the copy
+        would build the views again)."""
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        for name, value in self.__dict__.items():
+            setattr(new, name, copy.deepcopy(value, memo))
+        if new.arena is not None:
+            packed_state.remember(new.arena, new.layout, new._packed)
+        return new
 
     def _new_state(self, spec, num_pages, max_pages) -> TierState:
         return TierState.allocate(self.batch, self.kv_heads, num_pages, self.page_size, self._words(spec), max_pages,

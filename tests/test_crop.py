@@ -117,6 +117,7 @@ def test_prompt_lookup_decoding_gives_dense_tokens(static, crops):
 def test_assisted_decoding_with_a_draft_model_gives_dense_tokens(crops):
     model = _model(layers=3)
     draft = _model(layers=1)
+    draft.generation_config.num_assistant_tokens = 8  # transformers' default of 20 is more than recent=16
     ids = _repeating_prompt(seed=1)
     dense = model.generate(ids, max_new_tokens=30, do_sample=False, assistant_model=draft)
     assert torch.equal(dense, model.generate(ids, max_new_tokens=30, do_sample=False))
@@ -215,6 +216,8 @@ def test_drafts_the_cache_cannot_crop_are_refused_before_the_prefill():
     fast = api.optimize(_model(), tiers=HIGH_BITS, sink=2, recent=4)
     with pytest.raises(ValueError, match="prompt_lookup_num_tokens <= 4"):
         fast.generate(ids, max_new_tokens=6, do_sample=False, prompt_lookup_num_tokens=5)
+    with pytest.raises(ValueError, match="num_assistant_tokens <= 4"):  # the draft model's default: 20
+        fast.generate(ids, max_new_tokens=6, do_sample=False, assistant_model=_model(layers=1))
     fast = api.optimize(_model(), tiers=HIGH_BITS, sink=2, recent=0)
     for drafts in ({"prompt_lookup_num_tokens": 2}, {"assistant_model": _model(layers=1)}):
         with pytest.raises(ValueError, match="recent=0"):
@@ -269,3 +272,20 @@ def test_a_static_cache_too_small_for_prompt_lookup_is_refused_up_front():
     with pytest.raises(ValueError, match="prompt lookup"):
         fast.generate(ids, max_new_tokens=20, do_sample=False, prompt_lookup_num_tokens=3,
                       **{api.cache_keyword(fast): cache})
+
+
+@torch.no_grad()
+def test_rdr_removes_nothing_once_a_replayed_step_lost_a_token():
+    """A decode step replayed from a CUDA graph that could not store its token (the meter's
+    lost count) breaks the run of newest exact tokens the meter counts: then no crop is allowed."""
+    from sphkv_compile.rdr import meter as budget_meter
+
+    fast = api.optimize(_model(), trial=False, tiers=HIGH_BITS, sink=2, recent=8, policy="rdr", budget=0.5)
+    out = fast(_repeating_prompt(), use_cache=True)
+    cache = out[api.cache_keyword(fast)] if api.cache_keyword(fast) in out else out["past_key_values"]
+    layer = cache.compressed_layers()[0]
+    assert int(cache_crop.removable_newest(layer)) > 0
+    layer.meter[budget_meter.LOST] = 1
+    assert int(cache_crop.removable_newest(layer)) == 0
+    with pytest.raises(SphkvUnsupportedError, match="only the newest 0"):
+        cache.crop(-1)

@@ -10,7 +10,7 @@ import torch
 import transformers as tf
 from hypothesis import given, settings, strategies
 
-from sphkv_compile import api
+from sphkv_compile import api, packed_state
 from sphkv_compile.hf import SphkvUnsupportedError
 from sphkv_compile.hf_cache import SphkvBudgetError, SphkvCache
 from sphkv_compile.options import SphkvOptionsError
@@ -412,6 +412,11 @@ def test_a_prefilled_cache_deep_copied_per_request_gives_dense_tokens(static):
         dense = model.generate(ids, max_new_tokens=10, do_sample=False, **{key: copy.deepcopy(dense_cache)})
         mine = copy.deepcopy(shared)
         assert all(layer.owner() is mine for layer in mine.compressed_layers())
+        for layer in mine.compressed_layers():  # a packed copy's views are found by its arena, not rebuilt
+            st = layer.store
+            if st.arena is not None:
+                found = packed_state.views_of(st.arena, st.layout, torch.float16, None)
+                assert all(a is b for a, b in zip(found, st.states))
         assert torch.equal(fast.generate(ids, max_new_tokens=10, do_sample=False, **{key: mine}), dense)
         assert int(shared.get_seq_length()) == 40
         assert [[int(s.count.sum()) for s in layer.store.states] for layer in shared.compressed_layers()] == counts
