@@ -64,6 +64,8 @@ def drop(layer, n: int) -> None:
         layer.cumulative_length.sub_(n)
     else:
         layer.advance_dynamic(-n)
+        if layer.seen == 0:  # emptied: the next chunk is a prefill again (dense SDPA over itself)
+            layer.stored_any = False
     layer.reserved_for = None
 
 

@@ -289,3 +289,15 @@ def test_rdr_removes_nothing_once_a_replayed_step_lost_a_token():
     assert int(cache_crop.removable_newest(layer)) == 0
     with pytest.raises(SphkvUnsupportedError, match="only the newest 0"):
         cache.crop(-1)
+
+
+@torch.no_grad()
+def test_a_dynamic_cache_cropped_to_empty_prefills_again():
+    fast = api.optimize(_model(), trial=False, tiers=HIGH_BITS, sink=2, recent=16, kv_dtype=torch.float32)
+    ids = torch.randint(3, 128, (1, 10))
+    out = fast(ids, use_cache=True)
+    cache = out[api.cache_keyword(fast)] if api.cache_keyword(fast) in out else out["past_key_values"]
+    cache.crop(-10)
+    assert cache.get_seq_length() == 0 and not any(layer.stored_any for layer in cache.compressed_layers())
+    again = fast(ids, use_cache=True, **{api.cache_keyword(fast): cache})
+    torch.testing.assert_close(again.logits, out.logits)
