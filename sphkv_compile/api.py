@@ -483,13 +483,8 @@ DRAFT_SETTINGS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_earl
 
 def _drafts(kwargs: dict, config) -> list[str]:
     """The assisted-decoding settings this generate() call uses (drafts verified in chunks;
-    use_mtp counts when true: it is a flag)."""
-    used = []
-    for name in DRAFT_SETTINGS:
-        value = compile_rules.setting(kwargs, config, name)
-        if value is not None and (value is not False if name == "use_mtp" else True):
-            used.append(name)
-    return used
+    use_mtp=False is a flag turned off)."""
+    return [name for name in DRAFT_SETTINGS if compile_rules.setting(kwargs, config, name) not in (None, False)]
 
 
 def _draft_model_tokens(assistant) -> int | None:
@@ -568,20 +563,16 @@ def _cached_positions(args, kwargs, model) -> tuple[int, str] | None:
     cache: max_length - 1. None when the prompt is not known up front (inputs_embeds)."""
     config = _generation_config(kwargs, model)
     asked = _requested_length(args, kwargs, config)
-    if asked is not None:
-        overrun = _prompt_lookup_overrun(kwargs, config)
-        if overrun:
-            return asked[0] - 1 + overrun, f"{asked[1]} - 1 + {overrun} for prompt lookup's last draft"
-        return asked[0] - 1, f"{asked[1]} - 1"
-    ids = _prompt_ids(args, kwargs)
-    if ids is None:
-        return None
-    total = ids.shape[-1] + HF_DEFAULT_NEW_TOKENS
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    total = min(total, limit) if limit else total
+    if asked is None:
+        ids = _prompt_ids(args, kwargs)
+        if ids is None:
+            return None
+        total = ids.shape[-1] + HF_DEFAULT_NEW_TOKENS
+        limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        asked = (min(total, limit) if limit else total,
+                 f"prompt {ids.shape[-1]} + transformers' default of {HF_DEFAULT_NEW_TOKENS} new tokens")
     overrun = _prompt_lookup_overrun(kwargs, config)
-    return total - 1 + overrun, (f"prompt {ids.shape[-1]} + transformers' default of {HF_DEFAULT_NEW_TOKENS} new "
-                                 f"tokens - 1" + (f" + {overrun} for prompt lookup's last draft" if overrun else ""))
+    return asked[0] - 1 + overrun, f"{asked[1]} - 1" + (f" + {overrun} for prompt lookup's last draft" if overrun else "")
 
 
 def _requested_length(args, kwargs, config) -> tuple[int, str] | None:

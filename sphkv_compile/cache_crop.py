@@ -38,14 +38,15 @@ def removable_newest(layer) -> torch.Tensor:
         # a decode step replayed from a CUDA graph that could not store its token (the meter's
         # lost count) broke the run the meter counts: nothing is sure to be removable then
         lost = layer.meter[budget_meter.LOST] > 0
-        return torch.where(lost, 0, torch.minimum(_newest_run(layer)[:, None], exact).min())
+        entered = budget_meter.entered(layer.meter, layer.store.batch)
+        return torch.where(lost, 0, torch.minimum(_newest_run(layer, entered)[:, None], exact).min())
     coded = sum(s.count.to(torch.int64) for t, s in enumerate(states) if t != e)
     return torch.where(coded > 0, exact - layer.options.sink, exact).min()
 
 
-def _newest_run(layer) -> torch.Tensor:
-    """Policy 'rdr', per row [B]: the newest positions that are surely the exact tier's last entries."""
-    entered = budget_meter.entered(layer.meter, layer.store.batch)
+def _newest_run(layer, entered: torch.Tensor) -> torch.Tensor:
+    """Policy 'rdr', per row [B]: the newest positions that are surely the exact tier's last
+    entries (entered: the meter's tokens entered per row)."""
     run, entered_then = layer.crop_base if layer.crop_base is not None else (torch.zeros_like(entered),) * 2
     return torch.clamp(run + entered - entered_then, max=layer.options.recent)
 
@@ -55,8 +56,8 @@ def drop(layer, n: int) -> None:
     move the layer's token counts back by n."""
     exact = layer.store.states[layer.store.tier_index("exact")]
     if layer.options.policy == "rdr":
-        run = _newest_run(layer)
         entered = budget_meter.entered(layer.meter, layer.store.batch)
+        run = _newest_run(layer, entered)
         entered.sub_(n)  # (only policy 'rdr' counts the tokens entered)
         layer.crop_base = (run - n, entered.clone())
     drop_newest(exact, torch.full_like(exact.count, n))

@@ -453,10 +453,8 @@ class SphkvCache(Cache):
         cache per request, and a layer's weak reference to its cache (SphkvLayer.owner, which
         the step's pool reservation follows to its sibling layers) would otherwise still name
         the original."""
-        new = type(self).__new__(type(self))
-        memo[id(self)] = new
-        for name, value in self.__dict__.items():
-            setattr(new, name, copy.deepcopy(value, memo))
+        new = memo[id(self)] = type(self).__new__(type(self))
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
         for layer in new.compressed_layers():
             layer.owner = weakref.ref(new)
         _track(new)  # report() measures the cache made last, which the copy is

@@ -468,10 +468,8 @@ class LayerStore:
         states are views of its own arena; the ops find them by the arena's address, so the
         copy registers them as the store that packed it did (else every op call on the copy
         would build the views again)."""
-        new = object.__new__(type(self))
-        memo[id(self)] = new
-        for name, value in self.__dict__.items():
-            setattr(new, name, copy.deepcopy(value, memo))
+        new = memo[id(self)] = object.__new__(type(self))
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
         if new.arena is not None:
             packed_state.remember(new.arena, new.layout, new._packed)
         return new
