@@ -59,6 +59,7 @@ class _ModelState:
         self.original_impl = original_impl
         self.coverage_warned = False  # _warn_if_kernels_do_not_cover: once per model
         self.trial_done = False  # hf_trial's trial forward ran (once per model: refusals are the code's)
+        self.weights_warned = False  # _warn_no_attention_weights: once per model
 
 
 def _cache_keyword(fn) -> str:
@@ -156,6 +157,8 @@ def optimize(model, kv_dtype: torch.dtype | None = None, trial: bool = True, **o
     OPTIMIZED_MODELS.add(model)
     model.forward = _wrap_forward(model, state.original_forward)
     model.generate = _wrap_generate(model, state.original_generate, _cache_keyword(state.original_forward))
+    if hasattr(model, "init_continuous_batching"):
+        model.init_continuous_batching = _refuse_continuous_batching
     if trial:
         _run_trial(model)
     return model
@@ -218,6 +221,8 @@ def _wrap_forward(model, forward):
         if (cache is None and use_cache and not model.training and not torch.compiler.is_compiling()
                 and not attention_free(model.config)):  # (generate() reports why: _keeps_its_own_cache)
             cache = kwargs[key] = new_cache(model)
+        if kwargs.get("output_attentions", getattr(_text_config(model), "output_attentions", False)):
+            _warn_no_attention_weights(model)
         if isinstance(cache, RoutedSphkvCache):
             return run_routed(cache, forward, *args, **kwargs)
         if isinstance(cache, SphkvCache):
@@ -230,6 +235,19 @@ def _wrap_forward(model, forward):
         return forward(*args, **kwargs)
 
     return sphkv_forward
+
+
+def _warn_no_attention_weights(model) -> None:
+    """sphkv attends from the codes in fused kernels and, like transformers' sdpa, returns no
+    attention weights: the compressed layers' entries of `attentions` are missing."""
+    state = getattr(model, _STATE_ATTR)
+    if not state.weights_warned:
+        state.weights_warned = True
+        warnings.warn(
+            "sphkv: output_attentions=True, but compressed layers return no attention weights (attention runs "
+            "from the codes in fused kernels, as with attn_implementation='sdpa'), so `attentions` leaves them "
+            "out. Fix: to inspect weights, run the model without sphkv_compile.optimize() and with "
+            "attn_implementation='eager'.", SphkvCoverageWarning, stacklevel=3)
 
 
 _warned_caches = weakref.WeakSet()  # caches of the caller's own that _warn_dense_cache named already
@@ -269,6 +287,8 @@ def _wrap_generate(model, generate, key: str):
             if _keeps_its_own_cache(model):
                 return generate(*args, **kwargs)  # no attention: the model's own cache, untouched
             impl = kwargs.pop("cache_implementation", None) or getattr(config, "cache_implementation", None)
+            if impl == "paged":
+                _refuse_continuous_batching()
             if impl not in (None, "dynamic", *STATIC_IMPLEMENTATIONS):
                 raise ValueError(f"cache_implementation={impl!r} is not available with sphkv; "
                                  "use 'dynamic' or 'static'")
@@ -309,6 +329,19 @@ def _wrap_generate(model, generate, key: str):
         return out
 
     return sphkv_generate
+
+
+def _refuse_continuous_batching(*args, **kwargs):
+    """transformers' continuous batching (generate_batch, init_continuous_batching,
+    cache_implementation='paged') keeps K/V in its own paged cache, served by attention
+    implementations of its own: sphkv's store cannot stand in for it, and running it dense would
+    silently give up the saving. Every entry point reaches init_continuous_batching, which this
+    replaces on an optimized model."""
+    raise ValueError(
+        "sphkv: continuous batching (generate_batch, init_continuous_batching, cache_implementation='paged') "
+        "keeps K/V in transformers' paged cache, which sphkv does not compress. Fix: batch the prompts through "
+        "generate() (left-padded, with an attention_mask; the sphkv cache serves batches), or run continuous "
+        "batching on a model loaded without sphkv_compile.optimize().")
 
 
 def _check_drafts(kwargs: dict, model, cache: SphkvCache) -> None:

@@ -444,3 +444,34 @@ def test_a_dynamic_cache_holds_a_fraction_of_dense_bytes_after_a_long_prompt():
             per_head = -(-(o.sink + o.recent) // exact.page_size)
             assert exact.pool.shape[0] <= 2 * st.batch * st.kv_heads * per_head + 1, (prompt, exact.pool.shape)
     assert shares == sorted(shares, reverse=True) and shares[-1] < 0.4, shares
+
+
+@torch.no_grad()
+def test_continuous_batching_is_refused_naming_the_fix():
+    """transformers' continuous batching keeps K/V in its own paged cache: every entry point
+    (generate_batch, init_continuous_batching, cache_implementation='paged') raises up front
+    with the cause and the fix, instead of failing inside transformers or running dense."""
+    model = api.optimize(_model())
+    ids = torch.randint(3, 128, (1, 8))
+    config = tf.GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=2)
+    for call in (lambda: model.generate_batch(inputs=[ids[0].tolist()], generation_config=config),
+                 lambda: model.init_continuous_batching(generation_config=config),
+                 lambda: model.generate(ids, max_new_tokens=4, cache_implementation="paged")):
+        with pytest.raises(ValueError, match="paged cache, which sphkv does not compress. Fix: batch"):
+            call()
+    assert model.generate(ids, max_new_tokens=4, do_sample=False).shape == (1, 12)
+
+
+@torch.no_grad()
+def test_asking_for_attention_weights_warns_once_that_compressed_layers_give_none():
+    """Compressed layers return no attention weights (as with sdpa): output_attentions=True
+    gives no entries for them, and the caller is told so once per model, with the fix."""
+    model = api.optimize(_model())
+    ids = torch.randint(3, 128, (1, 8))
+    with pytest.warns(api.SphkvCoverageWarning, match="output_attentions=True, but compressed layers"):
+        out = model(ids, output_attentions=True)
+    assert not any(a is not None for a in out.attentions)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", api.SphkvCoverageWarning)
+        model.generate(ids, max_new_tokens=2, output_attentions=True, return_dict_in_generate=True)
+        model(ids)
