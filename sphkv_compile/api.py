@@ -296,8 +296,8 @@ def _wrap_generate(model, generate, key: str):
             if total is not None:
                 total += _prompt_lookup_overrun(kwargs, config)
             if impl in STATIC_IMPLEMENTATIONS and total is None:
-                raise ValueError("a static sphkv cache needs input_ids and max_new_tokens or max_length "
-                                 "to size its pools")
+                raise ValueError("a static sphkv cache needs the prompt (input_ids or inputs_embeds) and "
+                                 "max_new_tokens or max_length to size its pools")
             if impl is not None and getattr(config, "cache_implementation", None) is not None:
                 config = _copy_without_cache_implementation(config)
                 kwargs["generation_config"] = config
@@ -586,35 +586,40 @@ def _prompt_lookup_overrun(kwargs: dict, config) -> int:
     return max(0, int(k) - 1) if k else 0
 
 
-def _prompt_ids(args, kwargs) -> torch.Tensor | None:
-    """generate()'s input_ids, by keyword or as its first argument (None: inputs_embeds only)."""
-    return kwargs.get("input_ids", args[0] if args else None)
+def _prompt_length(args, kwargs) -> int | None:
+    """Tokens in generate()'s prompt: its input_ids (by keyword or as the first argument), else
+    its inputs_embeds (batch, tokens, hidden); None when neither is given."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is not None:
+        return ids.shape[-1]
+    embeds = kwargs.get("inputs_embeds")
+    return None if embeds is None else embeds.shape[1]
 
 
 def _cached_positions(args, kwargs, model) -> tuple[int, str] | None:
     """(positions the cache must hold, how that was worked out), as transformers sizes a static
-    cache: max_length - 1. None when the prompt is not known up front (inputs_embeds)."""
+    cache: max_length - 1. None when the prompt is not known up front."""
     config = _generation_config(kwargs, model)
     asked = _requested_length(args, kwargs, config)
     if asked is None:
-        ids = _prompt_ids(args, kwargs)
-        if ids is None:
+        prompt = _prompt_length(args, kwargs)
+        if prompt is None:
             return None
-        total = ids.shape[-1] + HF_DEFAULT_NEW_TOKENS
+        total = prompt + HF_DEFAULT_NEW_TOKENS
         limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         asked = (min(total, limit) if limit else total,
-                 f"prompt {ids.shape[-1]} + transformers' default of {HF_DEFAULT_NEW_TOKENS} new tokens")
+                 f"prompt {prompt} + transformers' default of {HF_DEFAULT_NEW_TOKENS} new tokens")
     overrun = _prompt_lookup_overrun(kwargs, config)
     return asked[0] - 1 + overrun, f"{asked[1]} - 1" + (f" + {overrun} for prompt lookup's last draft" if overrun else "")
 
 
 def _requested_length(args, kwargs, config) -> tuple[int, str] | None:
     """(prompt + new tokens, how) from this call's max_new_tokens or max_length; None when neither
-    is set, or the prompt is not known up front."""
-    ids = _prompt_ids(args, kwargs)
-    if ids is None:
+    is set, or the prompt is not known up front. With inputs_embeds alone transformers counts
+    max_length as prompt + new tokens too (and sizes a static cache the same way)."""
+    prompt = _prompt_length(args, kwargs)
+    if prompt is None:
         return None
-    prompt = ids.shape[-1]
     new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
     if new is not None:
         return prompt + int(new), f"prompt {prompt} + max_new_tokens {int(new)}"

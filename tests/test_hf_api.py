@@ -475,3 +475,22 @@ def test_asking_for_attention_weights_warns_once_that_compressed_layers_give_non
         warnings.simplefilter("error", api.SphkvCoverageWarning)
         model.generate(ids, max_new_tokens=2, output_attentions=True, return_dict_in_generate=True)
         model(ids)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("length", ["max_new_tokens", "max_length"])
+def test_a_prompt_given_as_embeddings_sizes_a_static_cache(length):
+    """generate(inputs_embeds=...) without input_ids: a static cache is sized from the
+    embeddings' length as transformers sizes its own (max_length counts the prompt), gives
+    dense's tokens at 12-bit codes, and a cache one position short is refused up front."""
+    model = _model()
+    ids = torch.randint(3, 128, (2, 24))
+    embeds = model.get_input_embeddings()(ids)
+    ask = {"max_new_tokens": 9} if length == "max_new_tokens" else {"max_length": 24 + 9}
+    dense = model.generate(inputs_embeds=embeds, do_sample=False, **ask)
+    model = api.optimize(model, bits=12)
+    out = model.generate(inputs_embeds=embeds, do_sample=False, cache_implementation="static", **ask)
+    assert torch.equal(out, dense)
+    short = api.new_cache(model, max_cache_len=24 + 9 - 2)
+    with pytest.raises(ValueError, match="needs 32 cache positions"):
+        model.generate(inputs_embeds=embeds, do_sample=False, past_key_values=short, **ask)
