@@ -60,6 +60,7 @@ class _ModelState:
         self.coverage_warned = False  # _warn_if_kernels_do_not_cover: once per model
         self.trial_done = False  # hf_trial's trial forward ran (once per model: refusals are the code's)
         self.weights_warned = False  # _warn_no_attention_weights: once per model
+        self.all_dense_warned = False  # _warn_if_nothing_compressed: once per model
 
 
 def _cache_keyword(fn) -> str:
@@ -87,7 +88,23 @@ def new_cache(model, max_cache_len: int | None = None, max_tokens: int | None = 
     cache = cache_class(state.options, plans, max_cache_len, compressed_geometries(model, plans), state.kv_dtype,
                         config=_text_config(model))
     _record_sites(plans, state.original_impl, _dispatch(model))
+    _warn_if_nothing_compressed(model, plans)
     return cache
+
+
+def _warn_if_nothing_compressed(model, plans) -> None:
+    """A cache on which every layer stays dense saves nothing, which otherwise only report()
+    would tell: say so, once per model (a sliding window's reason names each call's length)."""
+    if not plans or any(p.compressed for p in plans) or attention_free(model.config):
+        return
+    state = getattr(model, _STATE_ATTR)
+    if state.all_dense_warned:
+        return
+    state.all_dense_warned = True
+    reasons = dict.fromkeys(p.reason for p in plans)
+    warnings.warn(f"sphkv: none of this model's {len(plans)} layers is compressed, so the cache holds dense K/V "
+                  f"and saves no memory: {'; '.join(reasons)}. report() lists every layer with its reason.",
+                  SphkvCoverageWarning, stacklevel=3)
 
 
 def _dispatch(model) -> str:

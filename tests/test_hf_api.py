@@ -494,3 +494,23 @@ def test_a_prompt_given_as_embeddings_sizes_a_static_cache(length):
     short = api.new_cache(model, max_cache_len=24 + 9 - 2)
     with pytest.raises(ValueError, match="needs 32 cache positions"):
         model.generate(inputs_embeds=embeds, do_sample=False, past_key_values=short, **ask)
+
+
+@torch.no_grad()
+def test_a_cache_with_every_layer_dense_says_so_once():
+    """Every layer of this Mistral slides a 16-token window over a longer sequence, so all stay
+    dense (hf_plan) and the cache saves nothing: generate() still gives dense's tokens, and the
+    caller is told once, with the reason, not only through report()."""
+    torch.manual_seed(0)
+    config = tf.MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, sliding_window=16, pad_token_id=0)
+    model = tf.MistralForCausalLM(config).eval()
+    ids = torch.randint(3, 128, (1, 40))
+    dense = model.generate(ids, max_new_tokens=6, do_sample=False)
+    model = api.optimize(model, bits=12)
+    with pytest.warns(api.SphkvCoverageWarning, match="none of this model's 2 layers is compressed.*sliding window of 16"):
+        assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), dense)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", api.SphkvCoverageWarning)
+        model.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation="static")
+    assert not any(site["rewritten"] for site in api.report()["sites"])
