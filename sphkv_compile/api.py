@@ -5,6 +5,7 @@ cache on the compressed store.
     model.generate(ids, max_new_tokens=64)                          # dynamic cache, eager
     model.generate(ids, max_new_tokens=64, cache_implementation="static")   # fixed pools
     model.forward = torch.compile(model.forward, backend="sphkv")   # compiled, same results
+                                                    # (with a static cache: a dynamic one warns why)
 
 What it does (in place; returns the model):
 - switches the attention implementation to "sphkv" (hf.py), remembering the original one
@@ -61,6 +62,7 @@ class _ModelState:
         self.trial_done = False  # hf_trial's trial forward ran (once per model: refusals are the code's)
         self.weights_warned = False  # _warn_no_attention_weights: once per model
         self.all_dense_warned = False  # _warn_if_nothing_compressed: once per model
+        self.compiled_dynamic_warned = False  # _warn_if_compiled_over_a_dynamic_cache: once per model
 
 
 def _cache_keyword(fn) -> str:
@@ -328,6 +330,7 @@ def _wrap_generate(model, generate, key: str):
         if isinstance(cache, SphkvCache):
             _raise_if_longer_than_cache(args, kwargs, model, cache)
             _check_drafts(kwargs, model, cache)
+            _warn_if_compiled_over_a_dynamic_cache(model, cache)
             graphs, why = _decode_step_mode(kwargs, model, cache)
             steps, graphs, why = _beam_search_steps(kwargs, model, cache, graphs, why)
             record_decode_step(graphs, why)
@@ -451,6 +454,25 @@ def _warn_if_kernels_do_not_cover(model, why: str | None) -> None:
             "and the decode step cannot replay from CUDA graphs. Fix: the kernels need a power-of-two head "
             "dim in [16, 256] (pad_head_dim='auto', the default, pads smaller ones on CUDA) and the default "
             "radius bits; otherwise run this model without sphkv if speed matters.",
+            SphkvPerformanceWarning, stacklevel=3)
+
+
+def _warn_if_compiled_over_a_dynamic_cache(model, cache: SphkvCache) -> None:
+    """A forward the caller compiled (torch.compile(model.forward) or model.compile()) over a
+    dynamic sphkv cache breaks its graph wherever the pools grow (page reservations decide on
+    the host), and the frames Dynamo resumes after each break use up its recompile limit: the
+    tokens stay right but the step runs mostly eagerly, with torch's warnings. Say why, once."""
+    state = getattr(model, _STATE_ATTR)
+    compiled = (getattr(model.forward, "_torchdynamo_orig_callable", None) is not None
+                or getattr(model, "_compiled_call_impl", None) is not None)
+    if cache.capacity is None and compiled and not state.compiled_dynamic_warned:
+        state.compiled_dynamic_warned = True
+        warnings.warn(
+            "sphkv: the model's forward is compiled, but this generate() runs on a dynamic sphkv cache, whose "
+            "pools grow on the host: the compiled forward breaks its graph at every growth and soon hits "
+            "torch._dynamo's recompile limit (tokens stay right, the step runs mostly eagerly). Fix: pass "
+            "cache_implementation='static' (or a cache from sphkv_compile.new_cache(model, max_cache_len=...)) "
+            "and leave the forward uncompiled: generate() then compiles the decode step itself.",
             SphkvPerformanceWarning, stacklevel=3)
 
 

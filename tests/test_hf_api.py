@@ -514,3 +514,22 @@ def test_a_cache_with_every_layer_dense_says_so_once():
         warnings.simplefilter("error", api.SphkvCoverageWarning)
         model.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation="static")
     assert not any(site["rewritten"] for site in api.report()["sites"])
+
+
+@torch.no_grad()
+def test_a_compiled_forward_over_a_dynamic_cache_warns_once_naming_the_static_cache():
+    """A forward the caller compiled breaks its graph wherever a dynamic cache's pools grow: the
+    tokens are dense's, and generate() says once why the step runs mostly eagerly and how to
+    compile it instead; over a static cache it says nothing."""
+    model = _model()
+    ids = torch.randint(3, 128, (1, 12))
+    dense = model.generate(ids, max_new_tokens=6, do_sample=False)
+    model = api.optimize(model, bits=12)
+    model.forward = torch.compile(model.forward, backend="eager")
+    with pytest.warns(api.SphkvPerformanceWarning, match="forward is compiled, but .* dynamic sphkv cache"):
+        assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), dense)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", api.SphkvPerformanceWarning)
+        model.generate(ids, max_new_tokens=6, do_sample=False)
+        assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation="static"), dense)
+    torch._dynamo.reset()
