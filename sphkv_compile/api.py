@@ -30,7 +30,7 @@ import weakref
 
 import torch
 
-from . import beam_decode, compile_rules
+from . import beam_decode, compile_rules, hf_advice
 from .backend import install_kernels
 from .report import begin_compile, clear_kv_sources, rebudgets, record_decode_step, record_site, reset_rebudgets
 from .report import preserved as report_preserved
@@ -41,7 +41,8 @@ from .hf_cache import SphkvCache, snapshot_kv_bytes, storage_dtype, tracking_pre
 from .hf_plan import (attention_free, cache_updating_classes, calls_sdpa_itself, compressed_geometries, model_dtype,
                       plan_layers)
 from .hf_trial import TRIAL_PROMPT, trial_forward
-from .options import SphkvCoverageWarning, SphkvOptions, SphkvPerformanceWarning
+from .hf_advice import warn_if_rebudgets_dominate
+from .options import SphkvCoverageWarning, SphkvOptions, SphkvPerformanceWarning  # noqa: F401  (api.Sphkv*Warning)
 
 STATIC_IMPLEMENTATIONS = ("static", "hybrid", "sliding_window", "hybrid_chunked")
 _STATE_ATTR = "_sphkv_state"
@@ -58,11 +59,11 @@ class _ModelState:
         self.original_forward = original_forward
         self.original_generate = original_generate
         self.original_impl = original_impl
-        self.coverage_warned = False  # _warn_if_kernels_do_not_cover: once per model
+        self.coverage_warned = False  # hf_advice.warn_if_kernels_do_not_cover: once per model
         self.trial_done = False  # hf_trial's trial forward ran (once per model: refusals are the code's)
-        self.weights_warned = False  # _warn_no_attention_weights: once per model
-        self.all_dense_warned = False  # _warn_if_nothing_compressed: once per model
-        self.compiled_dynamic_warned = False  # _warn_if_compiled_over_a_dynamic_cache: once per model
+        self.weights_warned = False  # hf_advice.warn_no_attention_weights: once per model
+        self.all_dense_warned = False  # hf_advice.warn_if_nothing_compressed: once per model
+        self.compiled_dynamic_warned = False  # hf_advice.warn_if_compiled_over_a_dynamic_cache: once per model
 
 
 def _cache_keyword(fn) -> str:
@@ -90,23 +91,8 @@ def new_cache(model, max_cache_len: int | None = None, max_tokens: int | None = 
     cache = cache_class(state.options, plans, max_cache_len, compressed_geometries(model, plans), state.kv_dtype,
                         config=_text_config(model))
     _record_sites(plans, state.original_impl, _dispatch(model))
-    _warn_if_nothing_compressed(model, plans)
+    hf_advice.warn_if_nothing_compressed(state, plans, attention_free(model.config))
     return cache
-
-
-def _warn_if_nothing_compressed(model, plans) -> None:
-    """A cache on which every layer stays dense saves nothing, which otherwise only report()
-    would tell: say so, once per model (a sliding window's reason names each call's length)."""
-    if not plans or any(p.compressed for p in plans) or attention_free(model.config):
-        return
-    state = getattr(model, _STATE_ATTR)
-    if state.all_dense_warned:
-        return
-    state.all_dense_warned = True
-    reasons = dict.fromkeys(p.reason for p in plans)
-    warnings.warn(f"sphkv: none of this model's {len(plans)} layers is compressed, so the cache holds dense K/V "
-                  f"and saves no memory: {'; '.join(reasons)}. report() lists every layer with its reason.",
-                  SphkvCoverageWarning, stacklevel=3)
 
 
 def _dispatch(model) -> str:
@@ -177,7 +163,7 @@ def optimize(model, kv_dtype: torch.dtype | None = None, trial: bool = True, **o
     model.forward = _wrap_forward(model, state.original_forward)
     model.generate = _wrap_generate(model, state.original_generate, _cache_keyword(state.original_forward))
     if hasattr(model, "init_continuous_batching"):
-        model.init_continuous_batching = _refuse_continuous_batching
+        model.init_continuous_batching = hf_advice.refuse_continuous_batching
     if trial:
         _run_trial(model)
     return model
@@ -241,7 +227,7 @@ def _wrap_forward(model, forward):
                 and not attention_free(model.config)):  # (generate() reports why: _keeps_its_own_cache)
             cache = kwargs[key] = new_cache(model)
         if kwargs.get("output_attentions", getattr(_text_config(model), "output_attentions", False)):
-            _warn_no_attention_weights(model)
+            hf_advice.warn_no_attention_weights(getattr(model, _STATE_ATTR))
         if isinstance(cache, RoutedSphkvCache):
             return run_routed(cache, forward, *args, **kwargs)
         if isinstance(cache, SphkvCache):
@@ -250,43 +236,10 @@ def _wrap_forward(model, forward):
             check_attended(cache)
             return out
         if cache is not None and not torch.compiler.is_compiling() and not attention_free(model.config):
-            _warn_dense_cache(cache)
+            hf_advice.warn_dense_cache(cache)
         return forward(*args, **kwargs)
 
     return sphkv_forward
-
-
-def _warn_no_attention_weights(model) -> None:
-    """sphkv attends from the codes in fused kernels and, like transformers' sdpa, returns no
-    attention weights: the compressed layers' entries of `attentions` are missing."""
-    state = getattr(model, _STATE_ATTR)
-    if not state.weights_warned:
-        state.weights_warned = True
-        warnings.warn(
-            "sphkv: output_attentions=True, but compressed layers return no attention weights (attention runs "
-            "from the codes in fused kernels, as with attn_implementation='sdpa'), so `attentions` leaves them "
-            "out. Fix: to inspect weights, run the model without sphkv_compile.optimize() and with "
-            "attn_implementation='eager'.", SphkvCoverageWarning, stacklevel=3)
-
-
-_warned_caches = weakref.WeakSet()  # caches of the caller's own that _warn_dense_cache named already
-
-
-def _warn_dense_cache(cache) -> None:
-    """A cache of the caller's own (transformers' DynamicCache, StaticCache, ...) keeps dense K/V
-    and the model's attention runs over it uncompressed: correct, but not what optimize() was
-    called for, so it is said once per cache object. check() passes one on purpose for its
-    dense baseline."""
-    try:
-        if cache in _warned_caches:
-            return
-        _warned_caches.add(cache)
-    except TypeError:  # not weakly referenceable: say it every call rather than never
-        pass
-    warnings.warn(f"sphkv: this call passes its own {type(cache).__name__}, so attention runs dense over it and "
-                  "nothing is compressed (sphkv compresses only its own cache). Fix: pass no cache (generate() and "
-                  "the forward make one) or sphkv_compile.new_cache(model); to run dense on purpose, ignore "
-                  "SphkvCoverageWarning", SphkvCoverageWarning, stacklevel=3)
 
 
 def _generation_config(kwargs: dict, model):
@@ -307,7 +260,7 @@ def _wrap_generate(model, generate, key: str):
                 return generate(*args, **kwargs)  # no attention: the model's own cache, untouched
             impl = kwargs.pop("cache_implementation", None) or getattr(config, "cache_implementation", None)
             if impl == "paged":
-                _refuse_continuous_batching()
+                hf_advice.refuse_continuous_batching()
             if impl not in (None, "dynamic", *STATIC_IMPLEMENTATIONS):
                 raise ValueError(f"cache_implementation={impl!r} is not available with sphkv; "
                                  "use 'dynamic' or 'static'")
@@ -323,14 +276,14 @@ def _wrap_generate(model, generate, key: str):
             if impl in STATIC_IMPLEMENTATIONS:
                 kwargs[key] = new_cache(model, total)
             else:
-                _advise_static(model)
+                hf_advice.advise_static(model.device)
                 kwargs[key] = new_cache(model, max_tokens=total)
         cache = kwargs.get(key, kwargs.get("past_key_values"))
         steps = contextlib.nullcontext()
         if isinstance(cache, SphkvCache):
             _raise_if_longer_than_cache(args, kwargs, model, cache)
             _check_drafts(kwargs, model, cache)
-            _warn_if_compiled_over_a_dynamic_cache(model, cache)
+            hf_advice.warn_if_compiled_over_a_dynamic_cache(getattr(model, _STATE_ATTR), model, cache.capacity is None)
             graphs, why = _decode_step_mode(kwargs, model, cache)
             steps, graphs, why = _beam_search_steps(kwargs, model, cache, graphs, why)
             record_decode_step(graphs, why)
@@ -349,19 +302,6 @@ def _wrap_generate(model, generate, key: str):
         return out
 
     return sphkv_generate
-
-
-def _refuse_continuous_batching(*args, **kwargs):
-    """transformers' continuous batching (generate_batch, init_continuous_batching,
-    cache_implementation='paged') keeps K/V in its own paged cache, served by attention
-    implementations of its own: sphkv's store cannot stand in for it, and running it dense would
-    silently give up the saving. Every entry point reaches init_continuous_batching, which this
-    replaces on an optimized model."""
-    raise ValueError(
-        "sphkv: continuous batching (generate_batch, init_continuous_batching, cache_implementation='paged') "
-        "keeps K/V in transformers' paged cache, which sphkv does not compress. Fix: batch the prompts through "
-        "generate() (left-padded, with an attention_mask; the sphkv cache serves batches), or run continuous "
-        "batching on a model loaded without sphkv_compile.optimize().")
 
 
 def _check_drafts(kwargs: dict, model, cache: SphkvCache) -> None:
@@ -407,25 +347,6 @@ def _beam_search_steps(kwargs: dict, model, cache: SphkvCache, graphs: bool, why
             f"beam search, its decode step compiled by sphkv (transformers compiles only greedy/sampling): {why}")
 
 
-# RDR's re-budgets run on the host (a few hundred small ops per layer); when they take more than
-# this share of a generate() call that lasted at least REBUDGET_WARN_MIN_SECONDS, say so.
-REBUDGET_WARN_SHARE = 0.5
-REBUDGET_WARN_MIN_SECONDS = 1.0
-
-
-def warn_if_rebudgets_dominate(seconds: float, rebudgets: dict, rebudget_every: int) -> None:
-    """seconds: the generate() call's wall time; rebudgets: report()["rebudgets"] of that call."""
-    spent = sum(entry["host_seconds"] for entry in rebudgets.values())
-    count = sum(entry["count"] for entry in rebudgets.values())
-    if seconds < REBUDGET_WARN_MIN_SECONDS or spent <= REBUDGET_WARN_SHARE * seconds:
-        return
-    warnings.warn(
-        f"sphkv: RDR's re-budgets took {spent:.2f} s of this generate()'s {seconds:.2f} s ({count} layer "
-        f"re-budgets, {1000 * spent / count:.1f} ms each, on the host; report()['rebudgets'] has them by kind). "
-        f"Fix: a larger rebudget_every (now {rebudget_every}) spreads them over more tokens; "
-        f"policy='uniform' has none.", SphkvPerformanceWarning, stacklevel=3)
-
-
 def _with_rebudget(processors, cache: SphkvCache):
     """The caller's logits processors plus one that runs RDR's re-budget check after every
     forward, outside the CUDA graphs the decode step replays from (SphkvCache.rebudget_due)."""
@@ -437,56 +358,6 @@ def _with_rebudget(processors, cache: SphkvCache):
             return scores
 
     return LogitsProcessorList([*(processors or []), RebudgetBetweenSteps()])
-
-
-def _warn_if_kernels_do_not_cover(model, why: str | None) -> None:
-    """On an accelerator, a model the Triton kernels do not cover (why: graph_blocker's cause, an
-    odd head dim or 32-bit radii) runs every sphkv op as its torch reference: the memory saving
-    holds, the speed does not. report() records it; this says it once per model, where a user
-    looking at generate() sees it."""
-    state = getattr(model, _STATE_ATTR)
-    if model.device.type == "cpu" or state.coverage_warned:
-        return
-    if why is not None:
-        state.coverage_warned = True
-        warnings.warn(
-            f"sphkv: {why}. Decode will be many times slower than dense (the KV memory saving still holds), "
-            "and the decode step cannot replay from CUDA graphs. Fix: the kernels need a power-of-two head "
-            "dim in [16, 256] (pad_head_dim='auto', the default, pads smaller ones on CUDA) and the default "
-            "radius bits; otherwise run this model without sphkv if speed matters.",
-            SphkvPerformanceWarning, stacklevel=3)
-
-
-def _warn_if_compiled_over_a_dynamic_cache(model, cache: SphkvCache) -> None:
-    """A forward the caller compiled (torch.compile(model.forward) or model.compile()) over a
-    dynamic sphkv cache breaks its graph wherever the pools grow (page reservations decide on
-    the host), and the frames Dynamo resumes after each break use up its recompile limit: the
-    tokens stay right but the step runs mostly eagerly, with torch's warnings. Say why, once."""
-    state = getattr(model, _STATE_ATTR)
-    compiled = (getattr(model.forward, "_torchdynamo_orig_callable", None) is not None
-                or getattr(model, "_compiled_call_impl", None) is not None)
-    if cache.capacity is None and compiled and not state.compiled_dynamic_warned:
-        state.compiled_dynamic_warned = True
-        warnings.warn(
-            "sphkv: the model's forward is compiled, but this generate() runs on a dynamic sphkv cache, whose "
-            "pools grow on the host: the compiled forward breaks its graph at every growth and soon hits "
-            "torch._dynamo's recompile limit (tokens stay right, the step runs mostly eagerly). Fix: pass "
-            "cache_implementation='static' (or a cache from sphkv_compile.new_cache(model, max_cache_len=...)) "
-            "and leave the forward uncompiled: generate() then compiles the decode step itself.",
-            SphkvPerformanceWarning, stacklevel=3)
-
-
-def _advise_static(model) -> None:
-    """On an accelerator a dynamic cache leaves the decode step uncompiled: every sphkv op is
-    launched from Python, which on a small model is many times slower than dense. Say so once,
-    with the fix."""
-    if model.device.type != "cpu":
-        warnings.warn(
-            "sphkv: generate() with a dynamic cache runs each decode step's ops from Python (host-bound: many "
-            "times slower than dense on small models, docs/PERFORMANCE.md). Fix: pass "
-            "cache_implementation='static' to compile the decode step (replayed from CUDA graphs where the "
-            "kernels cover the model).",
-            SphkvPerformanceWarning, stacklevel=3)
 
 
 def graph_blocker(model, max_cache_len: int | None = None) -> str | None:
@@ -526,7 +397,7 @@ def _decode_step_mode(kwargs: dict, model, cache: SphkvCache) -> tuple[bool, str
     config = _generation_config(kwargs, model)
     asked = kwargs.get("compile_config", getattr(config, "compile_config", None))
     why = graph_blocker(model, cache.capacity)
-    _warn_if_kernels_do_not_cover(model, why)
+    hf_advice.warn_if_kernels_do_not_cover(getattr(model, _STATE_ATTR), model.device, why)
     why = why or _drafts_block_graphs(kwargs, config)
     if why is not None and asked is None and model.device.type != "cpu":  # generate() auto-compiles off the CPU
         kwargs["compile_config"] = asked = CompileConfig(mode="default")

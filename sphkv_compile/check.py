@@ -138,7 +138,7 @@ def check(model, ids: torch.Tensor, settings: list, *, prefix: int, chunk: int, 
     from .report import report
 
     key = api.cache_keyword(model)
-    with warnings.catch_warnings():  # a dense cache on purpose (api._warn_dense_cache)
+    with warnings.catch_warnings():  # a dense cache on purpose (hf_advice.warn_dense_cache)
         warnings.simplefilter("ignore", SphkvCoverageWarning)
         dense = score(model, ids, prefix, chunk, DynamicCache(config=model.config), key, progress)
     rows = [CheckRow("dense", dense.perplexity, 0.0, 1.0, 1.0)]

@@ -295,7 +295,7 @@ def test_rdr_rebudgets_that_dominate_a_generate_are_reported():
     and the fix; short calls and a minority share stay quiet. generate() passes this call's
     timed re-budgets (report()['rebudgets'])."""
     from sphkv_compile import SphkvPerformanceWarning
-    from sphkv_compile.api import warn_if_rebudgets_dominate
+    from sphkv_compile.hf_advice import warn_if_rebudgets_dominate
 
     timed = {"prefill": {"count": 2, "host_seconds": 0.5}, "decode": {"count": 8, "host_seconds": 1.5}}
     with pytest.warns(SphkvPerformanceWarning, match=r"took 2.00 s of this generate\(\)'s 3.00 s \(10 layer "

@@ -170,20 +170,25 @@ def test_generate_keeps_cuda_graphs_only_where_the_decode_step_decides_nothing_o
 def test_a_dynamic_cache_on_an_accelerator_warns_with_the_fix():
     """generate() with the default dynamic cache is not compiled: on an accelerator that is
     host-bound, so sphkv says so and names the fix; on the CPU it stays quiet."""
-    from sphkv_compile.api import SphkvPerformanceWarning, _advise_static
+    from sphkv_compile.api import SphkvPerformanceWarning
+    from sphkv_compile.hf_advice import advise_static
 
     with pytest.warns(SphkvPerformanceWarning, match="cache_implementation='static'"):
-        _advise_static(api.optimize(_model().to("meta"), **HIGH_BITS))  # meta stands for an accelerator
+        advise_static(api.optimize(_model().to("meta"), **HIGH_BITS).device)  # meta stands for an accelerator
     with warnings.catch_warnings():
         warnings.simplefilter("error", SphkvPerformanceWarning)
-        _advise_static(api.optimize(_model(), **HIGH_BITS))
+        advise_static(api.optimize(_model(), **HIGH_BITS).device)
 
 
 def test_a_model_the_kernels_do_not_cover_warns_once_on_an_accelerator():
     """An odd head dim on an accelerator, not padded: every sphkv op runs its torch reference. generate()
     says so once per model, naming the cause (head_dim=24) and what the kernels need; a covered
     model and the CPU stay quiet."""
-    from sphkv_compile.api import SphkvPerformanceWarning, _warn_if_kernels_do_not_cover, graph_blocker
+    from sphkv_compile.api import SphkvPerformanceWarning, graph_blocker
+    from sphkv_compile.hf_advice import warn_if_kernels_do_not_cover
+
+    def _warn_if_kernels_do_not_cover(model, why):
+        warn_if_kernels_do_not_cover(model._sphkv_state, model.device, why)
 
     odd = tf.LlamaConfig(vocab_size=128, hidden_size=96, intermediate_size=128, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2)  # head dim 24
