@@ -64,6 +64,7 @@ class _ModelState:
         self.weights_warned = False  # hf_advice.warn_no_attention_weights: once per model
         self.all_dense_warned = False  # hf_advice.warn_if_nothing_compressed: once per model
         self.compiled_dynamic_warned = False  # hf_advice.warn_if_compiled_over_a_dynamic_cache: once per model
+        self.static_capacity = 0  # the largest static cache generate() built (_static_capacity)
 
 
 def _cache_keyword(fn) -> str:
@@ -274,7 +275,7 @@ def _wrap_generate(model, generate, key: str):
                 config = _copy_without_cache_implementation(config)
                 kwargs["generation_config"] = config
             if impl in STATIC_IMPLEMENTATIONS:
-                kwargs[key] = new_cache(model, total)
+                kwargs[key] = new_cache(model, _static_capacity(model, total))
             else:
                 hf_advice.advise_static(model.device)
                 kwargs[key] = new_cache(model, max_tokens=total)
@@ -302,6 +303,17 @@ def _wrap_generate(model, generate, key: str):
         return out
 
     return sphkv_generate
+
+
+def _static_capacity(model, total: int) -> int:
+    """Positions of the static cache generate() builds: at least the largest it built before for
+    this model, as transformers does for its StaticCache. The pools' shapes then stay the same
+    from call to call, so a shorter generation replays the compiled decode step instead of
+    recompiling it; the memory is that of the longest generation so far. A cache from
+    new_cache(model, max_cache_len=...) is sized exactly."""
+    state = getattr(model, _STATE_ATTR)
+    state.static_capacity = max(state.static_capacity, total)
+    return state.static_capacity
 
 
 def _check_drafts(kwargs: dict, model, cache: SphkvCache) -> None:

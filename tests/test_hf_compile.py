@@ -253,3 +253,28 @@ def test_report_says_how_generate_ran_the_decode_step():
     rdr = api.optimize(_model().to("meta"), **defaults, policy="rdr", budget=0.5, rebudget_every=4)
     graphs, why = _decode_step_mode({}, rdr, api.new_cache(rdr, max_cache_len=70))
     assert graphs and "RDR re-budgets between steps" in why
+
+
+def test_a_shorter_static_generate_reuses_the_compiled_step(monkeypatch):
+    """generate() sizes its static cache at least as large as the largest it built before for the
+    model (as transformers does for its StaticCache), so a shorter call after a longer one
+    replays the compiled decode step instead of recompiling it for new pool shapes, and gives
+    the tokens of a cache sized for it alone."""
+    monkeypatch.setenv("SPHKV_INNER_COMPILER", "aot_eager")  # recompiles are Dynamo's guards
+    ids = torch.randint(3, 128, (2, 30), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    short, short_mask = ids[:, :12], mask[:, :12]
+    fast = api.optimize(_model(), **HIGH_BITS)
+    alone = fast.generate(short, attention_mask=short_mask, max_new_tokens=STEPS, min_new_tokens=STEPS,
+                          do_sample=False, pad_token_id=0, past_key_values=api.new_cache(fast, 12 + STEPS))
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    _generate(fast, ids, mask, compile_config=_compile_config())
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    seen, original = [], api.new_cache
+    monkeypatch.setattr(api, "new_cache", lambda model, max_cache_len=None, **kw:
+                        seen.append(max_cache_len) or original(model, max_cache_len, **kw))
+    assert torch.equal(_generate(fast, short, short_mask, compile_config=_compile_config()), alone)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert seen == [30 + STEPS]  # the longer call's capacity
