@@ -220,6 +220,10 @@ def _wrap_forward(model, forward):
 
     @functools.wraps(forward)
     def sphkv_forward(*args, **kwargs):
+        if key != "past_key_values" and kwargs.get(key) is None and kwargs.get("past_key_values") is not None:
+            # the older keyword, which transformers still maps to `cache`: a cache passed so is
+            # the caller's, not a reason to make a new one (the step would attend over nothing)
+            kwargs[key] = kwargs.pop("past_key_values")
         cache = kwargs.get(key)
         use_cache = kwargs.get("use_cache")
         if use_cache is None:

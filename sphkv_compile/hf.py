@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from .eager_ops import call_op
 from .head_pad import pad_last
 from .hf_cache import SphkvCache, SphkvLayer
+from .key_centering import centered, set_key_mean_
 
 IMPL_NAME = "sphkv"
 CACHE_KWARG = "sphkv_cache"
@@ -300,6 +301,10 @@ def attend_and_update(layer: SphkvLayer, query, key, value, valid, scaling, sink
         if sinks.numel() != query.shape[1]:
             raise SphkvUnsupportedError(f"layer {layer.layer_idx}: {sinks.numel()} sink logits for {query.shape[1]} "
                                         "query heads; the store takes one per query head", layer_idx=layer.layer_idx)
+    if o.center_keys and sinks is None:  # stored keys are k - μ (key_centering.py); sink logits keep μ = 0
+        if not layer.stored_any:
+            set_key_mean_(layer.key_mean, key, valid, o.sink)
+        key = centered(key, layer.key_mean)
     if not layer.stored_any and query.shape[2] == N and sinks is None:
         # Prefill into an empty store: nothing to read from codes, so this is plain causal
         # attention over the chunk; SDPA does it far faster than the store's reference loop.

@@ -40,6 +40,7 @@ from .rdr.node import (cadence_counters, cadence_due, count_unbudgeted_step, cur
                        rebudget_if_due)
 from .report import register_kv_source
 from .head_pad import choose_stored_head_dim, options_for_stored, pad_last, padding_report
+from .key_centering import new_key_mean, select_rows_
 from .options import SphkvOptions
 from .store import LayerStore, reserve_tiers, select_rows_of
 from .hf_plan import LayerPlan
@@ -76,6 +77,7 @@ class SphkvLayer(CacheLayerMixin):
         self.owner: weakref.ref | None = None
         self.reserved_for: tuple[int, int] | None = None  # (seen, chunk) another layer reserved this one for
         self.crop_base: tuple[torch.Tensor, torch.Tensor] | None = None  # policy 'rdr': cache_crop._newest_run
+        self.key_mean: torch.Tensor | None = None  # μ the stored keys are centered on (key_centering.py)
 
     # ---- allocation ---------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -96,6 +98,7 @@ class SphkvLayer(CacheLayerMixin):
         self.store = LayerStore(batch, kv_heads, stored, o.tier_ladder, kv_dtype=dtype, page_size=o.page_size,
                                 seed=o.seed, device=device)
         self.meter = budget_meter.new_meter(batch, kv_heads, device)
+        self.key_mean = new_key_mean(batch, kv_heads, head_dim, device, q_dtype or dtype)
         if self.max_cache_len is not None:  # a dynamic layer's stays on the host: the budget reads it every step
             self.cumulative_length = self.cumulative_length.to(device)
         # no dense K/V here, only codes: code that asks a cache layer whether it holds keys
@@ -106,7 +109,7 @@ class SphkvLayer(CacheLayerMixin):
         if self.max_cache_len is not None:
             self._allocate_fixed(self.max_cache_len)
             if not _compiling():  # stable addresses: one graph, and CUDA graphs can replay it
-                for t in self.state + [self.meter]:
+                for t in self.state + [self.meter, self.key_mean]:
                     torch._dynamo.mark_static_address(t)
                 torch._dynamo.mark_static_address(self.cumulative_length)
         self.is_initialized = True
@@ -278,6 +281,8 @@ class SphkvLayer(CacheLayerMixin):
             self.store.tokens_seen = 0
         if self.meter is not None:
             budget_meter.reset(self.meter)
+        if self.key_mean is not None:
+            self.key_mean.zero_()  # the next prefill sets it again
         self.seen = 0
         self.cumulative_length.zero_()
         self.stored_any = False
@@ -297,6 +302,7 @@ class SphkvLayer(CacheLayerMixin):
         self.reserved_for = None  # rows' token counts change
         self.store.select_rows(beam_idx, can_grow=self.max_cache_len is None)
         budget_meter.select_rows(self.meter, beam_idx)
+        select_rows_(self.key_mean, beam_idx)
         cache_crop.reorder_rows(self, beam_idx)
 
     @property
@@ -360,8 +366,10 @@ class SphkvLayer(CacheLayerMixin):
         return int(self.cumulative_length) if self.max_cache_len is not None else self.seen
 
     def resident_bytes(self) -> int:
-        """Every byte of the store: pools (records), their metadata, and the meter."""
-        return 0 if self.store is None else self.store.resident_bytes() + self.meter.numel() * 8
+        """Every byte of the store: pools (records), their metadata, the meter and the key mean."""
+        if self.store is None:
+            return 0
+        return self.store.resident_bytes() + self.meter.numel() * 8 + self.key_mean.numel() * self.key_mean.element_size()
 
     def budget_report(self) -> dict:
         """What the budgeting node measured, plus the bytes of pages in use (rdr.node.measure)."""
@@ -476,6 +484,7 @@ class SphkvCache(Cache):
                        can_grow=all(layer.max_cache_len is None for layer in filled))
         budget_meter.select_rows_of([layer.meter for layer in filled], beam_idx)
         for layer in filled:
+            select_rows_(layer.key_mean, beam_idx)
             cache_crop.reorder_rows(layer, beam_idx)
         for layer in self.layers:
             if not isinstance(layer, SphkvLayer):

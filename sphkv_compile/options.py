@@ -32,6 +32,7 @@ class SphkvOptions:
     rebudget_every: int = 64  # decode steps between RDR re-budgets
     distortion: str = "unit"  # RDR's error price: 'unit' (per unit norm) or 'logit' (rdr/costs.py, docs/QUALITY.md)
     pad_head_dim: str | bool = "auto"  # zero-pad head dims the kernels cannot take: 'auto' on CUDA, True, False (head_pad.py)
+    center_keys: bool = True  # code k - mean(k) per row and KV head; softmax cannot see the mean (key_centering.py)
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -87,6 +88,8 @@ class SphkvOptions:
                 bad(name, "an int >= 1")
         if not (self.pad_head_dim is True or self.pad_head_dim is False or self.pad_head_dim == "auto"):
             bad("pad_head_dim", "'auto' (pad on CUDA, where the Triton kernels run), True or False")
+        if not isinstance(self.center_keys, bool):
+            bad("center_keys", "True or False")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             bad("seed", "an int")
         ladder = self.tier_ladder

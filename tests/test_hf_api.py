@@ -533,3 +533,21 @@ def test_a_compiled_forward_over_a_dynamic_cache_warns_once_naming_the_static_ca
         model.generate(ids, max_new_tokens=6, do_sample=False)
         assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation="static"), dense)
     torch._dynamo.reset()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("keyword", ["cache", "past_key_values"])
+def test_a_cache_passed_to_the_forward_by_either_keyword_is_the_one_used(keyword):
+    """transformers 5.25 names the forward's cache `cache` and still maps the older
+    `past_key_values` to it: a sphkv cache passed by either name is prefilled and continued (until
+    session 38 the older name was ignored, a new cache made, and the decode step attended over
+    nothing), and the step's logits are dense's at 12-bit codes."""
+    model = _model()
+    ids = torch.randint(3, 128, (1, 40))
+    dense = model(ids).logits[:, -1]
+    model = api.optimize(model, bits=12)
+    cache = api.new_cache(model)
+    model(ids[:, :-1], **{keyword: cache})
+    step = model(ids[:, -1:], **{keyword: cache}).logits[:, -1]
+    assert cache.get_seq_length() == 40
+    torch.testing.assert_close(step, dense, rtol=0, atol=2e-3)

@@ -144,8 +144,9 @@ def metadata_allowance_bytes(specs, batch: int, kv_heads: int, head_dim: int, pa
     """What a layer may hold beyond `batch` budgets (docs/FORMAT.md, bounded memory): the page
     slack (one partly filled page per row, head and tier) and, bounded from the budget, the
     free stacks (4 bytes per page), page tables (4 bytes per page and head), counts, stack
-    tops, the budget meter (counts and key gains) and the cursor, and a packed store's
-    alignment between its views (packed_state.py)."""
+    tops, the budget meter (counts and key gains) and the cursor, a packed store's alignment
+    between its views (packed_state.py), and the key mean (key_centering.py: one vector per
+    row and KV head, at most float32)."""
     table = choice_table(tuple(specs), head_dim, seed, kv_dtype)
     slack = batch * kv_heads * (page_size - 1) * sum(table.bytes[:-1])
     tables = 0
@@ -154,4 +155,5 @@ def metadata_allowance_bytes(specs, batch: int, kv_heads: int, head_dim: int, pa
         row_pages = (budget_bytes // nbytes + kv_heads * (page_size - 1)) // page_size + 1
         tables += 4 * (batch * row_pages + batch * kv_heads * per_head_pages + batch * kv_heads + 1)
     meter_and_cursor = 8 * (M.SIZE + batch + batch * kv_heads) + 8
-    return slack + tables + meter_and_cursor + packed_state.alignment_bytes(len(specs))
+    key_mean = 4 * batch * kv_heads * head_dim
+    return slack + tables + meter_and_cursor + key_mean + packed_state.alignment_bytes(len(specs))
