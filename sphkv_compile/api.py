@@ -215,15 +215,20 @@ def _set_attn_implementation(model, name: str) -> None:
         model.config._attn_implementation = name
 
 
+def _take_older_cache_keyword(kwargs: dict, key: str) -> None:
+    """A cache passed under `past_key_values`, which transformers still maps to `cache`, moves
+    to `key`: it is the caller's cache, not a reason to make a new one (a forward would then
+    attend over nothing)."""
+    if key != "past_key_values" and kwargs.get(key) is None and kwargs.get("past_key_values") is not None:
+        kwargs[key] = kwargs.pop("past_key_values")
+
+
 def _wrap_forward(model, forward):
     key = _cache_keyword(forward)
 
     @functools.wraps(forward)
     def sphkv_forward(*args, **kwargs):
-        if key != "past_key_values" and kwargs.get(key) is None and kwargs.get("past_key_values") is not None:
-            # the older keyword, which transformers still maps to `cache`: a cache passed so is
-            # the caller's, not a reason to make a new one (the step would attend over nothing)
-            kwargs[key] = kwargs.pop("past_key_values")
+        _take_older_cache_keyword(kwargs, key)
         cache = kwargs.get(key)
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
@@ -231,7 +236,10 @@ def _wrap_forward(model, forward):
         if (cache is None and use_cache and not model.training and not torch.compiler.is_compiling()
                 and not attention_free(model.config)):  # (generate() reports why: _keeps_its_own_cache)
             cache = kwargs[key] = new_cache(model)
-        if kwargs.get("output_attentions", getattr(_text_config(model), "output_attentions", False)):
+        weights = kwargs.get("output_attentions")
+        if weights is None:  # the config's default, read only when the call does not say
+            weights = getattr(_text_config(model), "output_attentions", False)
+        if weights:
             hf_advice.warn_no_attention_weights(getattr(model, _STATE_ATTR))
         if isinstance(cache, RoutedSphkvCache):
             return run_routed(cache, forward, *args, **kwargs)
@@ -259,7 +267,8 @@ def _wrap_generate(model, generate, key: str):
     @functools.wraps(generate)
     def sphkv_generate(*args, **kwargs):
         reset_rebudgets()  # report()["rebudgets"] then describes this call
-        if kwargs.get(key) is None and kwargs.get("past_key_values") is None:
+        _take_older_cache_keyword(kwargs, key)
+        if kwargs.get(key) is None:
             config = _generation_config(kwargs, model)
             if _keeps_its_own_cache(model):
                 return generate(*args, **kwargs)  # no attention: the model's own cache, untouched
@@ -283,7 +292,7 @@ def _wrap_generate(model, generate, key: str):
             else:
                 hf_advice.advise_static(model.device)
                 kwargs[key] = new_cache(model, max_tokens=total)
-        cache = kwargs.get(key, kwargs.get("past_key_values"))
+        cache = kwargs.get(key)
         steps = contextlib.nullcontext()
         if isinstance(cache, SphkvCache):
             _raise_if_longer_than_cache(args, kwargs, model, cache)

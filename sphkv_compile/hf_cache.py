@@ -369,7 +369,8 @@ class SphkvLayer(CacheLayerMixin):
         """Every byte of the store: pools (records), their metadata, the meter and the key mean."""
         if self.store is None:
             return 0
-        return self.store.resident_bytes() + self.meter.numel() * 8 + self.key_mean.numel() * self.key_mean.element_size()
+        mean_bytes = self.key_mean.numel() * self.key_mean.element_size()
+        return self.store.resident_bytes() + self.meter.numel() * 8 + mean_bytes
 
     def budget_report(self) -> dict:
         """What the budgeting node measured, plus the bytes of pages in use (rdr.node.measure)."""
