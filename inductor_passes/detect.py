@@ -362,14 +362,16 @@ def _check_mask_at_compile_time(gm, example_inputs, site: Site) -> None:
 
 def _stored_at_compile_time(gm, example_inputs, cache: CacheUpdate, positions, batch) -> torch.Tensor | None:
     """Tokens per batch row the store will hold when this graph runs, where known: a cache
-    already compressed by sphkv tells; a dense cat past is ingested whole; a static buffer
-    starting a sequence holds none. A static buffer that dense code already wrote stays dense."""
+    already compressed by sphkv tells (none if this write starts a new sequence); a dense cat
+    past is ingested whole; a static buffer starting a sequence holds none. A static buffer that dense code already wrote stays dense."""
     from .stores import store_of
 
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     store = store_of(example_inputs[placeholders.index(cache.past)])
+    starts = positions is not None and positions.numel() > 0 and int(positions[0]) == 0
     if store is not None:
-        return store.tokens_per_row()
+        # a write at position 0 starts a new sequence: advance empties the store first
+        return torch.zeros(batch, dtype=torch.int64) if starts else store.tokens_per_row()
     if positions is None:
         return None
     if cache.kind == "cat":

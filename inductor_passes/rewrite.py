@@ -27,6 +27,7 @@ import torch
 from torch import fx
 
 from sphkv_compile import rdr
+from sphkv_compile.key_centering import center_chunk
 from sphkv_compile.head_pad import choose_stored_head_dim, options_for_stored
 from sphkv_compile.ops import STATE_TENSORS_PER_TIER
 
@@ -170,8 +171,10 @@ class Rewriter:
             state = [g.placeholder(f"sphkv_store{index}_{i}") for i in range(self.num_state)]
             cursor = g.placeholder(f"sphkv_store{index}_cursor")
             meter = g.placeholder(f"sphkv_store{index}_meter")
+            key_mean = g.placeholder(f"sphkv_store{index}_key_mean")
         all_ph = [n for n in g.nodes if n.op == "placeholder"]
-        group.state_inputs = [all_ph.index(n) for n in state + [cursor, meter]]  # CompressedCache.tensors() order
+        # CompressedCache.tensors() order
+        group.state_inputs = [all_ph.index(n) for n in state + [cursor, meter, key_mean]]
         seq = group.key.seq_dim
         kv_heads, head_dim = group.shape[3 - seq], group.shape[3]
         # a static buffer has a maximum length: the budget is fixed, and checked here, at compile time
@@ -212,6 +215,9 @@ class Rewriter:
                     site_valid = v
                 else:
                     site_valid = None
+                if site is sites[0] and opts.center_keys:
+                    # stored keys are k - μ (key_centering.py): μ from the first site's real tokens
+                    k_new = self._call(center_chunk, key_mean, k_new, positions, site_valid, int(opts.sink))
                 res = self._call(torch.ops.sphkv.attend.default, q, state, k_new, v_new, site_valid, self.tiers,
                                  opts.seed, kv_dtype, float(site.scale), int(opts.utility_window), accumulate)
                 accumulate = False  # once per cache: two sites reading it must not count twice

@@ -22,6 +22,7 @@ from sphkv_compile import rdr
 from sphkv_compile.rdr import meter as budget_meter
 from sphkv_compile.rdr.budget import protected_tokens
 from sphkv_compile.rdr.node import measure
+from sphkv_compile.key_centering import center_chunk, new_key_mean
 from sphkv_compile.head_pad import choose_stored_head_dim, options_for_stored, pad_last, padding_report
 from sphkv_compile.report import register_kv_source
 from sphkv_compile.ops import tiers_string
@@ -79,6 +80,8 @@ class CompressedCache:
         self.states = [self._allocate(spec, i, 0) for i, spec in enumerate(self.specs)]
         self.cursor = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.meter = budget_meter.new_meter(batch, kv_heads, self.device)
+        # μ the stored keys are centered on (key_centering.py); the graph sets it at position 0
+        self.key_mean = new_key_mean(batch, kv_heads, stored, self.device, kv_dtype)
         self.grow(capacity)
         ref = weakref.ref(self)
         register_kv_source(lambda: ref().kv_bytes() if ref() is not None else (0, 0), group="graph",
@@ -126,8 +129,8 @@ class CompressedCache:
         self.capacity = capacity
 
     def tensors(self) -> list[torch.Tensor]:
-        """The order the rewrite's placeholders expect: tier states, cursor, meter."""
-        return [t for s in self.states for t in s.tensors()] + [self.cursor, self.meter]
+        """The order the rewrite's placeholders expect: tier states, cursor, meter, key mean."""
+        return [t for s in self.states for t in s.tensors()] + [self.cursor, self.meter, self.key_mean]
 
     def shapes(self) -> tuple:
         return tuple(tuple(t.shape) for t in self.tensors())
@@ -141,6 +144,8 @@ class CompressedCache:
         budgeting ops as the graph runs."""
         o = self.options
         k, v = pad_last(k, self.head_dim), pad_last(v, self.head_dim)
+        if o.center_keys:  # as the graph does for a chunk at position 0
+            k = center_chunk(self.key_mean, k, torch.zeros(1, dtype=torch.int64, device=k.device), None, o.sink)
         self.grow(2 * k.shape[2])
         state = [t for s in self.states for t in s.tensors()]
         budget_meter.reset(self.meter)
@@ -164,9 +169,10 @@ class CompressedCache:
         return sum(s.count[:, 0].to(torch.int64) for s in self.states)
 
     def kv_bytes(self) -> tuple[int, int]:
-        """(every byte the store holds: pools, metadata, cursor and meter; dense bf16 K+V bytes)."""
+        """(every byte the store holds: pools, metadata, cursor, meter and key mean; dense bf16 K+V bytes)."""
         resident = (sum(s.record_bytes() + s.metadata_bytes() for s in self.states)
-                    + (self.cursor.numel() + self.meter.numel()) * 8)
+                    + (self.cursor.numel() + self.meter.numel()) * 8
+                    + self.key_mean.numel() * self.key_mean.element_size())
         dense = 2 * self.batch * self.kv_heads * self.tokens * self.model_head_dim * 2  # K+V in bf16
         return resident, dense
 

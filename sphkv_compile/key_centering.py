@@ -48,3 +48,15 @@ def centered(key: torch.Tensor, key_mean: torch.Tensor) -> torch.Tensor:
     if key.dtype == key_mean.dtype:
         return key - key_mean
     return (key.float() - key_mean.float()).to(key.dtype)
+
+
+def center_chunk(key_mean: torch.Tensor, key: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None,
+                 sink: int) -> torch.Tensor:
+    """The backend's graph form: a chunk written at position 0 starts a sequence and sets μ
+    from its keys; any other chunk keeps the μ its sequence started with. Returns key - μ.
+    Tensor ops only (no host read), so Inductor fuses it with the chunk's layout ops."""
+    fresh = torch.zeros_like(key_mean)
+    set_key_mean_(fresh, key, valid, sink)
+    starts = (positions[:1] == 0).any()  # (an empty chunk starts nothing)
+    key_mean.copy_(torch.where(starts, fresh, key_mean))
+    return centered(key, key_mean)

@@ -128,3 +128,83 @@ def test_centered_keeps_the_dtype():
     mean = torch.full((1, 1, 1, 8), 10.0)
     out = centered(key, mean)
     assert out.dtype == torch.bfloat16 and out.float().abs().mean() < 2
+
+
+# the backend's rewrite of plain modules (torch.compile(model, backend="sphkv")) --------------
+
+def _gpt_fast_with_key_bias(seed: int):
+    """gpt-fast-style model whose keys share a large mean: its fused qkv projection gets a
+    bias on the key rows only."""
+    from tests.models import gpt_fast
+    torch.manual_seed(seed)
+    model = gpt_fast.GPTFast().eval()
+    c = model.cfg
+    for block in model.blocks:
+        old = block.attn.wqkv
+        new = torch.nn.Linear(old.in_features, old.out_features, bias=True)
+        with torch.no_grad():
+            new.weight.copy_(old.weight)
+            new.bias.zero_()
+            new.bias[c.heads * c.head_dim:(c.heads + c.kv_heads) * c.head_dim].normal_(0, 3.0)
+        block.attn.wqkv = new
+    model.setup_caches(1)
+    return model
+
+
+def _recorded_keys(model, prompt):
+    """The keys each layer writes for the prompt, in an uncompiled prefill: [1, Hkv, T, d]."""
+    keys = []
+    for block in model.blocks:
+        update = block.attn.kv_cache.update
+        block.attn.kv_cache.update = (lambda pos, k, v, update=update: (keys.append(k.clone()), update(pos, k, v))[1])
+    with torch.no_grad():
+        model(prompt, torch.arange(prompt.shape[1]))
+    for block in model.blocks:
+        del block.attn.kv_cache.update
+    return keys
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("center", [True, False])
+def test_the_backend_centers_on_the_prefill_mean_and_keeps_it_while_decoding(monkeypatch, center):
+    from sphkv_compile.inductor_passes.stores import store_of
+    monkeypatch.setenv("SPHKV_INNER_COMPILER", "aot_eager")
+    sink = 2
+    model = _gpt_fast_with_key_bias(0)
+    prompts = [torch.randint(0, model.cfg.vocab, (1, n), generator=torch.Generator().manual_seed(n)) for n in (16, 11)]
+    expected = [_recorded_keys(model, p) for p in prompts]
+    model.setup_caches(1)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="sphkv", options={"sink": sink, "recent": 4, "center_keys": center})
+    for prompt, keys in zip(prompts, expected):  # the second prompt starts a new sequence at position 0
+        T = prompt.shape[1]
+        compiled(prompt, torch.arange(T))
+        means = [store_of(block.attn.kv_cache.k_cache).key_mean.clone() for block in model.blocks]
+        for mean, k in zip(means, keys):
+            want = k[:, :, sink:].mean(2, keepdim=True) if center else torch.zeros_like(mean)
+            torch.testing.assert_close(mean, want, rtol=1e-5, atol=1e-5)
+        for i in range(3):  # decode steps leave μ where the prefill put it
+            compiled(prompt[:, :1], torch.tensor([T + i]))
+        for mean, block in zip(means, model.blocks):
+            assert torch.equal(store_of(block.attn.kv_cache.k_cache).key_mean, mean)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_backend_centering_cuts_the_coded_keys_error(monkeypatch, seed):
+    """Through the backend's rewrite, at 3.5 bits, decode logits over keys sharing a large mean
+    are closer to dense's with centering than without, every seed (same forced tokens)."""
+    from tests.models import gpt_fast
+    monkeypatch.setenv("SPHKV_INNER_COMPILER", "aot_eager")
+    model = _gpt_fast_with_key_bias(seed)
+    prompt = torch.randint(0, model.cfg.vocab, (1, 64), generator=torch.Generator().manual_seed(seed))
+    tokens, dense = gpt_fast.generate(model, prompt, 12)
+    errors = {}
+    for center in (True, False):
+        model.setup_caches(1)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="sphkv", options={"bits": 3.5, "sink": 2, "recent": 4,
+                                                                   "center_keys": center})
+        _, logits = gpt_fast.generate(model, prompt, 12, compiled, forced=tokens)
+        errors[center] = (logits.double() - dense.double()).norm().item()
+    assert errors[True] < errors[False], errors

@@ -2,6 +2,7 @@
 a gpt-fast-style static buffer written at input_pos, and a nanoGPT-style cat cache."""
 from __future__ import annotations
 
+import copy
 import gc
 import os
 
@@ -145,3 +146,22 @@ def test_forking_a_compressed_cat_cache_raises():
     compiled(prompt[:, :1], past)
     with pytest.raises(Exception, match="rewound or forked"):
         compiled(prompt[:, 1:2], past)
+
+
+@torch.no_grad()
+def test_a_new_sequence_of_another_length_reuses_the_compressed_static_buffers():
+    """A second prompt written at position 0 starts a new sequence in the same buffers. Its
+    length differs, so the prefill recompiles while the store still holds the first sequence:
+    the rewrite must count the store as emptied (advance resets it), not keep the site dense
+    over a cache whose dense data is gone. At 12 bits the tokens are dense's."""
+    model, _, _ = _gpt_fast(7)
+    dense = copy.deepcopy(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="sphkv", options={**HIGH_BITS, **DEFAULT_BITS})
+    for length in (16, 11, 23):
+        prompt = torch.randint(0, model.cfg.vocab, (1, length), generator=torch.Generator().manual_seed(length))
+        dense.setup_caches(1)
+        want, _ = gpt_fast.generate(dense, prompt, 8)
+        tokens, _ = gpt_fast.generate(model, prompt, 8, compiled)  # the same (compressed) buffers every time
+        assert torch.equal(tokens, want), length
+    assert all(s["rewritten"] for s in sphkv_compile.report()["sites"])
