@@ -41,6 +41,7 @@ from .rdr.node import (cadence_counters, cadence_due, count_unbudgeted_step, cur
 from .report import register_kv_source
 from .head_pad import choose_stored_head_dim, options_for_stored, pad_last, padding_report
 from .key_centering import new_key_mean, select_rows_
+from .key_centering import select_rows_of as select_key_mean_rows_of
 from .options import SphkvOptions
 from .store import LayerStore, reserve_tiers, select_rows_of
 from .hf_plan import LayerPlan
@@ -484,8 +485,8 @@ class SphkvCache(Cache):
         select_rows_of([layer.store for layer in filled], beam_idx,
                        can_grow=all(layer.max_cache_len is None for layer in filled))
         budget_meter.select_rows_of([layer.meter for layer in filled], beam_idx)
+        select_key_mean_rows_of([layer.key_mean for layer in filled], beam_idx)
         for layer in filled:
-            select_rows_(layer.key_mean, beam_idx)
             cache_crop.reorder_rows(layer, beam_idx)
         for layer in self.layers:
             if not isinstance(layer, SphkvLayer):

@@ -43,6 +43,19 @@ def select_rows_(key_mean: torch.Tensor, rows: torch.Tensor) -> None:
     key_mean.copy_(key_mean.index_select(0, rows.to(key_mean.device)))
 
 
+def select_rows_of(key_means: list[torch.Tensor], rows: torch.Tensor) -> None:
+    """select_rows_ for many layers' μ at once (a beam reorder moves every layer's rows): μ
+    alike (shape, dtype, device) are stacked, gathered once and copied back in one multi-tensor
+    copy, where each layer took two small ops (on the H100 a beam step's reorder ran 60 of its
+    126 ops here, session 39)."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for mean in key_means:
+        groups.setdefault((tuple(mean.shape), mean.dtype, mean.device), []).append(mean)
+    for (_, _, device), group in groups.items():
+        moved = torch.stack(group).index_select(1, rows.to(device=device, dtype=torch.int64))
+        torch._foreach_copy_(group, list(moved.unbind(0)))
+
+
 def centered(key: torch.Tensor, key_mean: torch.Tensor) -> torch.Tensor:
     """key - μ in the key's dtype."""
     if key.dtype == key_mean.dtype:

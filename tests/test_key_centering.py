@@ -10,7 +10,7 @@ import transformers as tf
 from hypothesis import given, settings, strategies as st
 
 from sphkv_compile import api
-from sphkv_compile.key_centering import centered, new_key_mean, set_key_mean_
+from sphkv_compile.key_centering import centered, new_key_mean, select_rows_, select_rows_of, set_key_mean_
 from sphkv_compile.options import SphkvOptionsError
 from tests import test_zoo as zoo
 
@@ -116,6 +116,24 @@ def test_the_mean_follows_reset_and_beam_reorder_and_stays_zero_with_sink_logits
     gpt_oss.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, past_key_values=cache)
     layers = cache.compressed_layers()
     assert layers and all(layer.key_mean.abs().sum() == 0 for layer in layers)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.lists(st.sampled_from([(2, 8, torch.float32), (3, 4, torch.bfloat16), (2, 8, torch.float16)]),
+                min_size=1, max_size=6), st.integers(1, 5), st.integers(0, 2**31 - 1))
+def test_many_layers_means_move_together_as_each_would_alone(kinds, batch, seed):
+    """select_rows_of (one gather per group of like tensors) gives every layer's μ what its own
+    select_rows_ would, in place, whatever mix of shapes and dtypes the layers have."""
+    g = torch.Generator().manual_seed(seed)
+    means = [torch.randn(batch, h, 1, d, generator=g).to(dtype) for h, d, dtype in kinds]
+    rows = torch.randint(0, batch, (batch,), generator=g)
+    expected = [m.clone() for m in means]
+    for m in expected:
+        select_rows_(m, rows)
+    addresses = [m.data_ptr() for m in means]
+    select_rows_of(means, rows)
+    for got, want, address in zip(means, expected, addresses):
+        assert torch.equal(got, want) and got.data_ptr() == address
 
 
 def test_center_keys_must_be_a_bool():
