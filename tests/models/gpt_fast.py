@@ -102,8 +102,10 @@ class GPTFast(nn.Module):
         self.register_buffer("causal_mask", torch.tril(torch.ones(cfg.max_seq, cfg.max_seq, dtype=torch.bool)))
 
     def setup_caches(self, batch: int, dtype=torch.float32, write="index_put"):
+        device = self.embed.weight.device
         for b in self.blocks:
-            b.attn.kv_cache = KVCache(batch, self.cfg.kv_heads, self.cfg.max_seq, self.cfg.head_dim, dtype, write)
+            b.attn.kv_cache = KVCache(batch, self.cfg.kv_heads, self.cfg.max_seq, self.cfg.head_dim, dtype,
+                                      write).to(device)
 
     def forward(self, idx, input_pos):
         mask = self.causal_mask[None, None, input_pos]
@@ -120,11 +122,11 @@ def generate(model, prompt, steps: int, step_fn=None, forced=None):
     those tokens instead of the argmax (teacher forcing), so two runs see the same inputs."""
     step_fn = model if step_fn is None else step_fn
     B, T = prompt.shape
-    logits = step_fn(prompt, torch.arange(T))[:, -1]
+    logits = step_fn(prompt, torch.arange(T, device=prompt.device))[:, -1]
     toks, all_logits = [], []
     for i in range(steps):
         all_logits.append(logits)
         nxt = logits.argmax(-1, keepdim=True) if forced is None else forced[:, i:i + 1]
         toks.append(nxt)
-        logits = step_fn(nxt, torch.tensor([T + i]))[:, -1]
+        logits = step_fn(nxt, torch.tensor([T + i], device=prompt.device))[:, -1]
     return torch.cat(toks, 1), torch.stack(all_logits)

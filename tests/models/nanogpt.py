@@ -73,7 +73,7 @@ class NanoGPT(nn.Module):
 
     def empty_past(self, batch: int):
         d = self.cfg.dim // self.cfg.heads
-        z = torch.zeros(batch, self.cfg.heads, 0, d)
+        z = torch.zeros(batch, self.cfg.heads, 0, d, dtype=self.wte.weight.dtype, device=self.wte.weight.device)
         return [(z.clone(), z.clone()) for _ in self.h]
 
     def forward(self, idx, past):
