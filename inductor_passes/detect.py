@@ -363,7 +363,8 @@ def _check_mask_at_compile_time(gm, example_inputs, site: Site) -> None:
 def _stored_at_compile_time(gm, example_inputs, cache: CacheUpdate, positions, batch) -> torch.Tensor | None:
     """Tokens per batch row the store will hold when this graph runs, where known: a cache
     already compressed by sphkv tells (none if this write starts a new sequence); a dense cat
-    past is ingested whole; a static buffer starting a sequence holds none. A static buffer that dense code already wrote stays dense."""
+    past is ingested whole; a static buffer starting a sequence holds none. A static buffer
+    that dense code already wrote stays dense."""
     from .stores import store_of
 
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]

@@ -58,3 +58,25 @@ def test_keep_indices(T, n, last, first, seed):
         f = min(first, m)
         assert set(range(f)) <= kept
         assert set(range(T - min(last, m - f), T)) <= kept
+
+
+@pytest.mark.parametrize("method", ["uniform", "rdr"])
+@pytest.mark.parametrize("seed", [3, 4])
+def test_centered_spherical_methods_attend_closer_to_dense_when_keys_share_a_mean(method, seed):
+    """The harness's uniform and rdr store keys centered, as the product does (center_keys):
+    with keys sharing a large mean, at 1/4 of dense bytes, a chunk's attention over the store is
+    closer to dense attention than the *_uncentered ablation's, within the same bytes."""
+    cap, q = capture(seed, 2, 200)
+    shared = 4 * torch.randn(1, 2, 1, 64, generator=torch.Generator().manual_seed(seed))
+    cap = LayerCapture(cap.keys + shared, cap.values, cap.observed, cap.accumulated, cap.window_queries)
+    budget = int(dense_bytes(200, 2, 64) / 4)
+    k_new, v_new = cap.keys[:, :, -4:], cap.values[:, :, -4:]
+    stored = LayerCapture(cap.keys[:, :, :-4], cap.values[:, :, :-4], cap.observed[..., :-4], None,
+                          cap.window_queries)
+    ref = causal_chunk_attention(q[:, :, -4:], stored.keys, stored.values, k_new, v_new, 64 ** -0.5)
+    errors, held = {}, {}
+    for name in (method, f"{method}_uncentered"):
+        cache, held[name] = METHODS[name](stored, budget, CFG)
+        errors[name] = float((cache.attend(q[:, :, -4:], k_new, v_new, 64 ** -0.5) - ref).norm())
+    assert held[method] == held[f"{method}_uncentered"]
+    assert errors[method] < errors[f"{method}_uncentered"], errors

@@ -226,3 +226,26 @@ def test_the_backend_centering_cuts_the_coded_keys_error(monkeypatch, seed):
         _, logits = gpt_fast.generate(model, prompt, 12, compiled, forced=tokens)
         errors[center] = (logits.double() - dense.double()).norm().item()
     assert errors[True] < errors[False], errors
+
+
+@torch.no_grad()
+def test_a_dense_past_handed_to_the_backend_is_centered_as_it_is_ingested(monkeypatch):
+    """nanoGPT's cat cache filled by the uncompiled model, then handed to the compiled one: the
+    store takes the past whole, with μ from its keys after the sinks, and keeps μ through the
+    next steps."""
+    from sphkv_compile.inductor_passes.stores import store_of
+    from tests.models import nanogpt
+    monkeypatch.setenv("SPHKV_INNER_COMPILER", "aot_eager")
+    torch.manual_seed(8)
+    model = nanogpt.NanoGPT().eval()
+    prompt = torch.randint(0, model.cfg.vocab, (1, 20))
+    _, past = model(prompt, model.empty_past(1))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="sphkv", options={"sink": 2, "recent": 4})
+    _, new_past = compiled(prompt[:, :1], past)
+    for (k, _), (placeholder, _) in zip(past, new_past):
+        mean = store_of(placeholder).key_mean
+        torch.testing.assert_close(mean, k[:, :, 2:].mean(2, keepdim=True), rtol=1e-5, atol=1e-5)
+    before = [store_of(p).key_mean.clone() for p, _ in new_past]
+    compiled(prompt[:, 1:2], new_past)
+    assert all(torch.equal(store_of(p).key_mean, b) for (p, _), b in zip(new_past, before))

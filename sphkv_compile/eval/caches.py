@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..key_centering import centered
 from ..store import LayerStore
 
 
@@ -35,11 +36,15 @@ class DenseCache:
 
 
 class StoreCache:
-    """The compressed paged store: logits read from the codes (store.attend)."""
+    """The compressed paged store: logits read from the codes (store.attend). With key_mean
+    the store holds keys centered on it (key_centering.py, as the product stores them), so the
+    chunk's keys are centered the same way before they meet the stored ones."""
 
-    def __init__(self, store: LayerStore):
-        self.store = store
+    def __init__(self, store: LayerStore, key_mean: torch.Tensor | None = None):
+        self.store, self.key_mean = store, key_mean
 
     def attend(self, q, k, v, scale):
+        if self.key_mean is not None:
+            k = centered(k, self.key_mean)
         out, _ = self.store.attend(q, k, v, scale=scale)
         return out

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import rdr
+from ..key_centering import centered, new_key_mean, set_key_mean_
 from ..baselines import kivi_bits_per_element, kivi_dequantize, kivi_keys, kivi_values
 from ..rdr.costs import choice_table
 from ..rdr.utility import POOL_KERNEL, combine, pooled, query_key_gain
@@ -125,7 +126,18 @@ def _store(tiers, cap, cfg) -> LayerStore:
                       page_size=cfg.page_size, seed=cfg.seed)
 
 
-def uniform_spherical(cap, budget, cfg):
+def centered_keys(cap, cfg, center: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The prefill keys as the product stores them: minus μ, the mean of each KV head's keys
+    after the sinks (option center_keys, key_centering.py); as they are with center=False."""
+    if not center:
+        return cap.keys, None
+    B, H, _, d = cap.keys.shape
+    mean = new_key_mean(B, H, d, cap.keys.device, cap.keys.dtype)
+    set_key_mean_(mean, cap.keys, None, cfg.sink)
+    return centered(cap.keys, mean), mean
+
+
+def uniform_spherical(cap, budget, cfg, center: bool = True):
     """ADA without RDR: sinks and recent window exact, every other token in one spherical tier,
     the finest of UNIFORM_BITS that fits; below the coarsest, the oldest non-sink tokens go."""
     H, T, d = cap.keys.shape[1:]
@@ -137,24 +149,31 @@ def uniform_spherical(cap, budget, cfg):
         if n >= T:
             break
     idx = keep_indices(torch.zeros(1, H, T), min(n, T), always_last=min(n, T), always_first=cfg.sink)
+    keys, mean = centered_keys(cap, cfg, center)
     store = _store(tiers, cap, cfg)
-    store.update(gather(cap.keys, idx), gather(cap.values, idx), sink=cfg.sink, recent=cfg.recent, target="uniform")
-    return StoreCache(store), int(rdr.token_bytes(store.states, table)[0])
+    store.update(gather(keys, idx), gather(cap.values, idx), sink=cfg.sink, recent=cfg.recent, target="uniform")
+    return StoreCache(store, mean), int(rdr.token_bytes(store.states, table)[0])
 
 
-def rdr_method(tiers=DEFAULT_TIERS, floor: float = 0.0, recent: int | None = None, distortion: str = "unit"):
+def uniform_uncentered(cap, budget, cfg):
+    return uniform_spherical(cap, budget, cfg, center=False)
+
+
+def rdr_method(tiers=DEFAULT_TIERS, floor: float = 0.0, recent: int | None = None, distortion: str = "unit",
+               center: bool = True):
     def method(cap, budget, cfg):
         """RDR: each token and head gets a tier or drop by the Lagrangian allocation; the utility is
         the pooled observation-window attention (as update_cache_rdr pools it); distortion
         'logit' prices key errors by the key gain of the window's queries (option distortion)."""
         d = cap.keys.shape[-1]
+        keys, mean = centered_keys(cap, cfg, center)
         store = _store(tiers, cap, cfg)
         utility = combine(pooled(cap.observed, cfg.pool_kernel), floor=floor)
         gain = query_key_gain(cap.window_queries, cap.keys.shape[1], 1.0, 0) if distortion == "logit" else None
-        rdr.apply(store, cap.keys, cap.values, None, utility, budget_bytes=budget, sink=cfg.sink,
+        rdr.apply(store, keys, cap.values, None, utility, budget_bytes=budget, sink=cfg.sink,
                   recent=cfg.recent if recent is None else recent, rebudget_every=1, key_gain=gain)
         table = choice_table(tuple(tiers), d, cfg.seed, KV_DTYPE)
-        return StoreCache(store), int(rdr.token_bytes(store.states, table)[0])
+        return StoreCache(store, mean), int(rdr.token_bytes(store.states, table)[0])
     return method
 
 
@@ -165,8 +184,10 @@ METHODS = {
     "h2o": h2o,
     "kivi2": kivi(2),
     "kivi4": kivi(4),
-    "uniform": uniform_spherical,
+    "uniform": uniform_spherical,  # keys centered, as the product stores them (center_keys)
+    "uniform_uncentered": uniform_uncentered,
     "rdr": rdr_method(),
+    "rdr_uncentered": rdr_method(center=False),
     "rdr_logit": rdr_method(distortion="logit"),
     "rdr_fine": rdr_method(FINE_TIERS),
 }
