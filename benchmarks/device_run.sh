@@ -2,7 +2,7 @@
 # One device call: install, GPU kernel tests, kernel benchmark, optionally (E2E=1) the
 # end-to-end decode. Logs under $OUT. One call holds 10 minutes: split the steps over calls
 # (SKIP_TESTS=1, TEST_K="expr with spaces" (pytest -k; TEST_ARGS is word-split), SKIP_BENCH=1, BENCH_ARGS=--quick, SWEEP=1, SWEEP_ENCODE=1, LOWERING=1, E2E=1, BREAKDOWN=1, RDR=1, REBUDGET=1,
-# BEAMS=1, OPTIMIZE_TIME=1, DYNAMIC=1, EAGER_HOST=1, ASSISTED=1) rather than let a timeout cut them.
+# BEAMS=1, OPTIMIZE_TIME=1, DYNAMIC=1, EAGER_HOST=1, ASSISTED=1, BACKEND=1) rather than let a timeout cut them.
 #
 # Compile caches: each call starts on a bare machine, and the kernel compiles take minutes
 # (the GPU test suite compiles ~20 kernel variants). SAVE_CACHE=1 returns Triton's and
@@ -79,6 +79,10 @@ fi
 if [ "${ASSISTED:-0}" = 1 ]; then  # prompt lookup on the embedded SmolLM2, dense vs sphkv (benchmarks/assisted_decode.py)
   timeout ${ASSISTED_TIMEOUT:-300} python benchmarks/assisted_decode.py --static ${ASSISTED_ARGS} 2>&1 \
     | grep -v "Warn\|Convert\|Loading" | tee $OUT/assisted_decode.log | tail -14
+fi
+if [ "${BACKEND:-0}" = 1 ]; then  # torch.compile(module, backend="sphkv") on a gpt-fast-style model vs dense with CUDA graphs
+  timeout ${BACKEND_TIMEOUT:-300} python benchmarks/backend_decode.py --out $OUT ${BACKEND_ARGS} 2>&1 \
+    | grep -v "Warn\|warnings.warn" | tee $OUT/backend_decode.log | tail -4
 fi
 if [ "${SAVE_CACHE:-0}" = 1 ]; then
   tar cz -C / root/.triton/cache tmp/torchinductor_root 2>/dev/null | split -b 15M - $OUT/compile-cache.tgz.part

@@ -1,0 +1,119 @@
+"""Decode speed through the backend's rewrite of a plain module: `torch.compile(model,
+backend="sphkv")` on a gpt-fast-style model (tests/models/gpt_fast.py: static K/V buffers
+written by index_put_, GQA by repeat_interleave, SDPA with a boolean mask row per position),
+against the same model compiled by Inductor with CUDA graphs (`mode="reduce-overhead"`, as
+gpt-fast runs it). Random weights; both prefill the same random prompt of `--context` tokens
+in chunks, then decode; ms per step is the median over `--steps` timed steps after `--warmup`.
+
+    python benchmarks/backend_decode.py [--dim 4096 --heads 32 --kv-heads 8 --layers 8]
+        [--batch 4] [--context 8192] [--steps 16] [--dtype bfloat16] [--device cuda] [--out DIR]
+
+The dense baseline repeats K and V over the query heads before SDPA, as gpt-fast does; the
+rewrite reads the grouped store. Prints both rows, the ratio, the resident KV bytes, and
+report()'s site count; writes backend_decode.json under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: tests.models
+import sphkv_compile  # noqa: E402
+from tests.models import gpt_fast  # noqa: E402
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build(args, device, dtype) -> gpt_fast.GPTFast:
+    torch.manual_seed(0)
+    cfg = gpt_fast.Config(vocab=args.vocab, dim=args.dim, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
+                          max_seq=args.context + args.warmup + args.steps + 1)
+    model = gpt_fast.GPTFast(cfg).eval().to(device, dtype)
+    model.setup_caches(args.batch, dtype=dtype)
+    return model
+
+
+@torch.no_grad()
+def decode_ms(step, model, args, device) -> list[float]:
+    """Prefill `context` tokens in chunks through `step`, then time each decode step."""
+    gen = torch.Generator(device=device).manual_seed(1)
+    prompt = torch.randint(0, model.cfg.vocab, (args.batch, args.context), device=device, generator=gen)
+    for start in range(0, args.context, args.prefill_chunk):
+        chunk = prompt[:, start:start + args.prefill_chunk]
+        logits = step(chunk, torch.arange(start, start + chunk.shape[1], device=device))
+    token = logits[:, -1:].argmax(-1)
+    times = []
+    for i in range(args.warmup + args.steps):
+        pos = torch.tensor([args.context + i], device=device)
+        sync(device)
+        t = time.perf_counter()
+        token = step(token, pos)[:, -1:].argmax(-1)
+        sync(device)
+        times.append(1000 * (time.perf_counter() - t))
+    return times[args.warmup:]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dim", type=int, default=4096)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--context", type=int, default=8192)
+    ap.add_argument("--prefill-chunk", type=int, default=2048)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--bits", type=float, default=3.5)
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--out", default=".")
+    args = ap.parse_args(argv)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+
+    rows = {}
+    model = build(args, device, dtype)
+    dense_bytes = sum(b.numel() * b.element_size() for blk in model.blocks
+                      for b in (blk.attn.kv_cache.k_cache, blk.attn.kv_cache.v_cache))
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    rows["dense"] = decode_ms(torch.compile(model, mode=mode), model, args, device)
+    del model
+    gc.collect()
+    torch._dynamo.reset()
+
+    model = build(args, device, dtype)
+    rows["sphkv"] = decode_ms(torch.compile(model, backend="sphkv", options={"bits": args.bits}), model, args, device)
+    rep = sphkv_compile.report()
+    rewritten = sum(s["rewritten"] for s in rep["sites"])
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    dense_ms, sphkv_ms = statistics.median(rows["dense"]), statistics.median(rows["sphkv"])
+    result = dict(device=name, torch=torch.__version__, args=vars(args), dense_ms=dense_ms, sphkv_ms=sphkv_ms,
+                  speedup=dense_ms / sphkv_ms, dense_kv_bytes=dense_bytes, sphkv_kv_bytes=rep["kv_bytes"],
+                  sites_rewritten=rewritten, sites=len(rep["sites"]), dense_steps=rows["dense"],
+                  sphkv_steps=rows["sphkv"])
+    print(f"{name}, gpt-fast-style model: dim {args.dim}, {args.heads}q/{args.kv_heads}kv heads, {args.layers} layers, "
+          f"batch {args.batch}, context {args.context}, {args.dtype}")
+    print(f"dense, compiled ({mode}): {dense_ms:.2f} ms per step; KV {dense_bytes / 1e9:.3f} GB")
+    print(f"sphkv backend ({args.bits} bits): {sphkv_ms:.2f} ms per step ({dense_ms / sphkv_ms:.2f}x dense's speed); "
+          f"KV {rep['kv_bytes'] / 1e9:.3f} GB ({rep['kv_bytes'] / dense_bytes:.3f} of dense); "
+          f"{rewritten}/{len(rep['sites'])} sites rewritten")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "backend_decode.json"), "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
