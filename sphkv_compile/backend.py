@@ -46,9 +46,7 @@ def sphkv_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
     from .inductor_passes.stores import store_of, target_tier
 
     options = SphkvOptions.from_dict(kwargs.pop("options", None))
-    mode = kwargs.pop("mode", None)
-    if mode not in (None, "default"):
-        log.info("sphkv: mode=%r ignored (the store ops sync on the host; no CUDA graphs)", mode)
+    _warn_if_mode_asks_for_graphs(kwargs.pop("mode", None))
     if kwargs:
         raise TypeError(f"sphkv backend: unexpected arguments {sorted(kwargs)}; use options={{...}}")
     install_kernels()
@@ -90,6 +88,22 @@ def sphkv_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
     if not done:
         return _inner_compile(gm, example_inputs)
     return CompiledWithStores(gm, list(example_inputs), done, options)
+
+
+def _warn_if_mode_asks_for_graphs(mode) -> None:
+    """mode='reduce-overhead' (CUDA graphs) cannot be honoured: say so once per process rather
+    than let a user time a compiled model that silently runs without the graphs they asked for."""
+    if mode in (None, "default", "max-autotune-no-cudagraphs") or getattr(_warn_if_mode_asks_for_graphs, "done", False):
+        return
+    from .options import SphkvPerformanceWarning
+
+    _warn_if_mode_asks_for_graphs.done = True
+    warnings.warn(f"sphkv: mode={mode!r} asks for CUDA graphs, which the sphkv backend does not make (its store "
+                  "ops read the write positions and check the mask on the host at every call), so the model runs "
+                  "compiled without them. Fix: for a transformers model call sphkv_compile.optimize(model) and let "
+                  "generate() compile with its default backend (its decode step replays from CUDA graphs on a static "
+                  "cache); for a module with its own cache, leave mode out to silence this.",
+                  SphkvPerformanceWarning, stacklevel=3)
 
 
 def _hint_transformers(gm, sites) -> None:

@@ -2,6 +2,8 @@
 HF integration already routed through sphkv::attend."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +11,7 @@ import torch.nn.functional as F
 import sphkv_compile
 from sphkv_compile.backend import sphkv_backend
 from sphkv_compile.inductor_passes.graph_pass import SphkvGraphPass, hashed_sources
-from sphkv_compile.options import SphkvOptions
+from sphkv_compile.options import SphkvOptions, SphkvPerformanceWarning
 
 
 @pytest.fixture(autouse=True)
@@ -38,11 +40,20 @@ def test_bad_options_raise_a_clear_error(bad, name):
         torch.compile(_decode_module(), backend="sphkv", options=bad)(*_inputs())
 
 
-def test_mode_from_hf_compile_config_is_tolerated():
+def test_mode_from_hf_compile_config_is_tolerated_and_the_missing_graphs_are_named(monkeypatch):
+    """mode='reduce-overhead' (a CompileConfig's default, or torch.compile's mode) compiles and
+    runs, and a warning says once that no CUDA graphs are made, naming the fix."""
+    from sphkv_compile import backend as backend_module
+    monkeypatch.delattr(backend_module._warn_if_mode_asks_for_graphs, "done", raising=False)
     torch._dynamo.reset()
     backend = lambda gm, ex: sphkv_backend(gm, ex, mode="reduce-overhead", options={"bits": 12})  # noqa: E731
     args = _inputs()
-    out, kk, _ = torch.compile(_decode_module(), backend=backend)(*args)
+    with pytest.warns(SphkvPerformanceWarning, match="asks for CUDA graphs.*optimize"):
+        out, kk, _ = torch.compile(_decode_module(), backend=backend)(*args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SphkvPerformanceWarning)  # once per process
+        torch._dynamo.reset()
+        torch.compile(_decode_module(), backend=backend)(*_inputs())
     ref, *_ = _decode_module()(*args)
     assert sphkv_compile.report()["sites"][0]["rewritten"]
     # 6 tokens sit inside the default sink + recent window, all exact: float32 rounding only
