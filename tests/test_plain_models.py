@@ -165,3 +165,25 @@ def test_a_new_sequence_of_another_length_reuses_the_compressed_static_buffers()
         tokens, _ = gpt_fast.generate(model, prompt, 8, compiled)  # the same (compressed) buffers every time
         assert torch.equal(tokens, want), length
     assert all(s["rewritten"] for s in sphkv_compile.report()["sites"])
+
+
+def test_the_own_cache_example_runs_rewritten_and_within_the_codec_bound(capsys):
+    """examples/own_cache_module.py (index_copy_ into static buffers, SDPA with a boolean mask and
+    GQA): every site rewritten, the stores hold less than the dense buffers, and the printed
+    error at the default bits is within the codec's bound."""
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "own_cache_module.py"
+    spec = importlib.util.spec_from_file_location("own_cache_module", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    torch._dynamo.reset()
+    example.main(["--prompt", "600", "--steps", "4", "--device", "cpu"])  # past the exact windows
+    out = capsys.readouterr().out
+    assert "sites rewritten: 4 of 4" in out, out
+    fraction = float(re.search(r"dense buffers \(([0-9.]+)\)", out).group(1))
+    worst = float(re.search(r"max ([0-9.e+-]+)", out).group(1))
+    assert 0 < fraction < 1, out
+    assert 0 < worst <= relative_rms_bound({"bits": 3.5}, 256 // 8), out
