@@ -22,7 +22,7 @@ from sphkv_compile import rdr
 from sphkv_compile.rdr import meter as budget_meter
 from sphkv_compile.rdr.budget import protected_tokens
 from sphkv_compile.rdr.node import measure
-from sphkv_compile.key_centering import center_chunk, new_key_mean
+from sphkv_compile.key_centering import centered, new_key_mean, set_key_mean_
 from sphkv_compile.head_pad import choose_stored_head_dim, options_for_stored, pad_last, padding_report
 from sphkv_compile.report import register_kv_source
 from sphkv_compile.ops import tiers_string
@@ -144,8 +144,9 @@ class CompressedCache:
         budgeting ops as the graph runs."""
         o = self.options
         k, v = pad_last(k, self.head_dim), pad_last(v, self.head_dim)
-        if o.center_keys:  # as the graph does for a chunk at position 0
-            k = center_chunk(self.key_mean, k, torch.zeros(1, dtype=torch.int64, device=k.device), None, o.sink)
+        if o.center_keys:  # the past starts the sequence: μ from it, as the graph does at position 0
+            set_key_mean_(self.key_mean, k, None, o.sink)
+            k = centered(k, self.key_mean)
         self.grow(2 * k.shape[2])
         state = [t for s in self.states for t in s.tensors()]
         budget_meter.reset(self.meter)

@@ -27,12 +27,12 @@ class Config:
 
 
 class KVCache(nn.Module):
-    def __init__(self, batch, kv_heads, max_seq, head_dim, dtype, write="index_put"):
+    def __init__(self, batch, kv_heads, max_seq, head_dim, dtype, write="index_put", device=None):
         super().__init__()
         self.write = write
         shape = (batch, kv_heads, max_seq, head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype))
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype))
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device))
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device))
 
     def update(self, input_pos, k, v):
         k_out, v_out = self.k_cache, self.v_cache
@@ -104,8 +104,8 @@ class GPTFast(nn.Module):
     def setup_caches(self, batch: int, dtype=torch.float32, write="index_put"):
         device = self.embed.weight.device
         for b in self.blocks:
-            b.attn.kv_cache = KVCache(batch, self.cfg.kv_heads, self.cfg.max_seq, self.cfg.head_dim, dtype,
-                                      write).to(device)
+            b.attn.kv_cache = KVCache(batch, self.cfg.kv_heads, self.cfg.max_seq, self.cfg.head_dim, dtype, write,
+                                      device)
 
     def forward(self, idx, input_pos):
         mask = self.causal_mask[None, None, input_pos]
