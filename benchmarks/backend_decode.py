@@ -7,6 +7,7 @@ in chunks, then decode; ms per step is the median over `--steps` timed steps aft
 
     python benchmarks/backend_decode.py [--dim 4096 --heads 32 --kv-heads 8 --layers 8]
         [--batch 4] [--context 8192] [--steps 16] [--dtype bfloat16] [--device cuda] [--out DIR]
+        [--profile STEPS]
 
 The dense baseline repeats K and V over the query heads before SDPA, as gpt-fast does; the
 rewrite reads the grouped store. Prints both rows, the ratio, the resident KV bytes, and
@@ -38,14 +39,14 @@ def sync(device) -> None:
 def build(args, device, dtype) -> gpt_fast.GPTFast:
     torch.manual_seed(0)
     cfg = gpt_fast.Config(vocab=args.vocab, dim=args.dim, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
-                          max_seq=args.context + args.warmup + args.steps + 1)
+                          max_seq=args.context + args.warmup + args.steps + args.profile + 1)
     model = gpt_fast.GPTFast(cfg).eval().to(device, dtype)
     model.setup_caches(args.batch, dtype=dtype)
     return model
 
 
 @torch.no_grad()
-def decode_ms(step, model, args, device) -> list[float]:
+def decode_ms(step, model, args, device, profile=False) -> list[float]:
     """Prefill `context` tokens in chunks through `step`, then time each decode step."""
     gen = torch.Generator(device=device).manual_seed(1)
     prompt = torch.randint(0, model.cfg.vocab, (args.batch, args.context), device=device, generator=gen)
@@ -61,7 +62,28 @@ def decode_ms(step, model, args, device) -> list[float]:
         token = step(token, pos)[:, -1:].argmax(-1)
         sync(device)
         times.append(1000 * (time.perf_counter() - t))
+    if profile and args.profile:
+        profile_steps(step, token, args, device)
     return times[args.warmup:]
+
+
+def profile_steps(step, token, args, device) -> None:
+    """Host time of `--profile` more decode steps by Python function (cProfile), top 30 by own
+    time: where the backend's uncaptured step spends its milliseconds (a host read of a device
+    value shows as the call that waits)."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    start = args.context + args.warmup + args.steps
+    prof.enable()
+    for i in range(args.profile):
+        token = step(token, torch.tensor([start + i], device=device))[:, -1:].argmax(-1)
+    sync(device)
+    prof.disable()
+    stats = pstats.Stats(prof)
+    stats.sort_stats("tottime").print_stats(30)
+    stats.sort_stats("cumulative").print_stats(40)
 
 
 def main(argv=None) -> None:
@@ -80,6 +102,7 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default=".")
+    ap.add_argument("--profile", type=int, default=0, help="then profile this many sphkv steps on the host (cProfile)")
     args = ap.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
 
@@ -94,7 +117,8 @@ def main(argv=None) -> None:
     torch._dynamo.reset()
 
     model = build(args, device, dtype)
-    rows["sphkv"] = decode_ms(torch.compile(model, backend="sphkv", options={"bits": args.bits}), model, args, device)
+    rows["sphkv"] = decode_ms(torch.compile(model, backend="sphkv", options={"bits": args.bits}), model, args, device,
+                              profile=True)
     rep = sphkv_compile.report()
     rewritten = sum(s["rewritten"] for s in rep["sites"])
 

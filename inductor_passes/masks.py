@@ -68,7 +68,8 @@ def check_visibility(vis: torch.Tensor, positions: torch.Tensor, stored: torch.T
     past = vis[:, :, :p0]
     if not bool(((past == past[:, -1:, :]) | ~real).all()):
         raise MaskNotEquivalent("past columns differ between query rows (sliding window?)")
-    if stored is not None and not bool((past[:, -1, :].sum(-1) == stored.to(torch.int64)).all()):
+    # the store's counts may live on the host while the mask is on the GPU
+    if stored is not None and not bool((past[:, -1, :].sum(-1) == stored.to(dev, torch.int64)).all()):
         raise MaskNotEquivalent(f"the mask shows {past[:, -1, :].sum(-1).tolist()} past tokens but the store holds "
                                 f"{stored.tolist()} (sliding window, or a cache written elsewhere?)")
     return valid

@@ -172,6 +172,12 @@ def _check_store_fits(store, g, options) -> None:
                            f"options, or give each its own cache buffers")
 
 
+def _memoryless_stand_in(t: torch.Tensor) -> torch.Tensor:
+    """A tensor of t's shape, dtype and device over one element (stride 0), as release_buffer
+    leaves a buffer."""
+    return torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape)
+
+
 class CompiledWithStores:
     """Calls the Inductor-compiled rewritten graph with each cache's store appended to the
     inputs; creates, grows and binds stores, and releases dense buffers."""
@@ -183,8 +189,18 @@ class CompiledWithStores:
         self.max_chunk = {id(g): g.chunk_len for g in groups}
         n_user = len(example_inputs)
         self.n_user = n_user
+        self.unread_buffers = self._unread_static_buffers(gm)
         stores = [self._store_for(g, example_inputs, for_compile=True) for g in groups]
         self._compile(example_inputs, stores)
+
+    def _unread_static_buffers(self, gm) -> list[int]:
+        """User-input indices of the static caches' dense buffers that no node of the rewritten
+        graph reads (all of them, unless a rewrite left a use behind)."""
+        state_slots = {slot for g in self.groups for slot in g.state_inputs}
+        user_placeholders = [n for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")
+                             if i not in state_slots]
+        return sorted({i for g in self.groups if g.static for i in (g.key_input, g.value_input)
+                       if not user_placeholders[i].users})
 
     def _compile(self, user_inputs, stores):
         from .inductor_passes.graph_pass import SphkvGraphPass
@@ -199,9 +215,17 @@ class CompiledWithStores:
         return self.compiled[key]
 
     def _assemble(self, user_inputs, stores):
-        """User inputs with each group's store tensors at the placeholder slots the rewrite made."""
+        """User inputs with each group's store tensors at the placeholder slots the rewrite made.
+        A static cache's dense buffers, which the rewritten graph no longer reads, go in as
+        stand-ins of their shape that hold no memory: the buffer is dense when the graph is
+        compiled and released after its first call, and Inductor on CUDA asserts every input's
+        strides (torch 2.11 skips Dynamo's guard on a module buffer's strides, so the graph
+        compiled on the dense buffer was called again on the released one: session 40)."""
         total = self.n_user + sum(len(g.state_inputs) for g in self.groups)
         args = [None] * total
+        user_inputs = list(user_inputs)
+        for i in self.unread_buffers:
+            user_inputs[i] = _memoryless_stand_in(user_inputs[i])
         extra = {}
         for g, s in zip(self.groups, stores):
             for slot, t in zip(g.state_inputs, s.tensors()):

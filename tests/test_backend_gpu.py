@@ -5,7 +5,7 @@ sphkv ops run their Triton kernels. Logits against the same model's dense attent
 teacher-forced on dense's tokens, within the codec's error bound plus the kernels' own operand
 rounding (tf32 on exact tokens, bf16 on decoded tiles: the tolerance tests/test_kernels_gpu.py
 holds the kernels to); the stored key means; a new sequence of another length in the same
-buffers. float32 models, as the CPU tests of the backend use: the bound at 12 bits is far below
+buffers. float32 models, as the CPU tests of the backend use: the bound at 8 bits is far below
 a bfloat16 model's own rounding.
 """
 from __future__ import annotations
@@ -29,7 +29,9 @@ DEV = torch.device("cuda")
 DTYPE = torch.float32
 KERNEL_TOL = 2e-3 + 2.0**-8  # test_kernels_gpu.py: TF32_TOL plus a bf16 rounding
 OPTIONS = {"sink": 2, "recent": 4}  # small windows: most tokens are coded at the default bits
-HIGH_BITS = {**OPTIONS, "bits": 12}
+# the most bits the kernels table (kernels/layout.py MAX_KERNEL_BITS: 8 per angle); at 12 bits
+# the ops run their reference on CUDA and log why, which is not what these tests are for
+HIGH_BITS = {**OPTIONS, "bits": 8}
 
 
 @pytest.fixture(autouse=True)
@@ -74,16 +76,23 @@ def _bound(options: dict, model) -> float:
 
 @torch.no_grad()
 @pytest.mark.parametrize("name", list(MODELS))
-@pytest.mark.parametrize("options", [OPTIONS, HIGH_BITS], ids=["default_bits", "12_bits"])
-def test_backend_logits_on_the_kernels_within_the_codec_bound(name, options, monkeypatch, caplog):
+@pytest.mark.parametrize("options", [OPTIONS, HIGH_BITS], ids=["default_bits", "8_bits"])
+@pytest.mark.parametrize("prefill_chunk", [None, 10], ids=["one_prefill", "prefill_in_4_chunks"])
+def test_backend_logits_on_the_kernels_within_the_codec_bound(name, options, prefill_chunk, monkeypatch, caplog):
+    """prefill_in_4_chunks: a graph compiled on the dense static buffers is called again after
+    they were released (torch 2.11 does not guard a module buffer's strides; Inductor on CUDA
+    asserts them): session 40's failure of benchmarks/backend_decode.py."""
+    if prefill_chunk and name == "nanogpt_cat":
+        pytest.skip("nanoGPT's generate prefills in one call")
     model, generate, reset_cache = MODELS[name](11)
     prompt = torch.randint(0, model.cfg.vocab, (1, 40), device=DEV, generator=torch.Generator(DEV).manual_seed(3))
     tokens, dense = generate(model, prompt, 24)
     reset_cache()
     calls = _count_kernel_calls(monkeypatch)
+    chunked = {"prefill_chunk": prefill_chunk} if prefill_chunk else {}
     with caplog.at_level(logging.WARNING, logger="sphkv.kernels"):
         compiled = torch.compile(model, backend="sphkv", options=options)
-        _, logits = generate(model, prompt, 24, compiled, forced=tokens)
+        _, logits = generate(model, prompt, 24, compiled, forced=tokens, **chunked)
     assert all(s["rewritten"] for s in sphkv_compile.report()["sites"]), sphkv_compile.report()["sites"]
     assert len(calls) >= 25 * model.cfg.layers  # prefill and every step, every layer, on the kernels
     assert "runs the reference" not in caplog.text, caplog.text
@@ -95,7 +104,7 @@ def test_backend_logits_on_the_kernels_within_the_codec_bound(name, options, mon
 def test_backend_centers_keys_on_the_gpu_and_a_new_sequence_reuses_the_buffers():
     """gpt-fast's buffers on CUDA: μ is the mean of the prompt's keys after the sinks (recorded
     from a dense run), stays through decoding, and a second prompt of another length at
-    position 0 starts over in the same compressed buffers, its logits within the 12-bit bound."""
+    position 0 starts over in the same compressed buffers, its logits within the 8-bit bound."""
     from sphkv_compile.inductor_passes.stores import store_of
     model, _, _ = _gpt_fast(12, "index_put")
     dense = copy.deepcopy(model)

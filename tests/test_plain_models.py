@@ -167,6 +167,23 @@ def test_a_new_sequence_of_another_length_reuses_the_compressed_static_buffers()
     assert all(s["rewritten"] for s in sphkv_compile.report()["sites"])
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("write", ["index_put", "index_copy"])
+def test_high_bits_prompt_prefilled_in_equal_chunks_decodes_as_dense(write):
+    """A prompt prefilled in chunks of one length calls the same compiled graph again after the
+    first call released the static buffers (on torch 2.11 Dynamo does not guard a module
+    buffer's strides): the compiled graph must not depend on the dense buffer's strides."""
+    model, _, reset_cache = _gpt_fast(8, write)
+    prompt = torch.randint(0, model.cfg.vocab, (1, 24), generator=torch.Generator().manual_seed(8))
+    want, _ = gpt_fast.generate(model, prompt, 8)
+    reset_cache()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="sphkv", options=HIGH_BITS)
+    tokens, _ = gpt_fast.generate(model, prompt, 8, compiled, prefill_chunk=8)
+    assert torch.equal(tokens, want)
+    assert all(s["rewritten"] for s in sphkv_compile.report()["sites"])
+
+
 def test_the_own_cache_example_runs_rewritten_and_within_the_codec_bound(capsys):
     """examples/own_cache_module.py (index_copy_ into static buffers, SDPA with a boolean mask and
     GQA): every site rewritten, the stores hold less than the dense buffers, and the printed

@@ -116,13 +116,17 @@ class GPTFast(nn.Module):
 
 
 @torch.no_grad()
-def generate(model, prompt, steps: int, step_fn=None, forced=None):
-    """Greedy decoding: prefill the prompt, then `steps` one-token steps. Returns (tokens
-    [B, steps], logits of every step [steps, B, vocab]). `forced` [B, steps] feeds
-    those tokens instead of the argmax (teacher forcing), so two runs see the same inputs."""
+def generate(model, prompt, steps: int, step_fn=None, forced=None, prefill_chunk=None):
+    """Greedy decoding: prefill the prompt (in chunks of `prefill_chunk` tokens if given), then
+    `steps` one-token steps. Returns (tokens [B, steps], logits of every step [steps, B, vocab]).
+    `forced` [B, steps] feeds those tokens instead of the argmax (teacher forcing), so two runs
+    see the same inputs."""
     step_fn = model if step_fn is None else step_fn
     B, T = prompt.shape
-    logits = step_fn(prompt, torch.arange(T, device=prompt.device))[:, -1]
+    chunk = prefill_chunk or T
+    for start in range(0, T, chunk):
+        end = min(start + chunk, T)
+        logits = step_fn(prompt[:, start:end], torch.arange(start, end, device=prompt.device))[:, -1]
     toks, all_logits = [], []
     for i in range(steps):
         all_logits.append(logits)
