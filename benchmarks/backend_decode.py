@@ -69,18 +69,32 @@ def decode_ms(step, model, args, device, profile=False) -> list[float]:
 
 def profile_steps(step, token, args, device) -> None:
     """Host time of `--profile` more decode steps by Python function (cProfile), top 30 by own
-    time: where the backend's uncaptured step spends its milliseconds (a host read of a device
-    value shows as the call that waits)."""
+    time: where the backend's uncaptured step spends its milliseconds; on CUDA also every place
+    the host waited for the GPU (torch.cuda.set_sync_debug_mode), counted by source line."""
     import cProfile
     import pstats
 
+    import collections
+    import warnings
+
     prof = cProfile.Profile()
     start = args.context + args.warmup + args.steps
-    prof.enable()
-    for i in range(args.profile):
-        token = step(token, torch.tensor([start + i], device=device))[:, -1:].argmax(-1)
+    positions = [torch.tensor([start + i], device=device) for i in range(args.profile)]  # made outside
+    if device.type == "cuda":
+        torch.cuda.set_sync_debug_mode("warn")  # every host wait for the GPU warns, from where it happened
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prof.enable()
+        for pos in positions:
+            token = step(token, pos)[:, -1:].argmax(-1)
+        prof.disable()
+    if device.type == "cuda":
+        torch.cuda.set_sync_debug_mode("default")
     sync(device)
-    prof.disable()
+    waits = collections.Counter(f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+    print(f"host waits for the GPU in {args.profile} steps:")
+    for where, n in waits.most_common():
+        print(f"  {n:5d}  {where}")
     stats = pstats.Stats(prof)
     stats.sort_stats("tottime").print_stats(30)
     stats.sort_stats("cumulative").print_stats(40)

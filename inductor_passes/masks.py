@@ -33,43 +33,98 @@ def additive_ok(mask: torch.Tensor) -> torch.Tensor:
     return ((mask == 0) | (mask <= MASKED_AT)).all()
 
 
-def to_batch_rows(vis: torch.Tensor, batch: int, q_heads: int, q_len: int, k_len: int) -> torch.Tensor:
-    """Any broadcastable visibility [.., Tq, Tk] (or flattened [B*H, Tq, Tk]) -> [B, Tq, Tk];
-    a mask that differs between heads is not equivalent."""
+# Why a mask is not equivalent, as a code the checks can compute on the device (runtime_checks
+# reads it back without stalling decode); 0: equivalent.
+HEADS_DIFFER, OUTSIDE, NOT_CAUSAL, SEES_FUTURE, PAST_DIFFERS, PAST_COUNT = 9, 4, 5, 6, 7, 8
+WHY = {
+    HEADS_DIFFER: "the attention mask differs between heads",
+    OUTSIDE: "the chunk at positions {p0}..{last} lies outside the {tk} mask columns",
+    NOT_CAUSAL: "chunk columns are not causal-with-padding (sliding window or custom mask?)",
+    SEES_FUTURE: "columns after the chunk are visible (the mask lets queries see the future)",
+    PAST_DIFFERS: "past columns differ between query rows (sliding window?)",
+    PAST_COUNT: "the mask shows {shown} past tokens but the store holds {stored} (the first batch row that differs; "
+                "sliding window, or a cache written elsewhere?)",
+}
+
+
+def batch_rows(vis: torch.Tensor, batch: int, q_heads: int, q_len: int, k_len: int):
+    """Any broadcastable visibility [.., Tq, Tk] (or flattened [B*H, Tq, Tk]) -> ([B, Tq, Tk],
+    0-d bool on the device: the mask differs between heads, which is not equivalent)."""
     v = vis
     if v.dim() == 3 and v.shape[0] == batch * q_heads and batch * q_heads > 1:
         v = v.reshape(batch, q_heads, *v.shape[1:])
     while v.dim() < 4:
         v = v.unsqueeze(0)
     v = v.expand(batch, v.shape[1], q_len, k_len)
-    if v.shape[1] > 1 and not bool((v == v[:, :1]).all()):
-        raise MaskNotEquivalent("the attention mask differs between heads")
-    return v[:, 0]
+    differ = (v != v[:, :1]).any() if v.shape[1] > 1 else torch.zeros((), dtype=torch.bool, device=v.device)
+    return v[:, 0], differ
 
 
-def check_visibility(vis: torch.Tensor, positions: torch.Tensor, stored: torch.Tensor | None) -> torch.Tensor:
-    """vis [B, Tq, Tk] bool; positions [N] of the chunk; stored [B] tokens in the store or None.
-    Returns the chunk's validity [B, N]; raises MaskNotEquivalent."""
+def to_batch_rows(vis: torch.Tensor, batch: int, q_heads: int, q_len: int, k_len: int) -> torch.Tensor:
+    """batch_rows, raising MaskNotEquivalent where the mask differs between heads."""
+    rows, differ = batch_rows(vis, batch, q_heads, q_len, k_len)
+    if bool(differ):
+        raise MaskNotEquivalent(WHY[HEADS_DIFFER])
+    return rows
+
+
+def visibility_on_device(vis: torch.Tensor, positions: torch.Tensor, stored: torch.Tensor | None):
+    """The test above without reading anything back to the host, so a decode step can run ahead
+    of the GPU. vis [B, Tq, Tk] bool; positions [N] of the chunk (contiguous: sphkv_graph::advance
+    checks that); stored [B] tokens in the store or None. Returns (validity [B, N] of the chunk,
+    code: 0-d int64, 0 or the first failing of OUTSIDE..PAST_COUNT in that order,
+    shown and stored: 0-d int64 of the first batch row whose past count differs, else row 0;
+    where the code is OUTSIDE, stored is the mask's column count)."""
     B, Tq, Tk = vis.shape
     N = positions.numel()
-    p0 = int(positions[0]) if N else 0
-    if p0 + N > Tk:
-        raise MaskNotEquivalent(f"the chunk at positions {p0}..{p0 + N - 1} lies outside the {Tk} mask columns")
     dev = vis.device
-    chunk = vis[:, :, p0:p0 + N]
+    p0 = positions[0].to(torch.int64) if N else torch.zeros((), dtype=torch.int64, device=dev)
+    cols = torch.arange(Tk, device=dev)
+    chunk_cols = p0 + torch.arange(N, device=dev)
+    if Tk:  # [B, Tq, N]; columns past the last are clamped (and the code says OUTSIDE)
+        chunk = vis.index_select(-1, chunk_cols.clamp(0, Tk - 1))
+    else:
+        chunk = vis.new_zeros(B, Tq, N)
     valid = chunk[:, -1, :]
     qpos = N - Tq + torch.arange(Tq, device=dev)
     causal = torch.arange(N, device=dev)[None, :] <= qpos[:, None]
     real = valid[:, N - Tq:][..., None]  # [B, Tq, 1]: rows whose query is a real token
-    if not bool(((chunk == (valid[:, None, :] & causal)) | ~real).all()):
-        raise MaskNotEquivalent("chunk columns are not causal-with-padding (sliding window or custom mask?)")
-    if not bool((~vis[:, :, p0 + N:] | ~real).all()):
-        raise MaskNotEquivalent("columns after the chunk are visible (the mask lets queries see the future)")
-    past = vis[:, :, :p0]
-    if not bool(((past == past[:, -1:, :]) | ~real).all()):
-        raise MaskNotEquivalent("past columns differ between query rows (sliding window?)")
-    # the store's counts may live on the host while the mask is on the GPU
-    if stored is not None and not bool((past[:, -1, :].sum(-1) == stored.to(dev, torch.int64)).all()):
-        raise MaskNotEquivalent(f"the mask shows {past[:, -1, :].sum(-1).tolist()} past tokens but the store holds "
-                                f"{stored.tolist()} (sliding window, or a cache written elsewhere?)")
+    past = (cols < p0)[None, None, :]
+    shown = (vis[:, -1, :] & past[0]).sum(-1)  # [B]
+    failures = [
+        (OUTSIDE, p0 + N > Tk),
+        (NOT_CAUSAL, ((chunk != (valid[:, None, :] & causal)) & real).any()),
+        (SEES_FUTURE, (vis & (cols >= p0 + N)[None, None, :] & real).any()),
+        (PAST_DIFFERS, ((vis != vis[:, -1:, :]) & past & real).any()),
+    ]
+    if stored is not None:
+        stored = stored.to(dev, torch.int64)
+        wrong = shown != stored
+        failures.append((PAST_COUNT, wrong.any()))
+        row = wrong.to(torch.int64).argmax().view(1)  # the first differing row (0 when none)
+        shown_row, stored_row = shown.index_select(0, row)[0], stored.index_select(0, row)[0]
+    else:
+        shown_row, stored_row = shown[0] if B else p0, torch.full((), -1, dtype=torch.int64, device=dev)
+    code = first_failure(failures, dev)
+    return valid, code, shown_row, torch.where(code == OUTSIDE, Tk, stored_row)
+
+
+def first_failure(failures, device) -> torch.Tensor:
+    """0-d int64: the code of the first (code, 0-d bool) pair that is true, 0 if none."""
+    code = torch.zeros((), dtype=torch.int64, device=device)
+    for c, failed in reversed(failures):
+        code = torch.where(failed, c, code)
+    return code
+
+
+def check_visibility(vis: torch.Tensor, positions: torch.Tensor, stored: torch.Tensor | None) -> torch.Tensor:
+    """vis [B, Tq, Tk] bool; positions [N] of the chunk; stored [B] tokens in the store or None.
+    Returns the chunk's validity [B, N]; raises MaskNotEquivalent (reads the verdict back: for
+    compile time and tests)."""
+    valid, code, shown, held = visibility_on_device(vis, positions, stored)
+    code = int(code)
+    if code:
+        p0 = int(positions[0]) if positions.numel() else 0
+        raise MaskNotEquivalent(WHY[code].format(p0=p0, last=p0 + positions.numel() - 1, tk=vis.shape[-1],
+                                                 shown=int(shown), stored=int(held)))
     return valid

@@ -1,8 +1,8 @@
 """Rewrite the attention sites of one KV cache into the sphkv ops.
 
 Per cache (keys and values updated together) the graph gets:
-  new inputs        the store's state tensors, a position cursor and the budget meter (the
-                    backend owns them)
+  new inputs        the store's state tensors, a position cursor, the budget meter and the
+                    key mean (the backend owns them); the runtime checks' verdict tensor
   advance           keep the store in step with the written positions (runtime_ops)
   per site:         chunk_validity (mask -> chunk padding, checked) and sphkv::attend over
                     the store plus the dense chunk, in place of the site's output; under
@@ -49,6 +49,7 @@ class CacheGroup:
     key_outputs: list[int] = field(default_factory=list)  # flat output indices holding the cat result
     value_outputs: list[int] = field(default_factory=list)
     state_inputs: list[int] = field(default_factory=list)  # placeholder indices of the store tensors
+    checks_input: int = -1  # placeholder index of the compiled model's checks tensor (runtime_checks)
     shape: tuple = ()  # concrete cache shape at compile time
     chunk_len: int = 0  # tokens appended per call at compile time
     dtype: torch.dtype = torch.float32
@@ -172,9 +173,11 @@ class Rewriter:
             cursor = g.placeholder(f"sphkv_store{index}_cursor")
             meter = g.placeholder(f"sphkv_store{index}_meter")
             key_mean = g.placeholder(f"sphkv_store{index}_key_mean")
+            checks = g.placeholder(f"sphkv_store{index}_checks")
         all_ph = [n for n in g.nodes if n.op == "placeholder"]
         # CompressedCache.tensors() order
         group.state_inputs = [all_ph.index(n) for n in state + [cursor, meter, key_mean]]
+        group.checks_input = all_ph.index(checks)
         seq = group.key.seq_dim
         kv_heads, head_dim = group.shape[3 - seq], group.shape[3]
         # a static buffer has a maximum length: the budget is fixed, and checked here, at compile time
@@ -192,7 +195,7 @@ class Rewriter:
             k_new = self._padded(self._canonical(group.key, group.dtype), head_dim, stored)
             v_new = self._padded(self._canonical(group.value, group.dtype), head_dim, stored)
             positions = self._positions(group.key, group.device)
-            self._call(torch.ops.sphkv_graph.advance.default, cursor, state, positions, meter)
+            self._call(torch.ops.sphkv_graph.advance.default, cursor, state, positions, meter, checks)
         valid = mass = last = first_query = first_scale = None
         for site in sites:
             with g.inserting_before(site.output):
@@ -210,7 +213,7 @@ class Rewriter:
                 if site.masks:
                     vis, ok = self._visibility(site)
                     v = self._call(torch.ops.sphkv_graph.chunk_validity.default, vis, ok, positions, counts,
-                                   batch, q_heads, q_len, meter if opts.policy == "rdr" else None)
+                                   batch, q_heads, q_len, checks, meter if opts.policy == "rdr" else None)
                     valid = v if valid is None else valid
                     site_valid = v
                 else:

@@ -4,7 +4,8 @@
 
 Public API: SphericalCodec (keys as one radius + angle codes, logits from the codes),
 RotatedScalarCodec, LayerStore (the paged tier-homogeneous store), TierSpec, SphkvOptions,
-report() (what the latest compiled forward rewrote, and measured KV bytes) and
+report() (what the latest compiled forward rewrote, and measured KV bytes),
+check_runtime() (read the backend's runtime checks still in flight on a GPU) and
 optimize(model, **options) (one-call setup of a Hugging Face model).
 """
 from .codec import SphericalCodec
@@ -17,6 +18,7 @@ from .tiers import DEFAULT_TIERS, TierSpec
 __all__ = [
     "SphericalCodec", "RotatedScalarCodec", "LayerStore", "StoreCapacityError", "TierSpec", "DEFAULT_TIERS",
     "SphkvOptions", "SphkvOptionsError", "SphkvPerformanceWarning", "SphkvCoverageWarning", "report", "optimize",
+    "check_runtime",
 ]
 __version__ = "0.1.0"
 
@@ -27,4 +29,8 @@ def __getattr__(name):
         from .api import optimize
 
         return optimize
+    if name == "check_runtime":
+        from .inductor_passes.runtime_checks import check_runtime
+
+        return check_runtime
     raise AttributeError(f"module 'sphkv_compile' has no attribute {name!r}")

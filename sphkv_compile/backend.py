@@ -189,6 +189,8 @@ class CompiledWithStores:
         self.max_chunk = {id(g): g.chunk_len for g in groups}
         n_user = len(example_inputs)
         self.n_user = n_user
+        from .inductor_passes.runtime_checks import CheckReader
+        self.checks = CheckReader()
         self.unread_buffers = self._unread_static_buffers(gm)
         stores = [self._store_for(g, example_inputs, for_compile=True) for g in groups]
         self._compile(example_inputs, stores)
@@ -196,7 +198,7 @@ class CompiledWithStores:
     def _unread_static_buffers(self, gm) -> list[int]:
         """User-input indices of the static caches' dense buffers that no node of the rewritten
         graph reads (all of them, unless a rewrite left a use behind)."""
-        state_slots = {slot for g in self.groups for slot in g.state_inputs}
+        state_slots = {slot for g in self.groups for slot in g.state_inputs + [g.checks_input]}
         user_placeholders = [n for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")
                              if i not in state_slots]
         return sorted({i for g in self.groups if g.static for i in (g.key_input, g.value_input)
@@ -221,7 +223,7 @@ class CompiledWithStores:
         compiled and released after its first call, and Inductor on CUDA asserts every input's
         strides (torch 2.11 skips Dynamo's guard on a module buffer's strides, so the graph
         compiled on the dense buffer was called again on the released one: session 40)."""
-        total = self.n_user + sum(len(g.state_inputs) for g in self.groups)
+        total = self.n_user + sum(len(g.state_inputs) + 1 for g in self.groups)
         args = [None] * total
         user_inputs = list(user_inputs)
         for i in self.unread_buffers:
@@ -230,6 +232,7 @@ class CompiledWithStores:
         for g, s in zip(self.groups, stores):
             for slot, t in zip(g.state_inputs, s.tensors()):
                 extra[slot] = t
+            extra[g.checks_input] = self.checks.tensor(g.device)
         it = iter(user_inputs)
         for i in range(total):
             args[i] = extra[i] if i in extra else next(it)
@@ -270,10 +273,12 @@ class CompiledWithStores:
         from .inductor_passes.stores import bind, release_buffer
 
         args = list(args)
+        self.checks.before_call()  # raises for an earlier call whose checks failed
         stores = [self._store_for(g, args) for g in self.groups]
         fn = self._compile(args, stores)
         full = self._assemble(args, stores)
         out = fn(*full)  # aot_module_simplified returns the unboxed convention here
+        self.checks.after_call()  # on the CPU raises now; on a GPU queues the verdict's copy
         for g, s in zip(self.groups, stores):
             if g.static:
                 release_buffer(args[g.key_input])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import sys
 import threading
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -147,6 +148,11 @@ def preserved():
 
 
 def report() -> dict:
+    """Raises first if a compiled model's runtime check failed in a call not yet read back
+    (inductor_passes/runtime_checks.py)."""
+    checks = sys.modules.get("sphkv_compile.inductor_passes.runtime_checks")
+    if checks is not None:
+        checks.check_runtime()
     with _lock:
         sites = [asdict(s) for s in _sites]
         sources = [fn for group, fn, _ in _kv_sources if group == _active_group]

@@ -125,3 +125,22 @@ def test_backend_centers_keys_on_the_gpu_and_a_new_sequence_reuses_the_buffers()
             mean = store_of(block.attn.kv_cache.k_cache).key_mean
             expected = k[:, :, HIGH_BITS["sink"]:].mean(2, keepdim=True)
             torch.testing.assert_close(mean, expected, rtol=1e-4, atol=1e-4 * float(k.abs().max()))
+
+
+@torch.no_grad()
+def test_backend_runtime_checks_on_the_gpu_are_read_back_later():
+    """On CUDA the checks' verdict is copied back without blocking: a write at a skipped position
+    returns, and the next call (or check_runtime()) raises naming it; position 0 starts over."""
+    from sphkv_compile.inductor_passes.runtime_checks import SphkvCacheError
+    model, _, _ = _gpt_fast(13, "index_put")
+    compiled = torch.compile(model, backend="sphkv", options=HIGH_BITS)
+    prompt = torch.randint(0, model.cfg.vocab, (1, 12), device=DEV, generator=torch.Generator(DEV).manual_seed(13))
+    compiled(prompt, torch.arange(12, device=DEV))
+    compiled(prompt[:, :1], torch.tensor([12], device=DEV))
+    with pytest.raises(SphkvCacheError, match="written at position 15 but the compressed store held positions 0..12"):
+        # skips 13 and 14: raised by this call if its copy is back already, else by check_runtime()
+        compiled(prompt[:, :1], torch.tensor([15], device=DEV))
+        sphkv_compile.check_runtime()
+    compiled(prompt, torch.arange(12, device=DEV))  # a new sequence
+    compiled(prompt[:, :1], torch.tensor([12], device=DEV))
+    sphkv_compile.check_runtime()  # nothing failed

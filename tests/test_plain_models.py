@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import os
 
 import pytest
 import torch

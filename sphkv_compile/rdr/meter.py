@@ -42,6 +42,16 @@ def reset(meter: torch.Tensor) -> None:
     meter[BATCH] = batch
 
 
+def fresh(meter: torch.Tensor) -> torch.Tensor:
+    """What reset() would make of this meter, as a new tensor, without reading it on the host
+    (sphkv_graph::advance resets on the device where a write starts at position 0)."""
+    out = torch.zeros_like(meter)
+    out[LAST_REBUDGET] = -1
+    out[MAX_EXCESS] = torch.iinfo(torch.int64).min
+    out[BATCH] = meter[BATCH]
+    return out
+
+
 def entered(meter: torch.Tensor, batch: int | None = None) -> torch.Tensor:
     """[B]: tokens that entered the store per batch row (a view). Pass `batch` where the meter
     must not be read back to the host (inside a CUDA graph capture)."""
