@@ -11,7 +11,8 @@ in chunks, then decode; ms per step is the median over `--steps` timed steps aft
 
 The dense baseline repeats K and V over the query heads before SDPA, as gpt-fast does; the
 rewrite reads the grouped store. Prints both rows, the ratio, the resident KV bytes, and
-report()'s site count; writes backend_decode.json under --out.
+report()'s site count; on CUDA a second sphkv row replays the calls from CUDA graphs (options
+cuda_graphs, inductor_passes/graph_replay.py). Writes backend_decode.json under --out.
 """
 from __future__ import annotations
 
@@ -117,6 +118,8 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default=".")
     ap.add_argument("--profile", type=int, default=0, help="then profile this many sphkv steps on the host (cProfile)")
+    ap.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                    help="leave out the row with options cuda_graphs (on CUDA it runs by default)")
     args = ap.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
 
@@ -130,24 +133,35 @@ def main(argv=None) -> None:
     gc.collect()
     torch._dynamo.reset()
 
-    model = build(args, device, dtype)
-    rows["sphkv"] = decode_ms(torch.compile(model, backend="sphkv", options={"bits": args.bits}), model, args, device,
-                              profile=True)
-    rep = sphkv_compile.report()
-    rewritten = sum(s["rewritten"] for s in rep["sites"])
+    variants = {"sphkv": {"bits": args.bits}}
+    if args.cuda_graphs and device.type == "cuda":
+        variants["sphkv + CUDA graphs"] = {"bits": args.bits, "cuda_graphs": True}
+    reports = {}
+    for label, options in variants.items():
+        model = build(args, device, dtype)
+        rows[label] = decode_ms(torch.compile(model, backend="sphkv", options=options), model, args, device,
+                                profile=label == "sphkv")
+        sphkv_compile.check_runtime()
+        reports[label] = sphkv_compile.report()
+        del model
+        gc.collect()
+        torch._dynamo.reset()
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    dense_ms, sphkv_ms = statistics.median(rows["dense"]), statistics.median(rows["sphkv"])
-    result = dict(device=name, torch=torch.__version__, args=vars(args), dense_ms=dense_ms, sphkv_ms=sphkv_ms,
-                  speedup=dense_ms / sphkv_ms, dense_kv_bytes=dense_bytes, sphkv_kv_bytes=rep["kv_bytes"],
-                  sites_rewritten=rewritten, sites=len(rep["sites"]), dense_steps=rows["dense"],
-                  sphkv_steps=rows["sphkv"])
+    dense_ms = statistics.median(rows["dense"])
+    result = dict(device=name, torch=torch.__version__, args=vars(args), dense_ms=dense_ms, dense_kv_bytes=dense_bytes,
+                  dense_steps=rows["dense"], variants={})
     print(f"{name}, gpt-fast-style model: dim {args.dim}, {args.heads}q/{args.kv_heads}kv heads, {args.layers} layers, "
           f"batch {args.batch}, context {args.context}, {args.dtype}")
     print(f"dense, compiled ({mode}): {dense_ms:.2f} ms per step; KV {dense_bytes / 1e9:.3f} GB")
-    print(f"sphkv backend ({args.bits} bits): {sphkv_ms:.2f} ms per step ({dense_ms / sphkv_ms:.2f}x dense's speed); "
-          f"KV {rep['kv_bytes'] / 1e9:.3f} GB ({rep['kv_bytes'] / dense_bytes:.3f} of dense); "
-          f"{rewritten}/{len(rep['sites'])} sites rewritten")
+    for label in variants:
+        rep, ms = reports[label], statistics.median(rows[label])
+        rewritten = sum(s["rewritten"] for s in rep["sites"])
+        result["variants"][label] = dict(ms=ms, speedup=dense_ms / ms, kv_bytes=rep["kv_bytes"],
+                                         sites_rewritten=rewritten, sites=len(rep["sites"]), steps=rows[label])
+        print(f"{label} ({args.bits} bits): {ms:.2f} ms per step ({dense_ms / ms:.2f}x dense's speed); "
+              f"KV {rep['kv_bytes'] / 1e9:.3f} GB ({rep['kv_bytes'] / dense_bytes:.3f} of dense); "
+              f"{rewritten}/{len(rep['sites'])} sites rewritten")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "backend_decode.json"), "w") as f:
         json.dump(result, f, indent=1)

@@ -81,7 +81,7 @@ if [ "${ASSISTED:-0}" = 1 ]; then  # prompt lookup on the embedded SmolLM2, dens
     | grep -v "Warn\|Convert\|Loading" | tee $OUT/assisted_decode.log | tail -14
 fi
 if [ "${BACKEND:-0}" = 1 ]; then  # torch.compile(module, backend="sphkv") on a gpt-fast-style model vs dense with CUDA graphs
-  timeout ${BACKEND_TIMEOUT:-300} python benchmarks/backend_decode.py --out $OUT ${BACKEND_ARGS} 2>&1 \
+  timeout ${BACKEND_TIMEOUT:-420} python benchmarks/backend_decode.py --out $OUT ${BACKEND_ARGS} 2>&1 \
     | grep -v "Warn\|warnings.warn" | tee $OUT/backend_decode.log | tail -4
 fi
 if [ "${SAVE_CACHE:-0}" = 1 ]; then

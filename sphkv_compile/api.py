@@ -42,7 +42,7 @@ from .hf_plan import (attention_free, cache_updating_classes, calls_sdpa_itself,
                       plan_layers)
 from .hf_trial import TRIAL_PROMPT, trial_forward
 from .hf_advice import warn_if_rebudgets_dominate
-from .options import SphkvCoverageWarning, SphkvOptions, SphkvPerformanceWarning  # noqa: F401  (api.Sphkv*Warning)
+from .options import SphkvCoverageWarning, SphkvOptions, SphkvOptionsError, SphkvPerformanceWarning  # noqa: F401  (api.Sphkv*Warning)
 
 STATIC_IMPLEMENTATIONS = ("static", "hybrid", "sliding_window", "hybrid_chunked")
 _STATE_ATTR = "_sphkv_state"
@@ -133,6 +133,10 @@ def optimize(model, kv_dtype: torch.dtype | None = None, trial: bool = True, **o
     trial: run a short forward now (hf_trial.py), so that attention the store cannot follow is
     planned dense with the reason (and a warning) instead of raising in the first generate()."""
     opts = SphkvOptions.from_dict(options)
+    if opts.cuda_graphs:
+        raise SphkvOptionsError("sphkv option cuda_graphs is for torch.compile(module, backend='sphkv'); optimize() "
+                                "leaves CUDA graphs to generate(), which replays a static cache's decode step from them "
+                                "(cache_implementation='static'). Fix: drop cuda_graphs")
     if kv_dtype is not None and not (isinstance(kv_dtype, torch.dtype) and kv_dtype.is_floating_point):
         raise ValueError(f"kv_dtype must be a floating torch.dtype, got {kv_dtype!r}")
     if not hasattr(model, "config") or not hasattr(model, "generate"):

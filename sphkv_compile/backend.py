@@ -91,18 +91,19 @@ def sphkv_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
 
 
 def _warn_if_mode_asks_for_graphs(mode) -> None:
-    """mode='reduce-overhead' (CUDA graphs) cannot be honoured: say so once per process rather
-    than let a user time a compiled model that silently runs without the graphs they asked for."""
+    """mode='reduce-overhead' (CUDA graphs) is not how this backend makes graphs: say so once
+    per process rather than let a user time a compiled model that silently runs without the
+    graphs they asked for."""
     if mode in (None, "default", "max-autotune-no-cudagraphs") or getattr(_warn_if_mode_asks_for_graphs, "done", False):
         return
     from .options import SphkvPerformanceWarning
 
     _warn_if_mode_asks_for_graphs.done = True
-    warnings.warn(f"sphkv: mode={mode!r} asks for CUDA graphs, which the sphkv backend does not make (its store "
-                  "ops read the write positions and check the mask on the host at every call), so the model runs "
-                  "compiled without them. Fix: for a transformers model call sphkv_compile.optimize(model) and let "
-                  "generate() compile with its default backend (its decode step replays from CUDA graphs on a static "
-                  "cache); for a module with its own cache, leave mode out to silence this.",
+    warnings.warn(f"sphkv: mode={mode!r} asks for CUDA graphs, which the sphkv backend makes only when its options "
+                  "say so, so the model runs compiled without them. Fix: for a module with its own cache, pass "
+                  "options={..., 'cuda_graphs': True} instead of mode (experimental: not yet timed on a GPU); for a "
+                  "transformers model call sphkv_compile.optimize(model) and let generate() compile with its default "
+                  "backend (its decode step replays from CUDA graphs on a static cache).",
                   SphkvPerformanceWarning, stacklevel=3)
 
 
@@ -191,6 +192,8 @@ class CompiledWithStores:
         self.n_user = n_user
         from .inductor_passes.runtime_checks import CheckReader
         self.checks = CheckReader()
+        self.stand_ins = {}  # one per buffer shape: its memory stays put for CUDA graph replay
+        self.replays = {}  # compiled callable's key -> GraphReplay (options cuda_graphs)
         self.unread_buffers = self._unread_static_buffers(gm)
         stores = [self._store_for(g, example_inputs, for_compile=True) for g in groups]
         self._compile(example_inputs, stores)
@@ -203,6 +206,21 @@ class CompiledWithStores:
                              if i not in state_slots]
         return sorted({i for g in self.groups if g.static for i in (g.key_input, g.value_input)
                        if not user_placeholders[i].users})
+
+    def _stand_in(self, t: torch.Tensor) -> torch.Tensor:
+        key = (tuple(t.shape), t.dtype, t.device)
+        if key not in self.stand_ins:
+            self.stand_ins[key] = _memoryless_stand_in(t)
+        return self.stand_ins[key]
+
+    def _run(self, key, fn, full):
+        """fn(*full), replayed from CUDA graphs where options ask for them and the call runs on CUDA."""
+        if not (self.options.cuda_graphs and any(g.device.type == "cuda" for g in self.groups)):
+            return fn(*full)
+        if key not in self.replays:
+            from .inductor_passes.graph_replay import GraphReplay
+            self.replays[key] = GraphReplay(fn)
+        return self.replays[key](full)
 
     def _compile(self, user_inputs, stores):
         from .inductor_passes.graph_pass import SphkvGraphPass
@@ -227,7 +245,7 @@ class CompiledWithStores:
         args = [None] * total
         user_inputs = list(user_inputs)
         for i in self.unread_buffers:
-            user_inputs[i] = _memoryless_stand_in(user_inputs[i])
+            user_inputs[i] = self._stand_in(user_inputs[i])
         extra = {}
         for g, s in zip(self.groups, stores):
             for slot, t in zip(g.state_inputs, s.tensors()):
@@ -277,7 +295,8 @@ class CompiledWithStores:
         stores = [self._store_for(g, args) for g in self.groups]
         fn = self._compile(args, stores)
         full = self._assemble(args, stores)
-        out = fn(*full)  # aot_module_simplified returns the unboxed convention here
+        # aot_module_simplified returns the unboxed convention here
+        out = self._run(tuple(s.shapes() for s in stores), fn, full)
         self.checks.after_call()  # on the CPU raises now; on a GPU queues the verdict's copy
         for g, s in zip(self.groups, stores):
             if g.static:

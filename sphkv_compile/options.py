@@ -33,6 +33,9 @@ class SphkvOptions:
     distortion: str = "unit"  # RDR's error price: 'unit' (per unit norm) or 'logit' (rdr/costs.py, docs/QUALITY.md)
     pad_head_dim: str | bool = "auto"  # zero-pad head dims the kernels cannot take: 'auto' on CUDA, True, False (head_pad.py)
     center_keys: bool = True  # code k - mean(k) per row and KV head; softmax cannot see the mean (key_centering.py)
+    # backend="sphkv" on CUDA: replay compiled calls from CUDA graphs (inductor_passes/graph_replay.py); no effect on
+    # optimize(), whose decode step generate() compiles with transformers' own graphs
+    cuda_graphs: bool = field(default=False, compare=False)
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -90,6 +93,8 @@ class SphkvOptions:
             bad("pad_head_dim", "'auto' (pad on CUDA, where the Triton kernels run), True or False")
         if not isinstance(self.center_keys, bool):
             bad("center_keys", "True or False")
+        if not isinstance(self.cuda_graphs, bool):
+            bad("cuda_graphs", "True or False")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             bad("seed", "an int")
         ladder = self.tier_ladder

@@ -144,3 +144,28 @@ def test_backend_runtime_checks_on_the_gpu_are_read_back_later():
     compiled(prompt, torch.arange(12, device=DEV))  # a new sequence
     compiled(prompt[:, :1], torch.tensor([12], device=DEV))
     sphkv_compile.check_runtime()  # nothing failed
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["gpt_fast_index_put", "gpt_fast_index_copy"])
+def test_backend_replays_decode_steps_from_cuda_graphs_within_the_codec_bound(name, monkeypatch):
+    """options cuda_graphs: decode steps are captured after the warm-up calls and replayed, with
+    the logits of the calls without graphs' bound; no call fell back (that would warn)."""
+    import warnings
+
+    from sphkv_compile.inductor_passes.graph_replay import GraphReplay
+    replays = []
+    real = GraphReplay._replay
+    monkeypatch.setattr(GraphReplay, "_replay", lambda self, *a, **k: (replays.append(1), real(self, *a, **k))[1])
+    model, generate, reset_cache = MODELS[name](14)
+    prompt = torch.randint(0, model.cfg.vocab, (1, 40), device=DEV, generator=torch.Generator(DEV).manual_seed(14))
+    tokens, dense = generate(model, prompt, 24)
+    reset_cache()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sphkv_compile.SphkvPerformanceWarning)
+        compiled = torch.compile(model, backend="sphkv", options={**OPTIONS, "cuda_graphs": True})
+        _, logits = generate(model, prompt, 24, compiled, forced=tokens)
+    sphkv_compile.check_runtime()
+    assert len(replays) >= 16, len(replays)
+    err = relative_rms(logits, dense)
+    assert 0 < err <= _bound(OPTIONS, model), err

@@ -1,0 +1,189 @@
+"""The backend's CUDA graph replay (inductor_passes/graph_replay.py), its bookkeeping checked on
+the CPU with a stand-in graph that runs the callable at capture and again at every replay,
+writing into the tensors the capture returned, as a CUDA graph does. The GPU run of the real
+thing is tests/test_backend_gpu.py."""
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+
+import sphkv_compile
+from sphkv_compile.inductor_passes import graph_replay
+from sphkv_compile.inductor_passes.graph_replay import WARMUP, GraphReplay
+from sphkv_compile.options import SphkvPerformanceWarning
+from tests.models import gpt_fast
+
+
+class StandInGraph:
+    """Captures fn(*args) by running it once; replay() runs it on the same argument objects and
+    copies the results into the captured outputs. The first replay after a capture runs
+    nothing, as the capture's own run stands for it (a CUDA capture runs nothing, and
+    GraphReplay replays once right after it)."""
+    capturing = None  # the graph inside its capture block
+    captures = 0
+
+    def __init__(self):
+        self.fn = self.args = self.outputs = None
+        self.fresh = False
+
+    def replay(self):
+        if self.fresh:
+            self.fresh = False
+            return
+        for o, new in zip(self.outputs, self.fn(*self.args)):
+            if isinstance(o, torch.Tensor):
+                o.copy_(new)
+
+
+@contextlib.contextmanager
+def stand_in_capture(graph):
+    StandInGraph.captures += 1
+    StandInGraph.capturing = graph
+    try:
+        yield
+    finally:
+        StandInGraph.capturing = None
+    graph.fresh = True
+
+
+def graphed(fn):
+    """GraphReplay of fn whose captures record fn's call on the stand-in graph."""
+    def recording(*args):
+        out = fn(*args)
+        graph = StandInGraph.capturing
+        if graph is not None:
+            graph.fn, graph.args, graph.outputs = fn, args, list(out)
+        return out
+    return GraphReplay(recording, new_graph=StandInGraph, capture=stand_in_capture)
+
+
+@pytest.fixture(autouse=True)
+def fresh_counts():
+    StandInGraph.captures, StandInGraph.capturing = 0, None
+
+
+def test_warm_up_then_capture_then_replay_copies_moving_inputs_and_reads_fixed_ones_in_place():
+    weight = torch.randn(4)
+    state = torch.zeros(4)  # mutated in place every call, like a store
+    calls = []
+
+    def fn(x, w, s):
+        calls.append(1)
+        s.add_(x)
+        return [x * w + s]
+
+    replay = graphed(fn)
+    want_state = torch.zeros(4)
+    for step in range(6):
+        x = torch.full((4,), float(step))  # a new tensor each call: copied into the graph's input
+        out = replay([x, weight, state])[0]
+        want_state += x
+        torch.testing.assert_close(out, x * weight + want_state)
+        torch.testing.assert_close(state, want_state)
+    assert StandInGraph.captures == 1 and len(calls) == 6
+    (entry,) = replay.entries.values()
+    assert entry.moving == {0} and set(entry.in_place) == {1, 2}
+    kept = replay([torch.ones(4), weight, state])[0]
+    expected = weight + want_state + 1
+    replay([torch.ones(4), weight, state])  # overwrites the graph's own output
+    torch.testing.assert_close(kept, expected)  # a returned output is the caller's copy
+
+
+def test_an_in_place_argument_that_moves_is_captured_again_and_copied_from_then_on():
+    def fn(x, w):
+        return [x + w]
+
+    replay = graphed(fn)
+    w = torch.ones(3)
+    for _ in range(WARMUP + 2):
+        replay([torch.randn(3), w])
+    w2 = torch.full((3,), 5.0)  # the "fixed" argument now lives elsewhere
+    x = torch.randn(3)
+    torch.testing.assert_close(replay([x, w2])[0], x + 5)
+    assert StandInGraph.captures == 2
+    (entry,) = replay.entries.values()
+    assert entry.moving == {0, 1}
+    x = torch.randn(3)
+    torch.testing.assert_close(replay([x, torch.full((3,), 7.0)])[0], x + 7)
+    assert StandInGraph.captures == 2
+
+
+def test_an_output_that_is_an_in_place_argument_comes_back_as_that_argument():
+    buf = torch.zeros(2)
+
+    def fn(x, b):
+        b.add_(x)
+        return [b, x * 2]
+
+    replay = graphed(fn)
+    for _ in range(WARMUP + 2):
+        out = replay([torch.ones(2), buf])
+    assert out[0] is buf
+    torch.testing.assert_close(buf, torch.full((2,), float(WARMUP + 2)))
+
+
+def test_a_call_that_cannot_be_captured_warns_once_and_runs_without_graphs():
+    def fn(x):
+        if StandInGraph.capturing is not None:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return [x + 1]
+
+    replay = GraphReplay(fn, new_graph=StandInGraph, capture=stand_in_capture)
+    for _ in range(WARMUP):
+        replay([torch.zeros(1)])
+    with pytest.warns(SphkvPerformanceWarning, match="could not be captured.*not permitted"):
+        out = replay([torch.zeros(1)])
+    torch.testing.assert_close(out[0], torch.ones(1))
+    (entry,) = replay.entries.values()
+    assert entry.failed and replay([torch.zeros(1)])[0].item() == 1.0
+
+
+def test_only_the_latest_signatures_are_kept():
+    replay = graphed(lambda x: [x])
+    for n in range(graph_replay.MAX_SIGNATURES + 3):
+        replay([torch.zeros(n + 1)])
+    assert len(replay.entries) == graph_replay.MAX_SIGNATURES
+
+
+@torch.no_grad()
+def test_a_compiled_gpt_fast_decodes_as_dense_through_the_replay(monkeypatch):
+    """options cuda_graphs on a model whose stores are on the CPU, with the replay forced on and
+    the stand-in graph: 12-bit tokens equal dense's over prefill and 12 decode steps, and the
+    decode steps were replayed."""
+    monkeypatch.setenv("SPHKV_INNER_COMPILER", "aot_eager")
+    from sphkv_compile import backend
+
+    made = []
+
+    def run(self, key, fn, full):
+        if key not in self.replays:
+            self.replays[key] = graphed(fn)
+            made.append(self.replays[key])
+        return self.replays[key](full)
+    monkeypatch.setattr(backend.CompiledWithStores, "_run", run)
+    torch.manual_seed(31)
+    model = gpt_fast.GPTFast().eval()
+    model.setup_caches(1)
+    dense = copy.deepcopy(model)
+    prompt = torch.randint(0, model.cfg.vocab, (1, 10), generator=torch.Generator().manual_seed(31))
+    want, _ = gpt_fast.generate(dense, prompt, 12)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="sphkv", options={"bits": 12, "cuda_graphs": True})
+    got, _ = gpt_fast.generate(model, prompt, 12, compiled)
+    assert torch.equal(got, want)
+    assert StandInGraph.captures >= 1 and sum(r.replays() for r in made) >= 1
+    assert all(s["rewritten"] for s in sphkv_compile.report()["sites"])
+
+
+def test_cuda_graphs_is_validated_and_refused_by_optimize():
+    from sphkv_compile.options import SphkvOptions, SphkvOptionsError
+    with pytest.raises(SphkvOptionsError, match="cuda_graphs"):
+        SphkvOptions.from_dict({"cuda_graphs": "yes"})
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1)
+    with pytest.raises(SphkvOptionsError, match="cuda_graphs is for torch.compile.*Fix: drop cuda_graphs"):
+        sphkv_compile.optimize(transformers.LlamaForCausalLM(config), cuda_graphs=True)
