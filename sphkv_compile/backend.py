@@ -217,6 +217,15 @@ class CompiledWithStores:
         """fn(*full), replayed from CUDA graphs where options ask for them and the call runs on CUDA."""
         if not (self.options.cuda_graphs and any(g.device.type == "cuda" for g in self.groups)):
             return fn(*full)
+        if self.options.policy == "rdr":
+            # RDR re-budgets on the host inside the step; a captured step would replay one decision
+            if not getattr(self, "_warned_rdr_graphs", False):
+                from .options import SphkvPerformanceWarning
+                self._warned_rdr_graphs = True
+                warnings.warn("sphkv: option cuda_graphs is ignored under policy 'rdr' (its re-budgets decide on the "
+                              "host inside the step, which a CUDA graph cannot replay); the calls run without graphs",
+                              SphkvPerformanceWarning, stacklevel=3)
+            return fn(*full)
         if key not in self.replays:
             from .inductor_passes.graph_replay import GraphReplay
             self.replays[key] = GraphReplay(fn)

@@ -187,3 +187,17 @@ def test_cuda_graphs_is_validated_and_refused_by_optimize():
                                       num_attention_heads=2, num_key_value_heads=1)
     with pytest.raises(SphkvOptionsError, match="cuda_graphs is for torch.compile.*Fix: drop cuda_graphs"):
         sphkv_compile.optimize(transformers.LlamaForCausalLM(config), cuda_graphs=True)
+
+
+def test_under_rdr_cuda_graphs_warns_and_runs_without_graphs(monkeypatch):
+    """RDR's re-budget decides on the host inside the step: never captured."""
+    from sphkv_compile import backend
+    from sphkv_compile.options import SphkvOptions
+
+    stub = backend.CompiledWithStores.__new__(backend.CompiledWithStores)
+    stub.options = SphkvOptions.from_dict({"policy": "rdr", "budget": 0.5, "cuda_graphs": True})
+    stub.groups = [type("Group", (), {"device": torch.device("cuda")})()]
+    stub.replays = {}
+    with pytest.warns(SphkvPerformanceWarning, match="ignored under policy 'rdr'"):
+        out = stub._run("key", lambda *a: [a[0] + 1], [torch.zeros(1)])
+    assert out[0].item() == 1.0 and not stub.replays
