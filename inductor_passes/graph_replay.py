@@ -29,6 +29,7 @@ import torch
 
 WARMUP = 2
 MAX_SIGNATURES = 8
+NEVER_REPEATED_WARNING = 16  # calls with no signature seen WARMUP + 1 times before saying so
 
 
 @dataclass
@@ -66,8 +67,13 @@ class GraphReplay:
         self.new_graph = new_graph or torch.cuda.CUDAGraph
         self.capture = capture or (lambda graph: torch.cuda.graph(graph, pool=pool))
         self.entries: OrderedDict = OrderedDict()
+        self.calls = 0
+        self.captured = False
 
     def __call__(self, args: list):
+        self.calls += 1
+        if self.calls == NEVER_REPEATED_WARNING and not self.captured:
+            self._warn_never_repeated()
         sig = _signature(args)
         entry = self.entries.pop(sig, None) or _Entry()
         self.entries[sig] = entry  # most recent last
@@ -108,10 +114,21 @@ class GraphReplay:
                           "its shapes run without graphs from now on", SphkvPerformanceWarning, stacklevel=4)
             return self.fn(*args)
         entry.graph, entry.outputs = graph, list(outputs)
+        self.captured = True
         where = {a.data_ptr(): i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and i in entry.in_place}
         entry.returns_arg = {k: where[o.data_ptr()] for k, o in enumerate(entry.outputs)
                              if isinstance(o, torch.Tensor) and o.data_ptr() in where}
         return self._replay(entry, args, copy_in=False)  # capturing ran nothing: run it now
+
+    def _warn_never_repeated(self) -> None:
+        from sphkv_compile.options import SphkvPerformanceWarning
+
+        if any(e.failed for e in self.entries.values()):
+            return  # that warned already
+        warnings.warn(f"sphkv: option cuda_graphs replayed nothing in {self.calls} calls: no call repeated its "
+                      "argument shapes (a cache grown by concatenation changes shape every call; a static buffer "
+                      "written in place, as gpt-fast's, keeps it). The calls run without graphs",
+                      SphkvPerformanceWarning, stacklevel=4)
 
     def _replay(self, entry: _Entry, args: list, copy_in: bool = True):
         if copy_in:

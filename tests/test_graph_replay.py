@@ -201,3 +201,12 @@ def test_under_rdr_cuda_graphs_warns_and_runs_without_graphs(monkeypatch):
     with pytest.warns(SphkvPerformanceWarning, match="ignored under policy 'rdr'"):
         out = stub._run("key", lambda *a: [a[0] + 1], [torch.zeros(1)])
     assert out[0].item() == 1.0 and not stub.replays
+
+
+def test_calls_that_never_repeat_their_shapes_warn_that_nothing_is_replayed():
+    """A cat cache grows every call: no signature comes back, so nothing is captured; say so."""
+    replay = graphed(lambda x: [x * 2])
+    with pytest.warns(SphkvPerformanceWarning, match="replayed nothing in 16 calls"):
+        for n in range(graph_replay.NEVER_REPEATED_WARNING):
+            torch.testing.assert_close(replay([torch.ones(n + 1)])[0], torch.full((n + 1,), 2.0))
+    assert StandInGraph.captures == 0
