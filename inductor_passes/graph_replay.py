@@ -12,8 +12,11 @@ dtype and device, and the value of every non-tensor argument):
   (parameters, buffers, the stores, the runtime checks) are read in place. The others, such
   as the token ids and positions, are copied into the graph's own inputs before each replay;
 - a replay whose in-place arguments moved captures again, with those copied from then on;
-- a call that cannot be captured (an op that reads the GPU on the host, e.g. RDR's re-budget)
-  runs as compiled from then on, and a SphkvPerformanceWarning names the error.
+- a signature whose last warm-up call made the host wait for the GPU (a prefill's placement
+  decisions read the GPU; torch.cuda.set_sync_debug_mode sees it) is never captured: capturing
+  it would fail, after its ops' Python code had already run once;
+- a call that fails to capture anyway runs as compiled from then on, and a
+  SphkvPerformanceWarning names the error.
 
 Outputs are cloned out of the graph's memory, so a caller may keep them across calls; an output
 that is one of the in-place arguments is returned as that argument. Only the MAX_SIGNATURES most
@@ -21,6 +24,7 @@ recent signatures are kept (a cat cache changes its shape every call and is neve
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -43,11 +47,36 @@ class _Entry:
     outputs: list = field(default_factory=list)
     returns_arg: dict = field(default_factory=dict)  # output index -> argument index
     failed: str | None = None
+    waits: str | None = None  # where the last warm-up call waited for the GPU: never captured
 
 
 def _signature(args) -> tuple:
     return tuple((tuple(a.shape), a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor) else ("value", a)
                  for a in args)
+
+
+@contextlib.contextmanager
+def _watch_host_waits(args):
+    """Yields a list that collects where the host waited for the GPU inside the block (CUDA's
+    sync debug mode, which warns at each wait), empty off CUDA."""
+    found: list[str] = []
+    cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
+    if not cuda:
+        yield found
+        return
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield found
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            found.append(f"{w.filename}:{w.lineno}")
+        else:  # not ours to swallow
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def _holds_no_memory(t: torch.Tensor) -> bool:
@@ -61,11 +90,12 @@ def _ptrs(args) -> list:
 class GraphReplay:
     """Wraps one compiled callable (called as fn(*args), returning a list or tuple)."""
 
-    def __init__(self, fn, new_graph=None, capture=None, pool=None):
+    def __init__(self, fn, new_graph=None, capture=None, pool=None, watch_waits=None):
         self.fn = fn
         # CUDA's by default; tests pass stand-ins that run on the CPU
         self.new_graph = new_graph or torch.cuda.CUDAGraph
         self.capture = capture or (lambda graph: torch.cuda.graph(graph, pool=pool))
+        self.watch_waits = watch_waits or _watch_host_waits
         self.entries: OrderedDict = OrderedDict()
         self.calls = 0
         self.captured = False
@@ -79,7 +109,7 @@ class GraphReplay:
         self.entries[sig] = entry  # most recent last
         while len(self.entries) > MAX_SIGNATURES:
             self.entries.popitem(last=False)
-        if entry.failed:
+        if entry.failed or entry.waits:
             return self.fn(*args)
         ptrs = _ptrs(args)
         if entry.graph is None:
@@ -87,8 +117,13 @@ class GraphReplay:
                 entry.moving |= {i for i, (a, b) in enumerate(zip(ptrs, entry.last_ptrs)) if a != b}
             entry.last_ptrs = ptrs
             entry.calls += 1
-            if entry.calls <= WARMUP:
+            if entry.calls < WARMUP:
                 return self.fn(*args)
+            if entry.calls == WARMUP:
+                with self.watch_waits(args) as waits:
+                    out = self.fn(*args)
+                entry.waits = waits[0] if waits else None
+                return out
             return self._capture(entry, args)
         moved = {i for i, p in entry.in_place.items() if ptrs[i] != p}
         if moved:
@@ -125,10 +160,12 @@ class GraphReplay:
 
         if any(e.failed for e in self.entries.values()):
             return  # that warned already
-        warnings.warn(f"sphkv: option cuda_graphs replayed nothing in {self.calls} calls: no call repeated its "
-                      "argument shapes (a cache grown by concatenation changes shape every call; a static buffer "
-                      "written in place, as gpt-fast's, keeps it). The calls run without graphs",
-                      SphkvPerformanceWarning, stacklevel=4)
+        waits = next((e.waits for e in self.entries.values() if e.waits), None)
+        why = (f"its calls make the host wait for the GPU (first at {waits})" if waits else
+               "no call repeated its argument shapes (a cache grown by concatenation changes shape every call; a "
+               "static buffer written in place, as gpt-fast's, keeps it)")
+        warnings.warn(f"sphkv: option cuda_graphs replayed nothing in {self.calls} calls: {why}. The calls run "
+                      "without graphs", SphkvPerformanceWarning, stacklevel=4)
 
     def _replay(self, entry: _Entry, args: list, copy_in: bool = True):
         if copy_in:

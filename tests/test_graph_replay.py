@@ -210,3 +210,18 @@ def test_calls_that_never_repeat_their_shapes_warn_that_nothing_is_replayed():
         for n in range(graph_replay.NEVER_REPEATED_WARNING):
             torch.testing.assert_close(replay([torch.ones(n + 1)])[0], torch.full((n + 1,), 2.0))
     assert StandInGraph.captures == 0
+
+
+def test_a_signature_whose_warm_up_waits_for_the_gpu_is_never_captured():
+    """A prefill-shaped call reads the GPU on the host: capturing it would fail after its ops'
+    Python code ran, so it is not tried; 16 calls with nothing replayed say where it waited."""
+    @contextlib.contextmanager
+    def waits_at_store(args):
+        yield ["store.py:123"]
+
+    replay = GraphReplay(lambda x: [x + 1], new_graph=StandInGraph, capture=stand_in_capture,
+                         watch_waits=waits_at_store)
+    with pytest.warns(SphkvPerformanceWarning, match=r"wait for the GPU \(first at store.py:123\)"):
+        for _ in range(graph_replay.NEVER_REPEATED_WARNING):
+            torch.testing.assert_close(replay([torch.zeros(2)])[0], torch.ones(2))
+    assert StandInGraph.captures == 0
