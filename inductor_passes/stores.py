@@ -30,6 +30,7 @@ from sphkv_compile.store import TierState, gather_tokens, rebuild
 from sphkv_compile.tiers import record_words
 
 _STORE_OF = WeakIdKeyDictionary()  # cache tensor (buffer or placeholder) -> CompressedCache
+_RELEASED_AT = WeakIdKeyDictionary()  # released buffer -> its version counter right after release
 
 
 def store_of(t) -> "CompressedCache | None":
@@ -48,6 +49,22 @@ def release_buffer(t: torch.Tensor) -> None:
     """Make a dense buffer hold no memory; it keeps its shape (the store holds the data)."""
     if t.untyped_storage().nbytes() > t.element_size():
         t.set_(torch.zeros(1, dtype=t.dtype, device=t.device).untyped_storage(), 0, t.shape, (0,) * t.dim())
+        _RELEASED_AT[t] = t._version
+
+
+def written_since_release(t: torch.Tensor) -> bool:
+    """Did code outside the compiled model write keys or values into this released buffer (an
+    uncompiled forward of the module, whose attention then read the one element it holds)? Its
+    version counter says whether anything wrote; only then is the element read (one host read),
+    so that a reset to zeros (torchtune's KVCache.reset) does not count. Forgets the write."""
+    if t not in _RELEASED_AT or t._version == _RELEASED_AT[t]:
+        return False
+    element = t.as_strided((1,), (1,))  # (a reshape of the expanded buffer would copy it whole)
+    wrote = bool(element.ne(0).any())
+    with torch.no_grad():
+        element.zero_()
+    _RELEASED_AT[t] = t._version
+    return wrote
 
 
 def target_tier(options) -> int:

@@ -9,7 +9,7 @@ check_runtime() (read the backend's runtime checks still in flight on a GPU) and
 optimize(model, **options) (one-call setup of a Hugging Face model).
 """
 from .codec import SphericalCodec
-from .options import SphkvCoverageWarning, SphkvOptions, SphkvOptionsError, SphkvPerformanceWarning
+from .options import SphkvCacheWarning, SphkvCoverageWarning, SphkvOptions, SphkvOptionsError, SphkvPerformanceWarning
 from .report import report
 from .scalar_codec import RotatedScalarCodec
 from .store import LayerStore, StoreCapacityError
@@ -17,7 +17,8 @@ from .tiers import DEFAULT_TIERS, TierSpec
 
 __all__ = [
     "SphericalCodec", "RotatedScalarCodec", "LayerStore", "StoreCapacityError", "TierSpec", "DEFAULT_TIERS",
-    "SphkvOptions", "SphkvOptionsError", "SphkvPerformanceWarning", "SphkvCoverageWarning", "report", "optimize",
+    "SphkvOptions", "SphkvOptionsError", "SphkvPerformanceWarning", "SphkvCoverageWarning",
+    "SphkvCacheWarning", "report", "optimize",
     "check_runtime",
 ]
 __version__ = "0.1.0"

@@ -266,7 +266,8 @@ class CompiledWithStores:
         return args
 
     def _store_for(self, g, inputs, for_compile=False):
-        from .inductor_passes.stores import CompressedCache, bind, store_of
+        from .inductor_passes.stores import CompressedCache, bind, store_of, written_since_release
+        from .options import SphkvCacheWarning
 
         k_buf, v_buf = inputs[g.key_input], inputs[g.value_input]
         store = store_of(k_buf)
@@ -290,6 +291,12 @@ class CompiledWithStores:
                 bind(v_buf, store)
         else:
             _check_store_fits(store, g, self.options)
+            if g.static and (written_since_release(k_buf) | written_since_release(v_buf)):
+                warnings.warn("sphkv: a KV cache buffer that sphkv released (it holds one element; the compressed "
+                              "store holds the tokens) was written by code outside the compiled model, such as an "
+                              "uncompiled forward of the module. That forward's attention read the released buffer, "
+                              "so its output was wrong. Fix: give the uncompiled module fresh buffers (gpt-fast: "
+                              "setup_caches) before calling it", SphkvCacheWarning, stacklevel=3)
             if not g.static:
                 need = k_buf.shape[seq] + self.max_chunk[id(g)]
                 if need > store.capacity:

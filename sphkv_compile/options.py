@@ -108,5 +108,10 @@ class SphkvPerformanceWarning(UserWarning):
     """A configuration that works but is known to be slow; the message names the fix."""
 
 
+class SphkvCacheWarning(UserWarning):
+    """A KV cache the backend compressed was used in a way that gave a wrong answer outside sphkv
+    (the message names the cause and the fix)."""
+
+
 class SphkvCoverageWarning(UserWarning):
     """Layers kept dense that the plan could not foresee (optimize()'s trial forward found them)."""

@@ -203,3 +203,21 @@ def test_the_own_cache_example_runs_rewritten_and_within_the_codec_bound(capsys)
     worst = float(re.search(r"max ([0-9.e+-]+)", out).group(1))
     assert 0 < fraction < 1, out
     assert 0 < worst <= relative_rms_bound({"bits": 3.5}, 256 // 8), out
+
+
+@torch.no_grad()
+def test_an_uncompiled_forward_on_released_buffers_is_warned_about_at_the_next_compiled_call():
+    """README's known gap, half closed: the uncompiled module's own call cannot be stopped, but
+    the next compiled call sees that something wrote into the released buffers and says so."""
+    model, prompt, _ = _gpt_fast(9)
+    compiled = torch.compile(model, backend="sphkv", options=DEFAULT_BITS)
+    gpt_fast.generate(model, prompt, 3, compiled)
+    pos = torch.tensor([prompt.shape[1] + 3])
+    with pytest.warns(UserWarning):  # PyTorch's own: index_put_ on an expanded tensor
+        model(prompt[:, :1], pos)  # uncompiled: attends over the released buffers
+    with pytest.warns(sphkv_compile.SphkvCacheWarning, match="written by code outside the compiled model"):
+        compiled(prompt[:, :1], pos)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sphkv_compile.SphkvCacheWarning)
+        compiled(prompt[:, :1], pos + 1)  # said once per write
