@@ -127,7 +127,17 @@ class Rewriter:
     def _positions(self, cache: CacheUpdate, device) -> fx.Node:
         pos = cache.positions
         if pos[0] == "index":
-            return self._method("to", self._method("reshape", pos[1], -1), torch.int64)
+            # copied where the index is made: it may be a view of a buffer the model then advances
+            # in place (torchtune's KVCache writes at cache_pos[:n], then cache_pos.add_(n)), and
+            # the store must see the positions the write used
+            idx = pos[1]
+            if idx.op == "placeholder":
+                at = self.graph.inserting_before(next(n for n in self.graph.nodes if n.op != "placeholder"))
+            else:
+                at = self.graph.inserting_before(idx.next)  # (inserting_after would reverse the nodes)
+            with at:
+                flat = self._method("reshape", idx, -1)
+                return self._method("clone", self._method("to", flat, torch.int64))
         if pos[0] == "slice":
             return self._call(torch.arange, pos[1], pos[2], dtype=torch.int64, device=device)
         past = self._size(cache.past, cache.seq_dim)

@@ -54,6 +54,7 @@ def _nanogpt(seed: int, write: str = ""):
 
 MODELS = {"gpt_fast_index_put": lambda s: _gpt_fast(s, "index_put"),
           "gpt_fast_index_copy": lambda s: _gpt_fast(s, "index_copy"),
+          "torchtune_cache_pos": lambda s: _gpt_fast(s, "cache_pos"),
           "nanogpt_cat": _nanogpt}
 
 

@@ -44,6 +44,7 @@ def _nanogpt(seed):
 MODELS = {
     "gpt_fast_index_put": (lambda s: _gpt_fast(s, "index_put"), gpt_fast.generate),
     "gpt_fast_index_copy": (lambda s: _gpt_fast(s, "index_copy"), gpt_fast.generate),
+    "torchtune_cache_pos": (lambda s: _gpt_fast(s, "cache_pos"), gpt_fast.generate),
     "nanogpt_cat": (_nanogpt, nanogpt.generate),
 }
 
@@ -221,3 +222,23 @@ def test_an_uncompiled_forward_on_released_buffers_is_warned_about_at_the_next_c
     with warnings.catch_warnings():
         warnings.simplefilter("error", sphkv_compile.SphkvCacheWarning)
         compiled(prompt[:, :1], pos + 1)  # said once per write
+
+
+@torch.no_grad()
+def test_torchtune_style_cache_reset_then_a_new_sequence_decodes_as_dense():
+    """torchtune's KVCache keeps its own write positions in a buffer advanced in place after the
+    write (the store must take the positions the write used, not the advanced ones), and its
+    reset() zeroes the (released) buffers and rewinds them: a second prompt then starts over."""
+    model, _, _ = _gpt_fast(10, "cache_pos")
+    dense = copy.deepcopy(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="sphkv", options=HIGH_BITS)
+    for length in (16, 11):
+        prompt = torch.randint(0, model.cfg.vocab, (1, length), generator=torch.Generator().manual_seed(length))
+        for m in (model, dense):
+            for block in m.blocks:
+                block.attn.kv_cache.reset()
+        want, _ = gpt_fast.generate(dense, prompt, 8)
+        got, _ = gpt_fast.generate(model, prompt, 8, compiled)
+        assert torch.equal(got, want), length
+    assert all(s["rewritten"] for s in sphkv_compile.report()["sites"])

@@ -27,16 +27,33 @@ class Config:
 
 
 class KVCache(nn.Module):
+    """write: "index_put" (gpt-fast), "index_copy" (transformers' StaticCache), or "cache_pos"
+    (torchtune's KVCache: its own position buffer, written at cache_pos[:n] and then advanced in
+    place; reset() zeroes the buffers and rewinds it)."""
+
     def __init__(self, batch, kv_heads, max_seq, head_dim, dtype, write="index_put", device=None):
         super().__init__()
         self.write = write
         shape = (batch, kv_heads, max_seq, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device))
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device))
+        if write == "cache_pos":
+            self.register_buffer("cache_pos", torch.arange(max_seq, device=device), persistent=False)
+
+    def reset(self):
+        self.k_cache.zero_()
+        self.v_cache.zero_()
+        if self.write == "cache_pos":
+            self.cache_pos -= int(self.cache_pos[0])
 
     def update(self, input_pos, k, v):
         k_out, v_out = self.k_cache, self.v_cache
-        if self.write == "index_copy":
+        if self.write == "cache_pos":
+            n = k.shape[2]
+            k_out[:, :, self.cache_pos[:n]] = k
+            v_out[:, :, self.cache_pos[:n]] = v
+            self.cache_pos.add_(n)
+        elif self.write == "index_copy":
             k_out.index_copy_(2, input_pos, k)
             v_out.index_copy_(2, input_pos, v)
         else:
