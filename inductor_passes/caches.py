@@ -6,15 +6,19 @@ holds the whole cache, and classify how it was updated:
   - "index_copy":   buf.index_copy_(seq, pos, new)               (StaticCache)
   - "index_put":    buf.index_put_((.., pos), new)               (gpt-fast)
   - "slice_assign": buf[:, :, pos] = new or buf[:, :, a:b] = new (preallocated buffers)
+A static buffer may be read whole (a mask hides its unfilled slots) or as the prefix that ends
+where the write ends, buf[:, :a + n] (Meta's Llama reference code); a slice of the batch dim
+that covers the whole batch counts as no slice.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import fx
 
 from .fallback import CROSS_ATTENTION, UNSUPPORTED_CACHE, StayDense
-from .graph_ops import LAYOUT_KINDS, arg, is_tensor_node, kind, shape_of
+from .graph_ops import LAYOUT_KINDS, arg, concrete_shape, is_tensor_node, kind, shape_of
 
 
 @dataclass
@@ -27,6 +31,7 @@ class CacheUpdate:
     positions: tuple  # ("index", node) | ("slice", start, stop) | ("cat",)
     mutation: fx.Node | None = None
     readers: set = field(default_factory=set)  # nodes that read the cache value directly
+    prefix_read: fx.Node | None = None  # the getitem reading buf[:, :end] (end = the write's end)
 
 
 def _layout_input(node: fx.Node) -> fx.Node | None:
@@ -56,13 +61,22 @@ def _norm_dim(d, ndim) -> int | None:
     return d + ndim if isinstance(d, int) and d < 0 else (d if isinstance(d, int) else None)
 
 
-def _seq_index(index, ndim: int):
-    """An index tuple (None/slice(None) everywhere except one dim) -> (dim, entry)."""
+def _whole(entry, size) -> bool:
+    """Does an index entry take a whole dim of this size (None, :, 0:size)?"""
+    if entry is None or (isinstance(entry, slice) and entry == slice(None)):
+        return True
+    return (isinstance(entry, slice) and entry.start in (None, 0) and entry.step in (None, 1)
+            and isinstance(entry.stop, int) and isinstance(size, int) and entry.stop >= size)
+
+
+def _seq_index(index, ndim: int, shape=None):
+    """An index tuple (whole dims everywhere except one) -> (dim, entry)."""
     if not isinstance(index, tuple):
         index = (index,)
     if any(i is Ellipsis for i in index):
         return None
-    picked = [(d, i) for d, i in enumerate(index) if not (i is None or (isinstance(i, slice) and i == slice(None)))]
+    shape = shape or (None,) * ndim
+    picked = [(d, i) for d, i in enumerate(index) if not _whole(i, shape[d] if d < len(shape) else None)]
     if len(picked) != 1 or len(index) > ndim:
         return None
     return picked[0]
@@ -87,7 +101,7 @@ def _static_update(buf: fx.Node) -> CacheUpdate:
         if arg(m, 3, "accumulate", False):
             raise StayDense(UNSUPPORTED_CACHE, "index_put_ with accumulate=True")
     elif k == "setitem":
-        picked = _seq_index(m.args[1], ndim)
+        picked = _seq_index(m.args[1], ndim, concrete_shape(buf))
         if picked is None:
             raise StayDense(UNSUPPORTED_CACHE, "slice assignment into more than one dimension")
         dim, entry = picked
@@ -123,5 +137,49 @@ def find_cache_update(operand: fx.Node) -> tuple[CacheUpdate, list[fx.Node]]:
         return _static_update(source.args[0]), chain
     if source.op == "placeholder" and any(kind(u) in ("index_copy_", "index_put_", "setitem", "copy_")
                                           for u in source.users):
-        return _static_update(source), chain
+        update = _static_update(source)
+        if chain and kind(chain[0]) == "getitem" and chain[0].args[0] is source:
+            update.prefix_read = _prefix_read(update, chain[0])
+        return update, chain
     raise StayDense(CROSS_ATTENTION, f"the operand comes from {source.name}")
+
+
+def _prefix_read(update: CacheUpdate, read: fx.Node) -> fx.Node | None:
+    """read = buf[...] right after the write: None when it takes the whole buffer (then the
+    chain's probe judges it); the node when it is the prefix that ends where the write ends;
+    otherwise the cache is read in a way the store cannot follow (a window, a batch subset)."""
+    index = read.args[1] if isinstance(read.args[1], tuple) else (read.args[1],)
+    shape = concrete_shape(update.past) or ()
+    if len(index) > len(shape) or not all(isinstance(i, slice) for i in index):
+        return None  # a layout step (None inserts a dim, as repeat_kv does): the probe judges it
+    seq = update.seq_dim
+    for d, entry in enumerate(index):
+        if d != seq and not _whole(entry, shape[d]):
+            raise StayDense(UNSUPPORTED_CACHE, f"the cache is read in part along dim {d}: {read.format_node()}")
+    entry = index[seq] if seq < len(index) else None
+    if _whole(entry, shape[seq]):
+        return None
+    if not (isinstance(entry, slice) and entry.start in (None, 0) and entry.step in (None, 1)):
+        raise StayDense(UNSUPPORTED_CACHE, f"the cache is read as {read.format_node()} (a window?)")
+    if update.positions[0] != "slice" or not same_value(entry.stop, update.positions[2]):
+        raise StayDense(UNSUPPORTED_CACHE, f"the cache is read up to {entry.stop}, not up to where it is written "
+                                           f"({update.positions[2] if update.positions[0] == 'slice' else 'positions'})")
+    return read
+
+
+def same_value(a, b) -> bool:
+    """Two sizes (ints, SymInts or FX nodes holding one) that are equal for every input the
+    graph accepts: the same int, or symbolic expressions whose difference simplifies to 0."""
+    import sympy
+
+    def expr(x):
+        if isinstance(x, fx.Node):
+            x = x.meta.get("example_value")
+        if isinstance(x, torch.SymInt):
+            return x.node.expr
+        return x if isinstance(x, int) else None
+
+    ea, eb = expr(a), expr(b)
+    if ea is None or eb is None:
+        return False
+    return sympy.simplify(sympy.sympify(ea) - sympy.sympify(eb)) == 0

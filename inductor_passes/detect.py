@@ -291,7 +291,10 @@ def _probe_groups(cache: CacheUpdate, chain: list, operand: fx.Node, transposed:
         out = run_chain(chain, cache.value, p)
     except (NotALayoutChain, RuntimeError, TypeError) as err:
         raise StayDense(R.HEAD_LAYOUT, str(err)) from None
-    g = grouped_heads(out, canonical(p, cache.seq_dim), transposed)
+    canon = canonical(p, cache.seq_dim)
+    if cache.prefix_read is not None:  # the chain reads the prefix the store holds
+        canon = canon[:, :, :concrete_shape(cache.prefix_read)[cache.seq_dim]]
+    g = grouped_heads(out, canon, transposed)
     if g is None:
         raise StayDense(R.HEAD_LAYOUT)
     return g
@@ -310,7 +313,7 @@ def _decide_causality(gm, example_inputs, site: Site, is_causal: bool) -> None:
         site.mode = "causal"
         return
     if not site.masks:
-        if static:
+        if static and site.key.prefix_read is None:
             raise StayDense(R.UNMASKED_STATIC)
         if q_len != 1 or isinstance(shape_of(site.query)[-2], torch.SymInt):
             raise StayDense(R.NON_CAUSAL)
@@ -340,6 +343,8 @@ def _check_mask_at_compile_time(gm, example_inputs, site: Site) -> None:
     hq = cq[1] if len(cq) == 4 else cq[0] // B
     tq = cq[-2]
     tk = concrete_shape(site.key.value)[site.key.seq_dim]
+    if site.key.prefix_read is not None:  # the columns are the prefix that ends where the chunk does
+        tk = concrete_shape(site.key.prefix_read)[site.key.seq_dim]
     positions = example_positions(gm, example_inputs, site.key)
     stored = _stored_at_compile_time(gm, example_inputs, site.key, positions, B)
     vis = None

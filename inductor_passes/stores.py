@@ -2,8 +2,9 @@
 
 A store is bound to the tensors that stand for its cache outside the graph: the module's
 buffers (static caches) or the placeholders a cat cache hands back. Those tensors are
-swapped for zero-memory placeholders (a 1-element storage expanded to the cache's shape),
-so the dense cache is never resident; the store's pages are. report() reads kv_bytes and
+swapped for placeholders that hold almost no memory (a cat result: a 1-element storage expanded
+to the cache's shape; a static buffer: release_buffer), so the dense cache is never resident;
+the store's pages are. report() reads kv_bytes and
 dense_kv_bytes from live stores.
 
 Each store also carries the budget meter (sphkv_compile.rdr.meter) the graph's budgeting
@@ -45,10 +46,20 @@ def zero_memory_like(shape, dtype, device) -> torch.Tensor:
     return torch.zeros((), dtype=dtype, device=device).expand(*shape)
 
 
+def released_elements(shape) -> int:
+    """Elements a released buffer of this shape keeps: 1 + Σ(size - 1) (a few KB)."""
+    return 1 + sum(max(int(s) - 1, 0) for s in shape)
+
+
 def release_buffer(t: torch.Tensor) -> None:
-    """Make a dense buffer hold no memory; it keeps its shape (the store holds the data)."""
-    if t.untyped_storage().nbytes() > t.element_size():
-        t.set_(torch.zeros(1, dtype=t.dtype, device=t.device).untyped_storage(), 0, t.shape, (0,) * t.dim())
+    """Make a dense buffer hold (almost) no memory; it keeps its shape (the store holds the
+    data). Its strides become 1 in every dim over released_elements(shape) elements: a view
+    that overlaps itself, which PyTorch's writes do not refuse. A stride of 0 would make
+    Dynamo's re-trace of a slice assignment into it fail ("more than one element of the
+    written-to tensor refers to a single memory location": session 40)."""
+    n = released_elements(t.shape)
+    if t.untyped_storage().nbytes() > n * t.element_size():
+        t.set_(torch.zeros(n, dtype=t.dtype, device=t.device).untyped_storage(), 0, t.shape, (1,) * t.dim())
         _RELEASED_AT[t] = t._version
 
 
@@ -59,10 +70,10 @@ def written_since_release(t: torch.Tensor) -> bool:
     so that a reset to zeros (torchtune's KVCache.reset) does not count. Forgets the write."""
     if t not in _RELEASED_AT or t._version == _RELEASED_AT[t]:
         return False
-    element = t.as_strided((1,), (1,))  # (a reshape of the expanded buffer would copy it whole)
-    wrote = bool(element.ne(0).any())
+    held = t.as_strided((released_elements(t.shape),), (1,))  # (a reshape would copy the whole view)
+    wrote = bool(held.ne(0).any())
     with torch.no_grad():
-        element.zero_()
+        held.zero_()
     _RELEASED_AT[t] = t._version
     return wrote
 

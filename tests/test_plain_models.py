@@ -10,7 +10,8 @@ import torch
 from torch._dynamo.utils import counters
 
 import sphkv_compile
-from tests.models import gpt_fast, nanogpt
+from sphkv_compile.inductor_passes.stores import released_elements
+from tests.models import gpt_fast, llama_reference, nanogpt
 from tests.models.bounds import relative_rms, relative_rms_bound
 
 HIGH_BITS = {"bits": 12}
@@ -111,7 +112,7 @@ def test_static_buffers_hold_no_dense_memory_after_compiled_call():
     for block in model.blocks:
         for buf in (block.attn.kv_cache.k_cache, block.attn.kv_cache.v_cache):
             assert buf.shape == (1, model.cfg.kv_heads, model.cfg.max_seq, model.cfg.dim // model.cfg.heads)
-            assert buf.untyped_storage().nbytes() <= buf.element_size()
+            assert buf.untyped_storage().nbytes() <= released_elements(buf.shape) * buf.element_size()
     rep = sphkv_compile.report()
     dense_buffers = 2 * model.cfg.layers * model.cfg.kv_heads * model.cfg.max_seq * (model.cfg.dim // model.cfg.heads) * 4
     assert rep["kv_bytes"] < dense_buffers
@@ -214,8 +215,7 @@ def test_an_uncompiled_forward_on_released_buffers_is_warned_about_at_the_next_c
     compiled = torch.compile(model, backend="sphkv", options=DEFAULT_BITS)
     gpt_fast.generate(model, prompt, 3, compiled)
     pos = torch.tensor([prompt.shape[1] + 3])
-    with pytest.warns(UserWarning):  # PyTorch's own: index_put_ on an expanded tensor
-        model(prompt[:, :1], pos)  # uncompiled: attends over the released buffers
+    model(prompt[:, :1], pos)  # uncompiled: writes into and attends over the released buffers
     with pytest.warns(sphkv_compile.SphkvCacheWarning, match="written by code outside the compiled model"):
         compiled(prompt[:, :1], pos)
     import warnings
@@ -242,3 +242,52 @@ def test_torchtune_style_cache_reset_then_a_new_sequence_decodes_as_dense():
         got, _ = gpt_fast.generate(model, prompt, 8, compiled)
         assert torch.equal(got, want), length
     assert all(s["rewritten"] for s in sphkv_compile.report()["sites"])
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("batch", [1, 2])
+def test_llama_reference_cache_read_as_a_prefix_is_rewritten_and_decodes_as_dense(batch):
+    """Meta's Llama reference spelling: cache[:bsz, start:start + T] = k at a Python-int start
+    (Dynamo makes it symbolic after two values), attention over the prefix cache[:bsz, :start + T],
+    no mask at decode. At 12 bits dense's tokens; every site rewritten."""
+    torch.manual_seed(12)
+    model = llama_reference.LlamaReference(batch=batch).eval()
+    dense = copy.deepcopy(model)
+    prompt = torch.randint(0, model.vocab, (batch, 12), generator=torch.Generator().manual_seed(12))
+    want, _ = llama_reference.generate(dense, prompt, 12)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="sphkv", options=HIGH_BITS)
+    got, _ = llama_reference.generate(compiled, prompt, 12)
+    assert torch.equal(got, want)
+    sites = sphkv_compile.report()["sites"]
+    assert len(sites) == len(model.layers) and all(s["rewritten"] for s in sites), sites
+
+
+@torch.no_grad()
+def test_llama_reference_cache_at_default_bits_is_within_the_codec_bound():
+    torch.manual_seed(13)
+    model = llama_reference.LlamaReference().eval()
+    dense = copy.deepcopy(model)
+    prompt = torch.randint(0, model.vocab, (1, 20), generator=torch.Generator().manual_seed(13))
+    tokens, want = llama_reference.generate(dense, prompt, 16)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="sphkv", options=DEFAULT_BITS)
+    _, got = llama_reference.generate(compiled, prompt, 16, forced=tokens)
+    err = relative_rms(got, want)
+    assert 0 < err <= relative_rms_bound(DEFAULT_BITS, 128 // 4), err
+
+
+@torch.no_grad()
+def test_a_cache_read_as_a_window_stays_dense_with_the_reason():
+    """Attention over cache[:, start + T - W:start + T] forgets old tokens; the store keeps them."""
+    torch.manual_seed(14)
+    model = llama_reference.LlamaReference(read="window").eval()
+    dense = copy.deepcopy(model)
+    prompt = torch.randint(0, model.vocab, (1, 10), generator=torch.Generator().manual_seed(14))
+    want, _ = llama_reference.generate(dense, prompt, 4)
+    torch._dynamo.reset()
+    got, _ = llama_reference.generate(torch.compile(model, backend="sphkv", options=HIGH_BITS), prompt, 4)
+    assert torch.equal(got, want)
+    sites = sphkv_compile.report()["sites"]
+    assert sites and not any(s["rewritten"] for s in sites)
+    assert all("window" in s["reason"] or "read" in s["reason"] for s in sites), sites
