@@ -170,3 +170,25 @@ def test_backend_replays_decode_steps_from_cuda_graphs_within_the_codec_bound(na
     assert len(replays) >= 16, len(replays)
     err = relative_rms(logits, dense)
     assert 0 < err <= _bound(OPTIONS, model), err
+
+
+@torch.no_grad()
+def test_backend_llama_reference_cache_on_the_kernels_within_the_codec_bound(monkeypatch, caplog):
+    """Meta's Llama reference spelling (a prefix read of a [B, T, H, d] buffer, slice-assigned at
+    a Python-int start; no mask at decode) on CUDA, teacher-forced on dense's tokens."""
+    from tests.models import llama_reference
+    torch.manual_seed(15)
+    model = llama_reference.LlamaReference().eval().to(DEV, DTYPE)
+    dense = copy.deepcopy(model)
+    prompt = torch.randint(0, model.vocab, (1, 30), device=DEV, generator=torch.Generator(DEV).manual_seed(15))
+    tokens, want = llama_reference.generate(dense, prompt, 16)
+    calls = _count_kernel_calls(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="sphkv.kernels"):
+        compiled = torch.compile(model, backend="sphkv", options=OPTIONS)
+        _, got = llama_reference.generate(compiled, prompt, 16, forced=tokens)
+    sites = sphkv_compile.report()["sites"]
+    assert sites and all(s["rewritten"] for s in sites), sites
+    assert len(calls) >= 17 * len(model.layers)
+    assert "runs the reference" not in caplog.text, caplog.text
+    err = relative_rms(got, want)
+    assert 0 < err <= relative_rms_bound(OPTIONS, 128 // 4) + KERNEL_TOL, err

@@ -61,7 +61,8 @@ class LlamaReference(nn.Module):
         h = self.embed(tokens)
         mask = None
         if T > 1:  # causal over the chunk, every earlier position visible
-            mask = torch.hstack([torch.zeros(T, start), torch.full((T, T), float("-inf")).triu(1)])
+            dev = tokens.device
+            mask = torch.hstack([torch.zeros(T, start, device=dev), torch.full((T, T), float("-inf"), device=dev).triu(1)])
         for layer in self.layers:
             h = h + layer(h, start, mask)
         return self.head(h)
