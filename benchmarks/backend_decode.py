@@ -72,27 +72,22 @@ def profile_steps(step, token, args, device) -> None:
     """Host time of `--profile` more decode steps by Python function (cProfile), top 30 by own
     time: where the backend's uncaptured step spends its milliseconds; on CUDA also every place
     the host waited for the GPU (torch.cuda.set_sync_debug_mode), counted by source line."""
+    import collections
     import cProfile
     import pstats
 
-    import collections
-    import warnings
+    from sphkv_compile.inductor_passes.graph_replay import watch_host_waits
 
     prof = cProfile.Profile()
     start = args.context + args.warmup + args.steps
     positions = [torch.tensor([start + i], device=device) for i in range(args.profile)]  # made outside
-    if device.type == "cuda":
-        torch.cuda.set_sync_debug_mode("warn")  # every host wait for the GPU warns, from where it happened
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with watch_host_waits([token]) as found:
         prof.enable()
         for pos in positions:
             token = step(token, pos)[:, -1:].argmax(-1)
         prof.disable()
-    if device.type == "cuda":
-        torch.cuda.set_sync_debug_mode("default")
     sync(device)
-    waits = collections.Counter(f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+    waits = collections.Counter(found)
     print(f"host waits for the GPU in {args.profile} steps:")
     for where, n in waits.most_common():
         print(f"  {n:5d}  {where}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import sympy
 import torch
 from torch import fx
 
@@ -170,8 +171,6 @@ def _prefix_read(update: CacheUpdate, read: fx.Node) -> fx.Node | None:
 def same_value(a, b) -> bool:
     """Two sizes (ints, SymInts or FX nodes holding one) that are equal for every input the
     graph accepts: the same int, or symbolic expressions whose difference simplifies to 0."""
-    import sympy
-
     def expr(x):
         if isinstance(x, fx.Node):
             x = x.meta.get("example_value")
@@ -181,5 +180,9 @@ def same_value(a, b) -> bool:
 
     ea, eb = expr(a), expr(b)
     if ea is None or eb is None:
+        return False
+    if ea == eb:
+        return True
+    if isinstance(ea, int) and isinstance(eb, int):
         return False
     return sympy.simplify(sympy.sympify(ea) - sympy.sympify(eb)) == 0

@@ -13,7 +13,7 @@ import torch
 from torch import fx
 
 from . import fallback as R
-from .caches import CacheUpdate, find_cache_update
+from .caches import CacheUpdate, find_cache_update, same_value
 from .evaluate import evaluate
 from .fallback import StayDense
 from .graph_ops import arg, concrete, concrete_shape, dropout_is_active, example, is_tensor_node, kind, shape_of
@@ -28,7 +28,7 @@ def _keeps_rows_and_columns(node: fx.Node) -> bool:
     ([B*H, Tq, Tk] <-> [B, H, Tq, Tk]); the bmm spelling of attention needs it."""
     a, b = shape_of(node), shape_of(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
     return a is not None and b is not None and len(a) >= 2 and len(b) >= 2 and \
-        _same_size(a[-1], b[-1]) and _same_size(a[-2], b[-2])
+        same_value(a[-1], b[-1]) and same_value(a[-2], b[-2])
 
 
 @dataclass
@@ -268,18 +268,10 @@ def _bind_kv(site: Site, q: fx.Node, k_operand: fx.Node, v_operand: fx.Node, tra
         raise StayDense(R.HEAD_LAYOUT, "SDPA heads do not match")
     q_len_node = qshape[-2]
     n_new = shape_of(key.chunk)[key.seq_dim]
-    if not _same_size(q_len_node, n_new):
+    if not same_value(q_len_node, n_new):
         raise StayDense(R.QUERY_NOT_CHUNK, f"{q_len_node} queries, chunk of {n_new}")
     site.query, site.key, site.value, site.key_chain, site.value_chain, site.groups = q, key, value, kchain, vchain, G
     site.internal |= set(kchain) | set(vchain)
-
-
-def _same_size(a, b) -> bool:
-    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
-        ea = a.node.expr if isinstance(a, torch.SymInt) else a
-        eb = b.node.expr if isinstance(b, torch.SymInt) else b
-        return ea == eb
-    return a == b
 
 
 def _probe_groups(cache: CacheUpdate, chain: list, operand: fx.Node, transposed: bool) -> int:

@@ -56,7 +56,7 @@ def _signature(args) -> tuple:
 
 
 @contextlib.contextmanager
-def _watch_host_waits(args):
+def watch_host_waits(args):
     """Yields a list that collects where the host waited for the GPU inside the block (CUDA's
     sync debug mode, which warns at each wait), empty off CUDA."""
     found: list[str] = []
@@ -95,7 +95,7 @@ class GraphReplay:
         # CUDA's by default; tests pass stand-ins that run on the CPU
         self.new_graph = new_graph or torch.cuda.CUDAGraph
         self.capture = capture or (lambda graph: torch.cuda.graph(graph, pool=pool))
-        self.watch_waits = watch_waits or _watch_host_waits
+        self.watch_waits = watch_waits or watch_host_waits
         self.entries: OrderedDict = OrderedDict()
         self.calls = 0
         self.captured = False

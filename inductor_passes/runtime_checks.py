@@ -48,15 +48,12 @@ def new_checks(device) -> torch.Tensor:
 def record(checks: torch.Tensor, code: torch.Tensor, p0, n: int, held=None, shown=None, stored=None) -> None:
     """Keep the first failure: write (code, evidence) only where code != 0 and none is recorded."""
     dev = checks.device
-    minus = torch.full((), -1, dtype=torch.int64, device=dev)
 
     def as_t(x):
-        if x is None:
-            return minus
         if isinstance(x, torch.Tensor):
             return x.to(dev, torch.int64).reshape(())
         # a fill, not a copy from the host (a pageable host-to-device copy waits for the stream)
-        return torch.full((), int(x), dtype=torch.int64, device=dev)
+        return torch.full((), -1 if x is None else int(x), dtype=torch.int64, device=dev)
 
     row = torch.stack([code.to(torch.int64), as_t(p0), as_t(n), as_t(held), as_t(shown), as_t(stored), checks[CALL]])
     first = (checks[CODE] == 0) & (code != 0)

@@ -173,12 +173,6 @@ def _check_store_fits(store, g, options) -> None:
                            f"options, or give each its own cache buffers")
 
 
-def _memoryless_stand_in(t: torch.Tensor) -> torch.Tensor:
-    """A tensor of t's shape, dtype and device over one element (stride 0), as release_buffer
-    leaves a buffer."""
-    return torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape)
-
-
 class CompiledWithStores:
     """Calls the Inductor-compiled rewritten graph with each cache's store appended to the
     inputs; creates, grows and binds stores, and releases dense buffers."""
@@ -194,6 +188,7 @@ class CompiledWithStores:
         self.checks = CheckReader()
         self.stand_ins = {}  # one per buffer shape: its memory stays put for CUDA graph replay
         self.replays = {}  # compiled callable's key -> GraphReplay (options cuda_graphs)
+        self.warned_rdr_graphs = False
         self.unread_buffers = self._unread_static_buffers(gm)
         stores = [self._store_for(g, example_inputs, for_compile=True) for g in groups]
         self._compile(example_inputs, stores)
@@ -208,9 +203,11 @@ class CompiledWithStores:
                        if not user_placeholders[i].users})
 
     def _stand_in(self, t: torch.Tensor) -> torch.Tensor:
+        from .inductor_passes.stores import zero_memory_like
+
         key = (tuple(t.shape), t.dtype, t.device)
         if key not in self.stand_ins:
-            self.stand_ins[key] = _memoryless_stand_in(t)
+            self.stand_ins[key] = zero_memory_like(*key)
         return self.stand_ins[key]
 
     def _run(self, key, fn, full):
@@ -219,9 +216,9 @@ class CompiledWithStores:
             return fn(*full)
         if self.options.policy == "rdr":
             # RDR re-budgets on the host inside the step; a captured step would replay one decision
-            if not getattr(self, "_warned_rdr_graphs", False):
+            if not self.warned_rdr_graphs:
                 from .options import SphkvPerformanceWarning
-                self._warned_rdr_graphs = True
+                self.warned_rdr_graphs = True
                 warnings.warn("sphkv: option cuda_graphs is ignored under policy 'rdr' (its re-budgets decide on the "
                               "host inside the step, which a CUDA graph cannot replay); the calls run without graphs",
                               SphkvPerformanceWarning, stacklevel=3)
@@ -231,10 +228,10 @@ class CompiledWithStores:
             self.replays[key] = GraphReplay(fn)
         return self.replays[key](full)
 
-    def _compile(self, user_inputs, stores):
+    def _compile(self, user_inputs, stores, key=None):
         from .inductor_passes.graph_pass import SphkvGraphPass
 
-        key = tuple(s.shapes() for s in stores)
+        key = key or tuple(s.shapes() for s in stores)
         if key not in self.compiled:
             attends = sum(len(g.sites) for g in self.groups)
             gm = copy.deepcopy(self.pristine)
@@ -309,10 +306,10 @@ class CompiledWithStores:
         args = list(args)
         self.checks.before_call()  # raises for an earlier call whose checks failed
         stores = [self._store_for(g, args) for g in self.groups]
-        fn = self._compile(args, stores)
+        key = tuple(s.shapes() for s in stores)
+        fn = self._compile(args, stores, key)
         full = self._assemble(args, stores)
-        # aot_module_simplified returns the unboxed convention here
-        out = self._run(tuple(s.shapes() for s in stores), fn, full)
+        out = self._run(key, fn, full)  # aot_module_simplified returns the unboxed convention here
         self.checks.after_call()  # on the CPU raises now; on a GPU queues the verdict's copy
         for g, s in zip(self.groups, stores):
             if g.static:

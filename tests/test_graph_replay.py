@@ -197,7 +197,7 @@ def test_under_rdr_cuda_graphs_warns_and_runs_without_graphs(monkeypatch):
     stub = backend.CompiledWithStores.__new__(backend.CompiledWithStores)
     stub.options = SphkvOptions.from_dict({"policy": "rdr", "budget": 0.5, "cuda_graphs": True})
     stub.groups = [type("Group", (), {"device": torch.device("cuda")})()]
-    stub.replays = {}
+    stub.replays, stub.warned_rdr_graphs = {}, False
     with pytest.warns(SphkvPerformanceWarning, match="ignored under policy 'rdr'"):
         out = stub._run("key", lambda *a: [a[0] + 1], [torch.zeros(1)])
     assert out[0].item() == 1.0 and not stub.replays
