@@ -110,7 +110,7 @@ class CheckReader:
         _calls += 1  # first: a verdict read now is from an earlier call
         self.read(block=False)
         for t in self.checks.values():
-            t[CALL] = _calls
+            t.narrow(0, CALL, 1).fill_(_calls)  # not t[CALL] = _calls: a host-to-GPU copy that waits
 
     def after_call(self) -> None:
         for t in self.checks.values():
@@ -138,7 +138,7 @@ class CheckReader:
             if verdict[CODE]:
                 self.pending.clear()
                 for t in self.checks.values():
-                    t[CODE] = 0
+                    t.narrow(0, CODE, 1).fill_(0)
                 cls, text = message(verdict, in_call)
                 raise cls(text)
 

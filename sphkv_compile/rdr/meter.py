@@ -46,9 +46,11 @@ def fresh(meter: torch.Tensor) -> torch.Tensor:
     """What reset() would make of this meter, as a new tensor, without reading it on the host
     (sphkv_graph::advance resets on the device where a write starts at position 0)."""
     out = torch.zeros_like(meter)
-    out[LAST_REBUDGET] = -1
-    out[MAX_EXCESS] = torch.iinfo(torch.int64).min
-    out[BATCH] = meter[BATCH]
+    # fill_ on one-element views: `out[i] = -1` copies a host scalar to the GPU, which waits for
+    # it (seen on the H200, session 41) and so stops a CUDA graph capture
+    out.narrow(0, LAST_REBUDGET, 1).fill_(-1)
+    out.narrow(0, MAX_EXCESS, 1).fill_(torch.iinfo(torch.int64).min)
+    out.narrow(0, BATCH, 1).copy_(meter.narrow(0, BATCH, 1))
     return out
 
 
