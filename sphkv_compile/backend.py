@@ -128,6 +128,22 @@ def _hint_transformers(gm, sites) -> None:
                   stacklevel=2)
 
 
+def _static_fakes(inputs: list, ours: set[int]) -> list:
+    """Inside Dynamo's compile, AOT autograd fakes each real input with Dynamo's fake mode, by
+    the input's source; the store tensors the backend appends have none, so their sizes became
+    symbols Dynamo cannot guard on, and a guard Inductor put on one (Triton's 32-bit indexing
+    check) failed Dynamo's guard building (torchtune's cache on the H200, session 41). So do the
+    stand-ins for released buffers (new tensors: Dynamo's fakes are memoized by the buffer). The
+    stores' shapes key the compiled graphs, so these are faked static here; the user inputs keep
+    Dynamo's dynamic sizes."""
+    from torch._guards import detect_fake_mode
+    mode = detect_fake_mode(inputs)
+    if mode is None:
+        return inputs
+    return [mode.from_tensor(t, static_shapes=True) if i in ours and isinstance(t, torch.Tensor) else t
+            for i, t in enumerate(inputs)]
+
+
 def _inner_compile(gm, inputs, config_patches=None):
     """Inductor; SPHKV_INNER_COMPILER=aot_eager runs the same rewritten graph through AOT
     autograd without Inductor codegen (for quick CPU test runs)."""
@@ -236,6 +252,9 @@ class CompiledWithStores:
             attends = sum(len(g.sites) for g in self.groups)
             gm = copy.deepcopy(self.pristine)
             inputs = self._assemble(list(user_inputs), stores)
+            ours = {slot for g in self.groups for slot in g.state_inputs + [g.checks_input]}
+            ours |= {i for i, t in enumerate(inputs) if any(t is s for s in self.stand_ins.values())}
+            inputs = _static_fakes(inputs, ours)
             patches = {"post_grad_custom_post_pass": SphkvGraphPass(self.options, attends, len(self.groups))}
             self.compiled[key] = _inner_compile(gm, inputs, patches)
         return self.compiled[key]

@@ -291,3 +291,27 @@ def test_a_cache_read_as_a_window_stays_dense_with_the_reason():
     sites = sphkv_compile.report()["sites"]
     assert sites and not any(s["rewritten"] for s in sites)
     assert all("window" in s["reason"] or "read" in s["reason"] for s in sites), sites
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["torchtune_cache_pos", "nanogpt_cat"])
+def test_compiled_graph_sizes_all_have_dynamo_sources(name, monkeypatch):
+    """Every size symbol in Dynamo's shape env comes from a model input: the store tensors and
+    the released buffers' stand-ins the backend appends are faked static. A symbol without a
+    source broke Dynamo's guards as soon as Inductor guarded on it (Triton's 32-bit indexing
+    check: torchtune's cache on the H200, session 41); the CPU's C++ codegen adds no such guard,
+    so this checks the cause."""
+    from torch.fx.experimental import symbolic_shapes
+
+    unsourced = []
+    real = symbolic_shapes.ShapeEnv.produce_guards_verbose
+
+    def spy(self, *args, **kwargs):
+        unsourced.extend(str(s) for s, sources in self.var_to_sources.items()
+                         if all(src.name.startswith("__meta_utils_unknown") for src in sources))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(symbolic_shapes.ShapeEnv, "produce_guards_verbose", spy)
+    model, ref_tokens, _, tokens, _ = _run(name, 4, HIGH_BITS, 6)
+    assert torch.equal(tokens, ref_tokens)
+    assert not unsourced, unsourced
