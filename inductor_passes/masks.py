@@ -11,7 +11,7 @@ Additive masks must also hold only 0 and "-inf" (<= MASKED_AT) values; anything 
 bias (ALiBi and the like), which changes the scores.
 
 `check_visibility` is used twice: at compile time on the example inputs (to choose dense
-with a reason) and at run time inside `sphkv_graph::chunk_validity` (so a mask that changes
+with a reason) and at run time inside runtime_ops.validity_on_device (so a mask that changes
 later raises instead of being silently wrong).
 """
 from __future__ import annotations
@@ -70,7 +70,7 @@ def to_batch_rows(vis: torch.Tensor, batch: int, q_heads: int, q_len: int, k_len
 
 def visibility_on_device(vis: torch.Tensor, positions: torch.Tensor, stored: torch.Tensor | None):
     """The test above without reading anything back to the host, so a decode step can run ahead
-    of the GPU. vis [B, Tq, Tk] bool; positions [N] of the chunk (contiguous: sphkv_graph::advance
+    of the GPU. vis [B, Tq, Tk] bool; positions [N] of the chunk (contiguous: runtime_ops.advance_on_device
     checks that); stored [B] tokens in the store or None. Returns (validity [B, N] of the chunk,
     code: 0-d int64, 0 or the first failing of OUTSIDE..PAST_COUNT in that order,
     shown and stored: 0-d int64 of the first batch row whose past count differs, else row 0;

@@ -3,7 +3,8 @@
 Per cache (keys and values updated together) the graph gets:
   new inputs        the store's state tensors, a position cursor, the budget meter and the
                     key mean (the backend owns them); the runtime checks' verdict tensor
-  advance           keep the store in step with the written positions (runtime_ops)
+  advance           keep the store in step with the written positions (runtime_ops: plain
+                    torch code, traced and fused by Inductor)
   per site:         chunk_validity (mask -> chunk padding, checked) and sphkv::attend over
                     the store plus the dense chunk, in place of the site's output; under
                     policy 'rdr' the first site also accumulates decode attention into the
@@ -37,6 +38,7 @@ from .detect import Site
 from .fallback import StayDense
 from .graph_ops import concrete, concrete_shape, dtype_of, example, kind, shape_of
 from .masks import MASKED_AT
+from .runtime_ops import advance_on_device, validity_on_device
 
 
 @dataclass
@@ -205,7 +207,7 @@ class Rewriter:
             k_new = self._padded(self._canonical(group.key, group.dtype), head_dim, stored)
             v_new = self._padded(self._canonical(group.value, group.dtype), head_dim, stored)
             positions = self._positions(group.key, group.device)
-            self._call(torch.ops.sphkv_graph.advance.default, cursor, state, positions, meter, checks)
+            self._call(advance_on_device, cursor, state, positions, meter, checks)
         valid = mass = last = first_query = first_scale = None
         for site in sites:
             with g.inserting_before(site.output):
@@ -222,7 +224,7 @@ class Rewriter:
                     first_query, first_scale = q, float(site.scale)
                 if site.masks:
                     vis, ok = self._visibility(site)
-                    v = self._call(torch.ops.sphkv_graph.chunk_validity.default, vis, ok, positions, counts,
+                    v = self._call(validity_on_device, vis, ok, positions, counts,
                                    batch, q_heads, q_len, checks, meter if opts.policy == "rdr" else None)
                     valid = v if valid is None else valid
                     site_valid = v

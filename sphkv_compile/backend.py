@@ -39,7 +39,6 @@ def install_kernels() -> None:
 
 
 def sphkv_backend(gm: torch.fx.GraphModule, example_inputs, **kwargs):
-    from .inductor_passes import runtime_ops  # noqa: F401  (registers sphkv_graph ops)
     from .inductor_passes.detect import find_sites
     from .inductor_passes.fallback import StayDense
     from .inductor_passes.rewrite import Rewriter, check_cache_is_private, group_sites

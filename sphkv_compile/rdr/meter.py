@@ -44,7 +44,7 @@ def reset(meter: torch.Tensor) -> None:
 
 def fresh(meter: torch.Tensor) -> torch.Tensor:
     """What reset() would make of this meter, as a new tensor, without reading it on the host
-    (sphkv_graph::advance resets on the device where a write starts at position 0)."""
+    (runtime_ops.advance_on_device resets on the device where a write starts at position 0)."""
     out = torch.zeros_like(meter)
     # fill_ on one-element views: `out[i] = -1` copies a host scalar to the GPU, which waits for
     # it (seen on the H200, session 41) and so stops a CUDA graph capture
