@@ -12,9 +12,12 @@ dtype and device, and the value of every non-tensor argument):
   (parameters, buffers, the stores, the runtime checks) are read in place. The others, such
   as the token ids and positions, are copied into the graph's own inputs before each replay;
 - a replay whose in-place arguments moved captures again, with those copied from then on;
-- a signature whose last warm-up call made the host wait for the GPU (a prefill's placement
-  decisions read the GPU; torch.cuda.set_sync_debug_mode sees it) is never captured: capturing
-  it would fail, after its ops' Python code had already run once;
+- a call that makes the host wait for the GPU (torch.cuda.set_sync_debug_mode sees it) cannot
+  be captured: capturing it would fail, after its ops' Python code had already run once. The
+  last warm-up call is watched; one that waited is followed by another watched warm-up call (a
+  first call's autotuning or lazy initialisation waits once), and a signature whose
+  WAITING_WARMUPS watched calls all waited (a prefill's placement decisions read the GPU) is
+  never captured;
 - a call that fails to capture anyway runs as compiled from then on, and a
   SphkvPerformanceWarning names the error.
 
@@ -32,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 WARMUP = 2
+WAITING_WARMUPS = 3  # watched warm-up calls that waited before a signature is given up on
 MAX_SIGNATURES = 8
 NEVER_REPEATED_WARNING = 16  # calls with no signature seen WARMUP + 1 times before saying so
 
@@ -47,7 +51,9 @@ class _Entry:
     outputs: list = field(default_factory=list)
     returns_arg: dict = field(default_factory=dict)  # output index -> argument index
     failed: str | None = None
-    waits: str | None = None  # where the last warm-up call waited for the GPU: never captured
+    waited: int = 0  # watched warm-up calls that made the host wait for the GPU
+    first_wait: str | None = None
+    waits: str | None = None  # where the first of them waited, once WAITING_WARMUPS did: never captured
 
 
 def _signature(args) -> tuple:
@@ -122,7 +128,12 @@ class GraphReplay:
             if entry.calls == WARMUP:
                 with self.watch_waits(args) as waits:
                     out = self.fn(*args)
-                entry.waits = waits[0] if waits else None
+                if waits:
+                    entry.waited += 1
+                    entry.first_wait = entry.first_wait or waits[0]
+                    if entry.waited >= WAITING_WARMUPS:
+                        entry.waits = entry.first_wait
+                    entry.calls -= 1  # the next call is watched again
                 return out
             return self._capture(entry, args)
         moved = {i for i, p in entry.in_place.items() if ptrs[i] != p}

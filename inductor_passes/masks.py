@@ -91,11 +91,13 @@ def visibility_on_device(vis: torch.Tensor, positions: torch.Tensor, stored: tor
     real = valid[:, N - Tq:][..., None]  # [B, Tq, 1]: rows whose query is a real token
     past = (cols < p0)[None, None, :]
     shown = (vis[:, -1, :] & past[0]).sum(-1)  # [B]
+    # bool tensors differ by ^, not !=: Inductor's value ranges (torch 2.11) fail on != of two
+    # bools whose ranges it knows (a mask derived from an additive one; H100, session 41)
     failures = [
         (OUTSIDE, p0 + N > Tk),
-        (NOT_CAUSAL, ((chunk != (valid[:, None, :] & causal)) & real).any()),
+        (NOT_CAUSAL, ((chunk ^ (valid[:, None, :] & causal)) & real).any()),
         (SEES_FUTURE, (vis & (cols >= p0 + N)[None, None, :] & real).any()),
-        (PAST_DIFFERS, ((vis != vis[:, -1:, :]) & past & real).any()),
+        (PAST_DIFFERS, ((vis ^ vis[:, -1:, :]) & past & real).any()),
     ]
     if stored is not None:
         stored = stored.to(dev, torch.int64)

@@ -225,3 +225,24 @@ def test_a_signature_whose_warm_up_waits_for_the_gpu_is_never_captured():
         for _ in range(graph_replay.NEVER_REPEATED_WARNING):
             torch.testing.assert_close(replay([torch.zeros(2)])[0], torch.ones(2))
     assert StandInGraph.captures == 0
+
+
+def test_a_warm_up_that_waits_once_is_watched_again_and_then_captured():
+    """A first decode call's autotuning waits for the GPU once (the H100's first replay test,
+    session 41): the next warm-up call is watched again, and a call that no longer waits is
+    followed by the capture; the values stay those of the plain calls throughout."""
+    waited = []
+
+    @contextlib.contextmanager
+    def waits_on_first_watch(args):
+        found = [] if waited else ["autotune.py:1"]
+        waited.append(1)
+        yield found
+
+    replay = graphed(lambda x: [x + 1])
+    replay.watch_waits = waits_on_first_watch
+    for _ in range(WARMUP + 3):
+        torch.testing.assert_close(replay([torch.zeros(2)])[0], torch.ones(2))
+    assert len(waited) == 2  # watched twice: the call that waited and the one after
+    assert StandInGraph.captures == 1
+    assert graph_replay.WAITING_WARMUPS > 1
