@@ -25,7 +25,7 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   per_test="-o faulthandler_timeout=${PER_TEST:-300}"
   python -c "import pytest_timeout" 2>/dev/null && per_test="--timeout=${PER_TEST:-300}"
   SPHKV_REPORT_AT_ONCE=1 timeout ${TEST_TIMEOUT:-480} python -m pytest -v ${TEST_X--x} -p no:cacheprovider --durations=0 $per_test \
-    tests/test_kernels_gpu.py tests/test_backend_gpu.py ${TEST_ARGS} ${TEST_K:+-k "$TEST_K"} 2>&1 | grep --line-buffered -v "Warning\|warnings.warn" | tee $OUT/gpu_tests.log | tail -${TEST_TAIL:-40}
+    tests/test_kernels_gpu.py tests/test_backend_gpu.py ${TEST_ARGS} ${TEST_K:+-k "$TEST_K"} 2>&1 | grep --line-buffered -v DEBUG | tee $OUT/gpu_tests_with_warnings.log | grep --line-buffered -v "Warning\|warnings.warn" | tee $OUT/gpu_tests.log | tail -${TEST_TAIL:-40}
 fi
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   timeout ${BENCH_TIMEOUT:-300} python benchmarks/bench_decode.py --out $OUT ${BENCH_ARGS} 2>&1 | tee $OUT/bench.log | tail -60
