@@ -28,9 +28,9 @@ def quick_inner_compiler(request, monkeypatch):
 DEFAULT_BITS = {"sink": 2, "recent": 4}
 
 
-def _gpt_fast(seed, write="index_put"):
+def _gpt_fast(seed, write="index_put", gqa="repeat"):
     torch.manual_seed(seed)
-    m = gpt_fast.GPTFast().eval()
+    m = gpt_fast.GPTFast(gpt_fast.Config(gqa=gqa)).eval()
     m.setup_caches(1, write=write)
     prompt = torch.randint(0, m.cfg.vocab, (1, 16))
     return m, prompt, lambda: m.setup_caches(1, write=write)
@@ -46,6 +46,7 @@ MODELS = {
     "gpt_fast_index_put": (lambda s: _gpt_fast(s, "index_put"), gpt_fast.generate),
     "gpt_fast_index_copy": (lambda s: _gpt_fast(s, "index_copy"), gpt_fast.generate),
     "torchtune_cache_pos": (lambda s: _gpt_fast(s, "cache_pos"), gpt_fast.generate),
+    "gpt_fast_sdpa_enable_gqa": (lambda s: _gpt_fast(s, gqa="sdpa"), gpt_fast.generate),
     "nanogpt_cat": (_nanogpt, nanogpt.generate),
 }
 

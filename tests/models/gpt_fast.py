@@ -1,5 +1,5 @@
-"""A gpt-fast-style decoder: RoPE, GQA via repeat_interleave, SDPA with a boolean causal
-mask row per position, and a static KV buffer per layer written at `input_pos` the way
+"""A gpt-fast-style decoder: RoPE, GQA via repeat_interleave (Config.gqa="repeat", as gpt-fast)
+or SDPA's enable_gqa (gqa="sdpa"), SDPA with a boolean causal mask row per position, and a static KV buffer per layer written at `input_pos` the way
 gpt-fast does, `k_out[:, :, input_pos] = k_val` (an index_put_), or with index_copy_ (the
 StaticCache spelling)."""
 from __future__ import annotations
@@ -20,6 +20,7 @@ class Config:
     kv_heads: int = 2
     max_seq: int = 128
     rope_base: float = 10000.0
+    gqa: str = "repeat"  # "repeat": repeat_interleave the KV heads (gpt-fast); "sdpa": enable_gqa=True
 
     @property
     def head_dim(self) -> int:
@@ -88,10 +89,13 @@ class Attention(nn.Module):
         k = rope(k.view(B, T, c.kv_heads, c.head_dim).transpose(1, 2), input_pos, c.rope_base)
         v = v.view(B, T, c.kv_heads, c.head_dim).transpose(1, 2)
         k, v = self.kv_cache.update(input_pos, k, v)
-        rep = c.heads // c.kv_heads
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0)
+        if c.gqa == "sdpa":
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, enable_gqa=True)
+        else:
+            rep = c.heads // c.kv_heads
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0)
         return self.wo(y.transpose(1, 2).reshape(B, T, c.dim))
 
 
