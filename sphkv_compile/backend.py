@@ -127,6 +127,23 @@ def _hint_transformers(gm, sites) -> None:
                   stacklevel=2)
 
 
+_hinted_cuda_graphs = False
+
+
+def _hint_cuda_graphs() -> None:
+    """Once per process: a decode step without graphs is host-bound (session 41, H100: slower
+    than dense without them, faster with them; docs/PERFORMANCE.md)."""
+    global _hinted_cuda_graphs
+    if _hinted_cuda_graphs:
+        return
+    _hinted_cuda_graphs = True
+    from .options import SphkvPerformanceWarning
+    warnings.warn("sphkv: this module's compiled calls run on CUDA without CUDA graphs, so the host launches every "
+                  "kernel of every layer, and a decode step can be slower than dense (docs/PERFORMANCE.md). Fix: "
+                  "torch.compile(model, backend=\"sphkv\", options={..., \"cuda_graphs\": True}) replays the "
+                  "decode steps from CUDA graphs (experimental)", SphkvPerformanceWarning, stacklevel=4)
+
+
 def _static_fakes(inputs: list, ours: set[int]) -> list:
     """Inside Dynamo's compile, AOT autograd fakes each real input with Dynamo's fake mode, by
     the input's source; the store tensors the backend appends have none, so their sizes became
@@ -227,7 +244,10 @@ class CompiledWithStores:
 
     def _run(self, key, fn, full):
         """fn(*full), replayed from CUDA graphs where options ask for them and the call runs on CUDA."""
-        if not (self.options.cuda_graphs and any(g.device.type == "cuda" for g in self.groups)):
+        on_cuda = any(g.device.type == "cuda" for g in self.groups)
+        if not (self.options.cuda_graphs and on_cuda):
+            if on_cuda and self.options.policy != "rdr":
+                _hint_cuda_graphs()
             return fn(*full)
         if self.options.policy == "rdr":
             # RDR re-budgets on the host inside the step; a captured step would replay one decision

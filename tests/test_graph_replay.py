@@ -246,3 +246,24 @@ def test_a_warm_up_that_waits_once_is_watched_again_and_then_captured():
     assert len(waited) == 2  # watched twice: the call that waited and the one after
     assert StandInGraph.captures == 1
     assert graph_replay.WAITING_WARMUPS > 1
+
+
+def test_calls_on_cuda_without_graphs_say_once_how_to_replay_them(monkeypatch):
+    """Without cuda_graphs a CUDA decode step is host-bound (slower than dense on the H100,
+    session 41): the first such call names the option, later ones stay quiet."""
+    import warnings
+
+    from sphkv_compile import backend
+    from sphkv_compile.options import SphkvOptions
+
+    monkeypatch.setattr(backend, "_hinted_cuda_graphs", False)
+    stub = backend.CompiledWithStores.__new__(backend.CompiledWithStores)
+    stub.options = SphkvOptions.from_dict({})
+    stub.groups = [type("Group", (), {"device": torch.device("cuda")})()]
+    stub.replays = {}
+    with pytest.warns(SphkvPerformanceWarning, match=r"without CUDA graphs.*\"cuda_graphs\": True"):
+        out = stub._run("key", lambda *a: [a[0] + 1], [torch.zeros(1)])
+    assert out[0].item() == 1.0 and not stub.replays
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SphkvPerformanceWarning)
+        stub._run("key", lambda *a: [a[0] + 1], [torch.zeros(1)])
