@@ -209,6 +209,8 @@ class CompiledWithStores:
     """Calls the Inductor-compiled rewritten graph with each cache's store appended to the
     inputs; creates, grows and binds stores, and releases dense buffers."""
 
+    _reported_replay = None  # (graphs, why) last given to report()'s decode_step
+
     def __init__(self, gm, example_inputs, groups, options):
         self.gm, self.groups, self.options = gm, groups, options
         self.pristine = copy.deepcopy(gm)  # compile_fx may alter the graph it is given
@@ -248,20 +250,37 @@ class CompiledWithStores:
         if not (self.options.cuda_graphs and on_cuda):
             if on_cuda and self.options.policy != "rdr":
                 _hint_cuda_graphs()
+                self._report_replay(False, "option cuda_graphs is off: the host launches every kernel of every layer")
             return fn(*full)
         if self.options.policy == "rdr":
-            # RDR re-budgets on the host inside the step; a captured step would replay one decision
-            if not self.warned_rdr_graphs:
-                from .options import SphkvPerformanceWarning
-                self.warned_rdr_graphs = True
-                warnings.warn("sphkv: option cuda_graphs is ignored under policy 'rdr' (its re-budgets decide on the "
-                              "host inside the step, which a CUDA graph cannot replay); the calls run without graphs",
-                              SphkvPerformanceWarning, stacklevel=3)
-            return fn(*full)
+            self._report_replay(False, "option cuda_graphs is ignored under policy 'rdr' (its re-budgets decide on "
+                                "the host inside the step)")
+            return self._run_without_graphs_under_rdr(fn, full)
         if key not in self.replays:
             from .inductor_passes.graph_replay import GraphReplay
             self.replays[key] = GraphReplay(fn)
-        return self.replays[key](full)
+        out = self.replays[key](full)
+        replayed = sum(r.replays() for r in self.replays.values())
+        self._report_replay(bool(replayed), f"option cuda_graphs: {replayed} call shape(s) replayed from CUDA graphs"
+                            if replayed else "option cuda_graphs: no call shape captured yet (warm-up calls)")
+        return out
+
+    def _report_replay(self, graphs: bool, why: str) -> None:
+        """report()["decode_step"], recorded when it changes (a log line each time)."""
+        if self._reported_replay != (graphs, why):
+            from .report import record_decode_step
+            self._reported_replay = (graphs, why)
+            record_decode_step(graphs, why)
+
+    def _run_without_graphs_under_rdr(self, fn, full):
+        # RDR re-budgets on the host inside the step; a captured step would replay one decision
+        if not self.warned_rdr_graphs:
+            from .options import SphkvPerformanceWarning
+            self.warned_rdr_graphs = True
+            warnings.warn("sphkv: option cuda_graphs is ignored under policy 'rdr' (its re-budgets decide on the "
+                          "host inside the step, which a CUDA graph cannot replay); the calls run without graphs",
+                          SphkvPerformanceWarning, stacklevel=4)
+        return fn(*full)
 
     def _compile(self, user_inputs, stores, key=None):
         from .inductor_passes.graph_pass import SphkvGraphPass

@@ -201,6 +201,28 @@ def test_under_rdr_cuda_graphs_warns_and_runs_without_graphs(monkeypatch):
     with pytest.warns(SphkvPerformanceWarning, match="ignored under policy 'rdr'"):
         out = stub._run("key", lambda *a: [a[0] + 1], [torch.zeros(1)])
     assert out[0].item() == 1.0 and not stub.replays
+    step = sphkv_compile.report()["decode_step"]
+    assert step["cuda_graphs"] is False and "ignored under policy 'rdr'" in step["reason"]
+
+
+def test_report_says_when_the_backend_starts_replaying_from_cuda_graphs(monkeypatch):
+    """report()["decode_step"] follows the backend's replay: warm-up calls first, then the
+    captured shape (a stand-in graph on the CPU)."""
+    from sphkv_compile import backend
+    from sphkv_compile.options import SphkvOptions
+
+    monkeypatch.setattr(graph_replay, "GraphReplay", lambda fn: graphed(fn))
+    stub = backend.CompiledWithStores.__new__(backend.CompiledWithStores)
+    stub.options = SphkvOptions.from_dict({"cuda_graphs": True})
+    stub.groups = [type("Group", (), {"device": torch.device("cuda")})()]
+    stub.replays = {}
+    reasons = []
+    for _ in range(WARMUP + 2):
+        out = stub._run("key", lambda x: [x + 1], [torch.zeros(1)])
+        assert out[0].item() == 1.0
+        reasons.append(sphkv_compile.report()["decode_step"])
+    assert reasons[0] == {"cuda_graphs": False, "reason": "option cuda_graphs: no call shape captured yet (warm-up calls)"}
+    assert reasons[-1] == {"cuda_graphs": True, "reason": "option cuda_graphs: 1 call shape(s) replayed from CUDA graphs"}
 
 
 def test_calls_that_never_repeat_their_shapes_warn_that_nothing_is_replayed():
@@ -264,6 +286,7 @@ def test_calls_on_cuda_without_graphs_say_once_how_to_replay_them(monkeypatch):
     with pytest.warns(SphkvPerformanceWarning, match=r"without CUDA graphs.*\"cuda_graphs\": True"):
         out = stub._run("key", lambda *a: [a[0] + 1], [torch.zeros(1)])
     assert out[0].item() == 1.0 and not stub.replays
+    assert sphkv_compile.report()["decode_step"]["cuda_graphs"] is False
     with warnings.catch_warnings():
         warnings.simplefilter("error", SphkvPerformanceWarning)
         stub._run("key", lambda *a: [a[0] + 1], [torch.zeros(1)])
