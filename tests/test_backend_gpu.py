@@ -40,9 +40,9 @@ def fresh_dynamo():
     yield
 
 
-def _gpt_fast(seed: int, write: str):
+def _gpt_fast(seed: int, write: str, gqa: str = "repeat"):
     torch.manual_seed(seed)
-    model = gpt_fast.GPTFast().eval().to(DEV, DTYPE)
+    model = gpt_fast.GPTFast(gpt_fast.Config(gqa=gqa)).eval().to(DEV, DTYPE)
     model.setup_caches(1, dtype=DTYPE, write=write)
     return model, gpt_fast.generate, lambda: model.setup_caches(1, dtype=DTYPE, write=write)
 
@@ -55,6 +55,7 @@ def _nanogpt(seed: int, write: str = ""):
 MODELS = {"gpt_fast_index_put": lambda s: _gpt_fast(s, "index_put"),
           "gpt_fast_index_copy": lambda s: _gpt_fast(s, "index_copy"),
           "torchtune_cache_pos": lambda s: _gpt_fast(s, "cache_pos"),
+          "gpt_fast_sdpa_enable_gqa": lambda s: _gpt_fast(s, "index_put", gqa="sdpa"),
           "nanogpt_cat": _nanogpt}
 
 
