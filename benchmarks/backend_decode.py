@@ -7,7 +7,7 @@ in chunks, then decode; ms per step is the median over `--steps` timed steps aft
 
     python benchmarks/backend_decode.py [--dim 4096 --heads 32 --kv-heads 8 --layers 8]
         [--batch 4] [--context 8192] [--steps 16] [--dtype bfloat16] [--device cuda] [--out DIR]
-        [--profile STEPS] [--dense-gqa both|repeat|sdpa] [--graphs-only] [--no-cuda-graphs]
+        [--profile STEPS] [--census STEPS] [--dense-gqa both|repeat|sdpa] [--graphs-only] [--no-cuda-graphs]
 
 Two dense rows: GQA by repeating K and V over the query heads before SDPA, as gpt-fast does (a
 copy of the cache per step), and by SDPA's enable_gqa (read in place); sphkv's ratio is taken
@@ -42,14 +42,14 @@ def sync(device) -> None:
 def build(args, device, dtype, gqa="repeat") -> gpt_fast.GPTFast:
     torch.manual_seed(0)
     cfg = gpt_fast.Config(vocab=args.vocab, dim=args.dim, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
-                          max_seq=args.context + args.warmup + args.steps + args.profile + 1, gqa=gqa)
+                          max_seq=args.context + args.warmup + args.steps + args.profile + args.census + 1, gqa=gqa)
     model = gpt_fast.GPTFast(cfg).eval().to(device, dtype)
     model.setup_caches(args.batch, dtype=dtype)
     return model
 
 
 @torch.no_grad()
-def decode_ms(step, model, args, device, profile=False) -> list[float]:
+def decode_ms(step, model, args, device, profile=False, census=False) -> list[float]:
     """Prefill `context` tokens in chunks through `step`, then time each decode step."""
     gen = torch.Generator(device=device).manual_seed(1)
     prompt = torch.randint(0, model.cfg.vocab, (args.batch, args.context), device=device, generator=gen)
@@ -67,7 +67,31 @@ def decode_ms(step, model, args, device, profile=False) -> list[float]:
         times.append(1000 * (time.perf_counter() - t))
     if profile and args.profile:
         profile_steps(step, token, args, device)
+    if census and args.census:
+        kernel_census(step, token, args, device, args.context + args.warmup + args.steps + args.profile)
     return times[args.warmup:]
+
+
+def kernel_census(step, token, args, device, start) -> None:
+    """Device time of `--census` more decode steps by kernel name (torch.profiler): how many
+    launches a step makes and which kernels its time goes to, top 30 by time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    positions = [torch.tensor([start + i], device=device) for i in range(args.census)]
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+        for pos in positions:
+            token = step(token, pos)[:, -1:].argmax(-1)
+        sync(device)
+    rows = [e for e in prof.key_averages() if (e.device_type.name == "CUDA") == cuda]
+    attr = "device_time_total" if cuda else "self_cpu_time_total"
+    rows.sort(key=lambda e: -getattr(e, attr))
+    total = sum(getattr(e, attr) for e in rows)
+    launches = sum(e.count for e in rows)
+    print(f"kernel census over {args.census} steps ({'device' if cuda else 'host'} time): {launches / args.census:.0f} "
+          f"{'kernels' if cuda else 'ops'} and {total / args.census / 1000:.3f} ms per step")
+    for e in rows[:30]:
+        print(f"  {e.count / args.census:7.1f} per step  {getattr(e, attr) / args.census:9.1f} us per step  {e.key[:110]}")
 
 
 def profile_steps(step, token, args, device) -> None:
@@ -117,6 +141,8 @@ def main(argv=None) -> None:
     ap.add_argument("--profile", type=int, default=0, help="then profile this many sphkv steps on the host (cProfile)")
     ap.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                     help="leave out the row with options cuda_graphs (on CUDA it runs by default)")
+    ap.add_argument("--census", type=int, default=0,
+                    help="then list this many more steps' kernels by device time (torch.profiler), for the last sphkv row")
     ap.add_argument("--dense-gqa", default="both", choices=("both", "repeat", "sdpa"),
                     help="the dense rows' GQA: repeat_interleave (gpt-fast), SDPA enable_gqa, or both")
     ap.add_argument("--graphs-only", action="store_true",
@@ -148,7 +174,7 @@ def main(argv=None) -> None:
     for label, options in variants.items():
         model = build(args, device, dtype)
         rows[label] = decode_ms(torch.compile(model, backend="sphkv", options=options), model, args, device,
-                                profile=label == "sphkv")
+                                profile=label == "sphkv", census=label == list(variants)[-1])
         sphkv_compile.check_runtime()
         reports[label] = sphkv_compile.report()
         del model
