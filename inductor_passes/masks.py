@@ -75,6 +75,15 @@ def visibility_on_device(vis: torch.Tensor, positions: torch.Tensor, stored: tor
     code: 0-d int64, 0 or the first failing of OUTSIDE..PAST_COUNT in that order,
     shown and stored: 0-d int64 of the first batch row whose past count differs, else row 0;
     where the code is OUTSIDE, stored is the mask's column count)."""
+    valid, code, shown = mask_verdict(vis, positions)
+    code, shown_row, stored_row = count_verdict(code, shown, stored)
+    return valid, code, shown_row, torch.where(code == OUTSIDE, vis.shape[-1], stored_row)
+
+
+def mask_verdict(vis: torch.Tensor, positions: torch.Tensor):
+    """The part of visibility_on_device that reads only the mask and the positions (so layers
+    that share both share it): (validity [B, N], code: 0 or the first failing of
+    OUTSIDE..PAST_DIFFERS, shown [B]: the past tokens the mask's last row shows per batch row)."""
     B, Tq, Tk = vis.shape
     N = positions.numel()
     dev = vis.device
@@ -99,16 +108,21 @@ def visibility_on_device(vis: torch.Tensor, positions: torch.Tensor, stored: tor
         (SEES_FUTURE, (vis & (cols >= p0 + N)[None, None, :] & real).any()),
         (PAST_DIFFERS, ((vis ^ vis[:, -1:, :]) & past & real).any()),
     ]
-    if stored is not None:
-        stored = stored.to(dev, torch.int64)
-        wrong = shown != stored
-        failures.append((PAST_COUNT, wrong.any()))
-        row = wrong.to(torch.int64).argmax().view(1)  # the first differing row (0 when none)
-        shown_row, stored_row = shown.index_select(0, row)[0], stored.index_select(0, row)[0]
-    else:
-        shown_row, stored_row = shown[0] if B else p0, torch.full((), -1, dtype=torch.int64, device=dev)
-    code = first_failure(failures, dev)
-    return valid, code, shown_row, torch.where(code == OUTSIDE, Tk, stored_row)
+    return valid, first_failure(failures, dev), shown
+
+
+def count_verdict(code: torch.Tensor, shown: torch.Tensor, stored: torch.Tensor | None):
+    """mask_verdict's code, then PAST_COUNT where the mask's past differs from the tokens the
+    store holds (stored [B] or None: not checked). Returns (code, shown, stored: 0-d int64 of the
+    first batch row that differs, else row 0; stored is -1 when None)."""
+    dev = shown.device
+    if stored is None:
+        return code, shown[0], torch.full((), -1, dtype=torch.int64, device=dev)
+    stored = stored.to(dev, torch.int64)
+    wrong = shown != stored
+    row = wrong.to(torch.int64).argmax().view(1)  # the first differing row (0 when none)
+    code = torch.where(code != 0, code, torch.where(wrong.any(), PAST_COUNT, 0))
+    return code, shown.index_select(0, row)[0], stored.index_select(0, row)[0]
 
 
 def first_failure(failures, device) -> torch.Tensor:

@@ -5,7 +5,9 @@ Per cache (keys and values updated together) the graph gets:
                     key mean (the backend owns them); the runtime checks' verdict tensor
   advance           keep the store in step with the written positions (runtime_ops: plain
                     torch code, traced and fused by Inductor)
-  per site:         chunk_validity (mask -> chunk padding, checked) and sphkv::attend over
+  per site:         mask_validity (mask -> chunk padding, checked; shared by the sites with
+                    the same mask and positions), record_validity (the mask's past against
+                    this store's count) and sphkv::attend over
                     the store plus the dense chunk, in place of the site's output; under
                     policy 'rdr' the first site also accumulates decode attention into the
                     stored tokens' utility
@@ -38,7 +40,7 @@ from .detect import Site
 from .fallback import StayDense
 from .graph_ops import concrete, concrete_shape, dtype_of, example, kind, shape_of
 from .masks import MASKED_AT
-from .runtime_ops import advance_on_device, validity_on_device
+from .runtime_ops import advance_on_device, mask_validity, record_validity
 
 
 @dataclass
@@ -104,6 +106,9 @@ class Rewriter:
     def __init__(self, gm: fx.GraphModule, options, tiers: str, target_tier: int):
         self.gm, self.graph, self.opts, self.tiers, self.target = gm, gm.graph, options, tiers, target_tier
         self.num_state = STATE_TENSORS_PER_TIER * len(options.tier_ladder)
+        # nodes that depend only on the model's positions and masks, made once and shared by the
+        # caches (layers) that read the same ones: fewer kernels per layer and step
+        self._shared: dict[tuple, object] = {}
 
     # small graph-building helpers --------------------------------------------------------
     def _call(self, target, *args, **kwargs) -> fx.Node:
@@ -126,7 +131,31 @@ class Rewriter:
         """x [..., head_dim] with zero columns up to the store's head dim (head_pad.py)."""
         return x if stored == head_dim else self._call(torch.nn.functional.pad, x, (0, stored - head_dim))
 
-    def _positions(self, cache: CacheUpdate, device) -> fx.Node:
+    def _reuse(self, key: tuple, anchor: fx.Node):
+        """The shared nodes made under `key`, if they come before `anchor` (where the caller
+        inserts); None otherwise."""
+        made = self._shared.get(key)
+        if made is None:
+            return None
+        first = made[0] if isinstance(made, tuple) else made
+        node = first
+        while node is not None and node.op != "root":
+            if node is anchor:
+                return made
+            node = node.next
+        return None
+
+    def _positions(self, cache: CacheUpdate, device, anchor: fx.Node) -> fx.Node:
+        pos = cache.positions
+        key = ("positions", pos[0], *pos[1:]) if pos[0] in ("index", "slice") else None
+        made = self._reuse(key, anchor) if key else None
+        if made is None:
+            made = self._new_positions(cache, device)
+            if key:
+                self._shared[key] = made
+        return made
+
+    def _new_positions(self, cache: CacheUpdate, device) -> fx.Node:
         pos = cache.positions
         if pos[0] == "index":
             # copied where the index is made: it may be a view of a buffer the model then advances
@@ -146,6 +175,20 @@ class Rewriter:
         n = self._size(cache.chunk, cache.seq_dim)
         return self._call(torch.arange, past, past + n if isinstance(past, int) and isinstance(n, int)
                           else self._call(__import__("operator").add, past, n), dtype=torch.int64, device=device)
+
+    def _mask_validity(self, site: Site, positions: fx.Node, batch, q_heads, q_len) -> tuple:
+        """(validity, code, shown, columns) nodes of runtime_ops.mask_validity for this site's
+        mask terms and positions, shared with an earlier site that has the same ones."""
+        import operator
+
+        key = ("mask", tuple((t.form, t.node) for t in site.masks), positions, batch, q_heads, q_len)
+        made = self._reuse(key, site.output)
+        if made is None:
+            vis, ok = self._visibility(site)
+            out = self._call(mask_validity, vis, ok, positions, batch, q_heads, q_len)
+            made = tuple(self._call(operator.getitem, out, i) for i in range(4))
+            self._shared[key] = made
+        return made
 
     def _visibility(self, site: Site) -> tuple[fx.Node, fx.Node | None]:
         import operator
@@ -206,7 +249,7 @@ class Rewriter:
         with g.inserting_before(sites[0].output):
             k_new = self._padded(self._canonical(group.key, group.dtype), head_dim, stored)
             v_new = self._padded(self._canonical(group.value, group.dtype), head_dim, stored)
-            positions = self._positions(group.key, group.device)
+            positions = self._positions(group.key, group.device, sites[0].output)
             self._call(advance_on_device, cursor, state, positions, meter, checks)
         valid = mass = last = first_query = first_scale = None
         for site in sites:
@@ -223,9 +266,9 @@ class Rewriter:
                 if first_query is None:  # RDR's key gain: the queries of the first site reading the cache
                     first_query, first_scale = q, float(site.scale)
                 if site.masks:
-                    vis, ok = self._visibility(site)
-                    v = self._call(validity_on_device, vis, ok, positions, counts,
-                                   batch, q_heads, q_len, checks, meter if opts.policy == "rdr" else None)
+                    v, code, shown, columns = self._mask_validity(site, positions, batch, q_heads, q_len)
+                    self._call(record_validity, code, shown, columns, positions, counts, batch, checks,
+                               meter if opts.policy == "rdr" else None)
                     valid = v if valid is None else valid
                     site_valid = v
                 else:

@@ -6,9 +6,11 @@ against dense's 3.7 ms per step on the H200, session 41.)
 advance: keeps a store in step with the positions the model writes (a write at position 0
 starts a new sequence: pages, cursor and budget meter are reset; anything but a contiguous
 append at the cursor is a failure).
-chunk_validity: checks at every call that the model's mask is still causal over the cache
-plus padding (the tokens that entered it, dropped ones included), and turns it into the
-chunk's validity vector for sphkv::attend.
+mask_validity + record_validity: check at every call that the model's mask is still causal
+over the cache plus padding (the tokens that entered it, dropped ones included), and turn it
+into the chunk's validity vector for sphkv::attend. The first reads only the mask and the
+positions, so the layers that share them share one call; the second compares the mask's past
+with each layer's store.
 Neither reads anything back to the host: each records its first failure in the compiled
 model's checks tensor, which runtime_checks reads and raises from, rather than let the
 rewrite give a silently wrong answer.
@@ -20,7 +22,7 @@ import torch
 from sphkv_compile.ops import STATE_TENSORS_PER_TIER
 from sphkv_compile.rdr import meter as budget_meter
 
-from .masks import HEADS_DIFFER, batch_rows, first_failure, visibility_on_device
+from .masks import HEADS_DIFFER, OUTSIDE, batch_rows, count_verdict, first_failure, mask_verdict
 from .runtime_checks import MISPLACED, NOT_CONTIGUOUS, POSITION_BIAS, record
 
 
@@ -57,21 +59,34 @@ def advance_on_device(cursor: torch.Tensor, state: list[torch.Tensor], positions
     cursor.copy_(torch.where(restart, 0, cursor) + n)
 
 
-def validity_on_device(vis: torch.Tensor, values_ok: torch.Tensor | None, positions: torch.Tensor,
-                       counts: list[torch.Tensor], batch: int, q_heads: int, q_len: int, checks: torch.Tensor,
-                       meter: torch.Tensor | None = None) -> torch.Tensor:
-    """The chunk's validity [B, N]; records a failure in checks (in place); reads nothing back to
-    the host (tests run it on the meta device)."""
+def mask_validity(vis: torch.Tensor, values_ok: torch.Tensor | None, positions: torch.Tensor, batch: int,
+                  q_heads: int, q_len: int):
+    """What the checks read from the mask and the positions alone, so layers sharing both share
+    it (the rewrite calls it once per mask and chunk): (validity [B, N] of the chunk, code: 0 or
+    the first failing of POSITION_BIAS, HEADS_DIFFER and the mask's own, shown [B]: past tokens
+    the mask shows, columns: 0-d, the mask's column count)."""
     rows, heads_differ = batch_rows(vis, batch, q_heads, q_len, vis.shape[-1])
-    # the past the mask shows: the page counts, or under RDR (which drops tokens) the meter's
-    # count of tokens that entered the store
-    stored = sum(c[:, 0].to(torch.int64) for c in counts) if meter is None else budget_meter.entered(meter, batch)
-    valid, code, shown, held = visibility_on_device(rows, positions, stored)
+    valid, code, shown = mask_verdict(rows, positions)
     before = [(HEADS_DIFFER, heads_differ)]  # checked before the visibility, as at compile time
     if values_ok is not None:
         before.insert(0, (POSITION_BIAS, ~values_ok.to(torch.bool)))
     first = first_failure(before, vis.device)
     code = torch.where(first != 0, first, code)
+    columns = torch.full((), vis.shape[-1], dtype=torch.int64, device=vis.device)
+    return valid.clone(memory_format=torch.contiguous_format), code, shown, columns
+
+
+@torch.fx.node.has_side_effect  # returns nothing: keep the graph's call when dead code is removed
+def record_validity(code: torch.Tensor, shown: torch.Tensor, columns: torch.Tensor, positions: torch.Tensor,
+                    counts: list[torch.Tensor], batch: int, checks: torch.Tensor,
+                    meter: torch.Tensor | None = None) -> None:
+    """One layer's part: mask_validity's verdict, then whether the mask's past matches the tokens
+    this layer's store holds; records the first failure in checks (in place). Reads nothing back
+    to the host (tests run it on the meta device)."""
+    # the past the mask shows: the page counts, or under RDR (which drops tokens) the meter's
+    # count of tokens that entered the store
+    stored = sum(c[:, 0].to(torch.int64) for c in counts) if meter is None else budget_meter.entered(meter, batch)
+    code, shown_row, held = count_verdict(code, shown, stored)
+    held = torch.where(code == OUTSIDE, columns, held)
     n = positions.numel()
-    record(checks, code, positions[0] if n else 0, n, shown=shown, stored=held)
-    return valid.clone(memory_format=torch.contiguous_format)
+    record(checks, code, positions[0] if n else 0, n, shown=shown_row, stored=held)

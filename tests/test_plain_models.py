@@ -316,3 +316,29 @@ def test_compiled_graph_sizes_all_have_dynamo_sources(name, monkeypatch):
     model, ref_tokens, _, tokens, _ = _run(name, 4, HIGH_BITS, 6)
     assert torch.equal(tokens, ref_tokens)
     assert not unsourced, unsourced
+
+
+@torch.no_grad()
+def test_layers_with_the_same_mask_and_positions_share_one_mask_check(monkeypatch):
+    """The mask's own checks run once per step for all layers that read the same mask at the same
+    positions (fewer kernels per layer); each layer still checks the mask's past against its own
+    store. gpt-fast passes one mask and one input_pos to every layer."""
+    from sphkv_compile import backend
+    from sphkv_compile.inductor_passes import runtime_ops
+
+    graphs = []
+    real = backend._inner_compile
+
+    def spy(gm, inputs, config_patches=None):
+        graphs.append([n.target for n in gm.graph.nodes if n.op == "call_function"])
+        return real(gm, inputs, config_patches)
+
+    monkeypatch.setattr(backend, "_inner_compile", spy)
+    model, ref_tokens, _, tokens, _ = _run("gpt_fast_index_put", 5, HIGH_BITS, 4)
+    assert torch.equal(tokens, ref_tokens)
+    layers = len(model.blocks)
+    assert layers > 1 and graphs
+    for targets in graphs:
+        assert targets.count(runtime_ops.mask_validity) == 1
+        assert targets.count(runtime_ops.record_validity) == layers
+        assert targets.count(runtime_ops.advance_on_device) == layers

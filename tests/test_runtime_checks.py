@@ -112,8 +112,9 @@ def test_the_checks_read_nothing_back_to_the_host(rdr):
     runtime_ops.advance_on_device(torch.empty(1, dtype=torch.int64, device="meta"), state, positions, meter, checks)
     vis = torch.empty(batch, q_heads, q_len, k_len, dtype=torch.bool, device="meta")
     counts = [state[i + 3] for i in range(0, len(state), STATE_TENSORS_PER_TIER)]
-    valid = runtime_ops.validity_on_device(vis, torch.empty((), dtype=torch.bool, device="meta"), positions, counts,
-                                           batch, q_heads, q_len, checks, meter if rdr else None)
+    valid, code, shown, columns = runtime_ops.mask_validity(vis, torch.empty((), dtype=torch.bool, device="meta"),
+                                                            positions, batch, q_heads, q_len)
+    runtime_ops.record_validity(code, shown, columns, positions, counts, batch, checks, meter if rdr else None)
     assert valid.shape == (batch, q_len) and valid.dtype == torch.bool
 
 
