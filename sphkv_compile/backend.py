@@ -154,10 +154,21 @@ def _static_fakes(inputs: list, ours: set[int]) -> list:
     Dynamo's dynamic sizes."""
     from torch._guards import detect_fake_mode
     mode = detect_fake_mode(inputs)
-    if mode is None:
-        return inputs
     return [mode.from_tensor(t, static_shapes=True) if i in ours and isinstance(t, torch.Tensor) else t
             for i, t in enumerate(inputs)]
+
+
+def _compile_at_run_time(gm, config_patches):
+    """A graph for new store shapes (a cat cache's store grew) is compiled at a call, outside
+    Dynamo's compile of the model. Compiled from real inputs it would take every size as a
+    constant, the cat cache's past length included, and the next call (one token longer) would
+    write at the wrong position. So Dynamo compiles the rewritten graph module itself: its sizes
+    stay symbolic where they change, and its own guards recompile where they must."""
+    def inner(graph, inputs):
+        return _inner_compile(graph, inputs, config_patches)
+
+    compiled = torch.compile(gm, backend=inner, fullgraph=True)
+    return lambda *args: compiled(*args)
 
 
 def _inner_compile(gm, inputs, config_patches=None):
@@ -292,9 +303,12 @@ class CompiledWithStores:
             inputs = self._assemble(list(user_inputs), stores)
             ours = {slot for g in self.groups for slot in g.state_inputs + [g.checks_input]}
             ours |= {i for i, t in enumerate(inputs) if any(t is s for s in self.stand_ins.values())}
-            inputs = _static_fakes(inputs, ours)
             patches = {"post_grad_custom_post_pass": SphkvGraphPass(self.options, attends, len(self.groups))}
-            self.compiled[key] = _inner_compile(gm, inputs, patches)
+            from torch._guards import detect_fake_mode
+            if detect_fake_mode(inputs) is not None:  # inside Dynamo's compile of the model
+                self.compiled[key] = _inner_compile(gm, _static_fakes(inputs, ours), patches)
+            else:
+                self.compiled[key] = _compile_at_run_time(gm, patches)
         return self.compiled[key]
 
     def _assemble(self, user_inputs, stores):

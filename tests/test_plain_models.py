@@ -342,3 +342,19 @@ def test_layers_with_the_same_mask_and_positions_share_one_mask_check(monkeypatc
         assert targets.count(runtime_ops.mask_validity) == 1
         assert targets.count(runtime_ops.record_validity) == layers
         assert targets.count(runtime_ops.advance_on_device) == layers
+
+
+@torch.no_grad()
+def test_cat_cache_decodes_as_dense_past_its_store_growing():
+    """A cat cache's store starts at twice the prompt (at least 256 tokens) and grows when full;
+    the graph for the grown store is compiled at that call. Compiled from the call's real inputs
+    it took the past length as a constant, and the next step failed ("written at position 260
+    but the store held 0..260"). 12 bits: dense's tokens through and past the growth."""
+    torch.manual_seed(0)
+    model = nanogpt.NanoGPT(nanogpt.Config(block=300)).eval()
+    prompt = torch.randint(0, model.cfg.vocab, (1, 130), generator=torch.Generator().manual_seed(1))
+    steps = 135  # the store (260 tokens) grows at step 131
+    want, _ = nanogpt.generate(model, prompt, steps)
+    torch._dynamo.reset()
+    got, _ = nanogpt.generate(model, prompt, steps, torch.compile(model, backend="sphkv", options=HIGH_BITS))
+    assert torch.equal(got, want)
