@@ -11,7 +11,7 @@ Additive masks must also hold only 0 and "-inf" (<= MASKED_AT) values; anything 
 bias (ALiBi and the like), which changes the scores.
 
 `check_visibility` is used twice: at compile time on the example inputs (to choose dense
-with a reason) and at run time inside runtime_ops.validity_on_device (so a mask that changes
+with a reason) and at run time inside runtime_ops.mask_validity (so a mask that changes
 later raises instead of being silently wrong).
 """
 from __future__ import annotations
@@ -116,8 +116,9 @@ def count_verdict(code: torch.Tensor, shown: torch.Tensor, stored: torch.Tensor 
     store holds (stored [B] or None: not checked). Returns (code, shown, stored: 0-d int64 of the
     first batch row that differs, else row 0; stored is -1 when None)."""
     dev = shown.device
-    if stored is None:
-        return code, shown[0], torch.full((), -1, dtype=torch.int64, device=dev)
+    if stored is None:  # (an empty batch shows nothing)
+        shown_row = shown[0] if shown.numel() else torch.zeros((), dtype=torch.int64, device=dev)
+        return code, shown_row, torch.full((), -1, dtype=torch.int64, device=dev)
     stored = stored.to(dev, torch.int64)
     wrong = shown != stored
     row = wrong.to(torch.int64).argmax().view(1)  # the first differing row (0 when none)

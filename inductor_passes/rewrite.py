@@ -147,7 +147,7 @@ class Rewriter:
 
     def _positions(self, cache: CacheUpdate, device, anchor: fx.Node) -> fx.Node:
         pos = cache.positions
-        key = ("positions", pos[0], *pos[1:]) if pos[0] in ("index", "slice") else None
+        key = ("positions", str(device), pos[0], *pos[1:]) if pos[0] in ("index", "slice") else None
         made = self._reuse(key, anchor) if key else None
         if made is None:
             made = self._new_positions(cache, device)
@@ -176,12 +176,21 @@ class Rewriter:
         return self._call(torch.arange, past, past + n if isinstance(past, int) and isinstance(n, int)
                           else self._call(__import__("operator").add, past, n), dtype=torch.int64, device=device)
 
+    @staticmethod
+    def _size_key(x):
+        """A size as a key: an int, or the symbolic size a `size` node reads (each site makes its
+        own node for the same dynamic size)."""
+        if isinstance(x, fx.Node) and x.op == "call_method" and x.target == "size":
+            return ("size", str(shape_of(x.args[0])[x.args[1]]))
+        return x
+
     def _mask_validity(self, site: Site, positions: fx.Node, batch, q_heads, q_len) -> tuple:
         """(validity, code, shown, columns) nodes of runtime_ops.mask_validity for this site's
         mask terms and positions, shared with an earlier site that has the same ones."""
         import operator
 
-        key = ("mask", tuple((t.form, t.node) for t in site.masks), positions, batch, q_heads, q_len)
+        sizes = tuple(self._size_key(x) for x in (batch, q_heads, q_len))
+        key = ("mask", tuple((t.form, t.node) for t in site.masks), positions, sizes)
         made = self._reuse(key, site.output)
         if made is None:
             vis, ok = self._visibility(site)

@@ -1,8 +1,8 @@
 """The rewrite's runtime checks, recorded on the device and read back without stalling decode.
 
-runtime_ops.advance_on_device and validity_on_device check at every call that the model still
-writes contiguous positions at the store's cursor and that its mask is still causal over the
-cache plus padding. Reading those verdicts on the host inside the graph would make each layer
+runtime_ops.advance_on_device, mask_validity and record_validity check at every call that the
+model still writes contiguous positions at the store's cursor and that its mask is still causal
+over the cache plus padding. Reading those verdicts on the host inside the graph would make each layer
 wait for the GPU (session 40 on an H100: a gpt-fast-style model's decode step took 16.4 ms
 against 4.9 ms dense, host and GPU serialised layer by layer). So the ops write the first
 failure into a small int64 tensor instead, and the compiled model reads it back:

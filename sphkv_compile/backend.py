@@ -220,8 +220,6 @@ class CompiledWithStores:
     """Calls the Inductor-compiled rewritten graph with each cache's store appended to the
     inputs; creates, grows and binds stores, and releases dense buffers."""
 
-    _reported_replay = None  # (graphs, why) last given to report()'s decode_step
-
     def __init__(self, gm, example_inputs, groups, options):
         self.gm, self.groups, self.options = gm, groups, options
         self.pristine = copy.deepcopy(gm)  # compile_fx may alter the graph it is given
@@ -276,12 +274,12 @@ class CompiledWithStores:
                             if replayed else "option cuda_graphs: no call shape captured yet (warm-up calls)")
         return out
 
-    def _report_replay(self, graphs: bool, why: str) -> None:
-        """report()["decode_step"], recorded when it changes (a log line each time)."""
-        if self._reported_replay != (graphs, why):
-            from .report import record_decode_step
-            self._reported_replay = (graphs, why)
-            record_decode_step(graphs, why)
+    @staticmethod
+    def _report_replay(graphs: bool, why: str) -> None:
+        """report()["decode_step"], at every call: another compiled graph (a prefill's) may have
+        recorded its own state since this one's last call."""
+        from .report import record_decode_step
+        record_decode_step(graphs, why)
 
     def _run_without_graphs_under_rdr(self, fn, full):
         # RDR re-budgets on the host inside the step; a captured step would replay one decision

@@ -60,12 +60,15 @@ def record_site(kind: str, rewritten: bool, reason: str | None = None, **details
 
 
 def record_decode_step(cuda_graphs: bool, reason: str) -> None:
-    """How generate() runs the decode step on the sphkv cache: replayed from CUDA graphs or
-    not, and why."""
+    """How the decode step runs on the sphkv cache (generate()'s, or the backend's calls):
+    replayed from CUDA graphs or not, and why. Logged when it changes (the backend records it
+    at every call)."""
     global _decode_step
+    step = {"cuda_graphs": cuda_graphs, "reason": reason}
     with _lock:
-        _decode_step = {"cuda_graphs": cuda_graphs, "reason": reason}
-    log.info("sphkv: decode step %s CUDA graphs: %s", "with" if cuda_graphs else "without", reason)
+        changed, _decode_step = _decode_step != step, step
+    if changed:
+        log.info("sphkv: decode step %s CUDA graphs: %s", "with" if cuda_graphs else "without", reason)
 
 
 def record_decode_kernel(tier: str, head_dim: int, kernel: str, why_not_faster: str | None) -> None:

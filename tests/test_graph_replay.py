@@ -223,6 +223,12 @@ def test_report_says_when_the_backend_starts_replaying_from_cuda_graphs(monkeypa
         reasons.append(sphkv_compile.report()["decode_step"])
     assert reasons[0] == {"cuda_graphs": False, "reason": "option cuda_graphs: no call shape captured yet (warm-up calls)"}
     assert reasons[-1] == {"cuda_graphs": True, "reason": "option cuda_graphs: 1 call shape(s) replayed from CUDA graphs"}
+    # another compiled graph (a new prompt length's prefill) records its own state; this one's
+    # next call puts its own back
+    from sphkv_compile.report import record_decode_step
+    record_decode_step(False, "option cuda_graphs: no call shape captured yet (warm-up calls)")
+    stub._run("key", lambda x: [x + 1], [torch.zeros(1)])
+    assert sphkv_compile.report()["decode_step"] == reasons[-1]
 
 
 def test_calls_that_never_repeat_their_shapes_warn_that_nothing_is_replayed():

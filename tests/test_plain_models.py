@@ -322,7 +322,8 @@ def test_compiled_graph_sizes_all_have_dynamo_sources(name, monkeypatch):
 def test_layers_with_the_same_mask_and_positions_share_one_mask_check(monkeypatch):
     """The mask's own checks run once per step for all layers that read the same mask at the same
     positions (fewer kernels per layer); each layer still checks the mask's past against its own
-    store. gpt-fast passes one mask and one input_pos to every layer."""
+    store. gpt-fast passes one mask and one input_pos to every layer; shared also where the chunk
+    length is a dynamic size (each layer reads it through a size node of its own)."""
     from sphkv_compile import backend
     from sphkv_compile.inductor_passes import runtime_ops
 
@@ -334,10 +335,16 @@ def test_layers_with_the_same_mask_and_positions_share_one_mask_check(monkeypatc
         return real(gm, inputs, config_patches)
 
     monkeypatch.setattr(backend, "_inner_compile", spy)
-    model, ref_tokens, _, tokens, _ = _run("gpt_fast_index_put", 5, HIGH_BITS, 4)
-    assert torch.equal(tokens, ref_tokens)
+    model, prompt, reset_cache = _gpt_fast(5)
+    want, _ = gpt_fast.generate(model, prompt, 4)
+    reset_cache()
+    torch._dynamo.reset()
+    # a prefill in chunks of 6, 6 and 4 tokens: the chunk length becomes a dynamic size
+    got, _ = gpt_fast.generate(model, prompt, 4, torch.compile(model, backend="sphkv", options=HIGH_BITS),
+                               prefill_chunk=6)
+    assert torch.equal(got, want)
     layers = len(model.blocks)
-    assert layers > 1 and graphs
+    assert layers > 1 and len(graphs) >= 2
     for targets in graphs:
         assert targets.count(runtime_ops.mask_validity) == 1
         assert targets.count(runtime_ops.record_validity) == layers
