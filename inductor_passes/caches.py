@@ -62,12 +62,16 @@ def _norm_dim(d, ndim) -> int | None:
     return d + ndim if isinstance(d, int) and d < 0 else (d if isinstance(d, int) else None)
 
 
+def _from_start(entry) -> bool:
+    """Is an index entry a unit-step slice from 0 (:, :n, 0:n)?"""
+    return isinstance(entry, slice) and entry.start in (None, 0) and entry.step in (None, 1)
+
+
 def _whole(entry, size) -> bool:
     """Does an index entry take a whole dim of this size (None, :, 0:size)?"""
     if entry is None or (isinstance(entry, slice) and entry == slice(None)):
         return True
-    return (isinstance(entry, slice) and entry.start in (None, 0) and entry.step in (None, 1)
-            and isinstance(entry.stop, int) and isinstance(size, int) and entry.stop >= size)
+    return _from_start(entry) and isinstance(entry.stop, int) and isinstance(size, int) and entry.stop >= size
 
 
 def _seq_index(index, ndim: int, shape=None):
@@ -160,7 +164,7 @@ def _prefix_read(update: CacheUpdate, read: fx.Node) -> fx.Node | None:
     entry = index[seq] if seq < len(index) else None
     if _whole(entry, shape[seq]):
         return None
-    if not (isinstance(entry, slice) and entry.start in (None, 0) and entry.step in (None, 1)):
+    if not _from_start(entry):
         raise StayDense(UNSUPPORTED_CACHE, f"the cache is read as {read.format_node()} (a window?)")
     if update.positions[0] != "slice" or not same_value(entry.stop, update.positions[2]):
         raise StayDense(UNSUPPORTED_CACHE, f"the cache is read up to {entry.stop}, not up to where it is written "

@@ -76,8 +76,7 @@ def visibility_on_device(vis: torch.Tensor, positions: torch.Tensor, stored: tor
     shown and stored: 0-d int64 of the first batch row whose past count differs, else row 0;
     where the code is OUTSIDE, stored is the mask's column count)."""
     valid, code, shown = mask_verdict(vis, positions)
-    code, shown_row, stored_row = count_verdict(code, shown, stored)
-    return valid, code, shown_row, torch.where(code == OUTSIDE, vis.shape[-1], stored_row)
+    return valid, *count_verdict(code, shown, stored, vis.shape[-1])
 
 
 def mask_verdict(vis: torch.Tensor, positions: torch.Tensor):
@@ -111,19 +110,22 @@ def mask_verdict(vis: torch.Tensor, positions: torch.Tensor):
     return valid, first_failure(failures, dev), shown
 
 
-def count_verdict(code: torch.Tensor, shown: torch.Tensor, stored: torch.Tensor | None):
+def count_verdict(code: torch.Tensor, shown: torch.Tensor, stored: torch.Tensor | None, columns):
     """mask_verdict's code, then PAST_COUNT where the mask's past differs from the tokens the
     store holds (stored [B] or None: not checked). Returns (code, shown, stored: 0-d int64 of the
-    first batch row that differs, else row 0; stored is -1 when None)."""
+    first batch row that differs, else row 0; stored is -1 when None, and the mask's column
+    count `columns` where the code is OUTSIDE)."""
     dev = shown.device
     if stored is None:  # (an empty batch shows nothing)
         shown_row = shown[0] if shown.numel() else torch.zeros((), dtype=torch.int64, device=dev)
-        return code, shown_row, torch.full((), -1, dtype=torch.int64, device=dev)
-    stored = stored.to(dev, torch.int64)
-    wrong = shown != stored
-    row = wrong.to(torch.int64).argmax().view(1)  # the first differing row (0 when none)
-    code = torch.where(code != 0, code, torch.where(wrong.any(), PAST_COUNT, 0))
-    return code, shown.index_select(0, row)[0], stored.index_select(0, row)[0]
+        stored_row = torch.full((), -1, dtype=torch.int64, device=dev)
+    else:
+        stored = stored.to(dev, torch.int64)
+        wrong = shown != stored
+        row = wrong.to(torch.int64).argmax().view(1)  # the first differing row (0 when none)
+        code = torch.where(code != 0, code, torch.where(wrong.any(), PAST_COUNT, 0))
+        shown_row, stored_row = shown.index_select(0, row)[0], stored.index_select(0, row)[0]
+    return code, shown_row, torch.where(code == OUTSIDE, columns, stored_row)
 
 
 def first_failure(failures, device) -> torch.Tensor:

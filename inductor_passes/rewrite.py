@@ -108,7 +108,7 @@ class Rewriter:
         self.num_state = STATE_TENSORS_PER_TIER * len(options.tier_ladder)
         # nodes that depend only on the model's positions and masks, made once and shared by the
         # caches (layers) that read the same ones: fewer kernels per layer and step
-        self._shared: dict[tuple, object] = {}
+        self._shared: dict[tuple, tuple[fx.Node, ...]] = {}
 
     # small graph-building helpers --------------------------------------------------------
     def _call(self, target, *args, **kwargs) -> fx.Node:
@@ -131,29 +131,24 @@ class Rewriter:
         """x [..., head_dim] with zero columns up to the store's head dim (head_pad.py)."""
         return x if stored == head_dim else self._call(torch.nn.functional.pad, x, (0, stored - head_dim))
 
-    def _reuse(self, key: tuple, anchor: fx.Node):
-        """The shared nodes made under `key`, if they come before `anchor` (where the caller
-        inserts); None otherwise."""
+    def _shared_nodes(self, key: tuple, anchor: fx.Node, make) -> tuple[fx.Node, ...]:
+        """The nodes made under `key` if they come before `anchor` (where the caller inserts);
+        otherwise make() them anew, and share those from here on."""
         made = self._shared.get(key)
-        if made is None:
-            return None
-        first = made[0] if isinstance(made, tuple) else made
-        node = first
+        node = made[0] if made else None
         while node is not None and node.op != "root":
             if node is anchor:
                 return made
             node = node.next
-        return None
+        self._shared[key] = made = make()
+        return made
 
     def _positions(self, cache: CacheUpdate, device, anchor: fx.Node) -> fx.Node:
         pos = cache.positions
-        key = ("positions", str(device), pos[0], *pos[1:]) if pos[0] in ("index", "slice") else None
-        made = self._reuse(key, anchor) if key else None
-        if made is None:
-            made = self._new_positions(cache, device)
-            if key:
-                self._shared[key] = made
-        return made
+        if pos[0] not in ("index", "slice"):  # a cat cache's positions come from its own past
+            return self._new_positions(cache, device)
+        return self._shared_nodes(("positions", str(device), *pos), anchor,
+                                  lambda: (self._new_positions(cache, device),))[0]
 
     def _new_positions(self, cache: CacheUpdate, device) -> fx.Node:
         pos = cache.positions
@@ -189,15 +184,14 @@ class Rewriter:
         mask terms and positions, shared with an earlier site that has the same ones."""
         import operator
 
-        sizes = tuple(self._size_key(x) for x in (batch, q_heads, q_len))
-        key = ("mask", tuple((t.form, t.node) for t in site.masks), positions, sizes)
-        made = self._reuse(key, site.output)
-        if made is None:
+        def make():
             vis, ok = self._visibility(site)
             out = self._call(mask_validity, vis, ok, positions, batch, q_heads, q_len)
-            made = tuple(self._call(operator.getitem, out, i) for i in range(4))
-            self._shared[key] = made
-        return made
+            return tuple(self._call(operator.getitem, out, i) for i in range(4))
+
+        sizes = tuple(self._size_key(x) for x in (batch, q_heads, q_len))
+        return self._shared_nodes(("mask", tuple((t.form, t.node) for t in site.masks), positions, sizes),
+                                  site.output, make)
 
     def _visibility(self, site: Site) -> tuple[fx.Node, fx.Node | None]:
         import operator

@@ -2,8 +2,8 @@
 
 runtime_ops.advance_on_device, mask_validity and record_validity check at every call that the
 model still writes contiguous positions at the store's cursor and that its mask is still causal
-over the cache plus padding. Reading those verdicts on the host inside the graph would make each layer
-wait for the GPU (session 40 on an H100: a gpt-fast-style model's decode step took 16.4 ms
+over the cache plus padding. Reading those verdicts on the host inside the graph would make each
+layer wait for the GPU (session 40 on an H100: a gpt-fast-style model's decode step took 16.4 ms
 against 4.9 ms dense, host and GPU serialised layer by layer). So the ops write the first
 failure into a small int64 tensor instead, and the compiled model reads it back:
 
@@ -53,9 +53,8 @@ def record(checks: torch.Tensor, code: torch.Tensor, p0, n: int, held=None, show
         if isinstance(x, torch.Tensor):
             return x.to(dev, torch.int64).reshape(())
         # a fill, not a copy from the host (a pageable host-to-device copy waits for the stream);
-        # a SymInt (a traced chunk length) stays symbolic: int() would specialise the graph on it
-        return torch.full((), -1 if x is None else x if isinstance(x, torch.SymInt) else int(x),
-                          dtype=torch.int64, device=dev)
+        # a SymInt (a traced chunk length) is filled as it is: int() would specialise the graph
+        return torch.full((), -1 if x is None else x, dtype=torch.int64, device=dev)
 
     row = torch.stack([code.to(torch.int64), as_t(p0), as_t(n), as_t(held), as_t(shown), as_t(stored), checks[CALL]])
     first = (checks[CODE] == 0) & (code != 0)

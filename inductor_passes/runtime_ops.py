@@ -22,7 +22,7 @@ import torch
 from sphkv_compile.ops import STATE_TENSORS_PER_TIER
 from sphkv_compile.rdr import meter as budget_meter
 
-from .masks import HEADS_DIFFER, OUTSIDE, batch_rows, count_verdict, first_failure, mask_verdict
+from .masks import HEADS_DIFFER, batch_rows, count_verdict, first_failure, mask_verdict
 from .runtime_checks import MISPLACED, NOT_CONTIGUOUS, POSITION_BIAS, record
 
 
@@ -86,7 +86,6 @@ def record_validity(code: torch.Tensor, shown: torch.Tensor, columns: torch.Tens
     # the past the mask shows: the page counts, or under RDR (which drops tokens) the meter's
     # count of tokens that entered the store
     stored = sum(c[:, 0].to(torch.int64) for c in counts) if meter is None else budget_meter.entered(meter, batch)
-    code, shown_row, held = count_verdict(code, shown, stored)
-    held = torch.where(code == OUTSIDE, columns, held)
+    code, shown_row, held = count_verdict(code, shown, stored, columns)
     n = positions.numel()
     record(checks, code, positions[0] if n else 0, n, shown=shown_row, stored=held)

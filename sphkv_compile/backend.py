@@ -19,7 +19,7 @@ import warnings
 
 import torch
 
-from .report import begin_compile, record_site
+from .report import begin_compile, record_decode_step, record_site
 from .options import SphkvOptions
 
 log = logging.getLogger("sphkv")
@@ -144,7 +144,7 @@ def _hint_cuda_graphs() -> None:
                   "decode steps from CUDA graphs (experimental)", SphkvPerformanceWarning, stacklevel=4)
 
 
-def _static_fakes(inputs: list, ours: set[int]) -> list:
+def _static_fakes(mode, inputs: list, ours: set[int]) -> list:
     """Inside Dynamo's compile, AOT autograd fakes each real input with Dynamo's fake mode, by
     the input's source; the store tensors the backend appends have none, so their sizes became
     symbols Dynamo cannot guard on, and a guard Inductor put on one (Triton's 32-bit indexing
@@ -152,8 +152,6 @@ def _static_fakes(inputs: list, ours: set[int]) -> list:
     stand-ins for released buffers (new tensors: Dynamo's fakes are memoized by the buffer). The
     stores' shapes key the compiled graphs, so these are faked static here; the user inputs keep
     Dynamo's dynamic sizes."""
-    from torch._guards import detect_fake_mode
-    mode = detect_fake_mode(inputs)
     return [mode.from_tensor(t, static_shapes=True) if i in ours and isinstance(t, torch.Tensor) else t
             for i, t in enumerate(inputs)]
 
@@ -167,8 +165,7 @@ def _compile_at_run_time(gm, config_patches):
     def inner(graph, inputs):
         return _inner_compile(graph, inputs, config_patches)
 
-    compiled = torch.compile(gm, backend=inner, fullgraph=True)
-    return lambda *args: compiled(*args)
+    return torch.compile(gm, backend=inner, fullgraph=True)
 
 
 def _inner_compile(gm, inputs, config_patches=None):
@@ -259,27 +256,20 @@ class CompiledWithStores:
         if not (self.options.cuda_graphs and on_cuda):
             if on_cuda and self.options.policy != "rdr":
                 _hint_cuda_graphs()
-                self._report_replay(False, "option cuda_graphs is off: the host launches every kernel of every layer")
+                record_decode_step(False, "option cuda_graphs is off: the host launches every kernel of every layer")
             return fn(*full)
         if self.options.policy == "rdr":
-            self._report_replay(False, "option cuda_graphs is ignored under policy 'rdr' (its re-budgets decide on "
-                                "the host inside the step)")
+            record_decode_step(False, "option cuda_graphs is ignored under policy 'rdr' (its re-budgets decide on "
+                               "the host inside the step)")
             return self._run_without_graphs_under_rdr(fn, full)
         if key not in self.replays:
             from .inductor_passes.graph_replay import GraphReplay
             self.replays[key] = GraphReplay(fn)
         out = self.replays[key](full)
         replayed = sum(r.replays() for r in self.replays.values())
-        self._report_replay(bool(replayed), f"option cuda_graphs: {replayed} call shape(s) replayed from CUDA graphs"
-                            if replayed else "option cuda_graphs: no call shape captured yet (warm-up calls)")
+        record_decode_step(bool(replayed), f"option cuda_graphs: {replayed} call shape(s) replayed from CUDA graphs"
+                           if replayed else "option cuda_graphs: no call shape captured yet (warm-up calls)")
         return out
-
-    @staticmethod
-    def _report_replay(graphs: bool, why: str) -> None:
-        """report()["decode_step"], at every call: another compiled graph (a prefill's) may have
-        recorded its own state since this one's last call."""
-        from .report import record_decode_step
-        record_decode_step(graphs, why)
 
     def _run_without_graphs_under_rdr(self, fn, full):
         # RDR re-budgets on the host inside the step; a captured step would replay one decision
@@ -292,21 +282,23 @@ class CompiledWithStores:
         return fn(*full)
 
     def _compile(self, user_inputs, stores, key=None):
+        from torch._guards import detect_fake_mode
+
         from .inductor_passes.graph_pass import SphkvGraphPass
 
         key = key or tuple(s.shapes() for s in stores)
         if key not in self.compiled:
             attends = sum(len(g.sites) for g in self.groups)
             gm = copy.deepcopy(self.pristine)
-            inputs = self._assemble(list(user_inputs), stores)
-            ours = {slot for g in self.groups for slot in g.state_inputs + [g.checks_input]}
-            ours |= {i for i, t in enumerate(inputs) if any(t is s for s in self.stand_ins.values())}
             patches = {"post_grad_custom_post_pass": SphkvGraphPass(self.options, attends, len(self.groups))}
-            from torch._guards import detect_fake_mode
-            if detect_fake_mode(inputs) is not None:  # inside Dynamo's compile of the model
-                self.compiled[key] = _inner_compile(gm, _static_fakes(inputs, ours), patches)
-            else:
+            inputs = self._assemble(list(user_inputs), stores)
+            mode = detect_fake_mode(inputs)
+            if mode is None:
                 self.compiled[key] = _compile_at_run_time(gm, patches)
+            else:  # inside Dynamo's compile of the model
+                ours = {slot for g in self.groups for slot in g.state_inputs + [g.checks_input]}
+                ours |= {i for i, t in enumerate(inputs) if any(t is s for s in self.stand_ins.values())}
+                self.compiled[key] = _inner_compile(gm, _static_fakes(mode, inputs, ours), patches)
         return self.compiled[key]
 
     def _assemble(self, user_inputs, stores):
